@@ -1,0 +1,3 @@
+//! # Layout
+//!
+//! The event store port and its adapters (work in progress).
