@@ -1,3 +1,97 @@
 //! # Layout
 //!
-//! The event store port and its adapters (work in progress).
+//! The event store: the port every other crate writes to and reads from, and its adapters.
+//!
+//! - [`EventStore`] (this file): append with an expected version, read one stream either way,
+//!   read the whole log from a [`Position`], subscribe (catch up, then live), head position.
+//! - `model`: the values that cross the port ([`StreamName`], [`ExpectedVersion`], [`Position`],
+//!   [`NewEvent`], [`RecordedEvent`]) and the limits every adapter enforces.
+//! - `error`: [`StoreError`], with `Conflict` kept apart from infrastructure failure.
+//! - `subscription`: the catch-up-then-live loop shared by the adapters; an adapter supplies a
+//!   page reader and a wake-up signal.
+//! - `memory`: an in-process adapter for other crates' tests.
+//! - `postgres`: the default adapter, with its migrations under `migrations/`.
+//!
+//! The store knows nothing of orders: streams are names, events are typed JSON.
+//!
+//! Guarantees every adapter gives (and the contract suite in `tests/contract` checks):
+//! an append is atomic and either fully visible or not at all; the whole log has one total order
+//! that agrees with every stream's own order; a reader or subscriber of the whole log never skips
+//! an event, even one whose writer committed after later writers; re-sending an append with the
+//! same event ids at the same expected version writes nothing and returns the first result.
+
+mod error;
+mod idempotency;
+pub mod memory;
+mod model;
+pub mod postgres;
+mod subscription;
+
+use async_trait::async_trait;
+
+pub use error::{BoxError, InvalidInput, StoreError};
+pub use model::{
+    AppendResult, Direction, EventFilter, ExpectedVersion, MAX_APPEND_BYTES, MAX_EVENT_BYTES,
+    MAX_EVENT_TYPE_BYTES, MAX_EVENTS_PER_APPEND, MAX_STREAM_NAME_BYTES, NewEvent, Position,
+    RecordedEvent, StreamName, category_of, validate_append,
+};
+pub use subscription::{Subscription, SubscriptionOptions};
+
+/// The event store port. Implementations are cheap to share (`Arc<dyn EventStore>`).
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically if the stream is at `expected`.
+    ///
+    /// Errors: `Conflict` when it is not (nothing written); `InvalidInput` for an empty append,
+    /// oversize events or bad type names (nothing written); `DuplicateEventId` when an id was used
+    /// before by a different append. Re-sending the same ids at the same expected version after
+    /// a success returns that success with `deduplicated: true`.
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads up to `limit` events of one stream. Forwards starts at version `from` (None: the
+    /// first event); backwards starts at `from` (None: the last event) and goes down. A stream
+    /// that does not exist reads as empty.
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads up to `limit` events of the whole log strictly after `after`, in log order, keeping
+    /// those that match `filter`. Only events that can no longer be preceded by a late commit
+    /// are returned, so a caller that checkpoints the last position it saw never skips one.
+    async fn read_all(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Position of the last event a `read_all` would return now; `Position::START` when empty.
+    async fn head(&self) -> Result<Position, StoreError>;
+
+    /// Follows the log from strictly after `after`: first what is stored, then each new event
+    /// as it commits, forever, in log order, keeping those that match `filter`. The stream ends
+    /// only after yielding a non-transient error; outages are retried inside with backoff.
+    /// Dropping the subscription stops its work.
+    async fn subscribe(
+        &self,
+        after: Position,
+        filter: EventFilter,
+    ) -> Result<Subscription, StoreError>;
+
+    /// The version of the stream's last event, `None` when the stream does not exist.
+    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
+        let last = self
+            .read_stream(stream, Direction::Backwards, None, 1)
+            .await?;
+        Ok(last.first().map(|e| e.version))
+    }
+}

@@ -1,0 +1,38 @@
+//! Schema migrations for the event log, embedded in the binary (see `migrations/README.md`).
+
+use tokio_postgres::NoTls;
+
+use super::{PgConfig, pg_error};
+use crate::error::StoreError;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Where refinery records which event-store migrations ran; other crates keep their own table.
+pub const MIGRATION_TABLE: &str = "orderly_event_store_migrations";
+
+/// Brings the event-store schema of the database `pg_config` names up to date.
+pub async fn migrate(pg_config: &PgConfig) -> Result<(), StoreError> {
+    let (mut client, connection) = pg_config.connect(NoTls).await.map_err(pg_error)?;
+    let driver = tokio::spawn(connection);
+    let outcome = embedded::migrations::runner()
+        .set_migration_table_name(MIGRATION_TABLE)
+        .run_async(&mut client)
+        .await;
+    drop(client);
+    let _ = driver.await;
+    outcome
+        .map(|_| ())
+        .map_err(|e| StoreError::Internal(Box::new(e)))
+}
+
+/// Changes whenever a migration is added or edited; test templates are keyed by it.
+pub fn migration_fingerprint() -> String {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| format!("{}:{}", m.version(), m.checksum()))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,611 @@
+//! The PostgreSQL adapter, the default store: with it the whole product needs only PostgreSQL.
+//!
+//! - Append is one statement in its own transaction (`APPEND` below): it reads the stream's last
+//!   version, checks the expected version and inserts every event, or inserts nothing. Two
+//!   writers racing for the same version collide on the `(stream, version)` unique index; the
+//!   loser's error becomes a `Conflict`. A retried append is recognised by its event ids.
+//! - Log order is `(tx_id, seq)`, and readers of the whole log stop below the oldest
+//!   transaction still in flight (see `migrations/README.md`), so no event is ever skipped.
+//! - Wake-ups: a local append wakes this process's subscribers at once; other processes learn
+//!   of it by a `NOTIFY` sent *after* the append committed, by a background task that folds
+//!   bursts of appends into one notification. Keeping the `NOTIFY` out of the append
+//!   transaction matters: a transaction that notifies takes a cluster-wide lock at commit and
+//!   would serialize all writers. Subscribers also poll, which covers lost notifications.
+
+mod migrations;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
+use futures::StreamExt;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+use uuid::Uuid;
+
+pub use tokio_postgres::Config as PgConfig;
+
+pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
+
+use crate::EventStore;
+use crate::error::{BoxError, StoreError};
+use crate::idempotency::{StoredId, resolve_prior_write};
+use crate::model::{
+    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RecordedEvent,
+    StreamName, validate_append,
+};
+use crate::subscription::{self, Page, PageSource, Subscription, SubscriptionOptions};
+
+/// The channel other processes' subscribers listen on.
+pub const NOTIFY_CHANNEL: &str = "orderly_events";
+
+/// How `ExpectedVersion` travels as one `bigint` parameter of `APPEND`.
+const EXPECT_ANY: i64 = -1;
+const EXPECT_NO_STREAM: i64 = -2;
+const EXPECT_STREAM_EXISTS: i64 = -3;
+
+/// Appends with `Any` or `StreamExists` retry this often when a concurrent writer took the
+/// version they computed; each failure means another append made progress.
+const CONTENDED_APPEND_ATTEMPTS: u32 = 32;
+
+const APPEND: &str = "
+with cur as (
+    select max(version) as v from events where stream = $1
+), ins as (
+    insert into events (event_id, stream, version, event_type, data, metadata)
+    select e.event_id, $1, coalesce(cur.v, -1) + e.n, e.event_type, e.data, e.metadata
+    from cur, unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
+        with ordinality as e(event_id, event_type, data, metadata, n)
+    where case $2::bigint
+        when -1 then true
+        when -2 then cur.v is null
+        when -3 then cur.v is not null
+        else cur.v = $2::bigint
+    end
+    returning version, tx_id, seq
+)
+select version, tx_id, seq from ins order by seq";
+
+const FIND_IDS: &str = "
+select event_id, stream, version, tx_id, seq from events where event_id = any($1::uuid[])";
+
+const STREAM_VERSION: &str = "select max(version) from events where stream = $1";
+
+const COLUMNS: &str =
+    "event_id, stream, version, tx_id, seq, event_type, data, metadata, recorded_at";
+
+/// The horizon: every transaction with a lower id has finished, so rows below it are final.
+const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+fn read_stream_forwards() -> String {
+    format!(
+        "select {COLUMNS} from events where stream = $1 and version >= $2 order by version limit $3"
+    )
+}
+
+fn read_stream_backwards() -> String {
+    format!(
+        "select {COLUMNS} from events where stream = $1 and version <= $2 order by version desc limit $3"
+    )
+}
+
+/// `extra` narrows the page to a category or a stream (parameter `$4`).
+fn read_all(extra: &str) -> String {
+    format!(
+        "select {COLUMNS} from events
+         where (tx_id, seq) > ($1, $2) and tx_id < {HORIZON} {extra}
+         order by tx_id, seq limit $3"
+    )
+}
+
+fn held_back() -> String {
+    format!(
+        "select exists (select 1 from events where (tx_id, seq) > ($1, $2) and tx_id >= {HORIZON})"
+    )
+}
+
+fn head() -> String {
+    format!(
+        "select tx_id, seq from events where tx_id < {HORIZON} order by tx_id desc, seq desc limit 1"
+    )
+}
+
+/// Tuning for the adapter.
+#[derive(Debug, Clone)]
+pub struct PgStoreOptions {
+    /// Connections in the pool (the LISTEN connection comes on top).
+    pub pool_size: usize,
+    /// How long an operation waits for a free connection before failing as unavailable.
+    pub pool_wait: Duration,
+    pub subscription: SubscriptionOptions,
+}
+
+impl Default for PgStoreOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            pool_wait: Duration::from_secs(5),
+            subscription: SubscriptionOptions::default(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PgEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    pg_config: PgConfig,
+    options: PgStoreOptions,
+    wake: Arc<watch::Sender<u64>>,
+    /// Signals the notifier task that appends happened since its last `NOTIFY`.
+    peers: Arc<Notify>,
+    listener_started: AtomicBool,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
+        for task in tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl PgEventStore {
+    /// Connects lazily: no connection is made until the first operation. Must be called inside
+    /// a tokio runtime (it starts the notifier task).
+    pub fn new(pg_config: PgConfig, options: PgStoreOptions) -> Result<Self, StoreError> {
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .wait_timeout(Some(options.pool_wait))
+            .create_timeout(Some(options.pool_wait))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(Box::new(e)))?;
+        let peers = Arc::new(Notify::new());
+        let notifier = tokio::spawn(notify_peers(pool.clone(), peers.clone()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                pg_config,
+                options,
+                wake: Arc::new(watch::channel(0).0),
+                peers,
+                listener_started: AtomicBool::new(false),
+                tasks: std::sync::Mutex::new(vec![notifier]),
+            }),
+        })
+    }
+
+    /// `url` is a libpq-style connection string or URL.
+    pub fn connect(url: &str, options: PgStoreOptions) -> Result<Self, StoreError> {
+        let pg_config: PgConfig = url.parse().map_err(|e| StoreError::Internal(Box::new(e)))?;
+        Self::new(pg_config, options)
+    }
+
+    /// The pool, for checks that need raw SQL (readiness, tests).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    fn woke(&self) {
+        self.inner.wake.send_modify(|n| *n = n.wrapping_add(1));
+        self.inner.peers.notify_one();
+    }
+
+    fn start_listener(&self) {
+        if self.inner.listener_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let task = tokio::spawn(listen(
+            self.inner.pg_config.clone(),
+            self.inner.wake.clone(),
+        ));
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// Why an append inserted nothing: a retry of an earlier success, a reused id, or a
+    /// conflict with the stream's current version.
+    async fn explain_refusal(
+        &self,
+        client: &Object,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        ids: &[Uuid],
+    ) -> Result<AppendResult, StoreError> {
+        let rows = client.query(FIND_IDS, &[&ids]).await.map_err(pg_error)?;
+        let found = rows
+            .iter()
+            .map(|row| {
+                Ok(StoredId {
+                    id: row.try_get(0)?,
+                    stream: row.try_get(1)?,
+                    version: to_u64(row.try_get(2)?),
+                    position: Position::new(to_u64(row.try_get(3)?), to_u64(row.try_get(4)?)),
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(pg_error)?;
+        let current = self.current_version(client, stream).await?;
+        match resolve_prior_write(stream, expected, ids, found, current)? {
+            Some(replayed) => Ok(replayed),
+            None => Err(StoreError::Conflict {
+                stream: stream.clone(),
+                expected,
+                actual: current,
+            }),
+        }
+    }
+
+    async fn current_version(
+        &self,
+        client: &Object,
+        stream: &StreamName,
+    ) -> Result<Option<u64>, StoreError> {
+        let row = client
+            .query_one(STREAM_VERSION, &[&stream.as_str()])
+            .await
+            .map_err(pg_error)?;
+        let version: Option<i64> = row.try_get(0).map_err(pg_error)?;
+        Ok(version.map(to_u64))
+    }
+}
+
+#[async_trait]
+impl EventStore for PgEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(&events)?;
+        let expected_code = match expected {
+            ExpectedVersion::Any => EXPECT_ANY,
+            ExpectedVersion::NoStream => EXPECT_NO_STREAM,
+            ExpectedVersion::StreamExists => EXPECT_STREAM_EXISTS,
+            // No stream reaches i64::MAX, so a saturated expectation still conflicts.
+            ExpectedVersion::Exact(v) => to_i64(v),
+        };
+        let mut ids = Vec::with_capacity(events.len());
+        let mut types = Vec::with_capacity(events.len());
+        let mut data = Vec::with_capacity(events.len());
+        let mut metadata = Vec::with_capacity(events.len());
+        for event in events {
+            ids.push(event.id);
+            types.push(event.event_type);
+            data.push(event.data);
+            metadata.push(event.metadata);
+        }
+        let client = self.client().await?;
+        let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = client
+                .query(
+                    &statement,
+                    &[
+                        &stream.as_str(),
+                        &expected_code,
+                        &ids,
+                        &types,
+                        &data,
+                        &metadata,
+                    ],
+                )
+                .await;
+            match outcome {
+                Ok(rows) if !rows.is_empty() => {
+                    let result = appended(&rows).map_err(pg_error)?;
+                    self.woke();
+                    return Ok(result);
+                }
+                Ok(_) => return self.explain_refusal(&client, stream, expected, &ids).await,
+                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    let version_taken = error
+                        .as_db_error()
+                        .and_then(|db| db.constraint())
+                        .is_some_and(|c| c == "events_stream_version_key");
+                    let recomputes = matches!(
+                        expected,
+                        ExpectedVersion::Any | ExpectedVersion::StreamExists
+                    );
+                    if version_taken && recomputes && attempt < CONTENDED_APPEND_ATTEMPTS {
+                        continue;
+                    }
+                    return self.explain_refusal(&client, stream, expected, &ids).await;
+                }
+                Err(error) => return Err(pg_error(error)),
+            }
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.client().await?;
+        let (sql, from) = match direction {
+            Direction::Forwards => (read_stream_forwards(), from.map_or(0, to_i64)),
+            Direction::Backwards => (read_stream_backwards(), from.map_or(i64::MAX, to_i64)),
+        };
+        let statement = client.prepare_cached(&sql).await.map_err(pg_error)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&stream.as_str(), &from, &to_i64(limit as u64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(recorded).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        Ok(self.read_page(after, filter, limit).await?.events)
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&head()).await.map_err(pg_error)?;
+        let row = client.query_opt(&statement, &[]).await.map_err(pg_error)?;
+        match row {
+            None => Ok(Position::START),
+            Some(row) => Ok(Position::new(
+                to_u64(row.try_get(0).map_err(pg_error)?),
+                to_u64(row.try_get(1).map_err(pg_error)?),
+            )),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        after: Position,
+        filter: EventFilter,
+    ) -> Result<Subscription, StoreError> {
+        self.start_listener();
+        let wakeups = self.inner.wake.subscribe();
+        Ok(subscription::spawn(
+            self.clone(),
+            wakeups,
+            after,
+            filter,
+            self.inner.options.subscription.clone(),
+        ))
+    }
+}
+
+#[async_trait]
+impl PageSource for PgEventStore {
+    async fn read_page(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let client = self.client().await?;
+        let commit = to_i64(after.commit);
+        let prepare = to_i64(after.prepare);
+        let limit_param = to_i64(limit as u64);
+        let rows = match filter {
+            EventFilter::All => {
+                let statement = client
+                    .prepare_cached(&read_all(""))
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .query(&statement, &[&commit, &prepare, &limit_param])
+                    .await
+            }
+            EventFilter::Category(category) => {
+                let statement = client
+                    .prepare_cached(&read_all("and category = $4"))
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .query(&statement, &[&commit, &prepare, &limit_param, category])
+                    .await
+            }
+            EventFilter::Stream(stream) => {
+                let statement = client
+                    .prepare_cached(&read_all("and stream = $4"))
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .query(
+                        &statement,
+                        &[&commit, &prepare, &limit_param, &stream.as_str()],
+                    )
+                    .await
+            }
+        }
+        .map_err(pg_error)?;
+        let events: Vec<RecordedEvent> = rows.iter().map(recorded).collect::<Result<_, _>>()?;
+        // Only a short page means the reader is at the horizon; only then is it worth asking
+        // whether committed events wait behind a transaction still in flight.
+        let held_back = if events.len() < limit {
+            let last = events.last().map_or(after, |e| e.position);
+            let statement = client
+                .prepare_cached(&held_back())
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_one(&statement, &[&to_i64(last.commit), &to_i64(last.prepare)])
+                .await
+                .map_err(pg_error)?;
+            row.try_get(0).map_err(pg_error)?
+        } else {
+            false
+        };
+        Ok(Page { events, held_back })
+    }
+}
+
+fn appended(rows: &[Row]) -> Result<AppendResult, tokio_postgres::Error> {
+    let position = |row: &Row| -> Result<Position, tokio_postgres::Error> {
+        Ok(Position::new(
+            to_u64(row.try_get(1)?),
+            to_u64(row.try_get(2)?),
+        ))
+    };
+    let (first, last) = (&rows[0], &rows[rows.len() - 1]);
+    Ok(AppendResult {
+        next_expected_version: to_u64(last.try_get(0)?),
+        first_position: position(first)?,
+        position: position(last)?,
+        deduplicated: false,
+    })
+}
+
+fn recorded(row: &Row) -> Result<RecordedEvent, StoreError> {
+    let stream: String = row.try_get(1).map_err(pg_error)?;
+    Ok(RecordedEvent {
+        id: row.try_get(0).map_err(pg_error)?,
+        stream: StreamName::parse(stream).map_err(|e| StoreError::Internal(Box::new(e)))?,
+        version: to_u64(row.try_get(2).map_err(pg_error)?),
+        position: Position::new(
+            to_u64(row.try_get(3).map_err(pg_error)?),
+            to_u64(row.try_get(4).map_err(pg_error)?),
+        ),
+        event_type: row.try_get(5).map_err(pg_error)?,
+        data: row.try_get(6).map_err(pg_error)?,
+        metadata: row.try_get(7).map_err(pg_error)?,
+        recorded_at: row.try_get(8).map_err(pg_error)?,
+    })
+}
+
+/// Stored numbers are never negative (versions, sequence values, transaction ids).
+fn to_u64(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+/// Positions and versions handed in by callers may exceed `i64`; saturate rather than wrap.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Sends one `NOTIFY` per burst of local appends, outside their transactions.
+async fn notify_peers(pool: Pool, signal: Arc<Notify>) {
+    let sql = format!("notify {NOTIFY_CHANNEL}");
+    loop {
+        signal.notified().await;
+        let sent = match pool.get().await {
+            Ok(client) => client.batch_execute(&sql).await.map_err(BoxError::from),
+            Err(e) => Err(BoxError::from(e)),
+        };
+        if let Err(error) = sent {
+            // Subscribers elsewhere still poll; a lost notification only delays them.
+            tracing::debug!(%error, "could not notify other processes of new events");
+        }
+    }
+}
+
+/// Keeps a LISTEN connection up and turns each notification into a local wake-up.
+async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
+    let bump = || wake.send_modify(|n| *n = n.wrapping_add(1));
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match pg_config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let local = wake.clone();
+                let mut drive = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => {
+                                local.send_modify(|n| *n = n.wrapping_add(1));
+                            }
+                            Ok(_) => {}
+                            Err(error) => {
+                                tracing::warn!(%error, "event notification connection failed");
+                                break;
+                            }
+                        }
+                    }
+                });
+                match client
+                    .batch_execute(&format!("listen {NOTIFY_CHANNEL}"))
+                    .await
+                {
+                    Ok(()) => {
+                        pause = Duration::from_millis(100);
+                        // Notifications sent while we were not listening are lost: look again.
+                        bump();
+                        let _ = (&mut drive).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not listen for event notifications")
+                    }
+                }
+                drive.abort();
+                drop(client);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not connect to listen for event notifications")
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn pool_error(error: PoolError) -> StoreError {
+    match error {
+        PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(Box::new(other)),
+    }
+}
+
+/// Sorts driver errors into "try again later" and "something is wrong".
+pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
+    let transient = match error.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || matches!(code, "40001" | "40P01" | "55P03" | "57014")
+        }
+        None => {
+            error.is_closed()
+                || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>())
+        }
+    };
+    if transient {
+        StoreError::Unavailable(Box::new(error))
+    } else {
+        StoreError::Internal(Box::new(error))
+    }
+}

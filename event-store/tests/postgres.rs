@@ -1,0 +1,204 @@
+//! The contract suite against the PostgreSQL adapter, plus what only this adapter can get
+//! wrong: late commits, rolled-back writers, wake-ups across processes, an unreachable server.
+
+mod contract;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use contract::{Fixture, event, next, stream};
+use futures::StreamExt;
+use orderly_event_store::postgres::{PgEventStore, PgStoreOptions, migrate, migration_fingerprint};
+use orderly_event_store::{
+    EventFilter, EventStore, ExpectedVersion, Position, StoreError, SubscriptionOptions,
+};
+use orderly_test_support::TestDb;
+use serde_json::json;
+use uuid::Uuid;
+
+struct Pg {
+    store: PgEventStore,
+    db: TestDb,
+}
+
+impl Fixture for Pg {
+    fn store(&self) -> Arc<dyn EventStore> {
+        Arc::new(self.store.clone())
+    }
+}
+
+async fn database() -> TestDb {
+    TestDb::create(
+        "event-store",
+        &migration_fingerprint(),
+        |config| async move { migrate(&config).await.map_err(Into::into) },
+    )
+    .await
+    .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)")
+}
+
+async fn pg() -> Pg {
+    let db = database().await;
+    let store = PgEventStore::new(db.config().clone(), PgStoreOptions::default()).expect("store");
+    Pg { store, db }
+}
+
+contract_tests!(pg());
+
+/// Starts an insert in a transaction of its own and leaves it open: the transaction has its id
+/// and sequence value, as an append that stalls before its commit would.
+async fn stalled_writer(
+    db: &TestDb,
+    id: Uuid,
+    stream_name: &str,
+) -> (tokio_postgres::Client, Position) {
+    let client = db.connect().await.expect("connect");
+    client.batch_execute("begin").await.expect("begin");
+    let row = client
+        .query_one(
+            "insert into events (event_id, stream, version, event_type, data, metadata)
+             values ($1, $2, 0, 'Late', '{}', '{}') returning tx_id, seq",
+            &[&id, &stream_name],
+        )
+        .await
+        .expect("insert");
+    let position = Position::new(row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+    (client, position)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_commit_is_not_skipped_by_a_live_subscriber() {
+    let f = pg().await;
+    let store = &f.store;
+    let mut sub = store
+        .subscribe(Position::START, EventFilter::All)
+        .await
+        .unwrap();
+    let warm = store
+        .append(
+            &stream("late-warm"),
+            ExpectedVersion::NoStream,
+            vec![event("Warm", json!({}))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut sub).await.position,
+        warm.position,
+        "the subscriber is live"
+    );
+
+    let late_id = Uuid::now_v7();
+    let (writer_a, a_position) = stalled_writer(&f.db, late_id, "late-a").await;
+    let b_event = event("Early", json!({}));
+    let b_id = b_event.id;
+    let b = store
+        .append(&stream("late-b"), ExpectedVersion::NoStream, vec![b_event])
+        .await
+        .unwrap();
+    assert!(
+        a_position < b.position,
+        "A took its place in the log before B"
+    );
+
+    // B is committed, A is not: neither a subscriber nor a reader may move past A's place.
+    let early = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(
+        early.is_err(),
+        "B was delivered while A, before it, was still in flight: {early:?}"
+    );
+    assert!(
+        store
+            .read_all(warm.position, &EventFilter::All, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.head().await.unwrap() < a_position);
+
+    writer_a.batch_execute("commit").await.unwrap();
+    assert_eq!(next(&mut sub).await.id, late_id, "A comes first");
+    assert_eq!(next(&mut sub).await.id, b_id, "then B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolled_back_writer_holds_nothing_back() {
+    let f = pg().await;
+    let store = &f.store;
+    let mut sub = store
+        .subscribe(Position::START, EventFilter::All)
+        .await
+        .unwrap();
+    let (writer_a, _) = stalled_writer(&f.db, Uuid::now_v7(), "gone-a").await;
+    let b = store
+        .append(
+            &stream("gone-b"),
+            ExpectedVersion::NoStream,
+            vec![event("Kept", json!({}))],
+        )
+        .await
+        .unwrap();
+    writer_a.batch_execute("rollback").await.unwrap();
+    let got = next(&mut sub).await;
+    assert_eq!(got.position, b.position);
+    let more = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(
+        more.is_err(),
+        "the rolled-back event must never appear: {more:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_process_is_woken_by_notification_not_polling() {
+    let f = pg().await;
+    // The follower polls once a minute, so only a notification can bring the event in time.
+    let slow_poll = PgStoreOptions {
+        subscription: SubscriptionOptions {
+            poll_interval: Duration::from_secs(60),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let follower = PgEventStore::new(f.db.config().clone(), slow_poll).unwrap();
+    let mut sub = follower
+        .subscribe(Position::START, EventFilter::All)
+        .await
+        .unwrap();
+    // Let the follower's LISTEN connection come up before the write it must hear about.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = f
+        .store
+        .append(
+            &stream("notify-1"),
+            ExpectedVersion::NoStream,
+            vec![event("Heard", json!({}))],
+        )
+        .await
+        .unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(5), next(&mut sub))
+        .await
+        .expect("woken within 5 s");
+    assert_eq!(heard.position, written.position);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_reported_as_unavailable() {
+    let options = PgStoreOptions {
+        pool_wait: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let store = PgEventStore::connect("postgres://postgres@127.0.0.1:1/nowhere", options).unwrap();
+    let append = store
+        .append(
+            &stream("order-x"),
+            ExpectedVersion::Any,
+            vec![event("X", json!({}))],
+        )
+        .await;
+    assert!(
+        matches!(append, Err(StoreError::Unavailable(_))),
+        "{append:?}"
+    );
+    let head = store.head().await;
+    assert!(matches!(head, Err(StoreError::Unavailable(_))), "{head:?}");
+}
