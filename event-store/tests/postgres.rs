@@ -28,11 +28,9 @@ impl Fixture for Pg {
 }
 
 async fn database() -> TestDb {
-    TestDb::create(
-        "event-store",
-        &migration_fingerprint(),
-        |config| async move { migrate(&config).await.map_err(Into::into) },
-    )
+    TestDb::create("event-store", &migration_fingerprint(), |url| async move {
+        migrate(&url.parse()?).await.map_err(Into::into)
+    })
     .await
     .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)")
 }

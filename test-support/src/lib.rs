@@ -30,12 +30,13 @@ pub struct TestDb {
 
 impl TestDb {
     /// Creates a fresh database from the template `key`, first building the template with
-    /// `migrate` if no template for this `fingerprint` exists yet. `fingerprint` must change
+    /// `migrate` (handed the template database's URL) if no template for this `fingerprint`
+    /// exists yet. `fingerprint` must change
     /// whenever the migrations do (e.g. a digest of their checksums), so a stale template is
     /// never reused.
     pub async fn create<F, Fut>(key: &str, fingerprint: &str, migrate: F) -> Result<Self, BoxError>
     where
-        F: FnOnce(Config) -> Fut,
+        F: FnOnce(String) -> Fut,
         Fut: Future<Output = Result<(), BoxError>>,
     {
         let admin_url = admin_url();
@@ -152,7 +153,7 @@ async fn ensure_template<F, Fut>(
     migrate: F,
 ) -> Result<(), BoxError>
 where
-    F: FnOnce(Config) -> Fut,
+    F: FnOnce(String) -> Fut,
     Fut: Future<Output = Result<(), BoxError>>,
 {
     let lock_key = digest(template) as i64;
@@ -179,8 +180,7 @@ where
         admin
             .batch_execute(&format!("create database \"{template}\""))
             .await?;
-        let config: Config = database_url(admin_url, template)?.parse()?;
-        migrate(config).await?;
+        migrate(database_url(admin_url, template)?).await?;
         admin
             .batch_execute(&format!("alter database \"{template}\" is_template true"))
             .await?;

@@ -1,0 +1,125 @@
+//! The service as one value: built from settings, bound to its address, run until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use orderly_event_store::EventStore;
+use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::settings::{EventStoreKind, Settings};
+
+/// How long a readiness probe may wait on a dependency before calling it unreachable.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: Arc<dyn EventStore>,
+}
+
+impl App {
+    /// Connects to the stores (lazily: an unreachable database shows on `/readyz`, it does not
+    /// stop the start) and binds the HTTP address (port 0 picks a free one).
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let store = event_store(settings)?;
+        let router = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(AppState { store });
+        let listener = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
+        Ok(Self { listener, router })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has an address.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then finishes the requests in flight and returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "serving");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The event store the settings choose.
+pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
+    match settings.event_store {
+        EventStoreKind::Postgres => {
+            let options = PgStoreOptions {
+                pool_size: settings.db_pool_size,
+                ..Default::default()
+            };
+            Ok(Arc::new(PgEventStore::new(pg_config(settings)?, options)?))
+        }
+        EventStoreKind::Kurrentdb => {
+            bail!("event_store = kurrentdb is not available in this build yet; use postgres")
+        }
+    }
+}
+
+pub fn pg_config(settings: &Settings) -> anyhow::Result<PgConfig> {
+    settings
+        .database_url
+        .parse()
+        .context("ORDERLY_DATABASE_URL is not a valid PostgreSQL connection string")
+}
+
+/// Applies every migration the product needs.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let config = pg_config(settings)?;
+    orderly_event_store::postgres::migrate(&config)
+        .await
+        .context("event store migrations failed")?;
+    Ok(())
+}
+
+/// Alive: the process answers. Says nothing about dependencies.
+async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready: the dependencies answer, so traffic may come.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match tokio::time::timeout(READY_TIMEOUT, state.store.head()).await {
+        Ok(Ok(_)) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "not ready: event store");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable", "reason": "event store unreachable" })),
+            )
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({ "status": "unavailable", "reason": "event store did not answer in time" }),
+            ),
+        ),
+    }
+}

@@ -1,0 +1,14 @@
+//! # Layout
+//!
+//! The one binary's library half, so that tests can start the whole service in-process.
+//!
+//! - `settings`: defaults < file < `ORDERLY_*` environment, with secrets kept out of logs.
+//! - `app`: builds the service from settings ([`app::App::build`]), binds it, and runs it until a
+//!   shutdown signal. Only this crate wires the other crates together.
+//! - `telemetry`: structured logs (JSON or text).
+//!
+//! `main.rs` only parses the command line and calls into here.
+
+pub mod app;
+pub mod settings;
+pub mod telemetry;

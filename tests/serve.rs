@@ -1,0 +1,166 @@
+//! The service starts, reports its health and stops cleanly: in-process on port 0, and as the
+//! real binary receiving SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use orderly::app::App;
+use orderly::settings::Settings;
+use orderly_test_support::{BoxError, TestDb};
+
+async fn migrated_database() -> TestDb {
+    TestDb::create(
+        "orderly-all",
+        &orderly_event_store::postgres::migration_fingerprint(),
+        |url| async move {
+            let settings = Settings {
+                database_url: url,
+                ..Default::default()
+            };
+            orderly::app::migrate(&settings)
+                .await
+                .map_err(|e| BoxError::from(e.to_string()))
+        },
+    )
+    .await
+    .expect("test database")
+}
+
+fn settings_for(url: &str) -> Settings {
+    Settings {
+        database_url: url.to_owned(),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_started_app_is_healthy_and_ready_then_stops_on_request() {
+    let db = migrated_database().await;
+    let app = App::build(&settings_for(db.url())).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["status"],
+        "ready"
+    );
+
+    stop.send(()).unwrap();
+    let finished = tokio::time::timeout(Duration::from_secs(10), server).await;
+    assert!(
+        matches!(finished, Ok(Ok(Ok(())))),
+        "the server did not stop cleanly: {finished:?}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_says_why_when_the_store_is_unreachable() {
+    let app = App::build(&settings_for("postgres://postgres@127.0.0.1:1/nowhere"))
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.local_addr());
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert!(
+        body["reason"].as_str().unwrap().contains("event store"),
+        "{body}"
+    );
+    assert!(
+        !body.to_string().contains("127.0.0.1:1"),
+        "no connection detail leaks: {body}"
+    );
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigterm() {
+    let db = TestDb::create("empty", "nothing", |_| async { Ok(()) })
+        .await
+        .unwrap();
+    let binary = env!("CARGO_BIN_EXE_orderly");
+
+    let migrate = Command::new(binary)
+        .arg("migrate")
+        .env("ORDERLY_DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(binary)
+        .arg("serve")
+        .env("ORDERLY_DATABASE_URL", db.url())
+        .env("ORDERLY_HTTP_ADDR", &addr)
+        .env("ORDERLY_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
+            up = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tables = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one("select count(*) from events", &[])
+        .await;
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("serve did not exit within 10 s of SIGTERM");
+    };
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(up, "serve never became ready: {log}");
+    assert!(tables.is_ok(), "serve did not migrate: {tables:?}");
+    assert!(status.success(), "serve exited with {status}: {log}");
+    assert!(
+        log.lines().any(|l| l.contains("\"stopped\"")),
+        "no JSON log line for the stop: {log}"
+    );
+}
