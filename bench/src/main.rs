@@ -1,1 +1,38 @@
-fn main() {}
+//! # Layout
+//!
+//! `orderly-bench`: programs that measure Orderly and, in the same run, raw PostgreSQL doing the
+//! same work, so that every figure in BENCHMARKS.md comes with its yardstick.
+//!
+//! - `append`: event-store appends (single events to fresh streams with an expected-version
+//!   check, and 10-event batches) at several writer counts, next to plain INSERTs of the same
+//!   rows into the same table, with the same indexes and durability.
+//!
+//! Each run works in a database of its own, created from a migrated template and dropped after.
+
+mod append;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "orderly-bench",
+    about = "Measure Orderly next to raw PostgreSQL doing the same work"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Event-store appends versus raw INSERTs (server: ORDERLY_TEST_DATABASE_URL, see README).
+    Append(append::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Append(args) => append::run(args).await,
+    }
+}

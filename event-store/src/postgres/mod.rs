@@ -8,7 +8,7 @@
 //!   transaction still in flight (see `migrations/README.md`), so no event is ever skipped.
 //! - Wake-ups: a local append wakes this process's subscribers at once; other processes learn
 //!   of it by a `NOTIFY` sent *after* the append committed, by a background task that folds
-//!   bursts of appends into one notification. Keeping the `NOTIFY` out of the append
+//!   bursts of appends into one notification (at most one per 2 ms, without a WAL flush wait). Keeping the `NOTIFY` out of the append
 //!   transaction matters: a transaction that notifies takes a cluster-wide lock at commit and
 //!   would serialize all writers. Subscribers also poll, which covers lost notifications.
 
@@ -32,7 +32,7 @@ pub use tokio_postgres::Config as PgConfig;
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
 
 use crate::EventStore;
-use crate::error::{BoxError, StoreError};
+use crate::error::StoreError;
 use crate::idempotency::{StoredId, resolve_prior_write};
 use crate::model::{
     AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RecordedEvent,
@@ -114,6 +114,12 @@ fn head() -> String {
     )
 }
 
+/// Shortest gap between two notifications to other processes.
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Longest wait for the notification connections to come up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Tuning for the adapter.
 #[derive(Debug, Clone)]
 pub struct PgStoreOptions {
@@ -178,7 +184,7 @@ impl PgEventStore {
             .build()
             .map_err(|e| StoreError::Internal(Box::new(e)))?;
         let peers = Arc::new(Notify::new());
-        let notifier = tokio::spawn(notify_peers(pool.clone(), peers.clone()));
+        let notifier = tokio::spawn(notify_peers(pg_config.clone(), peers.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -515,19 +521,43 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Sends one `NOTIFY` per burst of local appends, outside their transactions.
-async fn notify_peers(pool: Pool, signal: Arc<Notify>) {
+/// Sends one `NOTIFY` per burst of local appends, outside their transactions, on a connection
+/// of its own so that it never takes a pooled connection from a writer. The notification need
+/// not survive a crash (subscribers poll too), so its transaction commits without waiting for
+/// the WAL flush; and at most one goes out per `NOTIFY_INTERVAL`, which bounds the extra
+/// transactions however fast appends come.
+async fn notify_peers(pg_config: PgConfig, signal: Arc<Notify>) {
     let sql = format!("notify {NOTIFY_CHANNEL}");
+    let mut connection: Option<tokio_postgres::Client> = None;
     loop {
         signal.notified().await;
-        let sent = match pool.get().await {
-            Ok(client) => client.batch_execute(&sql).await.map_err(BoxError::from),
-            Err(e) => Err(BoxError::from(e)),
-        };
-        if let Err(error) = sent {
+        if connection.as_ref().is_none_or(|c| c.is_closed()) {
+            connection = connect_notifier(&pg_config).await;
+        }
+        if let Some(client) = &connection
+            && let Err(error) = client.batch_execute(&sql).await
+        {
             // Subscribers elsewhere still poll; a lost notification only delays them.
             tracing::debug!(%error, "could not notify other processes of new events");
         }
+        tokio::time::sleep(NOTIFY_INTERVAL).await;
+    }
+}
+
+async fn connect_notifier(pg_config: &PgConfig) -> Option<tokio_postgres::Client> {
+    let connected = async {
+        let (client, connection) = pg_config.connect(NoTls).await?;
+        tokio::spawn(connection);
+        client.batch_execute("set synchronous_commit = off").await?;
+        Ok::<_, tokio_postgres::Error>(client)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connected).await {
+        Ok(Ok(client)) => Some(client),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "could not connect to notify other processes");
+            None
+        }
+        Err(_) => None,
     }
 }
 
@@ -536,8 +566,12 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
     let bump = || wake.send_modify(|n| *n = n.wrapping_add(1));
     let mut pause = Duration::from_millis(100);
     loop {
-        match pg_config.connect(NoTls).await {
-            Ok((client, mut connection)) => {
+        match tokio::time::timeout(CONNECT_TIMEOUT, pg_config.connect(NoTls)).await {
+            Err(_) => tracing::warn!("timed out connecting to listen for event notifications"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not connect to listen for event notifications")
+            }
+            Ok(Ok((client, mut connection))) => {
                 let local = wake.clone();
                 let mut drive = tokio::spawn(async move {
                     let mut messages =
@@ -571,9 +605,6 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
                 }
                 drive.abort();
                 drop(client);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "could not connect to listen for event notifications")
             }
         }
         tokio::time::sleep(pause).await;

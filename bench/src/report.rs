@@ -1,0 +1,69 @@
+//! Latency recording and the Markdown the runs print.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// What one scenario measured.
+pub struct Outcome {
+    pub name: String,
+    pub writers: usize,
+    pub operations: u64,
+    pub events: u64,
+    pub elapsed: Duration,
+    pub latency_us: Histogram<u64>,
+}
+
+impl Outcome {
+    pub fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn row(&self) -> String {
+        format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            self.name,
+            self.writers,
+            self.operations as f64 / self.elapsed.as_secs_f64(),
+            self.events_per_sec(),
+            self.latency_us.value_at_quantile(0.50) as f64 / 1000.0,
+            self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+        )
+    }
+}
+
+pub const HEADER: &str =
+    "| scenario | writers | ops/s | events/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|";
+
+pub fn histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at three significant digits: fixed bounds keep merging cheap.
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
+}
+
+/// One line about the machine and server, for the record.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or("?".to_owned(), |kb| {
+            format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0)
+        });
+    format!("{cores} cores ({cpu}), {mem} RAM")
+}
