@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole Orderly test suite against a real PostgreSQL server.
+#
+#   deploy/local/test.sh [extra test-runner arguments]
+#
+# Uses `cargo nextest run` when cargo-nextest is installed (plus the doc tests,
+# which nextest does not run), otherwise `cargo test`. Extra arguments go to
+# the test runner; with extra arguments the separate doc-test pass is skipped.
+# Database selection: see deploy/local/README.md.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "${repo_root}"
+
+# Exports ORDERLY_DATABASE_URL and ORDERLY_TEST_DATABASE_URL.
+# shellcheck source-path=SCRIPTDIR source=ensure-postgres.sh
+source "${repo_root}/deploy/local/ensure-postgres.sh"
+export ORDERLY_DATABASE_URL ORDERLY_TEST_DATABASE_URL
+
+# Tests open many connections in parallel. The private cluster is configured
+# with max_connections=300; another server keeps its own setting, so check it.
+readonly MIN_CONNECTIONS=200
+server_info="$(env -u PGPASSWORD PGPASSFILE=/dev/null PGCONNECT_TIMEOUT=5 \
+    psql -X -w -At -F '|' -d "${ORDERLY_TEST_DATABASE_URL}" -c \
+    "SELECT split_part(current_setting('server_version'), ' ', 1), coalesce(host(inet_server_addr()), 'unix-socket'),
+            coalesce(inet_server_port(), 0), current_setting('max_connections')" 2>/dev/null || true)"
+if [[ -n "${server_info}" ]]; then
+    IFS='|' read -r pg_version pg_host pg_port max_connections <<<"${server_info}"
+    echo "test: database server PostgreSQL ${pg_version} at ${pg_host}:${pg_port}, max_connections=${max_connections}" >&2
+    if ((max_connections < MIN_CONNECTIONS)); then
+        echo "test: WARNING: max_connections=${max_connections} is below ${MIN_CONNECTIONS}; parallel tests may run out of connections." >&2
+        echo "test:          raise it on that server, or use the private cluster: unset ORDERLY_DATABASE_URL and run with ORDERLY_PG_PROBE_PORT=off" >&2
+    fi
+else
+    echo "test: WARNING: cannot query the test server through ORDERLY_TEST_DATABASE_URL; database tests will likely fail" >&2
+fi
+
+status=0
+if cargo nextest --version >/dev/null 2>&1; then
+    echo "test: cargo nextest run --workspace --locked --no-fail-fast $*" >&2
+    cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
+    if (($# == 0)); then
+        echo "test: cargo test --doc --workspace --locked --no-fail-fast (nextest does not run doc tests)" >&2
+        cargo test --doc --workspace --locked --no-fail-fast || status=$?
+    fi
+else
+    echo "test: cargo test --workspace --locked --no-fail-fast $* (install cargo-nextest for faster runs)" >&2
+    cargo test --workspace --locked --no-fail-fast "$@" || status=$?
+fi
+
+if ((status != 0)); then
+    echo "test: FAILED (exit ${status})" >&2
+else
+    echo "test: all tests passed" >&2
+fi
+exit "${status}"
