@@ -10,6 +10,9 @@
 //! - [`product`], [`order`], [`payment`]: one aggregate each, `decide(&state, &command)` and
 //!   `evolve(state, &event)`, also reachable generically through [`Aggregate`]. Their events are
 //!   the persisted payloads of `orderly_event_schemas`, so there is no mapping layer to drift.
+//! - [`fulfilment`]: the saga that drives an order from placement to confirmation or
+//!   cancellation, `react(&state, &input)` and `evolve(state, &input)`; its docs say how a runner
+//!   drives it.
 //! - [`streams`]: stream names `order-<uuid>`, `product-<sku>`, `payment-<order uuid>`.
 //! - `rejection`: [`Rejection`], this crate's one error type.
 //!
@@ -41,6 +44,7 @@ macro_rules! decider {
     };
 }
 
+pub mod fulfilment;
 pub mod order;
 pub mod payment;
 pub mod product;

@@ -118,3 +118,72 @@ pub mod fixtures {
         }
     }
 }
+
+/// Given / when / then for the fulfilment saga.
+pub mod saga {
+    use chrono::{DateTime, Utc};
+    use orderly_event_schemas::Event;
+
+    use crate::fulfilment::{self, Command, FulfilmentState, SagaInput};
+
+    /// An owned saga input, so tests can list histories.
+    pub enum Step {
+        Event(Box<Event>),
+        Tick(DateTime<Utc>),
+    }
+
+    impl Step {
+        fn input(&self) -> SagaInput<'_> {
+            match self {
+                Step::Event(event) => SagaInput::Event(event),
+                Step::Tick(now) => SagaInput::Tick { now: *now },
+            }
+        }
+    }
+
+    impl<E: Into<Event>> From<E> for Step {
+        fn from(event: E) -> Step {
+            Step::Event(Box::new(event.into()))
+        }
+    }
+
+    pub struct Given {
+        state: FulfilmentState,
+    }
+
+    pub struct When {
+        state: FulfilmentState,
+        commands: Vec<Command>,
+    }
+
+    pub fn given(history: impl IntoIterator<Item = Step>) -> Given {
+        let state = history
+            .into_iter()
+            .fold(FulfilmentState::default(), |state, step| {
+                fulfilment::evolve(state, &step.input())
+            });
+        Given { state }
+    }
+
+    impl Given {
+        pub fn when(self, step: impl Into<Step>) -> When {
+            let step = step.into();
+            let commands = fulfilment::react(&self.state, &step.input());
+            let state = fulfilment::evolve(self.state, &step.input());
+            When { state, commands }
+        }
+    }
+
+    impl When {
+        #[track_caller]
+        pub fn then(self, expected: impl IntoIterator<Item = Command>) -> FulfilmentState {
+            assert_eq!(self.commands, expected.into_iter().collect::<Vec<_>>());
+            self.state
+        }
+
+        #[track_caller]
+        pub fn then_nothing(self) -> FulfilmentState {
+            self.then([])
+        }
+    }
+}
