@@ -228,7 +228,9 @@ impl FulfilmentState {
     /// Nothing more will ever be sent: the order is delivered, or cancelled with every
     /// reservation given back and any charge refunded. The runner may archive the state.
     pub fn is_settled(&self) -> bool {
-        let Some(_) = self.placed else { return false };
+        if self.placed.is_none() {
+            return false;
+        }
         let ended = self.order.cancelled;
         let nothing_held = self
             .lines

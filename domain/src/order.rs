@@ -105,8 +105,10 @@ pub fn price_lines(
         });
     }
     let mut lines: Vec<OrderLine> = Vec::with_capacity(requested.len());
+    // The first line's currency becomes the order's; `None` only before the first line.
     let mut total: Option<Money> = None;
     for request in requested {
+        // Quadratic, but over at most 100 lines; a set would cost more than it saves here.
         if lines.iter().any(|line| line.sku == request.sku) {
             return Err(Rejection::DuplicateSku {
                 sku: request.sku.clone(),
@@ -142,6 +144,7 @@ pub fn price_lines(
             line_total,
         });
     }
+    // Unreachable after the emptiness check above; a Rejection rather than a panic all the same.
     let total = total.ok_or(Rejection::NoLines)?;
     Ok(PricedLines { lines, total })
 }
@@ -182,7 +185,8 @@ pub enum OrderCommand {
     },
 }
 
-/// How far along the happy path a status is; `Cancelled` is off the path.
+/// How far along the happy path a status is; `Cancelled` is off the path. Lets a redelivered
+/// saga step see that the order is already past it.
 fn progress(status: OrderStatus) -> Option<u8> {
     match status {
         OrderStatus::Placed => Some(0),
@@ -263,6 +267,7 @@ pub fn decide(state: &Option<Order>, command: &OrderCommand) -> Result<Vec<Order
             gateway_reference,
             paid_at,
         } => {
+            // Checked after the step test so a redelivery still decides nothing.
             if !saga_step(
                 order,
                 OrderStatus::StockReserved,
@@ -323,6 +328,7 @@ pub fn decide(state: &Option<Order>, command: &OrderCommand) -> Result<Vec<Order
             tracking_number,
             shipped_at,
         } => {
+            // Only a confirmed order ships: stock is held and the money taken.
             if order.status != OrderStatus::Confirmed {
                 return Err(Rejection::IllegalTransition {
                     action: "ship",
@@ -354,6 +360,7 @@ pub fn decide(state: &Option<Order>, command: &OrderCommand) -> Result<Vec<Order
     Ok(vec![event])
 }
 
+/// Events only ever arrive in an order `decide` allows, so each arm just records its fact.
 pub fn evolve(state: Option<Order>, event: &OrderEvent) -> Option<Order> {
     let mut order = match (state, event) {
         (None, OrderEvent::OrderPlaced(placed)) => {
@@ -370,10 +377,12 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent) -> Option<Order> {
                 shipment: None,
             });
         }
+        // Nothing but a placement can start a stream; anything else is ignored, not invented.
         (None, _) => return None,
         (Some(order), _) => order,
     };
     match event {
+        // A second placement is never decided; the first one stands.
         OrderEvent::OrderPlaced(_) => {}
         OrderEvent::OrderStockReserved(_) => order.status = OrderStatus::StockReserved,
         OrderEvent::OrderPaid(_) => order.status = OrderStatus::Paid,

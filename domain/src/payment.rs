@@ -107,6 +107,7 @@ pub fn decide(
             },
         ) => {
             let next = payment.attempts.saturating_add(1);
+            // Known attempt: a redelivery, whatever happened to it since.
             if *attempt <= payment.attempts {
                 return Ok(vec![]);
             }
@@ -183,6 +184,7 @@ pub fn decide(
                 failed_at,
             },
         ) => {
+            // A failure of an attempt already superseded or already recorded changes nothing.
             let stale = *attempt < payment.attempts
                 || (*attempt == payment.attempts && payment.status == PaymentStatus::Failed);
             if stale {
@@ -253,6 +255,7 @@ pub fn evolve(state: Option<Payment>, event: &PaymentEvent) -> Option<Payment> {
                 gateway_reference: None,
             });
         }
+        // Only a charge request starts a payment stream.
         (None, _) => return None,
         (Some(payment), _) => payment,
     };
@@ -263,6 +266,7 @@ pub fn evolve(state: Option<Payment>, event: &PaymentEvent) -> Option<Payment> {
         }
         PaymentEvent::PaymentCharged(charged) => {
             payment.status = PaymentStatus::Charged;
+            // A late success after a failure: the failure no longer describes the payment.
             payment.failure_reason = None;
             payment.gateway_reference = Some(charged.gateway_reference.clone());
         }

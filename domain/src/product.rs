@@ -125,6 +125,7 @@ pub fn decide(
             _ => Err(Rejection::ProductNotRegistered),
         };
     };
+    // Every event names its SKU so a subscriber to the whole category needs no stream name.
     let sku = product.sku.clone();
     let event: ProductEvent = match command {
         ProductCommand::Register { .. } => return Err(Rejection::ProductAlreadyRegistered { sku }),
@@ -159,6 +160,7 @@ pub fn decide(
                     requested: price.currency(),
                 });
             }
+            // An unchanged price is not news: no event for projections to churn on.
             if *price == product.price {
                 return Ok(vec![]);
             }
@@ -174,6 +176,8 @@ pub fn decide(
             quantity,
             reserved_at,
         } => {
+            // Any earlier answer stands, even a release: re-reserving after the saga gave the
+            // stock back would leak it.
             if product.holds.contains_key(order_id) {
                 return Ok(vec![]);
             }
@@ -247,6 +251,7 @@ pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
                 holds: BTreeMap::new(),
             });
         }
+        // Only a registration starts a product stream.
         (None, _) => return None,
         (Some(product), _) => product,
     };
