@@ -1,0 +1,968 @@
+//! The order-fulfilment saga: a pure state machine from placement to confirmation or
+//! cancellation, one instance per order.
+//!
+//! ```text
+//! OrderPlaced -> reserve every line -> all reserved -> mark stock reserved + request charge
+//!   -> charged -> mark paid + confirm + notify        -> shipped -> ship reserved stock
+//! any reservation rejected -> cancel "out of stock"    -+
+//! payment declined -> cancel "payment declined"         +-> release every reservation held,
+//! not charged by the payment deadline -> cancel         |   refund if (ever) charged
+//! cancelled by the customer -> (nothing more to cancel) +
+//! ```
+//!
+//! # Driving it (the runner's loop)
+//!
+//! Route each recorded event to its order with [`order_of`] (events that return `None` are not
+//! the saga's business), load that order's [`FulfilmentState`] (`Default` for a new one), then:
+//!
+//! ```text
+//! let input = SagaInput::Event(&event);         // or SagaInput::Tick { now } on a timer
+//! let commands = fulfilment::react(&state, &input);
+//! send every command, in order, to its aggregate (Command::stream names it);
+//! state = fulfilment::evolve(state, &input);
+//! store state (it is Serialize + Deserialize) with the log position, in one transaction.
+//! ```
+//!
+//! Sending before storing makes delivery at-least-once: after a crash the event is fed again to
+//! the old state, and the same commands go out again. Every command the saga sends is idempotent
+//! at its aggregate, so that is harmless. A `Rejection` of a saga command means the aggregate
+//! moved on (say, the customer cancelled meanwhile): log it and continue; the saga compensates when
+//! the event that moved it arrives. The state is a set of facts plus a record of what was sent, so
+//! events may also arrive late, twice or out of order: nothing is sent twice, no reservation is
+//! left behind, no second charge is requested while one may succeed.
+//!
+//! Deadlines are data, not timers: `payment_due_at` and `retry_due_at` live in the state, and a
+//! [`SagaInput::Tick`] with the current time lets the saga act on them. The runner ticks every
+//! active saga periodically (see [`FulfilmentState::next_due_at`]). The saga never reads the
+//! clock; commands it sends are stamped with the latest time it has seen.
+//!
+//! The state can also be rebuilt instead of stored: replay the order's events up to the
+//! checkpoint (order, its product reservations, its payment) through `evolve`, discarding the
+//! commands; whatever a tick decided but never got into the log, the next tick decides again.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use orderly_event_schemas::orders::CancelledBy;
+use orderly_event_schemas::{Event, OrderEvent, PaymentEvent, ProductEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::order::OrderCommand;
+use crate::payment::PaymentCommand;
+use crate::product::ProductCommand;
+use crate::streams;
+use crate::values::{
+    CustomerId, GatewayReference, Money, OrderId, PaymentToken, Quantity, Reason, Sku,
+};
+
+/// How long after the first charge request the order may stay unpaid before it is cancelled.
+pub const PAYMENT_DEADLINE: TimeDelta = TimeDelta::minutes(15);
+
+/// How long after a transient failure the next charge attempt is requested.
+pub const RETRY_AFTER: TimeDelta = TimeDelta::seconds(30);
+
+/// What the saga reacts to: a recorded event, or the passing of time.
+///
+/// Borrows the event: the runner already holds it, and the saga keeps only the facts it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SagaInput<'a> {
+    Event(&'a Event),
+    Tick { now: DateTime<Utc> },
+}
+
+/// Something the saga wants done: a command for one aggregate, or a message for the customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Order {
+        order_id: OrderId,
+        command: OrderCommand,
+    },
+    Product {
+        sku: Sku,
+        command: ProductCommand,
+    },
+    Payment {
+        order_id: OrderId,
+        command: PaymentCommand,
+    },
+    Notify(Notification),
+}
+
+impl Command {
+    /// The stream the command is decided against; `None` for notifications.
+    pub fn stream(&self) -> Option<String> {
+        match self {
+            Command::Order { order_id, .. } => Some(streams::order(*order_id)),
+            Command::Product { sku, .. } => Some(streams::product(sku)),
+            Command::Payment { order_id, .. } => Some(streams::payment(*order_id)),
+            Command::Notify(_) => None,
+        }
+    }
+}
+
+/// Messages for the customer; delivered by a notifier port, at least once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notification {
+    OrderConfirmed {
+        order_id: OrderId,
+        customer_id: CustomerId,
+    },
+}
+
+/// What the saga knows about one line's stock, from the product's events. Later facts win over
+/// earlier ones whatever order they arrive in (see `rank`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Stock {
+    #[default]
+    Unknown,
+    Reserved,
+    Rejected,
+    Released,
+    Shipped,
+}
+
+impl Stock {
+    fn rank(self) -> u8 {
+        match self {
+            Stock::Unknown => 0,
+            Stock::Reserved | Stock::Rejected => 1,
+            Stock::Released | Stock::Shipped => 2,
+        }
+    }
+
+    fn merge(self, fact: Stock) -> Stock {
+        if fact.rank() > self.rank() {
+            fact
+        } else {
+            self
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Line {
+    /// `None` until `OrderPlaced` arrives (a product event may come first).
+    quantity: Option<Quantity>,
+    stock: Stock,
+    reserve_sent: bool,
+    release_sent: bool,
+    ship_sent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Placed {
+    customer_id: CustomerId,
+    total: Money,
+    payment_token: PaymentToken,
+}
+
+/// Facts from the order's own stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct OrderFacts {
+    cancelled: bool,
+    shipped: bool,
+}
+
+/// Facts from the payment stream; each only ever grows, so arrival order does not matter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct PaymentFacts {
+    /// Highest attempt requested.
+    requested: u32,
+    /// Highest attempt that failed transiently.
+    failed: u32,
+    charged: Option<GatewayReference>,
+    declined: bool,
+    refunded: bool,
+}
+
+/// What the saga has already sent, so a redelivered or reordered input sends nothing twice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Sent {
+    stock_reserved: bool,
+    /// Highest charge attempt requested; the next retry is this + 1.
+    charge_attempt: u32,
+    paid: bool,
+    confirmed: bool,
+    notified: bool,
+    cancel: bool,
+    refund: bool,
+}
+
+/// One order's saga state. Opaque on purpose: the runner only stores it and hands it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FulfilmentState {
+    order_id: Option<OrderId>,
+    placed: Option<Placed>,
+    lines: BTreeMap<Sku, Line>,
+    order: OrderFacts,
+    payment: PaymentFacts,
+    sent: Sent,
+    payment_due_at: Option<DateTime<Utc>>,
+    retry_due_at: Option<DateTime<Utc>>,
+    /// Latest time seen in any input; deadlines are checked against it.
+    clock: Option<DateTime<Utc>>,
+}
+
+impl FulfilmentState {
+    pub fn order_id(&self) -> Option<OrderId> {
+        self.order_id
+    }
+
+    /// When a tick could next make the saga act; `None` when no deadline is pending. The runner
+    /// uses it to schedule ticks instead of ticking every saga.
+    pub fn next_due_at(&self) -> Option<DateTime<Utc>> {
+        if self.is_settled()
+            || self.order.cancelled
+            || self.sent.cancel
+            || self.payment.charged.is_some()
+        {
+            return None;
+        }
+        [self.retry_due_at, self.payment_due_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Nothing more will ever be sent: the order is delivered, or cancelled with every
+    /// reservation given back and any charge refunded. The runner may archive the state.
+    pub fn is_settled(&self) -> bool {
+        if self.placed.is_none() {
+            return false;
+        }
+        let ended = self.order.cancelled;
+        let nothing_held = self
+            .lines
+            .values()
+            .all(|line| line.stock != Stock::Reserved);
+        let money_settled = self.payment.charged.is_none() || self.payment.refunded;
+        let payment_quiet = self.payment.requested <= self.payment.failed
+            || self.payment.charged.is_some()
+            || self.payment.declined;
+        let delivered =
+            self.order.shipped && self.lines.values().all(|line| line.stock == Stock::Shipped);
+        delivered || (ended && nothing_held && money_settled && payment_quiet)
+    }
+}
+
+/// The order an event belongs to, for routing it to a saga; `None` for catalog events.
+pub fn order_of(event: &Event) -> Option<OrderId> {
+    match event {
+        Event::Order(event) => Some(match event {
+            OrderEvent::OrderPlaced(e) => e.order_id,
+            OrderEvent::OrderStockReserved(e) => e.order_id,
+            OrderEvent::OrderPaid(e) => e.order_id,
+            OrderEvent::OrderConfirmed(e) => e.order_id,
+            OrderEvent::OrderCancelled(e) => e.order_id,
+            OrderEvent::OrderShipped(e) => e.order_id,
+            OrderEvent::OrderDelivered(e) => e.order_id,
+        }),
+        Event::Product(event) => match event {
+            ProductEvent::ProductRegistered(_)
+            | ProductEvent::ProductRestocked(_)
+            | ProductEvent::ProductPriceChanged(_) => None,
+            ProductEvent::StockReserved(e) => Some(e.order_id),
+            ProductEvent::StockReservationRejected(e) => Some(e.order_id),
+            ProductEvent::StockReservationReleased(e) => Some(e.order_id),
+            ProductEvent::ReservedStockShipped(e) => Some(e.order_id),
+        },
+        Event::Payment(event) => Some(match event {
+            PaymentEvent::PaymentChargeRequested(e) => e.order_id,
+            PaymentEvent::PaymentCharged(e) => e.order_id,
+            PaymentEvent::PaymentDeclined(e) => e.order_id,
+            PaymentEvent::PaymentFailed(e) => e.order_id,
+            PaymentEvent::PaymentRefunded(e) => e.order_id,
+        }),
+    }
+}
+
+/// The commands `input` calls for, given the saga's state before it.
+pub fn react(state: &FulfilmentState, input: &SagaInput<'_>) -> Vec<Command> {
+    step(state.clone(), input).1
+}
+
+/// The saga's state after `input` (and after sending what [`react`] returned for it).
+pub fn evolve(state: FulfilmentState, input: &SagaInput<'_>) -> FulfilmentState {
+    step(state, input).0
+}
+
+/// `react` and `evolve` in one pass, for runners that want both.
+pub fn step(mut state: FulfilmentState, input: &SagaInput<'_>) -> (FulfilmentState, Vec<Command>) {
+    if !observe(&mut state, input) {
+        return (state, Vec::new());
+    }
+    let commands = plan(&mut state);
+    (state, commands)
+}
+
+/// Records the facts `input` carries; `false` (state untouched) when it is not this saga's.
+fn observe(state: &mut FulfilmentState, input: &SagaInput<'_>) -> bool {
+    let event = match input {
+        SagaInput::Tick { now } => {
+            state.clock = state.clock.max(Some(*now));
+            return true;
+        }
+        SagaInput::Event(event) => event,
+    };
+    let Some(order_id) = order_of(event) else {
+        return false;
+    };
+    if state.order_id.is_some_and(|known| known != order_id) {
+        return false;
+    }
+    state.order_id = Some(order_id);
+    let at = match event {
+        Event::Order(event) => observe_order(state, event),
+        Event::Product(event) => observe_product(state, event),
+        Event::Payment(event) => observe_payment(state, event),
+    };
+    state.clock = state.clock.max(at);
+    true
+}
+
+fn observe_order(state: &mut FulfilmentState, event: &OrderEvent) -> Option<DateTime<Utc>> {
+    match event {
+        OrderEvent::OrderPlaced(placed) => {
+            state.placed = Some(Placed {
+                customer_id: placed.customer_id.clone(),
+                total: placed.total,
+                payment_token: placed.payment_token.clone(),
+            });
+            for line in &placed.lines {
+                state.lines.entry(line.sku.clone()).or_default().quantity = Some(line.quantity);
+            }
+            Some(placed.placed_at)
+        }
+        // The saga sent these itself; it acts on the facts behind them, not on the echo.
+        OrderEvent::OrderStockReserved(e) => Some(e.stock_reserved_at),
+        OrderEvent::OrderPaid(e) => Some(e.paid_at),
+        OrderEvent::OrderConfirmed(e) => Some(e.confirmed_at),
+        OrderEvent::OrderCancelled(cancelled) => {
+            state.order.cancelled = true;
+            if cancelled.cancelled_by == CancelledBy::Fulfilment {
+                state.sent.cancel = true;
+            }
+            Some(cancelled.cancelled_at)
+        }
+        OrderEvent::OrderShipped(shipped) => {
+            state.order.shipped = true;
+            Some(shipped.shipped_at)
+        }
+        OrderEvent::OrderDelivered(e) => Some(e.delivered_at),
+    }
+}
+
+fn observe_product(state: &mut FulfilmentState, event: &ProductEvent) -> Option<DateTime<Utc>> {
+    let (sku, fact, at) = match event {
+        ProductEvent::ProductRegistered(_)
+        | ProductEvent::ProductRestocked(_)
+        | ProductEvent::ProductPriceChanged(_) => return None,
+        ProductEvent::StockReserved(e) => (&e.sku, Stock::Reserved, e.reserved_at),
+        ProductEvent::StockReservationRejected(e) => (&e.sku, Stock::Rejected, e.rejected_at),
+        ProductEvent::StockReservationReleased(e) => (&e.sku, Stock::Released, e.released_at),
+        ProductEvent::ReservedStockShipped(e) => (&e.sku, Stock::Shipped, e.shipped_at),
+    };
+    let line = state.lines.entry(sku.clone()).or_default();
+    line.stock = line.stock.merge(fact);
+    Some(at)
+}
+
+fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<DateTime<Utc>> {
+    let payment = &mut state.payment;
+    match event {
+        PaymentEvent::PaymentChargeRequested(requested) => {
+            payment.requested = payment.requested.max(requested.attempt);
+            // Rebuilding from the log: the request is proof it was sent.
+            state.sent.charge_attempt = state.sent.charge_attempt.max(requested.attempt);
+            if requested.attempt == 1 {
+                state.payment_due_at = Some(requested.requested_at + PAYMENT_DEADLINE);
+            }
+            Some(requested.requested_at)
+        }
+        PaymentEvent::PaymentCharged(charged) => {
+            payment.charged = Some(charged.gateway_reference.clone());
+            Some(charged.charged_at)
+        }
+        PaymentEvent::PaymentDeclined(declined) => {
+            payment.declined = true;
+            Some(declined.declined_at)
+        }
+        PaymentEvent::PaymentFailed(failed) => {
+            if failed.attempt > payment.failed {
+                payment.failed = failed.attempt;
+                state.retry_due_at = Some(failed.failed_at + RETRY_AFTER);
+            }
+            Some(failed.failed_at)
+        }
+        PaymentEvent::PaymentRefunded(refunded) => {
+            payment.refunded = true;
+            Some(refunded.refunded_at)
+        }
+    }
+}
+
+/// Why the saga must cancel the order, if it must.
+fn failure(state: &FulfilmentState) -> Option<&'static str> {
+    if state
+        .lines
+        .values()
+        .any(|line| line.stock == Stock::Rejected)
+    {
+        return Some("out of stock");
+    }
+    if state.payment.charged.is_some() {
+        return None;
+    }
+    if state.payment.declined {
+        return Some("payment declined");
+    }
+    let overdue = state
+        .payment_due_at
+        .is_some_and(|due| state.clock.is_some_and(|now| now >= due));
+    overdue.then_some("payment not completed before the deadline")
+}
+
+/// Every command the facts call for that has not been sent yet, marking each as sent.
+fn plan(state: &mut FulfilmentState) -> Vec<Command> {
+    let mut commands = Vec::new();
+    let (Some(order_id), Some(placed), Some(at)) =
+        (state.order_id, state.placed.clone(), state.clock)
+    else {
+        // Facts that arrive before `OrderPlaced` wait for it; nothing can be decided without it.
+        return commands;
+    };
+    let order = |command| Command::Order { order_id, command };
+    let payment = |command| Command::Payment { order_id, command };
+
+    if !state.order.cancelled
+        && !state.sent.cancel
+        && !state.order.shipped
+        && let Some(reason) = failure(state)
+    {
+        state.sent.cancel = true;
+        commands.push(order(OrderCommand::Cancel {
+            cancellation_reason: fixed_reason(reason),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: at,
+        }));
+    }
+
+    if state.order.cancelled || state.sent.cancel {
+        // Compensate. Reservations still in flight are released when their event arrives; a
+        // charge still in flight is refunded when it succeeds. No new charge is ever requested.
+        for (sku, line) in &mut state.lines {
+            if line.stock == Stock::Reserved && !line.release_sent {
+                line.release_sent = true;
+                commands.push(Command::Product {
+                    sku: sku.clone(),
+                    command: ProductCommand::ReleaseReservation {
+                        order_id,
+                        released_at: at,
+                    },
+                });
+            }
+        }
+        if state.payment.charged.is_some() && !state.payment.refunded && !state.sent.refund {
+            state.sent.refund = true;
+            commands.push(payment(PaymentCommand::Refund {
+                reason: fixed_reason("order cancelled"),
+                refunded_at: at,
+            }));
+        }
+        return commands;
+    }
+
+    for (sku, line) in &mut state.lines {
+        if let (Some(quantity), false) = (line.quantity, line.reserve_sent) {
+            line.reserve_sent = true;
+            commands.push(Command::Product {
+                sku: sku.clone(),
+                command: ProductCommand::ReserveStock {
+                    order_id,
+                    quantity,
+                    reserved_at: at,
+                },
+            });
+        }
+    }
+
+    let all_reserved = state.lines.values().all(|line| {
+        line.quantity.is_some() && matches!(line.stock, Stock::Reserved | Stock::Shipped)
+    });
+    if all_reserved && !state.sent.stock_reserved {
+        state.sent.stock_reserved = true;
+        commands.push(order(OrderCommand::MarkStockReserved {
+            stock_reserved_at: at,
+        }));
+    }
+    let retry_due = state.payment.failed == state.sent.charge_attempt
+        && state.sent.charge_attempt > 0
+        && state.retry_due_at.is_some_and(|due| at >= due);
+    let first_charge = all_reserved && state.sent.charge_attempt == 0;
+    if state.payment.charged.is_none() && !state.payment.declined && (first_charge || retry_due) {
+        state.sent.charge_attempt += 1;
+        if first_charge {
+            state.payment_due_at = Some(at + PAYMENT_DEADLINE);
+        }
+        commands.push(payment(PaymentCommand::RequestCharge {
+            order_id,
+            amount: placed.total,
+            payment_token: placed.payment_token.clone(),
+            attempt: state.sent.charge_attempt,
+            requested_at: at,
+        }));
+    }
+
+    if let Some(gateway_reference) = state.payment.charged.clone() {
+        if !state.sent.paid {
+            state.sent.paid = true;
+            commands.push(order(OrderCommand::MarkPaid {
+                amount: placed.total,
+                gateway_reference,
+                paid_at: at,
+            }));
+        }
+        if !state.sent.confirmed {
+            state.sent.confirmed = true;
+            commands.push(order(OrderCommand::Confirm { confirmed_at: at }));
+        }
+        if !state.sent.notified {
+            state.sent.notified = true;
+            commands.push(Command::Notify(Notification::OrderConfirmed {
+                order_id,
+                customer_id: placed.customer_id.clone(),
+            }));
+        }
+    }
+
+    if state.order.shipped {
+        for (sku, line) in &mut state.lines {
+            if line.stock == Stock::Reserved && !line.ship_sent {
+                line.ship_sent = true;
+                commands.push(Command::Product {
+                    sku: sku.clone(),
+                    command: ProductCommand::ShipReservedStock {
+                        order_id,
+                        shipped_at: at,
+                    },
+                });
+            }
+        }
+    }
+    commands
+}
+
+/// The saga's own reasons are short literals that always pass `Reason::parse`.
+fn fixed_reason(text: &'static str) -> Reason {
+    Reason::parse(text).unwrap_or_else(|_| unreachable!("{text:?} is a valid reason"))
+}
+
+#[cfg(test)]
+mod tests {
+    use orderly_event_schemas::orders::*;
+    use orderly_event_schemas::payments::*;
+    use orderly_event_schemas::products::*;
+
+    use super::*;
+    use crate::testing::fixtures::*;
+    use crate::testing::saga::{Step, given};
+
+    const ORDER: u128 = 1;
+
+    fn tea() -> Sku {
+        sku("TEA")
+    }
+
+    fn mug() -> Sku {
+        sku("MUG")
+    }
+
+    fn placed() -> Step {
+        let line = |code: &str, quantity: u32, unit: i64| OrderLine {
+            sku: sku(code),
+            name: name(code),
+            quantity: qty(quantity),
+            unit_price: eur(unit),
+            line_total: eur(unit * i64::from(quantity)),
+        };
+        OrderPlaced {
+            order_id: order_id(ORDER),
+            customer_id: customer(),
+            lines: vec![line("TEA", 2, 650), line("MUG", 1, 1200)],
+            total: eur(2500),
+            shipping_address: address(),
+            payment_token: token("tok_ok"),
+            placed_at: at(0),
+        }
+        .into()
+    }
+
+    fn reserved(sku: Sku, quantity: u32) -> Step {
+        StockReserved {
+            sku,
+            order_id: order_id(ORDER),
+            quantity: qty(quantity),
+            reserved_at: at(1),
+        }
+        .into()
+    }
+
+    fn rejected(sku: Sku) -> Step {
+        StockReservationRejected {
+            sku,
+            order_id: order_id(ORDER),
+            quantity: qty(1),
+            available: 0,
+            rejected_at: at(1),
+        }
+        .into()
+    }
+
+    fn charge_requested(attempt: u32, minute: i64) -> Step {
+        PaymentChargeRequested {
+            order_id: order_id(ORDER),
+            amount: eur(2500),
+            payment_token: token("tok_ok"),
+            attempt,
+            requested_at: at(minute),
+        }
+        .into()
+    }
+
+    fn charged(minute: i64) -> Step {
+        PaymentCharged {
+            order_id: order_id(ORDER),
+            amount: eur(2500),
+            gateway_reference: reference("ch_1"),
+            charged_at: at(minute),
+        }
+        .into()
+    }
+
+    fn failed(attempt: u32, minute: i64) -> Step {
+        PaymentFailed {
+            order_id: order_id(ORDER),
+            reason: reason("gateway timed out"),
+            attempt,
+            failed_at: at(minute),
+        }
+        .into()
+    }
+
+    fn declined() -> Step {
+        PaymentDeclined {
+            order_id: order_id(ORDER),
+            reason: reason("insufficient funds"),
+            declined_at: at(2),
+        }
+        .into()
+    }
+
+    fn cancelled_by_customer(minute: i64) -> Step {
+        OrderCancelled {
+            order_id: order_id(ORDER),
+            cancellation_reason: reason("changed my mind"),
+            cancelled_by: CancelledBy::Customer,
+            cancelled_at: at(minute),
+        }
+        .into()
+    }
+
+    fn tick(minute: i64) -> Step {
+        Step::Tick(at(minute))
+    }
+
+    /// Placed, both lines reserved, first charge requested at minute 1.
+    fn awaiting_payment() -> Vec<Step> {
+        vec![
+            placed(),
+            reserved(tea(), 2),
+            reserved(mug(), 1),
+            charge_requested(1, 1),
+        ]
+    }
+
+    fn awaiting_payment_and<const N: usize>(more: [Step; N]) -> Vec<Step> {
+        awaiting_payment().into_iter().chain(more).collect()
+    }
+
+    fn reserve(sku: Sku, quantity: u32, minute: i64) -> Command {
+        Command::Product {
+            sku,
+            command: ProductCommand::ReserveStock {
+                order_id: order_id(ORDER),
+                quantity: qty(quantity),
+                reserved_at: at(minute),
+            },
+        }
+    }
+
+    fn release(sku: Sku, minute: i64) -> Command {
+        Command::Product {
+            sku,
+            command: ProductCommand::ReleaseReservation {
+                order_id: order_id(ORDER),
+                released_at: at(minute),
+            },
+        }
+    }
+
+    fn order(command: OrderCommand) -> Command {
+        Command::Order {
+            order_id: order_id(ORDER),
+            command,
+        }
+    }
+
+    fn request_charge(attempt: u32, minute: i64) -> Command {
+        Command::Payment {
+            order_id: order_id(ORDER),
+            command: PaymentCommand::RequestCharge {
+                order_id: order_id(ORDER),
+                amount: eur(2500),
+                payment_token: token("tok_ok"),
+                attempt,
+                requested_at: at(minute),
+            },
+        }
+    }
+
+    fn cancel(why: &str, minute: i64) -> Command {
+        order(OrderCommand::Cancel {
+            cancellation_reason: reason(why),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: at(minute),
+        })
+    }
+
+    fn refund(minute: i64) -> Command {
+        Command::Payment {
+            order_id: order_id(ORDER),
+            command: PaymentCommand::Refund {
+                reason: reason("order cancelled"),
+                refunded_at: at(minute),
+            },
+        }
+    }
+
+    #[test]
+    fn placing_an_order_reserves_every_line() {
+        // Lines come out in SKU order: the state keeps them in a sorted map.
+        given([])
+            .when(placed())
+            .then([reserve(mug(), 1, 0), reserve(tea(), 2, 0)]);
+    }
+
+    #[test]
+    fn one_line_reserved_of_two_asks_for_nothing_yet() {
+        given([placed()]).when(reserved(tea(), 2)).then_nothing();
+    }
+
+    #[test]
+    fn all_lines_reserved_marks_the_order_and_requests_the_charge() {
+        given([placed(), reserved(tea(), 2)])
+            .when(reserved(mug(), 1))
+            .then([
+                order(OrderCommand::MarkStockReserved {
+                    stock_reserved_at: at(1),
+                }),
+                request_charge(1, 1),
+            ]);
+    }
+
+    #[test]
+    fn a_charged_payment_marks_the_order_paid_confirms_it_and_notifies_the_customer() {
+        given(awaiting_payment()).when(charged(2)).then([
+            order(OrderCommand::MarkPaid {
+                amount: eur(2500),
+                gateway_reference: reference("ch_1"),
+                paid_at: at(2),
+            }),
+            order(OrderCommand::Confirm {
+                confirmed_at: at(2),
+            }),
+            Command::Notify(Notification::OrderConfirmed {
+                order_id: order_id(ORDER),
+                customer_id: customer(),
+            }),
+        ]);
+    }
+
+    #[test]
+    fn a_rejected_reservation_releases_the_others_and_cancels_out_of_stock() {
+        given([placed(), reserved(tea(), 2)])
+            .when(rejected(mug()))
+            .then([cancel("out of stock", 1), release(tea(), 1)]);
+    }
+
+    #[test]
+    fn a_reservation_that_arrives_after_an_out_of_stock_cancel_is_released() {
+        given([placed(), rejected(mug())])
+            .when(reserved(tea(), 2))
+            .then([release(tea(), 1)]);
+    }
+
+    #[test]
+    fn a_declined_payment_releases_everything_and_cancels() {
+        given(awaiting_payment()).when(declined()).then([
+            cancel("payment declined", 2),
+            release(mug(), 2),
+            release(tea(), 2),
+        ]);
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_on_the_first_tick_after_the_backoff() {
+        let state = given(awaiting_payment_and([failed(1, 2)]))
+            .when(tick(2))
+            .then_nothing();
+        let now = at(2) + RETRY_AFTER;
+        let retry = fulfilment_react(&state, now);
+        assert_eq!(
+            retry,
+            vec![Command::Payment {
+                order_id: order_id(ORDER),
+                command: PaymentCommand::RequestCharge {
+                    order_id: order_id(ORDER),
+                    amount: eur(2500),
+                    payment_token: token("tok_ok"),
+                    attempt: 2,
+                    requested_at: now,
+                },
+            }]
+        );
+    }
+
+    fn fulfilment_react(state: &FulfilmentState, now: DateTime<Utc>) -> Vec<Command> {
+        react(state, &SagaInput::Tick { now })
+    }
+
+    #[test]
+    fn a_retry_already_requested_is_not_requested_again() {
+        given(awaiting_payment_and([failed(1, 2), charge_requested(2, 3)]))
+            .when(tick(4))
+            .then_nothing();
+    }
+
+    #[test]
+    fn a_payment_still_failing_at_its_deadline_releases_everything_and_cancels() {
+        given(awaiting_payment_and([
+            failed(1, 2),
+            charge_requested(2, 3),
+            failed(2, 4),
+        ]))
+        .when(tick(16))
+        .then([
+            cancel("payment not completed before the deadline", 16),
+            release(mug(), 16),
+            release(tea(), 16),
+        ]);
+    }
+
+    #[test]
+    fn a_tick_before_any_deadline_does_nothing() {
+        given(awaiting_payment()).when(tick(10)).then_nothing();
+    }
+
+    #[test]
+    fn a_customer_cancel_before_payment_releases_the_reservations() {
+        given(awaiting_payment())
+            .when(cancelled_by_customer(5))
+            .then([release(mug(), 5), release(tea(), 5)]);
+    }
+
+    #[test]
+    fn a_customer_cancel_after_payment_refunds_and_releases() {
+        given(awaiting_payment_and([charged(2)]))
+            .when(cancelled_by_customer(5))
+            .then([release(mug(), 5), release(tea(), 5), refund(5)]);
+    }
+
+    #[test]
+    fn a_charge_that_succeeds_after_the_order_was_cancelled_is_refunded() {
+        given(awaiting_payment_and([cancelled_by_customer(5)]))
+            .when(charged(6))
+            .then([refund(6)]);
+    }
+
+    #[test]
+    fn shipping_the_order_ships_the_reserved_stock() {
+        let shipped = OrderShipped {
+            order_id: order_id(ORDER),
+            carrier: crate::values::Carrier::parse("DHL").unwrap(),
+            tracking_number: crate::values::TrackingNumber::parse("JD0146").unwrap(),
+            shipped_at: at(60),
+        };
+        let ship = |sku| Command::Product {
+            sku,
+            command: ProductCommand::ShipReservedStock {
+                order_id: order_id(ORDER),
+                shipped_at: at(60),
+            },
+        };
+        given(awaiting_payment_and([charged(2)]))
+            .when(shipped)
+            .then([ship(mug()), ship(tea())]);
+    }
+
+    #[test]
+    fn a_redelivered_event_sends_nothing() {
+        given([placed()]).when(placed()).then_nothing();
+        given(awaiting_payment())
+            .when(reserved(mug(), 1))
+            .then_nothing();
+        given(awaiting_payment_and([charged(2)]))
+            .when(charged(2))
+            .then_nothing();
+    }
+
+    #[test]
+    fn events_of_another_order_leave_the_state_alone() {
+        let before = given([placed()]).when(tick(0)).then_nothing();
+        let other = StockReserved {
+            sku: tea(),
+            order_id: order_id(2),
+            quantity: qty(1),
+            reserved_at: at(1),
+        };
+        let after = given([placed()]).when(other).then_nothing();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn reservations_recorded_before_the_order_arrives_are_counted_when_it_does() {
+        given([reserved(tea(), 2), reserved(mug(), 1)])
+            .when(placed())
+            .then([
+                reserve(mug(), 1, 1),
+                reserve(tea(), 2, 1),
+                order(OrderCommand::MarkStockReserved {
+                    stock_reserved_at: at(1),
+                }),
+                request_charge(1, 1),
+            ]);
+    }
+
+    #[test]
+    fn the_state_survives_a_json_round_trip() {
+        let state = given(awaiting_payment()).when(failed(1, 2)).then_nothing();
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(
+            serde_json::from_str::<FulfilmentState>(&json).unwrap(),
+            state
+        );
+    }
+
+    #[test]
+    fn the_next_due_time_is_the_retry_then_the_deadline_and_none_once_settled() {
+        let waiting = given(awaiting_payment()).when(tick(1)).then_nothing();
+        assert_eq!(waiting.next_due_at(), Some(at(1) + PAYMENT_DEADLINE));
+        let failing = given(awaiting_payment()).when(failed(1, 2)).then_nothing();
+        assert_eq!(failing.next_due_at(), Some(at(2) + RETRY_AFTER));
+        let cancelled = given([placed(), rejected(mug())])
+            .when(rejected(tea()))
+            .then_nothing();
+        assert!(cancelled.is_settled() || cancelled.next_due_at().is_none());
+    }
+}

@@ -1,0 +1,584 @@
+//! The product (inventory) aggregate, stream `product-<sku>`.
+//!
+//! Invariant, enforced by `decide` and kept by `evolve`: `reserved <= on_hand`, so
+//! `available = on_hand - reserved >= 0` always.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use orderly_event_schemas::ProductEvent;
+use orderly_event_schemas::products::*;
+
+use crate::Rejection;
+use crate::values::{Description, Money, OrderId, ProductName, Quantity, Sku};
+
+/// Stock counts stay within GraphQL's 32-bit `Int`, where `onHand` and friends are served.
+pub const MAX_STOCK: u32 = i32::MAX as u32;
+
+/// What this product has done for one order. Remembered per order so that commands redelivered
+/// by the saga runner decide nothing the second time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    Reserved { quantity: Quantity },
+    Rejected,
+    Released,
+    Shipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Product {
+    pub sku: Sku,
+    pub name: ProductName,
+    pub description: Option<Description>,
+    pub price: Money,
+    // Private so only events move them, which keeps the invariant in one place.
+    on_hand: u32,
+    reserved: u32,
+    holds: BTreeMap<OrderId, Hold>,
+}
+
+impl Product {
+    pub fn on_hand(&self) -> u32 {
+        self.on_hand
+    }
+
+    pub fn reserved(&self) -> u32 {
+        self.reserved
+    }
+
+    pub fn available(&self) -> u32 {
+        // Never saturates while the invariant holds; saturating keeps this total regardless.
+        self.on_hand.saturating_sub(self.reserved)
+    }
+
+    pub fn hold(&self, order_id: OrderId) -> Option<Hold> {
+        self.holds.get(&order_id).copied()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProductCommand {
+    Register {
+        sku: Sku,
+        name: ProductName,
+        description: Option<Description>,
+        price: Money,
+        initial_stock: u32,
+        registered_at: DateTime<Utc>,
+    },
+    Restock {
+        quantity: Quantity,
+        restocked_at: DateTime<Utc>,
+    },
+    ChangePrice {
+        price: Money,
+        price_changed_at: DateTime<Utc>,
+    },
+    /// Idempotent per order: a second request for an order this product has already answered
+    /// (reserved, rejected, released or shipped) decides nothing.
+    ReserveStock {
+        order_id: OrderId,
+        quantity: Quantity,
+        reserved_at: DateTime<Utc>,
+    },
+    /// Releasing what is not reserved decides nothing (the saga may redeliver).
+    ReleaseReservation {
+        order_id: OrderId,
+        released_at: DateTime<Utc>,
+    },
+    /// Idempotent once shipped; rejected when nothing was ever reserved for the order.
+    ShipReservedStock {
+        order_id: OrderId,
+        shipped_at: DateTime<Utc>,
+    },
+}
+
+pub fn decide(
+    state: &Option<Product>,
+    command: &ProductCommand,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    let Some(product) = state else {
+        return match command {
+            ProductCommand::Register {
+                sku,
+                name,
+                description,
+                price,
+                initial_stock,
+                registered_at,
+            } => {
+                if *initial_stock > MAX_STOCK {
+                    return Err(Rejection::StockLimitExceeded {
+                        sku: sku.clone(),
+                        max: MAX_STOCK,
+                    });
+                }
+                Ok(vec![ProductEvent::from(ProductRegistered {
+                    sku: sku.clone(),
+                    name: name.clone(),
+                    description: description.clone(),
+                    price: *price,
+                    initial_stock: *initial_stock,
+                    registered_at: *registered_at,
+                })])
+            }
+            _ => Err(Rejection::ProductNotRegistered),
+        };
+    };
+    // Every event names its SKU so a subscriber to the whole category needs no stream name.
+    let sku = product.sku.clone();
+    let event: ProductEvent = match command {
+        ProductCommand::Register { .. } => return Err(Rejection::ProductAlreadyRegistered { sku }),
+        ProductCommand::Restock {
+            quantity,
+            restocked_at,
+        } => {
+            if product
+                .on_hand
+                .checked_add(quantity.get())
+                .is_none_or(|n| n > MAX_STOCK)
+            {
+                return Err(Rejection::StockLimitExceeded {
+                    sku,
+                    max: MAX_STOCK,
+                });
+            }
+            ProductRestocked {
+                sku,
+                quantity: *quantity,
+                restocked_at: *restocked_at,
+            }
+            .into()
+        }
+        ProductCommand::ChangePrice {
+            price,
+            price_changed_at,
+        } => {
+            if price.currency() != product.price.currency() {
+                return Err(Rejection::CurrencyChange {
+                    current: product.price.currency(),
+                    requested: price.currency(),
+                });
+            }
+            // An unchanged price is not news: no event for projections to churn on.
+            if *price == product.price {
+                return Ok(vec![]);
+            }
+            ProductPriceChanged {
+                sku,
+                price: *price,
+                price_changed_at: *price_changed_at,
+            }
+            .into()
+        }
+        ProductCommand::ReserveStock {
+            order_id,
+            quantity,
+            reserved_at,
+        } => {
+            // Any earlier answer stands, even a release: re-reserving after the saga gave the
+            // stock back would leak it.
+            if product.holds.contains_key(order_id) {
+                return Ok(vec![]);
+            }
+            let available = product.available();
+            if quantity.get() > available {
+                // An event, not a Rejection: the saga must learn of it durably and cancel.
+                StockReservationRejected {
+                    sku,
+                    order_id: *order_id,
+                    quantity: *quantity,
+                    available,
+                    rejected_at: *reserved_at,
+                }
+                .into()
+            } else {
+                StockReserved {
+                    sku,
+                    order_id: *order_id,
+                    quantity: *quantity,
+                    reserved_at: *reserved_at,
+                }
+                .into()
+            }
+        }
+        ProductCommand::ReleaseReservation {
+            order_id,
+            released_at,
+        } => match product.hold(*order_id) {
+            Some(Hold::Reserved { quantity }) => StockReservationReleased {
+                sku,
+                order_id: *order_id,
+                quantity,
+                released_at: *released_at,
+            }
+            .into(),
+            Some(Hold::Rejected | Hold::Released | Hold::Shipped) | None => return Ok(vec![]),
+        },
+        ProductCommand::ShipReservedStock {
+            order_id,
+            shipped_at,
+        } => match product.hold(*order_id) {
+            Some(Hold::Reserved { quantity }) => ReservedStockShipped {
+                sku,
+                order_id: *order_id,
+                quantity,
+                shipped_at: *shipped_at,
+            }
+            .into(),
+            Some(Hold::Shipped) => return Ok(vec![]),
+            Some(Hold::Rejected | Hold::Released) | None => {
+                return Err(Rejection::NoReservation {
+                    sku,
+                    order_id: *order_id,
+                });
+            }
+        },
+    };
+    Ok(vec![event])
+}
+
+pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
+    let mut product = match (state, event) {
+        (None, ProductEvent::ProductRegistered(registered)) => {
+            return Some(Product {
+                sku: registered.sku.clone(),
+                name: registered.name.clone(),
+                description: registered.description.clone(),
+                price: registered.price,
+                on_hand: registered.initial_stock,
+                reserved: 0,
+                holds: BTreeMap::new(),
+            });
+        }
+        // Only a registration starts a product stream.
+        (None, _) => return None,
+        (Some(product), _) => product,
+    };
+    // Saturating arithmetic: decide never produces an event that would underflow, and a corrupt
+    // stream must not panic a projection or a command handler.
+    match event {
+        ProductEvent::ProductRegistered(_) => {}
+        ProductEvent::ProductRestocked(restocked) => {
+            product.on_hand = product.on_hand.saturating_add(restocked.quantity.get());
+        }
+        ProductEvent::ProductPriceChanged(changed) => product.price = changed.price,
+        ProductEvent::StockReserved(reserved) => {
+            product.reserved = product
+                .reserved
+                .saturating_add(reserved.quantity.get())
+                .min(product.on_hand);
+            product.holds.insert(
+                reserved.order_id,
+                Hold::Reserved {
+                    quantity: reserved.quantity,
+                },
+            );
+        }
+        ProductEvent::StockReservationRejected(rejected) => {
+            product.holds.insert(rejected.order_id, Hold::Rejected);
+        }
+        ProductEvent::StockReservationReleased(released) => {
+            product.reserved = product.reserved.saturating_sub(released.quantity.get());
+            product.holds.insert(released.order_id, Hold::Released);
+        }
+        ProductEvent::ReservedStockShipped(shipped) => {
+            product.reserved = product.reserved.saturating_sub(shipped.quantity.get());
+            product.on_hand = product
+                .on_hand
+                .saturating_sub(shipped.quantity.get())
+                .max(product.reserved);
+            product.holds.insert(shipped.order_id, Hold::Shipped);
+        }
+    }
+    Some(product)
+}
+
+decider!(
+    /// The product decider for generic callers (command handling, the test harness).
+    ProductAggregate, Option<Product>, ProductCommand, ProductEvent
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixtures::*;
+    use crate::testing::{self, Given};
+
+    fn given(history: impl IntoIterator<Item = ProductEvent>) -> Given<ProductAggregate> {
+        testing::given(history)
+    }
+
+    fn tea() -> Sku {
+        sku("TEA-GREEN-100G")
+    }
+
+    fn registered(initial_stock: u32) -> ProductEvent {
+        ProductRegistered {
+            sku: tea(),
+            name: name("Green tea, 100 g"),
+            description: None,
+            price: eur(650),
+            initial_stock,
+            registered_at: at(0),
+        }
+        .into()
+    }
+
+    fn reserved(order: u128, quantity: u32) -> ProductEvent {
+        StockReserved {
+            sku: tea(),
+            order_id: order_id(order),
+            quantity: qty(quantity),
+            reserved_at: at(1),
+        }
+        .into()
+    }
+
+    fn reserve(order: u128, quantity: u32) -> ProductCommand {
+        ProductCommand::ReserveStock {
+            order_id: order_id(order),
+            quantity: qty(quantity),
+            reserved_at: at(1),
+        }
+    }
+
+    fn release(order: u128) -> ProductCommand {
+        ProductCommand::ReleaseReservation {
+            order_id: order_id(order),
+            released_at: at(2),
+        }
+    }
+
+    fn ship(order: u128) -> ProductCommand {
+        ProductCommand::ShipReservedStock {
+            order_id: order_id(order),
+            shipped_at: at(3),
+        }
+    }
+
+    fn register(initial_stock: u32) -> ProductCommand {
+        ProductCommand::Register {
+            sku: tea(),
+            name: name("Green tea, 100 g"),
+            description: None,
+            price: eur(650),
+            initial_stock,
+            registered_at: at(0),
+        }
+    }
+
+    #[test]
+    fn registering_a_new_product_records_it_with_its_initial_stock() {
+        let state = given([]).when(register(10)).then([registered(10)]);
+        let product = state.expect("registered");
+        assert_eq!(
+            (product.on_hand(), product.reserved(), product.available()),
+            (10, 0, 10)
+        );
+    }
+
+    #[test]
+    fn registering_a_product_twice_is_rejected() {
+        given([registered(10)])
+            .when(register(5))
+            .then_rejected(Rejection::ProductAlreadyRegistered { sku: tea() });
+    }
+
+    #[test]
+    fn registering_more_stock_than_the_limit_is_rejected() {
+        given([])
+            .when(register(MAX_STOCK + 1))
+            .then_rejected(Rejection::StockLimitExceeded {
+                sku: tea(),
+                max: MAX_STOCK,
+            });
+    }
+
+    #[test]
+    fn any_command_on_an_unregistered_product_is_rejected() {
+        given([])
+            .when(ProductCommand::Restock {
+                quantity: qty(1),
+                restocked_at: at(1),
+            })
+            .then_rejected(Rejection::ProductNotRegistered);
+        given([])
+            .when(reserve(1, 1))
+            .then_rejected(Rejection::ProductNotRegistered);
+    }
+
+    #[test]
+    fn restocking_adds_to_what_is_on_hand() {
+        let state = given([registered(10)])
+            .when(ProductCommand::Restock {
+                quantity: qty(5),
+                restocked_at: at(1),
+            })
+            .then([ProductRestocked {
+                sku: tea(),
+                quantity: qty(5),
+                restocked_at: at(1),
+            }
+            .into()]);
+        assert_eq!(state.map(|p| p.on_hand()), Some(15));
+    }
+
+    #[test]
+    fn restocking_past_the_stock_limit_is_rejected() {
+        given([registered(MAX_STOCK)])
+            .when(ProductCommand::Restock {
+                quantity: qty(1),
+                restocked_at: at(1),
+            })
+            .then_rejected(Rejection::StockLimitExceeded {
+                sku: tea(),
+                max: MAX_STOCK,
+            });
+    }
+
+    #[test]
+    fn changing_the_price_records_the_new_price() {
+        let state = given([registered(10)])
+            .when(ProductCommand::ChangePrice {
+                price: eur(700),
+                price_changed_at: at(1),
+            })
+            .then([ProductPriceChanged {
+                sku: tea(),
+                price: eur(700),
+                price_changed_at: at(1),
+            }
+            .into()]);
+        assert_eq!(state.map(|p| p.price), Some(eur(700)));
+    }
+
+    #[test]
+    fn changing_to_the_same_price_records_nothing() {
+        given([registered(10)])
+            .when(ProductCommand::ChangePrice {
+                price: eur(650),
+                price_changed_at: at(1),
+            })
+            .then_nothing();
+    }
+
+    #[test]
+    fn changing_the_price_to_another_currency_is_rejected() {
+        given([registered(10)])
+            .when(ProductCommand::ChangePrice {
+                price: usd(700),
+                price_changed_at: at(1),
+            })
+            .then_rejected(Rejection::CurrencyChange {
+                current: eur(0).currency(),
+                requested: usd(0).currency(),
+            });
+    }
+
+    #[test]
+    fn reserving_available_stock_moves_it_from_available_to_reserved() {
+        let state = given([registered(10)])
+            .when(reserve(1, 4))
+            .then([reserved(1, 4)]);
+        let product = state.expect("registered");
+        assert_eq!(
+            (product.on_hand(), product.reserved(), product.available()),
+            (10, 4, 6)
+        );
+    }
+
+    #[test]
+    fn reserving_more_than_is_available_is_recorded_as_a_rejected_reservation() {
+        given([registered(10), reserved(1, 8)])
+            .when(reserve(2, 3))
+            .then([StockReservationRejected {
+                sku: tea(),
+                order_id: order_id(2),
+                quantity: qty(3),
+                available: 2,
+                rejected_at: at(1),
+            }
+            .into()]);
+    }
+
+    #[test]
+    fn reserving_again_for_an_order_that_holds_a_reservation_records_nothing() {
+        given([registered(10), reserved(1, 4)])
+            .when(reserve(1, 4))
+            .then_nothing();
+    }
+
+    #[test]
+    fn reserving_again_for_an_order_whose_reservation_was_released_records_nothing() {
+        let released = StockReservationReleased {
+            sku: tea(),
+            order_id: order_id(1),
+            quantity: qty(4),
+            released_at: at(2),
+        };
+        given([registered(10), reserved(1, 4), released.into()])
+            .when(reserve(1, 4))
+            .then_nothing();
+    }
+
+    #[test]
+    fn releasing_a_reservation_makes_the_stock_available_again() {
+        let state = given([registered(10), reserved(1, 4)])
+            .when(release(1))
+            .then([StockReservationReleased {
+                sku: tea(),
+                order_id: order_id(1),
+                quantity: qty(4),
+                released_at: at(2),
+            }
+            .into()]);
+        assert_eq!(state.map(|p| (p.reserved(), p.available())), Some((0, 10)));
+    }
+
+    #[test]
+    fn releasing_a_reservation_that_does_not_exist_records_nothing() {
+        given([registered(10)]).when(release(1)).then_nothing();
+    }
+
+    #[test]
+    fn shipping_reserved_stock_takes_it_off_hand() {
+        let state =
+            given([registered(10), reserved(1, 4)])
+                .when(ship(1))
+                .then([ReservedStockShipped {
+                    sku: tea(),
+                    order_id: order_id(1),
+                    quantity: qty(4),
+                    shipped_at: at(3),
+                }
+                .into()]);
+        assert_eq!(
+            state.map(|p| (p.on_hand(), p.reserved(), p.available())),
+            Some((6, 0, 6))
+        );
+    }
+
+    #[test]
+    fn shipping_again_for_the_same_order_records_nothing() {
+        let shipped = ReservedStockShipped {
+            sku: tea(),
+            order_id: order_id(1),
+            quantity: qty(4),
+            shipped_at: at(3),
+        };
+        given([registered(10), reserved(1, 4), shipped.into()])
+            .when(ship(1))
+            .then_nothing();
+    }
+
+    #[test]
+    fn shipping_stock_that_was_never_reserved_is_rejected() {
+        given([registered(10)])
+            .when(ship(1))
+            .then_rejected(Rejection::NoReservation {
+                sku: tea(),
+                order_id: order_id(1),
+            });
+    }
+}
