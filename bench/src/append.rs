@@ -30,6 +30,10 @@ pub struct Args {
     /// Writer counts to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     writers: Vec<usize>,
+    /// Rounds of all four scenarios per writer count; rates are the median over rounds, so a
+    /// burst of outside load skews one round, not the result.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -163,27 +167,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         server.get::<_, String>(4)
     );
     println!(
-        "- window: {} s measured after {} s warm-up, per scenario\n",
+        "- window: {} s measured after {} s warm-up, per scenario; {} rounds with the scenarios interleaved; median rate, latency over all rounds\n",
         args.seconds,
-        warmup(&args).as_secs_f64()
+        warmup(&args).as_secs_f64(),
+        args.rounds
     );
     println!("{HEADER}");
+    let scenarios = [
+        Scenario::RawSingle,
+        Scenario::OrderlySingle,
+        Scenario::RawBatch,
+        Scenario::OrderlyBatch,
+    ];
     let mut ratios = Vec::new();
     for &writers in &args.writers {
+        let mut rounds: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
+        for _ in 0..args.rounds.max(1) {
+            for (i, &scenario) in scenarios.iter().enumerate() {
+                admin.batch_execute("truncate events").await?;
+                // A checkpoint between scenarios keeps one's dirty pages from taxing the next.
+                admin
+                    .batch_execute("checkpoint")
+                    .await
+                    .context("checkpoint (needs a superuser)")?;
+                rounds[i].push(measure(&db, scenario, writers, &args).await?);
+            }
+        }
         let mut rates = Vec::new();
-        for scenario in [
-            Scenario::RawSingle,
-            Scenario::OrderlySingle,
-            Scenario::RawBatch,
-            Scenario::OrderlyBatch,
-        ] {
-            admin.batch_execute("truncate events").await?;
-            // A checkpoint between scenarios keeps one's dirty pages from taxing the next.
-            admin
-                .batch_execute("checkpoint")
-                .await
-                .context("checkpoint (needs a superuser)")?;
-            let outcome = measure(&db, scenario, writers, &args).await?;
+        for outcomes in rounds {
+            let outcome = Outcome::median(outcomes)?;
             println!("{}", outcome.row());
             rates.push(outcome.events_per_sec());
         }

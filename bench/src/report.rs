@@ -19,6 +19,19 @@ impl Outcome {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// The round with the median rate, carrying the latencies of all rounds.
+    pub fn median(mut rounds: Vec<Outcome>) -> anyhow::Result<Outcome> {
+        anyhow::ensure!(!rounds.is_empty(), "no rounds measured");
+        rounds.sort_by(|a, b| a.events_per_sec().total_cmp(&b.events_per_sec()));
+        let mut latency_us = histogram();
+        for round in &rounds {
+            latency_us.add(&round.latency_us)?;
+        }
+        let mut median = rounds.swap_remove(rounds.len() / 2);
+        median.latency_us = latency_us;
+        Ok(median)
+    }
+
     pub fn row(&self) -> String {
         format!(
             "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} |",
