@@ -96,6 +96,7 @@ impl KurrentDbEventStore {
         let mut read = self.client.read_all(&options).await.map_err(store_error)?;
         let mut page = AllPage::default();
         while let Some(resolved) = read.next().await.map_err(store_error)? {
+            // Without link resolution every record carries its event; a bare link is skipped.
             let Some(stored) = resolved.event.as_ref() else {
                 continue;
             };
@@ -111,8 +112,11 @@ impl KurrentDbEventStore {
 
 #[derive(Default)]
 struct AllPage {
+    /// What the port may show: user events matching the filter.
     events: Vec<RecordedEvent>,
+    /// Records the server sent, shown or not: a page as long as asked for means "read on".
     received: usize,
+    /// Position of the last record sent, shown or not: where the next request starts.
     last: Option<Position>,
 }
 
@@ -129,6 +133,7 @@ impl EventStore for KurrentDbEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(&events)?;
+        // Read first even when `expected` cannot hold: the conflict then reports the version.
         let before = self.stream_version(stream).await?;
         let Some(state) = stream_state(expected) else {
             return Err(StoreError::Conflict {
@@ -150,7 +155,9 @@ impl EventStore for KurrentDbEventStore {
             .map_err(|e| append_error(stream, e))?;
         let last = written.next_expected_version;
         let count = ids.len() as u64;
-        let first = (last + 1).checked_sub(count).ok_or_else(|| {
+        // The append's events are the last `count` up to `last`, whether written now or before.
+        let first = last.checked_add(1).and_then(|n| n.checked_sub(count));
+        let first = first.ok_or_else(|| {
             internal(format!(
                 "server reported version {last} after appending {count} events to {stream}"
             ))
@@ -163,6 +170,7 @@ impl EventStore for KurrentDbEventStore {
                 "appended events of {stream} not readable"
             )));
         };
+        // A stream is append-only, so anything else there means the server's answer was wrong.
         if back.iter().map(|e| e.id).ne(ids.iter().copied()) {
             return Err(internal(format!(
                 "events {first}..={last} of {stream} are not the ones just appended"
@@ -183,6 +191,7 @@ impl EventStore for KurrentDbEventStore {
         from: Option<u64>,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // A count of 0 is never sent: what the server makes of it is not documented.
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -215,8 +224,9 @@ impl EventStore for KurrentDbEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let mut events = Vec::new();
         let mut from = after;
+        // One more than wanted, since the record at `from` itself comes back and is dropped.
         while events.len() < limit {
-            let request = limit - events.len() + 1;
+            let request = (limit - events.len()).saturating_add(1);
             let page = self.page_of_all(from, false, filter, request).await?;
             events.extend(page.events.into_iter().filter(|e| e.position > from));
             match page.last {
@@ -231,6 +241,7 @@ impl EventStore for KurrentDbEventStore {
     async fn head(&self) -> Result<Position, StoreError> {
         // Backwards from the end, the first user event found is the last one written; system
         // events the server-side filter let through are skipped here.
+        // `from` is ignored backwards: the read starts at the end.
         let page = self
             .page_of_all(Position::START, true, &EventFilter::All, HEAD_SCAN)
             .await?;
@@ -265,12 +276,14 @@ impl EventStore for KurrentDbEventStore {
         let (tx, rx) = mpsc::channel(self.subscription.buffer.max(1));
         let task = tokio::spawn(async move {
             loop {
+                // Also wait for the consumer to go, so an idle feed does not outlive it.
                 let next = tokio::select! {
                     next = feed.next() => next,
                     _ = tx.closed() => return,
                 };
                 let mapped = match next {
                     Ok(resolved) => match resolved.event.as_ref().map(from_stored) {
+                        // The start is exclusive on the server too; checked here all the same.
                         Some(Ok(Some(event)))
                             if event.position > after && filter.matches(&event.stream) =>
                         {
@@ -281,6 +294,7 @@ impl EventStore for KurrentDbEventStore {
                     },
                     Err(error) => Err(store_error(error)),
                 };
+                // An error ends the subscription, as the port promises, once it is delivered.
                 let last = mapped.is_err();
                 if tx.send(mapped).await.is_err() || last {
                     return;
@@ -308,6 +322,8 @@ async fn collect_stream(mut read: ReadStream) -> Result<Vec<RecordedEvent>, Stor
     }
 }
 
+/// The event type and content type travel in the server's own metadata; the port's metadata
+/// goes as custom metadata, which the server stores as given.
 fn event_data(event: NewEvent) -> Result<EventData, StoreError> {
     let data = EventData::json(&event.event_type, &event.data)
         .map_err(|e| StoreError::Internal(Box::new(e)))?

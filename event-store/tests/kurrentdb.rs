@@ -79,6 +79,7 @@ impl Fixture for Isolated {
 
 impl Isolated {
     fn new(inner: KurrentDbEventStore) -> Self {
+        // Hex only: a `-` in the token would move the category boundary.
         let token = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         Self {
             inner,
@@ -189,6 +190,8 @@ impl EventStore for Isolated {
         while mine.len() < limit {
             let page = self.inner.read_all(from, &inner_filter, limit).await?;
             let Some(last) = page.last() else { break };
+            // The adapter's page is already filtered to this test's category or stream, but
+            // not for `All`, where other tests' events take up room.
             from = last.position;
             let full = page.len() >= limit;
             mine.extend(page.into_iter().filter_map(|e| self.unwrap_event(e)));
@@ -213,6 +216,7 @@ impl EventStore for Isolated {
             .inner
             .subscribe(after, self.wrap_filter(&filter))
             .await?;
+        // Other tests' events are dropped here, so the buffer only holds this test's.
         let (tx, rx) = mpsc::channel(64);
         let view = self.clone();
         let task = tokio::spawn(async move {
