@@ -11,6 +11,8 @@
 //!   page reader and a wake-up signal.
 //! - `memory`: an in-process adapter for other crates' tests.
 //! - `postgres`: the default adapter, with its migrations under `migrations/`.
+//! - `kurrentdb`: the production option on KurrentDB (or EventStoreDB 20.6+), through the
+//!   official client, with the server's own `$all` subscription and filters.
 //!
 //! The store knows nothing of orders: streams are names, events are typed JSON.
 //!
@@ -22,6 +24,7 @@
 
 mod error;
 mod idempotency;
+pub mod kurrentdb;
 pub mod memory;
 mod model;
 pub mod postgres;

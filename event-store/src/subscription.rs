@@ -73,6 +73,18 @@ pub struct Subscription {
     task: JoinHandle<()>,
 }
 
+impl Subscription {
+    /// A subscription fed by a task of its own: events (or one final error) arrive on `rx`, and
+    /// dropping the subscription aborts `task`. For adapters whose store pushes events itself
+    /// (KurrentDB's `$all` subscription) and for test decorators around a store.
+    pub fn from_channel(
+        rx: mpsc::Receiver<Result<RecordedEvent, StoreError>>,
+        task: JoinHandle<()>,
+    ) -> Self {
+        Self { rx, task }
+    }
+}
+
 impl Stream for Subscription {
     type Item = Result<RecordedEvent, StoreError>;
 
@@ -148,5 +160,5 @@ pub(crate) fn spawn<S: PageSource>(
             }
         }
     });
-    Subscription { rx, task }
+    Subscription::from_channel(rx, task)
 }
