@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use orderly_event_store::EventStore;
+use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -78,7 +79,10 @@ pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
             Ok(Arc::new(PgEventStore::new(pg_config(settings)?, options)?))
         }
         EventStoreKind::Kurrentdb => {
-            bail!("event_store = kurrentdb is not available in this build yet; use postgres")
+            let Some(url) = settings.kurrentdb_url.as_deref() else {
+                bail!("event_store = kurrentdb needs ORDERLY_KURRENTDB_URL");
+            };
+            Ok(Arc::new(KurrentDbEventStore::connect(url)?))
         }
     }
 }
@@ -93,9 +97,12 @@ pub fn pg_config(settings: &Settings) -> anyhow::Result<PgConfig> {
 /// Applies every migration the product needs.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let config = pg_config(settings)?;
-    orderly_event_store::postgres::migrate(&config)
-        .await
-        .context("event store migrations failed")?;
+    // The log lives in PostgreSQL only with the default store; KurrentDB keeps its own.
+    if settings.event_store == EventStoreKind::Postgres {
+        orderly_event_store::postgres::migrate(&config)
+            .await
+            .context("event store migrations failed")?;
+    }
     Ok(())
 }
 
@@ -121,5 +128,33 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
                 json!({ "status": "unavailable", "reason": "event store did not answer in time" }),
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choosing_kurrentdb_without_its_url_is_a_clear_error() {
+        let settings = Settings {
+            event_store: EventStoreKind::Kurrentdb,
+            ..Default::default()
+        };
+        let error = event_store(&settings)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("ORDERLY_KURRENTDB_URL"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn choosing_kurrentdb_with_a_url_builds_that_store() {
+        let settings = Settings {
+            event_store: EventStoreKind::Kurrentdb,
+            kurrentdb_url: Some("kurrentdb://127.0.0.1:2113?tls=false".into()),
+            ..Default::default()
+        };
+        assert!(event_store(&settings).is_ok());
     }
 }

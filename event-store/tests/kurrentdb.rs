@@ -277,19 +277,7 @@ async fn an_unreachable_server_is_reported_as_unavailable() {
         "kurrentdb://127.0.0.1:1?tls=false&maxDiscoverAttempts=1&discoveryInterval=100",
     )
     .unwrap();
-    let append = store
-        .append(
-            &stream("order-x"),
-            ExpectedVersion::Any,
-            vec![event("X", json!({}))],
-        )
-        .await;
-    assert!(
-        matches!(append, Err(StoreError::Unavailable(_))),
-        "{append:?}"
-    );
-    let head = store.head().await;
-    assert!(matches!(head, Err(StoreError::Unavailable(_))), "{head:?}");
+    contract::an_unreachable_store_reports_unavailable(&store).await;
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use contract::{Fixture, event, next, stream};
 use futures::StreamExt;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions, migrate, migration_fingerprint};
 use orderly_event_store::{
-    EventFilter, EventStore, ExpectedVersion, Position, StoreError, SubscriptionOptions,
+    EventFilter, EventStore, ExpectedVersion, Position, SubscriptionOptions,
 };
 use orderly_test_support::TestDb;
 use serde_json::json;
@@ -186,17 +186,5 @@ async fn an_unreachable_server_is_reported_as_unavailable() {
         ..Default::default()
     };
     let store = PgEventStore::connect("postgres://postgres@127.0.0.1:1/nowhere", options).unwrap();
-    let append = store
-        .append(
-            &stream("order-x"),
-            ExpectedVersion::Any,
-            vec![event("X", json!({}))],
-        )
-        .await;
-    assert!(
-        matches!(append, Err(StoreError::Unavailable(_))),
-        "{append:?}"
-    );
-    let head = store.head().await;
-    assert!(matches!(head, Err(StoreError::Unavailable(_))), "{head:?}");
+    contract::an_unreachable_store_reports_unavailable(&store).await;
 }

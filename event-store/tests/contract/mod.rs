@@ -624,6 +624,24 @@ pub async fn bad_input_is_refused_and_nothing_is_written(store: Arc<dyn EventSto
     assert_eq!(store.stream_version(&s).await.unwrap(), None);
 }
 
+/// For a store whose server is unreachable: writes and reads fail as `Unavailable` (retry
+/// later), never as a conflict or an internal error.
+pub async fn an_unreachable_store_reports_unavailable(store: &dyn EventStore) {
+    let append = store
+        .append(
+            &stream("order-x"),
+            ExpectedVersion::Any,
+            vec![event("X", json!({}))],
+        )
+        .await;
+    assert!(
+        matches!(append, Err(StoreError::Unavailable(_))),
+        "{append:?}"
+    );
+    let head = store.head().await;
+    assert!(matches!(head, Err(StoreError::Unavailable(_))), "{head:?}");
+}
+
 /// One append a writer task made and the store acknowledged.
 struct Acked {
     stream: StreamName,
