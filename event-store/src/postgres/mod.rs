@@ -14,8 +14,8 @@
 
 mod migrations;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -81,38 +81,44 @@ const COLUMNS: &str =
 /// The horizon: every transaction with a lower id has finished, so rows below it are final.
 const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
-fn read_stream_forwards() -> String {
-    format!(
-        "select {COLUMNS} from events where stream = $1 and version >= $2 order by version limit $3"
-    )
+/// Statements assembled once from the pieces above.
+struct Statements {
+    read_stream_forwards: String,
+    read_stream_backwards: String,
+    read_all: String,
+    read_category: String,
+    read_one_stream: String,
+    held_back: String,
+    head: String,
 }
 
-fn read_stream_backwards() -> String {
-    format!(
-        "select {COLUMNS} from events where stream = $1 and version <= $2 order by version desc limit $3"
-    )
-}
-
-/// `extra` narrows the page to a category or a stream (parameter `$4`).
-fn read_all(extra: &str) -> String {
-    format!(
-        "select {COLUMNS} from events
-         where (tx_id, seq) > ($1, $2) and tx_id < {HORIZON} {extra}
-         order by tx_id, seq limit $3"
-    )
-}
-
-fn held_back() -> String {
-    format!(
-        "select exists (select 1 from events where (tx_id, seq) > ($1, $2) and tx_id >= {HORIZON})"
-    )
-}
-
-fn head() -> String {
-    format!(
-        "select tx_id, seq from events where tx_id < {HORIZON} order by tx_id desc, seq desc limit 1"
-    )
-}
+static SQL: LazyLock<Statements> = LazyLock::new(|| {
+    // `extra` narrows a page of the whole log to a category or a stream (parameter `$4`).
+    let page = |extra: &str| {
+        format!(
+            "select {COLUMNS} from events
+             where (tx_id, seq) > ($1, $2) and tx_id < {HORIZON} {extra}
+             order by tx_id, seq limit $3"
+        )
+    };
+    Statements {
+        read_stream_forwards: format!(
+            "select {COLUMNS} from events where stream = $1 and version >= $2 order by version limit $3"
+        ),
+        read_stream_backwards: format!(
+            "select {COLUMNS} from events where stream = $1 and version <= $2 order by version desc limit $3"
+        ),
+        read_all: page(""),
+        read_category: page("and category = $4"),
+        read_one_stream: page("and stream = $4"),
+        held_back: format!(
+            "select exists (select 1 from events where (tx_id, seq) > ($1, $2) and tx_id >= {HORIZON})"
+        ),
+        head: format!(
+            "select tx_id, seq from events where tx_id < {HORIZON} order by tx_id desc, seq desc limit 1"
+        ),
+    }
+});
 
 /// Shortest gap between two notifications to other processes.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(2);
@@ -359,10 +365,10 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let client = self.client().await?;
         let (sql, from) = match direction {
-            Direction::Forwards => (read_stream_forwards(), from.map_or(0, to_i64)),
-            Direction::Backwards => (read_stream_backwards(), from.map_or(i64::MAX, to_i64)),
+            Direction::Forwards => (&SQL.read_stream_forwards, from.map_or(0, to_i64)),
+            Direction::Backwards => (&SQL.read_stream_backwards, from.map_or(i64::MAX, to_i64)),
         };
-        let statement = client.prepare_cached(&sql).await.map_err(pg_error)?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
         let rows = client
             .query(
                 &statement,
@@ -384,7 +390,7 @@ impl EventStore for PgEventStore {
 
     async fn head(&self) -> Result<Position, StoreError> {
         let client = self.client().await?;
-        let statement = client.prepare_cached(&head()).await.map_err(pg_error)?;
+        let statement = client.prepare_cached(&SQL.head).await.map_err(pg_error)?;
         let row = client.query_opt(&statement, &[]).await.map_err(pg_error)?;
         match row {
             None => Ok(Position::START),
@@ -427,7 +433,7 @@ impl PageSource for PgEventStore {
         let rows = match filter {
             EventFilter::All => {
                 let statement = client
-                    .prepare_cached(&read_all(""))
+                    .prepare_cached(&SQL.read_all)
                     .await
                     .map_err(pg_error)?;
                 client
@@ -436,7 +442,7 @@ impl PageSource for PgEventStore {
             }
             EventFilter::Category(category) => {
                 let statement = client
-                    .prepare_cached(&read_all("and category = $4"))
+                    .prepare_cached(&SQL.read_category)
                     .await
                     .map_err(pg_error)?;
                 client
@@ -445,7 +451,7 @@ impl PageSource for PgEventStore {
             }
             EventFilter::Stream(stream) => {
                 let statement = client
-                    .prepare_cached(&read_all("and stream = $4"))
+                    .prepare_cached(&SQL.read_one_stream)
                     .await
                     .map_err(pg_error)?;
                 client
@@ -463,7 +469,7 @@ impl PageSource for PgEventStore {
         let held_back = if events.len() < limit {
             let last = events.last().map_or(after, |e| e.position);
             let statement = client
-                .prepare_cached(&held_back())
+                .prepare_cached(&SQL.held_back)
                 .await
                 .map_err(pg_error)?;
             let row = client
