@@ -16,7 +16,9 @@ use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, Settings};
+use orderly_projections::{ProjectionName, RunnerOptions};
 
 /// How long a readiness probe may wait on a dependency before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,6 +26,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct App {
     listener: TcpListener,
     router: Router,
+    /// For the projection runners `run_until_stopped` starts beside the server.
+    store: Arc<dyn EventStore>,
+    pg_config: PgConfig,
 }
 
 #[derive(Clone)]
@@ -39,11 +44,18 @@ impl App {
         let router = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(AppState { store });
+            .with_state(AppState {
+                store: store.clone(),
+            });
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            store,
+            pg_config: pg_config(settings)?,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -59,9 +71,16 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "serving");
+        let projections = Projections::start(
+            self.store,
+            self.pg_config,
+            &ProjectionName::ALL,
+            RunnerOptions::default(),
+        );
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await?;
+        projections.stop().await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -96,6 +115,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     orderly_event_store::postgres::migrate(&config)
         .await
         .context("event store migrations failed")?;
+    orderly_projections::migrate(&config)
+        .await
+        .context("read-model migrations failed")?;
     Ok(())
 }
 

@@ -98,6 +98,10 @@ pub async fn rebuild(
 ) -> Result<RebuildReport, ProjectionError> {
     let started = Instant::now();
     let mut client = connect(pg_config).await?;
+    // `drop table if exists` and `create schema if not exists` chatter otherwise.
+    client
+        .batch_execute("set client_min_messages = warning")
+        .await?;
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&name.rebuild_lock()])
         .await?
