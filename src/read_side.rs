@@ -10,7 +10,7 @@ use orderly_event_store::postgres::PgConfig;
 use orderly_event_store::{EventFilter, EventStore, Position, StreamName};
 use orderly_projections::tail::{TailOptions, tail};
 use orderly_projections::{
-    ProjectionHub, ProjectionName, RebuildOptions, Runner, RunnerOptions, dlq, rebuild, status,
+    ProjectionHub, ProjectionName, RebuildOptions, Runner, RunnerOptions, dlq, rebuild_many, status,
 };
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
@@ -105,39 +105,42 @@ pub async fn print_status(pg_config: &PgConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `orderly projections rebuild`: each projection in turn, with a progress bar.
+/// `orderly projections rebuild`: one pass over the log for all `names`, with a progress bar,
+/// then each verified and swapped in.
 pub async fn rebuild_with_progress(
     pg_config: &PgConfig,
     store: Arc<dyn EventStore>,
     names: &[ProjectionName],
     options: &RebuildOptions,
 ) -> anyhow::Result<()> {
-    for &name in names {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>9} [{bar:40}] {pos}/{len} events, {per_sec}, ETA {eta}",
-            )
-            .context("progress bar template")?
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(name.as_str());
-        let report = rebuild(pg_config, store.clone(), name, options, |p| {
-            if let Some(total) = p.total {
-                bar.set_length(total);
-            }
-            bar.set_position(p.events);
-        })
-        .await
-        .with_context(|| format!("rebuild of {name} failed"))?;
-        bar.finish();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {pos}/{len} events, {per_sec}, ETA {eta}",
+        )
+        .context("progress bar template")?
+        .progress_chars("=> "),
+    );
+    let label: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+    bar.set_prefix(label.join("+"));
+    let reports = rebuild_many(pg_config, store, names, options, |p| {
+        if let Some(total) = p.total {
+            bar.set_length(total);
+        }
+        bar.set_position(p.events);
+    })
+    .await
+    .context("rebuild failed; run it again to resume")?;
+    bar.finish();
+    for report in reports {
         let rows: Vec<String> = report
             .rows
             .iter()
             .map(|(table, n)| format!("{table} {n}"))
             .collect();
         println!(
-            "{name}: {} events in {:.1}s ({:.0}/s){}, swapped in at {}; rows: {}",
+            "{}: {} events in {:.1}s ({:.0}/s){}, swapped in at {}; rows: {}",
+            report.projection,
             report.events,
             report.elapsed.as_secs_f64(),
             report.events as f64 / report.elapsed.as_secs_f64().max(1e-9),

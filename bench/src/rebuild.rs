@@ -4,19 +4,21 @@
 //!    batched multi-row INSERTs straight into `events`, 10,000 per transaction.
 //! 2. Floors, same run, same rows: `copy (select * from events order by tx_id, seq) to stdout`
 //!    read to nowhere; `insert into scratch select * from events` (set-based, one statement).
-//! 3. `rebuild --all` as the CLI runs it (library call): every projection in turn, each a full
-//!    replay into shadow tables, verify and swap. Reported: log events per second of wall time
-//!    for all projections together, per projection, and the peak RSS of this process during
-//!    the rebuild (VmHWM, reset through /proc/self/clear_refs before it starts).
+//! 3. Reading the whole log through the store port alone, for scale.
+//! 4. `rebuild --all` as the CLI runs it (library call `rebuild_many`): one pass over the log
+//!    into the shadow tables of both projections, verify, swap. Then each projection alone.
+//!    Reported: log events per second of wall time, and the peak RSS of this process during
+//!    the rebuilds (VmHWM, reset through /proc/self/clear_refs before they start).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use futures::{StreamExt, pin_mut};
+use orderly_event_store::EventStore;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_projections::workload::{Workload, WorkloadOptions};
-use orderly_projections::{ProjectionName, RebuildOptions, rebuild};
+use orderly_projections::{ProjectionName, RebuildOptions, rebuild, rebuild_many};
 use orderly_test_support::TestDb;
 use serde_json::Value;
 use uuid::Uuid;
@@ -82,7 +84,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bytes as f64 / 1048576.0,
         started.elapsed().as_secs_f64()
     );
-    client.batch_execute("checkpoint").await.context("checkpoint (needs a superuser)")?;
+    client
+        .batch_execute("checkpoint")
+        .await
+        .context("checkpoint (needs a superuser)")?;
 
     println!("| what | seconds | events/s |\n|---|---|---|");
     let row = |what: &str, secs: f64| {
@@ -98,36 +103,96 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     while let Some(chunk) = copy.next().await {
         copied += chunk?.len();
     }
-    row(&format!("raw: COPY events out ({:.0} MiB)", copied as f64 / 1048576.0), t.elapsed().as_secs_f64());
+    row(
+        &format!(
+            "raw: COPY events out ({:.0} MiB)",
+            copied as f64 / 1048576.0
+        ),
+        t.elapsed().as_secs_f64(),
+    );
 
     client
         .batch_execute("create table scratch as select * from events with no data")
         .await?;
     let t = Instant::now();
-    client.batch_execute("insert into scratch select * from events").await?;
-    row("raw: INSERT ... SELECT into a scratch table", t.elapsed().as_secs_f64());
-    client.batch_execute("drop table scratch; checkpoint").await?;
+    client
+        .batch_execute("insert into scratch select * from events")
+        .await?;
+    row(
+        "raw: INSERT ... SELECT into a scratch table",
+        t.elapsed().as_secs_f64(),
+    );
+    client
+        .batch_execute("drop table scratch; checkpoint")
+        .await?;
 
-    let store = Arc::new(PgEventStore::new(db.config().clone(), PgStoreOptions::default())?);
+    let store = Arc::new(PgEventStore::new(
+        db.config().clone(),
+        PgStoreOptions::default(),
+    )?);
     let options = RebuildOptions {
         batch_size: args.batch_size,
         ..RebuildOptions::default()
     };
+    // What reading alone costs through the store port, pages of the rebuild's size.
+    let t = Instant::now();
+    let mut after = orderly_event_store::Position::START;
+    loop {
+        let page = store
+            .read_all(
+                after,
+                &orderly_event_store::EventFilter::All,
+                args.batch_size,
+            )
+            .await?;
+        match page.last() {
+            Some(last) => after = last.position,
+            None => break,
+        }
+    }
+    row(
+        "orderly: read the log through the store port",
+        t.elapsed().as_secs_f64(),
+    );
+
     // Writing 5 to clear_refs resets the peak to the current RSS (Linux 4.0+).
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let rss_before = peak_rss_mib();
     let all = Instant::now();
+    let reports = rebuild_many(
+        db.config(),
+        store.clone(),
+        &ProjectionName::ALL,
+        &options,
+        |_| {},
+    )
+    .await?;
+    let rows: i64 = reports
+        .iter()
+        .flat_map(|r| r.rows.iter().map(|(_, n)| *n))
+        .sum();
+    row(
+        &format!("orderly: rebuild --all, one pass, both projections ({rows} rows)"),
+        all.elapsed().as_secs_f64(),
+    );
     for name in ProjectionName::ALL {
         let t = Instant::now();
         let report = rebuild(db.config(), store.clone(), name, &options, |_| {}).await?;
-        row(&format!("orderly: rebuild {name} ({} rows)", report.rows.iter().map(|r| r.1).sum::<i64>()), t.elapsed().as_secs_f64());
+        let rows: i64 = report.rows.iter().map(|(_, n)| *n).sum();
+        row(
+            &format!("orderly: rebuild {name} alone ({rows} rows)"),
+            t.elapsed().as_secs_f64(),
+        );
     }
-    row("orderly: rebuild --all (both projections)", all.elapsed().as_secs_f64());
     println!(
         "\n- peak RSS during the rebuild: {:.0} MiB (before it: {:.0} MiB{})",
         peak_rss_mib(),
         rss_before,
-        if reset { "" } else { "; peak not reset, includes the writing phase" }
+        if reset {
+            ""
+        } else {
+            "; peak not reset, includes the writing phase"
+        }
     );
     Ok(())
 }
@@ -143,8 +208,14 @@ async fn write_events(client: &tokio_postgres::Client, n: usize) -> anyhow::Resu
     });
     let mut written = 0;
     while written < n {
-        let (mut ids, mut streams, mut versions, mut types, mut data, mut meta) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::<Value>::new(), Vec::<Value>::new());
+        let (mut ids, mut streams, mut versions, mut types, mut data, mut meta) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::<Value>::new(),
+            Vec::<Value>::new(),
+        );
         while ids.len() < 10_000 && written + ids.len() < n {
             let append = workload.next_append();
             let first = append.expected.map_or(0, |v| v + 1);
@@ -159,7 +230,10 @@ async fn write_events(client: &tokio_postgres::Client, n: usize) -> anyhow::Resu
         }
         let ids: Vec<Uuid> = ids;
         client
-            .execute(&statement, &[&ids, &streams, &versions, &types, &data, &meta])
+            .execute(
+                &statement,
+                &[&ids, &streams, &versions, &types, &data, &meta],
+            )
             .await?;
         written += ids.len();
     }

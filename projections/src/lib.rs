@@ -36,7 +36,7 @@ pub mod workload;
 pub use error::{BoxError, ProjectionError};
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
 pub use model::{DeadLetterPolicy, Parked, ProjectionName};
-pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild};
+pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild, rebuild_many};
 pub use runner::{Runner, RunnerOptions, checkpoint};
 pub use status::{ProjectionState, ProjectionStatus, status};
 pub use watch::{NOTIFY_CHANNEL, ProjectionHub, ProjectionUpdate};

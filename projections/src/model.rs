@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use orderly_event_store::{Position, RecordedEvent};
+use orderly_event_store::{EventFilter, Position, RecordedEvent};
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
@@ -43,6 +43,23 @@ impl ProjectionName {
                 "daily_sales",
             ],
             Self::Products => &["products"],
+        }
+    }
+
+    /// The stream categories this projection applies.
+    pub(crate) fn categories(self) -> &'static [&'static str] {
+        match self {
+            Self::Orders => &["order", "payment"],
+            Self::Products => &["product"],
+        }
+    }
+
+    /// The part of the log this projection reads. `orders` needs two categories, which one
+    /// filter cannot name, so it reads everything and passes over the rest.
+    pub(crate) fn filter(self) -> EventFilter {
+        match self {
+            Self::Orders => EventFilter::All,
+            Self::Products => EventFilter::Category("product".to_owned()),
         }
     }
 

@@ -2,11 +2,15 @@
 //! copy, and swap it in atomically.
 //!
 //! 1. Shadow: `orderly_shadow.<table>` for each of the projection's tables, made with
-//!    `create table ... (like public.<table> including all)`; its checkpoint is a row in
-//!    `projection_rebuilds`. When both exist already, an interrupted rebuild resumes there.
+//!    `create table ... (like public.<table> including all)` less the secondary indexes (built
+//!    once at the end, which is far cheaper than maintaining them row by row); its checkpoint
+//!    is a row in `projection_rebuilds`. When both exist already, an interrupted rebuild
+//!    resumes there.
 //! 2. Replay: the same handlers as the live runner, on a connection whose `search_path` puts
 //!    `orderly_shadow` first, one transaction per batch with the shadow checkpoint. A reader
-//!    task fetches the next page while the current one is applied (two pages in flight at most).
+//!    task fetches the next page while the current one is applied (two pages in flight at
+//!    most, so memory stays flat however long the log). [`rebuild_many`] reads the log once for
+//!    several projections and applies their shares side by side.
 //! 3. Verify (see [`verify`]): internal consistency checks on the shadow tables; on failure the
 //!    live tables stay, and so does the shadow, for inspection.
 //! 4. Swap, in one transaction: lock the live checkpoint row (which holds off the live runner's
@@ -36,6 +40,9 @@ use crate::watch::{self, ProjectionUpdate};
 pub const SHADOW_SCHEMA: &str = "orderly_shadow";
 pub const RETIRED_SCHEMA: &str = "orderly_retired";
 
+/// How often the swap tries to take the live tables before the rebuild gives up (resumable).
+const SWAP_ATTEMPTS: u32 = 5;
+
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
     /// Events read and applied per transaction.
@@ -50,7 +57,7 @@ impl Default for RebuildOptions {
         Self {
             batch_size: 5000,
             policy: DeadLetterPolicy::SkipAndPark,
-            swap_lock_timeout: Duration::from_secs(10),
+            swap_lock_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -58,9 +65,9 @@ impl Default for RebuildOptions {
 /// Reported after each applied batch of the replay.
 #[derive(Debug, Clone)]
 pub struct RebuildProgress {
-    pub projection: ProjectionName,
+    pub projections: Vec<ProjectionName>,
     pub position: Position,
-    /// Events read so far in this run (resumed runs count from where they resumed).
+    /// Events of the log read so far in this run (a resumed run counts from where it resumed).
     pub events: u64,
     /// Events of the log after the shadow's checkpoint when this run started, when the log is
     /// in this database: the progress bar's length.
@@ -94,13 +101,140 @@ pub async fn rebuild(
     store: Arc<dyn EventStore>,
     name: ProjectionName,
     options: &RebuildOptions,
-    mut progress: impl FnMut(&RebuildProgress),
+    progress: impl FnMut(&RebuildProgress),
 ) -> Result<RebuildReport, ProjectionError> {
+    let mut reports = rebuild_many(pg_config, store, &[name], options, progress).await?;
+    reports
+        .pop()
+        .ok_or_else(|| ProjectionError::UnknownProjection(name.as_str().to_owned()))
+}
+
+/// One projection's share of a rebuild: its connection (search path: shadow first) and where
+/// its shadow copy is.
+struct Shadow {
+    name: ProjectionName,
+    client: Client,
+    position: Position,
+    resumed: bool,
+}
+
+/// Rebuilds several projections in one pass over the log: each page is read and decoded once
+/// and its events go to the projection that wants them, the projections applying side by side
+/// on connections of their own. Each is then verified and swapped in on its own.
+pub async fn rebuild_many(
+    pg_config: &PgConfig,
+    store: Arc<dyn EventStore>,
+    names: &[ProjectionName],
+    options: &RebuildOptions,
+    mut progress: impl FnMut(&RebuildProgress),
+) -> Result<Vec<RebuildReport>, ProjectionError> {
     let started = Instant::now();
-    let mut client = connect(pg_config).await?;
-    // `drop table if exists` and `create schema if not exists` chatter otherwise.
+    let mut shadows = Vec::with_capacity(names.len());
+    for &name in names {
+        shadows.push(open_shadow(pg_config, name).await?);
+    }
+    let Some(start) = shadows.iter().map(|s| s.position).min() else {
+        return Ok(Vec::new());
+    };
+    let filter = match names {
+        [one] => one.filter(),
+        _ => EventFilter::All,
+    };
+    let categories: Vec<&str> = names.iter().flat_map(|n| n.categories()).copied().collect();
+    let total = remaining(&shadows[0].client, &categories, start).await;
+    let page = options.batch_size.max(1);
+    let mut events_read = 0u64;
+
+    // The reader runs one page ahead; the channel bounds what waits in memory.
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<RecordedEvent>, ProjectionError>>(1);
+    let reader_store = store.clone();
+    let reader = tokio::spawn(async move {
+        let mut after = start;
+        loop {
+            match reader_store.read_all(after, &filter, page).await {
+                Ok(events) => {
+                    let Some(last) = events.last() else { return };
+                    after = last.position;
+                    if tx.send(Ok(events)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let _ = tx.send(Err(error.into())).await;
+                    return;
+                }
+            }
+        }
+    });
+    while let Some(events) = rx.recv().await {
+        let events = events?;
+        events_read += events.len() as u64;
+        let last = events.last().map(|e| e.position);
+        // Categories of different projections never overlap, so each event goes to one.
+        let mut buckets: Vec<Vec<RecordedEvent>> = shadows.iter().map(|_| Vec::new()).collect();
+        for event in events {
+            let category = event.stream.category();
+            if let Some(i) = shadows
+                .iter()
+                .position(|s| event.position > s.position && handlers::wants(s.name, category))
+            {
+                buckets[i].push(event);
+            }
+        }
+        let applied = shadows
+            .iter_mut()
+            .zip(buckets)
+            .filter(|(_, bucket)| !bucket.is_empty())
+            .map(|(shadow, bucket)| async move {
+                let result = batch::apply_batch(
+                    &mut shadow.client,
+                    shadow.name,
+                    Target::Shadow,
+                    shadow.position,
+                    bucket,
+                    options.policy,
+                    false,
+                )
+                .await?;
+                match result {
+                    BatchResult::Committed(done) => {
+                        shadow.position = done.position;
+                        Ok(())
+                    }
+                    BatchResult::Moved(_) => Err(ProjectionError::Busy(format!(
+                        "the shadow checkpoint of {} moved under this rebuild",
+                        shadow.name
+                    ))),
+                }
+            });
+        if let Err(error) = futures::future::try_join_all(applied).await {
+            reader.abort();
+            return Err(error);
+        }
+        progress(&RebuildProgress {
+            projections: names.to_vec(),
+            position: last.unwrap_or(start),
+            events: events_read,
+            total,
+        });
+    }
+    let mut reports = Vec::with_capacity(shadows.len());
+    for mut shadow in shadows {
+        reports.push(finish(&mut shadow, store.as_ref(), options, events_read, started).await?);
+    }
+    Ok(reports)
+}
+
+async fn open_shadow(
+    pg_config: &PgConfig,
+    name: ProjectionName,
+) -> Result<Shadow, ProjectionError> {
+    let client = connect(pg_config).await?;
+    // `drop table if exists` and `create schema if not exists` chatter otherwise. A shadow
+    // batch need not wait for its WAL flush: a server crash can only lose the last batches
+    // together with their shadow checkpoint, and the rebuild resumes before them.
     client
-        .batch_execute("set client_min_messages = warning")
+        .batch_execute("set client_min_messages = warning; set synchronous_commit = off")
         .await?;
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&name.rebuild_lock()])
@@ -115,77 +249,50 @@ pub async fn rebuild(
     client
         .batch_execute(&format!("set search_path = {SHADOW_SCHEMA}, public"))
         .await?;
-    let mut position = batch::checkpoint(&client, name, Target::Shadow).await?;
-    let total = remaining(&client, position).await;
-    let filter = EventFilter::All;
-    let page = options.batch_size.max(1);
-    let mut events_read = 0u64;
+    let position = batch::checkpoint(&client, name, Target::Shadow).await?;
+    Ok(Shadow {
+        name,
+        client,
+        position,
+        resumed,
+    })
+}
 
-    // The reader runs one page ahead; the channel bounds what waits in memory.
-    let (tx, mut rx) = mpsc::channel::<Result<Vec<RecordedEvent>, ProjectionError>>(1);
-    let reader_store = store.clone();
-    let reader_filter = filter.clone();
-    let reader = tokio::spawn(async move {
-        let mut after = position;
-        loop {
-            match reader_store.read_all(after, &reader_filter, page).await {
-                Ok(events) => {
-                    let done = events.is_empty();
-                    if let Some(last) = events.last() {
-                        after = last.position;
-                    }
-                    if done || tx.send(Ok(events)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(error) => {
-                    let _ = tx.send(Err(error.into())).await;
-                    return;
-                }
+/// Indexes, checks and swaps in one caught-up shadow copy.
+async fn finish(
+    shadow: &mut Shadow,
+    store: &dyn EventStore,
+    options: &RebuildOptions,
+    events: u64,
+    started: Instant,
+) -> Result<RebuildReport, ProjectionError> {
+    let name = shadow.name;
+    build_indexes(&shadow.client, name).await?;
+    verify(&shadow.client, name).await?;
+    // Readers hold the live tables for a moment at a time; a swap that cannot get them in
+    // `swap_lock_timeout` rolls back (readers go on) and tries again a little later.
+    let mut attempt = 1;
+    let position = loop {
+        match swap(&mut shadow.client, store, name, shadow.position, options).await {
+            Err(error) if error.is_transient() && attempt < SWAP_ATTEMPTS => {
+                tracing::warn!(projection = %name, %error, attempt, "swap did not get its locks, retrying");
+                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                attempt += 1;
             }
+            outcome => break outcome?,
         }
-    });
-    while let Some(events) = rx.recv().await {
-        let events = events?;
-        events_read += events.len() as u64;
-        match batch::apply_batch(
-            &mut client,
-            name,
-            Target::Shadow,
-            position,
-            events,
-            options.policy,
-            false,
-        )
-        .await?
-        {
-            BatchResult::Committed(done) => position = done.position,
-            BatchResult::Moved(_) => {
-                reader.abort();
-                return Err(ProjectionError::Busy(format!(
-                    "the shadow checkpoint of {name} moved under this rebuild"
-                )));
-            }
-        }
-        progress(&RebuildProgress {
-            projection: name,
-            position,
-            events: events_read,
-            total,
-        });
-    }
-    verify(&client, name).await?;
-    let position = swap(&mut client, store.as_ref(), name, position, options).await?;
+    };
     let mut rows = Vec::new();
     for table in name.tables() {
-        let count: i64 = client
+        let count: i64 = shadow
+            .client
             .query_one(&format!("select count(*) from public.{table}"), &[])
             .await?
             .try_get(0)?;
         rows.push(((*table).to_owned(), count));
     }
     watch::notify(
-        &client,
+        &shadow.client,
         &ProjectionUpdate {
             projection: name.as_str().to_owned(),
             position,
@@ -197,10 +304,10 @@ pub async fn rebuild(
     .await;
     Ok(RebuildReport {
         projection: name,
-        events: events_read,
+        events,
         elapsed: started.elapsed(),
         position,
-        resumed,
+        resumed: shadow.resumed,
         rows,
     })
 }
@@ -228,6 +335,11 @@ async fn prepare_shadow(client: &Client, name: ProjectionName) -> Result<bool, P
              create table {SHADOW_SCHEMA}.{table} (like public.{table} including all);"
         ));
     }
+    // Secondary indexes are left out while replaying and built once at the end: one sort per
+    // index instead of an index insert per row version, and updates can stay HOT.
+    for (index, _) in secondary_indexes(client, &tables).await? {
+        ddl.push_str(&format!("drop index if exists {SHADOW_SCHEMA}.{index};"));
+    }
     ddl.push_str(&format!(
         "delete from projection_rebuilds where projection = '{}';
          insert into projection_rebuilds (projection) values ('{}');",
@@ -240,12 +352,53 @@ async fn prepare_shadow(client: &Client, name: ProjectionName) -> Result<bool, P
     Ok(false)
 }
 
+/// The live tables' indexes that back no constraint, as (name, definition).
+async fn secondary_indexes(
+    client: &Client,
+    tables: &[String],
+) -> Result<Vec<(String, String)>, ProjectionError> {
+    let rows = client
+        .query(
+            "select i.indexname::text, i.indexdef from pg_indexes i
+             where i.schemaname = 'public' and i.tablename = any($1)
+               and not exists (select 1 from pg_constraint c
+                               where c.conindid = format('public.%I', i.indexname)::regclass)
+             order by i.indexname",
+            &[&tables],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Builds on the shadow tables the secondary indexes the live ones have, with the same names.
+async fn build_indexes(client: &Client, name: ProjectionName) -> Result<(), ProjectionError> {
+    let tables: Vec<String> = name.tables().iter().map(|t| (*t).to_owned()).collect();
+    for (index, definition) in secondary_indexes(client, &tables).await? {
+        // pg_indexes gives `CREATE INDEX <name> ON public.<table> ...`.
+        let shadow = definition
+            .replacen(" ON public.", &format!(" ON {SHADOW_SCHEMA}."), 1)
+            .replacen(
+                &format!("CREATE INDEX {index} "),
+                &format!("CREATE INDEX IF NOT EXISTS {index} "),
+                1,
+            );
+        client.batch_execute(&shadow).await?;
+    }
+    Ok(())
+}
+
 /// Events after `position` in the PostgreSQL log, for the progress bar; `None` elsewhere.
-async fn remaining(client: &Client, position: Position) -> Option<u64> {
+async fn remaining(client: &Client, categories: &[&str], position: Position) -> Option<u64> {
     client
         .query_one(
-            "select count(*) from events where (tx_id, seq) > ($1, $2)",
-            &[&to_i64(position.commit), &to_i64(position.prepare)],
+            "select count(*) from events where (tx_id, seq) > ($1, $2) and category = any($3)",
+            &[
+                &to_i64(position.commit),
+                &to_i64(position.prepare),
+                &categories,
+            ],
         )
         .await
         .ok()
@@ -351,7 +504,7 @@ async fn swap(
     let mut at = shadow;
     while at < live {
         let events: Vec<RecordedEvent> = store
-            .read_all(at, &EventFilter::All, options.batch_size.max(1))
+            .read_all(at, &name.filter(), options.batch_size.max(1))
             .await?
             .into_iter()
             .take_while(|e| e.position <= live)

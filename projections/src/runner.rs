@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use orderly_event_store::postgres::PgConfig;
-use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use orderly_event_store::{EventStore, Position, RecordedEvent};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -155,10 +155,7 @@ impl Runner {
         });
         let mut state = ProjectionState::CatchingUp;
         set_state(&client, self.name, state, None).await?;
-        let filter = match self.name {
-            ProjectionName::Products => EventFilter::Category("product".to_owned()),
-            ProjectionName::Orders => EventFilter::All,
-        };
+        let filter = self.name.filter();
         let mut subscription = self.store.subscribe(position, filter.clone()).await?;
         let limit = self.options.batch_size.max(1);
         loop {

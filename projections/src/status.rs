@@ -61,14 +61,6 @@ pub struct ProjectionStatus {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Categories each projection reads, for counting its lag in the `events` table.
-fn categories(name: ProjectionName) -> Vec<&'static str> {
-    match name {
-        ProjectionName::Orders => vec!["order", "payment"],
-        ProjectionName::Products => vec!["product"],
-    }
-}
-
 /// The status of every projection. A runner recorded as running whose advisory lock nobody
 /// holds has died without saying so, and shows as `STOPPED`.
 pub async fn status(client: &Client) -> Result<Vec<ProjectionStatus>, ProjectionError> {
@@ -136,7 +128,7 @@ async fn lag(
             &[
                 &to_i64(position.commit),
                 &to_i64(position.prepare),
-                &categories(name),
+                &name.categories(),
             ],
         )
         .await;

@@ -38,10 +38,7 @@ pub(crate) async fn apply(
 
 /// Whether `name` reads events of `category`.
 pub(crate) fn wants(name: ProjectionName, category: &str) -> bool {
-    match name {
-        ProjectionName::Orders => category == "order" || category == "payment",
-        ProjectionName::Products => category == "product",
-    }
+    name.categories().contains(&category)
 }
 
 /// Decodes the events `name` wants. Each comes back with its decoded payload or the reason it
