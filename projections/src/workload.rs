@@ -203,7 +203,7 @@ impl Workload {
         let sku = text(Sku::parse, &format!("SKU-{n:05}"));
         let currency = text(
             |s| Currency::parse(&s),
-            if n % 5 == 0 { "USD" } else { "EUR" },
+            if n.is_multiple_of(5) { "USD" } else { "EUR" },
         );
         let registered_at = self.tick();
         let command = ProductCommand::Register {
@@ -215,7 +215,9 @@ impl Workload {
                     ["tea", "cup", "jug", "mill", "kettle"][n % 5]
                 ),
             ),
-            description: (n % 2 == 0).then(|| text(Description::parse, "A fine thing")),
+            description: n
+                .is_multiple_of(2)
+                .then(|| text(Description::parse, "A fine thing")),
             price: Money::new(100 + (n as i64 * 37) % 9000, currency)
                 .unwrap_or(Money::zero(currency)),
             initial_stock: self.rng.below(60) as u32,
@@ -301,7 +303,9 @@ impl Workload {
                     AddressLine::parse,
                     &format!("{} Harbour Street", 1 + customer),
                 ),
-                line2: (customer % 3 == 0).then(|| text(AddressLine::parse, "Flat 2")),
+                line2: customer
+                    .is_multiple_of(3)
+                    .then(|| text(AddressLine::parse, "Flat 2")),
                 city: text(
                     AddressLine::parse,
                     ["Lisbon", "Ghent", "Turku"][customer % 3],
