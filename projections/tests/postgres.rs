@@ -157,22 +157,11 @@ fn assert_same(left: &[(String, Vec<String>)], right: &[(String, Vec<String>)]) 
     }
 }
 
-const TABLES: &[&str] = &[
-    "orders",
-    "order_lines",
-    "order_status_history",
-    "order_payments",
-    "customers",
-    "customer_lifetime_values",
-    "daily_sales",
-    "products",
-];
-
 /// Every read-model table, row by row, in a fixed order.
 async fn dump(f: &Fixture) -> Vec<(String, Vec<String>)> {
     let client = f.db.connect().await.expect("connect");
     let mut all = Vec::new();
-    for table in TABLES {
+    for table in ProjectionName::ALL.iter().flat_map(|p| p.tables()) {
         let rows = client
             .query(
                 &format!("select t::text from public.{table} t order by 1"),
@@ -197,6 +186,13 @@ async fn rebuild_all(f: &Fixture) {
     .await
     .expect("rebuild");
     assert_eq!(reports.len(), 2);
+}
+
+/// The read models as they are equal, row for row, what a rebuild from the log makes.
+async fn assert_equals_rebuild(f: &Fixture) {
+    let live = dump(f).await;
+    rebuild_all(f).await;
+    assert_same(&live, &dump(f).await);
 }
 
 /// Index and constraint names of the read models, with their definitions.
@@ -283,9 +279,7 @@ async fn a_crash_between_batch_and_commit_loses_and_doubles_nothing() {
     caught_up(&f, &hub).await;
     assert!(!crash.load(Ordering::SeqCst));
     running.stop().await;
-    let live = dump(&f).await;
-    rebuild_all(&f).await;
-    assert_same(&live, &dump(&f).await);
+    assert_equals_rebuild(&f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -402,9 +396,7 @@ async fn a_poison_event_is_parked_while_the_rest_flows() {
         .expect("skip");
     assert_eq!(dlq::count(&client, None).await.expect("count"), 0);
     running.stop().await;
-    let live = dump(&f).await;
-    rebuild_all(&f).await;
-    assert_same(&live, &dump(&f).await);
+    assert_equals_rebuild(&f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -501,14 +493,12 @@ async fn a_rebuild_during_live_writes_leaves_no_gap_at_the_swap() {
     }
     writer.await.expect("writer");
     caught_up(&f, &hub).await;
-    let live = dump(&f).await;
     running.stop().await;
     assert_eq!(
         count(&f, "select count(*) from projection_rebuilds").await,
         0
     );
-    rebuild_all(&f).await;
-    assert_same(&live, &dump(&f).await);
+    assert_equals_rebuild(&f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -593,9 +583,7 @@ async fn two_runners_of_the_same_projection_never_double_apply() {
     write_workload(f.store.as_ref(), &mut workload, 700).await;
     caught_up(&f, &hub).await;
     survivor.stop().await;
-    let live = dump(&f).await;
-    rebuild_all(&f).await;
-    assert_same(&live, &dump(&f).await);
+    assert_equals_rebuild(&f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
