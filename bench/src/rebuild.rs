@@ -205,6 +205,7 @@ async fn write_events(client: &tokio_postgres::Client, n: usize) -> anyhow::Resu
         products: 2000,
         customers: 20_000,
         open_orders: 2000,
+        prefix: String::new(),
     });
     let mut written = 0;
     while written < n {

@@ -36,6 +36,12 @@ pub struct RunnerOptions {
     pub standby_poll: Duration,
     /// Longest pause between retries after a transient failure.
     pub retry_max: Duration,
+    /// Whether a batch's commit waits for its WAL flush. Off by default: read models are
+    /// derived data, and a server crash can only lose the last batches together with their
+    /// checkpoint, which the runner then applies again. Waiting would also keep each batch's
+    /// transaction in flight for the flush, and the event log's readers (this runner
+    /// included) read only below the oldest transaction in flight, so it adds to every lag.
+    pub synchronous_commit: bool,
     /// For tests: set to make the next batch fail after applying and before its commit.
     pub fail_before_commit: Option<Arc<AtomicBool>>,
 }
@@ -48,6 +54,7 @@ impl Default for RunnerOptions {
             policy: DeadLetterPolicy::SkipAndPark,
             standby_poll: Duration::from_secs(1),
             retry_max: Duration::from_secs(5),
+            synchronous_commit: false,
             fail_before_commit: None,
         }
     }
@@ -142,6 +149,9 @@ impl Runner {
 
     async fn run_once(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
         let mut client = self.connect().await?;
+        if !self.options.synchronous_commit {
+            client.batch_execute("set synchronous_commit = off").await?;
+        }
         if !self.acquire(&client, shutdown).await? {
             return Ok(());
         }

@@ -58,12 +58,16 @@ pub struct WorkloadOptions {
     pub customers: usize,
     /// Orders open at once (placed and not yet delivered or cancelled).
     pub open_orders: usize,
+    /// Put before SKUs and customer ids, so that several workloads can write to one log
+    /// without colliding (uppercase letters, digits and `-`, e.g. `W1-`).
+    pub prefix: String,
 }
 
 impl Default for WorkloadOptions {
     fn default() -> Self {
         Self {
             seed: 7,
+            prefix: String::new(),
             products: 50,
             customers: 40,
             open_orders: 30,
@@ -200,7 +204,7 @@ impl Workload {
 
     fn register_product(&mut self) {
         let n = self.products.len();
-        let sku = text(Sku::parse, &format!("SKU-{n:05}"));
+        let sku = text(Sku::parse, &format!("{}SKU-{n:05}", self.options.prefix));
         let currency = text(
             |s| Currency::parse(&s),
             if n.is_multiple_of(5) { "USD" } else { "EUR" },
@@ -295,7 +299,10 @@ impl Workload {
         let placed_at = self.tick();
         let command = OrderCommand::Place {
             order_id,
-            customer_id: text(CustomerId::parse, &format!("customer-{customer:04}")),
+            customer_id: text(
+                CustomerId::parse,
+                &format!("{}customer-{customer:04}", self.options.prefix),
+            ),
             lines,
             shipping_address: Address {
                 name: text(AddressLine::parse, &format!("Customer {customer}")),
