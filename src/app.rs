@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, Settings};
-use orderly_projections::{ProjectionName, RunnerOptions};
+use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
 
 /// How long a readiness probe may wait on a dependency before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,6 +29,7 @@ pub struct App {
     /// For the projection runners `run_until_stopped` starts beside the server.
     store: Arc<dyn EventStore>,
     pg_config: PgConfig,
+    hub: ProjectionHub,
 }
 
 #[derive(Clone)]
@@ -55,6 +56,7 @@ impl App {
             router,
             store,
             pg_config: pg_config(settings)?,
+            hub: ProjectionHub::new(),
         })
     }
 
@@ -63,6 +65,12 @@ impl App {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Where the in-process projection runners say how far they are and which orders they
+    /// touched: what the read API waits on for consistency tokens and `orderUpdated`.
+    pub fn projection_hub(&self) -> ProjectionHub {
+        self.hub.clone()
     }
 
     /// Serves until `shutdown` completes, then finishes the requests in flight and returns.
@@ -76,6 +84,7 @@ impl App {
             self.pg_config,
             &ProjectionName::ALL,
             RunnerOptions::default(),
+            self.hub,
         );
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)

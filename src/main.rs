@@ -8,7 +8,9 @@ use orderly::app::{self, App};
 use orderly::read_side::{self, Projections};
 use orderly::settings::Settings;
 use orderly::telemetry;
-use orderly_projections::{DeadLetterPolicy, ProjectionName, RebuildOptions, RunnerOptions};
+use orderly_projections::{
+    DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Orderly, an event-sourced order engine.
@@ -171,8 +173,13 @@ async fn main() -> anyhow::Result<()> {
                         },
                         ..RunnerOptions::default()
                     };
-                    let running =
-                        Projections::start(store, pg_config, &projection_names(&names)?, options);
+                    let running = Projections::start(
+                        store,
+                        pg_config,
+                        &projection_names(&names)?,
+                        options,
+                        ProjectionHub::new(),
+                    );
                     shutdown_signal().await;
                     running.stop().await;
                 }

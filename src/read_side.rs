@@ -24,15 +24,15 @@ pub struct Projections {
 }
 
 impl Projections {
-    /// Starts one runner per projection in `names`. A runner that fails for good logs why and
-    /// ends; the others go on.
+    /// Starts one runner per projection in `names`, publishing to `hub`. A runner that fails
+    /// for good logs why and ends; the others go on.
     pub fn start(
         store: Arc<dyn EventStore>,
         pg_config: PgConfig,
         names: &[ProjectionName],
         options: RunnerOptions,
+        hub: ProjectionHub,
     ) -> Self {
-        let hub = ProjectionHub::new();
         let stop = CancellationToken::new();
         let tasks = names
             .iter()
