@@ -58,7 +58,8 @@ pub struct ProjectionStatus {
     pub last_error: Option<String>,
     /// The shadow copy's checkpoint while a rebuild is under way (or was interrupted).
     pub rebuild_position: Option<Position>,
-    pub updated_at: DateTime<Utc>,
+    /// When the runner last recorded its state or checkpoint; `None` before it first ran.
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
 /// The status of every projection. A runner recorded as running whose advisory lock nobody
@@ -66,28 +67,34 @@ pub struct ProjectionStatus {
 pub async fn status(client: &Client) -> Result<Vec<ProjectionStatus>, ProjectionError> {
     let mut all = Vec::new();
     for name in ProjectionName::ALL {
-        let position = crate::batch::checkpoint(client, name, crate::batch::Target::Live).await?;
+        // Read only: a projection that never ran has no row yet and shows as stopped at START.
         let row = client
             .query_one(
                 "select c.state, c.last_error, c.updated_at,
                         r.position_commit, r.position_prepare,
                         exists (select 1 from pg_locks
                                 where locktype = 'advisory' and granted and objsubid = 1
-                                  and ((classid::bigint << 32) | objid::bigint) = $2)
-                 from projection_checkpoints c
-                 left join projection_rebuilds r using (projection)
-                 where c.projection = $1",
+                                  and database = (select oid from pg_database
+                                                  where datname = current_database())
+                                  and ((classid::bigint << 32) | objid::bigint) = $2),
+                        c.position_commit, c.position_prepare
+                 from (select $1::text as projection) p
+                 left join projection_checkpoints c using (projection)
+                 left join projection_rebuilds r using (projection)",
                 &[&name.as_str(), &name.runner_lock()],
             )
             .await?;
-        let stored: String = row.try_get(0)?;
+        let stored: Option<String> = row.try_get(0)?;
         let held: bool = row.try_get(5)?;
+        let commit: Option<i64> = row.try_get(6)?;
+        let prepare: Option<i64> = row.try_get(7)?;
+        let position = Position::new(to_u64(commit.unwrap_or(0)), to_u64(prepare.unwrap_or(0)));
         let rebuild_commit: Option<i64> = row.try_get(3)?;
         let rebuild_prepare: Option<i64> = row.try_get(4)?;
         let rebuild_position = rebuild_commit
             .zip(rebuild_prepare)
             .map(|(c, p)| Position::new(to_u64(c), to_u64(p)));
-        let mut state = ProjectionState::parse(&stored);
+        let mut state = ProjectionState::parse(stored.as_deref().unwrap_or("STOPPED"));
         if matches!(
             state,
             ProjectionState::Running | ProjectionState::CatchingUp
