@@ -59,15 +59,22 @@ create table orders (
     shipped_at          timestamptz,
     delivered_at        timestamptz,
     -- Version of the order stream this row reflects: an event at or below it is already in.
-    version             bigint not null,
-    -- Product names, SKUs, customer id and address, for searchOrders.
-    search_document     tsvector not null
+    version             bigint not null
 );
 
 create index on orders (customer_id, placed_at, order_id);
 create index on orders (status, placed_at, order_id);
 create index on orders (placed_at, order_id);
-create index on orders using gin (search_document);
+
+-- Written once, at placement: kept apart from `orders` so that the order's many status updates
+-- neither copy the document nor touch the GIN index.
+create table order_search (
+    order_id         uuid primary key,
+    -- Product names, SKUs, customer id and address, for searchOrders.
+    search_document  tsvector not null
+);
+
+create index on order_search using gin (search_document);
 
 create table order_lines (
     order_id          uuid not null,

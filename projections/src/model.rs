@@ -12,7 +12,8 @@ use crate::error::ProjectionError;
 /// in one transaction with its checkpoint, and are rebuilt and swapped together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProjectionName {
-    /// `order-*` and `payment-*` streams into `orders`, `order_lines`, `order_status_history`,
+    /// `order-*` and `payment-*` streams into `orders`, `order_search`, `order_lines`,
+    /// `order_status_history`,
     /// `order_payments`, and the aggregates over orders: `customers`,
     /// `customer_lifetime_values`, `daily_sales`.
     Orders,
@@ -35,6 +36,7 @@ impl ProjectionName {
         match self {
             Self::Orders => &[
                 "orders",
+                "order_search",
                 "order_lines",
                 "order_status_history",
                 "order_payments",

@@ -409,7 +409,7 @@ async fn remaining(client: &Client, categories: &[&str], position: Position) -> 
 /// What "verifies" means: the shadow's tables agree with one another, each figure computed two
 /// independent ways (by rows, and by the running aggregates the handlers kept).
 ///
-/// - orders: every order has lines and a `PLACED` history entry; the number of orders equals
+/// - orders: every order has lines, a search document and a `PLACED` history entry; the number of orders equals
 ///   the sum of `customers.order_count` and of `daily_sales.orders`; cancelled orders equal the
 ///   sum of `daily_sales.cancelled`; per currency, the totals of orders not cancelled equal the
 ///   sum of lifetime values and the sum of daily revenue; every order's version is at least
@@ -422,6 +422,11 @@ pub async fn verify(client: &Client, name: ProjectionName) -> Result<(), Project
                 "orders without lines",
                 "select count(*) from orders o
                  where not exists (select 1 from order_lines l where l.order_id = o.order_id)",
+            ),
+            (
+                "orders without a search document",
+                "select count(*) from orders o
+                 where not exists (select 1 from order_search s where s.order_id = o.order_id)",
             ),
             (
                 "orders without a PLACED history entry",

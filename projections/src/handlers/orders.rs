@@ -40,7 +40,7 @@ struct OrderRow {
     shipped_at: Option<DateTime<Utc>>,
     delivered_at: Option<DateTime<Utc>>,
     version: i64,
-    /// Only for rows created in this batch; an existing row keeps its search document.
+    /// Only for orders placed in this batch: their `order_search` document.
     search_text: Option<String>,
     dirty: bool,
 }
@@ -379,25 +379,23 @@ from order_payments where order_id = any($1)";
 const WRITE_ORDERS: &str = "
 insert into orders (order_id, customer_id, status, total_minor, currency, ship_name, ship_line1,
     ship_line2, ship_city, ship_postal_code, ship_country, placed_at, updated_at,
-    cancellation_reason, carrier, tracking_number, shipped_at, delivered_at, version,
-    search_document)
-select o.order_id, o.customer_id, o.status, o.total_minor, o.currency, o.ship_name, o.ship_line1,
-    o.ship_line2, o.ship_city, o.ship_postal_code, o.ship_country, o.placed_at, o.updated_at,
-    o.cancellation_reason, o.carrier, o.tracking_number, o.shipped_at, o.delivered_at, o.version,
-    to_tsvector('simple', coalesce(o.search_text, ''))
-from unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
-    $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[],
-    $14::text[], $15::text[], $16::text[], $17::timestamptz[], $18::timestamptz[], $19::bigint[],
-    $20::text[])
-    as o(order_id, customer_id, status, total_minor, currency, ship_name, ship_line1, ship_line2,
-    ship_city, ship_postal_code, ship_country, placed_at, updated_at, cancellation_reason,
-    carrier, tracking_number, shipped_at, delivered_at, version, search_text)
+    cancellation_reason, carrier, tracking_number, shipped_at, delivered_at, version)
+select * from unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[],
+    $13::timestamptz[], $14::text[], $15::text[], $16::text[], $17::timestamptz[],
+    $18::timestamptz[], $19::bigint[])
 on conflict (order_id) do update set
     status = excluded.status, updated_at = excluded.updated_at,
     cancellation_reason = excluded.cancellation_reason, carrier = excluded.carrier,
     tracking_number = excluded.tracking_number, shipped_at = excluded.shipped_at,
     delivered_at = excluded.delivered_at, version = excluded.version
 where orders.version < excluded.version";
+
+const WRITE_SEARCH: &str = "
+insert into order_search (order_id, search_document)
+select s.order_id, to_tsvector('simple', s.text)
+from unnest($1::uuid[], $2::text[]) as s(order_id, text)
+on conflict do nothing";
 
 const WRITE_LINES: &str = "
 insert into order_lines (order_id, line_no, sku, name, quantity, unit_price_minor,
@@ -560,7 +558,21 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
                 &time(|o| o.shipped_at),
                 &time(|o| o.delivered_at),
                 &versions,
-                &opt(|o| o.search_text.clone()),
+            ],
+        )
+        .await?;
+    }
+    let placed: Vec<(Uuid, &str)> = state
+        .orders
+        .values()
+        .filter_map(|o| o.search_text.as_deref().map(|text| (o.order_id, text)))
+        .collect();
+    if !placed.is_empty() {
+        tx.execute(
+            WRITE_SEARCH,
+            &[
+                &placed.iter().map(|p| p.0).collect::<Vec<_>>(),
+                &placed.iter().map(|p| p.1).collect::<Vec<_>>(),
             ],
         )
         .await?;
