@@ -95,6 +95,7 @@ impl Rng {
     }
 }
 
+/// Where an open order is on the fulfilment saga's path; the generator plays the saga's part.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Stage {
     Placed,
@@ -105,6 +106,8 @@ enum Stage {
     Shipped,
 }
 
+/// An order's and its payment's state and stream versions, for the next decision's expected
+/// version.
 struct OpenOrder {
     order: Option<Order>,
     order_version: u64,
@@ -113,6 +116,7 @@ struct OpenOrder {
     stage: Stage,
 }
 
+/// The generator: every decision goes through a decider over the state the earlier ones made.
 pub struct Workload {
     options: WorkloadOptions,
     rng: Rng,
@@ -145,6 +149,8 @@ impl Workload {
         }
     }
 
+    /// A clock of its own that moves 1 s to 10 min per step, so a history spans days (daily
+    /// sales) and the same seed makes the same timestamps.
     fn tick(&mut self) -> DateTime<Utc> {
         self.clock += Duration::seconds(1 + self.rng.below(600) as i64);
         self.clock
@@ -165,6 +171,7 @@ impl Workload {
             self.register_product();
             return;
         }
+        // Mostly orders and their progress; now and then stock and price changes.
         let roll = self.rng.below(100);
         if roll < 4 {
             let i = self.rng.below(self.products.len());
@@ -416,6 +423,7 @@ impl Workload {
         }
     }
 
+    /// Forgets a finished order, which keeps the generator's memory flat however long it runs.
     fn close(&mut self, id: Uuid) {
         self.orders.remove(&id);
         self.order_ids.retain(|o| *o != id);
@@ -496,6 +504,7 @@ impl Workload {
                 );
                 open.stage = Stage::Charging;
             }
+            // 10% declined, up to 10% a transient failure (retried), the rest charged.
             Stage::Charging => {
                 let roll = self.rng.below(100);
                 let at = self.tick();
@@ -549,6 +558,7 @@ impl Workload {
                     open.stage = Stage::Confirmed;
                 }
             }
+            // 10% cancelled by the customer (refund, release), the rest shipped.
             Stage::Confirmed => {
                 if self.rng.chance(10) {
                     let refunded_at = self.tick();

@@ -89,15 +89,20 @@ struct SalesDelta {
     revenue_minor: i64,
 }
 
+/// One batch's view of the rows it touches, and what it adds to the aggregates.
 #[derive(Default)]
 struct Fold {
+    /// Loaded at the start of the batch, then changed in place; `dirty` ones are written back.
     orders: HashMap<Uuid, OrderRow>,
     payments: HashMap<Uuid, PaymentRow>,
+    /// Lines and history rows never change once written, so they are only ever inserted.
     lines: Vec<LineRow>,
     history: Vec<HistoryRow>,
+    /// Aggregates are kept as deltas and added in SQL, so no customer or day is loaded.
     customers: HashMap<String, CustomerDelta>,
     lifetime_values: HashMap<(String, String), i64>,
     sales: HashMap<(NaiveDate, String), SalesDelta>,
+    /// Orders changed, in the order first touched, for notifications (the set dedupes).
     touched: Vec<Uuid>,
     touched_set: HashSet<Uuid>,
 }
@@ -148,6 +153,8 @@ impl Fold {
         if let OrderEvent::OrderPlaced(p) = event {
             let order_id = p.order_id.0;
             if let Some(row) = self.orders.get(&order_id) {
+                // At or below the row's version: a replay, already in. Above it: a stream that
+                // places the same order twice, which no decider writes.
                 return if row.version >= version {
                     Ok(())
                 } else {
@@ -241,6 +248,8 @@ impl Fold {
         let Some(order_id) = order_id_of(&Event::Order(event.clone())) else {
             return Ok(());
         };
+        // No row to apply to (its placement was parked, or the stream is corrupt): park this
+        // one too rather than invent an order.
         let Some(row) = self.orders.get_mut(&order_id) else {
             return Err(format!(
                 "no order {order_id} to apply {} to",
@@ -271,6 +280,7 @@ impl Fold {
                 ("DELIVERED", p.delivered_at, None)
             }
         };
+        // A cancellation takes back what the placement added to the customer and the day.
         if status == "CANCELLED" && row.status != "CANCELLED" {
             *self
                 .lifetime_values
@@ -320,11 +330,14 @@ impl Fold {
                 version,
                 dirty: true,
             },
+            // A retry after a transient failure; redelivered requests repeat an attempt number,
+            // hence the max.
             (PaymentEvent::PaymentChargeRequested(p), Some(mut row)) => {
                 row.status = "PENDING";
                 row.attempts = row.attempts.max(to_i32(p.attempt, "attempt")?);
                 row
             }
+            // Every other payment event follows a request, which carries the amount.
             (_, None) => {
                 return Err(format!(
                     "no payment for order {order_id} to apply {} to",
@@ -467,6 +480,8 @@ pub(crate) async fn apply(
     Ok(outcome)
 }
 
+/// Plain reads, no `for update`: the batch already holds its projection's checkpoint row, and
+/// every writer of these tables takes that lock first.
 async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<(), ProjectionError> {
     for row in tx.query(LOAD_ORDERS, &[&ids]).await? {
         let order = OrderRow {
@@ -522,6 +537,7 @@ fn payment_status(stored: &str) -> &'static str {
     }
 }
 
+/// One statement per table, each row as arrays through `unnest`; only what changed.
 async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError> {
     let orders: Vec<&OrderRow> = state.orders.values().filter(|o| o.dirty).collect();
     if !orders.is_empty() {

@@ -11,6 +11,8 @@ use super::{decode, fold};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome, ProjectionName};
 
+/// A `products` row as the batch sees it; stock in i64 so a bad stream cannot overflow before
+/// the range check.
 #[derive(Debug, Clone)]
 struct ProductRow {
     sku: String,
@@ -47,6 +49,8 @@ fn handle(
     let version = crate::model::to_i64(recorded.version);
     let sku = sku_of(event);
     if let ProductEvent::ProductRegistered(p) = event {
+        // Already there: a replay when at or below the row's version, else a second
+        // registration, which the decider never writes.
         if let Some(row) = rows.get(sku) {
             return if row.version >= version {
                 Ok(())
@@ -79,6 +83,7 @@ fn handle(
     if row.version >= version {
         return Ok(());
     }
+    // Computed aside and stored only after the check below, so a parked event changes nothing.
     let (mut on_hand, mut reserved) = (row.on_hand, row.reserved);
     match event {
         ProductEvent::ProductRegistered(_) | ProductEvent::StockReservationRejected(_) => {}
@@ -142,6 +147,7 @@ pub(crate) async fn apply(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    // As for orders: load what the batch touches, fold in memory, write back what changed.
     let mut rows: HashMap<String, ProductRow> = HashMap::with_capacity(skus.len());
     if !skus.is_empty() {
         for row in tx.query(LOAD, &[&skus]).await? {
