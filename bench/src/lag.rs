@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
-use orderly_event_store::{
-    EventStore, ExpectedVersion, NewEvent, Position, StreamName, SubscriptionOptions,
-};
+use orderly_event_store::{EventStore, Position, SubscriptionOptions};
 use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{ProjectionHub, ProjectionName, Runner, RunnerOptions};
 use orderly_test_support::TestDb;
@@ -41,22 +39,7 @@ type Pending = Arc<Mutex<Vec<(Position, Instant)>>>;
 
 /// Appends one workload decision; returns its position.
 async fn append_next(store: &dyn EventStore, workload: &mut Workload) -> anyhow::Result<Position> {
-    let append = workload.next_append();
-    let events = append
-        .encoded()
-        .into_iter()
-        .map(|e| NewEvent {
-            id: e.event_id,
-            event_type: e.event_type.to_owned(),
-            data: e.data,
-            metadata: e.metadata,
-        })
-        .collect();
-    let expected = append
-        .expected
-        .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-    let stream = StreamName::parse(append.stream)?;
-    Ok(store.append(&stream, expected, events).await?.position)
+    Ok(workload.next_append().append_to(store).await?.position)
 }
 
 /// Runs the writers for `seconds`, each appending at most one decision per `pace` (zero: flat
@@ -103,17 +86,15 @@ async fn write(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let fingerprint = format!(
-        "{}|{}",
-        orderly_event_store::postgres::migration_fingerprint(),
-        orderly_projections::migration_fingerprint()
-    );
-    let db = TestDb::create("bench-lag", &fingerprint, |url| async move {
-        let config = url.parse()?;
-        orderly_event_store::postgres::migrate(&config).await?;
-        orderly_projections::migrate(&config).await?;
-        Ok(())
-    })
+    let db = TestDb::create(
+        "bench-lag",
+        &orderly_projections::fingerprint_with_event_store(),
+        |url| async move {
+            orderly_projections::migrate_with_event_store(&url.parse()?)
+                .await
+                .map_err(Into::into)
+        },
+    )
     .await
     .map_err(|e| anyhow!("cannot create the benchmark database: {e}"))?;
     println!("# live lag benchmark\n");

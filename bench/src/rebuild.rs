@@ -53,17 +53,15 @@ fn peak_rss_mib() -> f64 {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let fingerprint = format!(
-        "{}|{}",
-        orderly_event_store::postgres::migration_fingerprint(),
-        orderly_projections::migration_fingerprint()
-    );
-    let db = TestDb::create("bench-rebuild", &fingerprint, |url| async move {
-        let config = url.parse()?;
-        orderly_event_store::postgres::migrate(&config).await?;
-        orderly_projections::migrate(&config).await?;
-        Ok(())
-    })
+    let db = TestDb::create(
+        "bench-rebuild",
+        &orderly_projections::fingerprint_with_event_store(),
+        |url| async move {
+            orderly_projections::migrate_with_event_store(&url.parse()?)
+                .await
+                .map_err(Into::into)
+        },
+    )
     .await
     .map_err(|e| anyhow!("cannot create the benchmark database: {e}"))?;
     let client = db.connect().await.map_err(|e| anyhow!("{e}"))?;

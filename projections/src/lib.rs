@@ -34,7 +34,10 @@ mod watch;
 pub mod workload;
 
 pub use error::{BoxError, ProjectionError};
-pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
+pub use migrations::{
+    MIGRATION_TABLE, fingerprint_with_event_store, migrate, migrate_with_event_store,
+    migration_fingerprint,
+};
 pub use model::{DeadLetterPolicy, Parked, ProjectionName};
 pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild, rebuild_many};
 pub use runner::{Runner, RunnerOptions, checkpoint};

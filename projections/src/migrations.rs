@@ -36,3 +36,20 @@ pub fn migration_fingerprint() -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+/// The event store's migrations, then these: one database holding the log and the read models,
+/// as `orderly migrate` makes it. For test templates and benchmarks.
+pub async fn migrate_with_event_store(pg_config: &PgConfig) -> Result<(), ProjectionError> {
+    orderly_event_store::postgres::migrate(pg_config).await?;
+    migrate(pg_config).await
+}
+
+/// Changes whenever either set of migrations does; the key of templates made with
+/// [`migrate_with_event_store`].
+pub fn fingerprint_with_event_store() -> String {
+    format!(
+        "{}|{}",
+        orderly_event_store::postgres::migration_fingerprint(),
+        migration_fingerprint()
+    )
+}

@@ -17,6 +17,9 @@ use orderly_domain::streams;
 use orderly_domain::values::*;
 use orderly_event_schemas::orders::CancelledBy;
 use orderly_event_schemas::{EncodedEvent, Event, EventMetadata, encode};
+use orderly_event_store::{
+    AppendResult, EventStore, ExpectedVersion, NewEvent, StoreError, StreamName,
+};
 use uuid::Uuid;
 
 /// One decision: events for one stream, appended at `expected` (`None`: the stream is new).
@@ -28,6 +31,25 @@ pub struct Append {
 }
 
 impl Append {
+    /// Appends this decision through the store port at its expected version.
+    pub async fn append_to(&self, store: &dyn EventStore) -> Result<AppendResult, StoreError> {
+        let events = self
+            .encoded()
+            .into_iter()
+            .map(|e| NewEvent {
+                id: e.event_id,
+                event_type: e.event_type.to_owned(),
+                data: e.data,
+                metadata: e.metadata,
+            })
+            .collect();
+        let expected = self
+            .expected
+            .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        let stream = StreamName::parse(self.stream.clone()).map_err(StoreError::from)?;
+        store.append(&stream, expected, events).await
+    }
+
     /// The events as the store wants them, with a metadata envelope each.
     pub fn encoded(&self) -> Vec<EncodedEvent> {
         self.events

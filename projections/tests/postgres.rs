@@ -25,17 +25,15 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
-    let fingerprint = format!(
-        "{}|{}",
-        orderly_event_store::postgres::migration_fingerprint(),
-        orderly_projections::migration_fingerprint()
-    );
-    let db = TestDb::create("projections", &fingerprint, |url| async move {
-        let config = url.parse()?;
-        orderly_event_store::postgres::migrate(&config).await?;
-        orderly_projections::migrate(&config).await?;
-        Ok(())
-    })
+    let db = TestDb::create(
+        "projections",
+        &orderly_projections::fingerprint_with_event_store(),
+        |url| async move {
+            orderly_projections::migrate_with_event_store(&url.parse()?)
+                .await
+                .map_err(Into::into)
+        },
+    )
     .await
     .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)");
     // A small pool: a dozen tests run at once against one server shared with other suites.
@@ -59,23 +57,9 @@ async fn write_workload(
 ) -> Position {
     let mut last = Position::START;
     for _ in 0..appends {
-        let append = workload.next_append();
-        let events = append
-            .encoded()
-            .into_iter()
-            .map(|e| NewEvent {
-                id: e.event_id,
-                event_type: e.event_type.to_owned(),
-                data: e.data,
-                metadata: e.metadata,
-            })
-            .collect();
-        let expected = append
-            .expected
-            .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-        let stream = StreamName::parse(append.stream).expect("stream name");
-        last = store
-            .append(&stream, expected, events)
+        last = workload
+            .next_append()
+            .append_to(store)
             .await
             .expect("append")
             .position;
