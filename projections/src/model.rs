@@ -56,8 +56,9 @@ impl ProjectionName {
         }
     }
 
-    /// The part of the log this projection reads. `orders` needs two categories, which one
-    /// filter cannot name, so it reads everything and passes over the rest.
+    /// The part of the log a rebuild of this projection reads. `orders` needs two categories,
+    /// which one filter cannot name, so it reads everything and passes over the rest. (Live
+    /// runners read everything; see `runner`.)
     pub(crate) fn filter(self) -> EventFilter {
         match self {
             Self::Orders => EventFilter::All,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use orderly_event_store::postgres::PgConfig;
-use orderly_event_store::{EventStore, Position, RecordedEvent};
+use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -165,7 +165,10 @@ impl Runner {
         });
         let mut state = ProjectionState::CatchingUp;
         set_state(&client, self.name, state, None).await?;
-        let filter = self.name.filter();
+        // The whole log, even for `products`: the checkpoint then passes every position, which
+        // is what a consistency token names. Read only by category, it would stop at the last
+        // product event, and a reader waiting for a later token would wait in vain.
+        let filter = EventFilter::All;
         let mut subscription = self.store.subscribe(position, filter.clone()).await?;
         let limit = self.options.batch_size.max(1);
         loop {
