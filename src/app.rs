@@ -17,7 +17,9 @@ use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, Settings};
+use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
 
 /// How long a readiness probe may wait on a dependency before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,6 +27,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct App {
     listener: TcpListener,
     router: Router,
+    /// For the projection runners `run_until_stopped` starts beside the server.
+    store: Arc<dyn EventStore>,
+    pg_config: PgConfig,
+    hub: ProjectionHub,
 }
 
 #[derive(Clone)]
@@ -40,11 +46,19 @@ impl App {
         let router = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(AppState { store });
+            .with_state(AppState {
+                store: store.clone(),
+            });
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            store,
+            pg_config: pg_config(settings)?,
+            hub: ProjectionHub::new(),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -54,15 +68,29 @@ impl App {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// Where the in-process projection runners say how far they are and which orders they
+    /// touched: what the read API waits on for consistency tokens and `orderUpdated`.
+    pub fn projection_hub(&self) -> ProjectionHub {
+        self.hub.clone()
+    }
+
     /// Serves until `shutdown` completes, then finishes the requests in flight and returns.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "serving");
+        let projections = Projections::start(
+            self.store,
+            self.pg_config,
+            &ProjectionName::ALL,
+            RunnerOptions::default(),
+            self.hub,
+        );
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await?;
+        projections.stop().await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -103,6 +131,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
             .await
             .context("event store migrations failed")?;
     }
+    orderly_projections::migrate(&config)
+        .await
+        .context("read-model migrations failed")?;
     Ok(())
 }
 

@@ -5,10 +5,13 @@
 //! - `settings`: defaults < file < `ORDERLY_*` environment, with secrets kept out of logs.
 //! - `app`: builds the service from settings ([`app::App::build`]), binds it, and runs it until a
 //!   shutdown signal. Only this crate wires the other crates together.
+//! - `read_side`: projection runners (also started by `serve`) and the operator commands for
+//!   projections, dead letters and the log tail.
 //! - `telemetry`: structured logs (JSON or text).
 //!
 //! `main.rs` only parses the command line and calls into here.
 
 pub mod app;
+pub mod read_side;
 pub mod settings;
 pub mod telemetry;

@@ -6,10 +6,16 @@
 //! - `append`: event-store appends (single events to fresh streams with an expected-version
 //!   check, and 10-event batches) at several writer counts, next to plain INSERTs of the same
 //!   rows into the same table, with the same indexes and durability.
+//! - `lag`: commit -> read model lag of the live projection runners at half the maximum
+//!   append rate.
+//! - `rebuild`: `rebuild --all` of every read model from a log of N valid domain events, next to
+//!   COPY of the event table out and a set-based INSERT ... SELECT of the same rows.
 //!
 //! Each run works in a database of its own, created from a migrated template and dropped after.
 
 mod append;
+mod lag;
+mod rebuild;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -28,11 +34,17 @@ struct Cli {
 enum Command {
     /// Event-store appends versus raw INSERTs (server: ORDERLY_TEST_DATABASE_URL, see README).
     Append(append::Args),
+    /// Rebuild of every read model versus COPY out and INSERT ... SELECT of the same events.
+    Rebuild(rebuild::Args),
+    /// Live lag from an append's commit to the orders read model, at half the maximum rate.
+    Lag(lag::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Append(args) => append::run(args).await,
+        Command::Rebuild(args) => rebuild::run(args).await,
+        Command::Lag(args) => lag::run(args).await,
     }
 }

@@ -1,5 +1,45 @@
 //! # Layout
 //!
-//! The projection runner with its checkpoints and dead letters, the read-model SQL (migrations),
-//! rebuilds and live-update notifications. Not built yet: this crate only marks its place in the
-//! dependency graph.
+//! The read side: projection runners that turn the event log into PostgreSQL read models, their
+//! checkpoints and dead letters, rebuilds with a shadow swap, and live-update notifications.
+//!
+//! - `model`: [`ProjectionName`] (`orders`, `products`: each a unit of consistency with its
+//!   own tables and checkpoint), [`DeadLetterPolicy`], [`Parked`].
+//! - `handlers`: load the rows a batch touches, fold the events over them in memory, write back
+//!   set-based. Version guards make re-application change nothing.
+//! - `batch`: one batch and its checkpoint in one transaction, with a compare on the checkpoint
+//!   so that no two writers ever apply the same event.
+//! - `runner`: [`Runner`]: catch up, then live; one active per projection by advisory lock.
+//! - `watch`: [`ProjectionHub`]: wait for a position, follow touched order ids; in-process and
+//!   across processes (`NOTIFY orderly_projections`).
+//! - `dlq`: list, retry and skip dead letters. `status`: [`ProjectionStatus`].
+//! - `rebuild`: replay into `orderly_shadow`, verify, swap atomically.
+//! - `tail`: follow the log in a terminal.
+//! - `migrations`: the read-model SQL under `migrations/` (see its README for each table).
+//! - `workload` (feature `workload`): realistic histories through the domain's deciders.
+//! - `error`: [`ProjectionError`], this crate's one error type.
+
+mod batch;
+pub mod dlq;
+mod error;
+mod handlers;
+mod migrations;
+mod model;
+pub mod rebuild;
+mod runner;
+mod status;
+pub mod tail;
+mod watch;
+#[cfg(feature = "workload")]
+pub mod workload;
+
+pub use error::{BoxError, ProjectionError};
+pub use migrations::{
+    MIGRATION_TABLE, fingerprint_with_event_store, migrate, migrate_with_event_store,
+    migration_fingerprint,
+};
+pub use model::{DeadLetterPolicy, Parked, ProjectionName};
+pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild, rebuild_many};
+pub use runner::{Runner, RunnerOptions, checkpoint};
+pub use status::{ProjectionState, ProjectionStatus, status};
+pub use watch::{NOTIFY_CHANNEL, ProjectionHub, ProjectionUpdate};

@@ -1,0 +1,197 @@
+//! One batch, one transaction: lock the checkpoint row, check it is where the caller believes,
+//! apply the events, park what failed, move the checkpoint, commit.
+//!
+//! The compare on the checkpoint is what makes double application impossible whatever runs
+//! where: a runner whose checkpoint was moved by someone else (another process that took over,
+//! or a rebuild that swapped in its shadow copy) gets [`BatchResult::Moved`] and re-reads from
+//! there. Taking the checkpoint row lock first also fixes one lock order for every writer of a
+//! projection (runner, dead-letter retry, swap), so they cannot deadlock one another.
+
+use std::collections::HashSet;
+
+use orderly_event_store::{Position, RecordedEvent};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::error::ProjectionError;
+use crate::handlers;
+use crate::model::{DeadLetterPolicy, Parked, ProjectionName, to_i64, to_u64};
+
+/// Which checkpoint a batch moves: the live tables' or a shadow copy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    Live,
+    Shadow,
+}
+
+impl Target {
+    fn table(self) -> &'static str {
+        match self {
+            Self::Live => "projection_checkpoints",
+            Self::Shadow => "projection_rebuilds",
+        }
+    }
+}
+
+pub(crate) enum BatchResult {
+    Committed(Committed),
+    /// The checkpoint is not where the caller thought: read again from this position.
+    Moved(Position),
+}
+
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pub position: Position,
+    pub order_ids: Vec<Uuid>,
+    pub parked: usize,
+    pub stopped: Option<Parked>,
+}
+
+/// Reads the checkpoint of `name` in `target`, creating it at the start when missing.
+pub(crate) async fn checkpoint(
+    client: &Client,
+    name: ProjectionName,
+    target: Target,
+) -> Result<Position, ProjectionError> {
+    let table = target.table();
+    client
+        .execute(
+            &format!("insert into {table} (projection) values ($1) on conflict do nothing"),
+            &[&name.as_str()],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            &format!("select position_commit, position_prepare from {table} where projection = $1"),
+            &[&name.as_str()],
+        )
+        .await?;
+    Ok(Position::new(
+        to_u64(row.try_get(0)?),
+        to_u64(row.try_get(1)?),
+    ))
+}
+
+/// Locks the checkpoint row inside an open transaction and returns where it is.
+pub(crate) async fn lock_checkpoint(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: ProjectionName,
+    target: Target,
+) -> Result<Option<Position>, ProjectionError> {
+    let row = tx
+        .query_opt(
+            &format!(
+                "select position_commit, position_prepare from {} where projection = $1 for update",
+                target.table()
+            ),
+            &[&name.as_str()],
+        )
+        .await?;
+    row.map(|row| -> Result<Position, ProjectionError> {
+        Ok(Position::new(
+            to_u64(row.try_get(0)?),
+            to_u64(row.try_get(1)?),
+        ))
+    })
+    .transpose()
+}
+
+pub(crate) async fn set_checkpoint(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: ProjectionName,
+    target: Target,
+    position: Position,
+) -> Result<(), ProjectionError> {
+    tx.execute(
+        &format!(
+            "update {} set position_commit = $2, position_prepare = $3, updated_at = now()
+             where projection = $1",
+            target.table()
+        ),
+        &[
+            &name.as_str(),
+            &to_i64(position.commit),
+            &to_i64(position.prepare),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Parks events in `dead_letters`; an event parked before (by an earlier attempt or a rebuild)
+/// keeps its first row.
+pub(crate) async fn park(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: ProjectionName,
+    parked: &[&Parked],
+) -> Result<(), ProjectionError> {
+    for p in parked {
+        tx.execute(
+            "insert into dead_letters (projection, event_id, stream, version, position_commit,
+                 position_prepare, event_type, error)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)
+             on conflict (projection, event_id) do nothing",
+            &[
+                &name.as_str(),
+                &p.event_id,
+                &p.stream,
+                &to_i64(p.version),
+                &to_i64(p.position.commit),
+                &to_i64(p.position.prepare),
+                &p.event_type,
+                &p.error,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies `events` (all after `expected`, in log order) and moves the checkpoint, in one
+/// transaction. `fail_before_commit` rolls everything back at the last moment, as a crash would.
+pub(crate) async fn apply_batch(
+    client: &mut Client,
+    name: ProjectionName,
+    target: Target,
+    expected: Position,
+    events: Vec<RecordedEvent>,
+    policy: DeadLetterPolicy,
+    fail_before_commit: bool,
+) -> Result<BatchResult, ProjectionError> {
+    let tx = client.transaction().await?;
+    let current = lock_checkpoint(&tx, name, target).await?;
+    if current != Some(expected) {
+        return Ok(BatchResult::Moved(current.unwrap_or(Position::START)));
+    }
+    let skipped = if policy == DeadLetterPolicy::Stop {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        tx.query(
+            "select event_id from dead_letters
+             where projection = $1 and event_id = any($2) and resolution = 'skipped'",
+            &[&name.as_str(), &ids],
+        )
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<HashSet<Uuid>, _>>()?
+    } else {
+        HashSet::new()
+    };
+    let outcome = handlers::apply(name, &tx, events, policy, &skipped).await?;
+    let to_park: Vec<&Parked> = outcome.parked.iter().chain(&outcome.stopped).collect();
+    park(&tx, name, &to_park).await?;
+    let position = outcome.checkpoint.unwrap_or(expected);
+    set_checkpoint(&tx, name, target, position).await?;
+    if fail_before_commit {
+        // Dropping the transaction rolls it back, exactly what a crash before COMMIT leaves.
+        drop(tx);
+        return Err(ProjectionError::Injected);
+    }
+    tx.commit().await?;
+    Ok(BatchResult::Committed(Committed {
+        position,
+        order_ids: outcome.order_ids,
+        parked: outcome.parked.len(),
+        stopped: outcome.stopped,
+    }))
+}

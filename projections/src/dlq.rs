@@ -1,0 +1,168 @@
+//! Dead letters: events a projection's handler could not apply, parked with the error.
+//!
+//! `retry` re-applies one parked event in a transaction that first locks the projection's
+//! checkpoint row, so it never interleaves with a runner's batch. Under the `SkipAndPark`
+//! policy later events of the same stream may already be applied; the row's version then
+//! admits nothing older and the retry changes nothing. Rebuilding the projection after the fix
+//! is the way to get such an event in.
+
+use chrono::{DateTime, Utc};
+use orderly_event_store::{Direction, EventStore, Position, StreamName};
+use tokio_postgres::Client;
+
+use crate::batch::{Target, lock_checkpoint};
+use crate::error::ProjectionError;
+use crate::handlers;
+use crate::model::{DeadLetterPolicy, ProjectionName, to_u64};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub dead_letter_id: i64,
+    pub projection: String,
+    pub event_id: uuid::Uuid,
+    pub stream: String,
+    pub version: u64,
+    pub position: Position,
+    pub event_type: String,
+    pub error: String,
+    pub parked_at: DateTime<Utc>,
+    /// `retried` or `skipped`; `None` while it waits.
+    pub resolution: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "dead_letter_id, projection, event_id, stream, version, position_commit,
+    position_prepare, event_type, error, parked_at, resolution, resolved_at";
+
+fn dead_letter(row: &tokio_postgres::Row) -> Result<DeadLetter, ProjectionError> {
+    Ok(DeadLetter {
+        dead_letter_id: row.try_get(0)?,
+        projection: row.try_get(1)?,
+        event_id: row.try_get(2)?,
+        stream: row.try_get(3)?,
+        version: to_u64(row.try_get(4)?),
+        position: Position::new(to_u64(row.try_get(5)?), to_u64(row.try_get(6)?)),
+        event_type: row.try_get(7)?,
+        error: row.try_get(8)?,
+        parked_at: row.try_get(9)?,
+        resolution: row.try_get(10)?,
+        resolved_at: row.try_get(11)?,
+    })
+}
+
+/// Dead letters in the order they were parked; resolved ones only when asked.
+pub async fn list(
+    client: &Client,
+    projection: Option<ProjectionName>,
+    include_resolved: bool,
+) -> Result<Vec<DeadLetter>, ProjectionError> {
+    let rows = client
+        .query(
+            &format!(
+                "select {COLUMNS} from dead_letters
+                 where ($1::text is null or projection = $1) and ($2 or resolved_at is null)
+                 order by dead_letter_id"
+            ),
+            &[&projection.map(|p| p.as_str()), &include_resolved],
+        )
+        .await?;
+    rows.iter().map(dead_letter).collect()
+}
+
+/// Unresolved dead letters, of one projection or all.
+pub async fn count(
+    client: &Client,
+    projection: Option<ProjectionName>,
+) -> Result<i64, ProjectionError> {
+    let row = client
+        .query_one(
+            "select count(*) from dead_letters
+             where ($1::text is null or projection = $1) and resolved_at is null",
+            &[&projection.map(|p| p.as_str())],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Marks a dead letter resolved without applying it. Under the `Stop` policy the runner then
+/// passes over the event when restarted.
+pub async fn skip(client: &Client, dead_letter_id: i64) -> Result<(), ProjectionError> {
+    let updated = client
+        .execute(
+            "update dead_letters set resolution = 'skipped', resolved_at = now()
+             where dead_letter_id = $1 and resolved_at is null",
+            &[&dead_letter_id],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(ProjectionError::DeadLetterNotFound(dead_letter_id));
+    }
+    Ok(())
+}
+
+/// What a retry did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    /// Applied (or found already reflected) and marked resolved.
+    Applied,
+    /// Failed again; the dead letter stays, with the new error.
+    FailedAgain(String),
+}
+
+/// Re-applies one parked event, read again from the store.
+pub async fn retry(
+    client: &mut Client,
+    store: &dyn EventStore,
+    dead_letter_id: i64,
+) -> Result<RetryOutcome, ProjectionError> {
+    let row = client
+        .query_opt(
+            &format!("select {COLUMNS} from dead_letters where dead_letter_id = $1 and resolved_at is null"),
+            &[&dead_letter_id],
+        )
+        .await?
+        .ok_or(ProjectionError::DeadLetterNotFound(dead_letter_id))?;
+    let letter = dead_letter(&row)?;
+    let name: ProjectionName = letter.projection.parse()?;
+    let stream =
+        StreamName::parse(letter.stream.clone()).map_err(|e| ProjectionError::Store(e.into()))?;
+    let events = store
+        .read_stream(&stream, Direction::Forwards, Some(letter.version), 1)
+        .await?
+        .into_iter()
+        .filter(|e| e.id == letter.event_id)
+        .collect::<Vec<_>>();
+    if events.is_empty() {
+        return Ok(RetryOutcome::FailedAgain(format!(
+            "event {} is no longer at {}@{}",
+            letter.event_id, letter.stream, letter.version
+        )));
+    }
+    let tx = client.transaction().await?;
+    lock_checkpoint(&tx, name, Target::Live).await?;
+    let outcome = handlers::apply(
+        name,
+        &tx,
+        events,
+        DeadLetterPolicy::Stop,
+        &Default::default(),
+    )
+    .await?;
+    if let Some(failed) = outcome.stopped {
+        drop(tx);
+        client
+            .execute(
+                "update dead_letters set error = $2 where dead_letter_id = $1",
+                &[&dead_letter_id, &failed.error],
+            )
+            .await?;
+        return Ok(RetryOutcome::FailedAgain(failed.error));
+    }
+    tx.execute(
+        "update dead_letters set resolution = 'retried', resolved_at = now() where dead_letter_id = $1",
+        &[&dead_letter_id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(RetryOutcome::Applied)
+}

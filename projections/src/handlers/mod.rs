@@ -1,0 +1,102 @@
+//! The projections' handlers. Each applies a batch in three steps: load the rows the batch
+//! touches (one query per table), fold the events over them in memory (pure; an event that
+//! cannot be applied is parked here), then write back what changed with one set-based statement
+//! per table. That keeps a batch of thousands of events to a handful of round trips.
+//!
+//! Idempotence: every row keyed by a stream carries the stream version it reflects; the fold
+//! ignores an event at or below it, and the write-back repeats the guard in SQL
+//! (`where t.version < excluded.version`). Aggregates (customers, daily sales) change only
+//! through an order event the guard admitted, so they never count an event twice either.
+
+pub(crate) mod orders;
+pub(crate) mod products;
+
+use std::collections::HashSet;
+
+use orderly_event_schemas::Event;
+use orderly_event_store::RecordedEvent;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use crate::error::ProjectionError;
+use crate::model::{DeadLetterPolicy, Outcome, Parked, ProjectionName};
+
+/// Applies `events` (in log order) to `name`'s tables inside `tx`. Events of other streams are
+/// passed over; `skipped` holds ids an operator resolved as "skip" under the `Stop` policy.
+pub(crate) async fn apply(
+    name: ProjectionName,
+    tx: &Transaction<'_>,
+    events: Vec<RecordedEvent>,
+    policy: DeadLetterPolicy,
+    skipped: &HashSet<Uuid>,
+) -> Result<Outcome, ProjectionError> {
+    match name {
+        ProjectionName::Orders => orders::apply(tx, events, policy, skipped).await,
+        ProjectionName::Products => products::apply(tx, events, policy, skipped).await,
+    }
+}
+
+/// Whether `name` reads events of `category`.
+pub(crate) fn wants(name: ProjectionName, category: &str) -> bool {
+    name.categories().contains(&category)
+}
+
+/// Decodes the events `name` wants. Each comes back with its decoded payload or the reason it
+/// cannot be decoded; events of other streams are left out.
+pub(crate) fn decode(
+    name: ProjectionName,
+    events: Vec<RecordedEvent>,
+) -> Vec<(RecordedEvent, Result<Event, String>)> {
+    events
+        .into_iter()
+        .filter(|e| wants(name, e.stream.category()))
+        .map(|mut e| {
+            let data = std::mem::take(&mut e.data);
+            let metadata = std::mem::take(&mut e.metadata);
+            let decoded = orderly_event_schemas::decode_recorded(&e.event_type, data, metadata)
+                .map(|r| r.event)
+                .map_err(|error| format!("cannot decode: {error}"));
+            (e, decoded)
+        })
+        .collect()
+}
+
+/// Runs `handle` over the decoded events in order, applying the dead-letter policy. Returns the
+/// outcome with everything but `order_ids` filled in.
+pub(crate) fn fold<F>(
+    events: &[(RecordedEvent, Result<Event, String>)],
+    last: Option<orderly_event_store::Position>,
+    policy: DeadLetterPolicy,
+    skipped: &HashSet<Uuid>,
+    mut handle: F,
+) -> Outcome
+where
+    F: FnMut(&RecordedEvent, &Event) -> Result<(), String>,
+{
+    let mut outcome = Outcome {
+        checkpoint: last,
+        ..Outcome::default()
+    };
+    for (index, (event, decoded)) in events.iter().enumerate() {
+        if skipped.contains(&event.id) {
+            continue;
+        }
+        let result = match decoded {
+            Ok(payload) => handle(event, payload),
+            Err(error) => Err(error.clone()),
+        };
+        if let Err(error) = result {
+            let parked = Parked::new(event, error);
+            match policy {
+                DeadLetterPolicy::SkipAndPark => outcome.parked.push(parked),
+                DeadLetterPolicy::Stop => {
+                    // Checkpoint just before the poisoned event, so a restart meets it again.
+                    outcome.checkpoint = index.checked_sub(1).map(|i| events[i].0.position);
+                    outcome.stopped = Some(parked);
+                    break;
+                }
+            }
+        }
+    }
+    outcome
+}

@@ -1,0 +1,545 @@
+//! Rebuild: replay the log into a shadow copy while the live tables keep serving, check the
+//! copy, and swap it in atomically.
+//!
+//! 1. Shadow: `orderly_shadow.<table>` for each of the projection's tables, made with
+//!    `create table ... (like public.<table> including all)` less the secondary indexes (built
+//!    once at the end, which is far cheaper than maintaining them row by row); its checkpoint
+//!    is a row in `projection_rebuilds`. When both exist already, an interrupted rebuild
+//!    resumes there.
+//! 2. Replay: the same handlers as the live runner, on a connection whose `search_path` puts
+//!    `orderly_shadow` first, one transaction per batch with the shadow checkpoint. A reader
+//!    task fetches the next page while the current one is applied (two pages in flight at
+//!    most, so memory stays flat however long the log). [`rebuild_many`] reads the log once for
+//!    several projections and applies their shares side by side.
+//! 3. Verify (see [`verify`]): internal consistency checks on the shadow tables; on failure the
+//!    live tables stay, and so does the shadow, for inspection.
+//! 4. Swap, in one transaction: lock the live checkpoint row (which holds off the live runner's
+//!    next batch, and the retry of a dead letter); apply to the shadow whatever the live runner
+//!    applied beyond the shadow's checkpoint; move each live table to `orderly_retired` and the
+//!    shadow table to `public`; drop the retired ones; set the live checkpoint to the later of
+//!    the two. The live runner's next batch finds its checkpoint moved (or not, when it was
+//!    ahead) and goes on from there: nothing is lost or applied twice across the swap.
+//!
+//! Index and constraint names survive the swap because the migrations let PostgreSQL choose
+//! them, and `like ... including all` chooses the same names in the shadow schema.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orderly_event_store::postgres::PgConfig;
+use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, NoTls};
+
+use crate::batch::{self, BatchResult, Target};
+use crate::error::ProjectionError;
+use crate::handlers;
+use crate::model::{DeadLetterPolicy, ProjectionName, to_i64};
+use crate::watch::{self, ProjectionUpdate};
+
+pub const SHADOW_SCHEMA: &str = "orderly_shadow";
+pub const RETIRED_SCHEMA: &str = "orderly_retired";
+
+/// How often the swap tries to take the live tables before the rebuild gives up (resumable).
+const SWAP_ATTEMPTS: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    /// Events read and applied per transaction.
+    pub batch_size: usize,
+    pub policy: DeadLetterPolicy,
+    /// Longest wait for the table locks of the swap before giving up (and trying again).
+    pub swap_lock_timeout: Duration,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 5000,
+            policy: DeadLetterPolicy::SkipAndPark,
+            swap_lock_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Reported after each applied batch of the replay.
+#[derive(Debug, Clone)]
+pub struct RebuildProgress {
+    pub projections: Vec<ProjectionName>,
+    pub position: Position,
+    /// Events of the log read so far in this run (a resumed run counts from where it resumed).
+    pub events: u64,
+    /// Events of the log after the shadow's checkpoint when this run started, when the log is
+    /// in this database: the progress bar's length.
+    pub total: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildReport {
+    pub projection: ProjectionName,
+    pub events: u64,
+    pub elapsed: Duration,
+    pub position: Position,
+    pub resumed: bool,
+    /// Row count per table after the swap.
+    pub rows: Vec<(String, i64)>,
+}
+
+async fn connect(pg_config: &PgConfig) -> Result<Client, ProjectionError> {
+    let (client, connection) = pg_config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "rebuild connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Rebuilds `name` and swaps it in; see the module docs.
+pub async fn rebuild(
+    pg_config: &PgConfig,
+    store: Arc<dyn EventStore>,
+    name: ProjectionName,
+    options: &RebuildOptions,
+    progress: impl FnMut(&RebuildProgress),
+) -> Result<RebuildReport, ProjectionError> {
+    let mut reports = rebuild_many(pg_config, store, &[name], options, progress).await?;
+    reports
+        .pop()
+        .ok_or_else(|| ProjectionError::UnknownProjection(name.as_str().to_owned()))
+}
+
+/// One projection's share of a rebuild: its connection (search path: shadow first) and where
+/// its shadow copy is.
+struct Shadow {
+    name: ProjectionName,
+    client: Client,
+    position: Position,
+    resumed: bool,
+}
+
+/// Rebuilds several projections in one pass over the log: each page is read and decoded once
+/// and its events go to the projection that wants them, the projections applying side by side
+/// on connections of their own. Each is then verified and swapped in on its own.
+pub async fn rebuild_many(
+    pg_config: &PgConfig,
+    store: Arc<dyn EventStore>,
+    names: &[ProjectionName],
+    options: &RebuildOptions,
+    mut progress: impl FnMut(&RebuildProgress),
+) -> Result<Vec<RebuildReport>, ProjectionError> {
+    let started = Instant::now();
+    let mut shadows = Vec::with_capacity(names.len());
+    for &name in names {
+        shadows.push(open_shadow(pg_config, name).await?);
+    }
+    let Some(start) = shadows.iter().map(|s| s.position).min() else {
+        return Ok(Vec::new());
+    };
+    let filter = match names {
+        [one] => one.filter(),
+        _ => EventFilter::All,
+    };
+    let categories: Vec<&str> = names.iter().flat_map(|n| n.categories()).copied().collect();
+    let total = remaining(&shadows[0].client, &categories, start).await;
+    let page = options.batch_size.max(1);
+    let mut events_read = 0u64;
+
+    // The reader runs one page ahead; the channel bounds what waits in memory.
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<RecordedEvent>, ProjectionError>>(1);
+    let reader_store = store.clone();
+    let reader = tokio::spawn(async move {
+        let mut after = start;
+        loop {
+            match reader_store.read_all(after, &filter, page).await {
+                Ok(events) => {
+                    let Some(last) = events.last() else { return };
+                    after = last.position;
+                    if tx.send(Ok(events)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let _ = tx.send(Err(error.into())).await;
+                    return;
+                }
+            }
+        }
+    });
+    while let Some(events) = rx.recv().await {
+        let events = events?;
+        events_read += events.len() as u64;
+        let last = events.last().map(|e| e.position);
+        // Categories of different projections never overlap, so each event goes to one.
+        let mut buckets: Vec<Vec<RecordedEvent>> = shadows.iter().map(|_| Vec::new()).collect();
+        for event in events {
+            let category = event.stream.category();
+            if let Some(i) = shadows
+                .iter()
+                .position(|s| event.position > s.position && handlers::wants(s.name, category))
+            {
+                buckets[i].push(event);
+            }
+        }
+        let applied = shadows
+            .iter_mut()
+            .zip(buckets)
+            .filter(|(_, bucket)| !bucket.is_empty())
+            .map(|(shadow, bucket)| async move {
+                let result = batch::apply_batch(
+                    &mut shadow.client,
+                    shadow.name,
+                    Target::Shadow,
+                    shadow.position,
+                    bucket,
+                    options.policy,
+                    false,
+                )
+                .await?;
+                match result {
+                    BatchResult::Committed(done) => {
+                        shadow.position = done.position;
+                        Ok(())
+                    }
+                    BatchResult::Moved(_) => Err(ProjectionError::Busy(format!(
+                        "the shadow checkpoint of {} moved under this rebuild",
+                        shadow.name
+                    ))),
+                }
+            });
+        if let Err(error) = futures::future::try_join_all(applied).await {
+            reader.abort();
+            return Err(error);
+        }
+        progress(&RebuildProgress {
+            projections: names.to_vec(),
+            position: last.unwrap_or(start),
+            events: events_read,
+            total,
+        });
+    }
+    let mut reports = Vec::with_capacity(shadows.len());
+    for mut shadow in shadows {
+        reports.push(finish(&mut shadow, store.as_ref(), options, events_read, started).await?);
+    }
+    Ok(reports)
+}
+
+async fn open_shadow(
+    pg_config: &PgConfig,
+    name: ProjectionName,
+) -> Result<Shadow, ProjectionError> {
+    let client = connect(pg_config).await?;
+    // `drop table if exists` and `create schema if not exists` chatter otherwise. A shadow
+    // batch need not wait for its WAL flush: a server crash can only lose the last batches
+    // together with their shadow checkpoint, and the rebuild resumes before them.
+    client
+        .batch_execute("set client_min_messages = warning; set synchronous_commit = off")
+        .await?;
+    let locked: bool = client
+        .query_one("select pg_try_advisory_lock($1)", &[&name.rebuild_lock()])
+        .await?
+        .try_get(0)?;
+    if !locked {
+        return Err(ProjectionError::Busy(format!(
+            "another process is rebuilding {name}"
+        )));
+    }
+    let resumed = prepare_shadow(&client, name).await?;
+    client
+        .batch_execute(&format!("set search_path = {SHADOW_SCHEMA}, public"))
+        .await?;
+    let position = batch::checkpoint(&client, name, Target::Shadow).await?;
+    Ok(Shadow {
+        name,
+        client,
+        position,
+        resumed,
+    })
+}
+
+/// Indexes, checks and swaps in one caught-up shadow copy.
+async fn finish(
+    shadow: &mut Shadow,
+    store: &dyn EventStore,
+    options: &RebuildOptions,
+    events: u64,
+    started: Instant,
+) -> Result<RebuildReport, ProjectionError> {
+    let name = shadow.name;
+    build_indexes(&shadow.client, name).await?;
+    verify(&shadow.client, name).await?;
+    // Readers hold the live tables for a moment at a time; a swap that cannot get them in
+    // `swap_lock_timeout` rolls back (readers go on) and tries again a little later.
+    let mut attempt = 1;
+    let position = loop {
+        match swap(&mut shadow.client, store, name, shadow.position, options).await {
+            Err(error) if error.is_transient() && attempt < SWAP_ATTEMPTS => {
+                tracing::warn!(projection = %name, %error, attempt, "swap did not get its locks, retrying");
+                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                attempt += 1;
+            }
+            outcome => break outcome?,
+        }
+    };
+    let mut rows = Vec::new();
+    for table in name.tables() {
+        let count: i64 = shadow
+            .client
+            .query_one(&format!("select count(*) from public.{table}"), &[])
+            .await?
+            .try_get(0)?;
+        rows.push(((*table).to_owned(), count));
+    }
+    watch::notify(
+        &shadow.client,
+        &ProjectionUpdate {
+            projection: name.as_str().to_owned(),
+            position,
+            order_ids: Vec::new(),
+            // Every order may have changed: listeners should reload what they watch.
+            truncated: true,
+        },
+    )
+    .await;
+    Ok(RebuildReport {
+        projection: name,
+        events,
+        elapsed: started.elapsed(),
+        position,
+        resumed: shadow.resumed,
+        rows,
+    })
+}
+
+/// Creates the shadow tables and checkpoint, or finds them from an interrupted run (`true`).
+async fn prepare_shadow(client: &Client, name: ProjectionName) -> Result<bool, ProjectionError> {
+    let tables: Vec<String> = name.tables().iter().map(|t| (*t).to_owned()).collect();
+    let row = client
+        .query_one(
+            "select exists (select 1 from projection_rebuilds where projection = $1),
+                    (select count(*) from information_schema.tables
+                     where table_schema = $2 and table_name = any($3))",
+            &[&name.as_str(), &SHADOW_SCHEMA, &tables],
+        )
+        .await?;
+    let has_checkpoint: bool = row.try_get(0)?;
+    let shadow_tables: i64 = row.try_get(1)?;
+    if has_checkpoint && shadow_tables == tables.len() as i64 {
+        return Ok(true);
+    }
+    let mut ddl = format!("create schema if not exists {SHADOW_SCHEMA};");
+    for table in &tables {
+        ddl.push_str(&format!(
+            "drop table if exists {SHADOW_SCHEMA}.{table};
+             create table {SHADOW_SCHEMA}.{table} (like public.{table} including all);"
+        ));
+    }
+    // Secondary indexes are left out while replaying and built once at the end: one sort per
+    // index instead of an index insert per row version, and updates can stay HOT.
+    for (index, _) in secondary_indexes(client, &tables).await? {
+        ddl.push_str(&format!("drop index if exists {SHADOW_SCHEMA}.{index};"));
+    }
+    ddl.push_str(&format!(
+        "delete from projection_rebuilds where projection = '{}';
+         insert into projection_rebuilds (projection) values ('{}');",
+        name.as_str(),
+        name.as_str()
+    ));
+    client
+        .batch_execute(&format!("begin; {ddl} commit;"))
+        .await?;
+    Ok(false)
+}
+
+/// The live tables' indexes that back no constraint, as (name, definition).
+async fn secondary_indexes(
+    client: &Client,
+    tables: &[String],
+) -> Result<Vec<(String, String)>, ProjectionError> {
+    let rows = client
+        .query(
+            "select i.indexname::text, i.indexdef from pg_indexes i
+             where i.schemaname = 'public' and i.tablename = any($1)
+               and not exists (select 1 from pg_constraint c
+                               where c.conindid = format('public.%I', i.indexname)::regclass)
+             order by i.indexname",
+            &[&tables],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Builds on the shadow tables the secondary indexes the live ones have, with the same names.
+async fn build_indexes(client: &Client, name: ProjectionName) -> Result<(), ProjectionError> {
+    let tables: Vec<String> = name.tables().iter().map(|t| (*t).to_owned()).collect();
+    for (index, definition) in secondary_indexes(client, &tables).await? {
+        // pg_indexes gives `CREATE INDEX <name> ON public.<table> ...`.
+        let shadow = definition
+            .replacen(" ON public.", &format!(" ON {SHADOW_SCHEMA}."), 1)
+            .replacen(
+                &format!("CREATE INDEX {index} "),
+                &format!("CREATE INDEX IF NOT EXISTS {index} "),
+                1,
+            );
+        client.batch_execute(&shadow).await?;
+    }
+    Ok(())
+}
+
+/// Events after `position` in the PostgreSQL log, for the progress bar; `None` elsewhere.
+async fn remaining(client: &Client, categories: &[&str], position: Position) -> Option<u64> {
+    client
+        .query_one(
+            "select count(*) from events where (tx_id, seq) > ($1, $2) and category = any($3)",
+            &[
+                &to_i64(position.commit),
+                &to_i64(position.prepare),
+                &categories,
+            ],
+        )
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, i64>(0).ok())
+        .map(|n| n.max(0) as u64)
+}
+
+/// What "verifies" means: the shadow's tables agree with one another, each figure computed two
+/// independent ways (by rows, and by the running aggregates the handlers kept).
+///
+/// - orders: every order has lines, a search document and a `PLACED` history entry; the number of orders equals
+///   the sum of `customers.order_count` and of `daily_sales.orders`; cancelled orders equal the
+///   sum of `daily_sales.cancelled`; per currency, the totals of orders not cancelled equal the
+///   sum of lifetime values and the sum of daily revenue; every order's version is at least
+///   its newest history entry's.
+/// - products: `available = on_hand - reserved >= 0` for every row (also a table constraint).
+pub async fn verify(client: &Client, name: ProjectionName) -> Result<(), ProjectionError> {
+    let checks: &[(&str, &str)] = match name {
+        ProjectionName::Orders => &[
+            (
+                "orders without lines",
+                "select count(*) from orders o
+                 where not exists (select 1 from order_lines l where l.order_id = o.order_id)",
+            ),
+            (
+                "orders without a search document",
+                "select count(*) from orders o
+                 where not exists (select 1 from order_search s where s.order_id = o.order_id)",
+            ),
+            (
+                "orders without a PLACED history entry",
+                "select count(*) from orders o where not exists (select 1 from order_status_history h
+                 where h.order_id = o.order_id and h.status = 'PLACED')",
+            ),
+            (
+                "order count differs from the customers' order counts",
+                "select abs((select count(*) from orders)
+                          - (select coalesce(sum(order_count), 0) from customers))",
+            ),
+            (
+                "order count differs from daily sales",
+                "select abs((select count(*) from orders)
+                          - (select coalesce(sum(orders), 0) from daily_sales))",
+            ),
+            (
+                "cancelled orders differ from daily sales",
+                "select abs((select count(*) from orders where status = 'CANCELLED')
+                          - (select coalesce(sum(cancelled), 0) from daily_sales))",
+            ),
+            (
+                "currencies whose order totals differ from lifetime values or revenue",
+                "select count(*) from (
+                    select currency, sum(total_minor) as t from orders
+                    where status <> 'CANCELLED' group by currency) o
+                 full join (select currency, sum(amount_minor) as v
+                    from customer_lifetime_values group by currency) l using (currency)
+                 full join (select currency, sum(revenue_minor) as r
+                    from daily_sales group by currency) d using (currency)
+                 where coalesce(o.t, 0) <> coalesce(l.v, 0) or coalesce(o.t, 0) <> coalesce(d.r, 0)",
+            ),
+            (
+                "orders whose version is behind their history",
+                "select count(*) from orders o
+                 where o.version < (select max(version) from order_status_history h
+                                    where h.order_id = o.order_id)",
+            ),
+        ],
+        ProjectionName::Products => &[(
+            "products with inconsistent stock",
+            "select count(*) from products
+             where available <> on_hand - reserved or available < 0 or reserved < 0",
+        )],
+    };
+    for (what, sql) in checks {
+        let bad: i64 = client.query_one(*sql, &[]).await?.try_get(0)?;
+        if bad != 0 {
+            return Err(ProjectionError::Verification {
+                projection: name.as_str().to_owned(),
+                reason: format!("{what}: {bad}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The atomic swap; returns the live checkpoint it set. Runs on the shadow connection (search
+/// path: shadow first), so the catch-up inside it writes the shadow tables.
+async fn swap(
+    client: &mut Client,
+    store: &dyn EventStore,
+    name: ProjectionName,
+    shadow: Position,
+    options: &RebuildOptions,
+) -> Result<Position, ProjectionError> {
+    // The live checkpoint row must exist to be locked.
+    batch::checkpoint(client, name, Target::Live).await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "set local lock_timeout = {}",
+        options.swap_lock_timeout.as_millis()
+    ))
+    .await?;
+    let live = batch::lock_checkpoint(&tx, name, Target::Live)
+        .await?
+        .unwrap_or(Position::START);
+    // The live runner may be ahead of the shadow; it is held off now, so bring the shadow to
+    // exactly where the live tables are before they trade places.
+    let mut at = shadow;
+    while at < live {
+        let events: Vec<RecordedEvent> = store
+            .read_all(at, &name.filter(), options.batch_size.max(1))
+            .await?
+            .into_iter()
+            .take_while(|e| e.position <= live)
+            .collect();
+        let Some(last) = events.last().map(|e| e.position) else {
+            break;
+        };
+        let outcome =
+            handlers::apply(name, &tx, events, options.policy, &Default::default()).await?;
+        let parked: Vec<_> = outcome.parked.iter().chain(&outcome.stopped).collect();
+        batch::park(&tx, name, &parked).await?;
+        at = last;
+    }
+    let mut ddl = format!("create schema if not exists {RETIRED_SCHEMA};");
+    for table in name.tables() {
+        ddl.push_str(&format!(
+            "drop table if exists {RETIRED_SCHEMA}.{table};
+             alter table public.{table} set schema {RETIRED_SCHEMA};
+             alter table {SHADOW_SCHEMA}.{table} set schema public;
+             drop table {RETIRED_SCHEMA}.{table};"
+        ));
+    }
+    tx.batch_execute(&ddl).await?;
+    let position = live.max(at);
+    batch::set_checkpoint(&tx, name, Target::Live, position).await?;
+    tx.execute(
+        "delete from projection_rebuilds where projection = $1",
+        &[&name.as_str()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(position)
+}

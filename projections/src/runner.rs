@@ -1,0 +1,285 @@
+//! The projection runner: catch up from the checkpoint, then follow the log live, one batch per
+//! transaction.
+//!
+//! One runner per projection is active at a time: it holds a session-level PostgreSQL advisory
+//! lock for as long as it runs, on the connection it applies batches with. Others wait as
+//! standbys, trying the lock every `standby_poll`, and take over when the active one's
+//! connection ends (the server then releases the lock). The lock is only for efficiency; the
+//! checkpoint compare in every batch (see `batch`) is what guarantees no double application.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use orderly_event_store::postgres::PgConfig;
+use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{self, BatchResult, Target};
+use crate::error::ProjectionError;
+use crate::model::{DeadLetterPolicy, ProjectionName};
+use crate::status::ProjectionState;
+use crate::watch::{self, ProjectionHub, ProjectionUpdate};
+
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// Most events applied in one transaction.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill once its first event arrived: bounds the added latency
+    /// when live, while catching up fills batches at once.
+    pub batch_wait: Duration,
+    pub policy: DeadLetterPolicy,
+    /// How often a standby tries to become the active runner.
+    pub standby_poll: Duration,
+    /// Longest pause between retries after a transient failure.
+    pub retry_max: Duration,
+    /// Whether a batch's commit waits for its WAL flush. Off by default: read models are
+    /// derived data, and a server crash can only lose the last batches together with their
+    /// checkpoint, which the runner then applies again. Waiting would also keep each batch's
+    /// transaction in flight for the flush, and the event log's readers (this runner
+    /// included) read only below the oldest transaction in flight, so it adds to every lag.
+    pub synchronous_commit: bool,
+    /// For tests: set to make the next batch fail after applying and before its commit.
+    pub fail_before_commit: Option<Arc<AtomicBool>>,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            batch_wait: Duration::from_millis(5),
+            policy: DeadLetterPolicy::SkipAndPark,
+            standby_poll: Duration::from_secs(1),
+            retry_max: Duration::from_secs(5),
+            synchronous_commit: false,
+            fail_before_commit: None,
+        }
+    }
+}
+
+pub struct Runner {
+    name: ProjectionName,
+    store: Arc<dyn EventStore>,
+    pg_config: PgConfig,
+    options: RunnerOptions,
+    hub: ProjectionHub,
+}
+
+impl Runner {
+    pub fn new(
+        name: ProjectionName,
+        store: Arc<dyn EventStore>,
+        pg_config: PgConfig,
+        options: RunnerOptions,
+        hub: ProjectionHub,
+    ) -> Self {
+        Self {
+            name,
+            store,
+            pg_config,
+            options,
+            hub,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled (then finishes the batch in flight and returns `Ok`),
+    /// or until the `Stop` policy meets a poisoned event (`Err(Stopped)`). Transient failures
+    /// are retried with backoff; other failures are returned.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProjectionError> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.run_once(&shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(error)
+                    if error.is_transient() || matches!(error, ProjectionError::Injected) =>
+                {
+                    tracing::warn!(projection = %self.name, %error, "projection batch failed, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(self.options.retry_max);
+                }
+                Err(error) => {
+                    tracing::error!(projection = %self.name, %error, "projection stopped");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Client, ProjectionError> {
+        let (client, connection) = self.pg_config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "projection connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Waits to become the active runner. `false` when shut down first.
+    async fn acquire(
+        &self,
+        client: &Client,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProjectionError> {
+        loop {
+            let row = client
+                .query_one(
+                    "select pg_try_advisory_lock($1)",
+                    &[&self.name.runner_lock()],
+                )
+                .await?;
+            if row.try_get::<_, bool>(0)? {
+                return Ok(true);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(self.options.standby_poll) => {}
+            }
+        }
+    }
+
+    async fn run_once(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
+        let mut client = self.connect().await?;
+        if !self.options.synchronous_commit {
+            client.batch_execute("set synchronous_commit = off").await?;
+        }
+        if !self.acquire(&client, shutdown).await? {
+            return Ok(());
+        }
+        tracing::info!(projection = %self.name, "projection runner active");
+        let mut position = batch::checkpoint(&client, self.name, Target::Live).await?;
+        self.hub.publish(ProjectionUpdate {
+            projection: self.name.as_str().to_owned(),
+            position,
+            order_ids: Vec::new(),
+            truncated: false,
+        });
+        let mut state = ProjectionState::CatchingUp;
+        set_state(&client, self.name, state, None).await?;
+        // The whole log, even for `products`: the checkpoint then passes every position, which
+        // is what a consistency token names. Read only by category, it would stop at the last
+        // product event, and a reader waiting for a later token would wait in vain.
+        let filter = EventFilter::All;
+        let mut subscription = self.store.subscribe(position, filter.clone()).await?;
+        let limit = self.options.batch_size.max(1);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = subscription.next() => next,
+            };
+            let Some(first) = first else {
+                // Subscriptions end only after an error they yielded; treat the end as an outage.
+                return Err(ProjectionError::Store(
+                    orderly_event_store::StoreError::Unavailable(
+                        "the event subscription ended".into(),
+                    ),
+                ));
+            };
+            let mut events: Vec<RecordedEvent> = vec![first?];
+            let deadline = Instant::now() + self.options.batch_wait;
+            while events.len() < limit {
+                match tokio::time::timeout_at(deadline, subscription.next()).await {
+                    Ok(Some(event)) => events.push(event?),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let full = events.len() >= limit;
+            let fail = self
+                .options
+                .fail_before_commit
+                .as_ref()
+                .is_some_and(|f| f.swap(false, Ordering::SeqCst));
+            let result = batch::apply_batch(
+                &mut client,
+                self.name,
+                Target::Live,
+                position,
+                events,
+                self.options.policy,
+                fail,
+            )
+            .await?;
+            match result {
+                BatchResult::Moved(moved) => {
+                    tracing::info!(projection = %self.name, from = %position, to = %moved, "checkpoint moved elsewhere, re-reading");
+                    position = moved;
+                    subscription = self.store.subscribe(position, filter.clone()).await?;
+                }
+                BatchResult::Committed(done) => {
+                    position = done.position;
+                    if done.parked > 0 {
+                        tracing::warn!(projection = %self.name, parked = done.parked, "events parked as dead letters");
+                    }
+                    let update = ProjectionUpdate {
+                        projection: self.name.as_str().to_owned(),
+                        position,
+                        order_ids: done.order_ids,
+                        truncated: false,
+                    };
+                    watch::notify(&client, &update).await;
+                    self.hub.publish(update);
+                    if let Some(stopped) = done.stopped {
+                        set_state(
+                            &client,
+                            self.name,
+                            ProjectionState::Failed,
+                            Some(&stopped.error),
+                        )
+                        .await?;
+                        return Err(ProjectionError::Stopped {
+                            projection: self.name.as_str().to_owned(),
+                            event_id: stopped.event_id,
+                            error: stopped.error,
+                        });
+                    }
+                    let now = if full {
+                        ProjectionState::CatchingUp
+                    } else {
+                        ProjectionState::Running
+                    };
+                    if now != state {
+                        state = now;
+                        set_state(&client, self.name, state, None).await?;
+                    }
+                }
+            }
+        }
+        set_state(&client, self.name, ProjectionState::Stopped, None).await?;
+        tracing::info!(projection = %self.name, %position, "projection runner stopped");
+        Ok(())
+    }
+}
+
+/// Records the runner's state for `orderly projections status` in other processes.
+async fn set_state(
+    client: &Client,
+    name: ProjectionName,
+    state: ProjectionState,
+    error: Option<&str>,
+) -> Result<(), ProjectionError> {
+    client
+        .execute(
+            "update projection_checkpoints set state = $2, last_error = $3, updated_at = now()
+             where projection = $1",
+            &[&name.as_str(), &state.as_str(), &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Where a projection's live checkpoint is, as stored.
+pub async fn checkpoint(
+    client: &Client,
+    name: ProjectionName,
+) -> Result<Position, ProjectionError> {
+    batch::checkpoint(client, name, Target::Live).await
+}

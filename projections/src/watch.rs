@@ -1,0 +1,238 @@
+//! Live notifications: where each projection is, and which orders its last batch touched.
+//!
+//! In-process, a runner publishes to a [`ProjectionHub`] after each commit. Across processes,
+//! the runner also sends `NOTIFY orderly_projections` with a small JSON payload after the
+//! commit, and [`ProjectionHub::follow`] turns those back into hub updates (and polls the
+//! checkpoint table, which covers lost notifications). The read API only talks to a hub: wait
+//! until a projection has passed a consistency token, or follow the touched order ids.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use orderly_event_store::Position;
+use orderly_event_store::postgres::PgConfig;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use uuid::Uuid;
+
+use crate::error::ProjectionError;
+use crate::model::{ProjectionName, to_u64};
+
+/// The PostgreSQL channel runners notify after each committed batch.
+pub const NOTIFY_CHANNEL: &str = "orderly_projections";
+
+/// PostgreSQL refuses payloads of 8000 bytes or more; 150 ids of 39 bytes leave room for the rest.
+const MAX_NOTIFIED_IDS: usize = 150;
+
+/// How often a follower re-reads the checkpoints, in case a notification was lost.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+/// What one committed batch changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionUpdate {
+    pub projection: String,
+    /// The projection's checkpoint after the batch: everything up to it is applied.
+    pub position: Position,
+    /// Orders whose read model the batch changed (empty for `products`).
+    pub order_ids: Vec<Uuid>,
+    /// True when `order_ids` was cut to fit a notification payload; a listener that must not
+    /// miss an order should then reload what it watches.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+impl ProjectionUpdate {
+    /// The payload for `NOTIFY`, with the id list cut to stay under PostgreSQL's limit.
+    pub fn to_payload(&self) -> String {
+        let mut update = self.clone();
+        if update.order_ids.len() > MAX_NOTIFIED_IDS {
+            update.order_ids.truncate(MAX_NOTIFIED_IDS);
+            update.truncated = true;
+        }
+        serde_json::to_string(&update).unwrap_or_default()
+    }
+}
+
+/// The meeting point of runners and readers. Cheap to clone.
+#[derive(Clone)]
+pub struct ProjectionHub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    positions: Mutex<HashMap<String, watch::Sender<Position>>>,
+    updates: broadcast::Sender<ProjectionUpdate>,
+}
+
+impl Default for ProjectionHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProjectionHub {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                positions: Mutex::new(HashMap::new()),
+                // A slow subscriber loses the oldest updates (and is told so) rather than
+                // holding memory: the read model is the truth, updates only say "look again".
+                updates: broadcast::channel(1024).0,
+            }),
+        }
+    }
+
+    fn sender(&self, projection: &str) -> watch::Sender<Position> {
+        let mut positions = self
+            .inner
+            .positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        positions
+            .entry(projection.to_owned())
+            .or_insert_with(|| watch::channel(Position::START).0)
+            .clone()
+    }
+
+    /// The position `projection` is known to have passed.
+    pub fn position(&self, projection: ProjectionName) -> Position {
+        *self.sender(projection.as_str()).borrow()
+    }
+
+    /// Records an update; positions only move forward, so waiters never see one go back.
+    pub fn publish(&self, update: ProjectionUpdate) {
+        self.advance(&update.projection, update.position);
+        let _ = self.inner.updates.send(update);
+    }
+
+    fn advance(&self, projection: &str, position: Position) {
+        self.sender(projection).send_if_modified(|current| {
+            let moved = position > *current;
+            if moved {
+                *current = position;
+            }
+            moved
+        });
+    }
+
+    /// Waits until `projection` has applied everything up to `at_least`, or `timeout` passes.
+    /// Returns whether it got there; woken by updates, never by polling.
+    pub async fn wait_for(
+        &self,
+        projection: ProjectionName,
+        at_least: Position,
+        timeout: Duration,
+    ) -> bool {
+        let mut rx = self.sender(projection.as_str()).subscribe();
+        let reached = rx.wait_for(|p| *p >= at_least);
+        matches!(tokio::time::timeout(timeout, reached).await, Ok(Ok(_)))
+    }
+
+    /// Every update from now on (for `orderUpdated`: filter on `order_ids`). A receiver that
+    /// falls more than 1024 updates behind gets `RecvError::Lagged` and should reload.
+    pub fn updates(&self) -> broadcast::Receiver<ProjectionUpdate> {
+        self.inner.updates.subscribe()
+    }
+
+    /// The positions of one order's updates, from now on.
+    pub fn order_updates(&self, order_id: Uuid) -> impl futures::Stream<Item = Position> + use<> {
+        let rx = self.updates();
+        futures::stream::unfold(rx, move |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(update) if update.truncated || update.order_ids.contains(&order_id) => {
+                        return Some((update.position, rx));
+                    }
+                    Ok(_) => {}
+                    // Missed updates may have been about this order: say "look again".
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return Some((Position::START, rx));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+
+    /// Follows runners in other processes: LISTENs on [`NOTIFY_CHANNEL`] and re-reads the
+    /// checkpoint table every second. Runs until the returned task is aborted.
+    pub fn follow(&self, pg_config: PgConfig) -> JoinHandle<()> {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = hub.follow_once(&pg_config).await {
+                    tracing::warn!(%error, "projection notifications interrupted, reconnecting");
+                }
+                tokio::time::sleep(FOLLOW_POLL).await;
+            }
+        })
+    }
+
+    async fn follow_once(&self, pg_config: &PgConfig) -> Result<(), ProjectionError> {
+        let (client, mut connection) = pg_config.connect(NoTls).await?;
+        let hub = self.clone();
+        let mut driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        match serde_json::from_str::<ProjectionUpdate>(n.payload()) {
+                            Ok(update) => hub.publish(update),
+                            Err(error) => {
+                                tracing::debug!(%error, "unreadable projection notification")
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "projection notification connection failed");
+                        break;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("listen {NOTIFY_CHANNEL}"))
+            .await?;
+        loop {
+            self.poll_checkpoints(&client).await?;
+            tokio::select! {
+                _ = &mut driver => return Ok(()),
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+        }
+    }
+
+    async fn poll_checkpoints(&self, client: &Client) -> Result<(), ProjectionError> {
+        for row in client
+            .query(
+                "select projection, position_commit, position_prepare from projection_checkpoints",
+                &[],
+            )
+            .await?
+        {
+            let name: String = row.try_get(0)?;
+            let position = Position::new(to_u64(row.try_get(1)?), to_u64(row.try_get(2)?));
+            self.advance(&name, position);
+        }
+        Ok(())
+    }
+}
+
+/// Tells other processes about a committed batch. Sent after the commit, outside any
+/// transaction of the write path; a lost notification only delays followers until their poll.
+pub(crate) async fn notify(client: &Client, update: &ProjectionUpdate) {
+    if let Err(error) = client
+        .execute(
+            "select pg_notify($1, $2)",
+            &[&NOTIFY_CHANNEL, &update.to_payload()],
+        )
+        .await
+    {
+        tracing::debug!(%error, "could not notify projection followers");
+    }
+}

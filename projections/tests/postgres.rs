@@ -1,0 +1,704 @@
+//! The read side against a real PostgreSQL: replay equivalence, crashes, poison events,
+//! rebuilds under live writes, competing runners, indexes, notifications, the log tail.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
+use orderly_event_store::{
+    EventFilter, EventStore, ExpectedVersion, NewEvent, Position, StreamName,
+};
+use orderly_projections::workload::{Workload, WorkloadOptions};
+use orderly_projections::{
+    DeadLetterPolicy, ProjectionError, ProjectionHub, ProjectionName, ProjectionState,
+    RebuildOptions, Runner, RunnerOptions, dlq, rebuild, rebuild_many, status,
+};
+use orderly_test_support::TestDb;
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Fixture {
+    db: TestDb,
+    store: Arc<dyn EventStore>,
+}
+
+async fn fixture() -> Fixture {
+    let db = TestDb::create(
+        "projections",
+        &orderly_projections::fingerprint_with_event_store(),
+        |url| async move {
+            orderly_projections::migrate_with_event_store(&url.parse()?)
+                .await
+                .map_err(Into::into)
+        },
+    )
+    .await
+    .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)");
+    // A small pool: a dozen tests run at once against one server shared with other suites.
+    let options = PgStoreOptions {
+        pool_size: 4,
+        ..PgStoreOptions::default()
+    };
+    let store = PgEventStore::new(db.config().clone(), options).expect("store");
+    Fixture {
+        db,
+        store: Arc::new(store),
+    }
+}
+
+/// Appends `appends` decisions of a seeded workload through the store, each at the expected
+/// version its decider saw.
+async fn write_workload(
+    store: &dyn EventStore,
+    workload: &mut Workload,
+    appends: usize,
+) -> Position {
+    let mut last = Position::START;
+    for _ in 0..appends {
+        last = workload
+            .next_append()
+            .append_to(store)
+            .await
+            .expect("append")
+            .position;
+    }
+    last
+}
+
+struct Running {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<Result<(), ProjectionError>>>,
+}
+
+impl Running {
+    async fn stop(self) -> Vec<Result<(), ProjectionError>> {
+        self.stop.cancel();
+        let mut results = Vec::new();
+        for task in self.tasks {
+            results.push(task.await.expect("runner task"));
+        }
+        results
+    }
+}
+
+fn start(f: &Fixture, hub: &ProjectionHub, options: RunnerOptions) -> Running {
+    let stop = CancellationToken::new();
+    let tasks = ProjectionName::ALL
+        .into_iter()
+        .map(|name| {
+            let runner = Runner::new(
+                name,
+                f.store.clone(),
+                f.db.config().clone(),
+                options.clone(),
+                hub.clone(),
+            );
+            tokio::spawn(runner.run_until_stopped(stop.clone()))
+        })
+        .collect();
+    Running { stop, tasks }
+}
+
+/// Waits until every projection has passed the last event written. (`EventStore::head` may
+/// trail it while a transaction of another test in the same cluster holds the horizon back.)
+async fn caught_up(f: &Fixture, hub: &ProjectionHub) {
+    let client = f.db.connect().await.expect("connect");
+    // Every live checkpoint passes every position of the log (what consistency tokens name).
+    let target = last_of(&client, "%").await;
+    for name in ProjectionName::ALL {
+        assert!(
+            hub.wait_for(name, target, Duration::from_secs(60)).await,
+            "{name} did not reach {target}"
+        );
+    }
+}
+
+/// The position of the last event written, committed or not yet readable.
+async fn last_of(client: &tokio_postgres::Client, category: &str) -> Position {
+    let row = client
+        .query_one(
+            "select tx_id, seq from events where category like $1 order by tx_id desc, seq desc limit 1",
+            &[&category],
+        )
+        .await
+        .expect("last");
+    Position::new(row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+}
+
+/// Compares two dumps table by table, showing the first rows that differ.
+fn assert_same(left: &[(String, Vec<String>)], right: &[(String, Vec<String>)]) {
+    for ((table, a), (_, b)) in left.iter().zip(right) {
+        if a != b {
+            let only_a: Vec<_> = a.iter().filter(|r| !b.contains(r)).take(3).collect();
+            let only_b: Vec<_> = b.iter().filter(|r| !a.contains(r)).take(3).collect();
+            panic!(
+                "{table} differs ({} vs {} rows)\nonly left: {only_a:#?}\nonly right: {only_b:#?}",
+                a.len(),
+                b.len()
+            );
+        }
+    }
+}
+
+/// Every read-model table, row by row, in a fixed order.
+async fn dump(f: &Fixture) -> Vec<(String, Vec<String>)> {
+    let client = f.db.connect().await.expect("connect");
+    let mut all = Vec::new();
+    for table in ProjectionName::ALL.iter().flat_map(|p| p.tables()) {
+        let rows = client
+            .query(
+                &format!("select t::text from public.{table} t order by 1"),
+                &[],
+            )
+            .await
+            .expect("dump");
+        all.push(((*table).to_owned(), rows.iter().map(|r| r.get(0)).collect()));
+    }
+    all
+}
+
+/// `rebuild --all`: one pass over the log for both projections.
+async fn rebuild_all(f: &Fixture) {
+    let reports = rebuild_many(
+        f.db.config(),
+        f.store.clone(),
+        &ProjectionName::ALL,
+        &RebuildOptions::default(),
+        |_| {},
+    )
+    .await
+    .expect("rebuild");
+    assert_eq!(reports.len(), 2);
+}
+
+/// The read models as they are equal, row for row, what a rebuild from the log makes.
+async fn assert_equals_rebuild(f: &Fixture) {
+    let live = dump(f).await;
+    rebuild_all(f).await;
+    assert_same(&live, &dump(f).await);
+}
+
+/// Index and constraint names of the read models, with their definitions.
+async fn indexes(f: &Fixture) -> Vec<String> {
+    let client = f.db.connect().await.expect("connect");
+    client
+        .query(
+            "select indexname || ': ' || indexdef from pg_indexes
+             where schemaname = 'public' and tablename <> 'events' order by 1",
+            &[],
+        )
+        .await
+        .expect("indexes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn count(f: &Fixture, sql: &str) -> i64 {
+    let client = f.db.connect().await.expect("connect");
+    client.query_one(sql, &[]).await.expect("count").get(0)
+}
+
+fn small_batches() -> RunnerOptions {
+    RunnerOptions {
+        batch_size: 37,
+        ..RunnerOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_read_models_equal_a_rebuild_row_for_row() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 1500).await;
+    caught_up(&f, &hub).await;
+    let live = dump(&f).await;
+    for result in running.stop().await {
+        result.expect("runner");
+    }
+    assert!(count(&f, "select count(*) from orders").await > 50);
+    assert!(count(&f, "select count(*) from orders where status = 'DELIVERED'").await > 0);
+    assert!(count(&f, "select count(*) from orders where status = 'CANCELLED'").await > 0);
+    assert!(
+        count(
+            &f,
+            "select count(*) from order_payments where status = 'REFUNDED'"
+        )
+        .await
+            > 0
+    );
+    assert_eq!(count(&f, "select count(*) from dead_letters").await, 0);
+    let indexes_before = indexes(&f).await;
+    rebuild_all(&f).await;
+    assert_same(&live, &dump(&f).await);
+    // The swapped-in tables carry the migration's index names and definitions.
+    assert_eq!(indexes_before, indexes(&f).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_between_batch_and_commit_loses_and_doubles_nothing() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 400).await;
+    let crash = Arc::new(AtomicBool::new(true));
+    let running = start(
+        &f,
+        &hub,
+        RunnerOptions {
+            fail_before_commit: Some(crash.clone()),
+            retry_max: Duration::from_millis(200),
+            ..small_batches()
+        },
+    );
+    write_workload(f.store.as_ref(), &mut workload, 400).await;
+    caught_up(&f, &hub).await;
+    // Both runners shared the flag: one of them crashed its first batch.
+    assert!(!crash.load(Ordering::SeqCst));
+    crash.store(true, Ordering::SeqCst);
+    write_workload(f.store.as_ref(), &mut workload, 200).await;
+    caught_up(&f, &hub).await;
+    assert!(!crash.load(Ordering::SeqCst));
+    running.stop().await;
+    assert_equals_rebuild(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reapplying_batches_already_applied_changes_nothing() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 800).await;
+    let running = start(&f, &hub, small_batches());
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    let before = dump(&f).await;
+    // Send every checkpoint back to the start: the whole log is applied a second time.
+    let client = f.db.connect().await.expect("connect");
+    client
+        .execute(
+            "update projection_checkpoints set position_commit = 0, position_prepare = 0",
+            &[],
+        )
+        .await
+        .expect("reset");
+    let hub = ProjectionHub::new();
+    let running = start(
+        &f,
+        &hub,
+        RunnerOptions {
+            batch_size: 101,
+            ..RunnerOptions::default()
+        },
+    );
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    assert_same(&before, &dump(&f).await);
+}
+
+async fn append_raw(
+    f: &Fixture,
+    stream: &str,
+    expected: ExpectedVersion,
+    event_type: &str,
+    data: serde_json::Value,
+) {
+    f.store
+        .append(
+            &StreamName::parse(stream).expect("stream"),
+            expected,
+            vec![NewEvent::new(event_type, data).with_metadata(json!({
+                "schema_version": 1,
+                "event_id": "00000000-0000-7000-8000-000000000001",
+                "correlation_id": "00000000-0000-7000-8000-000000000001",
+                "causation_id": "00000000-0000-7000-8000-000000000001",
+                "traceparent": null,
+                "actor": "test",
+                "command_id": "00000000-0000-7000-8000-000000000001",
+                "idempotency_key": null,
+                "occurred_at": "2026-01-02T00:00:00Z"
+            }))],
+        )
+        .await
+        .expect("append");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_event_is_parked_while_the_rest_flows() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 300).await;
+    append_raw(
+        &f,
+        "order-00000000-0000-0000-0000-000000000001",
+        ExpectedVersion::NoStream,
+        "OrderPaid",
+        json!({"garbage": true}),
+    )
+    .await;
+    write_workload(f.store.as_ref(), &mut workload, 300).await;
+    caught_up(&f, &hub).await;
+    let client = f.db.connect().await.expect("connect");
+    let letters = dlq::list(&client, None, false).await.expect("list");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].projection, "orders");
+    assert!(
+        letters[0].error.contains("cannot decode"),
+        "{}",
+        letters[0].error
+    );
+    let statuses = status(&client).await.expect("status");
+    let orders = statuses
+        .iter()
+        .find(|s| s.name == ProjectionName::Orders)
+        .expect("orders");
+    assert_eq!(orders.dead_letters, 1);
+    assert_eq!(
+        orders.lag_events,
+        Some(0),
+        "{orders:?} head {:?}",
+        f.store.head().await
+    );
+    assert_eq!(orders.state, ProjectionState::Running);
+    // Retrying cannot help a payload that does not decode; skipping resolves it.
+    let mut retry_client = f.db.connect().await.expect("connect");
+    let outcome = dlq::retry(
+        &mut retry_client,
+        f.store.as_ref(),
+        letters[0].dead_letter_id,
+    )
+    .await
+    .expect("retry");
+    assert!(matches!(outcome, dlq::RetryOutcome::FailedAgain(_)));
+    dlq::skip(&client, letters[0].dead_letter_id)
+        .await
+        .expect("skip");
+    assert_eq!(dlq::count(&client, None).await.expect("count"), 0);
+    running.stop().await;
+    assert_equals_rebuild(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_the_stop_policy_a_poison_event_stops_the_projection_until_skipped() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 200).await;
+    // A shipment for an order that was never placed: decodes, but cannot be applied.
+    append_raw(
+        &f,
+        "order-00000000-0000-0000-0000-000000000002",
+        ExpectedVersion::NoStream,
+        "OrderDelivered",
+        json!({"order_id": "00000000-0000-0000-0000-000000000002", "delivered_at": "2026-01-02T00:00:00Z"}),
+    )
+    .await;
+    write_workload(f.store.as_ref(), &mut workload, 200).await;
+    let options = RunnerOptions {
+        policy: DeadLetterPolicy::Stop,
+        ..small_batches()
+    };
+    let runner = Runner::new(
+        ProjectionName::Orders,
+        f.store.clone(),
+        f.db.config().clone(),
+        options.clone(),
+        ProjectionHub::new(),
+    );
+    let stopped = runner.run_until_stopped(CancellationToken::new()).await;
+    assert!(
+        matches!(stopped, Err(ProjectionError::Stopped { .. })),
+        "{stopped:?}"
+    );
+    let client = f.db.connect().await.expect("connect");
+    let statuses = status(&client).await.expect("status");
+    assert_eq!(statuses[0].state, ProjectionState::Failed);
+    assert!(statuses[0].lag_events.unwrap_or(0) > 0);
+    let letters = dlq::list(&client, Some(ProjectionName::Orders), false)
+        .await
+        .expect("list");
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0].error.contains("no order"),
+        "{}",
+        letters[0].error
+    );
+    dlq::skip(&client, letters[0].dead_letter_id)
+        .await
+        .expect("skip");
+    let hub = ProjectionHub::new();
+    let stop = CancellationToken::new();
+    let runner = Runner::new(
+        ProjectionName::Orders,
+        f.store.clone(),
+        f.db.config().clone(),
+        options,
+        hub.clone(),
+    );
+    let task = tokio::spawn(runner.run_until_stopped(stop.clone()));
+    let head = last_of(&client, "%").await;
+    assert!(
+        hub.wait_for(ProjectionName::Orders, head, Duration::from_secs(30))
+            .await
+    );
+    stop.cancel();
+    task.await.expect("task").expect("runner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_during_live_writes_leaves_no_gap_at_the_swap() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    let writer_store = f.store.clone();
+    let writer = tokio::spawn(async move {
+        write_workload(writer_store.as_ref(), &mut workload, 1200).await;
+    });
+    for name in ProjectionName::ALL {
+        let report = rebuild(
+            f.db.config(),
+            f.store.clone(),
+            name,
+            &RebuildOptions {
+                batch_size: 97,
+                ..RebuildOptions::default()
+            },
+            |_| {},
+        )
+        .await
+        .expect("rebuild");
+        assert!(report.events > 0);
+    }
+    writer.await.expect("writer");
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    assert_eq!(
+        count(&f, "select count(*) from projection_rebuilds").await,
+        0
+    );
+    assert_equals_rebuild(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_rebuild_resumes_from_its_shadow_checkpoint() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    let config = f.db.config().clone();
+    let store = f.store.clone();
+    // Interrupt after a few batches by dropping the rebuild's future.
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen_in = seen.clone();
+    let first = tokio::spawn(async move {
+        rebuild(
+            &config,
+            store,
+            ProjectionName::Orders,
+            &RebuildOptions {
+                batch_size: 50,
+                ..RebuildOptions::default()
+            },
+            move |p| {
+                seen_in.store(p.events, Ordering::SeqCst);
+            },
+        )
+        .await
+    });
+    while seen.load(Ordering::SeqCst) < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    let _ = first.await;
+    // The server releases the first run's lock when its connection closes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = rebuild(
+        f.db.config(),
+        f.store.clone(),
+        ProjectionName::Orders,
+        &RebuildOptions::default(),
+        |_| {},
+    )
+    .await
+    .expect("resumed rebuild");
+    assert!(report.resumed);
+    let total = count(&f, "select count(*) from events").await as u64;
+    assert!(report.events < total, "{} of {total}", report.events);
+    let rebuilt = dump(&f).await;
+    rebuild(
+        f.db.config(),
+        f.store.clone(),
+        ProjectionName::Orders,
+        &RebuildOptions::default(),
+        |_| {},
+    )
+    .await
+    .expect("full rebuild");
+    assert_same(&rebuilt, &dump(&f).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_runners_of_the_same_projection_never_double_apply() {
+    let f = fixture().await;
+    let hub_a = ProjectionHub::new();
+    let hub_b = ProjectionHub::new();
+    let fast = RunnerOptions {
+        standby_poll: Duration::from_millis(50),
+        ..small_batches()
+    };
+    let a = start(&f, &hub_a, fast.clone());
+    let b = start(&f, &hub_b, fast);
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 700).await;
+    // Stop whichever is active half-way; the standby takes over from the checkpoint.
+    let a_active = hub_a.position(ProjectionName::Orders) > Position::START;
+    let (survivor, hub) = if a_active {
+        a.stop().await;
+        (b, hub_b)
+    } else {
+        b.stop().await;
+        (a, hub_a)
+    };
+    write_workload(f.store.as_ref(), &mut workload, 700).await;
+    caught_up(&f, &hub).await;
+    survivor.stop().await;
+    assert_equals_rebuild(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_api_queries_use_indexes() {
+    let f = fixture().await;
+    let client = f.db.connect().await.expect("connect");
+    client
+        .batch_execute("set enable_seqscan = off")
+        .await
+        .expect("set");
+    let shapes = [
+        "select * from orders where order_id = '00000000-0000-0000-0000-000000000001'",
+        "select * from order_lines where order_id = '00000000-0000-0000-0000-000000000001' order by line_no",
+        "select * from order_status_history where order_id = '00000000-0000-0000-0000-000000000001' order by version",
+        "select * from orders where customer_id = 'c' and (placed_at, order_id) > ('2026-01-01', '00000000-0000-0000-0000-000000000001') order by placed_at, order_id limit 21",
+        "select * from orders where status = any('{PLACED,PAID}') and placed_at >= '2026-01-01' and placed_at < '2026-02-01' order by placed_at, order_id limit 21",
+        "select * from orders where (placed_at, order_id) > ('2026-01-01', '00000000-0000-0000-0000-000000000001') order by placed_at, order_id limit 21",
+        "select o.* from order_search s join orders o using (order_id) where s.search_document @@ plainto_tsquery('simple', 'kettle') order by o.placed_at, o.order_id limit 21",
+        "select * from products where sku = 'SKU-1'",
+        "select * from products where to_tsvector('simple', name || ' ' || sku) @@ plainto_tsquery('simple', 'tea') order by name, sku limit 51",
+        "select * from products where (name, sku) > ('a', 'b') order by name, sku limit 51",
+        "select * from customers where customer_id = 'c'",
+        "select * from customer_lifetime_values where customer_id = 'c'",
+        "select * from daily_sales where date between '2026-01-01' and '2026-01-31' order by date, currency",
+    ];
+    for sql in shapes {
+        let plan: Vec<String> = client
+            .query(&format!("explain {sql}"), &[])
+            .await
+            .expect("explain")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index") && !plan.contains("Seq Scan"),
+            "{sql}\n{plan}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listeners_learn_the_checkpoint_and_touched_orders_in_and_across_processes() {
+    let f = fixture().await;
+    let local = ProjectionHub::new();
+    let remote = ProjectionHub::new();
+    let follower = remote.follow(f.db.config().clone());
+    let mut local_updates = local.updates();
+    let mut remote_updates = remote.updates();
+    // Let the follower's LISTEN start before the first notification.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = start(&f, &local, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    let head = write_workload(f.store.as_ref(), &mut workload, 100).await;
+    assert!(
+        remote
+            .wait_for(ProjectionName::Orders, head, Duration::from_secs(30))
+            .await
+    );
+    assert!(
+        !remote
+            .wait_for(
+                ProjectionName::Orders,
+                Position::new(u64::MAX, 0),
+                Duration::from_millis(50)
+            )
+            .await
+    );
+    let find_order = |update: orderly_projections::ProjectionUpdate| {
+        (update.projection == "orders" && !update.order_ids.is_empty()).then_some(update)
+    };
+    let local_seen = loop {
+        if let Some(u) = find_order(local_updates.recv().await.expect("local")) {
+            break u;
+        }
+    };
+    let remote_seen = loop {
+        if let Some(u) = find_order(remote_updates.recv().await.expect("remote")) {
+            break u;
+        }
+    };
+    assert_eq!(local_seen.order_ids, remote_seen.order_ids);
+    running.stop().await;
+    follower.abort();
+}
+
+#[test]
+fn notification_payloads_stay_under_the_postgresql_limit() {
+    let update = orderly_projections::ProjectionUpdate {
+        projection: "orders".to_owned(),
+        position: Position::new(u64::MAX, u64::MAX),
+        order_ids: (0..5000).map(|_| uuid::Uuid::now_v7()).collect(),
+        truncated: false,
+    };
+    let payload = update.to_payload();
+    assert!(payload.len() < 8000, "{}", payload.len());
+    let back: orderly_projections::ProjectionUpdate = serde_json::from_str(&payload).expect("json");
+    assert!(back.truncated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_catches_up_then_stops_at_its_limit() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 60).await;
+    let options = orderly_projections::tail::TailOptions {
+        filter: EventFilter::Category("product".to_owned()),
+        json: true,
+        limit: Some(10),
+        ..Default::default()
+    };
+    let mut out: Vec<u8> = Vec::new();
+    let written = orderly_projections::tail::tail(
+        f.store.as_ref(),
+        &options,
+        &mut out,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("tail");
+    assert_eq!(written, 10);
+    let text = String::from_utf8(out).expect("utf8");
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("json line");
+        assert!(
+            record["stream"]
+                .as_str()
+                .expect("stream")
+                .starts_with("product-")
+        );
+        assert!(record["position"].as_str().expect("position").len() == 32);
+    }
+}
