@@ -29,7 +29,8 @@ pub struct SubscriptionOptions {
     /// (another process's writes with no notification channel up, for instance).
     pub poll_interval: Duration,
     /// First and longest pause when newer events exist but are held back behind a transaction
-    /// still in flight; the pause doubles between the two.
+    /// still in flight; the pause doubles between the two, and a wake-up (a commit) ends it
+    /// early.
     pub held_back_min: Duration,
     pub held_back_max: Duration,
     /// Longest pause between retries while the store is unavailable.
@@ -143,7 +144,12 @@ pub(crate) fn spawn<S: PageSource>(
                 continue;
             }
             if page.held_back {
-                tokio::time::sleep(held_back_pause).await;
+                // What holds the reader back is usually another append, whose commit wakes us;
+                // the pause covers transactions that send no wake-up.
+                tokio::select! {
+                    _ = wakeups.changed() => {}
+                    _ = tokio::time::sleep(held_back_pause) => {}
+                }
                 held_back_pause = (held_back_pause * 2).min(options.held_back_max);
                 continue;
             }
