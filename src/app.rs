@@ -11,8 +11,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use orderly_command_api::{CommandService, IdempotencyKeys};
 use orderly_event_store::EventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
+use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -39,7 +41,10 @@ impl App {
         let router = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(AppState { store });
+            .with_state(AppState {
+                store: store.clone(),
+            })
+            .merge(graphql_router(settings, store)?);
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
@@ -59,11 +64,53 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "serving");
-        axum::serve(self.listener, self.router)
+        // Connect info gives the rate limiter the client's address for anonymous callers.
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
             .await?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// POST /graphql: the command API's mutations (with a placeholder Query until the read API's
+/// Query root is merged in here), behind authentication, rate limits and request limits.
+pub fn graphql_router(settings: &Settings, store: Arc<dyn EventStore>) -> anyhow::Result<Router> {
+    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
+    let schema = orderly_command_api::schema(service);
+    let sdl = schema.sdl();
+    let auth = Authenticator::new(&jwt_config(settings)).context("invalid JWT settings")?;
+    if !auth.is_configured() {
+        tracing::warn!("no JWT key configured: every mutation will answer UNAUTHENTICATED");
+    }
+    let limiter = RateLimiter::new(RateLimit {
+        per_second: settings.rate_limit_per_second,
+        burst: settings.rate_limit_burst,
+    })?;
+    let limits = GraphqlLimits {
+        body_limit: settings.graphql_body_limit,
+        timeout: Duration::from_millis(settings.graphql_timeout_ms),
+    };
+    Ok(orderly_platform::graphql_router(
+        schema,
+        sdl,
+        Arc::new(auth),
+        Arc::new(limiter),
+        limits,
+    ))
+}
+
+pub fn jwt_config(settings: &Settings) -> JwtConfig {
+    JwtConfig {
+        secret: settings.jwt_secret.clone(),
+        public_key: settings.jwt_public_key.clone(),
+        private_key: settings.jwt_private_key.clone(),
+        issuer: settings.jwt_issuer.clone(),
+        audience: settings.jwt_audience.clone(),
     }
 }
 
@@ -96,7 +143,19 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     orderly_event_store::postgres::migrate(&config)
         .await
         .context("event store migrations failed")?;
+    orderly_command_api::migrate(&config)
+        .await
+        .context("command-side migrations failed")?;
     Ok(())
+}
+
+/// Changes whenever any migration `migrate` applies changes; test templates are keyed by it.
+pub fn migration_fingerprint() -> String {
+    format!(
+        "event-store[{}] command-api[{}]",
+        orderly_event_store::postgres::migration_fingerprint(),
+        orderly_command_api::migration_fingerprint()
+    )
 }
 
 /// Alive: the process answers. Says nothing about dependencies.

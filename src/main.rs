@@ -1,12 +1,14 @@
 //! `orderly`: the command line. Parses arguments and settings, then hands over to the library.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use orderly::app::{self, App};
 use orderly::settings::Settings;
 use orderly::telemetry;
+use orderly_platform::{Role, TokenIssuer};
 
 /// Orderly, an event-sourced order engine.
 ///
@@ -30,6 +32,46 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Apply the migrations, then serve only the command API (POST /graphql with the
+    /// mutations, /healthz, /readyz); the saga runner runs elsewhere (`orderly saga run`).
+    CommandApi,
+    /// Print a bearer token signed with the configured key (ORDERLY_JWT_SECRET for HS256,
+    /// ORDERLY_JWT_PRIVATE_KEY for RS256), with ORDERLY_JWT_ISSUER/AUDIENCE when set.
+    Token {
+        /// The subject: a customer id or user id.
+        #[arg(long)]
+        sub: String,
+        /// A role: customer, warehouse or admin; repeat for several.
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+        /// How long the token is valid: 90s, 30m, 12h, 7d (a bare number is seconds).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    Role::parse(text).ok_or_else(|| format!("{text:?} is not one of customer, warehouse, admin"))
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30m"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?}; use s, m, h or d")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[tokio::main]
@@ -43,10 +85,14 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&settings).await?;
             tracing::info!("migrations applied");
         }
-        Command::Serve => {
+        Command::Serve | Command::CommandApi => {
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
             app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Token { sub, roles, ttl } => {
+            let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
+            println!("{}", issuer.issue(&sub, &roles, ttl)?);
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ use orderly_test_support::{BoxError, TestDb};
 async fn migrated_database() -> TestDb {
     TestDb::create(
         "orderly-all",
-        &orderly_event_store::postgres::migration_fingerprint(),
+        &orderly::app::migration_fingerprint(),
         |url| async move {
             let settings = Settings {
                 database_url: url,

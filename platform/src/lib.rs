@@ -28,3 +28,30 @@ pub use errors::ErrorCode;
 pub use http::{Caller, GraphqlLimits, graphql_router};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use scalars::{ConsistencyToken, Date, Long};
+
+/// A PostgreSQL connection pool that connects lazily (an unreachable database shows as
+/// UNAVAILABLE on use, not as a failed start), for the tables a service keeps beside the log.
+pub fn pg_pool(
+    config: &tokio_postgres::Config,
+    size: usize,
+) -> Result<deadpool_postgres::Pool, PlatformError> {
+    let manager = deadpool_postgres::Manager::from_config(
+        config.clone(),
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    // Waiting longer than this for a connection is an outage to report, not to sit out.
+    let wait = std::time::Duration::from_secs(5);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size.max(1))
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| PlatformError::InvalidSetting {
+            name: "database_url",
+            reason: e.to_string(),
+        })
+}
