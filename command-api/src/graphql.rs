@@ -248,7 +248,7 @@ where
         })
 }
 
-#[Object]
+#[Object(name = "Mutation")]
 impl MutationRoot {
     async fn place_order(
         &self,
@@ -364,7 +364,7 @@ impl MutationRoot {
 #[derive(Default)]
 pub struct PlaceholderQuery;
 
-#[Object]
+#[Object(name = "Query")]
 impl PlaceholderQuery {
     /// Always "ok": the command API answers; read models are served by the read API.
     async fn command_api_status(&self) -> &'static str {
