@@ -11,14 +11,18 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use orderly_command_api::saga::{
+    HttpGateway, PaymentGateway, Resilience, Resilient, SagaConfig, SagaRunner, Simulator,
+};
 use orderly_command_api::{CommandService, IdempotencyKeys};
+use orderly_domain::fulfilment::Timing;
 use orderly_event_store::EventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::settings::{EventStoreKind, Settings};
+use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
 
 /// How long a readiness probe may wait on a dependency before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -102,6 +106,48 @@ pub fn graphql_router(settings: &Settings, store: Arc<dyn EventStore>) -> anyhow
         Arc::new(limiter),
         limits,
     ))
+}
+
+/// The payment gateway the settings choose, behind timeout, retries, breaker and limit. Keep
+/// the `Arc` to read the breaker's state.
+pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
+    let inner: Arc<dyn PaymentGateway> = match settings.payment_gateway {
+        PaymentGatewayKind::Simulator => Arc::new(Simulator::default()),
+        PaymentGatewayKind::Http => {
+            let url = settings
+                .payment_gateway_url
+                .as_deref()
+                .context("payment_gateway = http needs ORDERLY_PAYMENT_GATEWAY_URL")?;
+            Arc::new(HttpGateway::new(url))
+        }
+    };
+    let policy = Resilience {
+        timeout: Duration::from_millis(settings.payment_timeout_ms),
+        concurrency: settings.payment_concurrency,
+        ..Resilience::default()
+    };
+    Ok(Arc::new(Resilient::new(inner, policy)))
+}
+
+/// The fulfilment saga runner with its outbox worker, calling `gateway`.
+pub fn saga_runner(
+    settings: &Settings,
+    gateway: Arc<dyn PaymentGateway>,
+) -> anyhow::Result<SagaRunner> {
+    let store = event_store(settings)?;
+    let config = pg_config(settings)?;
+    let pool = orderly_platform::pg_pool(&config, settings.db_pool_size)?;
+    let millis = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let saga = SagaConfig {
+        timing: Timing {
+            payment_deadline_ms: millis(settings.payment_deadline_secs),
+            retry_after_ms: millis(settings.payment_retry_after_secs),
+        },
+        tick: Duration::from_millis(settings.saga_tick_ms.max(1)),
+        outbox_max_attempts: settings.outbox_max_attempts,
+        ..SagaConfig::default()
+    };
+    Ok(SagaRunner::new(saga, store, pool, config, gateway))
 }
 
 pub fn jwt_config(settings: &Settings) -> JwtConfig {

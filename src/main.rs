@@ -32,6 +32,11 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// The fulfilment saga runner and its outbox worker.
+    Saga {
+        #[command(subcommand)]
+        command: SagaCommand,
+    },
     /// Apply the migrations, then serve only the command API (POST /graphql with the
     /// mutations, /healthz, /readyz); the saga runner runs elsewhere (`orderly saga run`).
     CommandApi,
@@ -48,6 +53,14 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
+}
+
+#[derive(Subcommand)]
+enum SagaCommand {
+    /// Apply the migrations, then follow the log and drive orders to confirmation or
+    /// cancellation until SIGINT or SIGTERM. Several processes may run: one leads, the others
+    /// wait to take over.
+    Run,
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
@@ -85,10 +98,38 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&settings).await?;
             tracing::info!("migrations applied");
         }
-        Command::Serve | Command::CommandApi => {
+        Command::Serve => {
+            app::migrate(&settings).await?;
+            let app = App::build(&settings).await?;
+            let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
+            // One signal stops both: the HTTP side drains its requests, the saga its step.
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            let signal = async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            };
+            let (served, sagas, ()) = tokio::join!(
+                app.run_until_stopped(wait(stopped.clone())),
+                saga.run_until_stopped(wait(stopped)),
+                signal
+            );
+            served?;
+            sagas?;
+        }
+        Command::CommandApi => {
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
             app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Saga {
+            command: SagaCommand::Run,
+        } => {
+            app::migrate(&settings).await?;
+            let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
+            saga.run_until_stopped(shutdown_signal()).await?;
         }
         Command::Token { sub, roles, ttl } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;

@@ -23,6 +23,8 @@ create table saga_states (
     saga_name text not null,
     order_id uuid not null,
     state jsonb not null,
+    -- Carried onto the commands a deadline sends, so they join the order's trace.
+    correlation_id uuid not null,
     due_at timestamptz,
     settled boolean not null default false,
     updated_at timestamptz not null default now(),

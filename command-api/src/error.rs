@@ -55,6 +55,13 @@ pub enum CommandError {
     #[error("unavailable: {0}")]
     Unavailable(String),
 
+    /// The payment gateway failed transiently (timeout, outage, open circuit breaker).
+    ///
+    /// Handling: the gateway worker records a `PaymentFailed` and the saga retries until the
+    /// payment deadline; never reported to API callers.
+    #[error("payment gateway: {0}")]
+    Gateway(String),
+
     /// A bug or corrupt data (an event that does not decode, a store invariant broken).
     ///
     /// Handling: INTERNAL, logged with the request id; never retried blindly.
@@ -72,7 +79,10 @@ impl CommandError {
 
     /// Whether a worker should try the same thing again later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Contended(_))
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Contended(_) | Self::Gateway(_)
+        )
     }
 
     /// The contract error for this failure; detail of internal failures is logged only.
@@ -84,7 +94,9 @@ impl CommandError {
             Self::NotFound(what) => ErrorCode::NotFound.error(format!("{what} not found")),
             Self::Conflict { expected, actual } => errors::conflict(*expected, *actual),
             Self::Rejected(rejection) => rejection_to_graphql(rejection),
-            Self::Contended(_) | Self::Unavailable(_) => errors::unavailable(request_id, self),
+            Self::Contended(_) | Self::Unavailable(_) | Self::Gateway(_) => {
+                errors::unavailable(request_id, self)
+            }
             Self::Internal(_) => errors::internal(request_id, self),
         }
     }

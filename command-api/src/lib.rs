@@ -23,12 +23,15 @@ mod graphql;
 mod handling;
 mod idempotency;
 mod migrations;
+pub mod saga;
 
 pub use commands::{CommandResult, CommandService, PlaceOrder, RegisterProduct};
 pub use error::CommandError;
 pub use graphql::{
     CommandSchema, MAX_COMPLEXITY, MAX_DEPTH, MutationRoot, PlaceholderQuery, schema, with_limits,
 };
-pub use handling::{ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored};
+pub use handling::{
+    ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
+};
 pub use idempotency::IdempotencyKeys;
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};

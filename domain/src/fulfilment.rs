@@ -415,7 +415,8 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
             // Rebuilding from the log: the request is proof it was sent.
             state.sent.charge_attempt = state.sent.charge_attempt.max(requested.attempt);
             if requested.attempt == 1 {
-                state.payment_due_at = Some(requested.requested_at + state.timing.payment_deadline());
+                state.payment_due_at =
+                    Some(requested.requested_at + state.timing.payment_deadline());
             }
             Some(requested.requested_at)
         }
