@@ -39,7 +39,8 @@ enum Command {
     },
     /// Apply the migrations, then serve only the command API (POST /graphql with the
     /// mutations, /healthz, /readyz); the saga runner runs elsewhere (`orderly saga run`).
-    CommandApi,
+    #[command(name = "command-api")]
+    WriteApi,
     /// Print a bearer token signed with the configured key (ORDERLY_JWT_SECRET for HS256,
     /// ORDERLY_JWT_PRIVATE_KEY for RS256), with ORDERLY_JWT_ISSUER/AUDIENCE when set.
     Token {
@@ -119,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
             served?;
             sagas?;
         }
-        Command::CommandApi => {
+        Command::WriteApi => {
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
             app.run_until_stopped(shutdown_signal()).await?;

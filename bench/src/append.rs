@@ -26,14 +26,14 @@ use crate::report::{self, HEADER, Outcome};
 pub struct Args {
     /// Seconds each scenario is measured, after a warm-up of a fifth of that.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Writer counts to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    writers: Vec<usize>,
+    pub(crate) writers: Vec<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Scenario {
+pub(crate) enum Scenario {
     RawSingle,
     OrderlySingle,
     RawBatch,
@@ -204,7 +204,7 @@ fn warmup(args: &Args) -> Duration {
     Duration::from_secs(args.seconds) / 5
 }
 
-async fn measure(
+pub(crate) async fn measure(
     db: &TestDb,
     scenario: Scenario,
     writers: usize,

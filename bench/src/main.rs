@@ -6,10 +6,13 @@
 //! - `append`: event-store appends (single events to fresh streams with an expected-version
 //!   check, and 10-event batches) at several writer counts, next to plain INSERTs of the same
 //!   rows into the same table, with the same indexes and durability.
+//! - `place_order`: placeOrder through GraphQL over HTTP (the command API served in-process)
+//!   at several client counts, next to the single-event append rate of the same run.
 //!
 //! Each run works in a database of its own, created from a migrated template and dropped after.
 
 mod append;
+mod place_order;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -28,11 +31,15 @@ struct Cli {
 enum Command {
     /// Event-store appends versus raw INSERTs (server: ORDERLY_TEST_DATABASE_URL, see README).
     Append(append::Args),
+    /// placeOrder through GraphQL over HTTP at several client counts, next to the
+    /// single-event append rate in the same run.
+    PlaceOrder(place_order::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Append(args) => append::run(args).await,
+        Command::PlaceOrder(args) => place_order::run(args).await,
     }
 }

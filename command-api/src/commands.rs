@@ -17,7 +17,7 @@ use orderly_platform::{Actor, Role};
 use uuid::Uuid;
 
 use crate::CommandError;
-use crate::handling::{Envelope, Handler, Outcome, stream_name};
+use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
 use crate::idempotency::{Claim, IdempotencyKeys, StoredResult};
 
 /// Product streams read at once while pricing an order.
@@ -137,7 +137,8 @@ impl CommandService {
             (Some(keys), Some(key)) => Some((keys, key.as_str())),
             _ => None,
         };
-        let mut owned = false;
+        // No key: the order id is fresh. Owned key: nobody used it, so neither its order id.
+        let mut owned = command.idempotency_key.is_none();
         if let Some((keys, key)) = keyed {
             match keys
                 .claim(customer_id.as_str(), key, command.fingerprint, order_id.0)
@@ -161,7 +162,7 @@ impl CommandService {
             }
         }
         let outcome = self
-            .place(actor, &customer_id, order_id, command_id, &command)
+            .place(actor, &customer_id, order_id, command_id, &command, owned)
             .await;
         if let Some((keys, key)) = keyed {
             match &outcome {
@@ -190,6 +191,7 @@ impl CommandService {
         order_id: OrderId,
         command_id: Uuid,
         command: &PlaceOrder,
+        fresh: bool,
     ) -> Result<CommandResult, CommandError> {
         let products = self.products(&command.lines).await?;
         let lines = order::price_lines(&command.lines, &products)?;
@@ -207,16 +209,22 @@ impl CommandService {
             placed_at: Utc::now(),
         };
         let stream = stream_name(streams::order(order_id))?;
-        let outcome = self
-            .handler
-            .execute::<OrderAggregate, _>(&stream, None, &envelope, |loaded| {
-                // Our own placement is already stored (a retry): nothing to decide.
-                if loaded.first_event_id == Some(ours) {
-                    return Ok(Vec::new());
-                }
-                Ok(order::decide(&loaded.state, &place)?)
-            })
-            .await?;
+        let decide = |loaded: &Loaded<Option<order::Order>>| {
+            // Our own placement is already stored (a retry): nothing to decide.
+            if loaded.first_event_id == Some(ours) {
+                return Ok(Vec::new());
+            }
+            Ok(order::decide(&loaded.state, &place)?)
+        };
+        let outcome = if fresh {
+            self.handler
+                .execute_new::<OrderAggregate, _>(&stream, &envelope, decide)
+                .await?
+        } else {
+            self.handler
+                .execute::<OrderAggregate, _>(&stream, None, &envelope, decide)
+                .await?
+        };
         let id = order_id.to_string();
         if outcome.appended {
             return Ok(CommandResult::from_outcome(id, outcome));

@@ -191,8 +191,49 @@ impl Handler {
         A: Stored,
         F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
     {
-        for _ in 0..MAX_ATTEMPTS {
-            let loaded = self.load::<A>(stream).await?;
+        self.run::<A, F>(stream, expected, envelope, decide, false)
+            .await
+    }
+
+    /// As [`Handler::execute`] for a stream the caller has just named with a fresh id (a new
+    /// order): the first attempt decides on the empty state without reading, saving a round
+    /// trip; if the stream exists after all, the append conflicts and the normal path runs.
+    pub async fn execute_new<A, F>(
+        &self,
+        stream: &StreamName,
+        envelope: &Envelope,
+        decide: F,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Stored,
+        F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
+    {
+        self.run::<A, F>(stream, None, envelope, decide, true).await
+    }
+
+    async fn run<A, F>(
+        &self,
+        stream: &StreamName,
+        expected: Option<u64>,
+        envelope: &Envelope,
+        decide: F,
+        assume_new: bool,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Stored,
+        F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
+    {
+        for attempt in 0..MAX_ATTEMPTS {
+            let loaded = if assume_new && attempt == 0 {
+                Loaded {
+                    state: A::State::default(),
+                    version: None,
+                    position: Position::START,
+                    first_event_id: None,
+                }
+            } else {
+                self.load::<A>(stream).await?
+            };
             if let Some(expected) = expected
                 && loaded.version != Some(expected)
             {
