@@ -512,3 +512,42 @@ fn types(sdl: &str) -> std::collections::HashMap<String, Vec<String>> {
     }
     types
 }
+
+#[tokio::test]
+async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args([
+            "token",
+            "--sub",
+            "admin-cli",
+            "--role",
+            "admin",
+            "--ttl",
+            "5m",
+        ])
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let answer = api
+        .gql(
+            Some(&token),
+            REGISTER,
+            json!({ "input": { "sku": "CLI", "name": "Via CLI", "priceMinor": 1, "currency": "EUR", "initialStock": 0 } }),
+        )
+        .await;
+    assert_eq!(answer.data("registerProduct")["id"], "CLI");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(["token", "--sub", "x", "--role", "root"])
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "an unknown role is refused");
+}

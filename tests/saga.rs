@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use orderly::settings::Settings;
+use orderly_command_api::CommandError;
 use orderly_command_api::Handler;
 use orderly_command_api::saga::{
-    BreakerState, PaymentGateway, Resilience, Resilient, SagaConfig, SagaRunner, Simulator,
+    BreakerState, Charge, ChargeOutcome, PaymentGateway, Resilience, Resilient, SagaConfig,
+    SagaRunner, Simulator,
 };
 use orderly_domain::fulfilment::Timing;
 use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
@@ -50,15 +52,23 @@ fn start_saga_with(
     gateway: Arc<dyn PaymentGateway>,
     timing: Timing,
 ) -> JoinHandle<()> {
-    let store = orderly::app::event_store(settings).unwrap();
-    let pg_config = orderly::app::pg_config(settings).unwrap();
-    let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
     let config = SagaConfig {
         timing,
         tick: Duration::from_millis(100),
         outbox_lease: Duration::from_secs(3),
         ..SagaConfig::default()
     };
+    start_saga_config(settings, gateway, config)
+}
+
+fn start_saga_config(
+    settings: &Settings,
+    gateway: Arc<dyn PaymentGateway>,
+    config: SagaConfig,
+) -> JoinHandle<()> {
+    let store = orderly::app::event_store(settings).unwrap();
+    let pg_config = orderly::app::pg_config(settings).unwrap();
+    let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
     let runner = SagaRunner::new(config, store, pool, pg_config, gateway);
     tokio::spawn(async move {
         runner
@@ -366,4 +376,90 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     )
     .await;
     assert_eq!(confirmed, ids.len() as i64);
+}
+
+/// Charges like the simulator; every refund fails.
+struct RefundsFail(Simulator);
+
+#[async_trait::async_trait]
+impl PaymentGateway for RefundsFail {
+    async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        self.0.charge(charge).await
+    }
+
+    async fn refund(&self, _key: &str, _reference: &str) -> Result<(), CommandError> {
+        Err(CommandError::Gateway("refunds are down".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lettered() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let config = SagaConfig {
+        timing: fast_timing(),
+        tick: Duration::from_millis(50),
+        outbox_max_attempts: 2,
+        ..SagaConfig::default()
+    };
+    let _saga = start_saga_config(
+        &settings,
+        Arc::new(RefundsFail(Simulator::default())),
+        config,
+    );
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    let log = Log::new(&settings);
+    let order = log
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(order.status, OrderStatus::Confirmed);
+
+    let cancelled = api
+        .gql(
+            Some(&customer("alice")),
+            CANCEL,
+            json!({ "id": id, "reason": "changed my mind" }),
+        )
+        .await;
+    cancelled.data("cancelOrder");
+    let started = Instant::now();
+    loop {
+        let dead = count(
+            &db,
+            "select count(*) from outbox where kind = 'refund' and dead_lettered_at is not null",
+        )
+        .await;
+        if dead == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the refund was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let error: String = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one("select last_error from outbox where kind = 'refund'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("refunds are down"), "{error}");
+    let notices = count(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and delivered_at is not null",
+    )
+    .await;
+    assert_eq!(notices, 2, "confirmation and cancellation");
+    let product = log.product("TEA").await;
+    assert_eq!(
+        product.reserved(),
+        0,
+        "the reservation was released all the same"
+    );
 }
