@@ -92,30 +92,18 @@ async fn an_order_is_placed_cancelled_by_its_customer_and_a_second_cancel_append
     assert_eq!(result["version"], 0);
     let order_id = result["id"].as_str().unwrap().to_owned();
 
-    let stored = orderly_event_schemas::decode_recorded(
-        "OrderPlaced",
-        db.connect()
-            .await
-            .unwrap()
-            .query_one(
-                "select data from events where event_type = 'OrderPlaced'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0),
-        db.connect()
-            .await
-            .unwrap()
-            .query_one(
-                "select metadata from events where event_type = 'OrderPlaced'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0),
-    )
-    .unwrap();
+    let row = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select data, metadata from events where event_type = 'OrderPlaced'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored =
+        orderly_event_schemas::decode_recorded("OrderPlaced", row.get(0), row.get(1)).unwrap();
     assert_eq!(stored.metadata.actor, "alice");
     let orderly_event_schemas::Event::Order(orderly_event_schemas::OrderEvent::OrderPlaced(p)) =
         stored.event
@@ -233,17 +221,11 @@ async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing(
         reused.error()["extensions"]["field"],
         "input.idempotencyKey"
     );
-    let placed: i64 = db
-        .connect()
-        .await
-        .unwrap()
-        .query_one(
-            "select count(*) from events where event_type = 'OrderPlaced'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let placed = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderPlaced'",
+    )
+    .await;
     assert_eq!(placed, 2, "alice's order once, bob's once");
 }
 
@@ -265,17 +247,11 @@ async fn concurrent_calls_with_one_key_place_one_order() {
     assert!(results.iter().all(|r| r["token"] == results[0]["token"]));
     let fresh = results.iter().filter(|r| r["replayed"] == false).count();
     assert_eq!(fresh, 1, "exactly one call wrote: {results:?}");
-    let placed: i64 = db
-        .connect()
-        .await
-        .unwrap()
-        .query_one(
-            "select count(*) from events where event_type = 'OrderPlaced'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let placed = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderPlaced'",
+    )
+    .await;
     assert_eq!(placed, 1);
 }
 

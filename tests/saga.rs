@@ -145,16 +145,6 @@ async fn place(api: &Api, customer_id: &str, sku: &str, quantity: i64, token: &s
     answer.data("placeOrder")["id"].as_str().unwrap().to_owned()
 }
 
-async fn count(db: &orderly_test_support::TestDb, sql: &str) -> i64 {
-    db.connect()
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_orders_for_the_last_ten_units_confirm_ten_and_cancel_forty_out_of_stock() {
     let db = migrated_database().await;

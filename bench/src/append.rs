@@ -258,13 +258,7 @@ pub(crate) async fn measure(
             anyhow::Ok((operations, histogram))
         })
     });
-    let mut latency_us = report::histogram();
-    let mut operations = 0;
-    for task in futures::future::join_all(tasks).await {
-        let (ops, histogram) = task??;
-        operations += ops;
-        latency_us.add(histogram)?;
-    }
+    let (operations, latency_us) = report::gather(tasks).await?;
     Ok(Outcome {
         name: scenario.name().to_owned(),
         writers,

@@ -215,13 +215,7 @@ async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Resu
             anyhow::Ok((operations, histogram))
         })
     });
-    let mut latency_us = report::histogram();
-    let mut operations = 0;
-    for task in futures::future::join_all(tasks).await {
-        let (ops, histogram) = task??;
-        operations += ops;
-        latency_us.add(histogram)?;
-    }
+    let (operations, latency_us) = report::gather(tasks).await?;
     Ok(Outcome {
         name: "placeOrder (GraphQL)".to_owned(),
         writers: clients,

@@ -31,6 +31,17 @@ pub async fn migrated_database() -> TestDb {
     .expect("test database")
 }
 
+/// The single number `sql` selects.
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.connect()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 pub fn settings_for(url: &str) -> Settings {
     Settings {
         database_url: url.to_owned(),
