@@ -10,7 +10,8 @@
 //! - gateway calls leave only through outbox rows whose ids derive from the saga step, and carry
 //!   the order id as the provider's idempotency key, so a repeated call never charges twice;
 //! - deadlines are data in the saga state; `saga_states.due_at` lets a ticker find them after
-//!   a restart.
+//!   a restart. They are judged in log time while the runner is behind (the time of the last
+//!   event it handled), so catching up never cancels an order whose payment is in the log.
 //!
 //! One runner per saga name is active at a time (a PostgreSQL advisory lock on a connection of
 //! its own); others wait and take over when it stops or dies.
@@ -146,6 +147,8 @@ impl SagaRunner {
                 .subscribe(after, EventFilter::All)
                 .await?;
             let mut ticker = tokio::time::interval(self.config.tick);
+            // The last event handled, with its time: deadlines are judged in log time.
+            let mut seen: Option<(Position, DateTime<Utc>)> = None;
             loop {
                 tokio::select! {
                     _ = stop.changed() => return Ok(()),
@@ -154,6 +157,7 @@ impl SagaRunner {
                             if !self.handle_until_done(&event, &mut stop).await {
                                 return Ok(());
                             }
+                            seen = Some((event.position, event.recorded_at));
                         }
                         Some(Err(error)) => {
                             tracing::warn!(%error, "saga subscription failed; resubscribing");
@@ -163,7 +167,11 @@ impl SagaRunner {
                         None => break,
                     },
                     _ = ticker.tick() => {
-                        if let Err(error) = self.tick_due().await {
+                        let ticked = match self.now(after, seen).await {
+                            Ok(now) => self.tick_due(now).await,
+                            Err(error) => Err(error),
+                        };
+                        if let Err(error) = ticked {
                             tracing::warn!(%error, "saga deadlines not handled this tick");
                         }
                     }
@@ -357,16 +365,35 @@ impl SagaRunner {
         Ok(())
     }
 
-    /// Feeds the current time to every saga whose deadline has passed.
-    async fn tick_due(&self) -> Result<(), CommandError> {
+    /// The time deadlines are judged by: the wall clock when the runner has handled every
+    /// event in the log, else the time of the last event it handled. A runner that is behind
+    /// (after a restart, under a burst) must not cancel an order for a payment deadline while
+    /// the payment's outcome is still waiting in the log.
+    async fn now(
+        &self,
+        checkpoint: Position,
+        seen: Option<(Position, DateTime<Utc>)>,
+    ) -> Result<DateTime<Utc>, CommandError> {
+        let head = self.handler.store().head().await?;
+        let at = seen.map_or(checkpoint, |(position, _)| position);
+        match seen {
+            _ if head <= at => Ok(Utc::now()),
+            Some((_, recorded_at)) => Ok(recorded_at),
+            // Behind, and nothing handled yet since the start: no log time to go by.
+            None => Ok(DateTime::<Utc>::MIN_UTC),
+        }
+    }
+
+    /// Feeds `now` to every saga whose deadline has passed by then.
+    async fn tick_due(&self, now: DateTime<Utc>) -> Result<(), CommandError> {
         let due = {
             let client = self.pool.get().await?;
             client
                 .query(
                     "select order_id, state, due_at, correlation_id from saga_states
-                     where saga_name = $1 and not settled and due_at <= now()
+                     where saga_name = $1 and not settled and due_at <= $3
                      order by due_at limit $2",
-                    &[&self.config.name, &DUE_BATCH],
+                    &[&self.config.name, &DUE_BATCH, &now],
                 )
                 .await?
         };
@@ -376,7 +403,7 @@ impl SagaRunner {
                 .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")))?;
             let due_at: DateTime<Utc> = row.get(2);
             let correlation: Uuid = row.get(3);
-            let (next, commands) = fulfilment::step(state, &SagaInput::Tick { now: Utc::now() });
+            let (next, commands) = fulfilment::step(state, &SagaInput::Tick { now });
             let step = Step {
                 // The same deadline seen again after a crash sends the same command ids.
                 causation: Uuid::new_v5(
