@@ -527,3 +527,40 @@ async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
         .unwrap();
     assert!(!refused.status.success(), "an unknown role is refused");
 }
+
+#[tokio::test]
+async fn every_event_carries_its_actor_command_and_the_callers_trace() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 1).await;
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = json!({ "query": RESTOCK, "variables": { "sku": "TEA", "q": 2 } });
+    let response = api
+        .http
+        .post(format!("{}/graphql", api.base))
+        .bearer_auth(warehouse())
+        .header("traceparent", trace)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let row = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select data, metadata from events where event_type = 'ProductRestocked'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored =
+        orderly_event_schemas::decode_recorded("ProductRestocked", row.get(0), row.get(1)).unwrap();
+    let metadata = stored.metadata;
+    assert_eq!(metadata.actor, "warehouse-1");
+    assert_eq!(metadata.traceparent.as_deref(), Some(trace));
+    assert_eq!(metadata.correlation_id, metadata.command_id);
+    assert_eq!(metadata.causation_id, metadata.command_id);
+    assert_ne!(metadata.event_id, metadata.command_id);
+}

@@ -76,6 +76,8 @@ pub struct RegisterProduct {
 pub struct CommandService {
     handler: Handler,
     keys: Option<IdempotencyKeys>,
+    /// The request's trace context, copied into every event's metadata.
+    traceparent: Option<String>,
 }
 
 /// The caller, who must hold one of `roles` (admins may do everything).
@@ -97,6 +99,22 @@ impl CommandService {
         Self {
             handler: Handler::new(store),
             keys,
+            traceparent: None,
+        }
+    }
+
+    /// This service for one request whose trace context is `traceparent`.
+    pub fn with_traceparent(&self, traceparent: Option<String>) -> Self {
+        Self {
+            traceparent,
+            ..self.clone()
+        }
+    }
+
+    fn envelope(&self, command_id: Uuid, actor: &Actor) -> Envelope {
+        Envelope {
+            traceparent: self.traceparent.clone(),
+            ..Envelope::request(command_id, &actor.sub)
         }
     }
 
@@ -197,7 +215,7 @@ impl CommandService {
         let lines = order::price_lines(&command.lines, &products)?;
         let envelope = Envelope {
             idempotency_key: command.idempotency_key.clone(),
-            ..Envelope::request(command_id, &actor.sub)
+            ..self.envelope(command_id, actor)
         };
         let ours = envelope.event_id(0);
         let place = OrderCommand::Place {
@@ -330,7 +348,7 @@ impl CommandService {
         own_only: bool,
     ) -> Result<CommandResult, CommandError> {
         let stream = stream_name(streams::order(order_id))?;
-        let envelope = Envelope::request(Uuid::now_v7(), &actor.sub);
+        let envelope = self.envelope(Uuid::now_v7(), actor);
         let outcome = self
             .handler
             .execute::<OrderAggregate, _>(&stream, expected, &envelope, |loaded| {
@@ -414,7 +432,7 @@ impl CommandService {
         command: impl Fn(Option<&Product>) -> Result<ProductCommand, CommandError>,
     ) -> Result<CommandResult, CommandError> {
         let stream = stream_name(streams::product(sku))?;
-        let envelope = Envelope::request(Uuid::now_v7(), &actor.sub);
+        let envelope = self.envelope(Uuid::now_v7(), actor);
         let outcome = self
             .handler
             .execute::<ProductAggregate, _>(&stream, expected, &envelope, |loaded| {

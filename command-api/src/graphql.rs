@@ -233,8 +233,10 @@ where
     T: Into<CommandResult>,
 {
     let caller = ctx.data::<Caller>()?;
-    let service = ctx.data::<CommandService>()?;
-    command(service, caller.actor.as_ref())
+    let service = ctx
+        .data::<CommandService>()?
+        .with_traceparent(caller.traceparent.clone());
+    command(&service, caller.actor.as_ref())
         .await
         .map(Into::into)
         .map_err(|error| {

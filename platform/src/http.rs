@@ -47,6 +47,9 @@ pub struct Caller {
     /// Logged with every internal error, and returned as `extensions.requestId` so a report
     /// can be matched with the log.
     pub request_id: String,
+    /// The W3C `traceparent` header, when the caller sent a well-formed one, so the events a
+    /// request appends carry its trace.
+    pub traceparent: Option<String>,
 }
 
 struct Gate<E> {
@@ -148,9 +151,16 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
+    let traceparent = parts
+        .headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_traceparent(value))
+        .map(str::to_owned);
     let caller = Caller {
         actor,
         request_id: request_id.clone(),
+        traceparent,
     };
     let run = gate.executor.execute(graphql.data(caller));
     let response = match tokio::time::timeout(gate.limits.timeout, run).await {
@@ -165,6 +175,17 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
         }
     };
     axum::Json(with_codes(response)).into_response()
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`: anything else is dropped rather than stored in events.
+fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
 }
 
 /// Errors raised by the resolvers carry their code already; the rest come from parsing and
