@@ -1,11 +1,11 @@
 -- placeOrder idempotency keys, scoped per customer. The row is inserted before the command
--- runs (insert-first), so a concurrent duplicate finds it; command_result is filled in after.
+-- runs (insert-first), so a concurrent duplicate finds it. The first result is not stored: it
+-- is the order's first event, read back from the log on a retry.
 create table idempotency_keys (
     customer_id text not null,
     idempotency_key text not null,
     request_fingerprint uuid not null,
     order_id uuid not null,
-    command_result jsonb,
     created_at timestamptz not null default now(),
     primary key (customer_id, idempotency_key)
 );

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
-use crate::idempotency::{Claim, IdempotencyKeys, StoredResult};
+use crate::idempotency::{Claim, IdempotencyKeys};
 
 /// Product streams read at once while pricing an order.
 const PRODUCT_LOADS: usize = 16;
@@ -156,48 +156,22 @@ impl CommandService {
             _ => None,
         };
         // No key: the order id is fresh. Owned key: nobody used it, so neither its order id.
+        // No key: the order id is fresh. Owned key: nobody used it, so neither its order id.
         let mut owned = command.idempotency_key.is_none();
         if let Some((keys, key)) = keyed {
-            match keys
+            let claim = keys
                 .claim(customer_id.as_str(), key, command.fingerprint, order_id.0)
-                .await?
-            {
-                Claim::Done(stored) => {
-                    let token = stored
-                        .token
-                        .parse()
-                        .map_err(|e| CommandError::Internal(format!("stored token: {e}")))?;
-                    return Ok(CommandResult {
-                        id: stored.id,
-                        version: stored.version,
-                        token,
-                        events: stored.events,
-                        replayed: true,
-                    });
-                }
-                Claim::Owned => owned = true,
-                Claim::Pending => {}
-            }
+                .await?;
+            owned = claim == Claim::Owned;
         }
         let outcome = self
             .place(actor, &customer_id, order_id, command_id, &command, owned)
             .await;
-        if let Some((keys, key)) = keyed {
-            match &outcome {
-                Ok(result) => {
-                    let stored = StoredResult {
-                        id: result.id.clone(),
-                        version: result.version,
-                        token: result.token.to_string(),
-                        events: result.events.clone(),
-                    };
-                    keys.complete(customer_id.as_str(), key, &stored).await?;
-                }
-                Err(error) if owned && !error.is_transient() => {
-                    keys.release(customer_id.as_str(), key).await?;
-                }
-                Err(_) => {}
-            }
+        if let (Some((keys, key)), Err(error)) = (keyed, &outcome)
+            && owned
+            && !error.is_transient()
+        {
+            keys.release(customer_id.as_str(), key).await?;
         }
         outcome
     }

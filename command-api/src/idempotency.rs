@@ -3,34 +3,24 @@
 //! Insert-first: the row is claimed before the command runs, so of two concurrent calls with
 //! one key exactly one owns it. The other does not wait for the owner: it runs the same command
 //! with the same order id and event ids (both derived from the key), and the event store's
-//! event-id check writes them once. Whoever did not write answers `replayed: true`.
+//! event-id check writes them once. Whoever did not write answers `replayed: true`, with the
+//! first result read back from the order's first event (so the result is not stored here:
+//! the log already holds it, and a write per order is saved).
 
 use deadpool_postgres::Pool;
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::CommandError;
 
-/// The first answer to a keyed placeOrder, as stored and replayed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredResult {
-    pub id: String,
-    pub version: u64,
-    /// The consistency token's text (`Position`'s Display).
-    pub token: String,
-    pub events: Vec<String>,
-}
-
 /// What a call with a key finds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This call inserted the key: it runs the command.
+    /// This call inserted the key: nobody used it before, so its order does not exist yet.
     Owned,
-    /// The key was used before and its command finished: answer this.
-    Done(StoredResult),
-    /// The key was claimed but has no result yet (in flight, or its caller crashed): run the
-    /// same command; the store's event-id check keeps it from being applied twice.
-    Pending,
+    /// The key was used before for the same request (finished, in flight, or its caller
+    /// crashed): run the same command; the store's event-id check keeps it from being applied
+    /// twice, and a finished one is answered from the log.
+    Seen,
 }
 
 const CLAIM: &str = "
@@ -39,16 +29,11 @@ values ($1, $2, $3, $4)
 on conflict do nothing";
 
 const LOOK_UP: &str = "
-select request_fingerprint, command_result from idempotency_keys
+select request_fingerprint from idempotency_keys
 where customer_id = $1 and idempotency_key = $2";
 
-const COMPLETE: &str = "
-update idempotency_keys set command_result = $3
-where customer_id = $1 and idempotency_key = $2 and command_result is null";
-
 const RELEASE: &str = "
-delete from idempotency_keys
-where customer_id = $1 and idempotency_key = $2 and command_result is null";
+delete from idempotency_keys where customer_id = $1 and idempotency_key = $2";
 
 #[derive(Clone)]
 pub struct IdempotencyKeys {
@@ -84,30 +69,11 @@ impl IdempotencyKeys {
                 "was already used for a different request",
             ));
         }
-        let result: Option<serde_json::Value> = row.get(1);
-        match result {
-            None => Ok(Claim::Pending),
-            Some(value) => serde_json::from_value(value)
-                .map(Claim::Done)
-                .map_err(|e| CommandError::Internal(format!("stored command result: {e}"))),
-        }
+        Ok(Claim::Seen)
     }
 
-    pub async fn complete(
-        &self,
-        customer: &str,
-        key: &str,
-        result: &StoredResult,
-    ) -> Result<(), CommandError> {
-        let value =
-            serde_json::to_value(result).map_err(|e| CommandError::Internal(e.to_string()))?;
-        let client = self.pool.get().await?;
-        client.execute(COMPLETE, &[&customer, &key, &value]).await?;
-        Ok(())
-    }
-
-    /// Gives the key back after a command that failed for good (bad input, a rejection), so
-    /// the customer may correct the request and send it with the same key.
+    /// Gives the key back after a command that failed for good (bad input, a rejection) and
+    /// wrote nothing, so the customer may correct the request and send it with the same key.
     pub async fn release(&self, customer: &str, key: &str) -> Result<(), CommandError> {
         let client = self.pool.get().await?;
         client.execute(RELEASE, &[&customer, &key]).await?;
