@@ -458,3 +458,33 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
         "the reservation was released all the same"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_runner_takes_over_when_the_leader_dies() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let simulator = Arc::new(Simulator::default());
+    let gateway = || Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let leader = start_saga(&settings, gateway());
+    // Give the leader the lock before the standby asks for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _standby = start_saga(&settings, gateway());
+    let log = Log::new(&settings);
+    let first = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    log.settled(std::slice::from_ref(&first), Duration::from_secs(30))
+        .await;
+    leader.abort();
+    let _ = leader.await;
+    let second = place(&api, "bob", "TEA", 1, "tok_ok").await;
+    let orders = log.settled(&[first, second], Duration::from_secs(30)).await;
+    assert!(orders.iter().all(|o| o.status == OrderStatus::Confirmed));
+    assert_eq!(simulator.charges(), 2);
+    let reserved = count(
+        &db,
+        "select count(*) from events where event_type = 'StockReserved'",
+    )
+    .await;
+    assert_eq!(reserved, 2, "each order reserved once, by one runner");
+}
