@@ -9,7 +9,7 @@ use orderly_domain::values::{
     Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Description, Money, OrderId,
     PaymentToken, PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
-use orderly_platform::{Caller, ConsistencyToken, Long};
+use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -232,9 +232,12 @@ where
     F: AsyncFnOnce(&CommandService, Option<&orderly_platform::Actor>) -> Result<T, CommandError>,
     T: Into<CommandResult>,
 {
-    let caller = ctx.data::<Caller>()?;
+    // Both are put there by the wiring; a schema built without them is a bug, not bad input.
+    let wiring = |_| ErrorCode::Internal.error("internal error");
+    let caller = ctx.data::<Caller>().map_err(wiring)?;
     let service = ctx
-        .data::<CommandService>()?
+        .data::<CommandService>()
+        .map_err(wiring)?
         .with_traceparent(caller.traceparent.clone());
     command(&service, caller.actor.as_ref())
         .await

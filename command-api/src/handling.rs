@@ -2,7 +2,9 @@
 //! version as the expected version. On a version conflict without a client expectation the
 //! whole sequence runs again (a bounded number of times); with one, the caller gets CONFLICT.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use orderly_domain::Aggregate;
@@ -100,7 +102,7 @@ context_event!(ProductEvent, Product);
 context_event!(PaymentEvent, Payment);
 
 /// An aggregate whose events live in the registry; the three of the domain are.
-pub trait Stored: Aggregate<Event: ContextEvent> {}
+pub trait Stored: Aggregate<Event: ContextEvent, State: Send + Sync + 'static> {}
 impl Stored for OrderAggregate {}
 impl Stored for ProductAggregate {}
 impl Stored for PaymentAggregate {}
@@ -135,28 +137,62 @@ pub struct Outcome {
 #[derive(Clone)]
 pub struct Handler {
     store: Arc<dyn EventStore>,
+    states: Arc<StateCache>,
+}
+
+/// Streams whose folded state is kept between commands; past it the cache starts over.
+const CACHED_STREAMS: usize = 4096;
+
+/// Folded states by stream, so a load reads only the events after the cached version instead
+/// of the whole stream (a popular product's stream grows with every reservation). Never stale:
+/// every load still reads the stream up to its end, and streams are append-only.
+#[derive(Default)]
+struct StateCache {
+    states: Mutex<HashMap<StreamName, Box<dyn Any + Send + Sync>>>,
+}
+
+impl StateCache {
+    fn get<S: Clone + 'static>(&self, stream: &StreamName) -> Option<Loaded<S>> {
+        let states = self.states.lock().ok()?;
+        states.get(stream)?.downcast_ref::<Loaded<S>>().cloned()
+    }
+
+    fn put<S: Clone + Send + Sync + 'static>(&self, stream: &StreamName, loaded: &Loaded<S>) {
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
+            states.clear();
+        }
+        states.insert(stream.clone(), Box::new(loaded.clone()));
+    }
 }
 
 impl Handler {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            states: Arc::default(),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
     }
 
-    /// Reads and folds the whole stream.
+    /// The stream's state as of its last event: the cached state (if any) folded with the
+    /// events after it.
     pub async fn load<A: Stored>(
         &self,
         stream: &StreamName,
     ) -> Result<Loaded<A::State>, CommandError> {
-        let mut loaded = Loaded {
+        let mut loaded = self.states.get(stream).unwrap_or(Loaded {
             state: A::State::default(),
             version: None,
             position: Position::START,
             first_event_id: None,
-        };
+        });
+        let cached_version = loaded.version;
         loop {
             let from = loaded.version.map_or(0, |v| v + 1);
             let page = self
@@ -172,6 +208,9 @@ impl Handler {
                 loaded.state = A::evolve(loaded.state, &event);
             }
             if count < PAGE {
+                if loaded.version != cached_version {
+                    self.states.put(stream, &loaded);
+                }
                 return Ok(loaded);
             }
         }

@@ -42,6 +42,22 @@ pub async fn count(db: &TestDb, sql: &str) -> i64 {
         .get(0)
 }
 
+/// Waits until `sql` selects `expected`, which work in the background will make true.
+pub async fn eventually(db: &TestDb, sql: &str, expected: i64, within: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let got = count(db, sql).await;
+        if got == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{sql}: {got}, not {expected}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn settings_for(url: &str) -> Settings {
     Settings {
         database_url: url.to_owned(),
