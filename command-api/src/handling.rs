@@ -343,3 +343,98 @@ pub fn decode<E: ContextEvent>(recorded: RecordedEvent) -> Result<E, CommandErro
 pub fn stream_name(name: String) -> Result<StreamName, CommandError> {
     StreamName::parse(name).map_err(|e| CommandError::Internal(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use orderly_domain::product::{ProductAggregate, ProductCommand};
+    use orderly_domain::values::{Currency, Money, ProductName, Quantity, Sku};
+    use orderly_event_store::memory::MemoryEventStore;
+
+    use super::*;
+
+    fn restock(quantity: u32) -> ProductCommand {
+        ProductCommand::Restock {
+            quantity: Quantity::new(quantity).unwrap(),
+            restocked_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_state_still_sees_what_other_writers_appended() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
+        let stream = StreamName::parse("product-TEA").unwrap();
+        let register = ProductCommand::Register {
+            sku: Sku::parse("TEA").unwrap(),
+            name: ProductName::parse("Tea").unwrap(),
+            description: None,
+            price: Money::new(100, Currency::parse("EUR").unwrap()).unwrap(),
+            initial_stock: 1,
+            registered_at: Utc::now(),
+        };
+        let decide = |command: ProductCommand| {
+            move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
+        };
+        let envelope = || Envelope::request(Uuid::now_v7(), "test");
+        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register))
+            .await
+            .unwrap();
+        assert_eq!(
+            ours.load::<ProductAggregate>(&stream)
+                .await
+                .unwrap()
+                .version,
+            Some(0)
+        );
+        theirs
+            .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(restock(4)))
+            .await
+            .unwrap();
+        let loaded = ours.load::<ProductAggregate>(&stream).await.unwrap();
+        assert_eq!(loaded.version, Some(1));
+        assert_eq!(loaded.state.unwrap().on_hand(), 5);
+        // A stale expectation from the cached view is a conflict, not a lost update.
+        let stale = ours
+            .execute::<ProductAggregate, _>(&stream, Some(0), &envelope(), decide(restock(1)))
+            .await;
+        assert!(matches!(
+            stale,
+            Err(CommandError::Conflict {
+                expected: 0,
+                actual: Some(1)
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_same_command_sent_twice_is_written_once() {
+        let handler = Handler::new(Arc::new(MemoryEventStore::new()));
+        let stream = StreamName::parse("product-MUG").unwrap();
+        let envelope = Envelope::request(Uuid::now_v7(), "test");
+        let register = ProductCommand::Register {
+            sku: Sku::parse("MUG").unwrap(),
+            name: ProductName::parse("Mug").unwrap(),
+            description: None,
+            price: Money::new(900, Currency::parse("EUR").unwrap()).unwrap(),
+            initial_stock: 0,
+            registered_at: Utc::now(),
+        };
+        let decide = |loaded: &Loaded<_>| {
+            if loaded.first_event_id == Some(envelope.event_id(0)) {
+                return Ok(Vec::new());
+            }
+            Ok(orderly_domain::product::decide(&loaded.state, &register)?)
+        };
+        let first = handler
+            .execute::<ProductAggregate, _>(&stream, None, &envelope, decide)
+            .await
+            .unwrap();
+        let second = handler
+            .execute::<ProductAggregate, _>(&stream, None, &envelope, decide)
+            .await
+            .unwrap();
+        assert!(first.appended && !second.appended);
+        assert_eq!(second.version, Some(0));
+    }
+}
