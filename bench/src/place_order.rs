@@ -7,7 +7,8 @@
 //! with two lines priced from two of 100 products, a fresh idempotency key and its own
 //! customer token. The saga runner is not running: this measures the command path (auth,
 //! validation, key claim, two product loads, order decision, append, key completion).
-//! The yardstick is the append benchmark's `orderly single` scenario at the same concurrency.
+//! The yardstick is the append benchmark's `orderly single` scenario at the same concurrency
+//! (at most 64 writers, one connection each, for the server's connection limit).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,14 @@ pub struct Args {
 }
 
 const PRODUCTS: usize = 100;
+
+/// Most connections the append yardstick opens.
+const MAX_WRITERS: usize = 64;
+
+/// Connections of the served command API: event store and idempotency keys together stay
+/// well below the server's limit whatever the client count.
+const STORE_CONNECTIONS: usize = 40;
+const KEY_CONNECTIONS: usize = 20;
 const SECRET: &str = "bench-secret";
 
 const PLACE: &str =
@@ -76,11 +85,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .batch_execute("truncate events, idempotency_keys; checkpoint")
             .await
             .context("reset (needs a superuser)")?;
+        // One connection per writer: past MAX_WRITERS the server (max_connections = 100 here)
+        // would refuse them, so the yardstick runs at most that many.
+        let writers = clients.min(MAX_WRITERS);
         let append_args = append::Args {
             seconds: args.seconds,
-            writers: vec![clients],
+            writers: vec![writers],
         };
-        let raw = append::measure(&db, Scenario::OrderlySingle, clients, &append_args).await?;
+        let raw = append::measure(&db, Scenario::OrderlySingle, writers, &append_args).await?;
         println!("{}", raw.row());
         admin
             .batch_execute("truncate events, idempotency_keys; checkpoint")
@@ -96,15 +108,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves the command API on a free port; returns its base URL.
-async fn serve(db: &TestDb, clients: usize) -> anyhow::Result<(String, CommandService)> {
-    let pool_size = clients.clamp(8, 64);
+/// Serves the command API on a free port; returns its base URL, the service, and the server
+/// task (abort it, and drop the service, to close the connections).
+async fn serve(
+    db: &TestDb,
+    clients: usize,
+) -> anyhow::Result<(String, CommandService, tokio::task::JoinHandle<()>)> {
     let options = PgStoreOptions {
-        pool_size,
+        pool_size: clients.clamp(8, STORE_CONNECTIONS),
         ..Default::default()
     };
     let store = Arc::new(PgEventStore::new(db.config().clone(), options)?);
-    let pool = orderly_platform::pg_pool(db.config(), pool_size)?;
+    let pool = orderly_platform::pg_pool(db.config(), clients.clamp(4, KEY_CONNECTIONS))?;
     let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
     let schema = orderly_command_api::schema(service.clone());
     let sdl = schema.sdl();
@@ -125,11 +140,11 @@ async fn serve(db: &TestDb, clients: usize) -> anyhow::Result<(String, CommandSe
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let _ = axum::serve(listener, service).await;
     });
-    Ok((base, service))
+    Ok((base, service, server))
 }
 
 async fn register_products(service: &CommandService) -> anyhow::Result<()> {
@@ -155,7 +170,7 @@ async fn register_products(service: &CommandService) -> anyhow::Result<()> {
 }
 
 async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Result<Outcome> {
-    let (base, service) = serve(db, clients).await?;
+    let (base, service, server) = serve(db, clients).await?;
     register_products(&service).await?;
     let issuer = TokenIssuer::new(&JwtConfig {
         secret: Some(SECRET.into()),
@@ -216,6 +231,8 @@ async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Resu
         })
     });
     let (operations, latency_us) = report::gather(tasks).await?;
+    server.abort();
+    drop(service);
     Ok(Outcome {
         name: "placeOrder (GraphQL)".to_owned(),
         writers: clients,
