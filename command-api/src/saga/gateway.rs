@@ -451,4 +451,61 @@ mod tests {
         assert!(matches!(outcome, ChargeOutcome::Declined { .. }));
         assert_eq!(simulator.calls(), 1);
     }
+
+    /// A provider on a free port: tok_ok charges, tok_declined answers 402, anything else 503.
+    async fn provider() -> String {
+        use axum::Json;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        use axum::routing::post;
+        async fn charges(
+            headers: HeaderMap,
+            Json(body): Json<serde_json::Value>,
+        ) -> axum::response::Response {
+            let key = headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            match body["payment_token"].as_str() {
+                Some("tok_ok") => Json(
+                    serde_json::json!({ "status": "charged", "reference": format!("ref-{key}") }),
+                )
+                .into_response(),
+                Some("tok_declined") => StatusCode::PAYMENT_REQUIRED.into_response(),
+                _ => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            }
+        }
+        let router = axum::Router::new()
+            .route("/charges", post(charges))
+            .route("/refunds", post(|| async { StatusCode::OK }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
+    }
+
+    #[tokio::test]
+    async fn the_http_adapter_maps_charges_declines_and_outages() {
+        let gateway = HttpGateway::new(provider().await);
+        assert_eq!(
+            gateway.charge(&charge(tokens::OK)).await.unwrap(),
+            ChargeOutcome::Charged {
+                reference: "ref-order-1".into()
+            }
+        );
+        assert!(matches!(
+            gateway.charge(&charge(tokens::DECLINED)).await,
+            Ok(ChargeOutcome::Declined { .. })
+        ));
+        assert!(matches!(
+            gateway.charge(&charge(tokens::UNAVAILABLE)).await,
+            Err(CommandError::Gateway(_))
+        ));
+        assert!(gateway.refund("order-1", "ref-order-1").await.is_ok());
+        let nowhere = HttpGateway::new("http://127.0.0.1:1");
+        assert!(matches!(
+            nowhere.charge(&charge(tokens::OK)).await,
+            Err(CommandError::Gateway(_))
+        ));
+    }
 }
