@@ -113,9 +113,14 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             }
         },
     };
+    let by_address = || peer.map_or_else(|| "anonymous".to_owned(), |ip| format!("ip:{ip}"));
     let actor = match gate.auth.authenticate(authorization) {
         Ok(actor) => actor,
         Err(why) => {
+            // Refused tokens count against the address, so guessing tokens is throttled too.
+            if let Err(wait) = gate.limiter.check(&by_address()) {
+                return rate_limited(wait);
+            }
             return failure(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthenticated,
@@ -123,10 +128,9 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
-    let key = match (&actor, peer) {
-        (Some(actor), _) => format!("sub:{}", actor.sub),
-        (None, Some(ip)) => format!("ip:{ip}"),
-        (None, None) => "anonymous".to_owned(),
+    let key = match &actor {
+        Some(actor) => format!("sub:{}", actor.sub),
+        None => by_address(),
     };
     if let Err(wait) = gate.limiter.check(&key) {
         return rate_limited(wait);
