@@ -55,8 +55,10 @@ impl IdempotencyKeys {
         order_id: Uuid,
     ) -> Result<Claim, CommandError> {
         let client = self.pool.get().await?;
+        // Prepared once per connection: a claim is on every keyed order's path.
+        let claim = client.prepare_cached(CLAIM).await?;
         let inserted = client
-            .execute(CLAIM, &[&customer, &key, &fingerprint, &order_id])
+            .execute(&claim, &[&customer, &key, &fingerprint, &order_id])
             .await?;
         if inserted == 1 {
             return Ok(Claim::Owned);
