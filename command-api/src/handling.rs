@@ -360,24 +360,27 @@ mod tests {
         }
     }
 
+    fn register(sku: &str, initial_stock: u32) -> ProductCommand {
+        ProductCommand::Register {
+            sku: Sku::parse(sku).unwrap(),
+            name: ProductName::parse(sku).unwrap(),
+            description: None,
+            price: Money::new(100, Currency::parse("EUR").unwrap()).unwrap(),
+            initial_stock,
+            registered_at: Utc::now(),
+        }
+    }
+
     #[tokio::test]
     async fn a_cached_state_still_sees_what_other_writers_appended() {
         let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
         let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
         let stream = StreamName::parse("product-TEA").unwrap();
-        let register = ProductCommand::Register {
-            sku: Sku::parse("TEA").unwrap(),
-            name: ProductName::parse("Tea").unwrap(),
-            description: None,
-            price: Money::new(100, Currency::parse("EUR").unwrap()).unwrap(),
-            initial_stock: 1,
-            registered_at: Utc::now(),
-        };
         let decide = |command: ProductCommand| {
             move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
         };
         let envelope = || Envelope::request(Uuid::now_v7(), "test");
-        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register))
+        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 1)))
             .await
             .unwrap();
         assert_eq!(
@@ -412,14 +415,7 @@ mod tests {
         let handler = Handler::new(Arc::new(MemoryEventStore::new()));
         let stream = StreamName::parse("product-MUG").unwrap();
         let envelope = Envelope::request(Uuid::now_v7(), "test");
-        let register = ProductCommand::Register {
-            sku: Sku::parse("MUG").unwrap(),
-            name: ProductName::parse("Mug").unwrap(),
-            description: None,
-            price: Money::new(900, Currency::parse("EUR").unwrap()).unwrap(),
-            initial_stock: 0,
-            registered_at: Utc::now(),
-        };
+        let register = register("MUG", 0);
         let decide = |loaded: &Loaded<_>| {
             if loaded.first_event_id == Some(envelope.event_id(0)) {
                 return Ok(Vec::new());
