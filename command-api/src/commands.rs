@@ -128,6 +128,8 @@ impl CommandService {
         command: PlaceOrder,
     ) -> Result<CommandResult, CommandError> {
         let actor = require(actor, &[Role::Customer])?;
+        // The contract: customers order for themselves (customerId defaults to, and must
+        // equal, the token's sub); admins may order for anyone.
         let customer_id = match command.customer_id.clone() {
             Some(id) if id.as_str() == actor.sub || actor.is_admin() => id,
             Some(_) => {
@@ -138,6 +140,9 @@ impl CommandService {
             None => CustomerId::parse(actor.sub.clone())
                 .map_err(|e| CommandError::invalid("input.customerId", e))?,
         };
+        // With a key, the order id and the command id (hence the event ids) follow from
+        // (customer, key): every retry, and every racing duplicate, names the same order and
+        // appends the same ids, which the store writes once.
         let (order_id, command_id) = match &command.idempotency_key {
             Some(key) => {
                 let base = Uuid::new_v5(
@@ -167,6 +172,8 @@ impl CommandService {
         let outcome = self
             .place(actor, &customer_id, order_id, command_id, &command, owned)
             .await;
+        // A transient failure may have written (the store's answer was lost): the key stays, so
+        // the retry finds the order. Anything else wrote nothing and frees the key.
         if let (Some((keys, key)), Err(error)) = (keyed, &outcome)
             && owned
             && !error.is_transient()
@@ -185,6 +192,8 @@ impl CommandService {
         command: &PlaceOrder,
         fresh: bool,
     ) -> Result<CommandResult, CommandError> {
+        // Prices, names and currency come from the products' streams as they are now, never
+        // from the client; pricing rejects unknown SKUs and mixed currencies.
         let products = self.products(&command.lines).await?;
         let lines = order::price_lines(&command.lines, &products)?;
         let envelope = Envelope {

@@ -101,6 +101,7 @@ fn parse<T, E: std::fmt::Display>(field: &str, parsed: Result<T, E>) -> Result<T
     parsed.map_err(|e| CommandError::invalid(field, e))
 }
 
+/// GraphQL's `Int` is signed; stream versions are not.
 fn version_of(value: Option<i32>) -> Result<Option<u64>, CommandError> {
     value
         .map(|v| {
@@ -112,6 +113,7 @@ fn version_of(value: Option<i32>) -> Result<Option<u64>, CommandError> {
         .transpose()
 }
 
+/// Zero and negative quantities fail here, naming the field, before anything is loaded.
 fn quantity(field: &str, value: i32) -> Result<Quantity, CommandError> {
     let value = parse(field, u32::try_from(value).map_err(|_| "must be 1 or more"))?;
     parse(field, Quantity::new(value))
@@ -152,6 +154,8 @@ fn address(input: &AddressInput) -> Result<Address, CommandError> {
 const MAX_KEY_CHARS: usize = 255;
 
 fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
+    // Checked here as well as by the domain's pricing so the answer names the field before
+    // any product is loaded.
     if input.lines.is_empty() || input.lines.len() > MAX_LINES {
         return Err(CommandError::invalid(
             "input.lines",
@@ -185,6 +189,8 @@ fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
         }
         key => key.clone(),
     };
+    // The whole input, key included, identifies the request: the same key with other lines
+    // or another address is a different request, refused rather than answered with the old.
     let fingerprint = serde_json::to_vec(input)
         .map(|bytes| Uuid::new_v5(&FINGERPRINT_NAMESPACE, &bytes))
         .map_err(|e| CommandError::Internal(e.to_string()))?;

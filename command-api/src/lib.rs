@@ -4,8 +4,9 @@
 //! and the fulfilment saga runner with the payment-gateway port.
 //!
 //! - `handling`: [`Handler`] loads a stream, folds it, decides, appends with the loaded version
-//!   and retries on conflicts; [`Envelope`] fills every event's metadata and derives event ids
-//!   from the command id, so a re-sent command is written once.
+//!   and retries on conflicts, keeping folded states so a load reads only new events;
+//!   [`Envelope`] fills every event's metadata and derives event ids from the command id, so a
+//!   re-sent command is written once.
 //! - `commands`: [`CommandService`], the API's commands: who may send each (roles from the
 //!   token), what they load (placeOrder prices lines from the products' streams), what they
 //!   answer.

@@ -136,12 +136,14 @@ impl Authenticator {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
+        // A token without an expiry would be valid forever; one without a subject names nobody.
         validation.set_required_spec_claims(&["exp", "sub"]);
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
         }
         match &config.audience {
             Some(audience) => validation.set_audience(&[audience]),
+            // jsonwebtoken refuses any `aud` unless told which to accept or to not check it.
             None => validation.validate_aud = false,
         }
         Ok(Self {

@@ -95,6 +95,8 @@ impl Row {
     }
 }
 
+/// Claims due messages by pushing their next attempt a lease into the future: another worker
+/// skips them (skip locked, then the lease), and a worker that dies leaves them to come due.
 const CLAIM: &str = "
 update outbox set attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $1)
 where outbox_id in (
@@ -169,6 +171,7 @@ impl SagaRunner {
                     )
                     .await?;
             }
+            // Out of attempts: parked with its error for an operator; never retried silently.
             Err(error)
                 if attempts
                     >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX) =>
@@ -181,6 +184,7 @@ impl SagaRunner {
                     )
                     .await?;
             }
+            // Exponential pause so a provider that is down is not hammered by the outbox too.
             Err(error) => {
                 let pause = FIRST_RETRY
                     .saturating_mul(1 << attempts.clamp(0, 16))
@@ -232,6 +236,8 @@ impl SagaRunner {
                             declined_at: now,
                         },
                     ),
+                    // Recorded as a fact, so the saga decides: retry later, or cancel at the
+                    // deadline. The message itself is done.
                     Err(error) if error.is_transient() => {
                         tracing::info!(%error, %order_id, attempt, "charge failed transiently");
                         (
@@ -256,6 +262,7 @@ impl SagaRunner {
                 reason,
                 correlation_id,
             } => {
+                // The reference to refund is read at delivery time, from the payment's stream.
                 let stream = stream_name(streams::payment(order_id))?;
                 let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
                 let Some(reference) = loaded
