@@ -11,15 +11,21 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use orderly_command_api::saga::{
+    HttpGateway, PaymentGateway, Resilience, Resilient, SagaConfig, SagaRunner, Simulator,
+};
+use orderly_command_api::{CommandService, IdempotencyKeys};
+use orderly_domain::fulfilment::Timing;
 use orderly_event_store::EventStore;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
+use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
+use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::read_side::Projections;
-use crate::settings::{EventStoreKind, Settings};
-use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
+use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
 
 /// How long a readiness probe may wait on a dependency before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -31,6 +37,9 @@ pub struct App {
     store: Arc<dyn EventStore>,
     pg_config: PgConfig,
     hub: ProjectionHub,
+    /// False for a process that only serves the API (`orderly command-api`): the runners
+    /// then work in their own processes (`orderly projections run`).
+    run_projections: bool,
 }
 
 #[derive(Clone)]
@@ -48,7 +57,8 @@ impl App {
             .route("/readyz", get(readyz))
             .with_state(AppState {
                 store: store.clone(),
-            });
+            })
+            .merge(graphql_router(settings, store.clone())?);
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
@@ -58,7 +68,20 @@ impl App {
             store,
             pg_config: pg_config(settings)?,
             hub: ProjectionHub::new(),
+            run_projections: true,
         })
+    }
+
+    /// Serve the API only; the projection runners run elsewhere.
+    pub fn without_projections(mut self) -> Self {
+        self.run_projections = false;
+        self
+    }
+
+    /// Where the in-process projection runners say how far they are and which orders they
+    /// touched: what the read API waits on for consistency tokens and `orderUpdated`.
+    pub fn projection_hub(&self) -> ProjectionHub {
+        self.hub.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -68,31 +91,113 @@ impl App {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Where the in-process projection runners say how far they are and which orders they
-    /// touched: what the read API waits on for consistency tokens and `orderUpdated`.
-    pub fn projection_hub(&self) -> ProjectionHub {
-        self.hub.clone()
-    }
-
     /// Serves until `shutdown` completes, then finishes the requests in flight and returns.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "serving");
-        let projections = Projections::start(
-            self.store,
-            self.pg_config,
-            &ProjectionName::ALL,
-            RunnerOptions::default(),
-            self.hub,
-        );
-        axum::serve(self.listener, self.router)
+        let projections = self.run_projections.then(|| {
+            Projections::start(
+                self.store,
+                self.pg_config,
+                &ProjectionName::ALL,
+                RunnerOptions::default(),
+                self.hub,
+            )
+        });
+        // Connect info gives the rate limiter the client's address for anonymous callers.
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
             .await?;
-        projections.stop().await;
+        if let Some(projections) = projections {
+            projections.stop().await;
+        }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// POST /graphql: the command API's mutations (with a placeholder Query until the read API's
+/// Query root is merged in here), behind authentication, rate limits and request limits.
+pub fn graphql_router(settings: &Settings, store: Arc<dyn EventStore>) -> anyhow::Result<Router> {
+    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
+    let schema = orderly_command_api::schema(service);
+    let sdl = schema.sdl();
+    let auth = Authenticator::new(&jwt_config(settings)).context("invalid JWT settings")?;
+    if !auth.is_configured() {
+        tracing::warn!("no JWT key configured: every mutation will answer UNAUTHENTICATED");
+    }
+    let limiter = RateLimiter::new(RateLimit {
+        per_second: settings.rate_limit_per_second,
+        burst: settings.rate_limit_burst,
+    })?;
+    let limits = GraphqlLimits {
+        body_limit: settings.graphql_body_limit,
+        timeout: Duration::from_millis(settings.graphql_timeout_ms),
+    };
+    Ok(orderly_platform::graphql_router(
+        schema,
+        sdl,
+        Arc::new(auth),
+        Arc::new(limiter),
+        limits,
+    ))
+}
+
+/// The payment gateway the settings choose, behind timeout, retries, breaker and limit. Keep
+/// the `Arc` to read the breaker's state.
+pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
+    let inner: Arc<dyn PaymentGateway> = match settings.payment_gateway {
+        PaymentGatewayKind::Simulator => Arc::new(Simulator::default()),
+        PaymentGatewayKind::Http => {
+            let url = settings
+                .payment_gateway_url
+                .as_deref()
+                .context("payment_gateway = http needs ORDERLY_PAYMENT_GATEWAY_URL")?;
+            Arc::new(HttpGateway::new(url))
+        }
+    };
+    let policy = Resilience {
+        timeout: Duration::from_millis(settings.payment_timeout_ms),
+        concurrency: settings.payment_concurrency,
+        ..Resilience::default()
+    };
+    Ok(Arc::new(Resilient::new(inner, policy)))
+}
+
+/// The fulfilment saga runner with its outbox worker, calling `gateway`.
+pub fn saga_runner(
+    settings: &Settings,
+    gateway: Arc<dyn PaymentGateway>,
+) -> anyhow::Result<SagaRunner> {
+    let store = event_store(settings)?;
+    let config = pg_config(settings)?;
+    let pool = orderly_platform::pg_pool(&config, settings.db_pool_size)?;
+    let millis = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let saga = SagaConfig {
+        timing: Timing {
+            payment_deadline_ms: millis(settings.payment_deadline_secs),
+            retry_after_ms: millis(settings.payment_retry_after_secs),
+        },
+        tick: Duration::from_millis(settings.saga_tick_ms.max(1)),
+        outbox_max_attempts: settings.outbox_max_attempts,
+        ..SagaConfig::default()
+    };
+    Ok(SagaRunner::new(saga, store, pool, config, gateway))
+}
+
+pub fn jwt_config(settings: &Settings) -> JwtConfig {
+    JwtConfig {
+        secret: settings.jwt_secret.clone(),
+        public_key: settings.jwt_public_key.clone(),
+        private_key: settings.jwt_private_key.clone(),
+        issuer: settings.jwt_issuer.clone(),
+        audience: settings.jwt_audience.clone(),
     }
 }
 
@@ -134,7 +239,20 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     orderly_projections::migrate(&config)
         .await
         .context("read-model migrations failed")?;
+    orderly_command_api::migrate(&config)
+        .await
+        .context("command-side migrations failed")?;
     Ok(())
+}
+
+/// Changes whenever any migration `migrate` applies changes; test templates are keyed by it.
+pub fn migration_fingerprint() -> String {
+    format!(
+        "event-store[{}] projections[{}] command-api[{}]",
+        orderly_event_store::postgres::migration_fingerprint(),
+        orderly_projections::migration_fingerprint(),
+        orderly_command_api::migration_fingerprint()
+    )
 }
 
 /// Alive: the process answers. Says nothing about dependencies.

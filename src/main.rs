@@ -1,6 +1,7 @@
 //! `orderly`: the command line. Parses arguments and settings, then hands over to the library.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -8,6 +9,7 @@ use orderly::app::{self, App};
 use orderly::read_side::{self, Projections};
 use orderly::settings::Settings;
 use orderly::telemetry;
+use orderly_platform::{Role, TokenIssuer};
 use orderly_projections::{
     DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
 };
@@ -30,12 +32,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply the database migrations, then serve HTTP on ORDERLY_HTTP_ADDR until SIGINT or
-    /// SIGTERM: /healthz (alive) and /readyz (event store reachable); the projection runners
-    /// run in the same process.
+    /// Apply the database migrations, then run everything in one process until SIGINT or
+    /// SIGTERM: HTTP on ORDERLY_HTTP_ADDR (POST /graphql with the mutations, GraphiQL on GET
+    /// /graphql, /healthz, /readyz), the projection runners and the saga runner.
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// The fulfilment saga runner and its outbox worker.
+    Saga {
+        #[command(subcommand)]
+        command: SagaCommand,
+    },
+    /// Apply the migrations, then serve only the command API (POST /graphql with the
+    /// mutations, /healthz, /readyz); the saga runner runs elsewhere (`orderly saga run`).
+    #[command(name = "command-api")]
+    WriteApi,
+    /// Print a bearer token signed with the configured key (ORDERLY_JWT_SECRET for HS256,
+    /// ORDERLY_JWT_PRIVATE_KEY for RS256), with ORDERLY_JWT_ISSUER/AUDIENCE when set.
+    Token {
+        /// The subject: a customer id or user id.
+        #[arg(long)]
+        sub: String,
+        /// A role: customer, warehouse or admin; repeat for several.
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+        /// How long the token is valid: 90s, 30m, 12h, 7d (a bare number is seconds).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
     /// Read models: status, rebuilds, runners on their own.
     Projections {
         #[command(subcommand)]
@@ -126,6 +150,38 @@ fn projection_names(names: &[String]) -> anyhow::Result<Vec<ProjectionName>> {
         .collect::<Result<Vec<ProjectionName>, _>>()?)
 }
 
+#[derive(Subcommand)]
+enum SagaCommand {
+    /// Apply the migrations, then follow the log and drive orders to confirmation or
+    /// cancellation until SIGINT or SIGTERM. Several processes may run: one leads, the others
+    /// wait to take over.
+    Run,
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    Role::parse(text).ok_or_else(|| format!("{text:?} is not one of customer, warehouse, admin"))
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30m"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?}; use s, m, h or d")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -140,7 +196,40 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
+            let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
+            // One signal stops both: the HTTP side drains its requests and its projection
+            // runners their batches, the saga its step.
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            let signal = async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            };
+            let (served, sagas, ()) = tokio::join!(
+                app.run_until_stopped(wait(stopped.clone())),
+                saga.run_until_stopped(wait(stopped)),
+                signal
+            );
+            served?;
+            sagas?;
+        }
+        Command::WriteApi => {
+            app::migrate(&settings).await?;
+            let app = App::build(&settings).await?.without_projections();
             app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Saga {
+            command: SagaCommand::Run,
+        } => {
+            app::migrate(&settings).await?;
+            let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
+            saga.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Token { sub, roles, ttl } => {
+            let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
+            println!("{}", issuer.issue(&sub, &roles, ttl)?);
         }
         Command::Projections { command } => {
             let pg_config = app::pg_config(&settings)?;

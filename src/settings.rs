@@ -20,6 +20,48 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Connections the event store may hold open.
     pub db_pool_size: usize,
+    /// HS256 shared secret for bearer tokens; wins over the RS256 keys when both are set.
+    pub jwt_secret: Option<String>,
+    /// RS256 public key (PEM) that verifies bearer tokens.
+    pub jwt_public_key: Option<String>,
+    /// RS256 private key (PEM); only `orderly token` reads it, to sign tokens.
+    pub jwt_private_key: Option<String>,
+    /// Required `iss` claim, when set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    pub jwt_audience: Option<String>,
+    /// Requests per second per caller (token subject, else client IP); 0 turns limiting off.
+    pub rate_limit_per_second: u32,
+    /// Requests a caller may send at once before the per-second rate applies.
+    pub rate_limit_burst: u32,
+    /// Largest GraphQL request body, in bytes.
+    pub graphql_body_limit: usize,
+    /// Longest a GraphQL request may run, in milliseconds.
+    pub graphql_timeout_ms: u64,
+    pub payment_gateway: PaymentGatewayKind,
+    /// Base URL of the external payment provider; read when `payment_gateway` is `http`.
+    pub payment_gateway_url: Option<String>,
+    /// Longest one gateway call may take, in milliseconds, before it counts as failed.
+    pub payment_timeout_ms: u64,
+    /// Gateway calls in flight at once, over all orders.
+    pub payment_concurrency: usize,
+    /// How long an order may stay unpaid after its first charge request, in seconds.
+    pub payment_deadline_secs: u64,
+    /// How long after a transient payment failure the saga asks for another attempt, in seconds.
+    pub payment_retry_after_secs: u64,
+    /// How often the saga runner checks for due deadlines and the outbox for work, in ms.
+    pub saga_tick_ms: u64,
+    /// Delivery attempts of an outbox message before it is dead-lettered.
+    pub outbox_max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentGatewayKind {
+    /// In-process simulator (tokens tok_ok, tok_declined, tok_unavailable, tok_slow).
+    Simulator,
+    /// An external provider over HTTP at `payment_gateway_url`.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +87,23 @@ impl Default for Settings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             log_format: LogFormat::Text,
             db_pool_size: 16,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_private_key: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            rate_limit_per_second: 50,
+            rate_limit_burst: 100,
+            graphql_body_limit: 256 * 1024,
+            graphql_timeout_ms: 10_000,
+            payment_gateway: PaymentGatewayKind::Simulator,
+            payment_gateway_url: None,
+            payment_timeout_ms: 5_000,
+            payment_concurrency: 16,
+            payment_deadline_secs: 15 * 60,
+            payment_retry_after_secs: 30,
+            saga_tick_ms: 1_000,
+            outbox_max_attempts: 5,
         }
     }
 }
@@ -64,13 +123,30 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 6] = [
+    const KEYS: [&'static str; 23] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
         "http_addr",
         "log_format",
         "db_pool_size",
+        "jwt_secret",
+        "jwt_public_key",
+        "jwt_private_key",
+        "jwt_issuer",
+        "jwt_audience",
+        "rate_limit_per_second",
+        "rate_limit_burst",
+        "graphql_body_limit",
+        "graphql_timeout_ms",
+        "payment_gateway",
+        "payment_gateway_url",
+        "payment_timeout_ms",
+        "payment_concurrency",
+        "payment_deadline_secs",
+        "payment_retry_after_secs",
+        "saga_tick_ms",
+        "outbox_max_attempts",
     ];
 }
 
@@ -87,6 +163,32 @@ impl fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("log_format", &self.log_format)
             .field("db_pool_size", &self.db_pool_size)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field(
+                "jwt_public_key",
+                &self.jwt_public_key.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "jwt_private_key",
+                &self.jwt_private_key.as_ref().map(|_| "***"),
+            )
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("rate_limit_per_second", &self.rate_limit_per_second)
+            .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("graphql_body_limit", &self.graphql_body_limit)
+            .field("graphql_timeout_ms", &self.graphql_timeout_ms)
+            .field("payment_gateway", &self.payment_gateway)
+            .field(
+                "payment_gateway_url",
+                &self.payment_gateway_url.as_deref().map(redact_url),
+            )
+            .field("payment_timeout_ms", &self.payment_timeout_ms)
+            .field("payment_concurrency", &self.payment_concurrency)
+            .field("payment_deadline_secs", &self.payment_deadline_secs)
+            .field("payment_retry_after_secs", &self.payment_retry_after_secs)
+            .field("saga_tick_ms", &self.saga_tick_ms)
+            .field("outbox_max_attempts", &self.outbox_max_attempts)
             .finish()
     }
 }
@@ -117,8 +219,15 @@ mod tests {
             database_url: "postgres://app:hunter2@db:5432/orderly".into(),
             ..Default::default()
         };
+        let s = Settings {
+            jwt_secret: Some("jwt-hunter3".into()),
+            jwt_private_key: Some("-----BEGIN PRIVATE KEY-----hunter4".into()),
+            ..s
+        };
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("hunter3"), "{shown}");
+        assert!(!shown.contains("hunter4"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
         assert_eq!(
             redact_url("host=db password=hunter2"),

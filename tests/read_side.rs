@@ -2,30 +2,10 @@
 
 use std::process::Command;
 
-use orderly::settings::Settings;
-use orderly_test_support::{BoxError, TestDb};
+use common::migrated_database;
+use orderly_test_support::TestDb;
 
-async fn migrated_database() -> TestDb {
-    TestDb::create(
-        "orderly-all",
-        &format!(
-            "{}|{}",
-            orderly_event_store::postgres::migration_fingerprint(),
-            orderly_projections::migration_fingerprint()
-        ),
-        |url| async move {
-            let settings = Settings {
-                database_url: url,
-                ..Default::default()
-            };
-            orderly::app::migrate(&settings)
-                .await
-                .map_err(|e| BoxError::from(e.to_string()))
-        },
-    )
-    .await
-    .expect("test database")
-}
+mod common;
 
 fn orderly(db: &TestDb, args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_orderly"))

@@ -1,35 +1,17 @@
 //! The service starts, reports its health and stops cleanly: in-process on port 0, and as the
 //! real binary receiving SIGTERM.
 
+mod common;
+
+use common::migrated_database;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use orderly::app::App;
 use orderly::settings::Settings;
-use orderly_test_support::{BoxError, TestDb};
-
-async fn migrated_database() -> TestDb {
-    TestDb::create(
-        "orderly-all",
-        &format!(
-            "{}|{}",
-            orderly_event_store::postgres::migration_fingerprint(),
-            orderly_projections::migration_fingerprint()
-        ),
-        |url| async move {
-            let settings = Settings {
-                database_url: url,
-                ..Default::default()
-            };
-            orderly::app::migrate(&settings)
-                .await
-                .map_err(|e| BoxError::from(e.to_string()))
-        },
-    )
-    .await
-    .expect("test database")
-}
+use orderly_test_support::TestDb;
 
 fn settings_for(url: &str) -> Settings {
     Settings {

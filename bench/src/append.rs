@@ -26,18 +26,18 @@ use crate::report::{self, HEADER, Outcome};
 pub struct Args {
     /// Seconds each scenario is measured, after a warm-up of a fifth of that.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Writer counts to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    writers: Vec<usize>,
+    pub(crate) writers: Vec<usize>,
     /// Rounds of all four scenarios per writer count; rates are the median over rounds, so a
     /// burst of outside load skews one round, not the result.
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub(crate) rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Scenario {
+pub(crate) enum Scenario {
     RawSingle,
     OrderlySingle,
     RawBatch,
@@ -216,7 +216,7 @@ fn warmup(args: &Args) -> Duration {
     Duration::from_secs(args.seconds) / 5
 }
 
-async fn measure(
+pub(crate) async fn measure(
     db: &TestDb,
     scenario: Scenario,
     writers: usize,
@@ -270,13 +270,7 @@ async fn measure(
             anyhow::Ok((operations, histogram))
         })
     });
-    let mut latency_us = report::histogram();
-    let mut operations = 0;
-    for task in futures::future::join_all(tasks).await {
-        let (ops, histogram) = task??;
-        operations += ops;
-        latency_us.add(histogram)?;
-    }
+    let (operations, latency_us) = report::gather(tasks).await?;
     Ok(Outcome {
         name: scenario.name().to_owned(),
         writers,

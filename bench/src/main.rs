@@ -10,11 +10,14 @@
 //!   append rate.
 //! - `rebuild`: `rebuild --all` of every read model from a log of N valid domain events, next to
 //!   COPY of the event table out and a set-based INSERT ... SELECT of the same rows.
+//! - `place_order`: placeOrder through GraphQL over HTTP (the command API served in-process)
+//!   at several client counts, next to the single-event append rate of the same run.
 //!
 //! Each run works in a database of its own, created from a migrated template and dropped after.
 
 mod append;
 mod lag;
+mod place_order;
 mod rebuild;
 mod report;
 
@@ -38,6 +41,9 @@ enum Command {
     Rebuild(rebuild::Args),
     /// Live lag from an append's commit to the orders read model, at half the maximum rate.
     Lag(lag::Args),
+    /// placeOrder through GraphQL over HTTP at several client counts, next to the
+    /// single-event append rate in the same run.
+    PlaceOrder(place_order::Args),
 }
 
 #[tokio::main]
@@ -46,5 +52,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Append(args) => append::run(args).await,
         Command::Rebuild(args) => rebuild::run(args).await,
         Command::Lag(args) => lag::run(args).await,
+        Command::PlaceOrder(args) => place_order::run(args).await,
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use tokio::task::JoinHandle;
 
 /// What one scenario measured.
 pub struct Outcome {
@@ -47,6 +48,20 @@ impl Outcome {
 
 pub const HEADER: &str =
     "| scenario | writers | ops/s | events/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|";
+
+/// Waits for every worker and adds up their operation counts and latency histograms.
+pub async fn gather(
+    workers: impl IntoIterator<Item = JoinHandle<anyhow::Result<(u64, Histogram<u64>)>>>,
+) -> anyhow::Result<(u64, Histogram<u64>)> {
+    let mut latency_us = histogram();
+    let mut operations = 0;
+    for worker in futures::future::join_all(workers).await {
+        let (ops, worker_histogram) = worker??;
+        operations += ops;
+        latency_us.add(worker_histogram)?;
+    }
+    Ok((operations, latency_us))
+}
 
 pub fn histogram() -> Histogram<u64> {
     // 1 µs to 60 s at three significant digits: fixed bounds keep merging cheap.

@@ -1,5 +1,38 @@
 //! # Layout
 //!
-//! Command handling (load, decide, append, retry on conflict), idempotency, authentication, the
-//! saga runner with the payment-gateway port, and the GraphQL mutations. Not built yet: this crate
-//! only marks its place in the dependency graph.
+//! The command side: command handling, idempotency, authorization, the GraphQL mutations,
+//! and the fulfilment saga runner with the payment-gateway port.
+//!
+//! - `handling`: [`Handler`] loads a stream, folds it, decides, appends with the loaded version
+//!   and retries on conflicts, keeping folded states so a load reads only new events;
+//!   [`Envelope`] fills every event's metadata and derives event ids from the command id, so a
+//!   re-sent command is written once.
+//! - `commands`: [`CommandService`], the API's commands: who may send each (roles from the
+//!   token), what they load (placeOrder prices lines from the products' streams), what they
+//!   answer.
+//! - `idempotency`: placeOrder keys per customer in PostgreSQL (insert-first).
+//! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
+//!   field, and [`schema`] for the command API alone.
+//! - `saga`: the runner that follows the log and drives the domain's fulfilment saga, the
+//!   payment gateway port with its resilience wrapper, and the outbox worker.
+//! - `migrations`: this crate's tables (idempotency keys, saga checkpoint and states, outbox).
+//! - `error`: [`CommandError`], this crate's one error type.
+
+mod commands;
+mod error;
+mod graphql;
+mod handling;
+mod idempotency;
+mod migrations;
+pub mod saga;
+
+pub use commands::{CommandResult, CommandService, PlaceOrder, RegisterProduct};
+pub use error::CommandError;
+pub use graphql::{
+    CommandSchema, MAX_COMPLEXITY, MAX_DEPTH, MutationRoot, PlaceholderQuery, schema, with_limits,
+};
+pub use handling::{
+    ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
+};
+pub use idempotency::IdempotencyKeys;
+pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};

@@ -61,6 +61,34 @@ pub const PAYMENT_DEADLINE: TimeDelta = TimeDelta::minutes(15);
 /// How long after a transient failure the next charge attempt is requested.
 pub const RETRY_AFTER: TimeDelta = TimeDelta::seconds(30);
 
+/// The saga's waiting times. `Default` is [`PAYMENT_DEADLINE`] and [`RETRY_AFTER`]; a runner may
+/// configure others (tests shorten them so a deadline passes in seconds). Stored in the state,
+/// so a saga keeps the times it started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    pub payment_deadline_ms: i64,
+    pub retry_after_ms: i64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            payment_deadline_ms: PAYMENT_DEADLINE.num_milliseconds(),
+            retry_after_ms: RETRY_AFTER.num_milliseconds(),
+        }
+    }
+}
+
+impl Timing {
+    fn payment_deadline(self) -> TimeDelta {
+        TimeDelta::milliseconds(self.payment_deadline_ms)
+    }
+
+    fn retry_after(self) -> TimeDelta {
+        TimeDelta::milliseconds(self.retry_after_ms)
+    }
+}
+
 /// What the saga reacts to: a recorded event, or the passing of time.
 ///
 /// Borrows the event: the runner already holds it, and the saga keeps only the facts it needs.
@@ -202,9 +230,20 @@ pub struct FulfilmentState {
     retry_due_at: Option<DateTime<Utc>>,
     /// Latest time seen in any input; deadlines are checked against it.
     clock: Option<DateTime<Utc>>,
+    /// States stored before timings were configurable read as the defaults.
+    #[serde(default)]
+    timing: Timing,
 }
 
 impl FulfilmentState {
+    /// A new saga that waits as `timing` says instead of the defaults.
+    pub fn with_timing(timing: Timing) -> Self {
+        Self {
+            timing,
+            ..Self::default()
+        }
+    }
+
     pub fn order_id(&self) -> Option<OrderId> {
         self.order_id
     }
@@ -376,7 +415,8 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
             // Rebuilding from the log: the request is proof it was sent.
             state.sent.charge_attempt = state.sent.charge_attempt.max(requested.attempt);
             if requested.attempt == 1 {
-                state.payment_due_at = Some(requested.requested_at + PAYMENT_DEADLINE);
+                state.payment_due_at =
+                    Some(requested.requested_at + state.timing.payment_deadline());
             }
             Some(requested.requested_at)
         }
@@ -391,7 +431,7 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
         PaymentEvent::PaymentFailed(failed) => {
             if failed.attempt > payment.failed {
                 payment.failed = failed.attempt;
-                state.retry_due_at = Some(failed.failed_at + RETRY_AFTER);
+                state.retry_due_at = Some(failed.failed_at + state.timing.retry_after());
             }
             Some(failed.failed_at)
         }
@@ -503,7 +543,7 @@ fn plan(state: &mut FulfilmentState) -> Vec<Command> {
     if state.payment.charged.is_none() && !state.payment.declined && (first_charge || retry_due) {
         state.sent.charge_attempt += 1;
         if first_charge {
-            state.payment_due_at = Some(at + PAYMENT_DEADLINE);
+            state.payment_due_at = Some(at + state.timing.payment_deadline());
         }
         commands.push(payment(PaymentCommand::RequestCharge {
             order_id,

@@ -1,0 +1,245 @@
+//! placeOrder through GraphQL over HTTP, next to the raw single-event append rate measured in
+//! the same run on the same database.
+//!
+//! The command API is served in-process on 127.0.0.1:0 exactly as `orderly command-api` wires
+//! it (platform handler: auth, rate limit off, body limit, timeout; command service with
+//! PostgreSQL idempotency keys). `clients` tasks each send placeOrder flat out, every order
+//! with two lines priced from two of 100 products, a fresh idempotency key and its own
+//! customer token. The saga runner is not running: this measures the command path (auth,
+//! validation, key claim, two product loads, order decision, append, key completion).
+//! The yardstick is the append benchmark's `orderly single` scenario at the same concurrency
+//! (at most 64 writers, one connection each, for the server's connection limit).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use orderly_command_api::{CommandService, IdempotencyKeys, RegisterProduct};
+use orderly_domain::values::{Currency, Money, ProductName, Sku};
+use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
+use orderly_platform::{
+    Actor, Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter, Role, TokenIssuer,
+};
+use orderly_test_support::TestDb;
+use serde_json::json;
+
+use crate::append::{self, Scenario};
+use crate::report::{self, HEADER, Outcome};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds each scenario is measured, after a warm-up of a fifth of that.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent clients to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8,32,128")]
+    clients: Vec<usize>,
+}
+
+const PRODUCTS: usize = 100;
+
+/// Most connections the append yardstick opens.
+const MAX_WRITERS: usize = 64;
+
+/// Connections of the served command API: event store and idempotency keys together stay
+/// well below the server's limit whatever the client count.
+const STORE_CONNECTIONS: usize = 40;
+const KEY_CONNECTIONS: usize = 20;
+const SECRET: &str = "bench-secret";
+
+const PLACE: &str =
+    "mutation($input: PlaceOrderInput!) { placeOrder(input: $input) { id version token } }";
+
+fn fingerprint() -> String {
+    format!(
+        "{}/{}",
+        orderly_event_store::postgres::migration_fingerprint(),
+        orderly_command_api::migration_fingerprint()
+    )
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let db = TestDb::create("bench-command", &fingerprint(), |url| async move {
+        let config: tokio_postgres::Config = url.parse()?;
+        orderly_event_store::postgres::migrate(&config).await?;
+        orderly_command_api::migrate(&config).await?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create the benchmark database: {e}"))?;
+    let admin = db.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("# placeOrder benchmark\n");
+    println!("- machine: {}", report::machine());
+    println!(
+        "- window: {} s measured after {} s warm-up, per scenario; no saga runner",
+        args.seconds,
+        args.seconds as f64 / 5.0
+    );
+    println!(
+        "- placeOrder: 2 lines from {PRODUCTS} products, fresh idempotency key, HTTP/1.1 keep-alive\n"
+    );
+    println!("{HEADER}");
+    let mut ratios = Vec::new();
+    for &clients in &args.clients {
+        admin
+            .batch_execute("truncate events, idempotency_keys; checkpoint")
+            .await
+            .context("reset (needs a superuser)")?;
+        // One connection per writer: past MAX_WRITERS the server (max_connections = 100 here)
+        // would refuse them, so the yardstick runs at most that many.
+        let writers = clients.min(MAX_WRITERS);
+        let append_args = append::Args {
+            seconds: args.seconds,
+            writers: vec![writers],
+            rounds: 1,
+        };
+        let raw = append::measure(&db, Scenario::OrderlySingle, writers, &append_args).await?;
+        println!("{}", raw.row());
+        admin
+            .batch_execute("truncate events, idempotency_keys; checkpoint")
+            .await?;
+        let placed = place_orders(&db, clients, args.seconds).await?;
+        println!("{}", placed.row());
+        ratios.push((clients, placed.events_per_sec() / raw.events_per_sec()));
+    }
+    println!("\n| clients | placeOrder / single-event append |\n|---|---|");
+    for (clients, ratio) in ratios {
+        println!("| {clients} | {:.0}% |", ratio * 100.0);
+    }
+    Ok(())
+}
+
+/// Serves the command API on a free port; returns its base URL, the service, and the server
+/// task (abort it, and drop the service, to close the connections).
+async fn serve(
+    db: &TestDb,
+    clients: usize,
+) -> anyhow::Result<(String, CommandService, tokio::task::JoinHandle<()>)> {
+    let options = PgStoreOptions {
+        pool_size: clients.clamp(8, STORE_CONNECTIONS),
+        ..Default::default()
+    };
+    let store = Arc::new(PgEventStore::new(db.config().clone(), options)?);
+    let pool = orderly_platform::pg_pool(db.config(), clients.clamp(4, KEY_CONNECTIONS))?;
+    let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
+    let schema = orderly_command_api::schema(service.clone());
+    let sdl = schema.sdl();
+    let jwt = JwtConfig {
+        secret: Some(SECRET.into()),
+        ..Default::default()
+    };
+    let limiter = RateLimiter::new(RateLimit {
+        per_second: 0,
+        burst: 0,
+    })?;
+    let router = orderly_platform::graphql_router(
+        schema,
+        sdl,
+        Arc::new(Authenticator::new(&jwt)?),
+        Arc::new(limiter),
+        GraphqlLimits::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move {
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let _ = axum::serve(listener, service).await;
+    });
+    Ok((base, service, server))
+}
+
+async fn register_products(service: &CommandService) -> anyhow::Result<()> {
+    let admin = Actor {
+        sub: "bench-admin".into(),
+        roles: vec![Role::Admin],
+    };
+    let eur = Currency::parse("EUR")?;
+    for i in 0..PRODUCTS {
+        let command = RegisterProduct {
+            sku: Sku::parse(format!("SKU-{i:05}"))?,
+            name: ProductName::parse(format!("Product {i}"))?,
+            description: None,
+            price: Money::new(100 + i as i64, eur)?,
+            initial_stock: 1_000_000,
+        };
+        service
+            .register_product(Some(&admin), command)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Result<Outcome> {
+    let (base, service, server) = serve(db, clients).await?;
+    register_products(&service).await?;
+    let issuer = TokenIssuer::new(&JwtConfig {
+        secret: Some(SECRET.into()),
+        ..Default::default()
+    })?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    let start = Instant::now();
+    let window_start = start + Duration::from_secs(seconds) / 5;
+    let end = window_start + Duration::from_secs(seconds);
+    let url = format!("{base}/graphql");
+    let tasks = (0..clients).map(|client| {
+        let token = issuer.issue(
+            &format!("bench-customer-{client}"),
+            &[Role::Customer],
+            Duration::from_secs(3600),
+        );
+        let http = http.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let token = token?;
+            let mut histogram = report::histogram();
+            let mut operations = 0u64;
+            let mut n = client;
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                n = n.wrapping_mul(31).wrapping_add(7);
+                let (a, b) = (n % PRODUCTS, (n / PRODUCTS + 1 + n) % PRODUCTS);
+                let b = if a == b { (b + 1) % PRODUCTS } else { b };
+                let body = json!({ "query": PLACE, "variables": { "input": {
+                    "idempotencyKey": uuid::Uuid::new_v4().to_string(),
+                    "lines": [ { "sku": format!("SKU-{a:05}"), "quantity": 1 },
+                               { "sku": format!("SKU-{b:05}"), "quantity": 2 } ],
+                    "paymentToken": "tok_ok",
+                    "shippingAddress": { "name": "A. Customer", "line1": "1 Long Road",
+                        "city": "Lyon", "postalCode": "69001", "country": "FR" } } } });
+                let answer: serde_json::Value = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if answer.get("errors").is_some() {
+                    anyhow::bail!("placeOrder failed: {answer}");
+                }
+                if began >= window_start && Instant::now() <= end {
+                    histogram.saturating_record(began.elapsed().as_micros() as u64);
+                    operations += 1;
+                }
+            }
+            anyhow::Ok((operations, histogram))
+        })
+    });
+    let (operations, latency_us) = report::gather(tasks).await?;
+    server.abort();
+    drop(service);
+    Ok(Outcome {
+        name: "placeOrder (GraphQL)".to_owned(),
+        writers: clients,
+        operations,
+        events: operations,
+        elapsed: Duration::from_secs(seconds),
+        latency_us,
+    })
+}

@@ -1,0 +1,428 @@
+//! The API's commands: who may send each, what it needs loaded, and what it answers.
+//! Inputs arrive validated (see `graphql`); this layer authorizes, fetches and decides.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
+use orderly_domain::order::{self, CancelledBy, LineRequest, OrderAggregate, OrderCommand};
+use orderly_domain::product::{self, Product, ProductAggregate, ProductCommand};
+use orderly_domain::streams;
+use orderly_domain::values::{
+    Address, Carrier, CustomerId, Description, Money, OrderId, PaymentToken, ProductName, Quantity,
+    Reason, Sku, TrackingNumber,
+};
+use orderly_event_store::{Direction, EventStore, Position};
+use orderly_platform::{Actor, Role};
+use uuid::Uuid;
+
+use crate::CommandError;
+use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
+use crate::idempotency::{Claim, IdempotencyKeys};
+
+/// Product streams read at once while pricing an order.
+const PRODUCT_LOADS: usize = 16;
+
+/// Namespace of the ids derived from idempotency keys (a fixed random UUID).
+const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x5f0c_1d2e_8a4b_4c6d_9e7f_0a1b_2c3d_4e5f);
+
+/// What every command answers (the contract's `CommandResult`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandResult {
+    pub id: String,
+    pub version: u64,
+    pub token: Position,
+    pub events: Vec<String>,
+    pub replayed: bool,
+}
+
+impl CommandResult {
+    fn from_outcome(id: String, outcome: Outcome) -> Self {
+        Self {
+            id,
+            version: outcome.version.unwrap_or(0),
+            token: outcome.position,
+            replayed: !outcome.appended,
+            events: outcome.events,
+        }
+    }
+}
+
+/// placeOrder, validated.
+#[derive(Debug, Clone)]
+pub struct PlaceOrder {
+    pub idempotency_key: Option<String>,
+    /// `None`: the caller's own id.
+    pub customer_id: Option<CustomerId>,
+    pub lines: Vec<LineRequest>,
+    pub payment_token: PaymentToken,
+    pub shipping_address: Address,
+    /// Identifies the request's content, so a key reused for another request is refused.
+    pub fingerprint: Uuid,
+}
+
+/// registerProduct, validated.
+#[derive(Debug, Clone)]
+pub struct RegisterProduct {
+    pub sku: Sku,
+    pub name: ProductName,
+    pub description: Option<Description>,
+    pub price: Money,
+    pub initial_stock: u32,
+}
+
+/// The command side as the API sees it. Cheap to clone; add it to the GraphQL schema's data.
+#[derive(Clone)]
+pub struct CommandService {
+    handler: Handler,
+    keys: Option<IdempotencyKeys>,
+    /// The request's trace context, copied into every event's metadata.
+    traceparent: Option<String>,
+}
+
+/// The caller, who must hold one of `roles` (admins may do everything).
+fn require<'a>(actor: Option<&'a Actor>, roles: &[Role]) -> Result<&'a Actor, CommandError> {
+    let actor = actor.ok_or(CommandError::Unauthenticated)?;
+    if actor.is_admin() || roles.iter().any(|role| actor.has(*role)) {
+        Ok(actor)
+    } else {
+        Err(CommandError::Forbidden(
+            "your roles do not allow this command",
+        ))
+    }
+}
+
+impl CommandService {
+    /// Without `keys` (no PostgreSQL for the command side) idempotency still holds through the
+    /// derived order and event ids; only reusing a key for a different request goes unnoticed.
+    pub fn new(store: Arc<dyn EventStore>, keys: Option<IdempotencyKeys>) -> Self {
+        Self {
+            handler: Handler::new(store),
+            keys,
+            traceparent: None,
+        }
+    }
+
+    /// This service for one request whose trace context is `traceparent`.
+    pub fn with_traceparent(&self, traceparent: Option<String>) -> Self {
+        Self {
+            traceparent,
+            ..self.clone()
+        }
+    }
+
+    fn envelope(&self, command_id: Uuid, actor: &Actor) -> Envelope {
+        Envelope {
+            traceparent: self.traceparent.clone(),
+            ..Envelope::request(command_id, &actor.sub)
+        }
+    }
+
+    pub fn handler(&self) -> &Handler {
+        &self.handler
+    }
+
+    pub async fn place_order(
+        &self,
+        actor: Option<&Actor>,
+        command: PlaceOrder,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[Role::Customer])?;
+        // The contract: customers order for themselves (customerId defaults to, and must
+        // equal, the token's sub); admins may order for anyone.
+        let customer_id = match command.customer_id.clone() {
+            Some(id) if id.as_str() == actor.sub || actor.is_admin() => id,
+            Some(_) => {
+                return Err(CommandError::Forbidden(
+                    "customers place orders for themselves only",
+                ));
+            }
+            None => CustomerId::parse(actor.sub.clone())
+                .map_err(|e| CommandError::invalid("input.customerId", e))?,
+        };
+        // With a key, the order id and the command id (hence the event ids) follow from
+        // (customer, key): every retry, and every racing duplicate, names the same order and
+        // appends the same ids, which the store writes once.
+        let (order_id, command_id) = match &command.idempotency_key {
+            Some(key) => {
+                let base = Uuid::new_v5(
+                    &KEY_NAMESPACE,
+                    format!("place-order\0{customer_id}\0{key}").as_bytes(),
+                );
+                (
+                    OrderId(Uuid::new_v5(&base, b"order")),
+                    Uuid::new_v5(&base, b"command"),
+                )
+            }
+            None => (OrderId(Uuid::now_v7()), Uuid::now_v7()),
+        };
+        let keyed = match (&self.keys, &command.idempotency_key) {
+            (Some(keys), Some(key)) => Some((keys, key.as_str())),
+            _ => None,
+        };
+        // No key: the order id is fresh. Owned key: nobody used it, so neither its order id.
+        // No key: the order id is fresh. Owned key: nobody used it, so neither its order id.
+        let mut owned = command.idempotency_key.is_none();
+        if let Some((keys, key)) = keyed {
+            let claim = keys
+                .claim(customer_id.as_str(), key, command.fingerprint, order_id.0)
+                .await?;
+            owned = claim == Claim::Owned;
+        }
+        let outcome = self
+            .place(actor, &customer_id, order_id, command_id, &command, owned)
+            .await;
+        // A transient failure may have written (the store's answer was lost): the key stays, so
+        // the retry finds the order. Anything else wrote nothing and frees the key.
+        if let (Some((keys, key)), Err(error)) = (keyed, &outcome)
+            && owned
+            && !error.is_transient()
+        {
+            keys.release(customer_id.as_str(), key).await?;
+        }
+        outcome
+    }
+
+    async fn place(
+        &self,
+        actor: &Actor,
+        customer_id: &CustomerId,
+        order_id: OrderId,
+        command_id: Uuid,
+        command: &PlaceOrder,
+        fresh: bool,
+    ) -> Result<CommandResult, CommandError> {
+        // Prices, names and currency come from the products' streams as they are now, never
+        // from the client; pricing rejects unknown SKUs and mixed currencies.
+        let products = self.products(&command.lines).await?;
+        let lines = order::price_lines(&command.lines, &products)?;
+        let envelope = Envelope {
+            idempotency_key: command.idempotency_key.clone(),
+            ..self.envelope(command_id, actor)
+        };
+        let ours = envelope.event_id(0);
+        let place = OrderCommand::Place {
+            order_id,
+            customer_id: customer_id.clone(),
+            lines,
+            shipping_address: command.shipping_address.clone(),
+            payment_token: command.payment_token.clone(),
+            placed_at: Utc::now(),
+        };
+        let stream = stream_name(streams::order(order_id))?;
+        let decide = |loaded: &Loaded<Option<order::Order>>| {
+            // Our own placement is already stored (a retry): nothing to decide.
+            if loaded.first_event_id == Some(ours) {
+                return Ok(Vec::new());
+            }
+            Ok(order::decide(&loaded.state, &place)?)
+        };
+        let outcome = if fresh {
+            self.handler
+                .execute_new::<OrderAggregate, _>(&stream, &envelope, decide)
+                .await?
+        } else {
+            self.handler
+                .execute::<OrderAggregate, _>(&stream, None, &envelope, decide)
+                .await?
+        };
+        let id = order_id.to_string();
+        if outcome.appended {
+            return Ok(CommandResult::from_outcome(id, outcome));
+        }
+        // A retry: answer what the first call answered, the placement event's version and
+        // position, whatever happened to the order since.
+        let first = self
+            .handler
+            .store()
+            .read_stream(&stream, Direction::Forwards, Some(0), 1)
+            .await?;
+        let first = first
+            .into_iter()
+            .next()
+            .ok_or_else(|| CommandError::Internal("a replayed order has no events".into()))?;
+        Ok(CommandResult {
+            id,
+            version: first.version,
+            token: first.position,
+            events: vec![first.event_type],
+            replayed: true,
+        })
+    }
+
+    /// The registered products among the requested SKUs (unknown ones are left out, and
+    /// pricing names them).
+    async fn products(&self, lines: &[LineRequest]) -> Result<Vec<Product>, CommandError> {
+        // Owned values per load: futures that borrow across `buffered` trip the compiler's
+        // Send check for the resolver future.
+        let loads = lines.iter().map(|line| {
+            let handler = self.handler.clone();
+            let stream = stream_name(streams::product(&line.sku));
+            async move {
+                let loaded = handler.load::<ProductAggregate>(&stream?).await?;
+                Ok::<_, CommandError>(loaded.state)
+            }
+        });
+        let loads: Vec<_> = loads.collect();
+        let found: Vec<Option<Product>> = futures::stream::iter(loads)
+            .buffered(PRODUCT_LOADS)
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    pub async fn cancel_order(
+        &self,
+        actor: Option<&Actor>,
+        order_id: OrderId,
+        reason: Reason,
+        expected: Option<u64>,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[Role::Customer])?;
+        let command = OrderCommand::Cancel {
+            cancellation_reason: reason,
+            cancelled_by: CancelledBy::Customer,
+            cancelled_at: Utc::now(),
+        };
+        self.order_command(actor, order_id, expected, command, true)
+            .await
+    }
+
+    pub async fn ship_order(
+        &self,
+        actor: Option<&Actor>,
+        order_id: OrderId,
+        carrier: Carrier,
+        tracking_number: TrackingNumber,
+        expected: Option<u64>,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[Role::Warehouse])?;
+        let command = OrderCommand::Ship {
+            carrier,
+            tracking_number,
+            shipped_at: Utc::now(),
+        };
+        self.order_command(actor, order_id, expected, command, false)
+            .await
+    }
+
+    pub async fn mark_delivered(
+        &self,
+        actor: Option<&Actor>,
+        order_id: OrderId,
+        expected: Option<u64>,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[Role::Warehouse])?;
+        let command = OrderCommand::Deliver {
+            delivered_at: Utc::now(),
+        };
+        self.order_command(actor, order_id, expected, command, false)
+            .await
+    }
+
+    /// `own_only`: a caller without the admin role may act only on their own orders; others'
+    /// orders look as if they did not exist, so their ids cannot be probed.
+    async fn order_command(
+        &self,
+        actor: &Actor,
+        order_id: OrderId,
+        expected: Option<u64>,
+        command: OrderCommand,
+        own_only: bool,
+    ) -> Result<CommandResult, CommandError> {
+        let stream = stream_name(streams::order(order_id))?;
+        let envelope = self.envelope(Uuid::now_v7(), actor);
+        let outcome = self
+            .handler
+            .execute::<OrderAggregate, _>(&stream, expected, &envelope, |loaded| {
+                let order = loaded
+                    .state
+                    .as_ref()
+                    .ok_or(CommandError::NotFound("order"))?;
+                if own_only && !actor.is_admin() && order.customer_id.as_str() != actor.sub {
+                    return Err(CommandError::NotFound("order"));
+                }
+                Ok(order::decide(&loaded.state, &command)?)
+            })
+            .await?;
+        Ok(CommandResult::from_outcome(order_id.to_string(), outcome))
+    }
+
+    pub async fn register_product(
+        &self,
+        actor: Option<&Actor>,
+        command: RegisterProduct,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[])?;
+        let sku = command.sku.clone();
+        let decision = ProductCommand::Register {
+            sku: command.sku,
+            name: command.name,
+            description: command.description,
+            price: command.price,
+            initial_stock: command.initial_stock,
+            registered_at: Utc::now(),
+        };
+        self.product_command(actor, &sku, None, move |_| Ok(decision.clone()))
+            .await
+    }
+
+    pub async fn restock(
+        &self,
+        actor: Option<&Actor>,
+        sku: Sku,
+        quantity: Quantity,
+        expected: Option<u64>,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[Role::Warehouse])?;
+        let restocked_at = Utc::now();
+        self.product_command(actor, &sku, expected, move |_| {
+            Ok(ProductCommand::Restock {
+                quantity,
+                restocked_at,
+            })
+        })
+        .await
+    }
+
+    /// The new price is in the product's own currency (the contract sends only minor units).
+    pub async fn change_price(
+        &self,
+        actor: Option<&Actor>,
+        sku: Sku,
+        price_minor: i64,
+        expected: Option<u64>,
+    ) -> Result<CommandResult, CommandError> {
+        let actor = require(actor, &[])?;
+        let price_changed_at = Utc::now();
+        self.product_command(actor, &sku, expected, move |product| {
+            let product = product.ok_or(CommandError::NotFound("product"))?;
+            let price = Money::new(price_minor, product.price.currency())
+                .map_err(|e| CommandError::invalid("priceMinor", e))?;
+            Ok(ProductCommand::ChangePrice {
+                price,
+                price_changed_at,
+            })
+        })
+        .await
+    }
+
+    async fn product_command(
+        &self,
+        actor: &Actor,
+        sku: &Sku,
+        expected: Option<u64>,
+        command: impl Fn(Option<&Product>) -> Result<ProductCommand, CommandError>,
+    ) -> Result<CommandResult, CommandError> {
+        let stream = stream_name(streams::product(sku))?;
+        let envelope = self.envelope(Uuid::now_v7(), actor);
+        let outcome = self
+            .handler
+            .execute::<ProductAggregate, _>(&stream, expected, &envelope, |loaded| {
+                let command = command(loaded.state.as_ref())?;
+                Ok(product::decide(&loaded.state, &command)?)
+            })
+            .await?;
+        Ok(CommandResult::from_outcome(sku.to_string(), outcome))
+    }
+}

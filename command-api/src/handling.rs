@@ -1,0 +1,436 @@
+//! Command handling: load the aggregate's stream, fold it, decide, append with the loaded
+//! version as the expected version. On a version conflict without a client expectation the
+//! whole sequence runs again (a bounded number of times); with one, the caller gets CONFLICT.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use orderly_domain::Aggregate;
+use orderly_domain::order::OrderAggregate;
+use orderly_domain::payment::PaymentAggregate;
+use orderly_domain::product::ProductAggregate;
+use orderly_event_schemas::{
+    Event, EventMetadata, OrderEvent, PaymentEvent, ProductEvent, decode_recorded, encode,
+};
+use orderly_event_store::{
+    Direction, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
+    StreamName,
+};
+use uuid::Uuid;
+
+use crate::CommandError;
+
+/// Decide-and-append attempts before a command gives up as contended. Each failed attempt
+/// means another writer made progress, so this bounds work, not correctness.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// Events read per page while loading a stream.
+const PAGE: usize = 500;
+
+/// Who and why, for every event one command appends. Event ids derive from `command_id`, so
+/// the same command sent twice (a retry, a redelivered saga step) appends the same ids and the
+/// store writes them once.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub command_id: Uuid,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+    pub actor: String,
+    pub idempotency_key: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl Envelope {
+    /// A command that starts a new correlation: an API request.
+    pub fn request(command_id: Uuid, actor: &str) -> Self {
+        Self {
+            command_id,
+            correlation_id: command_id,
+            causation_id: command_id,
+            actor: actor.to_owned(),
+            idempotency_key: None,
+            traceparent: None,
+        }
+    }
+
+    /// The id of the `index`-th event this command appends.
+    pub fn event_id(&self, index: usize) -> Uuid {
+        Uuid::new_v5(&self.command_id, format!("event/{index}").as_bytes())
+    }
+
+    fn metadata(&self, index: usize) -> EventMetadata {
+        EventMetadata {
+            event_id: self.event_id(index),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            traceparent: self.traceparent.clone(),
+            actor: self.actor.clone(),
+            command_id: self.command_id,
+            idempotency_key: self.idempotency_key.clone(),
+            occurred_at: Utc::now(),
+        }
+    }
+}
+
+/// The event type of one aggregate, as a part of the registry's [`Event`].
+pub trait ContextEvent: Clone + Sized {
+    fn from_event(event: Event) -> Option<Self>;
+    fn into_event(self) -> Event;
+}
+
+macro_rules! context_event {
+    ($type:ty, $variant:ident) => {
+        impl ContextEvent for $type {
+            fn from_event(event: Event) -> Option<Self> {
+                match event {
+                    Event::$variant(event) => Some(event),
+                    _ => None,
+                }
+            }
+
+            fn into_event(self) -> Event {
+                Event::$variant(self)
+            }
+        }
+    };
+}
+
+context_event!(OrderEvent, Order);
+context_event!(ProductEvent, Product);
+context_event!(PaymentEvent, Payment);
+
+/// An aggregate whose events live in the registry; the three of the domain are.
+pub trait Stored: Aggregate<Event: ContextEvent, State: Send + Sync + 'static> {}
+impl Stored for OrderAggregate {}
+impl Stored for ProductAggregate {}
+impl Stored for PaymentAggregate {}
+
+/// An aggregate's state as of its stream's last event.
+#[derive(Debug, Clone)]
+pub struct Loaded<S> {
+    pub state: S,
+    /// `None` when the stream does not exist.
+    pub version: Option<u64>,
+    /// Position of the last event read; `Position::START` for no stream.
+    pub position: Position,
+    /// Id of the stream's first event, which tells whether a placement was ours.
+    pub first_event_id: Option<Uuid>,
+}
+
+/// What a handled command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The stream's version after the command.
+    pub version: Option<u64>,
+    /// A consistency token for reading this write (or the state the decision saw).
+    pub position: Position,
+    /// Types of the events the decision produced, in order.
+    pub events: Vec<String>,
+    /// False when nothing new was written: the decision was empty, or the store recognised the
+    /// events as a retry of an earlier append.
+    pub appended: bool,
+}
+
+/// Runs commands against the event store. Cheap to clone.
+#[derive(Clone)]
+pub struct Handler {
+    store: Arc<dyn EventStore>,
+    states: Arc<StateCache>,
+}
+
+/// Streams whose folded state is kept between commands; past it the cache starts over.
+const CACHED_STREAMS: usize = 4096;
+
+/// Folded states by stream, so a load reads only the events after the cached version instead
+/// of the whole stream (a popular product's stream grows with every reservation). Never stale:
+/// every load still reads the stream up to its end, and streams are append-only.
+#[derive(Default)]
+struct StateCache {
+    states: Mutex<HashMap<StreamName, Box<dyn Any + Send + Sync>>>,
+}
+
+impl StateCache {
+    fn get<S: Clone + 'static>(&self, stream: &StreamName) -> Option<Loaded<S>> {
+        let states = self.states.lock().ok()?;
+        states.get(stream)?.downcast_ref::<Loaded<S>>().cloned()
+    }
+
+    fn put<S: Clone + Send + Sync + 'static>(&self, stream: &StreamName, loaded: &Loaded<S>) {
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
+            states.clear();
+        }
+        states.insert(stream.clone(), Box::new(loaded.clone()));
+    }
+}
+
+impl Handler {
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            states: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The stream's state as of its last event: the cached state (if any) folded with the
+    /// events after it.
+    pub async fn load<A: Stored>(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Loaded<A::State>, CommandError> {
+        let mut loaded = self.states.get(stream).unwrap_or(Loaded {
+            state: A::State::default(),
+            version: None,
+            position: Position::START,
+            first_event_id: None,
+        });
+        let cached_version = loaded.version;
+        loop {
+            let from = loaded.version.map_or(0, |v| v + 1);
+            let page = self
+                .store
+                .read_stream(stream, Direction::Forwards, Some(from), PAGE)
+                .await?;
+            let count = page.len();
+            for recorded in page {
+                loaded.first_event_id.get_or_insert(recorded.id);
+                loaded.version = Some(recorded.version);
+                loaded.position = recorded.position;
+                let event = decode::<A::Event>(recorded)?;
+                loaded.state = A::evolve(loaded.state, &event);
+            }
+            if count < PAGE {
+                if loaded.version != cached_version {
+                    self.states.put(stream, &loaded);
+                }
+                return Ok(loaded);
+            }
+        }
+    }
+
+    /// Load, decide with `decide`, append; retried on conflicts unless `expected` (the
+    /// client's `expectedVersion`) was given. `decide` may refuse with any [`CommandError`]
+    /// (ownership checks need the state too).
+    pub async fn execute<A, F>(
+        &self,
+        stream: &StreamName,
+        expected: Option<u64>,
+        envelope: &Envelope,
+        decide: F,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Stored,
+        F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
+    {
+        self.run::<A, F>(stream, expected, envelope, decide, false)
+            .await
+    }
+
+    /// As [`Handler::execute`] for a stream the caller has just named with a fresh id (a new
+    /// order): the first attempt decides on the empty state without reading, saving a round
+    /// trip; if the stream exists after all, the append conflicts and the normal path runs.
+    pub async fn execute_new<A, F>(
+        &self,
+        stream: &StreamName,
+        envelope: &Envelope,
+        decide: F,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Stored,
+        F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
+    {
+        self.run::<A, F>(stream, None, envelope, decide, true).await
+    }
+
+    async fn run<A, F>(
+        &self,
+        stream: &StreamName,
+        expected: Option<u64>,
+        envelope: &Envelope,
+        decide: F,
+        assume_new: bool,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Stored,
+        F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
+    {
+        for attempt in 0..MAX_ATTEMPTS {
+            let loaded = if assume_new && attempt == 0 {
+                Loaded {
+                    state: A::State::default(),
+                    version: None,
+                    position: Position::START,
+                    first_event_id: None,
+                }
+            } else {
+                self.load::<A>(stream).await?
+            };
+            if let Some(expected) = expected
+                && loaded.version != Some(expected)
+            {
+                return Err(CommandError::Conflict {
+                    expected,
+                    actual: loaded.version,
+                });
+            }
+            let decided = decide(&loaded)?;
+            if decided.is_empty() {
+                return Ok(Outcome {
+                    version: loaded.version,
+                    position: loaded.position,
+                    events: Vec::new(),
+                    appended: false,
+                });
+            }
+            let mut names = Vec::with_capacity(decided.len());
+            let mut batch = Vec::with_capacity(decided.len());
+            for (index, event) in decided.into_iter().enumerate() {
+                let encoded = encode(&event.into_event(), &envelope.metadata(index))
+                    .map_err(|e| CommandError::Internal(e.to_string()))?;
+                names.push(encoded.event_type.to_owned());
+                batch.push(NewEvent {
+                    id: encoded.event_id,
+                    event_type: encoded.event_type.to_owned(),
+                    data: encoded.data,
+                    metadata: encoded.metadata,
+                });
+            }
+            let at = loaded
+                .version
+                .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+            match self.store.append(stream, at, batch).await {
+                Ok(result) => {
+                    return Ok(Outcome {
+                        version: Some(result.next_expected_version),
+                        position: result.position,
+                        events: names,
+                        appended: !result.deduplicated,
+                    });
+                }
+                Err(StoreError::Conflict { actual, .. }) => {
+                    if let Some(expected) = expected {
+                        return Err(CommandError::Conflict { expected, actual });
+                    }
+                }
+                // These ids were stored by an earlier run of this very command, which then
+                // lost a race to a later writer: reload, and the decider sees it is done.
+                Err(StoreError::DuplicateEventId { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(CommandError::Contended(MAX_ATTEMPTS))
+    }
+}
+
+/// One stored event as its aggregate's event type; anything else in the stream is corrupt data.
+pub fn decode<E: ContextEvent>(recorded: RecordedEvent) -> Result<E, CommandError> {
+    let stream = recorded.stream.to_string();
+    let decoded = decode_recorded(&recorded.event_type, recorded.data, recorded.metadata)
+        .map_err(|e| CommandError::Internal(format!("{stream}: {e}")))?;
+    E::from_event(decoded.event)
+        .ok_or_else(|| CommandError::Internal(format!("{stream} holds an event of another kind")))
+}
+
+/// A stream name the domain built; they are always valid.
+pub fn stream_name(name: String) -> Result<StreamName, CommandError> {
+    StreamName::parse(name).map_err(|e| CommandError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use orderly_domain::product::{ProductAggregate, ProductCommand};
+    use orderly_domain::values::{Currency, Money, ProductName, Quantity, Sku};
+    use orderly_event_store::memory::MemoryEventStore;
+
+    use super::*;
+
+    fn restock(quantity: u32) -> ProductCommand {
+        ProductCommand::Restock {
+            quantity: Quantity::new(quantity).unwrap(),
+            restocked_at: Utc::now(),
+        }
+    }
+
+    fn register(sku: &str, initial_stock: u32) -> ProductCommand {
+        ProductCommand::Register {
+            sku: Sku::parse(sku).unwrap(),
+            name: ProductName::parse(sku).unwrap(),
+            description: None,
+            price: Money::new(100, Currency::parse("EUR").unwrap()).unwrap(),
+            initial_stock,
+            registered_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_state_still_sees_what_other_writers_appended() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
+        let stream = StreamName::parse("product-TEA").unwrap();
+        let decide = |command: ProductCommand| {
+            move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
+        };
+        let envelope = || Envelope::request(Uuid::now_v7(), "test");
+        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            ours.load::<ProductAggregate>(&stream)
+                .await
+                .unwrap()
+                .version,
+            Some(0)
+        );
+        theirs
+            .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(restock(4)))
+            .await
+            .unwrap();
+        let loaded = ours.load::<ProductAggregate>(&stream).await.unwrap();
+        assert_eq!(loaded.version, Some(1));
+        assert_eq!(loaded.state.unwrap().on_hand(), 5);
+        // A stale expectation from the cached view is a conflict, not a lost update.
+        let stale = ours
+            .execute::<ProductAggregate, _>(&stream, Some(0), &envelope(), decide(restock(1)))
+            .await;
+        assert!(matches!(
+            stale,
+            Err(CommandError::Conflict {
+                expected: 0,
+                actual: Some(1)
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_same_command_sent_twice_is_written_once() {
+        let handler = Handler::new(Arc::new(MemoryEventStore::new()));
+        let stream = StreamName::parse("product-MUG").unwrap();
+        let envelope = Envelope::request(Uuid::now_v7(), "test");
+        let register = register("MUG", 0);
+        let decide = |loaded: &Loaded<_>| {
+            if loaded.first_event_id == Some(envelope.event_id(0)) {
+                return Ok(Vec::new());
+            }
+            Ok(orderly_domain::product::decide(&loaded.state, &register)?)
+        };
+        let first = handler
+            .execute::<ProductAggregate, _>(&stream, None, &envelope, decide)
+            .await
+            .unwrap();
+        let second = handler
+            .execute::<ProductAggregate, _>(&stream, None, &envelope, decide)
+            .await
+            .unwrap();
+        assert!(first.appended && !second.appended);
+        assert_eq!(second.version, Some(0));
+    }
+}

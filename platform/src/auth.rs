@@ -1,0 +1,352 @@
+//! JWT bearer authentication: `Authorization: Bearer <JWT>`, HS256 with a shared secret or
+//! RS256 with a public key; `exp`, `nbf` and, when configured, `iss` and `aud` are checked.
+//! Claims: `sub` (customer or user id) and `roles` (any of customer, warehouse, admin).
+
+use std::fmt;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::PlatformError;
+
+/// Clock skew tolerated on `exp` and `nbf`, between this service and whoever issued the token.
+const LEEWAY_SECONDS: u64 = 5;
+
+/// A role from the `roles` claim. Unknown role names are ignored, so an issuer may add roles
+/// for other services without locking users out here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Customer,
+    Warehouse,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "customer" => Some(Role::Customer),
+            "warehouse" => Some(Role::Warehouse),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Customer => "customer",
+            Role::Warehouse => "warehouse",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Who is calling: the token's subject and roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub sub: String,
+    pub roles: Vec<Role>,
+}
+
+impl Actor {
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.has(Role::Admin)
+    }
+}
+
+/// Key material and expected claims, as the settings give them. Secrets never reach `Debug`.
+#[derive(Clone, Default)]
+pub struct JwtConfig {
+    /// HS256 shared secret; wins over the RS256 keys when both are set.
+    pub secret: Option<String>,
+    /// RS256 public key (PEM) to verify tokens.
+    pub public_key: Option<String>,
+    /// RS256 private key (PEM), only to issue tokens from the CLI.
+    pub private_key: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+impl fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<unset>" };
+        f.debug_struct("JwtConfig")
+            .field("secret", &set(&self.secret))
+            .field("public_key", &set(&self.public_key))
+            .field("private_key", &set(&self.private_key))
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+/// Why a bearer token was refused; the API answers all of them with UNAUTHENTICATED.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    MalformedHeader,
+    InvalidToken(String),
+    NotConfigured,
+}
+
+impl fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MalformedHeader => f.write_str("the Authorization header must be `Bearer <JWT>`"),
+            Self::InvalidToken(why) => write!(f, "invalid token: {why}"),
+            Self::NotConfigured => {
+                f.write_str("this service accepts no tokens (no key configured)")
+            }
+        }
+    }
+}
+
+/// The claims read from a token; the registered ones are checked by `jsonwebtoken` itself.
+#[derive(Deserialize)]
+struct VerifiedClaims {
+    sub: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Checks bearer tokens. Cheap to share behind an `Arc`.
+pub struct Authenticator {
+    verify: Option<(DecodingKey, Validation)>,
+}
+
+impl Authenticator {
+    /// Without any key the authenticator refuses every token (anonymous calls still pass).
+    pub fn new(config: &JwtConfig) -> Result<Self, PlatformError> {
+        let (key, algorithm) = if let Some(secret) = &config.secret {
+            (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            )
+        } else if let Some(pem) = &config.public_key {
+            let key =
+                DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(PlatformError::InvalidKey)?;
+            (key, Algorithm::RS256)
+        } else {
+            return Ok(Self { verify: None });
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
+        // A token without an expiry would be valid forever; one without a subject names nobody.
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            // jsonwebtoken refuses any `aud` unless told which to accept or to not check it.
+            None => validation.validate_aud = false,
+        }
+        Ok(Self {
+            verify: Some((key, validation)),
+        })
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.verify.is_some()
+    }
+
+    /// `Ok(None)` for a request without an Authorization header (anonymous).
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Option<Actor>, AuthFailure> {
+        let Some(header) = header else {
+            return Ok(None);
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthFailure::MalformedHeader)?;
+        let (key, validation) = self.verify.as_ref().ok_or(AuthFailure::NotConfigured)?;
+        let data = jsonwebtoken::decode::<VerifiedClaims>(token, key, validation)
+            .map_err(|e| AuthFailure::InvalidToken(describe(&e)))?;
+        let roles = data
+            .claims
+            .roles
+            .iter()
+            .filter_map(|r| Role::parse(r))
+            .collect();
+        Ok(Some(Actor {
+            sub: data.claims.sub,
+            roles,
+        }))
+    }
+}
+
+/// A short, safe description: which check failed, never the key or the token.
+fn describe(error: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::ExpiredSignature => "expired".into(),
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)".into(),
+        ErrorKind::InvalidIssuer => "wrong issuer".into(),
+        ErrorKind::InvalidAudience => "wrong audience".into(),
+        ErrorKind::InvalidSignature => "bad signature".into(),
+        ErrorKind::InvalidAlgorithm => "wrong algorithm".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("missing claim {claim}"),
+        _ => "malformed".into(),
+    }
+}
+
+#[derive(Serialize)]
+struct IssuedClaims<'a> {
+    sub: &'a str,
+    roles: Vec<&'static str>,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+}
+
+/// Signs tokens with the configured key, for `orderly token` and for tests.
+pub struct TokenIssuer {
+    key: EncodingKey,
+    algorithm: Algorithm,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl TokenIssuer {
+    pub fn new(config: &JwtConfig) -> Result<Self, PlatformError> {
+        let (key, algorithm) = if let Some(secret) = &config.secret {
+            (
+                EncodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            )
+        } else if let Some(pem) = &config.private_key {
+            let key =
+                EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(PlatformError::InvalidKey)?;
+            (key, Algorithm::RS256)
+        } else {
+            return Err(PlatformError::NoKey(
+                "set ORDERLY_JWT_SECRET, or ORDERLY_JWT_PRIVATE_KEY for RS256",
+            ));
+        };
+        Ok(Self {
+            key,
+            algorithm,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+        })
+    }
+
+    /// A token for `sub` with `roles`, valid from now for `ttl`.
+    pub fn issue(&self, sub: &str, roles: &[Role], ttl: Duration) -> Result<String, PlatformError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = IssuedClaims {
+            sub,
+            roles: roles.iter().map(|r| r.as_str()).collect(),
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(ttl.as_secs()),
+            iss: self.issuer.as_deref(),
+            aud: self.audience.as_deref(),
+        };
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
+            .map_err(PlatformError::Sign)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> JwtConfig {
+        JwtConfig {
+            secret: Some("test-secret".into()),
+            issuer: Some("orderly".into()),
+            audience: Some("orderly-api".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_issued_token_authenticates_with_its_subject_and_roles() {
+        let token = TokenIssuer::new(&config())
+            .unwrap()
+            .issue("alice", &[Role::Customer], Duration::from_secs(60))
+            .unwrap();
+        let auth = Authenticator::new(&config()).unwrap();
+        let actor = auth
+            .authenticate(Some(&format!("Bearer {token}")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(actor.sub, "alice");
+        assert_eq!(actor.roles, vec![Role::Customer]);
+    }
+
+    #[test]
+    fn a_token_for_another_audience_or_key_is_refused() {
+        let other = JwtConfig {
+            audience: Some("elsewhere".into()),
+            ..config()
+        };
+        let token = TokenIssuer::new(&other)
+            .unwrap()
+            .issue("alice", &[Role::Admin], Duration::from_secs(60))
+            .unwrap();
+        let auth = Authenticator::new(&config()).unwrap();
+        assert!(auth.authenticate(Some(&format!("Bearer {token}"))).is_err());
+        let forged = JwtConfig {
+            secret: Some("other".into()),
+            ..config()
+        };
+        let token = TokenIssuer::new(&forged)
+            .unwrap()
+            .issue("alice", &[Role::Admin], Duration::from_secs(60))
+            .unwrap();
+        assert!(matches!(
+            auth.authenticate(Some(&format!("Bearer {token}"))),
+            Err(AuthFailure::InvalidToken(why)) if why == "bad signature"
+        ));
+    }
+
+    #[test]
+    fn an_expired_or_not_yet_valid_token_is_refused_and_no_header_is_anonymous() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let sign = |nbf: u64, exp: u64| {
+            let claims = IssuedClaims {
+                sub: "alice",
+                roles: vec!["customer"],
+                iat: nbf,
+                nbf,
+                exp,
+                iss: Some("orderly"),
+                aud: Some("orderly-api"),
+            };
+            let key = EncodingKey::from_secret(b"test-secret");
+            jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap()
+        };
+        let auth = Authenticator::new(&config()).unwrap();
+        let expired = sign(now - 600, now - 300);
+        assert_eq!(
+            auth.authenticate(Some(&format!("Bearer {expired}"))),
+            Err(AuthFailure::InvalidToken("expired".into()))
+        );
+        let early = sign(now + 300, now + 600);
+        assert!(auth.authenticate(Some(&format!("Bearer {early}"))).is_err());
+        assert_eq!(auth.authenticate(None), Ok(None));
+        assert_eq!(
+            auth.authenticate(Some("Basic abc")),
+            Err(AuthFailure::MalformedHeader)
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let shown = format!("{:?}", config());
+        assert!(!shown.contains("test-secret"), "{shown}");
+    }
+}

@@ -1,0 +1,237 @@
+//! POST /graphql for any async-graphql schema, with the edge rules every API shares: a body
+//! limit, bearer authentication, a rate limit per caller, a timeout, and errors that always
+//! carry a contract code. Bad input of any kind (malformed JSON, wrong types, unknown fields,
+//! oversize bodies) is answered with BAD_USER_INPUT, never a 5xx.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql::{Executor, Response as GqlResponse, ServerError};
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::auth::{Actor, Authenticator};
+use crate::errors::ErrorCode;
+use crate::rate_limit::RateLimiter;
+
+/// Limits applied to every GraphQL request before and while it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct GraphqlLimits {
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+    /// Longest a request may run; the client then gets UNAVAILABLE. A mutation cut off here
+    /// may still have been applied: clients retry with the same idempotency key.
+    pub timeout: Duration,
+}
+
+impl Default for GraphqlLimits {
+    fn default() -> Self {
+        Self {
+            body_limit: 256 * 1024,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Request data every resolver can read with `ctx.data::<Caller>()`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `None` for a request without a token.
+    pub actor: Option<Actor>,
+    /// Logged with every internal error, and returned as `extensions.requestId` so a report
+    /// can be matched with the log.
+    pub request_id: String,
+    /// The W3C `traceparent` header, when the caller sent a well-formed one, so the events a
+    /// request appends carry its trace.
+    pub traceparent: Option<String>,
+}
+
+struct Gate<E> {
+    executor: E,
+    sdl: String,
+    auth: Arc<Authenticator>,
+    limiter: Arc<RateLimiter>,
+    limits: GraphqlLimits,
+}
+
+/// `POST /graphql` (queries and mutations), `GET /graphql` (GraphiQL in a browser) and
+/// `GET /graphql/schema.graphql` (the served SDL) for `executor`, whose SDL is `sdl`.
+pub fn graphql_router<E: Executor>(
+    executor: E,
+    sdl: String,
+    auth: Arc<Authenticator>,
+    limiter: Arc<RateLimiter>,
+    limits: GraphqlLimits,
+) -> Router {
+    let gate = Arc::new(Gate {
+        executor,
+        sdl,
+        auth,
+        limiter,
+        limits,
+    });
+    Router::new()
+        .route("/graphql", post(execute::<E>).get(graphiql))
+        .route("/graphql/schema.graphql", get(schema_sdl::<E>))
+        .with_state(gate)
+}
+
+async fn graphiql() -> impl IntoResponse {
+    Html(GraphiQLSource::build().endpoint("/graphql").finish())
+}
+
+async fn schema_sdl<E: Executor>(State(gate): State<Arc<Gate<E>>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        gate.sdl.clone(),
+    )
+}
+
+async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let (parts, body) = request.into_parts();
+    let peer: Option<IpAddr> = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    let authorization = match parts.headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(text) => Some(text),
+            Err(_) => {
+                return failure(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthenticated,
+                    "the Authorization header must be `Bearer <JWT>`",
+                );
+            }
+        },
+    };
+    let by_address = || peer.map_or_else(|| "anonymous".to_owned(), |ip| format!("ip:{ip}"));
+    let actor = match gate.auth.authenticate(authorization) {
+        Ok(actor) => actor,
+        Err(why) => {
+            // Refused tokens count against the address, so guessing tokens is throttled too.
+            if let Err(wait) = gate.limiter.check(&by_address()) {
+                return rate_limited(wait);
+            }
+            return failure(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthenticated,
+                &why.to_string(),
+            );
+        }
+    };
+    let key = match &actor {
+        Some(actor) => format!("sub:{}", actor.sub),
+        None => by_address(),
+    };
+    if let Err(wait) = gate.limiter.check(&key) {
+        return rate_limited(wait);
+    }
+    let bytes = match axum::body::to_bytes(body, gate.limits.body_limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::BadUserInput,
+                &format!("the request body is over {} bytes", gate.limits.body_limit),
+            );
+        }
+    };
+    let graphql: async_graphql::Request = match serde_json::from_slice(&bytes) {
+        Ok(request) => request,
+        Err(error) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadUserInput,
+                &format!("the body is not a GraphQL request in JSON: {error}"),
+            );
+        }
+    };
+    let traceparent = parts
+        .headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_traceparent(value))
+        .map(str::to_owned);
+    let caller = Caller {
+        actor,
+        request_id: request_id.clone(),
+        traceparent,
+    };
+    let run = gate.executor.execute(graphql.data(caller));
+    let response = match tokio::time::timeout(gate.limits.timeout, run).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(request_id, "request timed out");
+            return failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "the request took too long; retry (with the same idempotency key)",
+            );
+        }
+    };
+    axum::Json(with_codes(response)).into_response()
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`: anything else is dropped rather than stored in events.
+fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+}
+
+/// Errors raised by the resolvers carry their code already; the rest come from parsing and
+/// validating the query against the schema (wrong types, unknown fields, too deep or too
+/// complex), which is the caller's input.
+fn with_codes(mut response: GqlResponse) -> GqlResponse {
+    for error in &mut response.errors {
+        if !has_code(error) {
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", ErrorCode::BadUserInput.as_str());
+        }
+    }
+    response
+}
+
+fn has_code(error: &ServerError) -> bool {
+    error
+        .extensions
+        .as_ref()
+        .is_some_and(|extensions| extensions.get("code").is_some())
+}
+
+/// A GraphQL-shaped answer for a request that was refused before it ran.
+fn failure(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    let body =
+        json!({ "errors": [{ "message": message, "extensions": { "code": code.as_str() } }] });
+    (status, axum::Json(body)).into_response()
+}
+
+fn rate_limited(wait: Duration) -> Response {
+    // Whole seconds, rounded up, so a client that obeys the header is never early.
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let seconds = seconds.max(1);
+    let body = json!({ "errors": [{
+        "message": format!("too many requests; retry in {seconds} s"),
+        "extensions": { "code": ErrorCode::RateLimited.as_str(), "retryAfterSeconds": seconds },
+    }] });
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}

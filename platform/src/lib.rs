@@ -1,0 +1,57 @@
+//! # Layout
+//!
+//! Service plumbing that the command API and the read API both need, so that neither imports
+//! the other and both speak the contract (`shared/api/schema.graphql`) the same way.
+//!
+//! - [`scalars`]: the contract's scalars that async-graphql does not provide under the same
+//!   name: `Long`, `ConsistencyToken`, `Date` (`UUID`, `DateTime` and `JSON` come from
+//!   async-graphql's `uuid`/`chrono` features and `async_graphql::Json`).
+//! - [`errors`]: [`ErrorCode`], the contract's `extensions.code` values, and the helpers that
+//!   turn each case into an `async_graphql::Error` with a safe message.
+//! - [`auth`]: JWT bearer authentication (HS256 secret or RS256 public key), the [`Actor`]
+//!   with its roles, and token issuing for the CLI.
+//! - [`rate_limit`]: a keyed limiter (per subject, else per client IP).
+//! - [`http`]: the POST /graphql handler for any schema: body limit, authentication, rate
+//!   limit, timeout, JSON errors that never turn into a 5xx for bad input.
+//! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
+
+pub mod auth;
+mod error;
+pub mod errors;
+pub mod http;
+pub mod rate_limit;
+pub mod scalars;
+
+pub use auth::{Actor, Authenticator, JwtConfig, Role, TokenIssuer};
+pub use error::PlatformError;
+pub use errors::ErrorCode;
+pub use http::{Caller, GraphqlLimits, graphql_router};
+pub use rate_limit::{RateLimit, RateLimiter};
+pub use scalars::{ConsistencyToken, Date, Long};
+
+/// A PostgreSQL connection pool that connects lazily (an unreachable database shows as
+/// UNAVAILABLE on use, not as a failed start), for the tables a service keeps beside the log.
+pub fn pg_pool(
+    config: &tokio_postgres::Config,
+    size: usize,
+) -> Result<deadpool_postgres::Pool, PlatformError> {
+    let manager = deadpool_postgres::Manager::from_config(
+        config.clone(),
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    // Waiting longer than this for a connection is an outage to report, not to sit out.
+    let wait = std::time::Duration::from_secs(5);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size.max(1))
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| PlatformError::InvalidSetting {
+            name: "database_url",
+            reason: e.to_string(),
+        })
+}

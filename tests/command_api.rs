@@ -1,0 +1,566 @@
+//! The command API over HTTP: every mutation's success path, each error code of the contract,
+//! idempotent retries (also racing ones), and bad input that must never become a 5xx.
+
+mod common;
+
+use common::*;
+use orderly_platform::Role;
+use serde_json::json;
+
+#[tokio::test]
+async fn products_are_registered_restocked_and_repriced_with_versions_and_tokens() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let answer = api
+        .gql(
+            Some(&admin()),
+            REGISTER,
+            json!({ "input": { "sku": "TEA-1", "name": "Green tea", "description": "100 g",
+                "priceMinor": 650, "currency": "EUR", "initialStock": 5 } }),
+        )
+        .await;
+    let result = answer.data("registerProduct");
+    assert_eq!(result["id"], "TEA-1");
+    assert_eq!(result["version"], 0);
+    assert_eq!(result["events"], json!(["ProductRegistered"]));
+    assert_eq!(result["replayed"], false);
+    let token = result["token"].as_str().unwrap();
+    assert_eq!(token.len(), 32, "{token}");
+
+    let restocked = api
+        .gql(
+            Some(&warehouse()),
+            RESTOCK,
+            json!({ "sku": "TEA-1", "q": 10, "v": 0 }),
+        )
+        .await;
+    assert_eq!(restocked.data("restock")["version"], 1);
+    assert_eq!(
+        restocked.data("restock")["events"],
+        json!(["ProductRestocked"])
+    );
+
+    let repriced = api
+        .gql(
+            Some(&admin()),
+            CHANGE_PRICE,
+            json!({ "sku": "TEA-1", "p": 700 }),
+        )
+        .await;
+    assert_eq!(repriced.data("changePrice")["version"], 2);
+    assert_eq!(
+        repriced.data("changePrice")["events"],
+        json!(["ProductPriceChanged"])
+    );
+}
+
+#[tokio::test]
+async fn a_stale_expected_version_is_a_conflict_that_names_the_actual_version() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "MUG", 1200, "EUR", 3).await;
+    let answer = api
+        .gql(
+            Some(&warehouse()),
+            RESTOCK,
+            json!({ "sku": "MUG", "q": 1, "v": 7 }),
+        )
+        .await;
+    assert_eq!(answer.code(), "CONFLICT");
+    assert_eq!(answer.error()["extensions"]["actualVersion"], 0);
+}
+
+#[tokio::test]
+async fn an_order_is_placed_cancelled_by_its_customer_and_a_second_cancel_appends_nothing() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    register(&api, "MUG", 1200, "EUR", 10).await;
+    let alice = customer("alice");
+    let placed = api
+        .gql(
+            Some(&alice),
+            PLACE,
+            order_input(
+                json!([{ "sku": "TEA", "quantity": 2 }, { "sku": "MUG", "quantity": 1 }]),
+                "tok_ok",
+            ),
+        )
+        .await;
+    let result = placed.data("placeOrder");
+    assert_eq!(result["events"], json!(["OrderPlaced"]));
+    assert_eq!(result["version"], 0);
+    let order_id = result["id"].as_str().unwrap().to_owned();
+
+    let row = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select data, metadata from events where event_type = 'OrderPlaced'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored =
+        orderly_event_schemas::decode_recorded("OrderPlaced", row.get(0), row.get(1)).unwrap();
+    assert_eq!(stored.metadata.actor, "alice");
+    let orderly_event_schemas::Event::Order(orderly_event_schemas::OrderEvent::OrderPlaced(p)) =
+        stored.event
+    else {
+        panic!("not an OrderPlaced");
+    };
+    assert_eq!(
+        p.total.amount_minor(),
+        2 * 650 + 1200,
+        "prices come from the catalog"
+    );
+
+    let mallory = api
+        .gql(
+            Some(&customer("mallory")),
+            CANCEL,
+            json!({ "id": order_id, "reason": "mine now" }),
+        )
+        .await;
+    assert_eq!(
+        mallory.code(),
+        "NOT_FOUND",
+        "another customer's order is invisible"
+    );
+
+    let cancelled = api
+        .gql(
+            Some(&alice),
+            CANCEL,
+            json!({ "id": order_id, "reason": "changed my mind" }),
+        )
+        .await;
+    assert_eq!(
+        cancelled.data("cancelOrder")["events"],
+        json!(["OrderCancelled"])
+    );
+    let again = api
+        .gql(
+            Some(&alice),
+            CANCEL,
+            json!({ "id": order_id, "reason": "changed my mind" }),
+        )
+        .await;
+    assert_eq!(again.data("cancelOrder")["events"], json!([]));
+    assert_eq!(again.data("cancelOrder")["replayed"], true);
+}
+
+#[tokio::test]
+async fn shipping_an_unpaid_order_is_rejected_with_a_reason_and_customers_may_not_ship() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let placed = api
+        .gql(
+            Some(&customer("alice")),
+            PLACE,
+            order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok"),
+        )
+        .await;
+    let order_id = placed.data("placeOrder")["id"].as_str().unwrap().to_owned();
+    let forbidden = api
+        .gql(Some(&customer("alice")), SHIP, json!({ "id": order_id }))
+        .await;
+    assert_eq!(forbidden.code(), "FORBIDDEN");
+    let rejected = api
+        .gql(Some(&warehouse()), SHIP, json!({ "id": order_id }))
+        .await;
+    assert_eq!(rejected.code(), "REJECTED");
+    assert!(
+        rejected.error()["extensions"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ship")
+    );
+    let undelivered = api
+        .gql(Some(&warehouse()), DELIVER, json!({ "id": order_id }))
+        .await;
+    assert_eq!(undelivered.code(), "REJECTED");
+    let missing = api
+        .gql(
+            Some(&warehouse()),
+            DELIVER,
+            json!({ "id": uuid::Uuid::now_v7() }),
+        )
+        .await;
+    assert_eq!(missing.code(), "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let alice = customer("alice");
+    let mut input = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
+    input["input"]["idempotencyKey"] = json!("checkout-42");
+    let first = api.gql(Some(&alice), PLACE, input.clone()).await;
+    let first = first.data("placeOrder").clone();
+    assert_eq!(first["replayed"], false);
+    let second = api.gql(Some(&alice), PLACE, input.clone()).await;
+    let second = second.data("placeOrder").clone();
+    assert_eq!(second["replayed"], true);
+    for field in ["id", "version", "token", "events"] {
+        assert_eq!(first[field], second[field], "{field}");
+    }
+    // The key is scoped per customer: bob's identical key is a different order.
+    let bob = api.gql(Some(&customer("bob")), PLACE, input.clone()).await;
+    assert_ne!(bob.data("placeOrder")["id"], first["id"]);
+    // The same key for a different request is refused.
+    let mut other = input.clone();
+    other["input"]["lines"][0]["quantity"] = json!(2);
+    let reused = api.gql(Some(&alice), PLACE, other).await;
+    assert_eq!(reused.code(), "BAD_USER_INPUT");
+    assert_eq!(
+        reused.error()["extensions"]["field"],
+        "input.idempotencyKey"
+    );
+    let placed = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderPlaced'",
+    )
+    .await;
+    assert_eq!(placed, 2, "alice's order once, bob's once");
+}
+
+#[tokio::test]
+async fn concurrent_calls_with_one_key_place_one_order() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 100).await;
+    let alice = customer("alice");
+    let mut input = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
+    input["input"]["idempotencyKey"] = json!("double-click");
+    let calls = (0..8).map(|_| api.gql(Some(&alice), PLACE, input.clone()));
+    let answers = futures::future::join_all(calls).await;
+    let results: Vec<_> = answers
+        .iter()
+        .map(|a| a.data("placeOrder").clone())
+        .collect();
+    assert!(results.iter().all(|r| r["id"] == results[0]["id"]));
+    assert!(results.iter().all(|r| r["token"] == results[0]["token"]));
+    let fresh = results.iter().filter(|r| r["replayed"] == false).count();
+    assert_eq!(fresh, 1, "exactly one call wrote: {results:?}");
+    let placed = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderPlaced'",
+    )
+    .await;
+    assert_eq!(placed, 1);
+}
+
+#[tokio::test]
+async fn without_a_valid_token_mutations_are_unauthenticated() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let input = json!({ "input": { "sku": "X", "name": "X", "priceMinor": 1, "currency": "EUR", "initialStock": 1 } });
+    let anonymous = api.gql(None, REGISTER, input.clone()).await;
+    assert_eq!(anonymous.code(), "UNAUTHENTICATED");
+    let forged = api.gql(Some("not-a-jwt"), REGISTER, input.clone()).await;
+    assert_eq!(forged.status, 401);
+    assert_eq!(forged.code(), "UNAUTHENTICATED");
+    let customer_registers = api
+        .gql(Some(&token("c", &[Role::Customer])), REGISTER, input)
+        .await;
+    assert_eq!(customer_registers.code(), "FORBIDDEN");
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_is_told_when_to_come_back() {
+    let db = migrated_database().await;
+    let settings = orderly::settings::Settings {
+        rate_limit_per_second: 1,
+        rate_limit_burst: 2,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    let alice = customer("alice");
+    let query = "{ commandApiStatus }";
+    let mut limited = None;
+    for _ in 0..5 {
+        let answer = api.gql(Some(&alice), query, json!({})).await;
+        if answer.status == 429 {
+            limited = Some(answer);
+            break;
+        }
+    }
+    let limited = limited.expect("the limiter never answered 429");
+    assert_eq!(limited.code(), "RATE_LIMITED");
+    let wait: u64 = limited.retry_after.unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait));
+    // Another caller is not affected.
+    let bob = api.gql(Some(&customer("bob")), query, json!({})).await;
+    assert_eq!(bob.status, 200);
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_unavailable_without_connection_detail() {
+    let api = start(&settings_for("postgres://postgres@127.0.0.1:1/nowhere")).await;
+    let answer = api
+        .gql(Some(&warehouse()), RESTOCK, json!({ "sku": "TEA", "q": 1 }))
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.code(), "UNAVAILABLE");
+    assert!(
+        !answer.body.to_string().contains("127.0.0.1"),
+        "{}",
+        answer.body
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_stream_is_an_internal_error_that_says_only_the_request_id() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into events (event_id, stream, version, event_type, data, metadata)
+             values (gen_random_uuid(), 'product-BAD', 0, 'ProductRegistered', '{\"secret\": 1}', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let answer = api
+        .gql(Some(&warehouse()), RESTOCK, json!({ "sku": "BAD", "q": 1 }))
+        .await;
+    assert_eq!(answer.code(), "INTERNAL");
+    assert_eq!(answer.error()["message"], "internal error");
+    assert!(answer.error()["extensions"]["requestId"].is_string());
+    assert!(!answer.body.to_string().contains("secret"));
+}
+
+/// Each bad request answers a contract error with the field named, never a 5xx.
+#[tokio::test]
+async fn bad_input_of_every_kind_is_a_contract_error_never_a_server_error() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    register(&api, "USD-MUG", 900, "USD", 10).await;
+    let alice = customer("alice");
+    let line = |sku: &str, q: i64| json!({ "sku": sku, "quantity": q });
+    let many: Vec<_> = (0..101).map(|i| line(&format!("SKU-{i}"), 1)).collect();
+    let huge = "x".repeat(1024 * 1024);
+    let cases: Vec<(&str, Answer, Option<&str>)> = vec![
+        ("malformed JSON", api.raw(Some(&alice), "{\"query\": ").await, None),
+        ("not GraphQL", api.raw(Some(&alice), "[1,2]").await, None),
+        ("wrong type", api.gql(Some(&alice), PLACE, json!({ "input": { "lines": "TEA" } })).await, None),
+        ("string quantity", api.gql(Some(&alice), PLACE, order_input(json!([{ "sku": "TEA", "quantity": "two" }]), "tok_ok")).await, None),
+        ("zero quantity", api.gql(Some(&alice), PLACE, order_input(json!([line("TEA", 0)]), "tok_ok")).await, Some("input.lines[0].quantity")),
+        ("negative quantity", api.gql(Some(&alice), PLACE, order_input(json!([line("TEA", -3)]), "tok_ok")).await, Some("input.lines[0].quantity")),
+        ("no lines", api.gql(Some(&alice), PLACE, order_input(json!([]), "tok_ok")).await, Some("input.lines")),
+        ("101 lines", api.gql(Some(&alice), PLACE, order_input(json!(many), "tok_ok")).await, Some("input.lines")),
+        ("duplicate SKU", api.gql(Some(&alice), PLACE, order_input(json!([line("TEA", 1), line("TEA", 2)]), "tok_ok")).await, Some("input.lines[1].sku")),
+        ("unknown SKU", api.gql(Some(&alice), PLACE, order_input(json!([line("NOPE", 1)]), "tok_ok")).await, Some("input.lines")),
+        ("mixed currencies", api.gql(Some(&alice), PLACE, order_input(json!([line("TEA", 1), line("USD-MUG", 1)]), "tok_ok")).await, Some("input.lines")),
+        ("lowercase SKU", api.gql(Some(&alice), PLACE, order_input(json!([line("tea", 1)]), "tok_ok")).await, Some("input.lines[0].sku")),
+        ("bad country", api.gql(Some(&alice), PLACE, json!({ "input": { "lines": [line("TEA", 1)], "paymentToken": "tok_ok", "shippingAddress": { "name": "A", "line1": "B", "city": "C", "postalCode": "1", "country": "Germany" } } })).await, Some("input.shippingAddress.country")),
+        ("float price", api.gql(Some(&admin()), CHANGE_PRICE, json!({ "sku": "TEA", "p": 6.5 })).await, None),
+        ("negative price", api.gql(Some(&admin()), CHANGE_PRICE, json!({ "sku": "TEA", "p": -1 })).await, Some("priceMinor")),
+        ("negative expected version", api.gql(Some(&warehouse()), RESTOCK, json!({ "sku": "TEA", "q": 1, "v": -1 })).await, Some("expectedVersion")),
+        ("bad UUID", api.gql(Some(&alice), CANCEL, json!({ "id": "not-a-uuid", "reason": "x" })).await, None),
+        ("unknown field", api.gql(Some(&alice), "mutation { placeOrder(input: {}) { nope } }", json!({})).await, None),
+        ("1 MB reason", api.gql(Some(&alice), CANCEL, json!({ "id": uuid::Uuid::now_v7(), "reason": huge })).await, None),
+        ("too deep", api.gql(Some(&alice), "{ __schema { types { fields { type { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { name } } } } } } } } } } } } } } } }", json!({})).await, None),
+    ];
+    for (name, answer, field) in cases {
+        assert!(
+            (400..500).contains(&answer.status) || answer.status == 200,
+            "{name}: status {} {}",
+            answer.status,
+            answer.body
+        );
+        assert_eq!(answer.code(), "BAD_USER_INPUT", "{name}: {}", answer.body);
+        if let Some(field) = field {
+            assert_eq!(
+                answer.error()["extensions"]["field"],
+                field,
+                "{name}: {}",
+                answer.body
+            );
+        }
+    }
+}
+
+/// The served schema holds the contract's Mutation part unchanged.
+#[tokio::test]
+async fn the_served_schema_contains_the_contracts_mutation_part() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let served = api
+        .http
+        .get(format!("{}/graphql/schema.graphql", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let contract = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/api/schema.graphql"
+    ))
+    .unwrap();
+    let served = types(&served);
+    let contract = types(&contract);
+    let mutation_part = [
+        "UUID",
+        "Long",
+        "ConsistencyToken",
+        "OrderLineInput",
+        "AddressInput",
+        "PlaceOrderInput",
+        "RegisterProductInput",
+        "CommandResult",
+        "Mutation",
+    ];
+    for name in mutation_part {
+        let want = contract
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not in the contract"));
+        let got = served
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not served"));
+        for field in want {
+            assert!(
+                got.contains(field),
+                "{name}: served lacks `{field}`; has {got:?}"
+            );
+        }
+    }
+}
+
+/// Type name -> its fields as `name(args): Type` lines (whitespace-normalised), from SDL.
+fn types(sdl: &str) -> std::collections::HashMap<String, Vec<String>> {
+    use async_graphql::parser::types::{TypeKind, TypeSystemDefinition};
+    let document = async_graphql::parser::parse_schema(sdl).unwrap();
+    let mut types = std::collections::HashMap::new();
+    for definition in document.definitions {
+        let TypeSystemDefinition::Type(ty) = definition else {
+            continue;
+        };
+        let ty = ty.node;
+        let fields = match ty.kind {
+            TypeKind::Object(object) => object
+                .fields
+                .into_iter()
+                .map(|f| {
+                    let f = f.node;
+                    let args: Vec<String> = f
+                        .arguments
+                        .iter()
+                        .map(|a| {
+                            let default = a
+                                .node
+                                .default_value
+                                .as_ref()
+                                .map(|d| format!(" = {}", d.node))
+                                .unwrap_or_default();
+                            format!("{}: {}{default}", a.node.name.node, a.node.ty.node)
+                        })
+                        .collect();
+                    format!("{}({}): {}", f.name.node, args.join(", "), f.ty.node)
+                })
+                .collect(),
+            TypeKind::InputObject(input) => input
+                .fields
+                .into_iter()
+                .map(|f| {
+                    let default = f
+                        .node
+                        .default_value
+                        .as_ref()
+                        .map(|d| format!(" = {}", d.node))
+                        .unwrap_or_default();
+                    format!("{}: {}{default}", f.node.name.node, f.node.ty.node)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        types.insert(ty.name.node.to_string(), fields);
+    }
+    types
+}
+
+#[tokio::test]
+async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args([
+            "token",
+            "--sub",
+            "admin-cli",
+            "--role",
+            "admin",
+            "--ttl",
+            "5m",
+        ])
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let answer = api
+        .gql(
+            Some(&token),
+            REGISTER,
+            json!({ "input": { "sku": "CLI", "name": "Via CLI", "priceMinor": 1, "currency": "EUR", "initialStock": 0 } }),
+        )
+        .await;
+    assert_eq!(answer.data("registerProduct")["id"], "CLI");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(["token", "--sub", "x", "--role", "root"])
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "an unknown role is refused");
+}
+
+#[tokio::test]
+async fn every_event_carries_its_actor_command_and_the_callers_trace() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 1).await;
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = json!({ "query": RESTOCK, "variables": { "sku": "TEA", "q": 2 } });
+    let response = api
+        .http
+        .post(format!("{}/graphql", api.base))
+        .bearer_auth(warehouse())
+        .header("traceparent", trace)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let row = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select data, metadata from events where event_type = 'ProductRestocked'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored =
+        orderly_event_schemas::decode_recorded("ProductRestocked", row.get(0), row.get(1)).unwrap();
+    let metadata = stored.metadata;
+    assert_eq!(metadata.actor, "warehouse-1");
+    assert_eq!(metadata.traceparent.as_deref(), Some(trace));
+    assert_eq!(metadata.correlation_id, metadata.command_id);
+    assert_eq!(metadata.causation_id, metadata.command_id);
+    assert_ne!(metadata.event_id, metadata.command_id);
+}

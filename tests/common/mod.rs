@@ -1,0 +1,205 @@
+//! Starting the app on port 0 against a fresh database, and talking GraphQL to it.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use orderly::app::App;
+use orderly::settings::Settings;
+use orderly_platform::{JwtConfig, Role, TokenIssuer};
+use orderly_test_support::{BoxError, TestDb};
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "command-api-test-secret";
+
+pub async fn migrated_database() -> TestDb {
+    TestDb::create(
+        "orderly-all",
+        &orderly::app::migration_fingerprint(),
+        |url| async move {
+            let settings = Settings {
+                database_url: url,
+                ..Default::default()
+            };
+            orderly::app::migrate(&settings)
+                .await
+                .map_err(|e| BoxError::from(e.to_string()))
+        },
+    )
+    .await
+    .expect("test database")
+}
+
+/// The single number `sql` selects.
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.connect()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until `sql` selects `expected`, which work in the background will make true.
+pub async fn eventually(db: &TestDb, sql: &str, expected: i64, within: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let got = count(db, sql).await;
+        if got == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{sql}: {got}, not {expected}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn settings_for(url: &str) -> Settings {
+    Settings {
+        database_url: url.to_owned(),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        jwt_secret: Some(SECRET.to_owned()),
+        rate_limit_per_second: 0,
+        db_pool_size: 8,
+        ..Default::default()
+    }
+}
+
+pub fn token(sub: &str, roles: &[Role]) -> String {
+    let config = JwtConfig {
+        secret: Some(SECRET.to_owned()),
+        ..Default::default()
+    };
+    TokenIssuer::new(&config)
+        .unwrap()
+        .issue(sub, roles, Duration::from_secs(600))
+        .unwrap()
+}
+
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// Serves `settings` in the background until the test ends.
+pub async fn start(settings: &Settings) -> Api {
+    let app = App::build(settings).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    Api {
+        base,
+        http: reqwest::Client::new(),
+    }
+}
+
+/// An HTTP answer: status, Retry-After, body.
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn data(&self, field: &str) -> &Value {
+        assert!(
+            self.body.get("errors").is_none(),
+            "unexpected errors: {}",
+            self.body
+        );
+        &self.body["data"][field]
+    }
+
+    /// The first error's `extensions.code`.
+    pub fn code(&self) -> &str {
+        self.body["errors"][0]["extensions"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", self.body))
+    }
+
+    pub fn error(&self) -> &Value {
+        &self.body["errors"][0]
+    }
+}
+
+impl Api {
+    pub async fn raw(&self, token: Option<&str>, body: impl Into<reqwest::Body>) -> Answer {
+        let mut request = self
+            .http
+            .post(format!("{}/graphql", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("status {status}, not JSON: {text}"));
+        Answer {
+            status,
+            retry_after,
+            body,
+        }
+    }
+
+    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Answer {
+        let body = json!({ "query": query, "variables": variables });
+        self.raw(token, body.to_string()).await
+    }
+}
+
+pub const REGISTER: &str = "mutation($input: RegisterProductInput!) {
+  registerProduct(input: $input) { id version token events replayed } }";
+pub const PLACE: &str = "mutation($input: PlaceOrderInput!) {
+  placeOrder(input: $input) { id version token events replayed } }";
+pub const CANCEL: &str = "mutation($id: UUID!, $reason: String!, $v: Int) {
+  cancelOrder(orderId: $id, reason: $reason, expectedVersion: $v) { id version token events replayed } }";
+pub const SHIP: &str = "mutation($id: UUID!, $v: Int) {
+  shipOrder(orderId: $id, carrier: \"DHL\", trackingNumber: \"TRK1\", expectedVersion: $v) { id version events replayed } }";
+pub const DELIVER: &str = "mutation($id: UUID!) {
+  markDelivered(orderId: $id) { id version events replayed } }";
+pub const RESTOCK: &str = "mutation($sku: String!, $q: Int!, $v: Int) {
+  restock(sku: $sku, quantity: $q, expectedVersion: $v) { id version events replayed } }";
+pub const CHANGE_PRICE: &str = "mutation($sku: String!, $p: Long!, $v: Int) {
+  changePrice(sku: $sku, priceMinor: $p, expectedVersion: $v) { id version events replayed } }";
+
+pub fn admin() -> String {
+    token("admin-1", &[Role::Admin])
+}
+
+pub fn warehouse() -> String {
+    token("warehouse-1", &[Role::Warehouse])
+}
+
+pub fn customer(sub: &str) -> String {
+    token(sub, &[Role::Customer])
+}
+
+pub async fn register(api: &Api, sku: &str, price: i64, currency: &str, stock: i32) {
+    let answer = api
+        .gql(
+            Some(&admin()),
+            REGISTER,
+            json!({ "input": { "sku": sku, "name": format!("Product {sku}"),
+                "priceMinor": price, "currency": currency, "initialStock": stock } }),
+        )
+        .await;
+    answer.data("registerProduct");
+}
+
+pub fn address() -> Value {
+    json!({ "name": "Ada", "line1": "1 Main St", "city": "Berlin", "postalCode": "10115", "country": "DE" })
+}
+
+pub fn order_input(lines: Value, token: &str) -> Value {
+    json!({ "input": { "lines": lines, "paymentToken": token, "shippingAddress": address() } })
+}

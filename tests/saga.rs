@@ -1,0 +1,500 @@
+//! The fulfilment saga runner end to end: orders placed over HTTP, driven by the runner with
+//! the simulated gateway, checked against the event log.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use orderly::settings::Settings;
+use orderly_command_api::CommandError;
+use orderly_command_api::Handler;
+use orderly_command_api::saga::{
+    BreakerState, Charge, ChargeOutcome, PaymentGateway, Resilience, Resilient, SagaConfig,
+    SagaRunner, Simulator,
+};
+use orderly_domain::fulfilment::Timing;
+use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
+use orderly_domain::product::{Product, ProductAggregate};
+use orderly_domain::streams;
+use orderly_domain::values::{OrderId, Sku};
+use orderly_event_store::StreamName;
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+fn fast_timing() -> Timing {
+    Timing {
+        payment_deadline_ms: 2_500,
+        retry_after_ms: 500,
+    }
+}
+
+fn fast_resilience() -> Resilience {
+    Resilience {
+        timeout: Duration::from_secs(5),
+        retries: 2,
+        backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(100),
+        breaker_threshold: 5,
+        breaker_cool_down: Duration::from_secs(30),
+        concurrency: 16,
+    }
+}
+
+/// Runs a saga runner in the background; abort the handle to "kill" it.
+/// A runner whose payment deadline no healthy charge misses, even on a loaded machine.
+fn start_saga(settings: &Settings, gateway: Arc<dyn PaymentGateway>) -> JoinHandle<()> {
+    let timing = Timing {
+        payment_deadline_ms: 20_000,
+        ..fast_timing()
+    };
+    start_saga_with(settings, gateway, timing)
+}
+
+fn start_saga_with(
+    settings: &Settings,
+    gateway: Arc<dyn PaymentGateway>,
+    timing: Timing,
+) -> JoinHandle<()> {
+    let config = SagaConfig {
+        timing,
+        tick: Duration::from_millis(100),
+        outbox_lease: Duration::from_secs(3),
+        ..SagaConfig::default()
+    };
+    start_saga_config(settings, gateway, config)
+}
+
+fn start_saga_config(
+    settings: &Settings,
+    gateway: Arc<dyn PaymentGateway>,
+    config: SagaConfig,
+) -> JoinHandle<()> {
+    let store = orderly::app::event_store(settings).unwrap();
+    let pg_config = orderly::app::pg_config(settings).unwrap();
+    let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
+    let runner = SagaRunner::new(config, store, pool, pg_config, gateway);
+    tokio::spawn(async move {
+        runner
+            .run_until_stopped(std::future::pending())
+            .await
+            .unwrap();
+    })
+}
+
+struct Log {
+    handler: Handler,
+}
+
+impl Log {
+    fn new(settings: &Settings) -> Self {
+        Self {
+            handler: Handler::new(orderly::app::event_store(settings).unwrap()),
+        }
+    }
+
+    async fn order(&self, id: &str) -> Order {
+        let id = OrderId(id.parse().unwrap());
+        let stream = StreamName::parse(streams::order(id)).unwrap();
+        self.handler
+            .load::<OrderAggregate>(&stream)
+            .await
+            .unwrap()
+            .state
+            .unwrap()
+    }
+
+    async fn product(&self, sku: &str) -> Product {
+        let stream = StreamName::parse(streams::product(&Sku::parse(sku).unwrap())).unwrap();
+        self.handler
+            .load::<ProductAggregate>(&stream)
+            .await
+            .unwrap()
+            .state
+            .unwrap()
+    }
+
+    /// Waits until the product's reservations are all given back (compensation follows the
+    /// cancellation through the log).
+    async fn released(&self, sku: &str) -> Product {
+        let started = Instant::now();
+        loop {
+            let product = self.product(sku).await;
+            if product.reserved() == 0 || started.elapsed() > Duration::from_secs(10) {
+                return product;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every order is confirmed or cancelled.
+    async fn settled(&self, ids: &[String], within: Duration) -> Vec<Order> {
+        let started = Instant::now();
+        loop {
+            let mut orders = Vec::new();
+            for id in ids {
+                orders.push(self.order(id).await);
+            }
+            let done = orders
+                .iter()
+                .all(|o| matches!(o.status, OrderStatus::Confirmed | OrderStatus::Cancelled));
+            if done {
+                return orders;
+            }
+            assert!(
+                started.elapsed() < within,
+                "not settled in {within:?}: {:?}",
+                orders.iter().map(|o| o.status).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn place(api: &Api, customer_id: &str, sku: &str, quantity: i64, token: &str) -> String {
+    let answer = api
+        .gql(
+            Some(&customer(customer_id)),
+            PLACE,
+            order_input(json!([{ "sku": sku, "quantity": quantity }]), token),
+        )
+        .await;
+    answer.data("placeOrder")["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_orders_for_the_last_ten_units_confirm_ten_and_cancel_forty_out_of_stock() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "LAST", 500, "EUR", 10).await;
+    let simulator = Arc::new(Simulator::default());
+    let _saga = start_saga(
+        &settings,
+        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
+    );
+
+    let placing = (0..50).map(|i| {
+        let api = &api;
+        async move { place(api, &format!("customer-{i}"), "LAST", 1, "tok_ok").await }
+    });
+    let ids = futures::future::join_all(placing).await;
+    let log = Log::new(&settings);
+    let orders = log.settled(&ids, Duration::from_secs(90)).await;
+    let confirmed = orders
+        .iter()
+        .filter(|o| o.status == OrderStatus::Confirmed)
+        .count();
+    let out_of_stock = orders
+        .iter()
+        .filter(|o| {
+            o.status == OrderStatus::Cancelled
+                && o.cancellation_reason
+                    .as_ref()
+                    .is_some_and(|r| r.as_str() == "out of stock")
+        })
+        .count();
+    assert_eq!((confirmed, out_of_stock), (10, 40));
+    assert_eq!(
+        simulator.charges(),
+        10,
+        "only confirmed orders were charged"
+    );
+
+    // Never negative at any point: replay the product's stream one event at a time.
+    let stream = StreamName::parse("product-LAST").unwrap();
+    let events = log
+        .handler
+        .store()
+        .read_stream(
+            &stream,
+            orderly_event_store::Direction::Forwards,
+            None,
+            10_000,
+        )
+        .await
+        .unwrap();
+    let mut state = None;
+    for recorded in events {
+        let event = orderly_command_api::decode_event(recorded).unwrap();
+        state = <ProductAggregate as orderly_domain::Aggregate>::evolve(state, &event);
+        let product = state.as_ref().unwrap();
+        assert!(product.reserved() <= product.on_hand(), "{product:?}");
+    }
+    let product = log.product("LAST").await;
+    assert_eq!(
+        (product.on_hand(), product.reserved(), product.available()),
+        (10, 10, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let simulator = Arc::new(Simulator::default());
+    let _saga = start_saga(
+        &settings,
+        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
+    );
+    let id = place(&api, "alice", "TEA", 2, "tok_declined").await;
+    let log = Log::new(&settings);
+    let order = log
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(order.status, OrderStatus::Cancelled);
+    assert_eq!(
+        order.cancellation_reason.unwrap().as_str(),
+        "payment declined"
+    );
+    let product = log.product("TEA").await;
+    assert_eq!((product.reserved(), product.available()), (0, 5));
+    assert_eq!(simulator.charges(), 0);
+    // The notice is delivered by the outbox worker, after the cancellation.
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and delivered_at is not null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_unavailable_gateway_is_retried_opens_the_breaker_and_the_deadline_cancels_and_releases()
+{
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let simulator = Arc::new(Simulator::default());
+    let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let _saga = start_saga_with(&settings, gateway.clone(), fast_timing());
+    let id = place(&api, "alice", "TEA", 1, "tok_unavailable").await;
+
+    let log = Log::new(&settings);
+    let started = Instant::now();
+    let mut saw_open = false;
+    let order = loop {
+        saw_open |= gateway.breaker_state() == BreakerState::Open;
+        let order = log.order(&id).await;
+        if order.status == OrderStatus::Cancelled {
+            break order;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never cancelled: {order:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(saw_open, "the breaker never opened");
+    assert!(
+        simulator.calls() >= 3,
+        "retried: {} calls",
+        simulator.calls()
+    );
+    assert!(
+        order
+            .cancellation_reason
+            .unwrap()
+            .as_str()
+            .contains("deadline")
+    );
+    let failures = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentFailed'",
+    )
+    .await;
+    assert!(failures >= 1);
+    let product = log.released("TEA").await;
+    assert_eq!((product.reserved(), product.available()), (0, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_the_runner_mid_flight_never_charges_twice() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 100).await;
+    let simulator = Arc::new(Simulator::default());
+    // A deadline far beyond the slow answers and the outbox lease: only restarts are tested.
+    let timing = Timing {
+        payment_deadline_ms: 60_000,
+        ..fast_timing()
+    };
+    let gateway = || Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let first = start_saga_with(&settings, gateway(), timing);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let token = if i % 2 == 0 { "tok_slow" } else { "tok_ok" };
+        ids.push(place(&api, &format!("c{i}"), "TEA", 1, token).await);
+    }
+    // Kill the runner while charges are in flight: at least one taken, not all recorded.
+    let started = Instant::now();
+    while simulator.charges() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no charge ever made"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.abort();
+    let _ = first.await;
+    let _second = start_saga_with(&settings, gateway(), timing);
+
+    let log = Log::new(&settings);
+    let orders = log.settled(&ids, Duration::from_secs(60)).await;
+    assert!(
+        orders.iter().all(|o| o.status == OrderStatus::Confirmed),
+        "{:?}",
+        orders
+            .iter()
+            .map(|o| (o.status, o.cancellation_reason.clone()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        simulator.charges(),
+        ids.len(),
+        "one charge per order at the gateway"
+    );
+    let charged = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentCharged'",
+    )
+    .await;
+    assert_eq!(charged, ids.len() as i64, "one PaymentCharged per order");
+    let refunds = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentRefunded'",
+    )
+    .await;
+    assert_eq!(refunds, 0);
+    let confirmed = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderConfirmed'",
+    )
+    .await;
+    assert_eq!(confirmed, ids.len() as i64);
+}
+
+/// Charges like the simulator; every refund fails.
+struct RefundsFail(Simulator);
+
+#[async_trait::async_trait]
+impl PaymentGateway for RefundsFail {
+    async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        self.0.charge(charge).await
+    }
+
+    async fn refund(&self, _key: &str, _reference: &str) -> Result<(), CommandError> {
+        Err(CommandError::Gateway("refunds are down".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lettered() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let config = SagaConfig {
+        timing: fast_timing(),
+        tick: Duration::from_millis(50),
+        outbox_max_attempts: 2,
+        ..SagaConfig::default()
+    };
+    let _saga = start_saga_config(
+        &settings,
+        Arc::new(RefundsFail(Simulator::default())),
+        config,
+    );
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    let log = Log::new(&settings);
+    let order = log
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(order.status, OrderStatus::Confirmed);
+
+    let cancelled = api
+        .gql(
+            Some(&customer("alice")),
+            CANCEL,
+            json!({ "id": id, "reason": "changed my mind" }),
+        )
+        .await;
+    cancelled.data("cancelOrder");
+    let started = Instant::now();
+    loop {
+        let dead = count(
+            &db,
+            "select count(*) from outbox where kind = 'refund' and dead_lettered_at is not null",
+        )
+        .await;
+        if dead == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the refund was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let error: String = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one("select last_error from outbox where kind = 'refund'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("refunds are down"), "{error}");
+    // Confirmation and cancellation notices.
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and delivered_at is not null",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    let product = log.product("TEA").await;
+    assert_eq!(
+        product.reserved(),
+        0,
+        "the reservation was released all the same"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_runner_takes_over_when_the_leader_dies() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let simulator = Arc::new(Simulator::default());
+    let gateway = || Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let leader = start_saga(&settings, gateway());
+    // Give the leader the lock before the standby asks for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _standby = start_saga(&settings, gateway());
+    let log = Log::new(&settings);
+    let first = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    log.settled(std::slice::from_ref(&first), Duration::from_secs(30))
+        .await;
+    leader.abort();
+    let _ = leader.await;
+    let second = place(&api, "bob", "TEA", 1, "tok_ok").await;
+    let orders = log.settled(&[first, second], Duration::from_secs(30)).await;
+    assert!(orders.iter().all(|o| o.status == OrderStatus::Confirmed));
+    assert_eq!(simulator.charges(), 2);
+    let reserved = count(
+        &db,
+        "select count(*) from events where event_type = 'StockReserved'",
+    )
+    .await;
+    assert_eq!(reserved, 2, "each order reserved once, by one runner");
+}
