@@ -1,7 +1,6 @@
 //! Schema migrations for the read side, embedded in the binary (see `migrations/README.md`).
 
-use orderly_event_store::postgres::PgConfig;
-use tokio_postgres::NoTls;
+use orderly_event_store::postgres::{PgConfig, fingerprint, run_migrations};
 
 use crate::error::ProjectionError;
 
@@ -14,27 +13,14 @@ pub const MIGRATION_TABLE: &str = "orderly_projections_migrations";
 
 /// Brings the read-model schema of the database `pg_config` names up to date.
 pub async fn migrate(pg_config: &PgConfig) -> Result<(), ProjectionError> {
-    let (mut client, connection) = pg_config.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
-    let outcome = embedded::migrations::runner()
-        .set_migration_table_name(MIGRATION_TABLE)
-        .run_async(&mut client)
-        .await;
-    drop(client);
-    let _ = driver.await;
-    outcome
-        .map(|_| ())
+    run_migrations(pg_config, embedded::migrations::runner(), MIGRATION_TABLE)
+        .await
         .map_err(|e| ProjectionError::Migration(Box::new(e)))
 }
 
 /// Changes whenever a migration is added or edited; test templates are keyed by it.
 pub fn migration_fingerprint() -> String {
-    embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| format!("{}:{}", m.version(), m.checksum()))
-        .collect::<Vec<_>>()
-        .join(",")
+    fingerprint(&embedded::migrations::runner())
 }
 
 /// The event store's migrations, then these: one database holding the log and the read models,

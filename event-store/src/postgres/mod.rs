@@ -29,7 +29,9 @@ use uuid::Uuid;
 
 pub use tokio_postgres::Config as PgConfig;
 
-pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
+pub use migrations::{
+    MIGRATION_TABLE, fingerprint, migrate, migration_fingerprint, run_migrations,
+};
 
 use crate::EventStore;
 use crate::error::StoreError;
