@@ -15,7 +15,6 @@ use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventStore, Position, SubscriptionOptions};
 use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{ProjectionHub, ProjectionName, Runner, RunnerOptions};
-use orderly_test_support::TestDb;
 use tokio_util::sync::CancellationToken;
 
 use crate::report;
@@ -86,17 +85,7 @@ async fn write(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let db = TestDb::create(
-        "bench-lag",
-        &orderly_projections::fingerprint_with_event_store(),
-        |url| async move {
-            orderly_projections::migrate_with_event_store(&url.parse()?)
-                .await
-                .map_err(Into::into)
-        },
-    )
-    .await
-    .map_err(|e| anyhow!("cannot create the benchmark database: {e}"))?;
+    let db = report::read_side_database("bench-lag").await?;
     println!("# live lag benchmark\n");
     println!("- machine: {}", report::machine());
     let options = PgStoreOptions {

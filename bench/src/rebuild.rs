@@ -19,7 +19,6 @@ use orderly_event_store::EventStore;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{ProjectionName, RebuildOptions, rebuild, rebuild_many};
-use orderly_test_support::TestDb;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -53,17 +52,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let db = TestDb::create(
-        "bench-rebuild",
-        &orderly_projections::fingerprint_with_event_store(),
-        |url| async move {
-            orderly_projections::migrate_with_event_store(&url.parse()?)
-                .await
-                .map_err(Into::into)
-        },
-    )
-    .await
-    .map_err(|e| anyhow!("cannot create the benchmark database: {e}"))?;
+    let db = report::read_side_database("bench-rebuild").await?;
     let client = db.connect().await.map_err(|e| anyhow!("{e}"))?;
     println!("# rebuild benchmark\n");
     println!("- machine: {}", report::machine());

@@ -95,3 +95,18 @@ pub fn machine() -> String {
         });
     format!("{cores} cores ({cpu}), {mem} RAM")
 }
+
+/// A fresh database holding the event log and the read models, as `orderly migrate` makes it.
+pub async fn read_side_database(key: &str) -> anyhow::Result<orderly_test_support::TestDb> {
+    orderly_test_support::TestDb::create(
+        key,
+        &orderly_projections::fingerprint_with_event_store(),
+        |url| async move {
+            orderly_projections::migrate_with_event_store(&url.parse()?)
+                .await
+                .map_err(Into::into)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create the benchmark database: {e}"))
+}
