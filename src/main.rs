@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 ///
 /// Settings come from built-in defaults, then the file given by --config, then ORDERLY_*
 /// environment variables (ORDERLY_DATABASE_URL, ORDERLY_EVENT_STORE, ORDERLY_HTTP_ADDR,
-/// ORDERLY_LOG_FORMAT, ORDERLY_DB_POOL_SIZE, ORDERLY_KURRENTDB_URL).
+/// ORDERLY_LOG_FORMAT, ORDERLY_JWT_SECRET, ...; the README's settings table lists them all).
 #[derive(Parser)]
 #[command(name = "orderly", version)]
 struct Cli {
@@ -44,7 +44,8 @@ enum Command {
         command: SagaCommand,
     },
     /// Apply the migrations, then serve only the command API (POST /graphql with the
-    /// mutations, /healthz, /readyz); the saga runner runs elsewhere (`orderly saga run`).
+    /// mutations, /healthz, /readyz); the saga and projection runners run elsewhere
+    /// (`orderly saga run`, `orderly projections run`).
     #[command(name = "command-api")]
     WriteApi,
     /// Print a bearer token signed with the configured key (ORDERLY_JWT_SECRET for HS256,
