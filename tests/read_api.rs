@@ -536,3 +536,42 @@ fn too_complex() -> String {
     let page = "orders(first: 100) { nodes { id customerId status version placedAt updatedAt cancellationReason total { amountMinor currency } lines { sku name quantity unitPrice { amountMinor currency } lineTotal { amountMinor currency } } history { status at reason } shippingAddress { name line1 line2 city postalCode country } payment { status attempts failureReason amount { amountMinor currency } } shipment { carrier trackingNumber shippedAt deliveredAt } } }";
     format!("{{ a: {page} b: {page} c: {page} }}")
 }
+
+#[tokio::test]
+async fn a_read_api_process_waits_for_runners_in_another_process() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    // Mutations and runners in one process, the read API alone in another (same database).
+    let writer = start(&settings).await;
+    let reader_app = App::build_part(&settings, orderly::app::Part::Reads)
+        .await
+        .unwrap();
+    let reader = Api {
+        base: format!("http://{}", reader_app.local_addr()),
+        http: reqwest::Client::new(),
+    };
+    tokio::spawn(reader_app.run_until_stopped(std::future::pending()));
+    register(&writer, "TEA", 650, "EUR", 100).await;
+    let alice = customer("alice");
+    for round in 0..20 {
+        let (id, token) = place(&writer, &alice, "TEA").await;
+        let answer = reader
+            .gql(
+                Some(&alice),
+                ORDER,
+                json!({ "id": id, "c": strict(&token) }),
+            )
+            .await;
+        assert_eq!(answer.data("order")["id"], json!(id), "round {round}");
+        assert_eq!(consistency(&answer)["stale"], false);
+    }
+    // The read API alone takes no mutations.
+    let refused = reader
+        .gql(
+            Some(&admin()),
+            "mutation { restock(sku: \"TEA\", quantity: 1) { token } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(refused.code(), "BAD_USER_INPUT");
+}

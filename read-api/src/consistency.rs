@@ -33,6 +33,12 @@ pub enum ConsistencyMode {
     Strict,
 }
 
+/// Read-your-writes: pass a mutation's `token` as `atLeast`, and the query is answered from
+/// read models that include that write, waiting for them if needed. Example:
+/// `order(id: $id, consistency: { atLeast: $token, timeoutMs: 1000, mode: STRICT })`.
+/// Every query answer says what it saw in `extensions.consistency { token, stale, lagMs }`:
+/// `token` a position the answering read models had applied, `stale` true when `atLeast` was
+/// not reached in time (BOUNDED only), `lagMs` the age of the oldest event they had not applied.
 #[derive(InputObject, Debug, Clone)]
 pub struct ConsistencyInput {
     /// Answer only from read models that have applied at least this position.

@@ -75,10 +75,22 @@ async fn a_page_with_lines_and_history_costs_three_statements_whatever_its_size(
     };
     let mut costs = Vec::new();
     for (query, rows) in [
-        ("{ orders(first: 1) { nodes { id lines { sku } history { status } payment { status } } } }", 1),
-        ("{ orders(first: 100) { nodes { id lines { sku } history { status } payment { status } } } }", 100),
-        ("{ orders(first: 100) { edges { node { id lines { sku } history { status } } } } }", 100),
-        ("{ customer(id: \"alice\") { orders(first: 100) { nodes { lines { sku } } } } }", 100),
+        (
+            "{ orders(first: 1) { nodes { id lines { sku } history { status } payment { status } } } }",
+            1,
+        ),
+        (
+            "{ orders(first: 100) { nodes { id lines { sku } history { status } payment { status } } } }",
+            100,
+        ),
+        (
+            "{ orders(first: 100) { edges { node { id lines { sku } history { status } } } } }",
+            100,
+        ),
+        (
+            "{ customer(id: \"alice\") { orders(first: 100) { nodes { lines { sku } } } } }",
+            100,
+        ),
     ] {
         let before = store.statements();
         let response = schema
@@ -97,7 +109,10 @@ async fn a_page_with_lines_and_history_costs_three_statements_whatever_its_size(
     // Without children selected, the page alone.
     let before = store.statements();
     let response = schema
-        .execute(async_graphql::Request::new("{ orders(first: 100) { nodes { id status } } }").data(admin))
+        .execute(
+            async_graphql::Request::new("{ orders(first: 100) { nodes { id status } } }")
+                .data(admin),
+        )
         .await;
     assert!(response.errors.is_empty());
     assert_eq!(store.statements() - before, 1);
