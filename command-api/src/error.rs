@@ -85,6 +85,15 @@ impl CommandError {
         )
     }
 
+    /// Whether the failure says the aggregate is not there (for this caller).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound(_)
+                | Self::Rejected(Rejection::OrderNotFound | Rejection::ProductNotRegistered)
+        )
+    }
+
     /// The contract error for this failure; detail of internal failures is logged only.
     pub fn to_graphql(&self, request_id: &str) -> async_graphql::Error {
         match self {

@@ -218,7 +218,8 @@ impl Handler {
 
     /// Load, decide with `decide`, append; retried on conflicts unless `expected` (the
     /// client's `expectedVersion`) was given. `decide` may refuse with any [`CommandError`]
-    /// (ownership checks need the state too).
+    /// (ownership checks need the state too); a not-found refusal wins over a version
+    /// mismatch.
     pub async fn execute<A, F>(
         &self,
         stream: &StreamName,
@@ -273,15 +274,22 @@ impl Handler {
             } else {
                 self.load::<A>(stream).await?
             };
+            let decided = decide(&loaded);
             if let Some(expected) = expected
                 && loaded.version != Some(expected)
             {
-                return Err(CommandError::Conflict {
-                    expected,
-                    actual: loaded.version,
+                // An aggregate the caller cannot see (missing, or not theirs) is NOT_FOUND
+                // whatever version they expected: a CONFLICT would name a version to reload
+                // for something that is not there, and would let ids be probed.
+                return Err(match decided {
+                    Err(error) if error.is_not_found() => error,
+                    _ => CommandError::Conflict {
+                        expected,
+                        actual: loaded.version,
+                    },
                 });
             }
-            let decided = decide(&loaded)?;
+            let decided = decided?;
             if decided.is_empty() {
                 return Ok(Outcome {
                     version: loaded.version,
