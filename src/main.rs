@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use orderly::app::{self, App};
+use orderly::command_side;
 use orderly::read_side::{self, Projections};
 use orderly::settings::Settings;
 use orderly::telemetry;
@@ -14,6 +15,7 @@ use orderly_projections::{
     DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
 };
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Orderly, an event-sourced order engine.
 ///
@@ -38,7 +40,7 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
-    /// The fulfilment saga runner and its outbox worker.
+    /// The fulfilment saga runner, its outbox worker and the outbox's dead letters.
     Saga {
         #[command(subcommand)]
         command: SagaCommand,
@@ -157,6 +159,26 @@ enum SagaCommand {
     /// cancellation until SIGINT or SIGTERM. Several processes may run: one leads, the others
     /// wait to take over.
     Run,
+    /// Gateway calls and notifications the outbox worker could not deliver.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Dead-lettered messages waiting for an operator (with --all, pending and skipped ones
+    /// too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Put one dead-lettered message back in line with fresh attempts; a running saga runner
+    /// delivers it.
+    Retry { id: Uuid },
+    /// Mark one dead-lettered message as not to be delivered.
+    Skip { id: Uuid },
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
@@ -227,6 +249,16 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&settings).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
             saga.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Saga {
+            command: SagaCommand::Outbox { command },
+        } => {
+            let pg_config = app::pg_config(&settings)?;
+            match command {
+                OutboxCommand::List { all } => command_side::print_outbox(&pg_config, all).await?,
+                OutboxCommand::Retry { id } => command_side::retry_outbox(&pg_config, id).await?,
+                OutboxCommand::Skip { id } => command_side::skip_outbox(&pg_config, id).await?,
+            }
         }
         Command::Token { sub, roles, ttl } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;

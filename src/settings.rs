@@ -53,6 +53,15 @@ pub struct Settings {
     pub saga_tick_ms: u64,
     /// Delivery attempts of an outbox message before it is dead-lettered.
     pub outbox_max_attempts: u32,
+    /// SMTP server for customer notifications (`smtp://`, `smtps://`, `?tls=required`);
+    /// unset: notifications are only logged.
+    pub smtp_url: Option<String>,
+    /// The sender of notification mail.
+    pub smtp_from: String,
+    /// A notification's recipient, `{customer_id}` replaced by the order's customer id.
+    pub smtp_recipient: String,
+    /// Days delivered outbox messages and settled sagas are kept; 0 keeps them forever.
+    pub saga_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +113,10 @@ impl Default for Settings {
             payment_retry_after_secs: 30,
             saga_tick_ms: 1_000,
             outbox_max_attempts: 5,
+            smtp_url: None,
+            smtp_from: "Orderly <orderly@localhost>".to_owned(),
+            smtp_recipient: "{customer_id}".to_owned(),
+            saga_retention_days: 7,
         }
     }
 }
@@ -123,7 +136,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 23] = [
+    const KEYS: [&'static str; 27] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -147,6 +160,10 @@ impl Settings {
         "payment_retry_after_secs",
         "saga_tick_ms",
         "outbox_max_attempts",
+        "smtp_url",
+        "smtp_from",
+        "smtp_recipient",
+        "saga_retention_days",
     ];
 }
 
@@ -189,6 +206,10 @@ impl fmt::Debug for Settings {
             .field("payment_retry_after_secs", &self.payment_retry_after_secs)
             .field("saga_tick_ms", &self.saga_tick_ms)
             .field("outbox_max_attempts", &self.outbox_max_attempts)
+            .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
+            .field("smtp_from", &self.smtp_from)
+            .field("smtp_recipient", &self.smtp_recipient)
+            .field("saga_retention_days", &self.saga_retention_days)
             .finish()
     }
 }
@@ -222,12 +243,14 @@ mod tests {
         let s = Settings {
             jwt_secret: Some("jwt-hunter3".into()),
             jwt_private_key: Some("-----BEGIN PRIVATE KEY-----hunter4".into()),
+            smtp_url: Some("smtps://mailer:hunter5@mail.example:465".into()),
             ..s
         };
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("hunter3"), "{shown}");
         assert!(!shown.contains("hunter4"), "{shown}");
+        assert!(!shown.contains("hunter5"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
         assert_eq!(
             redact_url("host=db password=hunter2"),
