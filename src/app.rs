@@ -125,9 +125,7 @@ impl App {
 /// POST /graphql: the command API's mutations (with a placeholder Query until the read API's
 /// Query root is merged in here), behind authentication, rate limits and request limits.
 pub fn graphql_router(settings: &Settings, store: Arc<dyn EventStore>) -> anyhow::Result<Router> {
-    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
-    let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
-    let schema = orderly_command_api::schema(service);
+    let schema = orderly_command_api::schema(command_service(settings, store)?);
     let sdl = schema.sdl();
     let auth = Authenticator::new(&jwt_config(settings)).context("invalid JWT settings")?;
     if !auth.is_configured() {
@@ -148,6 +146,15 @@ pub fn graphql_router(settings: &Settings, store: Arc<dyn EventStore>) -> anyhow
         Arc::new(limiter),
         limits,
     ))
+}
+
+/// The command side over `store`, with idempotency keys in the settings' database.
+pub fn command_service(
+    settings: &Settings,
+    store: Arc<dyn EventStore>,
+) -> anyhow::Result<CommandService> {
+    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    Ok(CommandService::new(store, Some(IdempotencyKeys::new(pool))))
 }
 
 /// The payment gateway the settings choose, behind timeout, retries, breaker and limit. Keep

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use orderly::app::{self, App};
 use orderly::command_side;
 use orderly::read_side::{self, Projections};
+use orderly::seed::{self, SeedOptions};
 use orderly::settings::Settings;
 use orderly::telemetry;
 use orderly_platform::{Role, TokenIssuer};
@@ -72,6 +73,29 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Write a realistic workload through the command path, for demos and benchmarks:
+    /// products with stock, orders of 1-5 lines from a few hundred customers (some paid with
+    /// tok_declined, some cancelled by their customer), then some of the confirmed orders
+    /// shipped and delivered. Runs a saga runner in this process (standing by if another one
+    /// leads) so orders get confirmed.
+    Seed {
+        /// Orders to place.
+        #[arg(long, default_value_t = 1000)]
+        orders: usize,
+        /// Products to register (SKUs SEED-0000, SEED-0001, ...; existing ones are kept).
+        #[arg(long, default_value_t = 40)]
+        products: usize,
+        /// Distinct customers placing the orders.
+        #[arg(long, default_value_t = 300)]
+        customers: usize,
+        /// Seeds the generator; the same seed writes the same workload and places no order
+        /// twice (default: a random one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Commands in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
     },
     /// The event log itself.
     Events {
@@ -317,6 +341,39 @@ async fn main() -> anyhow::Result<()> {
                 }
                 DlqCommand::Skip { id } => read_side::skip_dead_letter(&pg_config, id).await?,
             }
+        }
+        Command::Seed {
+            orders,
+            products,
+            customers,
+            seed,
+            concurrency,
+        } => {
+            app::migrate(&settings).await?;
+            let options = SeedOptions {
+                orders,
+                products,
+                customers,
+                seed: seed.unwrap_or_else(|| fastrand::u64(..)),
+                concurrency,
+                ..SeedOptions::default()
+            };
+            println!("seed {}", options.seed);
+            let report = seed::run(&settings, &options).await?;
+            println!(
+                "{} products registered; {} orders placed ({} already there), {} cancelled by \
+                 their customer; after the saga {} confirmed, {} cancelled, {} unsettled; \
+                 {} shipped, {} delivered",
+                report.products,
+                report.orders,
+                report.replayed,
+                report.cancelled_by_customers,
+                report.confirmed,
+                report.cancelled,
+                report.unsettled,
+                report.shipped,
+                report.delivered
+            );
         }
         Command::Events {
             command:

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use orderly_event_store::Position;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -118,6 +119,21 @@ async fn update_dead_letter(
         return Err(CommandError::NotFound("dead-lettered outbox message"));
     }
     Ok(())
+}
+
+/// The log position saga `saga_name` has handled ([`Position::START`] before its first event),
+/// for tools that wait for it to catch up.
+pub async fn checkpoint(client: &Client, saga_name: &str) -> Result<Position, CommandError> {
+    let row = client
+        .query_opt(
+            "select position_commit, position_prepare from saga_checkpoints where saga_name = $1",
+            &[&saga_name],
+        )
+        .await?;
+    Ok(row.map_or(Position::START, |row| {
+        let (commit, prepare): (i64, i64) = (row.get(0), row.get(1));
+        Position::new(commit.unsigned_abs(), prepare.unsigned_abs())
+    }))
 }
 
 /// What one purge removed.

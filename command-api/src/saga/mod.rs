@@ -500,16 +500,7 @@ impl SagaRunner {
 
     async fn checkpoint(&self) -> Result<Position, CommandError> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                "select position_commit, position_prepare from saga_checkpoints where saga_name = $1",
-                &[&self.config.name],
-            )
-            .await?;
-        Ok(row.map_or(Position::START, |row| {
-            let (commit, prepare): (i64, i64) = (row.get(0), row.get(1));
-            Position::new(commit.unsigned_abs(), prepare.unsigned_abs())
-        }))
+        maintenance::checkpoint(&client, &self.config.name).await
     }
 
     /// Stores a saga's state, the outbox rows of the step and the checkpoint atomically.
