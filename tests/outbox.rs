@@ -360,3 +360,42 @@ async fn the_runner_purges_only_settled_and_old_rows() {
         ]
     );
 }
+
+/// An SMTP server that cannot be reached fails the delivery, which is retried and then
+/// dead-lettered with the transport's error.
+#[tokio::test]
+async fn an_unreachable_smtp_server_dead_letters_the_notification_with_its_error() {
+    let db = migrated_database().await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let settings = Settings {
+        smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+        smtp_recipient: "{customer_id}@customers.shop.test".into(),
+        saga_tick_ms: 50,
+        outbox_max_attempts: 2,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = orderly::app::payment_gateway(&settings).unwrap();
+    spawn(orderly::app::saga_runner(&settings, gateway).unwrap());
+    place_one(&api, "alice", "TEA").await;
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and attempts = 2
+         and dead_lettered_at is not null and last_error like '%SMTP%'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The payment went through all the same: only the notice is parked.
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from outbox where kind = 'charge' and delivered_at is not null"
+        )
+        .await,
+        1
+    );
+}
