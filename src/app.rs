@@ -13,7 +13,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use orderly_command_api::saga::{
-    HttpGateway, PaymentGateway, Resilience, Resilient, SagaConfig, SagaRunner, Simulator,
+    HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
+    SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
 };
 use orderly_command_api::{CommandService, IdempotencyKeys, MutationRoot};
 use orderly_domain::fulfilment::Timing;
@@ -235,6 +236,15 @@ fn serve_schema<E: Executor>(
     ))
 }
 
+/// The command side over `store`, with idempotency keys in the settings' database.
+pub fn command_service(
+    settings: &Settings,
+    store: Arc<dyn EventStore>,
+) -> anyhow::Result<CommandService> {
+    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    Ok(CommandService::new(store, Some(IdempotencyKeys::new(pool))))
+}
+
 /// The payment gateway the settings choose, behind timeout, retries, breaker and limit. Keep
 /// the `Arc` to read the breaker's state.
 pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
@@ -272,9 +282,29 @@ pub fn saga_runner(
         },
         tick: Duration::from_millis(settings.saga_tick_ms.max(1)),
         outbox_max_attempts: settings.outbox_max_attempts,
+        retention: (settings.saga_retention_days > 0)
+            .then(|| Duration::from_secs(u64::from(settings.saga_retention_days) * 24 * 3600)),
         ..SagaConfig::default()
     };
-    Ok(SagaRunner::new(saga, store, pool, config, gateway))
+    Ok(SagaRunner::new(saga, store, pool, config, gateway).with_notifier(notifier(settings)?))
+}
+
+/// Longest one SMTP exchange may take before the delivery counts as failed.
+const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Customer notifications by SMTP when `smtp_url` is set, else into the log.
+pub fn notifier(settings: &Settings) -> anyhow::Result<Arc<dyn Notifier>> {
+    let Some(url) = settings.smtp_url.clone() else {
+        return Ok(Arc::new(LogNotifier));
+    };
+    let smtp = SmtpNotifier::new(&SmtpSettings {
+        url,
+        from: settings.smtp_from.clone(),
+        recipient: settings.smtp_recipient.clone(),
+        timeout: SMTP_TIMEOUT,
+    })
+    .context("invalid SMTP settings")?;
+    Ok(Arc::new(smtp))
 }
 
 pub fn jwt_config(settings: &Settings) -> JwtConfig {

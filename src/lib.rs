@@ -7,11 +7,15 @@
 //!   shutdown signal. Only this crate wires the other crates together.
 //! - `read_side`: projection runners (also started by `serve`) and the operator commands for
 //!   projections, dead letters and the log tail.
+//! - `command_side`: the operator commands for the saga's outbox dead letters.
+//! - `seed`: `orderly seed`, a realistic workload written through the command path.
 //! - `telemetry`: structured logs (JSON or text).
 //!
 //! `main.rs` only parses the command line and calls into here.
 
 pub mod app;
+pub mod command_side;
 pub mod read_side;
+pub mod seed;
 pub mod settings;
 pub mod telemetry;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use orderly::app::{self, App, Part};
+use orderly::command_side;
 use orderly::read_side::{self, Projections};
+use orderly::seed::{self, SeedOptions};
 use orderly::settings::Settings;
 use orderly::telemetry;
 use orderly_platform::{Role, TokenIssuer};
@@ -14,6 +16,7 @@ use orderly_projections::{
     DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
 };
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Orderly, an event-sourced order engine.
 ///
@@ -39,7 +42,7 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
-    /// The fulfilment saga runner and its outbox worker.
+    /// The fulfilment saga runner, its outbox worker and the outbox's dead letters.
     Saga {
         #[command(subcommand)]
         command: SagaCommand,
@@ -78,6 +81,29 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Write a realistic workload through the command path, for demos and benchmarks:
+    /// products with stock, orders of 1-5 lines from a few hundred customers (some paid with
+    /// tok_declined, some cancelled by their customer), then some of the confirmed orders
+    /// shipped and delivered. Runs a saga runner in this process (standing by if another one
+    /// leads) so orders get confirmed.
+    Seed {
+        /// Orders to place.
+        #[arg(long, default_value_t = 1000)]
+        orders: usize,
+        /// Products to register (SKUs SEED-0000, SEED-0001, ...; existing ones are kept).
+        #[arg(long, default_value_t = 40)]
+        products: usize,
+        /// Distinct customers placing the orders.
+        #[arg(long, default_value_t = 300)]
+        customers: usize,
+        /// Seeds the generator; the same seed writes the same workload and places no order
+        /// twice (default: a random one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Commands in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
     },
     /// The event log itself.
     Events {
@@ -165,6 +191,26 @@ enum SagaCommand {
     /// cancellation until SIGINT or SIGTERM. Several processes may run: one leads, the others
     /// wait to take over.
     Run,
+    /// Gateway calls and notifications the outbox worker could not deliver.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Dead-lettered messages waiting for an operator (with --all, pending and skipped ones
+    /// too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Put one dead-lettered message back in line with fresh attempts; a running saga runner
+    /// delivers it.
+    Retry { id: Uuid },
+    /// Mark one dead-lettered message as not to be delivered.
+    Skip { id: Uuid },
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
@@ -242,6 +288,16 @@ async fn main() -> anyhow::Result<()> {
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
             saga.run_until_stopped(shutdown_signal()).await?;
         }
+        Command::Saga {
+            command: SagaCommand::Outbox { command },
+        } => {
+            let pg_config = app::pg_config(&settings)?;
+            match command {
+                OutboxCommand::List { all } => command_side::print_outbox(&pg_config, all).await?,
+                OutboxCommand::Retry { id } => command_side::retry_outbox(&pg_config, id).await?,
+                OutboxCommand::Skip { id } => command_side::skip_outbox(&pg_config, id).await?,
+            }
+        }
         Command::Token { sub, roles, ttl } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
             println!("{}", issuer.issue(&sub, &roles, ttl)?);
@@ -299,6 +355,39 @@ async fn main() -> anyhow::Result<()> {
                 }
                 DlqCommand::Skip { id } => read_side::skip_dead_letter(&pg_config, id).await?,
             }
+        }
+        Command::Seed {
+            orders,
+            products,
+            customers,
+            seed,
+            concurrency,
+        } => {
+            app::migrate(&settings).await?;
+            let options = SeedOptions {
+                orders,
+                products,
+                customers,
+                seed: seed.unwrap_or_else(|| fastrand::u64(..)),
+                concurrency,
+                ..SeedOptions::default()
+            };
+            println!("seed {}", options.seed);
+            let report = seed::run(&settings, &options).await?;
+            println!(
+                "{} products registered; {} orders placed ({} already there), {} cancelled by \
+                 their customer; after the saga {} confirmed, {} cancelled, {} unsettled; \
+                 {} shipped, {} delivered",
+                report.products,
+                report.orders,
+                report.replayed,
+                report.cancelled_by_customers,
+                report.confirmed,
+                report.cancelled,
+                report.unsettled,
+                report.shipped,
+                report.delivered
+            );
         }
         Command::Events {
             command:

@@ -68,11 +68,12 @@ impl Projections {
     }
 }
 
-async fn connect(pg_config: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
+/// One connection to the database `pg_config` names, for an operator command.
+pub(crate) async fn connect(pg_config: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = pg_config
         .connect(NoTls)
         .await
-        .context("cannot connect to the read-model database")?;
+        .context("cannot connect to the database")?;
     tokio::spawn(connection);
     Ok(client)
 }

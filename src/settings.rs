@@ -59,6 +59,15 @@ pub struct Settings {
     pub subscription_buffer: usize,
     /// How long, in ms, a subscription's buffer may stay full before it ends with an error.
     pub subscription_patience_ms: u64,
+    /// SMTP server for customer notifications (`smtp://`, `smtps://`, `?tls=required`);
+    /// unset: notifications are only logged.
+    pub smtp_url: Option<String>,
+    /// The sender of notification mail.
+    pub smtp_from: String,
+    /// A notification's recipient, `{customer_id}` replaced by the order's customer id.
+    pub smtp_recipient: String,
+    /// Days delivered outbox messages and settled sagas are kept; 0 keeps them forever.
+    pub saga_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +122,10 @@ impl Default for Settings {
             consistency_max_wait_ms: 5_000,
             subscription_buffer: 256,
             subscription_patience_ms: 5_000,
+            smtp_url: None,
+            smtp_from: "Orderly <orderly@localhost>".to_owned(),
+            smtp_recipient: "{customer_id}".to_owned(),
+            saga_retention_days: 7,
         }
     }
 }
@@ -132,7 +145,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 26] = [
+    const KEYS: [&'static str; 30] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -159,6 +172,10 @@ impl Settings {
         "consistency_max_wait_ms",
         "subscription_buffer",
         "subscription_patience_ms",
+        "smtp_url",
+        "smtp_from",
+        "smtp_recipient",
+        "saga_retention_days",
     ];
 }
 
@@ -204,6 +221,10 @@ impl fmt::Debug for Settings {
             .field("consistency_max_wait_ms", &self.consistency_max_wait_ms)
             .field("subscription_buffer", &self.subscription_buffer)
             .field("subscription_patience_ms", &self.subscription_patience_ms)
+            .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
+            .field("smtp_from", &self.smtp_from)
+            .field("smtp_recipient", &self.smtp_recipient)
+            .field("saga_retention_days", &self.saga_retention_days)
             .finish()
     }
 }
@@ -237,12 +258,14 @@ mod tests {
         let s = Settings {
             jwt_secret: Some("jwt-hunter3".into()),
             jwt_private_key: Some("-----BEGIN PRIVATE KEY-----hunter4".into()),
+            smtp_url: Some("smtps://mailer:hunter5@mail.example:465".into()),
             ..s
         };
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("hunter3"), "{shown}");
         assert!(!shown.contains("hunter4"), "{shown}");
+        assert!(!shown.contains("hunter5"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
         assert_eq!(
             redact_url("host=db password=hunter2"),

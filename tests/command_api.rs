@@ -156,14 +156,7 @@ async fn shipping_an_unpaid_order_is_rejected_with_a_reason_and_customers_may_no
     let db = migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     register(&api, "TEA", 650, "EUR", 10).await;
-    let placed = api
-        .gql(
-            Some(&customer("alice")),
-            PLACE,
-            order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok"),
-        )
-        .await;
-    let order_id = placed.data("placeOrder")["id"].as_str().unwrap().to_owned();
+    let order_id = place_one(&api, "alice", "TEA").await;
     let forbidden = api
         .gql(Some(&customer("alice")), SHIP, json!({ "id": order_id }))
         .await;
@@ -463,4 +456,102 @@ async fn every_event_carries_its_actor_command_and_the_callers_trace() {
     assert_eq!(metadata.correlation_id, metadata.command_id);
     assert_eq!(metadata.causation_id, metadata.command_id);
     assert_ne!(metadata.event_id, metadata.command_id);
+}
+
+/// An aggregate that does not exist is NOT_FOUND whatever version the caller expected: a
+/// CONFLICT would send a client into a reload loop, a REJECTED would blame the command.
+#[tokio::test]
+async fn commands_on_an_aggregate_that_does_not_exist_are_not_found_with_or_without_a_version() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let deliver = "mutation($id: UUID!, $v: Int) {
+      markDelivered(orderId: $id, expectedVersion: $v) { id version events replayed } }";
+    let missing = uuid::Uuid::now_v7().to_string();
+    for version in [None, Some(0), Some(3)] {
+        let v = json!(version);
+        let calls = [
+            (
+                "cancelOrder",
+                customer("alice"),
+                CANCEL,
+                json!({ "id": missing, "reason": "nope", "v": v }),
+            ),
+            (
+                "cancelOrder by an admin",
+                admin(),
+                CANCEL,
+                json!({ "id": missing, "reason": "nope", "v": v }),
+            ),
+            (
+                "shipOrder",
+                warehouse(),
+                SHIP,
+                json!({ "id": missing, "v": v }),
+            ),
+            (
+                "markDelivered",
+                warehouse(),
+                deliver,
+                json!({ "id": missing, "v": v }),
+            ),
+            (
+                "restock",
+                warehouse(),
+                RESTOCK,
+                json!({ "sku": "NO-SUCH", "q": 1, "v": v }),
+            ),
+            (
+                "changePrice",
+                admin(),
+                CHANGE_PRICE,
+                json!({ "sku": "NO-SUCH", "p": 100, "v": v }),
+            ),
+        ];
+        for (name, token, query, variables) in calls {
+            let answer = api.gql(Some(&token), query, variables).await;
+            assert_eq!(
+                answer.code(),
+                "NOT_FOUND",
+                "{name} with expectedVersion {version:?}: {}",
+                answer.body
+            );
+            assert!(
+                answer.error()["extensions"]["actualVersion"].is_null(),
+                "{name}: {}",
+                answer.body
+            );
+        }
+    }
+    let written = count(&db, "select count(*) from events").await;
+    assert_eq!(written, 0, "nothing was appended");
+}
+
+/// Another customer's order looks missing also when a version is expected, so neither its
+/// existence nor its version can be probed; the owner still gets CONFLICT for a stale one.
+#[tokio::test]
+async fn another_customers_order_is_not_found_even_with_an_expected_version() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let order_id = place_one(&api, "alice", "TEA").await;
+    for version in [0, 5] {
+        let probe = api
+            .gql(
+                Some(&customer("mallory")),
+                CANCEL,
+                json!({ "id": order_id, "reason": "probe", "v": version }),
+            )
+            .await;
+        assert_eq!(probe.code(), "NOT_FOUND", "v={version}: {}", probe.body);
+        assert!(probe.error()["extensions"]["actualVersion"].is_null());
+    }
+    let stale = api
+        .gql(
+            Some(&customer("alice")),
+            CANCEL,
+            json!({ "id": order_id, "reason": "changed my mind", "v": 5 }),
+        )
+        .await;
+    assert_eq!(stale.code(), "CONFLICT", "{}", stale.body);
+    assert_eq!(stale.error()["extensions"]["actualVersion"], 0);
 }

@@ -62,6 +62,13 @@ pub enum CommandError {
     #[error("payment gateway: {0}")]
     Gateway(String),
 
+    /// A notification transport failed (SMTP server down, recipient refused, no address).
+    ///
+    /// Handling: the outbox worker retries with backoff and dead-letters the message after
+    /// its last attempt; never reported to API callers.
+    #[error("notification delivery: {0}")]
+    Delivery(String),
+
     /// A bug or corrupt data (an event that does not decode, a store invariant broken).
     ///
     /// Handling: INTERNAL, logged with the request id; never retried blindly.
@@ -81,7 +88,16 @@ impl CommandError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable(_) | Self::Contended(_) | Self::Gateway(_)
+            Self::Unavailable(_) | Self::Contended(_) | Self::Gateway(_) | Self::Delivery(_)
+        )
+    }
+
+    /// Whether the failure says the aggregate is not there (for this caller).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound(_)
+                | Self::Rejected(Rejection::OrderNotFound | Rejection::ProductNotRegistered)
         )
     }
 
@@ -94,7 +110,7 @@ impl CommandError {
             Self::NotFound(what) => ErrorCode::NotFound.error(format!("{what} not found")),
             Self::Conflict { expected, actual } => errors::conflict(*expected, *actual),
             Self::Rejected(rejection) => rejection_to_graphql(rejection),
-            Self::Contended(_) | Self::Unavailable(_) | Self::Gateway(_) => {
+            Self::Contended(_) | Self::Unavailable(_) | Self::Gateway(_) | Self::Delivery(_) => {
                 errors::unavailable(request_id, self)
             }
             Self::Internal(_) => errors::internal(request_id, self),

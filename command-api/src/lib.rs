@@ -14,7 +14,8 @@
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
 //! - `saga`: the runner that follows the log and drives the domain's fulfilment saga, the
-//!   payment gateway port with its resilience wrapper, and the outbox worker.
+//!   payment gateway port with its resilience wrapper, the outbox worker, the notification
+//!   port (log or SMTP), and `saga::maintenance` (outbox dead letters, the retention purge).
 //! - `migrations`: this crate's tables (idempotency keys, saga checkpoint and states, outbox).
 //! - `error`: [`CommandError`], this crate's one error type.
 

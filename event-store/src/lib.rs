@@ -67,6 +67,27 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// Reads several streams forwards at once: for each `(stream, from)` of `requests` (each
+    /// stream at most once), up to `limit` events from version `from`, as `read_stream` would.
+    /// The answer holds one page per request, in request order; a missing stream's is empty.
+    ///
+    /// The default reads the streams one by one; adapters that can answer in one round trip
+    /// (the command side loads every product of an order this way) override it.
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        let mut pages = Vec::with_capacity(requests.len());
+        for (stream, from) in requests {
+            pages.push(
+                self.read_stream(stream, Direction::Forwards, Some(*from), limit)
+                    .await?,
+            );
+        }
+        Ok(pages)
+    }
+
     /// Reads up to `limit` events of the whole log strictly after `after`, in log order, keeping
     /// those that match `filter`. Only events that can no longer be preceded by a late commit
     /// are returned, so a caller that checkpoints the last position it saw never skips one.

@@ -203,3 +203,15 @@ pub fn address() -> Value {
 pub fn order_input(lines: Value, token: &str) -> Value {
     json!({ "input": { "lines": lines, "paymentToken": token, "shippingAddress": address() } })
 }
+
+/// Places an order of one unit of `sku`, paid with tok_ok, as customer `sub`; its id.
+pub async fn place_one(api: &Api, sub: &str, sku: &str) -> String {
+    let placed = api
+        .gql(
+            Some(&customer(sub)),
+            PLACE,
+            order_input(json!([{ "sku": sku, "quantity": 1 }]), "tok_ok"),
+        )
+        .await;
+    placed.data("placeOrder")["id"].as_str().unwrap().to_owned()
+}

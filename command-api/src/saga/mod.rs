@@ -17,6 +17,8 @@
 //! its own); others wait and take over when it stops or dies.
 
 pub mod gateway;
+pub mod maintenance;
+pub mod notify;
 mod outbox;
 
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub use gateway::{
     BreakerState, Charge, ChargeOutcome, HttpGateway, PaymentGateway, Resilience, Resilient,
     Simulator,
 };
+pub use notify::{LogNotifier, Notice, Notifier, SmtpNotifier, SmtpSettings};
 use outbox::{Message, Row};
 
 /// The `actor` of every event the saga and its workers write.
@@ -61,6 +64,11 @@ pub struct SagaConfig {
     /// How long a claimed outbox message stays invisible to other workers; longer than any
     /// delivery takes (gateway timeout times attempts).
     pub outbox_lease: Duration,
+    /// Delivered or skipped outbox messages and settled sagas older than this are purged;
+    /// `None` keeps them forever.
+    pub retention: Option<Duration>,
+    /// How often the purge runs.
+    pub purge_every: Duration,
 }
 
 impl Default for SagaConfig {
@@ -71,6 +79,8 @@ impl Default for SagaConfig {
             tick: Duration::from_secs(1),
             outbox_max_attempts: 5,
             outbox_lease: Duration::from_secs(60),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            purge_every: Duration::from_secs(3600),
         }
     }
 }
@@ -82,6 +92,8 @@ pub struct SagaRunner {
     pool: Pool,
     pg_config: tokio_postgres::Config,
     gateway: Arc<dyn PaymentGateway>,
+    /// Delivers customer notifications from the outbox.
+    notifier: Arc<dyn Notifier>,
     /// Wakes the outbox worker when the runner stored new messages.
     outbox_ready: Notify,
 }
@@ -120,8 +132,14 @@ impl SagaRunner {
             pool,
             pg_config,
             gateway,
+            notifier: Arc::new(LogNotifier),
             outbox_ready: Notify::new(),
         }
+    }
+
+    /// Delivers notifications through `notifier` instead of the log.
+    pub fn with_notifier(self, notifier: Arc<dyn Notifier>) -> Self {
+        Self { notifier, ..self }
     }
 
     /// Follows the log and delivers the outbox until `shutdown` completes. Dropping the
@@ -133,14 +151,45 @@ impl SagaRunner {
         let (stop, stopped) = watch::channel(false);
         let runner = Arc::new(self);
         let follow = runner.clone().follow(stopped.clone());
-        let deliver = runner.clone().deliver(stopped);
+        let deliver = runner.clone().deliver(stopped.clone());
+        let purge = runner.clone().purge_periodically(stopped);
         let signal = async move {
             shutdown.await;
             let _ = stop.send(true);
         };
-        let (followed, delivered, ()) = tokio::join!(follow, deliver, signal);
+        let (followed, delivered, (), ()) = tokio::join!(follow, deliver, purge, signal);
         tracing::info!(saga = %runner.config.name, "saga runner stopped");
         followed.and(delivered)
+    }
+
+    /// Purges old rows every `purge_every` (first right after the start). Every runner
+    /// process purges, leader or not: the deletes are idempotent and cheap, and a standby's
+    /// purge keeps the tables in hand while the leader is busy. Failures are logged and tried
+    /// again next time.
+    async fn purge_periodically(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(retention) = self.config.retention else {
+            return;
+        };
+        let mut every = tokio::time::interval(self.config.purge_every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = every.tick() => {}
+            }
+            let purged = match self.pool.get().await {
+                Ok(client) => maintenance::purge(&client, &self.config.name, retention).await,
+                Err(error) => Err(error.into()),
+            };
+            match purged {
+                Ok(purged) => tracing::info!(
+                    outbox_rows = purged.outbox_rows,
+                    saga_states = purged.saga_states,
+                    "saga tables purged"
+                ),
+                Err(error) => tracing::warn!(%error, "saga tables not purged this time"),
+            }
+        }
     }
 
     async fn follow(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -451,16 +500,7 @@ impl SagaRunner {
 
     async fn checkpoint(&self) -> Result<Position, CommandError> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                "select position_commit, position_prepare from saga_checkpoints where saga_name = $1",
-                &[&self.config.name],
-            )
-            .await?;
-        Ok(row.map_or(Position::START, |row| {
-            let (commit, prepare): (i64, i64) = (row.get(0), row.get(1));
-            Position::new(commit.unsigned_abs(), prepare.unsigned_abs())
-        }))
+        maintenance::checkpoint(&client, &self.config.name).await
     }
 
     /// Stores a saga's state, the outbox rows of the step and the checkpoint atomically.

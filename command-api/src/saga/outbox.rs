@@ -1,6 +1,7 @@
 //! The outbox: side effects the saga asked for, stored with the saga step that asked, and
 //! delivered at least once by a worker: gateway charges and refunds (whose outcomes go back
-//! into the log as payment events) and customer notifications (logged; no mail transport yet).
+//! into the log as payment events) and customer notifications (through the configured
+//! [`Notifier`](super::Notifier): the log by default, or SMTP).
 //!
 //! A claimed message is leased (invisible to other workers for `outbox_lease`), so a worker
 //! that dies mid-delivery leaves it to be delivered again; the gateway's idempotency key makes
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use orderly_domain::order::OrderAggregate;
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
 use orderly_domain::streams;
 use orderly_domain::values::{GatewayReference, OrderId, Reason};
@@ -18,6 +20,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::gateway::{Charge, ChargeOutcome};
+use super::notify::Notice;
 use super::{ACTOR, SagaRunner};
 use crate::CommandError;
 use crate::handling::{Envelope, stream_name};
@@ -291,14 +294,32 @@ impl SagaRunner {
                 detail,
                 correlation_id,
             } => {
-                tracing::info!(
-                    target: "orderly::notifications",
-                    %order_id, template, customer_id, detail, %correlation_id,
-                    "notification sent"
-                );
-                Ok(())
+                // Cancellations do not carry the customer: read it from the order as it is.
+                let customer_id = match customer_id {
+                    Some(id) => id,
+                    None => self.customer_of(order_id).await?,
+                };
+                let notice = Notice {
+                    order_id,
+                    template,
+                    customer_id,
+                    detail,
+                    correlation_id,
+                };
+                self.notifier.send(&notice).await
             }
         }
+    }
+
+    async fn customer_of(&self, order_id: OrderId) -> Result<String, CommandError> {
+        let stream = stream_name(streams::order(order_id))?;
+        let loaded = self.handler.load::<OrderAggregate>(&stream).await?;
+        loaded
+            .state
+            .map(|order| order.customer_id.to_string())
+            .ok_or_else(|| {
+                CommandError::Internal(format!("notification for unknown order {order_id}"))
+            })
     }
 
     async fn record_payment(

@@ -14,6 +14,7 @@
 
 mod migrations;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -87,6 +88,7 @@ const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 struct Statements {
     read_stream_forwards: String,
     read_stream_backwards: String,
+    read_streams: String,
     read_all: String,
     read_category: String,
     read_one_stream: String,
@@ -109,6 +111,15 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| {
         ),
         read_stream_backwards: format!(
             "select {COLUMNS} from events where stream = $1 and version <= $2 order by version desc limit $3"
+        ),
+        // One lateral index scan per requested stream, each bounded by the limit.
+        read_streams: format!(
+            "select e.* from unnest($1::text[], $2::bigint[]) with ordinality as want(stream, from_version, n)
+             cross join lateral (
+                 select {COLUMNS} from events
+                 where stream = want.stream and version >= want.from_version
+                 order by version limit $3) e
+             order by want.n, e.version"
         ),
         read_all: page(""),
         read_category: page("and category = $4"),
@@ -379,6 +390,33 @@ impl EventStore for PgEventStore {
             .await
             .map_err(pg_error)?;
         rows.iter().map(recorded).collect()
+    }
+
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        let streams: Vec<&str> = requests.iter().map(|(s, _)| s.as_str()).collect();
+        let froms: Vec<i64> = requests.iter().map(|(_, from)| to_i64(*from)).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&SQL.read_streams)
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(&statement, &[&streams, &froms, &to_i64(limit as u64)])
+            .await
+            .map_err(pg_error)?;
+        let mut pages: HashMap<StreamName, Vec<RecordedEvent>> = HashMap::new();
+        for row in &rows {
+            let event = recorded(row)?;
+            pages.entry(event.stream.clone()).or_default().push(event);
+        }
+        Ok(requests
+            .iter()
+            .map(|(stream, _)| pages.remove(stream).unwrap_or_default())
+            .collect())
     }
 
     async fn read_all(

@@ -34,6 +34,7 @@ macro_rules! contract_tests {
             reappending_the_same_event_ids_writes_nothing,
             reusing_event_ids_elsewhere_is_refused,
             streams_read_forwards_and_backwards,
+            several_streams_read_at_once_page_by_page,
             the_log_reads_in_append_order_and_pages_by_position,
             head_is_the_last_position,
             subscriptions_catch_up_then_follow_live_with_filters,
@@ -329,6 +330,43 @@ pub async fn reusing_event_ids_elsewhere_is_refused(store: Arc<dyn EventStore>) 
         "{partial:?}"
     );
     assert_eq!(read_everything(&*store, &EventFilter::All).await.len(), 2);
+}
+
+pub async fn several_streams_read_at_once_page_by_page(store: Arc<dyn EventStore>) {
+    let (a, b, missing) = (
+        stream("product-A"),
+        stream("product-B"),
+        stream("product-MISSING"),
+    );
+    store
+        .append(&a, ExpectedVersion::NoStream, events(6))
+        .await
+        .unwrap();
+    store
+        .append(&b, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    let requests = [(b.clone(), 1), (missing.clone(), 0), (a.clone(), 2)];
+    let pages = store.read_streams(&requests, 3).await.unwrap();
+    let read: Vec<Vec<(String, u64)>> = pages
+        .iter()
+        .map(|page| {
+            page.iter()
+                .map(|e| (e.stream.to_string(), e.version))
+                .collect()
+        })
+        .collect();
+    let expected: Vec<Vec<(String, u64)>> = vec![
+        vec![("product-B".into(), 1)],
+        vec![],
+        (2..5).map(|v| ("product-A".into(), v)).collect(),
+    ];
+    assert_eq!(
+        read, expected,
+        "one page per request, in request order, each limited"
+    );
+    assert_eq!(pages[2][0].data, json!({ "n": 2 }));
+    assert!(store.read_streams(&[], 3).await.unwrap().is_empty());
 }
 
 pub async fn streams_read_forwards_and_backwards(store: Arc<dyn EventStore>) {

@@ -1,0 +1,195 @@
+//! Keeping the saga's tables in hand: the operator's view of outbox dead letters (list, retry,
+//! skip) and the retention purge the runner runs periodically.
+//!
+//! A retry only puts the message back in line: the outbox worker of a running saga runner
+//! delivers it with the transports it was configured with (the gateway, SMTP), so the CLI
+//! needs none of them and a message is never delivered by two paths at once.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use orderly_event_store::Position;
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::CommandError;
+
+/// Where an outbox message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxState {
+    /// Waiting for its first or next attempt.
+    Pending,
+    /// Failed its last attempt; waits for an operator.
+    DeadLettered,
+    /// Dead-lettered, and an operator chose not to deliver it.
+    Skipped,
+}
+
+impl OutboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::DeadLettered => "dead-lettered",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// One undelivered outbox message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub outbox_id: Uuid,
+    pub order_id: Uuid,
+    /// `charge`, `refund` or `notification`.
+    pub kind: String,
+    pub state: OutboxState,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When it was dead-lettered (`None` while pending).
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+const LIST: &str = "
+select outbox_id, order_id, kind, attempts, last_error, created_at, dead_lettered_at, skipped_at
+from outbox
+where delivered_at is null and ($1 or (dead_lettered_at is not null and skipped_at is null))
+order by created_at, outbox_id";
+
+/// Dead letters waiting for an operator, oldest first; with `all`, pending and skipped
+/// messages too. Delivered messages are never listed (there are many; the log has their
+/// effects).
+pub async fn list(client: &Client, all: bool) -> Result<Vec<OutboxEntry>, CommandError> {
+    let rows = client.query(LIST, &[&all]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let dead_lettered_at: Option<DateTime<Utc>> = row.get(6);
+            let skipped_at: Option<DateTime<Utc>> = row.get(7);
+            OutboxEntry {
+                outbox_id: row.get(0),
+                order_id: row.get(1),
+                kind: row.get(2),
+                attempts: row.get(3),
+                last_error: row.get(4),
+                created_at: row.get(5),
+                state: match (dead_lettered_at, skipped_at) {
+                    (_, Some(_)) => OutboxState::Skipped,
+                    (Some(_), None) => OutboxState::DeadLettered,
+                    (None, None) => OutboxState::Pending,
+                },
+                dead_lettered_at,
+            }
+        })
+        .collect())
+}
+
+/// Puts a dead-lettered (or skipped) message back in line with a fresh set of attempts; the
+/// running outbox worker delivers it at its next round. The last error stays until then.
+pub async fn retry(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> {
+    update_dead_letter(
+        client,
+        "update outbox set dead_lettered_at = null, skipped_at = null, attempts = 0,
+             next_attempt_at = now()
+         where outbox_id = $1 and delivered_at is null and dead_lettered_at is not null",
+        outbox_id,
+    )
+    .await
+}
+
+/// Marks a dead-lettered message as not to be delivered; it is kept until the purge.
+pub async fn skip(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> {
+    update_dead_letter(
+        client,
+        "update outbox set skipped_at = now()
+         where outbox_id = $1 and dead_lettered_at is not null and skipped_at is null",
+        outbox_id,
+    )
+    .await
+}
+
+/// Runs `update` on one message; NOT_FOUND when its conditions matched no row.
+async fn update_dead_letter(
+    client: &Client,
+    update: &str,
+    outbox_id: Uuid,
+) -> Result<(), CommandError> {
+    if client.execute(update, &[&outbox_id]).await? == 0 {
+        return Err(CommandError::NotFound("dead-lettered outbox message"));
+    }
+    Ok(())
+}
+
+/// The log position saga `saga_name` has handled ([`Position::START`] before its first event),
+/// for tools that wait for it to catch up.
+pub async fn checkpoint(client: &Client, saga_name: &str) -> Result<Position, CommandError> {
+    let row = client
+        .query_opt(
+            "select position_commit, position_prepare from saga_checkpoints where saga_name = $1",
+            &[&saga_name],
+        )
+        .await?;
+    Ok(row.map_or(Position::START, |row| {
+        let (commit, prepare): (i64, i64) = (row.get(0), row.get(1));
+        Position::new(commit.unsigned_abs(), prepare.unsigned_abs())
+    }))
+}
+
+/// What one purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub outbox_rows: u64,
+    pub saga_states: u64,
+}
+
+/// Rows deleted per statement, so a purge never holds long locks or one huge transaction.
+const PURGE_BATCH: i64 = 1000;
+
+const PURGE_OUTBOX: &str = "
+delete from outbox where outbox_id in (
+    select outbox_id from outbox
+    where delivered_at < now() - make_interval(secs => $1)
+       or skipped_at < now() - make_interval(secs => $1)
+    limit $2)";
+
+/// Only settled sagas: the domain guarantees nothing more will be sent for them (delivered,
+/// or cancelled with stock released and money refunded), so their state is history.
+const PURGE_SAGAS: &str = "
+delete from saga_states where (saga_name, order_id) in (
+    select saga_name, order_id from saga_states
+    where saga_name = $1 and settled and updated_at < now() - make_interval(secs => $2)
+    limit $3)";
+
+/// Deletes delivered and skipped outbox messages, and the settled states of saga `saga_name`,
+/// last touched more than `retention` ago. Dead letters waiting for an operator, pending
+/// messages and sagas still in flight are never touched.
+pub async fn purge(
+    client: &Client,
+    saga_name: &str,
+    retention: Duration,
+) -> Result<Purged, CommandError> {
+    let secs = retention.as_secs_f64();
+    Ok(Purged {
+        outbox_rows: delete_in_batches(client, PURGE_OUTBOX, &[&secs, &PURGE_BATCH]).await?,
+        saga_states: delete_in_batches(client, PURGE_SAGAS, &[&saga_name, &secs, &PURGE_BATCH])
+            .await?,
+    })
+}
+
+/// Runs `delete` (whose last parameter is [`PURGE_BATCH`]) until it deletes a short batch.
+async fn delete_in_batches(
+    client: &Client,
+    delete: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, CommandError> {
+    let statement = client.prepare(delete).await?;
+    let mut deleted = 0;
+    loop {
+        let n = client.execute(&statement, params).await?;
+        deleted += n;
+        if n < PURGE_BATCH.unsigned_abs() {
+            return Ok(deleted);
+        }
+    }
+}

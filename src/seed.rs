@@ -1,0 +1,474 @@
+//! `orderly seed`: a realistic workload for demos and benchmarks, written through the command
+//! path ([`CommandService`], so the same validation, idempotency and events as the API):
+//! products with stock, orders of 1 to 5 lines from a few hundred customers paying mostly with
+//! `tok_ok` and sometimes `tok_declined`, some cancelled by their customer, and, once the saga
+//! has confirmed them, some shipped and delivered.
+//!
+//! Everything is drawn from one seeded generator, and order idempotency keys derive from the
+//! seed: running again with the same `--seed` places no order twice.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use orderly_command_api::saga::SagaConfig;
+use orderly_command_api::{CommandError, CommandService, PlaceOrder, RegisterProduct};
+use orderly_domain::Rejection;
+use orderly_domain::order::{LineRequest, OrderAggregate, OrderStatus};
+use orderly_domain::streams;
+use orderly_domain::values::{
+    Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Money, OrderId, PaymentToken,
+    PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
+};
+use orderly_event_store::{Position, StreamName};
+use orderly_platform::{Actor, Role};
+use uuid::Uuid;
+
+use crate::settings::Settings;
+use crate::{app, read_side};
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct SeedOptions {
+    pub orders: usize,
+    pub products: usize,
+    pub customers: usize,
+    /// Seeds the generator; the same seed writes the same workload (and places nothing twice).
+    pub seed: u64,
+    /// Commands in flight at once.
+    pub concurrency: usize,
+    /// Share of orders paid with `tok_declined`.
+    pub declined_share: f64,
+    /// Share of orders their customer cancels right after placing them.
+    pub cancel_share: f64,
+    /// Share of confirmed orders shipped, and of shipped orders delivered.
+    pub ship_share: f64,
+    pub deliver_share: f64,
+    /// How long to wait for the saga without seeing any order settle before going on.
+    pub patience: Duration,
+}
+
+impl Default for SeedOptions {
+    fn default() -> Self {
+        Self {
+            orders: 1000,
+            products: 40,
+            customers: 300,
+            seed: 1,
+            concurrency: 16,
+            declined_share: 0.08,
+            cancel_share: 0.1,
+            ship_share: 0.7,
+            deliver_share: 0.6,
+            patience: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeedReport {
+    pub products: usize,
+    pub orders: usize,
+    /// Orders that were already placed by an earlier run with the same seed.
+    pub replayed: usize,
+    pub cancelled_by_customers: usize,
+    /// As the saga left them before shipping.
+    pub confirmed: usize,
+    pub cancelled: usize,
+    /// Neither confirmed nor cancelled when the saga stopped making progress.
+    pub unsettled: usize,
+    pub shipped: usize,
+    pub delivered: usize,
+}
+
+/// Namespace of the request fingerprints of seeded orders (a fixed random UUID).
+const FINGERPRINT_NAMESPACE: Uuid = Uuid::from_u128(0x3c6e_0f4b_9d2a_4b17_8e55_c1a0_7f3d_92b6);
+
+const ADJECTIVES: [&str; 10] = [
+    "Green", "Smoky", "Ceramic", "Linen", "Walnut", "Copper", "Wool", "Glass", "Oak", "Cotton",
+];
+const NOUNS: [&str; 8] = [
+    "tea", "mug", "tray", "scarf", "bowl", "lamp", "notebook", "candle",
+];
+const FIRST_NAMES: [&str; 8] = [
+    "Ada", "Bruno", "Chloé", "Dmitri", "Elif", "Femi", "Greta", "Hugo",
+];
+const STREETS: [&str; 5] = [
+    "Main Street",
+    "Rue de la Paix",
+    "Hauptstraße",
+    "Calle Mayor",
+    "Via Roma",
+];
+/// (city, postal code, country)
+const CITIES: [(&str, &str, &str); 5] = [
+    ("Berlin", "10115", "DE"),
+    ("Lyon", "69001", "FR"),
+    ("Madrid", "28001", "ES"),
+    ("Milano", "20121", "IT"),
+    ("Amsterdam", "1011 AB", "NL"),
+];
+const CARRIERS: [&str; 4] = ["DHL", "UPS", "GLS", "DPD"];
+
+/// Units of a scarce product: a few orders of it are cancelled out of stock, as in a shop.
+const SCARCE_STOCK: u32 = 5;
+
+fn actor(sub: &str, role: Role) -> Actor {
+    Actor {
+        sub: sub.to_owned(),
+        roles: vec![role],
+    }
+}
+
+fn sku(index: usize) -> anyhow::Result<Sku> {
+    Ok(Sku::parse(format!("SEED-{index:04}"))?)
+}
+
+/// One order, drawn before anything is sent so the workload does not depend on timing.
+struct Plan {
+    index: usize,
+    customer: String,
+    lines: Vec<LineRequest>,
+    token: &'static str,
+    address: Address,
+    cancel: bool,
+}
+
+fn plan(rng: &mut fastrand::Rng, index: usize, options: &SeedOptions) -> anyhow::Result<Plan> {
+    let count = rng.usize(1..=5).min(options.products);
+    let mut skus = HashSet::new();
+    let mut lines = Vec::with_capacity(count);
+    while lines.len() < count {
+        // Squaring skews demand towards the first products, as shop sales are.
+        let product =
+            ((rng.f64().powi(2) * options.products as f64) as usize).min(options.products - 1);
+        if !skus.insert(product) {
+            continue;
+        }
+        let quantity = if rng.f64() < 0.7 { 1 } else { rng.u32(2..=4) };
+        lines.push(LineRequest {
+            sku: sku(product)?,
+            quantity: Quantity::new(quantity)?,
+        });
+    }
+    let (city, postal_code, country) = CITIES[rng.usize(..CITIES.len())];
+    let address = Address {
+        name: AddressLine::parse(FIRST_NAMES[rng.usize(..FIRST_NAMES.len())])?,
+        line1: AddressLine::parse(format!(
+            "{} {}",
+            rng.u32(1..200),
+            STREETS[rng.usize(..STREETS.len())]
+        ))?,
+        line2: None,
+        city: AddressLine::parse(city)?,
+        postal_code: PostalCode::parse(postal_code)?,
+        country: CountryCode::parse(country)?,
+    };
+    Ok(Plan {
+        index,
+        customer: format!("customer-{:04}", rng.usize(..options.customers.max(1))),
+        lines,
+        token: if rng.f64() < options.declined_share {
+            "tok_declined"
+        } else {
+            "tok_ok"
+        },
+        address,
+        cancel: rng.f64() < options.cancel_share,
+    })
+}
+
+/// A refusal the workload expects (a product registered by an earlier run, a cancellation
+/// that lost the race to the saga): counted as nothing done, never as a failure.
+fn expected_refusal(error: &CommandError) -> bool {
+    matches!(error, CommandError::Rejected(_))
+}
+
+/// Writes the workload through `service`. The fulfilment saga must run meanwhile (in this
+/// process or another) for orders to be confirmed and then shipped; without it the orders stay
+/// placed and the report says so. `bar` shows each phase.
+pub async fn seed(
+    service: &CommandService,
+    options: &SeedOptions,
+    bar: &ProgressBar,
+) -> anyhow::Result<SeedReport> {
+    if options.products == 0 || options.customers == 0 {
+        bail!("seeding needs at least one product and one customer");
+    }
+    let mut report = SeedReport::default();
+    let mut rng = fastrand::Rng::with_seed(options.seed);
+    let admin = actor("seed-admin", Role::Admin);
+    let warehouse = actor("seed-warehouse", Role::Warehouse);
+    let eur = Currency::parse("EUR")?;
+    // Enough for the most popular product to serve every order, bar the scarce ones.
+    let stock = u32::try_from(options.orders.saturating_mul(2) + 50)
+        .unwrap_or(u32::MAX)
+        .min(1_000_000_000);
+
+    phase(bar, "products", options.products);
+    for index in 0..options.products {
+        let scarce = index + 2 >= options.products && options.products > 4;
+        let command = RegisterProduct {
+            sku: sku(index)?,
+            name: ProductName::parse(format!(
+                "{} {}",
+                ADJECTIVES[index % ADJECTIVES.len()],
+                NOUNS[(index / ADJECTIVES.len() + index) % NOUNS.len()]
+            ))?,
+            description: None,
+            price: Money::new(i64::from(rng.u32(199..=9999)), eur)?,
+            initial_stock: if scarce { SCARCE_STOCK } else { stock },
+        };
+        match service.register_product(Some(&admin), command).await {
+            Ok(_) => report.products += 1,
+            Err(CommandError::Rejected(Rejection::ProductAlreadyRegistered { .. })) => {}
+            Err(error) => return Err(error).context("registering a product"),
+        }
+        bar.inc(1);
+    }
+
+    let plans = (0..options.orders)
+        .map(|index| plan(&mut rng, index, options))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    phase(bar, "orders", plans.len());
+    let placed: Vec<(OrderId, bool, bool)> = futures::stream::iter(plans)
+        .map(|plan| place(service, options.seed, plan, bar))
+        .buffer_unordered(options.concurrency.max(1))
+        .try_collect()
+        .await?;
+    report.orders = placed.len();
+    report.replayed = placed.iter().filter(|(_, replayed, _)| *replayed).count();
+    report.cancelled_by_customers = placed.iter().filter(|(_, _, c)| *c).count();
+
+    let ids: Vec<OrderId> = placed.iter().map(|(id, _, _)| *id).collect();
+    let statuses = settle(service, &ids, options, bar).await?;
+    let confirmed: Vec<OrderId> = statuses
+        .iter()
+        .filter(|(_, status)| *status == OrderStatus::Confirmed)
+        .map(|(id, _)| *id)
+        .collect();
+    report.confirmed = confirmed.len();
+    report.cancelled = statuses
+        .iter()
+        .filter(|(_, status)| *status == OrderStatus::Cancelled)
+        .count();
+    report.unsettled = statuses.len() - report.confirmed - report.cancelled;
+
+    let mut shipments: Vec<(OrderId, &'static str, u32, bool)> = Vec::new();
+    for id in &confirmed {
+        if rng.f64() < options.ship_share {
+            let carrier = CARRIERS[rng.usize(..CARRIERS.len())];
+            shipments.push((*id, carrier, rng.u32(..), rng.f64() < options.deliver_share));
+        }
+    }
+    phase(bar, "shipments", shipments.len());
+    let shipped: Vec<(bool, bool)> = futures::stream::iter(shipments)
+        .map(|(id, carrier, tracking, deliver)| {
+            ship(service, &warehouse, id, carrier, tracking, deliver, bar)
+        })
+        .buffer_unordered(options.concurrency.max(1))
+        .try_collect()
+        .await?;
+    report.shipped = shipped.iter().filter(|(s, _)| *s).count();
+    report.delivered = shipped.iter().filter(|(_, d)| *d).count();
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+fn phase(bar: &ProgressBar, name: &'static str, length: usize) {
+    bar.set_prefix(name);
+    bar.set_length(length as u64);
+    bar.set_position(0);
+}
+
+/// Places one order as its customer, and cancels it when the plan says so; (id, replayed,
+/// cancelled by the customer).
+async fn place(
+    service: &CommandService,
+    seed: u64,
+    plan: Plan,
+    bar: &ProgressBar,
+) -> anyhow::Result<(OrderId, bool, bool)> {
+    let customer = actor(&plan.customer, Role::Customer);
+    let key = format!("seed-{seed:x}-{}", plan.index);
+    let command = PlaceOrder {
+        fingerprint: Uuid::new_v5(&FINGERPRINT_NAMESPACE, key.as_bytes()),
+        idempotency_key: Some(key),
+        customer_id: Some(CustomerId::parse(plan.customer.clone())?),
+        lines: plan.lines,
+        payment_token: PaymentToken::parse(plan.token)?,
+        shipping_address: plan.address,
+    };
+    let placed = service
+        .place_order(Some(&customer), command)
+        .await
+        .context("placing an order")?;
+    let id = OrderId(placed.id.parse().context("an order id")?);
+    let mut cancelled = false;
+    if plan.cancel {
+        let reason = Reason::parse("changed my mind")?;
+        match service
+            .cancel_order(Some(&customer), id, reason, None)
+            .await
+        {
+            Ok(result) => cancelled = !result.events.is_empty(),
+            Err(error) if expected_refusal(&error) => {}
+            Err(error) => return Err(error).context("cancelling an order"),
+        }
+    }
+    bar.inc(1);
+    Ok((id, placed.replayed, cancelled))
+}
+
+/// Waits until every order is confirmed or cancelled (or further along, after an earlier run),
+/// or until no order has settled for `options.patience`; the status of each.
+async fn settle(
+    service: &CommandService,
+    ids: &[OrderId],
+    options: &SeedOptions,
+    bar: &ProgressBar,
+) -> anyhow::Result<Vec<(OrderId, OrderStatus)>> {
+    phase(bar, "saga", ids.len());
+    let mut statuses: Vec<(OrderId, OrderStatus)> =
+        ids.iter().map(|id| (*id, OrderStatus::Placed)).collect();
+    let mut progress_at = Instant::now();
+    loop {
+        let open: Vec<usize> = (0..statuses.len())
+            .filter(|&i| !settled(statuses[i].1))
+            .collect();
+        let loaded: Vec<(usize, OrderStatus)> = futures::stream::iter(open.iter().copied())
+            .map(|i| async move { Ok::<_, anyhow::Error>((i, status(service, ids[i]).await?)) })
+            .buffer_unordered(options.concurrency.max(1))
+            .try_collect()
+            .await?;
+        let mut newly: usize = 0;
+        for (i, status) in loaded {
+            if settled(status) {
+                newly += 1;
+            }
+            statuses[i].1 = status;
+        }
+        bar.inc(newly as u64);
+        if newly > 0 {
+            progress_at = Instant::now();
+        }
+        if newly == open.len() {
+            return Ok(statuses);
+        }
+        if progress_at.elapsed() >= options.patience {
+            tracing::warn!(
+                unsettled = open.len() - newly,
+                "orders not settled by the saga in time; is a saga runner running?"
+            );
+            return Ok(statuses);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn settled(status: OrderStatus) -> bool {
+    !matches!(
+        status,
+        OrderStatus::Placed | OrderStatus::StockReserved | OrderStatus::Paid
+    )
+}
+
+async fn status(service: &CommandService, id: OrderId) -> anyhow::Result<OrderStatus> {
+    let stream = StreamName::parse(streams::order(id))?;
+    let loaded = service.handler().load::<OrderAggregate>(&stream).await?;
+    Ok(loaded
+        .state
+        .map_or(OrderStatus::Placed, |order| order.status))
+}
+
+/// Ships one confirmed order and, when `deliver`, marks it delivered; (shipped, delivered).
+async fn ship(
+    service: &CommandService,
+    warehouse: &Actor,
+    id: OrderId,
+    carrier: &str,
+    tracking: u32,
+    deliver: bool,
+    bar: &ProgressBar,
+) -> anyhow::Result<(bool, bool)> {
+    let shipped = match service
+        .ship_order(
+            Some(warehouse),
+            id,
+            Carrier::parse(carrier)?,
+            TrackingNumber::parse(format!("{carrier}{tracking:010}"))?,
+            None,
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(error) if expected_refusal(&error) => false,
+        Err(error) => return Err(error).context("shipping an order"),
+    };
+    let mut delivered = false;
+    if shipped && deliver {
+        service
+            .mark_delivered(Some(warehouse), id, None)
+            .await
+            .context("marking an order delivered")?;
+        delivered = true;
+    }
+    bar.inc(1);
+    Ok((shipped, delivered))
+}
+
+/// Waits until the saga named `saga_name` has handled the log up to `head` (so the stock
+/// shipments that follow the seeded shipments are in), or `patience` has passed.
+pub async fn wait_for_saga(
+    client: &tokio_postgres::Client,
+    saga_name: &str,
+    head: Position,
+    patience: Duration,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    loop {
+        let at = orderly_command_api::saga::maintenance::checkpoint(client, saga_name).await?;
+        if at >= head {
+            return Ok(true);
+        }
+        if started.elapsed() >= patience {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `orderly seed`: the workload through a command service of its own, with a saga runner in
+/// this process so orders get confirmed even when no `orderly serve` runs (when one does, its
+/// runner leads and this one stands by; either way the orders are driven).
+pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<SeedReport> {
+    let store = app::event_store(settings)?;
+    let service = app::command_service(settings, store.clone())?;
+    let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(saga.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len}, {per_sec}, ETA {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let seeded = seed(&service, options, &bar).await;
+    if seeded.is_ok() {
+        // The saga follows the shipments with stock movements; let it finish them.
+        let head = store.head().await?;
+        let client = read_side::connect(&app::pg_config(settings)?).await?;
+        let name = SagaConfig::default().name;
+        if !wait_for_saga(&client, &name, head, options.patience).await? {
+            tracing::warn!("the saga has not caught up with the seeded events yet");
+        }
+    }
+    let _ = stop.send(());
+    runner.await.context("saga runner task")??;
+    seeded
+}

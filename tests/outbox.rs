@@ -1,0 +1,401 @@
+//! The outbox's notifications end to end: a failing transport is retried, dead-lettered, put
+//! back in line from the CLI and delivered; SMTP delivery through a local SMTP listener; and
+//! the retention purge, which removes only settled and old rows.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use orderly::settings::Settings;
+use orderly_command_api::CommandError;
+use orderly_command_api::saga::maintenance::{self, OutboxState};
+use orderly_command_api::saga::{Notice, Notifier, SagaConfig, SagaRunner, Simulator};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// Fails every delivery while `failing` is set; records what it delivered.
+#[derive(Default)]
+struct Flaky {
+    failing: AtomicBool,
+    calls: AtomicU32,
+    delivered: Mutex<Vec<Notice>>,
+}
+
+#[async_trait]
+impl Notifier for Flaky {
+    async fn send(&self, notice: &Notice) -> Result<(), CommandError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(CommandError::Delivery("mail server says no".into()));
+        }
+        self.delivered.lock().unwrap().push(notice.clone());
+        Ok(())
+    }
+}
+
+fn spawn(runner: SagaRunner) {
+    tokio::spawn(async move {
+        runner
+            .run_until_stopped(std::future::pending())
+            .await
+            .unwrap();
+    });
+}
+
+fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
+    let store = orderly::app::event_store(settings).unwrap();
+    let pg_config = orderly::app::pg_config(settings).unwrap();
+    let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
+    SagaRunner::new(
+        config,
+        store,
+        pool,
+        pg_config,
+        Arc::new(Simulator::default()),
+    )
+}
+
+#[tokio::test]
+async fn a_failing_notification_is_retried_dead_lettered_and_delivered_after_a_cli_retry() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let flaky = Arc::new(Flaky::default());
+    flaky.failing.store(true, Ordering::SeqCst);
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        outbox_max_attempts: 3,
+        ..SagaConfig::default()
+    };
+    spawn(runner(&settings, config).with_notifier(flaky.clone()));
+    let order_id = place_one(&api, "alice", "TEA").await;
+
+    let dead = "select count(*) from outbox where kind = 'notification' and attempts = 3
+                and dead_lettered_at is not null and delivered_at is null";
+    eventually(&db, dead, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        flaky.calls.load(Ordering::SeqCst),
+        3,
+        "tried outbox_max_attempts times, then no more"
+    );
+    let pg_config = orderly::app::pg_config(&settings).unwrap();
+    let client = db.connect().await.unwrap();
+    let listed = maintenance::list(&client, false).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let letter = &listed[0];
+    assert_eq!(
+        (letter.kind.as_str(), letter.state),
+        ("notification", OutboxState::DeadLettered)
+    );
+    assert_eq!(letter.order_id.to_string(), order_id);
+    assert!(
+        letter
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("mail server says no")),
+        "{letter:?}"
+    );
+    // Still dead after a while: nothing retries it behind the operator's back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
+
+    flaky.failing.store(false, Ordering::SeqCst);
+    orderly::command_side::retry_outbox(&pg_config, letter.outbox_id)
+        .await
+        .unwrap();
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and delivered_at is not null
+         and dead_lettered_at is null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let delivered = flaky.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].template, "order-confirmed");
+    assert_eq!(delivered[0].customer_id, "alice");
+    assert_eq!(delivered[0].order_id.to_string(), order_id);
+    assert!(maintenance::list(&client, false).await.unwrap().is_empty());
+    // A message that is not dead-lettered cannot be retried or skipped.
+    for error in [
+        orderly::command_side::retry_outbox(&pg_config, letter.outbox_id).await,
+        orderly::command_side::skip_outbox(&pg_config, uuid::Uuid::now_v7()).await,
+    ] {
+        let error = error.unwrap_err().to_string();
+        assert!(error.contains("not found"), "{error}");
+    }
+}
+
+/// A minimal SMTP server: accepts every command, and sends each message's DATA to `mails`.
+async fn smtp_listener() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (mails, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mails = mails.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 test ESMTP\r\n").await.unwrap();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.to_ascii_uppercase();
+                    let reply: &[u8] = if verb.starts_with("DATA") {
+                        write.write_all(b"354 go ahead\r\n").await.unwrap();
+                        let mut data = String::new();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            if line == "." {
+                                break;
+                            }
+                            data.push_str(&line);
+                            data.push('\n');
+                        }
+                        mails.send(data).unwrap();
+                        b"250 queued\r\n"
+                    } else if verb.starts_with("QUIT") {
+                        write.write_all(b"221 bye\r\n").await.unwrap();
+                        return;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    write.write_all(reply).await.unwrap();
+                }
+            });
+        }
+    });
+    (port, received)
+}
+
+async fn next_mail(mails: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(30), mails.recv())
+        .await
+        .expect("a mail within 30 s")
+        .unwrap()
+}
+
+/// Plain SMTP (no TLS, no authentication) to a listener in this process, wired from the
+/// settings the way `orderly serve` wires it.
+#[tokio::test]
+async fn with_an_smtp_url_confirmations_and_cancellations_are_mailed_to_the_customer() {
+    let db = migrated_database().await;
+    let (port, mut mails) = smtp_listener().await;
+    let settings = Settings {
+        smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+        smtp_from: "Shop <orders@shop.test>".into(),
+        smtp_recipient: "{customer_id}@customers.shop.test".into(),
+        saga_tick_ms: 50,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = orderly::app::payment_gateway(&settings).unwrap();
+    spawn(orderly::app::saga_runner(&settings, gateway).unwrap());
+    let order_id = place_one(&api, "alice", "TEA").await;
+
+    let confirmed = next_mail(&mut mails).await;
+    assert!(
+        confirmed.contains("To: alice@customers.shop.test"),
+        "{confirmed}"
+    );
+    assert!(confirmed.contains("From: Shop <orders@shop.test>"));
+    assert!(confirmed.contains(&format!("Your order {order_id} is confirmed")));
+
+    let cancelled = api
+        .gql(
+            Some(&customer("alice")),
+            CANCEL,
+            json!({ "id": order_id, "reason": "changed my mind" }),
+        )
+        .await;
+    cancelled.data("cancelOrder");
+    let mail = next_mail(&mut mails).await;
+    assert!(mail.contains("To: alice@customers.shop.test"), "{mail}");
+    assert!(mail.contains("was cancelled"), "{mail}");
+    assert!(mail.contains("Reason: changed my mind"), "{mail}");
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and delivered_at is not null",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_runner_purges_only_settled_and_old_rows() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let client = db.connect().await.unwrap();
+    // (name, delivered, dead-lettered, skipped), ages in days; None: not set.
+    let outbox = [
+        ("delivered-old", Some(8), None, None),
+        ("delivered-new", Some(1), None, None),
+        ("pending-old", None, None, None),
+        ("dead-old", None, Some(30), None),
+        ("skipped-old", None, Some(30), Some(8)),
+        ("skipped-new", None, Some(30), Some(1)),
+    ];
+    for (name, delivered, dead, skipped) in outbox {
+        let ago = |days: Option<i32>| days.map(|d| format!("now() - interval '{d} days'"));
+        let sql = format!(
+            "insert into outbox (outbox_id, order_id, kind, payload, created_at, delivered_at,
+                                 dead_lettered_at, skipped_at, next_attempt_at)
+             values (gen_random_uuid(), gen_random_uuid(), '{name}', '{{}}',
+                     now() - interval '40 days', {}, {}, {}, now() + interval '1 day')",
+            ago(delivered).unwrap_or("null".into()),
+            ago(dead).unwrap_or("null".into()),
+            ago(skipped).unwrap_or("null".into()),
+        );
+        client.execute(&sql, &[]).await.unwrap();
+    }
+    // (saga, settled, age in days)
+    let sagas = [
+        ("fulfilment", true, 8),
+        ("fulfilment", true, 1),
+        ("fulfilment", false, 30),
+        ("other", true, 30),
+    ];
+    for (saga, settled, days) in sagas {
+        client
+            .execute(
+                &format!(
+                    "insert into saga_states (saga_name, order_id, state, correlation_id,
+                                              settled, updated_at)
+                     values ($1, gen_random_uuid(), '{{}}', gen_random_uuid(), $2,
+                             now() - interval '{days} days')"
+                ),
+                &[&saga, &settled],
+            )
+            .await
+            .unwrap();
+    }
+    let config = SagaConfig {
+        retention: Some(Duration::from_secs(7 * 24 * 3600)),
+        purge_every: Duration::from_millis(100),
+        ..SagaConfig::default()
+    };
+    spawn(runner(&settings, config));
+    eventually(
+        &db,
+        "select count(*) from outbox",
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    let kept: Vec<String> = client
+        .query("select kind from outbox order by kind", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        kept,
+        ["dead-old", "delivered-new", "pending-old", "skipped-new"]
+    );
+    eventually(
+        &db,
+        "select count(*) from saga_states",
+        3,
+        Duration::from_secs(10),
+    )
+    .await;
+    let kept: Vec<(String, bool)> = client
+        .query(
+            "select saga_name, settled from saga_states order by saga_name, settled",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("fulfilment".to_owned(), false),
+            ("fulfilment".to_owned(), true),
+            ("other".to_owned(), true)
+        ],
+        "the recent settled saga, the unsettled one and another saga's stay"
+    );
+    let recent: i64 = client
+        .query_one(
+            "select count(*) from saga_states where settled and saga_name = 'fulfilment'
+             and updated_at > now() - interval '2 days'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recent, 1);
+
+    // Skipping moves a dead letter out of the default list; the purge then counts from the skip.
+    let dead: uuid::Uuid = client
+        .query_one("select outbox_id from outbox where kind = 'dead-old'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pg_config = orderly::app::pg_config(&settings).unwrap();
+    orderly::command_side::skip_outbox(&pg_config, dead)
+        .await
+        .unwrap();
+    assert!(maintenance::list(&client, false).await.unwrap().is_empty());
+    let all = maintenance::list(&client, true).await.unwrap();
+    let states: Vec<_> = all.iter().map(|e| (e.kind.as_str(), e.state)).collect();
+    assert_eq!(
+        states,
+        [
+            ("pending-old", OutboxState::Pending),
+            ("dead-old", OutboxState::Skipped),
+            ("skipped-new", OutboxState::Skipped)
+        ]
+    );
+}
+
+/// An SMTP server that cannot be reached fails the delivery, which is retried and then
+/// dead-lettered with the transport's error.
+#[tokio::test]
+async fn an_unreachable_smtp_server_dead_letters_the_notification_with_its_error() {
+    let db = migrated_database().await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let settings = Settings {
+        smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+        smtp_recipient: "{customer_id}@customers.shop.test".into(),
+        saga_tick_ms: 50,
+        outbox_max_attempts: 2,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = orderly::app::payment_gateway(&settings).unwrap();
+    spawn(orderly::app::saga_runner(&settings, gateway).unwrap());
+    place_one(&api, "alice", "TEA").await;
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and attempts = 2
+         and dead_lettered_at is not null and last_error like '%SMTP%'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The payment went through all the same: only the notice is parked.
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from outbox where kind = 'charge' and delivered_at is not null"
+        )
+        .await,
+        1
+    );
+}
