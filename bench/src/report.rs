@@ -1,6 +1,7 @@
 //! Latency recording and the Markdown the runs print.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::task::JoinHandle;
@@ -48,6 +49,43 @@ impl Outcome {
 
 pub const HEADER: &str =
     "| scenario | writers | ops/s | events/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|";
+
+/// Runs `clients` tasks that each await `request(client, i)` back to back (`i` counts that
+/// task's calls), for a warm-up of a fifth of `seconds`, then `seconds`; returns how many calls
+/// started after the warm-up and ended inside the window, and their latencies. A failed call
+/// ends the run: a benchmark of errors measures nothing.
+pub async fn closed_loop<F, Fut>(
+    clients: usize,
+    seconds: u64,
+    request: F,
+) -> anyhow::Result<(u64, Histogram<u64>)>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let window_start = Instant::now() + Duration::from_secs(seconds) / 5;
+    let end = window_start + Duration::from_secs(seconds);
+    let tasks = (0..clients).map(|client| {
+        let request = request.clone();
+        tokio::spawn(async move {
+            let mut histogram = histogram();
+            let mut operations = 0u64;
+            for i in 0u64.. {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                request(client, i).await?;
+                if began >= window_start && Instant::now() <= end {
+                    histogram.saturating_record(began.elapsed().as_micros() as u64);
+                    operations += 1;
+                }
+            }
+            anyhow::Ok((operations, histogram))
+        })
+    });
+    gather(tasks).await
+}
 
 /// Waits for every worker and adds up their operation counts and latency histograms.
 pub async fn gather(
