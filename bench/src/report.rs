@@ -45,10 +45,25 @@ impl Outcome {
             self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
         )
     }
+
+    /// The row for [`REQUEST_HEADER`]: one operation is one request.
+    pub fn request_row(&self) -> String {
+        format!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} |",
+            self.name,
+            self.writers,
+            self.operations as f64 / self.elapsed.as_secs_f64(),
+            self.latency_us.value_at_quantile(0.50) as f64 / 1000.0,
+            self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+        )
+    }
 }
 
 pub const HEADER: &str =
     "| scenario | writers | ops/s | events/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|";
+
+pub const REQUEST_HEADER: &str =
+    "| scenario | connections | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|";
 
 /// Runs `clients` tasks that each await `request(client, i)` back to back (`i` counts that
 /// task's calls), for a warm-up of a fifth of `seconds`, then `seconds`; returns how many calls
@@ -143,6 +158,24 @@ pub async fn read_side_database(key: &str) -> anyhow::Result<orderly_test_suppor
             orderly_projections::migrate_with_event_store(&url.parse()?)
                 .await
                 .map_err(Into::into)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create the benchmark database: {e}"))
+}
+
+/// A fresh database with every migration `orderly migrate` applies: log, read models and the
+/// command side's idempotency keys, for programs that serve the whole application.
+pub async fn service_database(key: &str) -> anyhow::Result<orderly_test_support::TestDb> {
+    orderly_test_support::TestDb::create(
+        key,
+        &orderly::app::migration_fingerprint(),
+        |url| async move {
+            let settings = orderly::settings::Settings {
+                database_url: url,
+                ..Default::default()
+            };
+            orderly::app::migrate(&settings).await.map_err(Into::into)
         },
     )
     .await
