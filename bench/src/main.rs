@@ -12,12 +12,16 @@
 //!   COPY of the event table out and a set-based INSERT ... SELECT of the same rows.
 //! - `place_order`: placeOrder through GraphQL over HTTP (the command API served in-process)
 //!   at several client counts, next to the single-event append rate of the same run.
+//! - `read`: `order(id)` and a 20-order page through GraphQL over HTTP at 64 connections, next
+//!   to a bare axum + tokio-postgres handler sending the same SQL; and the visibility lag from
+//!   an acknowledged placeOrder to the STRICT query that sees it.
 //!
 //! Each run works in a database of its own, created from a migrated template and dropped after.
 
 mod append;
 mod lag;
 mod place_order;
+mod read;
 mod rebuild;
 mod report;
 
@@ -44,6 +48,9 @@ enum Command {
     /// placeOrder through GraphQL over HTTP at several client counts, next to the
     /// single-event append rate in the same run.
     PlaceOrder(place_order::Args),
+    /// order(id) and a 20-order page through GraphQL next to a bare handler running the same
+    /// SQL, then the lag from placeOrder's acknowledgement to a query that sees the order.
+    Read(read::Args),
 }
 
 #[tokio::main]
@@ -53,5 +60,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Rebuild(args) => rebuild::run(args).await,
         Command::Lag(args) => lag::run(args).await,
         Command::PlaceOrder(args) => place_order::run(args).await,
+        Command::Read(args) => read::run(args).await,
     }
 }

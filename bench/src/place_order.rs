@@ -11,7 +11,7 @@
 //! (at most 64 writers, one connection each, for the server's connection limit).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use orderly_command_api::{CommandService, IdempotencyKeys, RegisterProduct};
@@ -36,7 +36,7 @@ pub struct Args {
     clients: Vec<usize>,
 }
 
-const PRODUCTS: usize = 100;
+pub(crate) const PRODUCTS: usize = 100;
 
 /// Most connections the append yardstick opens.
 const MAX_WRITERS: usize = 64;
@@ -45,9 +45,9 @@ const MAX_WRITERS: usize = 64;
 /// well below the server's limit whatever the client count.
 const STORE_CONNECTIONS: usize = 40;
 const KEY_CONNECTIONS: usize = 20;
-const SECRET: &str = "bench-secret";
+pub(crate) const SECRET: &str = "bench-secret";
 
-const PLACE: &str =
+pub(crate) const PLACE: &str =
     "mutation($input: PlaceOrderInput!) { placeOrder(input: $input) { id version token } }";
 
 fn fingerprint() -> String {
@@ -148,7 +148,7 @@ async fn serve(
     Ok((base, service, server))
 }
 
-async fn register_products(service: &CommandService) -> anyhow::Result<()> {
+pub(crate) async fn register_products(service: &CommandService) -> anyhow::Result<()> {
     let admin = Actor {
         sub: "bench-admin".into(),
         roles: vec![Role::Admin],
@@ -170,68 +170,63 @@ async fn register_products(service: &CommandService) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The token issuer of the served APIs' test secret, for callers of any role.
+pub(crate) fn issuer() -> anyhow::Result<TokenIssuer> {
+    Ok(TokenIssuer::new(&JwtConfig {
+        secret: Some(SECRET.into()),
+        ..Default::default()
+    })?)
+}
+
+/// placeOrder's variables: one of product `a` and two of product `b` (of the [`PRODUCTS`]
+/// that [`register_products`] registers), a fresh idempotency key.
+pub(crate) fn place_variables(a: usize, b: usize) -> serde_json::Value {
+    json!({ "input": {
+        "idempotencyKey": uuid::Uuid::new_v4().to_string(),
+        "lines": [ { "sku": format!("SKU-{a:05}"), "quantity": 1 },
+                   { "sku": format!("SKU-{b:05}"), "quantity": 2 } ],
+        "paymentToken": "tok_ok",
+        "shippingAddress": { "name": "A. Customer", "line1": "1 Long Road",
+            "city": "Lyon", "postalCode": "69001", "country": "FR" } } })
+}
+
+/// Two different products at random.
+pub(crate) fn two_products() -> (usize, usize) {
+    let a = fastrand::usize(..PRODUCTS);
+    (a, (a + 1 + fastrand::usize(..PRODUCTS - 1)) % PRODUCTS)
+}
+
 async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Result<Outcome> {
     let (base, service, server) = serve(db, clients).await?;
     register_products(&service).await?;
-    let issuer = TokenIssuer::new(&JwtConfig {
-        secret: Some(SECRET.into()),
-        ..Default::default()
-    })?;
+    let issuer = issuer()?;
+    let tokens = (0..clients)
+        .map(|client| {
+            issuer.issue(
+                &format!("bench-customer-{client}"),
+                &[Role::Customer],
+                Duration::from_secs(3600),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tokens = Arc::new(tokens);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
-    let start = Instant::now();
-    let window_start = start + Duration::from_secs(seconds) / 5;
-    let end = window_start + Duration::from_secs(seconds);
     let url = format!("{base}/graphql");
-    let tasks = (0..clients).map(|client| {
-        let token = issuer.issue(
-            &format!("bench-customer-{client}"),
-            &[Role::Customer],
-            Duration::from_secs(3600),
-        );
-        let http = http.clone();
-        let url = url.clone();
-        tokio::spawn(async move {
-            let token = token?;
-            let mut histogram = report::histogram();
-            let mut operations = 0u64;
-            let mut n = client;
-            loop {
-                let began = Instant::now();
-                if began >= end {
-                    break;
-                }
-                n = n.wrapping_mul(31).wrapping_add(7);
-                let (a, b) = (n % PRODUCTS, (n / PRODUCTS + 1 + n) % PRODUCTS);
-                let b = if a == b { (b + 1) % PRODUCTS } else { b };
-                let body = json!({ "query": PLACE, "variables": { "input": {
-                    "idempotencyKey": uuid::Uuid::new_v4().to_string(),
-                    "lines": [ { "sku": format!("SKU-{a:05}"), "quantity": 1 },
-                               { "sku": format!("SKU-{b:05}"), "quantity": 2 } ],
-                    "paymentToken": "tok_ok",
-                    "shippingAddress": { "name": "A. Customer", "line1": "1 Long Road",
-                        "city": "Lyon", "postalCode": "69001", "country": "FR" } } } });
-                let answer: serde_json::Value = http
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                if answer.get("errors").is_some() {
-                    anyhow::bail!("placeOrder failed: {answer}");
-                }
-                if began >= window_start && Instant::now() <= end {
-                    histogram.saturating_record(began.elapsed().as_micros() as u64);
-                    operations += 1;
-                }
+    let (operations, latency_us) = report::closed_loop(clients, seconds, move |client, _| {
+        let (a, b) = two_products();
+        let body = json!({ "query": PLACE, "variables": place_variables(a, b) });
+        let request = http.post(&url).bearer_auth(&tokens[client]).json(&body);
+        async move {
+            let answer: serde_json::Value = request.send().await?.json().await?;
+            if answer.get("errors").is_some() {
+                anyhow::bail!("placeOrder failed: {answer}");
             }
-            anyhow::Ok((operations, histogram))
-        })
-    });
-    let (operations, latency_us) = report::gather(tasks).await?;
+            Ok(())
+        }
+    })
+    .await?;
     server.abort();
     drop(service);
     Ok(Outcome {

@@ -60,7 +60,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("- server: {version}");
 
     let started = Instant::now();
-    let written = write_events(&client, args.events).await?;
+    let options = WorkloadOptions {
+        seed: 42,
+        products: 2000,
+        customers: 20_000,
+        open_orders: 2000,
+        prefix: String::new(),
+    };
+    let written = write_events(&client, args.events, options).await?;
     client.batch_execute("vacuum analyze events").await?;
     let bytes: i64 = client
         .query_one("select pg_total_relation_size('events')", &[])
@@ -185,15 +192,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Writes `n` events of a seeded workload; returns how many were written (whole decisions).
-async fn write_events(client: &tokio_postgres::Client, n: usize) -> anyhow::Result<usize> {
+pub(crate) async fn write_events(
+    client: &tokio_postgres::Client,
+    n: usize,
+    options: WorkloadOptions,
+) -> anyhow::Result<usize> {
     let statement = client.prepare(INSERT).await?;
-    let mut workload = Workload::new(WorkloadOptions {
-        seed: 42,
-        products: 2000,
-        customers: 20_000,
-        open_orders: 2000,
-        prefix: String::new(),
-    });
+    let mut workload = Workload::new(options);
     let mut written = 0;
     while written < n {
         let (mut ids, mut streams, mut versions, mut types, mut data, mut meta) = (

@@ -1,6 +1,7 @@
 //! Latency recording and the Markdown the runs print.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::task::JoinHandle;
@@ -44,10 +45,62 @@ impl Outcome {
             self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
         )
     }
+
+    /// The row for [`REQUEST_HEADER`]: one operation is one request.
+    pub fn request_row(&self) -> String {
+        format!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} |",
+            self.name,
+            self.writers,
+            self.operations as f64 / self.elapsed.as_secs_f64(),
+            self.latency_us.value_at_quantile(0.50) as f64 / 1000.0,
+            self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+        )
+    }
 }
 
 pub const HEADER: &str =
     "| scenario | writers | ops/s | events/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|";
+
+pub const REQUEST_HEADER: &str =
+    "| scenario | connections | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|";
+
+/// Runs `clients` tasks that each await `request(client, i)` back to back (`i` counts that
+/// task's calls), for a warm-up of a fifth of `seconds`, then `seconds`; returns how many calls
+/// started after the warm-up and ended inside the window, and their latencies. A failed call
+/// ends the run: a benchmark of errors measures nothing.
+pub async fn closed_loop<F, Fut>(
+    clients: usize,
+    seconds: u64,
+    request: F,
+) -> anyhow::Result<(u64, Histogram<u64>)>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let window_start = Instant::now() + Duration::from_secs(seconds) / 5;
+    let end = window_start + Duration::from_secs(seconds);
+    let tasks = (0..clients).map(|client| {
+        let request = request.clone();
+        tokio::spawn(async move {
+            let mut histogram = histogram();
+            let mut operations = 0u64;
+            for i in 0u64.. {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                request(client, i).await?;
+                if began >= window_start && Instant::now() <= end {
+                    histogram.saturating_record(began.elapsed().as_micros() as u64);
+                    operations += 1;
+                }
+            }
+            anyhow::Ok((operations, histogram))
+        })
+    });
+    gather(tasks).await
+}
 
 /// Waits for every worker and adds up their operation counts and latency histograms.
 pub async fn gather(
@@ -105,6 +158,24 @@ pub async fn read_side_database(key: &str) -> anyhow::Result<orderly_test_suppor
             orderly_projections::migrate_with_event_store(&url.parse()?)
                 .await
                 .map_err(Into::into)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create the benchmark database: {e}"))
+}
+
+/// A fresh database with every migration `orderly migrate` applies: log, read models and the
+/// command side's idempotency keys, for programs that serve the whole application.
+pub async fn service_database(key: &str) -> anyhow::Result<orderly_test_support::TestDb> {
+    orderly_test_support::TestDb::create(
+        key,
+        &orderly::app::migration_fingerprint(),
+        |url| async move {
+            let settings = orderly::settings::Settings {
+                database_url: url,
+                ..Default::default()
+            };
+            orderly::app::migrate(&settings).await.map_err(Into::into)
         },
     )
     .await
