@@ -117,14 +117,18 @@ pub async fn read_point(
 
 /// How far behind the log a position is, in milliseconds: the age of the oldest event after it
 /// (0 when nothing is after it). The log's head is sampled at most once per `max_age` for all
-/// requests together, so answering this costs no statement on most requests.
+/// requests together, by whichever request finds the sample old first; the others go on with
+/// the sample they have instead of queueing behind it, so answering this costs no statement and
+/// no wait on most requests.
 pub struct LagGauge {
     store: Arc<dyn EventStore>,
     max_age: Duration,
-    sample: tokio::sync::Mutex<Sample>,
+    sample: Mutex<Sample>,
+    /// Held by the one request refreshing the sample.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Sample {
     taken: Option<Instant>,
     head: Position,
@@ -138,25 +142,45 @@ impl LagGauge {
         Self {
             store,
             max_age,
-            sample: tokio::sync::Mutex::default(),
+            sample: Mutex::default(),
+            refreshing: tokio::sync::Mutex::default(),
         }
     }
 
+    fn current(&self) -> Sample {
+        *self.sample.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store_sample(&self, sample: Sample) {
+        *self.sample.lock().unwrap_or_else(|p| p.into_inner()) = sample;
+    }
+
     pub async fn lag_ms(&self, applied: Position) -> i64 {
-        // One lock for the whole computation: concurrent requests wait for one sample instead
-        // of each sending their own.
-        let mut sample = self.sample.lock().await;
-        if sample.taken.is_none_or(|t| t.elapsed() > self.max_age) {
-            match self.store.head().await {
-                Ok(head) => {
-                    *sample = Sample {
-                        taken: Some(Instant::now()),
-                        head,
-                        oldest: None,
-                    };
+        let mut sample = self.current();
+        let old = sample.taken.is_none_or(|t| t.elapsed() > self.max_age);
+        // The very first request waits for a sample; later ones only if nobody is taking one.
+        let refresh = if sample.taken.is_none() {
+            Some(self.refreshing.lock().await)
+        } else if old {
+            self.refreshing.try_lock().ok()
+        } else {
+            None
+        };
+        if let Some(_refreshing) = refresh {
+            sample = self.current();
+            if sample.taken.is_none_or(|t| t.elapsed() > self.max_age) {
+                match self.store.head().await {
+                    Ok(head) => {
+                        sample = Sample {
+                            taken: Some(Instant::now()),
+                            head,
+                            oldest: None,
+                        };
+                        self.store_sample(sample);
+                    }
+                    // The last sample (or "caught up" before any) stands until the store answers.
+                    Err(error) => tracing::debug!(%error, "cannot sample the log's head"),
                 }
-                // The last sample (or "caught up" before any) stands until the store answers.
-                Err(error) => tracing::debug!(%error, "cannot sample the log's head"),
             }
         }
         if applied >= sample.head {
@@ -167,7 +191,11 @@ impl LagGauge {
             _ => match self.store.read_all(applied, &EventFilter::All, 1).await {
                 Ok(events) => match events.first() {
                     Some(event) => {
-                        sample.oldest = Some((applied, event.recorded_at));
+                        let mut latest = self.current();
+                        if latest.taken == sample.taken {
+                            latest.oldest = Some((applied, event.recorded_at));
+                            self.store_sample(latest);
+                        }
                         event.recorded_at
                     }
                     None => return 0,
@@ -277,5 +305,44 @@ impl Extension for ConsistencyReport {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use orderly_event_store::memory::MemoryEventStore;
+    use orderly_event_store::{ExpectedVersion, NewEvent, StreamName};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn lag_is_the_age_of_the_oldest_unapplied_event_and_zero_when_caught_up() {
+        let store = Arc::new(MemoryEventStore::new());
+        let gauge = LagGauge::new(store.clone(), Duration::ZERO);
+        assert_eq!(gauge.lag_ms(Position::START).await, 0, "an empty log");
+        let stream = StreamName::parse("order-1").unwrap();
+        let first = store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Placed", json!({}))],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let second = store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::new("Paid", json!({}))],
+            )
+            .await
+            .unwrap();
+        // Behind both events: as old as the first; behind only the second: younger than that.
+        let behind_both = gauge.lag_ms(Position::START).await;
+        assert!(behind_both >= 60, "{behind_both}");
+        let behind_one = gauge.lag_ms(first.position).await;
+        assert!(behind_one < behind_both, "{behind_one} vs {behind_both}");
+        assert_eq!(gauge.lag_ms(second.position).await, 0);
     }
 }
