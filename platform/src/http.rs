@@ -3,11 +3,15 @@
 //! carry a contract code. Bad input of any kind (malformed JSON, wrong types, unknown fields,
 //! oversize bodies) is answered with BAD_USER_INPUT, never a 5xx.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_graphql::http::GraphiQLSource;
+use async_graphql::parser::types::{
+    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+};
 use async_graphql::{Executor, Response as GqlResponse, ServerError};
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -18,6 +22,7 @@ use serde_json::json;
 
 use crate::auth::{Actor, Authenticator};
 use crate::errors::ErrorCode;
+use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
 use crate::rate_limit::RateLimiter;
 
 /// Limits applied to every GraphQL request before and while it runs.
@@ -93,7 +98,32 @@ async fn schema_sdl<E: Executor>(State(gate): State<Arc<Gate<E>>>) -> impl IntoR
     )
 }
 
+/// What `orderly_http_request_duration_seconds` says of one request. A request refused before
+/// its document is read (unauthenticated, rate limited, oversize, not JSON) is `invalid`.
+struct Seen {
+    operation: String,
+    kind: OperationKind,
+    outcome: RequestOutcome,
+}
+
 async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request) -> Response {
+    let started = Instant::now();
+    let mut seen = Seen {
+        operation: "invalid".to_owned(),
+        kind: OperationKind::Query,
+        outcome: RequestOutcome::Rejected,
+    };
+    let response = run(&gate, request, &mut seen).await;
+    let outcome = if response.status().is_server_error() {
+        RequestOutcome::Error
+    } else {
+        seen.outcome
+    };
+    record_graphql_request(&seen.operation, seen.kind, outcome, started.elapsed());
+    response
+}
+
+async fn run<E: Executor>(gate: &Gate<E>, request: Request, seen: &mut Seen) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (parts, body) = request.into_parts();
     let peer: Option<IpAddr> = parts
@@ -145,7 +175,7 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
-    let graphql: async_graphql::Request = match serde_json::from_slice(&bytes) {
+    let mut graphql: async_graphql::Request = match serde_json::from_slice(&bytes) {
         Ok(request) => request,
         Err(error) => {
             return failure(
@@ -161,6 +191,12 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
         .and_then(|value| value.to_str().ok())
         .filter(|value| is_traceparent(value))
         .map(str::to_owned);
+    // Parsed once here; the executor reuses the parsed document.
+    let operation_name = graphql.operation_name.clone();
+    let selected = graphql
+        .parsed_query()
+        .ok()
+        .map(|document| root_fields(document, operation_name.as_deref()));
     let caller = Caller {
         actor,
         request_id: request_id.clone(),
@@ -178,7 +214,95 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
+    // Errors without a code come from parsing and validation: the document was invalid, and
+    // its root field names may not be the schema's, so they never become a label.
+    let invalid = response.data == async_graphql::Value::Null
+        && response.errors.iter().any(|error| !has_code(error));
+    if let Some((kind, fields)) = selected {
+        seen.kind = kind;
+        if !invalid {
+            seen.operation = match fields.len() {
+                0 => "invalid".to_owned(),
+                1 => fields.into_iter().next().unwrap_or_default(),
+                _ => "multiple".to_owned(),
+            };
+        }
+    }
+    seen.outcome = RequestOutcome::of_codes(response.errors.iter().map(|error| {
+        error
+            .extensions
+            .as_ref()
+            .and_then(|extensions| match extensions.get("code") {
+                Some(async_graphql::Value::String(code)) => Some(code.as_str()),
+                _ => None,
+            })
+    }));
     axum::Json(with_codes(response)).into_response()
+}
+
+/// The kind of the operation a request runs and the names of the root fields it selects
+/// (through fragments too), for the request metric.
+fn root_fields(
+    document: &ExecutableDocument,
+    operation_name: Option<&str>,
+) -> (OperationKind, BTreeSet<String>) {
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => Some(operation),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            operations.values().next()
+        }
+        (DocumentOperations::Multiple(_), None) => None,
+    };
+    let Some(operation) = operation else {
+        return (OperationKind::Query, BTreeSet::new());
+    };
+    let kind = match operation.node.ty {
+        OperationType::Query => OperationKind::Query,
+        OperationType::Mutation => OperationKind::Mutation,
+        OperationType::Subscription => OperationKind::Subscription,
+    };
+    let mut fields = BTreeSet::new();
+    collect_fields(document, &operation.node.selection_set.node, &mut fields, 0);
+    (kind, fields)
+}
+
+fn collect_fields(
+    document: &ExecutableDocument,
+    set: &SelectionSet,
+    fields: &mut BTreeSet<String>,
+    depth: usize,
+) {
+    // Fragments may spread each other in a cycle; validation rejects that later, this only
+    // must not loop.
+    if depth > 8 {
+        return;
+    }
+    for item in &set.items {
+        match &item.node {
+            Selection::Field(field) => {
+                fields.insert(field.node.name.node.to_string());
+            }
+            Selection::InlineFragment(fragment) => {
+                collect_fields(
+                    document,
+                    &fragment.node.selection_set.node,
+                    fields,
+                    depth + 1,
+                );
+            }
+            Selection::FragmentSpread(spread) => {
+                if let Some(fragment) = document.fragments.get(&spread.node.fragment_name.node) {
+                    collect_fields(
+                        document,
+                        &fragment.node.selection_set.node,
+                        fields,
+                        depth + 1,
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`: anything else is dropped rather than stored in events.
