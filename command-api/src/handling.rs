@@ -316,6 +316,11 @@ impl Handler {
                     });
                 }
                 Err(StoreError::Conflict { actual, .. }) => {
+                    metrics::counter!(
+                        "orderly_append_conflicts_total",
+                        "category" => stream.category().to_owned()
+                    )
+                    .increment(1);
                     if let Some(expected) = expected {
                         return Err(CommandError::Conflict { expected, actual });
                     }

@@ -21,6 +21,7 @@ use super::gateway::{Charge, ChargeOutcome};
 use super::{ACTOR, SagaRunner};
 use crate::CommandError;
 use crate::handling::{Envelope, stream_name};
+use crate::metering::{CommandName, metered};
 
 /// Messages claimed per round.
 const BATCH: i64 = 32;
@@ -296,6 +297,8 @@ impl SagaRunner {
                     %order_id, template, customer_id, detail, %correlation_id,
                     "notification sent"
                 );
+                // Logging is the notifier for now, and it cannot fail.
+                metrics::counter!("orderly_notifications_total", "outcome" => "sent").increment(1);
                 Ok(())
             }
         }
@@ -318,12 +321,12 @@ impl SagaRunner {
             traceparent: None,
         };
         let stream = stream_name(streams::payment(order_id))?;
-        let recorded = self
-            .handler
-            .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
-                Ok(payment::decide(&loaded.state, &command)?)
-            })
-            .await;
+        let handled =
+            self.handler
+                .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
+                    Ok(payment::decide(&loaded.state, &command)?)
+                });
+        let recorded = metered(command.command_name(), handled).await;
         match recorded {
             Ok(_) => Ok(()),
             // The payment moved on (a duplicate outcome); nothing to record.
