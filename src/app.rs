@@ -6,11 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use orderly_command_api::saga::{
     HttpGateway, PaymentGateway, Resilience, Resilient, SagaConfig, SagaRunner, Simulator,
 };
@@ -19,16 +15,14 @@ use orderly_domain::fulfilment::Timing;
 use orderly_event_store::EventStore;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
+use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
-use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::health::Health;
 use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
-
-/// How long a readiness probe may wait on a dependency before calling it unreachable.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct App {
     listener: TcpListener,
@@ -40,25 +34,34 @@ pub struct App {
     /// False for a process that only serves the API (`orderly command-api`): the runners
     /// then work in their own processes (`orderly projections run`).
     run_projections: bool,
-}
-
-#[derive(Clone)]
-struct AppState {
-    store: Arc<dyn EventStore>,
+    /// Refreshes the readiness and pool gauges while the app runs.
+    health: Health,
 }
 
 impl App {
     /// Connects to the stores (lazily: an unreachable database shows on `/readyz`, it does not
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let store = event_store(settings)?;
-        let router = Router::new()
-            .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
-            .with_state(AppState {
-                store: store.clone(),
-            })
-            .merge(graphql_router(settings, store.clone())?);
+        let metrics = orderly_platform::metrics::install()?;
+        let (store, store_pool) = event_store_and_pool(settings)?;
+        orderly_platform::metrics::record_build_info(
+            env!("CARGO_PKG_VERSION"),
+            store_label(settings.event_store),
+        );
+        let health = Health {
+            store: store.clone(),
+            read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
+            store_pool,
+        };
+        let router = health
+            .clone()
+            .router()
+            .merge(metrics.router())
+            .merge(graphql_router(settings, store.clone())?)
+            // Outermost, so every response counts, the refusals of inner layers included.
+            .layer(axum::middleware::from_fn(
+                orderly_platform::metrics::count_responses,
+            ));
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
@@ -69,6 +72,7 @@ impl App {
             pg_config: pg_config(settings)?,
             hub: ProjectionHub::new(),
             run_projections: true,
+            health,
         })
     }
 
@@ -97,6 +101,9 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "serving");
+        // Both end with the server: they only feed /metrics.
+        let probe = AbortOnDrop(tokio::spawn(orderly_platform::metrics::probe_runtime()));
+        let sampler = AbortOnDrop(tokio::spawn(self.health.sample_forever()));
         let projections = self.run_projections.then(|| {
             Projections::start(
                 self.store,
@@ -116,6 +123,7 @@ impl App {
         if let Some(projections) = projections {
             projections.stop().await;
         }
+        drop((probe, sampler));
         tracing::info!("stopped");
         Ok(())
     }
@@ -167,7 +175,7 @@ pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
         concurrency: settings.payment_concurrency,
         ..Resilience::default()
     };
-    Ok(Arc::new(Resilient::new(inner, policy)))
+    Ok(Arc::new(Resilient::new(inner, policy).with_metrics()))
 }
 
 /// The fulfilment saga runner with its outbox worker, calling `gateway`.
@@ -201,22 +209,50 @@ pub fn jwt_config(settings: &Settings) -> JwtConfig {
     }
 }
 
-/// The event store the settings choose.
+/// The event store the settings choose, its appends metered.
 pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
-    match settings.event_store {
+    Ok(event_store_and_pool(settings)?.0)
+}
+
+/// As [`event_store`], with the PostgreSQL store's pool (for its gauges) when that is the store.
+fn event_store_and_pool(
+    settings: &Settings,
+) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
+    let (store, pool): (Arc<dyn EventStore>, _) = match settings.event_store {
         EventStoreKind::Postgres => {
             let options = PgStoreOptions {
                 pool_size: settings.db_pool_size,
                 ..Default::default()
             };
-            Ok(Arc::new(PgEventStore::new(pg_config(settings)?, options)?))
+            let store = PgEventStore::new(pg_config(settings)?, options)?;
+            let pool = store.pool().clone();
+            (Arc::new(store), Some(pool))
         }
         EventStoreKind::Kurrentdb => {
             let Some(url) = settings.kurrentdb_url.as_deref() else {
                 bail!("event_store = kurrentdb needs ORDERLY_KURRENTDB_URL");
             };
-            Ok(Arc::new(KurrentDbEventStore::connect(url)?))
+            (Arc::new(KurrentDbEventStore::connect(url)?), None)
         }
+    };
+    let label = store_label(settings.event_store);
+    Ok((Arc::new(MeteredStore::new(store, label)), pool))
+}
+
+/// The `store` label of the append metrics.
+fn store_label(kind: EventStoreKind) -> &'static str {
+    match kind {
+        EventStoreKind::Postgres => "postgres",
+        EventStoreKind::Kurrentdb => "kurrentdb",
+    }
+}
+
+/// Ends a background task with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -253,31 +289,6 @@ pub fn migration_fingerprint() -> String {
         orderly_projections::migration_fingerprint(),
         orderly_command_api::migration_fingerprint()
     )
-}
-
-/// Alive: the process answers. Says nothing about dependencies.
-async fn healthz() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
-}
-
-/// Ready: the dependencies answer, so traffic may come.
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    match tokio::time::timeout(READY_TIMEOUT, state.store.head()).await {
-        Ok(Ok(_)) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "not ready: event store");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "reason": "event store unreachable" })),
-            )
-        }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({ "status": "unavailable", "reason": "event store did not answer in time" }),
-            ),
-        ),
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - `settings`: defaults < file < `ORDERLY_*` environment, with secrets kept out of logs.
 //! - `app`: builds the service from settings ([`app::App::build`]), binds it, and runs it until a
 //!   shutdown signal. Only this crate wires the other crates together.
+//! - `health`: `/healthz`, `/readyz` and the readiness gauges.
 //! - `read_side`: projection runners (also started by `serve`) and the operator commands for
 //!   projections, dead letters and the log tail.
 //! - `telemetry`: structured logs (JSON or text).
@@ -12,6 +13,7 @@
 //! `main.rs` only parses the command line and calls into here.
 
 pub mod app;
+pub mod health;
 pub mod read_side;
 pub mod settings;
 pub mod telemetry;

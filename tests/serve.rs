@@ -9,8 +9,12 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use orderly::app::App;
+use orderly::health::Health;
 use orderly::settings::Settings;
+use orderly_event_store::memory::MemoryEventStore;
 use orderly_test_support::TestDb;
 
 fn settings_for(url: &str) -> Settings {
@@ -73,6 +77,80 @@ async fn readiness_says_why_when_the_store_is_unreachable() {
     assert!(
         !body.to_string().contains("127.0.0.1:1"),
         "no connection detail leaks: {body}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_says_why_when_the_read_database_is_unreachable() {
+    // The log answers (in memory here), the read models' database does not.
+    let nowhere = "postgres://postgres@127.0.0.1:1/nowhere".parse().unwrap();
+    let health = Health {
+        store: Arc::new(MemoryEventStore::new()),
+        read_db: orderly_platform::pg_pool(&nowhere, 2).unwrap(),
+        store_pool: None,
+    };
+    let readiness = health.check().await;
+    assert!(!readiness.is_ready());
+    let body = readiness.body();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["event_store"], "ok");
+    assert_eq!(body["checks"]["read_database"], "read database unreachable");
+    assert_eq!(
+        body["checks"]["projections"],
+        "projection states unknown (read database unreachable)"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_projection_makes_the_process_unready_and_says_which() {
+    let db = migrated_database().await;
+    let app = App::build(&settings_for(db.url())).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    // No runner here, so nothing but this test writes the projection's state.
+    tokio::spawn(
+        app.without_projections()
+            .run_until_stopped(std::future::pending()),
+    );
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into projection_checkpoints (projection, state, last_error)
+             values ('orders', 'FAILED', 'handler error at event 42')
+             on conflict (projection) do update set state = 'FAILED', last_error = excluded.last_error",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["event_store"], "ok");
+    assert_eq!(body["checks"]["read_database"], "ok");
+    assert_eq!(
+        body["checks"]["projections"],
+        "projection orders failed: handler error at event 42"
+    );
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("projection orders failed"),
+        "{body}"
+    );
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"orderly_readiness_check{check="projections"} 0"#),
+        "{metrics}"
     );
 }
 
