@@ -42,6 +42,19 @@ impl App {
     /// Connects to the stores (lazily: an unreachable database shows on `/readyz`, it does not
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        Self::build_with(settings, true).await
+    }
+
+    /// Only `/healthz`, `/readyz` and `/metrics`, without projection runners: for the worker
+    /// roles (`projections run`, `saga run`), which orchestrators and Prometheus probe as they
+    /// probe the APIs.
+    pub async fn build_probes(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self::build_with(settings, false)
+            .await?
+            .without_projections())
+    }
+
+    async fn build_with(settings: &Settings, graphql: bool) -> anyhow::Result<Self> {
         let metrics = orderly_platform::metrics::install()?;
         let (store, store_pool) = event_store_and_pool(settings)?;
         orderly_platform::metrics::record_build_info(
@@ -53,15 +66,14 @@ impl App {
             read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
             store_pool,
         };
-        let router = health
-            .clone()
-            .router()
-            .merge(metrics.router())
-            .merge(graphql_router(settings, store.clone())?)
-            // Outermost, so every response counts, the refusals of inner layers included.
-            .layer(axum::middleware::from_fn(
-                orderly_platform::metrics::count_responses,
-            ));
+        let mut router = health.clone().router().merge(metrics.router());
+        if graphql {
+            router = router.merge(graphql_router(settings, store.clone())?);
+        }
+        // Outermost, so every response counts, the refusals of inner layers included.
+        let router = router.layer(axum::middleware::from_fn(
+            orderly_platform::metrics::count_responses,
+        ));
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;

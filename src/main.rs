@@ -95,8 +95,9 @@ enum ProjectionsCommand {
         #[arg(long, default_value_t = 5000)]
         batch_size: usize,
     },
-    /// Run projection runners until SIGINT or SIGTERM (without the HTTP server). Several
-    /// processes may run the same projection: one is active, the others stand by.
+    /// Run projection runners until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
+    /// ORDERLY_HTTP_ADDR (no GraphQL). Several processes may run the same projection: one is
+    /// active, the others stand by.
     Run {
         /// Projections to run (default: all).
         names: Vec<String>,
@@ -154,8 +155,8 @@ fn projection_names(names: &[String]) -> anyhow::Result<Vec<ProjectionName>> {
 #[derive(Subcommand)]
 enum SagaCommand {
     /// Apply the migrations, then follow the log and drive orders to confirmation or
-    /// cancellation until SIGINT or SIGTERM. Several processes may run: one leads, the others
-    /// wait to take over.
+    /// cancellation until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
+    /// ORDERLY_HTTP_ADDR. Several processes may run: one leads, the others wait to take over.
     Run,
 }
 
@@ -225,8 +226,25 @@ async fn main() -> anyhow::Result<()> {
             command: SagaCommand::Run,
         } => {
             app::migrate(&settings).await?;
+            // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
+            let probes = App::build_probes(&settings).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            saga.run_until_stopped(shutdown_signal()).await?;
+            // As for serve: one signal stops the probes' server and the saga.
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            let signal = async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            };
+            let (probed, sagas, ()) = tokio::join!(
+                probes.run_until_stopped(wait(stopped.clone())),
+                saga.run_until_stopped(wait(stopped)),
+                signal
+            );
+            probed?;
+            sagas?;
         }
         Command::Token { sub, roles, ttl } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
@@ -263,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
                         },
                         ..RunnerOptions::default()
                     };
+                    let probes = App::build_probes(&settings).await?;
                     let running = Projections::start(
                         store,
                         pg_config,
@@ -270,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
                         options,
                         ProjectionHub::new(),
                     );
-                    shutdown_signal().await;
+                    probes.run_until_stopped(shutdown_signal()).await?;
                     running.stop().await;
                 }
             }

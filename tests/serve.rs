@@ -164,9 +164,7 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
     let db = TestDb::create("empty", "nothing", |_| async { Ok(()) })
         .await
         .unwrap();
-    let binary = env!("CARGO_BIN_EXE_orderly");
-
-    let migrate = Command::new(binary)
+    let migrate = Command::new(env!("CARGO_BIN_EXE_orderly"))
         .arg("migrate")
         .env("ORDERLY_DATABASE_URL", db.url())
         .output()
@@ -177,49 +175,15 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
         String::from_utf8_lossy(&migrate.stderr)
     );
 
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(binary)
-        .arg("serve")
-        .env("ORDERLY_DATABASE_URL", db.url())
-        .env("ORDERLY_HTTP_ADDR", &addr)
-        .env("ORDERLY_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut up = false;
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
-            up = r.status() == 200;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let role = Role::start(db.url(), &["serve"]);
+    let up = role.ready().await;
     let tables = db
         .connect()
         .await
         .unwrap()
         .query_one("select count(*) from events", &[])
         .await;
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let Some(status) = status else {
-        let _ = child.kill();
-        panic!("serve did not exit within 10 s of SIGTERM");
-    };
-    let output = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
+    let (status, log) = role.stop().await;
     assert!(up, "serve never became ready: {log}");
     assert!(tables.is_ok(), "serve did not migrate: {tables:?}");
     assert!(status.success(), "serve exited with {status}: {log}");
@@ -227,4 +191,103 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
         log.lines().any(|l| l.contains("\"stopped\"")),
         "no JSON log line for the stop: {log}"
     );
+}
+
+#[tokio::test]
+async fn the_worker_roles_serve_probes_and_metrics_and_stop_on_sigterm() {
+    let db = migrated_database().await;
+    for (args, series) in [
+        (&["saga", "run"][..], "orderly_payment_breaker_state 0"),
+        (
+            &["projections", "run"][..],
+            "orderly_projection_state{projection=\"orders\",state=\"running\"} 1",
+        ),
+    ] {
+        let role = Role::start(db.url(), args);
+        let up = role.ready().await;
+        let mut scraped = String::new();
+        for _ in 0..50 {
+            scraped = reqwest::get(format!("http://{}/metrics", role.addr))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if scraped.contains(series) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let graphql = reqwest::Client::new()
+            .post(format!("http://{}/graphql", role.addr))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let (status, log) = role.stop().await;
+        assert!(up, "{args:?} never became ready: {log}");
+        assert!(
+            scraped.contains(series),
+            "{args:?}: no {series} in {scraped}"
+        );
+        assert_eq!(graphql, 404, "{args:?} serves no GraphQL");
+        assert!(status.success(), "{args:?} exited with {status}: {log}");
+    }
+}
+
+/// One role of the binary, running as its own process on a free port.
+struct Role {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Role {
+    fn start(database_url: &str, args: &[&str]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_orderly"))
+            .args(args)
+            .env("ORDERLY_DATABASE_URL", database_url)
+            .env("ORDERLY_HTTP_ADDR", &addr)
+            .env("ORDERLY_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self { child, addr }
+    }
+
+    /// Whether `/readyz` answered 200 once it answered at all (within 30 s).
+    async fn ready(&self) -> bool {
+        for _ in 0..300 {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.addr)).await {
+                return r.status() == 200;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// SIGTERM, then its exit status and log, within 10 s.
+    async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let mut status = None;
+        for _ in 0..100 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                status = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let Some(status) = status else {
+            let _ = self.child.kill();
+            panic!("the process did not exit within 10 s of SIGTERM");
+        };
+        let output = self.child.wait_with_output().unwrap();
+        (status, String::from_utf8_lossy(&output.stderr).into_owned())
+    }
 }
