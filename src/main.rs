@@ -9,6 +9,7 @@ use orderly::app::{self, App};
 use orderly::read_side::{self, Projections};
 use orderly::settings::Settings;
 use orderly::telemetry;
+use orderly_command_api::saga::SagaRunner;
 use orderly_platform::{Role, TokenIssuer};
 use orderly_projections::{
     DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
@@ -199,23 +200,7 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            // One signal stops both: the HTTP side drains its requests and its projection
-            // runners their batches, the saga its step.
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            let signal = async move {
-                shutdown_signal().await;
-                let _ = stop.send(true);
-            };
-            let (served, sagas, ()) = tokio::join!(
-                app.run_until_stopped(wait(stopped.clone())),
-                saga.run_until_stopped(wait(stopped)),
-                signal
-            );
-            served?;
-            sagas?;
+            serve_with_saga(app, saga).await?;
         }
         Command::WriteApi => {
             app::migrate(&settings).await?;
@@ -229,22 +214,7 @@ async fn main() -> anyhow::Result<()> {
             // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
             let probes = App::build_probes(&settings).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            // As for serve: one signal stops the probes' server and the saga.
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            let signal = async move {
-                shutdown_signal().await;
-                let _ = stop.send(true);
-            };
-            let (probed, sagas, ()) = tokio::join!(
-                probes.run_until_stopped(wait(stopped.clone())),
-                saga.run_until_stopped(wait(stopped)),
-                signal
-            );
-            probed?;
-            sagas?;
+            serve_with_saga(probes, saga).await?;
         }
         Command::Token { sub, roles, ttl } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
@@ -325,6 +295,26 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves `app` and runs `saga` until SIGINT or SIGTERM, which stops both: the HTTP side
+/// drains its requests (and its projection runners their batches), the saga finishes its step.
+async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    let (served, sagas, ()) = tokio::join!(
+        app.run_until_stopped(wait(stopped.clone())),
+        saga.run_until_stopped(wait(stopped)),
+        signal
+    );
+    served?;
+    sagas
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
