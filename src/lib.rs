@@ -8,7 +8,7 @@
 //! - `health`: `/healthz`, `/readyz` and the readiness gauges.
 //! - `read_side`: projection runners (also started by `serve`) and the operator commands for
 //!   projections, dead letters and the log tail.
-//! - `telemetry`: structured logs (JSON or text).
+//! - `telemetry`: structured logs (JSON or text) and traces (OTLP export).
 //!
 //! `main.rs` only parses the command line and calls into here.
 

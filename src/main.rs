@@ -189,9 +189,18 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref()).context("invalid settings")?;
-    telemetry::init(settings.log_format);
+    let telemetry = telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref())
+        .context("cannot set up trace export (ORDERLY_OTLP_ENDPOINT)")?;
     tracing::debug!(?settings, "settings");
-    match cli.command {
+    let ran = run(cli.command, &settings).await;
+    // Sends the spans still buffered; it blocks, so off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    ran
+}
+
+async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
+    let settings = settings.clone();
+    match command {
         Command::Migrate => {
             app::migrate(&settings).await?;
             tracing::info!("migrations applied");

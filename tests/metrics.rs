@@ -89,11 +89,7 @@ fn promtool(text: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_scrape_after_an_order_passes_promtool_and_holds_every_documented_name() {
     let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
-    let gateway = orderly::app::payment_gateway(&settings).unwrap();
-    let saga = orderly::app::saga_runner(&settings, gateway).unwrap();
-    tokio::spawn(saga.run_until_stopped(std::future::pending()));
+    let api = start_with_saga(&settings_for(db.url())).await;
 
     register(&api, "MUG-1", 1250, "EUR", 10).await;
     let placed = api

@@ -177,6 +177,17 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
 
     let role = Role::start(db.url(), &["serve"]);
     let up = role.ready().await;
+    let answered = reqwest::Client::new()
+        .post(format!("http://{}/graphql", role.addr))
+        .header("content-type", "application/json")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(r#"{"query": "{ __typename }"}"#)
+        .send()
+        .await
+        .map(|r| r.status());
     let tables = db
         .connect()
         .await
@@ -190,6 +201,26 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
     assert!(
         log.lines().any(|l| l.contains("\"stopped\"")),
         "no JSON log line for the stop: {log}"
+    );
+    assert_eq!(answered.ok(), Some(reqwest::StatusCode::OK));
+    // The access log line: JSON, with the request's id and the caller's trace id.
+    let line = log
+        .lines()
+        .find(|l| l.contains("graphql request"))
+        .unwrap_or_else(|| panic!("no access log line: {log}"));
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["level"], "INFO");
+    assert!(line["timestamp"].is_string(), "{line}");
+    let request = &line["spans"][0];
+    assert_eq!(request["name"], "graphql.request", "{line}");
+    assert_eq!(
+        request["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "{line}"
+    );
+    assert_eq!(
+        request["request_id"].as_str().map(str::len),
+        Some(36),
+        "{line}"
     );
 }
 

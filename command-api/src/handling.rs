@@ -262,6 +262,16 @@ impl Handler {
         A: Stored,
         F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
     {
+        // Fields of the `command` span this runs in (see `metering`), for the logs.
+        let span = tracing::Span::current();
+        span.record(
+            "correlation_id",
+            tracing::field::display(envelope.correlation_id),
+        );
+        span.record(
+            "causation_id",
+            tracing::field::display(envelope.causation_id),
+        );
         for attempt in 0..MAX_ATTEMPTS {
             let loaded = if assume_new && attempt == 0 {
                 Loaded {

@@ -62,7 +62,14 @@ pub async fn metered<T>(
     run: impl Future<Output = Result<T, CommandError>>,
 ) -> Result<T, CommandError> {
     let started = Instant::now();
-    let span = tracing::info_span!("command", command, outcome = tracing::field::Empty);
+    // The ids are filled in by the handler, which holds the command's envelope.
+    let span = tracing::info_span!(
+        "command",
+        command,
+        outcome = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        causation_id = tracing::field::Empty,
+    );
     let result = run.instrument(span.clone()).await;
     let outcome = outcome(&result);
     span.record("outcome", outcome);

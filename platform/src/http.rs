@@ -19,11 +19,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::auth::{Actor, Authenticator};
 use crate::errors::ErrorCode;
 use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
 use crate::rate_limit::RateLimiter;
+use crate::trace_context;
 
 /// Limits applied to every GraphQL request before and while it runs.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +54,8 @@ pub struct Caller {
     /// Logged with every internal error, and returned as `extensions.requestId` so a report
     /// can be matched with the log.
     pub request_id: String,
-    /// The W3C `traceparent` header, when the caller sent a well-formed one, so the events a
+    /// The request's W3C trace context: its span's when a tracer runs, else the caller's
+    /// `traceparent` header when well-formed (else none), so the events a
     /// request appends carry its trace.
     pub traceparent: Option<String>,
 }
@@ -113,18 +116,60 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
         kind: OperationKind::Query,
         outcome: RequestOutcome::Rejected,
     };
-    let response = run(&gate, request, &mut seen).await;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    // Request, correlation and trace ids reach the logs as fields of this span and of the
+    // command spans inside it.
+    let span = tracing::info_span!(
+        "graphql.request",
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        operation = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let header = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_traceparent(value))
+        .map(str::to_owned);
+    if let Some(header) = &header {
+        trace_context::set_parent(&span, header);
+    }
+    if let Some(trace_id) = trace_context::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    // The events this request appends carry its span's context (a child of the caller's),
+    // or the caller's header as it came when no tracer runs.
+    let traceparent = trace_context::traceparent(&span).or(header);
+    let response = run(&gate, request, &request_id, traceparent, &mut seen)
+        .instrument(span.clone())
+        .await;
     let outcome = if response.status().is_server_error() {
         RequestOutcome::Error
     } else {
         seen.outcome
     };
+    span.record("operation", seen.operation.as_str());
+    span.record("outcome", outcome.as_str());
+    // The access log: one line per request, with the span's ids.
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "graphql request"
+        );
+    });
     record_graphql_request(&seen.operation, seen.kind, outcome, started.elapsed());
     response
 }
 
-async fn run<E: Executor>(gate: &Gate<E>, request: Request, seen: &mut Seen) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
+async fn run<E: Executor>(
+    gate: &Gate<E>,
+    request: Request,
+    request_id: &str,
+    traceparent: Option<String>,
+    seen: &mut Seen,
+) -> Response {
     let (parts, body) = request.into_parts();
     let peer: Option<IpAddr> = parts
         .extensions
@@ -185,12 +230,6 @@ async fn run<E: Executor>(gate: &Gate<E>, request: Request, seen: &mut Seen) -> 
             );
         }
     };
-    let traceparent = parts
-        .headers
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .filter(|value| is_traceparent(value))
-        .map(str::to_owned);
     // Parsed once here; the executor reuses the parsed document.
     let operation_name = graphql.operation_name.clone();
     let selected = graphql
@@ -199,7 +238,7 @@ async fn run<E: Executor>(gate: &Gate<E>, request: Request, seen: &mut Seen) -> 
         .map(|document| root_fields(document, operation_name.as_deref()));
     let caller = Caller {
         actor,
-        request_id: request_id.clone(),
+        request_id: request_id.to_owned(),
         traceparent,
     };
     let run = gate.executor.execute(graphql.data(caller));

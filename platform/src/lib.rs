@@ -16,6 +16,7 @@
 //! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
 //!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
 //!   the read API makes for its own series.
+//! - [`trace_context`]: a span's W3C `traceparent` for event metadata, and back.
 //! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
 
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod metrics;
 pub mod rate_limit;
 pub mod scalars;
+pub mod trace_context;
 
 pub use auth::{Actor, Authenticator, JwtConfig, Role, TokenIssuer};
 pub use error::PlatformError;

@@ -23,6 +23,7 @@ use orderly_event_store::{
     AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
     RecordedEvent, StoreError, StreamName, Subscription,
 };
+use tracing::Instrument;
 
 use crate::error::PlatformError;
 
@@ -503,12 +504,24 @@ impl EventStore for MeteredStore {
     ) -> Result<AppendResult, StoreError> {
         let count = events.len() as u64;
         let started = Instant::now();
-        let result = self.inner.append(stream, expected, events).await;
+        let span = tracing::info_span!(
+            "event_store.append",
+            store = self.store,
+            stream = %stream,
+            events = count,
+            outcome = tracing::field::Empty,
+        );
+        let result = self
+            .inner
+            .append(stream, expected, events)
+            .instrument(span.clone())
+            .await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(StoreError::Conflict { .. }) => "conflict",
             Err(_) => "error",
         };
+        span.record("outcome", outcome);
         metrics::histogram!(
             "orderly_event_store_append_duration_seconds",
             "store" => self.store,

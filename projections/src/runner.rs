@@ -208,6 +208,10 @@ impl Runner {
             let size = events.len();
             let started = std::time::Instant::now();
             let span = tracing::info_span!("projection.batch", projection = %self.name, size);
+            // A batch mixes events of many requests; it joins the trace of its first.
+            if let Some(first) = events.first() {
+                orderly_platform::trace_context::follow_event(&span, &first.metadata);
+            }
             let result = batch::apply_batch(
                 &mut client,
                 self.name,

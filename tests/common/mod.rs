@@ -96,6 +96,16 @@ pub async fn start(settings: &Settings) -> Api {
     }
 }
 
+/// As [`start`], with the fulfilment saga runner (the configured gateway) beside it, as
+/// `orderly serve` runs them.
+pub async fn start_with_saga(settings: &Settings) -> Api {
+    let api = start(settings).await;
+    let gateway = orderly::app::payment_gateway(settings).unwrap();
+    let saga = orderly::app::saga_runner(settings, gateway).unwrap();
+    tokio::spawn(saga.run_until_stopped(std::future::pending()));
+    api
+}
+
 /// An HTTP answer: status, Retry-After, body.
 pub struct Answer {
     pub status: u16,

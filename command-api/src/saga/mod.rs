@@ -36,8 +36,10 @@ use orderly_domain::streams;
 use orderly_domain::values::OrderId;
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent, decode_recorded};
 use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use orderly_platform::trace_context;
 use tokio::sync::{Notify, watch};
 use tokio_postgres::NoTls;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::CommandError;
@@ -212,7 +214,14 @@ impl SagaRunner {
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
         loop {
-            match self.on_event(event).await {
+            let span = tracing::info_span!(
+                "saga.step",
+                event_id = %event.id,
+                event_type = %event.event_type,
+                stream = %event.stream,
+            );
+            trace_context::follow_event(&span, &event.metadata);
+            match self.on_event(event).instrument(span).await {
                 Ok(()) => return true,
                 Err(error) if error.is_transient() => {
                     tracing::warn!(%error, event_id = %event.id, "saga step failed; retrying");
@@ -289,7 +298,9 @@ impl SagaRunner {
                 let step = Step {
                     causation: recorded.id,
                     correlation,
-                    traceparent: metadata.traceparent.clone(),
+                    // The commands continue this step's trace, itself a child of the event's.
+                    traceparent: trace_context::traceparent(&tracing::Span::current())
+                        .or_else(|| metadata.traceparent.clone()),
                 };
                 self.send(commands, &step, &mut rows).await?;
                 Some((order_id, next, correlation))
