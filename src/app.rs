@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use async_graphql::{Executor, Schema};
 use axum::Router;
 use orderly_command_api::saga::{
     HttpGateway, PaymentGateway, Resilience, Resilient, SagaConfig, SagaRunner, Simulator,
 };
-use orderly_command_api::{CommandService, IdempotencyKeys};
+use orderly_command_api::{CommandService, IdempotencyKeys, MutationRoot};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::EventStore;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
@@ -18,43 +19,53 @@ use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
+use orderly_read_api::{QueryRoot, ReadApi, ReadLimits, ReadStore, SubscriptionRoot};
 use tokio::net::TcpListener;
 
 use crate::health::Health;
 use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
 
+/// Which part of the service a process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `orderly serve`: one schema with the queries, mutations and subscriptions, and the
+    /// projection runners in the same process.
+    Everything,
+    /// `orderly command-api`: the mutations only.
+    Commands,
+    /// `orderly read-api`: the queries and subscriptions only, following projection runners
+    /// that work in other processes.
+    Reads,
+    /// `orderly projections run`, `orderly saga run`: only `/healthz`, `/readyz` and
+    /// `/metrics`, which orchestrators and Prometheus probe as they probe the APIs.
+    Probes,
+}
+
 pub struct App {
     listener: TcpListener,
     router: Router,
+    part: Part,
     /// For the projection runners `run_until_stopped` starts beside the server.
     store: Arc<dyn EventStore>,
     pg_config: PgConfig,
     hub: ProjectionHub,
-    /// False for a process that only serves the API (`orderly command-api`): the runners
-    /// then work in their own processes (`orderly projections run`).
+    /// False when the runners work in their own processes (`orderly projections run`); a
+    /// process serving reads then follows them through PostgreSQL notifications.
     run_projections: bool,
     /// Refreshes the readiness and pool gauges while the app runs.
     health: Health,
 }
 
 impl App {
+    /// Everything in one process; see [`App::build_part`].
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        Self::build_part(settings, Part::Everything).await
+    }
+
     /// Connects to the stores (lazily: an unreachable database shows on `/readyz`, it does not
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
-    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        Self::build_with(settings, true).await
-    }
-
-    /// Only `/healthz`, `/readyz` and `/metrics`, without projection runners: for the worker
-    /// roles (`projections run`, `saga run`), which orchestrators and Prometheus probe as they
-    /// probe the APIs.
-    pub async fn build_probes(settings: &Settings) -> anyhow::Result<Self> {
-        Ok(Self::build_with(settings, false)
-            .await?
-            .without_projections())
-    }
-
-    async fn build_with(settings: &Settings, graphql: bool) -> anyhow::Result<Self> {
+    pub async fn build_part(settings: &Settings, part: Part) -> anyhow::Result<Self> {
         let metrics = orderly_platform::metrics::install()?;
         let (store, store_pool) = event_store_and_pool(settings)?;
         orderly_platform::metrics::record_build_info(
@@ -66,9 +77,10 @@ impl App {
             read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
             store_pool,
         };
+        let hub = ProjectionHub::new();
         let mut router = health.clone().router().merge(metrics.router());
-        if graphql {
-            router = router.merge(graphql_router(settings, store.clone())?);
+        if part != Part::Probes {
+            router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
         }
         // Outermost, so every response counts, the refusals of inner layers included.
         let router = router.layer(axum::middleware::from_fn(
@@ -80,22 +92,24 @@ impl App {
         Ok(Self {
             listener,
             router,
+            part,
             store,
             pg_config: pg_config(settings)?,
-            hub: ProjectionHub::new(),
-            run_projections: true,
+            hub,
+            run_projections: part == Part::Everything,
             health,
         })
     }
 
-    /// Serve the API only; the projection runners run elsewhere.
+    /// Serve without running the projections here: they run elsewhere (or, in tests, not at
+    /// all, which keeps the read models where they are).
     pub fn without_projections(mut self) -> Self {
         self.run_projections = false;
         self
     }
 
-    /// Where the in-process projection runners say how far they are and which orders they
-    /// touched: what the read API waits on for consistency tokens and `orderUpdated`.
+    /// Where the projections say how far they are and which orders they touched: what the
+    /// read API waits on for consistency tokens and `orderUpdated`.
     pub fn projection_hub(&self) -> ProjectionHub {
         self.hub.clone()
     }
@@ -112,19 +126,22 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.local_addr(), "serving");
+        tracing::info!(addr = %self.local_addr(), part = ?self.part, "serving");
         // Both end with the server: they only feed /metrics.
         let probe = AbortOnDrop(tokio::spawn(orderly_platform::metrics::probe_runtime()));
         let sampler = AbortOnDrop(tokio::spawn(self.health.sample_forever()));
         let projections = self.run_projections.then(|| {
             Projections::start(
                 self.store,
-                self.pg_config,
+                self.pg_config.clone(),
                 &ProjectionName::ALL,
                 RunnerOptions::default(),
-                self.hub,
+                self.hub.clone(),
             )
         });
+        let follower = (!self.run_projections
+            && !matches!(self.part, Part::Commands | Part::Probes))
+        .then(|| self.hub.follow(self.pg_config));
         // Connect info gives the rate limiter the client's address for anonymous callers.
         let service = self
             .router
@@ -135,22 +152,83 @@ impl App {
         if let Some(projections) = projections {
             projections.stop().await;
         }
+        if let Some(follower) = follower {
+            follower.abort();
+        }
         drop((probe, sampler));
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// POST /graphql: the command API's mutations (with a placeholder Query until the read API's
-/// Query root is merged in here), behind authentication, rate limits and request limits.
-pub fn graphql_router(settings: &Settings, store: Arc<dyn EventStore>) -> anyhow::Result<Router> {
+/// `/graphql` for `part`: the merged schema, the mutations alone or the queries and
+/// subscriptions alone, behind authentication, rate limits and request limits.
+pub fn graphql_router(
+    settings: &Settings,
+    store: Arc<dyn EventStore>,
+    hub: ProjectionHub,
+    part: Part,
+) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
-    let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
-    let schema = orderly_command_api::schema(service);
-    let sdl = schema.sdl();
+    let commands = || CommandService::new(store.clone(), Some(IdempotencyKeys::new(pool.clone())));
+    let reads = || {
+        let limits = ReadLimits {
+            max_consistency_wait: Duration::from_millis(settings.consistency_max_wait_ms),
+            subscription_buffer: settings.subscription_buffer.max(1),
+            subscription_patience: Duration::from_millis(settings.subscription_patience_ms),
+        };
+        ReadApi::new(
+            ReadStore::new(pool.clone()),
+            store.clone(),
+            hub.clone(),
+            limits,
+        )
+    };
+    match part {
+        Part::Everything => {
+            let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot).data(commands());
+            let schema = orderly_read_api::install(builder, reads()).finish();
+            let sdl = schema.sdl();
+            serve_schema(settings, schema, sdl)
+        }
+        Part::Commands => {
+            let schema = orderly_command_api::schema(commands());
+            let sdl = schema.sdl();
+            serve_schema(settings, schema, sdl)
+        }
+        Part::Reads => {
+            let schema = orderly_read_api::schema(reads());
+            let sdl = schema.sdl();
+            serve_schema(settings, schema, sdl)
+        }
+        Part::Probes => Ok(Router::new()),
+    }
+}
+
+/// The schema of the contract `orderly serve` serves, for printing and comparing; needs no
+/// database until a request runs.
+pub fn served_sdl(settings: &Settings) -> anyhow::Result<String> {
+    let store = event_store(settings)?;
+    let pool = orderly_platform::pg_pool(&pg_config(settings)?, 1)?;
+    let reads = ReadApi::new(
+        ReadStore::new(pool.clone()),
+        store.clone(),
+        ProjectionHub::new(),
+        ReadLimits::default(),
+    );
+    let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .data(CommandService::new(store, Some(IdempotencyKeys::new(pool))));
+    Ok(orderly_read_api::install(builder, reads).finish().sdl())
+}
+
+fn serve_schema<E: Executor>(
+    settings: &Settings,
+    schema: E,
+    sdl: String,
+) -> anyhow::Result<Router> {
     let auth = Authenticator::new(&jwt_config(settings)).context("invalid JWT settings")?;
     if !auth.is_configured() {
-        tracing::warn!("no JWT key configured: every mutation will answer UNAUTHENTICATED");
+        tracing::warn!("no JWT key configured: only anonymous reads (products) will be answered");
     }
     let limiter = RateLimiter::new(RateLimit {
         per_second: settings.rate_limit_per_second,

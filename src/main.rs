@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use orderly::app::{self, App};
+use orderly::app::{self, App, Part};
 use orderly::read_side::{self, Projections};
 use orderly::settings::Settings;
 use orderly::telemetry;
@@ -34,8 +34,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply the database migrations, then run everything in one process until SIGINT or
-    /// SIGTERM: HTTP on ORDERLY_HTTP_ADDR (POST /graphql with the mutations, GraphiQL on GET
-    /// /graphql, /healthz, /readyz), the projection runners and the saga runner.
+    /// SIGTERM: HTTP on ORDERLY_HTTP_ADDR (POST /graphql with the queries and mutations,
+    /// subscriptions over WebSocket and GraphiQL on GET /graphql, /healthz, /readyz), the
+    /// projection runners and the saga runner.
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
@@ -49,6 +50,13 @@ enum Command {
     /// (`orderly saga run`, `orderly projections run`).
     #[command(name = "command-api")]
     WriteApi,
+    /// Apply the migrations, then serve only the read API (POST /graphql with the queries,
+    /// subscriptions over WebSocket on /graphql, GraphiQL, /healthz, /readyz), following the
+    /// projection runners of other processes (`orderly projections run`).
+    #[command(name = "read-api")]
+    ReadApi,
+    /// Print the GraphQL schema `orderly serve` serves (SDL), for clients and code generators.
+    Schema,
     /// Print a bearer token signed with the configured key (ORDERLY_JWT_SECRET for HS256,
     /// ORDERLY_JWT_PRIVATE_KEY for RS256), with ORDERLY_JWT_ISSUER/AUDIENCE when set.
     Token {
@@ -213,15 +221,21 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
         }
         Command::WriteApi => {
             app::migrate(&settings).await?;
-            let app = App::build(&settings).await?.without_projections();
+            let app = App::build_part(&settings, Part::Commands).await?;
             app.run_until_stopped(shutdown_signal()).await?;
         }
+        Command::ReadApi => {
+            app::migrate(&settings).await?;
+            let app = App::build_part(&settings, Part::Reads).await?;
+            app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Schema => print!("{}", app::served_sdl(&settings)?),
         Command::Saga {
             command: SagaCommand::Run,
         } => {
             app::migrate(&settings).await?;
             // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
-            let probes = App::build_probes(&settings).await?;
+            let probes = App::build_part(&settings, Part::Probes).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
             serve_with_saga(probes, saga).await?;
         }
@@ -260,7 +274,7 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
                         },
                         ..RunnerOptions::default()
                     };
-                    let probes = App::build_probes(&settings).await?;
+                    let probes = App::build_part(&settings, Part::Probes).await?;
                     let running = Projections::start(
                         store,
                         pg_config,

@@ -55,6 +55,12 @@ pub struct Settings {
     pub saga_tick_ms: u64,
     /// Delivery attempts of an outbox message before it is dead-lettered.
     pub outbox_max_attempts: u32,
+    /// The server's cap on a query's `consistency.timeoutMs`, in milliseconds.
+    pub consistency_max_wait_ms: u64,
+    /// Messages a subscription may hold for a client that does not read them.
+    pub subscription_buffer: usize,
+    /// How long, in ms, a subscription's buffer may stay full before it ends with an error.
+    pub subscription_patience_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +113,9 @@ impl Default for Settings {
             payment_retry_after_secs: 30,
             saga_tick_ms: 1_000,
             outbox_max_attempts: 5,
+            consistency_max_wait_ms: 5_000,
+            subscription_buffer: 256,
+            subscription_patience_ms: 5_000,
         }
     }
 }
@@ -126,7 +135,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 24] = [
+    const KEYS: [&'static str; 27] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -151,6 +160,9 @@ impl Settings {
         "payment_retry_after_secs",
         "saga_tick_ms",
         "outbox_max_attempts",
+        "consistency_max_wait_ms",
+        "subscription_buffer",
+        "subscription_patience_ms",
     ];
 }
 
@@ -197,6 +209,9 @@ impl fmt::Debug for Settings {
             .field("payment_retry_after_secs", &self.payment_retry_after_secs)
             .field("saga_tick_ms", &self.saga_tick_ms)
             .field("outbox_max_attempts", &self.outbox_max_attempts)
+            .field("consistency_max_wait_ms", &self.consistency_max_wait_ms)
+            .field("subscription_buffer", &self.subscription_buffer)
+            .field("subscription_patience_ms", &self.subscription_patience_ms)
             .finish()
     }
 }

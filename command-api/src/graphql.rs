@@ -1,25 +1,18 @@
 //! The contract's Mutation type. Inputs are validated here, once, into the domain's types;
 //! each failure names the offending field (`input.lines[3].quantity`).
 
-use async_graphql::{
-    Context, EmptySubscription, ID, InputObject, Object, Schema, SchemaBuilder, SimpleObject,
-};
+use async_graphql::{Context, EmptySubscription, ID, InputObject, Object, Schema, SimpleObject};
 use orderly_domain::order::{LineRequest, MAX_LINES};
 use orderly_domain::values::{
     Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Description, Money, OrderId,
     PaymentToken, PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
-use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long};
+use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long, with_limits};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::CommandError;
 use crate::commands::{self, CommandService, PlaceOrder, RegisterProduct};
-
-/// Deepest query nesting accepted; the contract's deepest useful query is far below it.
-pub const MAX_DEPTH: usize = 16;
-/// Largest query complexity (fields counted) accepted.
-pub const MAX_COMPLEXITY: usize = 2000;
 
 /// Namespace of request fingerprints (a fixed random UUID).
 const FINGERPRINT_NAMESPACE: Uuid = Uuid::from_u128(0x9b1f_4a8e_2c7d_4e3b_a6f5_1d0c_8e7b_2a49);
@@ -381,13 +374,6 @@ impl PlaceholderQuery {
     async fn command_api_status(&self) -> &'static str {
         "ok"
     }
-}
-
-/// The limits every schema that mounts [`MutationRoot`] should apply.
-pub fn with_limits<Q, M, S>(builder: SchemaBuilder<Q, M, S>) -> SchemaBuilder<Q, M, S> {
-    builder
-        .limit_depth(MAX_DEPTH)
-        .limit_complexity(MAX_COMPLEXITY)
 }
 
 pub type CommandSchema = Schema<PlaceholderQuery, MutationRoot, EmptySubscription>;

@@ -30,9 +30,7 @@ pub mod saga;
 
 pub use commands::{CommandResult, CommandService, PlaceOrder, RegisterProduct};
 pub use error::CommandError;
-pub use graphql::{
-    CommandSchema, MAX_COMPLEXITY, MAX_DEPTH, MutationRoot, PlaceholderQuery, schema, with_limits,
-};
+pub use graphql::{CommandSchema, MutationRoot, PlaceholderQuery, schema};
 pub use handling::{
     ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
 };

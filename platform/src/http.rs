@@ -8,13 +8,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::GraphiQLSource;
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::parser::types::{
     DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
 };
 use async_graphql::{Executor, Response as GqlResponse, ServerError};
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -68,7 +70,8 @@ struct Gate<E> {
     limits: GraphqlLimits,
 }
 
-/// `POST /graphql` (queries and mutations), `GET /graphql` (GraphiQL in a browser) and
+/// `POST /graphql` (queries and mutations), `GET /graphql` (GraphiQL in a browser, or
+/// subscriptions when the request upgrades to a WebSocket speaking graphql-transport-ws) and
 /// `GET /graphql/schema.graphql` (the served SDL) for `executor`, whose SDL is `sdl`.
 pub fn graphql_router<E: Executor>(
     executor: E,
@@ -85,13 +88,94 @@ pub fn graphql_router<E: Executor>(
         limits,
     });
     Router::new()
-        .route("/graphql", post(execute::<E>).get(graphiql))
+        .route(
+            "/graphql",
+            post(execute::<E>).get(graphiql_or_subscribe::<E>),
+        )
         .route("/graphql/schema.graphql", get(schema_sdl::<E>))
         .with_state(gate)
 }
 
-async fn graphiql() -> impl IntoResponse {
-    Html(GraphiQLSource::build().endpoint("/graphql").finish())
+async fn graphiql_or_subscribe<E: Executor>(
+    State(gate): State<Arc<Gate<E>>>,
+    request: Request,
+) -> Response {
+    let upgrading = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if upgrading {
+        return subscribe(gate, request).await;
+    }
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql")
+            .finish(),
+    )
+    .into_response()
+}
+
+/// A WebSocket for subscriptions (graphql-transport-ws, or the older graphql-ws). The token
+/// comes in the `connection_init` payload (`{"Authorization": "Bearer <JWT>"}`, since browsers
+/// cannot set headers on a WebSocket) or in the upgrade request's Authorization header. A bad
+/// token refuses the connection; no token connects anonymously, and each subscription then
+/// decides whether that is enough.
+async fn subscribe<E: Executor>(gate: Arc<Gate<E>>, request: Request) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &()).await {
+        Ok(protocol) => protocol,
+        Err(_) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadUserInput,
+                "subscriptions need the graphql-transport-ws WebSocket subprotocol",
+            );
+        }
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let peer: Option<IpAddr> = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    let by_address = peer.map_or_else(|| "anonymous".to_owned(), |ip| format!("ip:{ip}"));
+    if let Err(wait) = gate.limiter.check(&by_address) {
+        return rate_limited(wait);
+    }
+    let header_token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let executor = gate.executor.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, Coded(executor), protocol)
+                .on_connection_init(move |payload| async move {
+                    let from_payload = ["Authorization", "authorization"]
+                        .iter()
+                        .find_map(|key| payload.get(*key).and_then(|v| v.as_str()))
+                        .map(str::to_owned);
+                    let authorization = from_payload.or(header_token);
+                    let actor = gate
+                        .auth
+                        .authenticate(authorization.as_deref())
+                        .map_err(|why| ErrorCode::Unauthenticated.error(why.to_string()))?;
+                    let mut data = async_graphql::Data::default();
+                    data.insert(Caller {
+                        actor,
+                        request_id: uuid::Uuid::new_v4().to_string(),
+                        traceparent: None,
+                    });
+                    Ok(data)
+                })
+                .serve()
+        })
 }
 
 async fn schema_sdl<E: Executor>(State(gate): State<Arc<Gate<E>>>) -> impl IntoResponse {
@@ -341,6 +425,33 @@ fn collect_fields(
                 }
             }
         }
+    }
+}
+
+/// An executor whose every response carries contract codes, for the WebSocket transport, where
+/// responses do not pass through [`execute`].
+#[derive(Clone)]
+struct Coded<E>(E);
+
+impl<E: Executor> Executor for Coded<E> {
+    fn execute(
+        &self,
+        request: async_graphql::Request,
+    ) -> impl std::future::Future<Output = GqlResponse> + Send {
+        let response = self.0.execute(request);
+        async move { with_codes(response.await) }
+    }
+
+    fn execute_stream(
+        &self,
+        request: async_graphql::Request,
+        session_data: Option<Arc<async_graphql::Data>>,
+    ) -> futures::stream::BoxStream<'static, GqlResponse> {
+        use futures::StreamExt;
+        self.0
+            .execute_stream(request, session_data)
+            .map(with_codes)
+            .boxed()
     }
 }
 

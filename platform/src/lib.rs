@@ -35,6 +35,21 @@ pub use http::{Caller, GraphqlLimits, graphql_router};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use scalars::{ConsistencyToken, Date, Long};
 
+/// Deepest query nesting accepted; the contract's deepest useful query is far below it.
+pub const MAX_DEPTH: usize = 16;
+/// Largest query complexity accepted: fields counted, list fields weighted by their page size,
+/// so it bounds rows times fields, roughly the work a query may cause.
+pub const MAX_COMPLEXITY: usize = 10_000;
+
+/// The depth and complexity limits every served schema applies.
+pub fn with_limits<Q, M, S>(
+    builder: async_graphql::SchemaBuilder<Q, M, S>,
+) -> async_graphql::SchemaBuilder<Q, M, S> {
+    builder
+        .limit_depth(MAX_DEPTH)
+        .limit_complexity(MAX_COMPLEXITY)
+}
+
 /// A PostgreSQL connection pool that connects lazily (an unreachable database shows as
 /// UNAVAILABLE on use, not as a failed start), for the tables a service keeps beside the log.
 pub fn pg_pool(

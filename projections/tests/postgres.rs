@@ -579,19 +579,19 @@ async fn the_read_api_queries_use_indexes() {
         .batch_execute("set enable_seqscan = off")
         .await
         .expect("set");
+    // The shapes of the statements read-api/src/sql.rs sends (newest orders first).
     let shapes = [
-        "select * from orders where order_id = '00000000-0000-0000-0000-000000000001'",
-        "select * from order_lines where order_id = '00000000-0000-0000-0000-000000000001' order by line_no",
-        "select * from order_status_history where order_id = '00000000-0000-0000-0000-000000000001' order by version",
-        "select * from orders where customer_id = 'c' and (placed_at, order_id) > ('2026-01-01', '00000000-0000-0000-0000-000000000001') order by placed_at, order_id limit 21",
-        "select * from orders where status = any('{PLACED,PAID}') and placed_at >= '2026-01-01' and placed_at < '2026-02-01' order by placed_at, order_id limit 21",
-        "select * from orders where (placed_at, order_id) > ('2026-01-01', '00000000-0000-0000-0000-000000000001') order by placed_at, order_id limit 21",
-        "select o.* from order_search s join orders o using (order_id) where s.search_document @@ plainto_tsquery('simple', 'kettle') order by o.placed_at, o.order_id limit 21",
+        "select * from orders o left join order_payments p on p.order_id = o.order_id where o.order_id = '00000000-0000-0000-0000-000000000001'",
+        "select * from order_lines where order_id = any('{00000000-0000-0000-0000-000000000001}') order by order_id, line_no",
+        "select * from order_status_history where order_id = any('{00000000-0000-0000-0000-000000000001}') order by order_id, version",
+        "select * from orders o where o.customer_id = 'c' and (o.placed_at, o.order_id) < ('2026-01-01', '00000000-0000-0000-0000-000000000001') order by o.placed_at desc, o.order_id desc limit 21",
+        "select * from orders o where o.status = any('{PLACED,PAID}') and o.placed_at >= '2026-01-01' and o.placed_at <= '2026-02-01' order by o.placed_at desc, o.order_id desc limit 21",
+        "select * from orders o where (o.placed_at, o.order_id) < ('2026-01-01', '00000000-0000-0000-0000-000000000001') order by o.placed_at desc, o.order_id desc limit 21",
+        "select o.* from orders o join order_search s on s.order_id = o.order_id where s.search_document @@ websearch_to_tsquery('simple', 'kettle') order by o.placed_at desc, o.order_id desc limit 21",
         "select * from products where sku = 'SKU-1'",
-        "select * from products where to_tsvector('simple', name || ' ' || sku) @@ plainto_tsquery('simple', 'tea') order by name, sku limit 51",
+        "select * from products where to_tsvector('simple', name || ' ' || sku) @@ websearch_to_tsquery('simple', 'tea') order by name, sku limit 51",
         "select * from products where (name, sku) > ('a', 'b') order by name, sku limit 51",
-        "select * from customers where customer_id = 'c'",
-        "select * from customer_lifetime_values where customer_id = 'c'",
+        "select * from customers c left join customer_lifetime_values v on v.customer_id = c.customer_id where c.customer_id = 'c'",
         "select * from daily_sales where date between '2026-01-01' and '2026-01-31' order by date, currency",
     ];
     for sql in shapes {

@@ -1,4 +1,69 @@
 //! # Layout
 //!
-//! GraphQL queries and subscriptions over the read models, with consistency tokens. Not built yet:
-//! this crate only marks its place in the dependency graph.
+//! The read side's GraphQL: the contract's Query and Subscription types over the read models
+//! the projections keep, with explicit eventual consistency.
+//!
+//! - `consistency`: `consistency: {atLeast, timeoutMs, mode}` waits (woken by the
+//!   [`ProjectionHub`], never polling) and [`ConsistencyExtension`], which adds
+//!   `extensions.consistency {token, stale, lagMs}` to every query response.
+//! - `query`: [`QueryRoot`]; who may read what is checked first in each resolver.
+//! - `subscription`: [`SubscriptionRoot`] (`orderUpdated`, `events`), each behind a bounded
+//!   buffer that cuts off a subscriber who stops reading.
+//! - `context`: [`ReadApi`], what resolvers share (read store, event store, hub, limits), and
+//!   the page builders that load a page's children in one statement each.
+//! - `sql`: [`ReadStore`], every statement sent to the read models, counted.
+//! - `types`: the contract's output types. `cursor`: opaque keyset cursors.
+//! - `error`: [`ReadError`], this crate's one error type, and its contract codes.
+
+mod consistency;
+mod context;
+mod cursor;
+mod error;
+mod query;
+mod sql;
+mod subscription;
+mod types;
+
+use async_graphql::{EmptyMutation, ObjectType, Schema, SchemaBuilder, SubscriptionType};
+pub use consistency::{ConsistencyExtension, ConsistencyInput, ConsistencyMode, LagGauge};
+pub use context::{MAX_PAGE, ReadApi, ReadLimits};
+pub use error::ReadError;
+use orderly_projections::ProjectionHub;
+pub use query::QueryRoot;
+pub use sql::ReadStore;
+pub use subscription::{SubscriptionRoot, bounded};
+
+/// The read API alone (`orderly read-api`): no mutations.
+pub type ReadSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
+
+pub fn schema(api: ReadApi) -> ReadSchema {
+    install(
+        Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot),
+        api,
+    )
+    .finish()
+}
+
+/// Adds what the read API's roots need to a schema being built (alone, or merged with the
+/// command API's mutations): the shared [`ReadApi`], the consistency extension and the limits.
+pub fn install<Q, M, S>(builder: SchemaBuilder<Q, M, S>, api: ReadApi) -> SchemaBuilder<Q, M, S>
+where
+    Q: ObjectType + 'static,
+    M: ObjectType + 'static,
+    S: SubscriptionType + 'static,
+{
+    let extension = ConsistencyExtension::new(api.hub().clone(), api.gauge());
+    orderly_platform::with_limits(builder)
+        .data(api)
+        .extension(extension)
+}
+
+/// The hub a read API process needs when the projection runners live in other processes: it
+/// follows their notifications and checkpoints. Abort the task to stop following.
+pub fn follow_projections(
+    pg_config: orderly_event_store::postgres::PgConfig,
+) -> (ProjectionHub, tokio::task::JoinHandle<()>) {
+    let hub = ProjectionHub::new();
+    let task = hub.follow(pg_config);
+    (hub, task)
+}

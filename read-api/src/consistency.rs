@@ -1,0 +1,281 @@
+//! Explicit eventual consistency: waiting for a token, and saying how fresh every answer is.
+//!
+//! A resolver that reads a read model first calls [`read_point`]: with `consistency.atLeast`
+//! it waits, woken by the projection hub (never polling), until the projection answering it has
+//! applied that position, for at most the smaller of `timeoutMs` and the server's cap. It then
+//! notes the projection's position *before* reading, so the position noted is one the rows read
+//! afterwards are known to include. [`ConsistencyExtension`] turns the notes of one request
+//! into `extensions.consistency { token, stale, lagMs }` on every query response.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextPrepareRequest,
+};
+use async_graphql::parser::types::{ExecutableDocument, OperationType};
+use async_graphql::{Context, Enum, InputObject, Name, Request, Response, ServerResult, Variables};
+use chrono::{DateTime, Utc};
+use orderly_event_store::{EventFilter, EventStore, Position};
+use orderly_platform::ConsistencyToken;
+use orderly_projections::{ProjectionHub, ProjectionName};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::ReadError;
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsistencyMode {
+    /// Wait up to timeoutMs, then answer anyway with extensions.consistency.stale = true.
+    #[default]
+    Bounded,
+    /// Wait up to timeoutMs, then fail with code STALE_READ.
+    Strict,
+}
+
+/// Read-your-writes: pass a mutation's `token` as `atLeast`, and the query is answered from
+/// read models that include that write, waiting for them if needed. Example:
+/// `order(id: $id, consistency: { atLeast: $token, timeoutMs: 1000, mode: STRICT })`.
+/// Every query answer says what it saw in `extensions.consistency { token, stale, lagMs }`:
+/// `token` a position the answering read models had applied, `stale` true when `atLeast` was
+/// not reached in time (BOUNDED only), `lagMs` the age of the oldest event they had not applied.
+#[derive(InputObject, Debug, Clone)]
+pub struct ConsistencyInput {
+    /// Answer only from read models that have applied at least this position.
+    pub at_least: ConsistencyToken,
+    /// How long the server may wait for the read models to catch up (it may cap this).
+    #[graphql(default = 2000)]
+    pub timeout_ms: Option<i32>,
+    #[graphql(default_with = "Some(ConsistencyMode::Bounded)")]
+    pub mode: Option<ConsistencyMode>,
+}
+
+/// What the resolvers of one request saw; the extension reports it.
+#[derive(Debug, Default)]
+pub struct Observed {
+    inner: Mutex<ObservedInner>,
+}
+
+#[derive(Debug, Default)]
+struct ObservedInner {
+    /// The lowest position noted by any resolver: every read model that answered had applied
+    /// at least this much.
+    token: Option<Position>,
+    stale: bool,
+}
+
+impl Observed {
+    fn note(&self, position: Position, stale: bool) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.token = Some(inner.token.map_or(position, |t| t.min(position)));
+        inner.stale |= stale;
+    }
+
+    fn take(&self) -> (Option<Position>, bool) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.token, inner.stale)
+    }
+}
+
+/// Waits as `consistency` asks for `projection` to pass its token, then notes the position the
+/// answer will reflect. STRICT and not reached in time: STALE_READ.
+pub async fn read_point(
+    ctx: &Context<'_>,
+    hub: &ProjectionHub,
+    max_wait: Duration,
+    projection: ProjectionName,
+    consistency: Option<&ConsistencyInput>,
+) -> Result<(), ReadError> {
+    let mut stale = false;
+    if let Some(consistency) = consistency {
+        let asked = consistency.timeout_ms.unwrap_or(2000);
+        let asked = u64::try_from(asked)
+            .map_err(|_| ReadError::invalid("consistency.timeoutMs", "must be 0 or more"))?;
+        let timeout = Duration::from_millis(asked).min(max_wait);
+        let started = Instant::now();
+        let reached = hub
+            .wait_for(projection, consistency.at_least.0, timeout)
+            .await;
+        tracing::debug!(
+            %projection, reached, waited_ms = started.elapsed().as_millis() as u64,
+            "consistency wait"
+        );
+        if !reached {
+            if consistency.mode.unwrap_or_default() == ConsistencyMode::Strict {
+                return Err(ReadError::Stale {
+                    waited_ms: timeout.as_millis() as u64,
+                });
+            }
+            stale = true;
+        }
+    }
+    if let Ok(observed) = ctx.data::<Arc<Observed>>() {
+        observed.note(hub.position(projection), stale);
+    }
+    Ok(())
+}
+
+/// How far behind the log a position is, in milliseconds: the age of the oldest event after it
+/// (0 when nothing is after it). The log's head is sampled at most once per `max_age` for all
+/// requests together, so answering this costs no statement on most requests.
+pub struct LagGauge {
+    store: Arc<dyn EventStore>,
+    max_age: Duration,
+    sample: tokio::sync::Mutex<Sample>,
+}
+
+#[derive(Default)]
+struct Sample {
+    taken: Option<Instant>,
+    head: Position,
+    /// The first event after some position, found since `taken`: reused for positions at or
+    /// after it, which over-states their lag by at most what was applied within `max_age`.
+    oldest: Option<(Position, DateTime<Utc>)>,
+}
+
+impl LagGauge {
+    pub fn new(store: Arc<dyn EventStore>, max_age: Duration) -> Self {
+        Self {
+            store,
+            max_age,
+            sample: tokio::sync::Mutex::default(),
+        }
+    }
+
+    pub async fn lag_ms(&self, applied: Position) -> i64 {
+        // One lock for the whole computation: concurrent requests wait for one sample instead
+        // of each sending their own.
+        let mut sample = self.sample.lock().await;
+        if sample.taken.is_none_or(|t| t.elapsed() > self.max_age) {
+            match self.store.head().await {
+                Ok(head) => {
+                    *sample = Sample {
+                        taken: Some(Instant::now()),
+                        head,
+                        oldest: None,
+                    };
+                }
+                // The last sample (or "caught up" before any) stands until the store answers.
+                Err(error) => tracing::debug!(%error, "cannot sample the log's head"),
+            }
+        }
+        if applied >= sample.head {
+            return 0;
+        }
+        let recorded_at = match sample.oldest {
+            Some((after, at)) if after <= applied => at,
+            _ => match self.store.read_all(applied, &EventFilter::All, 1).await {
+                Ok(events) => match events.first() {
+                    Some(event) => {
+                        sample.oldest = Some((applied, event.recorded_at));
+                        event.recorded_at
+                    }
+                    None => return 0,
+                },
+                Err(error) => {
+                    tracing::debug!(%error, "cannot read the oldest unapplied event");
+                    return 0;
+                }
+            },
+        };
+        (Utc::now() - recorded_at).num_milliseconds().max(0)
+    }
+}
+
+/// Adds `extensions.consistency` to every query response. Holds what all requests share.
+pub struct ConsistencyExtension {
+    hub: ProjectionHub,
+    gauge: Arc<LagGauge>,
+}
+
+impl ConsistencyExtension {
+    pub fn new(hub: ProjectionHub, gauge: Arc<LagGauge>) -> Self {
+        Self { hub, gauge }
+    }
+}
+
+impl ExtensionFactory for ConsistencyExtension {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(ConsistencyReport {
+            hub: self.hub.clone(),
+            gauge: self.gauge.clone(),
+            observed: Arc::default(),
+            operations: Mutex::default(),
+        })
+    }
+}
+
+/// One request's extension instance.
+struct ConsistencyReport {
+    hub: ProjectionHub,
+    gauge: Arc<LagGauge>,
+    observed: Arc<Observed>,
+    /// The document's operations (name, kind), to tell queries from mutations at the end.
+    operations: Mutex<Vec<(Option<Name>, OperationType)>>,
+}
+
+#[async_trait::async_trait]
+impl Extension for ConsistencyReport {
+    async fn prepare_request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        request: Request,
+        next: NextPrepareRequest<'_>,
+    ) -> ServerResult<Request> {
+        next.run(ctx, request.data(self.observed.clone())).await
+    }
+
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        let document = next.run(ctx, query, variables).await?;
+        let kinds = document
+            .operations
+            .iter()
+            .map(|(name, operation)| (name.cloned(), operation.node.ty))
+            .collect();
+        *self.operations.lock().unwrap_or_else(|p| p.into_inner()) = kinds;
+        Ok(document)
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        let mut response = next.run(ctx, operation_name).await;
+        let is_query = {
+            let operations = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+            let chosen = match operation_name {
+                Some(wanted) => operations
+                    .iter()
+                    .find(|(name, _)| name.as_ref().is_some_and(|n| n.as_str() == wanted)),
+                None => operations.first(),
+            };
+            chosen.is_some_and(|(_, kind)| *kind == OperationType::Query)
+        };
+        if is_query {
+            let (token, stale) = self.observed.take();
+            // A query that read no read model (only the log, or only `__typename`) reports
+            // the read side as a whole: the position every projection has passed.
+            let token = token.unwrap_or_else(|| {
+                ProjectionName::ALL
+                    .iter()
+                    .map(|name| self.hub.position(*name))
+                    .min()
+                    .unwrap_or(Position::START)
+            });
+            let lag_ms = self.gauge.lag_ms(token).await;
+            let value = json!({ "token": token.to_string(), "stale": stale, "lagMs": lag_ms });
+            if let Ok(value) = async_graphql::Value::from_json(value) {
+                response.extensions.insert("consistency".to_owned(), value);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,465 @@
+//! Every statement the read API sends to the read-model database, and the rows they return.
+//!
+//! Pages are keyset-paginated on columns that never change once written (`placed_at, order_id`
+//! for orders, `name, sku` for products), so rows inserted while a client pages never shift
+//! the rows it has yet to see: nothing is skipped or repeated. Children of a page (lines,
+//! status history) are loaded for all its orders in one statement each, so a page costs the
+//! same number of statements whatever its size.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use deadpool_postgres::Pool;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::ReadError;
+
+/// `orders` joined with its payment, as every order statement selects it.
+const ORDER_COLUMNS: &str = "o.order_id, o.customer_id, o.status, o.total_minor, o.currency,
+    o.ship_name, o.ship_line1, o.ship_line2, o.ship_city, o.ship_postal_code, o.ship_country,
+    o.placed_at, o.updated_at, o.cancellation_reason, o.carrier, o.tracking_number,
+    o.shipped_at, o.delivered_at, o.version,
+    p.status, p.amount_minor, p.currency, p.attempts, p.failure_reason";
+
+const ORDER_FROM: &str = "orders o left join order_payments p on p.order_id = o.order_id";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderRow {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub status: String,
+    pub total_minor: i64,
+    pub currency: String,
+    pub ship_name: String,
+    pub ship_line1: String,
+    pub ship_line2: Option<String>,
+    pub ship_city: String,
+    pub ship_postal_code: String,
+    pub ship_country: String,
+    pub placed_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub cancellation_reason: Option<String>,
+    pub carrier: Option<String>,
+    pub tracking_number: Option<String>,
+    pub shipped_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub payment: Option<PaymentRow>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentRow {
+    pub status: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub attempts: i32,
+    pub failure_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineRow {
+    pub sku: String,
+    pub name: String,
+    pub quantity: i32,
+    pub unit_price_minor: i64,
+    pub line_total_minor: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusRow {
+    /// Version of the order-stream event that made this change.
+    pub version: i64,
+    pub status: String,
+    pub at: DateTime<Utc>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProductRow {
+    pub sku: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub price_minor: i64,
+    pub currency: String,
+    pub on_hand: i32,
+    pub reserved: i32,
+    pub available: i32,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerRow {
+    pub customer_id: String,
+    pub order_count: i32,
+    pub last_order_at: Option<DateTime<Utc>>,
+    /// (currency, amount in minor units), by currency.
+    pub lifetime_values: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DailySalesRow {
+    pub date: NaiveDate,
+    pub currency: String,
+    pub orders: i32,
+    pub cancelled: i32,
+    pub revenue_minor: i64,
+}
+
+/// Which orders a page holds. All filters are optional and combine with `and`.
+#[derive(Debug, Clone, Default)]
+pub struct OrderQuery {
+    pub customer_id: Option<String>,
+    pub statuses: Option<Vec<String>>,
+    pub placed_from: Option<DateTime<Utc>>,
+    pub placed_to: Option<DateTime<Utc>>,
+    /// Full-text query over the order's search document (`websearch_to_tsquery` syntax).
+    pub text: Option<String>,
+}
+
+/// Where a page of orders starts: after this row of the order `placed_at desc, order_id desc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderKey {
+    pub placed_at: DateTime<Utc>,
+    pub order_id: Uuid,
+}
+
+/// Where a page of products starts: after this row of the order `name, sku`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductKey {
+    pub name: String,
+    pub sku: String,
+}
+
+/// The read-model database. Cheap to clone.
+#[derive(Clone)]
+pub struct ReadStore {
+    pool: Pool,
+    /// Statements sent so far: what the N+1 tests count.
+    statements: Arc<AtomicU64>,
+}
+
+type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
+
+impl ReadStore {
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            statements: Arc::default(),
+        }
+    }
+
+    /// How many statements this store has sent since it was made.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    /// The one way statements are sent: prepared once per connection, counted.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, ReadError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        Ok(client.query(&statement, params).await?)
+    }
+
+    /// A connection for the few reads that live in other crates (projection status).
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub async fn order(&self, order_id: Uuid) -> Result<Option<OrderRow>, ReadError> {
+        let sql = format!("select {ORDER_COLUMNS} from {ORDER_FROM} where o.order_id = $1");
+        let rows = self.query(&sql, &[&order_id]).await?;
+        rows.first().map(order_row).transpose()
+    }
+
+    /// Up to `limit` orders matching `filter` after `after`, newest first.
+    pub async fn orders(
+        &self,
+        filter: &OrderQuery,
+        after: Option<OrderKey>,
+        limit: i64,
+    ) -> Result<Vec<OrderRow>, ReadError> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut params: Params<'_> = Vec::new();
+        let mut join = "";
+        // Each filter adds its own condition, so the statement text (and its plan) is one of a
+        // few shapes, each able to use the index that fits it.
+        if let Some(customer_id) = &filter.customer_id {
+            params.push(customer_id);
+            conditions.push(format!("o.customer_id = ${}", params.len()));
+        }
+        if let Some(statuses) = &filter.statuses {
+            params.push(statuses);
+            conditions.push(format!("o.status = any(${})", params.len()));
+        }
+        if let Some(from) = &filter.placed_from {
+            params.push(from);
+            conditions.push(format!("o.placed_at >= ${}", params.len()));
+        }
+        if let Some(to) = &filter.placed_to {
+            params.push(to);
+            conditions.push(format!("o.placed_at <= ${}", params.len()));
+        }
+        if let Some(text) = &filter.text {
+            join = " join order_search s on s.order_id = o.order_id";
+            params.push(text);
+            conditions.push(format!(
+                "s.search_document @@ websearch_to_tsquery('simple', ${})",
+                params.len()
+            ));
+        }
+        let key = after.map(|key| (key.placed_at, key.order_id));
+        if let Some((placed_at, order_id)) = &key {
+            params.push(placed_at);
+            params.push(order_id);
+            conditions.push(format!(
+                "(o.placed_at, o.order_id) < (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
+        }
+        params.push(&limit);
+        let filter_sql = where_clause(&conditions);
+        let sql = format!(
+            "select {ORDER_COLUMNS} from {ORDER_FROM}{join}{filter_sql}
+             order by o.placed_at desc, o.order_id desc limit ${}",
+            params.len()
+        );
+        self.query(&sql, &params)
+            .await?
+            .iter()
+            .map(order_row)
+            .collect()
+    }
+
+    /// The lines of every order in `order_ids`, in line order, in one statement.
+    pub async fn lines(
+        &self,
+        order_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<LineRow>>, ReadError> {
+        let rows = self
+            .query(
+                "select order_id, sku, name, quantity, unit_price_minor, line_total_minor, currency
+                 from order_lines where order_id = any($1) order by order_id, line_no",
+                &[&order_ids],
+            )
+            .await?;
+        let mut by_order: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
+        for row in rows {
+            by_order.entry(row.try_get(0)?).or_default().push(LineRow {
+                sku: row.try_get(1)?,
+                name: row.try_get(2)?,
+                quantity: row.try_get(3)?,
+                unit_price_minor: row.try_get(4)?,
+                line_total_minor: row.try_get(5)?,
+                currency: row.try_get(6)?,
+            });
+        }
+        Ok(by_order)
+    }
+
+    /// The status history of every order in `order_ids`, oldest first, in one statement.
+    pub async fn history(
+        &self,
+        order_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<StatusRow>>, ReadError> {
+        let rows = self
+            .query(
+                "select order_id, version, status, at, reason from order_status_history
+                 where order_id = any($1) order by order_id, version",
+                &[&order_ids],
+            )
+            .await?;
+        let mut by_order: HashMap<Uuid, Vec<StatusRow>> = HashMap::new();
+        for row in rows {
+            by_order
+                .entry(row.try_get(0)?)
+                .or_default()
+                .push(StatusRow {
+                    version: row.try_get(1)?,
+                    status: row.try_get(2)?,
+                    at: row.try_get(3)?,
+                    reason: row.try_get(4)?,
+                });
+        }
+        Ok(by_order)
+    }
+
+    pub async fn product(&self, sku: &str) -> Result<Option<ProductRow>, ReadError> {
+        let rows = self
+            .query(
+                "select sku, name, description, price_minor, currency, on_hand, reserved,
+                        available, version
+                 from products where sku = $1",
+                &[&sku],
+            )
+            .await?;
+        rows.first().map(product_row).transpose()
+    }
+
+    /// Up to `limit` products after `after`, by name then SKU; `search` matches words of the
+    /// name or the SKU.
+    pub async fn products(
+        &self,
+        search: Option<&str>,
+        after: Option<&ProductKey>,
+        limit: i64,
+    ) -> Result<Vec<ProductRow>, ReadError> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut params: Params<'_> = Vec::new();
+        if let Some(search) = &search {
+            params.push(search);
+            // The same expression as the GIN index, so the index answers it.
+            conditions.push(format!(
+                "to_tsvector('simple', name || ' ' || sku) @@ websearch_to_tsquery('simple', ${})",
+                params.len()
+            ));
+        }
+        if let Some(key) = after {
+            params.push(&key.name);
+            params.push(&key.sku);
+            conditions.push(format!(
+                "(name, sku) > (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
+        }
+        params.push(&limit);
+        let filter_sql = where_clause(&conditions);
+        let sql = format!(
+            "select sku, name, description, price_minor, currency, on_hand, reserved,
+                    available, version
+             from products{filter_sql} order by name, sku limit ${}",
+            params.len()
+        );
+        self.query(&sql, &params)
+            .await?
+            .iter()
+            .map(product_row)
+            .collect()
+    }
+
+    pub async fn customer(&self, customer_id: &str) -> Result<Option<CustomerRow>, ReadError> {
+        let rows = self
+            .query(
+                "select c.customer_id, c.order_count, c.last_order_at,
+                        coalesce(array_agg(v.currency order by v.currency)
+                                 filter (where v.currency is not null), '{}'),
+                        coalesce(array_agg(v.amount_minor order by v.currency)
+                                 filter (where v.currency is not null), '{}')
+                 from customers c
+                 left join customer_lifetime_values v on v.customer_id = c.customer_id
+                 where c.customer_id = $1
+                 group by c.customer_id",
+                &[&customer_id],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let currencies: Vec<String> = row.try_get(3)?;
+        let amounts: Vec<i64> = row.try_get(4)?;
+        Ok(Some(CustomerRow {
+            customer_id: row.try_get(0)?,
+            order_count: row.try_get(1)?,
+            last_order_at: row.try_get(2)?,
+            lifetime_values: currencies.into_iter().zip(amounts).collect(),
+        }))
+    }
+
+    /// Daily sales from `from` to `to`, both included, by date then currency.
+    pub async fn sales_by_day(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DailySalesRow>, ReadError> {
+        let rows = self
+            .query(
+                "select date, currency, orders, cancelled, revenue_minor from daily_sales
+                 where date between $1 and $2 order by date, currency",
+                &[&from, &to],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DailySalesRow {
+                    date: row.try_get(0)?,
+                    currency: row.try_get(1)?,
+                    orders: row.try_get(2)?,
+                    cancelled: row.try_get(3)?,
+                    revenue_minor: row.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// ` where a and b ...`, or nothing without conditions.
+fn where_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", conditions.join(" and "))
+    }
+}
+
+/// The same columns the projection's own row type reads; the two sides map the table each for
+/// its own purpose (the projection folds events over it, this answers queries).
+fn order_row(row: &Row) -> Result<OrderRow, ReadError> {
+    let payment_status: Option<String> = row.try_get(19)?;
+    let payment = match payment_status {
+        None => None,
+        Some(status) => Some(PaymentRow {
+            status,
+            amount_minor: row.try_get(20)?,
+            currency: row.try_get(21)?,
+            attempts: row.try_get(22)?,
+            failure_reason: row.try_get(23)?,
+        }),
+    };
+    Ok(OrderRow {
+        order_id: row.try_get(0)?,
+        customer_id: row.try_get(1)?,
+        status: row.try_get(2)?,
+        total_minor: row.try_get(3)?,
+        currency: row.try_get(4)?,
+        ship_name: row.try_get(5)?,
+        ship_line1: row.try_get(6)?,
+        ship_line2: row.try_get(7)?,
+        ship_city: row.try_get(8)?,
+        ship_postal_code: row.try_get(9)?,
+        ship_country: row.try_get(10)?,
+        placed_at: row.try_get(11)?,
+        updated_at: row.try_get(12)?,
+        cancellation_reason: row.try_get(13)?,
+        carrier: row.try_get(14)?,
+        tracking_number: row.try_get(15)?,
+        shipped_at: row.try_get(16)?,
+        delivered_at: row.try_get(17)?,
+        version: row.try_get(18)?,
+        payment,
+    })
+}
+
+fn product_row(row: &Row) -> Result<ProductRow, ReadError> {
+    Ok(ProductRow {
+        sku: row.try_get(0)?,
+        name: row.try_get(1)?,
+        description: row.try_get(2)?,
+        price_minor: row.try_get(3)?,
+        currency: row.try_get(4)?,
+        on_hand: row.try_get(5)?,
+        reserved: row.try_get(6)?,
+        available: row.try_get(7)?,
+        version: row.try_get(8)?,
+    })
+}
