@@ -337,30 +337,38 @@ async fn run<E: Executor>(
             );
         }
     };
+    (seen.operation, seen.kind, seen.outcome) = classify(selected, Some(&response));
+    axum::Json(with_codes(response)).into_response()
+}
+
+/// The labels of one operation: what the document selects (`None` when it does not parse)
+/// and its first response, before codes are added (`None` when it has not answered yet).
+fn classify(
+    selected: Option<(OperationKind, BTreeSet<String>)>,
+    response: Option<&GqlResponse>,
+) -> (String, OperationKind, RequestOutcome) {
+    let errors = response.map_or(&[][..], |response| &response.errors[..]);
     // Errors without a code come from parsing and validation: the document was invalid, and
     // its root field names may not be the schema's, so they never become a label.
-    let invalid = response.data == async_graphql::Value::Null
-        && response.errors.iter().any(|error| !has_code(error));
-    if let Some((kind, fields)) = selected {
-        seen.kind = kind;
-        if !invalid {
-            seen.operation = match fields.len() {
-                0 => "invalid".to_owned(),
-                1 => fields.into_iter().next().unwrap_or_default(),
-                _ => "multiple".to_owned(),
-            };
+    let invalid = response.is_some_and(|response| response.data == async_graphql::Value::Null)
+        && errors.iter().any(|error| !has_code(error));
+    // Uncoded errors (None) count as the caller's, as `with_codes` labels them.
+    let outcome = RequestOutcome::of_codes(errors.iter().map(|error| {
+        match error.extensions.as_ref().and_then(|e| e.get("code")) {
+            Some(async_graphql::Value::String(code)) => Some(code.as_str()),
+            _ => None,
         }
-    }
-    seen.outcome = RequestOutcome::of_codes(response.errors.iter().map(|error| {
-        error
-            .extensions
-            .as_ref()
-            .and_then(|extensions| match extensions.get("code") {
-                Some(async_graphql::Value::String(code)) => Some(code.as_str()),
-                _ => None,
-            })
     }));
-    axum::Json(with_codes(response)).into_response()
+    let Some((kind, fields)) = selected else {
+        return ("invalid".to_owned(), OperationKind::Query, outcome);
+    };
+    let operation = match fields.len() {
+        _ if invalid => "invalid".to_owned(),
+        1 => fields.into_iter().next().unwrap_or_default(),
+        0 => "invalid".to_owned(),
+        _ => "multiple".to_owned(),
+    };
+    (operation, kind, outcome)
 }
 
 /// The kind of the operation a request runs and the names of the root fields it selects
@@ -442,16 +450,50 @@ impl<E: Executor> Executor for Coded<E> {
         async move { with_codes(response.await) }
     }
 
+    /// Every operation over the socket (a `subscribe` message) is timed as one request, and
+    /// a subscription counts as open from its setup until its stream ends or is dropped.
     fn execute_stream(
         &self,
-        request: async_graphql::Request,
+        mut request: async_graphql::Request,
         session_data: Option<Arc<async_graphql::Data>>,
     ) -> futures::stream::BoxStream<'static, GqlResponse> {
         use futures::StreamExt;
-        self.0
-            .execute_stream(request, session_data)
-            .map(with_codes)
-            .boxed()
+        let started = Instant::now();
+        let operation_name = request.operation_name.clone();
+        let selected = request
+            .parsed_query()
+            .ok()
+            .map(|document| root_fields(document, operation_name.as_deref()));
+        let mut inner = self.0.execute_stream(request, session_data);
+        let mut pending = Some(selected);
+        // Held for its drop, which takes the subscription out of the gauge.
+        let mut _held: Option<crate::metrics::OpenSubscription> = None;
+        futures::stream::poll_fn(move |cx| {
+            let polled = inner.poll_next_unpin(cx);
+            let subscription = matches!(&pending, Some(Some((OperationKind::Subscription, _))));
+            // A subscription is set up by its first poll (validated, its source opened, or
+            // refused with errors); a query or mutation is done with its one response.
+            let settled = match &polled {
+                std::task::Poll::Ready(_) => true,
+                std::task::Poll::Pending => subscription,
+            };
+            if settled && let Some(selected) = pending.take() {
+                let response = match &polled {
+                    std::task::Poll::Ready(Some(response)) => Some(response),
+                    _ => None,
+                };
+                let (operation, kind, outcome) = classify(selected, response);
+                record_graphql_request(&operation, kind, outcome, started.elapsed());
+                if kind == OperationKind::Subscription && outcome == RequestOutcome::Ok {
+                    _held = Some(crate::metrics::subscription_opened(&operation));
+                }
+            }
+            if matches!(polled, std::task::Poll::Ready(None)) {
+                _held = None;
+            }
+            polled.map(|response| response.map(with_codes))
+        })
+        .boxed()
     }
 }
 

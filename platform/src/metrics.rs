@@ -4,8 +4,9 @@
 //! Crates record through the `metrics` facade (`metrics::counter!` and friends); this module
 //! installs the process-wide recorder, gives every histogram its documented buckets (without
 //! them the exporter would publish summaries), describes every name (promtool insists on help
-//! texts), and renders `GET /metrics`. It also holds the calls the read API makes for its own
-//! series ([`subscription_opened`], [`record_consistency_wait`], [`record_graphql_request`]).
+//! texts), and renders `GET /metrics`. Requests and subscriptions are recorded by the
+//! `/graphql` handler and its WebSocket executor; the read API records its consistency waits
+//! with [`record_consistency_wait`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -412,8 +413,8 @@ impl RequestOutcome {
 }
 
 /// One GraphQL request: `operation` is the root field selected, `multiple` or `invalid`
-/// (never the client's free-text operationName). The read API calls this for a subscription
-/// once its stream is set up.
+/// (never the client's free-text operationName); for a subscription, the time until its
+/// stream was set up.
 pub fn record_graphql_request(
     operation: &str,
     kind: OperationKind,
