@@ -53,7 +53,7 @@ pub struct App {
     /// False when the runners work in their own processes (`orderly projections run`); a
     /// process serving reads then follows them through PostgreSQL notifications.
     run_projections: bool,
-    /// Refreshes the readiness and pool gauges while the app runs.
+    /// Refreshes the readiness gauges while the app runs.
     health: Health,
 }
 
@@ -75,8 +75,10 @@ impl App {
         let health = Health {
             store: store.clone(),
             read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
-            store_pool,
         };
+        if let Some(pool) = store_pool {
+            orderly_platform::metrics::watch_pool("event_store", pool);
+        }
         let hub = ProjectionHub::new();
         let mut router = health.clone().router().merge(metrics.router());
         if part != Part::Probes {
@@ -170,6 +172,7 @@ pub fn graphql_router(
     part: Part,
 ) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    orderly_platform::metrics::watch_pool("read_models", pool.clone());
     let commands = || CommandService::new(store.clone(), Some(IdempotencyKeys::new(pool.clone())));
     let reads = || {
         let limits = ReadLimits {

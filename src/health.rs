@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use orderly_event_store::EventStore;
-use orderly_platform::metrics::{record_pool, record_readiness};
+use orderly_platform::metrics::record_readiness;
 use orderly_projections::ProjectionState;
 use serde_json::{Map, Value, json};
 
@@ -28,8 +28,6 @@ pub struct Health {
     pub store: Arc<dyn EventStore>,
     /// Connections to the read models' database, for the checks only (two at most).
     pub read_db: Pool,
-    /// The PostgreSQL event store's pool, when the log is there, for the pool gauges.
-    pub store_pool: Option<Pool>,
 }
 
 /// One check's verdict: `Err` says why it failed, fit for an operator.
@@ -144,15 +142,12 @@ impl Health {
         (Ok(()), projections)
     }
 
-    /// Refreshes the readiness and pool gauges until the task is dropped.
+    /// Refreshes the readiness gauges until the task is dropped.
     pub async fn sample_forever(self) {
         let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
         loop {
             ticks.tick().await;
             self.check().await;
-            if let Some(pool) = &self.store_pool {
-                record_pool("event_store", pool);
-            }
         }
     }
 

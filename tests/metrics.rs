@@ -185,6 +185,8 @@ async fn the_scrape_after_an_order_passes_promtool_and_holds_every_documented_na
         r#"orderly_notifications_total{outcome="sent"} 1"#,
         r#"orderly_readiness_check{check="projections"} 1"#,
         r#"orderly_db_pool_max_connections{pool="event_store"} 8"#,
+        r#"orderly_db_pool_max_connections{pool="read_models"} 8"#,
+        r#"orderly_db_pool_connections{pool="read_models",state="idle"}"#,
         r#"orderly_build_info{version="0.1.0",event_store="postgres"} 1"#,
         r#"orderly_tokio_probe_delay_seconds_bucket{le="0.0001"}"#,
     ] {

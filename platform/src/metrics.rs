@@ -112,6 +112,7 @@ impl Metrics {
     /// figures sampled now.
     pub fn render(&self) -> String {
         self.process.collect();
+        record_pools();
         // Keeps histogram storage bounded between scrapes.
         self.handle.run_upkeep();
         let mut text = self.handle.render();
@@ -471,8 +472,29 @@ pub fn record_readiness(check: &'static str, passed: bool) {
     gauge!("orderly_readiness_check", "check" => check).set(if passed { 1.0 } else { 0.0 });
 }
 
-/// The connections of `pool`, named `name` (`event_store` or `read_models`), as they are now.
-pub fn record_pool(name: &'static str, pool: &deadpool_postgres::Pool) {
+/// Pools whose connections every scrape reports; a later pool of the same name replaces the
+/// earlier (tests build several apps in one process).
+static POOLS: Mutex<Vec<(&'static str, deadpool_postgres::Pool)>> = Mutex::new(Vec::new());
+
+/// Reports `pool`'s connections as `pool="<name>"` (`event_store` or `read_models`) in
+/// `orderly_db_pool_connections` and `orderly_db_pool_max_connections` from now on.
+pub fn watch_pool(name: &'static str, pool: deadpool_postgres::Pool) {
+    if let Ok(mut pools) = POOLS.lock() {
+        pools.retain(|(watched, _)| *watched != name);
+        pools.push((name, pool));
+    }
+}
+
+fn record_pools() {
+    if let Ok(pools) = POOLS.lock() {
+        for (name, pool) in pools.iter() {
+            record_pool(name, pool);
+        }
+    }
+}
+
+/// The connections of `pool`, named `name`, as they are now.
+fn record_pool(name: &'static str, pool: &deadpool_postgres::Pool) {
     let status = pool.status();
     let idle = status.available;
     let in_use = status.size.saturating_sub(idle);
