@@ -7,11 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_graphql::{Executor, Schema};
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
     SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
@@ -21,17 +17,15 @@ use orderly_domain::fulfilment::Timing;
 use orderly_event_store::EventStore;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
+use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
 use orderly_read_api::{QueryRoot, ReadApi, ReadLimits, ReadStore, SubscriptionRoot};
-use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::health::Health;
 use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
-
-/// How long a readiness probe may wait on a dependency before calling it unreachable.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Which part of the service a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +38,9 @@ pub enum Part {
     /// `orderly read-api`: the queries and subscriptions only, following projection runners
     /// that work in other processes.
     Reads,
+    /// `orderly projections run`, `orderly saga run`: only `/healthz`, `/readyz` and
+    /// `/metrics`, which orchestrators and Prometheus probe as they probe the APIs.
+    Probes,
 }
 
 pub struct App {
@@ -57,11 +54,8 @@ pub struct App {
     /// False when the runners work in their own processes (`orderly projections run`); a
     /// process serving reads then follows them through PostgreSQL notifications.
     run_projections: bool,
-}
-
-#[derive(Clone)]
-struct AppState {
-    store: Arc<dyn EventStore>,
+    /// Refreshes the readiness gauges while the app runs.
+    health: Health,
 }
 
 impl App {
@@ -73,15 +67,28 @@ impl App {
     /// Connects to the stores (lazily: an unreachable database shows on `/readyz`, it does not
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build_part(settings: &Settings, part: Part) -> anyhow::Result<Self> {
-        let store = event_store(settings)?;
+        let metrics = orderly_platform::metrics::install()?;
+        let (store, store_pool) = event_store_and_pool(settings)?;
+        orderly_platform::metrics::record_build_info(
+            env!("CARGO_PKG_VERSION"),
+            store_label(settings.event_store),
+        );
+        let health = Health {
+            store: store.clone(),
+            read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
+        };
+        if let Some(pool) = store_pool {
+            orderly_platform::metrics::watch_pool("event_store", pool);
+        }
         let hub = ProjectionHub::new();
-        let router = Router::new()
-            .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
-            .with_state(AppState {
-                store: store.clone(),
-            })
-            .merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
+        let mut router = health.clone().router().merge(metrics.router());
+        if part != Part::Probes {
+            router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
+        }
+        // Outermost, so every response counts, the refusals of inner layers included.
+        let router = router.layer(axum::middleware::from_fn(
+            orderly_platform::metrics::count_responses,
+        ));
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
@@ -93,6 +100,7 @@ impl App {
             pg_config: pg_config(settings)?,
             hub,
             run_projections: part == Part::Everything,
+            health,
         })
     }
 
@@ -122,6 +130,9 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), part = ?self.part, "serving");
+        // Both end with the server: they only feed /metrics.
+        let probe = AbortOnDrop(tokio::spawn(orderly_platform::metrics::probe_runtime()));
+        let sampler = AbortOnDrop(tokio::spawn(self.health.sample_forever()));
         let projections = self.run_projections.then(|| {
             Projections::start(
                 self.store,
@@ -131,8 +142,9 @@ impl App {
                 self.hub.clone(),
             )
         });
-        let follower = (!self.run_projections && self.part != Part::Commands)
-            .then(|| self.hub.follow(self.pg_config));
+        let follower = (!self.run_projections
+            && !matches!(self.part, Part::Commands | Part::Probes))
+        .then(|| self.hub.follow(self.pg_config));
         // Connect info gives the rate limiter the client's address for anonymous callers.
         let service = self
             .router
@@ -146,6 +158,7 @@ impl App {
         if let Some(follower) = follower {
             follower.abort();
         }
+        drop((probe, sampler));
         tracing::info!("stopped");
         Ok(())
     }
@@ -160,6 +173,7 @@ pub fn graphql_router(
     part: Part,
 ) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    orderly_platform::metrics::watch_pool("read_models", pool.clone());
     let commands = || CommandService::new(store.clone(), Some(IdempotencyKeys::new(pool.clone())));
     let reads = || {
         let limits = ReadLimits {
@@ -191,6 +205,7 @@ pub fn graphql_router(
             let sdl = schema.sdl();
             serve_schema(settings, schema, sdl)
         }
+        Part::Probes => Ok(Router::new()),
     }
 }
 
@@ -263,7 +278,7 @@ pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
         concurrency: settings.payment_concurrency,
         ..Resilience::default()
     };
-    Ok(Arc::new(Resilient::new(inner, policy)))
+    Ok(Arc::new(Resilient::new(inner, policy).with_metrics()))
 }
 
 /// The fulfilment saga runner with its outbox worker, calling `gateway`.
@@ -317,22 +332,50 @@ pub fn jwt_config(settings: &Settings) -> JwtConfig {
     }
 }
 
-/// The event store the settings choose.
+/// The event store the settings choose, its appends metered.
 pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
-    match settings.event_store {
+    Ok(event_store_and_pool(settings)?.0)
+}
+
+/// As [`event_store`], with the PostgreSQL store's pool (for its gauges) when that is the store.
+fn event_store_and_pool(
+    settings: &Settings,
+) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
+    let (store, pool): (Arc<dyn EventStore>, _) = match settings.event_store {
         EventStoreKind::Postgres => {
             let options = PgStoreOptions {
                 pool_size: settings.db_pool_size,
                 ..Default::default()
             };
-            Ok(Arc::new(PgEventStore::new(pg_config(settings)?, options)?))
+            let store = PgEventStore::new(pg_config(settings)?, options)?;
+            let pool = store.pool().clone();
+            (Arc::new(store), Some(pool))
         }
         EventStoreKind::Kurrentdb => {
             let Some(url) = settings.kurrentdb_url.as_deref() else {
                 bail!("event_store = kurrentdb needs ORDERLY_KURRENTDB_URL");
             };
-            Ok(Arc::new(KurrentDbEventStore::connect(url)?))
+            (Arc::new(KurrentDbEventStore::connect(url)?), None)
         }
+    };
+    let label = store_label(settings.event_store);
+    Ok((Arc::new(MeteredStore::new(store, label)), pool))
+}
+
+/// The `store` label of the append metrics.
+fn store_label(kind: EventStoreKind) -> &'static str {
+    match kind {
+        EventStoreKind::Postgres => "postgres",
+        EventStoreKind::Kurrentdb => "kurrentdb",
+    }
+}
+
+/// Ends a background task with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -369,31 +412,6 @@ pub fn migration_fingerprint() -> String {
         orderly_projections::migration_fingerprint(),
         orderly_command_api::migration_fingerprint()
     )
-}
-
-/// Alive: the process answers. Says nothing about dependencies.
-async fn healthz() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
-}
-
-/// Ready: the dependencies answer, so traffic may come.
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    match tokio::time::timeout(READY_TIMEOUT, state.store.head()).await {
-        Ok(Ok(_)) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "not ready: event store");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "reason": "event store unreachable" })),
-            )
-        }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({ "status": "unavailable", "reason": "event store did not answer in time" }),
-            ),
-        ),
-    }
 }
 
 #[cfg(test)]

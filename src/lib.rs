@@ -5,16 +5,19 @@
 //! - `settings`: defaults < file < `ORDERLY_*` environment, with secrets kept out of logs.
 //! - `app`: builds the service from settings ([`app::App::build`]), binds it, and runs it until a
 //!   shutdown signal. Only this crate wires the other crates together.
+//! - `health`: `/healthz`, `/readyz` and the readiness gauges.
 //! - `read_side`: projection runners (also started by `serve`) and the operator commands for
 //!   projections, dead letters and the log tail.
 //! - `command_side`: the operator commands for the saga's outbox dead letters.
 //! - `seed`: `orderly seed`, a realistic workload written through the command path.
 //! - `telemetry`: structured logs (JSON or text).
+//! - `telemetry`: structured logs (JSON or text) and traces (OTLP export).
 //!
 //! `main.rs` only parses the command line and calls into here.
 
 pub mod app;
 pub mod command_side;
+pub mod health;
 pub mod read_side;
 pub mod seed;
 pub mod settings;

@@ -11,6 +11,7 @@ use orderly::read_side::{self, Projections};
 use orderly::seed::{self, SeedOptions};
 use orderly::settings::Settings;
 use orderly::telemetry;
+use orderly_command_api::saga::SagaRunner;
 use orderly_platform::{Role, TokenIssuer};
 use orderly_projections::{
     DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
@@ -129,8 +130,9 @@ enum ProjectionsCommand {
         #[arg(long, default_value_t = 5000)]
         batch_size: usize,
     },
-    /// Run projection runners until SIGINT or SIGTERM (without the HTTP server). Several
-    /// processes may run the same projection: one is active, the others stand by.
+    /// Run projection runners until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
+    /// ORDERLY_HTTP_ADDR (no GraphQL). Several processes may run the same projection: one is
+    /// active, the others stand by.
     Run {
         /// Projections to run (default: all).
         names: Vec<String>,
@@ -188,8 +190,8 @@ fn projection_names(names: &[String]) -> anyhow::Result<Vec<ProjectionName>> {
 #[derive(Subcommand)]
 enum SagaCommand {
     /// Apply the migrations, then follow the log and drive orders to confirmation or
-    /// cancellation until SIGINT or SIGTERM. Several processes may run: one leads, the others
-    /// wait to take over.
+    /// cancellation until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
+    /// ORDERLY_HTTP_ADDR. Several processes may run: one leads, the others wait to take over.
     Run,
     /// Gateway calls and notifications the outbox worker could not deliver.
     Outbox {
@@ -241,9 +243,18 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref()).context("invalid settings")?;
-    telemetry::init(settings.log_format);
+    let telemetry = telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref())
+        .context("cannot set up trace export (ORDERLY_OTLP_ENDPOINT)")?;
     tracing::debug!(?settings, "settings");
-    match cli.command {
+    let ran = run(cli.command, &settings).await;
+    // Sends the spans still buffered; it blocks, so off the runtime's workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    ran
+}
+
+async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
+    let settings = settings.clone();
+    match command {
         Command::Migrate => {
             app::migrate(&settings).await?;
             tracing::info!("migrations applied");
@@ -252,23 +263,7 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            // One signal stops both: the HTTP side drains its requests and its projection
-            // runners their batches, the saga its step.
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            let signal = async move {
-                shutdown_signal().await;
-                let _ = stop.send(true);
-            };
-            let (served, sagas, ()) = tokio::join!(
-                app.run_until_stopped(wait(stopped.clone())),
-                saga.run_until_stopped(wait(stopped)),
-                signal
-            );
-            served?;
-            sagas?;
+            serve_with_saga(app, saga).await?;
         }
         Command::WriteApi => {
             app::migrate(&settings).await?;
@@ -285,8 +280,10 @@ async fn main() -> anyhow::Result<()> {
             command: SagaCommand::Run,
         } => {
             app::migrate(&settings).await?;
+            // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
+            let probes = App::build_part(&settings, Part::Probes).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            saga.run_until_stopped(shutdown_signal()).await?;
+            serve_with_saga(probes, saga).await?;
         }
         Command::Saga {
             command: SagaCommand::Outbox { command },
@@ -333,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
                         },
                         ..RunnerOptions::default()
                     };
+                    let probes = App::build_part(&settings, Part::Probes).await?;
                     let running = Projections::start(
                         store,
                         pg_config,
@@ -340,7 +338,7 @@ async fn main() -> anyhow::Result<()> {
                         options,
                         ProjectionHub::new(),
                     );
-                    shutdown_signal().await;
+                    probes.run_until_stopped(shutdown_signal()).await?;
                     running.stop().await;
                 }
             }
@@ -409,6 +407,26 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves `app` and runs `saga` until SIGINT or SIGTERM, which stops both: the HTTP side
+/// drains its requests (and its projection runners their batches), the saga finishes its step.
+async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    let (served, sagas, ()) = tokio::join!(
+        app.run_until_stopped(wait(stopped.clone())),
+        saga.run_until_stopped(wait(stopped)),
+        signal
+    );
+    served?;
+    sagas
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).

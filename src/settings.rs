@@ -18,6 +18,8 @@ pub struct Settings {
     pub kurrentdb_url: Option<String>,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector for traces (`http://jaeger:4317`); none exported when unset.
+    pub otlp_endpoint: Option<String>,
     /// Connections the event store may hold open.
     pub db_pool_size: usize,
     /// HS256 shared secret for bearer tokens; wins over the RS256 keys when both are set.
@@ -101,6 +103,7 @@ impl Default for Settings {
             kurrentdb_url: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             db_pool_size: 16,
             jwt_secret: None,
             jwt_public_key: None,
@@ -145,12 +148,13 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 30] = [
+    const KEYS: [&'static str; 31] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
         "http_addr",
         "log_format",
+        "otlp_endpoint",
         "db_pool_size",
         "jwt_secret",
         "jwt_public_key",
@@ -191,6 +195,10 @@ impl fmt::Debug for Settings {
             )
             .field("http_addr", &self.http_addr)
             .field("log_format", &self.log_format)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(redact_url),
+            )
             .field("db_pool_size", &self.db_pool_size)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field(

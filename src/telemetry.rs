@@ -1,22 +1,81 @@
-//! Structured logs: JSON lines for machines, readable text for terminals. `RUST_LOG` picks the
-//! levels (default `info`).
+//! Logs and traces. Logs: JSON lines for machines or readable text for terminals, `RUST_LOG`
+//! picking the levels (default `info`); a JSON line carries the fields of the spans it was
+//! written in (request id, trace id, command, correlation and causation ids). Traces: every
+//! span also goes to OpenTelemetry, exported over OTLP/gRPC when an endpoint is set. Spans get
+//! trace ids even without one, so logs and the `traceparent` stored in events always have them.
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::settings::LogFormat;
 
-pub fn init(format: LogFormat) {
+/// Keeps the tracer alive; [`Telemetry::shutdown`] sends the spans still buffered.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Exports what is buffered now (tests; a process about to stop).
+    pub fn flush(&self) {
+        if let Err(error) = self.provider.force_flush() {
+            tracing::debug!(%error, "trace flush failed");
+        }
+    }
+
+    pub fn shutdown(self) {
+        if let Err(error) = self.provider.shutdown() {
+            tracing::debug!(%error, "tracer shutdown failed");
+        }
+    }
+}
+
+/// Installs the process-wide subscriber. Must run inside a tokio runtime when `otlp_endpoint`
+/// is set: the gRPC channel is bound to it. A second call (tests start several apps in one
+/// process) keeps the first subscriber.
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+    let mut provider = SdkTracerProvider::builder().with_resource(resource());
+    if let Some(endpoint) = otlp_endpoint {
+        let exporter = SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()?;
+        provider = provider.with_batch_exporter(exporter);
+    }
+    let provider = provider.build();
+    let tracer = provider.tracer("orderly");
+    let traces = tracing_opentelemetry::layer().with_tracer(tracer);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests start several apps in one process) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
+        .try_init();
+    Ok(Telemetry { provider })
+}
+
+/// `service.name` from `OTEL_SERVICE_NAME` (the deploy files name each role), else `orderly`.
+fn resource() -> Resource {
+    let builder = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+        builder.build()
+    } else {
+        builder.with_service_name("orderly").build()
+    }
 }

@@ -9,8 +9,12 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use orderly::app::App;
+use orderly::health::Health;
 use orderly::settings::Settings;
+use orderly_event_store::memory::MemoryEventStore;
 use orderly_test_support::TestDb;
 
 fn settings_for(url: &str) -> Settings {
@@ -76,6 +80,79 @@ async fn readiness_says_why_when_the_store_is_unreachable() {
     );
 }
 
+#[tokio::test]
+async fn readiness_says_why_when_the_read_database_is_unreachable() {
+    // The log answers (in memory here), the read models' database does not.
+    let nowhere = "postgres://postgres@127.0.0.1:1/nowhere".parse().unwrap();
+    let health = Health {
+        store: Arc::new(MemoryEventStore::new()),
+        read_db: orderly_platform::pg_pool(&nowhere, 2).unwrap(),
+    };
+    let readiness = health.check().await;
+    assert!(!readiness.is_ready());
+    let body = readiness.body();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["event_store"], "ok");
+    assert_eq!(body["checks"]["read_database"], "read database unreachable");
+    assert_eq!(
+        body["checks"]["projections"],
+        "projection states unknown (read database unreachable)"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_projection_makes_the_process_unready_and_says_which() {
+    let db = migrated_database().await;
+    let app = App::build(&settings_for(db.url())).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    // No runner here, so nothing but this test writes the projection's state.
+    tokio::spawn(
+        app.without_projections()
+            .run_until_stopped(std::future::pending()),
+    );
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into projection_checkpoints (projection, state, last_error)
+             values ('orders', 'FAILED', 'handler error at event 42')
+             on conflict (projection) do update set state = 'FAILED', last_error = excluded.last_error",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["event_store"], "ok");
+    assert_eq!(body["checks"]["read_database"], "ok");
+    assert_eq!(
+        body["checks"]["projections"],
+        "projection orders failed: handler error at event 42"
+    );
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("projection orders failed"),
+        "{body}"
+    );
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"orderly_readiness_check{check="projections"} 0"#),
+        "{metrics}"
+    );
+}
+
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
@@ -86,9 +163,7 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
     let db = TestDb::create("empty", "nothing", |_| async { Ok(()) })
         .await
         .unwrap();
-    let binary = env!("CARGO_BIN_EXE_orderly");
-
-    let migrate = Command::new(binary)
+    let migrate = Command::new(env!("CARGO_BIN_EXE_orderly"))
         .arg("migrate")
         .env("ORDERLY_DATABASE_URL", db.url())
         .output()
@@ -99,49 +174,26 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
         String::from_utf8_lossy(&migrate.stderr)
     );
 
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(binary)
-        .arg("serve")
-        .env("ORDERLY_DATABASE_URL", db.url())
-        .env("ORDERLY_HTTP_ADDR", &addr)
-        .env("ORDERLY_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut up = false;
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
-            up = r.status() == 200;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let role = Role::start(db.url(), &["serve"]);
+    let up = role.ready().await;
+    let answered = reqwest::Client::new()
+        .post(format!("http://{}/graphql", role.addr))
+        .header("content-type", "application/json")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(r#"{"query": "{ __typename }"}"#)
+        .send()
+        .await
+        .map(|r| r.status());
     let tables = db
         .connect()
         .await
         .unwrap()
         .query_one("select count(*) from events", &[])
         .await;
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let Some(status) = status else {
-        let _ = child.kill();
-        panic!("serve did not exit within 10 s of SIGTERM");
-    };
-    let output = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
+    let (status, log) = role.stop().await;
     assert!(up, "serve never became ready: {log}");
     assert!(tables.is_ok(), "serve did not migrate: {tables:?}");
     assert!(status.success(), "serve exited with {status}: {log}");
@@ -149,4 +201,123 @@ async fn the_binary_migrates_an_empty_database_serves_and_exits_cleanly_on_sigte
         log.lines().any(|l| l.contains("\"stopped\"")),
         "no JSON log line for the stop: {log}"
     );
+    assert_eq!(answered.ok(), Some(reqwest::StatusCode::OK));
+    // The access log line: JSON, with the request's id and the caller's trace id.
+    let line = log
+        .lines()
+        .find(|l| l.contains("graphql request"))
+        .unwrap_or_else(|| panic!("no access log line: {log}"));
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["level"], "INFO");
+    assert!(line["timestamp"].is_string(), "{line}");
+    let request = &line["spans"][0];
+    assert_eq!(request["name"], "graphql.request", "{line}");
+    assert_eq!(
+        request["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "{line}"
+    );
+    assert_eq!(
+        request["request_id"].as_str().map(str::len),
+        Some(36),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn the_worker_roles_serve_probes_and_metrics_and_stop_on_sigterm() {
+    let db = migrated_database().await;
+    for (args, series) in [
+        (&["saga", "run"][..], "orderly_payment_breaker_state 0"),
+        (
+            &["projections", "run"][..],
+            "orderly_projection_state{projection=\"orders\",state=\"running\"} 1",
+        ),
+    ] {
+        let role = Role::start(db.url(), args);
+        let up = role.ready().await;
+        let mut scraped = String::new();
+        for _ in 0..50 {
+            scraped = reqwest::get(format!("http://{}/metrics", role.addr))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if scraped.contains(series) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let graphql = reqwest::Client::new()
+            .post(format!("http://{}/graphql", role.addr))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let (status, log) = role.stop().await;
+        assert!(up, "{args:?} never became ready: {log}");
+        assert!(
+            scraped.contains(series),
+            "{args:?}: no {series} in {scraped}"
+        );
+        assert_eq!(graphql, 404, "{args:?} serves no GraphQL");
+        assert!(status.success(), "{args:?} exited with {status}: {log}");
+    }
+}
+
+/// One role of the binary, running as its own process on a free port.
+struct Role {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Role {
+    fn start(database_url: &str, args: &[&str]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_orderly"))
+            .args(args)
+            .env("ORDERLY_DATABASE_URL", database_url)
+            .env("ORDERLY_HTTP_ADDR", &addr)
+            .env("ORDERLY_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self { child, addr }
+    }
+
+    /// Whether `/readyz` answered 200 once it answered at all (within 30 s).
+    async fn ready(&self) -> bool {
+        for _ in 0..300 {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.addr)).await {
+                return r.status() == 200;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// SIGTERM, then its exit status and log, within 10 s.
+    async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let mut status = None;
+        for _ in 0..100 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                status = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let Some(status) = status else {
+            let _ = self.child.kill();
+            panic!("the process did not exit within 10 s of SIGTERM");
+        };
+        let output = self.child.wait_with_output().unwrap();
+        (status, String::from_utf8_lossy(&output.stderr).into_owned())
+    }
 }

@@ -5,82 +5,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
-use futures::{SinkExt, StreamExt};
 use orderly_command_api::saga::SagaRunner;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Opens a graphql-transport-ws connection, authenticated with `token` when given.
-async fn connect(api: &Api, token: Option<&str>) -> Socket {
-    let url = format!("{}/graphql", api.base.replacen("http://", "ws://", 1));
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let payload = token.map_or(
-        json!({}),
-        |t| json!({ "Authorization": format!("Bearer {t}") }),
-    );
-    send(
-        &mut socket,
-        json!({ "type": "connection_init", "payload": payload }),
-    )
-    .await;
-    assert_eq!(next(&mut socket).await["type"], "connection_ack");
-    socket
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    socket
-        .send(Message::Text(message.to_string().into()))
-        .await
-        .unwrap();
-}
-
-async fn subscribe(socket: &mut Socket, id: &str, query: &str, variables: Value) {
-    send(
-        socket,
-        json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } }),
-    )
-    .await;
-}
-
-/// The next protocol message within 15 s; pings are answered and `complete` (which follows a
-/// refused subscription) skipped on the way.
-async fn next(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(15), socket.next())
-            .await
-            .expect("a message within 15 s")
-            .expect("the socket stays open")
-            .unwrap();
-        match message {
-            Message::Text(text) => {
-                let value: Value = serde_json::from_str(&text).unwrap();
-                if value["type"] == "ping" {
-                    send(socket, json!({ "type": "pong" })).await;
-                    continue;
-                }
-                if value["type"] == "complete" {
-                    continue;
-                }
-                return value;
-            }
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
 
 /// The contract code of a refused subscription: resolver errors arrive as a `next` carrying
 /// `errors`, request errors (validation) as an `error` message.

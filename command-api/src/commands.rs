@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
 use crate::idempotency::{Claim, IdempotencyKeys};
+use crate::metering::{CommandName, metered};
 
 /// Namespace of the ids derived from idempotency keys (a fixed random UUID).
 const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x5f0c_1d2e_8a4b_4c6d_9e7f_0a1b_2c3d_4e5f);
@@ -231,15 +232,18 @@ impl CommandService {
             }
             Ok(order::decide(&loaded.state, &place)?)
         };
-        let outcome = if fresh {
-            self.handler
-                .execute_new::<OrderAggregate, _>(&stream, &envelope, decide)
-                .await?
-        } else {
-            self.handler
-                .execute::<OrderAggregate, _>(&stream, None, &envelope, decide)
-                .await?
-        };
+        let outcome = metered(place.command_name(), async {
+            if fresh {
+                self.handler
+                    .execute_new::<OrderAggregate, _>(&stream, &envelope, decide)
+                    .await
+            } else {
+                self.handler
+                    .execute::<OrderAggregate, _>(&stream, None, &envelope, decide)
+                    .await
+            }
+        })
+        .await?;
         let id = order_id.to_string();
         if outcome.appended {
             return Ok(CommandResult::from_outcome(id, outcome));
@@ -336,19 +340,19 @@ impl CommandService {
     ) -> Result<CommandResult, CommandError> {
         let stream = stream_name(streams::order(order_id))?;
         let envelope = self.envelope(Uuid::now_v7(), actor);
-        let outcome = self
-            .handler
-            .execute::<OrderAggregate, _>(&stream, expected, &envelope, |loaded| {
-                let order = loaded
-                    .state
-                    .as_ref()
-                    .ok_or(CommandError::NotFound("order"))?;
-                if own_only && !actor.is_admin() && order.customer_id.as_str() != actor.sub {
-                    return Err(CommandError::NotFound("order"));
-                }
-                Ok(order::decide(&loaded.state, &command)?)
-            })
-            .await?;
+        let handled =
+            self.handler
+                .execute::<OrderAggregate, _>(&stream, expected, &envelope, |loaded| {
+                    let order = loaded
+                        .state
+                        .as_ref()
+                        .ok_or(CommandError::NotFound("order"))?;
+                    if own_only && !actor.is_admin() && order.customer_id.as_str() != actor.sub {
+                        return Err(CommandError::NotFound("order"));
+                    }
+                    Ok(order::decide(&loaded.state, &command)?)
+                });
+        let outcome = metered(command.command_name(), handled).await?;
         Ok(CommandResult::from_outcome(order_id.to_string(), outcome))
     }
 
@@ -367,8 +371,10 @@ impl CommandService {
             initial_stock: command.initial_stock,
             registered_at: Utc::now(),
         };
-        self.product_command(actor, &sku, None, move |_| Ok(decision.clone()))
-            .await
+        self.product_command("product.register", actor, &sku, None, move |_| {
+            Ok(decision.clone())
+        })
+        .await
     }
 
     pub async fn restock(
@@ -380,7 +386,7 @@ impl CommandService {
     ) -> Result<CommandResult, CommandError> {
         let actor = require(actor, &[Role::Warehouse])?;
         let restocked_at = Utc::now();
-        self.product_command(actor, &sku, expected, move |_| {
+        self.product_command("product.restock", actor, &sku, expected, move |_| {
             Ok(ProductCommand::Restock {
                 quantity,
                 restocked_at,
@@ -399,20 +405,27 @@ impl CommandService {
     ) -> Result<CommandResult, CommandError> {
         let actor = require(actor, &[])?;
         let price_changed_at = Utc::now();
-        self.product_command(actor, &sku, expected, move |product| {
-            let product = product.ok_or(CommandError::NotFound("product"))?;
-            let price = Money::new(price_minor, product.price.currency())
-                .map_err(|e| CommandError::invalid("priceMinor", e))?;
-            Ok(ProductCommand::ChangePrice {
-                price,
-                price_changed_at,
-            })
-        })
+        self.product_command(
+            "product.change_price",
+            actor,
+            &sku,
+            expected,
+            move |product| {
+                let product = product.ok_or(CommandError::NotFound("product"))?;
+                let price = Money::new(price_minor, product.price.currency())
+                    .map_err(|e| CommandError::invalid("priceMinor", e))?;
+                Ok(ProductCommand::ChangePrice {
+                    price,
+                    price_changed_at,
+                })
+            },
+        )
         .await
     }
 
     async fn product_command(
         &self,
+        name: &'static str,
         actor: &Actor,
         sku: &Sku,
         expected: Option<u64>,
@@ -420,13 +433,13 @@ impl CommandService {
     ) -> Result<CommandResult, CommandError> {
         let stream = stream_name(streams::product(sku))?;
         let envelope = self.envelope(Uuid::now_v7(), actor);
-        let outcome = self
-            .handler
-            .execute::<ProductAggregate, _>(&stream, expected, &envelope, |loaded| {
-                let command = command(loaded.state.as_ref())?;
-                Ok(product::decide(&loaded.state, &command)?)
-            })
-            .await?;
+        let handled =
+            self.handler
+                .execute::<ProductAggregate, _>(&stream, expected, &envelope, |loaded| {
+                    let command = command(loaded.state.as_ref())?;
+                    Ok(product::decide(&loaded.state, &command)?)
+                });
+        let outcome = metered(name, handled).await?;
         Ok(CommandResult::from_outcome(sku.to_string(), outcome))
     }
 }

@@ -287,6 +287,16 @@ impl Handler {
         A: Stored,
         F: Fn(&Loaded<A::State>) -> Result<Vec<A::Event>, CommandError>,
     {
+        // Fields of the `command` span this runs in (see `metering`), for the logs.
+        let span = tracing::Span::current();
+        span.record(
+            "correlation_id",
+            tracing::field::display(envelope.correlation_id),
+        );
+        span.record(
+            "causation_id",
+            tracing::field::display(envelope.causation_id),
+        );
         for attempt in 0..MAX_ATTEMPTS {
             let loaded = if assume_new && attempt == 0 {
                 Loaded {
@@ -348,6 +358,11 @@ impl Handler {
                     });
                 }
                 Err(StoreError::Conflict { actual, .. }) => {
+                    metrics::counter!(
+                        "orderly_append_conflicts_total",
+                        "category" => stream.category().to_owned()
+                    )
+                    .increment(1);
                     if let Some(expected) = expected {
                         return Err(CommandError::Conflict { expected, actual });
                     }

@@ -10,6 +10,7 @@
 //! - `commands`: [`CommandService`], the API's commands: who may send each (roles from the
 //!   token), what they load (placeOrder prices lines from the products' streams), what they
 //!   answer.
+//! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
 //! - `idempotency`: placeOrder keys per customer in PostgreSQL (insert-first).
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
@@ -24,6 +25,7 @@ mod error;
 mod graphql;
 mod handling;
 mod idempotency;
+pub mod metering;
 mod migrations;
 pub mod saga;
 

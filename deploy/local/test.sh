@@ -17,6 +17,12 @@ cd "${repo_root}"
 source "${repo_root}/deploy/local/ensure-postgres.sh"
 export ORDERLY_DATABASE_URL ORDERLY_TEST_DATABASE_URL
 
+# The metrics test checks a scrape with promtool (Debian's prometheus package) and fails
+# without it; apt_install comes from ensure-postgres.sh.
+if ! have promtool; then
+    apt_install prometheus
+fi
+
 # Tests open many connections in parallel. The private cluster is configured
 # with max_connections=300; another server keeps its own setting, so check it.
 readonly MIN_CONNECTIONS=200

@@ -285,6 +285,72 @@ impl FulfilmentState {
     }
 }
 
+/// Where a saga instance is, for operators: derived from the state, never stored in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Placed, reservations outstanding.
+    Reserving,
+    /// Charge requested, not yet charged (declined or past the deadline until the cancel).
+    AwaitingPayment,
+    /// Charged or confirmed, not shipped: waits on the warehouse, so it may last days.
+    AwaitingShipment,
+    /// Shipped, reserved stock not all shipped yet.
+    Shipping,
+    /// Cancelling: releasing stock or refunding.
+    Compensating,
+    /// Settled: delivered.
+    Delivered,
+    /// Settled: cancelled, everything given back.
+    Cancelled,
+}
+
+impl Phase {
+    /// The open phases, in the order a saga goes through them.
+    pub const OPEN: [Phase; 5] = [
+        Phase::Reserving,
+        Phase::AwaitingPayment,
+        Phase::AwaitingShipment,
+        Phase::Shipping,
+        Phase::Compensating,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Reserving => "reserving",
+            Phase::AwaitingPayment => "awaiting_payment",
+            Phase::AwaitingShipment => "awaiting_shipment",
+            Phase::Shipping => "shipping",
+            Phase::Compensating => "compensating",
+            Phase::Delivered => "delivered",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl FulfilmentState {
+    /// The phase this instance is in.
+    pub fn phase(&self) -> Phase {
+        if self.is_settled() {
+            return if self.order.cancelled {
+                Phase::Cancelled
+            } else {
+                Phase::Delivered
+            };
+        }
+        if self.order.cancelled || self.sent.cancel || self.sent.refund {
+            Phase::Compensating
+        } else if self.order.shipped {
+            Phase::Shipping
+        } else if self.sent.confirmed || self.payment.charged.is_some() {
+            Phase::AwaitingShipment
+        } else if self.sent.charge_attempt > 0 || self.payment.requested > 0 {
+            Phase::AwaitingPayment
+        } else {
+            Phase::Reserving
+        }
+    }
+}
+
 /// The order an event belongs to, for routing it to a saga; `None` for catalog events.
 pub fn order_of(event: &Event) -> Option<OrderId> {
     match event {
@@ -1004,5 +1070,30 @@ mod tests {
             .when(rejected(tea()))
             .then_nothing();
         assert!(cancelled.is_settled() || cancelled.next_due_at().is_none());
+    }
+
+    /// The state after `history`, each input handled as the runner handles it.
+    fn after(history: impl IntoIterator<Item = Step>) -> FulfilmentState {
+        history
+            .into_iter()
+            .fold(FulfilmentState::default(), |state, input| {
+                super::step(state, &input.input()).0
+            })
+    }
+
+    #[test]
+    fn the_phase_follows_the_saga_from_reservations_to_shipment() {
+        assert_eq!(after([placed()]).phase(), Phase::Reserving);
+        assert_eq!(after(awaiting_payment()).phase(), Phase::AwaitingPayment);
+        assert_eq!(
+            after(awaiting_payment_and([charged(2)])).phase(),
+            Phase::AwaitingShipment
+        );
+    }
+
+    #[test]
+    fn an_order_out_of_stock_is_compensating_until_its_cancel_arrives() {
+        let refused = after([placed(), rejected(mug()), rejected(tea())]);
+        assert_eq!(refused.phase(), Phase::Compensating);
     }
 }

@@ -133,7 +133,7 @@ pub mod saga {
     }
 
     impl Step {
-        fn input(&self) -> SagaInput<'_> {
+        pub(crate) fn input(&self) -> SagaInput<'_> {
             match self {
                 Step::Event(event) => SagaInput::Event(event),
                 Step::Tick(now) => SagaInput::Tick { now: *now },

@@ -3,11 +3,15 @@
 //! carry a contract code. Bad input of any kind (malformed JSON, wrong types, unknown fields,
 //! oversize bodies) is answered with BAD_USER_INPUT, never a 5xx.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::parser::types::{
+    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+};
 use async_graphql::{Executor, Response as GqlResponse, ServerError};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::Router;
@@ -17,10 +21,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::auth::{Actor, Authenticator};
 use crate::errors::ErrorCode;
+use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
 use crate::rate_limit::RateLimiter;
+use crate::trace_context;
 
 /// Limits applied to every GraphQL request before and while it runs.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +56,8 @@ pub struct Caller {
     /// Logged with every internal error, and returned as `extensions.requestId` so a report
     /// can be matched with the log.
     pub request_id: String,
-    /// The W3C `traceparent` header, when the caller sent a well-formed one, so the events a
+    /// The request's W3C trace context: its span's when a tracer runs, else the caller's
+    /// `traceparent` header when well-formed (else none), so the events a
     /// request appends carry its trace.
     pub traceparent: Option<String>,
 }
@@ -177,8 +185,75 @@ async fn schema_sdl<E: Executor>(State(gate): State<Arc<Gate<E>>>) -> impl IntoR
     )
 }
 
+/// What `orderly_http_request_duration_seconds` says of one request. A request refused before
+/// its document is read (unauthenticated, rate limited, oversize, not JSON) is `invalid`.
+struct Seen {
+    operation: String,
+    kind: OperationKind,
+    outcome: RequestOutcome,
+}
+
 async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request) -> Response {
+    let started = Instant::now();
+    let mut seen = Seen {
+        operation: "invalid".to_owned(),
+        kind: OperationKind::Query,
+        outcome: RequestOutcome::Rejected,
+    };
     let request_id = uuid::Uuid::new_v4().to_string();
+    // Request, correlation and trace ids reach the logs as fields of this span and of the
+    // command spans inside it.
+    let span = tracing::info_span!(
+        "graphql.request",
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        operation = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let header = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_traceparent(value))
+        .map(str::to_owned);
+    if let Some(header) = &header {
+        trace_context::set_parent(&span, header);
+    }
+    if let Some(trace_id) = trace_context::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    // The events this request appends carry its span's context (a child of the caller's),
+    // or the caller's header as it came when no tracer runs.
+    let traceparent = trace_context::traceparent(&span).or(header);
+    let response = run(&gate, request, &request_id, traceparent, &mut seen)
+        .instrument(span.clone())
+        .await;
+    let outcome = if response.status().is_server_error() {
+        RequestOutcome::Error
+    } else {
+        seen.outcome
+    };
+    span.record("operation", seen.operation.as_str());
+    span.record("outcome", outcome.as_str());
+    // The access log: one line per request, with the span's ids.
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "graphql request"
+        );
+    });
+    record_graphql_request(&seen.operation, seen.kind, outcome, started.elapsed());
+    response
+}
+
+async fn run<E: Executor>(
+    gate: &Gate<E>,
+    request: Request,
+    request_id: &str,
+    traceparent: Option<String>,
+    seen: &mut Seen,
+) -> Response {
     let (parts, body) = request.into_parts();
     let peer: Option<IpAddr> = parts
         .extensions
@@ -229,7 +304,7 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
-    let graphql: async_graphql::Request = match serde_json::from_slice(&bytes) {
+    let mut graphql: async_graphql::Request = match serde_json::from_slice(&bytes) {
         Ok(request) => request,
         Err(error) => {
             return failure(
@@ -239,15 +314,15 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
-    let traceparent = parts
-        .headers
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .filter(|value| is_traceparent(value))
-        .map(str::to_owned);
+    // Parsed once here; the executor reuses the parsed document.
+    let operation_name = graphql.operation_name.clone();
+    let selected = graphql
+        .parsed_query()
+        .ok()
+        .map(|document| root_fields(document, operation_name.as_deref()));
     let caller = Caller {
         actor,
-        request_id: request_id.clone(),
+        request_id: request_id.to_owned(),
         traceparent,
     };
     let run = gate.executor.execute(graphql.data(caller));
@@ -262,7 +337,103 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
             );
         }
     };
+    (seen.operation, seen.kind, seen.outcome) = classify(selected, Some(&response));
     axum::Json(with_codes(response)).into_response()
+}
+
+/// The labels of one operation: what the document selects (`None` when it does not parse)
+/// and its first response, before codes are added (`None` when it has not answered yet).
+fn classify(
+    selected: Option<(OperationKind, BTreeSet<String>)>,
+    response: Option<&GqlResponse>,
+) -> (String, OperationKind, RequestOutcome) {
+    let errors = response.map_or(&[][..], |response| &response.errors[..]);
+    // Errors without a code come from parsing and validation: the document was invalid, and
+    // its root field names may not be the schema's, so they never become a label.
+    let invalid = response.is_some_and(|response| response.data == async_graphql::Value::Null)
+        && errors.iter().any(|error| !has_code(error));
+    // Uncoded errors (None) count as the caller's, as `with_codes` labels them.
+    let outcome = RequestOutcome::of_codes(errors.iter().map(|error| {
+        match error.extensions.as_ref().and_then(|e| e.get("code")) {
+            Some(async_graphql::Value::String(code)) => Some(code.as_str()),
+            _ => None,
+        }
+    }));
+    let Some((kind, fields)) = selected else {
+        return ("invalid".to_owned(), OperationKind::Query, outcome);
+    };
+    let operation = match fields.len() {
+        _ if invalid => "invalid".to_owned(),
+        1 => fields.into_iter().next().unwrap_or_default(),
+        0 => "invalid".to_owned(),
+        _ => "multiple".to_owned(),
+    };
+    (operation, kind, outcome)
+}
+
+/// The kind of the operation a request runs and the names of the root fields it selects
+/// (through fragments too), for the request metric.
+fn root_fields(
+    document: &ExecutableDocument,
+    operation_name: Option<&str>,
+) -> (OperationKind, BTreeSet<String>) {
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => Some(operation),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            operations.values().next()
+        }
+        (DocumentOperations::Multiple(_), None) => None,
+    };
+    let Some(operation) = operation else {
+        return (OperationKind::Query, BTreeSet::new());
+    };
+    let kind = match operation.node.ty {
+        OperationType::Query => OperationKind::Query,
+        OperationType::Mutation => OperationKind::Mutation,
+        OperationType::Subscription => OperationKind::Subscription,
+    };
+    let mut fields = BTreeSet::new();
+    collect_fields(document, &operation.node.selection_set.node, &mut fields, 0);
+    (kind, fields)
+}
+
+fn collect_fields(
+    document: &ExecutableDocument,
+    set: &SelectionSet,
+    fields: &mut BTreeSet<String>,
+    depth: usize,
+) {
+    // Fragments may spread each other in a cycle; validation rejects that later, this only
+    // must not loop.
+    if depth > 8 {
+        return;
+    }
+    for item in &set.items {
+        match &item.node {
+            Selection::Field(field) => {
+                fields.insert(field.node.name.node.to_string());
+            }
+            Selection::InlineFragment(fragment) => {
+                collect_fields(
+                    document,
+                    &fragment.node.selection_set.node,
+                    fields,
+                    depth + 1,
+                );
+            }
+            Selection::FragmentSpread(spread) => {
+                if let Some(fragment) = document.fragments.get(&spread.node.fragment_name.node) {
+                    collect_fields(
+                        document,
+                        &fragment.node.selection_set.node,
+                        fields,
+                        depth + 1,
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// An executor whose every response carries contract codes, for the WebSocket transport, where
@@ -279,16 +450,50 @@ impl<E: Executor> Executor for Coded<E> {
         async move { with_codes(response.await) }
     }
 
+    /// Every operation over the socket (a `subscribe` message) is timed as one request, and
+    /// a subscription counts as open from its setup until its stream ends or is dropped.
     fn execute_stream(
         &self,
-        request: async_graphql::Request,
+        mut request: async_graphql::Request,
         session_data: Option<Arc<async_graphql::Data>>,
     ) -> futures::stream::BoxStream<'static, GqlResponse> {
         use futures::StreamExt;
-        self.0
-            .execute_stream(request, session_data)
-            .map(with_codes)
-            .boxed()
+        let started = Instant::now();
+        let operation_name = request.operation_name.clone();
+        let selected = request
+            .parsed_query()
+            .ok()
+            .map(|document| root_fields(document, operation_name.as_deref()));
+        let mut inner = self.0.execute_stream(request, session_data);
+        let mut pending = Some(selected);
+        // Held for its drop, which takes the subscription out of the gauge.
+        let mut _held: Option<crate::metrics::OpenSubscription> = None;
+        futures::stream::poll_fn(move |cx| {
+            let polled = inner.poll_next_unpin(cx);
+            let subscription = matches!(&pending, Some(Some((OperationKind::Subscription, _))));
+            // A subscription is set up by its first poll (validated, its source opened, or
+            // refused with errors); a query or mutation is done with its one response.
+            let settled = match &polled {
+                std::task::Poll::Ready(_) => true,
+                std::task::Poll::Pending => subscription,
+            };
+            if settled && let Some(selected) = pending.take() {
+                let response = match &polled {
+                    std::task::Poll::Ready(Some(response)) => Some(response),
+                    _ => None,
+                };
+                let (operation, kind, outcome) = classify(selected, response);
+                record_graphql_request(&operation, kind, outcome, started.elapsed());
+                if kind == OperationKind::Subscription && outcome == RequestOutcome::Ok {
+                    _held = Some(crate::metrics::subscription_opened(&operation));
+                }
+            }
+            if matches!(polled, std::task::Poll::Ready(None)) {
+                _held = None;
+            }
+            polled.map(|response| response.map(with_codes))
+        })
+        .boxed()
     }
 }
 

@@ -13,14 +13,20 @@
 //! - [`rate_limit`]: a keyed limiter (per subject, else per client IP).
 //! - [`http`]: the POST /graphql handler for any schema: body limit, authentication, rate
 //!   limit, timeout, JSON errors that never turn into a 5xx for bad input.
+//! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
+//!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
+//!   the read API makes for its own series.
+//! - [`trace_context`]: a span's W3C `traceparent` for event metadata, and back.
 //! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
 
 pub mod auth;
 mod error;
 pub mod errors;
 pub mod http;
+pub mod metrics;
 pub mod rate_limit;
 pub mod scalars;
+pub mod trace_context;
 
 pub use auth::{Actor, Authenticator, JwtConfig, Role, TokenIssuer};
 pub use error::PlatformError;

@@ -12,6 +12,7 @@
 //! - `runner`: [`Runner`]: catch up, then live; one active per projection by advisory lock.
 //! - `watch`: [`ProjectionHub`]: wait for a position, follow touched order ids; in-process and
 //!   across processes (`NOTIFY orderly_projections`).
+//! - `metrics`: state, lag, batch and dead-letter series (`deploy/METRICS.md`).
 //! - `dlq`: list, retry and skip dead letters. `status`: [`ProjectionStatus`].
 //! - `rebuild`: replay into `orderly_shadow`, verify, swap atomically.
 //! - `tail`: follow the log in a terminal.
@@ -23,6 +24,7 @@ mod batch;
 pub mod dlq;
 mod error;
 mod handlers;
+mod metrics;
 mod migrations;
 mod model;
 pub mod rebuild;

@@ -17,9 +17,11 @@ use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::batch::{self, BatchResult, Target};
 use crate::error::ProjectionError;
+use crate::metrics::{self, RunnerState};
 use crate::model::{DeadLetterPolicy, ProjectionName};
 use crate::status::ProjectionState;
 use crate::watch::{self, ProjectionHub, ProjectionUpdate};
@@ -107,6 +109,7 @@ impl Runner {
                     pause = (pause * 2).min(self.options.retry_max);
                 }
                 Err(error) => {
+                    metrics::set_state(self.name, RunnerState::Failed);
                     tracing::error!(projection = %self.name, %error, "projection stopped");
                     return Err(error);
                 }
@@ -152,10 +155,14 @@ impl Runner {
         if !self.options.synchronous_commit {
             client.batch_execute("set synchronous_commit = off").await?;
         }
+        metrics::set_state(self.name, RunnerState::Standby);
         if !self.acquire(&client, shutdown).await? {
+            metrics::set_state(self.name, RunnerState::Stopped);
             return Ok(());
         }
         tracing::info!(projection = %self.name, "projection runner active");
+        metrics::set_state(self.name, RunnerState::Running);
+        let _sampler = metrics::sample_while_active(self.name, self.pg_config.clone());
         let mut position = batch::checkpoint(&client, self.name, Target::Live).await?;
         self.hub.publish(ProjectionUpdate {
             projection: self.name.as_str().to_owned(),
@@ -198,6 +205,13 @@ impl Runner {
                 .fail_before_commit
                 .as_ref()
                 .is_some_and(|f| f.swap(false, Ordering::SeqCst));
+            let size = events.len();
+            let started = std::time::Instant::now();
+            let span = tracing::info_span!("projection.batch", projection = %self.name, size);
+            // A batch mixes events of many requests; it joins the trace of its first.
+            if let Some(first) = events.first() {
+                orderly_platform::trace_context::follow_event(&span, &first.metadata);
+            }
             let result = batch::apply_batch(
                 &mut client,
                 self.name,
@@ -207,6 +221,7 @@ impl Runner {
                 self.options.policy,
                 fail,
             )
+            .instrument(span)
             .await?;
             match result {
                 BatchResult::Moved(moved) => {
@@ -216,6 +231,12 @@ impl Runner {
                 }
                 BatchResult::Committed(done) => {
                     position = done.position;
+                    metrics::record_batch(
+                        self.name,
+                        size,
+                        size.saturating_sub(done.parked),
+                        started.elapsed(),
+                    );
                     if done.parked > 0 {
                         tracing::warn!(projection = %self.name, parked = done.parked, "events parked as dead letters");
                     }
@@ -228,6 +249,7 @@ impl Runner {
                     watch::notify(&client, &update).await;
                     self.hub.publish(update);
                     if let Some(stopped) = done.stopped {
+                        metrics::set_state(self.name, RunnerState::Failed);
                         set_state(
                             &client,
                             self.name,
@@ -253,6 +275,7 @@ impl Runner {
                 }
             }
         }
+        metrics::set_state(self.name, RunnerState::Stopped);
         set_state(&client, self.name, ProjectionState::Stopped, None).await?;
         tracing::info!(projection = %self.name, %position, "projection runner stopped");
         Ok(())

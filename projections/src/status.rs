@@ -122,7 +122,7 @@ pub async fn status(client: &Client) -> Result<Vec<ProjectionStatus>, Projection
 }
 
 /// Counts in the PostgreSQL event log; `(None, None)` when it is elsewhere.
-async fn lag(
+pub(crate) async fn lag(
     client: &Client,
     name: ProjectionName,
     position: Position,

@@ -96,8 +96,10 @@ pub async fn read_point(
         let reached = hub
             .wait_for(projection, consistency.at_least.0, timeout)
             .await;
+        let waited = started.elapsed();
+        orderly_platform::metrics::record_consistency_wait(reached, waited);
         tracing::debug!(
-            %projection, reached, waited_ms = started.elapsed().as_millis() as u64,
+            %projection, reached, waited_ms = waited.as_millis() as u64,
             "consistency wait"
         );
         if !reached {

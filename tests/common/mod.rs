@@ -5,11 +5,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::{SinkExt, StreamExt};
 use orderly::app::App;
 use orderly::settings::Settings;
 use orderly_platform::{JwtConfig, Role, TokenIssuer};
 use orderly_test_support::{BoxError, TestDb};
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "command-api-test-secret";
 
@@ -94,6 +99,16 @@ pub async fn start(settings: &Settings) -> Api {
         base,
         http: reqwest::Client::new(),
     }
+}
+
+/// As [`start`], with the fulfilment saga runner (the configured gateway) beside it, as
+/// `orderly serve` runs them.
+pub async fn start_with_saga(settings: &Settings) -> Api {
+    let api = start(settings).await;
+    let gateway = orderly::app::payment_gateway(settings).unwrap();
+    let saga = orderly::app::saga_runner(settings, gateway).unwrap();
+    tokio::spawn(saga.run_until_stopped(std::future::pending()));
+    api
 }
 
 /// An HTTP answer: status, Retry-After, body.
@@ -214,4 +229,72 @@ pub async fn place_one(api: &Api, sub: &str, sku: &str) -> String {
         )
         .await;
     placed.data("placeOrder")["id"].as_str().unwrap().to_owned()
+}
+
+// graphql-transport-ws over a WebSocket, for subscriptions.
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a graphql-transport-ws connection, authenticated with `token` when given.
+pub async fn connect(api: &Api, token: Option<&str>) -> Socket {
+    let url = format!("{}/graphql", api.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let payload = token.map_or(
+        json!({}),
+        |t| json!({ "Authorization": format!("Bearer {t}") }),
+    );
+    send(
+        &mut socket,
+        json!({ "type": "connection_init", "payload": payload }),
+    )
+    .await;
+    assert_eq!(next(&mut socket).await["type"], "connection_ack");
+    socket
+}
+
+pub async fn send(socket: &mut Socket, message: Value) {
+    socket
+        .send(Message::Text(message.to_string().into()))
+        .await
+        .unwrap();
+}
+
+pub async fn subscribe(socket: &mut Socket, id: &str, query: &str, variables: Value) {
+    send(
+        socket,
+        json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } }),
+    )
+    .await;
+}
+
+/// The next protocol message within 15 s; pings are answered and `complete` (which follows a
+/// refused subscription) skipped on the way.
+pub async fn next(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(15), socket.next())
+            .await
+            .expect("a message within 15 s")
+            .expect("the socket stays open")
+            .unwrap();
+        match message {
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["type"] == "ping" {
+                    send(socket, json!({ "type": "pong" })).await;
+                    continue;
+                }
+                if value["type"] == "complete" {
+                    continue;
+                }
+                return value;
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }

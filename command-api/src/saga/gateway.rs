@@ -286,6 +286,10 @@ impl Default for Resilience {
     }
 }
 
+fn count_request(outcome: &'static str) {
+    metrics::counter!("orderly_payment_requests_total", "outcome" => outcome).increment(1);
+}
+
 /// Any gateway behind a timeout, jittered retries, a circuit breaker and a concurrency limit.
 pub struct Resilient {
     inner: Arc<dyn PaymentGateway>,
@@ -312,6 +316,12 @@ impl Resilient {
         }
     }
 
+    /// Exports the breaker's state before the first call, so a dashboard sees it closed.
+    pub fn with_metrics(self) -> Self {
+        self.publish_breaker();
+        self
+    }
+
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }
@@ -327,7 +337,13 @@ impl Resilient {
         bound.mul_f64(fastrand::f64())
     }
 
-    async fn call<T, F, Fut>(&self, call: F) -> Result<T, CommandError>
+    /// Each attempt is one `orderly_payment_requests_total` (outcome from `succeeded` when it
+    /// answers) and, when it went out, one `orderly_payment_request_duration_seconds`.
+    async fn call<T, F, Fut>(
+        &self,
+        succeeded: fn(&T) -> &'static str,
+        call: F,
+    ) -> Result<T, CommandError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, CommandError>>,
@@ -343,12 +359,23 @@ impl Resilient {
                 tokio::time::sleep(self.backoff(retry - 1)).await;
             }
             if !self.breaker.allow() {
+                count_request("short_circuited");
                 last = CommandError::Gateway("circuit breaker open".into());
                 continue;
             }
-            match tokio::time::timeout(self.policy.timeout, call()).await {
+            let started = std::time::Instant::now();
+            let answered = tokio::time::timeout(self.policy.timeout, call()).await;
+            let outcome = match &answered {
+                Ok(Ok(answer)) => succeeded(answer),
+                _ => "failed",
+            };
+            count_request(outcome);
+            metrics::histogram!("orderly_payment_request_duration_seconds", "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
+            match answered {
                 Ok(Ok(answer)) => {
                     self.breaker.record(true);
+                    self.publish_breaker();
                     return Ok(answer);
                 }
                 Ok(Err(error)) => {
@@ -360,20 +387,39 @@ impl Resilient {
                     last = CommandError::Gateway("gateway call timed out".into());
                 }
             }
+            self.publish_breaker();
         }
         Err(last)
+    }
+
+    /// `orderly_payment_breaker_state`: 0 closed, 1 half-open, 2 open. Set after every call;
+    /// an open breaker turns half-open by time alone, which shows at the next call.
+    fn publish_breaker(&self) {
+        let value = match self.breaker.state() {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        };
+        metrics::gauge!("orderly_payment_breaker_state").set(value);
     }
 }
 
 #[async_trait]
 impl PaymentGateway for Resilient {
     async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
-        self.call(|| self.inner.charge(charge)).await
+        let succeeded = |outcome: &ChargeOutcome| match outcome {
+            ChargeOutcome::Charged { .. } => "charged",
+            ChargeOutcome::Declined { .. } => "declined",
+        };
+        self.call(succeeded, || self.inner.charge(charge)).await
     }
 
     async fn refund(&self, idempotency_key: &str, reference: &str) -> Result<(), CommandError> {
-        self.call(|| self.inner.refund(idempotency_key, reference))
-            .await
+        self.call(
+            |_| "refunded",
+            || self.inner.refund(idempotency_key, reference),
+        )
+        .await
     }
 }
 

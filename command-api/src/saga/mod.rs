@@ -21,13 +21,16 @@ pub mod maintenance;
 pub mod notify;
 mod outbox;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures::StreamExt;
-use orderly_domain::fulfilment::{self, Command, FulfilmentState, Notification, SagaInput, Timing};
+use orderly_domain::fulfilment::{
+    self, Command, FulfilmentState, Notification, Phase, SagaInput, Timing,
+};
 use orderly_domain::order::{self, OrderAggregate};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
 use orderly_domain::product::{self, ProductAggregate};
@@ -35,12 +38,15 @@ use orderly_domain::streams;
 use orderly_domain::values::OrderId;
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent, decode_recorded};
 use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use orderly_platform::trace_context;
 use tokio::sync::{Notify, watch};
 use tokio_postgres::NoTls;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, stream_name};
+use crate::metering::{CommandName, metered};
 pub use gateway::{
     BreakerState, Charge, ChargeOutcome, HttpGateway, PaymentGateway, Resilience, Resilient,
     Simulator,
@@ -210,6 +216,7 @@ impl SagaRunner {
                 .subscribe(after, EventFilter::All)
                 .await?;
             let mut ticker = tokio::time::interval(self.config.tick);
+            let mut census = tokio::time::interval(CENSUS_PERIOD);
             // The last event handled, with its time: deadlines are judged in log time.
             let mut seen: Option<(Position, DateTime<Utc>)> = None;
             loop {
@@ -229,6 +236,11 @@ impl SagaRunner {
                         }
                         None => break,
                     },
+                    _ = census.tick() => {
+                        if let Err(error) = self.census().await {
+                            tracing::warn!(%error, "saga instances not counted this time");
+                        }
+                    }
                     _ = ticker.tick() => {
                         let ticked = match self.now(after, seen).await {
                             Ok(now) => self.tick_due(now).await,
@@ -251,7 +263,14 @@ impl SagaRunner {
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
         loop {
-            match self.on_event(event).await {
+            let span = tracing::info_span!(
+                "saga.step",
+                event_id = %event.id,
+                event_type = %event.event_type,
+                stream = %event.stream,
+            );
+            trace_context::follow_event(&span, &event.metadata);
+            match self.on_event(event).instrument(span).await {
                 Ok(()) => return true,
                 Err(error) if error.is_transient() => {
                     tracing::warn!(%error, event_id = %event.id, "saga step failed; retrying");
@@ -322,11 +341,15 @@ impl SagaRunner {
                     .state(order_id)
                     .await?
                     .unwrap_or_else(|| FulfilmentState::with_timing(self.config.timing));
+                let before = state.phase();
                 let (next, commands) = fulfilment::step(state, &SagaInput::Event(&event));
+                count_settled(before, &next);
                 let step = Step {
                     causation: recorded.id,
                     correlation,
-                    traceparent: metadata.traceparent.clone(),
+                    // The commands continue this step's trace, itself a child of the event's.
+                    traceparent: trace_context::traceparent(&tracing::Span::current())
+                        .or_else(|| metadata.traceparent.clone()),
                 };
                 self.send(commands, &step, &mut rows).await?;
                 Some((order_id, next, correlation))
@@ -355,21 +378,23 @@ impl SagaRunner {
             let sent = match command {
                 Command::Order { order_id, command } => {
                     let stream = stream_name(streams::order(order_id))?;
-                    self.handler
-                        .execute::<OrderAggregate, _>(&stream, None, &envelope, |loaded| {
-                            Ok(order::decide(&loaded.state, &command)?)
-                        })
-                        .await
-                        .map(drop)
+                    let handled = self.handler.execute::<OrderAggregate, _>(
+                        &stream,
+                        None,
+                        &envelope,
+                        |loaded| Ok(order::decide(&loaded.state, &command)?),
+                    );
+                    metered(command.command_name(), handled).await.map(drop)
                 }
                 Command::Product { sku, command } => {
                     let stream = stream_name(streams::product(&sku))?;
-                    self.handler
-                        .execute::<ProductAggregate, _>(&stream, None, &envelope, |loaded| {
-                            Ok(product::decide(&loaded.state, &command)?)
-                        })
-                        .await
-                        .map(drop)
+                    let handled = self.handler.execute::<ProductAggregate, _>(
+                        &stream,
+                        None,
+                        &envelope,
+                        |loaded| Ok(product::decide(&loaded.state, &command)?),
+                    );
+                    metered(command.command_name(), handled).await.map(drop)
                 }
                 // Money goes back through the gateway first; the outbox worker records it.
                 Command::Payment {
@@ -389,12 +414,13 @@ impl SagaRunner {
                 }
                 Command::Payment { order_id, command } => {
                     let stream = stream_name(streams::payment(order_id))?;
-                    self.handler
-                        .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
-                            Ok(payment::decide(&loaded.state, &command)?)
-                        })
-                        .await
-                        .map(drop)
+                    let handled = self.handler.execute::<PaymentAggregate, _>(
+                        &stream,
+                        None,
+                        &envelope,
+                        |loaded| Ok(payment::decide(&loaded.state, &command)?),
+                    );
+                    metered(command.command_name(), handled).await.map(drop)
                 }
                 Command::Notify(Notification::OrderConfirmed {
                     order_id,
@@ -466,7 +492,9 @@ impl SagaRunner {
                 .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")))?;
             let due_at: DateTime<Utc> = row.get(2);
             let correlation: Uuid = row.get(3);
+            let before = state.phase();
             let (next, commands) = fulfilment::step(state, &SagaInput::Tick { now });
+            count_settled(before, &next);
             let step = Step {
                 // The same deadline seen again after a crash sends the same command ids.
                 causation: Uuid::new_v5(
@@ -480,6 +508,43 @@ impl SagaRunner {
             self.send(commands, &step, &mut rows).await?;
             self.save(Some((order_id, next, correlation)), rows, None)
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase,
+    /// 0 when empty. The phase is derived from each stored state, and "oldest" goes by when the
+    /// state last changed (`updated_at`), which is at or after its last change of phase. Reads
+    /// every open instance: fine while they number in the thousands; a phase column would be
+    /// needed beyond.
+    async fn census(&self) -> Result<(), CommandError> {
+        let rows = {
+            let client = self.pool.get().await?;
+            client
+                .query(
+                    "select state, updated_at from saga_states
+                     where saga_name = $1 and not settled",
+                    &[&self.config.name],
+                )
+                .await?
+        };
+        let now = Utc::now();
+        let mut phases: HashMap<Phase, (u64, f64)> = HashMap::new();
+        for row in rows {
+            let Ok(state) = serde_json::from_value::<FulfilmentState>(row.get(0)) else {
+                continue;
+            };
+            let updated_at: DateTime<Utc> = row.get(1);
+            let age = (now - updated_at).as_seconds_f64().max(0.0);
+            let entry = phases.entry(state.phase()).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(age);
+        }
+        for phase in Phase::OPEN {
+            let (count, oldest) = phases.get(&phase).copied().unwrap_or_default();
+            metrics::gauge!("orderly_saga_instances", "state" => phase.as_str()).set(count as f64);
+            metrics::gauge!("orderly_saga_oldest_open_seconds", "state" => phase.as_str())
+                .set(oldest);
         }
         Ok(())
     }
@@ -546,6 +611,18 @@ impl SagaRunner {
             self.outbox_ready.notify_one();
         }
         Ok(())
+    }
+}
+
+/// How often the leading runner counts the open instances by phase.
+const CENSUS_PERIOD: Duration = Duration::from_secs(15);
+
+/// `orderly_saga_settled_total`, once per instance: when a step settles it.
+fn count_settled(before: Phase, after: &FulfilmentState) {
+    let open = !matches!(before, Phase::Delivered | Phase::Cancelled);
+    if open && after.is_settled() {
+        metrics::counter!("orderly_saga_settled_total", "outcome" => after.phase().as_str())
+            .increment(1);
     }
 }
 

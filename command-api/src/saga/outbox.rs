@@ -24,6 +24,7 @@ use super::notify::Notice;
 use super::{ACTOR, SagaRunner};
 use crate::CommandError;
 use crate::handling::{Envelope, stream_name};
+use crate::metering::{CommandName, metered};
 
 /// Messages claimed per round.
 const BATCH: i64 = 32;
@@ -306,7 +307,10 @@ impl SagaRunner {
                     detail,
                     correlation_id,
                 };
-                self.notifier.send(&notice).await
+                let sent = self.notifier.send(&notice).await;
+                let outcome = if sent.is_ok() { "sent" } else { "failed" };
+                metrics::counter!("orderly_notifications_total", "outcome" => outcome).increment(1);
+                sent
             }
         }
     }
@@ -339,12 +343,12 @@ impl SagaRunner {
             traceparent: None,
         };
         let stream = stream_name(streams::payment(order_id))?;
-        let recorded = self
-            .handler
-            .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
-                Ok(payment::decide(&loaded.state, &command)?)
-            })
-            .await;
+        let handled =
+            self.handler
+                .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
+                    Ok(payment::decide(&loaded.state, &command)?)
+                });
+        let recorded = metered(command.command_name(), handled).await;
         match recorded {
             Ok(_) => Ok(()),
             // The payment moved on (a duplicate outcome); nothing to record.

@@ -1,0 +1,119 @@
+//! The projection series of `deploy/METRICS.md`. Every runner exports its state; only the one
+//! holding a projection's lock exports its lag, batches and dead letters, so that series from
+//! several processes never disagree.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use crate::batch::{self, Target};
+use crate::dlq;
+use crate::model::ProjectionName;
+use crate::status;
+
+/// How often the active runner refreshes lag and dead letters.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(5);
+
+/// The runner's state in this process, as `orderly_projection_state` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunnerState {
+    Running,
+    Standby,
+    Stopped,
+    Failed,
+}
+
+const STATES: [(&str, Option<RunnerState>); 5] = [
+    ("running", Some(RunnerState::Running)),
+    ("standby", Some(RunnerState::Standby)),
+    // Rebuilds run in the operator's CLI process, which exports nothing; no runner is in it.
+    ("rebuilding", None),
+    ("stopped", Some(RunnerState::Stopped)),
+    ("failed", Some(RunnerState::Failed)),
+];
+
+/// One gauge per state, 1 for `now` and 0 for the others, so a change never leaves two at 1.
+pub(crate) fn set_state(name: ProjectionName, now: RunnerState) {
+    for (label, state) in STATES {
+        let value = if state == Some(now) { 1.0 } else { 0.0 };
+        metrics::gauge!("orderly_projection_state", "projection" => name.as_str(), "state" => label)
+            .set(value);
+    }
+}
+
+/// One committed batch of `size` events, `applied` of them applied (the rest parked).
+pub(crate) fn record_batch(name: ProjectionName, size: usize, applied: usize, took: Duration) {
+    let projection = name.as_str();
+    metrics::histogram!("orderly_projection_batch_size", "projection" => projection)
+        .record(size as f64);
+    metrics::histogram!("orderly_projection_batch_duration_seconds", "projection" => projection)
+        .record(took.as_secs_f64());
+    metrics::counter!("orderly_projection_events_applied_total", "projection" => projection)
+        .increment(applied as u64);
+}
+
+/// Samples lag and dead letters of `name` every 5 s on a connection of its own, until the
+/// returned guard is dropped (the runner lost or gave up the lock).
+pub(crate) fn sample_while_active(
+    name: ProjectionName,
+    pg_config: tokio_postgres::Config,
+) -> SamplerGuard {
+    SamplerGuard(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
+        // One connection while it works; a new one after a failure.
+        let mut connected: Option<(tokio_postgres::Client, JoinHandle<()>)> = None;
+        loop {
+            ticks.tick().await;
+            if connected.is_none() {
+                match pg_config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        let driver = tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        connected = Some((client, driver));
+                    }
+                    Err(error) => {
+                        tracing::debug!(projection = %name, %error, "projection lag not sampled");
+                        continue;
+                    }
+                }
+            }
+            if let Some((client, _)) = &connected
+                && let Err(error) = sample(name, client).await
+            {
+                tracing::debug!(projection = %name, %error, "projection lag not sampled");
+                if let Some((_, driver)) = connected.take() {
+                    driver.abort();
+                }
+            }
+        }
+    }))
+}
+
+async fn sample(
+    name: ProjectionName,
+    client: &tokio_postgres::Client,
+) -> Result<(), crate::ProjectionError> {
+    let position = batch::checkpoint(client, name, Target::Live).await?;
+    let projection = name.as_str();
+    // Unknown where the log is not in this database (KurrentDB): nothing is exported then.
+    if let (Some(events), Some(ms)) = status::lag(client, name, position).await {
+        metrics::gauge!("orderly_projection_lag_events", "projection" => projection)
+            .set(events as f64);
+        metrics::gauge!("orderly_projection_lag_seconds", "projection" => projection)
+            .set(ms as f64 / 1000.0);
+    }
+    let parked = dlq::count(client, Some(name)).await?;
+    metrics::gauge!("orderly_dead_letters", "projection" => projection).set(parked as f64);
+    Ok(())
+}
+
+/// Stops the sampler with the runner's leadership.
+pub(crate) struct SamplerGuard(JoinHandle<()>);
+
+impl Drop for SamplerGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
