@@ -190,10 +190,11 @@ pub fn graphql_router(
     };
     match part {
         Part::Everything => {
+            let reads = reads();
             let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot).data(commands());
-            let schema = orderly_read_api::install(builder, reads()).finish();
+            let schema = orderly_read_api::install(builder, reads.clone()).finish();
             let sdl = schema.sdl();
-            serve_schema(settings, schema, sdl)
+            serve_schema(settings, reads.consistent(schema), sdl)
         }
         Part::Commands => {
             let schema = orderly_command_api::schema(commands());
@@ -201,9 +202,10 @@ pub fn graphql_router(
             serve_schema(settings, schema, sdl)
         }
         Part::Reads => {
-            let schema = orderly_read_api::schema(reads());
+            let reads = reads();
+            let schema = orderly_read_api::schema(reads.clone());
             let sdl = schema.sdl();
-            serve_schema(settings, schema, sdl)
+            serve_schema(settings, reads.consistent(schema), sdl)
         }
         Part::Probes => Ok(Router::new()),
     }

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+// GraphQL answers are built from many small allocations; mimalloc serves them markedly
+// faster than the system allocator under concurrent load (measured in BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use orderly::app::{self, App, Part};
 use orderly::command_side;
 use orderly::read_side::{self, Projections};

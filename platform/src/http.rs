@@ -68,6 +68,37 @@ struct Gate<E> {
     auth: Arc<Authenticator>,
     limiter: Arc<RateLimiter>,
     limits: GraphqlLimits,
+    documents: DocumentCache,
+}
+
+/// Parsed documents by query text. Frontends send the same few queries over and over (with
+/// other variables), and parsing is a large share of a small query's CPU time; validation,
+/// which depends on the variables, still runs for every request.
+#[derive(Default)]
+struct DocumentCache {
+    documents: std::sync::Mutex<std::collections::HashMap<String, Arc<ExecutableDocument>>>,
+}
+
+impl DocumentCache {
+    /// Enough for every query a set of frontends sends; beyond it, documents are parsed anew.
+    const MAX_DOCUMENTS: usize = 512;
+    /// Longer queries are rare and not worth the memory.
+    const MAX_QUERY_BYTES: usize = 16 * 1024;
+
+    fn get(&self, query: &str) -> Option<Arc<ExecutableDocument>> {
+        let documents = self.documents.lock().unwrap_or_else(|p| p.into_inner());
+        documents.get(query).cloned()
+    }
+
+    fn keep(&self, query: &str, document: &ExecutableDocument) {
+        if query.len() > Self::MAX_QUERY_BYTES {
+            return;
+        }
+        let mut documents = self.documents.lock().unwrap_or_else(|p| p.into_inner());
+        if documents.len() < Self::MAX_DOCUMENTS {
+            documents.insert(query.to_owned(), Arc::new(document.clone()));
+        }
+    }
 }
 
 /// `POST /graphql` (queries and mutations), `GET /graphql` (GraphiQL in a browser, or
@@ -86,6 +117,7 @@ pub fn graphql_router<E: Executor>(
         auth,
         limiter,
         limits,
+        documents: DocumentCache::default(),
     });
     Router::new()
         .route(
@@ -314,12 +346,20 @@ async fn run<E: Executor>(
             );
         }
     };
-    // Parsed once here; the executor reuses the parsed document.
+    // Parsed once here (or taken from the cache); the executor reuses the parsed document.
     let operation_name = graphql.operation_name.clone();
-    let selected = graphql
-        .parsed_query()
-        .ok()
-        .map(|document| root_fields(document, operation_name.as_deref()));
+    let cached = gate.documents.get(&graphql.query);
+    let known = cached.is_some();
+    if let Some(document) = cached {
+        graphql.set_parsed_query(ExecutableDocument::clone(&document));
+    }
+    let query = (!known).then(|| graphql.query.clone());
+    let selected = graphql.parsed_query().ok().map(|document| {
+        if let Some(query) = &query {
+            gate.documents.keep(query, document);
+        }
+        root_fields(document, operation_name.as_deref())
+    });
     let caller = Caller {
         actor,
         request_id: request_id.to_owned(),

@@ -4,17 +4,15 @@
 //! it waits, woken by the projection hub (never polling), until the projection answering it has
 //! applied that position, for at most the smaller of `timeoutMs` and the server's cap. It then
 //! notes the projection's position *before* reading, so the position noted is one the rows read
-//! afterwards are known to include. [`ConsistencyExtension`] turns the notes of one request
-//! into `extensions.consistency { token, stale, lagMs }` on every query response.
+//! afterwards are known to include. [`Consistent`] turns the notes of one request into
+//! `extensions.consistency { token, stale, lagMs }` on every query response.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextPrepareRequest,
-};
-use async_graphql::parser::types::{ExecutableDocument, OperationType};
-use async_graphql::{Context, Enum, InputObject, Name, Request, Response, ServerResult, Variables};
+use async_graphql::parser::types::{DocumentOperations, OperationType};
+use async_graphql::{Context, Enum, Executor, InputObject, Request, Response};
 use chrono::{DateTime, Utc};
 use orderly_event_store::{EventFilter, EventStore, Position};
 use orderly_platform::ConsistencyToken;
@@ -212,101 +210,74 @@ impl LagGauge {
     }
 }
 
-/// Adds `extensions.consistency` to every query response. Holds what all requests share.
-pub struct ConsistencyExtension {
+/// `executor` with `extensions.consistency` added to every query response.
+///
+/// A wrapper rather than an async-graphql extension: with any extension registered, every
+/// field of every answer goes through the extension chain, which costs more than the whole
+/// report; this touches each request once.
+#[derive(Clone)]
+pub struct Consistent<E> {
+    inner: E,
     hub: ProjectionHub,
     gauge: Arc<LagGauge>,
 }
 
-impl ConsistencyExtension {
-    pub fn new(hub: ProjectionHub, gauge: Arc<LagGauge>) -> Self {
-        Self { hub, gauge }
+impl<E> Consistent<E> {
+    pub fn new(inner: E, hub: ProjectionHub, gauge: Arc<LagGauge>) -> Self {
+        Self { inner, hub, gauge }
     }
 }
 
-impl ExtensionFactory for ConsistencyExtension {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(ConsistencyReport {
-            hub: self.hub.clone(),
-            gauge: self.gauge.clone(),
-            observed: Arc::default(),
-            operations: Mutex::default(),
-        })
-    }
+/// Whether the operation `request` runs is a query (not a mutation, not a subscription).
+fn runs_a_query(request: &mut Request) -> bool {
+    let name = request.operation_name.clone();
+    let Ok(document) = request.parsed_query() else {
+        return false;
+    };
+    let operation = match (&document.operations, name.as_deref()) {
+        (DocumentOperations::Single(operation), _) => Some(operation),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
+        (DocumentOperations::Multiple(operations), None) => operations.values().next(),
+    };
+    operation.is_some_and(|operation| operation.node.ty == OperationType::Query)
 }
 
-/// One request's extension instance.
-struct ConsistencyReport {
-    hub: ProjectionHub,
-    gauge: Arc<LagGauge>,
-    observed: Arc<Observed>,
-    /// The document's operations (name, kind), to tell queries from mutations at the end.
-    operations: Mutex<Vec<(Option<Name>, OperationType)>>,
-}
-
-#[async_trait::async_trait]
-impl Extension for ConsistencyReport {
-    async fn prepare_request(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        request: Request,
-        next: NextPrepareRequest<'_>,
-    ) -> ServerResult<Request> {
-        next.run(ctx, request.data(self.observed.clone())).await
-    }
-
-    async fn parse_query(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        let document = next.run(ctx, query, variables).await?;
-        let kinds = document
-            .operations
-            .iter()
-            .map(|(name, operation)| (name.cloned(), operation.node.ty))
-            .collect();
-        *self.operations.lock().unwrap_or_else(|p| p.into_inner()) = kinds;
-        Ok(document)
-    }
-
-    async fn execute(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        operation_name: Option<&str>,
-        next: NextExecute<'_>,
-    ) -> Response {
-        let mut response = next.run(ctx, operation_name).await;
-        let is_query = {
-            let operations = self.operations.lock().unwrap_or_else(|p| p.into_inner());
-            let chosen = match operation_name {
-                Some(wanted) => operations
-                    .iter()
-                    .find(|(name, _)| name.as_ref().is_some_and(|n| n.as_str() == wanted)),
-                None => operations.first(),
-            };
-            chosen.is_some_and(|(_, kind)| *kind == OperationType::Query)
-        };
-        if is_query {
-            let (token, stale) = self.observed.take();
-            // A query that read no read model (only the log, or only `__typename`) reports
-            // the read side as a whole: the position every projection has passed.
-            let token = token.unwrap_or_else(|| {
-                ProjectionName::ALL
-                    .iter()
-                    .map(|name| self.hub.position(*name))
-                    .min()
-                    .unwrap_or(Position::START)
-            });
-            let lag_ms = self.gauge.lag_ms(token).await;
-            let value = json!({ "token": token.to_string(), "stale": stale, "lagMs": lag_ms });
-            if let Ok(value) = async_graphql::Value::from_json(value) {
-                response.extensions.insert("consistency".to_owned(), value);
+impl<E: Executor> Executor for Consistent<E> {
+    fn execute(&self, mut request: Request) -> impl Future<Output = Response> + Send {
+        let is_query = runs_a_query(&mut request);
+        let observed = Arc::new(Observed::default());
+        let response = self.inner.execute(request.data(observed.clone()));
+        let hub = self.hub.clone();
+        let gauge = self.gauge.clone();
+        async move {
+            let mut response = response.await;
+            if is_query {
+                let (token, stale) = observed.take();
+                // A query that read no read model (only the log, or only `__typename`)
+                // reports the read side as a whole: the position every projection has passed.
+                let token = token.unwrap_or_else(|| {
+                    ProjectionName::ALL
+                        .iter()
+                        .map(|name| hub.position(*name))
+                        .min()
+                        .unwrap_or(Position::START)
+                });
+                let lag_ms = gauge.lag_ms(token).await;
+                let value = json!({ "token": token.to_string(), "stale": stale, "lagMs": lag_ms });
+                if let Ok(value) = async_graphql::Value::from_json(value) {
+                    response.extensions.insert("consistency".to_owned(), value);
+                }
             }
+            response
         }
-        response
+    }
+
+    fn execute_stream(
+        &self,
+        request: Request,
+        session_data: Option<Arc<async_graphql::Data>>,
+    ) -> futures::stream::BoxStream<'static, Response> {
+        self.inner.execute_stream(request, session_data)
     }
 }
 

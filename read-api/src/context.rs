@@ -93,6 +93,11 @@ impl ReadApi {
         self.gauge.clone()
     }
 
+    /// `executor` (a schema holding this API) with `extensions.consistency` on its answers.
+    pub fn consistent<E>(&self, executor: E) -> crate::Consistent<E> {
+        crate::Consistent::new(executor, self.hub.clone(), self.gauge.clone())
+    }
+
     pub fn limits(&self) -> &ReadLimits {
         &self.limits
     }

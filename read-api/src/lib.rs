@@ -4,7 +4,7 @@
 //! the projections keep, with explicit eventual consistency.
 //!
 //! - `consistency`: `consistency: {atLeast, timeoutMs, mode}` waits (woken by the
-//!   [`ProjectionHub`], never polling) and [`ConsistencyExtension`], which adds
+//!   [`ProjectionHub`], never polling) and [`Consistent`], the executor wrapper that adds
 //!   `extensions.consistency {token, stale, lagMs}` to every query response.
 //! - `query`: [`QueryRoot`]; who may read what is checked first in each resolver.
 //! - `subscription`: [`SubscriptionRoot`] (`orderUpdated`, `events`), each behind a bounded
@@ -25,7 +25,7 @@ mod subscription;
 mod types;
 
 use async_graphql::{EmptyMutation, ObjectType, Schema, SchemaBuilder, SubscriptionType};
-pub use consistency::{ConsistencyExtension, ConsistencyInput, ConsistencyMode, LagGauge};
+pub use consistency::{ConsistencyInput, ConsistencyMode, Consistent, LagGauge};
 pub use context::{MAX_PAGE, ReadApi, ReadLimits};
 pub use error::ReadError;
 use orderly_projections::ProjectionHub;
@@ -36,6 +36,8 @@ pub use subscription::{SubscriptionRoot, bounded};
 /// The read API alone (`orderly read-api`): no mutations.
 pub type ReadSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
 
+/// The read API's schema alone. Serve it wrapped in [`ReadApi::consistent`], which adds
+/// `extensions.consistency` to query answers.
 pub fn schema(api: ReadApi) -> ReadSchema {
     install(
         Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot),
@@ -45,17 +47,14 @@ pub fn schema(api: ReadApi) -> ReadSchema {
 }
 
 /// Adds what the read API's roots need to a schema being built (alone, or merged with the
-/// command API's mutations): the shared [`ReadApi`], the consistency extension and the limits.
+/// command API's mutations): the shared [`ReadApi`] and the limits.
 pub fn install<Q, M, S>(builder: SchemaBuilder<Q, M, S>, api: ReadApi) -> SchemaBuilder<Q, M, S>
 where
     Q: ObjectType + 'static,
     M: ObjectType + 'static,
     S: SubscriptionType + 'static,
 {
-    let extension = ConsistencyExtension::new(api.hub().clone(), api.gauge());
-    orderly_platform::with_limits(builder)
-        .data(api)
-        .extension(extension)
+    orderly_platform::with_limits(builder).data(api)
 }
 
 /// The hub a read API process needs when the projection runners live in other processes: it

@@ -7,8 +7,8 @@
 //! same number of statements whatever its size.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
@@ -176,8 +176,11 @@ impl ReadStore {
     }
 
     pub async fn order(&self, order_id: Uuid) -> Result<Option<OrderRow>, ReadError> {
-        let sql = format!("select {ORDER_COLUMNS} from {ORDER_FROM} where o.order_id = $1");
-        let rows = self.query(&sql, &[&order_id]).await?;
+        // Built once: the statement cache is keyed by the text, and this one runs most often.
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!("select {ORDER_COLUMNS} from {ORDER_FROM} where o.order_id = $1")
+        });
+        let rows = self.query(&SQL, &[&order_id]).await?;
         rows.first().map(order_row).transpose()
     }
 
