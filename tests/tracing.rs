@@ -1,6 +1,7 @@
 //! Traces leave over OTLP and hang together: an in-process OTLP/gRPC receiver collects what the
 //! app exports while an order is placed, and the request, its command, the append, the saga's
-//! step and the projection batch that handled its event share one trace id.
+//! step, the projection batch that handled its event and the subscription push that showed it
+//! share one trace id.
 
 mod common;
 
@@ -84,6 +85,11 @@ async fn a_placed_order_is_one_trace_from_the_request_to_the_projection_and_the_
         .await
         .unwrap();
     assert_eq!(placed.status(), 200);
+    let placed: serde_json::Value = placed.json().await.unwrap();
+    let order_id = placed["data"]["placeOrder"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     eventually(
         &db,
         "select count(*) from orders where status = 'CONFIRMED'",
@@ -152,6 +158,53 @@ async fn a_placed_order_is_one_trace_from_the_request_to_the_projection_and_the_
             .iter()
             .any(|append| append.parent_span_id == place.span_id),
         "the placement's append is a child of its command"
+    );
+
+    // A subscription push continues the trace of the request whose event it shows: the
+    // warehouse ships and delivers in the caller's trace while the customer follows the order.
+    let mut socket = connect(&api, Some(&customer("carol"))).await;
+    subscribe(
+        &mut socket,
+        "follow",
+        "subscription($id: UUID!) { orderUpdated(orderId: $id, afterVersion: 3) { status } }",
+        json!({ "id": order_id }),
+    )
+    .await;
+    for (mutation, status) in [(SHIP, "SHIPPED"), (DELIVER, "DELIVERED")] {
+        let sent = api
+            .http
+            .post(format!("{}/graphql", api.base))
+            .bearer_auth(warehouse())
+            .header(
+                "traceparent",
+                format!("00-{caller_trace}-00f067aa0ba902b8-01"),
+            )
+            .json(&json!({ "query": mutation, "variables": { "id": order_id } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 200);
+        // Everything after the confirmation (version 3) is pushed. The shipment may be applied
+        // before the subscription is set up (then it is pushed on catching up, outside any
+        // trace); the delivery, sent after a push arrived, is pushed live.
+        let message = next(&mut socket).await;
+        assert_eq!(
+            message["payload"]["data"]["orderUpdated"]["status"], status,
+            "{message}"
+        );
+    }
+    let mut pushes = Vec::new();
+    for _ in 0..50 {
+        tokio::task::block_in_place(|| telemetry.flush());
+        pushes = in_trace(&["subscription.push"]).remove(0);
+        if !pushes.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !pushes.is_empty(),
+        "no subscription.push span in the caller's trace"
     );
 }
 

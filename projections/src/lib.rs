@@ -44,4 +44,4 @@ pub use model::{DeadLetterPolicy, Parked, ProjectionName};
 pub use rebuild::{RebuildOptions, RebuildProgress, RebuildReport, rebuild, rebuild_many};
 pub use runner::{Runner, RunnerOptions, checkpoint};
 pub use status::{ProjectionState, ProjectionStatus, status};
-pub use watch::{NOTIFY_CHANNEL, ProjectionHub, ProjectionUpdate};
+pub use watch::{NOTIFY_CHANNEL, OrderTouched, ProjectionHub, ProjectionUpdate};

@@ -299,6 +299,7 @@ async fn finish(
             order_ids: Vec::new(),
             // Every order may have changed: listeners should reload what they watch.
             truncated: true,
+            traceparent: None,
         },
     )
     .await;

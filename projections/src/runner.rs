@@ -169,6 +169,7 @@ impl Runner {
             position,
             order_ids: Vec::new(),
             truncated: false,
+            traceparent: None,
         });
         let mut state = ProjectionState::CatchingUp;
         set_state(&client, self.name, state, None).await?;
@@ -212,6 +213,7 @@ impl Runner {
             if let Some(first) = events.first() {
                 orderly_platform::trace_context::follow_event(&span, &first.metadata);
             }
+            let traceparent = orderly_platform::trace_context::traceparent(&span);
             let result = batch::apply_batch(
                 &mut client,
                 self.name,
@@ -245,6 +247,7 @@ impl Runner {
                         position,
                         order_ids: done.order_ids,
                         truncated: false,
+                        traceparent,
                     };
                     watch::notify(&client, &update).await;
                     self.hub.publish(update);

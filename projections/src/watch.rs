@@ -43,6 +43,18 @@ pub struct ProjectionUpdate {
     /// miss an order should then reload what it watches.
     #[serde(default)]
     pub truncated: bool,
+    /// The W3C trace context of the batch, so what a listener does about it (a subscription
+    /// push) continues the trace of the request behind the batch's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// One order's read model changed (or may have: after missed updates, `position` is
+/// `Position::START` and `traceparent` is `None`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderTouched {
+    pub position: Position,
+    pub traceparent: Option<String>,
 }
 
 impl ProjectionUpdate {
@@ -138,19 +150,30 @@ impl ProjectionHub {
         self.inner.updates.subscribe()
     }
 
-    /// The positions of one order's updates, from now on.
-    pub fn order_updates(&self, order_id: Uuid) -> impl futures::Stream<Item = Position> + use<> {
+    /// The updates that touched one order, from now on.
+    pub fn order_updates(
+        &self,
+        order_id: Uuid,
+    ) -> impl futures::Stream<Item = OrderTouched> + use<> {
         let rx = self.updates();
         futures::stream::unfold(rx, move |mut rx| async move {
             loop {
                 match rx.recv().await {
                     Ok(update) if update.truncated || update.order_ids.contains(&order_id) => {
-                        return Some((update.position, rx));
+                        let touched = OrderTouched {
+                            position: update.position,
+                            traceparent: update.traceparent,
+                        };
+                        return Some((touched, rx));
                     }
                     Ok(_) => {}
                     // Missed updates may have been about this order: say "look again".
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return Some((Position::START, rx));
+                        let touched = OrderTouched {
+                            position: Position::START,
+                            traceparent: None,
+                        };
+                        return Some((touched, rx));
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }

@@ -662,6 +662,7 @@ fn notification_payloads_stay_under_the_postgresql_limit() {
         position: Position::new(u64::MAX, u64::MAX),
         order_ids: (0..5000).map(|_| uuid::Uuid::now_v7()).collect(),
         truncated: false,
+        traceparent: Some(format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16))),
     };
     let payload = update.to_payload();
     assert!(payload.len() < 8000, "{}", payload.len());

@@ -16,8 +16,10 @@ use async_graphql::{Context, Subscription};
 use futures::{Stream, StreamExt};
 use orderly_event_store::{EventFilter, Position, StreamName};
 use orderly_platform::{Actor, ConsistencyToken};
+use orderly_projections::OrderTouched;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::ReadError;
@@ -74,8 +76,12 @@ impl SubscriptionRoot {
         // Versions already applied but after `afterVersion` go out before any update arrives.
         let behind = matches!((&baseline, emitted), (Some(row), Some(sent)) if row.version > sent)
             || (baseline.is_some() && emitted.is_none());
-        let catch_up: Pin<Box<dyn Stream<Item = Position> + Send>> = if behind {
-            futures::stream::once(async { Position::START }).boxed()
+        let catch_up: Pin<Box<dyn Stream<Item = OrderTouched> + Send>> = if behind {
+            let now = OrderTouched {
+                position: Position::START,
+                traceparent: None,
+            };
+            futures::stream::once(async { now }).boxed()
         } else {
             futures::stream::empty().boxed()
         };
@@ -190,7 +196,7 @@ struct OrderFollower {
     /// The order-stream version of the last view sent (or seen when subscribing).
     emitted: Option<i64>,
     pending: VecDeque<Order>,
-    updates: Pin<Box<dyn Stream<Item = Position> + Send>>,
+    updates: Pin<Box<dyn Stream<Item = OrderTouched> + Send>>,
     done: bool,
 }
 
@@ -205,8 +211,14 @@ impl OrderFollower {
                     return None;
                 }
                 // Every hint, a lagged receiver's included, means "look again".
-                follower.updates.next().await?;
-                if let Err(error) = follower.look().await {
+                let touched = follower.updates.next().await?;
+                // The push continues the trace of the batch that caused it, hence of the
+                // request behind that batch's events.
+                let span = tracing::info_span!("subscription.push", order_id = %follower.order_id);
+                if let Some(traceparent) = &touched.traceparent {
+                    orderly_platform::trace_context::set_parent(&span, traceparent);
+                }
+                if let Err(error) = follower.look().instrument(span).await {
                     follower.done = true;
                     return Some((Err(error), follower));
                 }
