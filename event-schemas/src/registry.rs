@@ -282,6 +282,24 @@ pub fn decode_recorded(
     })
 }
 
+/// Decodes only the payload of a stored row, reading nothing of its metadata but
+/// `schema_version`: for readers that never use the envelope (the projections), which then do
+/// not parse its ids and times for every event they replay.
+pub fn decode_payload(
+    event_type: &str,
+    data: Value,
+    metadata: &Value,
+) -> Result<Event, SchemaError> {
+    let schema_version = metadata
+        .get("schema_version")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| SchemaError::InvalidMetadata {
+            message: "schema_version is missing or not a 32-bit number".to_owned(),
+        })?;
+    decode(event_type, schema_version, data)
+}
+
 /// What an append writes for one event: its id, the type column, and the two JSON columns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedEvent {

@@ -5,7 +5,8 @@ use std::path::Path;
 use chrono::{TimeZone, Utc};
 use orderly_event_schemas::orders::OrderPlaced;
 use orderly_event_schemas::{
-    Event, EventMetadata, OrderEvent, SchemaError, decode, decode_recorded, encode, registry,
+    Event, EventMetadata, OrderEvent, SchemaError, decode, decode_payload, decode_recorded, encode,
+    registry,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -122,6 +123,31 @@ fn metadata_without_a_schema_version_is_refused() {
         .remove("schema_version");
     assert!(matches!(
         decode_recorded("OrderDelivered", sample("OrderDelivered.v1"), metadata),
+        Err(SchemaError::InvalidMetadata { .. })
+    ));
+}
+
+#[test]
+fn the_payload_alone_decodes_by_the_metadatas_schema_version_upcasting_old_ones() {
+    let metadata = |version: u32| {
+        let mut metadata = sample("metadata");
+        metadata["schema_version"] = json!(version);
+        metadata
+    };
+    let current = decode_payload("OrderPlaced", sample("OrderPlaced.v2"), &metadata(2));
+    assert_eq!(
+        current.expect("v2 decodes"),
+        decode("OrderPlaced", 2, sample("OrderPlaced.v2")).expect("v2")
+    );
+    let upcast = decode_payload("OrderPlaced", sample("OrderPlaced.v1"), &metadata(1));
+    assert_eq!(
+        upcast.expect("v1 decodes"),
+        decode("OrderPlaced", 1, sample("OrderPlaced.v1")).expect("v1")
+    );
+    // Read as v1, a v2 payload is refused rather than misread.
+    assert!(decode_payload("OrderPlaced", sample("OrderPlaced.v2"), &metadata(1)).is_err());
+    assert!(matches!(
+        decode_payload("OrderDelivered", sample("OrderDelivered.v1"), &json!({})),
         Err(SchemaError::InvalidMetadata { .. })
     ));
 }

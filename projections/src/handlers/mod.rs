@@ -52,9 +52,8 @@ pub(crate) fn decode(
         .filter(|e| wants(name, e.stream.category()))
         .map(|mut e| {
             let data = std::mem::take(&mut e.data);
-            let metadata = std::mem::take(&mut e.metadata);
-            let decoded = orderly_event_schemas::decode_recorded(&e.event_type, data, metadata)
-                .map(|r| r.event)
+            // The read models use no envelope field, so only the payload is decoded.
+            let decoded = orderly_event_schemas::decode_payload(&e.event_type, data, &e.metadata)
                 .map_err(|error| format!("cannot decode: {error}"));
             (e, decoded)
         })
