@@ -12,7 +12,7 @@ use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
     SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
 };
-use orderly_command_api::{CommandService, IdempotencyKeys, MutationRoot};
+use orderly_command_api::{CommandService, MutationRoot};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::EventStore;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
@@ -174,7 +174,7 @@ pub fn graphql_router(
 ) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
-    let commands = || CommandService::new(store.clone(), Some(IdempotencyKeys::new(pool.clone())));
+    let commands = || CommandService::new(store.clone());
     let reads = || {
         let limits = ReadLimits {
             max_consistency_wait: Duration::from_millis(settings.consistency_max_wait_ms),
@@ -222,8 +222,8 @@ pub fn served_sdl(settings: &Settings) -> anyhow::Result<String> {
         ProjectionHub::new(),
         ReadLimits::default(),
     );
-    let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
-        .data(CommandService::new(store, Some(IdempotencyKeys::new(pool))));
+    let builder =
+        Schema::build(QueryRoot, MutationRoot, SubscriptionRoot).data(CommandService::new(store));
     Ok(orderly_read_api::install(builder, reads).finish().sdl())
 }
 
@@ -251,15 +251,6 @@ fn serve_schema<E: Executor>(
         Arc::new(limiter),
         limits,
     ))
-}
-
-/// The command side over `store`, with idempotency keys in the settings' database.
-pub fn command_service(
-    settings: &Settings,
-    store: Arc<dyn EventStore>,
-) -> anyhow::Result<CommandService> {
-    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
-    Ok(CommandService::new(store, Some(IdempotencyKeys::new(pool))))
 }
 
 /// The payment gateway the settings choose, behind timeout, retries, breaker and limit. Keep

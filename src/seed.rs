@@ -446,7 +446,7 @@ pub async fn wait_for_saga(
 /// runner leads and this one stands by; either way the orders are driven).
 pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<SeedReport> {
     let store = app::event_store(settings)?;
-    let service = app::command_service(settings, store.clone())?;
+    let service = CommandService::new(store.clone());
     let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(saga.run_until_stopped(async move {

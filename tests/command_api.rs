@@ -249,6 +249,64 @@ async fn concurrent_calls_with_one_key_place_one_order() {
 }
 
 #[tokio::test]
+async fn racing_calls_with_one_key_and_two_requests_place_one_and_refuse_the_other() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 100).await;
+    let alice = customer("alice");
+    let mut one = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
+    one["input"]["idempotencyKey"] = json!("race");
+    let mut two = one.clone();
+    two["input"]["lines"][0]["quantity"] = json!(3);
+    let calls = (0..8).map(|i| {
+        let input = if i % 2 == 0 { one.clone() } else { two.clone() };
+        api.gql(Some(&alice), PLACE, input)
+    });
+    let answers = futures::future::join_all(calls).await;
+    let placed: Vec<_> = answers
+        .iter()
+        .filter(|a| a.body.get("errors").is_none())
+        .map(|a| a.data("placeOrder").clone())
+        .collect();
+    let refused = answers
+        .iter()
+        .filter(|a| a.body.get("errors").is_some())
+        .inspect(|a| {
+            assert_eq!(a.code(), "BAD_USER_INPUT");
+            assert_eq!(a.error()["extensions"]["field"], "input.idempotencyKey");
+        })
+        .count();
+    // The winner's four calls answer its order (one wrote, three replayed); the loser's four
+    // are refused, whichever request won.
+    let bodies: Vec<_> = answers.iter().map(|a| &a.body).collect();
+    assert_eq!((placed.len(), refused), (4, 4), "{bodies:?}");
+    assert_eq!(placed.iter().filter(|r| r["replayed"] == false).count(), 1);
+    assert!(placed.iter().all(|r| r["id"] == placed[0]["id"]));
+    let events = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderPlaced'",
+    )
+    .await;
+    assert_eq!(events, 1);
+}
+
+#[tokio::test]
+async fn a_key_whose_request_was_refused_may_be_used_for_the_corrected_request() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let alice = customer("alice");
+    let mut wrong = order_input(json!([{ "sku": "COFFEE", "quantity": 1 }]), "tok_ok");
+    wrong["input"]["idempotencyKey"] = json!("fix-me");
+    let refused = api.gql(Some(&alice), PLACE, wrong).await;
+    assert_eq!(refused.code(), "BAD_USER_INPUT");
+    let mut right = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
+    right["input"]["idempotencyKey"] = json!("fix-me");
+    let placed = api.gql(Some(&alice), PLACE, right).await;
+    assert_eq!(placed.data("placeOrder")["replayed"], false);
+}
+
+#[tokio::test]
 async fn without_a_valid_token_mutations_are_unauthenticated() {
     let db = migrated_database().await;
     let api = start(&settings_for(db.url())).await;

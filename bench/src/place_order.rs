@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use orderly_command_api::{CommandService, IdempotencyKeys, RegisterProduct};
+use orderly_command_api::{CommandService, RegisterProduct};
 use orderly_domain::values::{Currency, Money, ProductName, Sku};
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_platform::{
@@ -41,10 +41,9 @@ pub(crate) const PRODUCTS: usize = 100;
 /// Most connections the append yardstick opens.
 const MAX_WRITERS: usize = 64;
 
-/// Connections of the served command API: event store and idempotency keys together stay
-/// well below the server's limit whatever the client count.
+/// Connections of the served command API's event store: well below the server's limit
+/// whatever the client count.
 const STORE_CONNECTIONS: usize = 40;
-const KEY_CONNECTIONS: usize = 20;
 pub(crate) const SECRET: &str = "bench-secret";
 
 pub(crate) const PLACE: &str =
@@ -82,7 +81,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut ratios = Vec::new();
     for &clients in &args.clients {
         admin
-            .batch_execute("truncate events, idempotency_keys; checkpoint")
+            .batch_execute("truncate events; checkpoint")
             .await
             .context("reset (needs a superuser)")?;
         // One connection per writer: past MAX_WRITERS the server (max_connections = 100 here)
@@ -95,9 +94,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         let raw = append::measure(&db, Scenario::OrderlySingle, writers, &append_args).await?;
         println!("{}", raw.row());
-        admin
-            .batch_execute("truncate events, idempotency_keys; checkpoint")
-            .await?;
+        admin.batch_execute("truncate events; checkpoint").await?;
         let placed = place_orders(&db, clients, args.seconds).await?;
         println!("{}", placed.row());
         ratios.push((clients, placed.events_per_sec() / raw.events_per_sec()));
@@ -120,8 +117,7 @@ async fn serve(
         ..Default::default()
     };
     let store = Arc::new(PgEventStore::new(db.config().clone(), options)?);
-    let pool = orderly_platform::pg_pool(db.config(), clients.clamp(4, KEY_CONNECTIONS))?;
-    let service = CommandService::new(store, Some(IdempotencyKeys::new(pool)));
+    let service = CommandService::new(store);
     let schema = orderly_command_api::schema(service.clone());
     let sdl = schema.sdl();
     let jwt = JwtConfig {

@@ -441,13 +441,10 @@ async fn add_lines(
 
 /// Placements, each followed by the STRICT read of its order; prints the lag table.
 async fn visibility_lag(args: &Args, settings: &Settings, db: &TestDb) -> anyhow::Result<()> {
-    let service = CommandService::new(
-        Arc::new(PgEventStore::new(
-            db.config().clone(),
-            PgStoreOptions::default(),
-        )?),
-        None,
-    );
+    let service = CommandService::new(Arc::new(PgEventStore::new(
+        db.config().clone(),
+        PgStoreOptions::default(),
+    )?));
     place_order::register_products(&service).await?;
     drop(service);
     let served = Served::app(App::build(settings).await?);

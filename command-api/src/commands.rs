@@ -17,7 +17,6 @@ use uuid::Uuid;
 
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
-use crate::idempotency::{Claim, IdempotencyKeys};
 use crate::metering::{CommandName, metered};
 
 /// Namespace of the ids derived from idempotency keys (a fixed random UUID).
@@ -72,7 +71,6 @@ pub struct RegisterProduct {
 #[derive(Clone)]
 pub struct CommandService {
     handler: Handler,
-    keys: Option<IdempotencyKeys>,
     /// The request's trace context, copied into every event's metadata.
     traceparent: Option<String>,
 }
@@ -90,12 +88,9 @@ fn require<'a>(actor: Option<&'a Actor>, roles: &[Role]) -> Result<&'a Actor, Co
 }
 
 impl CommandService {
-    /// Without `keys` (no PostgreSQL for the command side) idempotency still holds through the
-    /// derived order and event ids; only reusing a key for a different request goes unnoticed.
-    pub fn new(store: Arc<dyn EventStore>, keys: Option<IdempotencyKeys>) -> Self {
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
             handler: Handler::new(store),
-            keys,
             traceparent: None,
         }
     }
@@ -137,9 +132,11 @@ impl CommandService {
             None => CustomerId::parse(actor.sub.clone())
                 .map_err(|e| CommandError::invalid("input.customerId", e))?,
         };
-        // With a key, the order id and the command id (hence the event ids) follow from
-        // (customer, key): every retry, and every racing duplicate, names the same order and
-        // appends the same ids, which the store writes once.
+        // With a key, the order id follows from (customer, key) and the command id (hence
+        // the event ids) from (customer, key, request): a retry or a racing duplicate of the
+        // same request appends the same ids to the same new stream, which the store writes
+        // once; another request under a used key finds the stream taken by ids not its own.
+        // The log alone answers both, so a placement is one write transaction.
         let (order_id, command_id) = match &command.idempotency_key {
             Some(key) => {
                 let base = Uuid::new_v5(
@@ -148,55 +145,20 @@ impl CommandService {
                 );
                 (
                     OrderId(Uuid::new_v5(&base, b"order")),
-                    Uuid::new_v5(&base, b"command"),
+                    Uuid::new_v5(&base, command.fingerprint.as_bytes()),
                 )
             }
             None => (OrderId(Uuid::now_v7()), Uuid::now_v7()),
         };
-        let keyed = match (&self.keys, &command.idempotency_key) {
-            (Some(keys), Some(key)) => Some((keys, key.as_str())),
-            _ => None,
-        };
-        // The key claim and the product reads do not depend on each other: one round trip
-        // of waiting instead of two. (A refused key wastes one product read.)
-        let claim = async {
-            match keyed {
-                Some((keys, key)) => keys
-                    .claim(customer_id.as_str(), key, command.fingerprint, order_id.0)
-                    .await
-                    .map(Some),
-                None => Ok(None),
-            }
-        };
-        let (claim, products) = tokio::join!(claim, self.products(&command.lines));
-        // No key: the order id is fresh. Owned key: nobody used it, so neither its order id.
-        let owned = match claim? {
-            None => true,
-            Some(claim) => claim == Claim::Owned,
-        };
-        let outcome = match products {
-            Ok(products) => {
-                self.place(
-                    actor,
-                    &customer_id,
-                    (order_id, command_id),
-                    &command,
-                    products,
-                    owned,
-                )
-                .await
-            }
-            Err(error) => Err(error),
-        };
-        // A transient failure may have written (the store's answer was lost): the key stays, so
-        // the retry finds the order. Anything else wrote nothing and frees the key.
-        if let (Some((keys, key)), Err(error)) = (keyed, &outcome)
-            && owned
-            && !error.is_transient()
-        {
-            keys.release(customer_id.as_str(), key).await?;
-        }
-        outcome
+        let products = self.products(&command.lines).await?;
+        self.place(
+            actor,
+            &customer_id,
+            (order_id, command_id),
+            &command,
+            products,
+        )
+        .await
     }
 
     async fn place(
@@ -206,7 +168,6 @@ impl CommandService {
         (order_id, command_id): (OrderId, Uuid),
         command: &PlaceOrder,
         products: Vec<Product>,
-        fresh: bool,
     ) -> Result<CommandResult, CommandError> {
         // Prices, names and currency come from the products' streams as they are now, never
         // from the client; pricing rejects unknown SKUs and mixed currencies.
@@ -226,22 +187,24 @@ impl CommandService {
         };
         let stream = stream_name(streams::order(order_id))?;
         let decide = |loaded: &Loaded<Option<order::Order>>| {
-            // Our own placement is already stored (a retry): nothing to decide.
-            if loaded.first_event_id == Some(ours) {
-                return Ok(Vec::new());
+            match loaded.first_event_id {
+                // Our own placement is already stored (a retry): nothing to decide.
+                Some(id) if id == ours => Ok(Vec::new()),
+                // Only a key names an order that exists before its placement: the key's
+                // first request placed it, and this request differs from that one.
+                Some(_) if command.idempotency_key.is_some() => Err(CommandError::invalid(
+                    "input.idempotencyKey",
+                    "was already used for a different request",
+                )),
+                _ => Ok(order::decide(&loaded.state, &place)?),
             }
-            Ok(order::decide(&loaded.state, &place)?)
         };
+        // The order id is new unless a key was used before, so the first attempt appends
+        // without reading; a used key conflicts, and the reload above decides.
         let outcome = metered(place.command_name(), async {
-            if fresh {
-                self.handler
-                    .execute_new::<OrderAggregate, _>(&stream, &envelope, decide)
-                    .await
-            } else {
-                self.handler
-                    .execute::<OrderAggregate, _>(&stream, None, &envelope, decide)
-                    .await
-            }
+            self.handler
+                .execute_new::<OrderAggregate, _>(&stream, &envelope, decide)
+                .await
         })
         .await?;
         let id = order_id.to_string();

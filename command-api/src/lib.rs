@@ -9,22 +9,21 @@
 //!   re-sent command is written once.
 //! - `commands`: [`CommandService`], the API's commands: who may send each (roles from the
 //!   token), what they load (placeOrder prices lines from the products' streams), what they
-//!   answer.
+//!   answer. placeOrder's idempotency keys live in the log: the key names the order, the key
+//!   and the request name its event ids.
 //! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
-//! - `idempotency`: placeOrder keys per customer in PostgreSQL (insert-first).
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
 //! - `saga`: the runner that follows the log and drives the domain's fulfilment saga, the
 //!   payment gateway port with its resilience wrapper, the outbox worker, the notification
 //!   port (log or SMTP), and `saga::maintenance` (outbox dead letters, the retention purge).
-//! - `migrations`: this crate's tables (idempotency keys, saga checkpoint and states, outbox).
+//! - `migrations`: this crate's tables (saga checkpoint and states, outbox).
 //! - `error`: [`CommandError`], this crate's one error type.
 
 mod commands;
 mod error;
 mod graphql;
 mod handling;
-mod idempotency;
 pub mod metering;
 mod migrations;
 pub mod saga;
@@ -35,5 +34,4 @@ pub use graphql::{CommandSchema, MutationRoot, PlaceholderQuery, schema};
 pub use handling::{
     ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
 };
-pub use idempotency::IdempotencyKeys;
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
