@@ -1,8 +1,11 @@
 //! Live lag: how long from an append's commit until the `orders` projection has applied it,
 //! at half the maximum append rate, with the runners in this process (as `orderly serve`).
 //!
+//! 0. Prefill: the writers below run flat out for `prefill_seconds`, unmeasured, then
+//!    `analyze`, so the phases measure a log with a history and plans made for it.
 //! 1. Maximum rate: `writers` tasks append workload decisions (through the domain's deciders,
-//!    each writer its own SKUs and customers) flat out for `seconds`, runners running.
+//!    each writer its own SKUs and customers) flat out for `seconds`, runners running; then
+//!    `analyze` again, as autovacuum would after such growth.
 //! 2. Lag: the same writers paced to half that rate for `seconds`. Each append's position and
 //!    return time are noted; when the `orders` checkpoint (which passes every event of the log)
 //!    reaches a position, the lag of every append at or below it is recorded.
@@ -24,6 +27,10 @@ pub struct Args {
     /// Seconds of each phase (maximum rate, then paced).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Seconds of writing before the first phase, not measured: the log and read models then
+    /// hold a history, with planner statistics, as on a server that has been running.
+    #[arg(long, default_value_t = 5)]
+    prefill_seconds: u64,
     /// Concurrent writers.
     #[arg(long, default_value_t = 8)]
     writers: usize,
@@ -122,8 +129,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
 
+    let (_, workloads) = write(
+        store.clone(),
+        workloads,
+        args.prefill_seconds,
+        Duration::ZERO,
+        None,
+    )
+    .await?;
+    report::analyze(&db).await?;
     let (appends, workloads) =
         write(store.clone(), workloads, args.seconds, Duration::ZERO, None).await?;
+    report::analyze(&db).await?;
     let max_rate = appends as f64 / args.seconds as f64;
     println!(
         "- maximum append rate with runners on: {max_rate:.0} appends/s ({} writers)",

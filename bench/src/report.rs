@@ -150,6 +150,19 @@ pub fn machine() -> String {
 }
 
 /// A fresh database holding the event log and the read models, as `orderly migrate` makes it.
+/// Planner statistics for every table of `db`, as autovacuum would have them on a server that
+/// has been running: a program that fills a fresh database and measures at once would
+/// otherwise measure plans made for empty tables (sequential scans of the log, kept by the
+/// prepared statements until the next analyze).
+pub async fn analyze(db: &orderly_test_support::TestDb) -> anyhow::Result<()> {
+    let (client, connection) = db.config().connect(tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    client.batch_execute("analyze").await?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}
+
 pub async fn read_side_database(key: &str) -> anyhow::Result<orderly_test_support::TestDb> {
     orderly_test_support::TestDb::create(
         key,
@@ -165,7 +178,7 @@ pub async fn read_side_database(key: &str) -> anyhow::Result<orderly_test_suppor
 }
 
 /// A fresh database with every migration `orderly migrate` applies: log, read models and the
-/// command side's idempotency keys, for programs that serve the whole application.
+/// command side's tables, for programs that serve the whole application.
 pub async fn service_database(key: &str) -> anyhow::Result<orderly_test_support::TestDb> {
     orderly_test_support::TestDb::create(
         key,

@@ -1,16 +1,18 @@
-//! One batch, one transaction: lock the checkpoint row, check it is where the caller believes,
+//! One batch, one transaction: lock the checkpoint, check it is where the caller believes,
 //! apply the events, park what failed, move the checkpoint, commit.
 //!
 //! The compare on the checkpoint is what makes double application impossible whatever runs
 //! where: a runner whose checkpoint was moved by someone else (another process that took over,
 //! or a rebuild that swapped in its shadow copy) gets [`BatchResult::Moved`] and re-reads from
-//! there. Taking the checkpoint row lock first also fixes one lock order for every writer of a
-//! projection (runner, dead-letter retry, swap), so they cannot deadlock one another.
+//! there. Taking the projection's batch lock first (an advisory lock standing for the checkpoint
+//! row, see [`lock_checkpoint`]) also fixes one lock order for every writer of a projection
+//! (runner, dead-letter retry, swap), so they cannot deadlock one another.
 
 use std::collections::HashSet;
 
 use orderly_event_store::{Position, RecordedEvent};
 use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
@@ -72,21 +74,34 @@ pub(crate) async fn checkpoint(
     ))
 }
 
-/// Locks the checkpoint row inside an open transaction and returns where it is.
+/// Takes the projection's batch lock for the rest of the open transaction and returns where
+/// the checkpoint is.
+///
+/// A transaction-level advisory lock rather than `for update` on the checkpoint row: a row
+/// lock gives the transaction an id at once, and the log's readers (this projection's own
+/// among them) read only below the oldest transaction id in flight, so a batch holding one
+/// through its loads and fold would hold back every reader of the log. With the advisory lock
+/// a batch gets its id at its first write, and only its write-back counts.
 pub(crate) async fn lock_checkpoint(
     tx: &tokio_postgres::Transaction<'_>,
     name: ProjectionName,
     target: Target,
 ) -> Result<Option<Position>, ProjectionError> {
-    let row = tx
-        .query_opt(
-            &format!(
-                "select position_commit, position_prepare from {} where projection = $1 for update",
-                target.table()
-            ),
-            &[&name.as_str()],
-        )
-        .await?;
+    // Two statements, sent together: under read committed a statement reads as of its start,
+    // and the server starts the read only after the lock is granted, so it cannot miss the
+    // previous holder's commit.
+    let key = name.batch_lock(target == Target::Shadow);
+    let projection = name.as_str();
+    let lock: [&(dyn ToSql + Sync); 1] = [&key];
+    let which: [&(dyn ToSql + Sync); 1] = [&projection];
+    let read = format!(
+        "select position_commit, position_prepare from {} where projection = $1",
+        target.table()
+    );
+    let (_, row) = futures::try_join!(
+        tx.execute("select pg_advisory_xact_lock($1)", &lock),
+        tx.query_opt(&read, &which),
+    )?;
     row.map(|row| -> Result<Position, ProjectionError> {
         Ok(Position::new(
             to_u64(row.try_get(0)?),

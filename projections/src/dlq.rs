@@ -1,7 +1,7 @@
 //! Dead letters: events a projection's handler could not apply, parked with the error.
 //!
-//! `retry` re-applies one parked event in a transaction that first locks the projection's
-//! checkpoint row, so it never interleaves with a runner's batch. Under the `SkipAndPark`
+//! `retry` re-applies one parked event in a transaction that first takes the projection's
+//! batch lock, so it never interleaves with a runner's batch. Under the `SkipAndPark`
 //! policy later events of the same stream may already be applied; the row's version then
 //! admits nothing older and the retry changes nothing. Rebuilding the projection after the fix
 //! is the way to get such an event in.

@@ -78,6 +78,12 @@ impl ProjectionName {
     pub(crate) fn rebuild_lock(self) -> i64 {
         self.runner_lock() + 0x100
     }
+
+    /// Key of the transaction-level advisory lock every writer of the projection's live
+    /// tables takes first (see `batch::lock_checkpoint`); `shadow` for its rebuild copy.
+    pub(crate) fn batch_lock(self, shadow: bool) -> i64 {
+        self.runner_lock() + if shadow { 0x300 } else { 0x200 }
+    }
 }
 
 impl fmt::Display for ProjectionName {

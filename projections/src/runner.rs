@@ -52,7 +52,7 @@ impl Default for RunnerOptions {
     fn default() -> Self {
         Self {
             batch_size: 1000,
-            batch_wait: Duration::from_millis(5),
+            batch_wait: Duration::from_millis(2),
             policy: DeadLetterPolicy::SkipAndPark,
             standby_poll: Duration::from_secs(1),
             retry_max: Duration::from_secs(5),
@@ -249,8 +249,10 @@ impl Runner {
                         truncated: false,
                         traceparent,
                     };
+                    // This process's listeners first: the notification to other processes
+                    // is a round trip they need not wait for.
+                    self.hub.publish(update.clone());
                     watch::notify(&client, &update).await;
-                    self.hub.publish(update);
                     if let Some(stopped) = done.stopped {
                         metrics::set_state(self.name, RunnerState::Failed);
                         set_state(

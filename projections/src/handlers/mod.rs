@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use orderly_event_schemas::Event;
 use orderly_event_store::RecordedEvent;
 use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
@@ -34,6 +35,42 @@ pub(crate) async fn apply(
         ProjectionName::Orders => orders::apply(tx, events, policy, skipped).await,
         ProjectionName::Products => products::apply(tx, events, policy, skipped).await,
     }
+}
+
+/// One statement's parameters, owned, for [`execute_all`].
+pub(crate) type Params<'a> = Vec<Box<dyn ToSql + Send + Sync + 'a>>;
+
+/// [`Params`] from expressions, each moved into a box.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! params {
+    ($($param:expr),* $(,)?) => {
+        vec![$(Box::new($param) as Box<dyn tokio_postgres::types::ToSql + Send + Sync>),*]
+    };
+}
+
+/// Runs a batch's write-back statements, sent together: tokio-postgres pipelines the queries
+/// of one connection that are polled at the same time, so the batch waits for about one round
+/// trip instead of two per statement (parse, then execute). The write-back is where the
+/// batch's transaction holds an id, and with it back every reader of the log (see
+/// `batch::lock_checkpoint`), so its length counts twice. The server runs them in the order
+/// given.
+pub(crate) async fn execute_all(
+    tx: &Transaction<'_>,
+    statements: &[(&str, Params<'_>)],
+) -> Result<(), ProjectionError> {
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = statements
+        .iter()
+        .map(|(_, params)| params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect())
+        .collect();
+    futures::future::try_join_all(
+        statements
+            .iter()
+            .zip(&params)
+            .map(|((sql, _), params)| tx.execute(*sql, params)),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Whether `name` reads events of `category`.

@@ -13,11 +13,13 @@ use chrono::{DateTime, NaiveDate, Utc};
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use orderly_event_store::RecordedEvent;
 use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{decode, fold};
+use super::{Params, decode, execute_all, fold};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome, ProjectionName};
+use crate::params;
 
 #[derive(Debug, Clone)]
 struct OrderRow {
@@ -480,10 +482,16 @@ pub(crate) async fn apply(
     Ok(outcome)
 }
 
-/// Plain reads, no `for update`: the batch already holds its projection's checkpoint row, and
+/// Plain reads, no `for update`: the batch already holds its projection's batch lock, and
 /// every writer of these tables takes that lock first.
 async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<(), ProjectionError> {
-    for row in tx.query(LOAD_ORDERS, &[&ids]).await? {
+    // Both reads in one round trip (see `execute_all`).
+    let params: [&(dyn ToSql + Sync); 1] = [&ids];
+    let (orders, payments) = futures::try_join!(
+        tx.query(LOAD_ORDERS, &params),
+        tx.query(LOAD_PAYMENTS, &params)
+    )?;
+    for row in orders {
         let order = OrderRow {
             order_id: row.try_get(0)?,
             customer_id: row.try_get(1)?,
@@ -509,7 +517,7 @@ async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<()
         };
         state.orders.insert(order.order_id, order);
     }
-    for row in tx.query(LOAD_PAYMENTS, &[&ids]).await? {
+    for row in payments {
         let status: String = row.try_get(1)?;
         let payment = PaymentRow {
             order_id: row.try_get(0)?,
@@ -537,8 +545,10 @@ fn payment_status(stored: &str) -> &'static str {
     }
 }
 
-/// One statement per table, each row as arrays through `unnest`; only what changed.
+/// One statement per table, each row as arrays through `unnest`; only what changed; all sent
+/// together (see [`execute_all`]).
 async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError> {
+    let mut statements: Vec<(&str, Params<'_>)> = Vec::with_capacity(8);
     let orders: Vec<&OrderRow> = state.orders.values().filter(|o| o.dirty).collect();
     if !orders.is_empty() {
         let col = |f: fn(&OrderRow) -> String| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
@@ -552,31 +562,30 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
         let versions: Vec<i64> = orders.iter().map(|o| o.version).collect();
         let placed: Vec<DateTime<Utc>> = orders.iter().map(|o| o.placed_at).collect();
         let updated: Vec<DateTime<Utc>> = orders.iter().map(|o| o.updated_at).collect();
-        tx.execute(
+        statements.push((
             WRITE_ORDERS,
-            &[
-                &ids,
-                &col(|o| o.customer_id.clone()),
-                &col(|o| o.status.clone()),
-                &totals,
-                &col(|o| o.currency.clone()),
-                &col(|o| o.ship_name.clone()),
-                &col(|o| o.ship_line1.clone()),
-                &opt(|o| o.ship_line2.clone()),
-                &col(|o| o.ship_city.clone()),
-                &col(|o| o.ship_postal_code.clone()),
-                &col(|o| o.ship_country.clone()),
-                &placed,
-                &updated,
-                &opt(|o| o.cancellation_reason.clone()),
-                &opt(|o| o.carrier.clone()),
-                &opt(|o| o.tracking_number.clone()),
-                &time(|o| o.shipped_at),
-                &time(|o| o.delivered_at),
-                &versions,
+            params![
+                ids,
+                col(|o| o.customer_id.clone()),
+                col(|o| o.status.clone()),
+                totals,
+                col(|o| o.currency.clone()),
+                col(|o| o.ship_name.clone()),
+                col(|o| o.ship_line1.clone()),
+                opt(|o| o.ship_line2.clone()),
+                col(|o| o.ship_city.clone()),
+                col(|o| o.ship_postal_code.clone()),
+                col(|o| o.ship_country.clone()),
+                placed,
+                updated,
+                opt(|o| o.cancellation_reason.clone()),
+                opt(|o| o.carrier.clone()),
+                opt(|o| o.tracking_number.clone()),
+                time(|o| o.shipped_at),
+                time(|o| o.delivered_at),
+                versions,
             ],
-        )
-        .await?;
+        ));
     }
     let placed: Vec<(Uuid, &str)> = state
         .orders
@@ -584,102 +593,95 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
         .filter_map(|o| o.search_text.as_deref().map(|text| (o.order_id, text)))
         .collect();
     if !placed.is_empty() {
-        tx.execute(
+        statements.push((
             WRITE_SEARCH,
-            &[
-                &placed.iter().map(|p| p.0).collect::<Vec<_>>(),
-                &placed.iter().map(|p| p.1).collect::<Vec<_>>(),
+            params![
+                placed.iter().map(|p| p.0).collect::<Vec<_>>(),
+                placed.iter().map(|p| p.1).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
     if !state.lines.is_empty() {
         let l = &state.lines;
-        tx.execute(
+        statements.push((
             WRITE_LINES,
-            &[
-                &l.iter().map(|x| x.order_id).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.line_no).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.sku.as_str()).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.quantity).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.unit_price_minor).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.line_total_minor).collect::<Vec<_>>(),
-                &l.iter().map(|x| x.currency.as_str()).collect::<Vec<_>>(),
+            params![
+                l.iter().map(|x| x.order_id).collect::<Vec<_>>(),
+                l.iter().map(|x| x.line_no).collect::<Vec<_>>(),
+                l.iter().map(|x| x.sku.as_str()).collect::<Vec<_>>(),
+                l.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+                l.iter().map(|x| x.quantity).collect::<Vec<_>>(),
+                l.iter().map(|x| x.unit_price_minor).collect::<Vec<_>>(),
+                l.iter().map(|x| x.line_total_minor).collect::<Vec<_>>(),
+                l.iter().map(|x| x.currency.as_str()).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
     if !state.history.is_empty() {
         let h = &state.history;
-        tx.execute(
+        statements.push((
             WRITE_HISTORY,
-            &[
-                &h.iter().map(|x| x.order_id).collect::<Vec<_>>(),
-                &h.iter().map(|x| x.version).collect::<Vec<_>>(),
-                &h.iter().map(|x| x.status).collect::<Vec<_>>(),
-                &h.iter().map(|x| x.at).collect::<Vec<_>>(),
-                &h.iter().map(|x| x.reason.as_deref()).collect::<Vec<_>>(),
+            params![
+                h.iter().map(|x| x.order_id).collect::<Vec<_>>(),
+                h.iter().map(|x| x.version).collect::<Vec<_>>(),
+                h.iter().map(|x| x.status).collect::<Vec<_>>(),
+                h.iter().map(|x| x.at).collect::<Vec<_>>(),
+                h.iter().map(|x| x.reason.as_deref()).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
     let payments: Vec<&PaymentRow> = state.payments.values().filter(|p| p.dirty).collect();
     if !payments.is_empty() {
         let p = &payments;
-        tx.execute(
+        statements.push((
             WRITE_PAYMENTS,
-            &[
-                &p.iter().map(|x| x.order_id).collect::<Vec<_>>(),
-                &p.iter().map(|x| x.status).collect::<Vec<_>>(),
-                &p.iter().map(|x| x.amount_minor).collect::<Vec<_>>(),
-                &p.iter().map(|x| x.currency.as_str()).collect::<Vec<_>>(),
-                &p.iter().map(|x| x.attempts).collect::<Vec<_>>(),
-                &p.iter()
+            params![
+                p.iter().map(|x| x.order_id).collect::<Vec<_>>(),
+                p.iter().map(|x| x.status).collect::<Vec<_>>(),
+                p.iter().map(|x| x.amount_minor).collect::<Vec<_>>(),
+                p.iter().map(|x| x.currency.as_str()).collect::<Vec<_>>(),
+                p.iter().map(|x| x.attempts).collect::<Vec<_>>(),
+                p.iter()
                     .map(|x| x.failure_reason.as_deref())
                     .collect::<Vec<_>>(),
-                &p.iter().map(|x| x.version).collect::<Vec<_>>(),
+                p.iter().map(|x| x.version).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
     if !state.customers.is_empty() {
         let c: Vec<(&String, &CustomerDelta)> = state.customers.iter().collect();
-        tx.execute(
+        statements.push((
             WRITE_CUSTOMERS,
-            &[
-                &c.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
-                &c.iter().map(|x| x.1.order_count).collect::<Vec<_>>(),
-                &c.iter().map(|x| x.1.last_order_at).collect::<Vec<_>>(),
+            params![
+                c.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+                c.iter().map(|x| x.1.order_count).collect::<Vec<_>>(),
+                c.iter().map(|x| x.1.last_order_at).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
     if !state.lifetime_values.is_empty() {
         let v: Vec<(&(String, String), &i64)> = state.lifetime_values.iter().collect();
-        tx.execute(
+        statements.push((
             WRITE_LIFETIME_VALUES,
-            &[
-                &v.iter().map(|x| x.0.0.as_str()).collect::<Vec<_>>(),
-                &v.iter().map(|x| x.0.1.as_str()).collect::<Vec<_>>(),
-                &v.iter().map(|x| *x.1).collect::<Vec<_>>(),
+            params![
+                v.iter().map(|x| x.0.0.as_str()).collect::<Vec<_>>(),
+                v.iter().map(|x| x.0.1.as_str()).collect::<Vec<_>>(),
+                v.iter().map(|x| *x.1).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
     if !state.sales.is_empty() {
         let s: Vec<(&(NaiveDate, String), &SalesDelta)> = state.sales.iter().collect();
-        tx.execute(
+        statements.push((
             WRITE_SALES,
-            &[
-                &s.iter().map(|x| x.0.0).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.0.1.as_str()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.1.orders).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.1.cancelled).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.1.revenue_minor).collect::<Vec<_>>(),
+            params![
+                s.iter().map(|x| x.0.0).collect::<Vec<_>>(),
+                s.iter().map(|x| x.0.1.as_str()).collect::<Vec<_>>(),
+                s.iter().map(|x| x.1.orders).collect::<Vec<_>>(),
+                s.iter().map(|x| x.1.cancelled).collect::<Vec<_>>(),
+                s.iter().map(|x| x.1.revenue_minor).collect::<Vec<_>>(),
             ],
-        )
-        .await?;
+        ));
     }
-    Ok(())
+    execute_all(tx, &statements).await
 }
