@@ -186,7 +186,9 @@ pub async fn retry_dead_letter(
     store: &dyn EventStore,
     id: i64,
 ) -> anyhow::Result<()> {
-    let mut client = connect(pg_config).await?;
+    let mut client = orderly_projections::connect(pg_config, "dead-letter retry")
+        .await
+        .context("cannot connect to the database")?;
     match dlq::retry(&mut client, store, id).await? {
         dlq::RetryOutcome::Applied => println!("dead letter {id} applied and resolved"),
         dlq::RetryOutcome::FailedAgain(error) => {

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use orderly_event_store::{Direction, EventStore, Position, StreamName};
 use tokio_postgres::Client;
 
-use crate::batch::{Target, lock_checkpoint};
+use crate::batch::{Connection, Target, lock_checkpoint};
 use crate::error::ProjectionError;
 use crate::handlers;
 use crate::model::{DeadLetterPolicy, ProjectionName, to_u64};
@@ -111,7 +111,7 @@ pub enum RetryOutcome {
 
 /// Re-applies one parked event, read again from the store.
 pub async fn retry(
-    client: &mut Client,
+    client: &mut Connection,
     store: &dyn EventStore,
     dead_letter_id: i64,
 ) -> Result<RetryOutcome, ProjectionError> {

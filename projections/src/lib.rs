@@ -8,7 +8,8 @@
 //! - `handlers`: load the rows a batch touches, fold the events over them in memory, write back
 //!   set-based. Version guards make re-application change nothing.
 //! - `batch`: one batch and its checkpoint in one transaction, with a compare on the checkpoint
-//!   so that no two writers ever apply the same event.
+//!   so that no two writers ever apply the same event; [`Connection`], the projections' own
+//!   connections with their prepared statements.
 //! - `runner`: [`Runner`]: catch up, then live; one active per projection by advisory lock.
 //! - `watch`: [`ProjectionHub`]: wait for a position, follow touched order ids; in-process and
 //!   across processes (`NOTIFY orderly_projections`).
@@ -35,6 +36,7 @@ mod watch;
 #[cfg(feature = "workload")]
 pub mod workload;
 
+pub use batch::{Connection, connect};
 pub use error::{BoxError, ProjectionError};
 pub use migrations::{
     MIGRATION_TABLE, fingerprint_with_event_store, migrate, migrate_with_event_store,

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use orderly_event_store::postgres::PgConfig;
 use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::batch::{self, BatchResult, Target};
+use crate::batch::{self, BatchResult, Connection, Target};
 use crate::error::ProjectionError;
 use crate::handlers;
 use crate::model::{DeadLetterPolicy, ProjectionName, to_i64};
@@ -85,16 +85,6 @@ pub struct RebuildReport {
     pub rows: Vec<(String, i64)>,
 }
 
-async fn connect(pg_config: &PgConfig) -> Result<Client, ProjectionError> {
-    let (client, connection) = pg_config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "rebuild connection closed");
-        }
-    });
-    Ok(client)
-}
-
 /// Rebuilds `name` and swaps it in; see the module docs.
 pub async fn rebuild(
     pg_config: &PgConfig,
@@ -113,7 +103,7 @@ pub async fn rebuild(
 /// its shadow copy is.
 struct Shadow {
     name: ProjectionName,
-    client: Client,
+    client: Connection,
     position: Position,
     resumed: bool,
 }
@@ -229,12 +219,17 @@ async fn open_shadow(
     pg_config: &PgConfig,
     name: ProjectionName,
 ) -> Result<Shadow, ProjectionError> {
-    let client = connect(pg_config).await?;
+    let client = batch::connect(pg_config, "rebuild").await?;
     // `drop table if exists` and `create schema if not exists` chatter otherwise. A shadow
     // batch need not wait for its WAL flush: a server crash can only lose the last batches
-    // together with their shadow checkpoint, and the rebuild resumes before them.
+    // together with their shadow checkpoint, and the rebuild resumes before them. The shadow
+    // tables grow from nothing with no statistics, so the batches' prepared statements are
+    // planned for each execution: a plan kept from the first batches would scan them whole.
     client
-        .batch_execute("set client_min_messages = warning; set synchronous_commit = off")
+        .batch_execute(
+            "set client_min_messages = warning; set synchronous_commit = off;
+             set plan_cache_mode = force_custom_plan",
+        )
         .await?;
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&name.rebuild_lock()])
@@ -268,6 +263,14 @@ async fn finish(
 ) -> Result<RebuildReport, ProjectionError> {
     let name = shadow.name;
     build_indexes(&shadow.client, name).await?;
+    // Statistics before the tables go live: the read API's and the runner's plans need them,
+    // and autovacuum would only get to it later.
+    for table in name.tables() {
+        shadow
+            .client
+            .batch_execute(&format!("analyze {SHADOW_SCHEMA}.{table}"))
+            .await?;
+    }
     verify(&shadow.client, name).await?;
     // Readers hold the live tables for a moment at a time; a swap that cannot get them in
     // `swap_lock_timeout` rolls back (readers go on) and tries again a little later.
@@ -488,7 +491,7 @@ pub async fn verify(client: &Client, name: ProjectionName) -> Result<(), Project
 /// The atomic swap; returns the live checkpoint it set. Runs on the shadow connection (search
 /// path: shadow first), so the catch-up inside it writes the shadow tables.
 async fn swap(
-    client: &mut Client,
+    client: &mut Connection,
     store: &dyn EventStore,
     name: ProjectionName,
     shadow: Position,

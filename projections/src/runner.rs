@@ -15,7 +15,7 @@ use futures::StreamExt;
 use orderly_event_store::postgres::PgConfig;
 use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -117,16 +117,6 @@ impl Runner {
         }
     }
 
-    async fn connect(&self) -> Result<Client, ProjectionError> {
-        let (client, connection) = self.pg_config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "projection connection closed");
-            }
-        });
-        Ok(client)
-    }
-
     /// Waits to become the active runner. `false` when shut down first.
     async fn acquire(
         &self,
@@ -151,7 +141,7 @@ impl Runner {
     }
 
     async fn run_once(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
-        let mut client = self.connect().await?;
+        let mut client = batch::connect(&self.pg_config, "projection").await?;
         if !self.options.synchronous_commit {
             client.batch_execute("set synchronous_commit = off").await?;
         }

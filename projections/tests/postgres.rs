@@ -367,7 +367,9 @@ async fn a_poison_event_is_parked_while_the_rest_flows() {
     );
     assert_eq!(orders.state, ProjectionState::Running);
     // Retrying cannot help a payload that does not decode; skipping resolves it.
-    let mut retry_client = f.db.connect().await.expect("connect");
+    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
     let outcome = dlq::retry(
         &mut retry_client,
         f.store.as_ref(),

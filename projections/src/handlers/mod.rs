@@ -13,9 +13,9 @@ pub(crate) mod products;
 
 use std::collections::HashSet;
 
+use deadpool_postgres::Transaction;
 use orderly_event_schemas::Event;
 use orderly_event_store::RecordedEvent;
-use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -49,9 +49,9 @@ macro_rules! params {
     };
 }
 
-/// Runs a batch's write-back statements, sent together: tokio-postgres pipelines the queries
-/// of one connection that are polled at the same time, so the batch waits for about one round
-/// trip instead of two per statement (parse, then execute). The write-back is where the
+/// Runs a batch's write-back statements, prepared once per connection and sent together:
+/// tokio-postgres pipelines the queries of one connection that are polled at the same time, so
+/// the batch waits for about one round trip instead of one per statement. The write-back is where the
 /// batch's transaction holds an id, and with it back every reader of the log (see
 /// `batch::lock_checkpoint`), so its length counts twice. The server runs them in the order
 /// given.
@@ -63,11 +63,14 @@ pub(crate) async fn execute_all(
         .iter()
         .map(|(_, params)| params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect())
         .collect();
+    let prepared =
+        futures::future::try_join_all(statements.iter().map(|(sql, _)| tx.prepare_cached(sql)))
+            .await?;
     futures::future::try_join_all(
-        statements
+        prepared
             .iter()
             .zip(&params)
-            .map(|((sql, _), params)| tx.execute(*sql, params)),
+            .map(|(statement, params)| tx.execute(statement, params)),
     )
     .await?;
     Ok(())

@@ -10,9 +10,9 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
+use deadpool_postgres::Transaction;
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use orderly_event_store::RecordedEvent;
-use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -487,9 +487,13 @@ pub(crate) async fn apply(
 async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<(), ProjectionError> {
     // Both reads in one round trip (see `execute_all`).
     let params: [&(dyn ToSql + Sync); 1] = [&ids];
+    let (load_orders, load_payments) = futures::try_join!(
+        tx.prepare_cached(LOAD_ORDERS),
+        tx.prepare_cached(LOAD_PAYMENTS)
+    )?;
     let (orders, payments) = futures::try_join!(
-        tx.query(LOAD_ORDERS, &params),
-        tx.query(LOAD_PAYMENTS, &params)
+        tx.query(&load_orders, &params),
+        tx.query(&load_payments, &params)
     )?;
     for row in orders {
         let order = OrderRow {

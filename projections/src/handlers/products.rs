@@ -2,9 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use deadpool_postgres::Transaction;
 use orderly_event_schemas::{Event, ProductEvent};
 use orderly_event_store::RecordedEvent;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use super::{decode, fold};
@@ -150,7 +150,8 @@ pub(crate) async fn apply(
     // As for orders: load what the batch touches, fold in memory, write back what changed.
     let mut rows: HashMap<String, ProductRow> = HashMap::with_capacity(skus.len());
     if !skus.is_empty() {
-        for row in tx.query(LOAD, &[&skus]).await? {
+        let load = tx.prepare_cached(LOAD).await?;
+        for row in tx.query(&load, &[&skus]).await? {
             let on_hand: i32 = row.try_get(5)?;
             let reserved: i32 = row.try_get(6)?;
             let product = ProductRow {
@@ -174,8 +175,9 @@ pub(crate) async fn apply(
     if !dirty.is_empty() {
         // Checked against i32::MAX in `handle`, and reserved <= on hand.
         let narrow = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+        let write = tx.prepare_cached(WRITE).await?;
         tx.execute(
-            WRITE,
+            &write,
             &[
                 &dirty.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>(),
                 &dirty.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
