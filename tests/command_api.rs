@@ -214,11 +214,7 @@ async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing(
         reused.error()["extensions"]["field"],
         "input.idempotencyKey"
     );
-    let placed = count(
-        &db,
-        "select count(*) from events where event_type = 'OrderPlaced'",
-    )
-    .await;
+    let placed = placed_orders(&db).await;
     assert_eq!(placed, 2, "alice's order once, bob's once");
 }
 
@@ -240,11 +236,7 @@ async fn concurrent_calls_with_one_key_place_one_order() {
     assert!(results.iter().all(|r| r["token"] == results[0]["token"]));
     let fresh = results.iter().filter(|r| r["replayed"] == false).count();
     assert_eq!(fresh, 1, "exactly one call wrote: {results:?}");
-    let placed = count(
-        &db,
-        "select count(*) from events where event_type = 'OrderPlaced'",
-    )
-    .await;
+    let placed = placed_orders(&db).await;
     assert_eq!(placed, 1);
 }
 
@@ -282,11 +274,7 @@ async fn racing_calls_with_one_key_and_two_requests_place_one_and_refuse_the_oth
     assert_eq!((placed.len(), refused), (4, 4), "{bodies:?}");
     assert_eq!(placed.iter().filter(|r| r["replayed"] == false).count(), 1);
     assert!(placed.iter().all(|r| r["id"] == placed[0]["id"]));
-    let events = count(
-        &db,
-        "select count(*) from events where event_type = 'OrderPlaced'",
-    )
-    .await;
+    let events = placed_orders(&db).await;
     assert_eq!(events, 1);
 }
 
@@ -612,4 +600,13 @@ async fn another_customers_order_is_not_found_even_with_an_expected_version() {
         .await;
     assert_eq!(stale.code(), "CONFLICT", "{}", stale.body);
     assert_eq!(stale.error()["extensions"]["actualVersion"], 0);
+}
+
+/// How many orders the log holds.
+async fn placed_orders(db: &orderly_test_support::TestDb) -> i64 {
+    count(
+        db,
+        "select count(*) from events where event_type = 'OrderPlaced'",
+    )
+    .await
 }

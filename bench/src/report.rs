@@ -155,11 +155,8 @@ pub fn machine() -> String {
 /// otherwise measure plans made for empty tables (sequential scans of the log, kept by the
 /// prepared statements until the next analyze).
 pub async fn analyze(db: &orderly_test_support::TestDb) -> anyhow::Result<()> {
-    let (client, connection) = db.config().connect(tokio_postgres::NoTls).await?;
-    let connection = tokio::spawn(connection);
+    let client = db.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     client.batch_execute("analyze").await?;
-    drop(client);
-    let _ = connection.await;
     Ok(())
 }
 

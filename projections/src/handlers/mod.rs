@@ -41,18 +41,17 @@ pub(crate) async fn apply(
 pub(crate) type Params<'a> = Vec<Box<dyn ToSql + Send + Sync + 'a>>;
 
 /// [`Params`] from expressions, each moved into a box.
-#[macro_export]
-#[doc(hidden)]
 macro_rules! params {
     ($($param:expr),* $(,)?) => {
         vec![$(Box::new($param) as Box<dyn tokio_postgres::types::ToSql + Send + Sync>),*]
     };
 }
+pub(crate) use params;
 
 /// Runs a batch's write-back statements, prepared once per connection and sent together:
 /// tokio-postgres pipelines the queries of one connection that are polled at the same time, so
-/// the batch waits for about one round trip instead of one per statement. The write-back is where the
-/// batch's transaction holds an id, and with it back every reader of the log (see
+/// the batch waits for about one round trip instead of one per statement. The write-back is
+/// where the batch's transaction holds an id, and with it back every reader of the log (see
 /// `batch::lock_checkpoint`), so its length counts twice. The server runs them in the order
 /// given.
 pub(crate) async fn execute_all(

@@ -16,10 +16,9 @@ use orderly_event_store::RecordedEvent;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{Params, decode, execute_all, fold};
+use super::{Params, decode, execute_all, fold, params};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome, ProjectionName};
-use crate::params;
 
 #[derive(Debug, Clone)]
 struct OrderRow {
