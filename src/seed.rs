@@ -82,6 +82,10 @@ pub struct SeedReport {
     pub unsettled: usize,
     pub shipped: usize,
     pub delivered: usize,
+    /// Where the last shipment or delivery was written: the saga must pass it before the stock
+    /// movements that follow the shipments are in. Taken from the commands' own answers, not
+    /// from the log's head, which lags behind any transaction in flight on the server.
+    pub shipped_through: Position,
 }
 
 /// Namespace of the request fingerprints of seeded orders (a fixed random UUID).
@@ -265,15 +269,20 @@ pub async fn seed(
         }
     }
     phase(bar, "shipments", shipments.len());
-    let shipped: Vec<(bool, bool)> = futures::stream::iter(shipments)
+    let shipped: Vec<(bool, bool, Position)> = futures::stream::iter(shipments)
         .map(|(id, carrier, tracking, deliver)| {
             ship(service, &warehouse, id, carrier, tracking, deliver, bar)
         })
         .buffer_unordered(options.concurrency.max(1))
         .try_collect()
         .await?;
-    report.shipped = shipped.iter().filter(|(s, _)| *s).count();
-    report.delivered = shipped.iter().filter(|(_, d)| *d).count();
+    report.shipped = shipped.iter().filter(|(s, _, _)| *s).count();
+    report.delivered = shipped.iter().filter(|(_, d, _)| *d).count();
+    report.shipped_through = shipped
+        .iter()
+        .map(|(_, _, at)| *at)
+        .max()
+        .unwrap_or_default();
     bar.finish_and_clear();
     Ok(report)
 }
@@ -384,7 +393,8 @@ async fn status(service: &CommandService, id: OrderId) -> anyhow::Result<OrderSt
         .map_or(OrderStatus::Placed, |order| order.status))
 }
 
-/// Ships one confirmed order and, when `deliver`, marks it delivered; (shipped, delivered).
+/// Ships one confirmed order and, when `deliver`, marks it delivered; (shipped, delivered,
+/// position of the last write).
 async fn ship(
     service: &CommandService,
     warehouse: &Actor,
@@ -393,7 +403,8 @@ async fn ship(
     tracking: u32,
     deliver: bool,
     bar: &ProgressBar,
-) -> anyhow::Result<(bool, bool)> {
+) -> anyhow::Result<(bool, bool, Position)> {
+    let mut written = Position::START;
     let shipped = match service
         .ship_order(
             Some(warehouse),
@@ -404,20 +415,24 @@ async fn ship(
         )
         .await
     {
-        Ok(_) => true,
+        Ok(result) => {
+            written = result.token;
+            true
+        }
         Err(error) if expected_refusal(&error) => false,
         Err(error) => return Err(error).context("shipping an order"),
     };
     let mut delivered = false;
     if shipped && deliver {
-        service
+        written = service
             .mark_delivered(Some(warehouse), id, None)
             .await
-            .context("marking an order delivered")?;
+            .context("marking an order delivered")?
+            .token;
         delivered = true;
     }
     bar.inc(1);
-    Ok((shipped, delivered))
+    Ok((shipped, delivered, written))
 }
 
 /// Waits until the saga named `saga_name` has handled the log up to `head` (so the stock
@@ -446,7 +461,7 @@ pub async fn wait_for_saga(
 /// runner leads and this one stands by; either way the orders are driven).
 pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<SeedReport> {
     let store = app::event_store(settings)?;
-    let service = CommandService::new(store.clone());
+    let service = CommandService::new(store);
     let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(saga.run_until_stopped(async move {
@@ -459,12 +474,11 @@ pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<S
             .progress_chars("=> "),
     );
     let seeded = seed(&service, options, &bar).await;
-    if seeded.is_ok() {
+    if let Ok(report) = &seeded {
         // The saga follows the shipments with stock movements; let it finish them.
-        let head = store.head().await?;
         let client = read_side::connect(&app::pg_config(settings)?).await?;
         let name = SagaConfig::default().name;
-        if !wait_for_saga(&client, &name, head, options.patience).await? {
+        if !wait_for_saga(&client, &name, report.shipped_through, options.patience).await? {
             tracing::warn!("the saga has not caught up with the seeded events yet");
         }
     }
