@@ -11,14 +11,14 @@
 use std::collections::HashSet;
 
 use deadpool_postgres::{ClientWrapper, Transaction};
+use orderly_event_store::Position;
 use orderly_event_store::postgres::PgConfig;
-use orderly_event_store::{Position, RecordedEvent};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
-use crate::handlers;
+use crate::handlers::{self, Decoded};
 use crate::model::{DeadLetterPolicy, Parked, ProjectionName, to_i64, to_u64};
 
 /// A connection of the projections' own (runners, rebuilds, dead-letter retries), with a cache
@@ -190,14 +190,13 @@ pub(crate) async fn park(
     Ok(())
 }
 
-/// Applies `events` (all after `expected`, in log order) and moves the checkpoint, in one
-/// transaction. `fail_before_commit` rolls everything back at the last moment, as a crash would.
+/// Applies `batch` (all after `expected`) and moves the checkpoint, in one transaction. `fail_before_commit` rolls everything back at the last moment, as a crash would.
 pub(crate) async fn apply_batch(
     client: &mut Connection,
     name: ProjectionName,
     target: Target,
     expected: Position,
-    events: Vec<RecordedEvent>,
+    batch: Decoded,
     policy: DeadLetterPolicy,
     fail_before_commit: bool,
 ) -> Result<BatchResult, ProjectionError> {
@@ -207,7 +206,7 @@ pub(crate) async fn apply_batch(
         return Ok(BatchResult::Moved(current.unwrap_or(Position::START)));
     }
     let skipped = if policy == DeadLetterPolicy::Stop {
-        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let ids: Vec<Uuid> = batch.events.iter().map(|(e, _)| e.id).collect();
         tx.query(
             "select event_id from dead_letters
              where projection = $1 and event_id = any($2) and resolution = 'skipped'",
@@ -220,7 +219,7 @@ pub(crate) async fn apply_batch(
     } else {
         HashSet::new()
     };
-    let outcome = handlers::apply(name, &tx, events, policy, &skipped).await?;
+    let outcome = handlers::apply(name, &tx, batch, policy, &skipped).await?;
     let to_park: Vec<&Parked> = outcome.parked.iter().chain(&outcome.stopped).collect();
     park(&tx, name, &to_park).await?;
     let position = outcome.checkpoint.unwrap_or(expected);

@@ -143,7 +143,7 @@ pub async fn retry(
     let outcome = handlers::apply(
         name,
         &tx,
-        events,
+        handlers::decode(name, events),
         DeadLetterPolicy::Stop,
         &Default::default(),
     )

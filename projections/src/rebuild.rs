@@ -99,6 +99,14 @@ pub async fn rebuild(
         .ok_or_else(|| ProjectionError::UnknownProjection(name.as_str().to_owned()))
 }
 
+/// A page of the log as the rebuild's reader hands it on: one decoded share per shadow.
+struct Page {
+    /// Events of the log in the page, whoever wants them.
+    read: u64,
+    last: Position,
+    shares: Vec<handlers::Decoded>,
+}
+
 /// One projection's share of a rebuild: its connection (search path: shadow first) and where
 /// its shadow copy is.
 struct Shadow {
@@ -135,53 +143,62 @@ pub async fn rebuild_many(
     let page = options.batch_size.max(1);
     let mut events_read = 0u64;
 
-    // The reader runs one page ahead; the channel bounds what waits in memory.
-    let (tx, mut rx) = mpsc::channel::<Result<Vec<RecordedEvent>, ProjectionError>>(1);
+    // The reader runs one page ahead, decoding it too, so that the JSON work overlaps the
+    // write-back; the channel bounds what waits in memory. Categories of different
+    // projections never overlap, so each event goes to one share.
+    let (tx, mut rx) = mpsc::channel::<Result<Page, ProjectionError>>(1);
     let reader_store = store.clone();
+    let since: Vec<(ProjectionName, Position)> =
+        shadows.iter().map(|s| (s.name, s.position)).collect();
     let reader = tokio::spawn(async move {
         let mut after = start;
         loop {
-            match reader_store.read_all(after, &filter, page).await {
-                Ok(events) => {
-                    let Some(last) = events.last() else { return };
-                    after = last.position;
-                    if tx.send(Ok(events)).await.is_err() {
-                        return;
-                    }
-                }
+            let events = match reader_store.read_all(after, &filter, page).await {
+                Ok(events) => events,
                 Err(error) => {
                     let _ = tx.send(Err(error.into())).await;
                     return;
                 }
+            };
+            let Some(last) = events.last().map(|e| e.position) else {
+                return;
+            };
+            after = last;
+            let read = events.len() as u64;
+            let mut buckets: Vec<Vec<RecordedEvent>> = since.iter().map(|_| Vec::new()).collect();
+            for event in events {
+                let category = event.stream.category();
+                if let Some(i) = since
+                    .iter()
+                    .position(|&(name, at)| event.position > at && handlers::wants(name, category))
+                {
+                    buckets[i].push(event);
+                }
+            }
+            let shares = since
+                .iter()
+                .zip(buckets)
+                .map(|(&(name, _), bucket)| handlers::decode(name, bucket))
+                .collect();
+            if tx.send(Ok(Page { read, last, shares })).await.is_err() {
+                return;
             }
         }
     });
-    while let Some(events) = rx.recv().await {
-        let events = events?;
-        events_read += events.len() as u64;
-        let last = events.last().map(|e| e.position);
-        // Categories of different projections never overlap, so each event goes to one.
-        let mut buckets: Vec<Vec<RecordedEvent>> = shadows.iter().map(|_| Vec::new()).collect();
-        for event in events {
-            let category = event.stream.category();
-            if let Some(i) = shadows
-                .iter()
-                .position(|s| event.position > s.position && handlers::wants(s.name, category))
-            {
-                buckets[i].push(event);
-            }
-        }
+    while let Some(page) = rx.recv().await {
+        let page = page?;
+        events_read += page.read;
         let applied = shadows
             .iter_mut()
-            .zip(buckets)
-            .filter(|(_, bucket)| !bucket.is_empty())
-            .map(|(shadow, bucket)| async move {
+            .zip(page.shares)
+            .filter(|(_, share)| !share.events.is_empty())
+            .map(|(shadow, share)| async move {
                 let result = batch::apply_batch(
                     &mut shadow.client,
                     shadow.name,
                     Target::Shadow,
                     shadow.position,
-                    bucket,
+                    share,
                     options.policy,
                     false,
                 )
@@ -203,7 +220,7 @@ pub async fn rebuild_many(
         }
         progress(&RebuildProgress {
             projections: names.to_vec(),
-            position: last.unwrap_or(start),
+            position: page.last,
             events: events_read,
             total,
         });
@@ -225,10 +242,15 @@ async fn open_shadow(
     // together with their shadow checkpoint, and the rebuild resumes before them. The shadow
     // tables grow from nothing with no statistics, so the batches' prepared statements are
     // planned for each execution: a plan kept from the first batches would scan them whole.
+    // Even so the statistics lag behind the growth (autovacuum analyzes now and then), and a
+    // plan made on them scans a table whole, or hashes it, for a batch's few thousand keys,
+    // which made a replay slower the longer the log. Every statement of a batch finds its rows
+    // by key, so scans and hash joins are off until the replay is done (see `finish`).
     client
         .batch_execute(
             "set client_min_messages = warning; set synchronous_commit = off;
-             set plan_cache_mode = force_custom_plan",
+             set plan_cache_mode = force_custom_plan;
+             set enable_seqscan = off; set enable_hashjoin = off",
         )
         .await?;
     let locked: bool = client
@@ -262,6 +284,11 @@ async fn finish(
     started: Instant,
 ) -> Result<RebuildReport, ProjectionError> {
     let name = shadow.name;
+    // The checks below read whole tables.
+    shadow
+        .client
+        .batch_execute("reset enable_seqscan; reset enable_hashjoin")
+        .await?;
     build_indexes(&shadow.client, name).await?;
     // Statistics before the tables go live: the read API's and the runner's plans need them,
     // and autovacuum would only get to it later.
@@ -521,8 +548,9 @@ async fn swap(
         let Some(last) = events.last().map(|e| e.position) else {
             break;
         };
+        let batch = handlers::decode(name, events);
         let outcome =
-            handlers::apply(name, &tx, events, options.policy, &Default::default()).await?;
+            handlers::apply(name, &tx, batch, options.policy, &Default::default()).await?;
         let parked: Vec<_> = outcome.parked.iter().chain(&outcome.stopped).collect();
         batch::park(&tx, name, &parked).await?;
         at = last;

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::batch::{self, BatchResult, Target};
 use crate::error::ProjectionError;
+use crate::handlers;
 use crate::metrics::{self, RunnerState};
 use crate::model::{DeadLetterPolicy, ProjectionName};
 use crate::status::ProjectionState;
@@ -209,7 +210,7 @@ impl Runner {
                 self.name,
                 Target::Live,
                 position,
-                events,
+                handlers::decode(self.name, events),
                 self.options.policy,
                 fail,
             )

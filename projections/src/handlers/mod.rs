@@ -15,26 +15,35 @@ use std::collections::HashSet;
 
 use deadpool_postgres::Transaction;
 use orderly_event_schemas::Event;
-use orderly_event_store::RecordedEvent;
+use orderly_event_store::{Position, RecordedEvent};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome, Parked, ProjectionName};
 
-/// Applies `events` (in log order) to `name`'s tables inside `tx`. Events of other streams are
-/// passed over; `skipped` holds ids an operator resolved as "skip" under the `Stop` policy.
+/// Applies a decoded batch (see [`decode`]) to `name`'s tables inside `tx`; `skipped` holds
+/// ids an operator resolved as "skip" under the `Stop` policy.
 pub(crate) async fn apply(
     name: ProjectionName,
     tx: &Transaction<'_>,
-    events: Vec<RecordedEvent>,
+    batch: Decoded,
     policy: DeadLetterPolicy,
     skipped: &HashSet<Uuid>,
 ) -> Result<Outcome, ProjectionError> {
     match name {
-        ProjectionName::Orders => orders::apply(tx, events, policy, skipped).await,
-        ProjectionName::Products => products::apply(tx, events, policy, skipped).await,
+        ProjectionName::Orders => orders::apply(tx, batch, policy, skipped).await,
+        ProjectionName::Products => products::apply(tx, batch, policy, skipped).await,
     }
+}
+
+/// A batch of the log as one projection sees it: the events it wants, in log order, each with
+/// its decoded payload or the reason it cannot be decoded.
+pub(crate) struct Decoded {
+    pub events: Vec<(RecordedEvent, Result<Event, String>)>,
+    /// The last event of the log the batch covers, those passed over included: where the
+    /// checkpoint goes once the batch is applied.
+    pub last: Option<Position>,
 }
 
 /// One statement's parameters, owned, for [`execute_all`].
@@ -80,30 +89,29 @@ pub(crate) fn wants(name: ProjectionName, category: &str) -> bool {
     name.categories().contains(&category)
 }
 
-/// Decodes the events `name` wants. Each comes back with its decoded payload or the reason it
-/// cannot be decoded; events of other streams are left out.
-pub(crate) fn decode(
-    name: ProjectionName,
-    events: Vec<RecordedEvent>,
-) -> Vec<(RecordedEvent, Result<Event, String>)> {
-    events
+/// Decodes the events of `events` (a stretch of the log, in order) that `name` wants; events of
+/// other streams are left out. The JSON goes once decoded: the read models use no envelope
+/// field, and a rebuild holds a few batches at a time, whose memory is mostly JSON trees.
+pub(crate) fn decode(name: ProjectionName, events: Vec<RecordedEvent>) -> Decoded {
+    let last = events.last().map(|e| e.position);
+    let events = events
         .into_iter()
         .filter(|e| wants(name, e.stream.category()))
         .map(|mut e| {
             let data = std::mem::take(&mut e.data);
-            // The read models use no envelope field, so only the payload is decoded.
-            let decoded = orderly_event_schemas::decode_payload(&e.event_type, data, &e.metadata)
+            let metadata = std::mem::take(&mut e.metadata);
+            let decoded = orderly_event_schemas::decode_payload(&e.event_type, data, &metadata)
                 .map_err(|error| format!("cannot decode: {error}"));
             (e, decoded)
         })
-        .collect()
+        .collect();
+    Decoded { events, last }
 }
 
 /// Runs `handle` over the decoded events in order, applying the dead-letter policy. Returns the
 /// outcome with everything but `order_ids` filled in.
 pub(crate) fn fold<F>(
-    events: &[(RecordedEvent, Result<Event, String>)],
-    last: Option<orderly_event_store::Position>,
+    batch: &Decoded,
     policy: DeadLetterPolicy,
     skipped: &HashSet<Uuid>,
     mut handle: F,
@@ -111,8 +119,9 @@ pub(crate) fn fold<F>(
 where
     F: FnMut(&RecordedEvent, &Event) -> Result<(), String>,
 {
+    let events = &batch.events;
     let mut outcome = Outcome {
-        checkpoint: last,
+        checkpoint: batch.last,
         ..Outcome::default()
     };
     for (index, (event, decoded)) in events.iter().enumerate() {

@@ -16,9 +16,9 @@ use orderly_event_store::RecordedEvent;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{Params, decode, execute_all, fold, params};
+use super::{Decoded, Params, execute_all, fold, params};
 use crate::error::ProjectionError;
-use crate::model::{DeadLetterPolicy, Outcome, ProjectionName};
+use crate::model::{DeadLetterPolicy, Outcome};
 
 #[derive(Debug, Clone)]
 struct OrderRow {
@@ -43,6 +43,10 @@ struct OrderRow {
     version: i64,
     /// Only for orders placed in this batch: their `order_search` document.
     search_text: Option<String>,
+    /// Loaded from the table: written back with an update, where a new row is inserted. The
+    /// batch lock makes the load the whole truth about which rows exist, so neither statement
+    /// needs `on conflict` (whose extra index probe per row was a good part of a rebuild).
+    stored: bool,
     dirty: bool,
 }
 
@@ -55,6 +59,8 @@ struct PaymentRow {
     attempts: i32,
     failure_reason: Option<String>,
     version: i64,
+    /// As for [`OrderRow::stored`].
+    stored: bool,
     dirty: bool,
 }
 
@@ -240,6 +246,7 @@ impl Fold {
                     delivered_at: None,
                     version,
                     search_text: Some(search.join(" ")),
+                    stored: false,
                     dirty: true,
                 },
             );
@@ -329,6 +336,7 @@ impl Fold {
                 attempts: to_i32(p.attempt, "attempt")?,
                 failure_reason: None,
                 version,
+                stored: false,
                 dirty: true,
             },
             // A retry after a transient failure; redelivered requests repeat an attempt number,
@@ -390,49 +398,59 @@ const LOAD_PAYMENTS: &str = "
 select order_id, status, amount_minor, currency, attempts, failure_reason, version
 from order_payments where order_id = any($1)";
 
-const WRITE_ORDERS: &str = "
-insert into orders (order_id, customer_id, status, total_minor, currency, ship_name, ship_line1,
-    ship_line2, ship_city, ship_postal_code, ship_country, placed_at, updated_at,
+// New rows are inserted and loaded ones updated (see `OrderRow::stored`); rows that only ever
+// get inserted (search documents, lines, history) belong to a newly placed order or carry the
+// version of an event the fold admitted, so they cannot be there yet either.
+const INSERT_ORDERS: &str = "
+insert into orders (order_id, customer_id, total_minor, currency, ship_name, ship_line1,
+    ship_line2, ship_city, ship_postal_code, ship_country, placed_at, status, updated_at,
     cancellation_reason, carrier, tracking_number, shipped_at, delivered_at, version)
-select * from unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[],
+select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
     $13::timestamptz[], $14::text[], $15::text[], $16::text[], $17::timestamptz[],
-    $18::timestamptz[], $19::bigint[])
-on conflict (order_id) do update set
-    status = excluded.status, updated_at = excluded.updated_at,
-    cancellation_reason = excluded.cancellation_reason, carrier = excluded.carrier,
-    tracking_number = excluded.tracking_number, shipped_at = excluded.shipped_at,
-    delivered_at = excluded.delivered_at, version = excluded.version
-where orders.version < excluded.version";
+    $18::timestamptz[], $19::bigint[])";
 
-const WRITE_SEARCH: &str = "
+/// The columns after `order_id` are those of [`changing`], in its order.
+const UPDATE_ORDERS: &str = "
+update orders o set
+    status = u.status, updated_at = u.updated_at, cancellation_reason = u.cancellation_reason,
+    carrier = u.carrier, tracking_number = u.tracking_number, shipped_at = u.shipped_at,
+    delivered_at = u.delivered_at, version = u.version
+from unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[], $8::timestamptz[], $9::bigint[])
+    as u(order_id, status, updated_at, cancellation_reason, carrier, tracking_number,
+         shipped_at, delivered_at, version)
+where o.order_id = u.order_id and o.version < u.version";
+
+const INSERT_SEARCH: &str = "
 insert into order_search (order_id, search_document)
 select s.order_id, to_tsvector('simple', s.text)
-from unnest($1::uuid[], $2::text[]) as s(order_id, text)
-on conflict do nothing";
+from unnest($1::uuid[], $2::text[]) as s(order_id, text)";
 
-const WRITE_LINES: &str = "
+const INSERT_LINES: &str = "
 insert into order_lines (order_id, line_no, sku, name, quantity, unit_price_minor,
     line_total_minor, currency)
 select * from unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[],
-    $7::bigint[], $8::text[])
-on conflict do nothing";
+    $7::bigint[], $8::text[])";
 
-const WRITE_HISTORY: &str = "
+const INSERT_HISTORY: &str = "
 insert into order_status_history (order_id, version, status, at, reason)
-select * from unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[])
-on conflict do nothing";
+select * from unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[])";
 
-const WRITE_PAYMENTS: &str = "
+const INSERT_PAYMENTS: &str = "
 insert into order_payments (order_id, status, amount_minor, currency, attempts, failure_reason,
     version)
 select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[],
+    $7::bigint[])";
+
+const UPDATE_PAYMENTS: &str = "
+update order_payments p set
+    status = u.status, amount_minor = u.amount_minor, currency = u.currency,
+    attempts = u.attempts, failure_reason = u.failure_reason, version = u.version
+from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[],
     $7::bigint[])
-on conflict (order_id) do update set
-    status = excluded.status, amount_minor = excluded.amount_minor,
-    currency = excluded.currency, attempts = excluded.attempts,
-    failure_reason = excluded.failure_reason, version = excluded.version
-where order_payments.version < excluded.version";
+    as u(order_id, status, amount_minor, currency, attempts, failure_reason, version)
+where p.order_id = u.order_id and p.version < u.version";
 
 const WRITE_CUSTOMERS: &str = "
 insert into customers (customer_id, order_count, last_order_at)
@@ -457,13 +475,12 @@ on conflict (date, currency) do update set
 
 pub(crate) async fn apply(
     tx: &Transaction<'_>,
-    events: Vec<RecordedEvent>,
+    batch: Decoded,
     policy: DeadLetterPolicy,
     skipped: &HashSet<Uuid>,
 ) -> Result<Outcome, ProjectionError> {
-    let last = events.last().map(|e| e.position);
-    let decoded = decode(ProjectionName::Orders, events);
-    let ids: Vec<Uuid> = decoded
+    let ids: Vec<Uuid> = batch
+        .events
         .iter()
         .filter_map(|(_, d)| d.as_ref().ok().and_then(order_id_of))
         .collect::<HashSet<_>>()
@@ -473,7 +490,7 @@ pub(crate) async fn apply(
     if !ids.is_empty() {
         load(tx, &ids, &mut state).await?;
     }
-    let mut outcome = fold(&decoded, last, policy, skipped, |recorded, event| {
+    let mut outcome = fold(&batch, policy, skipped, |recorded, event| {
         state.handle(recorded, event)
     });
     write(tx, &state).await?;
@@ -516,6 +533,7 @@ async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<()
             delivered_at: row.try_get(17)?,
             version: row.try_get(18)?,
             search_text: None,
+            stored: true,
             dirty: false,
         };
         state.orders.insert(order.order_id, order);
@@ -530,6 +548,7 @@ async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<()
             attempts: row.try_get(4)?,
             failure_reason: row.try_get(5)?,
             version: row.try_get(6)?,
+            stored: true,
             dirty: false,
         };
         state.payments.insert(payment.order_id, payment);
@@ -548,47 +567,56 @@ fn payment_status(stored: &str) -> &'static str {
     }
 }
 
+/// One column of `rows` as an array parameter.
+fn col<'r, T>(rows: &[&'r OrderRow], f: impl Fn(&'r OrderRow) -> T) -> Vec<T> {
+    rows.iter().map(|o| f(o)).collect()
+}
+
+/// The columns of `orders` that change after placement, as array parameters.
+fn changing<'r>(o: &[&'r OrderRow]) -> Params<'r> {
+    params![
+        col(o, |o| o.status.as_str()),
+        col(o, |o| o.updated_at),
+        col(o, |o| o.cancellation_reason.as_deref()),
+        col(o, |o| o.carrier.as_deref()),
+        col(o, |o| o.tracking_number.as_deref()),
+        col(o, |o| o.shipped_at),
+        col(o, |o| o.delivered_at),
+        col(o, |o| o.version),
+    ]
+}
+
 /// One statement per table, each row as arrays through `unnest`; only what changed; all sent
 /// together (see [`execute_all`]).
 async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError> {
-    let mut statements: Vec<(&str, Params<'_>)> = Vec::with_capacity(8);
-    let orders: Vec<&OrderRow> = state.orders.values().filter(|o| o.dirty).collect();
-    if !orders.is_empty() {
-        let col = |f: fn(&OrderRow) -> String| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
-        let opt =
-            |f: fn(&OrderRow) -> Option<String>| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
-        let time = |f: fn(&OrderRow) -> Option<DateTime<Utc>>| {
-            orders.iter().map(|o| f(o)).collect::<Vec<_>>()
-        };
-        let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
-        let totals: Vec<i64> = orders.iter().map(|o| o.total_minor).collect();
-        let versions: Vec<i64> = orders.iter().map(|o| o.version).collect();
-        let placed: Vec<DateTime<Utc>> = orders.iter().map(|o| o.placed_at).collect();
-        let updated: Vec<DateTime<Utc>> = orders.iter().map(|o| o.updated_at).collect();
-        statements.push((
-            WRITE_ORDERS,
-            params![
-                ids,
-                col(|o| o.customer_id.clone()),
-                col(|o| o.status.clone()),
-                totals,
-                col(|o| o.currency.clone()),
-                col(|o| o.ship_name.clone()),
-                col(|o| o.ship_line1.clone()),
-                opt(|o| o.ship_line2.clone()),
-                col(|o| o.ship_city.clone()),
-                col(|o| o.ship_postal_code.clone()),
-                col(|o| o.ship_country.clone()),
-                placed,
-                updated,
-                opt(|o| o.cancellation_reason.clone()),
-                opt(|o| o.carrier.clone()),
-                opt(|o| o.tracking_number.clone()),
-                time(|o| o.shipped_at),
-                time(|o| o.delivered_at),
-                versions,
-            ],
-        ));
+    let mut statements: Vec<(&str, Params<'_>)> = Vec::with_capacity(10);
+    let (updated, inserted): (Vec<&OrderRow>, Vec<&OrderRow>) = state
+        .orders
+        .values()
+        .filter(|o| o.dirty)
+        .partition(|o| o.stored);
+    if !inserted.is_empty() {
+        let o = &inserted;
+        let mut params = params![
+            col(o, |o| o.order_id),
+            col(o, |o| o.customer_id.as_str()),
+            col(o, |o| o.total_minor),
+            col(o, |o| o.currency.as_str()),
+            col(o, |o| o.ship_name.as_str()),
+            col(o, |o| o.ship_line1.as_str()),
+            col(o, |o| o.ship_line2.as_deref()),
+            col(o, |o| o.ship_city.as_str()),
+            col(o, |o| o.ship_postal_code.as_str()),
+            col(o, |o| o.ship_country.as_str()),
+            col(o, |o| o.placed_at),
+        ];
+        params.extend(changing(o));
+        statements.push((INSERT_ORDERS, params));
+    }
+    if !updated.is_empty() {
+        let mut params = params![col(&updated, |o| o.order_id)];
+        params.extend(changing(&updated));
+        statements.push((UPDATE_ORDERS, params));
     }
     let placed: Vec<(Uuid, &str)> = state
         .orders
@@ -597,7 +625,7 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
         .collect();
     if !placed.is_empty() {
         statements.push((
-            WRITE_SEARCH,
+            INSERT_SEARCH,
             params![
                 placed.iter().map(|p| p.0).collect::<Vec<_>>(),
                 placed.iter().map(|p| p.1).collect::<Vec<_>>(),
@@ -607,7 +635,7 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
     if !state.lines.is_empty() {
         let l = &state.lines;
         statements.push((
-            WRITE_LINES,
+            INSERT_LINES,
             params![
                 l.iter().map(|x| x.order_id).collect::<Vec<_>>(),
                 l.iter().map(|x| x.line_no).collect::<Vec<_>>(),
@@ -623,7 +651,7 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
     if !state.history.is_empty() {
         let h = &state.history;
         statements.push((
-            WRITE_HISTORY,
+            INSERT_HISTORY,
             params![
                 h.iter().map(|x| x.order_id).collect::<Vec<_>>(),
                 h.iter().map(|x| x.version).collect::<Vec<_>>(),
@@ -633,11 +661,17 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
             ],
         ));
     }
-    let payments: Vec<&PaymentRow> = state.payments.values().filter(|p| p.dirty).collect();
-    if !payments.is_empty() {
-        let p = &payments;
+    let (updated, inserted): (Vec<&PaymentRow>, Vec<&PaymentRow>) = state
+        .payments
+        .values()
+        .filter(|p| p.dirty)
+        .partition(|p| p.stored);
+    for (sql, p) in [(INSERT_PAYMENTS, inserted), (UPDATE_PAYMENTS, updated)] {
+        if p.is_empty() {
+            continue;
+        }
         statements.push((
-            WRITE_PAYMENTS,
+            sql,
             params![
                 p.iter().map(|x| x.order_id).collect::<Vec<_>>(),
                 p.iter().map(|x| x.status).collect::<Vec<_>>(),

@@ -7,9 +7,9 @@ use orderly_event_schemas::{Event, ProductEvent};
 use orderly_event_store::RecordedEvent;
 use uuid::Uuid;
 
-use super::{decode, fold};
+use super::{Decoded, fold};
 use crate::error::ProjectionError;
-use crate::model::{DeadLetterPolicy, Outcome, ProjectionName};
+use crate::model::{DeadLetterPolicy, Outcome};
 
 /// A `products` row as the batch sees it; stock in i64 so a bad stream cannot overflow before
 /// the range check.
@@ -132,13 +132,12 @@ where products.version < excluded.version";
 
 pub(crate) async fn apply(
     tx: &Transaction<'_>,
-    events: Vec<RecordedEvent>,
+    batch: Decoded,
     policy: DeadLetterPolicy,
     skipped: &HashSet<Uuid>,
 ) -> Result<Outcome, ProjectionError> {
-    let last = events.last().map(|e| e.position);
-    let decoded = decode(ProjectionName::Products, events);
-    let skus: Vec<String> = decoded
+    let skus: Vec<String> = batch
+        .events
         .iter()
         .filter_map(|(_, d)| match d {
             Ok(Event::Product(e)) => Some(sku_of(e).to_owned()),
@@ -168,7 +167,7 @@ pub(crate) async fn apply(
             rows.insert(product.sku.clone(), product);
         }
     }
-    let outcome = fold(&decoded, last, policy, skipped, |recorded, event| {
+    let outcome = fold(&batch, policy, skipped, |recorded, event| {
         handle(&mut rows, recorded, event)
     });
     let dirty: Vec<&ProductRow> = rows.values().filter(|r| r.dirty).collect();
