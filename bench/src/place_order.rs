@@ -2,11 +2,12 @@
 //! the same run on the same database.
 //!
 //! The command API is served in-process on 127.0.0.1:0 exactly as `orderly command-api` wires
-//! it (platform handler: auth, rate limit off, body limit, timeout; command service with
-//! PostgreSQL idempotency keys). `clients` tasks each send placeOrder flat out, every order
+//! it (platform handler: auth, rate limit off, body limit, timeout; the command service on
+//! the PostgreSQL event store). `clients` tasks each send placeOrder flat out, every order
 //! with two lines priced from two of 100 products, a fresh idempotency key and its own
 //! customer token. The saga runner is not running: this measures the command path (auth,
-//! validation, key claim, two product loads, order decision, append, key completion).
+//! validation, the products' new events in one read, the order decision, one append, whose
+//! order id and event ids follow from the key).
 //! The yardstick is the append benchmark's `orderly single` scenario at the same concurrency
 //! (at most 64 writers, one connection each, for the server's connection limit).
 
