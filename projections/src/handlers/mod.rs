@@ -4,9 +4,13 @@
 //! per table. That keeps a batch of thousands of events to a handful of round trips.
 //!
 //! Idempotence: every row keyed by a stream carries the stream version it reflects; the fold
-//! ignores an event at or below it, and the write-back repeats the guard in SQL
-//! (`where t.version < excluded.version`). Aggregates (customers, daily sales) change only
-//! through an order event the guard admitted, so they never count an event twice either.
+//! ignores an event at or below it, and updates repeat the guard in SQL
+//! (`where t.version < u.version`; the few product rows are upserted under the same guard).
+//! Orders the load did not find are inserted: under the batch lock nobody else writes these
+//! tables, so what the load found is what exists. Rows written only once (lines, history,
+//! search documents) come from events the guard admitted. Aggregates (customers, daily sales)
+//! change only through an order event the guard admitted, so they never count an event twice
+//! either.
 
 pub(crate) mod orders;
 pub(crate) mod products;
