@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use async_graphql::{Executor, Schema};
+use async_graphql::{Executor, Schema, ValidationMode};
 use axum::Router;
 use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
@@ -189,23 +189,37 @@ pub fn graphql_router(
         )
     };
     match part {
+        // Schemas that answer queries come twice: fully validating, and with fast validation
+        // for queries already validated once (see `orderly_platform::graphql_router`).
         Part::Everything => {
             let reads = reads();
-            let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot).data(commands());
-            let schema = orderly_read_api::install(builder, reads.clone()).finish();
+            let build = |mode| {
+                let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+                    .data(commands())
+                    .validation_mode(mode);
+                orderly_read_api::install(builder, reads.clone()).finish()
+            };
+            let schema = build(ValidationMode::Strict);
             let sdl = schema.sdl();
-            serve_schema(settings, reads.consistent(schema), sdl)
+            let fast = reads.consistent(build(ValidationMode::Fast));
+            serve_schema(settings, reads.consistent(schema), Some(fast), sdl)
         }
         Part::Commands => {
             let schema = orderly_command_api::schema(commands());
             let sdl = schema.sdl();
-            serve_schema(settings, schema, sdl)
+            serve_schema(settings, schema, None, sdl)
         }
         Part::Reads => {
             let reads = reads();
-            let schema = orderly_read_api::schema(reads.clone());
+            let schema = orderly_read_api::schema(reads.clone(), ValidationMode::Strict);
             let sdl = schema.sdl();
-            serve_schema(settings, reads.consistent(schema), sdl)
+            let fast = orderly_read_api::schema(reads.clone(), ValidationMode::Fast);
+            serve_schema(
+                settings,
+                reads.consistent(schema),
+                Some(reads.consistent(fast)),
+                sdl,
+            )
         }
         Part::Probes => Ok(Router::new()),
     }
@@ -230,6 +244,7 @@ pub fn served_sdl(settings: &Settings) -> anyhow::Result<String> {
 fn serve_schema<E: Executor>(
     settings: &Settings,
     schema: E,
+    fast_queries: Option<E>,
     sdl: String,
 ) -> anyhow::Result<Router> {
     let auth = Authenticator::new(&jwt_config(settings)).context("invalid JWT settings")?;
@@ -246,6 +261,7 @@ fn serve_schema<E: Executor>(
     };
     Ok(orderly_platform::graphql_router(
         schema,
+        fast_queries,
         sdl,
         Arc::new(auth),
         Arc::new(limiter),

@@ -522,6 +522,44 @@ async fn bad_queries_get_contract_errors_never_a_server_error() {
     assert_eq!(answer.code(), "BAD_USER_INPUT");
 }
 
+/// A query text validated once runs later with lighter validation, which leaves variable
+/// types to execution; a wrong-typed variable must still get the answer full validation gives.
+#[tokio::test]
+async fn a_query_seen_before_checks_its_variables_as_strictly_as_the_first_time() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let admin = admin();
+    let query = "query($first: Int, $consistency: ConsistencyInput) {
+        products(first: $first, consistency: $consistency) { nodes { sku } } }";
+    let bad = [
+        json!({ "first": "ten" }),
+        json!({ "first": 1.5 }),
+        json!({ "consistency": { "atLeast": "00000000000000000000000000000000", "timeoutMs": "soon" } }),
+        json!({ "consistency": { "mode": "STRICT" } }),
+    ];
+    // First sight of the text: full validation (a failed request does not make it known).
+    let mut first = Vec::new();
+    for variables in &bad {
+        let answer = api.gql(Some(&admin), query, variables.clone()).await;
+        assert_eq!(
+            answer.body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+            "{}",
+            answer.body
+        );
+        first.push(answer.body);
+    }
+    let good = api.gql(Some(&admin), query, json!({ "first": 5 })).await;
+    assert!(good.body["errors"].is_null(), "{}", good.body);
+    // Known now: the same bad variables get the same answers, word for word.
+    for (variables, first) in bad.iter().zip(&first) {
+        let answer = api.gql(Some(&admin), query, variables.clone()).await;
+        assert_eq!(answer.body["errors"], first["errors"], "{variables}");
+        assert_eq!(answer.body["data"], first["data"], "{variables}");
+    }
+    let again = api.gql(Some(&admin), query, json!({ "first": 5 })).await;
+    assert_eq!(again.body["data"], good.body["data"]);
+}
+
 /// Introspection is the schema's one recursion (`ofType`), so it is how a query gets deep.
 fn deep_query(depth: usize) -> String {
     format!(

@@ -131,6 +131,7 @@ async fn serve(
     })?;
     let router = orderly_platform::graphql_router(
         schema,
+        None,
         sdl,
         Arc::new(Authenticator::new(&jwt)?),
         Arc::new(limiter),

@@ -24,7 +24,9 @@ mod sql;
 mod subscription;
 mod types;
 
-use async_graphql::{EmptyMutation, ObjectType, Schema, SchemaBuilder, SubscriptionType};
+use async_graphql::{
+    EmptyMutation, ObjectType, Schema, SchemaBuilder, SubscriptionType, ValidationMode,
+};
 pub use consistency::{ConsistencyInput, ConsistencyMode, Consistent, LagGauge};
 pub use context::{MAX_PAGE, ReadApi, ReadLimits};
 pub use error::ReadError;
@@ -36,11 +38,11 @@ pub use subscription::{SubscriptionRoot, bounded};
 /// The read API alone (`orderly read-api`): no mutations.
 pub type ReadSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
 
-/// The read API's schema alone. Serve it wrapped in [`ReadApi::consistent`], which adds
-/// `extensions.consistency` to query answers.
-pub fn schema(api: ReadApi) -> ReadSchema {
+/// The read API's schema alone, validating requests as `validation` says. Serve it wrapped in
+/// [`ReadApi::consistent`], which adds `extensions.consistency` to query answers.
+pub fn schema(api: ReadApi, validation: ValidationMode) -> ReadSchema {
     install(
-        Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot),
+        Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot).validation_mode(validation),
         api,
     )
     .finish()

@@ -64,7 +64,7 @@ async fn a_page_with_lines_and_history_costs_three_statements_whatever_its_size(
             ..ReadLimits::default()
         },
     );
-    let schema = orderly_read_api::schema(api);
+    let schema = orderly_read_api::schema(api, async_graphql::ValidationMode::Strict);
     let admin = Caller {
         actor: Some(Actor {
             sub: "admin-1".into(),
