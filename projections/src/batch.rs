@@ -190,7 +190,8 @@ pub(crate) async fn park(
     Ok(())
 }
 
-/// Applies `batch` (all after `expected`) and moves the checkpoint, in one transaction. `fail_before_commit` rolls everything back at the last moment, as a crash would.
+/// Applies `batch` (all after `expected`) and moves the checkpoint, in one transaction.
+/// `fail_before_commit` rolls everything back at the last moment, as a crash would.
 pub(crate) async fn apply_batch(
     client: &mut Connection,
     name: ProjectionName,
