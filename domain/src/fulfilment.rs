@@ -10,6 +10,10 @@
 //! cancelled by the customer -> (nothing more to cancel) +
 //! ```
 //!
+//! A cancel the saga sends while a charge may have gone through unseen (the deadline passed
+//! with an attempt unanswered) is compensated only once the order's `OrderCancelled` arrives:
+//! the order refuses it once shipped, and the saga then ships the stock instead.
+//!
 //! # Driving it (the runner's loop)
 //!
 //! Route each recorded event to its order with [`order_of`] (events that return `None` are not
@@ -529,6 +533,13 @@ fn failure(state: &FulfilmentState) -> Option<&'static str> {
     overdue.then_some("payment not completed before the deadline")
 }
 
+/// Whether a charge may have gone through: one was seen, or one was requested whose answer
+/// (charged, declined, failed) the saga has not seen.
+fn charge_may_have_succeeded(state: &FulfilmentState) -> bool {
+    let requested = state.sent.charge_attempt.max(state.payment.requested);
+    state.payment.charged.is_some() || (!state.payment.declined && state.payment.failed < requested)
+}
+
 /// Every command the facts call for that has not been sent yet, marking each as sent.
 fn plan(state: &mut FulfilmentState) -> Vec<Command> {
     let mut commands = Vec::new();
@@ -554,7 +565,15 @@ fn plan(state: &mut FulfilmentState) -> Vec<Command> {
         }));
     }
 
-    if state.order.cancelled || state.sent.cancel {
+    if state.sent.cancel && !state.order.cancelled && charge_may_have_succeeded(state) {
+        // The order decides: a charge the saga has not seen (a crash lost it, or its event is
+        // still on the way) may have led to a confirmed and shipped order, which refuses the
+        // cancel. Releasing or refunding now would take stock and money from a shipped order;
+        // they follow the order's `OrderCancelled`, and on `OrderShipped` the saga goes on.
+        if !state.order.shipped {
+            return commands;
+        }
+    } else if state.order.cancelled || state.sent.cancel {
         // Compensate. Reservations still in flight are released when their event arrives; a
         // charge still in flight is refunded when it succeeds. No new charge is ever requested.
         for (sku, line) in &mut state.lines {
@@ -966,6 +985,31 @@ mod tests {
         ]);
     }
 
+    /// A crash can lose the saga's record of a charge whose commands (paid, confirm) went out:
+    /// the order may be confirmed and shipped while the saga still waits for the payment.
+    #[test]
+    fn a_deadline_cancel_with_an_unanswered_charge_releases_only_once_the_order_is_cancelled() {
+        given(awaiting_payment())
+            .when(tick(16))
+            .then([cancel("payment not completed before the deadline", 16)]);
+        let cancelled = OrderCancelled {
+            order_id: order_id(ORDER),
+            cancellation_reason: reason("payment not completed before the deadline"),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: at(17),
+        };
+        given(awaiting_payment_and([tick(16)]))
+            .when(cancelled)
+            .then([release(mug(), 17), release(tea(), 17)]);
+    }
+
+    #[test]
+    fn a_deadline_cancel_refused_because_the_order_shipped_ships_the_stock_and_refunds_nothing() {
+        given(awaiting_payment_and([tick(16)]))
+            .when(shipped(17))
+            .then([ship(mug(), 17), ship(tea(), 17)]);
+    }
+
     #[test]
     fn a_tick_before_any_deadline_does_nothing() {
         given(awaiting_payment()).when(tick(10)).then_nothing();
@@ -994,22 +1038,29 @@ mod tests {
 
     #[test]
     fn shipping_the_order_ships_the_reserved_stock() {
-        let shipped = OrderShipped {
+        given(awaiting_payment_and([charged(2)]))
+            .when(shipped(60))
+            .then([ship(mug(), 60), ship(tea(), 60)]);
+    }
+
+    fn shipped(minute: i64) -> Step {
+        OrderShipped {
             order_id: order_id(ORDER),
             carrier: crate::values::Carrier::parse("DHL").unwrap(),
             tracking_number: crate::values::TrackingNumber::parse("JD0146").unwrap(),
-            shipped_at: at(60),
-        };
-        let ship = |sku| Command::Product {
+            shipped_at: at(minute),
+        }
+        .into()
+    }
+
+    fn ship(sku: Sku, minute: i64) -> Command {
+        Command::Product {
             sku,
             command: ProductCommand::ShipReservedStock {
                 order_id: order_id(ORDER),
-                shipped_at: at(60),
+                shipped_at: at(minute),
             },
-        };
-        given(awaiting_payment_and([charged(2)]))
-            .when(shipped)
-            .then([ship(mug()), ship(tea())]);
+        }
     }
 
     #[test]
