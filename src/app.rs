@@ -193,9 +193,11 @@ pub fn graphql_router(
         // for queries already validated once (see `orderly_platform::graphql_router`).
         Part::Everything => {
             let reads = reads();
+            // One command service (and its cache of aggregate states) behind both schemas.
+            let commands = commands();
             let build = |mode| {
                 let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
-                    .data(commands())
+                    .data(commands.clone())
                     .validation_mode(mode);
                 orderly_read_api::install(builder, reads.clone()).finish()
             };

@@ -360,8 +360,8 @@ async fn run<E: Executor>(
     let operation_name = graphql.operation_name.clone();
     let cached = gate.documents.get(&graphql.query);
     let known = cached.is_some();
-    if let Some(document) = cached {
-        graphql.set_parsed_query(ExecutableDocument::clone(&document));
+    if let Some(document) = &cached {
+        graphql.set_parsed_query(ExecutableDocument::clone(document));
     }
     let query = (!known).then(|| graphql.query.clone());
     let (selected, fresh) = match graphql.parsed_query() {
@@ -396,8 +396,8 @@ async fn run<E: Executor>(
         let Ok(mut again) = serde_json::from_slice::<async_graphql::Request>(&bytes) else {
             return response;
         };
-        if let Some(document) = gate.documents.get(&again.query) {
-            again.set_parsed_query(ExecutableDocument::clone(&document));
+        if let Some(document) = &cached {
+            again.set_parsed_query(ExecutableDocument::clone(document));
         }
         gate.executor.execute(again.data(caller)).await
     };
