@@ -536,6 +536,7 @@ async fn a_query_seen_before_checks_its_variables_as_strictly_as_the_first_time(
         json!({ "first": 1.5 }),
         json!({ "consistency": { "atLeast": "00000000000000000000000000000000", "timeoutMs": "soon" } }),
         json!({ "consistency": { "mode": "STRICT" } }),
+        json!({ "consistency": { "atLeast": "00000000000000000000000000000000", "soon": 1 } }),
     ];
     // First sight of the text: full validation (a failed request does not make it known).
     let mut first = Vec::new();

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::parser::types::{
-    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+    DocumentOperations, ExecutableDocument, OperationDefinition, OperationType, Selection,
+    SelectionSet,
 };
-use async_graphql::{Executor, Response as GqlResponse, ServerError};
+use async_graphql::{Executor, Positioned, Response as GqlResponse, ServerError};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -25,6 +26,7 @@ use tracing::Instrument;
 
 use crate::auth::{Actor, Authenticator};
 use crate::errors::ErrorCode;
+use crate::input_shapes::InputShapes;
 use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
 use crate::rate_limit::RateLimiter;
 use crate::trace_context;
@@ -72,6 +74,9 @@ struct Gate<E> {
     limiter: Arc<RateLimiter>,
     limits: GraphqlLimits,
     documents: DocumentCache,
+    /// For the one variable check that fast validation skips and execution does not make;
+    /// `None` (an SDL that does not parse) keeps every request on full validation.
+    shapes: Option<InputShapes>,
 }
 
 /// Parsed documents by query text, kept once a request of that text ran without an uncoded
@@ -123,11 +128,12 @@ pub fn graphql_router<E: Executor>(
     let gate = Arc::new(Gate {
         executor,
         fast_queries,
-        sdl,
         auth,
         limiter,
         limits,
         documents: DocumentCache::default(),
+        shapes: InputShapes::from_sdl(&sdl),
+        sdl,
     });
     Router::new()
         .route(
@@ -364,13 +370,23 @@ async fn run<E: Executor>(
         graphql.set_parsed_query(ExecutableDocument::clone(document));
     }
     let query = (!known).then(|| graphql.query.clone());
-    let (selected, fresh) = match graphql.parsed_query() {
-        Ok(document) => (
-            Some(root_fields(document, operation_name.as_deref())),
-            query.map(|query| (query, document.clone())),
-        ),
-        Err(_) => (None, None),
+    // Out of the request while its document is borrowed (parsing borrows the request).
+    let variables = std::mem::take(&mut graphql.variables);
+    let (selected, fresh, fits) = match graphql.parsed_query() {
+        Ok(document) => {
+            let operation = operation(document, operation_name.as_deref());
+            (
+                Some(root_fields(document, operation)),
+                query.map(|query| (query, document.clone())),
+                match (&gate.shapes, operation) {
+                    (Some(shapes), Some(op)) => shapes.fit(&op.node, &variables),
+                    _ => false,
+                },
+            )
+        }
+        Err(_) => (None, None, false),
     };
+    graphql.variables = variables;
     let caller = Caller {
         actor,
         request_id: request_id.to_owned(),
@@ -380,11 +396,13 @@ async fn run<E: Executor>(
     // values against argument types: a wrong-typed variable then fails inside execution,
     // with an uncoded error. A query that ends with one runs again under full validation,
     // which answers exactly as if it had been validated fully the first time: reads have no
-    // effects to repeat. Mutations always get full validation.
+    // effects to repeat. The one value execution would accept and validation refuse, an
+    // input object with an unknown field, goes to full validation at once (`fits`; see
+    // `input_shapes`). Mutations always get full validation.
     let fast = gate
         .fast_queries
         .as_ref()
-        .filter(|_| known && matches!(selected, Some((OperationKind::Query, _))));
+        .filter(|_| known && fits && matches!(selected, Some((OperationKind::Query, _))));
     let run = async {
         let Some(fast) = fast else {
             return gate.executor.execute(graphql.data(caller)).await;
@@ -453,20 +471,27 @@ fn classify(
     (operation, kind, outcome)
 }
 
-/// The kind of the operation a request runs and the names of the root fields it selects
-/// (through fragments too), for the request metric.
-fn root_fields(
-    document: &ExecutableDocument,
+/// The operation of `document` a request with `operation_name` runs, if there is one.
+fn operation<'d>(
+    document: &'d ExecutableDocument,
     operation_name: Option<&str>,
-) -> (OperationKind, BTreeSet<String>) {
-    let operation = match (&document.operations, operation_name) {
+) -> Option<&'d Positioned<OperationDefinition>> {
+    match (&document.operations, operation_name) {
         (DocumentOperations::Single(operation), _) => Some(operation),
         (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
         (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
             operations.values().next()
         }
         (DocumentOperations::Multiple(_), None) => None,
-    };
+    }
+}
+
+/// The kind of `operation` and the names of the root fields it selects (through fragments
+/// too), for the request metric.
+fn root_fields(
+    document: &ExecutableDocument,
+    operation: Option<&Positioned<OperationDefinition>>,
+) -> (OperationKind, BTreeSet<String>) {
     let Some(operation) = operation else {
         return (OperationKind::Query, BTreeSet::new());
     };
@@ -545,7 +570,7 @@ impl<E: Executor> Executor for Coded<E> {
         let selected = request
             .parsed_query()
             .ok()
-            .map(|document| root_fields(document, operation_name.as_deref()));
+            .map(|document| root_fields(document, operation(document, operation_name.as_deref())));
         let mut inner = self.0.execute_stream(request, session_data);
         let mut pending = Some(selected);
         // Held for its drop, which takes the subscription out of the gauge.

@@ -16,6 +16,8 @@
 //! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
 //!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
 //!   the read API makes for its own series.
+//! - `input_shapes`: the input objects of a schema, for the one variable check that fast
+//!   validation skips and execution does not make up for.
 //! - [`trace_context`]: a span's W3C `traceparent` for event metadata, and back.
 //! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
 
@@ -23,6 +25,7 @@ pub mod auth;
 mod error;
 pub mod errors;
 pub mod http;
+mod input_shapes;
 pub mod metrics;
 pub mod rate_limit;
 pub mod scalars;
