@@ -42,9 +42,6 @@ pub(crate) const PRODUCTS: usize = 100;
 /// Most connections the append yardstick opens.
 const MAX_WRITERS: usize = 64;
 
-/// Connections of the served command API's event store: well below the server's limit
-/// whatever the client count.
-const STORE_CONNECTIONS: usize = 40;
 pub(crate) const SECRET: &str = "bench-secret";
 
 pub(crate) const PLACE: &str =
@@ -111,13 +108,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// task (abort it, and drop the service, to close the connections).
 async fn serve(
     db: &TestDb,
-    clients: usize,
 ) -> anyhow::Result<(String, CommandService, tokio::task::JoinHandle<()>)> {
-    let options = PgStoreOptions {
-        pool_size: clients.clamp(8, STORE_CONNECTIONS),
-        ..Default::default()
-    };
-    let store = Arc::new(PgEventStore::new(db.config().clone(), options)?);
+    // The store's default pool, as `orderly command-api` opens it (`ORDERLY_DB_POOL_SIZE`).
+    let store = Arc::new(PgEventStore::new(
+        db.config().clone(),
+        PgStoreOptions::default(),
+    )?);
     let service = CommandService::new(store);
     let schema = orderly_command_api::schema(service.clone());
     let sdl = schema.sdl();
@@ -195,7 +191,7 @@ pub(crate) fn two_products() -> (usize, usize) {
 }
 
 async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Result<Outcome> {
-    let (base, service, server) = serve(db, clients).await?;
+    let (base, service, server) = serve(db).await?;
     register_products(&service).await?;
     let issuer = issuer()?;
     let tokens = (0..clients)
