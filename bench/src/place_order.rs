@@ -35,6 +35,10 @@ pub struct Args {
     /// Concurrent clients to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "8,32,128")]
     clients: Vec<usize>,
+    /// Rounds of the yardstick and placeOrder, interleaved, per client count; each rate is
+    /// the median over rounds, so a slow spell of the machine does not decide the ratio.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 pub(crate) const PRODUCTS: usize = 100;
@@ -68,9 +72,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("# placeOrder benchmark\n");
     println!("- machine: {}", report::machine());
     println!(
-        "- window: {} s measured after {} s warm-up, per scenario; no saga runner",
+        "- window: {} s measured after {} s warm-up, per scenario; {} rounds with the yardstick and placeOrder interleaved; median rate, latency over all rounds; no saga runner",
         args.seconds,
-        args.seconds as f64 / 5.0
+        args.seconds as f64 / 5.0,
+        args.rounds.max(1)
     );
     println!(
         "- placeOrder: 2 lines from {PRODUCTS} products, fresh idempotency key, HTTP/1.1 keep-alive\n"
@@ -78,10 +83,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("{HEADER}");
     let mut ratios = Vec::new();
     for &clients in &args.clients {
-        admin
-            .batch_execute("truncate events; checkpoint")
-            .await
-            .context("reset (needs a superuser)")?;
         // One connection per writer: past MAX_WRITERS the server (max_connections = 100 here)
         // would refuse them, so the yardstick runs at most that many.
         let writers = clients.min(MAX_WRITERS);
@@ -90,10 +91,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             writers: vec![writers],
             rounds: 1,
         };
-        let raw = append::measure(&db, Scenario::OrderlySingle, writers, &append_args).await?;
+        let (mut raws, mut placements) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            admin
+                .batch_execute("truncate events; checkpoint")
+                .await
+                .context("reset (needs a superuser)")?;
+            raws.push(append::measure(&db, Scenario::OrderlySingle, writers, &append_args).await?);
+            admin.batch_execute("truncate events; checkpoint").await?;
+            placements.push(place_orders(&db, clients, args.seconds).await?);
+        }
+        let (raw, placed) = (Outcome::median(raws)?, Outcome::median(placements)?);
         println!("{}", raw.row());
-        admin.batch_execute("truncate events; checkpoint").await?;
-        let placed = place_orders(&db, clients, args.seconds).await?;
         println!("{}", placed.row());
         ratios.push((clients, placed.events_per_sec() / raw.events_per_sec()));
     }
