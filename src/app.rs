@@ -174,7 +174,10 @@ pub fn graphql_router(
 ) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
-    let commands = || CommandService::new(store.clone());
+    let commands = || {
+        CommandService::new(store.clone())
+            .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
+    };
     let reads = || {
         let limits = ReadLimits {
             max_consistency_wait: Duration::from_millis(settings.consistency_max_wait_ms),

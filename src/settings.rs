@@ -55,6 +55,8 @@ pub struct Settings {
     pub saga_tick_ms: u64,
     /// Delivery attempts of an outbox message before it is dead-lettered.
     pub outbox_max_attempts: u32,
+    /// How old, in ms, the product states that price a placement may be (0: read every time).
+    pub price_max_age_ms: u64,
     /// The server's cap on a query's `consistency.timeoutMs`, in milliseconds.
     pub consistency_max_wait_ms: u64,
     /// Messages a subscription may hold for a client that does not read them.
@@ -122,6 +124,7 @@ impl Default for Settings {
             payment_retry_after_secs: 30,
             saga_tick_ms: 1_000,
             outbox_max_attempts: 5,
+            price_max_age_ms: orderly_command_api::DEFAULT_PRICE_MAX_AGE.as_millis() as u64,
             consistency_max_wait_ms: 5_000,
             subscription_buffer: 256,
             subscription_patience_ms: 5_000,
@@ -148,7 +151,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 31] = [
+    const KEYS: [&'static str; 32] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -173,6 +176,7 @@ impl Settings {
         "payment_retry_after_secs",
         "saga_tick_ms",
         "outbox_max_attempts",
+        "price_max_age_ms",
         "consistency_max_wait_ms",
         "subscription_buffer",
         "subscription_patience_ms",
@@ -226,6 +230,7 @@ impl fmt::Debug for Settings {
             .field("payment_retry_after_secs", &self.payment_retry_after_secs)
             .field("saga_tick_ms", &self.saga_tick_ms)
             .field("outbox_max_attempts", &self.outbox_max_attempts)
+            .field("price_max_age_ms", &self.price_max_age_ms)
             .field("consistency_max_wait_ms", &self.consistency_max_wait_ms)
             .field("subscription_buffer", &self.subscription_buffer)
             .field("subscription_patience_ms", &self.subscription_patience_ms)

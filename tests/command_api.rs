@@ -55,6 +55,53 @@ async fn products_are_registered_restocked_and_repriced_with_versions_and_tokens
 }
 
 #[tokio::test]
+async fn a_price_changed_through_the_api_prices_the_next_order_at_once() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let alice = customer("alice");
+    let tea = || order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
+    // The first placement reads the product, and keeps it for the price max age (100 ms).
+    api.gql(Some(&alice), PLACE, tea()).await.data("placeOrder");
+    let repriced = api
+        .gql(
+            Some(&admin()),
+            CHANGE_PRICE,
+            json!({ "sku": "TEA", "p": 700 }),
+        )
+        .await;
+    assert_eq!(repriced.data("changePrice")["version"], 1);
+    api.gql(Some(&alice), PLACE, tea()).await.data("placeOrder");
+    let rows = db
+        .connect()
+        .await
+        .unwrap()
+        .query(
+            "select data, metadata from events where event_type = 'OrderPlaced'
+             order by tx_id, seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let totals: Vec<i64> = rows
+        .iter()
+        .map(|row| {
+            let stored =
+                orderly_event_schemas::decode_recorded("OrderPlaced", row.get(0), row.get(1))
+                    .unwrap();
+            let orderly_event_schemas::Event::Order(
+                orderly_event_schemas::OrderEvent::OrderPlaced(p),
+            ) = stored.event
+            else {
+                panic!("not an OrderPlaced");
+            };
+            p.total.amount_minor()
+        })
+        .collect();
+    assert_eq!(totals, [650, 700], "a change made here counts at once");
+}
+
+#[tokio::test]
 async fn a_stale_expected_version_is_a_conflict_that_names_the_actual_version() {
     let db = migrated_database().await;
     let api = start(&settings_for(db.url())).await;

@@ -6,8 +6,11 @@
 //! the PostgreSQL event store). `clients` tasks each send placeOrder flat out, every order
 //! with two lines priced from two of 100 products, a fresh idempotency key and its own
 //! customer token. The saga runner is not running: this measures the command path (auth,
-//! validation, the products' new events in one read, the order decision, one append, whose
-//! order id and event ids follow from the key).
+//! validation, the products' new events in one read unless the service read them less than
+//! the default price max age ago (100 ms), the order decision, one append, whose order id and
+//! event ids follow from the key). Without the saga no product stream changes, so the reads
+//! there find nothing new; with it they would find the reservations, which placement
+//! does not need.
 //! The yardstick is the append benchmark's `orderly single` scenario at the same concurrency
 //! (at most 64 writers, one connection each, for the server's connection limit).
 

@@ -2,6 +2,7 @@
 //! Inputs arrive validated (see `graphql`); this layer authorizes, fetches and decides.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use orderly_domain::order::{self, CancelledBy, LineRequest, OrderAggregate, OrderCommand};
@@ -73,7 +74,13 @@ pub struct CommandService {
     handler: Handler,
     /// The request's trace context, copied into every event's metadata.
     traceparent: Option<String>,
+    /// How old the product states that price a placement may be; see
+    /// [`CommandService::with_price_max_age`].
+    price_max_age: Duration,
 }
+
+/// [`CommandService::with_price_max_age`] unless told otherwise (`ORDERLY_PRICE_MAX_AGE_MS`).
+pub const DEFAULT_PRICE_MAX_AGE: Duration = Duration::from_millis(100);
 
 /// The caller, who must hold one of `roles` (admins may do everything).
 fn require<'a>(actor: Option<&'a Actor>, roles: &[Role]) -> Result<&'a Actor, CommandError> {
@@ -92,6 +99,20 @@ impl CommandService {
         Self {
             handler: Handler::new(store),
             traceparent: None,
+            price_max_age: DEFAULT_PRICE_MAX_AGE,
+        }
+    }
+
+    /// placeOrder prices its lines from the products' states as this service last read them
+    /// from their streams, when that read is less than `max_age` old and this service has
+    /// not changed the product since; otherwise it reads the streams' new events first. A
+    /// price changed through another process may so take up to `max_age` to reach orders
+    /// placed here (a change made here counts at once); stock is not affected, since the
+    /// saga reserves it against the product's latest version. Zero reads every time.
+    pub fn with_price_max_age(self, max_age: Duration) -> Self {
+        Self {
+            price_max_age: max_age,
+            ..self
         }
     }
 
@@ -169,8 +190,9 @@ impl CommandService {
         command: &PlaceOrder,
         products: Vec<Product>,
     ) -> Result<CommandResult, CommandError> {
-        // Prices, names and currency come from the products' streams as they are now, never
-        // from the client; pricing rejects unknown SKUs and mixed currencies.
+        // Prices, names and currency come from the products' streams (as read at most the
+        // price max age ago), never from the client; pricing rejects unknown SKUs and mixed
+        // currencies.
         let lines = order::price_lines(&command.lines, &products)?;
         let envelope = Envelope {
             idempotency_key: command.idempotency_key.clone(),
@@ -232,13 +254,17 @@ impl CommandService {
     }
 
     /// The registered products among the requested SKUs (unknown ones are left out, and
-    /// pricing names them), read in one store call.
+    /// pricing names them), read in one store call unless all were read a moment ago (see
+    /// [`CommandService::with_price_max_age`]); an unknown SKU is always read.
     async fn products(&self, lines: &[LineRequest]) -> Result<Vec<Product>, CommandError> {
         let streams = lines
             .iter()
             .map(|line| stream_name(streams::product(&line.sku)))
             .collect::<Result<Vec<_>, _>>()?;
-        let loaded = self.handler.load_many::<ProductAggregate>(&streams).await?;
+        let loaded = self
+            .handler
+            .load_many::<ProductAggregate>(&streams, self.price_max_age)
+            .await?;
         Ok(loaded.into_iter().filter_map(|l| l.state).collect())
     }
 

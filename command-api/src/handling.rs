@@ -5,6 +5,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use orderly_domain::Aggregate;
@@ -144,27 +145,66 @@ pub struct Handler {
 const CACHED_STREAMS: usize = 4096;
 
 /// Folded states by stream, so a load reads only the events after the cached version instead
-/// of the whole stream (a popular product's stream grows with every reservation). Never stale:
-/// every load still reads the stream up to its end, and streams are append-only.
+/// of the whole stream (a popular product's stream grows with every reservation). A load reads
+/// the stream up to its end, and streams are append-only, so what it returns is never stale;
+/// only [`Handler::load_many`] may answer from a state a read confirmed a short while ago.
 #[derive(Default)]
 struct StateCache {
-    states: Mutex<HashMap<StreamName, Box<dyn Any + Send + Sync>>>,
+    states: Mutex<HashMap<StreamName, Cached>>,
+}
+
+struct Cached {
+    loaded: Box<dyn Any + Send + Sync>,
+    /// When a read last found the stream ending at this state: the start of that read, so
+    /// the state is at least as fresh as this. `None` once this process appended to the
+    /// stream, which makes the next load read whatever `load_many` is allowed.
+    read_at: Option<Instant>,
 }
 
 impl StateCache {
-    fn get<S: Clone + 'static>(&self, stream: &StreamName) -> Option<Loaded<S>> {
+    fn get<S: Clone + 'static>(&self, stream: &StreamName) -> Option<(Loaded<S>, Option<Instant>)> {
         let states = self.states.lock().ok()?;
-        states.get(stream)?.downcast_ref::<Loaded<S>>().cloned()
+        let cached = states.get(stream)?;
+        let loaded = cached.loaded.downcast_ref::<Loaded<S>>()?.clone();
+        Some((loaded, cached.read_at))
     }
 
-    fn put<S: Clone + Send + Sync + 'static>(&self, stream: &StreamName, loaded: &Loaded<S>) {
+    /// Keeps `loaded`, which a read that started at `read_at` found at the stream's end.
+    fn put<S: Clone + Send + Sync + 'static>(
+        &self,
+        stream: &StreamName,
+        loaded: &Loaded<S>,
+        read_at: Instant,
+    ) {
         let Ok(mut states) = self.states.lock() else {
             return;
         };
         if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
             states.clear();
         }
-        states.insert(stream.clone(), Box::new(loaded.clone()));
+        let cached = Cached {
+            loaded: Box::new(loaded.clone()),
+            read_at: Some(read_at),
+        };
+        states.insert(stream.clone(), cached);
+    }
+
+    /// A read that started at `read_at` found nothing after the cached state.
+    fn confirm(&self, stream: &StreamName, read_at: Instant) {
+        if let Ok(mut states) = self.states.lock()
+            && let Some(cached) = states.get_mut(stream)
+        {
+            cached.read_at = Some(read_at);
+        }
+    }
+
+    /// This process appended to `stream`: its cached state is behind until read again.
+    fn expire(&self, stream: &StreamName) {
+        if let Ok(mut states) = self.states.lock()
+            && let Some(cached) = states.get_mut(stream)
+        {
+            cached.read_at = None;
+        }
     }
 }
 
@@ -186,7 +226,8 @@ impl Handler {
         &self,
         stream: &StreamName,
     ) -> Result<Loaded<A::State>, CommandError> {
-        let mut loaded = self.cached::<A>(stream);
+        let read_at = Instant::now();
+        let mut loaded = self.cached::<A>(stream).0;
         let cached_version = loaded.version;
         loop {
             let from = loaded.version.map_or(0, |v| v + 1);
@@ -195,8 +236,10 @@ impl Handler {
                 .read_stream(stream, Direction::Forwards, Some(from), PAGE)
                 .await?;
             if !fold::<A>(&mut loaded, page)? {
-                if loaded.version != cached_version {
-                    self.states.put(stream, &loaded);
+                if loaded.version == cached_version {
+                    self.states.confirm(stream, read_at);
+                } else {
+                    self.states.put(stream, &loaded, read_at);
                 }
                 return Ok(loaded);
             }
@@ -205,38 +248,60 @@ impl Handler {
 
     /// [`Handler::load`] for several streams (each at most once), reading the new events of
     /// all of them in one store call; a stream with more than a page of new events (a cold
-    /// cache on a busy product) goes on by itself.
+    /// cache on a busy product) goes on by itself. A stream whose cached state a read
+    /// confirmed less than `max_age` ago, and that this process has not appended to since,
+    /// is not read: its state may then miss what other processes appended in that time. With
+    /// `max_age` zero every stream is read.
     pub async fn load_many<A: Stored>(
         &self,
         streams: &[StreamName],
+        max_age: Duration,
     ) -> Result<Vec<Loaded<A::State>>, CommandError> {
-        let mut states: Vec<Loaded<A::State>> =
-            streams.iter().map(|s| self.cached::<A>(s)).collect();
-        let requests: Vec<(StreamName, u64)> = streams
-            .iter()
-            .zip(&states)
-            .map(|(stream, loaded)| (stream.clone(), loaded.version.map_or(0, |v| v + 1)))
-            .collect();
+        let read_at = Instant::now();
+        let mut states = Vec::with_capacity(streams.len());
+        let mut requests = Vec::with_capacity(streams.len());
+        for (index, stream) in streams.iter().enumerate() {
+            let (loaded, confirmed) = self.cached::<A>(stream);
+            let fresh = !max_age.is_zero()
+                && confirmed.is_some_and(|at| read_at.saturating_duration_since(at) < max_age);
+            if !fresh {
+                let from = loaded.version.map_or(0, |v| v + 1);
+                requests.push((index, (stream.clone(), from)));
+            }
+            states.push(loaded);
+        }
+        if requests.is_empty() {
+            return Ok(states);
+        }
+        let (indexes, requests): (Vec<usize>, Vec<(StreamName, u64)>) =
+            requests.into_iter().unzip();
         let pages = self.store.read_streams(&requests, PAGE).await?;
-        for ((stream, loaded), page) in streams.iter().zip(states.iter_mut()).zip(pages) {
+        for ((index, (stream, _)), page) in indexes.into_iter().zip(&requests).zip(pages) {
+            let loaded = &mut states[index];
             let read = !page.is_empty();
             let more = fold::<A>(loaded, page)?;
-            if read {
-                self.states.put(stream, loaded);
-            }
             if more {
                 *loaded = self.load::<A>(stream).await?;
+            } else if read {
+                self.states.put(stream, loaded, read_at);
+            } else {
+                self.states.confirm(stream, read_at);
             }
         }
         Ok(states)
     }
 
-    fn cached<A: Stored>(&self, stream: &StreamName) -> Loaded<A::State> {
-        self.states.get(stream).unwrap_or(Loaded {
-            state: A::State::default(),
-            version: None,
-            position: Position::START,
-            first_event_id: None,
+    /// The cached state of `stream` (the empty state when there is none) and when a read
+    /// last confirmed it.
+    fn cached<A: Stored>(&self, stream: &StreamName) -> (Loaded<A::State>, Option<Instant>) {
+        self.states.get(stream).unwrap_or_else(|| {
+            let empty = Loaded {
+                state: A::State::default(),
+                version: None,
+                position: Position::START,
+                first_event_id: None,
+            };
+            (empty, None)
         })
     }
 
@@ -350,6 +415,7 @@ impl Handler {
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
             match self.store.append(stream, at, batch).await {
                 Ok(result) => {
+                    self.states.expire(stream);
                     return Ok(Outcome {
                         version: Some(result.next_expected_version),
                         position: result.position,
@@ -412,7 +478,7 @@ pub fn stream_name(name: String) -> Result<StreamName, CommandError> {
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
-    use orderly_domain::product::{ProductAggregate, ProductCommand};
+    use orderly_domain::product::{Product, ProductAggregate, ProductCommand};
     use orderly_domain::values::{Currency, Money, ProductName, Quantity, Sku};
     use orderly_event_store::memory::MemoryEventStore;
 
@@ -502,7 +568,10 @@ mod tests {
                 .unwrap();
         }
         let streams = [big.clone(), missing.clone(), small.clone()];
-        let loaded = ours.load_many::<ProductAggregate>(&streams).await.unwrap();
+        let loaded = ours
+            .load_many::<ProductAggregate>(&streams, Duration::ZERO)
+            .await
+            .unwrap();
         let on_hand: Vec<Option<u32>> = loaded
             .iter()
             .map(|l| l.state.as_ref().map(|p| p.on_hand()))
@@ -515,12 +584,89 @@ mod tests {
             .execute::<ProductAggregate, _>(&small, None, &envelope(), decide(restock(3)))
             .await
             .unwrap();
-        let again = ours.load_many::<ProductAggregate>(&streams).await.unwrap();
+        let again = ours
+            .load_many::<ProductAggregate>(&streams, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(again[2].state.as_ref().unwrap().on_hand(), 3);
         for (stream, many) in streams.iter().zip(&again) {
             let one = ours.load::<ProductAggregate>(stream).await.unwrap();
             assert_eq!((&one.state, one.version), (&many.state, many.version));
         }
+    }
+
+    #[tokio::test]
+    async fn a_state_read_within_the_max_age_is_kept_until_it_is_older_or_changed_here() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
+        let decide = |command: ProductCommand| {
+            move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
+        };
+        let envelope = || Envelope::request(Uuid::now_v7(), "test");
+        let (tea, new) = (
+            StreamName::parse("product-TEA").unwrap(),
+            StreamName::parse("product-NEW").unwrap(),
+        );
+        theirs
+            .execute::<ProductAggregate, _>(&tea, None, &envelope(), decide(register("TEA", 1)))
+            .await
+            .unwrap();
+        let on_hand = |loaded: &[Loaded<Option<Product>>]| -> Vec<Option<u32>> {
+            loaded
+                .iter()
+                .map(|l| l.state.as_ref().map(|p| p.on_hand()))
+                .collect()
+        };
+        let streams = [tea.clone(), new.clone()];
+        let long = Duration::from_secs(3600);
+        let first = ours
+            .load_many::<ProductAggregate>(&streams, long)
+            .await
+            .unwrap();
+        assert_eq!(on_hand(&first), [Some(1), None]);
+
+        // Another process restocks and registers: within the max age, the product read a
+        // moment ago is not read again, while the unknown one always is.
+        theirs
+            .execute::<ProductAggregate, _>(&tea, None, &envelope(), decide(restock(4)))
+            .await
+            .unwrap();
+        theirs
+            .execute::<ProductAggregate, _>(&new, None, &envelope(), decide(register("NEW", 2)))
+            .await
+            .unwrap();
+        let cached = ours
+            .load_many::<ProductAggregate>(&streams, long)
+            .await
+            .unwrap();
+        assert_eq!(on_hand(&cached), [Some(1), Some(2)]);
+        // Past the max age (or with none), the stream is read again.
+        let short = Duration::from_millis(20);
+        tokio::time::sleep(short * 2).await;
+        let aged = ours
+            .load_many::<ProductAggregate>(&streams, short)
+            .await
+            .unwrap();
+        assert_eq!(on_hand(&aged), [Some(5), Some(2)]);
+        theirs
+            .execute::<ProductAggregate, _>(&tea, None, &envelope(), decide(restock(1)))
+            .await
+            .unwrap();
+        let zero = ours
+            .load_many::<ProductAggregate>(&streams, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(on_hand(&zero), [Some(6), Some(2)]);
+
+        // A change made through this handler counts at once, whatever the max age.
+        ours.execute::<ProductAggregate, _>(&tea, None, &envelope(), decide(restock(10)))
+            .await
+            .unwrap();
+        let own = ours
+            .load_many::<ProductAggregate>(&streams, long)
+            .await
+            .unwrap();
+        assert_eq!(on_hand(&own), [Some(16), Some(2)]);
     }
 
     #[tokio::test]

@@ -8,8 +8,8 @@
 //!   [`Envelope`] fills every event's metadata and derives event ids from the command id, so a
 //!   re-sent command is written once.
 //! - `commands`: [`CommandService`], the API's commands: who may send each (roles from the
-//!   token), what they load (placeOrder prices lines from the products' streams), what they
-//!   answer. placeOrder's idempotency keys live in the log: the key names the order, the key
+//!   token), what they load (placeOrder prices lines from the products' streams, as read at
+//!   most `ORDERLY_PRICE_MAX_AGE_MS` ago), what they answer. placeOrder's idempotency keys live in the log: the key names the order, the key
 //!   and the request name its event ids.
 //! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
@@ -28,7 +28,9 @@ pub mod metering;
 mod migrations;
 pub mod saga;
 
-pub use commands::{CommandResult, CommandService, PlaceOrder, RegisterProduct};
+pub use commands::{
+    CommandResult, CommandService, DEFAULT_PRICE_MAX_AGE, PlaceOrder, RegisterProduct,
+};
 pub use error::CommandError;
 pub use graphql::{CommandSchema, MutationRoot, PlaceholderQuery, schema};
 pub use handling::{
