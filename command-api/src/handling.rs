@@ -153,23 +153,36 @@ struct StateCache {
     states: Mutex<HashMap<StreamName, Cached>>,
 }
 
+#[derive(Default)]
 struct Cached {
-    loaded: Box<dyn Any + Send + Sync>,
-    /// When a read last found the stream ending at this state: the start of that read, so
-    /// the state is at least as fresh as this. `None` once this process appended to the
-    /// stream, which makes the next load read whatever `load_many` is allowed.
+    /// A `Loaded<S>` for the stream's aggregate; `None` until a read found events.
+    loaded: Option<Box<dyn Any + Send + Sync>>,
+    /// When the last read that found the stream ending at `loaded` started.
     read_at: Option<Instant>,
+    /// When this process last appended to the stream. A read that started before that may
+    /// not have seen the append, so it does not vouch for the state.
+    appended_at: Option<Instant>,
+}
+
+impl Cached {
+    /// Since when the state is known to be the stream's whole story, if it is.
+    fn confirmed(&self) -> Option<Instant> {
+        self.read_at
+            .filter(|read| self.appended_at.is_none_or(|appended| *read > appended))
+    }
 }
 
 impl StateCache {
+    /// The cached state of `stream`, and since when it is known to be the stream's end.
     fn get<S: Clone + 'static>(&self, stream: &StreamName) -> Option<(Loaded<S>, Option<Instant>)> {
         let states = self.states.lock().ok()?;
         let cached = states.get(stream)?;
-        let loaded = cached.loaded.downcast_ref::<Loaded<S>>()?.clone();
-        Some((loaded, cached.read_at))
+        let loaded = cached.loaded.as_ref()?.downcast_ref::<Loaded<S>>()?.clone();
+        Some((loaded, cached.confirmed()))
     }
 
-    /// Keeps `loaded`, which a read that started at `read_at` found at the stream's end.
+    /// Keeps `loaded`, which a read that started at `read_at` found at the stream's end,
+    /// unless a concurrent read already kept a later state.
     fn put<S: Clone + Send + Sync + 'static>(
         &self,
         stream: &StreamName,
@@ -182,11 +195,17 @@ impl StateCache {
         if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
             states.clear();
         }
-        let cached = Cached {
-            loaded: Box::new(loaded.clone()),
-            read_at: Some(read_at),
-        };
-        states.insert(stream.clone(), cached);
+        let cached = states.entry(stream.clone()).or_default();
+        let kept = cached
+            .loaded
+            .as_ref()
+            .and_then(|kept| kept.downcast_ref::<Loaded<S>>())
+            .and_then(|kept| kept.version);
+        if kept > loaded.version {
+            return;
+        }
+        cached.loaded = Some(Box::new(loaded.clone()));
+        cached.read_at = cached.read_at.max(Some(read_at));
     }
 
     /// A read that started at `read_at` found nothing after the cached state.
@@ -194,16 +213,18 @@ impl StateCache {
         if let Ok(mut states) = self.states.lock()
             && let Some(cached) = states.get_mut(stream)
         {
-            cached.read_at = Some(read_at);
+            cached.read_at = cached.read_at.max(Some(read_at));
         }
     }
 
-    /// This process appended to `stream`: its cached state is behind until read again.
-    fn expire(&self, stream: &StreamName) {
-        if let Ok(mut states) = self.states.lock()
-            && let Some(cached) = states.get_mut(stream)
-        {
-            cached.read_at = None;
+    /// This process appended to `stream`: its cached state is behind until a read that
+    /// starts after now.
+    fn appended(&self, stream: &StreamName) {
+        if let Ok(mut states) = self.states.lock() {
+            if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
+                states.clear();
+            }
+            states.entry(stream.clone()).or_default().appended_at = Some(Instant::now());
         }
     }
 }
@@ -415,7 +436,7 @@ impl Handler {
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
             match self.store.append(stream, at, batch).await {
                 Ok(result) => {
-                    self.states.expire(stream);
+                    self.states.appended(stream);
                     return Ok(Outcome {
                         version: Some(result.next_expected_version),
                         position: result.position,
@@ -667,6 +688,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(on_hand(&own), [Some(16), Some(2)]);
+    }
+
+    #[test]
+    fn a_read_that_started_before_an_append_here_does_not_vouch_for_the_state() {
+        let cache = StateCache::default();
+        let stream = StreamName::parse("product-TEA").unwrap();
+        let loaded = |version| Loaded {
+            state: (),
+            version: Some(version),
+            position: Position::START,
+            first_event_id: None,
+        };
+        let before = Instant::now();
+        cache.put(&stream, &loaded(0), before);
+        assert_eq!(cache.get::<()>(&stream).unwrap().1, Some(before));
+        // This process appends; a read that had started before answers late, without it.
+        cache.appended(&stream);
+        cache.confirm(&stream, before);
+        cache.put(&stream, &loaded(0), before);
+        assert_eq!(cache.get::<()>(&stream).unwrap().1, None);
+        // A read that starts after the append vouches again, and an older state read late
+        // does not replace a newer one.
+        std::thread::sleep(Duration::from_millis(1));
+        let after = Instant::now();
+        cache.put(&stream, &loaded(1), after);
+        cache.put(&stream, &loaded(0), before);
+        let (kept, confirmed) = cache.get::<()>(&stream).unwrap();
+        assert_eq!((kept.version, confirmed), (Some(1), Some(after)));
     }
 
     #[tokio::test]
