@@ -375,13 +375,18 @@ async fn run<E: Executor>(
     let (selected, fresh, fits) = match graphql.parsed_query() {
         Ok(document) => {
             let operation = operation(document, operation_name.as_deref());
-            (
-                Some(root_fields(document, operation)),
-                query.map(|query| (query, document.clone())),
-                match (&gate.shapes, operation) {
+            let selected = root_fields(document, operation);
+            // Only a known query may run in fast mode, so only then are its variables looked at.
+            let fits = known
+                && matches!(selected.0, OperationKind::Query)
+                && match (&gate.shapes, operation) {
                     (Some(shapes), Some(op)) => shapes.fit(&op.node, &variables),
                     _ => false,
-                },
+                };
+            (
+                Some(selected),
+                query.map(|query| (query, document.clone())),
+                fits,
             )
         }
         Err(_) => (None, None, false),
@@ -397,12 +402,10 @@ async fn run<E: Executor>(
     // with an uncoded error. A query that ends with one runs again under full validation,
     // which answers exactly as if it had been validated fully the first time: reads have no
     // effects to repeat. The one value execution would accept and validation refuse, an
-    // input object with an unknown field, goes to full validation at once (`fits`; see
-    // `input_shapes`). Mutations always get full validation.
-    let fast = gate
-        .fast_queries
-        .as_ref()
-        .filter(|_| known && fits && matches!(selected, Some((OperationKind::Query, _))));
+    // input object with an unknown field, goes to full validation at once (`fits` is true
+    // only for a known query whose variables pass `input_shapes`). Mutations always get
+    // full validation.
+    let fast = gate.fast_queries.as_ref().filter(|_| fits);
     let run = async {
         let Some(fast) = fast else {
             return gate.executor.execute(graphql.data(caller)).await;
