@@ -192,10 +192,7 @@ impl StateCache {
         let Ok(mut states) = self.states.lock() else {
             return;
         };
-        if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
-            states.clear();
-        }
-        let cached = states.entry(stream.clone()).or_default();
+        let cached = Self::slot(&mut states, stream);
         let kept = cached
             .loaded
             .as_ref()
@@ -221,11 +218,19 @@ impl StateCache {
     /// starts after now.
     fn appended(&self, stream: &StreamName) {
         if let Ok(mut states) = self.states.lock() {
-            if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
-                states.clear();
-            }
-            states.entry(stream.clone()).or_default().appended_at = Some(Instant::now());
+            Self::slot(&mut states, stream).appended_at = Some(Instant::now());
         }
+    }
+
+    /// The entry of `stream`, made empty if there is none; a full cache starts over first.
+    fn slot<'a>(
+        states: &'a mut HashMap<StreamName, Cached>,
+        stream: &StreamName,
+    ) -> &'a mut Cached {
+        if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
+            states.clear();
+        }
+        states.entry(stream.clone()).or_default()
     }
 }
 
@@ -523,15 +528,22 @@ mod tests {
         }
     }
 
+    /// `command` as a decision over a product's loaded state.
+    fn decide(
+        command: ProductCommand,
+    ) -> impl Fn(&Loaded<Option<Product>>) -> Result<Vec<ProductEvent>, CommandError> {
+        move |loaded| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
+    }
+
+    fn envelope() -> Envelope {
+        Envelope::request(Uuid::now_v7(), "test")
+    }
+
     #[tokio::test]
     async fn a_cached_state_still_sees_what_other_writers_appended() {
         let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
         let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
         let stream = StreamName::parse("product-TEA").unwrap();
-        let decide = |command: ProductCommand| {
-            move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
-        };
-        let envelope = || Envelope::request(Uuid::now_v7(), "test");
         ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 1)))
             .await
             .unwrap();
@@ -566,10 +578,6 @@ mod tests {
     async fn several_streams_load_at_once_past_a_page_and_as_fresh_as_one_by_one() {
         let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
         let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
-        let decide = |command: ProductCommand| {
-            move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
-        };
-        let envelope = || Envelope::request(Uuid::now_v7(), "test");
         let (big, small, missing) = (
             StreamName::parse("product-BIG").unwrap(),
             StreamName::parse("product-SMALL").unwrap(),
@@ -620,10 +628,6 @@ mod tests {
     async fn a_state_read_within_the_max_age_is_kept_until_it_is_older_or_changed_here() {
         let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
         let (ours, theirs) = (Handler::new(store.clone()), Handler::new(store));
-        let decide = |command: ProductCommand| {
-            move |loaded: &Loaded<_>| Ok(orderly_domain::product::decide(&loaded.state, &command)?)
-        };
-        let envelope = || Envelope::request(Uuid::now_v7(), "test");
         let (tea, new) = (
             StreamName::parse("product-TEA").unwrap(),
             StreamName::parse("product-NEW").unwrap(),
