@@ -4,8 +4,34 @@
 mod common;
 
 use common::*;
+use orderly_event_schemas::orders::OrderPlaced;
+use orderly_event_schemas::{Event, OrderEvent, decode_recorded};
 use orderly_platform::Role;
 use serde_json::json;
+
+/// Every `OrderPlaced` stored, in log order, with the actor of its metadata.
+async fn placed_orders(db: &orderly_test_support::TestDb) -> Vec<(OrderPlaced, String)> {
+    let rows = db
+        .connect()
+        .await
+        .unwrap()
+        .query(
+            "select data, metadata from events where event_type = 'OrderPlaced'
+             order by tx_id, seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|row| {
+            let stored = decode_recorded("OrderPlaced", row.get(0), row.get(1)).unwrap();
+            let Event::Order(OrderEvent::OrderPlaced(placed)) = stored.event else {
+                panic!("not an OrderPlaced");
+            };
+            (placed, stored.metadata.actor)
+        })
+        .collect()
+}
 
 #[tokio::test]
 async fn products_are_registered_restocked_and_repriced_with_versions_and_tokens() {
@@ -72,31 +98,10 @@ async fn a_price_changed_through_the_api_prices_the_next_order_at_once() {
         .await;
     assert_eq!(repriced.data("changePrice")["version"], 1);
     api.gql(Some(&alice), PLACE, tea()).await.data("placeOrder");
-    let rows = db
-        .connect()
+    let totals: Vec<i64> = placed_orders(&db)
         .await
-        .unwrap()
-        .query(
-            "select data, metadata from events where event_type = 'OrderPlaced'
-             order by tx_id, seq",
-            &[],
-        )
-        .await
-        .unwrap();
-    let totals: Vec<i64> = rows
         .iter()
-        .map(|row| {
-            let stored =
-                orderly_event_schemas::decode_recorded("OrderPlaced", row.get(0), row.get(1))
-                    .unwrap();
-            let orderly_event_schemas::Event::Order(
-                orderly_event_schemas::OrderEvent::OrderPlaced(p),
-            ) = stored.event
-            else {
-                panic!("not an OrderPlaced");
-            };
-            p.total.amount_minor()
-        })
+        .map(|(placed, _)| placed.total.amount_minor())
         .collect();
     assert_eq!(totals, [650, 700], "a change made here counts at once");
 }
@@ -139,24 +144,10 @@ async fn an_order_is_placed_cancelled_by_its_customer_and_a_second_cancel_append
     assert_eq!(result["version"], 0);
     let order_id = result["id"].as_str().unwrap().to_owned();
 
-    let row = db
-        .connect()
-        .await
-        .unwrap()
-        .query_one(
-            "select data, metadata from events where event_type = 'OrderPlaced'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let stored =
-        orderly_event_schemas::decode_recorded("OrderPlaced", row.get(0), row.get(1)).unwrap();
-    assert_eq!(stored.metadata.actor, "alice");
-    let orderly_event_schemas::Event::Order(orderly_event_schemas::OrderEvent::OrderPlaced(p)) =
-        stored.event
-    else {
-        panic!("not an OrderPlaced");
-    };
+    let placed = placed_orders(&db).await;
+    assert_eq!(placed.len(), 1);
+    let (p, actor) = &placed[0];
+    assert_eq!(actor, "alice");
     assert_eq!(
         p.total.amount_minor(),
         2 * 650 + 1200,
@@ -261,7 +252,7 @@ async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing(
         reused.error()["extensions"]["field"],
         "input.idempotencyKey"
     );
-    let placed = placed_orders(&db).await;
+    let placed = placed_orders(&db).await.len();
     assert_eq!(placed, 2, "alice's order once, bob's once");
 }
 
@@ -283,7 +274,7 @@ async fn concurrent_calls_with_one_key_place_one_order() {
     assert!(results.iter().all(|r| r["token"] == results[0]["token"]));
     let fresh = results.iter().filter(|r| r["replayed"] == false).count();
     assert_eq!(fresh, 1, "exactly one call wrote: {results:?}");
-    let placed = placed_orders(&db).await;
+    let placed = placed_orders(&db).await.len();
     assert_eq!(placed, 1);
 }
 
@@ -321,7 +312,7 @@ async fn racing_calls_with_one_key_and_two_requests_place_one_and_refuse_the_oth
     assert_eq!((placed.len(), refused), (4, 4), "{bodies:?}");
     assert_eq!(placed.iter().filter(|r| r["replayed"] == false).count(), 1);
     assert!(placed.iter().all(|r| r["id"] == placed[0]["id"]));
-    let events = placed_orders(&db).await;
+    let events = placed_orders(&db).await.len();
     assert_eq!(events, 1);
 }
 
@@ -541,8 +532,7 @@ async fn every_event_carries_its_actor_command_and_the_callers_trace() {
         )
         .await
         .unwrap();
-    let stored =
-        orderly_event_schemas::decode_recorded("ProductRestocked", row.get(0), row.get(1)).unwrap();
+    let stored = decode_recorded("ProductRestocked", row.get(0), row.get(1)).unwrap();
     let metadata = stored.metadata;
     assert_eq!(metadata.actor, "warehouse-1");
     assert_eq!(metadata.traceparent.as_deref(), Some(trace));
@@ -647,13 +637,4 @@ async fn another_customers_order_is_not_found_even_with_an_expected_version() {
         .await;
     assert_eq!(stale.code(), "CONFLICT", "{}", stale.body);
     assert_eq!(stale.error()["extensions"]["actualVersion"], 0);
-}
-
-/// How many orders the log holds.
-async fn placed_orders(db: &orderly_test_support::TestDb) -> i64 {
-    count(
-        db,
-        "select count(*) from events where event_type = 'OrderPlaced'",
-    )
-    .await
 }
