@@ -27,6 +27,10 @@ use crate::model::{DeadLetterPolicy, ProjectionName};
 use crate::status::ProjectionState;
 use crate::watch::{self, ProjectionHub, ProjectionUpdate};
 
+/// How long a catching-up runner waits with nothing to read before it reports itself running:
+/// longer than a page read of the log takes, so that catching up does not flap.
+const QUIET_AT_HEAD: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
     /// Most events applied in one transaction.
@@ -171,9 +175,23 @@ impl Runner {
         let mut subscription = self.store.subscribe(position, filter.clone()).await?;
         let limit = self.options.batch_size.max(1);
         loop {
+            // After a full batch the runner counts as catching up; after a quiet spell with
+            // nothing new it is at the head, even if its last batch happened to be full.
+            let idle = async {
+                if state == ProjectionState::CatchingUp {
+                    tokio::time::sleep(QUIET_AT_HEAD).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 next = subscription.next() => next,
+                () = idle => {
+                    state = ProjectionState::Running;
+                    set_state(&client, self.name, state, None).await?;
+                    continue;
+                }
             };
             let Some(first) = first else {
                 // Subscriptions end only after an error they yielded; treat the end as an outage.
@@ -224,6 +242,16 @@ impl Runner {
                 }
                 BatchResult::Committed(done) => {
                     position = done.position;
+                    // The state first: whoever sees the new checkpoint also sees the state.
+                    let now = if full {
+                        ProjectionState::CatchingUp
+                    } else {
+                        ProjectionState::Running
+                    };
+                    if now != state && done.stopped.is_none() {
+                        state = now;
+                        set_state(&client, self.name, state, None).await?;
+                    }
                     metrics::record_batch(
                         self.name,
                         size,
@@ -258,15 +286,6 @@ impl Runner {
                             event_id: stopped.event_id,
                             error: stopped.error,
                         });
-                    }
-                    let now = if full {
-                        ProjectionState::CatchingUp
-                    } else {
-                        ProjectionState::Running
-                    };
-                    if now != state {
-                        state = now;
-                        set_state(&client, self.name, state, None).await?;
                     }
                 }
             }

@@ -201,6 +201,29 @@ async fn count(f: &Fixture, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect("count").get(0)
 }
 
+/// The state `orderly projections status` shows for a projection once it has settled: polls
+/// until it is `want`, for at most ten seconds, and returns the last state seen.
+async fn settled_state(
+    f: &Fixture,
+    name: ProjectionName,
+    want: ProjectionState,
+) -> ProjectionState {
+    let client = f.db.connect().await.expect("connect");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let statuses = status(&client).await.expect("status");
+        let state = statuses
+            .iter()
+            .find(|s| s.name == name)
+            .expect("a status per projection")
+            .state;
+        if state == want || tokio::time::Instant::now() > deadline {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn small_batches() -> RunnerOptions {
     RunnerOptions {
         batch_size: 37,
@@ -328,6 +351,34 @@ async fn append_raw(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_whose_last_batch_was_full_reports_running_once_at_the_head() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 40).await;
+    let events = count(&f, "select count(*) from events").await;
+    // One batch holds exactly the whole log, so the catch-up batch is full and nothing follows.
+    let hub = ProjectionHub::new();
+    let running = start(
+        &f,
+        &hub,
+        RunnerOptions {
+            batch_size: usize::try_from(events).expect("a small log"),
+            batch_wait: Duration::from_secs(5),
+            ..RunnerOptions::default()
+        },
+    );
+    caught_up(&f, &hub).await;
+    for name in ProjectionName::ALL {
+        assert_eq!(
+            settled_state(&f, name, ProjectionState::Running).await,
+            ProjectionState::Running,
+            "{name}"
+        );
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_event_is_parked_while_the_rest_flows() {
     let f = fixture().await;
     let hub = ProjectionHub::new();
@@ -365,7 +416,10 @@ async fn a_poison_event_is_parked_while_the_rest_flows() {
         "{orders:?} head {:?}",
         f.store.head().await
     );
-    assert_eq!(orders.state, ProjectionState::Running);
+    assert_eq!(
+        settled_state(&f, ProjectionName::Orders, ProjectionState::Running).await,
+        ProjectionState::Running
+    );
     // Retrying cannot help a payload that does not decode; skipping resolves it.
     let mut retry_client = orderly_projections::connect(f.db.config(), "test")
         .await
