@@ -251,7 +251,7 @@ async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
         order.cancellation_reason.unwrap().as_str(),
         "payment declined"
     );
-    let product = log.product("TEA").await;
+    let product = log.released("TEA").await;
     assert_eq!((product.reserved(), product.available()), (0, 5));
     assert_eq!(simulator.charges(), 0);
     // The notice is delivered by the outbox worker, after the cancellation.
@@ -461,7 +461,7 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
         Duration::from_secs(10),
     )
     .await;
-    let product = log.product("TEA").await;
+    let product = log.released("TEA").await;
     assert_eq!(
         product.reserved(),
         0,
