@@ -31,5 +31,6 @@ pub use error::SchemaError;
 pub use metadata::{EventMetadata, StoredMetadata};
 pub use registry::{
     EncodedEvent, Event, EventPayload, OrderEvent, PaymentEvent, ProductEvent, RecordedEvent,
-    Registration, decode, decode_payload, decode_recorded, encode, registration, registry,
+    Registration, decode, decode_payload, decode_payload_text, decode_recorded, encode,
+    registration, registry,
 };

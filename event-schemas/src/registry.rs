@@ -27,14 +27,35 @@ pub struct Registration {
     pub schema_version: u32,
     /// Whether this is the version writers produce today; older ones decode through an upcaster.
     pub current: bool,
-    decode: fn(Value) -> Result<Event, SchemaError>,
+    decode: fn(Json<'_>) -> Result<Event, SchemaError>,
     schema: fn() -> Schema,
+}
+
+/// A payload as a decoder gets it: a parsed tree, or the stored text, which decodes straight
+/// into the payload type without building a tree first.
+enum Json<'a> {
+    Tree(Value),
+    Text(&'a str),
+}
+
+impl Json<'_> {
+    fn parse<P: DeserializeOwned>(self) -> Result<P, serde_json::Error> {
+        match self {
+            Json::Tree(value) => serde_json::from_value(value),
+            Json::Text(text) => serde_json::from_str(text),
+        }
+    }
 }
 
 impl Registration {
     /// Decodes a payload of this (type, version) into the current event, upcasting if old.
     pub fn decode(&self, data: Value) -> Result<Event, SchemaError> {
-        (self.decode)(data)
+        (self.decode)(Json::Tree(data))
+    }
+
+    /// [`Registration::decode`] from the payload's JSON text.
+    pub fn decode_text(&self, data: &str) -> Result<Event, SchemaError> {
+        (self.decode)(Json::Text(data))
     }
 
     /// The JSON Schema of this version's payload, as committed under `schemas/`.
@@ -56,20 +77,20 @@ fn payload_error<P: EventPayload>(error: impl std::fmt::Display) -> SchemaError 
     }
 }
 
-fn decode_current<P: EventPayload + Into<Event>>(data: Value) -> Result<Event, SchemaError> {
-    serde_json::from_value::<P>(data)
+fn decode_current<P: EventPayload + Into<Event>>(data: Json<'_>) -> Result<Event, SchemaError> {
+    data.parse::<P>()
         .map(Into::into)
         .map_err(payload_error::<P>)
 }
 
 /// Decodes an old version and upcasts it. A chain v1 -> v2 -> v3 is written as
 /// `TryFrom<V1> for V3` composing the steps, so every old version has exactly one entry here.
-fn decode_upcast<Old, New>(data: Value) -> Result<Event, SchemaError>
+fn decode_upcast<Old, New>(data: Json<'_>) -> Result<Event, SchemaError>
 where
     Old: EventPayload,
     New: TryFrom<Old, Error = SchemaError> + Into<Event>,
 {
-    let old = serde_json::from_value::<Old>(data).map_err(payload_error::<Old>)?;
+    let old = data.parse::<Old>().map_err(payload_error::<Old>)?;
     New::try_from(old)
         .map(Into::into)
         .map_err(payload_error::<Old>)
@@ -298,6 +319,25 @@ pub fn decode_payload(
             message: "schema_version is missing or not a 32-bit number".to_owned(),
         })?;
     decode(event_type, schema_version, data)
+}
+
+/// [`decode_payload`] from the stored JSON text of the two columns, for readers that get the
+/// text (a rebuild): the payload decodes without a tree in between, and of the metadata only
+/// `schema_version` is read.
+pub fn decode_payload_text(
+    event_type: &str,
+    data: &str,
+    metadata: &str,
+) -> Result<Event, SchemaError> {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        schema_version: u32,
+    }
+    let Version { schema_version } =
+        serde_json::from_str(metadata).map_err(|_| SchemaError::InvalidMetadata {
+            message: "schema_version is missing or not a 32-bit number".to_owned(),
+        })?;
+    registration(event_type, schema_version)?.decode_text(data)
 }
 
 /// What an append writes for one event: its id, the type column, and the two JSON columns.

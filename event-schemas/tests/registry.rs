@@ -5,8 +5,8 @@ use std::path::Path;
 use chrono::{TimeZone, Utc};
 use orderly_event_schemas::orders::OrderPlaced;
 use orderly_event_schemas::{
-    Event, EventMetadata, OrderEvent, SchemaError, decode, decode_payload, decode_recorded, encode,
-    registry,
+    Event, EventMetadata, OrderEvent, SchemaError, decode, decode_payload, decode_payload_text,
+    decode_recorded, encode, registry,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -149,6 +149,51 @@ fn the_payload_alone_decodes_by_the_metadatas_schema_version_upcasting_old_ones(
     assert!(matches!(
         decode_payload("OrderDelivered", sample("OrderDelivered.v1"), &json!({})),
         Err(SchemaError::InvalidMetadata { .. })
+    ));
+}
+
+#[test]
+fn from_the_stored_text_every_version_decodes_as_from_the_parsed_tree() {
+    for registration in registry() {
+        let data = sample(&registration.file_stem());
+        let mut metadata = sample("metadata");
+        metadata["schema_version"] = json!(registration.schema_version);
+        let text = decode_payload_text(
+            registration.event_type,
+            &data.to_string(),
+            &metadata.to_string(),
+        );
+        assert_eq!(
+            text.expect("decodes from text"),
+            decode_payload(registration.event_type, data, &metadata).expect("decodes from tree"),
+            "{}",
+            registration.file_stem()
+        );
+    }
+    let metadata = |version: u32| json!({ "schema_version": version, "actor": "x" }).to_string();
+    let v2 = sample("OrderPlaced.v2").to_string();
+    assert!(decode_payload_text("OrderPlaced", &v2, &metadata(1)).is_err());
+    assert!(matches!(
+        decode_payload_text("OrderPlaced", &v2, &metadata(7)),
+        Err(SchemaError::UnknownSchemaVersion { .. })
+    ));
+    for bad in [
+        "{}",
+        r#"{"schema_version": "2"}"#,
+        r#"{"schema_version": -1}"#,
+        "[]",
+    ] {
+        assert!(
+            matches!(
+                decode_payload_text("OrderPlaced", &v2, bad),
+                Err(SchemaError::InvalidMetadata { .. })
+            ),
+            "{bad}"
+        );
+    }
+    assert!(matches!(
+        decode_payload_text("OrderPaid", r#"{"order_id": 3}"#, &metadata(1)),
+        Err(SchemaError::InvalidPayload { .. })
     ));
 }
 

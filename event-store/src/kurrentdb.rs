@@ -18,14 +18,15 @@ use ::kurrentdb::{
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::de::{DeserializeOwned, IgnoredAny};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::EventStore;
 use crate::error::{BoxError, StoreError};
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    StreamName, validate_append,
+    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
+    RecordedEvent, StreamName, validate_append,
 };
 use crate::subscription::{Subscription, SubscriptionOptions};
 
@@ -68,13 +69,13 @@ impl KurrentDbEventStore {
     /// One request's worth of `$all` from `from`, mapped and filtered; also returns how many
     /// records the server sent and the position of the last, so callers can tell a short page
     /// (end of the log) from one thinned out here.
-    async fn page_of_all(
+    async fn page_of_all<J: DeserializeOwned>(
         &self,
         from: Position,
         backwards: bool,
         filter: &EventFilter,
         count: usize,
-    ) -> Result<AllPage, StoreError> {
+    ) -> Result<AllPage<J>, StoreError> {
         let start = if backwards {
             StreamPosition::End
         } else if from == Position::START {
@@ -94,7 +95,11 @@ impl KurrentDbEventStore {
             .filter(subscription_filter(filter))
             .max_count(count);
         let mut read = self.client.read_all(&options).await.map_err(store_error)?;
-        let mut page = AllPage::default();
+        let mut page = AllPage {
+            events: Vec::new(),
+            received: 0,
+            last: None,
+        };
         while let Some(resolved) = read.next().await.map_err(store_error)? {
             // Without link resolution every record carries its event; a bare link is skipped.
             let Some(stored) = resolved.event.as_ref() else {
@@ -102,18 +107,42 @@ impl KurrentDbEventStore {
             };
             page.received += 1;
             page.last = Some(from_kurrent_position(stored.position));
-            if let Some(event) = from_stored(stored)?.filter(|e| filter.matches(&e.stream)) {
+            if let Some(event) = from_stored_as(stored)?.filter(|e| filter.matches(&e.stream)) {
                 page.events.push(event);
             }
         }
         Ok(page)
     }
+
+    /// Reads from `after` itself (the server's reads include their start) and drops what is not
+    /// strictly after it; pages thinned out here to nothing are followed by another request, so
+    /// an empty answer always means the end of the log.
+    async fn read_all_as<J: DeserializeOwned>(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent<J>>, StoreError> {
+        let mut events = Vec::new();
+        let mut from = after;
+        // One more than wanted, since the record at `from` itself comes back and is dropped.
+        while events.len() < limit {
+            let request = (limit - events.len()).saturating_add(1);
+            let page = self.page_of_all(from, false, filter, request).await?;
+            events.extend(page.events.into_iter().filter(|e| e.position > from));
+            match page.last {
+                Some(last) if page.received >= request && last > from => from = last,
+                _ => break,
+            }
+        }
+        events.truncate(limit);
+        Ok(events)
+    }
 }
 
-#[derive(Default)]
-struct AllPage {
+struct AllPage<J> {
     /// What the port may show: user events matching the filter.
-    events: Vec<RecordedEvent>,
+    events: Vec<RecordedEvent<J>>,
     /// Records the server sent, shown or not: a page as long as asked for means "read on".
     received: usize,
     /// Position of the last record sent, shown or not: where the next request starts.
@@ -213,29 +242,23 @@ impl EventStore for KurrentDbEventStore {
         }
     }
 
-    /// Reads from `after` itself (the server's reads include their start) and drops what is not
-    /// strictly after it; pages thinned out here to nothing are followed by another request, so
-    /// an empty answer always means the end of the log.
     async fn read_all(
         &self,
         after: Position,
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut events = Vec::new();
-        let mut from = after;
-        // One more than wanted, since the record at `from` itself comes back and is dropped.
-        while events.len() < limit {
-            let request = (limit - events.len()).saturating_add(1);
-            let page = self.page_of_all(from, false, filter, request).await?;
-            events.extend(page.events.into_iter().filter(|e| e.position > from));
-            match page.last {
-                Some(last) if page.received >= request && last > from => from = last,
-                _ => break,
-            }
-        }
-        events.truncate(limit);
-        Ok(events)
+        self.read_all_as(after, filter, limit).await
+    }
+
+    /// The server hands over the JSON as bytes: they become the text without a tree between.
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        self.read_all_as(after, filter, limit).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
@@ -243,7 +266,7 @@ impl EventStore for KurrentDbEventStore {
         // events the server-side filter let through are skipped here.
         // `from` is ignored backwards: the read starts at the end.
         let page = self
-            .page_of_all(Position::START, true, &EventFilter::All, HEAD_SCAN)
+            .page_of_all::<IgnoredAny>(Position::START, true, &EventFilter::All, HEAD_SCAN)
             .await?;
         Ok(page
             .events
@@ -333,6 +356,13 @@ fn event_data(event: NewEvent) -> Result<EventData, StoreError> {
 }
 
 fn from_stored(stored: &::kurrentdb::RecordedEvent) -> Result<Option<RecordedEvent>, StoreError> {
+    from_stored_as(stored)
+}
+
+/// [`from_stored`] with the JSON read as `J`: a parsed tree, the text itself, or skipped.
+fn from_stored_as<J: DeserializeOwned>(
+    stored: &::kurrentdb::RecordedEvent,
+) -> Result<Option<RecordedEvent<J>>, StoreError> {
     recorded_event(StoredEvent {
         stream: stored.stream_id(),
         id: stored.id,
@@ -437,6 +467,7 @@ pub(crate) fn from_kurrent_position(p: ::kurrentdb::Position) -> Position {
 
 /// The fields of a stored event this adapter uses. The client's own `RecordedEvent` cannot be
 /// built outside the client crate, so the mapping takes its parts and stays testable.
+#[derive(Clone, Copy)]
 pub(crate) struct StoredEvent<'a> {
     pub stream: &'a str,
     pub id: Uuid,
@@ -451,16 +482,16 @@ pub(crate) struct StoredEvent<'a> {
 /// `Ok(None)` for system streams and events, which the port never shows. Anything else that
 /// the port cannot represent (a stream name it would refuse, data that is not JSON) was
 /// written by someone else and is reported as `Internal` rather than silently dropped.
-pub(crate) fn recorded_event(stored: StoredEvent<'_>) -> Result<Option<RecordedEvent>, StoreError> {
+pub(crate) fn recorded_event<J: DeserializeOwned>(
+    stored: StoredEvent<'_>,
+) -> Result<Option<RecordedEvent<J>>, StoreError> {
     if stored.stream.starts_with('$') || stored.event_type.starts_with('$') {
         return Ok(None);
     }
     let stream = StreamName::parse(stored.stream).map_err(|e| StoreError::Internal(e.into()))?;
-    let json = |bytes: &[u8], what: &str| -> Result<serde_json::Value, StoreError> {
-        if bytes.is_empty() {
-            // Other clients may write no metadata at all; the port's empty metadata is `{}`.
-            return Ok(serde_json::Value::Object(Default::default()));
-        }
+    let json = |bytes: &[u8], what: &str| -> Result<J, StoreError> {
+        // Other clients may write no metadata at all; the port's empty metadata is `{}`.
+        let bytes = if bytes.is_empty() { b"{}" } else { bytes };
         serde_json::from_slice(bytes).map_err(|e| {
             internal(format!(
                 "{what} of event {} in {stream} is not JSON: {e}",
@@ -510,7 +541,8 @@ fn escape_regex(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::value::RawValue;
+    use serde_json::{Value, json};
 
     fn stream(name: &str) -> StreamName {
         StreamName::parse(name).unwrap()
@@ -613,7 +645,7 @@ mod tests {
 
     #[test]
     fn stored_events_map_field_by_field() {
-        let event = recorded_event(stored("order-1", "OrderPlaced", br#"{"n":1}"#))
+        let event = recorded_event::<Value>(stored("order-1", "OrderPlaced", br#"{"n":1}"#))
             .unwrap()
             .unwrap();
         assert_eq!(event.stream, stream("order-1"));
@@ -625,6 +657,14 @@ mod tests {
         assert_eq!(event.data, json!({ "n": 1 }));
         assert_eq!(event.metadata, json!({ "correlation_id": "c" }));
         assert_eq!(event.recorded_at, DateTime::<Utc>::UNIX_EPOCH);
+        // As text, the stored bytes come through unchanged.
+        let raw = recorded_event::<Box<RawValue>>(stored("order-1", "OrderPlaced", br#"{"n":1}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (raw.data.get(), raw.position),
+            (r#"{"n":1}"#, event.position)
+        );
     }
 
     #[test]
@@ -634,7 +674,11 @@ mod tests {
             ("$$order-1", "$metadata"),
             ("order-1", "$>"),
         ] {
-            assert!(recorded_event(stored(s, t, b"{}")).unwrap().is_none());
+            assert!(
+                recorded_event::<Value>(stored(s, t, b"{}"))
+                    .unwrap()
+                    .is_none()
+            );
         }
     }
 
@@ -642,11 +686,15 @@ mod tests {
     fn missing_metadata_reads_as_empty_and_foreign_data_is_an_error() {
         let mut bare = stored("order-1", "Plain", b"{}");
         bare.custom_metadata = b"";
-        let event = recorded_event(bare).unwrap().unwrap();
+        let event = recorded_event::<Value>(bare).unwrap().unwrap();
         assert_eq!(event.metadata, json!({}));
-        let binary = recorded_event(stored("order-1", "Blob", &[0xff, 0x00]));
+        let raw = recorded_event::<Box<RawValue>>(bare).unwrap().unwrap();
+        assert_eq!(raw.metadata.get(), "{}");
+        let binary = recorded_event::<Value>(stored("order-1", "Blob", &[0xff, 0x00]));
         assert!(matches!(binary, Err(StoreError::Internal(_))));
-        let odd_name = recorded_event(stored("has space", "Plain", b"{}"));
+        let binary = recorded_event::<Box<RawValue>>(stored("order-1", "Blob", &[0xff, 0x00]));
+        assert!(matches!(binary, Err(StoreError::Internal(_))));
+        let odd_name = recorded_event::<Value>(stored("has space", "Plain", b"{}"));
         assert!(matches!(odd_name, Err(StoreError::Internal(_))));
     }
 

@@ -3,7 +3,8 @@
 //! The event store: the port every other crate writes to and reads from, and its adapters.
 //!
 //! - [`EventStore`] (this file): append with an expected version, read one stream either way,
-//!   read the whole log from a [`Position`], subscribe (catch up, then live), head position.
+//!   read the whole log from a [`Position`] (parsed, or as the stored JSON text), subscribe
+//!   (catch up, then live), head position.
 //! - `model`: the values that cross the port ([`StreamName`], [`ExpectedVersion`], [`Position`],
 //!   [`NewEvent`], [`RecordedEvent`]) and the limits every adapter enforces.
 //! - `error`: [`StoreError`], with `Conflict` kept apart from infrastructure failure.
@@ -36,7 +37,7 @@ pub use error::{BoxError, InvalidInput, StoreError};
 pub use model::{
     AppendResult, Direction, EventFilter, ExpectedVersion, MAX_APPEND_BYTES, MAX_EVENT_BYTES,
     MAX_EVENT_TYPE_BYTES, MAX_EVENTS_PER_APPEND, MAX_STREAM_NAME_BYTES, NewEvent, Position,
-    RecordedEvent, StreamName, category_of, validate_append,
+    RawRecordedEvent, RecordedEvent, StreamName, category_of, validate_append,
 };
 pub use subscription::{Subscription, SubscriptionOptions};
 
@@ -97,6 +98,22 @@ pub trait EventStore: Send + Sync + 'static {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`EventStore::read_all`] with each event's JSON left as the stored text, for readers
+    /// that decode it themselves. The default converts what `read_all` returns; adapters that
+    /// receive the text override it to skip the JSON trees.
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        self.read_all(after, filter, limit)
+            .await?
+            .into_iter()
+            .map(RawRecordedEvent::try_from)
+            .collect()
+    }
 
     /// Position of the last event a `read_all` would return now; `Position::START` when empty.
     async fn head(&self) -> Result<Position, StoreError>;

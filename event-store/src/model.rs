@@ -202,18 +202,52 @@ impl NewEvent {
     }
 }
 
-/// An event as stored.
+/// An event as stored. Its two JSON columns are parsed trees by default; readers that decode
+/// the JSON themselves read them as the stored text instead ([`RawRecordedEvent`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecordedEvent {
+pub struct RecordedEvent<J = serde_json::Value> {
     pub id: Uuid,
     pub stream: StreamName,
     /// Version within its stream, from 0.
     pub version: u64,
     pub position: Position,
     pub event_type: String,
-    pub data: serde_json::Value,
-    pub metadata: serde_json::Value,
+    pub data: J,
+    pub metadata: J,
     pub recorded_at: DateTime<Utc>,
+}
+
+/// A recorded event with its JSON left as the stored text, for readers that decode it
+/// themselves (a rebuild): they skip building trees and can pass over what they do not read.
+pub type RawRecordedEvent = RecordedEvent<Box<serde_json::value::RawValue>>;
+
+impl<J> RecordedEvent<J> {
+    /// The same event with `data` and `metadata` converted by `convert`.
+    pub fn try_map_json<K, E>(
+        self,
+        mut convert: impl FnMut(J) -> Result<K, E>,
+    ) -> Result<RecordedEvent<K>, E> {
+        Ok(RecordedEvent {
+            data: convert(self.data)?,
+            metadata: convert(self.metadata)?,
+            id: self.id,
+            stream: self.stream,
+            version: self.version,
+            position: self.position,
+            event_type: self.event_type,
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+impl TryFrom<RecordedEvent> for RawRecordedEvent {
+    type Error = StoreError;
+
+    fn try_from(event: RecordedEvent) -> Result<Self, StoreError> {
+        event.try_map_json(|value| {
+            serde_json::value::to_raw_value(&value).map_err(|e| StoreError::Internal(Box::new(e)))
+        })
+    }
 }
 
 /// What a successful append wrote (or, for a recognised retry, what the first attempt wrote).

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orderly_event_store::postgres::PgConfig;
-use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use orderly_event_store::{EventFilter, EventStore, Position, RawRecordedEvent, RecordedEvent};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
@@ -153,7 +153,7 @@ pub async fn rebuild_many(
     let reader = tokio::spawn(async move {
         let mut after = start;
         loop {
-            let events = match reader_store.read_all(after, &filter, page).await {
+            let events = match reader_store.read_all_raw(after, &filter, page).await {
                 Ok(events) => events,
                 Err(error) => {
                     let _ = tx.send(Err(error.into())).await;
@@ -165,7 +165,8 @@ pub async fn rebuild_many(
             };
             after = last;
             let read = events.len() as u64;
-            let mut buckets: Vec<Vec<RecordedEvent>> = since.iter().map(|_| Vec::new()).collect();
+            let mut buckets: Vec<Vec<RawRecordedEvent>> =
+                since.iter().map(|_| Vec::new()).collect();
             for event in events {
                 let category = event.stream.category();
                 if let Some(i) = since

@@ -22,9 +22,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use futures::StreamExt;
+use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
 
@@ -38,8 +40,8 @@ use crate::EventStore;
 use crate::error::StoreError;
 use crate::idempotency::{StoredId, resolve_prior_write};
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    StreamName, validate_append,
+    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
+    RecordedEvent, StreamName, validate_append,
 };
 use crate::subscription::{self, Page, PageSource, Subscription, SubscriptionOptions};
 
@@ -428,6 +430,17 @@ impl EventStore for PgEventStore {
         Ok(self.read_page(after, filter, limit).await?.events)
     }
 
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        let client = self.client().await?;
+        let rows = page_rows(&client, after, filter, limit).await?;
+        rows.iter().map(recorded).collect()
+    }
+
     async fn head(&self) -> Result<Position, StoreError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(&SQL.head).await.map_err(pg_error)?;
@@ -467,42 +480,7 @@ impl PageSource for PgEventStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         let client = self.client().await?;
-        let commit = to_i64(after.commit);
-        let prepare = to_i64(after.prepare);
-        let limit_param = to_i64(limit as u64);
-        let rows = match filter {
-            EventFilter::All => {
-                let statement = client
-                    .prepare_cached(&SQL.read_all)
-                    .await
-                    .map_err(pg_error)?;
-                client
-                    .query(&statement, &[&commit, &prepare, &limit_param])
-                    .await
-            }
-            EventFilter::Category(category) => {
-                let statement = client
-                    .prepare_cached(&SQL.read_category)
-                    .await
-                    .map_err(pg_error)?;
-                client
-                    .query(&statement, &[&commit, &prepare, &limit_param, category])
-                    .await
-            }
-            EventFilter::Stream(stream) => {
-                let statement = client
-                    .prepare_cached(&SQL.read_one_stream)
-                    .await
-                    .map_err(pg_error)?;
-                client
-                    .query(
-                        &statement,
-                        &[&commit, &prepare, &limit_param, &stream.as_str()],
-                    )
-                    .await
-            }
-        }
-        .map_err(pg_error)?;
+        let rows = page_rows(&client, after, filter, limit).await?;
         let events: Vec<RecordedEvent> = rows.iter().map(recorded).collect::<Result<_, _>>()?;
         // Only a short page means the reader is at the horizon; only then is it worth asking
         // whether committed events wait behind a transaction still in flight.
@@ -540,8 +518,15 @@ fn appended(rows: &[Row]) -> Result<AppendResult, tokio_postgres::Error> {
     })
 }
 
-fn recorded(row: &Row) -> Result<RecordedEvent, StoreError> {
+/// An event from one of the log's rows, its JSON columns read as `J`: parsed trees
+/// (`serde_json::Value`) or the stored text (`Box<RawValue>`).
+fn recorded<J: DeserializeOwned>(row: &Row) -> Result<RecordedEvent<J>, StoreError> {
     let stream: String = row.try_get(1).map_err(pg_error)?;
+    let json = |index: usize| {
+        row.try_get::<_, Json<J>>(index)
+            .map(|json| json.0)
+            .map_err(pg_error)
+    };
     Ok(RecordedEvent {
         id: row.try_get(0).map_err(pg_error)?,
         stream: StreamName::parse(stream).map_err(|e| StoreError::Internal(Box::new(e)))?,
@@ -551,10 +536,41 @@ fn recorded(row: &Row) -> Result<RecordedEvent, StoreError> {
             to_u64(row.try_get(4).map_err(pg_error)?),
         ),
         event_type: row.try_get(5).map_err(pg_error)?,
-        data: row.try_get(6).map_err(pg_error)?,
-        metadata: row.try_get(7).map_err(pg_error)?,
+        data: json(6)?,
+        metadata: json(7)?,
         recorded_at: row.try_get(8).map_err(pg_error)?,
     })
+}
+
+/// The rows of one page of the log, with the columns [`recorded`] reads.
+async fn page_rows(
+    client: &Object,
+    after: Position,
+    filter: &EventFilter,
+    limit: usize,
+) -> Result<Vec<Row>, StoreError> {
+    let commit = to_i64(after.commit);
+    let prepare = to_i64(after.prepare);
+    let limit_param = to_i64(limit as u64);
+    let (sql, stream) = match filter {
+        EventFilter::All => (&SQL.read_all, None),
+        EventFilter::Category(category) => (&SQL.read_category, Some(category.as_str())),
+        EventFilter::Stream(stream) => (&SQL.read_one_stream, Some(stream.as_str())),
+    };
+    let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+    match stream {
+        None => {
+            client
+                .query(&statement, &[&commit, &prepare, &limit_param])
+                .await
+        }
+        Some(name) => {
+            client
+                .query(&statement, &[&commit, &prepare, &limit_param, &name])
+                .await
+        }
+    }
+    .map_err(pg_error)
 }
 
 /// Stored numbers are never negative (versions, sequence values, transaction ids).

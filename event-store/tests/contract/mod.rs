@@ -36,6 +36,7 @@ macro_rules! contract_tests {
             streams_read_forwards_and_backwards,
             several_streams_read_at_once_page_by_page,
             the_log_reads_in_append_order_and_pages_by_position,
+            the_log_reads_as_stored_text_the_same_as_parsed,
             head_is_the_last_position,
             subscriptions_catch_up_then_follow_live_with_filters,
             subscribing_from_a_position_starts_after_it,
@@ -451,6 +452,72 @@ pub async fn the_log_reads_in_append_order_and_pages_by_position(store: Arc<dyn 
     assert_eq!(
         one.iter().map(|e| e.version).collect::<Vec<_>>(),
         (0..one.len() as u64).collect::<Vec<_>>()
+    );
+}
+
+pub async fn the_log_reads_as_stored_text_the_same_as_parsed(store: Arc<dyn EventStore>) {
+    let mut last = Position::START;
+    for (i, category) in ["order", "product", "order"].iter().enumerate() {
+        let nested = event(
+            "Nested",
+            json!({ "i": i, "text": "é \"quoted\" \u{1F600}", "list": [1, 2.5, null, {"a": []}] }),
+        );
+        last = store
+            .append(
+                &stream(&format!("{category}-raw{i}")),
+                ExpectedVersion::Any,
+                vec![nested],
+            )
+            .await
+            .unwrap()
+            .position;
+    }
+    settle(&*store, last).await;
+    for filter in [
+        EventFilter::All,
+        EventFilter::Category("order".into()),
+        EventFilter::Stream(stream("product-raw1")),
+    ] {
+        let parsed = read_everything(&*store, &filter).await;
+        let raw = store
+            .read_all_raw(Position::START, &filter, 1000)
+            .await
+            .unwrap();
+        assert!(!raw.is_empty(), "{filter:?}");
+        assert_eq!(raw.len(), parsed.len(), "{filter:?}");
+        for (raw, parsed) in raw.iter().zip(&parsed) {
+            assert_eq!(
+                (
+                    raw.id,
+                    &raw.stream,
+                    raw.version,
+                    raw.position,
+                    &raw.event_type,
+                    raw.recorded_at
+                ),
+                (
+                    parsed.id,
+                    &parsed.stream,
+                    parsed.version,
+                    parsed.position,
+                    &parsed.event_type,
+                    parsed.recorded_at
+                ),
+            );
+            let data: serde_json::Value = serde_json::from_str(raw.data.get()).unwrap();
+            let metadata: serde_json::Value = serde_json::from_str(raw.metadata.get()).unwrap();
+            assert_eq!((&data, &metadata), (&parsed.data, &parsed.metadata));
+        }
+    }
+    // Paging by position works the same way.
+    let all = read_everything(&*store, &EventFilter::All).await;
+    let rest = store
+        .read_all_raw(all[0].position, &EventFilter::All, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![all[1].id]
     );
 }
 

@@ -16,10 +16,11 @@ pub(crate) mod orders;
 pub(crate) mod products;
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 
 use deadpool_postgres::Transaction;
-use orderly_event_schemas::Event;
-use orderly_event_store::{Position, RecordedEvent};
+use orderly_event_schemas::{Event, SchemaError};
+use orderly_event_store::{Position, RawRecordedEvent, RecordedEvent};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -93,21 +94,67 @@ pub(crate) fn wants(name: ProjectionName, category: &str) -> bool {
     name.categories().contains(&category)
 }
 
+/// An event as read from the log, before the projections decode it: parsed JSON trees (the
+/// live runner's subscription) or the stored text (a rebuild, which skips the trees).
+pub(crate) trait Undecoded {
+    fn position(&self) -> Position;
+    fn category(&self) -> &str;
+    /// The envelope the handlers use, without its JSON, and the payload decoded.
+    fn decode(self) -> (RecordedEvent, Result<Event, String>);
+}
+
+fn cannot_decode(error: SchemaError) -> String {
+    format!("cannot decode: {error}")
+}
+
+impl Undecoded for RecordedEvent {
+    fn position(&self) -> Position {
+        self.position
+    }
+
+    fn category(&self) -> &str {
+        self.stream.category()
+    }
+
+    fn decode(mut self) -> (RecordedEvent, Result<Event, String>) {
+        let data = std::mem::take(&mut self.data);
+        let metadata = std::mem::take(&mut self.metadata);
+        let decoded = orderly_event_schemas::decode_payload(&self.event_type, data, &metadata)
+            .map_err(cannot_decode);
+        (self, decoded)
+    }
+}
+
+impl Undecoded for RawRecordedEvent {
+    fn position(&self) -> Position {
+        self.position
+    }
+
+    fn category(&self) -> &str {
+        self.stream.category()
+    }
+
+    fn decode(self) -> (RecordedEvent, Result<Event, String>) {
+        let decoded = orderly_event_schemas::decode_payload_text(
+            &self.event_type,
+            self.data.get(),
+            self.metadata.get(),
+        )
+        .map_err(cannot_decode);
+        let Ok(envelope) = self.try_map_json(|_| Ok::<_, Infallible>(serde_json::Value::Null));
+        (envelope, decoded)
+    }
+}
+
 /// Decodes the events of `events` (a stretch of the log, in order) that `name` wants; events of
 /// other streams are left out. The JSON goes once decoded: the read models use no envelope
 /// field, and a rebuild holds a few batches at a time, whose memory is mostly JSON trees.
-pub(crate) fn decode(name: ProjectionName, events: Vec<RecordedEvent>) -> Decoded {
-    let last = events.last().map(|e| e.position);
+pub(crate) fn decode<E: Undecoded>(name: ProjectionName, events: Vec<E>) -> Decoded {
+    let last = events.last().map(Undecoded::position);
     let events = events
         .into_iter()
-        .filter(|e| wants(name, e.stream.category()))
-        .map(|mut e| {
-            let data = std::mem::take(&mut e.data);
-            let metadata = std::mem::take(&mut e.metadata);
-            let decoded = orderly_event_schemas::decode_payload(&e.event_type, data, &metadata)
-                .map_err(|error| format!("cannot decode: {error}"));
-            (e, decoded)
-        })
+        .filter(|e| wants(name, e.category()))
+        .map(Undecoded::decode)
         .collect();
     Decoded { events, last }
 }
