@@ -9,7 +9,9 @@
 //! 2. Replay: the same handlers as the live runner, on a connection whose `search_path` puts
 //!    `orderly_shadow` first, one transaction per batch with the shadow checkpoint. A reader
 //!    task fetches the next page while the current one is applied (two pages in flight at
-//!    most, so memory stays flat however long the log). [`rebuild_many`] reads the log once for
+//!    most, so memory stays flat however long the log); it reads the events' JSON as the
+//!    stored text (`EventStore::read_all_raw`) and decodes payloads from it, with no JSON tree
+//!    in between. [`rebuild_many`] reads the log once for
 //!    several projections and applies their shares side by side.
 //! 3. Verify (see [`verify`]): internal consistency checks on the shadow tables; on failure the
 //!    live tables stay, and so does the shadow, for inspection.
