@@ -11,8 +11,8 @@
 //!    task fetches the next page while the current one is applied (two pages in flight at
 //!    most, so memory stays flat however long the log); it reads the events' JSON as the
 //!    stored text (`EventStore::read_all_raw`) and decodes payloads from it, with no JSON tree
-//!    in between. [`rebuild_many`] reads the log once for
-//!    several projections and applies their shares side by side.
+//!    in between. [`rebuild_many`] reads the log once for several projections and applies
+//!    their shares side by side.
 //! 3. Verify (see [`verify`]): internal consistency checks on the shadow tables; on failure the
 //!    live tables stay, and so does the shadow, for inspection.
 //! 4. Swap, in one transaction: lock the live checkpoint row (which holds off the live runner's

@@ -148,7 +148,7 @@ impl Undecoded for RawRecordedEvent {
 
 /// Decodes the events of `events` (a stretch of the log, in order) that `name` wants; events of
 /// other streams are left out. The JSON goes once decoded: the read models use no envelope
-/// field, and a rebuild holds a few batches at a time, whose memory is mostly JSON trees.
+/// field, and a batch held in memory keeps only the typed events.
 pub(crate) fn decode<E: Undecoded>(name: ProjectionName, events: Vec<E>) -> Decoded {
     let last = events.last().map(Undecoded::position);
     let events = events
