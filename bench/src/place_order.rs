@@ -75,7 +75,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("# placeOrder benchmark\n");
     println!("- machine: {}", report::machine());
     println!(
-        "- window: {} s measured after {} s warm-up, per scenario; {} rounds with the yardstick and placeOrder interleaved; median rate, latency over all rounds; no saga runner",
+        "- window: {} s measured after {} s warm-up, per scenario; {} rounds with the \
+         yardstick and placeOrder interleaved; median rate, latency over all rounds; no saga \
+         runner",
         args.seconds,
         args.seconds as f64 / 5.0,
         args.rounds.max(1)
