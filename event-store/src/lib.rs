@@ -100,20 +100,15 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// [`EventStore::read_all`] with each event's JSON left as the stored text, for readers
-    /// that decode it themselves. The default converts what `read_all` returns; adapters that
-    /// receive the text override it to skip the JSON trees.
+    /// that decode it themselves (a rebuild). Adapters that receive the text hand it on without
+    /// building JSON trees. No default: a wrapper that forgot to delegate would fall back to
+    /// parsing and printing every event again, silently and at twice the cost.
     async fn read_all_raw(
         &self,
         after: Position,
         filter: &EventFilter,
         limit: usize,
-    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-        self.read_all(after, filter, limit)
-            .await?
-            .into_iter()
-            .map(RawRecordedEvent::try_from)
-            .collect()
-    }
+    ) -> Result<Vec<RawRecordedEvent>, StoreError>;
 
     /// Position of the last event a `read_all` would return now; `Position::START` when empty.
     async fn head(&self) -> Result<Position, StoreError>;

@@ -16,8 +16,8 @@ use crate::EventStore;
 use crate::error::StoreError;
 use crate::idempotency::{StoredId, resolve_prior_write};
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    StreamName, validate_append,
+    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
+    RecordedEvent, StreamName, validate_append,
 };
 use crate::subscription::{self, Page, PageSource, Subscription, SubscriptionOptions};
 
@@ -187,6 +187,20 @@ impl EventStore for MemoryEventStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         Ok(self.read_page(after, filter, limit).await?.events)
+    }
+
+    /// The memory log holds trees, not text: each event is printed as it is read.
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        self.read_all(after, filter, limit)
+            .await?
+            .into_iter()
+            .map(RawRecordedEvent::try_from)
+            .collect()
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

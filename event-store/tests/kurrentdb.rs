@@ -21,7 +21,7 @@ use futures::StreamExt;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::{
     AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    RecordedEvent, StoreError, StreamName, Subscription,
+    RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -107,10 +107,40 @@ impl Isolated {
     }
 
     /// The event as this test wrote it, or `None` when another test (or anyone else) did.
-    fn unwrap_event(&self, mut event: RecordedEvent) -> Option<RecordedEvent> {
+    fn unwrap_event<J>(&self, mut event: RecordedEvent<J>) -> Option<RecordedEvent<J>> {
         let name = self.unwrap_name(event.stream.as_str())?;
         event.stream = StreamName::parse(name).expect("the test wrote a valid name");
         Some(event)
+    }
+
+    /// Pages of the shared log hold other tests' events too; keep reading pages (`read`, from
+    /// a position) until `limit` of this test's are found or the log ends, so an empty answer
+    /// still means "nothing more".
+    async fn read_mine<J, Page>(
+        &self,
+        after: Position,
+        limit: usize,
+        read: impl Fn(Position) -> Page,
+    ) -> Result<Vec<RecordedEvent<J>>, StoreError>
+    where
+        Page: Future<Output = Result<Vec<RecordedEvent<J>>, StoreError>>,
+    {
+        let mut mine = Vec::new();
+        let mut from = after;
+        while mine.len() < limit {
+            let page = read(from).await?;
+            let Some(last) = page.last() else { break };
+            // The adapter's page is already filtered to this test's category or stream, but
+            // not for `All`, where other tests' events take up room.
+            from = last.position;
+            let full = page.len() >= limit;
+            mine.extend(page.into_iter().filter_map(|e| self.unwrap_event(e)));
+            if !full {
+                break;
+            }
+        }
+        mine.truncate(limit);
+        Ok(mine)
     }
 
     fn unwrap_error(&self, error: StoreError) -> StoreError {
@@ -176,31 +206,30 @@ impl EventStore for Isolated {
             .collect())
     }
 
-    /// Pages of the shared log hold other tests' events too; keep reading until `limit` of this
-    /// test's are found or the log ends, so an empty answer still means "nothing more".
     async fn read_all(
         &self,
         after: Position,
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let inner_filter = self.wrap_filter(filter);
-        let mut mine = Vec::new();
-        let mut from = after;
-        while mine.len() < limit {
-            let page = self.inner.read_all(from, &inner_filter, limit).await?;
-            let Some(last) = page.last() else { break };
-            // The adapter's page is already filtered to this test's category or stream, but
-            // not for `All`, where other tests' events take up room.
-            from = last.position;
-            let full = page.len() >= limit;
-            mine.extend(page.into_iter().filter_map(|e| self.unwrap_event(e)));
-            if !full {
-                break;
-            }
-        }
-        mine.truncate(limit);
-        Ok(mine)
+        let filter = self.wrap_filter(filter);
+        let filter = &filter;
+        self.read_mine(after, limit, |from| self.inner.read_all(from, filter, limit))
+            .await
+    }
+
+    /// Through the adapter's own `read_all_raw`, so that the contract's text-read test checks
+    /// the adapter and not a conversion made here.
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        let filter = self.wrap_filter(filter);
+        let filter = &filter;
+        self.read_mine(after, limit, |from| self.inner.read_all_raw(from, filter, limit))
+            .await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -22,7 +22,7 @@ use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogra
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use orderly_event_store::{
     AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    RecordedEvent, StoreError, StreamName, Subscription,
+    RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
 };
 use tracing::Instrument;
 
@@ -580,6 +580,15 @@ impl EventStore for MeteredStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_all(after, filter, limit).await
+    }
+
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        self.inner.read_all_raw(after, filter, limit).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
