@@ -13,13 +13,13 @@ use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Transaction;
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use orderly_event_store::RecordedEvent;
-use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Decoded, Params, execute_all, fold, params};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome};
 
+/// What the fold needs of an order: the columns that change, and those a cancellation reads.
 #[derive(Debug, Clone)]
 struct OrderRow {
     order_id: Uuid,
@@ -27,12 +27,6 @@ struct OrderRow {
     status: String,
     total_minor: i64,
     currency: String,
-    ship_name: String,
-    ship_line1: String,
-    ship_line2: Option<String>,
-    ship_city: String,
-    ship_postal_code: String,
-    ship_country: String,
     placed_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     cancellation_reason: Option<String>,
@@ -41,13 +35,25 @@ struct OrderRow {
     shipped_at: Option<DateTime<Utc>>,
     delivered_at: Option<DateTime<Utc>>,
     version: i64,
-    /// Only for orders placed in this batch: their `order_search` document.
-    search_text: Option<String>,
-    /// Loaded from the table: written back with an update, where a new row is inserted. The
-    /// batch lock makes the load the whole truth about which rows exist, so neither statement
-    /// needs `on conflict` (whose extra index probe per row was a good part of a rebuild).
-    stored: bool,
+    /// Only for an order placed in this batch, which is inserted; a loaded one is updated.
+    /// The batch lock makes the load the whole truth about which rows exist, so neither
+    /// statement needs `on conflict` (whose extra index probe per row was a good part of a
+    /// rebuild).
+    placement: Option<Placement>,
     dirty: bool,
+}
+
+/// The columns written once, at placement, which the load therefore leaves out.
+#[derive(Debug, Clone)]
+struct Placement {
+    ship_name: String,
+    ship_line1: String,
+    ship_line2: Option<String>,
+    ship_city: String,
+    ship_postal_code: String,
+    ship_country: String,
+    /// The `order_search` document.
+    search_text: String,
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +65,7 @@ struct PaymentRow {
     attempts: i32,
     failure_reason: Option<String>,
     version: i64,
-    /// As for [`OrderRow::stored`].
+    /// Loaded from the table (updated), or new (inserted); as for [`OrderRow::placement`].
     stored: bool,
     dirty: bool,
 }
@@ -231,12 +237,6 @@ impl Fold {
                     status: "PLACED".to_owned(),
                     total_minor: total,
                     currency,
-                    ship_name: address.name.to_string(),
-                    ship_line1: address.line1.to_string(),
-                    ship_line2: address.line2.as_ref().map(|l| l.to_string()),
-                    ship_city: address.city.to_string(),
-                    ship_postal_code: address.postal_code.to_string(),
-                    ship_country: address.country.to_string(),
                     placed_at: p.placed_at,
                     updated_at: p.placed_at,
                     cancellation_reason: None,
@@ -245,8 +245,15 @@ impl Fold {
                     shipped_at: None,
                     delivered_at: None,
                     version,
-                    search_text: Some(search.join(" ")),
-                    stored: false,
+                    placement: Some(Placement {
+                        ship_name: address.name.to_string(),
+                        ship_line1: address.line1.to_string(),
+                        ship_line2: address.line2.as_ref().map(|l| l.to_string()),
+                        ship_city: address.city.to_string(),
+                        ship_postal_code: address.postal_code.to_string(),
+                        ship_country: address.country.to_string(),
+                        search_text: search.join(" "),
+                    }),
                     dirty: true,
                 },
             );
@@ -389,16 +396,15 @@ impl Fold {
 }
 
 const LOAD_ORDERS: &str = "
-select order_id, customer_id, status, total_minor, currency, ship_name, ship_line1, ship_line2,
-       ship_city, ship_postal_code, ship_country, placed_at, updated_at, cancellation_reason,
-       carrier, tracking_number, shipped_at, delivered_at, version
+select order_id, customer_id, status, total_minor, currency, placed_at, updated_at,
+       cancellation_reason, carrier, tracking_number, shipped_at, delivered_at, version
 from orders where order_id = any($1)";
 
 const LOAD_PAYMENTS: &str = "
 select order_id, status, amount_minor, currency, attempts, failure_reason, version
 from order_payments where order_id = any($1)";
 
-// New rows are inserted and loaded ones updated (see `OrderRow::stored`); rows that only ever
+// New rows are inserted and loaded ones updated (see `OrderRow::placement`); rows that only ever
 // get inserted (search documents, lines, history) belong to a newly placed order or carry the
 // version of an event the fold admitted, so they cannot be there yet either.
 const INSERT_ORDERS: &str = "
@@ -479,17 +485,25 @@ pub(crate) async fn apply(
     policy: DeadLetterPolicy,
     skipped: &HashSet<Uuid>,
 ) -> Result<Outcome, ProjectionError> {
-    let ids: Vec<Uuid> = batch
-        .events
-        .iter()
-        .filter_map(|(_, d)| d.as_ref().ok().and_then(order_id_of))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let mut state = Fold::default();
-    if !ids.is_empty() {
-        load(tx, &ids, &mut state).await?;
+    // Orders are loaded for order events and payments for payment events: a batch holds many
+    // streams of one kind only (an order's payment ends in the next batch, say).
+    let (mut order_ids, mut payment_ids) = (HashSet::new(), HashSet::new());
+    for (_, decoded) in &batch.events {
+        let Ok(event) = decoded else { continue };
+        let ids = match event {
+            Event::Payment(_) => &mut payment_ids,
+            _ => &mut order_ids,
+        };
+        ids.extend(order_id_of(event));
     }
+    let mut state = Fold::default();
+    load(
+        tx,
+        &Vec::from_iter(order_ids),
+        &Vec::from_iter(payment_ids),
+        &mut state,
+    )
+    .await?;
     let mut outcome = fold(&batch, policy, skipped, |recorded, event| {
         state.handle(recorded, event)
     });
@@ -500,16 +514,23 @@ pub(crate) async fn apply(
 
 /// Plain reads, no `for update`: the batch already holds its projection's batch lock, and
 /// every writer of these tables takes that lock first.
-async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<(), ProjectionError> {
-    // Both reads in one round trip (see `execute_all`).
-    let params: [&(dyn ToSql + Sync); 1] = [&ids];
-    let (load_orders, load_payments) = futures::try_join!(
-        tx.prepare_cached(LOAD_ORDERS),
-        tx.prepare_cached(LOAD_PAYMENTS)
-    )?;
+async fn load(
+    tx: &Transaction<'_>,
+    order_ids: &[Uuid],
+    payment_ids: &[Uuid],
+    state: &mut Fold,
+) -> Result<(), ProjectionError> {
+    // Both reads in one round trip (see `execute_all`); none for no ids.
+    let read = async |sql: &str, ids: &[Uuid]| {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statement = tx.prepare_cached(sql).await?;
+        tx.query(&statement, &[&ids]).await
+    };
     let (orders, payments) = futures::try_join!(
-        tx.query(&load_orders, &params),
-        tx.query(&load_payments, &params)
+        read(LOAD_ORDERS, order_ids),
+        read(LOAD_PAYMENTS, payment_ids)
     )?;
     for row in orders {
         let order = OrderRow {
@@ -518,22 +539,15 @@ async fn load(tx: &Transaction<'_>, ids: &[Uuid], state: &mut Fold) -> Result<()
             status: row.try_get(2)?,
             total_minor: row.try_get(3)?,
             currency: row.try_get(4)?,
-            ship_name: row.try_get(5)?,
-            ship_line1: row.try_get(6)?,
-            ship_line2: row.try_get(7)?,
-            ship_city: row.try_get(8)?,
-            ship_postal_code: row.try_get(9)?,
-            ship_country: row.try_get(10)?,
-            placed_at: row.try_get(11)?,
-            updated_at: row.try_get(12)?,
-            cancellation_reason: row.try_get(13)?,
-            carrier: row.try_get(14)?,
-            tracking_number: row.try_get(15)?,
-            shipped_at: row.try_get(16)?,
-            delivered_at: row.try_get(17)?,
-            version: row.try_get(18)?,
-            search_text: None,
-            stored: true,
+            placed_at: row.try_get(5)?,
+            updated_at: row.try_get(6)?,
+            cancellation_reason: row.try_get(7)?,
+            carrier: row.try_get(8)?,
+            tracking_number: row.try_get(9)?,
+            shipped_at: row.try_get(10)?,
+            delivered_at: row.try_get(11)?,
+            version: row.try_get(12)?,
+            placement: None,
             dirty: false,
         };
         state.orders.insert(order.order_id, order);
@@ -568,7 +582,7 @@ fn payment_status(stored: &str) -> &'static str {
 }
 
 /// One column of `rows` as an array parameter.
-fn col<'r, T>(rows: &[&'r OrderRow], f: impl Fn(&'r OrderRow) -> T) -> Vec<T> {
+fn col<'r, R, T>(rows: &[&'r R], f: impl Fn(&'r R) -> T) -> Vec<T> {
     rows.iter().map(|o| f(o)).collect()
 }
 
@@ -590,47 +604,42 @@ fn changing<'r>(o: &[&'r OrderRow]) -> Params<'r> {
 /// together (see [`execute_all`]).
 async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError> {
     let mut statements: Vec<(&str, Params<'_>)> = Vec::with_capacity(10);
-    let (updated, inserted): (Vec<&OrderRow>, Vec<&OrderRow>) = state
-        .orders
-        .values()
-        .filter(|o| o.dirty)
-        .partition(|o| o.stored);
+    let (mut updated, mut inserted, mut placements) = (Vec::new(), Vec::new(), Vec::new());
+    for order in state.orders.values().filter(|o| o.dirty) {
+        match &order.placement {
+            Some(placement) => {
+                inserted.push(order);
+                placements.push(placement);
+            }
+            None => updated.push(order),
+        }
+    }
     if !inserted.is_empty() {
-        let o = &inserted;
+        let (o, p) = (&inserted, &placements);
         let mut params = params![
             col(o, |o| o.order_id),
             col(o, |o| o.customer_id.as_str()),
             col(o, |o| o.total_minor),
             col(o, |o| o.currency.as_str()),
-            col(o, |o| o.ship_name.as_str()),
-            col(o, |o| o.ship_line1.as_str()),
-            col(o, |o| o.ship_line2.as_deref()),
-            col(o, |o| o.ship_city.as_str()),
-            col(o, |o| o.ship_postal_code.as_str()),
-            col(o, |o| o.ship_country.as_str()),
+            col(p, |p| p.ship_name.as_str()),
+            col(p, |p| p.ship_line1.as_str()),
+            col(p, |p| p.ship_line2.as_deref()),
+            col(p, |p| p.ship_city.as_str()),
+            col(p, |p| p.ship_postal_code.as_str()),
+            col(p, |p| p.ship_country.as_str()),
             col(o, |o| o.placed_at),
         ];
         params.extend(changing(o));
         statements.push((INSERT_ORDERS, params));
+        statements.push((
+            INSERT_SEARCH,
+            params![col(o, |o| o.order_id), col(p, |p| p.search_text.as_str()),],
+        ));
     }
     if !updated.is_empty() {
         let mut params = params![col(&updated, |o| o.order_id)];
         params.extend(changing(&updated));
         statements.push((UPDATE_ORDERS, params));
-    }
-    let placed: Vec<(Uuid, &str)> = state
-        .orders
-        .values()
-        .filter_map(|o| o.search_text.as_deref().map(|text| (o.order_id, text)))
-        .collect();
-    if !placed.is_empty() {
-        statements.push((
-            INSERT_SEARCH,
-            params![
-                placed.iter().map(|p| p.0).collect::<Vec<_>>(),
-                placed.iter().map(|p| p.1).collect::<Vec<_>>(),
-            ],
-        ));
     }
     if !state.lines.is_empty() {
         let l = &state.lines;
