@@ -128,11 +128,12 @@ enum ProjectionsCommand {
         /// The projection: orders or products.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         name: Option<String>,
-        /// Rebuild every projection, one after the other.
+        /// Rebuild every projection in one pass over the log; each is then verified and
+        /// swapped in on its own.
         #[arg(long)]
         all: bool,
-        /// Events read and applied per transaction.
-        #[arg(long, default_value_t = 5000)]
+        /// Events read and applied per transaction; memory grows with it.
+        #[arg(long, default_value_t = RebuildOptions::DEFAULT_BATCH_SIZE)]
         batch_size: usize,
     },
     /// Run projection runners until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use futures::{StreamExt, pin_mut};
-use orderly_event_store::EventStore;
 use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{ProjectionName, RebuildOptions, rebuild, rebuild_many};
 use serde_json::Value;
@@ -29,7 +28,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
     /// Events per rebuild transaction.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = RebuildOptions::DEFAULT_BATCH_SIZE)]
     batch_size: usize,
 }
 

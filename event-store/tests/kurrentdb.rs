@@ -214,8 +214,10 @@ impl EventStore for Isolated {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let filter = self.wrap_filter(filter);
         let filter = &filter;
-        self.read_mine(after, limit, |from| self.inner.read_all(from, filter, limit))
-            .await
+        self.read_mine(after, limit, |from| {
+            self.inner.read_all(from, filter, limit)
+        })
+        .await
     }
 
     /// Through the adapter's own `read_all_raw`, so that the contract's text-read test checks
@@ -228,8 +230,10 @@ impl EventStore for Isolated {
     ) -> Result<Vec<RawRecordedEvent>, StoreError> {
         let filter = self.wrap_filter(filter);
         let filter = &filter;
-        self.read_mine(after, limit, |from| self.inner.read_all_raw(from, filter, limit))
-            .await
+        self.read_mine(after, limit, |from| {
+            self.inner.read_all_raw(from, filter, limit)
+        })
+        .await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
