@@ -140,10 +140,11 @@ pub async fn rebuild_with_progress(
             .map(|(table, n)| format!("{table} {n}"))
             .collect();
         println!(
-            "{}: {} events in {:.1}s ({:.0}/s){}, swapped in at {}; rows: {}",
+            "{}: {} events in {:.1}s (replay {:.1}s, {:.0}/s overall){}, swapped in at {}; rows: {}",
             report.projection,
             report.events,
             report.elapsed.as_secs_f64(),
+            report.replay.as_secs_f64(),
             report.events as f64 / report.elapsed.as_secs_f64().max(1e-9),
             if report.resumed { ", resumed" } else { "" },
             report.position,

@@ -170,10 +170,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .flat_map(|r| r.rows.iter().map(|(_, n)| *n))
         .sum();
+    let replay = reports.first().map_or(0.0, |r| r.replay.as_secs_f64());
     row(
         &format!("orderly: rebuild --all, one pass, both projections ({rows} rows)"),
         all.elapsed().as_secs_f64(),
     );
+    row("- of which the replay into the shadow tables", replay);
     for name in ProjectionName::ALL {
         let t = Instant::now();
         let report = rebuild(db.config(), store.clone(), name, &options, |_| {}).await?;

@@ -13,8 +13,9 @@
 //!    stored text (`EventStore::read_all_raw`) and decodes payloads from it, with no JSON tree
 //!    in between. [`rebuild_many`] reads the log once for several projections and applies
 //!    their shares side by side.
-//! 3. Verify (see [`verify`]): internal consistency checks on the shadow tables; on failure the
-//!    live tables stay, and so does the shadow, for inspection.
+//! 3. Finish: build the secondary indexes and run the consistency checks (see `checks`), two
+//!    at a time on two connections, then analyze the tables. When a check fails the live
+//!    tables stay, and so does the shadow, for inspection.
 //! 4. Swap, in one transaction: lock the live checkpoint row (which holds off the live runner's
 //!    next batch, and the retry of a dead letter); apply to the shadow whatever the live runner
 //!    applied beyond the shadow's checkpoint; move each live table to `orderly_retired` and the
@@ -26,6 +27,7 @@
 //! them, and `like ... including all` chooses the same names in the shadow schema.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use orderly_event_store::postgres::PgConfig;
@@ -88,7 +90,11 @@ pub struct RebuildProgress {
 pub struct RebuildReport {
     pub projection: ProjectionName,
     pub events: u64,
+    /// From the start to the swap's commit.
     pub elapsed: Duration,
+    /// Of `elapsed`, the replay into the shadow tables (all projections of the pass); the rest
+    /// went to indexes, checks, statistics and the swap.
+    pub replay: Duration,
     pub position: Position,
     pub resumed: bool,
     /// Row count per table after the swap.
@@ -239,9 +245,19 @@ pub async fn rebuild_many(
             total,
         });
     }
+    let replay = started.elapsed();
     let mut reports = Vec::with_capacity(shadows.len());
     for mut shadow in shadows {
-        reports.push(finish(&mut shadow, store.as_ref(), options, events_read, started).await?);
+        let finished = finish(
+            &mut shadow,
+            pg_config,
+            store.as_ref(),
+            options,
+            events_read,
+            (started, replay),
+        )
+        .await?;
+        reports.push(finished);
     }
     Ok(reports)
 }
@@ -292,27 +308,44 @@ async fn open_shadow(
 /// Indexes, checks and swaps in one caught-up shadow copy.
 async fn finish(
     shadow: &mut Shadow,
+    pg_config: &PgConfig,
     store: &dyn EventStore,
     options: &RebuildOptions,
     events: u64,
-    started: Instant,
+    (started, replay): (Instant, Duration),
 ) -> Result<RebuildReport, ProjectionError> {
     let name = shadow.name;
-    // The checks below read whole tables.
+    // The checks read whole tables.
     shadow
         .client
         .batch_execute("reset enable_seqscan; reset enable_hashjoin")
         .await?;
-    build_indexes(&shadow.client, name).await?;
-    // Statistics before the tables go live: the read API's and the runner's plans need them,
-    // and autovacuum would only get to it later.
-    for table in name.tables() {
-        shadow
-            .client
-            .batch_execute(&format!("analyze {SHADOW_SCHEMA}.{table}"))
-            .await?;
-    }
-    verify(&shadow.client, name).await?;
+    // The index builds and the checks do not depend on one another; a second connection runs
+    // them two at a time, which the replay's two busy cores are free for by now.
+    let helper = batch::connect(pg_config, "rebuild").await?;
+    helper
+        .batch_execute(&format!(
+            "set client_min_messages = warning; set search_path = {SHADOW_SCHEMA}, public"
+        ))
+        .await?;
+    let clients = [&*shadow.client, &*helper];
+    let mut jobs = index_builds(&shadow.client, name).await?;
+    jobs.extend(
+        checks(name)
+            .iter()
+            .map(|&(what, sql)| Job::Check { what, sql }),
+    );
+    run_jobs(&clients, name, &jobs).await?;
+    // Statistics once the indexes exist (an expression index gets its own), before the tables
+    // go live: the read API's and the runner's plans need them, and autovacuum would only get
+    // to it later.
+    let analyze: Vec<Job> = name
+        .tables()
+        .iter()
+        .map(|table| Job::Execute(format!("analyze {SHADOW_SCHEMA}.{table}")))
+        .collect();
+    run_jobs(&clients, name, &analyze).await?;
+    drop(helper);
     // Readers hold the live tables for a moment at a time; a swap that cannot get them in
     // `swap_lock_timeout` rolls back (readers go on) and tries again a little later.
     let mut attempt = 1;
@@ -351,6 +384,7 @@ async fn finish(
         projection: name,
         events,
         elapsed: started.elapsed(),
+        replay,
         position,
         resumed: shadow.resumed,
         rows,
@@ -404,11 +438,14 @@ async fn secondary_indexes(
 ) -> Result<Vec<(String, String)>, ProjectionError> {
     let rows = client
         .query(
-            "select i.indexname::text, i.indexdef from pg_indexes i
-             where i.schemaname = 'public' and i.tablename = any($1)
-               and not exists (select 1 from pg_constraint c
-                               where c.conindid = format('public.%I', i.indexname)::regclass)
-             order by i.indexname",
+            "select x.relname::text, pg_get_indexdef(i.indexrelid)
+             from pg_index i
+             join pg_class x on x.oid = i.indexrelid
+             join pg_class t on t.oid = i.indrelid
+             join pg_namespace n on n.oid = t.relnamespace
+             where n.nspname = 'public' and t.relname = any($1)
+               and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)
+             order by x.relname",
             &[&tables],
         )
         .await?;
@@ -417,21 +454,71 @@ async fn secondary_indexes(
         .collect()
 }
 
-/// Builds on the shadow tables the secondary indexes the live ones have, with the same names.
-async fn build_indexes(client: &Client, name: ProjectionName) -> Result<(), ProjectionError> {
-    let tables: Vec<String> = name.tables().iter().map(|t| (*t).to_owned()).collect();
-    for (index, definition) in secondary_indexes(client, &tables).await? {
-        // pg_indexes gives `CREATE INDEX <name> ON public.<table> ...`.
-        let shadow = definition
-            .replacen(" ON public.", &format!(" ON {SHADOW_SCHEMA}."), 1)
-            .replacen(
-                &format!("CREATE INDEX {index} "),
-                &format!("CREATE INDEX IF NOT EXISTS {index} "),
-                1,
-            );
-        client.batch_execute(&shadow).await?;
+/// One step of [`finish`] that may run beside the others.
+enum Job {
+    Execute(String),
+    /// A consistency check of [`checks`]: `sql` counts the rows that break it.
+    Check {
+        what: &'static str,
+        sql: &'static str,
+    },
+}
+
+/// Runs `jobs` over `clients`, each client taking the next job when it is done with one, so
+/// jobs listed first start first.
+async fn run_jobs(
+    clients: &[&Client],
+    name: ProjectionName,
+    jobs: &[Job],
+) -> Result<(), ProjectionError> {
+    async fn work(
+        client: &Client,
+        name: ProjectionName,
+        jobs: &[Job],
+        next: &AtomicUsize,
+    ) -> Result<(), ProjectionError> {
+        while let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+            match job {
+                Job::Execute(sql) => client.batch_execute(sql).await?,
+                Job::Check { what, sql } => {
+                    let bad: i64 = client.query_one(*sql, &[]).await?.try_get(0)?;
+                    if bad != 0 {
+                        return Err(ProjectionError::Verification {
+                            projection: name.as_str().to_owned(),
+                            reason: format!("{what}: {bad}"),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
+    let next = AtomicUsize::new(0);
+    futures::future::try_join_all(clients.iter().map(|client| work(client, name, jobs, &next)))
+        .await?;
     Ok(())
+}
+
+/// The statements that build on the shadow tables the secondary indexes the live ones have,
+/// with the same names; GIN indexes first, as they take longest to build.
+async fn index_builds(client: &Client, name: ProjectionName) -> Result<Vec<Job>, ProjectionError> {
+    let tables: Vec<String> = name.tables().iter().map(|t| (*t).to_owned()).collect();
+    let mut builds: Vec<String> = secondary_indexes(client, &tables)
+        .await?
+        .into_iter()
+        .map(|(index, definition)| {
+            // pg_get_indexdef gives `CREATE INDEX <name> ON public.<table> USING ...`.
+            definition
+                .replacen(" ON public.", &format!(" ON {SHADOW_SCHEMA}."), 1)
+                .replacen(
+                    &format!("CREATE INDEX {index} "),
+                    &format!("CREATE INDEX IF NOT EXISTS {index} "),
+                    1,
+                )
+        })
+        .collect();
+    builds.sort_by_key(|sql| !sql.contains(" USING gin "));
+    Ok(builds.into_iter().map(Job::Execute).collect())
 }
 
 /// Events after `position` in the PostgreSQL log, for the progress bar; `None` elsewhere.
@@ -460,8 +547,8 @@ async fn remaining(client: &Client, categories: &[&str], position: Position) -> 
 ///   sum of lifetime values and the sum of daily revenue; every order's version is at least
 ///   its newest history entry's.
 /// - products: `available = on_hand - reserved >= 0` for every row (also a table constraint).
-pub async fn verify(client: &Client, name: ProjectionName) -> Result<(), ProjectionError> {
-    let checks: &[(&str, &str)] = match name {
+fn checks(name: ProjectionName) -> &'static [(&'static str, &'static str)] {
+    match name {
         ProjectionName::Orders => &[
             (
                 "orders without lines",
@@ -516,17 +603,7 @@ pub async fn verify(client: &Client, name: ProjectionName) -> Result<(), Project
             "select count(*) from products
              where available <> on_hand - reserved or available < 0 or reserved < 0",
         )],
-    };
-    for (what, sql) in checks {
-        let bad: i64 = client.query_one(*sql, &[]).await?.try_get(0)?;
-        if bad != 0 {
-            return Err(ProjectionError::Verification {
-                projection: name.as_str().to_owned(),
-                reason: format!("{what}: {bad}"),
-            });
-        }
     }
-    Ok(())
 }
 
 /// The atomic swap; returns the live checkpoint it set. Runs on the shadow connection (search

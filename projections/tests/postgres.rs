@@ -12,7 +12,7 @@ use orderly_event_store::{
 use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{
     DeadLetterPolicy, ProjectionError, ProjectionHub, ProjectionName, ProjectionState,
-    RebuildOptions, Runner, RunnerOptions, dlq, rebuild, rebuild_many, status,
+    RebuildOptions, RebuildReport, Runner, RunnerOptions, dlq, rebuild, rebuild_many, status,
 };
 use orderly_test_support::TestDb;
 use serde_json::json;
@@ -542,14 +542,23 @@ async fn a_rebuild_during_live_writes_leaves_no_gap_at_the_swap() {
     assert_equals_rebuild(&f).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_interrupted_rebuild_resumes_from_its_shadow_checkpoint() {
-    let f = fixture().await;
-    let mut workload = Workload::new(WorkloadOptions::default());
-    write_workload(f.store.as_ref(), &mut workload, 600).await;
+/// `rebuild orders` with the default options.
+async fn rebuild_orders(f: &Fixture) -> Result<RebuildReport, ProjectionError> {
+    rebuild(
+        f.db.config(),
+        f.store.clone(),
+        ProjectionName::Orders,
+        &RebuildOptions::default(),
+        |_| {},
+    )
+    .await
+}
+
+/// Starts a rebuild of the orders projection in batches of 50 and drops it once it has read 200
+/// events of the log, leaving its shadow tables and checkpoint behind.
+async fn interrupted_orders_rebuild(f: &Fixture) {
     let config = f.db.config().clone();
     let store = f.store.clone();
-    // Interrupt after a few batches by dropping the rebuild's future.
     let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen_in = seen.clone();
     let first = tokio::spawn(async move {
@@ -574,29 +583,59 @@ async fn an_interrupted_rebuild_resumes_from_its_shadow_checkpoint() {
     let _ = first.await;
     // The server releases the first run's lock when its connection closes.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let report = rebuild(
-        f.db.config(),
-        f.store.clone(),
-        ProjectionName::Orders,
-        &RebuildOptions::default(),
-        |_| {},
-    )
-    .await
-    .expect("resumed rebuild");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_rebuild_resumes_from_its_shadow_checkpoint() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    interrupted_orders_rebuild(&f).await;
+    let report = rebuild_orders(&f).await.expect("resumed rebuild");
     assert!(report.resumed);
     let total = count(&f, "select count(*) from events").await as u64;
     assert!(report.events < total, "{} of {total}", report.events);
     let rebuilt = dump(&f).await;
-    rebuild(
-        f.db.config(),
-        f.store.clone(),
-        ProjectionName::Orders,
-        &RebuildOptions::default(),
-        |_| {},
-    )
-    .await
-    .expect("full rebuild");
+    rebuild_orders(&f).await.expect("full rebuild");
     assert_same(&rebuilt, &dump(&f).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shadow_that_fails_its_checks_is_left_and_the_live_tables_keep_serving() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    rebuild_all(&f).await;
+    let live = dump(&f).await;
+    interrupted_orders_rebuild(&f).await;
+    // An order whose lines went missing: the rows and the running aggregates still agree,
+    // only the lines check can see it.
+    let client = f.db.connect().await.expect("connect");
+    let broken = client
+        .execute(
+            "delete from orderly_shadow.order_lines
+             where order_id = (select order_id from orderly_shadow.orders limit 1)",
+            &[],
+        )
+        .await
+        .expect("break the shadow");
+    assert!(
+        broken > 0,
+        "the interrupted rebuild wrote no order lines yet"
+    );
+    let error = rebuild_orders(&f)
+        .await
+        .expect_err("a shadow that fails a check is not swapped in");
+    match error {
+        ProjectionError::Verification { projection, reason } => {
+            assert_eq!(projection, "orders");
+            assert!(reason.starts_with("orders without lines: 1"), "{reason}");
+        }
+        other => panic!("expected a failed check, got {other:?}"),
+    }
+    assert_same(&live, &dump(&f).await);
+    let shadow_orders = count(&f, "select count(*) from orderly_shadow.orders").await;
+    assert!(shadow_orders > 0, "the shadow is kept for inspection");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
