@@ -59,8 +59,8 @@ pub struct RebuildOptions {
 impl RebuildOptions {
     /// Larger batches than the live runner's: an order's events spread over tens of thousands
     /// of events of the log, and each batch that meets an order again loads and updates it
-    /// again. At 20,000 a rebuild of the benchmark's log ran about a quarter faster than at
-    /// 5,000, and its peak memory stayed under 200 MiB (BENCHMARKS.md).
+    /// again. At 20,000 a rebuild of the benchmark's log ran about a fifth faster than at
+    /// 5,000, and the CLI's peak memory stayed under 200 MiB (BENCHMARKS.md).
     pub const DEFAULT_BATCH_SIZE: usize = 20_000;
 }
 
