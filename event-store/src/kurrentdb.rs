@@ -107,7 +107,7 @@ impl KurrentDbEventStore {
             };
             page.received += 1;
             page.last = Some(from_kurrent_position(stored.position));
-            if let Some(event) = from_stored_as(stored)?.filter(|e| filter.matches(&e.stream)) {
+            if let Some(event) = from_stored(stored)?.filter(|e| filter.matches(&e.stream)) {
                 page.events.push(event);
             }
         }
@@ -355,12 +355,9 @@ fn event_data(event: NewEvent) -> Result<EventData, StoreError> {
         .map_err(|e| StoreError::Internal(Box::new(e)))
 }
 
-fn from_stored(stored: &::kurrentdb::RecordedEvent) -> Result<Option<RecordedEvent>, StoreError> {
-    from_stored_as(stored)
-}
-
-/// [`from_stored`] with the JSON read as `J`: a parsed tree, the text itself, or skipped.
-fn from_stored_as<J: DeserializeOwned>(
+/// The port's event from the client's, with the JSON read as `J`: a parsed tree, the text
+/// itself, or skipped.
+fn from_stored<J: DeserializeOwned>(
     stored: &::kurrentdb::RecordedEvent,
 ) -> Result<Option<RecordedEvent<J>>, StoreError> {
     recorded_event(StoredEvent {
