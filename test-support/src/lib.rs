@@ -8,6 +8,13 @@
 //! The server is the one `ORDERLY_TEST_DATABASE_URL` names (a URL whose database is used only
 //! to create and drop others), else `ORDERLY_DATABASE_URL`'s server, else
 //! `postgres://postgres@127.0.0.1:5432/postgres`.
+//!
+//! A test that restarts, crashes or stalls PostgreSQL must not do it to that shared server:
+//! [`cluster::PrivateCluster`] starts a cluster of the test's own. [`process::Subprocess`] runs
+//! a child process (the `orderly` binary, say) with its output in a file.
+
+pub mod cluster;
+pub mod process;
 
 use std::collections::hash_map::DefaultHasher;
 use std::future::Future;
