@@ -62,8 +62,17 @@ use crate::values::{
 /// How long after the first charge request the order may stay unpaid before it is cancelled.
 pub const PAYMENT_DEADLINE: TimeDelta = TimeDelta::minutes(15);
 
-/// How long after a transient failure the next charge attempt is requested.
+/// How long after a transient failure the next charge attempt is requested, before the growth
+/// per attempt and the jitter of [`Timing::retry_delay`].
 pub const RETRY_AFTER: TimeDelta = TimeDelta::seconds(30);
+
+/// The wait doubles with each failed attempt up to this many times `retry_after`: fewer calls
+/// to a provider that stays down, while an order still sees a recovered provider within two
+/// minutes (with the defaults) and gets several attempts before its deadline.
+const MAX_RETRY_GROWTH: i64 = 4;
+
+/// How far a retry's wait may move either side of its nominal value, in per mille (±20 %).
+const RETRY_JITTER_PER_MILLE: i64 = 200;
 
 /// The saga's waiting times. `Default` is [`PAYMENT_DEADLINE`] and [`RETRY_AFTER`]; a runner may
 /// configure others (tests shorten them so a deadline passes in seconds). Stored in the state,
@@ -88,9 +97,38 @@ impl Timing {
         TimeDelta::milliseconds(self.payment_deadline_ms)
     }
 
-    fn retry_after(self) -> TimeDelta {
-        TimeDelta::milliseconds(self.retry_after_ms)
+    /// How long after attempt `attempt` failed the next one is requested: `retry_after`,
+    /// doubled for each earlier failure up to [`MAX_RETRY_GROWTH`] times, then moved by up to
+    /// ±20 % by a hash of the order and the attempt.
+    ///
+    /// Orders that failed together (a provider blip, a restart that replays a backlog) must
+    /// not come back together, or their retries arrive in waves that look like an outage.
+    /// The spread is derived, not drawn: the saga stays pure, and a state rebuilt from the log
+    /// gets the same deadlines.
+    pub fn retry_delay(self, order_id: OrderId, attempt: u32) -> TimeDelta {
+        let doublings = attempt.saturating_sub(1).min(MAX_RETRY_GROWTH.ilog2());
+        let nominal = self.retry_after_ms.max(0).saturating_mul(1 << doublings);
+        let offset = jitter_per_mille(order_id, attempt);
+        // nominal * offset / 1000 in i128: no overflow whatever the configured wait.
+        let moved = i128::from(nominal) * i128::from(offset) / 1000;
+        let delay = i128::from(nominal) + moved;
+        TimeDelta::milliseconds(i64::try_from(delay).unwrap_or(i64::MAX))
     }
+}
+
+/// A stable hash of the order and attempt, in `-RETRY_JITTER_PER_MILLE..=RETRY_JITTER_PER_MILLE`.
+/// SplitMix64's finalizer, written out (not `std::hash`, whose output may change between Rust
+/// releases) so a stored deadline and a rebuilt one agree.
+fn jitter_per_mille(order_id: OrderId, attempt: u32) -> i64 {
+    let id = order_id.0.as_u128();
+    let mut z =
+        (id as u64) ^ ((id >> 64) as u64) ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let span = 2 * RETRY_JITTER_PER_MILLE.unsigned_abs() + 1;
+    // Below `span` (401): the cast cannot wrap.
+    (z % span) as i64 - RETRY_JITTER_PER_MILLE
 }
 
 /// What the saga reacts to: a recorded event, or the passing of time.
@@ -501,7 +539,8 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
         PaymentEvent::PaymentFailed(failed) => {
             if failed.attempt > payment.failed {
                 payment.failed = failed.attempt;
-                state.retry_due_at = Some(failed.failed_at + state.timing.retry_after());
+                let wait = state.timing.retry_delay(failed.order_id, failed.attempt);
+                state.retry_due_at = Some(failed.failed_at + wait);
             }
             Some(failed.failed_at)
         }
@@ -535,6 +574,12 @@ fn failure(state: &FulfilmentState) -> Option<&'static str> {
 
 /// Whether a charge may have gone through: one was seen, or one was requested whose answer
 /// (charged, declined, failed) the saga has not seen.
+///
+/// A failed attempt counts as answered although its outcome is unknown (a timed-out call may
+/// have charged): waiting on it could last until the provider is back, and the stock would
+/// stay reserved meanwhile. Once the order is cancelled the outbox asks the provider about
+/// that attempt and records a charge it finds; the compensation below refunds it like any
+/// charge that arrives after the cancel.
 fn charge_may_have_succeeded(state: &FulfilmentState) -> bool {
     let requested = state.sent.charge_attempt.max(state.payment.requested);
     state.payment.charged.is_some() || (!state.payment.declined && state.payment.failed < requested)
@@ -937,12 +982,19 @@ mod tests {
         ]);
     }
 
+    /// The wait the saga gives attempt `attempt` of this test's order after it failed.
+    fn retry_delay(attempt: u32) -> TimeDelta {
+        Timing::default().retry_delay(order_id(ORDER), attempt)
+    }
+
     #[test]
     fn a_transient_failure_is_retried_on_the_first_tick_after_the_backoff() {
         let state = given(awaiting_payment_and([failed(1, 2)]))
             .when(tick(2))
             .then_nothing();
-        let now = at(2) + RETRY_AFTER;
+        let now = at(2) + retry_delay(1);
+        let early = fulfilment_react(&state, now - TimeDelta::milliseconds(1));
+        assert_eq!(early, vec![], "not before its jittered wait");
         let retry = fulfilment_react(&state, now);
         assert_eq!(
             retry,
@@ -961,6 +1013,54 @@ mod tests {
 
     fn fulfilment_react(state: &FulfilmentState, now: DateTime<Utc>) -> Vec<Command> {
         react(state, &SagaInput::Tick { now })
+    }
+
+    #[test]
+    fn each_further_failure_waits_longer_up_to_four_times_the_backoff() {
+        let second = given(awaiting_payment_and([failed(1, 2), charge_requested(2, 3)]))
+            .when(failed(2, 4))
+            .then_nothing();
+        assert_eq!(second.next_due_at(), Some(at(4) + retry_delay(2)));
+        // Each wait over its nominal value stays within the jitter's ±20 %.
+        for (attempt, growth) in [(1, 1), (2, 2), (3, 4), (4, 4), (9, 4)] {
+            let nominal = RETRY_AFTER * growth;
+            let delay = retry_delay(attempt);
+            assert!(
+                delay >= nominal * 4 / 5 && delay <= nominal * 6 / 5,
+                "attempt {attempt}: {delay} for a nominal {nominal}"
+            );
+        }
+    }
+
+    #[test]
+    fn retries_of_orders_that_failed_together_are_spread_over_the_jitter() {
+        let timing = Timing::default();
+        let delays: Vec<TimeDelta> = (1..=200u128)
+            .map(|n| timing.retry_delay(order_id(n), 1))
+            .collect();
+        let (low, high) = (RETRY_AFTER * 4 / 5, RETRY_AFTER * 6 / 5);
+        assert!(
+            delays.iter().all(|d| (low..=high).contains(d)),
+            "{delays:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 150, "{} distinct waits", distinct.len());
+        // Both ends of the window are used, not a narrow band around the middle.
+        let early = delays.iter().filter(|d| **d < RETRY_AFTER * 9 / 10).count();
+        let late = delays
+            .iter()
+            .filter(|d| **d > RETRY_AFTER * 11 / 10)
+            .count();
+        assert!(early > 20 && late > 20, "{early} early, {late} late");
+        // The same order and attempt always wait the same: a rebuilt state agrees.
+        assert_eq!(
+            timing.retry_delay(order_id(7), 3),
+            timing.retry_delay(order_id(7), 3)
+        );
+        assert_ne!(
+            timing.retry_delay(order_id(7), 1),
+            timing.retry_delay(order_id(7), 2)
+        );
     }
 
     #[test]
@@ -1034,6 +1134,25 @@ mod tests {
         given(awaiting_payment_and([cancelled_by_customer(5)]))
             .when(charged(6))
             .then([refund(6)]);
+    }
+
+    /// A timed-out attempt is recorded as failed; after the deadline cancel the outbox asks
+    /// the provider, which says it charged after all.
+    #[test]
+    fn a_charge_found_after_a_deadline_cancel_is_refunded() {
+        let cancelled = OrderCancelled {
+            order_id: order_id(ORDER),
+            cancellation_reason: reason("payment not completed before the deadline"),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: at(17),
+        };
+        given(awaiting_payment_and([
+            failed(1, 2),
+            tick(16),
+            cancelled.into(),
+        ]))
+        .when(charged(18))
+        .then([refund(18)]);
     }
 
     #[test]
@@ -1116,7 +1235,7 @@ mod tests {
         let waiting = given(awaiting_payment()).when(tick(1)).then_nothing();
         assert_eq!(waiting.next_due_at(), Some(at(1) + PAYMENT_DEADLINE));
         let failing = given(awaiting_payment()).when(failed(1, 2)).then_nothing();
-        assert_eq!(failing.next_due_at(), Some(at(2) + RETRY_AFTER));
+        assert_eq!(failing.next_due_at(), Some(at(2) + retry_delay(1)));
         let cancelled = given([placed(), rejected(mug())])
             .when(rejected(tea()))
             .then_nothing();
