@@ -129,13 +129,25 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        self.run_until_stopped_after(shutdown, async {}).await
+    }
+
+    /// [`App::run_until_stopped`] for a process whose other writers (the saga) stop after the
+    /// HTTP side: the projection runners keep applying until `upstream_stopped` completes and
+    /// then until they reach the log's head (at most [`DRAIN_TIMEOUT`]), so the read models
+    /// end where the log ends instead of behind it until the next start.
+    pub async fn run_until_stopped_after(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        upstream_stopped: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), part = ?self.part, "serving");
         // Both end with the server: they only feed /metrics.
         let probe = AbortOnDrop(tokio::spawn(orderly_platform::metrics::probe_runtime()));
         let sampler = AbortOnDrop(tokio::spawn(self.health.sample_forever()));
         let projections = self.run_projections.then(|| {
             Projections::start(
-                self.store,
+                self.store.clone(),
                 self.pg_config.clone(),
                 &ProjectionName::ALL,
                 RunnerOptions::default(),
@@ -153,6 +165,8 @@ impl App {
             .with_graceful_shutdown(shutdown)
             .await?;
         if let Some(projections) = projections {
+            upstream_stopped.await;
+            drain(&*self.store, &self.hub).await;
             projections.stop().await;
         }
         if let Some(follower) = follower {
@@ -161,6 +175,28 @@ impl App {
         drop((probe, sampler));
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Longest a stopping process waits for its projections to reach the log's head.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until every projection has applied the log up to its head as of now.
+async fn drain(store: &dyn EventStore, hub: &ProjectionHub) {
+    let head = match store.head().await {
+        Ok(head) => head,
+        Err(error) => {
+            tracing::warn!(%error, "projections not drained: the log's head is unknown");
+            return;
+        }
+    };
+    for projection in ProjectionName::ALL {
+        if !hub.wait_for(projection, head, DRAIN_TIMEOUT).await {
+            tracing::warn!(
+                projection = projection.as_str(),
+                "projection did not reach the log's head before the stop"
+            );
+        }
     }
 }
 
@@ -315,7 +351,7 @@ pub fn saga_runner(
             .then(|| Duration::from_secs(u64::from(settings.saga_retention_days) * 24 * 3600)),
         ..SagaConfig::default()
     };
-    Ok(SagaRunner::new(saga, store, pool, config, gateway).with_notifier(notifier(settings)?))
+    Ok(SagaRunner::new(saga, store, pool, gateway).with_notifier(notifier(settings)?))
 }
 
 /// Longest one SMTP exchange may take before the delivery counts as failed.

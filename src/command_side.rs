@@ -1,5 +1,7 @@
-//! The command side's operator commands: the saga's outbox dead letters (list, retry, skip).
+//! The command side's operator commands: the saga's lanes, its parked events and its outbox
+//! dead letters (list, retry, skip).
 
+use orderly_command_api::saga::SagaConfig;
 use orderly_command_api::saga::maintenance::{self, OutboxState};
 use orderly_event_store::postgres::PgConfig;
 use uuid::Uuid;
@@ -55,5 +57,84 @@ pub async fn skip_outbox(pg_config: &PgConfig, id: Uuid) -> anyhow::Result<()> {
     let client = connect(pg_config).await?;
     maintenance::skip(&client, id).await?;
     println!("outbox message {id} skipped");
+    Ok(())
+}
+
+/// `orderly saga status`: who holds which lane, where each lane stands, what is parked.
+pub async fn print_saga_status(pg_config: &PgConfig) -> anyhow::Result<()> {
+    let client = connect(pg_config).await?;
+    let saga = SagaConfig::default().name;
+    let lanes = maintenance::lanes(&client, &saga).await?;
+    if lanes.is_empty() {
+        println!("saga {saga} has not run yet");
+    }
+    for lane in &lanes {
+        let behind = lane.behind_seconds.map_or_else(
+            || "caught up".to_owned(),
+            |s| format!("oldest unhandled {s:.1}s old"),
+        );
+        println!(
+            "lane {:>2}  {:<40} generation {:>4}  checkpoint {}  {}",
+            lane.lane,
+            lane.owner.as_deref().unwrap_or("(free)"),
+            lane.generation,
+            lane.checkpoint,
+            behind
+        );
+    }
+    let parked = maintenance::parked(&client, &saga).await?;
+    println!(
+        "{} parked event(s){}",
+        parked.len(),
+        if parked.is_empty() {
+            ""
+        } else {
+            ": see `orderly saga parked list`"
+        }
+    );
+    Ok(())
+}
+
+/// `orderly saga parked list`.
+pub async fn print_parked(pg_config: &PgConfig) -> anyhow::Result<()> {
+    let client = connect(pg_config).await?;
+    let parked = maintenance::parked(&client, &SagaConfig::default().name).await?;
+    if parked.is_empty() {
+        println!("no parked saga events");
+    }
+    for p in parked {
+        println!(
+            "{} {} {} order {} parked {} after {} attempt(s){}\n  {}",
+            p.event_id,
+            p.event_type,
+            p.stream,
+            p.order_id
+                .map_or_else(|| "-".to_owned(), |id| id.to_string()),
+            p.parked_at.to_rfc3339(),
+            p.attempts,
+            if p.retry_requested_at.is_some() {
+                ", retry requested"
+            } else {
+                ""
+            },
+            p.error
+        );
+    }
+    Ok(())
+}
+
+/// `orderly saga parked retry ID`: the lane that owns the event feeds it again.
+pub async fn retry_parked(pg_config: &PgConfig, event_id: Uuid) -> anyhow::Result<()> {
+    let client = connect(pg_config).await?;
+    maintenance::retry_parked(&client, &SagaConfig::default().name, event_id).await?;
+    println!("parked event {event_id} queued for a retry; a running saga runner feeds it again");
+    Ok(())
+}
+
+/// `orderly saga parked skip ID`.
+pub async fn skip_parked(pg_config: &PgConfig, event_id: Uuid) -> anyhow::Result<()> {
+    let client = connect(pg_config).await?;
+    maintenance::skip_parked(&client, &SagaConfig::default().name, event_id).await?;
+    println!("parked event {event_id} skipped");
     Ok(())
 }

@@ -197,13 +197,33 @@ fn projection_names(names: &[String]) -> anyhow::Result<Vec<ProjectionName>> {
 enum SagaCommand {
     /// Apply the migrations, then follow the log and drive orders to confirmation or
     /// cancellation until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
-    /// ORDERLY_HTTP_ADDR. Several processes may run: one leads, the others wait to take over.
+    /// ORDERLY_HTTP_ADDR. Several processes may run: they share the saga's 16 lanes (each
+    /// order belongs to one), and a stopped or dead process's lanes move to the others.
     Run,
+    /// Each lane's owner, fencing generation and checkpoint, how far behind the log it is,
+    /// and how many events are parked.
+    Status,
+    /// Events a saga step failed on for good, set aside so their lane could go on.
+    Parked {
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
     /// Gateway calls and notifications the outbox worker could not deliver.
     Outbox {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ParkedCommand {
+    /// Parked events with their errors, oldest first.
+    List,
+    /// Feed one parked event to its order's saga again (the lane that owns it does, within a
+    /// second); it is parked again with the new error if it still fails.
+    Retry { event_id: Uuid },
+    /// Drop one parked event: the saga never sees it (the order's deadline still applies).
+    Skip { event_id: Uuid },
 }
 
 #[derive(Subcommand)]
@@ -290,6 +310,23 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
             let probes = App::build_part(&settings, Part::Probes).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
             serve_with_saga(probes, saga).await?;
+        }
+        Command::Saga {
+            command: SagaCommand::Status,
+        } => command_side::print_saga_status(&app::pg_config(&settings)?).await?,
+        Command::Saga {
+            command: SagaCommand::Parked { command },
+        } => {
+            let pg_config = app::pg_config(&settings)?;
+            match command {
+                ParkedCommand::List => command_side::print_parked(&pg_config).await?,
+                ParkedCommand::Retry { event_id } => {
+                    command_side::retry_parked(&pg_config, event_id).await?;
+                }
+                ParkedCommand::Skip { event_id } => {
+                    command_side::skip_parked(&pg_config, event_id).await?;
+                }
+            }
         }
         Command::Saga {
             command: SagaCommand::Outbox { command },
@@ -415,20 +452,47 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves `app` and runs `saga` until SIGINT or SIGTERM, which stops both: the HTTP side
-/// drains its requests (and its projection runners their batches), the saga finishes its step.
+/// Serves `app` and runs `saga` until SIGINT or SIGTERM. They stop in the order the data
+/// flows: the HTTP side first (no new commands), then the saga (no new events), then the
+/// projections once they have applied the log to its head. A saga runner that ends by itself
+/// stops the whole process with an error, so an orchestrator restarts it instead of keeping a
+/// process that looks alive and settles nothing.
 async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let signal = async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
+    let (saga_stopped, saga_done) = tokio::sync::oneshot::channel::<()>();
+    let signal = {
+        let stopped = stopped.clone();
+        async {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = wait(stopped) => {}
+            }
+            let _ = stop.send(true);
+        }
+    };
+    let sagas = async {
+        let ran = saga.run_until_stopped(wait(stopped.clone())).await;
+        if !*stopped.borrow() {
+            tracing::error!("saga runner ended unasked; stopping the process");
+            let _ = stop.send(true);
+        }
+        let _ = saga_stopped.send(());
+        ran.and_then(|()| {
+            if *stopped.borrow() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("saga runner ended unasked"))
+            }
+        })
     };
     let (served, sagas, ()) = tokio::join!(
-        app.run_until_stopped(wait(stopped.clone())),
-        saga.run_until_stopped(wait(stopped)),
+        app.run_until_stopped_after(wait(stopped.clone()), async {
+            let _ = saga_done.await;
+        }),
+        sagas,
         signal
     );
     served?;

@@ -55,7 +55,6 @@ fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
         config,
         store,
         pool,
-        pg_config,
         Arc::new(Simulator::default()),
     )
 }

@@ -39,6 +39,7 @@ fn fast_resilience() -> Resilience {
         breaker_threshold: 5,
         breaker_cool_down: Duration::from_secs(30),
         concurrency: 16,
+        ..Resilience::default()
     }
 }
 
@@ -61,6 +62,8 @@ fn start_saga_with(
         timing,
         tick: Duration::from_millis(100),
         outbox_lease: Duration::from_secs(3),
+        lease: Duration::from_secs(2),
+        heartbeat: Duration::from_millis(200),
         ..SagaConfig::default()
     };
     start_saga_config(settings, gateway, config)
@@ -74,7 +77,7 @@ fn start_saga_config(
     let store = orderly::app::event_store(settings).unwrap();
     let pg_config = orderly::app::pg_config(settings).unwrap();
     let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
-    let runner = SagaRunner::new(config, store, pool, pg_config, gateway);
+    let runner = SagaRunner::new(config, store, pool, gateway);
     tokio::spawn(async move {
         runner
             .run_until_stopped(std::future::pending())

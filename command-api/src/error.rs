@@ -156,11 +156,22 @@ impl From<deadpool_postgres::PoolError> for CommandError {
 
 impl From<tokio_postgres::Error> for CommandError {
     fn from(error: tokio_postgres::Error) -> Self {
-        // A lost connection is an outage; a statement the server refused is a bug here.
-        if error.is_closed() || error.code().is_none() {
-            Self::Unavailable(error.to_string())
+        // Outages, restarts, lock and statement timeouts, serialization failures: try again.
+        // Anything else the server refused is a bug or corrupt data here.
+        let text = describe_pg(&error);
+        if orderly_event_store::postgres::is_transient(&error) {
+            Self::Unavailable(text)
         } else {
-            Self::Internal(error.to_string())
+            Self::Internal(text)
         }
+    }
+}
+
+/// The driver's own text says only "db error"; the server's message and SQLSTATE are in its
+/// source, and operators need them.
+fn describe_pg(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({}): {}", error, db.code().code(), db.message()),
+        None => error.to_string(),
     }
 }

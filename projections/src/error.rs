@@ -74,16 +74,7 @@ impl ProjectionError {
     /// serialization failure or deadlock).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Database(error) => match error.code() {
-                Some(code) => {
-                    let code = code.code();
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57P")
-                        || matches!(code, "40001" | "40P01" | "55P03")
-                }
-                None => true,
-            },
+            Self::Database(error) => orderly_event_store::postgres::is_transient(error),
             Self::Store(error) => error.is_unavailable(),
             _ => false,
         }

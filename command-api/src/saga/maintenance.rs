@@ -1,5 +1,6 @@
 //! Keeping the saga's tables in hand: the operator's view of outbox dead letters (list, retry,
-//! skip) and the retention purge the runner runs periodically.
+//! skip), of parked saga events (list, retry, skip) and of the lanes, and the retention purge
+//! the runner runs periodically.
 //!
 //! A retry only puts the message back in line: the outbox worker of a running saga runner
 //! delivers it with the transports it was configured with (the gateway, SMTP), so the CLI
@@ -121,19 +122,141 @@ async fn update_dead_letter(
     Ok(())
 }
 
-/// The log position saga `saga_name` has handled ([`Position::START`] before its first event),
-/// for tools that wait for it to catch up.
+/// The log position below which saga `saga_name` has handled everything: the lowest of its
+/// lanes' checkpoints ([`Position::START`] before its first run), for tools that wait for it
+/// to catch up.
 pub async fn checkpoint(client: &Client, saga_name: &str) -> Result<Position, CommandError> {
     let row = client
         .query_opt(
-            "select position_commit, position_prepare from saga_checkpoints where saga_name = $1",
+            "select position_commit, position_prepare from saga_lanes where saga_name = $1
+             order by position_commit, position_prepare limit 1",
             &[&saga_name],
         )
         .await?;
     Ok(row.map_or(Position::START, |row| {
-        let (commit, prepare): (i64, i64) = (row.get(0), row.get(1));
-        Position::new(commit.unsigned_abs(), prepare.unsigned_abs())
+        super::lanes::position(row.get(0), row.get(1))
     }))
+}
+
+/// One lane of a saga, as `orderly saga status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneStatus {
+    pub lane: i32,
+    /// The member holding it, if its lease is current.
+    pub owner: Option<String>,
+    pub generation: i64,
+    pub checkpoint: Position,
+    /// Age of the oldest event of the log after this lane's checkpoint (any lane's: the log is
+    /// not indexed by order), `None` when the lane has read everything.
+    pub behind_seconds: Option<f64>,
+}
+
+/// Every lane of saga `saga_name` with its owner and how far behind the log it is.
+pub async fn lanes(client: &Client, saga_name: &str) -> Result<Vec<LaneStatus>, CommandError> {
+    let rows = client
+        .query(
+            "select l.lane, case when l.lease_until > now() then l.owner end, l.generation,
+                    l.position_commit, l.position_prepare,
+                    extract(epoch from now() - (
+                        select e.recorded_at from events e
+                        where (e.tx_id, e.seq) > (l.position_commit, l.position_prepare)
+                          and e.category in ('order', 'product', 'payment')
+                        order by e.tx_id, e.seq limit 1))::float8
+             from saga_lanes l where l.saga_name = $1 order by l.lane",
+            &[&saga_name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| LaneStatus {
+            lane: row.get(0),
+            owner: row.get(1),
+            generation: row.get(2),
+            checkpoint: super::lanes::position(row.get(3), row.get(4)),
+            behind_seconds: row.get(5),
+        })
+        .collect())
+}
+
+/// One event a saga step failed on for good, waiting for an operator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedEvent {
+    pub event_id: Uuid,
+    /// `None` for an event that did not decode.
+    pub order_id: Option<Uuid>,
+    pub stream: String,
+    pub event_type: String,
+    pub error: String,
+    pub attempts: i32,
+    pub parked_at: DateTime<Utc>,
+    /// Set by `retry` until the lane has fed the event again.
+    pub retry_requested_at: Option<DateTime<Utc>>,
+}
+
+/// The parked events of saga `saga_name`, oldest first (skipped ones are not listed).
+pub async fn parked(client: &Client, saga_name: &str) -> Result<Vec<ParkedEvent>, CommandError> {
+    let rows = client
+        .query(
+            "select event_id, order_id, stream, event_type, error, attempts, parked_at,
+                    retry_requested_at
+             from saga_parked where saga_name = $1 and skipped_at is null
+             order by position_commit, position_prepare",
+            &[&saga_name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| ParkedEvent {
+            event_id: row.get(0),
+            order_id: row.get(1),
+            stream: row.get(2),
+            event_type: row.get(3),
+            error: row.get(4),
+            attempts: row.get(5),
+            parked_at: row.get(6),
+            retry_requested_at: row.get(7),
+        })
+        .collect())
+}
+
+/// Asks the lane that owns a parked event to feed it to its saga again (at its next tick);
+/// it is unparked if the step succeeds, and parked again with the new error if not.
+pub async fn retry_parked(
+    client: &Client,
+    saga_name: &str,
+    event_id: Uuid,
+) -> Result<(), CommandError> {
+    let updated = client
+        .execute(
+            "update saga_parked set retry_requested_at = now()
+             where saga_name = $1 and event_id = $2 and skipped_at is null",
+            &[&saga_name, &event_id],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(CommandError::NotFound("parked saga event"));
+    }
+    Ok(())
+}
+
+/// Drops a parked event for good: the saga never sees it. The row stays, marked, for the
+/// record. The order's deadline still compensates an instance left waiting by it.
+pub async fn skip_parked(
+    client: &Client,
+    saga_name: &str,
+    event_id: Uuid,
+) -> Result<(), CommandError> {
+    let updated = client
+        .execute(
+            "update saga_parked set skipped_at = now()
+             where saga_name = $1 and event_id = $2 and skipped_at is null",
+            &[&saga_name, &event_id],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(CommandError::NotFound("parked saga event"));
+    }
+    Ok(())
 }
 
 /// What one purge removed.

@@ -1,6 +1,18 @@
-//! The fulfilment saga runner: follows the log from a durable checkpoint, feeds each order's
-//! events to the domain's saga, sends the commands it asks for, and delivers side effects
-//! (gateway calls, notifications) through the outbox.
+//! The fulfilment saga runner: follows the log, feeds each order's events to the domain's
+//! saga, sends the commands it asks for, and delivers side effects (gateway calls,
+//! notifications) through the outbox.
+//!
+//! # Layout
+//!
+//! - this file: [`SagaRunner`], its settings, the coordinator that keeps this process's share
+//!   of the lanes, and how a saga step's commands are sent;
+//! - `lanes`: lanes, members and fenced leases in PostgreSQL, shared by every process that runs
+//!   the saga;
+//! - `consumer`: the partitioned consumer: one log reader per process, a task per held lane,
+//!   batches stored with their checkpoint, deadlines, parked events;
+//! - `coalesce`: product commands of many orders combined into one append per product;
+//! - `outbox`: the worker that calls the gateway and the notifier;
+//! - `gateway`, `notify`: the ports with their adapters; `maintenance`: the operator's view.
 //!
 //! Exactly-once effects from at-least-once delivery:
 //! - commands are sent before the saga state and checkpoint are stored (one transaction with
@@ -9,48 +21,42 @@
 //!   them once, and every saga command is idempotent at its aggregate anyway;
 //! - gateway calls leave only through outbox rows whose ids derive from the saga step, and carry
 //!   the order id as the provider's idempotency key, so a repeated call never charges twice;
-//! - deadlines are data in the saga state; `saga_states.due_at` lets a ticker find them after
-//!   a restart. They are judged in log time while the runner is behind (the time of the last
-//!   event it handled), so catching up never cancels an order whose payment is in the log.
-//!
-//! One runner per saga name is active at a time (a PostgreSQL advisory lock on a connection of
-//! its own); others wait and take over when it stops or dies.
+//! - deadlines are data in the saga state; `saga_states.due_at` lets a lane find them after a
+//!   restart;
+//! - a lane is written only by the process holding its lease at the generation it claimed, so
+//!   two processes never store states for one order (see `lanes`).
 
+mod coalesce;
+mod consumer;
 pub mod gateway;
+pub mod lanes;
 pub mod maintenance;
 pub mod notify;
 mod outbox;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use futures::StreamExt;
-use orderly_domain::fulfilment::{
-    self, Command, FulfilmentState, Notification, Phase, SagaInput, Timing,
-};
+use orderly_domain::fulfilment::{Command, FulfilmentState, Notification, Phase, Timing};
 use orderly_domain::order::{self, OrderAggregate};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
-use orderly_domain::product::{self, ProductAggregate};
 use orderly_domain::streams;
-use orderly_domain::values::OrderId;
-use orderly_event_schemas::{Event, OrderEvent, PaymentEvent, decode_recorded};
-use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
-use orderly_platform::trace_context;
+use orderly_event_store::EventStore;
 use tokio::sync::{Notify, watch};
-use tokio_postgres::NoTls;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, stream_name};
 use crate::metering::{CommandName, metered};
+use coalesce::Coalescer;
 pub use gateway::{
     BreakerState, Charge, ChargeOutcome, HttpGateway, PaymentGateway, Resilience, Resilient,
     Simulator,
 };
+use lanes::{Lease, Member};
 pub use notify::{LogNotifier, Notice, Notifier, SmtpNotifier, SmtpSettings};
 use outbox::{Message, Row};
 
@@ -60,11 +66,21 @@ pub const ACTOR: &str = "system:fulfilment";
 /// How a runner behaves.
 #[derive(Debug, Clone)]
 pub struct SagaConfig {
-    /// Names the checkpoint, the states and the leadership lock.
+    /// Names the lanes, the states and the members.
     pub name: String,
     pub timing: Timing,
-    /// How often due deadlines and the outbox are checked (new outbox rows wake it at once).
+    /// How often each lane checks its due deadlines and parked retries, and the outbox its
+    /// work (new outbox rows wake it at once).
     pub tick: Duration,
+    /// Events a lane handles per batch at most (one transaction stores a batch).
+    pub batch_size: usize,
+    /// Orders of one batch handled at once.
+    pub orders_in_flight: usize,
+    /// How long this process's membership and lane leases hold without renewal: after a crash
+    /// its lanes wait this long for another process.
+    pub lease: Duration,
+    /// How often leases are renewed and the lanes shared out again (well below `lease`).
+    pub heartbeat: Duration,
     /// Delivery attempts of an outbox message before it is dead-lettered.
     pub outbox_max_attempts: u32,
     /// How long a claimed outbox message stays invisible to other workers; longer than any
@@ -83,6 +99,10 @@ impl Default for SagaConfig {
             name: "fulfilment".into(),
             timing: Timing::default(),
             tick: Duration::from_secs(1),
+            batch_size: 512,
+            orders_in_flight: 32,
+            lease: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
             outbox_max_attempts: 5,
             outbox_lease: Duration::from_secs(60),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -95,51 +115,42 @@ impl Default for SagaConfig {
 pub struct SagaRunner {
     config: SagaConfig,
     handler: Handler,
+    /// Product commands of all lanes, combined per product.
+    products: Coalescer,
     pool: Pool,
-    pg_config: tokio_postgres::Config,
     gateway: Arc<dyn PaymentGateway>,
     /// Delivers customer notifications from the outbox.
     notifier: Arc<dyn Notifier>,
-    /// Wakes the outbox worker when the runner stored new messages.
+    /// Wakes the outbox worker when a lane stored new messages.
     outbox_ready: Notify,
+    /// This process among the saga's members.
+    member: Member,
+    lag: Lag,
 }
-
-/// Pause after a transient failure before the same event is tried again.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
-
-const LOAD_STATE: &str = "select state from saga_states where saga_name = $1 and order_id = $2";
-
-const SAVE_STATE: &str = "
-insert into saga_states (saga_name, order_id, state, correlation_id, due_at, settled)
-values ($1, $2, $3, $4, $5, $6)
-on conflict (saga_name, order_id) do update
-set state = $3, due_at = $5, settled = $6, updated_at = now()";
-
-const SAVE_CHECKPOINT: &str = "
-insert into saga_checkpoints (saga_name, position_commit, position_prepare)
-values ($1, $2, $3)
-on conflict (saga_name) do update
-set position_commit = $2, position_prepare = $3, updated_at = now()";
-
-/// Saga states whose deadline passed, handled per tick.
-const DUE_BATCH: i64 = 100;
 
 impl SagaRunner {
     pub fn new(
         config: SagaConfig,
         store: Arc<dyn EventStore>,
         pool: Pool,
-        pg_config: tokio_postgres::Config,
         gateway: Arc<dyn PaymentGateway>,
     ) -> Self {
+        let handler = Handler::new(store);
+        let member = Member {
+            saga: config.name.clone(),
+            id: member_id(),
+            lease: config.lease,
+        };
         Self {
-            config,
-            handler: Handler::new(store),
+            products: Coalescer::new(handler.clone()),
+            handler,
             pool,
-            pg_config,
             gateway,
             notifier: Arc::new(LogNotifier),
             outbox_ready: Notify::new(),
+            member,
+            lag: Lag::default(),
+            config,
         }
     }
 
@@ -148,19 +159,35 @@ impl SagaRunner {
         Self { notifier, ..self }
     }
 
-    /// Follows the log and delivers the outbox until `shutdown` completes. Dropping the
-    /// returned future stops everything too (as a crash would, minus the process).
+    /// This process's member id, as `orderly saga status` shows it.
+    pub fn member_id(&self) -> &str {
+        &self.member.id
+    }
+
+    /// Follows the log and delivers the outbox until `shutdown` completes; an `Err` when the
+    /// runner could not go on (the caller should stop the process: nothing here is half-done).
+    /// Dropping the returned future stops everything too (as a crash would, minus the process).
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let (stop, stopped) = watch::channel(false);
         let runner = Arc::new(self);
-        let follow = runner.clone().follow(stopped.clone());
+        let follow = async {
+            let followed = runner.clone().coordinate(stopped.clone()).await;
+            // A runner that cannot follow the log stops its workers too, so the process
+            // ends visibly instead of looking alive.
+            let _ = stop.send(true);
+            followed
+        };
         let deliver = runner.clone().deliver(stopped.clone());
-        let purge = runner.clone().purge_periodically(stopped);
-        let signal = async move {
-            shutdown.await;
+        let purge = runner.clone().purge_periodically(stopped.clone());
+        let signal = async {
+            let mut stopped = stopped.clone();
+            tokio::select! {
+                () = shutdown => {}
+                _ = stopped.wait_for(|stop| *stop) => {}
+            }
             let _ = stop.send(true);
         };
         let (followed, delivered, (), ()) = tokio::join!(follow, deliver, purge, signal);
@@ -169,8 +196,7 @@ impl SagaRunner {
     }
 
     /// Purges old rows every `purge_every` (first right after the start). Every runner
-    /// process purges, leader or not: the deletes are idempotent and cheap, and a standby's
-    /// purge keeps the tables in hand while the leader is busy. Failures are logged and tried
+    /// process purges: the deletes are idempotent and cheap. Failures are logged and tried
     /// again next time.
     async fn purge_periodically(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(retention) = self.config.retention else {
@@ -198,168 +224,134 @@ impl SagaRunner {
         }
     }
 
-    async fn follow(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let (lock, connection) = self.pg_config.connect(NoTls).await?;
-        let _driver = AbortOnDrop(tokio::spawn(connection));
-        let key = lock_key(&self.config.name);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            locked = lock.execute("select pg_advisory_lock($1)", &params) => { locked?; }
-        }
-        tracing::info!(saga = %self.config.name, "saga runner leading");
+    /// Keeps this process's share of the lanes and a consumer running over them: every
+    /// heartbeat renews the leases, gives back lanes another member should have, claims free
+    /// ones it should have, and restarts the consumer when its lanes changed. Outages are
+    /// waited out (a lane whose lease ran out meanwhile is fenced at its next commit); at a stop
+    /// the consumer finishes its batches and every lane is released for the others.
+    async fn coordinate(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut held: BTreeMap<u32, Lease> = BTreeMap::new();
+        let mut consumer: Option<Consumer> = None;
+        let mut beat = tokio::time::interval(self.config.heartbeat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut census = tokio::time::interval(CENSUS_PERIOD);
+        let mut lanes_ready = false;
         loop {
-            let after = self.checkpoint().await?;
-            let mut events = self
-                .handler
-                .store()
-                .subscribe(after, EventFilter::All)
-                .await?;
-            let mut ticker = tokio::time::interval(self.config.tick);
-            let mut census = tokio::time::interval(CENSUS_PERIOD);
-            // The last event handled, with its time: deadlines are judged in log time.
-            let mut seen: Option<(Position, DateTime<Utc>)> = None;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    next = events.next() => match next {
-                        Some(Ok(event)) => {
-                            if !self.handle_until_done(&event, &mut stop).await {
-                                return Ok(());
-                            }
-                            seen = Some((event.position, event.recorded_at));
-                        }
-                        Some(Err(error)) => {
-                            tracing::warn!(%error, "saga subscription failed; resubscribing");
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                            break;
-                        }
-                        None => break,
-                    },
-                    _ = census.tick() => {
-                        if let Err(error) = self.census().await {
-                            tracing::warn!(%error, "saga instances not counted this time");
-                        }
+            tokio::select! {
+                _ = stop.changed() => break,
+                fenced = wait_for(&mut consumer) => {
+                    consumer = None;
+                    if let Some(consumer::Fenced(lane)) = fenced {
+                        held.remove(&lane);
                     }
-                    _ = ticker.tick() => {
-                        let ticked = match self.now(after, seen).await {
-                            Ok(now) => self.tick_due(now).await,
-                            Err(error) => Err(error),
-                        };
-                        if let Err(error) = ticked {
-                            tracing::warn!(%error, "saga deadlines not handled this tick");
-                        }
+                }
+                _ = beat.tick() => {}
+                _ = census.tick() => {
+                    if let Err(error) = self.census().await {
+                        tracing::warn!(%error, "saga instances not counted this time");
                     }
+                    continue;
                 }
             }
-        }
-    }
-
-    /// Handles one event, retrying transient failures until it succeeds; `false` when stopped
-    /// meanwhile. A permanent failure is logged and the event skipped (never silently).
-    async fn handle_until_done(
-        &self,
-        event: &RecordedEvent,
-        stop: &mut watch::Receiver<bool>,
-    ) -> bool {
-        loop {
-            let span = tracing::info_span!(
-                "saga.step",
-                event_id = %event.id,
-                event_type = %event.event_type,
-                stream = %event.stream,
-            );
-            trace_context::follow_event(&span, &event.metadata);
-            match self.on_event(event).instrument(span).await {
-                Ok(()) => return true,
-                Err(error) if error.is_transient() => {
-                    tracing::warn!(%error, event_id = %event.id, "saga step failed; retrying");
-                    tokio::select! {
-                        _ = stop.changed() => return false,
-                        _ = tokio::time::sleep(RETRY_PAUSE) => {}
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, event_id = %event.id, stream = %event.stream, "saga step failed for good; event skipped");
-                    return true;
-                }
+            if !lanes_ready {
+                lanes_ready = self.ensure_lanes().await;
+            }
+            if lanes_ready && let Err(error) = self.rebalance(&mut held, &mut consumer).await {
+                tracing::warn!(%error, "saga lanes not shared out this time; retrying");
+            }
+            metrics::gauge!("orderly_saga_lanes_held").set(held.len() as f64);
+            if consumer.is_none() && !held.is_empty() {
+                let leases = held.values().copied().collect();
+                consumer = Some(Consumer::start(self.clone(), leases));
             }
         }
-    }
-
-    async fn on_event(&self, recorded: &RecordedEvent) -> Result<(), CommandError> {
-        let decoded = match decode_recorded(
-            &recorded.event_type,
-            recorded.data.clone(),
-            recorded.metadata.clone(),
-        ) {
-            Ok(decoded) => decoded,
+        if let Some(consumer) = consumer.take() {
+            consumer.stop().await;
+        }
+        match self.pool.get().await {
+            Ok(client) => {
+                if let Err(error) = self.member.leave(&**client).await {
+                    tracing::warn!(%error, "saga lanes not released; they free up when their leases end");
+                }
+            }
             Err(error) => {
-                tracing::error!(%error, event_id = %recorded.id, "undecodable event skipped by the saga");
-                return self.save(None, Vec::new(), Some(recorded.position)).await;
+                tracing::warn!(%error, "saga lanes not released; they free up when their leases end");
             }
-        };
-        let (event, metadata) = (decoded.event, decoded.metadata);
-        let correlation = metadata.correlation_id;
-        let mut rows = Vec::new();
-        match &event {
-            // The gateway is called for the request, not for the saga's command: a request
-            // appended once is charged once, however often the command was sent.
-            Event::Payment(PaymentEvent::PaymentChargeRequested(requested)) => {
-                rows.push(Row::new(
-                    requested.order_id,
-                    &format!("charge/{}", requested.attempt),
-                    Message::Charge {
-                        order_id: requested.order_id,
-                        attempt: requested.attempt,
-                        amount_minor: requested.amount.amount_minor(),
-                        currency: requested.amount.currency().to_string(),
-                        payment_token: requested.payment_token.to_string(),
-                        correlation_id: correlation,
-                    },
-                ));
-            }
-            Event::Order(OrderEvent::OrderCancelled(cancelled)) => {
-                rows.push(Row::new(
-                    cancelled.order_id,
-                    "notify/order-cancelled",
-                    Message::Notification {
-                        order_id: cancelled.order_id,
-                        template: "order-cancelled".into(),
-                        customer_id: None,
-                        detail: Some(cancelled.cancellation_reason.to_string()),
-                        correlation_id: correlation,
-                    },
-                ));
-            }
-            _ => {}
         }
-        let saga = match fulfilment::order_of(&event) {
-            None => None,
-            Some(order_id) => {
-                let state = self
-                    .state(order_id)
-                    .await?
-                    .unwrap_or_else(|| FulfilmentState::with_timing(self.config.timing));
-                let before = state.phase();
-                let (next, commands) = fulfilment::step(state, &SagaInput::Event(&event));
-                count_settled(before, &next);
-                let step = Step {
-                    causation: recorded.id,
-                    correlation,
-                    // The commands continue this step's trace, itself a child of the event's.
-                    traceparent: trace_context::traceparent(&tracing::Span::current())
-                        .or_else(|| metadata.traceparent.clone()),
-                };
-                self.send(commands, &step, &mut rows).await?;
-                Some((order_id, next, correlation))
-            }
-        };
-        self.save(saga, rows, Some(recorded.position)).await
+        metrics::gauge!("orderly_saga_lanes_held").set(0.0);
+        Ok(())
     }
 
-    /// Sends every command of one saga step in order; rejections are logged (the saga
-    /// compensates when the event that caused them arrives), transient failures abort the step.
+    async fn ensure_lanes(&self) -> bool {
+        let ensured = match self.pool.get().await {
+            Ok(client) => self.member.ensure_lanes(&**client).await,
+            Err(error) => Err(error.into()),
+        };
+        match ensured {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "saga lanes not set up yet; retrying");
+                false
+            }
+        }
+    }
+
+    /// One heartbeat: see [`SagaRunner::coordinate`].
+    async fn rebalance(
+        &self,
+        held: &mut BTreeMap<u32, Lease>,
+        consumer: &mut Option<Consumer>,
+    ) -> Result<(), CommandError> {
+        let client = self.pool.get().await?;
+        let members = self.member.heartbeat(&**client).await?;
+        let wanted = self.member.share(&members);
+        let renewed: HashMap<u32, i64> = self.member.renew(&**client).await?.into_iter().collect();
+        let mut changed = false;
+        held.retain(|lane, lease| {
+            let kept = renewed.get(lane) == Some(&lease.generation);
+            if !kept {
+                tracing::warn!(lane, "saga lane lost its lease; another process took it");
+                changed = true;
+            }
+            kept
+        });
+        // Lanes to give back: held but another member's share, or ours in the table but not
+        // in hand (a heartbeat that failed half-way).
+        let surplus: Vec<u32> = renewed
+            .keys()
+            .copied()
+            .filter(|lane| !wanted.contains(lane) || !held.contains_key(lane))
+            .collect();
+        if !surplus.is_empty() {
+            if let Some(running) = consumer.take() {
+                running.stop().await;
+            }
+            self.member.release(&**client, &surplus).await?;
+            for lane in &surplus {
+                held.remove(lane);
+            }
+            changed = true;
+        }
+        let missing: BTreeSet<u32> = wanted
+            .into_iter()
+            .filter(|lane| !held.contains_key(lane))
+            .collect();
+        for lane in missing {
+            if let Some(lease) = self.member.claim(&**client, lane).await? {
+                tracing::info!(lane, generation = lease.generation, "saga lane claimed");
+                held.insert(lane, lease);
+                changed = true;
+            }
+        }
+        if changed && let Some(running) = consumer.take() {
+            running.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Sends every command of one saga step in order. Rejections are logged (the saga
+    /// compensates when the event that caused them arrives); any other failure ends the step
+    /// (transient ones are tried again, the others park the event).
     async fn send(
         &self,
         commands: Vec<Command>,
@@ -386,15 +378,11 @@ impl SagaRunner {
                     );
                     metered(command.command_name(), handled).await.map(drop)
                 }
+                // Products are shared by many orders: their commands meet in one append.
                 Command::Product { sku, command } => {
                     let stream = stream_name(streams::product(&sku))?;
-                    let handled = self.handler.execute::<ProductAggregate, _>(
-                        &stream,
-                        None,
-                        &envelope,
-                        |loaded| Ok(product::decide(&loaded.state, &command)?),
-                    );
-                    metered(command.command_name(), handled).await.map(drop)
+                    let name = command.command_name();
+                    metered(name, self.products.send(&stream, envelope, command)).await
                 }
                 // Money goes back through the gateway first; the outbox worker records it.
                 Command::Payment {
@@ -445,88 +433,38 @@ impl SagaRunner {
                 Err(CommandError::Rejected(rejection)) => {
                     tracing::info!(%rejection, causation = %step.causation, "saga command rejected");
                 }
-                Err(error) if error.is_transient() => return Err(error),
-                Err(error) => {
-                    tracing::error!(%error, causation = %step.causation, "saga command failed");
-                }
+                Err(error) => return Err(error),
             }
         }
         Ok(())
     }
+}
 
-    /// The time deadlines are judged by: the wall clock when the runner has handled every
-    /// event in the log, else the time of the last event it handled. A runner that is behind
-    /// (after a restart, under a burst) must not cancel an order for a payment deadline while
-    /// the payment's outcome is still waiting in the log.
-    async fn now(
-        &self,
-        checkpoint: Position,
-        seen: Option<(Position, DateTime<Utc>)>,
-    ) -> Result<DateTime<Utc>, CommandError> {
-        let head = self.handler.store().head().await?;
-        let at = seen.map_or(checkpoint, |(position, _)| position);
-        match seen {
-            _ if head <= at => Ok(Utc::now()),
-            Some((_, recorded_at)) => Ok(recorded_at),
-            // Behind, and nothing handled yet since the start: no log time to go by.
-            None => Ok(DateTime::<Utc>::MIN_UTC),
-        }
-    }
-
-    /// Feeds `now` to every saga whose deadline has passed by then.
-    async fn tick_due(&self, now: DateTime<Utc>) -> Result<(), CommandError> {
-        let due = {
-            let client = self.pool.get().await?;
-            client
-                .query(
-                    "select order_id, state, due_at, correlation_id from saga_states
-                     where saga_name = $1 and not settled and due_at <= $3
-                     order by due_at limit $2",
-                    &[&self.config.name, &DUE_BATCH, &now],
-                )
-                .await?
-        };
-        for row in due {
-            let order_id = OrderId(row.get(0));
-            let state: FulfilmentState = serde_json::from_value(row.get(1))
-                .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")))?;
-            let due_at: DateTime<Utc> = row.get(2);
-            let correlation: Uuid = row.get(3);
-            let before = state.phase();
-            let (next, commands) = fulfilment::step(state, &SagaInput::Tick { now });
-            count_settled(before, &next);
-            let step = Step {
-                // The same deadline seen again after a crash sends the same command ids.
-                causation: Uuid::new_v5(
-                    &order_id.0,
-                    format!("tick/{}", due_at.timestamp_millis()).as_bytes(),
-                ),
-                correlation,
-                traceparent: None,
-            };
-            let mut rows = Vec::new();
-            self.send(commands, &step, &mut rows).await?;
-            self.save(Some((order_id, next, correlation)), rows, None)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase,
-    /// 0 when empty. The phase is derived from each stored state, and "oldest" goes by when the
-    /// state last changed (`updated_at`), which is at or after its last change of phase. Reads
-    /// every open instance: fine while they number in the thousands; a phase column would be
-    /// needed beyond.
+impl SagaRunner {
+    /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase
+    /// (0 when empty), `orderly_saga_parked` and `orderly_saga_lag_seconds`. The phase is
+    /// derived from each stored state, and "oldest" goes by when the state last changed
+    /// (`updated_at`), which is at or after its last change of phase. Reads every open
+    /// instance: fine while they number in the thousands; a phase column would be needed
+    /// beyond.
     async fn census(&self) -> Result<(), CommandError> {
-        let rows = {
+        let (rows, parked) = {
             let client = self.pool.get().await?;
-            client
+            let rows = client
                 .query(
                     "select state, updated_at from saga_states
                      where saga_name = $1 and not settled",
                     &[&self.config.name],
                 )
+                .await?;
+            let parked: i64 = client
+                .query_one(
+                    "select count(*) from saga_parked where saga_name = $1 and skipped_at is null",
+                    &[&self.config.name],
+                )
                 .await?
+                .get(0);
+            (rows, parked)
         };
         let now = Utc::now();
         let mut phases: HashMap<Phase, (u64, f64)> = HashMap::new();
@@ -546,78 +484,15 @@ impl SagaRunner {
             metrics::gauge!("orderly_saga_oldest_open_seconds", "state" => phase.as_str())
                 .set(oldest);
         }
-        Ok(())
-    }
-
-    async fn state(&self, order_id: OrderId) -> Result<Option<FulfilmentState>, CommandError> {
-        let client = self.pool.get().await?;
-        // The saga's hot statements are prepared once per connection (one round trip less).
-        let load = client.prepare_cached(LOAD_STATE).await?;
-        let row = client
-            .query_opt(&load, &[&self.config.name, &order_id.0])
-            .await?;
-        row.map(|row| {
-            serde_json::from_value(row.get(0))
-                .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")))
-        })
-        .transpose()
-    }
-
-    async fn checkpoint(&self) -> Result<Position, CommandError> {
-        let client = self.pool.get().await?;
-        maintenance::checkpoint(&client, &self.config.name).await
-    }
-
-    /// Stores a saga's state, the outbox rows of the step and the checkpoint atomically.
-    async fn save(
-        &self,
-        saga: Option<(OrderId, FulfilmentState, Uuid)>,
-        rows: Vec<Row>,
-        checkpoint: Option<Position>,
-    ) -> Result<(), CommandError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if let Some((order_id, state, correlation)) = saga {
-            let due_at = state.next_due_at();
-            let settled = state.is_settled();
-            let value =
-                serde_json::to_value(&state).map_err(|e| CommandError::Internal(e.to_string()))?;
-            let save = tx.prepare_cached(SAVE_STATE).await?;
-            tx.execute(
-                &save,
-                &[
-                    &self.config.name,
-                    &order_id.0,
-                    &value,
-                    &correlation,
-                    &due_at,
-                    &settled,
-                ],
-            )
-            .await?;
-        }
-        let new_rows = !rows.is_empty();
-        for row in rows {
-            row.insert(&tx).await?;
-        }
-        if let Some(position) = checkpoint {
-            let (commit, prepare) = position_columns(position)?;
-            let save = tx.prepare_cached(SAVE_CHECKPOINT).await?;
-            tx.execute(&save, &[&self.config.name, &commit, &prepare])
-                .await?;
-        }
-        tx.commit().await?;
-        if new_rows {
-            self.outbox_ready.notify_one();
-        }
+        metrics::gauge!("orderly_saga_parked").set(parked as f64);
         Ok(())
     }
 }
 
-/// How often the leading runner counts the open instances by phase.
+/// How often every runner counts the open instances by phase.
 const CENSUS_PERIOD: Duration = Duration::from_secs(15);
 
-/// `orderly_saga_settled_total`, once per instance: when a step settles it.
+/// `orderly_saga_settled_total`, once per instance: when a stored step settles it.
 fn count_settled(before: Phase, after: &FulfilmentState) {
     let open = !matches!(before, Phase::Delivered | Phase::Cancelled);
     if open && after.is_settled() {
@@ -627,37 +502,92 @@ fn count_settled(before: Phase, after: &FulfilmentState) {
 }
 
 /// What a saga step's commands carry in their metadata.
+#[derive(Debug, Clone)]
 struct Step {
     causation: Uuid,
     correlation: Uuid,
     traceparent: Option<String>,
 }
 
-fn position_columns(position: Position) -> Result<(i64, i64), CommandError> {
-    let column = |n: u64| {
-        i64::try_from(n)
-            .map_err(|_| CommandError::Internal(format!("position {position} out of range")))
-    };
-    Ok((column(position.commit)?, column(position.prepare)?))
+/// A consumer task over a set of lanes, with the means to stop it.
+struct Consumer {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Option<consumer::Fenced>>,
 }
 
-/// The advisory-lock key of a saga name: stable across processes and builds.
-fn lock_key(name: &str) -> i64 {
-    let id = Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("orderly-saga/{name}").as_bytes(),
-    );
-    let bytes = id.as_bytes();
-    i64::from_be_bytes([
-        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
-    ])
-}
-
-/// Stops the lock connection's driver with the runner, which releases the lock.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Consumer {
+    fn start(runner: Arc<SagaRunner>, leases: Vec<Lease>) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        Self {
+            stop,
+            task: tokio::spawn(runner.consume(leases, stopped)),
+        }
     }
+
+    /// Lets every lane finish the batch in hand, then waits for the consumer to end.
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Consumer {
+    /// A runner dropped mid-flight (a crash in tests) takes its consumer down with it.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Completes when the running consumer ends by itself, with the lane it lost, if any; never
+/// while there is none.
+async fn wait_for(consumer: &mut Option<Consumer>) -> Option<consumer::Fenced> {
+    match consumer {
+        Some(running) => (&mut running.task).await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// `orderly_saga_lag_seconds`: the age of the oldest event dealt to a lane of this process and
+/// not yet stored, 0 when every lane is idle.
+#[derive(Default)]
+struct Lag {
+    oldest: Mutex<BTreeMap<u32, DateTime<Utc>>>,
+}
+
+impl Lag {
+    fn pending(&self, lane: u32, events: &[Arc<consumer::Input>]) {
+        if let (Ok(mut oldest), Some(first)) = (self.oldest.lock(), events.first()) {
+            oldest.entry(lane).or_insert(first.recorded_at());
+        }
+        self.publish();
+    }
+
+    fn done(&self, lane: u32) {
+        if let Ok(mut oldest) = self.oldest.lock() {
+            oldest.remove(&lane);
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let Ok(oldest) = self.oldest.lock() else {
+            return;
+        };
+        let age = oldest
+            .values()
+            .min()
+            .map_or(0.0, |at| (Utc::now() - *at).as_seconds_f64().max(0.0));
+        metrics::gauge!("orderly_saga_lag_seconds").set(age);
+    }
+}
+
+/// Unique per process start: the host name (when there is one) for operators, and a random
+/// part so two processes on one host never share an id.
+fn member_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "orderly".into());
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &Uuid::new_v4().simple().to_string()[..8]
+    )
 }

@@ -683,22 +683,36 @@ fn pool_error(error: PoolError) -> StoreError {
 
 /// Sorts driver errors into "try again later" and "something is wrong".
 pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
-    let transient = match error.code() {
-        Some(code) => {
-            let code = code.code();
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-                || matches!(code, "40001" | "40P01" | "55P03" | "57014")
-        }
-        None => {
-            error.is_closed()
-                || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>())
-        }
-    };
-    if transient {
+    if is_transient(&error) {
         StoreError::Unavailable(Box::new(error))
     } else {
         StoreError::Internal(Box::new(error))
     }
+}
+
+/// Whether a PostgreSQL error may go away if the same work is tried again later: the one
+/// classification the store, the projections and the saga share.
+///
+/// Transient: a lost or refused connection (class 08, or no SQLSTATE at all because the socket
+/// dropped), a serialization failure or deadlock (class 40), the server out of resources
+/// (class 53: too many connections, disk full), a lock or statement timeout or a shutdown or
+/// crash recovery in progress (55P03, class 57), an idle-in-transaction timeout (25P03).
+/// Everything else (a constraint, a syntax error, bad data) fails the same way again.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        Some(code) => is_transient_sqlstate(code.code()),
+        None => {
+            error.is_closed()
+                || std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>())
+                || error.to_string().contains("timed out")
+        }
+    }
+}
+
+/// [`is_transient`] for a bare SQLSTATE.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    ["08", "40", "53", "57"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(code, "55P03" | "25P03")
 }

@@ -1,0 +1,879 @@
+//! The partitioned consumer: one reader of the log per process deals each order's events to
+//! the lane of that order (see `lanes`), and each lane the process holds handles its events in
+//! batches, strictly in log order per order, many orders of a batch at once.
+//!
+//! A batch is handled, then stored, in this order:
+//! 1. the saga states of the batch's orders are loaded in one query;
+//! 2. each order's events are fed to the domain's saga one after the other, and the commands
+//!    of each step sent before the next step (orders of the batch run concurrently; product
+//!    commands of all lanes meet in the [`Coalescer`]);
+//! 3. one transaction stores every state, the outbox rows and the lane's checkpoint (the last
+//!    position dealt to the lane), after checking the lane's fencing generation.
+//!
+//! A failure that may pass (the database restarting, a lock or statement timeout, an
+//! unreachable store) makes the lane try the *same* batch again with backoff: the checkpoint
+//! never moves past a step whose state was not stored, and re-sent commands are written once
+//! (their ids derive from the causing event). A step that fails for good (corrupt data, a
+//! bug) is *parked*: its event is set aside in `saga_parked` with the error, the order's state
+//! stays as it was before that event, and the lane goes on; the saga state tolerates facts
+//! that arrive late, so an operator may feed the event again later.
+//!
+//! Deadlines are handled by each lane for its own orders between batches, on the wall clock,
+//! after reading the order's payment stream first: the log's horizon can hide a payment that
+//! is already recorded (any open transaction in the cluster holds it back), the stream itself
+//! cannot, so a recorded payment is never overtaken by its deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use orderly_domain::fulfilment::{self, FulfilmentState, Phase, SagaInput};
+use orderly_domain::streams;
+use orderly_domain::values::OrderId;
+use orderly_event_schemas::{Event, EventMetadata, decode_recorded};
+use orderly_event_store::{Direction, EventFilter, Position, RecordedEvent, StreamName};
+use orderly_platform::trace_context;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::lanes::{FENCE, LANE_OF_SQL, Lease, lane_of, position_columns};
+use super::outbox::{self, Row};
+use super::{SagaRunner, Step, count_settled};
+use crate::CommandError;
+use crate::handling::stream_name;
+
+/// Items buffered between the reader and one lane; a full lane slows the reader down.
+const LANE_BUFFER: usize = 4096;
+
+/// How often the reader tells every lane how far it has read, so lanes whose orders are quiet
+/// still move their checkpoints (a restart then replays less).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// Saga states whose deadline passed, handled per lane and tick.
+const DUE_BATCH: i64 = 100;
+
+/// Pauses between tries of work that failed: from the first, doubling, up to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_LAST: Duration = Duration::from_secs(5);
+
+/// One event of the log, decoded once by the reader.
+pub(super) struct Input {
+    id: Uuid,
+    stream: StreamName,
+    version: u64,
+    position: Position,
+    event_type: String,
+    recorded_at: DateTime<Utc>,
+    /// The event, or why it does not decode (it is then parked).
+    decoded: Result<(Event, EventMetadata), String>,
+}
+
+impl Input {
+    fn new(recorded: RecordedEvent) -> Self {
+        let decoded = decode_recorded(&recorded.event_type, recorded.data, recorded.metadata)
+            .map(|decoded| (decoded.event, decoded.metadata))
+            .map_err(|error| format!("event does not decode: {error}"));
+        Self {
+            id: recorded.id,
+            stream: recorded.stream,
+            version: recorded.version,
+            position: recorded.position,
+            event_type: recorded.event_type,
+            recorded_at: recorded.recorded_at,
+            decoded,
+        }
+    }
+
+    pub(super) fn recorded_at(&self) -> DateTime<Utc> {
+        self.recorded_at
+    }
+
+    fn order(&self) -> Option<OrderId> {
+        self.decoded
+            .as_ref()
+            .ok()
+            .and_then(|(event, _)| fulfilment::order_of(event))
+    }
+
+    /// The lane this event belongs to; `None` for events that are not the saga's business.
+    /// Events that do not decode cannot be routed: lane 0 parks them.
+    fn lane(&self) -> Option<u32> {
+        match &self.decoded {
+            Ok(_) => self.order().map(lane_of),
+            Err(_) => Some(0),
+        }
+    }
+}
+
+/// What the reader hands a lane.
+enum Item {
+    Event(Arc<Input>),
+    /// Everything of this lane up to here has been dealt.
+    Progress(Position),
+}
+
+/// Why a lane (and so its consumer) stopped before it was asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fenced(pub u32);
+
+/// What went wrong in one try of a lane's work.
+enum LaneError {
+    /// The lane was taken over: stop it, never write for it again.
+    Fenced,
+    /// Anything else: try the same work again later.
+    Failed(CommandError),
+}
+
+impl From<CommandError> for LaneError {
+    fn from(error: CommandError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+impl From<tokio_postgres::Error> for LaneError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for LaneError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+/// One order's part of a batch, once handled: what to store.
+struct Handled {
+    order_id: Option<OrderId>,
+    /// The new state, when a step changed it.
+    state: Option<FulfilmentState>,
+    /// The phase before the batch, to count instances that settle in it.
+    before: Phase,
+    correlation: Uuid,
+    rows: Vec<Row>,
+    parked: Vec<Parked>,
+    /// Ids of parked events that handled fine this time (a retry).
+    resolved: Vec<Uuid>,
+}
+
+/// An event set aside with the reason.
+struct Parked {
+    input: Arc<Input>,
+    error: String,
+}
+
+const LOAD_STATES: &str = "
+select order_id, state, correlation_id from saga_states
+where saga_name = $1 and order_id = any($2)";
+
+const SAVE_STATES: &str = "
+insert into saga_states (saga_name, order_id, state, correlation_id, due_at, settled)
+select $1, t.order_id, t.state, t.correlation_id, t.due_at, t.settled
+from unnest($2::uuid[], $3::jsonb[], $4::uuid[], $5::timestamptz[], $6::bool[])
+    as t(order_id, state, correlation_id, due_at, settled)
+on conflict (saga_name, order_id) do update
+set state = excluded.state, due_at = excluded.due_at, settled = excluded.settled,
+    updated_at = now()";
+
+const PARK: &str = "
+insert into saga_parked (saga_name, event_id, order_id, position_commit, position_prepare,
+                         stream, version, event_type, error)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+on conflict (saga_name, event_id) do update
+set error = excluded.error, attempts = saga_parked.attempts + 1, parked_at = now(),
+    retry_requested_at = null";
+
+const UNPARK: &str = "delete from saga_parked where saga_name = $1 and event_id = any($2)";
+
+fn due_query() -> String {
+    format!(
+        "select order_id, state, due_at, correlation_id from saga_states
+         where saga_name = $1 and not settled and due_at <= $2 and {LANE_OF_SQL} = $3
+         order by due_at limit $4"
+    )
+}
+
+fn retries_query() -> String {
+    format!(
+        "select stream, version from saga_parked
+         where saga_name = $1 and retry_requested_at is not null and skipped_at is null
+           and (case when order_id is null then 0 else {LANE_OF_SQL} end) = $2
+         order by position_commit, position_prepare limit 100"
+    )
+}
+
+impl SagaRunner {
+    /// Reads the log from the lowest checkpoint of `leases` and runs one task per lane until
+    /// `stop` says so or a lane is taken over (then every lane stops, and the answer names it).
+    pub(super) async fn consume(
+        self: Arc<Self>,
+        leases: Vec<Lease>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Option<Fenced> {
+        let (halt, halted) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut lanes = HashMap::new();
+        for lease in &leases {
+            let (items, received) = mpsc::channel(LANE_BUFFER);
+            lanes.insert(lease.lane, (items, lease.checkpoint));
+            tasks.spawn(self.clone().run_lane(*lease, received, halted.clone()));
+        }
+        let mut read = leases
+            .iter()
+            .map(|lease| lease.checkpoint)
+            .min()
+            .unwrap_or(Position::START);
+        let mut fenced = None;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        let mut marked = read;
+        'subscribe: while fenced.is_none() && !*stop.borrow() {
+            let mut events = match self.handler.store().subscribe(read, EventFilter::All).await {
+                Ok(events) => events,
+                Err(error) => {
+                    tracing::warn!(%error, "saga cannot read the log; retrying");
+                    tokio::select! {
+                        _ = stop.changed() => break 'subscribe,
+                        () = tokio::time::sleep(RETRY_LAST) => continue 'subscribe,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break 'subscribe,
+                    Some(ended) = tasks.join_next() => {
+                        if let Ok(Err(lane)) = ended {
+                            fenced = Some(lane);
+                        }
+                        break 'subscribe;
+                    }
+                    next = events.next() => match next {
+                        Some(Ok(recorded)) => {
+                            read = recorded.position;
+                            if !deal(&lanes, Input::new(recorded), &mut stop).await {
+                                break 'subscribe;
+                            }
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "saga subscription failed; resubscribing");
+                            continue 'subscribe;
+                        }
+                        None => continue 'subscribe,
+                    },
+                    _ = progress.tick() => {
+                        if read > marked {
+                            marked = read;
+                            for (items, _) in lanes.values() {
+                                // A full lane gets the next one; progress is only a hint.
+                                let _ = items.try_send(Item::Progress(read));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _ = halt.send(true);
+        drop(lanes);
+        while let Some(ended) = tasks.join_next().await {
+            if let Ok(Err(lane)) = ended {
+                fenced = fenced.or(Some(lane));
+            }
+        }
+        fenced
+    }
+
+    /// One lane: batches from the reader, deadlines and parked retries between them.
+    async fn run_lane(
+        self: Arc<Self>,
+        lease: Lease,
+        mut items: mpsc::Receiver<Item>,
+        mut halted: watch::Receiver<bool>,
+    ) -> Result<(), Fenced> {
+        let fenced = |_| Fenced(lease.lane);
+        // Everything of this lane up to `seen` is handled; up to `stored`, durably so.
+        let (mut seen, mut stored) = (lease.checkpoint, lease.checkpoint);
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buffer = Vec::with_capacity(self.config.batch_size);
+        loop {
+            tokio::select! {
+                biased;
+                _ = halted.changed() => return Ok(()),
+                received = items.recv_many(&mut buffer, self.config.batch_size) => {
+                    if received == 0 {
+                        return Ok(());
+                    }
+                    let (events, last) = split(std::mem::take(&mut buffer), seen);
+                    if events.is_empty() {
+                        seen = last;
+                        continue;
+                    }
+                    self.lag.pending(lease.lane, &events);
+                    let handled = self
+                        .until_done(&mut halted, || self.handle_batch(&lease, &events, last))
+                        .await
+                        .map_err(fenced)?;
+                    self.lag.done(lease.lane);
+                    if handled.is_none() {
+                        return Ok(());
+                    }
+                    (seen, stored) = (last, last);
+                }
+                _ = tick.tick() => {
+                    if seen > stored {
+                        let moved = self
+                            .until_done(&mut halted, || self.commit(&lease, &[], Some(seen)))
+                            .await
+                            .map_err(fenced)?;
+                        if moved.is_none() {
+                            return Ok(());
+                        }
+                        stored = seen;
+                    }
+                    let ticked = self
+                        .until_done(&mut halted, || self.tick_due(&lease))
+                        .await
+                        .map_err(fenced)?;
+                    let retried = self
+                        .until_done(&mut halted, || self.retry_parked(&lease))
+                        .await
+                        .map_err(fenced)?;
+                    if ticked.is_none() || retried.is_none() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `work` until it succeeds (`Some`), the lane is halted (`None`) or fenced (`Err`).
+    /// Never gives up on other failures: the checkpoint must not move past work not stored.
+    async fn until_done<T, F, Fut>(
+        &self,
+        halted: &mut watch::Receiver<bool>,
+        work: F,
+    ) -> Result<Option<T>, ()>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, LaneError>>,
+    {
+        let mut pause = RETRY_FIRST;
+        loop {
+            match work().await {
+                Ok(done) => return Ok(Some(done)),
+                Err(LaneError::Fenced) => {
+                    tracing::warn!("saga lane taken over by another process; stopping it here");
+                    return Err(());
+                }
+                Err(LaneError::Failed(error)) => {
+                    let transient = error.is_transient();
+                    metrics::counter!(
+                        "orderly_saga_retries_total",
+                        "kind" => if transient { "transient" } else { "permanent" }
+                    )
+                    .increment(1);
+                    if transient {
+                        tracing::warn!(%error, "saga lane work failed; retrying");
+                    } else {
+                        tracing::error!(%error, "saga lane stalled on a failure; retrying");
+                    }
+                }
+            }
+            let jittered = pause.mul_f64(0.75 + fastrand::f64() / 2.0);
+            tokio::select! {
+                _ = halted.changed() => return Ok(None),
+                () = tokio::time::sleep(jittered) => {}
+            }
+            pause = (pause * 2).min(RETRY_LAST);
+        }
+    }
+
+    /// Handles one batch of a lane and stores it with the checkpoint `last`.
+    async fn handle_batch(
+        &self,
+        lease: &Lease,
+        events: &[Arc<Input>],
+        last: Position,
+    ) -> Result<(), LaneError> {
+        let handled = self.handle(events, false).await?;
+        self.commit(lease, &handled, Some(last)).await
+    }
+
+    /// Feeds `inputs` to their orders' sagas: orders concurrently, each order's in order.
+    /// Answers what to store; fails (storing nothing) if any step failed transiently.
+    async fn handle(
+        &self,
+        inputs: &[Arc<Input>],
+        retrying: bool,
+    ) -> Result<Vec<Handled>, CommandError> {
+        let mut orders: Vec<(OrderId, Vec<Arc<Input>>)> = Vec::new();
+        let mut index: HashMap<OrderId, usize> = HashMap::new();
+        let mut handled = Vec::new();
+        for input in inputs {
+            match input.order() {
+                Some(order_id) => {
+                    let at = *index.entry(order_id).or_insert_with(|| {
+                        orders.push((order_id, Vec::new()));
+                        orders.len() - 1
+                    });
+                    orders[at].1.push(input.clone());
+                }
+                None => handled.push(undecodable(input)),
+            }
+        }
+        let mut states = self.load_states(&index).await?;
+        let runs = orders.into_iter().map(|(order_id, inputs)| {
+            let stored = states.remove(&order_id);
+            self.handle_order(order_id, stored, inputs, retrying)
+        });
+        let mut runs = futures::stream::iter(runs).buffer_unordered(self.config.orders_in_flight);
+        while let Some(order) = runs.next().await {
+            handled.push(order?);
+        }
+        Ok(handled)
+    }
+
+    async fn load_states(
+        &self,
+        orders: &HashMap<OrderId, usize>,
+    ) -> Result<HashMap<OrderId, (Result<FulfilmentState, String>, Uuid)>, CommandError> {
+        if orders.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<Uuid> = orders.keys().map(|id| id.0).collect();
+        let client = self.pool.get().await?;
+        let load = client.prepare_cached(LOAD_STATES).await?;
+        let rows = client.query(&load, &[&self.config.name, &ids]).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let order_id = OrderId(row.get(0));
+                let state = serde_json::from_value(row.get(1))
+                    .map_err(|e| format!("stored saga state does not decode: {e}"));
+                (order_id, (state, row.get(2)))
+            })
+            .collect())
+    }
+
+    async fn handle_order(
+        &self,
+        order_id: OrderId,
+        stored: Option<(Result<FulfilmentState, String>, Uuid)>,
+        inputs: Vec<Arc<Input>>,
+        retrying: bool,
+    ) -> Result<Handled, CommandError> {
+        let first_correlation = inputs
+            .iter()
+            .find_map(|input| input.decoded.as_ref().ok())
+            .map_or(order_id.0, |(_, metadata)| metadata.correlation_id);
+        let (state, correlation) = match stored {
+            Some((state, correlation)) => (state, correlation),
+            None => (
+                Ok(FulfilmentState::with_timing(self.config.timing)),
+                first_correlation,
+            ),
+        };
+        let mut state = match state {
+            Ok(state) => state,
+            // Nothing can be decided without the state: every event waits for an operator.
+            Err(error) => {
+                return Ok(Handled {
+                    order_id: Some(order_id),
+                    state: None,
+                    before: Phase::Reserving,
+                    correlation,
+                    rows: Vec::new(),
+                    parked: inputs
+                        .into_iter()
+                        .map(|input| Parked {
+                            input,
+                            error: error.clone(),
+                        })
+                        .collect(),
+                    resolved: Vec::new(),
+                });
+            }
+        };
+        let mut handled = Handled {
+            order_id: Some(order_id),
+            state: None,
+            before: state.phase(),
+            correlation,
+            rows: Vec::new(),
+            parked: Vec::new(),
+            resolved: Vec::new(),
+        };
+        for input in inputs {
+            let Ok((event, metadata)) = &input.decoded else {
+                continue;
+            };
+            let span = tracing::info_span!(
+                "saga.step",
+                event_id = %input.id,
+                event_type = %input.event_type,
+                stream = %input.stream,
+            );
+            if let Some(traceparent) = &metadata.traceparent {
+                trace_context::set_parent(&span, traceparent);
+            }
+            let step = Step {
+                causation: input.id,
+                correlation: metadata.correlation_id,
+                traceparent: metadata.traceparent.clone(),
+            };
+            let mut rows = outbox::rows_for_event(event, metadata.correlation_id);
+            match self
+                .step(&mut state, &SagaInput::Event(event), &step, &mut rows)
+                .instrument(span)
+                .await
+            {
+                Ok(()) => {
+                    handled.rows.extend(rows);
+                    handled.state = Some(state.clone());
+                    if retrying {
+                        handled.resolved.push(input.id);
+                    }
+                }
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    tracing::error!(%error, event_id = %input.id, %order_id, "saga step failed for good; event parked");
+                    handled.parked.push(Parked {
+                        input,
+                        error: error.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    /// One saga step: the commands `input` calls for are sent, then `state` moves on. On an
+    /// error `state` is left as it was, so the step can run again.
+    async fn step(
+        &self,
+        state: &mut FulfilmentState,
+        input: &SagaInput<'_>,
+        step: &Step,
+        rows: &mut Vec<Row>,
+    ) -> Result<(), CommandError> {
+        let (next, commands) = fulfilment::step(state.clone(), input);
+        // The commands continue this step's trace, itself a child of the event's.
+        let step = Step {
+            traceparent: trace_context::traceparent(&tracing::Span::current())
+                .or_else(|| step.traceparent.clone()),
+            ..step.clone()
+        };
+        self.send(commands, &step, rows).await?;
+        *state = next;
+        Ok(())
+    }
+
+    /// Feeds the wall clock to this lane's sagas whose deadline has passed.
+    async fn tick_due(&self, lease: &Lease) -> Result<(), LaneError> {
+        let now = Utc::now();
+        let due = {
+            let client = self.pool.get().await?;
+            let lane = i64::from(lease.lane);
+            client
+                .query(&due_query(), &[&self.config.name, &now, &lane, &DUE_BATCH])
+                .await?
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        let runs = due.into_iter().map(|row| async move {
+            let order_id = OrderId(row.get(0));
+            let state: FulfilmentState = serde_json::from_value(row.get(1))
+                .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")))?;
+            let due_at: DateTime<Utc> = row.get(2);
+            self.tick_order(order_id, state, due_at, row.get(3), now)
+                .await
+        });
+        let mut runs = futures::stream::iter(runs).buffer_unordered(self.config.orders_in_flight);
+        let mut handled = Vec::new();
+        while let Some(order) = runs.next().await {
+            handled.push(order?);
+        }
+        self.commit(lease, &handled, None).await
+    }
+
+    async fn tick_order(
+        &self,
+        order_id: OrderId,
+        mut state: FulfilmentState,
+        due_at: DateTime<Utc>,
+        correlation: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Handled, CommandError> {
+        let before = state.phase();
+        let mut rows = Vec::new();
+        // Whatever the payment stream holds counts before the clock does (see the module doc).
+        // Events fed here go out again when the lane meets them: the saga ignores repeats.
+        let payment = stream_name(streams::payment(order_id))?;
+        let recorded = self
+            .handler
+            .store()
+            .read_stream(&payment, Direction::Forwards, None, 1000)
+            .await?;
+        for recorded in recorded {
+            let input = Input::new(recorded);
+            let Ok((event, metadata)) = &input.decoded else {
+                continue;
+            };
+            let step = Step {
+                causation: input.id,
+                correlation: metadata.correlation_id,
+                traceparent: metadata.traceparent.clone(),
+            };
+            self.step(&mut state, &SagaInput::Event(event), &step, &mut rows)
+                .await?;
+        }
+        let step = Step {
+            // The same deadline seen again after a crash sends the same command ids.
+            causation: Uuid::new_v5(
+                &order_id.0,
+                format!("tick/{}", due_at.timestamp_millis()).as_bytes(),
+            ),
+            correlation,
+            traceparent: None,
+        };
+        self.step(&mut state, &SagaInput::Tick { now }, &step, &mut rows)
+            .await?;
+        Ok(Handled {
+            order_id: Some(order_id),
+            state: Some(state),
+            before,
+            correlation,
+            rows,
+            parked: Vec::new(),
+            resolved: Vec::new(),
+        })
+    }
+
+    /// Feeds again the parked events of this lane that an operator asked to retry.
+    async fn retry_parked(&self, lease: &Lease) -> Result<(), LaneError> {
+        let wanted = {
+            let client = self.pool.get().await?;
+            let lane = i64::from(lease.lane);
+            client
+                .query(&retries_query(), &[&self.config.name, &lane])
+                .await?
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut inputs = Vec::with_capacity(wanted.len());
+        for row in wanted {
+            let stream: String = row.get(0);
+            let version: i64 = row.get(1);
+            let stream = stream_name(stream)?;
+            let found = self
+                .handler
+                .store()
+                .read_stream(
+                    &stream,
+                    Direction::Forwards,
+                    Some(version.unsigned_abs()),
+                    1,
+                )
+                .await
+                .map_err(CommandError::from)?;
+            inputs.extend(found.into_iter().map(|event| Arc::new(Input::new(event))));
+        }
+        let mut handled = self.handle(&inputs, true).await?;
+        // An event that does not decode yet stays parked, with its attempt counted.
+        for entry in &mut handled {
+            entry
+                .resolved
+                .retain(|id| !entry.parked.iter().any(|p| p.input.id == *id));
+        }
+        self.commit(lease, &handled, None).await
+    }
+
+    /// Stores what a batch or tick handled and the lane's checkpoint, in one transaction that
+    /// first checks the lane is still this process's.
+    async fn commit(
+        &self,
+        lease: &Lease,
+        handled: &[Handled],
+        checkpoint: Option<Position>,
+    ) -> Result<(), LaneError> {
+        let (commit, prepare) = match checkpoint {
+            Some(position) => {
+                let (commit, prepare) = position_columns(position)?;
+                (Some(commit), Some(prepare))
+            }
+            None => (None, None),
+        };
+        let lane = i32::try_from(lease.lane).unwrap_or(i32::MAX);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let fence = tx.prepare_cached(FENCE).await?;
+        let held = tx
+            .execute(
+                &fence,
+                &[
+                    &self.config.name,
+                    &lane,
+                    &lease.generation,
+                    &commit,
+                    &prepare,
+                    &self.member.id,
+                ],
+            )
+            .await?;
+        if held == 0 {
+            return Err(LaneError::Fenced);
+        }
+        let saved = save_states(&tx, &self.config.name, handled);
+        let rows = futures::future::try_join_all(
+            handled
+                .iter()
+                .flat_map(|entry| &entry.rows)
+                .map(|row| row.insert(&tx)),
+        );
+        let parked = park(&tx, &self.config.name, handled);
+        futures::try_join!(saved, rows, parked)?;
+        tx.commit().await?;
+        for entry in handled {
+            if let Some(state) = &entry.state {
+                count_settled(entry.before, state);
+            }
+        }
+        if handled.iter().any(|entry| !entry.rows.is_empty()) {
+            self.outbox_ready.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Hands one event to its lane; `false` when stopped while the lane was full.
+async fn deal(
+    lanes: &HashMap<u32, (mpsc::Sender<Item>, Position)>,
+    input: Input,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let Some((items, checkpoint)) = input.lane().and_then(|lane| lanes.get(&lane)) else {
+        return true;
+    };
+    // Handled and stored before this lane's last checkpoint.
+    if input.position <= *checkpoint {
+        return true;
+    }
+    tokio::select! {
+        sent = items.send(Item::Event(Arc::new(input))) => sent.is_ok(),
+        _ = stop.changed() => false,
+    }
+}
+
+/// The events of a lane's items not handled yet, and the last position they vouch for.
+fn split(items: Vec<Item>, seen: Position) -> (Vec<Arc<Input>>, Position) {
+    let mut last = seen;
+    let mut events = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Item::Event(input) => {
+                last = last.max(input.position);
+                if input.position > seen {
+                    events.push(input);
+                }
+            }
+            Item::Progress(position) => last = last.max(position),
+        }
+    }
+    (events, last)
+}
+
+fn undecodable(input: &Arc<Input>) -> Handled {
+    let error = match &input.decoded {
+        Err(error) => error.clone(),
+        Ok(_) => "event belongs to no order".to_owned(),
+    };
+    tracing::error!(event_id = %input.id, %error, "saga cannot read an event; event parked");
+    Handled {
+        order_id: None,
+        state: None,
+        before: Phase::Reserving,
+        correlation: input.id,
+        rows: Vec::new(),
+        parked: vec![Parked {
+            input: input.clone(),
+            error,
+        }],
+        resolved: Vec::new(),
+    }
+}
+
+async fn save_states(
+    tx: &deadpool_postgres::Transaction<'_>,
+    saga: &str,
+    handled: &[Handled],
+) -> Result<(), CommandError> {
+    let mut ids = Vec::new();
+    let mut states = Vec::new();
+    let mut correlations = Vec::new();
+    let mut due = Vec::new();
+    let mut settled = Vec::new();
+    for entry in handled {
+        let (Some(order_id), Some(state)) = (entry.order_id, &entry.state) else {
+            continue;
+        };
+        ids.push(order_id.0);
+        states
+            .push(serde_json::to_value(state).map_err(|e| CommandError::Internal(e.to_string()))?);
+        correlations.push(entry.correlation);
+        due.push(state.next_due_at());
+        settled.push(state.is_settled());
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let save = tx.prepare_cached(SAVE_STATES).await?;
+    tx.execute(
+        &save,
+        &[&saga, &ids, &states, &correlations, &due, &settled],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn park(
+    tx: &deadpool_postgres::Transaction<'_>,
+    saga: &str,
+    handled: &[Handled],
+) -> Result<(), CommandError> {
+    let resolved: Vec<Uuid> = handled
+        .iter()
+        .flat_map(|entry| entry.resolved.iter().copied())
+        .collect();
+    if !resolved.is_empty() {
+        tx.execute(UNPARK, &[&saga, &resolved]).await?;
+    }
+    for entry in handled {
+        for parked in &entry.parked {
+            let input = &parked.input;
+            let (commit, prepare) = position_columns(input.position)?;
+            let version = i64::try_from(input.version).unwrap_or(i64::MAX);
+            tx.execute(
+                PARK,
+                &[
+                    &saga,
+                    &input.id,
+                    &entry.order_id.map(|id| id.0),
+                    &commit,
+                    &prepare,
+                    &input.stream.as_str(),
+                    &version,
+                    &input.event_type,
+                    &parked.error,
+                ],
+            )
+            .await?;
+            metrics::counter!("orderly_saga_parked_total").increment(1);
+        }
+    }
+    Ok(())
+}
