@@ -1,21 +1,28 @@
 //! The payment gateway port, its two adapters (an in-process simulator and an HTTP client for
 //! an external provider) and [`Resilient`], the wrapper both run behind: a timeout per call,
-//! retries with jittered exponential backoff, a circuit breaker and a concurrency limit.
+//! retries with jittered exponential backoff, circuit breakers (the provider's and one per
+//! payment method, see the `breaker` module) and a concurrency limit.
 //!
 //! Never charge twice: every charge carries the order id as the provider's idempotency key, so
 //! a call repeated after a crash or a timeout returns the first outcome instead of charging
-//! again.
+//! again. A call that fails leaves its outcome unknown; [`PaymentGateway::lookup`] asks the
+//! provider afterwards what it holds for the key.
+
+mod breaker;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::CommandError;
+pub use breaker::BreakerState;
+use breaker::{Breakers, Outcome, Policy, Refusal, Subject};
 
 /// One charge, as the provider sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,6 +32,17 @@ pub struct Charge {
     pub payment_token: String,
     pub amount_minor: i64,
     pub currency: String,
+}
+
+impl Charge {
+    /// The failure domain the breakers judge the charge in: its payment token, that is one
+    /// customer's card or wallet. The narrowest domain that still groups the calls one bad
+    /// card makes across its orders; a wider one (card network, issuer) would fit a provider
+    /// outage that hits one network, but the port does not carry it, and the provider-wide
+    /// breaker covers outages that span domains.
+    fn failure_domain(&self) -> &str {
+        &self.payment_token
+    }
 }
 
 /// What the provider said to a charge.
@@ -41,12 +59,26 @@ pub enum ChargeOutcome {
 }
 
 /// The port. `Err(CommandError::Gateway)` is a transient failure: the outcome is unknown
-/// (the charge may or may not have happened) and the same call may be repeated.
+/// (the charge may or may not have happened) and the same call may be repeated. Any other
+/// error is final for that call (the provider refused the request itself).
 #[async_trait]
 pub trait PaymentGateway: Send + Sync + 'static {
     async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError>;
+
     /// Pays back the charge with `reference` in full; repeating it is harmless.
     async fn refund(&self, idempotency_key: &str, reference: &str) -> Result<(), CommandError>;
+
+    /// What the provider holds for the charge with `idempotency_key`: its outcome, or `None`
+    /// when it never took a charge with that key. How a failed call's unknown outcome is
+    /// learnt afterwards.
+    ///
+    /// The default cannot tell and says so with a transient error: a caller then retries and
+    /// gives up visibly, instead of taking "no answer" for "not charged".
+    async fn lookup(&self, _idempotency_key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        Err(CommandError::Gateway(
+            "this gateway cannot look charges up".into(),
+        ))
+    }
 }
 
 /// The simulator's tokens (see DESIGN.md, section 4).
@@ -121,11 +153,25 @@ impl PaymentGateway for Simulator {
         self.refunds.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+
+    /// Only charges are kept: a declined key reads as never charged, which it was not.
+    async fn lookup(&self, idempotency_key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        let charges = self
+            .charges
+            .lock()
+            .map_err(|_| CommandError::Gateway("simulator state poisoned".into()))?;
+        Ok(charges
+            .get(idempotency_key)
+            .map(|reference| ChargeOutcome::Charged {
+                reference: reference.clone(),
+            }))
+    }
 }
 
 /// An external provider over HTTP: `POST {base}/charges` and `POST {base}/refunds` with an
-/// `Idempotency-Key` header. 2xx answers carry a [`ChargeOutcome`]; 402 is a decline; anything
-/// else (5xx, 429, a dropped connection) is transient.
+/// `Idempotency-Key` header, `GET {base}/charges/{key}` to look a charge up. 2xx answers
+/// carry a [`ChargeOutcome`]; 402 is a decline; other client errors are final (see
+/// `is_client_error`); anything else (5xx, 408, 409, 429, a dropped connection) is transient.
 pub struct HttpGateway {
     client: reqwest::Client,
     base: String,
@@ -140,10 +186,39 @@ impl HttpGateway {
     }
 }
 
+/// Whether the provider refused the request itself: a 4xx other than 408 (request timeout),
+/// 409 (the idempotency-key convention's "a request with this key is still in progress", so
+/// the outcome is unknown) and 429 (too many requests). The same request would be refused
+/// again, and it says nothing about the provider's health, so it is neither retried nor
+/// counted by the breakers.
+fn is_client_error(status: StatusCode) -> bool {
+    status.is_client_error()
+        && !matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS
+        )
+}
+
+fn transient(error: reqwest::Error) -> CommandError {
+    CommandError::Gateway(error.without_url().to_string())
+}
+
+/// A non-success answer to a refund or lookup: final when the provider refused the request
+/// (an operator must look: the outbox dead-letters it), else transient.
+fn failed_call(what: &str, status: StatusCode) -> CommandError {
+    if is_client_error(status) {
+        CommandError::Internal(format!("the payment provider refused the {what}: {status}"))
+    } else {
+        CommandError::Gateway(format!("provider answered {status}"))
+    }
+}
+
 #[async_trait]
 impl PaymentGateway for HttpGateway {
+    /// A refused charge (400, 422, ...) becomes a decline naming the status: the order then
+    /// ends cancelled "payment declined" at once, instead of retrying a request that cannot
+    /// succeed until its deadline.
     async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
-        let transient = |e: reqwest::Error| CommandError::Gateway(e.without_url().to_string());
         let response = self
             .client
             .post(format!("{}/charges", self.base))
@@ -153,9 +228,14 @@ impl PaymentGateway for HttpGateway {
             .await
             .map_err(transient)?;
         let status = response.status();
-        if status == reqwest::StatusCode::PAYMENT_REQUIRED {
+        if status == StatusCode::PAYMENT_REQUIRED {
             return Ok(ChargeOutcome::Declined {
                 reason: "declined by the payment provider".into(),
+            });
+        }
+        if is_client_error(status) {
+            return Ok(ChargeOutcome::Declined {
+                reason: format!("refused by the payment provider: {status}"),
             });
         }
         if !status.is_success() {
@@ -172,86 +252,32 @@ impl PaymentGateway for HttpGateway {
             .json(&serde_json::json!({ "reference": reference }))
             .send()
             .await
-            .map_err(|e| CommandError::Gateway(e.without_url().to_string()))?;
-        if response.status().is_success() {
+            .map_err(transient)?;
+        let status = response.status();
+        if status.is_success() {
             Ok(())
         } else {
-            Err(CommandError::Gateway(format!(
-                "provider answered {}",
-                response.status()
-            )))
-        }
-    }
-}
-
-/// The circuit breaker's state, for metrics and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    /// Calls go through; consecutive failures are counted.
-    Closed,
-    /// Calls fail at once until the cool-down ends, sparing a provider that is down.
-    Open,
-    /// The cool-down ended: one probe call goes through; its outcome closes or reopens.
-    HalfOpen,
-}
-
-/// A consecutive-failures circuit breaker. Hand-written because it is a few lines of state
-/// and the maintained crates (`failsafe`, `recloser`) wrap futures in their own abstractions
-/// and release rarely; this one also exposes its state directly.
-struct Breaker {
-    threshold: u32,
-    cool_down: Duration,
-    inner: Mutex<BreakerInner>,
-}
-
-struct BreakerInner {
-    failures: u32,
-    open_until: Option<Instant>,
-    probing: bool,
-}
-
-impl Breaker {
-    fn state(&self) -> BreakerState {
-        let Ok(inner) = self.inner.lock() else {
-            return BreakerState::Open;
-        };
-        match inner.open_until {
-            None => BreakerState::Closed,
-            Some(until) if Instant::now() < until => BreakerState::Open,
-            Some(_) => BreakerState::HalfOpen,
+            Err(failed_call("refund", status))
         }
     }
 
-    /// Whether a call may go out now; in half-open state only one probe at a time.
-    fn allow(&self) -> bool {
-        let Ok(mut inner) = self.inner.lock() else {
-            return false;
-        };
-        match inner.open_until {
-            None => true,
-            Some(until) if Instant::now() < until => false,
-            Some(_) if inner.probing => false,
-            Some(_) => {
-                inner.probing = true;
-                true
-            }
+    /// 404 is the provider's "no charge with this key".
+    async fn lookup(&self, idempotency_key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        let mut url = reqwest::Url::parse(&format!("{}/charges", self.base))
+            .map_err(|e| CommandError::Internal(format!("payment gateway url: {e}")))?;
+        // Pushed as a path segment, so the key is escaped whatever it holds.
+        url.path_segments_mut()
+            .map_err(|()| CommandError::Internal("payment gateway url has no path".into()))?
+            .push(idempotency_key);
+        let response = self.client.get(url).send().await.map_err(transient)?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
         }
-    }
-
-    fn record(&self, success: bool) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        inner.probing = false;
-        if success {
-            inner.failures = 0;
-            inner.open_until = None;
-        } else {
-            inner.failures = inner.failures.saturating_add(1);
-            if inner.failures >= self.threshold {
-                inner.open_until = Some(Instant::now() + self.cool_down);
-            }
+        if !status.is_success() {
+            return Err(failed_call("lookup", status));
         }
+        response.json().await.map(Some).map_err(transient)
     }
 }
 
@@ -265,9 +291,19 @@ pub struct Resilience {
     /// First backoff; each retry doubles it, and the sleep is uniformly jittered below it.
     pub backoff: Duration,
     pub max_backoff: Duration,
-    /// Consecutive failures that open the breaker.
+    /// Transient failures in a row that open one payment method's breaker, once other
+    /// payment methods went through meanwhile (see the `breaker` module).
     pub breaker_threshold: u32,
+    /// How long an open breaker, the provider's or a payment method's, refuses calls before
+    /// it lets one probe through.
     pub breaker_cool_down: Duration,
+    /// The stretch of recent calls the provider's breaker judges.
+    pub breaker_window: Duration,
+    /// Distinct calls (idempotency keys) the window must hold before the provider's breaker
+    /// may open: a handful of failing orders says little about the provider.
+    pub breaker_min_calls: u32,
+    /// Share of those calls whose latest attempt failed that opens the provider's breaker.
+    pub breaker_failure_rate: f64,
     /// Calls in flight at once.
     pub concurrency: usize,
 }
@@ -281,7 +317,22 @@ impl Default for Resilience {
             max_backoff: Duration::from_secs(2),
             breaker_threshold: 5,
             breaker_cool_down: Duration::from_secs(10),
+            breaker_window: Duration::from_secs(30),
+            breaker_min_calls: 10,
+            breaker_failure_rate: 0.5,
             concurrency: 16,
+        }
+    }
+}
+
+impl Resilience {
+    fn breaker_policy(&self) -> Policy {
+        Policy {
+            domain_threshold: self.breaker_threshold.max(1),
+            cool_down: self.breaker_cool_down,
+            window: self.breaker_window,
+            min_calls: self.breaker_min_calls,
+            failure_rate: self.breaker_failure_rate,
         }
     }
 }
@@ -290,11 +341,11 @@ fn count_request(outcome: &'static str) {
     metrics::counter!("orderly_payment_requests_total", "outcome" => outcome).increment(1);
 }
 
-/// Any gateway behind a timeout, jittered retries, a circuit breaker and a concurrency limit.
+/// Any gateway behind a timeout, jittered retries, circuit breakers and a concurrency limit.
 pub struct Resilient {
     inner: Arc<dyn PaymentGateway>,
     policy: Resilience,
-    breaker: Breaker,
+    breakers: Breakers,
     permits: Semaphore,
 }
 
@@ -303,15 +354,7 @@ impl Resilient {
         Self {
             inner,
             policy,
-            breaker: Breaker {
-                threshold: policy.breaker_threshold.max(1),
-                cool_down: policy.breaker_cool_down,
-                inner: Mutex::new(BreakerInner {
-                    failures: 0,
-                    open_until: None,
-                    probing: false,
-                }),
-            },
+            breakers: Breakers::new(policy.breaker_policy()),
             permits: Semaphore::new(policy.concurrency.max(1)),
         }
     }
@@ -322,8 +365,14 @@ impl Resilient {
         self
     }
 
+    /// The provider's breaker: open when most recent calls failed, whatever their card.
     pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
+        self.breakers.state()
+    }
+
+    /// The breaker of the payment method `payment_token` (its failure domain).
+    pub fn payment_method_breaker_state(&self, payment_token: &str) -> BreakerState {
+        self.breakers.domain_state(payment_token)
     }
 
     /// "Full jitter": a uniform sleep below the exponential bound, so retrying callers
@@ -338,9 +387,11 @@ impl Resilient {
     }
 
     /// Each attempt is one `orderly_payment_requests_total` (outcome from `succeeded` when it
-    /// answers) and, when it went out, one `orderly_payment_request_duration_seconds`.
+    /// answers) and, when it went out, one `orderly_payment_request_duration_seconds`. A
+    /// final error (the provider refused the request) ends the call at once.
     async fn call<T, F, Fut>(
         &self,
+        subject: Subject<'_>,
         succeeded: fn(&T) -> &'static str,
         call: F,
     ) -> Result<T, CommandError>
@@ -358,44 +409,41 @@ impl Resilient {
             if retry > 0 {
                 tokio::time::sleep(self.backoff(retry - 1)).await;
             }
-            if !self.breaker.allow() {
-                count_request("short_circuited");
-                last = CommandError::Gateway("circuit breaker open".into());
-                continue;
-            }
+            let pass = match self.breakers.admit(subject) {
+                Ok(pass) => pass,
+                Err(refusal) => {
+                    count_request("short_circuited");
+                    last = CommandError::Gateway(short_circuited(refusal).into());
+                    continue;
+                }
+            };
             let started = std::time::Instant::now();
             let answered = tokio::time::timeout(self.policy.timeout, call()).await;
-            let outcome = match &answered {
-                Ok(Ok(answer)) => succeeded(answer),
-                _ => "failed",
+            let (outcome, label) = match &answered {
+                Ok(Ok(answer)) => (Outcome::Answered, succeeded(answer)),
+                Ok(Err(error)) if !error.is_transient() => (Outcome::Refused, "refused"),
+                _ => (Outcome::Failed, "failed"),
             };
-            count_request(outcome);
-            metrics::histogram!("orderly_payment_request_duration_seconds", "outcome" => outcome)
+            count_request(label);
+            metrics::histogram!("orderly_payment_request_duration_seconds", "outcome" => label)
                 .record(started.elapsed().as_secs_f64());
-            match answered {
-                Ok(Ok(answer)) => {
-                    self.breaker.record(true);
-                    self.publish_breaker();
-                    return Ok(answer);
-                }
-                Ok(Err(error)) => {
-                    self.breaker.record(false);
-                    last = error;
-                }
-                Err(_) => {
-                    self.breaker.record(false);
-                    last = CommandError::Gateway("gateway call timed out".into());
-                }
-            }
+            self.breakers.record(subject, pass, outcome);
             self.publish_breaker();
+            match answered {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(error)) if outcome == Outcome::Refused => return Err(error),
+                Ok(Err(error)) => last = error,
+                Err(_) => last = CommandError::Gateway("gateway call timed out".into()),
+            }
         }
         Err(last)
     }
 
-    /// `orderly_payment_breaker_state`: 0 closed, 1 half-open, 2 open. Set after every call;
-    /// an open breaker turns half-open by time alone, which shows at the next call.
+    /// `orderly_payment_breaker_state`: the provider's breaker, 0 closed, 1 half-open, 2 open.
+    /// Set after every call; an open breaker turns half-open by time alone, which shows at the
+    /// next call. Payment methods' breakers are not exported: there is one per card.
     fn publish_breaker(&self) {
-        let value = match self.breaker.state() {
+        let value = match self.breakers.state() {
             BreakerState::Closed => 0.0,
             BreakerState::HalfOpen => 1.0,
             BreakerState::Open => 2.0,
@@ -404,20 +452,52 @@ impl Resilient {
     }
 }
 
+fn short_circuited(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Provider => "circuit breaker open",
+        Refusal::Domain => "circuit breaker of this payment method open",
+    }
+}
+
 #[async_trait]
 impl PaymentGateway for Resilient {
     async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        let subject = Subject {
+            key: &charge.idempotency_key,
+            domain: Some(charge.failure_domain()),
+        };
         let succeeded = |outcome: &ChargeOutcome| match outcome {
             ChargeOutcome::Charged { .. } => "charged",
             ChargeOutcome::Declined { .. } => "declined",
         };
-        self.call(succeeded, || self.inner.charge(charge)).await
+        self.call(subject, succeeded, || self.inner.charge(charge))
+            .await
     }
 
     async fn refund(&self, idempotency_key: &str, reference: &str) -> Result<(), CommandError> {
+        let key = format!("refund/{idempotency_key}");
+        let subject = Subject {
+            key: &key,
+            domain: None,
+        };
         self.call(
+            subject,
             |_| "refunded",
             || self.inner.refund(idempotency_key, reference),
+        )
+        .await
+    }
+
+    async fn lookup(&self, idempotency_key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        let key = format!("lookup/{idempotency_key}");
+        let subject = Subject {
+            key: &key,
+            domain: None,
+        };
+        self.call(
+            subject,
+            |_| "looked_up",
+            || self.inner.lookup(idempotency_key),
         )
         .await
     }
@@ -425,11 +505,18 @@ impl PaymentGateway for Resilient {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
     use super::*;
 
     fn charge(token: &str) -> Charge {
+        charge_for("order-1", token)
+    }
+
+    fn charge_for(key: &str, token: &str) -> Charge {
         Charge {
-            idempotency_key: "order-1".into(),
+            idempotency_key: key.into(),
             payment_token: token.into(),
             amount_minor: 100,
             currency: "EUR".into(),
@@ -444,7 +531,43 @@ mod tests {
             max_backoff: Duration::from_millis(5),
             breaker_threshold: 3,
             breaker_cool_down: Duration::from_millis(100),
+            breaker_window: Duration::from_secs(10),
+            breaker_min_calls: 10,
+            breaker_failure_rate: 0.5,
             concurrency: 4,
+        }
+    }
+
+    /// A provider that charges every token except those starting with `tok_unavailable`,
+    /// and fails every call while `down`.
+    #[derive(Default)]
+    struct Provider {
+        down: AtomicBool,
+        calls: AtomicU64,
+    }
+
+    impl Provider {
+        fn calls(&self) -> u64 {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl PaymentGateway for Provider {
+        async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst)
+                || charge.payment_token.starts_with(tokens::UNAVAILABLE)
+            {
+                return Err(CommandError::Gateway("provider down".into()));
+            }
+            Ok(ChargeOutcome::Charged {
+                reference: format!("ch_{}", charge.idempotency_key),
+            })
+        }
+
+        async fn refund(&self, _key: &str, _reference: &str) -> Result<(), CommandError> {
+            Ok(())
         }
     }
 
@@ -459,18 +582,107 @@ mod tests {
         assert_eq!(simulator.calls(), 2);
     }
 
+    /// The fault review's load: one order in nine pays with a card that always fails, and
+    /// those orders are retried round after round while the others are done. Played once
+    /// with one shared bad token (the simulator's `tok_unavailable`) and once with a bad
+    /// card per order (as real tokens are).
     #[tokio::test]
-    async fn an_outage_is_retried_then_opens_the_breaker_which_closes_after_a_good_probe() {
-        let simulator = Arc::new(Simulator::default());
-        let gateway = Resilient::new(simulator.clone(), fast());
-        assert!(gateway.charge(&charge(tokens::UNAVAILABLE)).await.is_err());
-        assert_eq!(simulator.calls(), 3, "one call and two retries");
-        assert_eq!(gateway.breaker_state(), BreakerState::Open);
-        assert!(gateway.charge(&charge(tokens::OK)).await.is_err());
-        assert_eq!(simulator.calls(), 3, "an open breaker sends nothing");
+    async fn one_card_in_nine_failing_leaves_the_other_cards_and_the_provider_breaker_alone() {
+        let shared = |_: usize| tokens::UNAVAILABLE.to_owned();
+        let per_order = |n: usize| format!("{}_{n}", tokens::UNAVAILABLE);
+        let bad_tokens: [&dyn Fn(usize) -> String; 2] = [&shared, &per_order];
+        for bad_token in bad_tokens {
+            let provider = Arc::new(Provider::default());
+            let gateway = Resilient::new(provider.clone(), fast());
+            let bad: Vec<usize> = (0..90).filter(|n| n % 9 == 0).collect();
+            for n in 0..90 {
+                let token = if bad.contains(&n) {
+                    bad_token(n)
+                } else {
+                    tokens::OK.to_owned()
+                };
+                let outcome = gateway
+                    .charge(&charge_for(&format!("order-{n}"), &token))
+                    .await;
+                assert_eq!(outcome.is_ok(), !bad.contains(&n), "order {n}: {outcome:?}");
+            }
+            // Retry rounds of the bad orders alone, some after the cool-down, then new orders.
+            for round in 0..4 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                for &n in &bad {
+                    let outcome = gateway
+                        .charge(&charge_for(&format!("order-{n}"), &bad_token(n)))
+                        .await;
+                    assert!(outcome.is_err());
+                }
+                assert_eq!(
+                    gateway.breaker_state(),
+                    BreakerState::Closed,
+                    "round {round}"
+                );
+            }
+            for n in 90..100 {
+                let outcome = gateway
+                    .charge(&charge_for(&format!("order-{n}"), tokens::OK))
+                    .await;
+                assert!(matches!(outcome, Ok(ChargeOutcome::Charged { .. })));
+            }
+            assert_eq!(gateway.breaker_state(), BreakerState::Closed);
+            assert_eq!(
+                gateway.payment_method_breaker_state(&bad_token(bad[1])),
+                BreakerState::Open,
+                "a bad card is spared its calls"
+            );
+            // Good calls and at most the first attempt (three calls) and a probe per round
+            // (one call) of each bad card.
+            assert!(
+                provider.calls() <= 90 - 10 + 10 * (3 + 4) + 10,
+                "{} calls",
+                provider.calls()
+            );
+        }
+    }
+
+    /// Every order pays with the same token, as in the simulator: a real outage must open
+    /// the provider's breaker, not only that token's.
+    #[tokio::test]
+    async fn a_real_outage_opens_the_provider_breaker_which_closes_after_a_good_probe() {
+        let provider = Arc::new(Provider::default());
+        let gateway = Resilient::new(provider.clone(), fast());
+        for n in 0..20 {
+            let key = format!("order-{n}");
+            assert!(gateway.charge(&charge_for(&key, tokens::OK)).await.is_ok());
+        }
+        provider.down.store(true, Ordering::SeqCst);
+        let mut n = 20;
+        while gateway.breaker_state() != BreakerState::Open {
+            let key = format!("order-{n}");
+            assert!(gateway.charge(&charge_for(&key, tokens::OK)).await.is_err());
+            n += 1;
+            assert!(n < 60, "the breaker never opened");
+        }
+        assert_eq!(
+            gateway.payment_method_breaker_state(tokens::OK),
+            BreakerState::Closed,
+            "the card is not blamed when nothing goes through"
+        );
+        let calls = provider.calls();
+        assert!(
+            gateway
+                .charge(&charge_for("order-99", tokens::OK))
+                .await
+                .is_err()
+        );
+        assert_eq!(provider.calls(), calls, "an open breaker sends nothing");
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert_eq!(gateway.breaker_state(), BreakerState::HalfOpen);
-        assert!(gateway.charge(&charge(tokens::OK)).await.is_ok());
+        provider.down.store(false, Ordering::SeqCst);
+        assert!(
+            gateway
+                .charge(&charge_for("order-99", tokens::OK))
+                .await
+                .is_ok()
+        );
         assert_eq!(gateway.breaker_state(), BreakerState::Closed);
     }
 
@@ -498,41 +710,88 @@ mod tests {
         assert_eq!(simulator.calls(), 1);
     }
 
-    /// A provider on a free port: tok_ok charges, tok_declined answers 402, anything else 503.
-    async fn provider() -> String {
+    #[tokio::test]
+    async fn the_simulator_looks_up_the_charges_it_took() {
+        let gateway = Resilient::new(Arc::new(Simulator::default()), fast());
+        let charged = gateway.charge(&charge(tokens::OK)).await.unwrap();
+        assert_eq!(gateway.lookup("order-1").await.unwrap(), Some(charged));
+        assert_eq!(gateway.lookup("order-2").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_cannot_look_charges_up_says_so_with_a_transient_error() {
+        let outcome = Provider::default().lookup("order-1").await;
+        assert!(
+            matches!(&outcome, Err(error) if error.is_transient()),
+            "{outcome:?}"
+        );
+    }
+
+    /// A provider on a free port: tok_ok charges, tok_declined answers 402, tok_invalid 422,
+    /// tok_in_progress 409, tok_throttled 429, anything else 503. It knows the charge with key
+    /// `order-1`, and refunds of reference `ref-unknown` answer 404. Counts what it is sent.
+    async fn provider() -> (String, Arc<AtomicU64>) {
         use axum::Json;
+        use axum::extract::{Path, State};
         use axum::http::{HeaderMap, StatusCode};
-        use axum::response::IntoResponse;
-        use axum::routing::post;
+        use axum::response::{IntoResponse, Response};
+        use axum::routing::{get, post};
+
+        type Calls = State<Arc<AtomicU64>>;
         async fn charges(
+            State(calls): Calls,
             headers: HeaderMap,
             Json(body): Json<serde_json::Value>,
-        ) -> axum::response::Response {
+        ) -> Response {
+            calls.fetch_add(1, Ordering::SeqCst);
             let key = headers
                 .get("idempotency-key")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            match body["payment_token"].as_str() {
-                Some("tok_ok") => Json(
-                    serde_json::json!({ "status": "charged", "reference": format!("ref-{key}") }),
-                )
-                .into_response(),
-                Some("tok_declined") => StatusCode::PAYMENT_REQUIRED.into_response(),
-                _ => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            let status = match body["payment_token"].as_str() {
+                Some("tok_ok") => {
+                    let charged = serde_json::json!({ "status": "charged", "reference": format!("ref-{key}") });
+                    return Json(charged).into_response();
+                }
+                Some("tok_declined") => StatusCode::PAYMENT_REQUIRED,
+                Some("tok_invalid") => StatusCode::UNPROCESSABLE_ENTITY,
+                Some("tok_in_progress") => StatusCode::CONFLICT,
+                Some("tok_throttled") => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            status.into_response()
+        }
+        async fn charge(State(calls): Calls, Path(key): Path<String>) -> Response {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if key != "order-1" {
+                return StatusCode::NOT_FOUND.into_response();
+            }
+            Json(serde_json::json!({ "status": "charged", "reference": "ref-order-1" }))
+                .into_response()
+        }
+        async fn refunds(State(calls): Calls, Json(body): Json<serde_json::Value>) -> StatusCode {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if body["reference"] == "ref-unknown" {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::OK
             }
         }
+        let calls = Arc::new(AtomicU64::new(0));
         let router = axum::Router::new()
             .route("/charges", post(charges))
-            .route("/refunds", post(|| async { StatusCode::OK }));
+            .route("/charges/{key}", get(charge))
+            .route("/refunds", post(refunds))
+            .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, router).await });
-        base
+        (base, calls)
     }
 
     #[tokio::test]
-    async fn the_http_adapter_maps_charges_declines_and_outages() {
-        let gateway = HttpGateway::new(provider().await);
+    async fn the_http_adapter_maps_charges_declines_outages_and_lookups() {
+        let gateway = HttpGateway::new(provider().await.0);
         assert_eq!(
             gateway.charge(&charge(tokens::OK)).await.unwrap(),
             ChargeOutcome::Charged {
@@ -548,10 +807,64 @@ mod tests {
             Err(CommandError::Gateway(_))
         ));
         assert!(gateway.refund("order-1", "ref-order-1").await.is_ok());
+        assert_eq!(
+            gateway.lookup("order-1").await.unwrap(),
+            Some(ChargeOutcome::Charged {
+                reference: "ref-order-1".into()
+            })
+        );
+        assert_eq!(gateway.lookup("order-2").await.unwrap(), None);
         let nowhere = HttpGateway::new("http://127.0.0.1:1");
         assert!(matches!(
             nowhere.charge(&charge(tokens::OK)).await,
             Err(CommandError::Gateway(_))
         ));
+        assert!(matches!(
+            nowhere.lookup("order-1").await,
+            Err(CommandError::Gateway(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_final_not_retried_and_kept_off_the_breakers() {
+        let (base, calls) = provider().await;
+        let policy = Resilience {
+            breaker_min_calls: 1,
+            ..fast()
+        };
+        let gateway = Resilient::new(Arc::new(HttpGateway::new(base)), policy);
+        for n in 0..5 {
+            let refused = gateway
+                .charge(&charge_for(&format!("order-{n}"), "tok_invalid"))
+                .await;
+            assert!(
+                matches!(&refused, Ok(ChargeOutcome::Declined { reason }) if reason.contains("422")),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "each refused once, not retried"
+        );
+        let refund = gateway.refund("order-1", "ref-unknown").await;
+        assert!(
+            matches!(&refund, Err(error) if !error.is_transient()),
+            "{refund:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        assert_eq!(gateway.breaker_state(), BreakerState::Closed);
+        assert_eq!(
+            gateway.payment_method_breaker_state("tok_invalid"),
+            BreakerState::Closed
+        );
+
+        // A request still in progress and throttling are transient: retried, outcome unknown.
+        for token in ["tok_in_progress", "tok_throttled"] {
+            let before = calls.load(Ordering::SeqCst);
+            let outcome = gateway.charge(&charge_for("order-9", token)).await;
+            assert!(matches!(outcome, Err(CommandError::Gateway(_))), "{token}");
+            assert_eq!(calls.load(Ordering::SeqCst) - before, 3, "{token}: retried");
+        }
     }
 }
