@@ -1,7 +1,16 @@
 //! The outbox: side effects the saga asked for, stored with the saga step that asked, and
 //! delivered at least once by a worker: gateway charges and refunds (whose outcomes go back
-//! into the log as payment events) and customer notifications (through the configured
-//! [`Notifier`](super::Notifier): the log by default, or SMTP).
+//! into the log as payment events), resolutions of charges whose outcome is unknown, and
+//! customer notifications (through the configured [`Notifier`](super::Notifier): the log by
+//! default, or SMTP).
+//!
+//! A charge call that fails (a timeout above all) leaves its outcome unknown: the provider may
+//! have taken the money. While the order waits for payment, the saga's next attempt carries the
+//! same idempotency key and learns the first outcome. Once the order is cancelled no attempt
+//! follows, so a `resolve` message asks the provider ([`PaymentGateway::lookup`]) and records
+//! a charge it finds, which the saga then refunds like any charge that arrives after a cancel.
+//!
+//! [`PaymentGateway::lookup`]: super::gateway::PaymentGateway::lookup
 //!
 //! A claimed message is leased (invisible to other workers for `outbox_lease`), so a worker
 //! that dies mid-delivery leaves it to be delivered again; the gateway's idempotency key makes
@@ -10,11 +19,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use orderly_domain::order::OrderAggregate;
-use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
+use chrono::{DateTime, Utc};
+use orderly_domain::order::{OrderAggregate, OrderStatus};
+use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
 use orderly_domain::values::{GatewayReference, OrderId, Reason};
+use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -29,8 +39,11 @@ use crate::metering::{CommandName, metered};
 /// Messages claimed per round.
 const BATCH: i64 = 32;
 
-/// First pause before a failed message is tried again; doubles per attempt up to a minute.
+/// First pause before a failed message is tried again; doubles per attempt up to
+/// [`LONGEST_RETRY`], then jittered (see [`retry_pause`]).
 const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+const LONGEST_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -55,6 +68,12 @@ pub(super) enum Message {
         detail: Option<String>,
         correlation_id: Uuid,
     },
+    /// Finds out whether the order's last charge attempt, whose call failed, took the money
+    /// after all, once the order is cancelled (see the module docs).
+    Resolve {
+        order_id: OrderId,
+        correlation_id: Uuid,
+    },
 }
 
 impl Message {
@@ -63,6 +82,7 @@ impl Message {
             Self::Charge { .. } => "charge",
             Self::Refund { .. } => "refund",
             Self::Notification { .. } => "notification",
+            Self::Resolve { .. } => "resolve",
         }
     }
 }
@@ -96,6 +116,60 @@ impl Row {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// The outbox rows a recorded event asks for by itself, whatever the saga's state: the
+/// gateway is called for a `PaymentChargeRequested` (not for the saga's command, so a request
+/// appended once is charged once, however often the command was sent), and a cancellation is
+/// told to the customer.
+///
+/// A charge attempt whose outcome is unknown is resolved once the order is cancelled, and
+/// either event may come last: the cancellation (the attempt failed before it) or the failure
+/// (the attempt was still in flight when the order was cancelled). Both ask; the delivery
+/// checks the other half, so the one that comes first finds nothing to do.
+pub(super) fn rows_for_event(event: &Event, correlation: Uuid) -> Vec<Row> {
+    let resolve = |order_id| Message::Resolve {
+        order_id,
+        correlation_id: correlation,
+    };
+    match event {
+        Event::Payment(PaymentEvent::PaymentChargeRequested(requested)) => vec![Row::new(
+            requested.order_id,
+            &format!("charge/{}", requested.attempt),
+            Message::Charge {
+                order_id: requested.order_id,
+                attempt: requested.attempt,
+                amount_minor: requested.amount.amount_minor(),
+                currency: requested.amount.currency().to_string(),
+                payment_token: requested.payment_token.to_string(),
+                correlation_id: correlation,
+            },
+        )],
+        Event::Order(OrderEvent::OrderCancelled(cancelled)) => vec![
+            Row::new(
+                cancelled.order_id,
+                "notify/order-cancelled",
+                Message::Notification {
+                    order_id: cancelled.order_id,
+                    template: "order-cancelled".into(),
+                    customer_id: None,
+                    detail: Some(cancelled.cancellation_reason.to_string()),
+                    correlation_id: correlation,
+                },
+            ),
+            Row::new(
+                cancelled.order_id,
+                "resolve/order-cancelled",
+                resolve(cancelled.order_id),
+            ),
+        ],
+        Event::Payment(PaymentEvent::PaymentFailed(failed)) => vec![Row::new(
+            failed.order_id,
+            &format!("resolve/failed/{}", failed.attempt),
+            resolve(failed.order_id),
+        )],
+        _ => Vec::new(),
     }
 }
 
@@ -188,11 +262,8 @@ impl SagaRunner {
                     )
                     .await?;
             }
-            // Exponential pause so a provider that is down is not hammered by the outbox too.
             Err(error) => {
-                let pause = FIRST_RETRY
-                    .saturating_mul(1 << attempts.clamp(0, 16))
-                    .min(Duration::from_secs(60));
+                let pause = retry_pause(attempts);
                 tracing::warn!(%error, outbox_id = %id, attempts, "outbox delivery failed; will retry");
                 client
                     .execute(
@@ -224,15 +295,9 @@ impl SagaRunner {
                 };
                 let now = Utc::now();
                 let (outcome, command) = match self.gateway.charge(&charge).await {
-                    Ok(ChargeOutcome::Charged { reference }) => (
-                        "charged",
-                        PaymentCommand::RecordCharge {
-                            gateway_reference: GatewayReference::parse(reference).map_err(|e| {
-                                CommandError::Internal(format!("gateway reference: {e}"))
-                            })?,
-                            charged_at: now,
-                        },
-                    ),
+                    Ok(ChargeOutcome::Charged { reference }) => {
+                        ("charged", record_charge(reference, now)?)
+                    }
                     Ok(ChargeOutcome::Declined { reason }) => (
                         "declined",
                         PaymentCommand::RecordDecline {
@@ -288,6 +353,10 @@ impl SagaRunner {
                 self.record_payment(order_id, command_id, id, correlation_id, command)
                     .await
             }
+            Message::Resolve {
+                order_id,
+                correlation_id,
+            } => self.resolve(id, order_id, correlation_id).await,
             Message::Notification {
                 order_id,
                 template,
@@ -313,6 +382,57 @@ impl SagaRunner {
                 sent
             }
         }
+    }
+
+    /// Asks the provider about the order's last charge attempt when its call failed and the
+    /// order is cancelled, and records a charge it took so the saga refunds it. A provider
+    /// that cannot be reached fails the delivery: retried with the outbox's backoff, then
+    /// dead-lettered for an operator, never taken for "not charged".
+    async fn resolve(
+        &self,
+        id: Uuid,
+        order_id: OrderId,
+        correlation_id: Uuid,
+    ) -> Result<(), CommandError> {
+        let Some(attempt) = self.failed_attempt(order_id).await? else {
+            return Ok(());
+        };
+        // While the order waits, its next attempt asks the provider with the same key.
+        if !self.is_cancelled(order_id).await? {
+            return Ok(());
+        }
+        match self.gateway.lookup(&order_id.to_string()).await? {
+            Some(ChargeOutcome::Charged { reference }) => {
+                tracing::warn!(%order_id, attempt, "a charge whose call failed went through; recording it to refund it");
+                let command = record_charge(reference, Utc::now())?;
+                let command_id = Uuid::new_v5(&id, b"outcome/charged");
+                self.record_payment(order_id, command_id, id, correlation_id, command)
+                    .await
+            }
+            Some(ChargeOutcome::Declined { .. }) | None => {
+                tracing::info!(%order_id, attempt, "a charge whose call failed took no money");
+                Ok(())
+            }
+        }
+    }
+
+    /// The last attempt of the order's payment when it failed transiently, the one state in
+    /// which the log does not say whether money was taken.
+    async fn failed_attempt(&self, order_id: OrderId) -> Result<Option<u32>, CommandError> {
+        let stream = stream_name(streams::payment(order_id))?;
+        let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
+        Ok(loaded
+            .state
+            .filter(|payment| payment.status == PaymentStatus::Failed)
+            .map(|payment| payment.attempts))
+    }
+
+    async fn is_cancelled(&self, order_id: OrderId) -> Result<bool, CommandError> {
+        let stream = stream_name(streams::order(order_id))?;
+        let loaded = self.handler.load::<OrderAggregate>(&stream).await?;
+        Ok(loaded
+            .state
+            .is_some_and(|order| order.status == OrderStatus::Cancelled))
     }
 
     async fn customer_of(&self, order_id: OrderId) -> Result<String, CommandError> {
@@ -361,9 +481,100 @@ impl SagaRunner {
     }
 }
 
+/// The pause before a failed message's next attempt: [`FIRST_RETRY`] doubled per attempt (a
+/// provider that is down is not hammered by the outbox too) up to [`LONGEST_RETRY`], then
+/// moved by up to ±20 % at random, so messages that failed together (an outage, a restart)
+/// do not all come due again in the same round.
+fn retry_pause(attempts: i32) -> Duration {
+    let nominal = FIRST_RETRY
+        .saturating_mul(1 << attempts.clamp(0, 16))
+        .min(LONGEST_RETRY);
+    nominal.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+fn record_charge(
+    reference: String,
+    charged_at: DateTime<Utc>,
+) -> Result<PaymentCommand, CommandError> {
+    let gateway_reference = GatewayReference::parse(reference)
+        .map_err(|e| CommandError::Internal(format!("gateway reference: {e}")))?;
+    Ok(PaymentCommand::RecordCharge {
+        gateway_reference,
+        charged_at,
+    })
+}
+
 /// Provider texts are free-form; an empty or oversize one is replaced, never refused.
 fn reason_or(text: String, fallback: &'static str) -> Reason {
     Reason::parse(text).unwrap_or_else(|_| {
         Reason::parse(fallback).unwrap_or_else(|_| unreachable!("{fallback:?} is a valid reason"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use orderly_event_schemas::orders::{CancelledBy, OrderCancelled};
+    use orderly_event_schemas::payments::PaymentFailed;
+
+    use super::*;
+
+    fn order() -> OrderId {
+        OrderId(Uuid::from_u128(1))
+    }
+
+    fn failed(attempt: u32) -> Event {
+        PaymentFailed {
+            order_id: order(),
+            reason: Reason::parse("gateway call timed out").unwrap(),
+            attempt,
+            failed_at: Utc::now(),
+        }
+        .into()
+    }
+
+    fn kinds(rows: &[Row]) -> Vec<&'static str> {
+        rows.iter().map(|row| row.message.kind()).collect()
+    }
+
+    #[test]
+    fn a_cancellation_notifies_the_customer_and_resolves_an_unknown_charge() {
+        let cancelled: Event = OrderCancelled {
+            order_id: order(),
+            cancellation_reason: Reason::parse("payment not completed before the deadline")
+                .unwrap(),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: Utc::now(),
+        }
+        .into();
+        let rows = rows_for_event(&cancelled, Uuid::nil());
+        assert_eq!(kinds(&rows), ["notification", "resolve"]);
+    }
+
+    #[test]
+    fn each_failed_attempt_asks_for_its_own_resolution_once() {
+        let first = rows_for_event(&failed(1), Uuid::nil());
+        let again = rows_for_event(&failed(1), Uuid::nil());
+        let second = rows_for_event(&failed(2), Uuid::nil());
+        assert_eq!(kinds(&first), ["resolve"]);
+        assert_eq!(first[0].id, again[0].id, "a replayed event adds nothing");
+        assert_ne!(first[0].id, second[0].id);
+    }
+
+    #[test]
+    fn retry_pauses_double_up_to_a_minute_and_spread_a_fifth_either_side() {
+        for (attempts, nominal) in [(1, 0.4), (3, 1.6), (8, 51.2), (9, 60.0), (40, 60.0)] {
+            let pauses: Vec<f64> = (0..200)
+                .map(|_| retry_pause(attempts).as_secs_f64())
+                .collect();
+            assert!(
+                pauses
+                    .iter()
+                    .all(|p| *p >= nominal * 0.8 - 1e-9 && *p <= nominal * 1.2 + 1e-9),
+                "attempts {attempts}: {pauses:?}"
+            );
+            let early = pauses.iter().filter(|p| **p < nominal * 0.95).count();
+            let late = pauses.iter().filter(|p| **p > nominal * 1.05).count();
+            assert!(early > 20 && late > 20, "attempts {attempts}: not spread");
+        }
+    }
 }
