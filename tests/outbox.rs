@@ -1,6 +1,7 @@
 //! The outbox's notifications end to end: a failing transport is retried, dead-lettered, put
-//! back in line from the CLI and delivered; SMTP delivery through a local SMTP listener; and
-//! the retention purge, which removes only settled and old rows.
+//! back in line from the CLI and delivered; SMTP delivery through a local SMTP listener; the
+//! retention purge, which removes only settled and old rows; and a charge whose answer was
+//! lost, found at the provider after the order was cancelled, and refunded.
 
 mod common;
 
@@ -13,7 +14,9 @@ use common::*;
 use orderly::settings::Settings;
 use orderly_command_api::CommandError;
 use orderly_command_api::saga::maintenance::{self, OutboxState};
-use orderly_command_api::saga::{Notice, Notifier, SagaConfig, SagaRunner, Simulator};
+use orderly_command_api::saga::{
+    Charge, ChargeOutcome, Notice, Notifier, PaymentGateway, SagaConfig, SagaRunner, Simulator,
+};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -51,12 +54,7 @@ fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
     let store = orderly::app::event_store(settings).unwrap();
     let pg_config = orderly::app::pg_config(settings).unwrap();
     let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
-    SagaRunner::new(
-        config,
-        store,
-        pool,
-        Arc::new(Simulator::default()),
-    )
+    SagaRunner::new(config, store, pool, Arc::new(Simulator::default()))
 }
 
 #[tokio::test]
@@ -397,4 +395,164 @@ async fn an_unreachable_smtp_server_dead_letters_the_notification_with_its_error
         .await,
         1
     );
+}
+
+/// Takes the money like the simulator but loses every answer, as a charge call that times out
+/// after the provider charged. Lookups tell the truth unless `lookups_down`.
+#[derive(Default)]
+struct LostAnswers {
+    provider: Simulator,
+    lookups_down: AtomicBool,
+}
+
+#[async_trait]
+impl PaymentGateway for LostAnswers {
+    async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        self.provider.charge(charge).await?;
+        Err(CommandError::Gateway("gateway call timed out".into()))
+    }
+
+    async fn refund(&self, key: &str, reference: &str) -> Result<(), CommandError> {
+        self.provider.refund(key, reference).await
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        if self.lookups_down.load(Ordering::SeqCst) {
+            return Err(CommandError::Gateway("provider unreachable".into()));
+        }
+        self.provider.lookup(key).await
+    }
+}
+
+/// Settings whose payment deadline passes in two seconds, with a retry or two before it.
+fn short_deadline(url: &str) -> Settings {
+    Settings {
+        payment_deadline_secs: 2,
+        payment_retry_after_secs: 1,
+        saga_tick_ms: 50,
+        ..settings_for(url)
+    }
+}
+
+/// How many events of a type a stream holds.
+const EVENTS_OF: &str = "select count(*) from events where event_type = $1 and stream = $2";
+
+async fn events_of(db: &orderly_test_support::TestDb, event_type: &str, stream: &str) -> i64 {
+    db.connect()
+        .await
+        .unwrap()
+        .query_one(EVENTS_OF, &[&event_type, &stream])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_refunded() {
+    let db = migrated_database().await;
+    let settings = short_deadline(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(LostAnswers::default());
+    spawn(orderly::app::saga_runner(&settings, gateway.clone()).unwrap());
+    let order_id = place_one(&api, "alice", "TEA").await;
+    let payment = format!("payment-{order_id}");
+
+    eventually(
+        &db,
+        &format!(
+            "select count(*) from events where event_type = 'PaymentRefunded'
+             and stream = '{payment}'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        gateway.provider.charges(),
+        1,
+        "one charge for every attempt"
+    );
+    assert_eq!(gateway.provider.refunds(), 1);
+    assert!(events_of(&db, "PaymentFailed", &payment).await >= 1);
+    assert_eq!(events_of(&db, "PaymentCharged", &payment).await, 1);
+    let order = format!("order-{order_id}");
+    assert_eq!(
+        events_of(&db, "OrderPaid", &order).await,
+        0,
+        "found after the cancel: refunded, never taken as payment"
+    );
+    let reason: String = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select data->>'cancellation_reason' from events
+             where event_type = 'OrderCancelled' and stream = $1",
+            &[&order],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("deadline"), "{reason}");
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from outbox where kind = 'resolve' and dead_lettered_at is not null"
+        )
+        .await,
+        0
+    );
+}
+
+/// Until the provider answers the lookup, nothing assumes the charge failed: the resolution
+/// is retried, dead-lettered for an operator, and resolved once put back in line.
+#[tokio::test]
+async fn a_resolution_the_provider_cannot_answer_is_dead_lettered_then_retried_from_the_cli() {
+    let db = migrated_database().await;
+    let settings = Settings {
+        outbox_max_attempts: 2,
+        ..short_deadline(db.url())
+    };
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(LostAnswers::default());
+    gateway.lookups_down.store(true, Ordering::SeqCst);
+    spawn(orderly::app::saga_runner(&settings, gateway.clone()).unwrap());
+    let order_id = place_one(&api, "alice", "TEA").await;
+
+    let dead = "select count(*) from outbox where kind = 'resolve' and attempts = 2
+                and dead_lettered_at is not null and last_error like '%provider unreachable%'";
+    let started = std::time::Instant::now();
+    while count(&db, dead).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the resolution was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let payment = format!("payment-{order_id}");
+    assert_eq!(events_of(&db, "PaymentCharged", &payment).await, 0);
+    assert_eq!(gateway.provider.refunds(), 0);
+
+    gateway.lookups_down.store(false, Ordering::SeqCst);
+    let pg_config = orderly::app::pg_config(&settings).unwrap();
+    let client = db.connect().await.unwrap();
+    for letter in maintenance::list(&client, false).await.unwrap() {
+        assert_eq!(letter.kind, "resolve", "{letter:?}");
+        orderly::command_side::retry_outbox(&pg_config, letter.outbox_id)
+            .await
+            .unwrap();
+    }
+    eventually(
+        &db,
+        &format!(
+            "select count(*) from events where event_type = 'PaymentRefunded'
+             and stream = '{payment}'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(gateway.provider.refunds(), 1);
 }
