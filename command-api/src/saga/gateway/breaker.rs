@@ -191,7 +191,8 @@ impl Book {
         }
         self.window.expire(now, policy.window);
         self.window.record(now, subject.key, true);
-        if self.window.trips(policy) {
+        // A call let out before the breaker opened that fails leaves the cool-down alone.
+        if self.provider.state(now) == BreakerState::Closed && self.window.trips(policy) {
             tracing::warn!(
                 keys = self.window.keys(),
                 failed = self.window.failed,
