@@ -15,8 +15,11 @@
 //! - `read`: `order(id)` and a 20-order page through GraphQL over HTTP at 64 connections, next
 //!   to a bare axum + tokio-postgres handler sending the same SQL; and the visibility lag from
 //!   an acknowledged placeOrder to the STRICT query that sees it.
+//! - `fulfil`: the fulfilment saga end to end against `orderly serve` running as a process of
+//!   its own: placements and settlements per second, place -> settled latency, conflicts and
+//!   round trips per order, peak RSS, next to the single-event append rate of the same run.
 //!
-//! Each run works in a database of its own, created from a migrated template and dropped after.
+//! Each run works in a database of its own, created from a template and dropped after.
 
 // GraphQL answers are built from many small allocations; mimalloc serves them markedly
 // faster than the system allocator under concurrent load (measured in BENCHMARKS.md).
@@ -24,6 +27,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod append;
+mod fulfil;
 mod lag;
 mod place_order;
 mod read;
@@ -56,6 +60,9 @@ enum Command {
     /// order(id) and a 20-order page through GraphQL next to a bare handler running the same
     /// SQL, then the lag from placeOrder's acknowledgement to a query that sees the order.
     Read(read::Args),
+    /// The fulfilment saga end to end against an `orderly serve` subprocess: burst, hot SKU
+    /// and paced placements, settled through the read model.
+    Fulfil(fulfil::Args),
 }
 
 #[tokio::main]
@@ -66,5 +73,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Lag(args) => lag::run(args).await,
         Command::PlaceOrder(args) => place_order::run(args).await,
         Command::Read(args) => read::run(args).await,
+        Command::Fulfil(args) => fulfil::run(args).await,
     }
 }
