@@ -1,0 +1,858 @@
+//! Faults injected on purpose into a running `orderly`: PostgreSQL restarted and crashed under
+//! a burst of orders, saga processes killed with SIGKILL, a transaction that holds the log's
+//! horizon back while a payment lands, a lock that times the saga's writes out. Each test runs
+//! the binary as child processes against a private PostgreSQL cluster of its own (a restart
+//! or a held horizon would disturb every other test on the shared server) and judges the
+//! outcome by reading the event log itself, through SQL:
+//!
+//! - every order placed ends confirmed or cancelled;
+//! - no order is charged twice, a confirmed order once, a cancelled one that was charged is
+//!   refunded;
+//! - for each product, the stock the log holds reserved (reserved, minus released, minus
+//!   shipped) is what the confirmed orders' lines hold, and nothing else;
+//! - no saga step "failed for good".
+//!
+//! The tests wait for those to hold for a bounded time, and give up early when the log has
+//! been quiet for a while with orders still open: a live saga with deadlines of seconds never
+//! is.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::{Api, SECRET, customer, order_input, register};
+use futures::StreamExt;
+use orderly_test_support::cluster::{PrivateCluster, free_port};
+use orderly_test_support::process::Subprocess;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const ORDERLY: &str = env!("CARGO_BIN_EXE_orderly");
+
+/// What a saga that misses a step logs; never acceptable, whatever the fault.
+const STEP_LOST: &str = "failed for good";
+
+/// How an error line of the JSON log starts its level.
+const ERROR: &str = "\"level\":\"ERROR\"";
+
+/// How long one order may take to be accepted while PostgreSQL restarts under it.
+const PLACE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// PostgreSQL restarted cleanly twice and crashed once while 16 clients place 200 orders.
+/// Each restart cuts saga statements in flight, which are to be retried (SQLSTATE class 57 is
+/// transient), never skipped; the server carries on and is ready again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    migrate(&cluster.url()).await;
+    let mut server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
+    let skus = ["FAULT-A", "FAULT-B", "FAULT-C", "FAULT-SCARCE"];
+    for sku in skus {
+        // Scarce enough that some orders are cancelled out of stock and give back what
+        // they had reserved of the other products.
+        let stock = if sku == "FAULT-SCARCE" { 40 } else { 1_000 };
+        register(&server.api, sku, 300, "EUR", stock).await;
+    }
+
+    let placed = AtomicUsize::new(0);
+    let burst = place_burst(&server.api, 200, 16, &placed, |i| {
+        let first = skus[i % 3];
+        if i % 3 == 0 {
+            json!([{ "sku": first, "quantity": 1 + i % 2 },
+                   { "sku": "FAULT-SCARCE", "quantity": 1 + i % 3 }])
+        } else {
+            json!([{ "sku": first, "quantity": 1 + i % 3 }])
+        }
+    });
+    let faults = async {
+        for (after, crash) in [(50, false), (100, true), (150, false)] {
+            while placed.load(Ordering::Relaxed) < after {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // A restart answers a statement in flight (SQLSTATE 57P01) unlike an idle
+            // connection (closed): make sure the saga has one in flight, every time, by
+            // holding its tables until one of its writes waits. The holder dies with the
+            // restart.
+            let _holder = lock_saga_tables(&cluster).await;
+            saga_waits_for_a_lock(&cluster, Duration::from_secs(3)).await;
+            if crash {
+                cluster.restart_immediate().await.expect("crash and start");
+            } else {
+                cluster.restart_fast().await.expect("restart");
+            }
+        }
+    };
+    let (ids, ()) = tokio::join!(burst, faults);
+
+    let log = settle(
+        &cluster,
+        &ids,
+        Duration::from_secs(120),
+        Duration::from_secs(20),
+        &[&server],
+    )
+    .await;
+    log.assert_sound(&ids);
+    server.assert_no_step_lost();
+    assert!(
+        server.process.is_running(),
+        "the server exited: {:?}",
+        server.process.exit_status()
+    );
+    server.assert_ready(Duration::from_secs(10)).await;
+}
+
+/// Saga runner processes killed with SIGKILL twice during a burst (the leading one, where one
+/// leads), and new ones started: the others finish every order from the durable checkpoints,
+/// and a killed step done again charges nobody twice and leaves no stock held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_saga_processes_mid_burst_loses_no_step_and_charges_once() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    migrate(&cluster.url()).await;
+    let settings = timing(10);
+    // `serve` always runs a saga runner of its own, so the API runs alone here. No projection
+    // runner: nothing asserted reads a read model.
+    let api = Orderly::start("command-api", &cluster.url(), &["command-api"], &settings).await;
+    let saga = |n: usize| {
+        let url = with_application_name(&cluster.url(), &format!("saga-{n}"));
+        let settings = settings.clone();
+        async move { Orderly::start(&format!("saga-{n}"), &url, &["saga", "run"], &settings).await }
+    };
+    let mut sagas = vec![saga(1).await, saga(2).await];
+    register(&api.api, "KILL-A", 250, "EUR", 1_000).await;
+    register(&api.api, "KILL-B", 250, "EUR", 1_000).await;
+
+    let placed = AtomicUsize::new(0);
+    let burst = place_burst(
+        &api.api,
+        150,
+        16,
+        &placed,
+        |i| json!([{ "sku": if i % 2 == 0 { "KILL-A" } else { "KILL-B" }, "quantity": 1 + i % 2 }]),
+    );
+    let kills = async {
+        for (after, replacement) in [(50, 3), (100, 4)] {
+            while placed.load(Ordering::Relaxed) < after {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The leader, where one runner leads; else any runner still alive.
+            let leader = leading_saga(&cluster).await;
+            let victim = sagas
+                .iter_mut()
+                .filter_map(|s| s.process.is_running().then_some(s))
+                .min_by_key(|s| Some(s.process.name()) != leader.as_deref())
+                .expect("a saga process alive");
+            victim.process.kill();
+            eprintln!(
+                "killed {} (leader: {})",
+                victim.process.name(),
+                leader.as_deref().unwrap_or("none found")
+            );
+            sagas.push(saga(replacement).await);
+        }
+    };
+    let (ids, ()) = tokio::join!(burst, kills);
+
+    let watched: Vec<&Orderly> = sagas.iter().collect();
+    // Longer quiet than elsewhere: what a killed runner held (lanes, outbox claims) may wait
+    // for its lease to run out before anyone moves.
+    let log = settle(
+        &cluster,
+        &ids,
+        Duration::from_secs(120),
+        Duration::from_secs(45),
+        &watched,
+    )
+    .await;
+    log.assert_sound(&ids);
+    for runner in &sagas {
+        runner.assert_no_step_lost();
+    }
+}
+
+/// Readers of the log stop at the oldest transaction in flight (the horizon). A payment that
+/// commits before its deadline behind an open transaction becomes visible only after the
+/// deadline by the wall clock; the order must still be confirmed, since in log time the
+/// deadline had not passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_that_lands_behind_an_open_transaction_is_not_overtaken_by_its_deadline() {
+    // Four seconds: the simulator charges tok_slow after two, and a loaded machine needs the
+    // rest to get the answer into the log before the deadline.
+    let deadline = Duration::from_secs(4);
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    migrate(&cluster.url()).await;
+    let server = Orderly::start(
+        "serve",
+        &cluster.url(),
+        &["serve"],
+        &timing(deadline.as_secs()),
+    )
+    .await;
+    register(&server.api, "SLOW", 900, "EUR", 10).await;
+    let db = cluster.connect().await.expect("a connection");
+    let id = place_order(
+        &server.api,
+        "slow-customer",
+        "slow-1",
+        json!([{ "sku": "SLOW", "quantity": 1 }]),
+        "tok_slow",
+    )
+    .await;
+    let payment = format!("payment-{id}");
+
+    // The charge is on its way to the gateway once its request is in the log. From then on a
+    // transaction holds the horizon: the payment commits behind it, readers of the log do not
+    // see it until the transaction ends, and it is kept open until the deadline is past.
+    let (db, payment) = (&db, &payment);
+    let requested_at: DateTime<Utc> = poll(Duration::from_secs(30), move || async move {
+        db.query_opt(
+            "select (data->>'requested_at')::timestamptz from events
+             where stream = $1 and event_type = 'PaymentChargeRequested'",
+            &[&payment],
+        )
+        .await
+        .expect("read the log")
+        .map(|row| row.get(0))
+    })
+    .await
+    .expect("the charge requested within 30 s");
+    let holder = cluster.connect().await.expect("a connection");
+    holder
+        .batch_execute("begin; select pg_current_xact_id()")
+        .await
+        .expect("a transaction with an xid");
+    let due = requested_at + chrono::Duration::from_std(deadline).expect("a duration");
+    // When the payment was written (`charged_at` is when the gateway was called).
+    let landed_at: DateTime<Utc> = poll(Duration::from_secs(20), move || async move {
+        db.query_opt(
+            "select recorded_at from events
+             where stream = $1 and event_type = 'PaymentCharged'",
+            &[&payment],
+        )
+        .await
+        .expect("read the log")
+        .map(|row| row.get(0))
+    })
+    .await
+    .expect("the slow payment charged within 20 s");
+    while Utc::now() < due + chrono::Duration::milliseconds(1_500) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder
+        .batch_execute("commit")
+        .await
+        .expect("the transaction ends");
+    assert!(
+        landed_at < due,
+        "premise not met: the payment landed at {landed_at}, after its deadline {due}; the \
+         machine was too slow for this test"
+    );
+
+    let log = settle(
+        &cluster,
+        &[id],
+        Duration::from_secs(30),
+        Duration::from_secs(15),
+        &[&server],
+    )
+    .await;
+    let order = &log.orders[&id];
+    assert!(
+        order.confirmed && order.cancelled.is_none(),
+        "order {id}, its payment in the log at {landed_at} before its deadline {due}, ended \
+         {order:?} (a deadline judged by the wall clock while the payment waited behind the \
+         log's horizon?)"
+    );
+    log.assert_sound(&[id]);
+    server.assert_no_step_lost();
+}
+
+/// A saga write that hits `lock_timeout` (SQLSTATE 55P03) failed transiently: the step is
+/// tried again once the lock is gone, never skipped, and the order confirmed and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_on_the_saga_tables_does_not_skip_a_step() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    migrate(&cluster.url()).await;
+    let db = cluster.connect().await.expect("a connection");
+    // Every session from now on, the server's included, gives up on a lock after 300 ms.
+    db.batch_execute("alter database postgres set lock_timeout = '300ms'")
+        .await
+        .expect("lock_timeout set");
+    let server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
+    register(&server.api, "LOCKED", 500, "EUR", 10).await;
+
+    let holder = lock_saga_tables(&cluster).await;
+    let id = place_order(
+        &server.api,
+        "locked-out",
+        "locked-1",
+        json!([{ "sku": "LOCKED", "quantity": 2 }]),
+        "tok_ok",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    holder.batch_execute("commit").await.expect("unlocked");
+
+    let log = settle(
+        &cluster,
+        &[id],
+        Duration::from_secs(30),
+        Duration::from_secs(15),
+        &[&server],
+    )
+    .await;
+    log.assert_sound(&[id]);
+    let order = &log.orders[&id];
+    assert!(order.confirmed, "order {id} ended {order:?}");
+    server.assert_no_step_lost();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary as a child process.
+
+/// Settings for quick fulfilment: a payment deadline of `deadline_secs`, a retry after a
+/// failed charge within a second, deadlines checked ten times a second.
+fn timing(deadline_secs: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("ORDERLY_PAYMENT_DEADLINE_SECS", deadline_secs.to_string()),
+        ("ORDERLY_PAYMENT_RETRY_AFTER_SECS", "1".into()),
+        ("ORDERLY_SAGA_TICK_MS", "100".into()),
+    ]
+}
+
+/// `orderly` with `args`, its settings only the ones given here (none inherited from the
+/// environment the tests run in) and logs at info, where a lost step shows.
+fn orderly(args: &[&str], database_url: &str, settings: &[(&str, String)]) -> Command {
+    let mut command = Command::new(ORDERLY);
+    command.args(args);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("ORDERLY_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env("ORDERLY_DATABASE_URL", database_url)
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .env("ORDERLY_RATE_LIMIT_PER_SECOND", "0")
+        // Lines a test can match without colour codes in the way.
+        .env("ORDERLY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info");
+    for (name, value) in settings {
+        command.env(name, value);
+    }
+    command
+}
+
+/// Applies the migrations once, before processes that would each try to.
+async fn migrate(database_url: &str) {
+    let mut command = orderly(&["migrate"], database_url, &[]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("migrate ran")
+        .expect("orderly migrate started");
+    assert!(
+        output.status.success(),
+        "orderly migrate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The database URL with `application_name` set, so that the sessions of one process can be
+/// told apart in `pg_stat_activity`.
+fn with_application_name(database_url: &str, name: &str) -> String {
+    format!("{database_url}?application_name={name}")
+}
+
+/// One `orderly` process serving HTTP on a port of its own.
+struct Orderly {
+    process: Subprocess,
+    api: Api,
+}
+
+impl Orderly {
+    /// Starts `orderly args` and waits until it answers `/healthz`; tries another port when
+    /// the one chosen was taken meanwhile.
+    async fn start(
+        name: &str,
+        database_url: &str,
+        args: &[&str],
+        settings: &[(&str, String)],
+    ) -> Self {
+        for _ in 0..3 {
+            let port = free_port().expect("a free port");
+            let mut command = orderly(args, database_url, settings);
+            command.env("ORDERLY_HTTP_ADDR", format!("127.0.0.1:{port}"));
+            let mut process = Subprocess::spawn(name, command).expect("orderly started");
+            let api = Api {
+                base: format!("http://127.0.0.1:{port}"),
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(20))
+                    .build()
+                    .expect("an HTTP client"),
+            };
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                if let Some(status) = process.exit_status() {
+                    let output = process.output();
+                    if output.contains("in use") {
+                        break;
+                    }
+                    panic!("{name} exited ({status}) at start:\n{}", process.tail(40));
+                }
+                let health = api.http.get(format!("{}/healthz", api.base)).send().await;
+                if health.is_ok_and(|r| r.status().is_success()) {
+                    return Self { process, api };
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if process.is_running() {
+                panic!("{name} did not answer /healthz within 60 s");
+            }
+        }
+        panic!("{name}: no free port after 3 tries");
+    }
+
+    /// The first lines the process logged at ERROR, and every lost step, for a report.
+    fn errors(&self) -> String {
+        let output = self.process.output();
+        let errors: Vec<&str> = output
+            .lines()
+            .filter(|line| line.contains(ERROR) || line.contains(STEP_LOST))
+            .take(20)
+            .collect();
+        format!(
+            "{} logged {} error lines, the first ones:\n{}",
+            self.process.name(),
+            output.lines().filter(|line| line.contains(ERROR)).count(),
+            errors.join("\n")
+        )
+    }
+
+    fn assert_no_step_lost(&self) {
+        let output = self.process.output();
+        let lost: Vec<&str> = output.lines().filter(|l| l.contains(STEP_LOST)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} lost saga steps:\n{}",
+            self.process.name(),
+            lost.join("\n")
+        );
+    }
+
+    /// `/readyz` says ready within `within` (the pools may take a moment to replace the
+    /// connections a restart cut).
+    async fn assert_ready(&self, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let answer = self
+                .api
+                .http
+                .get(format!("{}/readyz", self.api.base))
+                .send()
+                .await;
+            let (status, body) = match answer {
+                Ok(response) => (
+                    response.status().as_u16(),
+                    response.text().await.unwrap_or_default(),
+                ),
+                Err(error) => (0, error.to_string()),
+            };
+            if status == 200 && body.contains("\"ready\"") {
+                return;
+            }
+            assert!(
+                started.elapsed() < within,
+                "/readyz after {within:?}: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The `application_name` of the saga process that holds an advisory lock, if one does (the
+/// leader, while one runner leads at a time).
+async fn leading_saga(cluster: &PrivateCluster) -> Option<String> {
+    let db = cluster.connect().await.ok()?;
+    db.query_opt(
+        "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid
+         where l.locktype = 'advisory' and l.granted and a.application_name like 'saga-%'
+         limit 1",
+        &[],
+    )
+    .await
+    .ok()
+    .flatten()
+    .map(|row| row.get(0))
+}
+
+/// A connection in a transaction that holds every table of the saga's own (states,
+/// checkpoints, lanes, leases: whatever the schema has named `saga_*`) in share mode, which
+/// lets the saga read them but makes its writes wait. `commit` (or dropping it) lets go.
+async fn lock_saga_tables(cluster: &PrivateCluster) -> tokio_postgres::Client {
+    let holder = cluster.connect().await.expect("a connection");
+    let tables: Vec<String> = holder
+        .query(
+            "select format('%I', table_name) from information_schema.tables
+             where table_schema = current_schema() and table_type = 'BASE TABLE'
+               and table_name like 'saga\\_%' order by table_name",
+            &[],
+        )
+        .await
+        .expect("the saga tables")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!tables.is_empty(), "no saga_* tables in the schema");
+    // The holder itself waits as long as it takes for the saga's own writes to finish.
+    holder
+        .batch_execute(&format!(
+            "begin; set local lock_timeout = 0; lock table {} in share mode",
+            tables.join(", ")
+        ))
+        .await
+        .expect("the saga tables locked");
+    holder
+}
+
+/// Waits, up to `within`, until some session waits for a lock (the saga, on the tables
+/// [`lock_saga_tables`] holds).
+async fn saga_waits_for_a_lock(cluster: &PrivateCluster, within: Duration) {
+    let db = cluster.connect().await.expect("a connection");
+    let waiting = poll(within, || async {
+        let row = db
+            .query_one(
+                "select count(*) from pg_stat_activity
+                 where wait_event_type = 'Lock' and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        (row.get::<_, i64>(0) > 0).then_some(())
+    })
+    .await;
+    if waiting.is_none() {
+        eprintln!("no saga write waited on its tables within {within:?}; restarting all the same");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients.
+
+/// Places `count` orders from `clients` concurrent clients, one customer per order, lines from
+/// `lines(i)`, all paid with tok_ok; counts them in `placed` as they are accepted. Their ids,
+/// in order.
+async fn place_burst(
+    api: &Api,
+    count: usize,
+    clients: usize,
+    placed: &AtomicUsize,
+    lines: impl Fn(usize) -> Value,
+) -> Vec<Uuid> {
+    let lines = Arc::new(lines);
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let lines = lines.clone();
+            async move {
+                let id = place_order(
+                    api,
+                    &format!("customer-{i}"),
+                    &format!("order-{i}"),
+                    lines(i),
+                    "tok_ok",
+                )
+                .await;
+                placed.fetch_add(1, Ordering::Relaxed);
+                id
+            }
+        })
+        .buffered(clients)
+        .collect()
+        .await
+}
+
+/// Places one order under idempotency key `key`, sending it again (same key, so placed once)
+/// while the answer is UNAVAILABLE or does not arrive at all, for up to `PLACE_PATIENCE`.
+async fn place_order(api: &Api, customer_id: &str, key: &str, lines: Value, token: &str) -> Uuid {
+    let mut variables = order_input(lines, token);
+    variables["input"]["idempotencyKey"] = json!(key);
+    let body = json!({ "query": common::PLACE, "variables": variables }).to_string();
+    let bearer = customer(customer_id);
+    let started = Instant::now();
+    loop {
+        let answer = api
+            .http
+            .post(format!("{}/graphql", api.base))
+            .bearer_auth(&bearer)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        let last = match answer {
+            Err(error) => format!("no answer: {error}"),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let text = response.text().await.unwrap_or_default();
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(body) => {
+                        if let Some(id) = body["data"]["placeOrder"]["id"].as_str() {
+                            return id.parse().expect("an order id");
+                        }
+                        let code = body["errors"][0]["extensions"]["code"].as_str();
+                        assert_eq!(code, Some("UNAVAILABLE"), "placeOrder {key}: {body}");
+                        format!("{status} {body}")
+                    }
+                    Err(_) if status >= 500 => format!("{status} {text}"),
+                    Err(_) => panic!("placeOrder {key}: {status} {text}"),
+                }
+            }
+        };
+        assert!(
+            started.elapsed() < PLACE_PATIENCE,
+            "placeOrder {key} not accepted within {PLACE_PATIENCE:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Calls `probe` every 20 ms until it yields something, for up to `within`.
+async fn poll<T, F, Fut>(within: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Some(found) = probe().await {
+            return Some(found);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// The event log, judged.
+
+/// What the log says happened to one order.
+#[derive(Debug, Default)]
+struct OrderFacts {
+    placed: usize,
+    /// (sku, quantity) of each line.
+    lines: Vec<(String, i64)>,
+    confirmed: bool,
+    /// The reason, once cancelled.
+    cancelled: Option<String>,
+    charges: usize,
+    refunds: usize,
+    /// Per SKU: reserved, minus released, minus shipped, for this order.
+    held: BTreeMap<String, i64>,
+}
+
+impl OrderFacts {
+    fn is_terminal(&self) -> bool {
+        self.confirmed || self.cancelled.is_some()
+    }
+
+    /// What the order should hold of `sku` once settled: its line if confirmed, else nothing.
+    fn should_hold(&self, sku: &str) -> i64 {
+        if !self.confirmed || self.cancelled.is_some() {
+            return 0;
+        }
+        self.lines
+            .iter()
+            .filter(|(s, _)| s == sku)
+            .map(|(_, q)| q)
+            .sum()
+    }
+}
+
+/// The whole log, read once.
+struct Log {
+    orders: BTreeMap<Uuid, OrderFacts>,
+    /// The highest sequence value written, to see whether anything still happens.
+    last_seq: i64,
+}
+
+impl Log {
+    async fn read(db: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        let rows = db
+            .query(
+                "select event_type, data, seq from events order by tx_id, seq",
+                &[],
+            )
+            .await?;
+        let mut orders: BTreeMap<Uuid, OrderFacts> = BTreeMap::new();
+        let mut last_seq = 0;
+        for row in rows {
+            let event_type: String = row.get(0);
+            let data: Value = row.get(1);
+            last_seq = last_seq.max(row.get::<_, i64>(2));
+            let Some(order_id) = data["order_id"].as_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            let order = orders.entry(order_id).or_default();
+            let sku = || data["sku"].as_str().unwrap_or_default().to_owned();
+            let quantity = data["quantity"].as_i64().unwrap_or_default();
+            match event_type.as_str() {
+                "OrderPlaced" => {
+                    order.placed += 1;
+                    order.lines = data["lines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|line| {
+                            let sku = line["sku"].as_str().unwrap_or_default().to_owned();
+                            (sku, line["quantity"].as_i64().unwrap_or_default())
+                        })
+                        .collect();
+                }
+                "OrderConfirmed" => order.confirmed = true,
+                "OrderCancelled" => {
+                    let reason = data["cancellation_reason"].as_str().unwrap_or_default();
+                    order.cancelled = Some(reason.to_owned());
+                }
+                "PaymentCharged" => order.charges += 1,
+                "PaymentRefunded" => order.refunds += 1,
+                "StockReserved" => *order.held.entry(sku()).or_default() += quantity,
+                "StockReservationReleased" | "ReservedStockShipped" => {
+                    *order.held.entry(sku()).or_default() -= quantity;
+                }
+                _ => {}
+            }
+        }
+        Ok(Self { orders, last_seq })
+    }
+
+    /// Orders not confirmed or cancelled yet.
+    fn open(&self, ids: &[Uuid]) -> Vec<Uuid> {
+        ids.iter()
+            .filter(|id| !self.orders.get(id).is_some_and(OrderFacts::is_terminal))
+            .copied()
+            .collect()
+    }
+
+    /// Everything wrong with the outcome for orders `ids`, each said in a line; empty when
+    /// sound. Some may still be on their way to right (a release follows its cancellation).
+    fn problems(&self, ids: &[Uuid]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let expected: BTreeSet<&Uuid> = ids.iter().collect();
+        for id in self.orders.keys().filter(|id| !expected.contains(id)) {
+            problems.push(format!(
+                "order {id} is in the log but was never placed by the test"
+            ));
+        }
+        let open = self.open(ids);
+        if !open.is_empty() {
+            problems.push(format!(
+                "{} of {} orders neither confirmed nor cancelled, e.g. {:?}",
+                open.len(),
+                ids.len(),
+                &open[..open.len().min(5)]
+            ));
+        }
+        for (id, order) in ids.iter().filter_map(|id| Some((id, self.orders.get(id)?))) {
+            if order.placed != 1 {
+                problems.push(format!("order {id} placed {} times", order.placed));
+            }
+            if order.confirmed && order.cancelled.is_some() {
+                problems.push(format!("order {id} confirmed and cancelled: {order:?}"));
+            }
+            if order.charges > 1 {
+                problems.push(format!("order {id} charged {} times", order.charges));
+            }
+            if order.confirmed && order.charges == 0 {
+                problems.push(format!("order {id} confirmed but never charged"));
+            }
+            if order.cancelled.is_some() && order.charges > order.refunds {
+                problems.push(format!("order {id} cancelled but its charge not refunded"));
+            }
+            if order.is_terminal() {
+                for (sku, held) in &order.held {
+                    let should = order.should_hold(sku);
+                    if *held != should {
+                        problems.push(format!(
+                            "order {id} holds {held} of {sku}, not {should}: {order:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        // The same per product, as the product's stock counts it.
+        let mut held: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut should: BTreeMap<&str, i64> = BTreeMap::new();
+        for order in self.orders.values() {
+            for (sku, quantity) in &order.held {
+                *held.entry(sku).or_default() += quantity;
+            }
+            for (sku, _) in &order.lines {
+                *should.entry(sku).or_default() += order.should_hold(sku);
+            }
+        }
+        for sku in held.keys().chain(should.keys()).collect::<BTreeSet<_>>() {
+            let (held, should) = (held.get(sku), should.get(sku));
+            let (held, should) = (held.copied().unwrap_or(0), should.copied().unwrap_or(0));
+            if held != should {
+                problems.push(format!(
+                    "{sku}: the log holds {held} reserved, the confirmed orders {should}"
+                ));
+            }
+        }
+        problems
+    }
+
+    fn assert_sound(&self, ids: &[Uuid]) {
+        let problems = self.problems(ids);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}
+
+/// Reads the log until the outcome for `ids` is sound, for up to `within`, or until the log
+/// has not grown for `quiet` (nothing left that would change it); the last reading. A failure
+/// quotes the lost steps and errors that the `watched` processes logged.
+async fn settle(
+    cluster: &PrivateCluster,
+    ids: &[Uuid],
+    within: Duration,
+    quiet: Duration,
+    watched: &[&Orderly],
+) -> Log {
+    let started = Instant::now();
+    let mut db = cluster.connect().await.expect("a connection");
+    let (mut last_seq, mut grew_at) = (0, Instant::now());
+    loop {
+        let log = match Log::read(&db).await {
+            Ok(log) => log,
+            Err(error) => {
+                assert!(started.elapsed() < within, "the log unreadable: {error}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                db = cluster.connect().await.expect("a connection");
+                continue;
+            }
+        };
+        let problems = log.problems(ids);
+        if problems.is_empty() {
+            return log;
+        }
+        if log.last_seq != last_seq {
+            (last_seq, grew_at) = (log.last_seq, Instant::now());
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited < within && grew_at.elapsed() < quiet,
+            "not settled after {waited:?} (the log quiet for {:?}):\n{}\n{}",
+            grew_at.elapsed(),
+            problems.join("\n"),
+            watched
+                .iter()
+                .map(|process| process.errors())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
