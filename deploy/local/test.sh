@@ -17,22 +17,45 @@ cd "${repo_root}"
 source "${repo_root}/deploy/local/ensure-postgres.sh"
 export ORDERLY_DATABASE_URL ORDERLY_TEST_DATABASE_URL
 
-# The metrics test checks a scrape with promtool (Debian's prometheus package) and fails
-# without it.
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "test: installing promtool (Debian package prometheus) for the metrics test" >&2
-    as_root=()
+# Installs Debian package $1 quietly (its output shown only on failure); $2 says which
+# tests need it, which fail without it.
+install_for_tests() {
+    local package="$1" why="$2" apt_log
+    local as_root=()
     if [[ "$(id -u)" -ne 0 ]]; then
         as_root=(sudo --)
     fi
+    echo "test: installing ${package} for ${why}" >&2
     apt_log="$(mktemp /tmp/orderly-apt.XXXXXX)"
     if ! { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update &&
         "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-            install -y --no-install-recommends prometheus; } >"${apt_log}" 2>&1; then
+            install -y --no-install-recommends "${package}"; } >"${apt_log}" 2>&1; then
         tail -n 30 "${apt_log}" >&2
-        echo "test: could not install promtool; the metrics test will fail" >&2
+        echo "test: could not install ${package}; ${why} will fail" >&2
     fi
     rm -f "${apt_log}"
+}
+
+# The metrics test checks a scrape with promtool (Debian's prometheus package) and fails
+# without it.
+if ! command -v promtool >/dev/null 2>&1; then
+    install_for_tests prometheus "the metrics test (promtool)"
+fi
+
+# The fault tests (tests/faults.rs) restart and crash PostgreSQL, so each starts a private
+# cluster of its own: they need the server binaries even when the database above is on
+# another machine.
+have_server_binaries() {
+    local bindir
+    for bindir in /usr/lib/postgresql/*/bin; do
+        if [[ -x "${bindir}/initdb" && -x "${bindir}/pg_ctl" && -x "${bindir}/postgres" ]]; then
+            return 0
+        fi
+    done
+    return 1
+}
+if ! have_server_binaries; then
+    install_for_tests postgresql "the fault tests (tests/faults.rs: initdb, pg_ctl, postgres)"
 fi
 
 # Tests open many connections in parallel. The private cluster is configured
