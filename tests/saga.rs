@@ -20,6 +20,7 @@ use orderly_domain::product::{Product, ProductAggregate};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
 use orderly_event_store::StreamName;
+use orderly_test_support::TestDb;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -500,4 +501,220 @@ async fn a_standby_runner_takes_over_when_the_leader_dies() {
     )
     .await;
     assert_eq!(reserved, 2, "each order reserved once, by one runner");
+}
+
+#[tokio::test]
+async fn the_database_and_the_runner_put_every_order_in_the_same_lane() {
+    use orderly_command_api::saga::lanes::{LANE_OF_SQL, lane_of};
+    let db = migrated_database().await;
+    let client = db.connect().await.unwrap();
+    let ids: Vec<uuid::Uuid> = (0..500).map(|_| uuid::Uuid::new_v4()).collect();
+    let rows = client
+        .query(
+            &format!("select order_id, {LANE_OF_SQL} from unnest($1::uuid[]) as t(order_id)"),
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let id: uuid::Uuid = row.get(0);
+        let lane: i64 = row.get(1);
+        assert_eq!(lane, i64::from(lane_of(OrderId(id))), "order {id}");
+    }
+}
+
+/// Events of `event_type` in the log, per order id found in their data.
+async fn per_order(db: &TestDb, event_type: &str) -> std::collections::HashMap<String, i64> {
+    let client = db.connect().await.unwrap();
+    client
+        .query(
+            "select data->>'order_id', count(*) from events where event_type = $1 group by 1",
+            &[&event_type],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_runners_and_a_crash_take_every_order_through_each_step_exactly_once() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    for sku in ["TEA", "MUG", "POT"] {
+        register(&api, sku, 500, "EUR", 1000).await;
+    }
+    let simulator = Arc::new(Simulator::default());
+    let gateway = || Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let first = start_saga(&settings, gateway());
+    let _second = start_saga(&settings, gateway());
+
+    let placing = (0..120).map(|i| {
+        let api = &api;
+        let sku = ["TEA", "MUG", "POT"][i % 3];
+        async move { place(api, &format!("c{i}"), sku, 1, "tok_ok").await }
+    });
+    let mut ids = futures::future::join_all(placing.clone().take(60)).await;
+    // One runner dies mid-burst; its lanes wait out their lease, then the other takes them.
+    first.abort();
+    let _ = first.await;
+    ids.extend(futures::future::join_all(placing.skip(60)).await);
+
+    let log = Log::new(&settings);
+    let orders = log.settled(&ids, Duration::from_secs(90)).await;
+    assert!(orders.iter().all(|o| o.status == OrderStatus::Confirmed));
+    assert_eq!(simulator.charges(), ids.len());
+    for event_type in [
+        "StockReserved",
+        "OrderStockReserved",
+        "PaymentChargeRequested",
+        "PaymentCharged",
+        "OrderPaid",
+        "OrderConfirmed",
+    ] {
+        let counts = per_order(&db, event_type).await;
+        assert_eq!(counts.len(), ids.len(), "{event_type} for every order");
+        assert!(
+            counts.values().all(|n| *n == 1),
+            "{event_type} once per order: {counts:?}"
+        );
+    }
+    // Each order's own stream went through its steps in order.
+    let client = db.connect().await.unwrap();
+    let out_of_order: i64 = client
+        .query_one(
+            "select count(*) from (
+                 select stream, array_agg(event_type order by version) as steps
+                 from events where stream like 'order-%' group by stream) s
+             where steps <> array['OrderPlaced', 'OrderStockReserved', 'OrderPaid',
+                                  'OrderConfirmed']",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(out_of_order, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them_again() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let simulator = Arc::new(Simulator::default());
+    let _saga = start_saga(
+        &settings,
+        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
+    );
+    eventually(
+        &db,
+        "select count(*) from saga_lanes where owner is not null and lease_until > now()",
+        16,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Another process takes every lane (as after this one paused past its lease).
+    let client = db.connect().await.unwrap();
+    client
+        .execute(
+            "update saga_lanes set owner = 'intruder', generation = generation + 1,
+                 lease_until = now() + interval '3 seconds'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let stored = count(
+        &db,
+        &format!("select count(*) from saga_states where order_id = '{id}'"),
+    )
+    .await;
+    assert_eq!(stored, 0, "a fenced runner stored a saga state");
+
+    // The intruder's lease runs out; the runner claims the lanes again and goes on.
+    let orders = Log::new(&settings)
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    assert_eq!(orders[0].status, OrderStatus::Confirmed);
+    assert_eq!(simulator.charges(), 1);
+    let owners = count(
+        &db,
+        "select count(*) from saga_lanes where owner = 'intruder'",
+    )
+    .await;
+    assert_eq!(owners, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
+    use orderly_command_api::saga::maintenance;
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let poisoned = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    // A saga state that no longer decodes: nothing can be decided for this order.
+    let client = db.connect().await.unwrap();
+    client
+        .execute(
+            "insert into saga_states (saga_name, order_id, state, correlation_id)
+             values ('fulfilment', $1, '\"not a state\"', $1)",
+            &[&uuid::Uuid::parse_str(&poisoned).unwrap()],
+        )
+        .await
+        .unwrap();
+    let simulator = Arc::new(Simulator::default());
+    let _saga = start_saga(
+        &settings,
+        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
+    );
+    let healthy = place(&api, "bob", "TEA", 1, "tok_ok").await;
+    let log = Log::new(&settings);
+    let orders = log
+        .settled(std::slice::from_ref(&healthy), Duration::from_secs(30))
+        .await;
+    assert_eq!(orders[0].status, OrderStatus::Confirmed, "the lane went on");
+
+    eventually(
+        &db,
+        "select count(*) from saga_parked where event_type = 'OrderPlaced'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        parked[0].order_id.map(|id| id.to_string()),
+        Some(poisoned.clone())
+    );
+    assert!(parked[0].error.contains("does not decode"), "{parked:?}");
+    assert_eq!(log.order(&poisoned).await.status, OrderStatus::Placed);
+
+    // The operator repairs the state, then asks for the event again.
+    client
+        .execute(
+            "delete from saga_states where state = '\"not a state\"'",
+            &[],
+        )
+        .await
+        .unwrap();
+    maintenance::retry_parked(&client, "fulfilment", parked[0].event_id)
+        .await
+        .unwrap();
+    let orders = log
+        .settled(std::slice::from_ref(&poisoned), Duration::from_secs(30))
+        .await;
+    assert_eq!(orders[0].status, OrderStatus::Confirmed);
+    assert!(
+        maintenance::parked(&client, "fulfilment")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(simulator.charges(), 2);
 }

@@ -46,8 +46,9 @@ use super::{SagaRunner, Step, count_settled};
 use crate::CommandError;
 use crate::handling::stream_name;
 
-/// Items buffered between the reader and one lane; a full lane slows the reader down.
-const LANE_BUFFER: usize = 4096;
+/// Items buffered between the reader and one lane; a full lane slows the reader down. Bounds
+/// the memory of a process catching up: 16 lanes of decoded events of about a kilobyte.
+const LANE_BUFFER: usize = 1024;
 
 /// How often the reader tells every lane how far it has read, so lanes whose orders are quiet
 /// still move their checkpoints (a restart then replays less).
@@ -55,6 +56,9 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Saga states whose deadline passed, handled per lane and tick.
 const DUE_BATCH: i64 = 100;
+
+/// How often a lane looks for parked events an operator asked to retry.
+const PARKED_EVERY: Duration = Duration::from_secs(5);
 
 /// Pauses between tries of work that failed: from the first, doubling, up to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -197,6 +201,13 @@ fn due_query() -> String {
     )
 }
 
+fn next_due_query() -> String {
+    format!(
+        "select min(due_at) from saga_states
+         where saga_name = $1 and not settled and due_at is not null and {LANE_OF_SQL} = $2"
+    )
+}
+
 fn retries_query() -> String {
     format!(
         "select stream, version from saga_parked
@@ -259,7 +270,10 @@ impl SagaRunner {
                         }
                         Some(Err(error)) => {
                             tracing::warn!(%error, "saga subscription failed; resubscribing");
-                            continue 'subscribe;
+                            tokio::select! {
+                                _ = stop.changed() => break 'subscribe,
+                                () = tokio::time::sleep(RETRY_FIRST) => continue 'subscribe,
+                            }
                         }
                         None => continue 'subscribe,
                     },
@@ -295,13 +309,50 @@ impl SagaRunner {
         let fenced = |_| Fenced(lease.lane);
         // Everything of this lane up to `seen` is handled; up to `stored`, durably so.
         let (mut seen, mut stored) = (lease.checkpoint, lease.checkpoint);
+        // When the lane's next deadline comes due; unknown (so: now) until the first look, and
+        // lowered by every state the lane stores, so an idle lane asks nothing until then.
+        let mut next_due = Some(DateTime::<Utc>::MIN_UTC);
+        let mut parked_checked: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buffer = Vec::with_capacity(self.config.batch_size);
         loop {
+            // Ticks before batches: under a steady stream of events deadlines still come due.
             tokio::select! {
                 biased;
                 _ = halted.changed() => return Ok(()),
+                _ = tick.tick() => {
+                    if seen > stored {
+                        let moved = self
+                            .until_done(&mut halted, || self.commit(&lease, &[], Some(seen)))
+                            .await
+                            .map_err(fenced)?;
+                        if moved.is_none() {
+                            return Ok(());
+                        }
+                        stored = seen;
+                    }
+                    if next_due.is_some_and(|due| due <= Utc::now()) {
+                        match self
+                            .until_done(&mut halted, || self.tick_due(&lease))
+                            .await
+                            .map_err(fenced)?
+                        {
+                            Some(next) => next_due = next,
+                            None => return Ok(()),
+                        }
+                    }
+                    if parked_checked.is_none_or(|at| at.elapsed() >= PARKED_EVERY) {
+                        let retried = self
+                            .until_done(&mut halted, || self.retry_parked(&lease))
+                            .await
+                            .map_err(fenced)?;
+                        if retried.is_none() {
+                            return Ok(());
+                        }
+                        parked_checked = Some(tokio::time::Instant::now());
+                    }
+                }
                 received = items.recv_many(&mut buffer, self.config.batch_size) => {
                     if received == 0 {
                         return Ok(());
@@ -317,33 +368,11 @@ impl SagaRunner {
                         .await
                         .map_err(fenced)?;
                     self.lag.done(lease.lane);
-                    if handled.is_none() {
+                    let Some(due) = handled else {
                         return Ok(());
-                    }
+                    };
+                    next_due = earliest(next_due, due);
                     (seen, stored) = (last, last);
-                }
-                _ = tick.tick() => {
-                    if seen > stored {
-                        let moved = self
-                            .until_done(&mut halted, || self.commit(&lease, &[], Some(seen)))
-                            .await
-                            .map_err(fenced)?;
-                        if moved.is_none() {
-                            return Ok(());
-                        }
-                        stored = seen;
-                    }
-                    let ticked = self
-                        .until_done(&mut halted, || self.tick_due(&lease))
-                        .await
-                        .map_err(fenced)?;
-                    let retried = self
-                        .until_done(&mut halted, || self.retry_parked(&lease))
-                        .await
-                        .map_err(fenced)?;
-                    if ticked.is_none() || retried.is_none() {
-                        return Ok(());
-                    }
                 }
             }
         }
@@ -372,7 +401,7 @@ impl SagaRunner {
                     let transient = error.is_transient();
                     metrics::counter!(
                         "orderly_saga_retries_total",
-                        "kind" => if transient { "transient" } else { "permanent" }
+                        "failure" => if transient { "transient" } else { "permanent" }
                     )
                     .increment(1);
                     if transient {
@@ -397,7 +426,7 @@ impl SagaRunner {
         lease: &Lease,
         events: &[Arc<Input>],
         last: Position,
-    ) -> Result<(), LaneError> {
+    ) -> Result<Option<DateTime<Utc>>, LaneError> {
         let handled = self.handle(events, false).await?;
         self.commit(lease, &handled, Some(last)).await
     }
@@ -571,33 +600,55 @@ impl SagaRunner {
         Ok(())
     }
 
-    /// Feeds the wall clock to this lane's sagas whose deadline has passed.
-    async fn tick_due(&self, lease: &Lease) -> Result<(), LaneError> {
+    /// Feeds the wall clock to this lane's sagas whose deadline has passed; answers when the
+    /// lane's next deadline is. An instance whose tick fails for good (a state that does not
+    /// decode, a command refused as corrupt) is logged and left for the next tick: it has no
+    /// event to park, and it must not hold up the others.
+    async fn tick_due(&self, lease: &Lease) -> Result<Option<DateTime<Utc>>, LaneError> {
         let now = Utc::now();
+        let lane = i64::from(lease.lane);
+        // Never hold a connection while the work below takes others: lanes would starve the
+        // pool between them.
         let due = {
             let client = self.pool.get().await?;
-            let lane = i64::from(lease.lane);
             client
                 .query(&due_query(), &[&self.config.name, &now, &lane, &DUE_BATCH])
                 .await?
         };
-        if due.is_empty() {
-            return Ok(());
+        if !due.is_empty() {
+            let runs = due.into_iter().map(|row| async move {
+                let order_id = OrderId(row.get(0));
+                let state = serde_json::from_value::<FulfilmentState>(row.get(1))
+                    .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")));
+                let ticked = match state {
+                    Ok(state) => {
+                        self.tick_order(order_id, state, row.get(2), row.get(3), now)
+                            .await
+                    }
+                    Err(error) => Err(error),
+                };
+                match ticked {
+                    Ok(handled) => Ok(Some(handled)),
+                    Err(error) if error.is_transient() => Err(error),
+                    Err(error) => {
+                        tracing::error!(%error, %order_id, "saga deadline not handled; tried again next tick");
+                        Ok(None)
+                    }
+                }
+            });
+            let mut runs =
+                futures::stream::iter(runs).buffer_unordered(self.config.orders_in_flight);
+            let mut handled = Vec::new();
+            while let Some(order) = runs.next().await {
+                handled.extend(order?);
+            }
+            self.commit(lease, &handled, None).await?;
         }
-        let runs = due.into_iter().map(|row| async move {
-            let order_id = OrderId(row.get(0));
-            let state: FulfilmentState = serde_json::from_value(row.get(1))
-                .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")))?;
-            let due_at: DateTime<Utc> = row.get(2);
-            self.tick_order(order_id, state, due_at, row.get(3), now)
-                .await
-        });
-        let mut runs = futures::stream::iter(runs).buffer_unordered(self.config.orders_in_flight);
-        let mut handled = Vec::new();
-        while let Some(order) = runs.next().await {
-            handled.push(order?);
-        }
-        self.commit(lease, &handled, None).await
+        let client = self.pool.get().await?;
+        let next = client
+            .query_one(&next_due_query(), &[&self.config.name, &lane])
+            .await?;
+        Ok(next.get(0))
     }
 
     async fn tick_order(
@@ -690,7 +741,7 @@ impl SagaRunner {
                 .resolved
                 .retain(|id| !entry.parked.iter().any(|p| p.input.id == *id));
         }
-        self.commit(lease, &handled, None).await
+        self.commit(lease, &handled, None).await.map(drop)
     }
 
     /// Stores what a batch or tick handled and the lane's checkpoint, in one transaction that
@@ -700,7 +751,7 @@ impl SagaRunner {
         lease: &Lease,
         handled: &[Handled],
         checkpoint: Option<Position>,
-    ) -> Result<(), LaneError> {
+    ) -> Result<Option<DateTime<Utc>>, LaneError> {
         let (commit, prepare) = match checkpoint {
             Some(position) => {
                 let (commit, prepare) = position_columns(position)?;
@@ -746,7 +797,18 @@ impl SagaRunner {
         if handled.iter().any(|entry| !entry.rows.is_empty()) {
             self.outbox_ready.notify_one();
         }
-        Ok(())
+        Ok(handled
+            .iter()
+            .filter_map(|entry| entry.state.as_ref()?.next_due_at())
+            .min())
+    }
+}
+
+/// The earlier of two deadlines, where `None` is "no deadline".
+fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
