@@ -254,7 +254,7 @@ fn describe() {
     for (name, unit, help) in histograms {
         describe_histogram!(name, unit, help);
     }
-    let counters: [(&str, &str); 8] = [
+    let counters: [(&str, &str); 10] = [
         (
             "orderly_http_responses_total",
             "HTTP responses sent, by status class.",
@@ -280,6 +280,14 @@ fn describe() {
             "Fulfilment saga instances that settled.",
         ),
         (
+            "orderly_saga_parked_total",
+            "Saga events set aside because their step failed for good.",
+        ),
+        (
+            "orderly_saga_retries_total",
+            "Saga lane work tried again after a failure, by kind of failure.",
+        ),
+        (
             "orderly_payment_requests_total",
             "Calls to the payment gateway port.",
         ),
@@ -291,7 +299,7 @@ fn describe() {
     for (name, help) in counters {
         describe_counter!(name, help);
     }
-    let gauges: [(&str, &str); 12] = [
+    let gauges: [(&str, &str); 15] = [
         (
             "orderly_graphql_subscriptions_active",
             "GraphQL subscriptions open now.",
@@ -316,6 +324,18 @@ fn describe() {
         (
             "orderly_saga_oldest_open_seconds",
             "Time since the oldest instance in this phase last changed.",
+        ),
+        (
+            "orderly_saga_lanes_held",
+            "Saga lanes this process holds the lease of.",
+        ),
+        (
+            "orderly_saga_lag_seconds",
+            "Age of the oldest event dealt to this process's saga lanes and not yet stored.",
+        ),
+        (
+            "orderly_saga_parked",
+            "Saga events parked and waiting for an operator.",
         ),
         (
             "orderly_payment_breaker_state",
