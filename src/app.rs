@@ -346,6 +346,10 @@ pub fn saga_runner(
             retry_after_ms: millis(settings.payment_retry_after_secs),
         },
         tick: Duration::from_millis(settings.saga_tick_ms.max(1)),
+        lease: Duration::from_millis(settings.saga_lease_ms.max(100)),
+        // Renewed five times per lease: a missed heartbeat or two never loses a lane.
+        heartbeat: Duration::from_millis((settings.saga_lease_ms / 5).max(20)),
+        orders_in_flight: settings.saga_orders_in_flight.max(1),
         outbox_max_attempts: settings.outbox_max_attempts,
         retention: (settings.saga_retention_days > 0)
             .then(|| Duration::from_secs(u64::from(settings.saga_retention_days) * 24 * 3600)),

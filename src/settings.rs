@@ -72,6 +72,11 @@ pub struct Settings {
     pub smtp_recipient: String,
     /// Days delivered outbox messages and settled sagas are kept; 0 keeps them forever.
     pub saga_retention_days: u32,
+    /// How long, in ms, a saga process's lane leases hold without renewal: a crashed
+    /// process's lanes move to the others after this long.
+    pub saga_lease_ms: u64,
+    /// Orders one saga lane handles at once within a batch.
+    pub saga_orders_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +137,8 @@ impl Default for Settings {
             smtp_from: "Orderly <orderly@localhost>".to_owned(),
             smtp_recipient: "{customer_id}".to_owned(),
             saga_retention_days: 7,
+            saga_lease_ms: 5_000,
+            saga_orders_in_flight: 32,
         }
     }
 }
@@ -151,7 +158,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 32] = [
+    const KEYS: [&'static str; 34] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -184,6 +191,8 @@ impl Settings {
         "smtp_from",
         "smtp_recipient",
         "saga_retention_days",
+        "saga_lease_ms",
+        "saga_orders_in_flight",
     ];
 }
 
@@ -238,6 +247,8 @@ impl fmt::Debug for Settings {
             .field("smtp_from", &self.smtp_from)
             .field("smtp_recipient", &self.smtp_recipient)
             .field("saga_retention_days", &self.saga_retention_days)
+            .field("saga_lease_ms", &self.saga_lease_ms)
+            .field("saga_orders_in_flight", &self.saga_orders_in_flight)
             .finish()
     }
 }
