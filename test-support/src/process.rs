@@ -9,7 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use crate::BoxError;
 
 /// A running child process. Dropping it kills it (SIGKILL); when the test is failing, the last
-/// lines of its output are printed first.
+/// lines of its output are printed first. A test process that is itself killed with SIGKILL
+/// leaves its children running (Ctrl-C reaches them too, through the process group).
 pub struct Subprocess {
     name: String,
     child: Child,
