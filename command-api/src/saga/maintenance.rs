@@ -219,24 +219,21 @@ pub async fn parked(client: &Client, saga_name: &str) -> Result<Vec<ParkedEvent>
         .collect())
 }
 
-/// Asks the lane that owns a parked event to feed it to its saga again (at its next tick);
-/// it is unparked if the step succeeds, and parked again with the new error if not.
+/// Asks the lane that owns a parked event to feed it to its saga again (within seconds); it
+/// is unparked if the step succeeds, and parked again with the new error if not.
 pub async fn retry_parked(
     client: &Client,
     saga_name: &str,
     event_id: Uuid,
 ) -> Result<(), CommandError> {
-    let updated = client
-        .execute(
-            "update saga_parked set retry_requested_at = now()
-             where saga_name = $1 and event_id = $2 and skipped_at is null",
-            &[&saga_name, &event_id],
-        )
-        .await?;
-    if updated == 0 {
-        return Err(CommandError::NotFound("parked saga event"));
-    }
-    Ok(())
+    update_parked(
+        client,
+        "update saga_parked set retry_requested_at = now()
+         where saga_name = $1 and event_id = $2 and skipped_at is null",
+        saga_name,
+        event_id,
+    )
+    .await
 }
 
 /// Drops a parked event for good: the saga never sees it. The row stays, marked, for the
@@ -246,14 +243,24 @@ pub async fn skip_parked(
     saga_name: &str,
     event_id: Uuid,
 ) -> Result<(), CommandError> {
-    let updated = client
-        .execute(
-            "update saga_parked set skipped_at = now()
-             where saga_name = $1 and event_id = $2 and skipped_at is null",
-            &[&saga_name, &event_id],
-        )
-        .await?;
-    if updated == 0 {
+    update_parked(
+        client,
+        "update saga_parked set skipped_at = now()
+         where saga_name = $1 and event_id = $2 and skipped_at is null",
+        saga_name,
+        event_id,
+    )
+    .await
+}
+
+/// Runs `update` on one parked event; NOT_FOUND when its conditions matched no row.
+async fn update_parked(
+    client: &Client,
+    update: &str,
+    saga_name: &str,
+    event_id: Uuid,
+) -> Result<(), CommandError> {
+    if client.execute(update, &[&saga_name, &event_id]).await? == 0 {
         return Err(CommandError::NotFound("parked saga event"));
     }
     Ok(())
