@@ -317,6 +317,61 @@ async fn a_lock_timeout_on_the_saga_tables_does_not_skip_a_step() {
 
 /// Settings for quick fulfilment: a payment deadline of `deadline_secs`, a retry after a
 /// failed charge within a second, deadlines checked ten times a second.
+/// SIGTERM while the saga is busy: `serve` stops in the order the data flows (HTTP, then the
+/// saga, then the projections once they have applied the log to its end), so the read models
+/// are not left behind events the saga appended after the projection runners had stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_leaves_its_read_models_at_the_end_of_the_log() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    migrate(&cluster.url()).await;
+    let mut server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
+    register(&server.api, "STOP-A", 300, "EUR", 1_000).await;
+    let placed = AtomicUsize::new(0);
+    place_burst(
+        &server.api,
+        60,
+        16,
+        &placed,
+        |_| json!([{ "sku": "STOP-A", "quantity": 1 }]),
+    )
+    .await;
+    let pid = server.process.id().to_string();
+    let signalled = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill ran");
+    assert!(signalled.success());
+    let exited = poll(Duration::from_secs(30), || {
+        let status = server.process.exit_status();
+        async move { status }
+    })
+    .await
+    .expect("serve stopped within 30 s of SIGTERM");
+    assert!(exited.success(), "serve exited with {exited}");
+
+    let db = cluster.connect().await.expect("a connection");
+    let behind: i64 = db
+        .query_one(
+            "select count(*) from events e, projection_checkpoints c
+             where c.projection = 'orders'
+               and (e.tx_id, e.seq) > (c.position_commit, c.position_prepare)",
+            &[],
+        )
+        .await
+        .expect("the checkpoint read")
+        .get(0);
+    assert_eq!(behind, 0, "events the orders read model never applied");
+    let lanes_held: i64 = db
+        .query_one(
+            "select count(*) from saga_lanes where owner is not null and lease_until > now()",
+            &[],
+        )
+        .await
+        .expect("the lanes read")
+        .get(0);
+    assert_eq!(lanes_held, 0, "a clean stop hands every saga lane back");
+}
+
 fn timing(deadline_secs: u64) -> Vec<(&'static str, String)> {
     vec![
         ("ORDERLY_PAYMENT_DEADLINE_SECS", deadline_secs.to_string()),

@@ -568,7 +568,7 @@ impl SagaRunner {
                 }
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
-                    tracing::error!(%error, event_id = %input.id, %order_id, "saga step failed for good; event parked");
+                    tracing::error!(%error, event_id = %input.id, %order_id, "saga event parked: its step cannot succeed");
                     handled.parked.push(Parked {
                         input,
                         error: error.to_string(),
