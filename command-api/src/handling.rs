@@ -16,8 +16,8 @@ use orderly_event_schemas::{
     Event, EventMetadata, OrderEvent, PaymentEvent, ProductEvent, decode_recorded, encode,
 };
 use orderly_event_store::{
-    Direction, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamName,
+    AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent,
+    StoreError, StreamName,
 };
 use uuid::Uuid;
 
@@ -139,18 +139,35 @@ pub struct Outcome {
 pub struct Handler {
     store: Arc<dyn EventStore>,
     states: Arc<StateCache>,
+    /// Decide on the cached state without reading the stream first (see
+    /// [`Handler::optimistic`]).
+    optimistic: bool,
 }
 
 /// Streams whose folded state is kept between commands; past it the cache starts over.
 const CACHED_STREAMS: usize = 4096;
 
+/// The same for an optimistic handler (the saga): every order in flight has two streams of
+/// its own (order, payment), and a burst holds thousands of orders in flight; a state is a few
+/// hundred bytes, so this is some megabytes.
+const CACHED_STREAMS_OPTIMISTIC: usize = 32_768;
+
 /// Folded states by stream, so a load reads only the events after the cached version instead
 /// of the whole stream (a popular product's stream grows with every reservation). A load reads
 /// the stream up to its end, and streams are append-only, so what it returns is never stale;
 /// only [`Handler::load_many`] may answer from a state a read confirmed a short while ago.
-#[derive(Default)]
 struct StateCache {
     states: Mutex<HashMap<StreamName, Cached>>,
+    capacity: usize,
+}
+
+impl StateCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            states: Mutex::default(),
+            capacity,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -192,7 +209,7 @@ impl StateCache {
         let Ok(mut states) = self.states.lock() else {
             return;
         };
-        let cached = Self::slot(&mut states, stream);
+        let cached = self.slot(&mut states, stream);
         let kept = cached
             .loaded
             .as_ref()
@@ -218,16 +235,39 @@ impl StateCache {
     /// starts after now.
     fn appended(&self, stream: &StreamName) {
         if let Ok(mut states) = self.states.lock() {
-            Self::slot(&mut states, stream).appended_at = Some(Instant::now());
+            self.slot(&mut states, stream).appended_at = Some(Instant::now());
+        }
+    }
+
+    /// This process appended to `stream` and `loaded` is the state right after: kept (unless
+    /// a later one is), but not as confirmed by a read, since other processes may append too.
+    fn appended_with<S: Clone + Send + Sync + 'static>(
+        &self,
+        stream: &StreamName,
+        loaded: &Loaded<S>,
+    ) {
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        let cached = self.slot(&mut states, stream);
+        cached.appended_at = Some(Instant::now());
+        let kept = cached
+            .loaded
+            .as_ref()
+            .and_then(|kept| kept.downcast_ref::<Loaded<S>>())
+            .and_then(|kept| kept.version);
+        if kept < loaded.version {
+            cached.loaded = Some(Box::new(loaded.clone()));
         }
     }
 
     /// The entry of `stream`, made empty if there is none; a full cache starts over first.
     fn slot<'a>(
+        &self,
         states: &'a mut HashMap<StreamName, Cached>,
         stream: &StreamName,
     ) -> &'a mut Cached {
-        if states.len() >= CACHED_STREAMS && !states.contains_key(stream) {
+        if states.len() >= self.capacity && !states.contains_key(stream) {
             states.clear();
         }
         states.entry(stream.clone()).or_default()
@@ -238,8 +278,37 @@ impl Handler {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
             store,
-            states: Arc::default(),
+            states: Arc::new(StateCache::new(CACHED_STREAMS)),
+            optimistic: false,
         }
+    }
+
+    /// A handler that decides a command's first attempt on the state it holds for the stream
+    /// (left by its own last append or read) without reading the stream first, and appends at
+    /// that state's version: if anyone else appended meanwhile, the store refuses with a
+    /// conflict and the command is decided again on a fresh read, so no decision ever rests on
+    /// a stale state. It saves a read per command where this process is (nearly) the only
+    /// writer of its streams: the saga, whose lanes own their orders' streams.
+    pub fn optimistic(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            states: Arc::new(StateCache::new(CACHED_STREAMS_OPTIMISTIC)),
+            optimistic: true,
+        }
+    }
+
+    /// The state to decide a first attempt on: the cached one when optimistic and there is
+    /// one, else a read.
+    async fn first_state<A: Stored>(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Loaded<A::State>, CommandError> {
+        if self.optimistic
+            && let Some((loaded, _)) = self.states.get::<A::State>(stream)
+        {
+            return Ok(loaded);
+        }
+        self.load::<A>(stream).await
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
@@ -396,6 +465,8 @@ impl Handler {
                     position: Position::START,
                     first_event_id: None,
                 }
+            } else if attempt == 0 {
+                self.first_state::<A>(stream).await?
             } else {
                 self.load::<A>(stream).await?
             };
@@ -423,6 +494,10 @@ impl Handler {
                     appended: false,
                 });
             }
+            // The state after this append, to decide the stream's next command on.
+            let after = self
+                .optimistic
+                .then(|| decided.iter().fold(loaded.state.clone(), A::evolve));
             let mut names = Vec::with_capacity(decided.len());
             let mut batch = Vec::with_capacity(decided.len());
             for (index, event) in decided.into_iter().enumerate() {
@@ -433,9 +508,13 @@ impl Handler {
             let at = loaded
                 .version
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+            let first_id = batch.first().map(|event| event.id);
             match self.store.append(stream, at, batch).await {
                 Ok(result) => {
-                    self.states.appended(stream);
+                    match after {
+                        Some(after) => self.remember(stream, &loaded, after, &result, first_id),
+                        None => self.states.appended(stream),
+                    }
                     return Ok(Outcome {
                         version: Some(result.next_expected_version),
                         position: result.position,
@@ -475,8 +554,12 @@ impl Handler {
         stream: &StreamName,
         commands: &[(Envelope, A::Command)],
     ) -> Result<Vec<Result<(), orderly_domain::Rejection>>, CommandError> {
-        for _ in 0..MAX_ATTEMPTS {
-            let loaded = self.load::<A>(stream).await?;
+        for attempt in 0..MAX_ATTEMPTS {
+            let loaded = if attempt == 0 {
+                self.first_state::<A>(stream).await?
+            } else {
+                self.load::<A>(stream).await?
+            };
             let mut state = loaded.state.clone();
             let mut outcomes = Vec::with_capacity(commands.len());
             let mut batch = Vec::new();
@@ -498,9 +581,10 @@ impl Handler {
             let at = loaded
                 .version
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+            let first_id = batch.first().map(|event| event.id);
             match self.store.append(stream, at, batch).await {
-                Ok(_) => {
-                    self.states.appended(stream);
+                Ok(result) => {
+                    self.remember(stream, &loaded, state, &result, first_id);
                     return Ok(outcomes);
                 }
                 Err(StoreError::Conflict { .. }) => count_conflict(stream),
@@ -509,6 +593,31 @@ impl Handler {
             }
         }
         Err(CommandError::Contended(MAX_ATTEMPTS))
+    }
+}
+
+impl Handler {
+    /// Keeps `state`, the stream's state right after `result` appended to `before`, for the
+    /// next optimistic decision on the stream.
+    fn remember<S: Clone + Send + Sync + 'static>(
+        &self,
+        stream: &StreamName,
+        before: &Loaded<S>,
+        state: S,
+        result: &AppendResult,
+        first_id: Option<Uuid>,
+    ) {
+        if !self.optimistic {
+            self.states.appended(stream);
+            return;
+        }
+        let after = Loaded {
+            state,
+            version: Some(result.next_expected_version),
+            position: result.position,
+            first_event_id: before.first_event_id.or(first_id),
+        };
+        self.states.appended_with(stream, &after);
     }
 }
 
@@ -640,6 +749,55 @@ mod tests {
                 actual: Some(1)
             })
         ));
+    }
+
+    fn reserve(order: u128, quantity: u32) -> ProductCommand {
+        ProductCommand::ReserveStock {
+            order_id: orderly_domain::values::OrderId(Uuid::from_u128(order)),
+            quantity: Quantity::new(quantity).unwrap(),
+            reserved_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_optimistic_handler_never_decides_on_a_state_another_writer_moved_past() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        let (ours, theirs) = (Handler::optimistic(store.clone()), Handler::new(store));
+        let stream = StreamName::parse("product-TEA").unwrap();
+        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 1)))
+            .await
+            .unwrap();
+        // Ours holds 1 on hand from its own append; theirs brings it to 5.
+        theirs
+            .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(restock(4)))
+            .await
+            .unwrap();
+        // Decided on the held state, 3 would be refused; the append conflicts instead, and
+        // the decision is taken again on what the stream says.
+        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(reserve(1, 3)))
+            .await
+            .unwrap();
+        let outcomes = ours
+            .execute_batch::<ProductAggregate>(
+                &stream,
+                &[(envelope(), reserve(2, 2)), (envelope(), reserve(3, 1))],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![Ok(()), Ok(())]);
+        let product = theirs
+            .load::<ProductAggregate>(&stream)
+            .await
+            .unwrap()
+            .state
+            .unwrap();
+        assert_eq!((product.on_hand(), product.reserved()), (5, 5));
+        // The second reservation of the batch saw the first: nothing is left for a fourth.
+        let refused = ours
+            .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(reserve(4, 1)))
+            .await
+            .unwrap();
+        assert_eq!(refused.events, vec!["StockReservationRejected".to_owned()]);
     }
 
     #[tokio::test]

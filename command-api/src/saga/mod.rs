@@ -135,7 +135,8 @@ impl SagaRunner {
         pool: Pool,
         gateway: Arc<dyn PaymentGateway>,
     ) -> Self {
-        let handler = Handler::new(store);
+        // The lanes own their orders' streams: decide on the state left by the last append.
+        let handler = Handler::optimistic(store);
         let member = Member {
             saga: config.name.clone(),
             id: member_id(),
