@@ -225,54 +225,54 @@ impl SagaRunner {
                 Ok(message) => self.deliver_one(id, message).await,
                 Err(e) => Err(CommandError::Internal(format!("outbox message {id}: {e}"))),
             };
-            self.settle(id, attempts, outcome).await
+            (id, attempts, outcome)
         });
-        for settled in futures::future::join_all(deliveries).await {
-            settled?;
+        // Deliveries are marked done in one statement; failures (rare) one by one.
+        let mut delivered = Vec::with_capacity(count);
+        for (id, attempts, outcome) in futures::future::join_all(deliveries).await {
+            match outcome {
+                Ok(()) => delivered.push(id),
+                Err(error) => self.settle_failure(id, attempts, error).await?,
+            }
+        }
+        if !delivered.is_empty() {
+            let client = self.pool.get().await?;
+            client
+                .execute(
+                    "update outbox set delivered_at = now() where outbox_id = any($1)",
+                    &[&delivered],
+                )
+                .await?;
         }
         Ok(count)
     }
 
-    async fn settle(
+    async fn settle_failure(
         &self,
         id: Uuid,
         attempts: i32,
-        outcome: Result<(), CommandError>,
+        error: CommandError,
     ) -> Result<(), CommandError> {
         let client = self.pool.get().await?;
-        match outcome {
-            Ok(()) => {
-                client
-                    .execute(
-                        "update outbox set delivered_at = now() where outbox_id = $1",
-                        &[&id],
-                    )
-                    .await?;
-            }
-            // Out of attempts: parked with its error for an operator; never retried silently.
-            Err(error)
-                if attempts
-                    >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX) =>
-            {
-                tracing::error!(%error, outbox_id = %id, attempts, "outbox message dead-lettered");
-                client
-                    .execute(
-                        "update outbox set dead_lettered_at = now(), last_error = $2 where outbox_id = $1",
-                        &[&id, &error.to_string()],
-                    )
-                    .await?;
-            }
-            Err(error) => {
-                let pause = retry_pause(attempts);
-                tracing::warn!(%error, outbox_id = %id, attempts, "outbox delivery failed; will retry");
-                client
-                    .execute(
-                        "update outbox set next_attempt_at = now() + make_interval(secs => $2), last_error = $3
-                         where outbox_id = $1",
-                        &[&id, &pause.as_secs_f64(), &error.to_string()],
-                    )
-                    .await?;
-            }
+        // Out of attempts: parked with its error for an operator; never retried silently.
+        if attempts >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX) {
+            tracing::error!(%error, outbox_id = %id, attempts, "outbox message dead-lettered");
+            client
+                .execute(
+                    "update outbox set dead_lettered_at = now(), last_error = $2 where outbox_id = $1",
+                    &[&id, &error.to_string()],
+                )
+                .await?;
+        } else {
+            let pause = retry_pause(attempts);
+            tracing::warn!(%error, outbox_id = %id, attempts, "outbox delivery failed; will retry");
+            client
+                .execute(
+                    "update outbox set next_attempt_at = now() + make_interval(secs => $2), last_error = $3
+                     where outbox_id = $1",
+                    &[&id, &pause.as_secs_f64(), &error.to_string()],
+                )
+                .await?;
         }
         Ok(())
     }
