@@ -120,6 +120,14 @@ pub struct Loaded<S> {
     pub first_event_id: Option<Uuid>,
 }
 
+/// Where an event read from the log stands in its stream, for [`Handler::observe`].
+#[derive(Debug, Clone, Copy)]
+pub struct Observed {
+    pub id: Uuid,
+    pub version: u64,
+    pub position: Position,
+}
+
 /// What a handled command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -597,6 +605,26 @@ impl Handler {
 }
 
 impl Handler {
+    /// Folds an event read from the log into the cached state of its stream, when it is the
+    /// very next event after the state held (a reader of the log meets every event of a
+    /// stream in order; its own appends come back already counted and are ignored). Keeps an
+    /// optimistic handler's states current without reading the streams, including what
+    /// other processes appended; an event that does not follow on is ignored, and the next
+    /// command reads the stream as usual.
+    pub fn observe<A: Stored>(&self, stream: &StreamName, read: Observed, event: &A::Event) {
+        let (held, _) = self.cached::<A>(stream);
+        if held.version.map_or(0, |version| version + 1) != read.version {
+            return;
+        }
+        let observed = Loaded {
+            state: A::evolve(held.state, event),
+            version: Some(read.version),
+            position: read.position,
+            first_event_id: held.first_event_id.or(Some(read.id)),
+        };
+        self.states.appended_with(stream, &observed);
+    }
+
     /// Keeps `state`, the stream's state right after `result` appended to `before`, for the
     /// next optimistic decision on the stream.
     fn remember<S: Clone + Send + Sync + 'static>(

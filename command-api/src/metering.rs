@@ -80,15 +80,28 @@ pub async fn metered<T>(
     result
 }
 
+/// Counts one command that ran as part of a group (decided with others in one append): its
+/// outcome, and the time since `started`, when the group began.
+pub fn record(command: &'static str, failure: Option<&CommandError>, started: Instant) {
+    let outcome = failure.map_or("ok", error_outcome);
+    metrics::counter!("orderly_commands_total", "command" => command, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("orderly_command_duration_seconds", "command" => command)
+        .record(started.elapsed().as_secs_f64());
+}
+
 fn outcome<T>(result: &Result<T, CommandError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(CommandError::Conflict { .. } | CommandError::Contended(_)) => "conflict",
-        Err(
-            CommandError::Unavailable(_) | CommandError::Gateway(_) | CommandError::Internal(_),
-        ) => "error",
+    result.as_ref().err().map_or("ok", error_outcome)
+}
+
+fn error_outcome(error: &CommandError) -> &'static str {
+    match error {
+        CommandError::Conflict { .. } | CommandError::Contended(_) => "conflict",
+        CommandError::Unavailable(_) | CommandError::Gateway(_) | CommandError::Internal(_) => {
+            "error"
+        }
         // The aggregate refused, or the decision found the caller's input or target wrong.
-        Err(_) => "rejected",
+        _ => "rejected",
     }
 }
 

@@ -44,7 +44,9 @@ use super::lanes::{FENCE, LANE_OF_SQL, Lease, lane_of, position_columns};
 use super::outbox::{self, Row};
 use super::{SagaRunner, Step, count_settled};
 use crate::CommandError;
-use crate::handling::stream_name;
+use crate::handling::{Handler, Observed, stream_name};
+use orderly_domain::order::OrderAggregate;
+use orderly_domain::payment::PaymentAggregate;
 
 /// Items buffered between the reader and one lane; a full lane slows the reader down. Bounds
 /// the memory of a process catching up: 16 lanes of decoded events of about a kilobyte.
@@ -89,6 +91,26 @@ impl Input {
             event_type: recorded.event_type,
             recorded_at: recorded.recorded_at,
             decoded,
+        }
+    }
+
+    /// Tells `handler` the state of this event's stream moved on, so the saga's next command
+    /// on it needs no read (see [`Handler::observe`]). Products are left out: a lane meets
+    /// only its own orders' events of a product's stream.
+    fn observe(&self, handler: &Handler) {
+        let read = Observed {
+            id: self.id,
+            version: self.version,
+            position: self.position,
+        };
+        match &self.decoded {
+            Ok((Event::Order(event), _)) => {
+                handler.observe::<OrderAggregate>(&self.stream, read, event);
+            }
+            Ok((Event::Payment(event), _)) => {
+                handler.observe::<PaymentAggregate>(&self.stream, read, event);
+            }
+            _ => {}
         }
     }
 
@@ -469,22 +491,29 @@ impl SagaRunner {
         &self,
         orders: &HashMap<OrderId, usize>,
     ) -> Result<HashMap<OrderId, (Result<FulfilmentState, String>, Uuid)>, CommandError> {
-        if orders.is_empty() {
-            return Ok(HashMap::new());
+        let mut states = HashMap::with_capacity(orders.len());
+        let mut missing: Vec<Uuid> = Vec::new();
+        for order_id in orders.keys() {
+            match self.states.get(*order_id) {
+                Some((state, correlation)) => {
+                    states.insert(*order_id, (Ok(state), correlation));
+                }
+                None => missing.push(order_id.0),
+            }
         }
-        let ids: Vec<Uuid> = orders.keys().map(|id| id.0).collect();
+        if missing.is_empty() {
+            return Ok(states);
+        }
         let client = self.pool.get().await?;
         let load = client.prepare_cached(LOAD_STATES).await?;
-        let rows = client.query(&load, &[&self.config.name, &ids]).await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                let order_id = OrderId(row.get(0));
-                let state = serde_json::from_value(row.get(1))
-                    .map_err(|e| format!("stored saga state does not decode: {e}"));
-                (order_id, (state, row.get(2)))
-            })
-            .collect())
+        let rows = client.query(&load, &[&self.config.name, &missing]).await?;
+        states.extend(rows.into_iter().map(|row| {
+            let order_id = OrderId(row.get(0));
+            let state = serde_json::from_value(row.get(1))
+                .map_err(|e| format!("stored saga state does not decode: {e}"));
+            (order_id, (state, row.get(2)))
+        }));
+        Ok(states)
     }
 
     async fn handle_order(
@@ -539,6 +568,7 @@ impl SagaRunner {
             let Ok((event, metadata)) = &input.decoded else {
                 continue;
             };
+            input.observe(&self.handler);
             let span = tracing::info_span!(
                 "saga.step",
                 event_id = %input.id,
@@ -790,8 +820,9 @@ impl SagaRunner {
         futures::try_join!(saved, rows, parked)?;
         tx.commit().await?;
         for entry in handled {
-            if let Some(state) = &entry.state {
+            if let (Some(order_id), Some(state)) = (entry.order_id, &entry.state) {
                 count_settled(entry.before, state);
+                self.states.put(order_id, state, entry.correlation);
             }
         }
         if handled.iter().any(|entry| !entry.rows.is_empty()) {
@@ -801,6 +832,39 @@ impl SagaRunner {
             .iter()
             .filter_map(|entry| entry.state.as_ref()?.next_due_at())
             .min())
+    }
+}
+
+/// The saga states this process stored last, by order, so a lane's next batch for the same
+/// orders needs no query. Sound because a lane's states are written only by the process that
+/// holds it (the fencing generation is checked in every commit), and the cache starts empty
+/// whenever this process's lanes change (see `SagaRunner::coordinate`).
+#[derive(Default)]
+pub(super) struct StoredStates {
+    states: std::sync::Mutex<HashMap<OrderId, (FulfilmentState, Uuid)>>,
+}
+
+/// Orders whose state is kept; past it the cache starts over (a state is about a kilobyte).
+const STORED_STATES: usize = 65_536;
+
+impl StoredStates {
+    fn get(&self, order_id: OrderId) -> Option<(FulfilmentState, Uuid)> {
+        self.states.lock().ok()?.get(&order_id).cloned()
+    }
+
+    fn put(&self, order_id: OrderId, state: &FulfilmentState, correlation: Uuid) {
+        if let Ok(mut states) = self.states.lock() {
+            if states.len() >= STORED_STATES && !states.contains_key(&order_id) {
+                states.clear();
+            }
+            states.insert(order_id, (state.clone(), correlation));
+        }
+    }
+
+    pub(super) fn clear(&self) {
+        if let Ok(mut states) = self.states.lock() {
+            states.clear();
+        }
     }
 }
 

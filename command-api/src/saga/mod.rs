@@ -49,8 +49,8 @@ use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 use crate::CommandError;
-use crate::handling::{Envelope, Handler, stream_name};
-use crate::metering::{CommandName, metered};
+use crate::handling::{Envelope, Handler, Loaded, stream_name};
+use crate::metering::{self, CommandName, metered};
 use coalesce::Coalescer;
 pub use gateway::{
     BreakerState, Charge, ChargeOutcome, HttpGateway, PaymentGateway, Resilience, Resilient,
@@ -126,6 +126,8 @@ pub struct SagaRunner {
     /// This process among the saga's members.
     member: Member,
     lag: Lag,
+    /// The saga states this process's lanes stored last.
+    states: consumer::StoredStates,
 }
 
 impl SagaRunner {
@@ -151,6 +153,7 @@ impl SagaRunner {
             outbox_ready: Notify::new(),
             member,
             lag: Lag::default(),
+            states: consumer::StoredStates::default(),
             config,
         }
     }
@@ -262,6 +265,8 @@ impl SagaRunner {
             }
             metrics::gauge!("orderly_saga_lanes_held").set(held.len() as f64);
             if consumer.is_none() && !held.is_empty() {
+                // Lanes may have been written by others since this process last held them.
+                self.states.clear();
                 let leases = held.values().copied().collect();
                 consumer = Some(Consumer::start(self.clone(), leases));
             }
@@ -359,25 +364,30 @@ impl SagaRunner {
         step: &Step,
         rows: &mut Vec<Row>,
     ) -> Result<(), CommandError> {
-        for (index, command) in commands.into_iter().enumerate() {
-            let envelope = Envelope {
-                command_id: Uuid::new_v5(&step.causation, format!("saga/{index}").as_bytes()),
-                correlation_id: step.correlation,
-                causation_id: step.causation,
-                actor: ACTOR.to_owned(),
-                idempotency_key: None,
-                traceparent: step.traceparent.clone(),
-            };
+        let envelope_of = |index: usize| Envelope {
+            command_id: Uuid::new_v5(&step.causation, format!("saga/{index}").as_bytes()),
+            correlation_id: step.correlation,
+            causation_id: step.causation,
+            actor: ACTOR.to_owned(),
+            idempotency_key: None,
+            traceparent: step.traceparent.clone(),
+        };
+        let mut commands = commands.into_iter().enumerate().peekable();
+        while let Some((index, command)) = commands.next() {
+            let envelope = envelope_of(index);
             let sent = match command {
+                // Consecutive commands for one order (paid, then confirmed) go in one append.
                 Command::Order { order_id, command } => {
+                    let mut group = vec![(envelope, command)];
+                    while let Some((index, Command::Order { command, .. })) =
+                        commands.next_if(|(_, next)| {
+                            matches!(next, Command::Order { order_id: next, .. } if *next == order_id)
+                        })
+                    {
+                        group.push((envelope_of(index), command));
+                    }
                     let stream = stream_name(streams::order(order_id))?;
-                    let handled = self.handler.execute::<OrderAggregate, _>(
-                        &stream,
-                        None,
-                        &envelope,
-                        |loaded| Ok(order::decide(&loaded.state, &command)?),
-                    );
-                    metered(command.command_name(), handled).await.map(drop)
+                    self.send_to_order(&stream, group).await
                 }
                 // Products are shared by many orders: their commands meet in one append.
                 Command::Product { sku, command } => {
@@ -403,12 +413,21 @@ impl SagaRunner {
                 }
                 Command::Payment { order_id, command } => {
                     let stream = stream_name(streams::payment(order_id))?;
-                    let handled = self.handler.execute::<PaymentAggregate, _>(
-                        &stream,
-                        None,
-                        &envelope,
-                        |loaded| Ok(payment::decide(&loaded.state, &command)?),
-                    );
+                    let decide = |loaded: &Loaded<_>| Ok(payment::decide(&loaded.state, &command)?);
+                    // The first charge request starts the payment's stream: no read to find it
+                    // empty (should it exist after all, the append conflicts and reads).
+                    let first = matches!(command, PaymentCommand::RequestCharge { attempt: 1, .. });
+                    let handled = async {
+                        if first {
+                            self.handler
+                                .execute_new::<PaymentAggregate, _>(&stream, &envelope, decide)
+                                .await
+                        } else {
+                            self.handler
+                                .execute::<PaymentAggregate, _>(&stream, None, &envelope, decide)
+                                .await
+                        }
+                    };
                     metered(command.command_name(), handled).await.map(drop)
                 }
                 Command::Notify(Notification::OrderConfirmed {
@@ -438,6 +457,48 @@ impl SagaRunner {
             }
         }
         Ok(())
+    }
+
+    /// Sends commands for one order's stream: one alone as usual, several decided in turn and
+    /// appended together. Each is counted by name with the time the whole group took.
+    async fn send_to_order(
+        &self,
+        stream: &orderly_event_store::StreamName,
+        mut group: Vec<(Envelope, order::OrderCommand)>,
+    ) -> Result<(), CommandError> {
+        if group.len() == 1
+            && let Some((envelope, command)) = group.pop()
+        {
+            let handled =
+                self.handler
+                    .execute::<OrderAggregate, _>(stream, None, &envelope, |loaded| {
+                        Ok(order::decide(&loaded.state, &command)?)
+                    });
+            return metered(command.command_name(), handled).await.map(drop);
+        }
+        let started = std::time::Instant::now();
+        let outcomes = self
+            .handler
+            .execute_batch::<OrderAggregate>(stream, &group)
+            .await;
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                for (_, command) in &group {
+                    metering::record(command.command_name(), Some(&error), started);
+                }
+                return Err(error);
+            }
+        };
+        let mut first_refusal = None;
+        for ((_, command), outcome) in group.iter().zip(outcomes) {
+            let refused = outcome.err().map(CommandError::Rejected);
+            metering::record(command.command_name(), refused.as_ref(), started);
+            if let Some(refused) = refused {
+                first_refusal.get_or_insert(refused);
+            }
+        }
+        first_refusal.map_or(Ok(()), Err)
     }
 }
 
