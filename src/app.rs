@@ -336,9 +336,14 @@ pub fn saga_runner(
     settings: &Settings,
     gateway: Arc<dyn PaymentGateway>,
 ) -> anyhow::Result<SagaRunner> {
-    let store = event_store(settings)?;
+    // Pools of their own, sized apart from the APIs': see `Settings::saga_pool_size`.
+    let pool_size = settings.saga_pool_size.max(2);
+    let store = event_store(&Settings {
+        db_pool_size: pool_size,
+        ..settings.clone()
+    })?;
     let config = pg_config(settings)?;
-    let pool = orderly_platform::pg_pool(&config, settings.db_pool_size)?;
+    let pool = orderly_platform::pg_pool(&config, pool_size)?;
     let millis = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let saga = SagaConfig {
         timing: Timing {

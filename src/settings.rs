@@ -77,6 +77,9 @@ pub struct Settings {
     pub saga_lease_ms: u64,
     /// Orders one saga lane handles at once within a batch.
     pub saga_orders_in_flight: usize,
+    /// Connections of the saga runner's own pool, and as many for its event-store commands:
+    /// several saga processes must fit in the server's `max_connections` beside the APIs.
+    pub saga_pool_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +142,7 @@ impl Default for Settings {
             saga_retention_days: 7,
             saga_lease_ms: 5_000,
             saga_orders_in_flight: 32,
+            saga_pool_size: 8,
         }
     }
 }
@@ -158,7 +162,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 34] = [
+    const KEYS: [&'static str; 35] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -193,6 +197,7 @@ impl Settings {
         "saga_retention_days",
         "saga_lease_ms",
         "saga_orders_in_flight",
+        "saga_pool_size",
     ];
 }
 
@@ -249,6 +254,7 @@ impl fmt::Debug for Settings {
             .field("saga_retention_days", &self.saga_retention_days)
             .field("saga_lease_ms", &self.saga_lease_ms)
             .field("saga_orders_in_flight", &self.saga_orders_in_flight)
+            .field("saga_pool_size", &self.saga_pool_size)
             .finish()
     }
 }
