@@ -950,7 +950,7 @@ mod tests {
 
     #[test]
     fn a_read_that_started_before_an_append_here_does_not_vouch_for_the_state() {
-        let cache = StateCache::default();
+        let cache = StateCache::new(CACHED_STREAMS);
         let stream = StreamName::parse("product-TEA").unwrap();
         let loaded = |version| Loaded {
             state: (),
