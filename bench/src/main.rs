@@ -6,8 +6,8 @@
 //! - `append`: event-store appends (single events to fresh streams with an expected-version
 //!   check, and 10-event batches) at several writer counts, next to plain INSERTs of the same
 //!   rows into the same table, with the same indexes and durability.
-//! - `lag`: commit -> read model lag of the live projection runners at half the maximum
-//!   append rate.
+//! - `lag`: commit -> read model lag of the live projection runners at the maximum append
+//!   rate (apply rate, backlog, whether the lag grows) and at half of it.
 //! - `rebuild`: `rebuild --all` of every read model from a log of N valid domain events, next to
 //!   COPY of the event table out and a set-based INSERT ... SELECT of the same rows.
 //! - `place_order`: placeOrder through GraphQL over HTTP (the command API served in-process)
@@ -52,7 +52,8 @@ enum Command {
     Append(append::Args),
     /// Rebuild of every read model versus COPY out and INSERT ... SELECT of the same events.
     Rebuild(rebuild::Args),
-    /// Live lag from an append's commit to the orders read model, at half the maximum rate.
+    /// Live lag from an append's commit to the orders read model, at the maximum append rate
+    /// (do the runners keep up?) and at half of it.
     Lag(lag::Args),
     /// placeOrder through GraphQL over HTTP at several client counts, next to the
     /// single-event append rate in the same run.
