@@ -14,9 +14,9 @@ use orderly_command_api::saga::{
 };
 use orderly_command_api::{CommandService, MutationRoot};
 use orderly_domain::fulfilment::Timing;
-use orderly_event_store::EventStore;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
+use orderly_event_store::{EventStore, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
@@ -338,10 +338,19 @@ pub fn saga_runner(
 ) -> anyhow::Result<SagaRunner> {
     // Pools of their own, sized apart from the APIs': see `Settings::saga_pool_size`.
     let pool_size = settings.saga_pool_size.max(2);
-    let store = event_store(&Settings {
-        db_pool_size: pool_size,
-        ..settings.clone()
-    })?;
+    // Every saga step is one hop through the log, so the saga's reader waits less behind a
+    // transaction in flight than the store's default (a few more polls while held back).
+    let subscription = SubscriptionOptions {
+        held_back_max: SAGA_HELD_BACK_MAX,
+        ..SubscriptionOptions::default()
+    };
+    let store = event_store_with(
+        &Settings {
+            db_pool_size: pool_size,
+            ..settings.clone()
+        },
+        subscription,
+    )?;
     let config = pg_config(settings)?;
     let pool = orderly_platform::pg_pool(&config, pool_size)?;
     let millis = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -396,14 +405,34 @@ pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
     Ok(event_store_and_pool(settings)?.0)
 }
 
+/// Longest pause of the saga's log reader while newer events wait behind a transaction in
+/// flight (the store's default is 50 ms).
+const SAGA_HELD_BACK_MAX: Duration = Duration::from_millis(5);
+
+/// [`event_store`] with subscriptions tuned by `subscription` (PostgreSQL only).
+fn event_store_with(
+    settings: &Settings,
+    subscription: SubscriptionOptions,
+) -> anyhow::Result<Arc<dyn EventStore>> {
+    Ok(event_store_and_pool_with(settings, subscription)?.0)
+}
+
 /// As [`event_store`], with the PostgreSQL store's pool (for its gauges) when that is the store.
 fn event_store_and_pool(
     settings: &Settings,
+) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
+    event_store_and_pool_with(settings, SubscriptionOptions::default())
+}
+
+fn event_store_and_pool_with(
+    settings: &Settings,
+    subscription: SubscriptionOptions,
 ) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
     let (store, pool): (Arc<dyn EventStore>, _) = match settings.event_store {
         EventStoreKind::Postgres => {
             let options = PgStoreOptions {
                 pool_size: settings.db_pool_size,
+                subscription,
                 ..Default::default()
             };
             let store = PgEventStore::new(pg_config(settings)?, options)?;
