@@ -69,10 +69,11 @@ pub async fn print_saga_status(pg_config: &PgConfig) -> anyhow::Result<()> {
         println!("saga {saga} has not run yet");
     }
     for lane in &lanes {
-        let behind = lane.behind_seconds.map_or_else(
-            || "caught up".to_owned(),
-            |s| format!("oldest unhandled {s:.1}s old"),
-        );
+        let behind = match lane.behind_seconds {
+            Some(Some(seconds)) => format!("oldest unhandled {seconds:.1}s old"),
+            Some(None) => "caught up".to_owned(),
+            None => "lag unknown (the log is not in this database)".to_owned(),
+        };
         println!(
             "lane {:>2}  {:<40} generation {:>4}  checkpoint {}  {}",
             lane.lane,

@@ -147,35 +147,53 @@ pub struct LaneStatus {
     pub generation: i64,
     pub checkpoint: Position,
     /// Age of the oldest event of the log after this lane's checkpoint (any lane's: the log is
-    /// not indexed by order), `None` when the lane has read everything.
-    pub behind_seconds: Option<f64>,
+    /// not indexed by order): `Some(None)` when the lane has read everything, `None` when
+    /// unknown (the log is not in this database).
+    pub behind_seconds: Option<Option<f64>>,
 }
 
-/// Every lane of saga `saga_name` with its owner and how far behind the log it is.
+/// Every lane of saga `saga_name` with its owner and how far behind the log it is. How far
+/// behind is read from the PostgreSQL event store's table beside the saga's; with another
+/// event store it is left unknown.
 pub async fn lanes(client: &Client, saga_name: &str) -> Result<Vec<LaneStatus>, CommandError> {
     let rows = client
         .query(
-            "select l.lane, case when l.lease_until > now() then l.owner end, l.generation,
-                    l.position_commit, l.position_prepare,
-                    extract(epoch from now() - (
-                        select e.recorded_at from events e
-                        where (e.tx_id, e.seq) > (l.position_commit, l.position_prepare)
-                          and e.category in ('order', 'product', 'payment')
-                        order by e.tx_id, e.seq limit 1))::float8
-             from saga_lanes l where l.saga_name = $1 order by l.lane",
+            "select lane, case when lease_until > now() then owner end, generation,
+                    position_commit, position_prepare
+             from saga_lanes where saga_name = $1 order by lane",
             &[&saga_name],
         )
         .await?;
-    Ok(rows
+    let mut lanes: Vec<LaneStatus> = rows
         .iter()
         .map(|row| LaneStatus {
             lane: row.get(0),
             owner: row.get(1),
             generation: row.get(2),
             checkpoint: super::lanes::position(row.get(3), row.get(4)),
-            behind_seconds: row.get(5),
+            behind_seconds: None,
         })
-        .collect())
+        .collect();
+    let behind = client
+        .query(
+            "select l.lane, extract(epoch from now() - (
+                 select e.recorded_at from events e
+                 where (e.tx_id, e.seq) > (l.position_commit, l.position_prepare)
+                   and e.category in ('order', 'product', 'payment')
+                 order by e.tx_id, e.seq limit 1))::float8
+             from saga_lanes l where l.saga_name = $1",
+            &[&saga_name],
+        )
+        .await;
+    if let Ok(behind) = behind {
+        for row in behind {
+            let lane: i32 = row.get(0);
+            if let Some(status) = lanes.iter_mut().find(|status| status.lane == lane) {
+                status.behind_seconds = Some(row.get(1));
+            }
+        }
+    }
+    Ok(lanes)
 }
 
 /// One event a saga step failed on for good, waiting for an operator.
