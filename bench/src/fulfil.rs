@@ -270,13 +270,7 @@ async fn yardstick(args: &Args) -> anyhow::Result<(f64, String)> {
     })
     .await
     .map_err(|e| anyhow!("cannot create the yardstick's database: {e}"))?;
-    let version: String = db
-        .connect()
-        .await
-        .map_err(|e| anyhow!("{e}"))?
-        .query_one("select version()", &[])
-        .await?
-        .try_get(0)?;
+    let version = report::server_version(&db).await?;
     let writers = args.clients.min(MAX_WRITERS);
     let append_args = append::Args {
         seconds: args.append_seconds,

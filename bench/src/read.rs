@@ -100,13 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let db = report::service_database("bench-read").await?;
     println!("# read benchmark\n");
     println!("- machine: {}", report::machine());
-    let version: String = db
-        .connect()
-        .await
-        .map_err(|e| anyhow!("{e}"))?
-        .query_one("select version()", &[])
-        .await?
-        .try_get(0)?;
+    let version = report::server_version(&db).await?;
     println!("- server: {version}");
     let ids = seed(&db, args.events).await?;
     let settings = Settings {

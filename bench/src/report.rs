@@ -149,6 +149,17 @@ pub fn machine() -> String {
     format!("{cores} cores ({cpu}), {mem} RAM")
 }
 
+/// The server's `version()`, for a report's header.
+pub async fn server_version(db: &orderly_test_support::TestDb) -> anyhow::Result<String> {
+    Ok(db
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .query_one("select version()", &[])
+        .await?
+        .try_get(0)?)
+}
+
 /// A fresh database holding the event log and the read models, as `orderly migrate` makes it.
 /// Planner statistics for every table of `db`, as autovacuum would have them on a server that
 /// has been running: a program that fills a fresh database and measures at once would
