@@ -162,8 +162,30 @@ async fn another_process_is_woken_by_notification_not_polling() {
         .subscribe(Position::START, EventFilter::All)
         .await
         .unwrap();
-    // Let the follower's LISTEN connection come up before the write it must hear about.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the follower's LISTEN connection come up before the write it must hear about: a
+    // fixed pause was too short on a loaded machine, and a notification sent before the LISTEN
+    // is lost.
+    let observer = f.db.connect().await.expect("connect");
+    let started = std::time::Instant::now();
+    loop {
+        let listening: i64 = observer
+            .query_one(
+                "select count(*) from pg_stat_activity
+                 where datname = current_database() and query ilike 'listen %'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if listening > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the follower never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let written = f
         .store
         .append(
