@@ -68,7 +68,7 @@ impl App {
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build_part(settings: &Settings, part: Part) -> anyhow::Result<Self> {
         let metrics = orderly_platform::metrics::install()?;
-        let (store, store_pool) = event_store_and_pool(settings)?;
+        let (store, store_pool) = event_store_and_pool(settings, SubscriptionOptions::default())?;
         orderly_platform::metrics::record_build_info(
             env!("CARGO_PKG_VERSION"),
             store_label(settings.event_store),
@@ -344,7 +344,7 @@ pub fn saga_runner(
         held_back_max: SAGA_HELD_BACK_MAX,
         ..SubscriptionOptions::default()
     };
-    let store = event_store_with(
+    let (store, _) = event_store_and_pool(
         &Settings {
             db_pool_size: pool_size,
             ..settings.clone()
@@ -402,29 +402,16 @@ pub fn jwt_config(settings: &Settings) -> JwtConfig {
 
 /// The event store the settings choose, its appends metered.
 pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
-    Ok(event_store_and_pool(settings)?.0)
+    Ok(event_store_and_pool(settings, SubscriptionOptions::default())?.0)
 }
 
 /// Longest pause of the saga's log reader while newer events wait behind a transaction in
 /// flight (the store's default is 50 ms).
 const SAGA_HELD_BACK_MAX: Duration = Duration::from_millis(5);
 
-/// [`event_store`] with subscriptions tuned by `subscription` (PostgreSQL only).
-fn event_store_with(
-    settings: &Settings,
-    subscription: SubscriptionOptions,
-) -> anyhow::Result<Arc<dyn EventStore>> {
-    Ok(event_store_and_pool_with(settings, subscription)?.0)
-}
-
-/// As [`event_store`], with the PostgreSQL store's pool (for its gauges) when that is the store.
+/// As [`event_store`], with subscriptions tuned by `subscription` (PostgreSQL only), and the
+/// PostgreSQL store's pool (for its gauges) when that is the store.
 fn event_store_and_pool(
-    settings: &Settings,
-) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
-    event_store_and_pool_with(settings, SubscriptionOptions::default())
-}
-
-fn event_store_and_pool_with(
     settings: &Settings,
     subscription: SubscriptionOptions,
 ) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
