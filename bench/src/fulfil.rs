@@ -495,14 +495,7 @@ async fn graphql(
     token: &str,
     body: &Value,
 ) -> anyhow::Result<Value> {
-    let answer: Value = http
-        .post(url)
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let answer = report::post_graphql(http, url, token, body).await?;
     if answer.get("errors").is_some() {
         bail!("GraphQL errors: {answer}");
     }

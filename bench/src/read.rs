@@ -464,7 +464,7 @@ async fn visibility_lag(args: &Args, settings: &Settings, db: &TestDb) -> anyhow
                 let (a, b) = place_order::two_products();
                 let body =
                     json!({ "query": PLACE, "variables": place_order::place_variables(a, b) });
-                let placed = post(&http, &url, &token, &body).await?;
+                let placed = report::post_graphql(&http, &url, &token, &body).await?;
                 let acknowledged = Instant::now();
                 let result = &placed["data"]["placeOrder"];
                 let (Some(id), Some(at_least)) = (result["id"].as_str(), result["token"].as_str())
@@ -475,7 +475,7 @@ async fn visibility_lag(args: &Args, settings: &Settings, db: &TestDb) -> anyhow
                     json!({ "atLeast": at_least, "mode": "STRICT", "timeoutMs": 5000 });
                 let body =
                     json!({ "query": LAG_QUERY, "variables": { "id": id, "c": consistency } });
-                let seen = post(&http, &url, &token, &body).await?;
+                let seen = report::post_graphql(&http, &url, &token, &body).await?;
                 if placement > 0 {
                     lag_us.saturating_record(acknowledged.elapsed().as_micros() as u64);
                 }
@@ -501,21 +501,4 @@ async fn visibility_lag(args: &Args, settings: &Settings, db: &TestDb) -> anyhow
     );
     anyhow::ensure!(missed == 0, "{missed} reads did not see their order");
     Ok(())
-}
-
-/// One GraphQL request with `token` as bearer; the answer's JSON.
-async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    body: &Value,
-) -> anyhow::Result<Value> {
-    Ok(http
-        .post(url)
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await?
-        .json()
-        .await?)
 }

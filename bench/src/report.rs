@@ -202,3 +202,20 @@ pub async fn service_database(key: &str) -> anyhow::Result<orderly_test_support:
     .await
     .map_err(|e| anyhow::anyhow!("cannot create the benchmark database: {e}"))
 }
+
+/// One GraphQL request with `token` as bearer; the answer's JSON.
+pub async fn post_graphql(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(http
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
