@@ -208,17 +208,13 @@ async fn a_payment_that_lands_behind_an_open_transaction_is_not_overtaken_by_its
     // The charge is on its way to the gateway once its request is in the log. From then on a
     // transaction holds the horizon: the payment commits behind it, readers of the log do not
     // see it until the transaction ends, and it is kept open until the deadline is past.
-    let (db, payment) = (&db, &payment);
-    let requested_at: DateTime<Utc> = poll(Duration::from_secs(30), move || async move {
-        db.query_opt(
-            "select (data->>'requested_at')::timestamptz from events
-             where stream = $1 and event_type = 'PaymentChargeRequested'",
-            &[&payment],
-        )
-        .await
-        .expect("read the log")
-        .map(|row| row.get(0))
-    })
+    let requested_at = time_in_log(
+        &db,
+        "select (data->>'requested_at')::timestamptz from events
+         where stream = $1 and event_type = 'PaymentChargeRequested'",
+        &payment,
+        Duration::from_secs(30),
+    )
     .await
     .expect("the charge requested within 30 s");
     let holder = cluster.connect().await.expect("a connection");
@@ -228,16 +224,13 @@ async fn a_payment_that_lands_behind_an_open_transaction_is_not_overtaken_by_its
         .expect("a transaction with an xid");
     let due = requested_at + chrono::Duration::from_std(deadline).expect("a duration");
     // When the payment was written (`charged_at` is when the gateway was called).
-    let landed_at: DateTime<Utc> = poll(Duration::from_secs(20), move || async move {
-        db.query_opt(
-            "select recorded_at from events
-             where stream = $1 and event_type = 'PaymentCharged'",
-            &[&payment],
-        )
-        .await
-        .expect("read the log")
-        .map(|row| row.get(0))
-    })
+    let landed_at = time_in_log(
+        &db,
+        "select recorded_at from events
+         where stream = $1 and event_type = 'PaymentCharged'",
+        &payment,
+        Duration::from_secs(20),
+    )
     .await
     .expect("the slow payment charged within 20 s");
     while Utc::now() < due + chrono::Duration::milliseconds(1_500) {
@@ -672,6 +665,23 @@ async fn place_order(api: &Api, customer_id: &str, key: &str, lines: Value, toke
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The time `sql` reads for `stream` (its one parameter), once the log holds it, polled for up
+/// to `within`.
+async fn time_in_log(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    stream: &str,
+    within: Duration,
+) -> Option<DateTime<Utc>> {
+    poll(within, || async {
+        db.query_opt(sql, &[&stream])
+            .await
+            .expect("read the log")
+            .map(|row| row.get(0))
+    })
+    .await
 }
 
 /// Calls `probe` every 20 ms until it yields something, for up to `within`.
