@@ -264,6 +264,8 @@ impl SagaRunner {
                 tracing::warn!(%error, "saga lanes not shared out this time; retrying");
             }
             metrics::gauge!("orderly_saga_lanes_held").set(held.len() as f64);
+            // Between batches too: a lane stuck retrying one batch must show its lag growing.
+            self.lag.publish();
             if consumer.is_none() && !held.is_empty() {
                 // Lanes may have been written by others since this process last held them.
                 self.states.clear();
