@@ -154,9 +154,10 @@ impl App {
                 self.hub.clone(),
             )
         });
-        let follower = (!self.run_projections
-            && !matches!(self.part, Part::Commands | Part::Probes))
-        .then(|| self.hub.follow(self.pg_config));
+        // Also beside in-process runners: one of them may stand by while another process's
+        // is active, and then only the database knows where the projection is.
+        let follower = (!matches!(self.part, Part::Commands | Part::Probes))
+            .then(|| self.hub.follow(self.pg_config));
         // Connect info gives the rate limiter the client's address for anonymous callers.
         let service = self
             .router

@@ -1,6 +1,7 @@
 //! Faults injected on purpose into a running `orderly`: PostgreSQL restarted and crashed under
 //! a burst of orders, saga processes killed with SIGKILL, a transaction that holds the log's
-//! horizon back while a payment lands, a lock that times the saga's writes out. Each test runs
+//! horizon back while a payment lands, a lock that times the saga's writes out, a crash that
+//! takes back commits that did not wait for their flush, a low `statement_timeout`. Each test runs
 //! the binary as child processes against a private PostgreSQL cluster of its own (a restart
 //! or a held horizon would disturb every other test on the shared server) and judges the
 //! outcome by reading the event log itself, through SQL:
@@ -21,12 +22,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{Api, SECRET, customer, order_input, register};
+use common::{Api, SECRET, admin, customer, order_input, register};
 use futures::StreamExt;
+use orderly_projections::ProjectionName;
 use orderly_test_support::cluster::{PrivateCluster, free_port};
 use orderly_test_support::process::Subprocess;
 use serde_json::{Value, json};
@@ -89,16 +91,7 @@ async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
     };
     let (ids, ()) = tokio::join!(burst, faults);
 
-    let log = settle(
-        &cluster,
-        &ids,
-        Duration::from_secs(120),
-        Duration::from_secs(20),
-        &[&server],
-    )
-    .await;
-    log.assert_sound(&ids);
-    server.assert_no_step_lost();
+    server.assert_settles(&cluster, &ids).await;
     assert!(
         server.process.is_running(),
         "the server exited: {:?}",
@@ -365,6 +358,311 @@ async fn a_stopped_server_leaves_its_read_models_at_the_end_of_the_log() {
     assert_eq!(lanes_held, 0, "a clean stop hands every saga lane back");
 }
 
+/// A consistency token read STRICT answers data that includes it, or STALE_READ; never older
+/// data, whatever crashed. PostgreSQL is stopped immediately right after a STRICT read saw a
+/// restock, with the WAL writer slowed to 10 s, so that a commit that did not wait for its
+/// flush is lost. The parts run as separate processes, as in a scaled deployment: the read
+/// API learns where the projections are from the database, and must forget what it knew when
+/// it reconnects. No saga runs: its writes would flush the WAL and hide a lost commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_read_never_answers_data_older_than_its_token_after_a_crash() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    slow_wal_writer(&cluster).await;
+    migrate(&cluster.url()).await;
+    let writer = Orderly::start("command-api", &cluster.url(), &["command-api"], &[]).await;
+    let _runners =
+        Orderly::start("projections", &cluster.url(), &["projections", "run"], &[]).await;
+    let reader = Orderly::start("read-api", &cluster.url(), &["read-api"], &[]).await;
+    register(&writer.api, "CRASH-A", 300, "EUR", 10).await;
+
+    let restocked = writer
+        .api
+        .gql(
+            Some(&admin()),
+            RESTOCK_WITH_TOKEN,
+            json!({ "sku": "CRASH-A", "q": 5 }),
+        )
+        .await;
+    let restock = restocked.data("restock").clone();
+    let (token, version) = (restock["token"].clone(), restock["version"].as_i64());
+    let seen = strict_product(&reader.api, "CRASH-A", &token).await;
+    assert_eq!(seen.expect("a product")["onHand"], 15, "before the crash");
+
+    cluster.restart_immediate().await.expect("crash and start");
+    let started = Instant::now();
+    let mut answered = 0;
+    let mut refused = Vec::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        match strict_product(&reader.api, "CRASH-A", &token).await {
+            Err(refusal) => refused.push(refusal),
+            Ok(answer) => {
+                assert!(
+                    answer["version"].as_i64() >= version && answer["onHand"] == 15,
+                    "a STRICT read at the restock's token answered older data: {answer}"
+                );
+                answered += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered > 0,
+        "no STRICT read answered within 10 s of the crash: {:?}",
+        refused.last()
+    );
+}
+
+/// The read path under the faults a database has at peak, with orders coming in and a probe
+/// that restocks and reads its restock back STRICT all along: PostgreSQL restarted fast three
+/// times, crashed once, a transaction holding the log's horizon for longer than a batch waits,
+/// and a low `statement_timeout`. Afterwards every runner is still running (`/readyz` ready),
+/// every order settled, no STRICT read answered data older than its token, and the read
+/// models equal what a rebuild from the log makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    slow_wal_writer(&cluster).await;
+    migrate(&cluster.url()).await;
+    let server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
+    for sku in ["PEAK-A", "PEAK-B", "PEAK-PROBE"] {
+        register(&server.api, sku, 300, "EUR", 100_000).await;
+    }
+    let placed = AtomicUsize::new(0);
+    let faults_done = AtomicBool::new(false);
+    let burst = place_burst(
+        &server.api,
+        240,
+        8,
+        &placed,
+        |i| json!([{ "sku": if i % 2 == 0 { "PEAK-A" } else { "PEAK-B" }, "quantity": 1 + i % 3 }]),
+    );
+    let probe = probe_strict_reads(&server.api, "PEAK-PROBE", &faults_done);
+    let faults = async {
+        let admin_db = cluster.connect().await.expect("a connection");
+        // Sessions opened from here on (every pool refills after the restarts) time out
+        // statements after 200 ms: the runners must retry those (SQLSTATE 57014), not stop.
+        admin_db
+            .batch_execute("alter database postgres set statement_timeout = '200ms'")
+            .await
+            .expect("a low statement_timeout");
+        let mut step = 0;
+        for fault in ["fast", "fast", "hold", "immediate", "fast"] {
+            step += 40;
+            while placed.load(Ordering::Relaxed) < step {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            match fault {
+                "fast" => cluster.restart_fast().await.expect("restart"),
+                "immediate" => cluster.restart_immediate().await.expect("crash and start"),
+                _ => hold_horizon(&cluster, Duration::from_secs(2)).await,
+            }
+        }
+        let admin_db = cluster.connect().await.expect("a connection");
+        admin_db
+            .batch_execute("alter database postgres reset statement_timeout")
+            .await
+            .expect("statement_timeout back");
+        faults_done.store(true, Ordering::Relaxed);
+    };
+    let (ids, (), strict) = tokio::join!(burst, faults, probe);
+
+    server.assert_settles(&cluster, &ids).await;
+    assert!(
+        strict.after_faults > 0,
+        "no STRICT read answered after the faults ({} before)",
+        strict.answered
+    );
+    server.assert_ready(Duration::from_secs(10)).await;
+    let stopped = server
+        .process
+        .output()
+        .lines()
+        .filter(|line| line.contains("projection stopped"))
+        .count();
+    assert_eq!(
+        stopped,
+        0,
+        "a projection runner gave up:\n{}",
+        server.errors()
+    );
+
+    // The read models, caught up with the log, equal a rebuild from it row for row.
+    let db = cluster.connect().await.expect("a connection");
+    caught_up(&db, Duration::from_secs(30)).await;
+    let live = read_models(&db).await;
+    let mut rebuild = orderly(&["projections", "rebuild", "--all"], &cluster.url(), &[]);
+    let output = tokio::task::spawn_blocking(move || rebuild.output())
+        .await
+        .expect("rebuild ran")
+        .expect("orderly projections rebuild started");
+    assert!(
+        output.status.success(),
+        "rebuild failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rebuilt = read_models(&db).await;
+    for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
+        let only_live: Vec<_> = a.iter().filter(|r| !b.contains(r)).take(3).collect();
+        let only_rebuilt: Vec<_> = b.iter().filter(|r| !a.contains(r)).take(3).collect();
+        assert!(
+            a == b,
+            "{table} differs from a rebuild ({} vs {} rows)\nonly live: {only_live:#?}\nonly rebuilt: {only_rebuilt:#?}",
+            a.len(),
+            b.len()
+        );
+    }
+}
+
+const RESTOCK_WITH_TOKEN: &str = "mutation($sku: String!, $q: Int!) {
+  restock(sku: $sku, quantity: $q) { version token } }";
+
+/// Commits that do not wait for their WAL flush reach the disk only when the WAL writer runs:
+/// every 10 s from now on, so that a crash loses them.
+async fn slow_wal_writer(cluster: &PrivateCluster) {
+    let db = cluster.connect().await.expect("a connection");
+    // Two messages: a multi-statement string runs as one transaction, which ALTER SYSTEM refuses.
+    db.batch_execute("alter system set wal_writer_delay = '10s'")
+        .await
+        .expect("wal_writer_delay set");
+    db.batch_execute("select pg_reload_conf()")
+        .await
+        .expect("configuration reloaded");
+}
+
+/// `product(sku)` read STRICT at `token` (waiting up to a second): `Ok` with what the read
+/// model answered (`null` for no such product), or `Err` with the error's `extensions`
+/// (STALE_READ; UNAVAILABLE or no answer while the database is away).
+async fn strict_product(api: &Api, sku: &str, token: &Value) -> Result<Value, Value> {
+    let query = "query($sku: String!, $t: ConsistencyToken!) {
+      product(sku: $sku, consistency: { atLeast: $t, timeoutMs: 1000, mode: STRICT }) {
+        version onHand } }";
+    let body = json!({ "query": query, "variables": { "sku": sku, "t": token } });
+    let answer = api
+        .http
+        .post(format!("{}/graphql", api.base))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await;
+    let Ok(response) = answer else {
+        return Err(json!({ "code": "NO_ANSWER" }));
+    };
+    let status = response.status();
+    let Ok(body) = response.json::<Value>().await else {
+        return Err(json!({ "code": "NOT_JSON", "status": status.as_u16() }));
+    };
+    if let Some(extensions) = body["errors"][0].get("extensions") {
+        let code = extensions["code"].as_str().unwrap_or_default();
+        assert!(
+            ["STALE_READ", "UNAVAILABLE"].contains(&code),
+            "a STRICT read failed otherwise: {body}"
+        );
+        return Err(extensions.clone());
+    }
+    Ok(body["data"]["product"].clone())
+}
+
+/// What [`probe_strict_reads`] saw.
+struct StrictReads {
+    answered: usize,
+    after_faults: usize,
+}
+
+/// Restocks `sku` by one and reads it back STRICT at the restock's token, over and over, until
+/// `done` and then ten times more: every answer with data must show the restock.
+async fn probe_strict_reads(api: &Api, sku: &str, done: &AtomicBool) -> StrictReads {
+    let admin = admin();
+    let mut reads = StrictReads {
+        answered: 0,
+        after_faults: 0,
+    };
+    let mut after = 0;
+    while after < 10 {
+        if done.load(Ordering::Relaxed) {
+            after += 1;
+        }
+        let body = json!({ "query": RESTOCK_WITH_TOKEN, "variables": { "sku": sku, "q": 1 } });
+        let answer = api
+            .http
+            .post(format!("{}/graphql", api.base))
+            .bearer_auth(&admin)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await;
+        let restock = match answer {
+            Ok(response) => {
+                response.json::<Value>().await.unwrap_or(Value::Null)["data"]["restock"].clone()
+            }
+            Err(_) => Value::Null,
+        };
+        // A restock the database refused or lost the answer of proves nothing either way.
+        if let Some(version) = restock["version"].as_i64()
+            && let Ok(seen) = strict_product(api, sku, &restock["token"]).await
+        {
+            let seen_version = seen["version"].as_i64();
+            assert!(
+                seen_version >= Some(version),
+                "a STRICT read at the token of version {version} answered {seen}"
+            );
+            reads.answered += 1;
+            if done.load(Ordering::Relaxed) {
+                reads.after_faults += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reads
+}
+
+/// Holds a transaction with an id open for `hold`: every reader of the log waits behind it.
+async fn hold_horizon(cluster: &PrivateCluster, hold: Duration) {
+    let db = cluster.connect().await.expect("a connection");
+    db.batch_execute("begin; select pg_current_xact_id()")
+        .await
+        .expect("a transaction with an id");
+    tokio::time::sleep(hold).await;
+    db.batch_execute("commit").await.expect("commit");
+}
+
+/// Waits until every projection's checkpoint has passed the last event of the log.
+async fn caught_up(db: &tokio_postgres::Client, within: Duration) {
+    let done = poll(within, || async {
+        let behind: i64 = db
+            .query_one(
+                "select count(*) from projection_checkpoints c
+                 where exists (select 1 from events e
+                               where (e.tx_id, e.seq) > (c.position_commit, c.position_prepare))",
+                &[],
+            )
+            .await
+            .expect("the checkpoints read")
+            .get(0);
+        (behind == 0).then_some(())
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "the projections did not reach the log's end"
+    );
+}
+
+/// Every read-model table, row by row, in a fixed order.
+async fn read_models(db: &tokio_postgres::Client) -> Vec<(String, Vec<String>)> {
+    let mut all = Vec::new();
+    for table in ProjectionName::ALL.iter().flat_map(|p| p.tables()) {
+        let rows = db
+            .query(
+                &format!("select t::text from public.{table} t order by 1"),
+                &[],
+            )
+            .await
+            .expect("a read-model table");
+        all.push(((*table).to_owned(), rows.iter().map(|r| r.get(0)).collect()));
+    }
+    all
+}
+
 fn timing(deadline_secs: u64) -> Vec<(&'static str, String)> {
     vec![
         ("ORDERLY_PAYMENT_DEADLINE_SECS", deadline_secs.to_string()),
@@ -479,6 +777,21 @@ impl Orderly {
             output.lines().filter(|line| line.contains(ERROR)).count(),
             errors.join("\n")
         )
+    }
+
+    /// Every order of `ids` settles soundly within two minutes (see [`settle`]), and this
+    /// process, the only one running the saga, lost no step on the way.
+    async fn assert_settles(&self, cluster: &PrivateCluster, ids: &[Uuid]) {
+        let log = settle(
+            cluster,
+            ids,
+            Duration::from_secs(120),
+            Duration::from_secs(20),
+            &[self],
+        )
+        .await;
+        log.assert_sound(ids);
+        self.assert_no_step_lost();
     }
 
     fn assert_no_step_lost(&self) {

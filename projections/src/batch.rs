@@ -12,7 +12,7 @@ use std::collections::HashSet;
 
 use deadpool_postgres::{ClientWrapper, Transaction};
 use orderly_event_store::Position;
-use orderly_event_store::postgres::PgConfig;
+use orderly_event_store::postgres::{DURABLE_COMMITS, PgConfig};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
@@ -27,6 +27,13 @@ use crate::model::{DeadLetterPolicy, Parked, ProjectionName, to_i64, to_u64};
 pub type Connection = ClientWrapper;
 
 /// Opens a [`Connection`]; `what` names it in the log when it closes with an error.
+///
+/// Its commits wait for their WAL flush even where the server's default is not to: a runner
+/// publishes each checkpoint to readers waiting for a consistency token right after the
+/// commit, and a token must never vouch for a batch that a server crash takes back. The cost
+/// is the flush (about 0.2 ms on the benchmark machine's disk) added to each batch's
+/// transaction, measured in BENCHMARKS.md. A rebuild's shadow batches, which nobody waits
+/// for, turn it off again.
 pub async fn connect(
     pg_config: &PgConfig,
     what: &'static str,
@@ -37,6 +44,7 @@ pub async fn connect(
             tracing::debug!(%error, "{what} connection closed");
         }
     });
+    client.batch_execute(DURABLE_COMMITS).await?;
     Ok(ClientWrapper::new(client, task))
 }
 

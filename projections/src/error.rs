@@ -79,4 +79,11 @@ impl ProjectionError {
             _ => false,
         }
     }
+
+    /// Whether the server cancelled a statement for running past `statement_timeout`
+    /// (SQLSTATE 57014): transient, but the same batch may well take as long again.
+    pub fn is_statement_timeout(&self) -> bool {
+        matches!(self, Self::Database(error)
+            if error.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
+    }
 }

@@ -618,8 +618,10 @@ async fn swap(
     // The live checkpoint row must exist to be locked.
     batch::checkpoint(client, name, Target::Live).await?;
     let tx = client.transaction().await?;
+    // The swap moves the live checkpoint, which readers then wait on: unlike the shadow
+    // batches before it, its commit must be durable (see `batch::connect`).
     tx.batch_execute(&format!(
-        "set local lock_timeout = {}",
+        "set local lock_timeout = {}; set local synchronous_commit = on",
         options.swap_lock_timeout.as_millis()
     ))
     .await?;

@@ -8,7 +8,7 @@
 //! checkpoint compare in every batch (see `batch`) is what guarantees no double application.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,6 +31,10 @@ use crate::watch::{self, ProjectionHub, ProjectionUpdate};
 /// longer than a page read of the log takes, so that catching up does not flap.
 const QUIET_AT_HEAD: Duration = Duration::from_millis(50);
 
+/// First pause after a transient failure; each failure in a row doubles it up to
+/// `RunnerOptions::retry_max`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
     /// Most events applied in one transaction.
@@ -43,12 +47,6 @@ pub struct RunnerOptions {
     pub standby_poll: Duration,
     /// Longest pause between retries after a transient failure.
     pub retry_max: Duration,
-    /// Whether a batch's commit waits for its WAL flush. Off by default: read models are
-    /// derived data, and a server crash can only lose the last batches together with their
-    /// checkpoint, which the runner then applies again. Waiting would also keep each batch's
-    /// transaction in flight for the flush, and the event log's readers (this runner
-    /// included) read only below the oldest transaction in flight, so it adds to every lag.
-    pub synchronous_commit: bool,
     /// For tests: set to make the next batch fail after applying and before its commit.
     pub fail_before_commit: Option<Arc<AtomicBool>>,
 }
@@ -61,7 +59,6 @@ impl Default for RunnerOptions {
             policy: DeadLetterPolicy::SkipAndPark,
             standby_poll: Duration::from_secs(1),
             retry_max: Duration::from_secs(5),
-            synchronous_commit: false,
             fail_before_commit: None,
         }
     }
@@ -73,6 +70,10 @@ pub struct Runner {
     pg_config: PgConfig,
     options: RunnerOptions,
     hub: ProjectionHub,
+    /// Most events in the next batch: `options.batch_size`, halved after a batch ran into the
+    /// server's `statement_timeout` (retrying the same batch would time out the same way),
+    /// and grown back a quarter per batch committed.
+    batch_limit: AtomicUsize,
 }
 
 impl Runner {
@@ -83,12 +84,14 @@ impl Runner {
         options: RunnerOptions,
         hub: ProjectionHub,
     ) -> Self {
+        let batch_limit = AtomicUsize::new(options.batch_size.max(1));
         Self {
             name,
             store,
             pg_config,
             options,
             hub,
+            batch_limit,
         }
     }
 
@@ -99,26 +102,62 @@ impl Runner {
         self,
         shutdown: CancellationToken,
     ) -> Result<(), ProjectionError> {
-        let mut pause = Duration::from_millis(100);
+        let mut pause = RETRY_FIRST;
         loop {
+            let started = Instant::now();
             match self.run_once(&shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(error)
                     if error.is_transient() || matches!(error, ProjectionError::Injected) =>
                 {
+                    if error.is_statement_timeout() {
+                        let limit = self.batch_limit.load(Ordering::Relaxed);
+                        self.batch_limit
+                            .store((limit / 2).max(1), Ordering::Relaxed);
+                    }
+                    // A runner that worked for a while before this failure starts its backoff
+                    // over; one that keeps failing at once backs off further.
+                    if started.elapsed() > self.options.retry_max * 4 {
+                        pause = RETRY_FIRST;
+                    }
                     tracing::warn!(projection = %self.name, %error, "projection batch failed, retrying");
+                    // Jittered, so that runners cut off together do not come back together.
+                    let jittered = pause.mul_f64(0.75 + fastrand::f64() / 2.0);
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = tokio::time::sleep(jittered) => {}
                     }
                     pause = (pause * 2).min(self.options.retry_max);
                 }
                 Err(error) => {
                     metrics::set_state(self.name, RunnerState::Failed);
                     tracing::error!(projection = %self.name, %error, "projection stopped");
+                    self.record_failure(&error).await;
                     return Err(error);
                 }
             }
+        }
+    }
+
+    /// Records `FAILED` and why for `orderly projections status` and every process's `/readyz`
+    /// (the `Stop` policy has done so in its batch already). Best effort: the failure may be
+    /// the database's, and the log line above says it anyway.
+    async fn record_failure(&self, error: &ProjectionError) {
+        if matches!(error, ProjectionError::Stopped { .. }) {
+            return;
+        }
+        let recorded = async {
+            let client = batch::connect(&self.pg_config, "projection").await?;
+            set_state(
+                &client,
+                self.name,
+                ProjectionState::Failed,
+                Some(&error.to_string()),
+            )
+            .await
+        };
+        if let Err(not_recorded) = recorded.await {
+            tracing::warn!(projection = %self.name, error = %not_recorded, "could not record the projection's failure");
         }
     }
 
@@ -147,9 +186,6 @@ impl Runner {
 
     async fn run_once(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
         let mut client = batch::connect(&self.pg_config, "projection").await?;
-        if !self.options.synchronous_commit {
-            client.batch_execute("set synchronous_commit = off").await?;
-        }
         metrics::set_state(self.name, RunnerState::Standby);
         if !self.acquire(&client, shutdown).await? {
             metrics::set_state(self.name, RunnerState::Stopped);
@@ -159,13 +195,9 @@ impl Runner {
         metrics::set_state(self.name, RunnerState::Running);
         let _sampler = metrics::sample_while_active(self.name, self.pg_config.clone());
         let mut position = batch::checkpoint(&client, self.name, Target::Live).await?;
-        self.hub.publish(ProjectionUpdate {
-            projection: self.name.as_str().to_owned(),
-            position,
-            order_ids: Vec::new(),
-            truncated: false,
-            traceparent: None,
-        });
+        // What the database says, even if behind what this process published before: a
+        // failover to a replica that had not received the last batches takes them back.
+        self.hub.reset(self.name, position);
         let mut state = ProjectionState::CatchingUp;
         set_state(&client, self.name, state, None).await?;
         // The whole log, even for `products`: the checkpoint then passes every position, which
@@ -173,8 +205,8 @@ impl Runner {
         // product event, and a reader waiting for a later token would wait in vain.
         let filter = EventFilter::All;
         let mut subscription = self.store.subscribe(position, filter.clone()).await?;
-        let limit = self.options.batch_size.max(1);
         loop {
+            let limit = self.batch_limit.load(Ordering::Relaxed);
             // After a full batch the runner counts as catching up; after a quiet spell with
             // nothing new it is at the head, even if its last batch happened to be full.
             let idle = async {
@@ -242,6 +274,8 @@ impl Runner {
                 }
                 BatchResult::Committed(done) => {
                     position = done.position;
+                    let grown = (limit + limit.div_ceil(4)).min(self.options.batch_size.max(1));
+                    self.batch_limit.store(grown, Ordering::Relaxed);
                     // The state first: whoever sees the new checkpoint also sees the state.
                     let now = if full {
                         ProjectionState::CatchingUp

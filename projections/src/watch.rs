@@ -3,7 +3,9 @@
 //! In-process, a runner publishes to a [`ProjectionHub`] after each commit. Across processes,
 //! the runner also sends `NOTIFY orderly_projections` with a small JSON payload after the
 //! commit, and [`ProjectionHub::follow`] turns those back into hub updates (and polls the
-//! checkpoint table, which covers lost notifications). The read API only talks to a hub: wait
+//! checkpoint table, which covers lost notifications). Runners publish a position only once its
+//! batch is durable, and every (re)connection replaces the hub's positions with what the
+//! database says, so a position the hub vouches for is one a crash cannot have taken back. The read API only talks to a hub: wait
 //! until a projection has passed a consistency token, or follow the touched order ids.
 
 use std::collections::HashMap;
@@ -121,6 +123,22 @@ impl ProjectionHub {
         let _ = self.inner.updates.send(update);
     }
 
+    /// Sets where `projection` is to what its database says, even if that is behind what was
+    /// published: after a reconnect, since the server may have lost commits (a failover to a
+    /// replica that had not received them) and a reader must not be told a token is applied
+    /// when its data is gone. Readers waiting then wait until the runner applies it again.
+    pub fn reset(&self, projection: ProjectionName, position: Position) {
+        self.set(projection.as_str(), position);
+    }
+
+    fn set(&self, projection: &str, position: Position) {
+        self.sender(projection).send_if_modified(|current| {
+            let moved = position != *current;
+            *current = position;
+            moved
+        });
+    }
+
     fn advance(&self, projection: &str, position: Position) {
         self.sender(projection).send_if_modified(|current| {
             let moved = position > *current;
@@ -221,8 +239,12 @@ impl ProjectionHub {
         client
             .batch_execute(&format!("listen {NOTIFY_CHANNEL}"))
             .await?;
+        // A new connection may find a server that lost commits since the last one (see
+        // `reset`): its first reading replaces what the hub knew, later ones only advance it.
+        let mut reconnected = true;
         loop {
-            self.poll_checkpoints(&client).await?;
+            self.poll_checkpoints(&client, reconnected).await?;
+            reconnected = false;
             tokio::select! {
                 _ = &mut driver => return Ok(()),
                 _ = tokio::time::sleep(FOLLOW_POLL) => {}
@@ -230,7 +252,7 @@ impl ProjectionHub {
         }
     }
 
-    async fn poll_checkpoints(&self, client: &Client) -> Result<(), ProjectionError> {
+    async fn poll_checkpoints(&self, client: &Client, reset: bool) -> Result<(), ProjectionError> {
         for row in client
             .query(
                 "select projection, position_commit, position_prepare from projection_checkpoints",
@@ -240,7 +262,11 @@ impl ProjectionHub {
         {
             let name: String = row.try_get(0)?;
             let position = Position::new(to_u64(row.try_get(1)?), to_u64(row.try_get(2)?));
-            self.advance(&name, position);
+            if reset {
+                self.set(&name, position);
+            } else {
+                self.advance(&name, position);
+            }
         }
         Ok(())
     }
@@ -257,5 +283,37 @@ pub(crate) async fn notify(client: &Client, update: &ProjectionUpdate) {
         .await
     {
         tracing::debug!(%error, "could not notify projection followers");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reset_takes_back_what_the_database_no_longer_has() {
+        let hub = ProjectionHub::new();
+        let (applied, lost) = (Position::new(10, 1), Position::new(12, 3));
+        hub.publish(ProjectionUpdate {
+            projection: ProjectionName::Orders.as_str().to_owned(),
+            position: lost,
+            order_ids: Vec::new(),
+            truncated: false,
+            traceparent: None,
+        });
+        // Publishing never moves back; only a reset (after a reconnect) does.
+        hub.publish(ProjectionUpdate {
+            projection: ProjectionName::Orders.as_str().to_owned(),
+            position: applied,
+            order_ids: Vec::new(),
+            truncated: false,
+            traceparent: None,
+        });
+        assert_eq!(hub.position(ProjectionName::Orders), lost);
+        hub.reset(ProjectionName::Orders, applied);
+        assert_eq!(hub.position(ProjectionName::Orders), applied);
+        let short = Duration::from_millis(20);
+        assert!(!hub.wait_for(ProjectionName::Orders, lost, short).await);
+        assert!(hub.wait_for(ProjectionName::Orders, applied, short).await);
     }
 }

@@ -506,6 +506,88 @@ async fn under_the_stop_policy_a_poison_event_stops_the_projection_until_skipped
     task.await.expect("task").expect("runner");
 }
 
+/// A failure that is not transient (here: a trigger that refuses to move the checkpoint) ends
+/// the runner, and its status says `FAILED` and why, for `orderly projections status` and for
+/// every process's `/readyz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_that_fails_for_good_says_so_in_its_status() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 50).await;
+    let client = f.db.connect().await.expect("connect");
+    client
+        .batch_execute(
+            "create function frozen() returns trigger language plpgsql as $$
+             begin raise exception 'checkpoints are frozen' using errcode = 'P0001'; end $$;
+             create trigger frozen before update on projection_checkpoints for each row
+             when (old.position_commit is distinct from new.position_commit)
+             execute function frozen();",
+        )
+        .await
+        .expect("the trigger");
+    let runner = Runner::new(
+        ProjectionName::Orders,
+        f.store.clone(),
+        f.db.config().clone(),
+        small_batches(),
+        ProjectionHub::new(),
+    );
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        runner.run_until_stopped(CancellationToken::new()),
+    )
+    .await
+    .expect("the runner gives up on a permanent failure");
+    assert!(
+        matches!(ended, Err(ProjectionError::Database(_))),
+        "{ended:?}"
+    );
+    let statuses = status(&client).await.expect("status");
+    let orders = &statuses[0];
+    assert_eq!(orders.state, ProjectionState::Failed);
+    let why = orders.last_error.as_deref().unwrap_or_default();
+    assert!(why.contains("read-model database error"), "{why}");
+}
+
+/// A batch that runs past the server's `statement_timeout` would time out again as it is:
+/// the runner retries with smaller batches until they fit, and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_that_time_out_are_retried_smaller_until_they_fit() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    let client = f.db.connect().await.expect("connect");
+    // Every write of an order row takes 10 ms, and statements may take 300 ms: a statement
+    // writing more than about thirty orders cannot finish.
+    client
+        .batch_execute(&format!(
+            "create function slow() returns trigger language plpgsql as $$
+             begin perform pg_sleep(0.01); return new; end $$;
+             create trigger slow before insert or update on orders for each row
+             execute function slow();
+             alter database {} set statement_timeout = '300ms';",
+            f.db.name()
+        ))
+        .await
+        .expect("slow writes");
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, RunnerOptions::default());
+    caught_up(&f, &hub).await;
+    for result in running.stop().await {
+        result.expect("runner");
+    }
+    let orders_in_log = count(
+        &f,
+        "select count(distinct stream) from events where category = 'order'",
+    )
+    .await;
+    assert!(orders_in_log > 60, "{orders_in_log}");
+    assert_eq!(
+        count(&f, "select count(*) from orders").await,
+        orders_in_log
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_during_live_writes_leaves_no_gap_at_the_swap() {
     let f = fixture().await;

@@ -20,7 +20,9 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod,
+};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
@@ -85,6 +87,13 @@ const COLUMNS: &str =
 
 /// The horizon: every transaction with a lower id has finished, so rows below it are final.
 const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+/// Makes a session's commits wait for their WAL flush where the server's default would not
+/// (`synchronous_commit = off`). A position handed out (an append's consistency token, a
+/// projection's published checkpoint) must name data a server crash cannot take back. A
+/// stronger default (`remote_apply`, say) is kept.
+pub const DURABLE_COMMITS: &str = "select set_config('synchronous_commit', 'on', false)
+ where current_setting('synchronous_commit') = 'off'";
 
 /// Statements assembled once from the pieces above.
 struct Statements {
@@ -202,6 +211,14 @@ impl PgEventStore {
             .wait_timeout(Some(options.pool_wait))
             .create_timeout(Some(options.pool_wait))
             .runtime(deadpool_postgres::Runtime::Tokio1)
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(DURABLE_COMMITS)
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
             .build()
             .map_err(|e| StoreError::Internal(Box::new(e)))?;
         let peers = Arc::new(Notify::new());
@@ -676,7 +693,7 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
 
 fn pool_error(error: PoolError) -> StoreError {
     match error {
-        PoolError::Backend(e) => pg_error(e),
+        PoolError::Backend(e) | PoolError::PostCreateHook(HookError::Backend(e)) => pg_error(e),
         other => StoreError::Unavailable(Box::new(other)),
     }
 }
