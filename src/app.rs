@@ -76,6 +76,7 @@ impl App {
         let health = Health {
             store: store.clone(),
             read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
+            log_in_read_db: store_pool.is_some(),
         };
         if let Some(pool) = store_pool {
             orderly_platform::metrics::watch_pool("event_store", pool);

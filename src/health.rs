@@ -1,6 +1,7 @@
 //! `/healthz` (the process answers) and `/readyz` (its dependencies answer and no projection
 //! has failed), and the same checks as `orderly_readiness_check` gauges, refreshed in the
-//! background so that a process nobody probes still shows why it would not be ready.
+//! background so that a process nobody probes still shows why it would not be ready. The
+//! background sampler also reports what holds the log's horizon back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use orderly_event_store::EventStore;
-use orderly_platform::metrics::record_readiness;
+use orderly_platform::metrics::{record_horizon, record_readiness};
 use orderly_projections::ProjectionState;
 use serde_json::{Map, Value, json};
 
@@ -28,6 +29,9 @@ pub struct Health {
     pub store: Arc<dyn EventStore>,
     /// Connections to the read models' database, for the checks only (two at most).
     pub read_db: Pool,
+    /// Whether the log is in that database too (the PostgreSQL store): then the sampler also
+    /// reports what holds the log's horizon back.
+    pub log_in_read_db: bool,
 }
 
 /// One check's verdict: `Err` says why it failed, fit for an operator.
@@ -148,6 +152,29 @@ impl Health {
         loop {
             ticks.tick().await;
             self.check().await;
+            if self.log_in_read_db {
+                self.sample_horizon().await;
+            }
+        }
+    }
+
+    /// `orderly_log_horizon_age_seconds` and `orderly_db_oldest_transaction_seconds`; the
+    /// gauges keep their last values while the database does not answer.
+    async fn sample_horizon(&self) {
+        let sampled = tokio::time::timeout(READY_TIMEOUT, async {
+            let client = self.read_db.get().await.map_err(|e| e.to_string())?;
+            orderly_event_store::postgres::horizon(&client)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match sampled {
+            Ok(Ok(horizon)) => record_horizon(
+                horizon.held_back_seconds,
+                horizon.oldest_transaction.map_or(0.0, |t| t.age_seconds),
+            ),
+            Ok(Err(error)) => tracing::debug!(%error, "log horizon not sampled"),
+            Err(_) => tracing::debug!("log horizon not sampled in time"),
         }
     }
 

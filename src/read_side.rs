@@ -103,7 +103,29 @@ pub async fn print_status(pg_config: &PgConfig) -> anyhow::Result<()> {
             println!("  shadow copy being rebuilt, at {at}");
         }
     }
+    print_horizon(&client).await;
     Ok(())
+}
+
+/// A line on what holds the log's horizon back, when events wait behind an open transaction:
+/// every projection, subscription and saga lane waits with them. Nothing where the log is not
+/// in this database (the KurrentDB store).
+async fn print_horizon(client: &tokio_postgres::Client) {
+    let Ok(horizon) = orderly_event_store::postgres::horizon(client).await else {
+        return;
+    };
+    if horizon.held_back_events == 0 {
+        println!("log horizon: no committed event waits");
+        return;
+    }
+    let by = horizon
+        .oldest_transaction
+        .map_or_else(|| "an open transaction".to_owned(), |t| t.to_string());
+    println!(
+        "log horizon: HELD for {:.1} s, {} committed events wait behind {by}; \
+         every reader of the log waits until it ends",
+        horizon.held_back_seconds, horizon.held_back_events
+    );
 }
 
 /// `orderly projections rebuild`: one pass over the log for all `names`, with a progress bar,

@@ -513,6 +513,71 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
     }
 }
 
+/// A transaction left open anywhere in the cluster holds every reader of the log back. The
+/// operator sees why: `orderly projections status` names the session and `/metrics` how long
+/// committed events have waited, while it lasts; both clear once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_horizon_is_named_in_the_status_and_the_metrics() {
+    let cluster = PrivateCluster::create().await.expect("a private cluster");
+    migrate(&cluster.url()).await;
+    let server = Orderly::start("serve", &cluster.url(), &["serve"], &[]).await;
+    let forgotten =
+        orderly_test_support::connect(&with_application_name(&cluster.url(), "forgotten-session"))
+            .await
+            .expect("a connection");
+    forgotten
+        .batch_execute("begin; select pg_current_xact_id()")
+        .await
+        .expect("a transaction with an id");
+    register(&server.api, "HELD-A", 100, "EUR", 5).await;
+
+    let status = poll(Duration::from_secs(15), || async {
+        let output = projections_status(&cluster).await;
+        output.contains("HELD").then_some(output)
+    })
+    .await
+    .expect("the status says the horizon is held");
+    assert!(status.contains("forgotten-session"), "{status}");
+    let held = poll(Duration::from_secs(15), || async {
+        let scrape = server
+            .api
+            .http
+            .get(format!("{}/metrics", server.api.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let age: f64 = scrape
+            .lines()
+            .find_map(|line| line.strip_prefix("orderly_log_horizon_age_seconds "))?
+            .parse()
+            .ok()?;
+        (age > 0.0).then_some(age)
+    })
+    .await;
+    assert!(held.is_some(), "no horizon age on /metrics");
+
+    forgotten.batch_execute("commit").await.expect("commit");
+    let cleared = poll(Duration::from_secs(15), || async {
+        let output = projections_status(&cluster).await;
+        output.contains("no committed event waits").then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "{}", projections_status(&cluster).await);
+}
+
+/// What `orderly projections status` prints for `cluster`.
+async fn projections_status(cluster: &PrivateCluster) -> String {
+    let mut status = orderly(&["projections", "status"], &cluster.url(), &[]);
+    let output = tokio::task::spawn_blocking(move || status.output())
+        .await
+        .expect("status ran")
+        .expect("orderly projections status started");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 const RESTOCK_WITH_TOKEN: &str = "mutation($sku: String!, $q: Int!) {
   restock(sku: $sku, quantity: $q) { version token } }";
 

@@ -87,6 +87,7 @@ async fn readiness_says_why_when_the_read_database_is_unreachable() {
     let health = Health {
         store: Arc::new(MemoryEventStore::new()),
         read_db: orderly_platform::pg_pool(&nowhere, 2).unwrap(),
+        log_in_read_db: false,
     };
     let readiness = health.check().await;
     assert!(!readiness.is_ready());

@@ -299,7 +299,7 @@ fn describe() {
     for (name, help) in counters {
         describe_counter!(name, help);
     }
-    let gauges: [(&str, &str); 15] = [
+    let gauges: [(&str, &str); 17] = [
         (
             "orderly_graphql_subscriptions_active",
             "GraphQL subscriptions open now.",
@@ -340,6 +340,15 @@ fn describe() {
         (
             "orderly_payment_breaker_state",
             "The payment gateway's circuit breaker: 0 closed, 1 half-open, 2 open.",
+        ),
+        (
+            "orderly_log_horizon_age_seconds",
+            "How long the oldest committed event that readers of the log cannot see yet has waited \
+             behind an open transaction; 0 when none waits.",
+        ),
+        (
+            "orderly_db_oldest_transaction_seconds",
+            "Age of the oldest transaction holding a transaction id anywhere in the cluster.",
         ),
         (
             "orderly_build_info",
@@ -490,6 +499,13 @@ pub fn record_build_info(version: &'static str, event_store: &'static str) {
 /// `orderly_readiness_check{check}`: one of `event_store`, `read_database`, `projections`.
 pub fn record_readiness(check: &'static str, passed: bool) {
     gauge!("orderly_readiness_check", "check" => check).set(if passed { 1.0 } else { 0.0 });
+}
+
+/// What holds the log's horizon back (see `orderly_event_store::postgres::horizon`): how long
+/// the oldest held-back event has waited, and the age of the oldest open transaction.
+pub fn record_horizon(held_back_seconds: f64, oldest_transaction_seconds: f64) {
+    gauge!("orderly_log_horizon_age_seconds").set(held_back_seconds);
+    gauge!("orderly_db_oldest_transaction_seconds").set(oldest_transaction_seconds);
 }
 
 /// Pools whose connections every scrape reports; a later pool of the same name replaces the

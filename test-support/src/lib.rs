@@ -143,7 +143,8 @@ fn database_url(base: &str, name: &str) -> Result<String, BoxError> {
     Ok(url.into())
 }
 
-async fn connect(url: &str) -> Result<Client, BoxError> {
+/// A new connection to `url`, driven in the background.
+pub async fn connect(url: &str) -> Result<Client, BoxError> {
     let (client, connection) = url.parse::<Config>()?.connect(NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;

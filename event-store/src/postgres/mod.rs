@@ -698,6 +698,94 @@ fn pool_error(error: PoolError) -> StoreError {
     }
 }
 
+/// Why readers of the log wait, if they do: what [`horizon`] finds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Horizon {
+    /// Events committed but not yet readable: they sort after a transaction still open
+    /// somewhere in the cluster, and every reader of the log waits until it ends.
+    pub held_back_events: i64,
+    /// How long the oldest of them has waited; 0 when none waits.
+    pub held_back_seconds: f64,
+    /// The oldest transaction in the cluster holding a transaction id (any database, prepared
+    /// transactions included), if any: the one that holds the horizon when events wait.
+    pub oldest_transaction: Option<OpenTransaction>,
+}
+
+/// A transaction that holds an id, as `pg_stat_activity` or `pg_prepared_xacts` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenTransaction {
+    /// The backend's process id; `None` for a prepared (two-phase) transaction, which has none.
+    pub pid: Option<i32>,
+    pub database: Option<String>,
+    /// `application_name`, or the prepared transaction's `gid`.
+    pub application_name: String,
+    /// `active`, `idle in transaction`, ... or `prepared`.
+    pub state: String,
+    pub age_seconds: f64,
+}
+
+impl std::fmt::Display for OpenTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid}")?,
+            None => f.write_str("a prepared transaction")?,
+        }
+        write!(
+            f,
+            " (database {}, application {:?}, {}) open for {:.1} s",
+            self.database.as_deref().unwrap_or("?"),
+            self.application_name,
+            self.state,
+            self.age_seconds
+        )
+    }
+}
+
+/// What holds the log's horizon back: events waiting behind an open transaction, and the
+/// oldest such transaction in the cluster. Two reads of the catalog and an index range scan
+/// of the waiting events; for monitoring, every few seconds.
+pub async fn horizon(client: &tokio_postgres::Client) -> Result<Horizon, tokio_postgres::Error> {
+    let waiting = client
+        .query_one(
+            &format!(
+                "select count(*), coalesce(extract(epoch from now() - min(recorded_at))::float8, 0)
+                 from events where tx_id >= {HORIZON}"
+            ),
+            &[],
+        )
+        .await?;
+    let oldest = client
+        .query_opt(
+            "select pid, datname::text, coalesce(application_name, ''), coalesce(state, ''),
+                    extract(epoch from now() - xact_start)::float8 as age
+             from pg_stat_activity
+             where backend_xid is not null and pid <> pg_backend_pid()
+             union all
+             select null, database::text, gid, 'prepared',
+                    extract(epoch from now() - prepared)::float8
+             from pg_prepared_xacts
+             order by age desc nulls last limit 1",
+            &[],
+        )
+        .await?;
+    let oldest_transaction = oldest
+        .map(|row| -> Result<OpenTransaction, tokio_postgres::Error> {
+            Ok(OpenTransaction {
+                pid: row.try_get(0)?,
+                database: row.try_get(1)?,
+                application_name: row.try_get(2)?,
+                state: row.try_get(3)?,
+                age_seconds: row.try_get::<_, Option<f64>>(4)?.unwrap_or(0.0),
+            })
+        })
+        .transpose()?;
+    Ok(Horizon {
+        held_back_events: waiting.try_get(0)?,
+        held_back_seconds: waiting.try_get::<_, f64>(1)?.max(0.0),
+        oldest_transaction,
+    })
+}
+
 /// Sorts driver errors into "try again later" and "something is wrong".
 pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
     if is_transient(&error) {
