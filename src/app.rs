@@ -481,6 +481,17 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `orderly migrate --rebase-log`: see `orderly_event_store::postgres::rebase_log`.
+pub async fn rebase_log(settings: &Settings) -> anyhow::Result<i64> {
+    anyhow::ensure!(
+        settings.event_store == EventStoreKind::Postgres,
+        "--rebase-log is for the PostgreSQL event store; KurrentDB keeps its own log"
+    );
+    orderly_event_store::postgres::rebase_log(&pg_config(settings)?)
+        .await
+        .context("rebasing the event log's clock failed")
+}
+
 /// Changes whenever any migration `migrate` applies changes; test templates are keyed by it.
 pub fn migration_fingerprint() -> String {
     format!(

@@ -46,8 +46,16 @@ enum Command {
     /// subscriptions over WebSocket and GraphiQL on GET /graphql, /healthz, /readyz), the
     /// projection runners and the saga runner.
     Serve,
-    /// Apply the database migrations and exit.
-    Migrate,
+    /// Apply the database migrations and exit. Refuses (as every command that applies them
+    /// at start does) when the event log was copied in from a cluster that had handed out more
+    /// transaction ids than this one: see --rebase-log.
+    Migrate {
+        /// After a logical restore of the log into another PostgreSQL cluster (pg_dump and
+        /// pg_restore, logical replication): move the log's clock past its newest event, so
+        /// that new events sort after the copied ones. Stop every other orderly process first.
+        #[arg(long)]
+        rebase_log: bool,
+    },
     /// The fulfilment saga runner, its outbox worker and the outbox's dead letters.
     Saga {
         #[command(subcommand)]
@@ -281,7 +289,11 @@ async fn main() -> anyhow::Result<()> {
 async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
     let settings = settings.clone();
     match command {
-        Command::Migrate => {
+        Command::Migrate { rebase_log } => {
+            if rebase_log {
+                let offset = app::rebase_log(&settings).await?;
+                println!("the log's clock is now {offset} ahead of this cluster's transaction ids");
+            }
             app::migrate(&settings).await?;
             tracing::info!("migrations applied");
         }

@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::{Api, SECRET, admin, customer, order_input, register};
 use futures::StreamExt;
+use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
+use orderly_event_store::{
+    EventFilter, EventStore, ExpectedVersion, NewEvent, Position, StreamName,
+};
 use orderly_projections::ProjectionName;
 use orderly_test_support::cluster::{PrivateCluster, free_port};
 use orderly_test_support::process::Subprocess;
@@ -578,6 +582,117 @@ async fn projections_status(cluster: &PrivateCluster) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A log copied into another cluster with pg_dump and pg_restore keeps its transaction ids,
+/// which are ahead of a younger cluster's. Start-up refuses to run on it (new events would sort
+/// before the copied ones and readers would skip them); `orderly migrate --rebase-log` repairs
+/// it, after which new events are read after the old ones, also by a reader that resumes from
+/// a position stored before the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_log_is_refused_until_rebased_and_then_read_on() {
+    let old = PrivateCluster::create().await.expect("the old cluster");
+    migrate(&old.url()).await;
+    // The old cluster has handed out a few thousand more transaction ids than a new one.
+    old.connect()
+        .await
+        .expect("a connection")
+        .batch_execute(
+            "do $$ begin for i in 1..3000 loop perform pg_current_xact_id(); commit; end loop; end $$",
+        )
+        .await
+        .expect("transaction ids used up");
+    let old_store = PgEventStore::connect(&old.url(), PgStoreOptions::default()).expect("a store");
+    let stream = StreamName::parse("restore-1").expect("a stream name");
+    let before = old_store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("Written", json!({ "n": 1 }))],
+        )
+        .await
+        .expect("an append")
+        .position;
+    let dump = std::env::temp_dir().join(format!("orderly-restore-{}.dump", Uuid::new_v4()));
+    let mut pg_dump = Command::new(old.program("pg_dump"));
+    pg_dump.args(["-Fc", "-f"]).arg(&dump).arg(old.url());
+    run_program(pg_dump).await;
+
+    let new = PrivateCluster::create().await.expect("the new cluster");
+    let mut pg_restore = Command::new(new.program("pg_restore"));
+    pg_restore
+        .args(["--no-owner", "-d"])
+        .arg(new.url())
+        .arg(&dump);
+    run_program(pg_restore).await;
+    let _ = std::fs::remove_file(&dump);
+    let refused = orderly_output(&["migrate"], &new.url()).await;
+    assert!(!refused.status.success(), "migrate ran on a restored log");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--rebase-log"), "{said}");
+
+    let rebased = orderly_output(&["migrate", "--rebase-log"], &new.url()).await;
+    assert!(
+        rebased.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebased.stderr)
+    );
+    let new_store = PgEventStore::connect(&new.url(), PgStoreOptions::default()).expect("a store");
+    let after = new_store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(0),
+            vec![NewEvent::new("Written", json!({ "n": 2 }))],
+        )
+        .await
+        .expect("an append after the restore")
+        .position;
+    assert!(after > before, "{after} is not after {before}");
+    let resumed = new_store
+        .read_all(before, &EventFilter::All, 10)
+        .await
+        .expect("the log read on");
+    assert_eq!(
+        resumed
+            .iter()
+            .map(|e| e.data["n"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(2)],
+        "a reader resuming from before the copy"
+    );
+    let whole = new_store
+        .read_all(Position::START, &EventFilter::All, 10)
+        .await
+        .expect("the whole log");
+    assert_eq!(
+        whole
+            .iter()
+            .map(|e| e.data["n"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(1), json!(2)]
+    );
+}
+
+/// Runs `command` to completion off the runtime's workers; panics with its output on failure.
+async fn run_program(mut command: Command) {
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the program ran")
+        .expect("the program started");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `orderly args` against `database_url`, run to completion.
+async fn orderly_output(args: &[&str], database_url: &str) -> std::process::Output {
+    let mut command = orderly(args, database_url, &[]);
+    tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("orderly ran")
+        .expect("orderly started")
+}
+
 const RESTOCK_WITH_TOKEN: &str = "mutation($sku: String!, $q: Int!) {
   restock(sku: $sku, quantity: $q) { version token } }";
 
@@ -761,11 +876,7 @@ fn orderly(args: &[&str], database_url: &str, settings: &[(&str, String)]) -> Co
 
 /// Applies the migrations once, before processes that would each try to.
 async fn migrate(database_url: &str) {
-    let mut command = orderly(&["migrate"], database_url, &[]);
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("migrate ran")
-        .expect("orderly migrate started");
+    let output = orderly_output(&["migrate"], database_url).await;
     assert!(
         output.status.success(),
         "orderly migrate failed: {}",

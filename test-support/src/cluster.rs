@@ -91,6 +91,12 @@ impl PrivateCluster {
             .await
     }
 
+    /// A client program of the same PostgreSQL version as the server (`pg_dump`,
+    /// `pg_restore`, `psql`), to run as any user.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.ctl.bindir.join(name)
+    }
+
     /// The last `lines` lines of the server's log, for a failing test's report.
     pub fn log_tail(&self, lines: usize) -> String {
         crate::process::tail(&self.ctl.log_path(), lines)

@@ -35,7 +35,8 @@ use uuid::Uuid;
 pub use tokio_postgres::Config as PgConfig;
 
 pub use migrations::{
-    MIGRATION_TABLE, fingerprint, migrate, migration_fingerprint, run_migrations,
+    LogAheadOfCluster, MIGRATION_TABLE, check_log_clock, fingerprint, migrate,
+    migration_fingerprint, rebase_log, run_migrations,
 };
 
 use crate::EventStore;
@@ -62,10 +63,12 @@ const CONTENDED_APPEND_ATTEMPTS: u32 = 32;
 const APPEND: &str = "
 with cur as (
     select max(version) as v from events where stream = $1
+), clock as (
+    select pg_current_xact_id()::text::bigint + tx_offset as tx_id from event_log_clock
 ), ins as (
-    insert into events (event_id, stream, version, event_type, data, metadata)
-    select e.event_id, $1, coalesce(cur.v, -1) + e.n, e.event_type, e.data, e.metadata
-    from cur, unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
+    insert into events (event_id, stream, version, event_type, data, metadata, tx_id)
+    select e.event_id, $1, coalesce(cur.v, -1) + e.n, e.event_type, e.data, e.metadata, clock.tx_id
+    from cur, clock, unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
         with ordinality as e(event_id, event_type, data, metadata, n)
     where case $2::bigint
         when -1 then true
@@ -86,7 +89,13 @@ const COLUMNS: &str =
     "event_id, stream, version, tx_id, seq, event_type, data, metadata, recorded_at";
 
 /// The horizon: every transaction with a lower id has finished, so rows below it are final.
-const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+/// On the log's clock, i.e. with its offset (see `migrations/V2__log_clock.sql`).
+const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+    + (select tx_offset from event_log_clock))";
+
+/// The id the next transaction of this cluster will get, on the log's clock.
+const NEXT_TX_ID: &str = "(pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+    + (select tx_offset from event_log_clock))";
 
 /// Makes a session's commits wait for their WAL flush where the server's default would not
 /// (`synchronous_commit = off`). A position handed out (an append's consistency token, a
