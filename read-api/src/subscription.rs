@@ -23,7 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::ReadError;
-use crate::context::{ReadApi, may_read_order, request_id, signed_in};
+use crate::context::{ReadApi, may_read_order, reader, request_id};
 use crate::query::order_owner;
 use crate::sql::{OrderRow, StatusRow};
 use crate::types::{EventRecord, Order};
@@ -49,9 +49,7 @@ impl SubscriptionRoot {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<Order>> + use<>> {
         let request_id = request_id(ctx).to_owned();
         let api = ReadApi::of(ctx)?.clone();
-        let actor = signed_in(ctx)
-            .map_err(|e| e.to_graphql(&request_id))?
-            .clone();
+        let actor = reader(ctx).map_err(|e| e.to_graphql(&request_id))?.clone();
         // Subscribed before the baseline is read, so that no update between the two is missed.
         let updates = api.hub().order_updates(order_id).boxed();
         let baseline = api
@@ -115,7 +113,7 @@ impl SubscriptionRoot {
         let request_id = request_id(ctx).to_owned();
         let api = ReadApi::of(ctx)?.clone();
         let source = async {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             let filter = event_filter(stream, category)?;
             if !actor.is_admin() && !owns(&api, actor, &filter).await? {
                 return Err(ReadError::Forbidden(
