@@ -219,3 +219,36 @@ async fn a_value_the_database_refuses_is_the_callers_input_and_says_why() {
         CommandError::InvalidInput { .. }
     ));
 }
+
+#[tokio::test]
+async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_the_budget() {
+    let db = migrated_database().await;
+    let role = format!("refused_{}", uuid::Uuid::new_v4().simple());
+    let admin_client = db.connect().await.unwrap();
+    // A role's connection limit answers as a full server does: SQLSTATE 53300.
+    admin_client
+        .batch_execute(&format!("create role {role} login connection limit 0"))
+        .await
+        .unwrap();
+    let settings = orderly::settings::Settings {
+        database_url: db.url().replacen("postgres@", &format!("{role}@"), 1),
+        ..settings_for(db.url())
+    };
+    let budget =
+        orderly::app::ConnectionBudget::of(&settings, orderly::app::Part::Everything, true);
+    let error = orderly::app::check_connections(&settings, &budget)
+        .await
+        .expect_err("the start must stop")
+        .to_string();
+    admin_client
+        .batch_execute(&format!("drop role {role}"))
+        .await
+        .unwrap();
+    assert!(error.contains("53300"), "{error}");
+    assert!(error.contains("too many connections"), "{error}");
+    assert!(error.contains(&budget.to_string()), "{error}");
+    // A server with room passes.
+    orderly::app::check_connections(&settings_for(db.url()), &budget)
+        .await
+        .unwrap();
+}
