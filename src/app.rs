@@ -12,7 +12,7 @@ use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
     SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
 };
-use orderly_command_api::{CommandService, MutationRoot};
+use orderly_command_api::{CommandService, MutationRoot, OrderIds};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
@@ -210,9 +210,11 @@ pub fn graphql_router(
 ) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
+    let order_ids = order_ids(settings);
     let commands = || {
         CommandService::new(store.clone())
             .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
+            .with_order_ids(order_ids.clone())
     };
     let reads = || {
         let limits = ReadLimits {
@@ -388,6 +390,24 @@ pub fn notifier(settings: &Settings) -> anyhow::Result<Arc<dyn Notifier>> {
     })
     .context("invalid SMTP settings")?;
     Ok(Arc::new(smtp))
+}
+
+/// How placeOrder names keyed orders: an HMAC under `ORDERLY_ORDER_ID_SECRET`, else under a
+/// key derived from `ORDERLY_JWT_SECRET` (a secret every API process already shares; the
+/// derivation keeps the JWT secret itself out of the ids). With neither, ids stay computable
+/// from (customer, key), which a warning says.
+pub fn order_ids(settings: &Settings) -> OrderIds {
+    if let Some(secret) = &settings.order_id_secret {
+        return OrderIds::keyed(secret.as_bytes());
+    }
+    if let Some(jwt) = &settings.jwt_secret {
+        return OrderIds::keyed(format!("orderly order ids\0{jwt}").as_bytes());
+    }
+    tracing::warn!(
+        "neither ORDERLY_ORDER_ID_SECRET nor ORDERLY_JWT_SECRET is set: the ids of orders \
+         placed with an idempotency key can be computed from the customer and the key"
+    );
+    OrderIds::Public
 }
 
 pub fn jwt_config(settings: &Settings) -> JwtConfig {

@@ -252,3 +252,88 @@ async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_t
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn someone_elses_order_and_a_missing_one_answer_alike_everywhere() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "MUG", 1250, "EUR", 10).await;
+    let alices = place_one(&api, "alice", "MUG").await;
+    let missing = uuid::Uuid::new_v4().to_string();
+    let bob = customer("bob");
+    let mut answers = Vec::new();
+    for id in [&alices, &missing] {
+        let order = api
+            .gql(
+                Some(&bob),
+                "query($id: UUID!) { order(id: $id) { id } }",
+                json!({ "id": id }),
+            )
+            .await;
+        let events = api
+            .gql(
+                Some(&bob),
+                "query($id: UUID!) { orderEvents(orderId: $id) { type } }",
+                json!({ "id": id }),
+            )
+            .await;
+        let cancel = api
+            .gql(
+                Some(&bob),
+                CANCEL,
+                json!({ "id": id, "reason": "mine?", "v": 0 }),
+            )
+            .await;
+        let mut socket = connect(&api, Some(&bob)).await;
+        subscribe(
+            &mut socket,
+            "1",
+            "subscription($id: UUID!) { orderUpdated(orderId: $id) { id } }",
+            json!({ "id": id }),
+        )
+        .await;
+        let followed = refusal(&next(&mut socket).await).to_owned();
+        answers.push((
+            order.data("order").clone(),
+            events.data("orderEvents").clone(),
+            cancel.code().to_owned(),
+            cancel.error()["message"].clone(),
+            followed,
+        ));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].2, "NOT_FOUND");
+    assert_eq!(answers[0].4, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn no_answer_carries_a_payment_token_whoever_asks() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "MUG", 1250, "EUR", 10).await;
+    let placed = api
+        .gql(
+            Some(&customer("alice")),
+            PLACE,
+            order_input(json!([{ "sku": "MUG", "quantity": 1 }]), "tok_ok_4242"),
+        )
+        .await;
+    let id = placed.data("placeOrder")["id"].as_str().unwrap().to_owned();
+    for reader in [warehouse(), admin(), customer("alice")] {
+        let answer = api
+            .gql(
+                Some(&reader),
+                "query($id: UUID!) { orderEvents(orderId: $id) { type data } }",
+                json!({ "id": id }),
+            )
+            .await;
+        let placed = &answer.data("orderEvents")[0];
+        assert_eq!(placed["type"], "OrderPlaced");
+        assert_eq!(placed["data"]["payment_token"], "[redacted]");
+        assert!(
+            !answer.body.to_string().contains("tok_ok_4242"),
+            "{}",
+            answer.body
+        );
+    }
+}

@@ -298,3 +298,16 @@ pub async fn next(socket: &mut Socket) -> Value {
         }
     }
 }
+
+/// The contract code of a refused subscription: resolver errors arrive as a `next` carrying
+/// `errors`, request errors (validation) as an `error` message.
+pub fn refusal(message: &Value) -> &str {
+    let errors = match message["type"].as_str() {
+        Some("next") => &message["payload"]["errors"],
+        Some("error") => &message["payload"],
+        _ => panic!("not a refusal: {message}"),
+    };
+    errors[0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code in {message}"))
+}
