@@ -337,3 +337,420 @@ async fn no_answer_carries_a_payment_token_whoever_asks() {
         );
     }
 }
+
+/// A standing fuzz run over the served schema: operations built from the SDL the server
+/// serves, every argument filled with hostile values, sent with every kind of token. The
+/// properties: no 5xx, no INTERNAL, every error coded, no panic (the connection would drop),
+/// and a refused mutation writes nothing. Bounded: a few hundred requests, seconds of work.
+mod fuzz {
+    use std::collections::HashMap;
+
+    use async_graphql::parser::types::{
+        BaseType, FieldDefinition, InputValueDefinition, Type, TypeKind, TypeSystemDefinition,
+    };
+    use orderly_platform::Role;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    use super::*;
+
+    /// The served schema's types, by name.
+    struct Types {
+        kinds: HashMap<String, TypeKind>,
+        query: Vec<FieldDefinition>,
+        mutation: Vec<FieldDefinition>,
+    }
+
+    impl Types {
+        fn parse(sdl: &str) -> Self {
+            let document = async_graphql::parser::parse_schema(sdl).expect("served SDL parses");
+            let mut kinds = HashMap::new();
+            for definition in document.definitions {
+                if let TypeSystemDefinition::Type(ty) = definition {
+                    kinds.insert(ty.node.name.node.to_string(), ty.node.kind);
+                }
+            }
+            let fields = |name: &str| match kinds.get(name) {
+                Some(TypeKind::Object(object)) => {
+                    object.fields.iter().map(|f| f.node.clone()).collect()
+                }
+                _ => Vec::new(),
+            };
+            let (query, mutation) = (fields("Query"), fields("Mutation"));
+            Self {
+                kinds,
+                query,
+                mutation,
+            }
+        }
+
+        /// A selection of `ty`'s leaves, and of its objects' leaves two levels down.
+        fn selection(&self, ty: &Type, depth: usize) -> String {
+            let name = match &ty.base {
+                BaseType::Named(name) => name.to_string(),
+                BaseType::List(item) => return self.selection(item, depth),
+            };
+            let Some(TypeKind::Object(object)) = self.kinds.get(&name) else {
+                return String::new();
+            };
+            let fields: Vec<String> = object
+                .fields
+                .iter()
+                .map(|f| &f.node)
+                .filter(|f| f.arguments.iter().all(|a| a.node.ty.node.nullable))
+                .filter_map(|f| {
+                    let inner = self.selection(&f.ty.node, depth + 1);
+                    match (self.is_object(&f.ty.node), depth < 2) {
+                        (false, _) => Some(f.name.node.to_string()),
+                        (true, true) if !inner.is_empty() => {
+                            Some(format!("{} {inner}", f.name.node))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            if fields.is_empty() {
+                String::new()
+            } else {
+                format!("{{ {} }}", fields.join(" "))
+            }
+        }
+
+        fn is_object(&self, ty: &Type) -> bool {
+            match &ty.base {
+                BaseType::Named(name) => {
+                    matches!(self.kinds.get(name.as_str()), Some(TypeKind::Object(_)))
+                }
+                BaseType::List(item) => self.is_object(item),
+            }
+        }
+
+        /// A hostile value of `ty` (sometimes the wrong kind altogether).
+        fn value(
+            &self,
+            ty: &Type,
+            rng: &mut fastrand::Rng,
+            known: &[String],
+            depth: usize,
+        ) -> Value {
+            if ty.nullable && rng.u8(..8) == 0 {
+                return Value::Null;
+            }
+            match &ty.base {
+                BaseType::List(item) => {
+                    let len = if depth > 3 { 0 } else { rng.usize(..4) };
+                    Value::Array(
+                        (0..len)
+                            .map(|_| self.value(item, rng, known, depth + 1))
+                            .collect(),
+                    )
+                }
+                BaseType::Named(name) => self.named(name, rng, known, depth),
+            }
+        }
+
+        fn named(
+            &self,
+            name: &str,
+            rng: &mut fastrand::Rng,
+            known: &[String],
+            depth: usize,
+        ) -> Value {
+            match self.kinds.get(name) {
+                Some(TypeKind::Enum(values)) => {
+                    if rng.u8(..6) == 0 {
+                        return json!("NOT_A_VALUE");
+                    }
+                    let i = rng.usize(..values.values.len().max(1));
+                    values
+                        .values
+                        .get(i)
+                        .map_or(Value::Null, |v| json!(v.node.value.node.as_str()))
+                }
+                Some(TypeKind::InputObject(input)) => {
+                    let mut object = serde_json::Map::new();
+                    for field in &input.fields {
+                        let field: &InputValueDefinition = &field.node;
+                        if field.ty.node.nullable && rng.bool() {
+                            continue;
+                        }
+                        object.insert(
+                            field.name.node.to_string(),
+                            self.value(&field.ty.node, rng, known, depth + 1),
+                        );
+                    }
+                    Value::Object(object)
+                }
+                _ => scalar(name, rng, known),
+            }
+        }
+    }
+
+    /// Strings that broke servers before: control characters, escapes, SQL and LIKE
+    /// metacharacters, huge and odd Unicode, ids and cursors that are almost right.
+    fn hostile_text(rng: &mut fastrand::Rng, known: &[String]) -> String {
+        let fixed = [
+            "",
+            " ",
+            "\u{0}",
+            "a\u{0}b",
+            "\u{1b}[31m",
+            "line\nbreak",
+            "\u{7f}",
+            "\u{85}",
+            "'; drop table events; --",
+            "%",
+            "_",
+            "\\",
+            "🦀",
+            "ｅｕｒ",
+            "EUR",
+            "ZZZ",
+            "XXX",
+            "-1",
+            "99999999999999999999999",
+            "order-",
+            "$all",
+            "-",
+            "o1",
+            "bzE6LTgwMDAwMDAwMDAwMDAwMDAwMDA6MDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAw",
+            "cDE6TVVHOk11AGc",
+            "00000000000000000000000000000000",
+            "ffffffffffffffffffffffffffffffff",
+            "\u{202e}evil",
+            "tok_ok",
+            "tok_declined",
+            "DE",
+            "de",
+        ];
+        match rng.u8(..10) {
+            0 => "A".repeat(rng.usize(200..20_000)),
+            1 => (0..rng.usize(1..40))
+                .map(|_| char::from_u32(rng.u32(..0x11_0000)).unwrap_or('?'))
+                .collect(),
+            2 | 3 if !known.is_empty() => known[rng.usize(..known.len())].clone(),
+            _ => fixed[rng.usize(..fixed.len())].to_owned(),
+        }
+    }
+
+    fn scalar(name: &str, rng: &mut fastrand::Rng, known: &[String]) -> Value {
+        let pick =
+            |rng: &mut fastrand::Rng, values: &[Value]| values[rng.usize(..values.len())].clone();
+        let wrong = rng.u8(..10) == 0;
+        match name {
+            _ if wrong => pick(
+                rng,
+                &[json!(1.5), json!(true), json!([]), json!({}), json!("x")],
+            ),
+            "Int" => pick(
+                rng,
+                &[
+                    json!(0),
+                    json!(-1),
+                    json!(1),
+                    json!(100),
+                    json!(101),
+                    json!(i32::MAX),
+                    json!(i32::MIN),
+                ],
+            ),
+            "Long" => pick(
+                rng,
+                &[
+                    json!(0),
+                    json!(-1),
+                    json!((1i64 << 53) - 1),
+                    json!(-((1i64 << 53) - 1)),
+                    json!(1i64 << 53),
+                    json!(1e300),
+                ],
+            ),
+            "Boolean" => json!(rng.bool()),
+            "DateTime" => pick(
+                rng,
+                &[
+                    json!("-5000-01-01T00:00:00Z"),
+                    json!("-4713-11-24T00:00:00Z"),
+                    json!("+262143-12-31T23:59:59Z"),
+                    json!("2026-12-03T08:00:00Z"),
+                    json!("2026-13-01T00:00:00Z"),
+                    json!("now"),
+                ],
+            ),
+            "Date" => pick(
+                rng,
+                &[
+                    json!("0000-01-01"),
+                    json!("9999-12-31"),
+                    json!("2026-02-30"),
+                    json!("2026-12-03"),
+                    json!("-0001-01-01"),
+                ],
+            ),
+            "UUID" => match rng.u8(..4) {
+                0 => json!(uuid::Uuid::nil()),
+                1 => json!("not-a-uuid"),
+                _ => json!(uuid::Uuid::new_v4()),
+            },
+            "ConsistencyToken" => pick(
+                rng,
+                &[
+                    json!("0".repeat(32)),
+                    json!("f".repeat(32)),
+                    json!("zz"),
+                    json!(""),
+                ],
+            ),
+            "JSON" => json!({ "a": [hostile_text(rng, known)] }),
+            _ => json!(hostile_text(rng, known)),
+        }
+    }
+
+    /// One operation on `field` with hostile variables: its text and variables.
+    fn operation(
+        types: &Types,
+        kind: &str,
+        field: &FieldDefinition,
+        rng: &mut fastrand::Rng,
+        known: &[String],
+    ) -> (String, Value) {
+        let mut declared = Vec::new();
+        let mut passed = Vec::new();
+        let mut variables = serde_json::Map::new();
+        for (i, argument) in field.arguments.iter().enumerate() {
+            let argument = &argument.node;
+            if argument.ty.node.nullable && rng.u8(..3) == 0 {
+                continue;
+            }
+            declared.push(format!("$v{i}: {}", argument.ty.node));
+            passed.push(format!("{}: $v{i}", argument.name.node));
+            variables.insert(
+                format!("v{i}"),
+                types.value(&argument.ty.node, rng, known, 0),
+            );
+        }
+        let list = |items: &[String]| {
+            if items.is_empty() {
+                String::new()
+            } else {
+                format!("({})", items.join(", "))
+            }
+        };
+        let text = format!(
+            "{kind}{} {{ {}{} {} }}",
+            list(&declared),
+            field.name.node,
+            list(&passed),
+            types.selection(&field.ty.node, 0)
+        );
+        (text, Value::Object(variables))
+    }
+
+    #[test]
+    fn hostile_operations_from_the_served_schema_never_fail_the_server() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let db = runtime.block_on(migrated_database());
+        let settings = orderly::settings::Settings {
+            // A future consistency token then costs milliseconds, not seconds.
+            consistency_max_wait_ms: 20,
+            ..settings_for(db.url())
+        };
+        let (api, sdl, known) = runtime.block_on(async {
+            let api = start(&settings).await;
+            register(&api, "MUG", 1250, "EUR", 1000).await;
+            let order = place_one(&api, "alice", "MUG").await;
+            let sdl = api.sdl().await;
+            (
+                api,
+                sdl,
+                vec![
+                    order,
+                    "MUG".to_owned(),
+                    "alice".to_owned(),
+                    format!("order-{}", uuid::Uuid::nil()),
+                ],
+            )
+        });
+        let types = Types::parse(&sdl);
+        assert!(
+            types.query.len() >= 8 && types.mutation.len() >= 7,
+            "schema not read"
+        );
+        let tokens = [
+            Some(admin()),
+            Some(customer("alice")),
+            Some(warehouse()),
+            Some(token("mallory", &[])),
+            Some(token("", &[Role::Admin])),
+            None,
+        ];
+        let mut runner = TestRunner::new(Config {
+            cases: 400,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = (any::<u64>(), any::<bool>(), 0..tokens.len());
+        let started = std::time::Instant::now();
+        let resolved = std::cell::Cell::new(0u32);
+        let outcome = runner.run(&strategy, |(seed, mutate, who)| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (kind, fields) = if mutate {
+                ("mutation", &types.mutation)
+            } else {
+                ("query", &types.query)
+            };
+            let field = &fields[rng.usize(..fields.len())];
+            let (text, variables) = operation(&types, kind, field, &mut rng, &known);
+            runtime.block_on(async {
+                let before = events(&db).await;
+                let answer = api
+                    .gql(tokens[who].as_deref(), &text, variables.clone())
+                    .await;
+                let context =
+                    || format!("{text}\n{variables}\n-> {} {}", answer.status, answer.body);
+                prop_assert!(answer.status < 500, "5xx: {}", context());
+                let errors = answer.body["errors"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for error in &errors {
+                    let code = error["extensions"]["code"].as_str();
+                    prop_assert!(code.is_some(), "uncoded error: {}", context());
+                    prop_assert!(code != Some("INTERNAL"), "INTERNAL: {}", context());
+                }
+                // Data, or an error with a path: a resolver ran, past parsing and validation.
+                if !answer.body["data"].is_null() || errors.iter().any(|e| e.get("path").is_some())
+                {
+                    resolved.set(resolved.get() + 1);
+                }
+                if mutate && !errors.is_empty() {
+                    prop_assert_eq!(
+                        events(&db).await,
+                        before,
+                        "a refused mutation wrote: {}",
+                        context()
+                    );
+                }
+                Ok::<(), TestCaseError>(())
+            })
+        });
+        if let Err(failure) = outcome {
+            panic!("{failure}");
+        }
+        // Mostly refused by validation, the run would prove nothing about the resolvers.
+        assert!(
+            resolved.get() >= 100,
+            "only {} of 400 operations reached a resolver",
+            resolved.get()
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the fuzz run took {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -166,6 +166,18 @@ impl Api {
         }
     }
 
+    /// The SDL the server serves, as a client fetches it.
+    pub async fn sdl(&self) -> String {
+        self.http
+            .get(format!("{}/graphql/schema.graphql", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Answer {
         let body = json!({ "query": query, "variables": variables });
         self.raw(token, body.to_string()).await
