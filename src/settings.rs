@@ -298,9 +298,11 @@ mod tests {
             jwt_secret: Some("jwt-hunter3".into()),
             jwt_private_key: Some("-----BEGIN PRIVATE KEY-----hunter4".into()),
             smtp_url: Some("smtps://mailer:hunter5@mail.example:465".into()),
+            order_id_secret: Some("hunter6".into()),
             ..s
         };
         let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter6"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("hunter3"), "{shown}");
         assert!(!shown.contains("hunter4"), "{shown}");
@@ -320,7 +322,9 @@ mod tests {
                 "http_addr = \"0.0.0.0:9000\"\nlog_format = \"json\"\n",
             )?;
             jail.set_env("ORDERLY_LOG_FORMAT", "text");
+            jail.set_env("ORDERLY_ORDER_ID_SECRET", "s3cret");
             let s = Settings::load(Some(Path::new("orderly.toml"))).map_err(|e| *e)?;
+            assert_eq!(s.order_id_secret.as_deref(), Some("s3cret"));
             assert_eq!(s.http_addr, "0.0.0.0:9000".parse().unwrap());
             assert_eq!(s.log_format, LogFormat::Text);
             assert_eq!(s.event_store, EventStoreKind::Postgres);
