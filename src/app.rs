@@ -12,7 +12,7 @@ use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
     SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
 };
-use orderly_command_api::{CommandService, MutationRoot};
+use orderly_command_api::{CommandService, MutationRoot, OrderIds};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
@@ -75,7 +75,7 @@ impl App {
         );
         let health = Health {
             store: store.clone(),
-            read_db: orderly_platform::pg_pool(&pg_config(settings)?, 2)?,
+            read_db: orderly_platform::pg_pool(&pg_config(settings)?, HEALTH_POOL_SIZE)?,
             log_in_read_db: store_pool.is_some(),
         };
         if let Some(pool) = store_pool {
@@ -212,9 +212,11 @@ pub fn graphql_router(
 ) -> anyhow::Result<Router> {
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
+    let order_ids = order_ids(settings);
     let commands = || {
         CommandService::new(store.clone())
             .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
+            .with_order_ids(order_ids.clone())
     };
     let reads = || {
         let limits = ReadLimits {
@@ -392,6 +394,24 @@ pub fn notifier(settings: &Settings) -> anyhow::Result<Arc<dyn Notifier>> {
     Ok(Arc::new(smtp))
 }
 
+/// How placeOrder names keyed orders: an HMAC under `ORDERLY_ORDER_ID_SECRET`, else under a
+/// key derived from `ORDERLY_JWT_SECRET` (a secret every API process already shares; the
+/// derivation keeps the JWT secret itself out of the ids). With neither, ids stay computable
+/// from (customer, key), which a warning says.
+pub fn order_ids(settings: &Settings) -> OrderIds {
+    if let Some(secret) = &settings.order_id_secret {
+        return OrderIds::keyed(secret.as_bytes());
+    }
+    if let Some(jwt) = &settings.jwt_secret {
+        return OrderIds::keyed(format!("orderly order ids\0{jwt}").as_bytes());
+    }
+    tracing::warn!(
+        "neither ORDERLY_ORDER_ID_SECRET nor ORDERLY_JWT_SECRET is set: the ids of orders \
+         placed with an idempotency key can be computed from the customer and the key"
+    );
+    OrderIds::Public
+}
+
 pub fn jwt_config(settings: &Settings) -> JwtConfig {
     JwtConfig {
         secret: settings.jwt_secret.clone(),
@@ -445,6 +465,132 @@ fn store_label(kind: EventStoreKind) -> &'static str {
         EventStoreKind::Postgres => "postgres",
         EventStoreKind::Kurrentdb => "kurrentdb",
     }
+}
+
+/// The most connections one process opens to PostgreSQL, pool by pool, from the settings
+/// that size them (`ORDERLY_DB_POOL_SIZE`, `ORDERLY_SAGA_POOL_SIZE`; the rest are fixed).
+/// Pools connect lazily, so a process holds fewer until it is busy; every process on one
+/// server must fit in its `max_connections` at their busiest. README, "Connections".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    pub pools: Vec<(&'static str, usize)>,
+}
+
+impl ConnectionBudget {
+    /// For a process serving `part`, with the saga runner beside it when `saga` (as
+    /// `orderly serve` and `orderly saga run` run it).
+    pub fn of(settings: &Settings, part: Part, saga: bool) -> Self {
+        let mut pools = Vec::new();
+        if settings.event_store == EventStoreKind::Postgres {
+            // The pool, one connection that sends NOTIFY, one that LISTENs.
+            pools.push(("event store", settings.db_pool_size.max(1) + 2));
+        }
+        pools.push(("health checks", HEALTH_POOL_SIZE));
+        if matches!(part, Part::Everything | Part::Reads) {
+            pools.push(("read models", settings.db_pool_size.max(1)));
+        }
+        if matches!(part, Part::Everything | Part::Reads) {
+            // The hub's follower, also beside in-process runners (see `run_until_stopped_after`).
+            pools.push(("projection notifications", 1));
+        }
+        let mut budget = Self { pools };
+        if part == Part::Everything {
+            // Each projection's runner and its lag sampler.
+            budget = budget.with_pool("projections", 2 * ProjectionName::ALL.len());
+        }
+        if saga {
+            let size = settings.saga_pool_size.max(2);
+            budget.pools.push(("saga event store", size + 2));
+            budget.pools.push(("saga", size));
+        }
+        budget
+    }
+
+    /// With one more pool of `size` connections.
+    pub fn with_pool(mut self, pool: &'static str, size: usize) -> Self {
+        self.pools.push((pool, size));
+        self
+    }
+
+    pub fn total(&self) -> usize {
+        self.pools.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl std::fmt::Display for ConnectionBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (", self.total())?;
+        for (i, (pool, n)) in self.pools.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{pool} {n}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Connections of the pool `/readyz` checks the read database with.
+const HEALTH_POOL_SIZE: usize = 2;
+
+/// Connects once before a process starts serving. A server that refuses connections (too
+/// many clients, a role's connection limit, a failed login) stops the start with the
+/// server's own words and this process's budget, rather than failing requests one by one
+/// later; an unreachable server does not (it may come up, and `/readyz` says so meanwhile).
+/// With a connection, a budget larger than the server's free slots is warned about.
+pub async fn check_connections(
+    settings: &Settings,
+    budget: &ConnectionBudget,
+) -> anyhow::Result<()> {
+    let config = pg_config(settings)?;
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        config.connect(tokio_postgres::NoTls),
+    )
+    .await;
+    let (client, connection) = match connected {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(error)) => {
+            let refused = error
+                .code()
+                .is_some_and(|code| code.code().starts_with("53") || code.code().starts_with("28"));
+            let described = orderly_event_store::postgres::describe(&error);
+            if refused {
+                bail!(
+                    "PostgreSQL refused a connection: {described}. This process opens up to \
+                     {budget} connections; lower ORDERLY_DB_POOL_SIZE or ORDERLY_SAGA_POOL_SIZE, \
+                     or raise the server's max_connections (README, \"Connections\")"
+                );
+            }
+            tracing::warn!(error = %described, "database not reachable yet; starting anyway");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!("database did not answer in 5 s; starting anyway");
+            return Ok(());
+        }
+    };
+    let driver = AbortOnDrop(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
+    let free = client
+        .query_one(
+            "select current_setting('max_connections')::int
+                    - current_setting('superuser_reserved_connections')::int
+                    - (select count(*) from pg_stat_activity where backend_type = 'client backend')::int",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, i32>(0).ok());
+    drop((client, driver));
+    match free {
+        Some(free) if usize::try_from(free).unwrap_or(0) < budget.total() => tracing::warn!(
+            free,
+            budget = %budget,
+            "the database has fewer free connections than this process may open"
+        ),
+        _ => tracing::info!(budget = %budget, "database connections this process may open"),
+    }
+    Ok(())
 }
 
 /// Ends a background task with its owner.
@@ -517,6 +663,35 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(error.contains("ORDERLY_KURRENTDB_URL"), "{error}");
+    }
+
+    #[test]
+    fn the_connection_budget_follows_the_pool_settings() {
+        let settings = Settings {
+            db_pool_size: 10,
+            saga_pool_size: 4,
+            ..Default::default()
+        };
+        // Store 10 + 2, health 2, read models 10, notifications 1, two projections 2 each,
+        // saga 4 + 2 and 4.
+        assert_eq!(
+            ConnectionBudget::of(&settings, Part::Everything, true).total(),
+            39
+        );
+        assert_eq!(
+            ConnectionBudget::of(&settings, Part::Commands, false).total(),
+            14
+        );
+        assert_eq!(
+            ConnectionBudget::of(&settings, Part::Reads, false).total(),
+            25
+        );
+        assert_eq!(
+            ConnectionBudget::of(&settings, Part::Probes, true).total(),
+            24
+        );
+        let shown = ConnectionBudget::of(&settings, Part::Commands, false).to_string();
+        assert_eq!(shown, "14 (event store 12, health checks 2)");
     }
 
     #[tokio::test]

@@ -111,7 +111,11 @@ impl Health {
     async fn check_read_side(&self) -> (Verdict, Verdict) {
         let unknown = || Err("projection states unknown (read database unreachable)".to_owned());
         let statuses = tokio::time::timeout(READY_TIMEOUT, async {
-            let client = self.read_db.get().await.map_err(|e| e.to_string())?;
+            let client = self
+                .read_db
+                .get()
+                .await
+                .map_err(|e| orderly_event_store::postgres::describe_pool(&e))?;
             orderly_projections::status(&client)
                 .await
                 .map_err(|e| e.to_string())
@@ -162,10 +166,14 @@ impl Health {
     /// gauges keep their last values while the database does not answer.
     async fn sample_horizon(&self) {
         let sampled = tokio::time::timeout(READY_TIMEOUT, async {
-            let client = self.read_db.get().await.map_err(|e| e.to_string())?;
+            let client = self
+                .read_db
+                .get()
+                .await
+                .map_err(|e| orderly_event_store::postgres::describe_pool(&e))?;
             orderly_event_store::postgres::horizon(&client)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| orderly_event_store::postgres::describe(&e))
         })
         .await;
         match sampled {

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use orderly::app::{self, App, Part};
+use orderly::app::{self, App, ConnectionBudget, Part};
 use orderly::command_side;
 use orderly::read_side::{self, Projections};
 use orderly::seed::{self, SeedOptions};
@@ -298,17 +298,32 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
         }
         Command::Serve => {
+            app::check_connections(
+                &settings,
+                &ConnectionBudget::of(&settings, Part::Everything, true),
+            )
+            .await?;
             app::migrate(&settings).await?;
             let app = App::build(&settings).await?;
             let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
             serve_with_saga(app, saga).await?;
         }
         Command::WriteApi => {
+            app::check_connections(
+                &settings,
+                &ConnectionBudget::of(&settings, Part::Commands, false),
+            )
+            .await?;
             app::migrate(&settings).await?;
             let app = App::build_part(&settings, Part::Commands).await?;
             app.run_until_stopped(shutdown_signal()).await?;
         }
         Command::ReadApi => {
+            app::check_connections(
+                &settings,
+                &ConnectionBudget::of(&settings, Part::Reads, false),
+            )
+            .await?;
             app::migrate(&settings).await?;
             let app = App::build_part(&settings, Part::Reads).await?;
             app.run_until_stopped(shutdown_signal()).await?;
@@ -317,6 +332,11 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
         Command::Saga {
             command: SagaCommand::Run,
         } => {
+            app::check_connections(
+                &settings,
+                &ConnectionBudget::of(&settings, Part::Probes, true),
+            )
+            .await?;
             app::migrate(&settings).await?;
             // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
             let probes = App::build_part(&settings, Part::Probes).await?;
@@ -385,14 +405,16 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
                         },
                         ..RunnerOptions::default()
                     };
+                    let names = projection_names(&names)?;
+                    // The runners read the log through a store of their own, beside the one
+                    // the probes check.
+                    let budget = ConnectionBudget::of(&settings, Part::Probes, false)
+                        .with_pool("projections", 2 * names.len())
+                        .with_pool("projections' event store", settings.db_pool_size.max(1) + 2);
+                    app::check_connections(&settings, &budget).await?;
                     let probes = App::build_part(&settings, Part::Probes).await?;
-                    let running = Projections::start(
-                        store,
-                        pg_config,
-                        &projection_names(&names)?,
-                        options,
-                        ProjectionHub::new(),
-                    );
+                    let running =
+                        Projections::start(store, pg_config, &names, options, ProjectionHub::new());
                     probes.run_until_stopped(shutdown_signal()).await?;
                     running.stop().await;
                 }

@@ -461,7 +461,7 @@ pub async fn wait_for_saga(
 /// runner leads and this one stands by; either way the orders are driven).
 pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<SeedReport> {
     let store = app::event_store(settings)?;
-    let service = CommandService::new(store);
+    let service = CommandService::new(store).with_order_ids(app::order_ids(settings));
     let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(saga.run_until_stopped(async move {

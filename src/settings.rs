@@ -80,6 +80,9 @@ pub struct Settings {
     /// Connections of the saga runner's own pool, and as many for its event-store commands:
     /// several saga processes must fit in the server's `max_connections` beside the APIs.
     pub saga_pool_size: usize,
+    /// Key of the HMAC that turns a placeOrder idempotency key into the order's id, shared by
+    /// every process placing orders; unset: derived from `jwt_secret`, else ids stay public.
+    pub order_id_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +146,7 @@ impl Default for Settings {
             saga_lease_ms: 5_000,
             saga_orders_in_flight: 32,
             saga_pool_size: 8,
+            order_id_secret: None,
         }
     }
 }
@@ -162,7 +166,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 35] = [
+    const KEYS: [&'static str; 36] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -198,6 +202,7 @@ impl Settings {
         "saga_lease_ms",
         "saga_orders_in_flight",
         "saga_pool_size",
+        "order_id_secret",
     ];
 }
 
@@ -255,6 +260,10 @@ impl fmt::Debug for Settings {
             .field("saga_lease_ms", &self.saga_lease_ms)
             .field("saga_orders_in_flight", &self.saga_orders_in_flight)
             .field("saga_pool_size", &self.saga_pool_size)
+            .field(
+                "order_id_secret",
+                &self.order_id_secret.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }
@@ -289,9 +298,11 @@ mod tests {
             jwt_secret: Some("jwt-hunter3".into()),
             jwt_private_key: Some("-----BEGIN PRIVATE KEY-----hunter4".into()),
             smtp_url: Some("smtps://mailer:hunter5@mail.example:465".into()),
+            order_id_secret: Some("hunter6".into()),
             ..s
         };
         let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter6"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("hunter3"), "{shown}");
         assert!(!shown.contains("hunter4"), "{shown}");
@@ -311,7 +322,9 @@ mod tests {
                 "http_addr = \"0.0.0.0:9000\"\nlog_format = \"json\"\n",
             )?;
             jail.set_env("ORDERLY_LOG_FORMAT", "text");
+            jail.set_env("ORDERLY_ORDER_ID_SECRET", "s3cret");
             let s = Settings::load(Some(Path::new("orderly.toml"))).map_err(|e| *e)?;
+            assert_eq!(s.order_id_secret.as_deref(), Some("s3cret"));
             assert_eq!(s.http_addr, "0.0.0.0:9000".parse().unwrap());
             assert_eq!(s.log_format, LogFormat::Text);
             assert_eq!(s.event_store, EventStoreKind::Postgres);

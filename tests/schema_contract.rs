@@ -160,15 +160,7 @@ async fn the_served_schema_contains_the_whole_contract_unchanged() {
         "postgres://postgres@127.0.0.1:1/none",
     ))
     .await;
-    let served = api
-        .http
-        .get(format!("{}/graphql/schema.graphql", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let served = api.sdl().await;
     let contract = parse_schema(&contract).expect("the contract parses");
     let served = parse_schema(&served).expect("the served schema parses");
     let problems = differences(&contract, &served);

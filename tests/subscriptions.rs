@@ -8,20 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use orderly_command_api::saga::SagaRunner;
-use serde_json::{Value, json};
-
-/// The contract code of a refused subscription: resolver errors arrive as a `next` carrying
-/// `errors`, request errors (validation) as an `error` message.
-fn refusal(message: &Value) -> &str {
-    let errors = match message["type"].as_str() {
-        Some("next") => &message["payload"]["errors"],
-        Some("error") => &message["payload"],
-        _ => panic!("not a refusal: {message}"),
-    };
-    errors[0]["extensions"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no code in {message}"))
-}
+use serde_json::json;
 
 fn start_saga(settings: &orderly::settings::Settings) {
     let gateway = orderly::app::payment_gateway(settings).unwrap();

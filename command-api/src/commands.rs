@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use hmac::{Hmac, KeyInit, Mac};
 use orderly_domain::order::{self, CancelledBy, LineRequest, OrderAggregate, OrderCommand};
 use orderly_domain::product::{self, Product, ProductAggregate, ProductCommand};
 use orderly_domain::streams;
@@ -14,14 +15,62 @@ use orderly_domain::values::{
 };
 use orderly_event_store::{Direction, EventStore, Position};
 use orderly_platform::{Actor, Role};
+use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
 use crate::metering::{CommandName, metered};
 
-/// Namespace of the ids derived from idempotency keys (a fixed random UUID).
+/// Namespace of the ids derived from idempotency keys before they were keyed with a secret
+/// (a fixed random UUID). Orders placed then keep these ids, so a retry still finds them.
 const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x5f0c_1d2e_8a4b_4c6d_9e7f_0a1b_2c3d_4e5f);
+
+/// How placeOrder turns (customer, idempotency key) into the order's id.
+#[derive(Clone)]
+pub enum OrderIds {
+    /// A UUIDv5 in a public namespace: anyone who guesses a customer's key can compute the
+    /// order's id. Only for a service without a secret (see `ORDERLY_ORDER_ID_SECRET`).
+    Public,
+    /// HMAC-SHA256 under a server secret: an id says nothing and cannot be computed outside.
+    Keyed(Arc<Hmac<Sha256>>),
+}
+
+impl OrderIds {
+    /// Ids keyed with `secret`, which every process placing orders must share (a retry may
+    /// reach any of them).
+    pub fn keyed(secret: &[u8]) -> Self {
+        // HMAC takes a key of any length; only an empty one is refused, and that is public.
+        match Hmac::<Sha256>::new_from_slice(secret) {
+            Ok(mac) if !secret.is_empty() => Self::Keyed(Arc::new(mac)),
+            _ => Self::Public,
+        }
+    }
+
+    /// The UUID the order and command ids of a keyed placement derive from.
+    fn base(&self, customer_id: &CustomerId, key: &str) -> Uuid {
+        let input = format!("place-order\0{customer_id}\0{key}");
+        match self {
+            Self::Public => Uuid::new_v5(&KEY_NAMESPACE, input.as_bytes()),
+            Self::Keyed(mac) => {
+                let mut mac = Hmac::<Sha256>::clone(mac);
+                mac.update(input.as_bytes());
+                let digest = mac.finalize().into_bytes();
+                let mut bytes = [0u8; 16];
+                bytes.copy_from_slice(&digest[..16]);
+                uuid::Builder::from_random_bytes(bytes).into_uuid()
+            }
+        }
+    }
+}
+
+/// The order and command ids of a placement under `key`, from its `base`.
+fn placement_ids(base: Uuid, fingerprint: Uuid) -> (OrderId, Uuid) {
+    (
+        OrderId(Uuid::new_v5(&base, b"order")),
+        Uuid::new_v5(&base, fingerprint.as_bytes()),
+    )
+}
 
 /// What every command answers (the contract's `CommandResult`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +126,7 @@ pub struct CommandService {
     /// How old the product states that price a placement may be; see
     /// [`CommandService::with_price_max_age`].
     price_max_age: Duration,
+    order_ids: OrderIds,
 }
 
 /// [`CommandService::with_price_max_age`] unless told otherwise (`ORDERLY_PRICE_MAX_AGE_MS`).
@@ -100,7 +150,14 @@ impl CommandService {
             handler: Handler::new(store),
             traceparent: None,
             price_max_age: DEFAULT_PRICE_MAX_AGE,
+            order_ids: OrderIds::Public,
         }
+    }
+
+    /// Order ids of keyed placements derived as `order_ids` says. Orders placed under the
+    /// public derivation keep their ids: a retry of one is answered from it.
+    pub fn with_order_ids(self, order_ids: OrderIds) -> Self {
+        Self { order_ids, ..self }
     }
 
     /// placeOrder prices its lines from the products' states as this service last read them
@@ -158,28 +215,43 @@ impl CommandService {
         // same request appends the same ids to the same new stream, which the store writes
         // once; another request under a used key finds the stream taken by ids not its own.
         // The log alone answers both, so a placement is one write transaction.
-        let (order_id, command_id) = match &command.idempotency_key {
-            Some(key) => {
-                let base = Uuid::new_v5(
-                    &KEY_NAMESPACE,
-                    format!("place-order\0{customer_id}\0{key}").as_bytes(),
-                );
-                (
-                    OrderId(Uuid::new_v5(&base, b"order")),
-                    Uuid::new_v5(&base, command.fingerprint.as_bytes()),
-                )
-            }
+        let ids = match &command.idempotency_key {
+            Some(key) => placement_ids(self.order_ids.base(&customer_id, key), command.fingerprint),
             None => (OrderId(Uuid::now_v7()), Uuid::now_v7()),
         };
-        let products = self.products(&command.lines).await?;
-        self.place(
-            actor,
-            &customer_id,
-            (order_id, command_id),
-            &command,
-            products,
-        )
-        .await
+        // A key first used before ids were keyed named its order the public way: when that
+        // order exists, this is a retry of it (or a reuse of its key), decided on it.
+        let public = match (&command.idempotency_key, &self.order_ids) {
+            (Some(key), OrderIds::Keyed(_)) => Some(placement_ids(
+                OrderIds::Public.base(&customer_id, key),
+                command.fingerprint,
+            )),
+            _ => None,
+        };
+        let (products, earlier) = futures::try_join!(
+            self.products(&command.lines),
+            self.placed_publicly(public.map(|(order_id, _)| order_id)),
+        )?;
+        let ids = match (earlier, public) {
+            (true, Some(public)) => public,
+            _ => ids,
+        };
+        self.place(actor, &customer_id, ids, &command, products)
+            .await
+    }
+
+    /// Whether the order `order_id` (named the public way) exists.
+    async fn placed_publicly(&self, order_id: Option<OrderId>) -> Result<bool, CommandError> {
+        let Some(order_id) = order_id else {
+            return Ok(false);
+        };
+        let stream = stream_name(streams::order(order_id))?;
+        let first = self
+            .handler
+            .store()
+            .read_stream(&stream, Direction::Forwards, Some(0), 1)
+            .await?;
+        Ok(!first.is_empty())
     }
 
     async fn place(
@@ -430,5 +502,107 @@ impl CommandService {
                 });
         let outcome = metered(name, handled).await?;
         Ok(CommandResult::from_outcome(sku.to_string(), outcome))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use orderly_domain::values::{AddressLine, CountryCode, Currency, PostalCode};
+    use orderly_event_store::memory::MemoryEventStore;
+
+    use super::*;
+
+    fn actor(sub: &str, role: Role) -> Actor {
+        Actor {
+            sub: sub.into(),
+            roles: vec![role],
+        }
+    }
+
+    fn placement(key: &str, fingerprint: u128) -> PlaceOrder {
+        let line = |text: &str| AddressLine::parse(text).unwrap();
+        PlaceOrder {
+            idempotency_key: Some(key.into()),
+            customer_id: None,
+            lines: vec![LineRequest {
+                sku: Sku::parse("MUG").unwrap(),
+                quantity: Quantity::new(1).unwrap(),
+            }],
+            payment_token: PaymentToken::parse("tok_ok").unwrap(),
+            shipping_address: Address {
+                name: line("Ada"),
+                line1: line("1 Main St"),
+                line2: None,
+                city: line("Berlin"),
+                postal_code: PostalCode::parse("10115").unwrap(),
+                country: CountryCode::parse("DE").unwrap(),
+            },
+            fingerprint: Uuid::from_u128(fingerprint),
+        }
+    }
+
+    /// A store with the product MUG, and a service on it deriving ids as `order_ids` says.
+    async fn service(store: Arc<MemoryEventStore>, order_ids: OrderIds) -> CommandService {
+        let service = CommandService::new(store).with_order_ids(order_ids);
+        let register = RegisterProduct {
+            sku: Sku::parse("MUG").unwrap(),
+            name: ProductName::parse("Mug").unwrap(),
+            description: None,
+            price: Money::new(1250, Currency::parse_listed("EUR").unwrap()).unwrap(),
+            initial_stock: 10,
+        };
+        // Registered once per store; a second service on it finds the product there.
+        let _ = service
+            .register_product(Some(&actor("admin", Role::Admin)), register)
+            .await;
+        service
+    }
+
+    #[tokio::test]
+    async fn a_keyed_order_id_cannot_be_computed_from_the_customer_and_the_key() {
+        let store = Arc::new(MemoryEventStore::new());
+        let alice = actor("alice", Role::Customer);
+        let keyed = service(store.clone(), OrderIds::keyed(b"server secret")).await;
+        let placed = keyed
+            .place_order(Some(&alice), placement("k1", 1))
+            .await
+            .unwrap();
+        let customer = CustomerId::parse("alice").unwrap();
+        let (public_id, _) = placement_ids(OrderIds::Public.base(&customer, "k1"), Uuid::nil());
+        assert_ne!(placed.id, public_id.to_string());
+        // Another secret, another id; the same secret, the same id (a retry).
+        let other = OrderIds::keyed(b"another secret").base(&customer, "k1");
+        assert_ne!(placed.id, placement_ids(other, Uuid::nil()).0.to_string());
+        let again = keyed
+            .place_order(Some(&alice), placement("k1", 1))
+            .await
+            .unwrap();
+        assert_eq!((again.id, again.replayed), (placed.id, true));
+    }
+
+    #[tokio::test]
+    async fn an_order_placed_before_ids_were_keyed_is_found_by_its_key() {
+        let store = Arc::new(MemoryEventStore::new());
+        let alice = actor("alice", Role::Customer);
+        let public = service(store.clone(), OrderIds::Public).await;
+        let first = public
+            .place_order(Some(&alice), placement("old", 7))
+            .await
+            .unwrap();
+        let keyed = service(store.clone(), OrderIds::keyed(b"server secret")).await;
+        let retry = keyed
+            .place_order(Some(&alice), placement("old", 7))
+            .await
+            .unwrap();
+        assert_eq!(
+            (retry.id.as_str(), retry.replayed),
+            (first.id.as_str(), true)
+        );
+        // The old key for another request is still refused, not placed anew.
+        let reused = keyed.place_order(Some(&alice), placement("old", 8)).await;
+        assert!(
+            matches!(reused, Err(CommandError::InvalidInput { ref field, .. }) if field == "input.idempotencyKey"),
+            "{reused:?}"
+        );
     }
 }

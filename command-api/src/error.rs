@@ -150,28 +150,24 @@ impl From<StoreError> for CommandError {
 
 impl From<deadpool_postgres::PoolError> for CommandError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
-        Self::Unavailable(error.to_string())
+        Self::Unavailable(orderly_event_store::postgres::describe_pool(&error))
     }
 }
 
 impl From<tokio_postgres::Error> for CommandError {
     fn from(error: tokio_postgres::Error) -> Self {
+        use orderly_event_store::postgres::{describe, is_data_exception, is_transient};
         // Outages, restarts, lock and statement timeouts, serialization failures: try again.
-        // Anything else the server refused is a bug or corrupt data here.
-        let text = describe_pg(&error);
-        if orderly_event_store::postgres::is_transient(&error) {
+        // A value the server cannot store (class 22) is the request's. Anything else the
+        // server refused is a bug or corrupt data here.
+        let text = describe(&error);
+        if is_transient(&error) {
             Self::Unavailable(text)
+        } else if is_data_exception(&error) {
+            tracing::warn!(error = %text, "a value reached the database unchecked");
+            Self::invalid("input", "a value is out of the range the database accepts")
         } else {
             Self::Internal(text)
         }
-    }
-}
-
-/// The driver's own text says only "db error"; the server's message and SQLSTATE are in its
-/// source, and operators need them.
-fn describe_pg(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} ({}): {}", error, db.code().code(), db.message()),
-        None => error.to_string(),
     }
 }

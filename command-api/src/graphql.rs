@@ -180,6 +180,13 @@ fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
                 format!("must be 1 to {MAX_KEY_CHARS} characters"),
             ));
         }
+        // Stored in every event's metadata and logged with the command: plain text only.
+        Some(key) if orderly_platform::plain_text::has_control(key) => {
+            return Err(CommandError::invalid(
+                "input.idempotencyKey",
+                "must not contain control characters",
+            ));
+        }
         key => key.clone(),
     };
     // The whole input, key included, identifies the request: the same key with other lines
@@ -205,7 +212,7 @@ fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
 }
 
 fn register_product(input: &RegisterProductInput) -> Result<RegisterProduct, CommandError> {
-    let currency = parse("input.currency", Currency::parse(&input.currency))?;
+    let currency = parse("input.currency", Currency::parse_listed(&input.currency))?;
     Ok(RegisterProduct {
         sku: parse("input.sku", Sku::parse(input.sku.clone()))?,
         name: parse("input.name", ProductName::parse(input.name.clone()))?,

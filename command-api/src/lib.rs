@@ -10,7 +10,8 @@
 //! - `commands`: [`CommandService`], the API's commands: who may send each (roles from the
 //!   token), what they load (placeOrder prices lines from the products' streams, as read at
 //!   most `ORDERLY_PRICE_MAX_AGE_MS` ago), what they answer. placeOrder's idempotency keys
-//!   live in the log: the key names the order, the key and the request name its event ids.
+//!   live in the log: the key names the order (through an HMAC under the server's secret,
+//!   [`OrderIds`]), the key and the request name its event ids.
 //! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
@@ -29,7 +30,7 @@ mod migrations;
 pub mod saga;
 
 pub use commands::{
-    CommandResult, CommandService, DEFAULT_PRICE_MAX_AGE, PlaceOrder, RegisterProduct,
+    CommandResult, CommandService, DEFAULT_PRICE_MAX_AGE, OrderIds, PlaceOrder, RegisterProduct,
 };
 pub use error::CommandError;
 pub use graphql::{CommandSchema, MutationRoot, PlaceholderQuery, schema};

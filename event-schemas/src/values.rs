@@ -317,6 +317,24 @@ code_newtype!(
     /// list must still decode.
     Currency, "currency", 3, "^[A-Z]{3}$"
 );
+impl Currency {
+    /// A code on today's ISO 4217 list, for a value entering the system (a product's price).
+    /// [`Currency::parse`] checks only the shape, so an event written under an older list
+    /// still decodes. `XXX` (no currency) and `XTS` (reserved for tests) are on the list but
+    /// name no money a product can cost.
+    pub fn parse_listed(value: &str) -> Result<Self, SchemaError> {
+        let listed =
+            iso_currency::Currency::from_code(value).is_some() && !matches!(value, "XXX" | "XTS");
+        if !listed {
+            return Err(invalid(
+                "currency",
+                format!("{value:?} is not an ISO 4217 currency code"),
+            ));
+        }
+        Self::parse(value)
+    }
+}
+
 code_newtype!(
     /// An ISO 3166-1 alpha-2 country code such as `DE`: two uppercase letters (shape only, as
     /// for [`Currency`]).
@@ -471,6 +489,16 @@ mod tests {
         assert!(Currency::parse("EURO").is_err());
         assert!(CountryCode::parse("DE").is_ok());
         assert!(CountryCode::parse("DEU").is_err());
+    }
+
+    #[test]
+    fn a_new_currency_must_be_on_the_iso_4217_list_while_old_events_still_decode() {
+        assert!(Currency::parse_listed("EUR").is_ok());
+        assert!(Currency::parse_listed("JPY").is_ok());
+        for refused in ["ZZZ", "XXX", "XTS", "eur", "EURO"] {
+            assert!(Currency::parse_listed(refused).is_err(), "{refused}");
+        }
+        assert!(Currency::parse("ZZZ").is_ok());
     }
 
     #[test]

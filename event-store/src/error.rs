@@ -80,6 +80,9 @@ pub enum InvalidInput {
     RepeatedEventId { id: Uuid },
     #[error("invalid position token {token:?}: expected 32 lowercase hex digits")]
     Position { token: String },
+    /// The database refused a value of the request (SQLSTATE class 22).
+    #[error("a value the event store cannot store: {reason}")]
+    Value { reason: String },
 }
 
 fn describe_version(v: Option<u64>) -> String {

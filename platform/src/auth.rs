@@ -1,6 +1,7 @@
 //! JWT bearer authentication: `Authorization: Bearer <JWT>`, HS256 with a shared secret or
-//! RS256 with a public key; `exp`, `nbf` and, when configured, `iss` and `aud` are checked.
-//! Claims: `sub` (customer or user id) and `roles` (any of customer, warehouse, admin).
+//! RS256 with a public key; `exp`, `nbf` and, when configured, `iss` and `aud` are required and
+//! checked. Claims: `sub` (customer or user id, not blank) and `roles` (any of customer,
+//! warehouse, admin; a token with none of them reads and writes nothing but public data).
 
 use std::fmt;
 use std::time::Duration;
@@ -137,15 +138,22 @@ impl Authenticator {
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
         // A token without an expiry would be valid forever; one without a subject names nobody.
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss` and `aud` only when the token carries them, so configured
+        // ones must also be required, or a token that leaves them out passes.
+        let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
         match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             // jsonwebtoken refuses any `aud` unless told which to accept or to not check it.
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Ok(Self {
             verify: Some((key, validation)),
         })
@@ -169,6 +177,14 @@ impl Authenticator {
         let (key, validation) = self.verify.as_ref().ok_or(AuthFailure::NotConfigured)?;
         let data = jsonwebtoken::decode::<VerifiedClaims>(token, key, validation)
             .map_err(|e| AuthFailure::InvalidToken(describe(&e)))?;
+        // The subject becomes a customer id, a rate-limit key and a log field: it must name
+        // someone, in plain text.
+        let sub = &data.claims.sub;
+        if sub.trim().is_empty() || crate::plain_text::has_control(sub) {
+            return Err(AuthFailure::InvalidToken(
+                "blank or unprintable subject".into(),
+            ));
+        }
         let roles = data
             .claims
             .roles
@@ -342,6 +358,61 @@ mod tests {
             auth.authenticate(Some("Basic abc")),
             Err(AuthFailure::MalformedHeader)
         );
+    }
+
+    /// A token signed with the test secret holding exactly `claims`.
+    fn signed(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(b"test-secret");
+        jsonwebtoken::encode(&Header::default(), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_are_required_not_only_checked() {
+        let exp = jsonwebtoken::get_current_timestamp() + 600;
+        let auth = Authenticator::new(&config()).unwrap();
+        let without_both =
+            signed(serde_json::json!({"sub": "root", "roles": ["admin"], "exp": exp}));
+        // Which of the two is named first is the library's (unordered) choice.
+        assert!(matches!(
+            auth.authenticate(Some(&format!("Bearer {without_both}"))),
+            Err(AuthFailure::InvalidToken(why)) if why == "missing claim iss" || why == "missing claim aud"
+        ));
+        let without_aud = signed(
+            serde_json::json!({"sub": "root", "roles": ["admin"], "exp": exp, "iss": "orderly"}),
+        );
+        assert_eq!(
+            auth.authenticate(Some(&format!("Bearer {without_aud}"))),
+            Err(AuthFailure::InvalidToken("missing claim aud".into()))
+        );
+        // Unconfigured, neither is needed.
+        let open = Authenticator::new(&JwtConfig {
+            secret: Some("test-secret".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            open.authenticate(Some(&format!("Bearer {without_both}")))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_blank_or_unprintable_subject_is_refused() {
+        let exp = jsonwebtoken::get_current_timestamp() + 600;
+        let auth = Authenticator::new(&config()).unwrap();
+        for sub in ["", "  ", "al\u{0}ice", "bob\nadmin"] {
+            let token = signed(serde_json::json!({
+                "sub": sub, "roles": ["customer"], "exp": exp,
+                "iss": "orderly", "aud": "orderly-api",
+            }));
+            assert_eq!(
+                auth.authenticate(Some(&format!("Bearer {token}"))),
+                Err(AuthFailure::InvalidToken(
+                    "blank or unprintable subject".into()
+                )),
+                "{sub:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
 //!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
 //!   the read API makes for its own series.
+//! - [`plain_text`]: the extension that refuses control characters in every string a request
+//!   carries, with BAD_USER_INPUT.
 //! - `input_shapes`: the input objects of a schema, for the one variable check that fast
 //!   validation skips and execution does not make up for.
 //! - [`trace_context`]: a span's W3C `traceparent` for event metadata, and back.
@@ -27,6 +29,7 @@ pub mod errors;
 pub mod http;
 mod input_shapes;
 pub mod metrics;
+pub mod plain_text;
 pub mod rate_limit;
 pub mod scalars;
 pub mod trace_context;
@@ -44,13 +47,14 @@ pub const MAX_DEPTH: usize = 16;
 /// so it bounds rows times fields, roughly the work a query may cause.
 pub const MAX_COMPLEXITY: usize = 10_000;
 
-/// The depth and complexity limits every served schema applies.
+/// The depth and complexity limits, and the plain-text check, every served schema applies.
 pub fn with_limits<Q, M, S>(
     builder: async_graphql::SchemaBuilder<Q, M, S>,
 ) -> async_graphql::SchemaBuilder<Q, M, S> {
     builder
         .limit_depth(MAX_DEPTH)
         .limit_complexity(MAX_COMPLEXITY)
+        .extension(plain_text::PlainText)
 }
 
 /// A PostgreSQL connection pool that connects lazily (an unreachable database shows as

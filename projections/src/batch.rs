@@ -41,6 +41,7 @@ pub async fn connect(
     let (client, connection) = pg_config.connect(NoTls).await?;
     let task = tokio::spawn(async move {
         if let Err(error) = connection.await {
+            let error = orderly_event_store::postgres::describe(&error);
             tracing::debug!(%error, "{what} connection closed");
         }
     });

@@ -11,7 +11,7 @@ pub enum ProjectionError {
     /// Handling: when [`ProjectionError::is_transient`] says so, retry the whole batch with
     /// backoff (its transaction rolled back, so nothing is half-applied); otherwise stop and
     /// report: it is a bug or a schema mismatch.
-    #[error("read-model database error: {0}")]
+    #[error("read-model database error: {}", orderly_event_store::postgres::describe(.0))]
     Database(#[from] tokio_postgres::Error),
 
     /// The event store could not be read.

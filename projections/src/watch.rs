@@ -230,7 +230,10 @@ impl ProjectionHub {
                     }
                     Ok(_) => {}
                     Err(error) => {
-                        tracing::warn!(%error, "projection notification connection failed");
+                        tracing::warn!(
+                            error = %orderly_event_store::postgres::describe(&error),
+                            "projection notification connection failed"
+                        );
                         break;
                     }
                 }

@@ -280,6 +280,19 @@ pub fn signed_in<'c>(ctx: &Context<'c>) -> Result<&'c Actor, ReadError> {
     actor(ctx).ok_or(ReadError::Unauthenticated)
 }
 
+/// The caller of a read that is not public: a token holding a role. A token without one
+/// (`roles: []`, or only roles of other services) reads nothing, its subject's orders
+/// included: the subject alone proves no one is a customer here.
+pub fn reader<'c>(ctx: &Context<'c>) -> Result<&'c Actor, ReadError> {
+    let actor = signed_in(ctx)?;
+    if actor.roles.is_empty() {
+        return Err(ReadError::Forbidden(
+            "this read needs a token with the customer, warehouse or admin role",
+        ));
+    }
+    Ok(actor)
+}
+
 /// Admins and the warehouse (which ships them) see every order; customers their own.
 pub fn sees_all_orders(actor: &Actor) -> bool {
     actor.is_admin() || actor.has(Role::Warehouse)

@@ -7,8 +7,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::DateTime;
 use uuid::Uuid;
 
+use orderly_event_schemas::values::Sku;
+use orderly_platform::plain_text::has_control;
+
 use crate::ReadError;
-use crate::sql::{OrderKey, ProductKey};
+use crate::sql::{OrderKey, ProductKey, storable};
 
 const ORDER_TAG: &str = "o1";
 const PRODUCT_TAG: &str = "p1";
@@ -45,10 +48,13 @@ pub fn parse_order_cursor(cursor: &str, field: &str) -> Result<OrderKey, ReadErr
     else {
         return Err(not_a_cursor(field));
     };
+    // Only a time this server wrote can be in a cursor: one PostgreSQL cannot compare is
+    // forged.
     let placed_at = micros
         .parse::<i64>()
         .ok()
         .and_then(DateTime::from_timestamp_micros)
+        .filter(|at| storable(field, *at).is_ok())
         .ok_or_else(|| not_a_cursor(field))?;
     let order_id = Uuid::parse_str(id).map_err(|_| not_a_cursor(field))?;
     Ok(OrderKey {
@@ -64,6 +70,11 @@ pub fn parse_product_cursor(cursor: &str, field: &str) -> Result<ProductKey, Rea
     else {
         return Err(not_a_cursor(field));
     };
+    // The key goes into the statement as text: a SKU of the catalog's shape and a name
+    // without control characters, as every stored product has.
+    if Sku::parse(sku).is_err() || has_control(name) {
+        return Err(not_a_cursor(field));
+    }
     Ok(ProductKey {
         name: name.to_owned(),
         sku: sku.to_owned(),
@@ -106,13 +117,29 @@ mod tests {
             name: "Mug".into(),
             sku: "MUG".into(),
         });
-        for cursor in [product.as_str(), "", "!!", "bzE6eDp5"] {
+        let forged = |text: &str| URL_SAFE_NO_PAD.encode(text);
+        let far_past = forged(&format!("o1:-8000000000000000000:{}", Uuid::nil()));
+        for cursor in [product.as_str(), "", "!!", "bzE6eDp5", &far_past] {
             assert!(
                 matches!(
                     parse_order_cursor(cursor, "after"),
                     Err(ReadError::Invalid { .. })
                 ),
                 "{cursor}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_product_cursor_with_a_forged_sku_or_name_is_bad_input() {
+        for text in ["p1:mug lower:Mug", "p1:MUG:Mu\u{0}g", "p1::Mug"] {
+            let cursor = URL_SAFE_NO_PAD.encode(text);
+            assert!(
+                matches!(
+                    parse_product_cursor(&cursor, "after"),
+                    Err(ReadError::Invalid { .. })
+                ),
+                "{text}"
             );
         }
     }

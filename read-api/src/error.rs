@@ -60,14 +60,21 @@ impl ReadError {
 
 impl From<tokio_postgres::Error> for ReadError {
     fn from(error: tokio_postgres::Error) -> Self {
+        use orderly_event_store::postgres::{describe, is_data_exception};
         // A server-side error with a SQLSTATE is ours (bad SQL, broken data), except the
         // classes that mean the server cannot serve now: connection (08), insufficient
-        // resources (53), operator intervention (57: shutdown, cancel).
+        // resources (53), operator intervention (57: shutdown, cancel); and data exceptions
+        // (22), a value of the request the server cannot store or compare, which the edge
+        // should have refused and which is the caller's to fix all the same.
+        if is_data_exception(&error) {
+            tracing::warn!(error = %describe(&error), "a value reached the database unchecked");
+            return Self::invalid("input", "a value is out of the range the database accepts");
+        }
         match error.code().map(|code| code.code()) {
             Some(code) if !["08", "53", "57"].iter().any(|c| code.starts_with(c)) => {
-                Self::Internal(error.to_string())
+                Self::Internal(describe(&error))
             }
-            _ => Self::Unavailable(error.to_string()),
+            _ => Self::Unavailable(describe(&error)),
         }
     }
 }
@@ -76,7 +83,7 @@ impl From<deadpool_postgres::PoolError> for ReadError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         match error {
             deadpool_postgres::PoolError::Backend(error) => error.into(),
-            other => Self::Unavailable(other.to_string()),
+            other => Self::Unavailable(orderly_event_store::postgres::describe_pool(&other)),
         }
     }
 }

@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use crate::ReadError;
 use crate::consistency::{ConsistencyInput, read_point};
-use crate::context::{ReadApi, Wants, may_read_order, request_id, sees_all_orders, signed_in};
-use crate::sql::OrderQuery;
+use crate::context::{ReadApi, Wants, may_read_order, reader, request_id, sees_all_orders};
+use crate::sql::{OrderQuery, storable};
 use crate::types::{
     Customer, DailySales, EventRecord, Order, OrderConnection, OrderStatus, Product,
     ProductConnection, ProjectionStatus,
@@ -120,7 +120,7 @@ impl QueryRoot {
         consistency: Option<ConsistencyInput>,
     ) -> async_graphql::Result<Option<Order>> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             wait(ctx, api, ProjectionName::Orders, consistency.as_ref()).await?;
             let Some(row) = api.store().order(id).await? else {
                 return Ok(None);
@@ -146,7 +146,7 @@ impl QueryRoot {
         consistency: Option<ConsistencyInput>,
     ) -> async_graphql::Result<OrderConnection> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             let filter = filter.unwrap_or_default();
             let customer_id = if sees_all_orders(actor) {
                 filter.customer_id
@@ -163,8 +163,14 @@ impl QueryRoot {
                 statuses: filter
                     .status
                     .map(|s| s.iter().map(|s| s.as_str().to_owned()).collect()),
-                placed_from: filter.placed_from,
-                placed_to: filter.placed_to,
+                placed_from: filter
+                    .placed_from
+                    .map(|at| storable("filter.placedFrom", at))
+                    .transpose()?,
+                placed_to: filter
+                    .placed_to
+                    .map(|at| storable("filter.placedTo", at))
+                    .transpose()?,
                 text: None,
             };
             wait(ctx, api, ProjectionName::Orders, consistency.as_ref()).await?;
@@ -184,7 +190,7 @@ impl QueryRoot {
         consistency: Option<ConsistencyInput>,
     ) -> async_graphql::Result<OrderConnection> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             let text = search_text("query", &query)?;
             let filter = OrderQuery {
                 customer_id: (!sees_all_orders(actor)).then(|| actor.sub.clone()),
@@ -239,7 +245,7 @@ impl QueryRoot {
         consistency: Option<ConsistencyInput>,
     ) -> async_graphql::Result<Option<Customer>> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             if !actor.is_admin() && actor.sub != id {
                 return Err(ReadError::Forbidden(
                     "customers see their own customer record only",
@@ -259,7 +265,7 @@ impl QueryRoot {
         consistency: Option<ConsistencyInput>,
     ) -> async_graphql::Result<Vec<DailySales>> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             if !actor.is_admin() {
                 return Err(ReadError::Forbidden("sales figures are for admins"));
             }
@@ -286,7 +292,7 @@ impl QueryRoot {
         order_id: Uuid,
     ) -> async_graphql::Result<Vec<EventRecord>> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             let events = api
                 .events()
                 .read_stream(
@@ -311,7 +317,7 @@ impl QueryRoot {
     /// Admin only.
     async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionStatus>> {
         answer(ctx, async |api| {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             if !actor.is_admin() {
                 return Err(ReadError::Forbidden("projection status is for admins"));
             }

@@ -121,6 +121,23 @@ pub struct OrderQuery {
     pub text: Option<String>,
 }
 
+/// `at`, when PostgreSQL can store and compare it: `timestamptz` starts at 4714-11-24 BC
+/// (chrono's years end long before PostgreSQL's do). An earlier time would fail the statement
+/// with SQLSTATE 22008, so it is refused as the caller's input naming `field`.
+pub fn storable(field: &str, at: DateTime<Utc>) -> Result<DateTime<Utc>, ReadError> {
+    // Year -4713 is 4714 BC: chrono counts a year 0, as ISO 8601 does.
+    let earliest = NaiveDate::from_ymd_opt(-4713, 11, 24)
+        .and_then(|date| date.and_hms_opt(0, 0, 0))
+        .map(|at| at.and_utc());
+    match earliest {
+        Some(earliest) if at >= earliest => Ok(at),
+        _ => Err(ReadError::invalid(
+            field,
+            "must be a time PostgreSQL can store (4714-11-24 BC or later)",
+        )),
+    }
+}
+
 /// Where a page of orders starts: after this row of the order `placed_at desc, order_id desc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrderKey {

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::ReadError;
-use crate::context::{ReadApi, may_read_order, request_id, signed_in};
+use crate::context::{ReadApi, may_read_order, reader, request_id, sees_all_orders};
 use crate::query::order_owner;
 use crate::sql::{OrderRow, StatusRow};
 use crate::types::{EventRecord, Order};
@@ -49,9 +49,18 @@ impl SubscriptionRoot {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<Order>> + use<>> {
         let request_id = request_id(ctx).to_owned();
         let api = ReadApi::of(ctx)?.clone();
-        let actor = signed_in(ctx)
-            .map_err(|e| e.to_graphql(&request_id))?
-            .clone();
+        let actor = reader(ctx).map_err(|e| e.to_graphql(&request_id))?.clone();
+        // Judged from the log, which is always current, not the read model, which may not
+        // have the order yet: someone else's order and one that does not exist are both
+        // NOT_FOUND, so a subscription says nothing of whether an id exists.
+        if !sees_all_orders(&actor) {
+            let owner = order_owner(api.events().as_ref(), order_id)
+                .await
+                .map_err(|e| e.to_graphql(&request_id))?;
+            if owner.as_deref() != Some(actor.sub.as_str()) {
+                return Err(ReadError::NotFound("order").to_graphql(&request_id));
+            }
+        }
         // Subscribed before the baseline is read, so that no update between the two is missed.
         let updates = api.hub().order_updates(order_id).boxed();
         let baseline = api
@@ -115,7 +124,7 @@ impl SubscriptionRoot {
         let request_id = request_id(ctx).to_owned();
         let api = ReadApi::of(ctx)?.clone();
         let source = async {
-            let actor = signed_in(ctx)?;
+            let actor = reader(ctx)?;
             let filter = event_filter(stream, category)?;
             if !actor.is_admin() && !owns(&api, actor, &filter).await? {
                 return Err(ReadError::Forbidden(

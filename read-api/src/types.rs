@@ -481,6 +481,38 @@ pub struct EventRecord {
     pub metadata: Json<serde_json::Value>,
 }
 
+/// Payload fields no reader of the API may see, whatever their role: a payment token is
+/// handed to the gateway and is of no use to anyone else, so it leaves only there.
+const REDACTED_FIELDS: [&str; 1] = ["payment_token"];
+
+/// `data` with every field of [`REDACTED_FIELDS`], at any depth, replaced by a marker that
+/// says it was there.
+fn redacted(mut data: serde_json::Value) -> serde_json::Value {
+    fn walk(value: &mut serde_json::Value, depth: usize) {
+        // Event payloads nest a few levels; the bound only guards the recursion.
+        if depth > 32 {
+            return;
+        }
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (name, field) in fields.iter_mut() {
+                    if REDACTED_FIELDS.contains(&name.as_str()) {
+                        *field = serde_json::Value::String("[redacted]".to_owned());
+                    } else {
+                        walk(field, depth + 1);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                items.iter_mut().for_each(|item| walk(item, depth + 1));
+            }
+            _ => {}
+        }
+    }
+    walk(&mut data, 0);
+    data
+}
+
 impl From<RecordedEvent> for EventRecord {
     fn from(event: RecordedEvent) -> Self {
         Self {
@@ -490,7 +522,7 @@ impl From<RecordedEvent> for EventRecord {
             version: i32::try_from(event.version).unwrap_or(i32::MAX),
             position: ConsistencyToken(event.position),
             recorded_at: event.recorded_at,
-            data: Json(event.data),
+            data: Json(redacted(event.data)),
             metadata: Json(event.metadata),
         }
     }

@@ -166,6 +166,18 @@ impl Api {
         }
     }
 
+    /// The SDL the server serves, as a client fetches it.
+    pub async fn sdl(&self) -> String {
+        self.http
+            .get(format!("{}/graphql/schema.graphql", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Answer {
         let body = json!({ "query": query, "variables": variables });
         self.raw(token, body.to_string()).await
@@ -297,4 +309,17 @@ pub async fn next(socket: &mut Socket) -> Value {
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// The contract code of a refused subscription: resolver errors arrive as a `next` carrying
+/// `errors`, request errors (validation) as an `error` message.
+pub fn refusal(message: &Value) -> &str {
+    let errors = match message["type"].as_str() {
+        Some("next") => &message["payload"]["errors"],
+        Some("error") => &message["payload"],
+        _ => panic!("not a refusal: {message}"),
+    };
+    errors[0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code in {message}"))
 }

@@ -626,7 +626,7 @@ async fn notify_peers(pg_config: PgConfig, signal: Arc<Notify>) {
             && let Err(error) = client.batch_execute(&sql).await
         {
             // Subscribers elsewhere still poll; a lost notification only delays them.
-            tracing::debug!(%error, "could not notify other processes of new events");
+            tracing::debug!(error = %describe(&error), "could not notify other processes of new events");
         }
         tokio::time::sleep(NOTIFY_INTERVAL).await;
     }
@@ -642,7 +642,7 @@ async fn connect_notifier(pg_config: &PgConfig) -> Option<tokio_postgres::Client
     match tokio::time::timeout(CONNECT_TIMEOUT, connected).await {
         Ok(Ok(client)) => Some(client),
         Ok(Err(error)) => {
-            tracing::debug!(%error, "could not connect to notify other processes");
+            tracing::debug!(error = %describe(&error), "could not connect to notify other processes");
             None
         }
         Err(_) => None,
@@ -657,7 +657,7 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
         match tokio::time::timeout(CONNECT_TIMEOUT, pg_config.connect(NoTls)).await {
             Err(_) => tracing::warn!("timed out connecting to listen for event notifications"),
             Ok(Err(error)) => {
-                tracing::warn!(%error, "could not connect to listen for event notifications")
+                tracing::warn!(error = %describe(&error), "could not connect to listen for event notifications")
             }
             Ok(Ok((client, mut connection))) => {
                 let local = wake.clone();
@@ -671,7 +671,7 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
                             }
                             Ok(_) => {}
                             Err(error) => {
-                                tracing::warn!(%error, "event notification connection failed");
+                                tracing::warn!(error = %describe(&error), "event notification connection failed");
                                 break;
                             }
                         }
@@ -688,7 +688,7 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
                         let _ = (&mut drive).await;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "could not listen for event notifications")
+                        tracing::warn!(error = %describe(&error), "could not listen for event notifications")
                     }
                 }
                 drive.abort();
@@ -697,6 +697,16 @@ async fn listen(pg_config: PgConfig, wake: Arc<watch::Sender<u64>>) {
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// [`describe`] for a pool's error, whose own text is as bare for a refused connection.
+pub fn describe_pool(error: &PoolError) -> String {
+    match error {
+        PoolError::Backend(error) | PoolError::PostCreateHook(HookError::Backend(error)) => {
+            describe(error)
+        }
+        other => other.to_string(),
     }
 }
 
@@ -795,13 +805,48 @@ pub async fn horizon(client: &tokio_postgres::Client) -> Result<Horizon, tokio_p
     })
 }
 
-/// Sorts driver errors into "try again later" and "something is wrong".
+/// Sorts driver errors into "try again later", "the caller's value" and "something is wrong",
+/// each carrying the server's message and SQLSTATE (see [`describe`]).
 pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
+    let described = describe(&error);
     if is_transient(&error) {
-        StoreError::Unavailable(Box::new(error))
+        StoreError::Unavailable(described.into())
+    } else if is_data_exception(&error) {
+        StoreError::InvalidInput(crate::InvalidInput::Value { reason: described })
     } else {
-        StoreError::Internal(Box::new(error))
+        StoreError::Internal(described.into())
     }
+}
+
+/// What an operator needs from a driver error. Its own text is only "db error"; the
+/// server's severity, message and SQLSTATE, or the cause of a failed connection, are in its
+/// source chain, which this walks.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!(
+            "{error}: {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        );
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// SQLSTATE class 22, data exception: a value the server cannot store or compare (a NUL in
+/// text, a time out of range, a number too large). The same statement with other values
+/// works: the values were the caller's to fix.
+pub fn is_data_exception(error: &tokio_postgres::Error) -> bool {
+    error
+        .code()
+        .is_some_and(|code| code.code().starts_with("22"))
 }
 
 /// Whether a PostgreSQL error may go away if the same work is tried again later: the one
