@@ -299,6 +299,9 @@ fn serve_schema<E: Executor>(
     let limits = GraphqlLimits {
         body_limit: settings.graphql_body_limit,
         timeout: Duration::from_millis(settings.graphql_timeout_ms),
+        subscriptions_per_socket: settings.subscriptions_per_socket,
+        subscriptions_per_subject: settings.subscriptions_per_subject,
+        ..GraphqlLimits::default()
     };
     Ok(orderly_platform::graphql_router(
         schema,

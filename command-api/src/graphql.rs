@@ -7,6 +7,7 @@ use orderly_domain::values::{
     Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Description, Money, OrderId,
     PaymentToken, PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
+use orderly_platform::cost::WRITE;
 use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long, with_limits};
 use serde::Serialize;
 use uuid::Uuid;
@@ -254,6 +255,7 @@ where
 
 #[Object(name = "Mutation")]
 impl MutationRoot {
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn place_order(
         &self,
         ctx: &Context<'_>,
@@ -266,6 +268,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn cancel_order(
         &self,
         ctx: &Context<'_>,
@@ -283,6 +286,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn ship_order(
         &self,
         ctx: &Context<'_>,
@@ -302,6 +306,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn mark_delivered(
         &self,
         ctx: &Context<'_>,
@@ -317,6 +322,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn register_product(
         &self,
         ctx: &Context<'_>,
@@ -329,6 +335,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn restock(
         &self,
         ctx: &Context<'_>,
@@ -345,6 +352,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn change_price(
         &self,
         ctx: &Context<'_>,
