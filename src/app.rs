@@ -16,7 +16,7 @@ use orderly_command_api::{CommandService, MutationRoot};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
-use orderly_event_store::{EventStore, SubscriptionOptions};
+use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
@@ -200,6 +200,10 @@ async fn drain(store: &dyn EventStore, hub: &ProjectionHub) {
     }
 }
 
+/// Events the shared log reader keeps for subscribers that have not taken them yet: a burst
+/// this long passes without any subscriber going back to the store.
+const FANOUT_CAPACITY: usize = 4096;
+
 /// `/graphql` for `part`: the merged schema, the mutations alone or the queries and
 /// subscriptions alone, behind authentication, rate limits and request limits.
 pub fn graphql_router(
@@ -214,6 +218,12 @@ pub fn graphql_router(
         CommandService::new(store.clone())
             .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
     };
+    // Every `events` subscription of this process follows the log through one shared reader.
+    let events: Arc<dyn EventStore> = Arc::new(Fanout::new(
+        store.clone(),
+        FANOUT_CAPACITY,
+        SubscriptionOptions::default(),
+    ));
     let reads = || {
         let limits = ReadLimits {
             max_consistency_wait: Duration::from_millis(settings.consistency_max_wait_ms),
@@ -222,7 +232,7 @@ pub fn graphql_router(
         };
         ReadApi::new(
             ReadStore::new(pool.clone()),
-            store.clone(),
+            events.clone(),
             hub.clone(),
             limits,
         )
