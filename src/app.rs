@@ -16,7 +16,7 @@ use orderly_command_api::{CommandService, MutationRoot, OrderIds};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
-use orderly_event_store::{EventStore, SubscriptionOptions};
+use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
@@ -202,6 +202,10 @@ async fn drain(store: &dyn EventStore, hub: &ProjectionHub) {
     }
 }
 
+/// Events the shared log reader keeps for subscribers that have not taken them yet: a burst
+/// this long passes without any subscriber going back to the store.
+const FANOUT_CAPACITY: usize = 4096;
+
 /// `/graphql` for `part`: the merged schema, the mutations alone or the queries and
 /// subscriptions alone, behind authentication, rate limits and request limits.
 pub fn graphql_router(
@@ -218,6 +222,12 @@ pub fn graphql_router(
             .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
             .with_order_ids(order_ids.clone())
     };
+    // Every `events` subscription of this process follows the log through one shared reader.
+    let events: Arc<dyn EventStore> = Arc::new(Fanout::new(
+        store.clone(),
+        FANOUT_CAPACITY,
+        SubscriptionOptions::default(),
+    ));
     let reads = || {
         let limits = ReadLimits {
             max_consistency_wait: Duration::from_millis(settings.consistency_max_wait_ms),
@@ -226,7 +236,7 @@ pub fn graphql_router(
         };
         ReadApi::new(
             ReadStore::new(pool.clone()),
-            store.clone(),
+            events.clone(),
             hub.clone(),
             limits,
         )
@@ -303,6 +313,9 @@ fn serve_schema<E: Executor>(
     let limits = GraphqlLimits {
         body_limit: settings.graphql_body_limit,
         timeout: Duration::from_millis(settings.graphql_timeout_ms),
+        subscriptions_per_socket: settings.subscriptions_per_socket,
+        subscriptions_per_subject: settings.subscriptions_per_subject,
+        ..GraphqlLimits::default()
     };
     Ok(orderly_platform::graphql_router(
         schema,

@@ -63,6 +63,11 @@ pub struct Settings {
     pub subscription_buffer: usize,
     /// How long, in ms, a subscription's buffer may stay full before it ends with an error.
     pub subscription_patience_ms: u64,
+    /// Subscriptions one WebSocket may hold open at once.
+    pub subscriptions_per_socket: usize,
+    /// Subscriptions one caller (token subject, else client IP) may hold open at once over
+    /// all its WebSockets to one process.
+    pub subscriptions_per_subject: usize,
     /// SMTP server for customer notifications (`smtp://`, `smtps://`, `?tls=required`);
     /// unset: notifications are only logged.
     pub smtp_url: Option<String>,
@@ -139,6 +144,8 @@ impl Default for Settings {
             consistency_max_wait_ms: 5_000,
             subscription_buffer: 256,
             subscription_patience_ms: 5_000,
+            subscriptions_per_socket: 20,
+            subscriptions_per_subject: 100,
             smtp_url: None,
             smtp_from: "Orderly <orderly@localhost>".to_owned(),
             smtp_recipient: "{customer_id}".to_owned(),
@@ -166,7 +173,7 @@ impl Settings {
 
     /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
     /// test-only variables are not settings.
-    const KEYS: [&'static str; 36] = [
+    const KEYS: [&'static str; 38] = [
         "database_url",
         "event_store",
         "kurrentdb_url",
@@ -195,6 +202,8 @@ impl Settings {
         "consistency_max_wait_ms",
         "subscription_buffer",
         "subscription_patience_ms",
+        "subscriptions_per_socket",
+        "subscriptions_per_subject",
         "smtp_url",
         "smtp_from",
         "smtp_recipient",
@@ -253,6 +262,8 @@ impl fmt::Debug for Settings {
             .field("consistency_max_wait_ms", &self.consistency_max_wait_ms)
             .field("subscription_buffer", &self.subscription_buffer)
             .field("subscription_patience_ms", &self.subscription_patience_ms)
+            .field("subscriptions_per_socket", &self.subscriptions_per_socket)
+            .field("subscriptions_per_subject", &self.subscriptions_per_subject)
             .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
             .field("smtp_from", &self.smtp_from)
             .field("smtp_recipient", &self.smtp_recipient)

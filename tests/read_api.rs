@@ -628,3 +628,94 @@ async fn a_read_api_process_waits_for_runners_in_another_process() {
         .await;
     assert_eq!(refused.code(), "BAD_USER_INPUT");
 }
+
+/// `n` copies of `field`, aliased `a0`, `a1`, ...
+fn aliased(n: usize, field: &str) -> String {
+    (0..n).map(|i| format!("a{i}: {field} ")).collect()
+}
+
+#[tokio::test]
+async fn amplified_requests_are_refused_by_their_cost_never_answered() {
+    let db = migrated_database().await;
+    // The default burst of 100 tokens, refilled slowly enough for the test to spend it.
+    let settings = orderly::settings::Settings {
+        rate_limit_per_second: 5,
+        rate_limit_burst: 100,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let admin = admin();
+    let events = || count(&db, "select count(*) from events");
+    let before = events().await;
+
+    let cases = [
+        (
+            "4,900 product reads",
+            format!("{{ {} }}", aliased(4900, "product(sku: \"TEA\") { sku }")),
+        ),
+        (
+            "150 restocks",
+            format!(
+                "mutation {{ {} }}",
+                aliased(150, "restock(sku: \"TEA\", quantity: 1) { version }")
+            ),
+        ),
+        (
+            "3,000 empty product pages",
+            format!(
+                "{{ {} }}",
+                aliased(3000, "products(first: 0) { nodes { sku } }")
+            ),
+        ),
+        (
+            "3,000 pages of a customer's orders",
+            format!(
+                "{{ customer(id: \"alice\") {{ {} }} }}",
+                aliased(3000, "orders(first: 100) { nodes { id } }")
+            ),
+        ),
+        (
+            "100 pages of a customer's orders",
+            format!(
+                "{{ customer(id: \"alice\") {{ {} }} }}",
+                aliased(100, "orders(first: 100) { nodes { id } }")
+            ),
+        ),
+    ];
+    for (what, query) in cases {
+        let answer = api.gql(Some(&admin), &query, json!({})).await;
+        assert_eq!(answer.code(), "BAD_USER_INPUT", "{what}: {}", answer.body);
+        assert!(answer.body["data"].is_null(), "{what} was answered");
+    }
+    assert_eq!(events().await, before, "a refused mutation wrote");
+
+    // Within the caps, a request takes a token per read: five requests of twenty reads spend
+    // the burst of a hundred, and the sixth is told when to come back.
+    let twenty = format!(
+        "{{ {} }}",
+        aliased(20, "products(first: 0) { nodes { sku } }")
+    );
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(api.gql(Some(&admin), &twenty, json!({})).await);
+    }
+    let limited = answers
+        .iter()
+        .position(|answer| answer.status == 429)
+        .expect("the budget was never spent");
+    assert!(limited >= 4, "limited after {limited} requests");
+    let refused = &answers[limited];
+    assert_eq!(refused.code(), "RATE_LIMITED");
+    assert!(refused.body["data"].is_null());
+    assert!(refused.error()["extensions"]["retryAfterSeconds"].as_u64() >= Some(1));
+    assert!(refused.retry_after.is_some());
+    // Twenty restocks cost twenty tokens: within the caps, but the budget is spent.
+    let restocks = format!(
+        "mutation {{ {} }}",
+        aliased(20, "restock(sku: \"TEA\", quantity: 1) { version }")
+    );
+    let answer = api.gql(Some(&admin), &restocks, json!({})).await;
+    assert_eq!(answer.code(), "RATE_LIMITED", "{}", answer.body);
+    assert_eq!(events().await, before, "a refused mutation wrote");
+}

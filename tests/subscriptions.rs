@@ -6,9 +6,11 @@ mod common;
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use common::*;
 use orderly_command_api::saga::SagaRunner;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn start_saga(settings: &orderly::settings::Settings) {
     let gateway = orderly::app::payment_gateway(settings).unwrap();
@@ -184,4 +186,238 @@ async fn events_catch_up_from_a_token_then_follow_the_log_live_with_filters() {
     )
     .await;
     assert_eq!(refusal(&next(&mut admin_socket).await), "BAD_USER_INPUT");
+}
+
+const PRODUCT_EVENTS: &str = "subscription { events(category: \"product\") { type } }";
+
+#[tokio::test]
+async fn protocol_violations_close_the_socket_with_the_protocols_codes() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+
+    // Silent after the upgrade: closed once the init timeout (3 s) is over.
+    let mut silent = open(&api).await;
+    let started = std::time::Instant::now();
+    assert_eq!(closed(&mut silent).await.0, 4408);
+    assert!(started.elapsed() < std::time::Duration::from_secs(6));
+
+    let mut twice = connect(&api, Some(&admin())).await;
+    send(&mut twice, json!({ "type": "connection_init" })).await;
+    assert_eq!(closed(&mut twice).await.0, 4429);
+
+    let mut early = open(&api).await;
+    subscribe(&mut early, "1", PRODUCT_EVENTS, json!({})).await;
+    assert_eq!(closed(&mut early).await.0, 4401);
+
+    let mut garbled = connect(&api, None).await;
+    send(&mut garbled, json!({ "type": "subscribe", "payload": {} })).await;
+    assert_eq!(closed(&mut garbled).await.0, 4400);
+
+    let mut duplicate = connect(&api, Some(&admin())).await;
+    subscribe(&mut duplicate, "same", PRODUCT_EVENTS, json!({})).await;
+    subscribe(&mut duplicate, "same", PRODUCT_EVENTS, json!({})).await;
+    assert_eq!(closed(&mut duplicate).await.0, 4409);
+
+    let mut forged = open(&api).await;
+    send(
+        &mut forged,
+        json!({ "type": "connection_init", "payload": { "Authorization": "Bearer not.a.jwt" } }),
+    )
+    .await;
+    assert_eq!(closed(&mut forged).await.0, 4403);
+
+    // Once the server said `complete`, the id may be used again.
+    let mut reuse = connect(&api, Some(&admin())).await;
+    for _ in 0..2 {
+        subscribe(
+            &mut reuse,
+            "q",
+            "{ product(sku: \"NONE\") { sku } }",
+            json!({}),
+        )
+        .await;
+        for expected in ["next", "complete"] {
+            let message = reuse.next().await.unwrap().unwrap();
+            let message: Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+            assert_eq!(message["type"], expected, "{message}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_when_its_token_expires() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let issuer = orderly_platform::TokenIssuer::new(&orderly_platform::JwtConfig {
+        secret: Some(SECRET.to_owned()),
+        ..Default::default()
+    })
+    .unwrap();
+    let short = issuer
+        .issue(
+            "admin-1",
+            &[orderly_platform::Role::Admin],
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+    let mut socket = connect(&api, Some(&short)).await;
+    subscribe(&mut socket, "p", PRODUCT_EVENTS, json!({})).await;
+    // `exp` is a second away; tokens are accepted up to 5 s past it (clock skew), over HTTP
+    // and here alike.
+    let started = std::time::Instant::now();
+    let (code, reason) = closed(&mut socket).await;
+    assert_eq!(code, 4403, "{reason}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(9));
+    // Over HTTP, the same token is refused by now too.
+    let answer = api
+        .gql(Some(&short), "{ projections { name } }", json!({}))
+        .await;
+    assert_eq!(answer.code(), "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn a_message_over_the_body_limit_is_refused_before_it_is_read_whole() {
+    let db = migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let mut socket = connect(&api, Some(&admin())).await;
+    // A valid subscription padded with 2 MB of whitespace.
+    let padded = format!("{}{}", " ".repeat(2 * 1024 * 1024), PRODUCT_EVENTS);
+    subscribe(&mut socket, "big", &padded, json!({})).await;
+    let (code, reason) = closed(&mut socket).await;
+    assert_eq!(code, 1009, "{reason}");
+    // One just under the limit goes through.
+    let mut socket = connect(&api, Some(&admin())).await;
+    let padded = format!(
+        "{}{}",
+        " ".repeat(200 * 1024),
+        "{ product(sku: \"NONE\") { sku } }"
+    );
+    subscribe(&mut socket, "fits", &padded, json!({})).await;
+    let answer = next(&mut socket).await;
+    assert_eq!(answer["type"], "next", "{answer}");
+}
+
+#[tokio::test]
+async fn operations_over_a_socket_draw_on_the_callers_http_budget_and_time_out() {
+    let db = migrated_database().await;
+    let settings = orderly::settings::Settings {
+        rate_limit_per_second: 1,
+        rate_limit_burst: 5,
+        graphql_timeout_ms: 500,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    let alice = customer("alice");
+    let mut socket = connect(&api, Some(&alice)).await;
+    // Five reads in one HTTP request spend the burst; the socket's next operation is refused.
+    let five = "{ a: product(sku: \"A\") { sku } b: product(sku: \"B\") { sku } \
+                c: product(sku: \"C\") { sku } d: product(sku: \"D\") { sku } \
+                e: product(sku: \"E\") { sku } }";
+    api.gql(Some(&alice), five, json!({})).await.data("a");
+    subscribe(
+        &mut socket,
+        "1",
+        "{ product(sku: \"NONE\") { sku } }",
+        json!({}),
+    )
+    .await;
+    let refused = next(&mut socket).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["id"], "1");
+    assert_eq!(refused["payload"][0]["extensions"]["code"], "RATE_LIMITED");
+    assert!(refused["payload"][0]["extensions"]["retryAfterSeconds"].as_u64() >= Some(1));
+
+    // Once the budget is back, a query that waits past the timeout is cut off.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let waits = "{ orders(consistency: { atLeast: \"7fffffffffffffff0000000000000000\", \
+                 timeoutMs: 3000, mode: STRICT }) { nodes { id } } }";
+    let started = std::time::Instant::now();
+    subscribe(&mut socket, "2", waits, json!({})).await;
+    let timed_out = next(&mut socket).await;
+    assert_eq!(timed_out["type"], "error", "{timed_out}");
+    assert_eq!(timed_out["payload"][0]["extensions"]["code"], "UNAVAILABLE");
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500));
+}
+
+#[tokio::test]
+async fn subscriptions_are_capped_per_socket_and_per_caller() {
+    let db = migrated_database().await;
+    let settings = orderly::settings::Settings {
+        subscriptions_per_socket: 2,
+        subscriptions_per_subject: 3,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    let too_many = |message: &Value| {
+        assert_eq!(message["type"], "error", "{message}");
+        assert_eq!(message["payload"][0]["extensions"]["code"], "RATE_LIMITED");
+        assert_eq!(
+            message["payload"][0]["extensions"]["reason"],
+            "TOO_MANY_SUBSCRIPTIONS"
+        );
+    };
+    let mut first = connect(&api, Some(&admin())).await;
+    subscribe(&mut first, "a", PRODUCT_EVENTS, json!({})).await;
+    subscribe(&mut first, "b", PRODUCT_EVENTS, json!({})).await;
+    subscribe(&mut first, "c", PRODUCT_EVENTS, json!({})).await;
+    too_many(&next(&mut first).await);
+    // Queries are not subscriptions: they still run.
+    subscribe(
+        &mut first,
+        "q",
+        "{ product(sku: \"NONE\") { sku } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(next(&mut first).await["type"], "next");
+
+    let mut second = connect(&api, Some(&admin())).await;
+    subscribe(&mut second, "d", PRODUCT_EVENTS, json!({})).await;
+    subscribe(&mut second, "e", PRODUCT_EVENTS, json!({})).await;
+    too_many(&next(&mut second).await);
+    // Another caller has places of its own.
+    let mut other = connect(
+        &api,
+        Some(&token("admin-2", &[orderly_platform::Role::Admin])),
+    )
+    .await;
+    subscribe(&mut other, "x", PRODUCT_EVENTS, json!({})).await;
+
+    // Closing a socket gives its places back: two more fit, not three.
+    drop(first);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut third = connect(&api, Some(&admin())).await;
+    for id in ["f", "g"] {
+        subscribe(&mut third, id, PRODUCT_EVENTS, json!({})).await;
+        let probe = format!("probe-{id}");
+        subscribe(
+            &mut third,
+            &probe,
+            "{ product(sku: \"NONE\") { sku } }",
+            json!({}),
+        )
+        .await;
+        assert_eq!(next(&mut third).await["type"], "next", "{id}");
+    }
+    // Completing one gives its place back at once.
+    send(&mut third, json!({ "type": "complete", "id": "f" })).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    subscribe(&mut second, "h", PRODUCT_EVENTS, json!({})).await;
+    subscribe(
+        &mut second,
+        "probe-h",
+        "{ product(sku: \"NONE\") { sku } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(next(&mut second).await["type"], "next");
+    subscribe(&mut other, "y", PRODUCT_EVENTS, json!({})).await;
+    subscribe(
+        &mut other,
+        "probe-y",
+        "{ product(sku: \"NONE\") { sku } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(next(&mut other).await["type"], "next");
 }

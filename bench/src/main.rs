@@ -18,6 +18,9 @@
 //! - `fulfil`: the fulfilment saga end to end against `orderly serve` running as a process of
 //!   its own: placements and settlements per second, place -> settled latency, conflicts and
 //!   round trips per order, peak RSS, next to the single-event append rate of the same run.
+//! - `subscribers`: database transactions per second of a read API process with 1 and with
+//!   1,000 idle `events` subscriptions over WebSockets, next to 1,000 subscriptions made
+//!   straight on the store (one reader each).
 //!
 //! Each run works in a database of its own, created from a template and dropped after.
 
@@ -33,6 +36,7 @@ mod place_order;
 mod read;
 mod rebuild;
 mod report;
+mod subscribers;
 
 use clap::{Parser, Subcommand};
 
@@ -64,6 +68,9 @@ enum Command {
     /// The fulfilment saga end to end against an `orderly serve` subprocess: burst, hot SKU
     /// and paced placements, settled through the read model.
     Fulfil(fulfil::Args),
+    /// Database transactions per second with 1 and with many idle subscriptions over
+    /// WebSockets (one shared log reader), next to as many made straight on the store.
+    Subscribers(subscribers::Args),
 }
 
 #[tokio::main]
@@ -75,5 +82,6 @@ async fn main() -> anyhow::Result<()> {
         Command::PlaceOrder(args) => place_order::run(args).await,
         Command::Read(args) => read::run(args).await,
         Command::Fulfil(args) => fulfil::run(args).await,
+        Command::Subscribers(args) => subscribers::run(args).await,
     }
 }

@@ -7,6 +7,7 @@ use orderly_domain::values::{
     Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Description, Money, OrderId,
     PaymentToken, PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
+use orderly_platform::cost::WRITE;
 use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long, with_limits};
 use serde::Serialize;
 use uuid::Uuid;
@@ -261,6 +262,7 @@ where
 
 #[Object(name = "Mutation")]
 impl MutationRoot {
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn place_order(
         &self,
         ctx: &Context<'_>,
@@ -273,6 +275,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn cancel_order(
         &self,
         ctx: &Context<'_>,
@@ -290,6 +293,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn ship_order(
         &self,
         ctx: &Context<'_>,
@@ -309,6 +313,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn mark_delivered(
         &self,
         ctx: &Context<'_>,
@@ -324,6 +329,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn register_product(
         &self,
         ctx: &Context<'_>,
@@ -336,6 +342,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn restock(
         &self,
         ctx: &Context<'_>,
@@ -352,6 +359,7 @@ impl MutationRoot {
         .await
     }
 
+    #[graphql(complexity = "WRITE + child_complexity")]
     async fn change_price(
         &self,
         ctx: &Context<'_>,

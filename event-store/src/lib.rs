@@ -10,6 +10,8 @@
 //! - `error`: [`StoreError`], with `Conflict` kept apart from infrastructure failure.
 //! - `subscription`: the catch-up-then-live loop shared by the adapters; an adapter supplies a
 //!   page reader and a wake-up signal.
+//! - `fanout`: [`Fanout`], a wrapper whose subscriptions share one reader of the log and are
+//!   fed from memory, for processes that serve many subscribers.
 //! - `memory`: an in-process adapter for other crates' tests.
 //! - `postgres`: the default adapter, with its migrations under `migrations/`.
 //! - `kurrentdb`: the production option on KurrentDB (or EventStoreDB 20.6+), through the
@@ -24,6 +26,7 @@
 //! same event ids at the same expected version writes nothing and returns the first result.
 
 mod error;
+mod fanout;
 mod idempotency;
 pub mod kurrentdb;
 pub mod memory;
@@ -34,6 +37,7 @@ mod subscription;
 use async_trait::async_trait;
 
 pub use error::{BoxError, InvalidInput, StoreError};
+pub use fanout::Fanout;
 pub use model::{
     AppendResult, Direction, EventFilter, ExpectedVersion, MAX_APPEND_BYTES, MAX_EVENT_BYTES,
     MAX_EVENT_TYPE_BYTES, MAX_EVENTS_PER_APPEND, MAX_STREAM_NAME_BYTES, NewEvent, Position,

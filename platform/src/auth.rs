@@ -4,7 +4,7 @@
 //! warehouse, admin; a token with none of them reads and writes nothing but public data).
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,8 @@ impl fmt::Display for AuthFailure {
 #[derive(Deserialize)]
 struct VerifiedClaims {
     sub: String,
+    /// Seconds since the epoch; required (see `Authenticator::new`).
+    exp: u64,
     #[serde(default)]
     roles: Vec<String>,
 }
@@ -165,6 +167,12 @@ impl Authenticator {
 
     /// `Ok(None)` for a request without an Authorization header (anonymous).
     pub fn authenticate(&self, header: Option<&str>) -> Result<Option<Actor>, AuthFailure> {
+        Ok(self.session(header)?.map(|session| session.actor))
+    }
+
+    /// As [`Authenticator::authenticate`], with the moment the token stops being accepted, for
+    /// connections that outlive a request (a WebSocket is closed then).
+    pub fn session(&self, header: Option<&str>) -> Result<Option<Session>, AuthFailure> {
         let Some(header) = header else {
             return Ok(None);
         };
@@ -191,11 +199,26 @@ impl Authenticator {
             .iter()
             .filter_map(|r| Role::parse(r))
             .collect();
-        Ok(Some(Actor {
-            sub: data.claims.sub,
-            roles,
+        // The first whole second the check above refuses (it accepts `now <= exp + leeway`),
+        // so a token ends at the same moment on every transport.
+        let expires_at =
+            UNIX_EPOCH + Duration::from_secs(data.claims.exp.saturating_add(LEEWAY_SECONDS + 1));
+        Ok(Some(Session {
+            actor: Actor {
+                sub: data.claims.sub,
+                roles,
+            },
+            expires_at,
         }))
     }
+}
+
+/// A verified token: who it names and until when it is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub actor: Actor,
+    /// Just past `exp` plus the tolerated clock skew: from then on the token is refused.
+    pub expires_at: SystemTime,
 }
 
 /// A short, safe description: which check failed, never the key or the token.

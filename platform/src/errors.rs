@@ -78,6 +78,20 @@ pub fn rejected(reason: impl fmt::Display) -> Error {
         .extend_with(|_, e| e.set("reason", reason.as_str()))
 }
 
+/// Whole seconds until `wait` is over, rounded up and at least 1, so that a client that obeys
+/// the hint is never early.
+pub fn retry_after_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// RATE_LIMITED: the caller's budget is spent; `retryAfterSeconds` says when it holds enough.
+pub fn rate_limited(wait: std::time::Duration) -> Error {
+    let seconds = retry_after_seconds(wait);
+    ErrorCode::RateLimited
+        .error(format!("too many requests; retry in {seconds} s"))
+        .extend_with(|_, e| e.set("retryAfterSeconds", seconds))
+}
+
 /// UNAVAILABLE: a dependency is down or overloaded; the detail is logged, not returned.
 pub fn unavailable(request_id: &str, detail: &dyn fmt::Display) -> Error {
     tracing::warn!(request_id, error = %detail, "unavailable");

@@ -8,16 +8,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::{
-    DocumentOperations, ExecutableDocument, OperationDefinition, OperationType, Selection,
-    SelectionSet,
+    DocumentOperations, ExecutableDocument, OperationDefinition, OperationType,
 };
 use async_graphql::{Executor, Positioned, Response as GqlResponse, ServerError};
-use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,10 +22,12 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::auth::{Actor, Authenticator};
+use crate::cost::Budget;
 use crate::errors::ErrorCode;
 use crate::input_shapes::InputShapes;
 use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
 use crate::rate_limit::RateLimiter;
+use crate::socket::Sockets;
 use crate::trace_context;
 
 /// Limits applied to every GraphQL request before and while it runs.
@@ -39,6 +38,13 @@ pub struct GraphqlLimits {
     /// Longest a request may run; the client then gets UNAVAILABLE. A mutation cut off here
     /// may still have been applied: clients retry with the same idempotency key.
     pub timeout: Duration,
+    /// How long a new WebSocket may take to send `connection_init` before it is closed.
+    pub init_timeout: Duration,
+    /// Subscriptions one WebSocket may hold open at once.
+    pub subscriptions_per_socket: usize,
+    /// Subscriptions one caller (token subject, else client address) may hold open at once
+    /// over all its sockets to this process.
+    pub subscriptions_per_subject: usize,
 }
 
 impl Default for GraphqlLimits {
@@ -46,6 +52,10 @@ impl Default for GraphqlLimits {
         Self {
             body_limit: 256 * 1024,
             timeout: Duration::from_secs(10),
+            // graphql-ws's default: a client that means to talk sends it at once.
+            init_timeout: Duration::from_secs(3),
+            subscriptions_per_socket: 20,
+            subscriptions_per_subject: 100,
         }
     }
 }
@@ -77,6 +87,7 @@ struct Gate<E> {
     /// For the one variable check that fast validation skips and execution does not make;
     /// `None` (an SDL that does not parse) keeps every request on full validation.
     shapes: Option<InputShapes>,
+    sockets: Arc<Sockets<E>>,
 }
 
 /// Parsed documents by query text, kept once a request of that text ran without an uncoded
@@ -125,12 +136,20 @@ pub fn graphql_router<E: Executor>(
     limiter: Arc<RateLimiter>,
     limits: GraphqlLimits,
 ) -> Router {
+    let sockets = Arc::new(Sockets {
+        executor: Coded(executor.clone()),
+        auth: auth.clone(),
+        limiter: limiter.clone(),
+        limits,
+        open: Default::default(),
+    });
     let gate = Arc::new(Gate {
         executor,
         fast_queries,
         auth,
         limiter,
         limits,
+        sockets,
         documents: DocumentCache::default(),
         shapes: InputShapes::from_sdl(&sdl),
         sdl,
@@ -154,7 +173,7 @@ async fn graphiql_or_subscribe<E: Executor>(
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
     if upgrading {
-        return subscribe(gate, request).await;
+        return crate::socket::upgrade(gate.sockets.clone(), request).await;
     }
     Html(
         GraphiQLSource::build()
@@ -163,67 +182,6 @@ async fn graphiql_or_subscribe<E: Executor>(
             .finish(),
     )
     .into_response()
-}
-
-/// A WebSocket for subscriptions (graphql-transport-ws, or the older graphql-ws). The token
-/// comes in the `connection_init` payload (`{"Authorization": "Bearer <JWT>"}`, since browsers
-/// cannot set headers on a WebSocket) or in the upgrade request's Authorization header. A bad
-/// token refuses the connection; no token connects anonymously, and each subscription then
-/// decides whether that is enough.
-async fn subscribe<E: Executor>(gate: Arc<Gate<E>>, request: Request) -> Response {
-    let (mut parts, _body) = request.into_parts();
-    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &()).await {
-        Ok(protocol) => protocol,
-        Err(_) => {
-            return failure(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadUserInput,
-                "subscriptions need the graphql-transport-ws WebSocket subprotocol",
-            );
-        }
-    };
-    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
-    };
-    let peer: Option<IpAddr> = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
-    let by_address = peer.map_or_else(|| "anonymous".to_owned(), |ip| format!("ip:{ip}"));
-    if let Err(wait) = gate.limiter.check(&by_address) {
-        return rate_limited(wait);
-    }
-    let header_token = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let executor = gate.executor.clone();
-    upgrade
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| {
-            GraphQLWebSocket::new(stream, Coded(executor), protocol)
-                .on_connection_init(move |payload| async move {
-                    let from_payload = ["Authorization", "authorization"]
-                        .iter()
-                        .find_map(|key| payload.get(*key).and_then(|v| v.as_str()))
-                        .map(str::to_owned);
-                    let authorization = from_payload.or(header_token);
-                    let actor = gate
-                        .auth
-                        .authenticate(authorization.as_deref())
-                        .map_err(|why| ErrorCode::Unauthenticated.error(why.to_string()))?;
-                    let mut data = async_graphql::Data::default();
-                    data.insert(Caller {
-                        actor,
-                        request_id: uuid::Uuid::new_v4().to_string(),
-                        traceparent: None,
-                    });
-                    Ok(data)
-                })
-                .serve()
-        })
 }
 
 async fn schema_sdl<E: Executor>(State(gate): State<Arc<Gate<E>>>) -> impl IntoResponse {
@@ -326,7 +284,7 @@ async fn run<E: Executor>(
         Err(why) => {
             // Refused tokens count against the address, so guessing tokens is throttled too.
             if let Err(wait) = gate.limiter.check(&by_address()) {
-                return rate_limited(wait);
+                return rate_limited_response(wait);
             }
             return failure(
                 StatusCode::UNAUTHORIZED,
@@ -340,7 +298,7 @@ async fn run<E: Executor>(
         None => by_address(),
     };
     if let Err(wait) = gate.limiter.check(&key) {
-        return rate_limited(wait);
+        return rate_limited_response(wait);
     }
     let bytes = match axum::body::to_bytes(body, gate.limits.body_limit).await {
         Ok(bytes) => bytes,
@@ -392,6 +350,8 @@ async fn run<E: Executor>(
         Err(_) => (None, None, false),
     };
     graphql.variables = variables;
+    let budget = Budget::new(gate.limiter.clone(), key, 1);
+    let graphql = graphql.data(budget.clone());
     let caller = Caller {
         actor,
         request_id: request_id.to_owned(),
@@ -420,7 +380,7 @@ async fn run<E: Executor>(
         if let Some(document) = &cached {
             again.set_parsed_query(ExecutableDocument::clone(document));
         }
-        gate.executor.execute(again.data(caller)).await
+        gate.executor.execute(again.data(caller).data(budget)).await
     };
     let response = match tokio::time::timeout(gate.limits.timeout, run).await {
         Ok(response) => response,
@@ -441,7 +401,30 @@ async fn run<E: Executor>(
         gate.documents.keep(&query, document);
     }
     (seen.operation, seen.kind, seen.outcome) = classify(selected, Some(&response));
-    axum::Json(with_codes(response)).into_response()
+    answer(with_codes(response))
+}
+
+/// The HTTP answer to an executed request; one refused for its cost goes out as 429 with
+/// Retry-After, as one refused at the door does.
+fn answer(response: GqlResponse) -> Response {
+    let retry = (response.data == async_graphql::Value::Null)
+        .then(|| {
+            response.errors.iter().find_map(|error| {
+                match error.extensions.as_ref()?.get("retryAfterSeconds")? {
+                    async_graphql::Value::Number(seconds) => seconds.as_u64(),
+                    _ => None,
+                }
+            })
+        })
+        .flatten();
+    let json = axum::Json(response);
+    match retry {
+        Some(seconds) => with_retry_after(
+            (StatusCode::TOO_MANY_REQUESTS, json).into_response(),
+            Duration::from_secs(seconds),
+        ),
+        None => json.into_response(),
+    }
 }
 
 /// The labels of one operation: what the document selects (`None` when it does not parse)
@@ -475,7 +458,7 @@ fn classify(
 }
 
 /// The operation of `document` a request with `operation_name` runs, if there is one.
-fn operation<'d>(
+pub(crate) fn operation<'d>(
     document: &'d ExecutableDocument,
     operation_name: Option<&str>,
 ) -> Option<&'d Positioned<OperationDefinition>> {
@@ -504,52 +487,16 @@ fn root_fields(
         OperationType::Subscription => OperationKind::Subscription,
     };
     let mut fields = BTreeSet::new();
-    collect_fields(document, &operation.node.selection_set.node, &mut fields, 0);
+    crate::cost::visit_root_fields(document, &operation.node.selection_set.node, &mut |field| {
+        fields.insert(field.node.name.node.to_string());
+    });
     (kind, fields)
-}
-
-fn collect_fields(
-    document: &ExecutableDocument,
-    set: &SelectionSet,
-    fields: &mut BTreeSet<String>,
-    depth: usize,
-) {
-    // Fragments may spread each other in a cycle; validation rejects that later, this only
-    // must not loop.
-    if depth > 8 {
-        return;
-    }
-    for item in &set.items {
-        match &item.node {
-            Selection::Field(field) => {
-                fields.insert(field.node.name.node.to_string());
-            }
-            Selection::InlineFragment(fragment) => {
-                collect_fields(
-                    document,
-                    &fragment.node.selection_set.node,
-                    fields,
-                    depth + 1,
-                );
-            }
-            Selection::FragmentSpread(spread) => {
-                if let Some(fragment) = document.fragments.get(&spread.node.fragment_name.node) {
-                    collect_fields(
-                        document,
-                        &fragment.node.selection_set.node,
-                        fields,
-                        depth + 1,
-                    );
-                }
-            }
-        }
-    }
 }
 
 /// An executor whose every response carries contract codes, for the WebSocket transport, where
 /// responses do not pass through [`execute`].
 #[derive(Clone)]
-struct Coded<E>(E);
+pub(crate) struct Coded<E>(pub E);
 
 impl<E: Executor> Executor for Coded<E> {
     fn execute(
@@ -641,21 +588,23 @@ fn has_code(error: &ServerError) -> bool {
 }
 
 /// A GraphQL-shaped answer for a request that was refused before it ran.
-fn failure(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+pub(crate) fn failure(status: StatusCode, code: ErrorCode, message: &str) -> Response {
     let body =
         json!({ "errors": [{ "message": message, "extensions": { "code": code.as_str() } }] });
     (status, axum::Json(body)).into_response()
 }
 
-fn rate_limited(wait: Duration) -> Response {
-    // Whole seconds, rounded up, so a client that obeys the header is never early.
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let seconds = seconds.max(1);
-    let body = json!({ "errors": [{
-        "message": format!("too many requests; retry in {seconds} s"),
-        "extensions": { "code": ErrorCode::RateLimited.as_str(), "retryAfterSeconds": seconds },
-    }] });
-    let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+pub(crate) fn rate_limited_response(wait: Duration) -> Response {
+    let error = crate::errors::rate_limited(wait);
+    let body = json!({ "errors": [error.into_server_error(Default::default())] });
+    with_retry_after(
+        (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response(),
+        wait,
+    )
+}
+
+fn with_retry_after(mut response: Response, wait: Duration) -> Response {
+    let seconds = crate::errors::retry_after_seconds(wait);
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(seconds));

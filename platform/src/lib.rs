@@ -11,8 +11,13 @@
 //! - [`auth`]: JWT bearer authentication (HS256 secret or RS256 public key), the [`Actor`]
 //!   with its roles, and token issuing for the CLI.
 //! - [`rate_limit`]: a keyed limiter (per subject, else per client IP).
+//! - [`cost`]: what an operation costs in database work, the root-field cap, and the
+//!   extension that charges the cost to the caller's rate limit.
 //! - [`http`]: the POST /graphql handler for any schema: body limit, authentication, rate
 //!   limit, timeout, JSON errors that never turn into a 5xx for bad input.
+//! - `socket`: graphql-transport-ws over a WebSocket, behind the same gate as HTTP (message
+//!   size, token expiry, rate limit and cost, timeouts, subscription caps, the protocol's close
+//!   codes).
 //! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
 //!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
 //!   the read API makes for its own series.
@@ -24,6 +29,7 @@
 //! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
 
 pub mod auth;
+pub mod cost;
 mod error;
 pub mod errors;
 pub mod http;
@@ -32,6 +38,7 @@ pub mod metrics;
 pub mod plain_text;
 pub mod rate_limit;
 pub mod scalars;
+mod socket;
 pub mod trace_context;
 
 pub use auth::{Actor, Authenticator, JwtConfig, Role, TokenIssuer};
@@ -43,11 +50,13 @@ pub use scalars::{ConsistencyToken, Date, Long};
 
 /// Deepest query nesting accepted; the contract's deepest useful query is far below it.
 pub const MAX_DEPTH: usize = 16;
-/// Largest query complexity accepted: fields counted, list fields weighted by their page size,
-/// so it bounds rows times fields, roughly the work a query may cause.
+/// Largest query cost accepted (see [`cost`]): fields counted, database reads and writes
+/// weighted by [`cost::READ`] and [`cost::WRITE`], pages by their size, so it bounds round
+/// trips and rows times fields, roughly the work an operation may cause.
 pub const MAX_COMPLEXITY: usize = 10_000;
 
-/// The depth and complexity limits, and the plain-text check, every served schema applies.
+/// The depth, root-field and cost limits and the plain-text check every served schema
+/// applies, and the charge of each operation's cost to its caller's rate limit.
 pub fn with_limits<Q, M, S>(
     builder: async_graphql::SchemaBuilder<Q, M, S>,
 ) -> async_graphql::SchemaBuilder<Q, M, S> {
@@ -55,6 +64,7 @@ pub fn with_limits<Q, M, S>(
         .limit_depth(MAX_DEPTH)
         .limit_complexity(MAX_COMPLEXITY)
         .extension(plain_text::PlainText)
+        .extension(cost::CostLimit)
 }
 
 /// A PostgreSQL connection pool that connects lazily (an unreachable database shows as

@@ -55,16 +55,36 @@ impl RateLimiter {
 
     /// `Ok` when `key` may go ahead; `Err(wait)` says how long until it may.
     pub fn check(&self, key: &str) -> Result<(), Duration> {
-        let Some(limiter) = &self.limiter else {
+        self.charge(key, 1).map_err(|refusal| match refusal {
+            Refusal::Wait(wait) => wait,
+            // One token always fits a burst of at least one.
+            Refusal::OverBurst { .. } => Duration::ZERO,
+        })
+    }
+
+    /// Takes `tokens` from `key`'s budget at once, or none of them. 0 tokens always passes.
+    pub fn charge(&self, key: &str, tokens: u32) -> Result<(), Refusal> {
+        let (Some(limiter), Some(n)) = (&self.limiter, NonZeroU32::new(tokens)) else {
             return Ok(());
         };
         if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             limiter.retain_recent();
         }
-        limiter
-            .check_key(&key.to_owned())
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        match limiter.check_key_n(&key.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Refusal::Wait(not_until.wait_time_from(self.clock.now()))),
+            Err(governor::InsufficientCapacity(burst)) => Err(Refusal::OverBurst { burst }),
+        }
     }
+}
+
+/// Why [`RateLimiter::charge`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The budget holds enough again after this long.
+    Wait(Duration),
+    /// More than the whole burst: no wait makes it pass; the caller must ask for less.
+    OverBurst { burst: u32 },
 }
 
 #[cfg(test)]
@@ -86,6 +106,27 @@ mod tests {
             "{wait:?}"
         );
         assert!(limiter.check("sub:bob").is_ok());
+    }
+
+    #[test]
+    fn a_charge_takes_all_its_tokens_or_none_and_never_more_than_the_burst() {
+        let limiter = RateLimiter::new(RateLimit {
+            per_second: 1,
+            burst: 10,
+        })
+        .unwrap();
+        assert_eq!(
+            limiter.charge("sub:alice", 11),
+            Err(Refusal::OverBurst { burst: 10 })
+        );
+        assert!(limiter.charge("sub:alice", 7).is_ok());
+        assert!(matches!(
+            limiter.charge("sub:alice", 4),
+            Err(Refusal::Wait(_))
+        ));
+        // The refused charge took nothing: three tokens are still there.
+        assert!(limiter.charge("sub:alice", 3).is_ok());
+        assert!(limiter.check("sub:alice").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use async_graphql::{Context, InputObject, Object};
 use chrono::{DateTime, Utc};
 use orderly_event_schemas::{Event, OrderEvent, decode_recorded};
 use orderly_event_store::{Direction, EventStore, RecordedEvent, StreamName};
-use orderly_platform::Date;
+use orderly_platform::{Date, cost};
 use orderly_projections::ProjectionName;
 use uuid::Uuid;
 
@@ -113,6 +113,7 @@ pub fn order_stream(order_id: Uuid) -> Result<StreamName, ReadError> {
 
 #[Object(name = "Query")]
 impl QueryRoot {
+    #[graphql(complexity = "cost::READ + child_complexity")]
     async fn order(
         &self,
         ctx: &Context<'_>,
@@ -136,7 +137,7 @@ impl QueryRoot {
         .await
     }
 
-    #[graphql(complexity = "page_complexity(first, 20, child_complexity)")]
+    #[graphql(complexity = "cost::page(first, 20, child_complexity)")]
     async fn orders(
         &self,
         ctx: &Context<'_>,
@@ -180,7 +181,7 @@ impl QueryRoot {
     }
 
     /// Full-text search over order lines, product names, customer ids and addresses.
-    #[graphql(complexity = "page_complexity(first, 20, child_complexity)")]
+    #[graphql(complexity = "cost::page(first, 20, child_complexity)")]
     async fn search_orders(
         &self,
         ctx: &Context<'_>,
@@ -203,6 +204,7 @@ impl QueryRoot {
         .await
     }
 
+    #[graphql(complexity = "cost::READ + child_complexity")]
     async fn product(
         &self,
         ctx: &Context<'_>,
@@ -216,7 +218,7 @@ impl QueryRoot {
         .await
     }
 
-    #[graphql(complexity = "page_complexity(first, 50, child_complexity)")]
+    #[graphql(complexity = "cost::page(first, 50, child_complexity)")]
     async fn products(
         &self,
         ctx: &Context<'_>,
@@ -238,6 +240,7 @@ impl QueryRoot {
         .await
     }
 
+    #[graphql(complexity = "cost::READ + child_complexity")]
     async fn customer(
         &self,
         ctx: &Context<'_>,
@@ -257,6 +260,7 @@ impl QueryRoot {
         .await
     }
 
+    #[graphql(complexity = "cost::READ + child_complexity")]
     async fn sales_by_day(
         &self,
         ctx: &Context<'_>,
@@ -286,6 +290,7 @@ impl QueryRoot {
     }
 
     /// The order's own events, read from the event store (an audit trail, always current).
+    #[graphql(complexity = "cost::READ + child_complexity")]
     async fn order_events(
         &self,
         ctx: &Context<'_>,
@@ -315,6 +320,7 @@ impl QueryRoot {
     }
 
     /// Admin only.
+    #[graphql(complexity = "cost::READ + child_complexity")]
     async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionStatus>> {
         answer(ctx, async |api| {
             let actor = reader(ctx)?;
@@ -327,13 +333,4 @@ impl QueryRoot {
         })
         .await
     }
-}
-
-/// A page costs its size times what each row selects, so the complexity limit bounds the rows
-/// times the fields a query may ask for, not just the fields.
-fn page_complexity(first: Option<i32>, default: i32, child_complexity: usize) -> usize {
-    let rows = usize::try_from(first.unwrap_or(default))
-        .unwrap_or(0)
-        .max(1);
-    rows.saturating_mul(child_complexity)
 }

@@ -41,6 +41,7 @@ impl SubscriptionRoot {
     /// When one projection batch applied several events to the order, the messages for the
     /// earlier ones carry that event's `version`, `status`, `updatedAt` and `history` up to it,
     /// with the rest of the read model as after the batch.
+    #[graphql(complexity = "orderly_platform::cost::READ + child_complexity")]
     async fn order_updated(
         &self,
         ctx: &Context<'_>,
@@ -114,6 +115,7 @@ impl SubscriptionRoot {
 
     /// The event log itself: catch up from `from` (or from now), then live. Admin only unless
     /// filtered to a stream the caller owns.
+    #[graphql(complexity = "orderly_platform::cost::READ + child_complexity")]
     async fn events(
         &self,
         ctx: &Context<'_>,

@@ -428,6 +428,8 @@ impl Customer {
         self.row.last_order_at
     }
 
+    /// Weighed like the root `orders`: a page read per appearance, aliases included.
+    #[graphql(complexity = "orderly_platform::cost::page(first, 20, child_complexity)")]
     async fn orders(
         &self,
         ctx: &Context<'_>,

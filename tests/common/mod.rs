@@ -247,15 +247,21 @@ pub async fn place_one(api: &Api, sub: &str, sku: &str) -> String {
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Opens a graphql-transport-ws connection, authenticated with `token` when given.
-pub async fn connect(api: &Api, token: Option<&str>) -> Socket {
+/// Opens a WebSocket speaking graphql-transport-ws, without `connection_init`.
+pub async fn open(api: &Api) -> Socket {
     let url = format!("{}/graphql", api.base.replacen("http://", "ws://", 1));
     let mut request = url.into_client_request().unwrap();
     request.headers_mut().insert(
         "sec-websocket-protocol",
         "graphql-transport-ws".parse().unwrap(),
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket
+}
+
+/// Opens a graphql-transport-ws connection, authenticated with `token` when given.
+pub async fn connect(api: &Api, token: Option<&str>) -> Socket {
+    let mut socket = open(api).await;
     let payload = token.map_or(
         json!({}),
         |t| json!({ "Authorization": format!("Bearer {t}") }),
@@ -322,4 +328,20 @@ pub fn refusal(message: &Value) -> &str {
     errors[0]["extensions"]["code"]
         .as_str()
         .unwrap_or_else(|| panic!("no code in {message}"))
+}
+
+/// The close frame the server ends `socket` with, within 15 s: its code and reason. Messages
+/// before it are skipped.
+pub async fn closed(socket: &mut Socket) -> (u16, String) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(15), socket.next())
+            .await
+            .expect("a close within 15 s")
+            .expect("a close frame before the end")
+            .expect("a close frame, not a failure");
+        if let Message::Close(frame) = message {
+            let frame = frame.expect("a close frame with a code");
+            return (u16::from(frame.code), frame.reason.to_string());
+        }
+    }
 }
