@@ -85,6 +85,9 @@ impl App {
         if part != Part::Probes {
             router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
         }
+        // Answers of a few dozen bytes and WebSocket upgrades go as they are; GraphQL
+        // answers, pages and scrapes shrink several times for clients that accept gzip.
+        let router = router.layer(tower_http::compression::CompressionLayer::new());
         // Outermost, so every response counts, the refusals of inner layers included.
         let router = router.layer(axum::middleware::from_fn(
             orderly_platform::metrics::count_responses,

@@ -1,7 +1,7 @@
 //! # Layout
 //!
 //! Service plumbing that the command API and the read API both need, so that neither imports
-//! the other and both speak the contract (`shared/api/schema.graphql`) the same way.
+//! the other and both speak the contract (`api/schema.graphql`) the same way.
 //!
 //! - [`scalars`]: the contract's scalars that async-graphql does not provide under the same
 //!   name: `Long`, `ConsistencyToken`, `Date` (`UUID`, `DateTime` and `JSON` come from
@@ -11,8 +11,11 @@
 //! - [`auth`]: JWT bearer authentication (HS256 secret or RS256 public key), the [`Actor`]
 //!   with its roles, and token issuing for the CLI.
 //! - [`rate_limit`]: a keyed limiter (per subject, else per client IP).
-//! - [`http`]: the POST /graphql handler for any schema: body limit, authentication, rate
+//! - [`http`]: the /graphql handler for any schema: body limit, authentication, rate
 //!   limit, timeout, JSON errors that never turn into a 5xx for bad input.
+//! - `over_http`: GraphQL over HTTP: media type negotiation, request parameters from a POST
+//!   body or a GET's URL, and the specification's status codes.
+//! - `persisted_queries`: automatic persisted queries (query texts by SHA-256).
 //! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
 //!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
 //!   the read API makes for its own series.
@@ -27,6 +30,8 @@ pub mod errors;
 pub mod http;
 mod input_shapes;
 pub mod metrics;
+mod over_http;
+mod persisted_queries;
 pub mod rate_limit;
 pub mod scalars;
 pub mod trace_context;

@@ -298,3 +298,44 @@ pub async fn next(socket: &mut Socket) -> Value {
         }
     }
 }
+
+/// The folder whose `node_modules` holds `tests/node/package.json`'s packages, which
+/// `deploy/local/test.sh` installs: `ORDERLY_NODE_DIR`, else `~/.cache/orderly/node`.
+pub fn node_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("ORDERLY_NODE_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("orderly").join("node")
+}
+
+/// Runs `script` (in `tests/node`) under Node.js with `args`, and returns what it printed;
+/// panics, saying how to get them, when Node.js or the packages are missing.
+pub fn run_node(script: &str, args: &[&str]) -> String {
+    let dir = node_dir();
+    assert!(
+        dir.join("node_modules").is_dir(),
+        "no node_modules in {}: run deploy/local/test.sh, which installs tests/node/package.json there",
+        dir.display()
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/node")
+        .join(script);
+    let output = std::process::Command::new("node")
+        .arg(&path)
+        .args(args)
+        .env("ORDERLY_NODE_DIR", &dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run node (Node.js 18 or later is needed): {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "node {script} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
