@@ -339,3 +339,48 @@ pub fn run_node(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// Parks `event` (an `EventRecord` as the API returns it, already applied) as a dead letter
+/// of the orders projection, as a handler that failed on it would; its id. A retry then
+/// finds it reflected and resolves it.
+pub async fn park(db: &TestDb, event: &Value, error: &str) -> i64 {
+    let position = event["position"].as_str().unwrap();
+    let half = |range: std::ops::Range<usize>| i64::from_str_radix(&position[range], 16).unwrap();
+    let event_id = uuid::Uuid::parse_str(event["id"].as_str().unwrap()).unwrap();
+    db.connect()
+        .await
+        .unwrap()
+        .query_one(
+            "insert into dead_letters (projection, event_id, stream, version, position_commit,
+                 position_prepare, event_type, error)
+             values ('orders', $1, $2, $3, $4, $5, $6, $7) returning dead_letter_id",
+            &[
+                &event_id,
+                &event["stream"].as_str().unwrap(),
+                &event["version"].as_i64().unwrap(),
+                &half(0..16),
+                &half(16..32),
+                &event["type"].as_str().unwrap(),
+                &error,
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Runs the `orderly` binary with `args` and the tests' signing key, and returns what it
+/// printed; panics with its error output when it fails.
+pub fn orderly_cli(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(args)
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
