@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use async_graphql::{Executor, Schema, ValidationMode};
+use async_graphql::{Executor, ValidationMode};
 use axum::Router;
 use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
@@ -20,12 +20,17 @@ use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
-use orderly_read_api::{QueryRoot, ReadApi, ReadLimits, ReadStore, SubscriptionRoot};
+use orderly_read_api::{AdminMutation, ReadApi, ReadLimits, ReadStore};
 use tokio::net::TcpListener;
 
 use crate::health::Health;
 use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
+
+/// The contract's mutations and the operator's, as `orderly serve` serves them.
+#[derive(async_graphql::MergedObject, Default)]
+#[graphql(name = "Mutation")]
+pub struct Mutation(MutationRoot, AdminMutation);
 
 /// Which part of the service a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +90,13 @@ impl App {
         let mut router = health.clone().router().merge(metrics.router());
         if part != Part::Probes {
             router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
+            // GraphiQL's files wherever /graphql is; the console where the reads are.
+            let console = matches!(part, Part::Everything | Part::Reads);
+            router = router.merge(orderly_web::router(console));
         }
+        // Answers of a few dozen bytes and WebSocket upgrades go as they are; GraphQL
+        // answers, pages and scrapes shrink several times for clients that accept gzip.
+        let router = router.layer(tower_http::compression::CompressionLayer::new());
         // Outermost, so every response counts, the refusals of inner layers included.
         let router = router.layer(axum::middleware::from_fn(
             orderly_platform::metrics::count_responses,
@@ -249,7 +260,7 @@ pub fn graphql_router(
             // One command service (and its cache of aggregate states) behind both schemas.
             let commands = commands();
             let build = |mode| {
-                let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+                let builder = orderly_read_api::builder(Mutation::default())
                     .data(commands.clone())
                     .validation_mode(mode);
                 orderly_read_api::install(builder, reads.clone()).finish()
@@ -291,8 +302,7 @@ pub fn served_sdl(settings: &Settings) -> anyhow::Result<String> {
         ProjectionHub::new(),
         ReadLimits::default(),
     );
-    let builder =
-        Schema::build(QueryRoot, MutationRoot, SubscriptionRoot).data(CommandService::new(store));
+    let builder = orderly_read_api::builder(Mutation::default()).data(CommandService::new(store));
     Ok(orderly_read_api::install(builder, reads).finish().sdl())
 }
 

@@ -43,8 +43,8 @@ struct Cli {
 enum Command {
     /// Apply the database migrations, then run everything in one process until SIGINT or
     /// SIGTERM: HTTP on ORDERLY_HTTP_ADDR (POST /graphql with the queries and mutations,
-    /// subscriptions over WebSocket and GraphiQL on GET /graphql, /healthz, /readyz), the
-    /// projection runners and the saga runner.
+    /// subscriptions over WebSocket and GraphiQL on GET /graphql, the operator console on
+    /// /console, /healthz, /readyz), the projection runners and the saga runner.
     Serve,
     /// Apply the database migrations and exit. Refuses (as every command that applies them
     /// at start does) when the event log was copied in from a cluster that had handed out more
@@ -66,9 +66,10 @@ enum Command {
     /// (`orderly saga run`, `orderly projections run`).
     #[command(name = "command-api")]
     WriteApi,
-    /// Apply the migrations, then serve only the read API (POST /graphql with the queries,
-    /// subscriptions over WebSocket on /graphql, GraphiQL, /healthz, /readyz), following the
-    /// projection runners of other processes (`orderly projections run`).
+    /// Apply the migrations, then serve only the read API (POST /graphql with the queries and
+    /// the operator's mutations, subscriptions over WebSocket on /graphql, GraphiQL, the
+    /// operator console on /console, /healthz, /readyz), following the projection runners of
+    /// other processes (`orderly projections run`).
     #[command(name = "read-api")]
     ReadApi,
     /// Print the GraphQL schema `orderly serve` serves (SDL), for clients and code generators.
@@ -85,6 +86,19 @@ enum Command {
         /// How long the token is valid: 90s, 30m, 12h, 7d (a bare number is seconds).
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
+    },
+    /// Print a link that opens the operator console at /console signed in as an admin, with
+    /// a short-lived token in the link's fragment (which browsers never send to a server).
+    ConsoleLink {
+        /// The admin's user id, recorded as the actor of what they do.
+        #[arg(long, default_value = "admin")]
+        sub: String,
+        /// How long the link signs in for: 90s, 30m, 12h (a bare number is seconds).
+        #[arg(long, default_value = "15m", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// The server as the browser reaches it; default: http:// and ORDERLY_HTTP_ADDR.
+        #[arg(long)]
+        base: Option<String>,
     },
     /// Read models: status, rebuilds, runners on their own.
     Projections {
@@ -373,6 +387,12 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
         Command::Token { sub, roles, ttl } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
             println!("{}", issuer.issue(&sub, &roles, ttl)?);
+        }
+        Command::ConsoleLink { sub, ttl, base } => {
+            let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
+            let token = issuer.issue(&sub, &[Role::Admin], ttl)?;
+            let base = base.unwrap_or_else(|| format!("http://{}", settings.http_addr));
+            println!("{}/console#token={token}", base.trim_end_matches('/'));
         }
         Command::Projections { command } => {
             let pg_config = app::pg_config(&settings)?;

@@ -470,25 +470,15 @@ async fn bad_input_of_every_kind_is_a_contract_error_never_a_server_error() {
 async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
     let db = migrated_database().await;
     let api = start(&settings_for(db.url())).await;
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .args([
-            "token",
-            "--sub",
-            "admin-cli",
-            "--role",
-            "admin",
-            "--ttl",
-            "5m",
-        ])
-        .env("ORDERLY_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let token = common::orderly_cli(&[
+        "token",
+        "--sub",
+        "admin-cli",
+        "--role",
+        "admin",
+        "--ttl",
+        "5m",
+    ]);
     let answer = api
         .gql(
             Some(&token),

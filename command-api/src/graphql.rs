@@ -1,7 +1,9 @@
 //! The contract's Mutation type. Inputs are validated here, once, into the domain's types;
 //! each failure names the offending field (`input.lines[3].quantity`).
 
-use async_graphql::{Context, EmptySubscription, ID, InputObject, Object, Schema, SimpleObject};
+use async_graphql::{
+    Context, EmptySubscription, ID, InputObject, MergedObject, Object, Schema, SimpleObject,
+};
 use orderly_domain::order::{LineRequest, MAX_LINES};
 use orderly_domain::values::{
     Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Description, Money, OrderId,
@@ -260,7 +262,9 @@ where
         })
 }
 
-#[Object(name = "Mutation")]
+// Named apart from the root it becomes (see `CommandMutation`), so that it can be merged
+// with other mutations under the name `Mutation`.
+#[Object(name = "CommandMutations")]
 impl MutationRoot {
     #[graphql(complexity = "WRITE + child_complexity")]
     async fn place_order(
@@ -391,13 +395,18 @@ impl PlaceholderQuery {
     }
 }
 
-pub type CommandSchema = Schema<PlaceholderQuery, MutationRoot, EmptySubscription>;
+/// [`MutationRoot`] as the `Mutation` root of the command API alone.
+#[derive(MergedObject, Default)]
+#[graphql(name = "Mutation")]
+pub struct CommandMutation(MutationRoot);
+
+pub type CommandSchema = Schema<PlaceholderQuery, CommandMutation, EmptySubscription>;
 
 /// The command API alone, with [`PlaceholderQuery`] as its Query root.
 pub fn schema(service: CommandService) -> CommandSchema {
     with_limits(Schema::build(
         PlaceholderQuery,
-        MutationRoot,
+        CommandMutation::default(),
         EmptySubscription,
     ))
     .data(service)

@@ -33,7 +33,7 @@ pub use commands::{
     CommandResult, CommandService, DEFAULT_PRICE_MAX_AGE, OrderIds, PlaceOrder, RegisterProduct,
 };
 pub use error::CommandError;
-pub use graphql::{CommandSchema, MutationRoot, PlaceholderQuery, schema};
+pub use graphql::{CommandMutation, CommandSchema, MutationRoot, PlaceholderQuery, schema};
 pub use handling::{
     ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
 };

@@ -58,6 +58,33 @@ if ! have_server_binaries; then
     install_for_tests postgresql "the fault tests (tests/faults.rs: initdb, pg_ctl, postgres)"
 fi
 
+# tests/graphql_over_http.rs runs the `graphql-http` package's audit under Node.js, and
+# tests/console.rs drives a browser with `playwright-core`: the
+# packages of tests/node/package.json are installed once into a cache outside the repository,
+# again whenever their lock file changes.
+if ! command -v node >/dev/null 2>&1; then
+    install_for_tests nodejs "the GraphQL-over-HTTP audit (Node.js)"
+fi
+if ! command -v npm >/dev/null 2>&1; then
+    install_for_tests npm "the GraphQL-over-HTTP audit (npm)"
+fi
+export ORDERLY_NODE_DIR="${ORDERLY_NODE_DIR:-${XDG_CACHE_HOME:-${HOME}/.cache}/orderly/node}"
+if [[ ! -d "${ORDERLY_NODE_DIR}/node_modules" ]] ||
+    ! cmp -s tests/node/package-lock.json "${ORDERLY_NODE_DIR}/package-lock.json"; then
+    echo "test: installing tests/node packages into ${ORDERLY_NODE_DIR}" >&2
+    mkdir -p "${ORDERLY_NODE_DIR}"
+    cp tests/node/package.json tests/node/package-lock.json "${ORDERLY_NODE_DIR}/"
+    if ! (cd "${ORDERLY_NODE_DIR}" && npm ci --no-audit --no-fund --loglevel=error >&2); then
+        echo "test: npm could not install tests/node's packages; the tests that use them will fail" >&2
+    fi
+fi
+
+# tests/console.rs drives the console and GraphiQL in Debian's Chromium (through the
+# playwright-core package installed above) and fails without it.
+if [[ ! -x /usr/bin/chromium ]]; then
+    install_for_tests chromium "the browser test (tests/console.rs)"
+fi
+
 # Tests open many connections in parallel. The private cluster is configured
 # with max_connections=300; another server keeps its own setting, so check it.
 readonly MIN_CONNECTIONS=200

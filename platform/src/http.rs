@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::{
     DocumentOperations, ExecutableDocument, OperationDefinition, OperationType,
 };
@@ -16,7 +15,7 @@ use async_graphql::{Executor, Positioned, Response as GqlResponse, ServerError};
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 use tracing::Instrument;
@@ -26,6 +25,8 @@ use crate::cost::Budget;
 use crate::errors::ErrorCode;
 use crate::input_shapes::InputShapes;
 use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
+use crate::over_http::{self, MediaType, Params};
+use crate::persisted_queries::PersistedQueries;
 use crate::rate_limit::RateLimiter;
 use crate::socket::Sockets;
 use crate::trace_context;
@@ -84,6 +85,8 @@ struct Gate<E> {
     limiter: Arc<RateLimiter>,
     limits: GraphqlLimits,
     documents: DocumentCache,
+    /// Query texts of automatic persisted queries, by hash.
+    persisted: PersistedQueries,
     /// For the one variable check that fast validation skips and execution does not make;
     /// `None` (an SDL that does not parse) keeps every request on full validation.
     shapes: Option<InputShapes>,
@@ -121,9 +124,11 @@ impl DocumentCache {
     }
 }
 
-/// `POST /graphql` (queries and mutations), `GET /graphql` (GraphiQL in a browser, or
-/// subscriptions when the request upgrades to a WebSocket speaking graphql-transport-ws) and
-/// `GET /graphql/schema.graphql` (the served SDL) for `executor`, whose SDL is `sdl`.
+/// `POST /graphql` (queries and mutations), `GET /graphql` (queries with URL parameters,
+/// GraphiQL in a browser when there are none, or subscriptions when the request upgrades to
+/// a WebSocket speaking graphql-transport-ws) and `GET /graphql/schema.graphql` (the served
+/// SDL) for `executor`, whose SDL is `sdl`. Requests and answers follow GraphQL over HTTP
+/// (see [`crate::over_http`]).
 ///
 /// `fast_queries`, when given, is the same schema built with `ValidationMode::Fast`: queries
 /// whose text was fully validated before then skip the document rules that cannot have
@@ -151,6 +156,7 @@ pub fn graphql_router<E: Executor>(
         limits,
         sockets,
         documents: DocumentCache::default(),
+        persisted: PersistedQueries::new(),
         shapes: InputShapes::from_sdl(&sdl),
         sdl,
     });
@@ -175,13 +181,10 @@ async fn graphiql_or_subscribe<E: Executor>(
     if upgrading {
         return crate::socket::upgrade(gate.sockets.clone(), request).await;
     }
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql")
-            .finish(),
-    )
-    .into_response()
+    if request.uri().query().is_some_and(|query| !query.is_empty()) {
+        return execute(State(gate), request).await;
+    }
+    orderly_web::graphiql_page()
 }
 
 async fn schema_sdl<E: Executor>(State(gate): State<Arc<Gate<E>>>) -> impl IntoResponse {
@@ -231,9 +234,13 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
     // The events this request appends carry its span's context (a child of the caller's),
     // or the caller's header as it came when no tracer runs.
     let traceparent = trace_context::traceparent(&span).or(header);
-    let response = run(&gate, request, &request_id, traceparent, &mut seen)
+    let Some(media) = MediaType::negotiate(request.headers()) else {
+        return over_http::not_acceptable();
+    };
+    let response = run(&gate, request, media, &request_id, traceparent, &mut seen)
         .instrument(span.clone())
         .await;
+    let response = over_http::with_media(media, response);
     let outcome = if response.status().is_server_error() {
         RequestOutcome::Error
     } else {
@@ -256,6 +263,7 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
 async fn run<E: Executor>(
     gate: &Gate<E>,
     request: Request,
+    media: MediaType,
     request_id: &str,
     traceparent: Option<String>,
     seen: &mut Seen,
@@ -310,16 +318,26 @@ async fn run<E: Executor>(
             );
         }
     };
-    let mut graphql: async_graphql::Request = match serde_json::from_slice(&bytes) {
-        Ok(request) => request,
-        Err(error) => {
-            return failure(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadUserInput,
-                &format!("the body is not a GraphQL request in JSON: {error}"),
-            );
+    let mut params = match read_params(&parts, &bytes) {
+        Ok(params) => params,
+        Err(refusal) => {
+            return failure(refusal.status, ErrorCode::BadUserInput, &refusal.message);
         }
     };
+    if let Err(unresolved) = gate.persisted.resolve(&mut params) {
+        // An error in the answer, not a refusal: clients resend the text when they read it.
+        let error = ServerError::new(unresolved.message(), None);
+        let response = with_codes(GqlResponse::from_errors(vec![error]));
+        return over_http::respond(media, response, true);
+    }
+    if params.query.is_none() {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadUserInput,
+            "the request has no `query`",
+        );
+    }
+    let mut graphql = params.to_request();
     // Parsed once here (or taken from the cache); the executor reuses the parsed document.
     let operation_name = graphql.operation_name.clone();
     let cached = gate.documents.get(&graphql.query);
@@ -350,6 +368,11 @@ async fn run<E: Executor>(
         Err(_) => (None, None, false),
     };
     graphql.variables = variables;
+    // A GET can be sent by a link or a prefetching browser, so it never changes anything.
+    let mutation = matches!(selected, Some((OperationKind::Mutation, _)));
+    if mutation && parts.method == axum::http::Method::GET {
+        return over_http::mutation_over_get(media);
+    }
     let budget = Budget::new(gate.limiter.clone(), key, 1);
     let graphql = graphql.data(budget.clone());
     let caller = Caller {
@@ -374,9 +397,7 @@ async fn run<E: Executor>(
         if response.errors.iter().all(has_code) {
             return response;
         }
-        let Ok(mut again) = serde_json::from_slice::<async_graphql::Request>(&bytes) else {
-            return response;
-        };
+        let mut again = params.to_request();
         if let Some(document) = &cached {
             again.set_parsed_query(ExecutableDocument::clone(document));
         }
@@ -401,29 +422,43 @@ async fn run<E: Executor>(
         gate.documents.keep(&query, document);
     }
     (seen.operation, seen.kind, seen.outcome) = classify(selected, Some(&response));
-    answer(with_codes(response))
+    let retry = retry_after(&response);
+    let request_error = over_http::is_request_error(&response);
+    let answer = over_http::respond(media, with_codes(response), request_error);
+    match retry {
+        // Refused for its cost: 429 with Retry-After, as a request refused at the door.
+        Some(wait) => {
+            let mut answer = with_retry_after(answer, wait);
+            *answer.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            answer
+        }
+        None => answer,
+    }
 }
 
-/// The HTTP answer to an executed request; one refused for its cost goes out as 429 with
-/// Retry-After, as one refused at the door does.
-fn answer(response: GqlResponse) -> Response {
-    let retry = (response.data == async_graphql::Value::Null)
-        .then(|| {
-            response.errors.iter().find_map(|error| {
-                match error.extensions.as_ref()?.get("retryAfterSeconds")? {
-                    async_graphql::Value::Number(seconds) => seconds.as_u64(),
-                    _ => None,
-                }
-            })
-        })
-        .flatten();
-    let json = axum::Json(response);
-    match retry {
-        Some(seconds) => with_retry_after(
-            (StatusCode::TOO_MANY_REQUESTS, json).into_response(),
-            Duration::from_secs(seconds),
-        ),
-        None => json.into_response(),
+/// How long a request refused for its cost is told to wait (`extensions.retryAfterSeconds`
+/// on an answer without data); `None` for any other answer.
+fn retry_after(response: &GqlResponse) -> Option<Duration> {
+    if response.data != async_graphql::Value::Null {
+        return None;
+    }
+    response.errors.iter().find_map(|error| {
+        match error.extensions.as_ref()?.get("retryAfterSeconds")? {
+            async_graphql::Value::Number(seconds) => seconds.as_u64().map(Duration::from_secs),
+            _ => None,
+        }
+    })
+}
+
+/// The request's parameters: from the URL of a GET, from the JSON body of anything else.
+fn read_params(
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> Result<Params, over_http::Refusal> {
+    if parts.method == axum::http::Method::GET {
+        Params::from_get(parts.uri.query().unwrap_or_default())
+    } else {
+        Params::from_post(&parts.headers, body)
     }
 }
 
@@ -436,8 +471,7 @@ fn classify(
     let errors = response.map_or(&[][..], |response| &response.errors[..]);
     // Errors without a code come from parsing and validation: the document was invalid, and
     // its root field names may not be the schema's, so they never become a label.
-    let invalid = response.is_some_and(|response| response.data == async_graphql::Value::Null)
-        && errors.iter().any(|error| !has_code(error));
+    let invalid = response.is_some_and(over_http::is_request_error);
     // Uncoded errors (None) count as the caller's, as `with_codes` labels them.
     let outcome = RequestOutcome::of_codes(errors.iter().map(|error| {
         match error.extensions.as_ref().and_then(|e| e.get("code")) {
@@ -588,10 +622,9 @@ fn has_code(error: &ServerError) -> bool {
 }
 
 /// A GraphQL-shaped answer for a request that was refused before it ran.
+/// Labelled with the negotiated media type by `execute`.
 pub(crate) fn failure(status: StatusCode, code: ErrorCode, message: &str) -> Response {
-    let body =
-        json!({ "errors": [{ "message": message, "extensions": { "code": code.as_str() } }] });
-    (status, axum::Json(body)).into_response()
+    over_http::refuse(MediaType::Json, status, code, message)
 }
 
 pub(crate) fn rate_limited_response(wait: Duration) -> Response {

@@ -1,7 +1,7 @@
 //! # Layout
 //!
 //! Service plumbing that the command API and the read API both need, so that neither imports
-//! the other and both speak the contract (`shared/api/schema.graphql`) the same way.
+//! the other and both speak the contract (`api/schema.graphql`) the same way.
 //!
 //! - [`scalars`]: the contract's scalars that async-graphql does not provide under the same
 //!   name: `Long`, `ConsistencyToken`, `Date` (`UUID`, `DateTime` and `JSON` come from
@@ -13,8 +13,11 @@
 //! - [`rate_limit`]: a keyed limiter (per subject, else per client IP).
 //! - [`cost`]: what an operation costs in database work, the root-field cap, and the
 //!   extension that charges the cost to the caller's rate limit.
-//! - [`http`]: the POST /graphql handler for any schema: body limit, authentication, rate
+//! - [`http`]: the /graphql handler for any schema: body limit, authentication, rate
 //!   limit, timeout, JSON errors that never turn into a 5xx for bad input.
+//! - `over_http`: GraphQL over HTTP: media type negotiation, request parameters from a POST
+//!   body or a GET's URL, and the specification's status codes.
+//! - `persisted_queries`: automatic persisted queries (query texts by SHA-256).
 //! - `socket`: graphql-transport-ws over a WebSocket, behind the same gate as HTTP (message
 //!   size, token expiry, rate limit and cost, timeouts, subscription caps, the protocol's close
 //!   codes).
@@ -35,6 +38,8 @@ pub mod errors;
 pub mod http;
 mod input_shapes;
 pub mod metrics;
+mod over_http;
+mod persisted_queries;
 pub mod plain_text;
 pub mod rate_limit;
 pub mod scalars;

@@ -7,6 +7,9 @@
 //!   [`ProjectionHub`], never polling) and [`Consistent`], the executor wrapper that adds
 //!   `extensions.consistency {token, stale, lagMs}` to every query response.
 //! - `query`: [`QueryRoot`]; who may read what is checked first in each resolver.
+//! - `admin`: [`AdminQuery`] and [`AdminMutation`], the operator's additions to the contract
+//!   (the log page by page, dead letters listed, retried, skipped), for admins only.
+//!   [`ReadQuery`] and [`ReadMutation`] are what a schema serving reads is built from.
 //! - `subscription`: [`SubscriptionRoot`] (`orderUpdated`, `events`), each behind a bounded
 //!   buffer that cuts off a subscriber who stops reading.
 //! - `context`: [`ReadApi`], what resolvers share (read store, event store, hub, limits), and
@@ -15,6 +18,7 @@
 //! - `types`: the contract's output types. `cursor`: opaque keyset cursors.
 //! - `error`: [`ReadError`], this crate's one error type, and its contract codes.
 
+mod admin;
 mod consistency;
 mod context;
 mod cursor;
@@ -24,8 +28,9 @@ mod sql;
 mod subscription;
 mod types;
 
+pub use admin::{AdminMutation, AdminQuery};
 use async_graphql::{
-    EmptyMutation, ObjectType, Schema, SchemaBuilder, SubscriptionType, ValidationMode,
+    MergedObject, ObjectType, Schema, SchemaBuilder, SubscriptionType, ValidationMode,
 };
 pub use consistency::{ConsistencyInput, ConsistencyMode, Consistent, LagGauge};
 pub use context::{MAX_PAGE, ReadApi, ReadLimits};
@@ -35,17 +40,35 @@ pub use query::QueryRoot;
 pub use sql::ReadStore;
 pub use subscription::{SubscriptionRoot, bounded};
 
-/// The read API alone (`orderly read-api`): no mutations.
-pub type ReadSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
+/// The contract's queries and the operator's.
+#[derive(MergedObject, Default)]
+#[graphql(name = "Query")]
+pub struct ReadQuery(QueryRoot, AdminQuery);
+
+/// The read API alone (`orderly read-api`) has only the operator's mutations.
+#[derive(MergedObject, Default)]
+#[graphql(name = "Mutation")]
+pub struct ReadMutation(AdminMutation);
+
+/// The read API alone (`orderly read-api`).
+pub type ReadSchema = Schema<ReadQuery, ReadMutation, SubscriptionRoot>;
 
 /// The read API's schema alone, validating requests as `validation` says. Serve it wrapped in
 /// [`ReadApi::consistent`], which adds `extensions.consistency` to query answers.
 pub fn schema(api: ReadApi, validation: ValidationMode) -> ReadSchema {
     install(
-        Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot).validation_mode(validation),
+        builder(ReadMutation::default()).validation_mode(validation),
         api,
     )
     .finish()
+}
+
+/// A schema of the read API's queries and subscriptions with `mutation` (the operator's
+/// alone, or merged with the command API's).
+pub fn builder<M: ObjectType + 'static>(
+    mutation: M,
+) -> SchemaBuilder<ReadQuery, M, SubscriptionRoot> {
+    Schema::build(ReadQuery::default(), mutation, SubscriptionRoot)
 }
 
 /// Adds what the read API's roots need to a schema being built (alone, or merged with the

@@ -111,7 +111,8 @@ pub fn order_stream(order_id: Uuid) -> Result<StreamName, ReadError> {
     StreamName::parse(format!("order-{order_id}")).map_err(|e| ReadError::Internal(e.to_string()))
 }
 
-#[Object(name = "Query")]
+// Served as part of `ReadQuery`, which carries the name `Query`.
+#[Object(name = "ContractQuery")]
 impl QueryRoot {
     #[graphql(complexity = "cost::READ + child_complexity")]
     async fn order(

@@ -345,3 +345,89 @@ pub async fn closed(socket: &mut Socket) -> (u16, String) {
         }
     }
 }
+
+/// The folder whose `node_modules` holds `tests/node/package.json`'s packages, which
+/// `deploy/local/test.sh` installs: `ORDERLY_NODE_DIR`, else `~/.cache/orderly/node`.
+pub fn node_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("ORDERLY_NODE_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("orderly").join("node")
+}
+
+/// Runs `script` (in `tests/node`) under Node.js with `args`, and returns what it printed;
+/// panics, saying how to get them, when Node.js or the packages are missing.
+pub fn run_node(script: &str, args: &[&str]) -> String {
+    let dir = node_dir();
+    assert!(
+        dir.join("node_modules").is_dir(),
+        "no node_modules in {}: run deploy/local/test.sh, which installs tests/node/package.json there",
+        dir.display()
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/node")
+        .join(script);
+    let output = std::process::Command::new("node")
+        .arg(&path)
+        .args(args)
+        .env("ORDERLY_NODE_DIR", &dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run node (Node.js 18 or later is needed): {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "node {script} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Parks `event` (an `EventRecord` as the API returns it, already applied) as a dead letter
+/// of the orders projection, as a handler that failed on it would; its id. A retry then
+/// finds it reflected and resolves it.
+pub async fn park(db: &TestDb, event: &Value, error: &str) -> i64 {
+    let position = event["position"].as_str().unwrap();
+    let half = |range: std::ops::Range<usize>| i64::from_str_radix(&position[range], 16).unwrap();
+    let event_id = uuid::Uuid::parse_str(event["id"].as_str().unwrap()).unwrap();
+    db.connect()
+        .await
+        .unwrap()
+        .query_one(
+            "insert into dead_letters (projection, event_id, stream, version, position_commit,
+                 position_prepare, event_type, error)
+             values ('orders', $1, $2, $3, $4, $5, $6, $7) returning dead_letter_id",
+            &[
+                &event_id,
+                &event["stream"].as_str().unwrap(),
+                &event["version"].as_i64().unwrap(),
+                &half(0..16),
+                &half(16..32),
+                &event["type"].as_str().unwrap(),
+                &error,
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Runs the `orderly` binary with `args` and the tests' signing key, and returns what it
+/// printed; panics with its error output when it fails.
+pub fn orderly_cli(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
+        .args(args)
+        .env("ORDERLY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}

@@ -1,0 +1,92 @@
+//! The operator console (`/console`) and GraphiQL in a real browser: Debian's Chromium driven
+//! by `playwright-core` (`tests/node/console-browser.mjs`), with every request outside
+//! 127.0.0.1 refused. Screenshots go to `ORDERLY_SCREENSHOTS` (the README's are in
+//! `docs/console/`), else to a temporary folder.
+
+mod common;
+
+use common::{admin, park, place_one, register, settings_for, start};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_follows_an_order_retries_a_dead_letter_and_watches_the_tail() {
+    let db = common::migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "CON-1", 1250, "EUR", 100).await;
+    let order = place_one(&api, "alice", "CON-1").await;
+    let admin = admin();
+    // The order's row is there before the browser looks for it.
+    let events = api
+        .gql(
+            Some(&admin),
+            "query($id: UUID!) { orderEvents(orderId: $id) { id stream type version position } }",
+            json!({ "id": order }),
+        )
+        .await;
+    let placed = events.data("orderEvents")[0].clone();
+    let row = api
+        .gql(
+            Some(&admin),
+            "query($id: UUID!, $t: ConsistencyToken!) {
+               order(id: $id, consistency: {atLeast: $t, mode: STRICT}) { id } }",
+            json!({ "id": order, "t": placed["position"] }),
+        )
+        .await;
+    assert_eq!(row.data("order")["id"], order.as_str());
+    let dead_letter = park(&db, &placed, "handler failed: simulated").await;
+
+    let link = common::orderly_cli(&["console-link", "--ttl", "10m", "--base", &api.base]);
+    assert!(
+        link.starts_with(&format!("{}/console#token=", api.base)),
+        "{link}"
+    );
+    let screenshots = std::env::var("ORDERLY_SCREENSHOTS").unwrap_or_else(|_| {
+        std::env::temp_dir()
+            .join(format!("orderly-console-{}", std::process::id()))
+            .display()
+            .to_string()
+    });
+    let input = json!({
+        "base": api.base, "link": link, "order": order, "deadLetter": dead_letter,
+        "adminToken": admin, "screenshots": screenshots,
+    })
+    .to_string();
+    let printed =
+        tokio::task::spawn_blocking(move || common::run_node("console-browser.mjs", &[&input]))
+            .await
+            .unwrap();
+    let seen: Value = serde_json::from_str(printed.trim()).expect("the browser's JSON");
+    assert_eq!(seen["foreign"], json!([]), "requests left 127.0.0.1");
+    assert_eq!(seen["pageErrors"], json!([]), "script errors in the pages");
+    assert_eq!(
+        seen["steps"],
+        json!([
+            "signed in",
+            "log",
+            "order",
+            "dead letter retried",
+            "tail",
+            "graphiql query",
+            "graphiql subscription"
+        ])
+    );
+    let freshness = seen["freshness"].as_str().unwrap_or_default();
+    assert!(freshness.contains("not stale"), "{freshness}");
+    assert!(
+        seen["dialog"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Retry dead letter"),
+        "the retry was not confirmed first: {}",
+        seen["dialog"]
+    );
+    // The retry went through the API: the letter is resolved in the database.
+    assert_eq!(
+        common::count(
+            &db,
+            &format!("select count(*) from dead_letters where dead_letter_id = {dead_letter} and resolution = 'retried'")
+        )
+        .await,
+        1
+    );
+}

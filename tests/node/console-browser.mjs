@@ -1,0 +1,154 @@
+// Drives the operator console and GraphiQL in Debian's Chromium, with every request outside
+// 127.0.0.1 refused, and takes a screenshot of each page. Prints one JSON object of what it
+// saw; any failed step throws (exit code 1).
+//
+//   ORDERLY_NODE_DIR=DIR node console-browser.mjs '{"base": ..., "link": ..., "order": ...,
+//     "deadLetter": ..., "adminToken": ..., "screenshots": DIR}'
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const require = createRequire(`${process.env.ORDERLY_NODE_DIR ?? '.'}/`);
+const { chromium } = require('playwright-core');
+
+const input = JSON.parse(process.argv[2]);
+const seen = { foreign: [], steps: [] };
+const step = (name) => seen.steps.push(name);
+const TIMEOUT = 15000;
+
+async function restock(quantity) {
+  const response = await fetch(`${input.base}/graphql`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${input.adminToken}` },
+    body: JSON.stringify({
+      query: 'mutation($q: Int!) { restock(sku: "CON-1", quantity: $q) { events } }',
+      variables: { q: quantity },
+    }),
+  });
+  const body = await response.json();
+  if (body.errors) throw new Error(`restock failed: ${JSON.stringify(body.errors)}`);
+}
+
+/// Restocks until `locator` shows: a subscription follows the log from when it is set up,
+/// which a page under load may take a moment to finish.
+async function restockUntilSeen(locator) {
+  for (let attempt = 1; ; attempt += 1) {
+    await restock(attempt);
+    try {
+      await locator.waitFor({ timeout: 2000 });
+      return;
+    } catch (error) {
+      if (attempt === 6) throw error;
+    }
+  }
+}
+
+const profile = mkdtempSync(join(tmpdir(), 'orderly-chromium-'));
+mkdirSync(input.screenshots, { recursive: true });
+// A fresh profile (--user-data-dir, which Playwright passes for a persistent context).
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.ORDERLY_CHROMIUM ?? '/usr/bin/chromium',
+  headless: true,
+  viewport: { width: 1400, height: 900 },
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+});
+try {
+  // Only this machine: anything else is refused and remembered, and fails the test.
+  await context.route('**/*', (route) => {
+    const url = new URL(route.request().url());
+    if (url.hostname === '127.0.0.1' || url.protocol === 'data:') return route.continue();
+    seen.foreign.push(url.href);
+    return route.abort();
+  });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const pageErrors = [];
+  page.on('pageerror', (error) => pageErrors.push(error.message));
+  page.on('dialog', (dialog) => {
+    seen.dialog = dialog.message();
+    dialog.accept();
+  });
+
+  // Sign in through the link `orderly console-link` printed.
+  await page.goto(input.link);
+  await page.locator('#nav').waitFor({ state: 'visible' });
+  await page.locator('#who').filter({ hasText: 'admin' }).waitFor();
+  if (page.url().includes('token=')) throw new Error('the token stayed in the address bar');
+  step('signed in');
+
+  // The log: the order's events are there; one opens with payload, metadata and trace id.
+  await page.locator('tr.event[data-type="OrderPlaced"]').first().click();
+  await page.locator('#event-detail').filter({ hasText: 'Payload' }).waitFor();
+  await page.screenshot({ path: join(input.screenshots, 'log.png') });
+  step('log');
+
+  // An order's story: its events beside its row, with the row's freshness.
+  await page.goto(`${input.base}/console#/order/${input.order}`);
+  await page.locator('#order-row').filter({ hasText: input.order }).waitFor();
+  await page.locator('tr.event[data-type="OrderPlaced"]').waitFor();
+  seen.freshness = await page.locator('#freshness').innerText();
+  await page.screenshot({ path: join(input.screenshots, 'order.png') });
+  step('order');
+
+  // Projections: the dead letter is retried after the confirmation.
+  await page.goto(`${input.base}/console#/projections`);
+  const letter = page.locator(`tr[data-dead-letter="${input.deadLetter}"]`);
+  await letter.waitFor();
+  await page.locator('tr[data-projection="orders"]').waitFor();
+  await page.screenshot({ path: join(input.screenshots, 'projections.png') });
+  await letter.locator('button.retry').click();
+  await page.locator('#notice.ok').filter({ hasText: 'applied and resolved' }).waitFor();
+  await letter.waitFor({ state: 'detached' });
+  step('dead letter retried');
+
+  // The live tail receives an event appended while it watches.
+  await page.goto(`${input.base}/console#/log`);
+  await page.locator('input[name="category"]').fill('product');
+  await page.locator('#tail').click();
+  await page.locator('#tail-state').filter({ hasText: 'live' }).waitFor();
+  await restockUntilSeen(page.locator('tbody.live tr.event[data-type="ProductRestocked"]').first());
+  await page.screenshot({ path: join(input.screenshots, 'tail.png') });
+  step('tail');
+
+  // GraphiQL from the binary: a query shows extensions.consistency; a subscription runs.
+  const graphiql = await context.newPage();
+  graphiql.setDefaultTimeout(TIMEOUT);
+  graphiql.on('pageerror', (error) => pageErrors.push(`graphiql: ${error.message}`));
+  await graphiql.addInitScript(([token]) => {
+    if (!sessionStorage.getItem('seeded')) {
+      sessionStorage.setItem('seeded', '1');
+      localStorage.setItem('graphiql:query', '{ products(first: 3) { nodes { sku available } } }');
+      localStorage.setItem('graphiql:headers', JSON.stringify({ Authorization: `Bearer ${token}` }));
+    }
+  }, [input.adminToken]);
+  await graphiql.goto(`${input.base}/graphql`);
+  await graphiql.locator('.graphiql-execute-button').click();
+  await graphiql.locator('.result-window').filter({ hasText: 'consistency' }).waitFor();
+  await graphiql.locator('.result-window').filter({ hasText: 'lagMs' }).waitFor();
+  await graphiql.screenshot({ path: join(input.screenshots, 'graphiql.png') });
+  step('graphiql query');
+  await graphiql.evaluate(([token]) => {
+    // GraphiQL reopens its saved tabs; without them it starts from the saved query and headers.
+    localStorage.removeItem('graphiql:tabState');
+    localStorage.setItem('graphiql:headers', JSON.stringify({ Authorization: `Bearer ${token}` }));
+    localStorage.setItem('graphiql:query', 'subscription { events(category: "product") { type stream } }');
+  }, [input.adminToken]);
+  await graphiql.reload();
+  await graphiql.locator('.graphiql-execute-button').click();
+  await restockUntilSeen(graphiql.locator('.result-window').filter({ hasText: 'ProductRestocked' }))
+    .catch(async (error) => {
+      await graphiql.screenshot({ path: join(input.screenshots, 'graphiql-failed.png') });
+      throw error;
+    });
+  step('graphiql subscription');
+
+  seen.pageErrors = pageErrors;
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+console.log(JSON.stringify(seen));

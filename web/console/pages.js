@@ -1,0 +1,309 @@
+// The console's pages. Each takes the element to fill and { notify, arg }, and returns a
+// function that stops what it started (subscriptions) when the operator leaves it.
+import { ApiError, gql, subscribe } from './api.js';
+
+/// An element with attributes and children (strings become text, never HTML).
+export function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (name.startsWith('on')) element.addEventListener(name.slice(2), value);
+    else if (value !== false && value != null) element.setAttribute(name, value === true ? '' : value);
+  }
+  for (const child of children.flat()) {
+    if (child != null) element.append(child instanceof Node ? child : String(child));
+  }
+  return element;
+}
+
+const EVENT_FIELDS = 'id stream type version position recordedAt data metadata';
+
+function when(text) {
+  return text ? new Date(text).toLocaleString() : '–';
+}
+
+/// The trace id of a W3C traceparent (`00-<trace id>-<span id>-<flags>`).
+function traceId(metadata) {
+  const parent = metadata && metadata.traceparent;
+  return typeof parent === 'string' ? parent.split('-')[1] || null : null;
+}
+
+function failure(notify, error) {
+  const code = error instanceof ApiError && error.code ? `${error.code}: ` : '';
+  notify(`${code}${error.message}`, 'error');
+}
+
+function json(value) {
+  return h('pre', { class: 'json' }, JSON.stringify(value, null, 2));
+}
+
+/// One event, opened: payload, metadata, trace id.
+function eventDetail(event) {
+  const trace = traceId(event.metadata);
+  return h(
+    'section',
+    { class: 'card detail', id: 'event-detail' },
+    h('h2', {}, `${event.type} `, h('small', {}, `${event.stream} @ ${event.version}`)),
+    h('dl', {},
+      h('dt', {}, 'event id'), h('dd', {}, h('code', {}, event.id)),
+      h('dt', {}, 'position'), h('dd', {}, h('code', {}, event.position)),
+      h('dt', {}, 'recorded'), h('dd', {}, when(event.recordedAt)),
+      h('dt', {}, 'trace id'), h('dd', {}, trace ? h('code', { class: 'trace' }, trace) : '–'),
+    ),
+    h('h3', {}, 'Payload'), json(event.data),
+    h('h3', {}, 'Metadata'), json(event.metadata),
+  );
+}
+
+function eventRow(event, open) {
+  const row = h(
+    'tr',
+    { class: 'event', tabindex: 0, 'data-type': event.type },
+    h('td', {}, h('code', {}, event.position)),
+    h('td', {}, h('a', { href: `#/log/${event.stream}` }, event.stream)),
+    h('td', { class: 'num' }, event.version),
+    h('td', {}, event.type),
+    h('td', {}, when(event.recordedAt)),
+  );
+  row.addEventListener('click', (e) => {
+    if (e.target.tagName !== 'A') open(event);
+  });
+  row.addEventListener('keydown', (e) => e.key === 'Enter' && open(event));
+  return row;
+}
+
+function eventTable(...bodies) {
+  return h('table', { class: 'events' },
+    h('thead', {}, h('tr', {},
+      h('th', {}, 'position'), h('th', {}, 'stream'), h('th', {}, 'version'),
+      h('th', {}, 'type'), h('th', {}, 'recorded'))),
+    bodies);
+}
+
+/// The log, or one stream of it (`#/log/<stream>`), page by page, with a live tail.
+function log(main, { notify, arg }) {
+  const filters = {
+    stream: h('input', { name: 'stream', placeholder: 'order-…', value: arg || '' }),
+    category: h('input', { name: 'category', placeholder: 'order, product, payment' }),
+    type: h('input', { name: 'type', placeholder: 'OrderPlaced' }),
+  };
+  const tbody = h('tbody');
+  // Events the tail brings, newest first, above the page of the log.
+  const live = h('tbody', { class: 'live' });
+  const more = h('button', { type: 'button', hidden: true }, 'Older events: load more');
+  const tailButton = h('button', { type: 'button', id: 'tail' }, 'Start live tail');
+  const tailState = h('span', { class: 'muted', id: 'tail-state' }, '');
+  const detail = h('div', { class: 'side' }, h('p', { class: 'muted' }, 'Select an event to see its payload, metadata and trace id.'));
+  let after = null;
+  let stop = null;
+
+  const open = (event) => detail.replaceChildren(eventDetail(event));
+  const values = () => Object.fromEntries(
+    Object.entries(filters).map(([k, input]) => [k, input.value.trim() || null]));
+
+  async function load(fresh) {
+    if (fresh) {
+      after = null;
+      tbody.replaceChildren();
+      live.replaceChildren();
+    }
+    const query = `query($stream: String, $category: String, $type: String, $after: ConsistencyToken) {
+      events(stream: $stream, category: $category, type: $type, after: $after, first: 50) {
+        events { ${EVENT_FIELDS} } endCursor hasMore } }`;
+    try {
+      const { data } = await gql(query, { ...values(), after });
+      const page = data.events;
+      for (const event of page.events) tbody.append(eventRow(event, open));
+      after = page.endCursor;
+      more.hidden = !page.hasMore;
+      if (!tbody.children.length) tbody.append(h('tr', {}, h('td', { colspan: 5, class: 'muted' }, 'No events match.')));
+    } catch (error) {
+      failure(notify, error);
+    }
+  }
+
+  function toggleTail() {
+    if (stop) {
+      stop();
+      stop = null;
+      tailButton.textContent = 'Start live tail';
+      tailState.textContent = 'tail stopped';
+      return;
+    }
+    const { stream, category } = values();
+    const query = `subscription($stream: String, $category: String) {
+      events(stream: $stream, category: $category) { ${EVENT_FIELDS} } }`;
+    // The page below shows the same filter as the tail above it.
+    load(true);
+    stop = subscribe(query, { stream, category }, (data) => {
+      const event = data.events;
+      if (values().type && values().type !== event.type) return;
+      live.prepend(eventRow(event, open));
+      tailState.textContent = `live: ${live.children.length} new`;
+    }, (error) => {
+      failure(notify, error);
+      tailState.textContent = 'tail ended';
+      tailButton.textContent = 'Start live tail';
+      stop = null;
+    });
+    tailButton.textContent = 'Stop live tail';
+    tailState.textContent = 'live: waiting for events';
+  }
+
+  const form = h('form', { class: 'filters' },
+    h('label', {}, 'Stream ', filters.stream),
+    h('label', {}, 'Category ', filters.category),
+    h('label', {}, 'Type ', filters.type),
+    h('button', { type: 'submit' }, 'Show'),
+    tailButton, tailState);
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    if (stop) toggleTail();
+    load(true);
+  });
+  tailButton.addEventListener('click', toggleTail);
+  more.addEventListener('click', () => load(false));
+  main.append(
+    h('h1', {}, arg ? `Stream ${arg}` : 'Log'),
+    form,
+    h('div', { class: 'split' }, h('div', { class: 'main-col' }, eventTable(live, tbody), more), detail),
+  );
+  load(true);
+  return () => stop && stop();
+}
+
+/// An order's story: its events beside its read-model row and the row's freshness.
+function order(main, { notify, arg }) {
+  const input = h('input', { name: 'order', placeholder: 'order id (UUID)', value: arg || '', size: 40 });
+  const body = h('div', { class: 'split' });
+  const recent = h('div', { class: 'card' }, h('p', { class: 'muted' }, 'Loading recent orders…'));
+
+  async function show(id) {
+    body.replaceChildren(h('p', { class: 'muted' }, 'Loading…'));
+    const query = `query($id: UUID!) {
+      order(id: $id) { id customerId status version placedAt updatedAt cancellationReason
+        total { amountMinor currency } lines { sku name quantity lineTotal { amountMinor currency } }
+        history { status at reason } payment { status attempts failureReason } }
+      orderEvents(orderId: $id) { ${EVENT_FIELDS} } }`;
+    try {
+      const { data, extensions } = await gql(query, { id });
+      const c = extensions.consistency || {};
+      const tbody = h('tbody');
+      const detail = h('div');
+      for (const event of data.orderEvents) tbody.append(eventRow(event, (e) => detail.replaceChildren(eventDetail(e))));
+      const row = data.order
+        ? json(data.order)
+        : h('p', { class: 'muted' }, 'No read-model row (yet): the projection has not applied the order.');
+      const behind = data.order && data.orderEvents.length && data.order.version < data.orderEvents.length - 1;
+      body.replaceChildren(
+        h('section', { class: 'main-col' }, h('h2', {}, `Events (${data.orderEvents.length})`), eventTable(tbody), detail),
+        h('section', { class: 'side card', id: 'order-row' },
+          h('h2', {}, 'Read model'),
+          h('p', { class: `freshness ${c.stale || behind ? 'stale' : 'fresh'}`, id: 'freshness' },
+            `consistency: token ${c.token || '–'}, lag ${c.lagMs ?? '–'} ms, `,
+            c.stale ? 'stale' : 'not stale',
+            behind ? ` · row at version ${data.order.version}, stream at ${data.orderEvents.length - 1}` : ''),
+          row),
+      );
+      if (!data.orderEvents.length) notify(`no events for order ${id}`, 'error');
+    } catch (error) {
+      body.replaceChildren();
+      failure(notify, error);
+    }
+  }
+
+  const form = h('form', { class: 'filters' }, h('label', {}, 'Order ', input), h('button', { type: 'submit' }, 'Show'));
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    location.hash = `#/order/${input.value.trim()}`;
+  });
+  main.append(h('h1', {}, 'Order story'), form, body, recent);
+  if (arg) {
+    show(arg);
+    recent.remove();
+  } else {
+    gql('{ orders(first: 15) { nodes { id customerId status placedAt total { amountMinor currency } } } }')
+      .then(({ data }) => {
+        recent.replaceChildren(h('h2', {}, 'Recent orders'), h('ul', { class: 'orders' },
+          data.orders.nodes.map((o) => h('li', {},
+            h('a', { href: `#/order/${o.id}` }, o.id), ` ${o.customerId} · ${o.status} · `,
+            `${(o.total.amountMinor / 100).toFixed(2)} ${o.total.currency} · ${when(o.placedAt)}`))));
+      })
+      .catch((error) => failure(notify, error));
+  }
+  return null;
+}
+
+/// Projections: state, checkpoint, lag, and their dead letters with retry and skip.
+function projections(main, { notify }) {
+  const table = h('tbody');
+  const letters = h('tbody');
+  const showResolved = h('input', { type: 'checkbox', id: 'resolved' });
+
+  async function refresh() {
+    try {
+      const { data } = await gql(`query($all: Boolean!) {
+        projections { name state position lagEvents lagMs deadLetters }
+        deadLetters(includeResolved: $all) { id projection stream version type error parkedAt resolution } }`,
+      { all: showResolved.checked });
+      table.replaceChildren(...data.projections.map((p) => h('tr', { 'data-projection': p.name },
+        h('td', {}, p.name),
+        h('td', {}, h('span', { class: `state ${p.state.toLowerCase()}` }, p.state)),
+        h('td', {}, h('code', {}, p.position || '–')),
+        h('td', { class: 'num' }, p.lagEvents ?? '–'),
+        h('td', { class: 'num' }, p.lagMs ?? '–'),
+        h('td', { class: 'num' }, p.deadLetters))));
+      letters.replaceChildren(...(data.deadLetters.length ? data.deadLetters.map(letterRow)
+        : [h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No dead letters.'))]));
+    } catch (error) {
+      failure(notify, error);
+    }
+  }
+
+  async function act(what, letter) {
+    const verb = what === 'retry' ? 'Retry' : 'Skip';
+    const consequence = what === 'retry'
+      ? 'apply the event again (read anew from the log)'
+      : 'mark it resolved WITHOUT applying the event';
+    if (!window.confirm(`${verb} dead letter ${letter.id} of ${letter.projection} (${letter.type} on ${letter.stream})?\nThis will ${consequence}.`)) return;
+    const mutation = what === 'retry'
+      ? 'mutation($id: Long!) { retryDeadLetter(id: $id) { applied error } }'
+      : 'mutation($id: Long!) { skipDeadLetter(id: $id) }';
+    try {
+      const { data } = await gql(mutation, { id: letter.id });
+      if (what === 'retry' && !data.retryDeadLetter.applied) notify(`dead letter ${letter.id} failed again: ${data.retryDeadLetter.error}`, 'error');
+      else notify(`dead letter ${letter.id} ${what === 'retry' ? 'applied and resolved' : 'skipped'}`, 'ok');
+    } catch (error) {
+      failure(notify, error);
+    }
+    refresh();
+  }
+
+  function letterRow(letter) {
+    const open = !letter.resolution;
+    return h('tr', { 'data-dead-letter': letter.id },
+      h('td', { class: 'num' }, letter.id),
+      h('td', {}, letter.projection),
+      h('td', {}, h('a', { href: `#/log/${letter.stream}` }, `${letter.stream} @ ${letter.version}`), h('br'), letter.type),
+      h('td', { class: 'error' }, letter.error),
+      h('td', {}, when(letter.parkedAt)),
+      h('td', {}, open
+        ? [h('button', { type: 'button', class: 'retry', onclick: () => act('retry', letter) }, 'Retry'), ' ',
+          h('button', { type: 'button', class: 'skip danger', onclick: () => act('skip', letter) }, 'Skip')]
+        : letter.resolution));
+  }
+
+  showResolved.addEventListener('change', refresh);
+  main.append(
+    h('h1', {}, 'Projections'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['name', 'state', 'checkpoint', 'lag (events)', 'lag (ms)', 'dead letters'].map((t) => h('th', {}, t)))), table),
+    h('p', { class: 'muted' }, 'A rebuild replays the log into shadow tables and swaps them in: ',
+      h('code', {}, 'orderly projections rebuild NAME'), ' (its progress shows here as the state REBUILDING).'),
+    h('h2', {}, 'Dead letters ', h('label', { class: 'small' }, showResolved, ' show resolved')),
+    h('table', {}, h('thead', {}, h('tr', {}, ['id', 'projection', 'event', 'error', 'parked', ''].map((t) => h('th', {}, t)))), letters),
+  );
+  refresh();
+  const timer = setInterval(refresh, 5000);
+  return () => clearInterval(timer);
+}
+
+export const pages = { log, order, projections };
