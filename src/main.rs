@@ -142,7 +142,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ProjectionsCommand {
-    /// State, checkpoint, lag and dead letters of each projection (orders, products).
+    /// State, checkpoint, lag and dead letters of each projection (orders, products), and
+    /// whether readers of the log wait behind an open transaction (and whose).
     Status,
     /// Replay the log into shadow tables while the live ones keep serving, verify, and swap
     /// them in atomically. Resumes an interrupted rebuild of the same projection.
