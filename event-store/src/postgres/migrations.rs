@@ -75,8 +75,8 @@ pub async fn check_log_clock(pg_config: &PgConfig) -> Result<(), StoreError> {
 
 /// Applies the migrations, then moves the log's clock so that the next transaction's events sort after the newest stored
 /// one; returns the offset now in force. Nothing happens when the clock is already ahead.
-/// Appends wait for it (it locks `events` against writes); run it with nothing else running,
-/// since a reader that started before it may still read on the old clock.
+/// Run it with no other process on the log: each reads the offset once, at its first append,
+/// and would go on appending on the old clock.
 pub async fn rebase_log(pg_config: &PgConfig) -> Result<i64, StoreError> {
     // A log copied from before the clock existed gets it first.
     run_migrations(pg_config, embedded::migrations::runner(), MIGRATION_TABLE).await?;
