@@ -26,8 +26,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::error::StoreError;
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
-    RecordedEvent, StreamName,
+    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
+    RawRecordedEvent, RecordedEvent, StreamName,
 };
 use crate::subscription::Subscription;
 use crate::{EventStore, SubscriptionOptions};
@@ -200,6 +200,10 @@ async fn follow(
 
 #[async_trait]
 impl EventStore for Fanout {
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        self.inner.store.append_many(appends).await
+    }
+
     async fn append(
         &self,
         stream: &StreamName,
@@ -286,6 +290,10 @@ mod tests {
 
     #[async_trait]
     impl EventStore for Counting {
+        async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+            self.store.append_many(appends).await
+        }
+
         async fn append(
             &self,
             stream: &StreamName,

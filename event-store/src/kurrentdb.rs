@@ -25,8 +25,8 @@ use uuid::Uuid;
 use crate::EventStore;
 use crate::error::{BoxError, StoreError};
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
-    RecordedEvent, StreamName, validate_append,
+    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
+    RawRecordedEvent, RecordedEvent, StreamName, validate_append,
 };
 use crate::subscription::{Subscription, SubscriptionOptions};
 
@@ -151,6 +151,10 @@ struct AllPage<J> {
 
 #[async_trait]
 impl EventStore for KurrentDbEventStore {
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        crate::append_each(self, appends).await
+    }
+
     /// `deduplicated` comes from comparing the stream's version read just before the append
     /// with the one the server reports: an append that wrote nothing ends at or below where the
     /// stream already was. The server does not say so itself. Positions come from reading the

@@ -12,6 +12,8 @@
 //!   page reader and a wake-up signal.
 //! - `fanout`: [`Fanout`], a wrapper whose subscriptions share one reader of the log and are
 //!   fed from memory, for processes that serve many subscribers.
+//! - `group_commit`: [`GroupCommit`], a wrapper that writes appends made at the same time
+//!   together ([`EventStore::append_many`]), for processes whose many tasks append at once.
 //! - `memory`: an in-process adapter for other crates' tests.
 //! - `postgres`: the default adapter, with its migrations under `migrations/`.
 //! - `kurrentdb`: the production option on KurrentDB (or EventStoreDB 20.6+), through the
@@ -27,6 +29,7 @@
 
 mod error;
 mod fanout;
+mod group_commit;
 mod idempotency;
 pub mod kurrentdb;
 pub mod memory;
@@ -38,10 +41,11 @@ use async_trait::async_trait;
 
 pub use error::{BoxError, InvalidInput, StoreError};
 pub use fanout::Fanout;
+pub use group_commit::GroupCommit;
 pub use model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, MAX_APPEND_BYTES, MAX_EVENT_BYTES,
-    MAX_EVENT_TYPE_BYTES, MAX_EVENTS_PER_APPEND, MAX_STREAM_NAME_BYTES, NewEvent, Position,
-    RawRecordedEvent, RecordedEvent, StreamName, category_of, validate_append,
+    Append, AppendResult, Direction, EventFilter, ExpectedVersion, MAX_APPEND_BYTES,
+    MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, MAX_EVENTS_PER_APPEND, MAX_STREAM_NAME_BYTES, NewEvent,
+    Position, RawRecordedEvent, RecordedEvent, StreamName, category_of, validate_append,
 };
 pub use subscription::{Subscription, SubscriptionOptions};
 
@@ -60,6 +64,13 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError>;
+
+    /// Appends to several streams, each as [`EventStore::append`] would, in order, and answers
+    /// each in order. Not atomic across appends: one refused (a conflict, say) leaves the others
+    /// written. Adapters that can write them together (PostgreSQL: one transaction, one commit)
+    /// do; the others append one after the other. No default: a wrapper that forgot to delegate
+    /// would silently lose what its adapter saves.
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>>;
 
     /// Reads up to `limit` events of one stream. Forwards starts at version `from` (None: the
     /// first event); backwards starts at `from` (None: the last event) and goes down. A stream
@@ -134,4 +145,21 @@ pub trait EventStore: Send + Sync + 'static {
             .await?;
         Ok(last.first().map(|e| e.version))
     }
+}
+
+/// [`EventStore::append_many`] for adapters without a way to write several appends together:
+/// one [`EventStore::append`] after the other, in order.
+pub async fn append_each<S: EventStore + ?Sized>(
+    store: &S,
+    appends: Vec<Append>,
+) -> Vec<Result<AppendResult, StoreError>> {
+    let mut results = Vec::with_capacity(appends.len());
+    for append in appends {
+        results.push(
+            store
+                .append(&append.stream, append.expected, append.events)
+                .await,
+        );
+    }
+    results
 }

@@ -16,8 +16,8 @@ use crate::EventStore;
 use crate::error::StoreError;
 use crate::idempotency::{StoredId, resolve_prior_write};
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
-    RecordedEvent, StreamName, validate_append,
+    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
+    RawRecordedEvent, RecordedEvent, StreamName, validate_append,
 };
 use crate::subscription::{self, Page, PageSource, Subscription, SubscriptionOptions};
 
@@ -83,6 +83,10 @@ fn index_after(position: Position) -> usize {
 
 #[async_trait]
 impl EventStore for MemoryEventStore {
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        crate::append_each(self, appends).await
+    }
+
     async fn append(
         &self,
         stream: &StreamName,

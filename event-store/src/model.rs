@@ -264,6 +264,15 @@ pub struct AppendResult {
     pub deduplicated: bool,
 }
 
+/// One append of [`EventStore::append_many`](crate::EventStore::append_many): the arguments
+/// [`EventStore::append`](crate::EventStore::append) takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Append {
+    pub stream: StreamName,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     Forwards,

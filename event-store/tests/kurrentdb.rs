@@ -20,7 +20,7 @@ use contract::{Fixture, event, stream};
 use futures::StreamExt;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::{
-    AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
+    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
     RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
 };
 use serde_json::json;
@@ -173,6 +173,10 @@ impl Isolated {
 
 #[async_trait]
 impl EventStore for Isolated {
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        orderly_event_store::append_each(self, appends).await
+    }
+
     async fn append(
         &self,
         stream: &StreamName,

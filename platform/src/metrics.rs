@@ -21,7 +21,7 @@ use axum::routing::get;
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use orderly_event_store::{
-    AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
+    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
     RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
 };
 use tracing::Instrument;
@@ -551,6 +551,39 @@ impl MeteredStore {
     pub fn new(inner: Arc<dyn EventStore>, store: &'static str) -> Self {
         Self { inner, store }
     }
+
+    /// One append's time (from `started`) and, unless it was a replay, its events.
+    fn record(
+        &self,
+        stream: &StreamName,
+        count: u64,
+        result: &Result<AppendResult, StoreError>,
+        started: Instant,
+    ) {
+        metrics::histogram!(
+            "orderly_event_store_append_duration_seconds",
+            "store" => self.store,
+            "outcome" => outcome(result)
+        )
+        .record(started.elapsed().as_secs_f64());
+        if let Ok(appended) = result
+            && !appended.deduplicated
+        {
+            counter!(
+                "orderly_event_store_appended_events_total",
+                "category" => stream.category().to_owned()
+            )
+            .increment(count);
+        }
+    }
+}
+
+fn outcome(result: &Result<AppendResult, StoreError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(StoreError::Conflict { .. }) => "conflict",
+        Err(_) => "error",
+    }
 }
 
 #[async_trait]
@@ -575,28 +608,27 @@ impl EventStore for MeteredStore {
             .append(stream, expected, events)
             .instrument(span.clone())
             .await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(StoreError::Conflict { .. }) => "conflict",
-            Err(_) => "error",
-        };
-        span.record("outcome", outcome);
-        metrics::histogram!(
-            "orderly_event_store_append_duration_seconds",
-            "store" => self.store,
-            "outcome" => outcome
-        )
-        .record(started.elapsed().as_secs_f64());
-        if let Ok(appended) = &result
-            && !appended.deduplicated
-        {
-            counter!(
-                "orderly_event_store_appended_events_total",
-                "category" => stream.category().to_owned()
-            )
-            .increment(count);
-        }
+        span.record("outcome", outcome(&result));
+        self.record(stream, count, &result, started);
         result
+    }
+
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "event_store.append_many",
+            store = self.store,
+            appends = appends.len(),
+        );
+        let counted: Vec<(StreamName, u64)> = appends
+            .iter()
+            .map(|append| (append.stream.clone(), append.events.len() as u64))
+            .collect();
+        let results = self.inner.append_many(appends).instrument(span).await;
+        for ((stream, count), result) in counted.iter().zip(&results) {
+            self.record(stream, *count, result, started);
+        }
+        results
     }
 
     async fn read_stream(

@@ -810,12 +810,7 @@ impl SagaRunner {
             return Err(LaneError::Fenced);
         }
         let saved = save_states(&tx, &self.config.name, handled);
-        let rows = futures::future::try_join_all(
-            handled
-                .iter()
-                .flat_map(|entry| &entry.rows)
-                .map(|row| row.insert(&tx)),
-        );
+        let rows = Row::insert_all(&tx, handled.iter().flat_map(|entry| &entry.rows));
         let parked = park(&tx, &self.config.name, handled);
         futures::try_join!(saved, rows, parked)?;
         tx.commit().await?;

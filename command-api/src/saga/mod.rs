@@ -44,7 +44,7 @@ use orderly_domain::fulfilment::{Command, FulfilmentState, Notification, Phase, 
 use orderly_domain::order::{self, OrderAggregate};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
 use orderly_domain::streams;
-use orderly_event_store::EventStore;
+use orderly_event_store::{EventStore, GroupCommit};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
@@ -62,6 +62,10 @@ use outbox::{Message, Row};
 
 /// The `actor` of every event the saga and its workers write.
 pub const ACTOR: &str = "system:fulfilment";
+
+/// Rounds of the saga's appends written at once (see [`GroupCommit`]): a few, so that a slow
+/// commit does not stop the others, and well below the store's pool.
+const APPEND_WRITERS: usize = 4;
 
 /// How a runner behaves.
 #[derive(Debug, Clone)]
@@ -138,7 +142,8 @@ impl SagaRunner {
         gateway: Arc<dyn PaymentGateway>,
     ) -> Self {
         // The lanes own their orders' streams: decide on the state left by the last append.
-        let handler = Handler::optimistic(store);
+        // Many orders' steps append at once: written together, they share commits.
+        let handler = Handler::optimistic(Arc::new(GroupCommit::new(store, APPEND_WRITERS)));
         let member = Member {
             saga: config.name.clone(),
             id: member_id(),

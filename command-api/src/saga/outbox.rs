@@ -87,6 +87,11 @@ impl Message {
     }
 }
 
+const INSERT_ROWS: &str = "
+insert into outbox (outbox_id, order_id, kind, payload)
+select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])
+on conflict (outbox_id) do nothing";
+
 /// One outbox row; its id derives from the order and the step, so a replayed step adds nothing.
 pub(super) struct Row {
     id: Uuid,
@@ -103,18 +108,27 @@ impl Row {
         }
     }
 
-    pub(super) async fn insert(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
+    /// Stores `rows` in one statement (a replayed step's rows are there already: kept).
+    pub(super) async fn insert_all<'a>(
+        tx: &deadpool_postgres::Transaction<'_>,
+        rows: impl Iterator<Item = &'a Row>,
     ) -> Result<(), CommandError> {
-        let payload = serde_json::to_value(&self.message)
-            .map_err(|e| CommandError::Internal(e.to_string()))?;
-        tx.execute(
-            "insert into outbox (outbox_id, order_id, kind, payload) values ($1, $2, $3, $4)
-             on conflict (outbox_id) do nothing",
-            &[&self.id, &self.order_id.0, &self.message.kind(), &payload],
-        )
-        .await?;
+        let (mut ids, mut orders, mut kinds, mut payloads) = (vec![], vec![], vec![], vec![]);
+        for row in rows {
+            ids.push(row.id);
+            orders.push(row.order_id.0);
+            kinds.push(row.message.kind());
+            payloads.push(
+                serde_json::to_value(&row.message)
+                    .map_err(|e| CommandError::Internal(e.to_string()))?,
+            );
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let insert = tx.prepare_cached(INSERT_ROWS).await?;
+        tx.execute(&insert, &[&ids, &orders, &kinds, &payloads])
+            .await?;
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
 
@@ -43,8 +43,8 @@ use crate::EventStore;
 use crate::error::StoreError;
 use crate::idempotency::{StoredId, resolve_prior_write};
 use crate::model::{
-    AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position, RawRecordedEvent,
-    RecordedEvent, StreamName, validate_append,
+    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
+    RawRecordedEvent, RecordedEvent, StreamName, validate_append,
 };
 use crate::subscription::{self, Page, PageSource, Subscription, SubscriptionOptions};
 
@@ -332,6 +332,55 @@ impl PgEventStore {
         }
     }
 
+    /// Writes every append of `appends` in one transaction (one commit, statements pipelined),
+    /// or none of them: `None` when any would not go in exactly as sent (invalid, refused,
+    /// contended) or the transaction failed, including a commit whose outcome is unknown. The
+    /// caller then sends them one by one, which tells each apart (a replay of a commit that
+    /// did happen is recognised by its event ids).
+    async fn append_together(&self, appends: &[Append]) -> Option<Vec<AppendResult>> {
+        if appends
+            .iter()
+            .any(|append| validate_append(&append.events).is_err())
+        {
+            return None;
+        }
+        let written = async {
+            let mut client = self.client().await?;
+            let tx_offset = self.tx_offset(&client).await?;
+            let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let columns: Vec<_> = appends.iter().map(Columns::of).collect();
+            let params: Vec<[&(dyn ToSql + Sync); 7]> = columns
+                .iter()
+                .map(|columns| columns.params(&tx_offset))
+                .collect();
+            let outcomes =
+                futures::future::join_all(params.iter().map(|params| tx.query(&statement, params)))
+                    .await;
+            let mut results = Vec::with_capacity(appends.len());
+            for rows in outcomes {
+                let rows = rows.map_err(pg_error)?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                results.push(appended(&rows).map_err(pg_error)?);
+            }
+            tx.commit().await.map_err(pg_error)?;
+            Ok::<_, StoreError>(Some(results))
+        };
+        match written.await {
+            Ok(Some(results)) => {
+                self.woke();
+                Some(results)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, appends = appends.len(), "appends not written together");
+                None
+            }
+        }
+    }
+
     async fn current_version(
         &self,
         client: &Object,
@@ -348,6 +397,17 @@ impl PgEventStore {
 
 #[async_trait]
 impl EventStore for PgEventStore {
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        if appends.len() > 1
+            && let Some(results) = self.append_together(&appends).await
+        {
+            return results.into_iter().map(Ok).collect();
+        }
+        // Written one by one, each append gets the answer it would have got alone: a conflict,
+        // a replay of an earlier success, a retry of a contended version.
+        crate::append_each(self, appends).await
+    }
+
     async fn append(
         &self,
         stream: &StreamName,
@@ -355,13 +415,7 @@ impl EventStore for PgEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(&events)?;
-        let expected_code = match expected {
-            ExpectedVersion::Any => EXPECT_ANY,
-            ExpectedVersion::NoStream => EXPECT_NO_STREAM,
-            ExpectedVersion::StreamExists => EXPECT_STREAM_EXISTS,
-            // No stream reaches i64::MAX, so a saturated expectation still conflicts.
-            ExpectedVersion::Exact(v) => to_i64(v),
-        };
+        let expected_code = expected_code(expected);
         let mut ids = Vec::with_capacity(events.len());
         let mut types = Vec::with_capacity(events.len());
         let mut data = Vec::with_capacity(events.len());
@@ -626,6 +680,56 @@ fn to_u64(v: i64) -> u64 {
 }
 
 /// Positions and versions handed in by callers may exceed `i64`; saturate rather than wrap.
+/// How the append statement reads an expected version (`$2`).
+fn expected_code(expected: ExpectedVersion) -> i64 {
+    match expected {
+        ExpectedVersion::Any => EXPECT_ANY,
+        ExpectedVersion::NoStream => EXPECT_NO_STREAM,
+        ExpectedVersion::StreamExists => EXPECT_STREAM_EXISTS,
+        // No stream reaches i64::MAX, so a saturated expectation still conflicts.
+        ExpectedVersion::Exact(v) => to_i64(v),
+    }
+}
+
+/// An append's parameters as the append statement takes them, borrowed from the append.
+struct Columns<'a> {
+    stream: &'a str,
+    expected: i64,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    data: Vec<&'a serde_json::Value>,
+    metadata: Vec<&'a serde_json::Value>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(append: &'a Append) -> Self {
+        let events = &append.events;
+        Self {
+            stream: append.stream.as_str(),
+            expected: expected_code(append.expected),
+            ids: events.iter().map(|event| event.id).collect(),
+            types: events
+                .iter()
+                .map(|event| event.event_type.as_str())
+                .collect(),
+            data: events.iter().map(|event| &event.data).collect(),
+            metadata: events.iter().map(|event| &event.metadata).collect(),
+        }
+    }
+
+    fn params<'b>(&'b self, tx_offset: &'b i64) -> [&'b (dyn ToSql + Sync); 7] {
+        [
+            &self.stream,
+            &self.expected,
+            &self.ids,
+            &self.types,
+            &self.data,
+            &self.metadata,
+            tx_offset,
+        ]
+    }
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use orderly_event_store::{
-    Direction, EventFilter, EventStore, ExpectedVersion, InvalidInput, MAX_EVENT_BYTES, NewEvent,
-    Position, RecordedEvent, StoreError, StreamName, Subscription,
+    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, InvalidInput,
+    MAX_EVENT_BYTES, NewEvent, Position, RecordedEvent, StoreError, StreamName, Subscription,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -33,6 +33,7 @@ macro_rules! contract_tests {
             a_multi_event_append_is_all_or_nothing,
             reappending_the_same_event_ids_writes_nothing,
             reusing_event_ids_elsewhere_is_refused,
+            several_appends_at_once_answer_each_as_if_sent_alone,
             streams_read_forwards_and_backwards,
             several_streams_read_at_once_page_by_page,
             the_log_reads_in_append_order_and_pages_by_position,
@@ -306,6 +307,93 @@ pub async fn reappending_the_same_event_ids_writes_nothing(store: Arc<dyn EventS
         store.append(&s, ExpectedVersion::Exact(0), batch).await,
         Some(4),
     );
+}
+
+pub async fn several_appends_at_once_answer_each_as_if_sent_alone(store: Arc<dyn EventStore>) {
+    let (a, b, c) = (
+        stream("order-many1"),
+        stream("order-many2"),
+        stream("order-many3"),
+    );
+    store
+        .append(&c, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    let append = |stream: &StreamName, expected, events| Append {
+        stream: stream.clone(),
+        expected,
+        events,
+    };
+    let (first_a, first_b) = (events(2), events(1));
+    let batch = vec![
+        append(&a, ExpectedVersion::NoStream, first_a.clone()),
+        append(&b, ExpectedVersion::NoStream, first_b.clone()),
+        // After the first append of this call: later appends see the earlier ones.
+        append(&a, ExpectedVersion::Exact(1), events(1)),
+    ];
+    let results = store.append_many(batch).await;
+    let results: Vec<AppendResult> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        results
+            .iter()
+            .map(|r| r.next_expected_version)
+            .collect::<Vec<_>>(),
+        [1, 0, 2]
+    );
+    assert!(
+        results
+            .windows(2)
+            .all(|w| w[0].position < w[1].first_position)
+    );
+    settle(&*store, results[2].position).await;
+    let log: Vec<(String, u64)> = read_everything(&*store, &EventFilter::All)
+        .await
+        .iter()
+        .map(|e| (e.stream.to_string(), e.version))
+        .collect();
+    let want: Vec<(String, u64)> = [
+        ("order-many3", 0),
+        ("order-many3", 1),
+        ("order-many1", 0),
+        ("order-many1", 1),
+        ("order-many2", 0),
+        ("order-many1", 2),
+    ]
+    .iter()
+    .map(|(s, v)| ((*s).to_owned(), *v))
+    .collect();
+    assert_eq!(
+        log, want,
+        "the log holds each append once, in the order sent"
+    );
+
+    // One refused among several: the others are written, the refused one is a conflict.
+    let refused = store
+        .append_many(vec![
+            append(&b, ExpectedVersion::Exact(0), events(1)),
+            append(&c, ExpectedVersion::Exact(0), events(1)),
+            append(&a, ExpectedVersion::Exact(2), events(1)),
+        ])
+        .await;
+    assert!(refused[0].is_ok(), "{:?}", refused[0]);
+    assert_conflict(refused.into_iter().nth(1).expect("three answers"), Some(1));
+    assert_eq!(store.stream_version(&b).await.unwrap(), Some(1));
+    assert_eq!(store.stream_version(&a).await.unwrap(), Some(3));
+    assert_eq!(store.stream_version(&c).await.unwrap(), Some(1));
+
+    // Sent again, the first batch's appends are replays: nothing written, the first answers.
+    let again = store
+        .append_many(vec![
+            append(&a, ExpectedVersion::NoStream, first_a),
+            append(&b, ExpectedVersion::NoStream, first_b),
+        ])
+        .await;
+    for (again, first) in again.into_iter().zip(&results) {
+        let again = again.unwrap();
+        assert!(again.deduplicated);
+        assert_eq!(again.position, first.position);
+    }
+    assert!(store.append_many(Vec::new()).await.is_empty());
 }
 
 pub async fn reusing_event_ids_elsewhere_is_refused(store: Arc<dyn EventStore>) {

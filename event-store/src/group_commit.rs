@@ -1,0 +1,317 @@
+//! Group commit: [`GroupCommit`] wraps a store so that appends made at the same time by many
+//! tasks are written together, with one [`EventStore::append_many`] (in PostgreSQL: one
+//! transaction, one commit, one flush of the write-ahead log) instead of one each.
+//!
+//! Nothing waits for company: an append that finds a writer free goes at once, alone. Only
+//! while every writer is busy do new appends queue, and the next writer to come free takes the
+//! whole queue. So a quiet process appends as fast as before, and a busy one commits a few
+//! times per round trip instead of once per append. Each append is still answered as if sent
+//! alone (`append_many`'s promise): a conflict refuses that append only.
+//!
+//! An append whose round is dropped half-way (its writer's task was cancelled) is answered
+//! `Unavailable`: whether it was written is unknown, and re-sending the same event ids is safe,
+//! as after any connection lost mid-append.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::EventStore;
+use crate::error::StoreError;
+use crate::model::{
+    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
+    RawRecordedEvent, RecordedEvent, StreamName,
+};
+use crate::subscription::Subscription;
+
+/// Appends written together at most: one transaction stays short enough not to hold the log's
+/// horizon back for long (readers wait for it), and far below the statement limits.
+const MAX_ROUND: usize = 64;
+
+/// A store whose concurrent appends are written together; everything else goes straight to
+/// the wrapped store.
+pub struct GroupCommit {
+    inner: Arc<dyn EventStore>,
+    waiting: Mutex<Vec<Waiting>>,
+    /// Rounds in flight at once; each holds one connection of the store while it writes.
+    writers: Semaphore,
+}
+
+struct Waiting {
+    append: Append,
+    answer: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+impl GroupCommit {
+    /// At most `writers` rounds are written at once (at least one).
+    pub fn new(inner: Arc<dyn EventStore>, writers: usize) -> Self {
+        Self {
+            inner,
+            waiting: Mutex::default(),
+            writers: Semaphore::new(writers.max(1)),
+        }
+    }
+
+    fn take_round(&self) -> Vec<Waiting> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let round = waiting.len().min(MAX_ROUND);
+        let rest = waiting.split_off(round);
+        std::mem::replace(&mut *waiting, rest)
+    }
+}
+
+#[async_trait]
+impl EventStore for GroupCommit {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Waiting {
+                append: Append {
+                    stream: stream.clone(),
+                    expected,
+                    events,
+                },
+                answer,
+            });
+        {
+            let _writer = self
+                .writers
+                .acquire()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.into()))?;
+            // Empty when a round of another writer took this append along.
+            let round = self.take_round();
+            if !round.is_empty() {
+                let (appends, answers): (Vec<_>, Vec<_>) = round
+                    .into_iter()
+                    .map(|waiting| (waiting.append, waiting.answer))
+                    .unzip();
+                let results = self.inner.append_many(appends).await;
+                for (answer, result) in answers.into_iter().zip(results) {
+                    let _ = answer.send(result);
+                }
+            }
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the round writing this append was cancelled; its outcome is unknown".into(),
+            ))
+        })
+    }
+
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        self.inner.append_many(appends).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(stream, direction, from, limit).await
+    }
+
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        self.inner.read_streams(requests, limit).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(after, filter, limit).await
+    }
+
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        self.inner.read_all_raw(after, filter, limit).await
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+
+    async fn subscribe(
+        &self,
+        after: Position,
+        filter: EventFilter,
+    ) -> Result<Subscription, StoreError> {
+        self.inner.subscribe(after, filter).await
+    }
+
+    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
+        self.inner.stream_version(stream).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::memory::MemoryEventStore;
+
+    /// Counts the calls that reach the wrapped store, and holds each `append_many` a while so
+    /// that appends pile up behind it as they do behind a commit.
+    struct Counting {
+        store: MemoryEventStore,
+        calls: AtomicUsize,
+        largest: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl EventStore for Counting {
+        async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.largest.fetch_max(appends.len(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.store.append_many(appends).await
+        }
+
+        async fn append(
+            &self,
+            _: &StreamName,
+            _: ExpectedVersion,
+            _: Vec<NewEvent>,
+        ) -> Result<AppendResult, StoreError> {
+            unreachable!("every append goes through append_many")
+        }
+
+        async fn read_stream(
+            &self,
+            stream: &StreamName,
+            direction: Direction,
+            from: Option<u64>,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.store.read_stream(stream, direction, from, limit).await
+        }
+
+        async fn read_all(
+            &self,
+            after: Position,
+            filter: &EventFilter,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.store.read_all(after, filter, limit).await
+        }
+
+        async fn read_all_raw(
+            &self,
+            after: Position,
+            filter: &EventFilter,
+            limit: usize,
+        ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+            self.store.read_all_raw(after, filter, limit).await
+        }
+
+        async fn head(&self) -> Result<Position, StoreError> {
+            self.store.head().await
+        }
+
+        async fn subscribe(
+            &self,
+            after: Position,
+            filter: EventFilter,
+        ) -> Result<Subscription, StoreError> {
+            self.store.subscribe(after, filter).await
+        }
+    }
+
+    fn counting() -> Arc<Counting> {
+        Arc::new(Counting {
+            store: MemoryEventStore::new(),
+            calls: AtomicUsize::new(0),
+            largest: AtomicUsize::new(0),
+        })
+    }
+
+    fn stream(name: &str) -> StreamName {
+        StreamName::parse(name).expect("valid")
+    }
+
+    fn event() -> NewEvent {
+        NewEvent::new("Numbered", json!({}))
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_rounds_and_each_gets_its_own_answer() {
+        let counting = counting();
+        let store = Arc::new(GroupCommit::new(counting.clone(), 1));
+        let appends = (0..40).map(|i| {
+            let store = store.clone();
+            async move {
+                // Every fifth append expects a stream that does not exist: refused alone.
+                let expected = if i % 5 == 0 {
+                    ExpectedVersion::Exact(7)
+                } else {
+                    ExpectedVersion::NoStream
+                };
+                store
+                    .append(&stream(&format!("order-{i}")), expected, vec![event()])
+                    .await
+            }
+        });
+        let results = futures::future::join_all(appends).await;
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Err(StoreError::Conflict { .. }) if i % 5 == 0 => {}
+                Ok(appended) if i % 5 != 0 => assert_eq!(appended.next_expected_version, 0),
+                other => panic!("append {i} answered {other:?}"),
+            }
+        }
+        let calls = counting.calls.load(Ordering::SeqCst);
+        assert!(calls < 10, "40 concurrent appends took {calls} rounds");
+        assert!(counting.largest.load(Ordering::SeqCst) > 1);
+        let head = counting.store.head().await.expect("head");
+        let written = counting
+            .store
+            .read_all(Position::START, &EventFilter::All, 100)
+            .await
+            .expect("read");
+        assert_eq!(written.len(), 32);
+        assert_eq!(written.last().map(|e| e.position), Some(head));
+    }
+
+    #[tokio::test]
+    async fn an_append_alone_goes_at_once() {
+        let counting = counting();
+        let store = GroupCommit::new(counting.clone(), 2);
+        for version in 0..3 {
+            let expected = match version {
+                0 => ExpectedVersion::NoStream,
+                v => ExpectedVersion::Exact(v - 1),
+            };
+            let appended = store
+                .append(&stream("order-1"), expected, vec![event()])
+                .await
+                .expect("appended");
+            assert_eq!(appended.next_expected_version, version);
+        }
+        assert_eq!(counting.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(counting.largest.load(Ordering::SeqCst), 1);
+    }
+}
