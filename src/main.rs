@@ -113,8 +113,8 @@ enum Command {
     /// Write a realistic workload through the command path, for demos and benchmarks:
     /// products with stock, orders of 1-5 lines from a few hundred customers (some paid with
     /// tok_declined, some cancelled by their customer), then some of the confirmed orders
-    /// shipped and delivered. Runs a saga runner in this process (standing by if another one
-    /// leads) so orders get confirmed.
+    /// shipped and delivered. Runs a saga runner in this process (sharing the saga's lanes
+    /// with any other that runs) so orders get confirmed.
     Seed {
         /// Orders to place.
         #[arg(long, default_value_t = 1000)]
