@@ -53,8 +53,13 @@ impl GroupCommit {
         }
     }
 
+    /// The queue; a panic while it was held left it whole (pushes and splits only).
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waiting>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn take_round(&self) -> Vec<Waiting> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiting = self.waiting();
         let round = waiting.len().min(MAX_ROUND);
         let rest = waiting.split_off(round);
         std::mem::replace(&mut *waiting, rest)
@@ -70,17 +75,14 @@ impl EventStore for GroupCommit {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let (answer, answered) = oneshot::channel();
-        self.waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Waiting {
-                append: Append {
-                    stream: stream.clone(),
-                    expected,
-                    events,
-                },
-                answer,
-            });
+        self.waiting().push(Waiting {
+            append: Append {
+                stream: stream.clone(),
+                expected,
+                events,
+            },
+            answer,
+        });
         {
             let _writer = self
                 .writers

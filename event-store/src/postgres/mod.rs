@@ -415,44 +415,25 @@ impl EventStore for PgEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(&events)?;
-        let expected_code = expected_code(expected);
-        let mut ids = Vec::with_capacity(events.len());
-        let mut types = Vec::with_capacity(events.len());
-        let mut data = Vec::with_capacity(events.len());
-        let mut metadata = Vec::with_capacity(events.len());
-        for event in events {
-            ids.push(event.id);
-            types.push(event.event_type);
-            data.push(event.data);
-            metadata.push(event.metadata);
-        }
+        let columns = Columns::new(stream, expected, &events);
         let client = self.client().await?;
         let tx_offset = self.tx_offset(&client).await?;
         let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = client
-                .query(
-                    &statement,
-                    &[
-                        &stream.as_str(),
-                        &expected_code,
-                        &ids,
-                        &types,
-                        &data,
-                        &metadata,
-                        &tx_offset,
-                    ],
-                )
-                .await;
+            let outcome = client.query(&statement, &columns.params(&tx_offset)).await;
             match outcome {
                 Ok(rows) if !rows.is_empty() => {
                     let result = appended(&rows).map_err(pg_error)?;
                     self.woke();
                     return Ok(result);
                 }
-                Ok(_) => return self.explain_refusal(&client, stream, expected, &ids).await,
+                Ok(_) => {
+                    return self
+                        .explain_refusal(&client, stream, expected, &columns.ids)
+                        .await;
+                }
                 Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     let version_taken = error
                         .as_db_error()
@@ -465,7 +446,9 @@ impl EventStore for PgEventStore {
                     if version_taken && recomputes && attempt < CONTENDED_APPEND_ATTEMPTS {
                         continue;
                     }
-                    return self.explain_refusal(&client, stream, expected, &ids).await;
+                    return self
+                        .explain_refusal(&client, stream, expected, &columns.ids)
+                        .await;
                 }
                 Err(error) => return Err(pg_error(error)),
             }
@@ -679,7 +662,6 @@ fn to_u64(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-/// Positions and versions handed in by callers may exceed `i64`; saturate rather than wrap.
 /// How the append statement reads an expected version (`$2`).
 fn expected_code(expected: ExpectedVersion) -> i64 {
     match expected {
@@ -703,10 +685,13 @@ struct Columns<'a> {
 
 impl<'a> Columns<'a> {
     fn of(append: &'a Append) -> Self {
-        let events = &append.events;
+        Self::new(&append.stream, append.expected, &append.events)
+    }
+
+    fn new(stream: &'a StreamName, expected: ExpectedVersion, events: &'a [NewEvent]) -> Self {
         Self {
-            stream: append.stream.as_str(),
-            expected: expected_code(append.expected),
+            stream: stream.as_str(),
+            expected: expected_code(expected),
             ids: events.iter().map(|event| event.id).collect(),
             types: events
                 .iter()
@@ -730,6 +715,7 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// Positions and versions handed in by callers may exceed `i64`; saturate rather than wrap.
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
