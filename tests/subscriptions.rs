@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 
@@ -178,6 +179,15 @@ async fn events_catch_up_from_a_token_then_follow_the_log_live_with_filters() {
     )
     .await;
     assert_eq!(refusal(&next(&mut admin_socket).await), "BAD_USER_INPUT");
+    // A subscription has one root field, as the specification says.
+    subscribe(
+        &mut admin_socket,
+        "two",
+        "subscription { a: events { type } b: events { type } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(refusal(&next(&mut admin_socket).await), "BAD_USER_INPUT");
     subscribe(
         &mut admin_socket,
         "unknown",
@@ -337,6 +347,70 @@ async fn operations_over_a_socket_draw_on_the_callers_http_budget_and_time_out()
     assert_eq!(timed_out["type"], "error", "{timed_out}");
     assert_eq!(timed_out["payload"][0]["extensions"]["code"], "UNAVAILABLE");
     assert!(started.elapsed() < std::time::Duration::from_millis(2500));
+}
+
+#[tokio::test]
+async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_place_back() {
+    let db = migrated_database().await;
+    let settings = orderly::settings::Settings {
+        graphql_timeout_ms: 500,
+        subscriptions_per_socket: 1,
+        ..settings_for(db.url())
+    };
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let id = place_one(&api, "alice", "TEA").await;
+    eventually(
+        &db,
+        "select count(*) from orders",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut socket = connect(&api, Some(&customer("alice"))).await;
+
+    // The setup reads the order's baseline row, which waits behind a lock held elsewhere.
+    let holder = db.connect().await.unwrap();
+    holder
+        .batch_execute("begin; lock table orders in access exclusive mode")
+        .await
+        .unwrap();
+    subscribe(&mut socket, "hung", FOLLOW, json!({ "id": id })).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), next(&mut socket))
+        .await
+        .expect("the hung setup ends within a few timeouts");
+    assert_eq!(ended["id"], "hung");
+    assert_eq!(ended["type"], "error", "{ended}");
+    assert_eq!(ended["payload"][0]["extensions"]["code"], "UNAVAILABLE");
+    holder.batch_execute("rollback").await.unwrap();
+
+    // The socket's one place is free again; once set up, a subscription outlives the timeout.
+    subscribe(
+        &mut socket,
+        "again",
+        FOLLOW,
+        json!({ "id": id, "after": -1 }),
+    )
+    .await;
+    let placed = next(&mut socket).await;
+    assert_eq!(placed["id"], "again");
+    assert_eq!(
+        placed["payload"]["data"]["orderUpdated"]["version"], 0,
+        "{placed}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    api.gql(
+        Some(&customer("alice")),
+        CANCEL,
+        json!({ "id": id, "reason": "changed my mind" }),
+    )
+    .await
+    .data("cancelOrder");
+    let cancelled = next(&mut socket).await;
+    assert_eq!(
+        cancelled["payload"]["data"]["orderUpdated"]["status"], "CANCELLED",
+        "{cancelled}"
+    );
 }
 
 #[tokio::test]

@@ -20,7 +20,8 @@
 //! - `persisted_queries`: automatic persisted queries (query texts by SHA-256).
 //! - `socket`: graphql-transport-ws over a WebSocket, behind the same gate as HTTP (message
 //!   size, token expiry, rate limit and cost, timeouts, subscription caps, the protocol's close
-//!   codes).
+//!   codes), and [`subscription_ready`], which every subscription resolver calls once it is
+//!   set up.
 //! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
 //!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
 //!   the read API makes for its own series.
@@ -52,6 +53,7 @@ pub use errors::ErrorCode;
 pub use http::{Caller, GraphqlLimits, graphql_router};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use scalars::{ConsistencyToken, Date, Long};
+pub use socket::subscription_ready;
 
 /// Deepest query nesting accepted; the contract's deepest useful query is far below it.
 pub const MAX_DEPTH: usize = 16;

@@ -8,7 +8,11 @@
 //!   (4403), and so does the token's expiry while the socket is open;
 //! - every `subscribe` takes its cost from the caller's rate-limit budget (the token's subject,
 //!   else the client's address, as over HTTP) and is refused with RATE_LIMITED when it is short;
-//! - a query or mutation runs at most [`GraphqlLimits::timeout`];
+//! - a query or mutation runs at most [`GraphqlLimits::timeout`], and a subscription gets as
+//!   long to be set up (until its resolver calls [`subscription_ready`] or it answers); past
+//!   that it ends with UNAVAILABLE and gives its place back;
+//! - a subscription selects exactly one root field, as the GraphQL specification says: its
+//!   one resolver then says when the whole subscription is set up;
 //! - subscriptions are capped per socket and per caller in this process;
 //! - protocol violations close with the protocol's codes: 4400 for a message that is not one of
 //!   the protocol's, 4401 for `subscribe` before `connection_ack`, 4409 for an id in use.
@@ -32,12 +36,12 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::auth::{Actor, Authenticator};
-use crate::cost::Budget;
+use crate::cost::{Budget, visit_root_fields};
 use crate::errors::{ErrorCode, rate_limited};
 use crate::http::{Caller, Coded, GraphqlLimits, failure, operation, rate_limited_response};
 use crate::rate_limit::RateLimiter;
@@ -380,11 +384,24 @@ impl<E: Executor> Connection<E> {
         let mut request = request;
         let name = request.operation_name.clone();
         // Parsed here once; execution reuses the parsed document.
-        let kind = request
-            .parsed_query()
-            .ok()
-            .and_then(|document| operation(document, name.as_deref()).map(|op| op.node.ty));
-        let subscription = kind == Some(OperationType::Subscription);
+        let kind = request.parsed_query().ok().and_then(|document| {
+            let operation = operation(document, name.as_deref())?;
+            let mut fields = 0;
+            visit_root_fields(document, &operation.node.selection_set.node, &mut |_| {
+                fields += 1;
+            });
+            Some((operation.node.ty, fields))
+        });
+        let subscription = matches!(kind, Some((OperationType::Subscription, _)));
+        if let Some((OperationType::Subscription, fields)) = kind
+            && fields != 1
+        {
+            let error = ErrorCode::BadUserInput.error(format!(
+                "a subscription selects exactly one root field; this one selects {fields}"
+            ));
+            let _ = tx.send(Outgoing::Text(refuse(error))).await;
+            return Ok(());
+        }
         let slot = if subscription {
             match self.take_slot(session.key.clone()) {
                 Ok(slot) => Some(slot),
@@ -402,13 +419,16 @@ impl<E: Executor> Connection<E> {
             traceparent: None,
         };
         let budget = Budget::new(sockets.limiter.clone(), session.key.clone(), 1);
-        let request = request.data(caller).data(budget);
+        let mut request = request.data(caller).data(budget);
+        if let Some(slot) = &slot {
+            request = request.data(slot.setup.clone());
+        }
         self.serial += 1;
         let serial = self.serial;
         let task = tokio::spawn(run_operation(
             sockets.executor.clone(),
             request,
-            (!subscription).then_some(sockets.limits.timeout),
+            sockets.limits.timeout,
             id.clone(),
             serial,
             tx.clone(),
@@ -456,6 +476,7 @@ impl<E: Executor> Connection<E> {
         Ok(Slot {
             sockets: self.sockets.clone(),
             key,
+            setup: Setup::default(),
         })
     }
 }
@@ -472,6 +493,8 @@ fn too_many(message: String) -> async_graphql::Error {
 struct Slot<E> {
     sockets: Arc<Sockets<E>>,
     key: String,
+    /// Told by the resolver once the subscription is set up.
+    setup: Setup,
 }
 
 impl<E> Drop for Slot<E> {
@@ -490,12 +513,32 @@ impl<E> Drop for Slot<E> {
     }
 }
 
-/// Runs one operation and sends its messages: `next` per response, then `complete`, or one
-/// `error` when a query or mutation runs past `timeout`.
+/// Put into a subscription's request data by the socket, so that its resolver can say when
+/// it is set up: see [`subscription_ready`].
+#[derive(Clone, Default)]
+struct Setup(Arc<Notify>);
+
+/// Says that the subscription being resolved in `ctx` is set up: its resolver has done the
+/// reads it needs before it streams (access checks, a baseline, the log's head). Every
+/// subscription resolver calls it right before it returns its stream; until then (or until
+/// the subscription answers) the operation timeout applies, so a setup that hangs on the
+/// database ends with UNAVAILABLE instead of holding its place for good. A resolver that
+/// never calls it and has nothing to send within the timeout is ended the same way.
+pub fn subscription_ready(ctx: &async_graphql::Context<'_>) {
+    if let Some(setup) = ctx.data_opt::<Setup>() {
+        // Keeps the permit when nobody waits yet, so the order of the two does not matter.
+        setup.0.notify_one();
+    }
+}
+
+/// Runs one operation and sends its messages: `next` per response, then `complete`; or one
+/// `error` when it does not get going within the timeout. A query or mutation gets going
+/// with its one response, a subscription once [`subscription_ready`] was called or its first
+/// response came; after that a subscription streams without a time limit.
 async fn run_operation<E: Executor>(
     executor: Coded<E>,
     request: async_graphql::Request,
-    timeout: Option<Duration>,
+    timeout: Duration,
     id: String,
     serial: u64,
     tx: mpsc::Sender<Outgoing>,
@@ -505,22 +548,33 @@ async fn run_operation<E: Executor>(
     let next = |response: GqlResponse| {
         json!({ "id": id, "type": "next", "payload": response }).to_string()
     };
-    let last = match timeout {
-        Some(timeout) => match tokio::time::timeout(timeout, responses.next()).await {
-            Ok(Some(response)) => {
-                let _ = tx.send(Outgoing::Text(next(response))).await;
-                json!({ "id": id, "type": "complete" })
+    // The first response (`None` for none at all), or nothing when the subscription said it
+    // is set up before it had one.
+    let started = tokio::time::timeout(timeout, async {
+        match &slot {
+            None => Some(responses.next().await),
+            Some(slot) => tokio::select! {
+                response = responses.next() => Some(response),
+                () = slot.setup.0.notified() => None,
+            },
+        }
+    })
+    .await;
+    let last = match started {
+        Err(_) => {
+            tracing::warn!(operation_id = %id, "operation over a socket timed out");
+            let error = ErrorCode::Unavailable
+                .error("the request took too long; retry (with the same idempotency key)")
+                .into_server_error(Default::default());
+            json!({ "id": id, "type": "error", "payload": [error] })
+        }
+        Ok(Some(None)) => json!({ "id": id, "type": "complete" }),
+        Ok(first) => {
+            if let Some(Some(response)) = first
+                && tx.send(Outgoing::Text(next(response))).await.is_err()
+            {
+                return;
             }
-            Ok(None) => json!({ "id": id, "type": "complete" }),
-            Err(_) => {
-                tracing::warn!(operation_id = %id, "operation over a socket timed out");
-                let error = ErrorCode::Unavailable
-                    .error("the request took too long; retry (with the same idempotency key)")
-                    .into_server_error(Default::default());
-                json!({ "id": id, "type": "error", "payload": [error] })
-            }
-        },
-        None => {
             while let Some(response) = responses.next().await {
                 if tx.send(Outgoing::Text(next(response))).await.is_err() {
                     return;
@@ -529,6 +583,8 @@ async fn run_operation<E: Executor>(
             json!({ "id": id, "type": "complete" })
         }
     };
+    // The operation stops before its place is given back.
+    drop(responses);
     drop(slot);
     let text = last.to_string();
     let _ = tx.send(Outgoing::Last { id, serial, text }).await;

@@ -1,5 +1,8 @@
 //! The contract's Subscription type, served over graphql-transport-ws.
 //!
+//! Each resolver calls [`orderly_platform::subscription_ready`] once it has done the reads it
+//! needs before it streams; until then the transport's operation timeout applies.
+//!
 //! Both subscriptions feed the client through [`bounded`]: a fixed number of messages may wait
 //! for a client that does not read; when that buffer stays full for the patience period the
 //! subscription ends with an error (UNAVAILABLE, `reason: SLOW_SUBSCRIBER`) and its source is
@@ -105,6 +108,7 @@ impl SubscriptionRoot {
             done: false,
         };
         let limits = api.limits();
+        orderly_platform::subscription_ready(ctx);
         Ok(bounded(
             follower.into_stream(),
             limits.subscription_buffer,
@@ -143,6 +147,7 @@ impl SubscriptionRoot {
         .map_err(|e| e.to_graphql(&request_id))?;
         let events = source.map(|event| event.map(EventRecord::from).map_err(ReadError::from));
         let limits = api.limits();
+        orderly_platform::subscription_ready(ctx);
         Ok(bounded(
             events,
             limits.subscription_buffer,
