@@ -350,9 +350,15 @@ mod fuzz {
     };
     use orderly_platform::Role;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 
     use super::*;
+
+    /// Where the fuzz test keeps the seeds of the cases that failed it, committed so that a
+    /// failure found once (in CI, say) is replayed first on every later run. proptest uses a
+    /// `Direct` path as it is, so this resolves against the current directory, which is the
+    /// package root when cargo or nextest runs an integration test.
+    const HTTP_REGRESSIONS: &str = "tests/regressions/hardening-fuzz-http.txt";
 
     /// The served schema's types, by name.
     struct Types {
@@ -590,7 +596,8 @@ mod fuzz {
             "UUID" => match rng.u8(..4) {
                 0 => json!(uuid::Uuid::nil()),
                 1 => json!("not-a-uuid"),
-                _ => json!(uuid::Uuid::new_v4()),
+                // From the case's generator, so that its seed reproduces it.
+                _ => json!(uuid::Uuid::from_u128(rng.u128(..))),
             },
             "ConsistencyToken" => pick(
                 rng,
@@ -680,21 +687,23 @@ mod fuzz {
             types.query.len() >= 8 && types.mutation.len() >= 7,
             "schema not read"
         );
-        let tokens = [
-            Some(admin()),
-            Some(customer("alice")),
-            Some(warehouse()),
-            Some(token("mallory", &[])),
-            Some(token("", &[Role::Admin])),
-            None,
+        let callers = [
+            ("admin", Some(admin())),
+            ("customer alice", Some(customer("alice"))),
+            ("warehouse", Some(warehouse())),
+            ("no role", Some(token("mallory", &[]))),
+            ("blank subject", Some(token("", &[Role::Admin]))),
+            ("anonymous", None),
         ];
         let mut runner = TestRunner::new(Config {
             cases: 400,
-            failure_persistence: None,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(HTTP_REGRESSIONS))),
+            // The seed drives a whole generator: a smaller seed is another case, not a simpler
+            // one, so the case that failed is the one worth reporting.
+            max_shrink_iters: 0,
             ..Config::default()
         });
-        let strategy = (any::<u64>(), any::<bool>(), 0..tokens.len());
-        let started = std::time::Instant::now();
+        let strategy = (any::<u64>(), any::<bool>(), 0..callers.len());
         let resolved = std::cell::Cell::new(0u32);
         let outcome = runner.run(&strategy, |(seed, mutate, who)| {
             let mut rng = fastrand::Rng::with_seed(seed);
@@ -705,13 +714,16 @@ mod fuzz {
             };
             let field = &fields[rng.usize(..fields.len())];
             let (text, variables) = operation(&types, kind, field, &mut rng, &known);
+            let (caller, token) = &callers[who];
             runtime.block_on(async {
                 let before = events(&db).await;
-                let answer = api
-                    .gql(tokens[who].as_deref(), &text, variables.clone())
-                    .await;
-                let context =
-                    || format!("{text}\n{variables}\n-> {} {}", answer.status, answer.body);
+                let answer = api.gql(token.as_deref(), &text, variables.clone()).await;
+                let context = || {
+                    format!(
+                        "as {caller}: {text}\n{variables}\n-> {} {}",
+                        answer.status, answer.body
+                    )
+                };
                 prop_assert!(answer.status < 500, "5xx: {}", context());
                 let errors = answer.body["errors"]
                     .as_array()
@@ -739,18 +751,16 @@ mod fuzz {
             })
         });
         if let Err(failure) = outcome {
-            panic!("{failure}");
+            panic!(
+                "{failure}\nThe case's seed is kept in {HTTP_REGRESSIONS} (commit it): it replays \
+                 first on every run of `cargo nextest run --test hardening -E 'test(/fuzz/)'`."
+            );
         }
         // Mostly refused by validation, the run would prove nothing about the resolvers.
         assert!(
             resolved.get() >= 100,
             "only {} of 400 operations reached a resolver",
             resolved.get()
-        );
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "the fuzz run took {:?}",
-            started.elapsed()
         );
     }
 }
