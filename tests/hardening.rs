@@ -1,6 +1,7 @@
-//! The API against hostile input and tokens, over HTTP against a real PostgreSQL: bad values
-//! are the caller's (BAD_USER_INPUT, never INTERNAL, nothing written), tokens must carry what
-//! the server is configured to require, and a database error says what the database said.
+//! The API against hostile input and tokens, over HTTP (and, fuzzed, over WebSocket) against
+//! a real PostgreSQL: bad values are the caller's (BAD_USER_INPUT, never INTERNAL, nothing
+//! written), tokens must carry what the server is configured to require, and a database error
+//! says what the database said.
 
 mod common;
 
@@ -343,28 +344,39 @@ async fn no_answer_carries_a_payment_token_whoever_asks() {
 /// properties: no 5xx, no INTERNAL, every error coded, no panic (the connection would drop),
 /// and a refused mutation writes nothing. Bounded: a few hundred requests, seconds of work.
 mod fuzz {
+    use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
+    use std::fmt::Debug;
+    use std::time::Duration;
 
     use async_graphql::parser::types::{
         BaseType, FieldDefinition, InputValueDefinition, Type, TypeKind, TypeSystemDefinition,
     };
+    use futures::StreamExt;
     use orderly_platform::Role;
+    use orderly_test_support::TestDb;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+    use proptest::test_runner::{
+        Config, FileFailurePersistence, TestCaseError, TestError, TestRunner,
+    };
+    use tokio::runtime::Runtime;
+    use tokio_tungstenite::tungstenite::Message;
 
     use super::*;
 
-    /// Where the fuzz test keeps the seeds of the cases that failed it, committed so that a
+    /// Where each fuzz test keeps the seeds of the cases that failed it, committed so that a
     /// failure found once (in CI, say) is replayed first on every later run. proptest uses a
-    /// `Direct` path as it is, so this resolves against the current directory, which is the
+    /// `Direct` path as it is, so these resolve against the current directory, which is the
     /// package root when cargo or nextest runs an integration test.
     const HTTP_REGRESSIONS: &str = "tests/regressions/hardening-fuzz-http.txt";
+    const SOCKET_REGRESSIONS: &str = "tests/regressions/hardening-fuzz-socket.txt";
 
     /// The served schema's types, by name.
     struct Types {
         kinds: HashMap<String, TypeKind>,
         query: Vec<FieldDefinition>,
         mutation: Vec<FieldDefinition>,
+        subscription: Vec<FieldDefinition>,
     }
 
     impl Types {
@@ -383,10 +395,12 @@ mod fuzz {
                 _ => Vec::new(),
             };
             let (query, mutation) = (fields("Query"), fields("Mutation"));
+            let subscription = fields("Subscription");
             Self {
                 kinds,
                 query,
                 mutation,
+                subscription,
             }
         }
 
@@ -653,8 +667,17 @@ mod fuzz {
         (text, Value::Object(variables))
     }
 
-    #[test]
-    fn hostile_operations_from_the_served_schema_never_fail_the_server() {
+    /// The app with a product and an order, its schema, and what the generators may aim at.
+    struct Fixture {
+        runtime: Runtime,
+        db: TestDb,
+        api: Api,
+        types: Types,
+        /// Ids and names that exist, so that some cases get past "not found".
+        known: Vec<String>,
+    }
+
+    fn fixture() -> Fixture {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -664,6 +687,8 @@ mod fuzz {
         let settings = orderly::settings::Settings {
             // A future consistency token then costs milliseconds, not seconds.
             consistency_max_wait_ms: 20,
+            // Each subscription must give its place back for the next one on its socket.
+            subscriptions_per_socket: 1,
             ..settings_for(db.url())
         };
         let (api, sdl, known) = runtime.block_on(async {
@@ -675,36 +700,95 @@ mod fuzz {
                 api,
                 sdl,
                 vec![
-                    order,
+                    order.clone(),
                     "MUG".to_owned(),
                     "alice".to_owned(),
                     format!("order-{}", uuid::Uuid::nil()),
+                    format!("order-{order}"),
                 ],
             )
         });
         let types = Types::parse(&sdl);
         assert!(
-            types.query.len() >= 8 && types.mutation.len() >= 7,
+            types.query.len() >= 8 && types.mutation.len() >= 7 && !types.subscription.is_empty(),
             "schema not read"
         );
-        let callers = [
+        Fixture {
+            runtime,
+            db,
+            api,
+            types,
+            known,
+        }
+    }
+
+    /// Each kind of caller, by name: every role, a token without one, a token the server
+    /// refuses (a blank subject), and nobody.
+    fn callers() -> [(&'static str, Option<String>); 6] {
+        [
             ("admin", Some(admin())),
             ("customer alice", Some(customer("alice"))),
             ("warehouse", Some(warehouse())),
             ("no role", Some(token("mallory", &[]))),
             ("blank subject", Some(token("", &[Role::Admin]))),
             ("anonymous", None),
-        ];
-        let mut runner = TestRunner::new(Config {
-            cases: 400,
-            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(HTTP_REGRESSIONS))),
+        ]
+    }
+
+    /// A runner of `cases` new cases after the ones `regressions` holds.
+    fn runner(cases: u32, regressions: &'static str) -> TestRunner {
+        TestRunner::new(Config {
+            cases,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(regressions))),
             // The seed drives a whole generator: a smaller seed is another case, not a simpler
             // one, so the case that failed is the one worth reporting.
             max_shrink_iters: 0,
             ..Config::default()
-        });
+        })
+    }
+
+    /// Fails the test with the failing case and how to run it again.
+    fn report<T: Debug>(outcome: Result<(), TestError<T>>, regressions: &str) {
+        if let Err(failure) = outcome {
+            panic!(
+                "{failure}\nThe case's seed is kept in {regressions} (commit it): it replays \
+                 first on every run of `cargo nextest run --test hardening -E 'test(/fuzz/)'`."
+            );
+        }
+    }
+
+    /// Whether `response` has data, or an error with a path: a resolver ran, past parsing and
+    /// validation.
+    fn reached_a_resolver(response: &Value) -> bool {
+        let with_path = response["errors"]
+            .as_array()
+            .is_some_and(|errors| errors.iter().any(|e| e.get("path").is_some()));
+        !response["data"].is_null() || with_path
+    }
+
+    /// The contract's codes on every error of `errors`, and never INTERNAL.
+    fn coded(errors: &Value, context: &dyn Fn() -> String) -> Result<(), TestCaseError> {
+        for error in errors.as_array().into_iter().flatten() {
+            let code = error["extensions"]["code"].as_str();
+            prop_assert!(code.is_some(), "uncoded error: {}", context());
+            prop_assert!(code != Some("INTERNAL"), "INTERNAL: {}", context());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_operations_from_the_served_schema_never_fail_the_server() {
+        let Fixture {
+            runtime,
+            db,
+            api,
+            types,
+            known,
+        } = fixture();
+        let callers = callers();
+        let mut runner = runner(400, HTTP_REGRESSIONS);
         let strategy = (any::<u64>(), any::<bool>(), 0..callers.len());
-        let resolved = std::cell::Cell::new(0u32);
+        let resolved = Cell::new(0u32);
         let outcome = runner.run(&strategy, |(seed, mutate, who)| {
             let mut rng = fastrand::Rng::with_seed(seed);
             let (kind, fields) = if mutate {
@@ -725,21 +809,12 @@ mod fuzz {
                     )
                 };
                 prop_assert!(answer.status < 500, "5xx: {}", context());
-                let errors = answer.body["errors"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                for error in &errors {
-                    let code = error["extensions"]["code"].as_str();
-                    prop_assert!(code.is_some(), "uncoded error: {}", context());
-                    prop_assert!(code != Some("INTERNAL"), "INTERNAL: {}", context());
-                }
-                // Data, or an error with a path: a resolver ran, past parsing and validation.
-                if !answer.body["data"].is_null() || errors.iter().any(|e| e.get("path").is_some())
-                {
+                let errors = &answer.body["errors"];
+                coded(errors, &context)?;
+                if reached_a_resolver(&answer.body) {
                     resolved.set(resolved.get() + 1);
                 }
-                if mutate && !errors.is_empty() {
+                if mutate && errors.as_array().is_some_and(|errors| !errors.is_empty()) {
                     prop_assert_eq!(
                         events(&db).await,
                         before,
@@ -750,17 +825,153 @@ mod fuzz {
                 Ok::<(), TestCaseError>(())
             })
         });
-        if let Err(failure) = outcome {
-            panic!(
-                "{failure}\nThe case's seed is kept in {HTTP_REGRESSIONS} (commit it): it replays \
-                 first on every run of `cargo nextest run --test hardening -E 'test(/fuzz/)'`."
-            );
-        }
+        report(outcome, HTTP_REGRESSIONS);
         // Mostly refused by validation, the run would prove nothing about the resolvers.
         assert!(
             resolved.get() >= 100,
             "only {} of 400 operations reached a resolver",
             resolved.get()
         );
+    }
+
+    /// How long a subscription may stay silent before the client completes it: enough for a
+    /// setup that fails to say so, not a bound on anything the server does.
+    const QUIET: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn hostile_subscriptions_from_the_served_schema_never_fail_the_socket() {
+        // The database lives as long as the binding: `..` would drop it here.
+        let Fixture {
+            runtime,
+            db: _db,
+            api,
+            types,
+            known,
+        } = fixture();
+        let callers = callers();
+        // One socket per caller, kept over the run, as a client keeps it.
+        let sockets: RefCell<Vec<Option<Socket>>> =
+            RefCell::new(callers.iter().map(|_| None).collect());
+        let mut runner = runner(100, SOCKET_REGRESSIONS);
+        let strategy = (any::<u64>(), 0..callers.len());
+        let (serial, resolved) = (Cell::new(0u32), Cell::new(0u32));
+        let outcome = runner.run(&strategy, |(seed, who)| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let field = &types.subscription[rng.usize(..types.subscription.len())];
+            let (text, variables) = operation(&types, "subscription", field, &mut rng, &known);
+            let (caller, token) = &callers[who];
+            serial.set(serial.get() + 1);
+            let id = format!("s{}", serial.get());
+            let context = |got: &str| format!("as {caller}: {text}\n{variables}\n-> {got}");
+            runtime.block_on(async {
+                // Taken out for the case (no borrow is held across an await), put back after.
+                let kept = sockets.borrow_mut()[who].take();
+                let mut socket = match kept {
+                    Some(socket) => socket,
+                    None => match join(&api, token.as_deref()).await {
+                        Ok(socket) => socket,
+                        // The protocol's answer to a refused token.
+                        Err(4403) => return Ok(()),
+                        Err(code) => {
+                            return Err(TestCaseError::fail(context(&format!(
+                                "connection_init closed with {code}"
+                            ))));
+                        }
+                    },
+                };
+                subscribe(&mut socket, &id, &text, variables.clone()).await;
+                match answer(&mut socket, &id, QUIET).await {
+                    Heard::Message(message) => {
+                        let got = message.to_string();
+                        let errors = match message["type"].as_str() {
+                            Some("error") => &message["payload"],
+                            _ => &message["payload"]["errors"],
+                        };
+                        coded(errors, &|| context(&got))?;
+                        // Rate limits are off: this is the cap, held by an earlier one.
+                        let capped = errors
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|error| error["extensions"]["code"] == "RATE_LIMITED");
+                        prop_assert!(!capped, "a place still taken: {}", context(&got));
+                        if reached_a_resolver(&message["payload"]) {
+                            resolved.set(resolved.get() + 1);
+                        }
+                    }
+                    // Set up, and waiting for something to happen.
+                    Heard::Nothing => resolved.set(resolved.get() + 1),
+                    Heard::Closed(why) => return Err(TestCaseError::fail(context(&why))),
+                }
+                // Completed by the client whatever it said; a probe then proves the socket
+                // still serves.
+                send(&mut socket, json!({ "type": "complete", "id": id })).await;
+                let probe = format!("probe-{id}");
+                subscribe(&mut socket, &probe, "{ __typename }", json!({})).await;
+                match answer(&mut socket, &probe, Duration::from_secs(10)).await {
+                    Heard::Message(message) if message["type"] == "next" => {}
+                    other => {
+                        let got = format!("then a probe got {other:?}");
+                        return Err(TestCaseError::fail(context(&got)));
+                    }
+                }
+                sockets.borrow_mut()[who] = Some(socket);
+                Ok::<(), TestCaseError>(())
+            })
+        });
+        report(outcome, SOCKET_REGRESSIONS);
+        // Mostly refused by validation, the run would prove nothing about the resolvers.
+        assert!(
+            resolved.get() >= 30,
+            "only {} of 100 subscriptions reached a resolver",
+            resolved.get()
+        );
+    }
+
+    /// A graphql-transport-ws connection as `token`, or the code it was closed with.
+    async fn join(api: &Api, token: Option<&str>) -> Result<Socket, u16> {
+        let mut socket = open(api).await;
+        init(&mut socket, token).await;
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => Ok(socket),
+            Some(Ok(Message::Close(Some(frame)))) => Err(u16::from(frame.code)),
+            other => panic!("neither an ack nor a close: {other:?}"),
+        }
+    }
+
+    /// What the server said about one operation.
+    #[derive(Debug)]
+    enum Heard {
+        Message(Value),
+        Nothing,
+        /// The socket ended, and how.
+        Closed(String),
+    }
+
+    /// The first message for operation `id` within `wait`; messages for other (earlier,
+    /// completed) operations are skipped and pings answered.
+    async fn answer(socket: &mut Socket, id: &str, wait: Duration) -> Heard {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let message = match tokio::time::timeout_at(deadline, socket.next()).await {
+                Err(_) => return Heard::Nothing,
+                Ok(None) => return Heard::Closed("the socket ended without a close".into()),
+                Ok(Some(Err(error))) => {
+                    return Heard::Closed(format!("the socket failed: {error}"));
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            let text = match message {
+                Message::Text(text) => text,
+                Message::Close(frame) => return Heard::Closed(format!("closed: {frame:?}")),
+                _ => continue,
+            };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["type"] == "ping" {
+                send(socket, json!({ "type": "pong" })).await;
+            } else if value["id"] == id {
+                return Heard::Message(value);
+            }
+        }
     }
 }

@@ -262,17 +262,22 @@ pub async fn open(api: &Api) -> Socket {
 /// Opens a graphql-transport-ws connection, authenticated with `token` when given.
 pub async fn connect(api: &Api, token: Option<&str>) -> Socket {
     let mut socket = open(api).await;
+    init(&mut socket, token).await;
+    assert_eq!(next(&mut socket).await["type"], "connection_ack");
+    socket
+}
+
+/// Sends `connection_init`, with `token` in its payload when given.
+pub async fn init(socket: &mut Socket, token: Option<&str>) {
     let payload = token.map_or(
         json!({}),
         |t| json!({ "Authorization": format!("Bearer {t}") }),
     );
     send(
-        &mut socket,
+        socket,
         json!({ "type": "connection_init", "payload": payload }),
     )
     .await;
-    assert_eq!(next(&mut socket).await["type"], "connection_ack");
-    socket
 }
 
 pub async fn send(socket: &mut Socket, message: Value) {
