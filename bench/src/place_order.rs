@@ -3,12 +3,16 @@
 //!
 //! The command API is served in-process on 127.0.0.1:0 exactly as `orderly command-api` wires
 //! it (platform handler: auth, rate limit off, body limit, timeout; the command service on
-//! the PostgreSQL event store). `clients` tasks each send placeOrder flat out, every order
-//! with two lines priced from two of 100 products, a fresh idempotency key and its own
+//! the PostgreSQL event store, order ids keyed with a secret as `ORDERLY_JWT_SECRET` or
+//! `ORDERLY_ORDER_ID_SECRET` makes them). `clients` tasks each send placeOrder flat out, every
+//! order with two lines priced from two of 100 products, a fresh idempotency key and its own
 //! customer token. The saga runner is not running: this measures the command path (auth,
 //! validation, the products' new events in one read unless the service read them less than
 //! the default price max age ago (100 ms), the order decision, one append, whose order id and
-//! event ids follow from the key). Without the saga no product stream changes, so the reads
+//! event ids follow from the key). Keyed ids cost one more read per placement, beside the
+//! products' (does the order exist under the id the key named before ids were keyed?): a
+//! second placeOrder row measures the same service with public ids, which skips it. Without
+//! the saga no product stream changes, so the reads
 //! there find nothing new; with it they would find the reservations, which placement
 //! does not need.
 //! The yardstick is the append benchmark's `orderly single` scenario at the same concurrency
@@ -18,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use orderly_command_api::{CommandService, RegisterProduct};
+use orderly_command_api::{CommandService, OrderIds, RegisterProduct};
 use orderly_domain::values::{Currency, Money, ProductName, Sku};
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_platform::{
@@ -96,7 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             writers: vec![writers],
             rounds: 1,
         };
-        let (mut raws, mut placements) = (Vec::new(), Vec::new());
+        let (mut raws, mut placements, mut public) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.rounds.max(1) {
             admin
                 .batch_execute("truncate events; checkpoint")
@@ -104,31 +108,68 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .context("reset (needs a superuser)")?;
             raws.push(append::measure(&db, Scenario::OrderlySingle, writers, &append_args).await?);
             admin.batch_execute("truncate events; checkpoint").await?;
-            placements.push(place_orders(&db, clients, args.seconds).await?);
+            placements.push(place_orders(&db, clients, args.seconds, Ids::Keyed).await?);
+            admin.batch_execute("truncate events; checkpoint").await?;
+            public.push(place_orders(&db, clients, args.seconds, Ids::Public).await?);
         }
-        let (raw, placed) = (Outcome::median(raws)?, Outcome::median(placements)?);
+        let raw = Outcome::median(raws)?;
+        let (placed, public) = (Outcome::median(placements)?, Outcome::median(public)?);
         println!("{}", raw.row());
         println!("{}", placed.row());
-        ratios.push((clients, placed.events_per_sec() / raw.events_per_sec()));
+        println!("{}", public.row());
+        let ratio = |outcome: &Outcome| outcome.events_per_sec() / raw.events_per_sec();
+        ratios.push((clients, ratio(&placed), ratio(&public)));
     }
-    println!("\n| clients | placeOrder / single-event append |\n|---|---|");
-    for (clients, ratio) in ratios {
-        println!("| {clients} | {:.0}% |", ratio * 100.0);
+    println!(
+        "\n| clients | placeOrder / single-event append | the same with public ids |\n|---|---|---|"
+    );
+    for (clients, keyed, public) in ratios {
+        println!(
+            "| {clients} | {:.0}% | {:.0}% |",
+            keyed * 100.0,
+            public * 100.0
+        );
     }
     Ok(())
+}
+
+/// How the served command API names orders placed with an idempotency key.
+#[derive(Clone, Copy)]
+enum Ids {
+    /// Keyed with the server's secret, as served: one more read per placement.
+    Keyed,
+    /// Public: no secret, no extra read (for comparison only).
+    Public,
+}
+
+impl Ids {
+    fn order_ids(self) -> OrderIds {
+        match self {
+            Self::Keyed => OrderIds::keyed(SECRET.as_bytes()),
+            Self::Public => OrderIds::Public,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Keyed => "placeOrder (GraphQL)",
+            Self::Public => "placeOrder (GraphQL, public ids)",
+        }
+    }
 }
 
 /// Serves the command API on a free port; returns its base URL, the service, and the server
 /// task (abort it, and drop the service, to close the connections).
 async fn serve(
     db: &TestDb,
+    ids: Ids,
 ) -> anyhow::Result<(String, CommandService, tokio::task::JoinHandle<()>)> {
     // The store's default pool, as `orderly command-api` opens it (`ORDERLY_DB_POOL_SIZE`).
     let store = Arc::new(PgEventStore::new(
         db.config().clone(),
         PgStoreOptions::default(),
     )?);
-    let service = CommandService::new(store);
+    let service = CommandService::new(store).with_order_ids(ids.order_ids());
     let schema = orderly_command_api::schema(service.clone());
     let sdl = schema.sdl();
     let jwt = JwtConfig {
@@ -204,8 +245,13 @@ pub(crate) fn two_products() -> (usize, usize) {
     (a, (a + 1 + fastrand::usize(..PRODUCTS - 1)) % PRODUCTS)
 }
 
-async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Result<Outcome> {
-    let (base, service, server) = serve(db).await?;
+async fn place_orders(
+    db: &TestDb,
+    clients: usize,
+    seconds: u64,
+    ids: Ids,
+) -> anyhow::Result<Outcome> {
+    let (base, service, server) = serve(db, ids).await?;
     register_products(&service).await?;
     let issuer = issuer()?;
     let tokens = (0..clients)
@@ -238,7 +284,7 @@ async fn place_orders(db: &TestDb, clients: usize, seconds: u64) -> anyhow::Resu
     server.abort();
     drop(service);
     Ok(Outcome {
-        name: "placeOrder (GraphQL)".to_owned(),
+        name: ids.name().to_owned(),
         writers: clients,
         operations,
         events: operations,
