@@ -12,7 +12,7 @@ use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
     SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
 };
-use orderly_command_api::{CommandService, MutationRoot, OrderIds};
+use orderly_command_api::{CommandService, MutationRoot, OrderIdScheme, OrderIds};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
@@ -228,10 +228,12 @@ pub fn graphql_router(
     let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
     let order_ids = order_ids(settings);
+    let scheme = OrderIdScheme::new(pool.clone());
     let commands = || {
         CommandService::new(store.clone())
             .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
             .with_order_ids(order_ids.clone())
+            .with_order_id_scheme(scheme.clone())
     };
     // Every `events` subscription of this process follows the log through one shared reader.
     let events: Arc<dyn EventStore> = Arc::new(Fanout::new(

@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use orderly_command_api::saga::SagaConfig;
-use orderly_command_api::{CommandError, CommandService, PlaceOrder, RegisterProduct};
+use orderly_command_api::{
+    CommandError, CommandService, OrderIdScheme, PlaceOrder, RegisterProduct,
+};
 use orderly_domain::Rejection;
 use orderly_domain::order::{LineRequest, OrderAggregate, OrderStatus};
 use orderly_domain::streams;
@@ -461,7 +463,12 @@ pub async fn wait_for_saga(
 /// runner leads and this one stands by; either way the orders are driven).
 pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<SeedReport> {
     let store = app::event_store(settings)?;
-    let service = CommandService::new(store).with_order_ids(app::order_ids(settings));
+    // Its own small pool for the order-id scheme: a seed placing public ids must say so
+    // where keyed placements of other processes look.
+    let scheme = OrderIdScheme::new(orderly_platform::pg_pool(&app::pg_config(settings)?, 2)?);
+    let service = CommandService::new(store)
+        .with_order_ids(app::order_ids(settings))
+        .with_order_id_scheme(scheme);
     let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(saga.run_until_stopped(async move {

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
 use crate::metering::{CommandName, metered};
+use crate::order_id_scheme::OrderIdScheme;
 
 /// Namespace of the ids derived from idempotency keys before they were keyed with a secret
 /// (a fixed random UUID). Orders placed then keep these ids, so a retry still finds them.
@@ -127,6 +128,9 @@ pub struct CommandService {
     /// [`CommandService::with_price_max_age`].
     price_max_age: Duration,
     order_ids: OrderIds,
+    /// Whether keyed placements must look for publicly named orders; without it they always
+    /// do (see [`CommandService::with_order_id_scheme`]).
+    scheme: Option<OrderIdScheme>,
 }
 
 /// [`CommandService::with_price_max_age`] unless told otherwise (`ORDERLY_PRICE_MAX_AGE_MS`).
@@ -151,6 +155,7 @@ impl CommandService {
             traceparent: None,
             price_max_age: DEFAULT_PRICE_MAX_AGE,
             order_ids: OrderIds::Public,
+            scheme: None,
         }
     }
 
@@ -158,6 +163,28 @@ impl CommandService {
     /// public derivation keep their ids: a retry of one is answered from it.
     pub fn with_order_ids(self, order_ids: OrderIds) -> Self {
         Self { order_ids, ..self }
+    }
+
+    /// Keyed placements look for the order their key named publicly only while `scheme`
+    /// says the log may hold such orders, and a service placing public ids says so there
+    /// first. Without a scheme a keyed placement always looks: one more read each.
+    pub fn with_order_id_scheme(self, scheme: OrderIdScheme) -> Self {
+        Self {
+            scheme: Some(scheme),
+            ..self
+        }
+    }
+
+    /// Whether the order a key names publicly may exist (see [`OrderIdScheme`]).
+    async fn public_ids_possible(&self) -> Result<bool, CommandError> {
+        match &self.scheme {
+            Some(scheme) => {
+                scheme
+                    .public_ids_possible(self.handler.store().as_ref())
+                    .await
+            }
+            None => Ok(true),
+        }
     }
 
     /// placeOrder prices its lines from the products' states as this service last read them
@@ -222,10 +249,18 @@ impl CommandService {
         // A key first used before ids were keyed named its order the public way: when that
         // order exists, this is a retry of it (or a reuse of its key), decided on it.
         let public = match (&command.idempotency_key, &self.order_ids) {
-            (Some(key), OrderIds::Keyed(_)) => Some(placement_ids(
-                OrderIds::Public.base(&customer_id, key),
-                command.fingerprint,
-            )),
+            (Some(key), OrderIds::Keyed(_)) if self.public_ids_possible().await? => {
+                Some(placement_ids(
+                    OrderIds::Public.base(&customer_id, key),
+                    command.fingerprint,
+                ))
+            }
+            (Some(_), OrderIds::Public) => {
+                if let Some(scheme) = &self.scheme {
+                    scheme.note_public_ids().await?;
+                }
+                None
+            }
             _ => None,
         };
         let (products, earlier) = futures::try_join!(
@@ -604,5 +639,112 @@ mod tests {
             matches!(reused, Err(CommandError::InvalidInput { ref field, .. }) if field == "input.idempotencyKey"),
             "{reused:?}"
         );
+    }
+
+    /// The command side's tables in a database of their own, for the order-id scheme.
+    async fn scheme_database() -> orderly_test_support::TestDb {
+        orderly_test_support::TestDb::create(
+            "command-api",
+            &crate::migration_fingerprint(),
+            |url| async move { crate::migrate(&url.parse()?).await.map_err(Into::into) },
+        )
+        .await
+        .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)")
+    }
+
+    /// A scheme of its own (as a new process would have) on `db`.
+    fn scheme(db: &orderly_test_support::TestDb) -> OrderIdScheme {
+        OrderIdScheme::new(orderly_platform::pg_pool(db.config(), 2).unwrap())
+    }
+
+    /// A keyed service with a scheme of its own on `db`, as a process started now has.
+    async fn keyed_process(
+        store: &Arc<MemoryEventStore>,
+        db: &orderly_test_support::TestDb,
+    ) -> CommandService {
+        service(store.clone(), OrderIds::keyed(b"server secret"))
+            .await
+            .with_order_id_scheme(scheme(db))
+    }
+
+    /// Alice retries `placement` through `service`: answered from `first`, nothing placed.
+    async fn assert_retry_answered_from(
+        service: &CommandService,
+        placement: PlaceOrder,
+        first: &CommandResult,
+    ) {
+        let alice = actor("alice", Role::Customer);
+        let retry = service.place_order(Some(&alice), placement).await.unwrap();
+        assert_eq!(
+            (retry.id.as_str(), retry.replayed),
+            (first.id.as_str(), true)
+        );
+    }
+
+    async fn recorded(db: &orderly_test_support::TestDb) -> Option<bool> {
+        let client = db.connect().await.unwrap();
+        client
+            .query_opt("select public_ids_possible from order_id_scheme", &[])
+            .await
+            .unwrap()
+            .map(|row| row.get(0))
+    }
+
+    #[tokio::test]
+    async fn a_log_begun_with_keyed_ids_records_that_no_public_order_can_exist() {
+        let db = scheme_database().await;
+        let store = Arc::new(MemoryEventStore::new());
+        let alice = actor("alice", Role::Customer);
+        // Products registered, no order yet: the first keyed placement decides.
+        let keyed = keyed_process(&store, &db).await;
+        assert_eq!(recorded(&db).await, None);
+        let placed = keyed
+            .place_order(Some(&alice), placement("k1", 1))
+            .await
+            .unwrap();
+        assert_eq!(recorded(&db).await, Some(false));
+        // Retries are still answered from the keyed order.
+        assert_retry_answered_from(&keyed, placement("k1", 1), &placed).await;
+    }
+
+    #[tokio::test]
+    async fn a_log_that_held_orders_before_the_first_keyed_placement_keeps_finding_them() {
+        let db = scheme_database().await;
+        let store = Arc::new(MemoryEventStore::new());
+        let alice = actor("alice", Role::Customer);
+        // Placed before this version: public ids, no scheme.
+        let old = service(store.clone(), OrderIds::Public).await;
+        let first = old
+            .place_order(Some(&alice), placement("old", 7))
+            .await
+            .unwrap();
+        let keyed = keyed_process(&store, &db).await;
+        assert_retry_answered_from(&keyed, placement("old", 7), &first).await;
+        assert_eq!(recorded(&db).await, Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_process_placing_public_ids_says_so_before_its_first_placement() {
+        let db = scheme_database().await;
+        let store = Arc::new(MemoryEventStore::new());
+        let alice = actor("alice", Role::Customer);
+        keyed_process(&store, &db)
+            .await
+            .place_order(Some(&alice), placement("k1", 1))
+            .await
+            .unwrap();
+        assert_eq!(recorded(&db).await, Some(false));
+        // A process without a secret (against the rule) turns the record over first ...
+        let public = service(store.clone(), OrderIds::Public)
+            .await
+            .with_order_id_scheme(scheme(&db));
+        let first = public
+            .place_order(Some(&alice), placement("p1", 2))
+            .await
+            .unwrap();
+        assert_eq!(recorded(&db).await, Some(true));
+        // ... so a keyed process that starts after it finds that order by its key.
+        let restarted = keyed_process(&store, &db).await;
+        assert_retry_answered_from(&restarted, placement("p1", 2), &first).await;
     }
 }

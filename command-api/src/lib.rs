@@ -12,13 +12,15 @@
 //!   most `ORDERLY_PRICE_MAX_AGE_MS` ago), what they answer. placeOrder's idempotency keys
 //!   live in the log: the key names the order (through an HMAC under the server's secret,
 //!   [`OrderIds`]), the key and the request name its event ids.
+//! - `order_id_scheme`: [`OrderIdScheme`], whether the log may hold orders named the public
+//!   way, which keyed placements then look for first.
 //! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
 //! - `saga`: the runner that follows the log and drives the domain's fulfilment saga, the
 //!   payment gateway port with its resilience wrapper, the outbox worker, the notification
 //!   port (log or SMTP), and `saga::maintenance` (outbox dead letters, the retention purge).
-//! - `migrations`: this crate's tables (saga checkpoint and states, outbox).
+//! - `migrations`: this crate's tables (saga lanes and states, outbox, the order-id scheme).
 //! - `error`: [`CommandError`], this crate's one error type.
 
 mod commands;
@@ -27,6 +29,7 @@ mod graphql;
 mod handling;
 pub mod metering;
 mod migrations;
+mod order_id_scheme;
 pub mod saga;
 
 pub use commands::{
@@ -38,3 +41,4 @@ pub use handling::{
     ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
 };
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
+pub use order_id_scheme::OrderIdScheme;
