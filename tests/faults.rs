@@ -419,9 +419,10 @@ async fn a_strict_read_never_answers_data_older_than_its_token_after_a_crash() {
 /// The read path under the faults a database has at peak, with orders coming in and a probe
 /// that restocks and reads its restock back STRICT all along: PostgreSQL restarted fast three
 /// times, crashed once, a transaction holding the log's horizon for longer than a batch waits,
-/// and a low `statement_timeout`. Afterwards every runner is still running (`/readyz` ready),
-/// every order settled, no STRICT read answered data older than its token, and the read
-/// models equal what a rebuild from the log makes.
+/// and a low `statement_timeout`. After each fault the server is ready again within 30 s, a
+/// STRICT read is answered again and no runner has given up; no STRICT read ever answers data
+/// older than its token; afterwards every order settled and the read models equal what a
+/// rebuild from the log makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
     let cluster = PrivateCluster::create().await.expect("a private cluster");
@@ -433,6 +434,7 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
     }
     let placed = AtomicUsize::new(0);
     let faults_done = AtomicBool::new(false);
+    let answered = AtomicUsize::new(0);
     let burst = place_burst(
         &server.api,
         240,
@@ -440,7 +442,7 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
         &placed,
         |i| json!([{ "sku": if i % 2 == 0 { "PEAK-A" } else { "PEAK-B" }, "quantity": 1 + i % 3 }]),
     );
-    let probe = probe_strict_reads(&server.api, "PEAK-PROBE", &faults_done);
+    let probe = probe_strict_reads(&server.api, "PEAK-PROBE", &faults_done, &answered);
     let faults = async {
         let admin_db = cluster.connect().await.expect("a connection");
         // Sessions opened from here on (every pool refills after the restarts) time out
@@ -460,6 +462,27 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
                 "immediate" => cluster.restart_immediate().await.expect("crash and start"),
                 _ => hold_horizon(&cluster, Duration::from_secs(2)).await,
             }
+            // Checked after each fault, not only after the last: the server says it is ready
+            // again, a STRICT read is answered again (the probe checks every answer against
+            // its token), and no runner gave up.
+            server.assert_ready(Duration::from_secs(30)).await;
+            let before = answered.load(Ordering::Relaxed);
+            let read_again = poll(Duration::from_secs(30), || async {
+                (answered.load(Ordering::Relaxed) > before).then_some(())
+            })
+            .await;
+            assert!(
+                read_again.is_some(),
+                "no STRICT read answered within 30 s after fault {} ({fault})",
+                step / 40
+            );
+            assert_eq!(
+                stopped_projections(&server),
+                0,
+                "a projection runner gave up after fault {} ({fault}):\n{}",
+                step / 40,
+                server.errors()
+            );
         }
         let admin_db = cluster.connect().await.expect("a connection");
         admin_db
@@ -477,14 +500,8 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
         strict.answered
     );
     server.assert_ready(Duration::from_secs(10)).await;
-    let stopped = server
-        .process
-        .output()
-        .lines()
-        .filter(|line| line.contains("projection stopped"))
-        .count();
     assert_eq!(
-        stopped,
+        stopped_projections(&server),
         0,
         "a projection runner gave up:\n{}",
         server.errors()
@@ -742,6 +759,16 @@ async fn strict_product(api: &Api, sku: &str, token: &Value) -> Result<Value, Va
     Ok(body["data"]["product"].clone())
 }
 
+/// Projection runners `server` logged as stopped for good.
+fn stopped_projections(server: &Orderly) -> usize {
+    server
+        .process
+        .output()
+        .lines()
+        .filter(|line| line.contains("projection stopped"))
+        .count()
+}
+
 /// What [`probe_strict_reads`] saw.
 struct StrictReads {
     answered: usize,
@@ -749,8 +776,14 @@ struct StrictReads {
 }
 
 /// Restocks `sku` by one and reads it back STRICT at the restock's token, over and over, until
-/// `done` and then ten times more: every answer with data must show the restock.
-async fn probe_strict_reads(api: &Api, sku: &str, done: &AtomicBool) -> StrictReads {
+/// `done` and then ten times more: every answer with data must show the restock. Counts the
+/// answers in `answered` as they come.
+async fn probe_strict_reads(
+    api: &Api,
+    sku: &str,
+    done: &AtomicBool,
+    answered: &AtomicUsize,
+) -> StrictReads {
     let admin = admin();
     let mut reads = StrictReads {
         answered: 0,
@@ -786,6 +819,7 @@ async fn probe_strict_reads(api: &Api, sku: &str, done: &AtomicBool) -> StrictRe
                 "a STRICT read at the token of version {version} answered {seen}"
             );
             reads.answered += 1;
+            answered.fetch_add(1, Ordering::Relaxed);
             if done.load(Ordering::Relaxed) {
                 reads.after_faults += 1;
             }
