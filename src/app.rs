@@ -19,8 +19,8 @@ use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
-use orderly_projections::{ProjectionHub, ProjectionName, RunnerOptions};
-use orderly_read_api::{AdminMutation, ReadApi, ReadLimits, ReadStore};
+use orderly_projections::{ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions};
+use orderly_read_api::{AdminMutation, ReadApi, ReadLimits, ReadStore, Rebuilds};
 use tokio::net::TcpListener;
 
 use crate::health::Health;
@@ -225,8 +225,11 @@ pub fn graphql_router(
     hub: ProjectionHub,
     part: Part,
 ) -> anyhow::Result<Router> {
-    let pool = orderly_platform::pg_pool(&pg_config(settings)?, settings.db_pool_size)?;
+    let pg_config = pg_config(settings)?;
+    let pool = orderly_platform::pg_pool(&pg_config, settings.db_pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
+    // Rebuilds an admin starts over the API run here, whichever schema they came through.
+    let rebuilds = Rebuilds::new(pg_config, store.clone(), RebuildOptions::default());
     let order_ids = order_ids(settings);
     let scheme = OrderIdScheme::new(pool.clone());
     let commands = || {
@@ -253,6 +256,7 @@ pub fn graphql_router(
             hub.clone(),
             limits,
         )
+        .with_rebuilds(rebuilds.clone())
     };
     match part {
         // Schemas that answer queries come twice: fully validating, and with fast validation

@@ -1,5 +1,5 @@
-//! The operator's additions to the API: the log page by page and the projections' dead
-//! letters, for admins only.
+//! The operator's additions to the API: the log page by page, the projections' dead letters
+//! and their rebuilds, for admins only.
 
 mod common;
 
@@ -13,6 +13,17 @@ const DEAD_LETTERS: &str = "query($all: Boolean!) {
   deadLetters(includeResolved: $all) { id projection stream type error resolution } }";
 const RETRY: &str = "mutation($id: Long!) { retryDeadLetter(id: $id) { id applied error } }";
 const SKIP: &str = "mutation($id: Long!) { skipDeadLetter(id: $id) }";
+const REBUILD: &str = "mutation($name: String!) {
+  startProjectionRebuild(name: $name) { projection state events } }";
+const REBUILD_PROGRESS: &str = "query($name: String!) {
+  projectionRebuild(name: $name) {
+    projection state events total position eventsPerSecond startedAt finishedAt error } }";
+/// The orders projection's read model as one text, row by row in a fixed order.
+const ORDERS_MODEL: &str = "select concat_ws(' / ',
+  (select string_agg(t::text, ';' order by t::text) from orders t),
+  (select string_agg(t::text, ';' order by t::text) from order_lines t),
+  (select string_agg(t::text, ';' order by t::text) from order_status_history t),
+  (select string_agg(t::text, ';' order by t::text) from customers t))";
 
 fn types(page: &Value) -> Vec<&str> {
     page["events"]
@@ -155,4 +166,93 @@ async fn an_admin_retries_and_skips_dead_letters_and_nobody_else_may() {
         .gql(Some(&admin), DEAD_LETTERS, json!({ "all": true }))
         .await;
     assert_eq!(all.data("deadLetters")[0]["resolution"], "skipped");
+}
+
+/// Polls the rebuild of `name` until it has stopped running (30 s at most); its last record.
+async fn rebuilt(api: &Api, admin: &str, name: &str) -> Value {
+    for _ in 0..300 {
+        let answer = api
+            .gql(Some(admin), REBUILD_PROGRESS, json!({ "name": name }))
+            .await;
+        let progress = answer.data("projectionRebuild");
+        if progress["state"] != "RUNNING" {
+            return progress.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the rebuild of {name} still ran after 30 s");
+}
+
+/// The read model's text once it holds `orders` orders.
+async fn orders_model(db: &orderly_test_support::TestDb, orders: i64) -> String {
+    common::eventually(
+        db,
+        "select count(*) from orders",
+        orders,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let client = db.connect().await.unwrap();
+    client.query_one(ORDERS_MODEL, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn an_admin_rebuilds_a_projection_and_follows_it_to_the_swap() {
+    let db = common::migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "RB-1", 100, "EUR", 10).await;
+    for who in ["alice", "bob", "alice"] {
+        place_one(&api, who, "RB-1").await;
+    }
+    let before = orders_model(&db, 3).await;
+    let admin = admin();
+    let orders = json!({ "name": "orders" });
+
+    for who in [customer("alice"), common::warehouse()] {
+        let refused = api.gql(Some(&who), REBUILD, orders.clone()).await;
+        assert_eq!(refused.code(), "FORBIDDEN");
+        let refused = api.gql(Some(&who), REBUILD_PROGRESS, orders.clone()).await;
+        assert_eq!(refused.code(), "FORBIDDEN");
+    }
+    let anonymous = api.gql(None, REBUILD, orders.clone()).await;
+    assert_eq!(anonymous.code(), "UNAUTHENTICATED");
+    let unknown = api
+        .gql(Some(&admin), REBUILD, json!({ "name": "invoices" }))
+        .await;
+    assert_eq!(unknown.code(), "BAD_USER_INPUT");
+    let none_yet = api
+        .gql(Some(&admin), REBUILD_PROGRESS, orders.clone())
+        .await;
+    assert_eq!(none_yet.data("projectionRebuild"), &Value::Null);
+
+    // The rebuild's first statement waits behind this lock, so it is still running when the
+    // second start arrives.
+    let holder = db.connect().await.unwrap();
+    holder
+        .batch_execute("begin; lock table projection_rebuilds in access exclusive mode")
+        .await
+        .unwrap();
+    let started = api.gql(Some(&admin), REBUILD, orders.clone()).await;
+    assert_eq!(
+        started.data("startProjectionRebuild"),
+        &json!({ "projection": "orders", "state": "RUNNING", "events": 0 })
+    );
+    let second = api.gql(Some(&admin), REBUILD, orders.clone()).await;
+    assert_eq!(second.code(), "CONFLICT");
+    holder.batch_execute("commit").await.unwrap();
+
+    let progress = rebuilt(&api, &admin, "orders").await;
+    assert_eq!(progress["state"], "DONE", "{progress}");
+    assert_eq!(progress["error"], Value::Null);
+    // Every event the projection reads counts, the three orders' among them.
+    assert!(progress["events"].as_i64() >= Some(3), "{progress}");
+    assert_eq!(progress["total"], progress["events"]);
+    assert!(progress["finishedAt"].is_string(), "{progress}");
+    assert!(progress["position"].is_string(), "{progress}");
+    assert_eq!(orders_model(&db, 3).await, before);
+
+    // Once done, the projection may be rebuilt again.
+    let again = api.gql(Some(&admin), REBUILD, orders).await;
+    assert_eq!(again.data("startProjectionRebuild")["state"], "RUNNING");
+    assert_eq!(rebuilt(&api, &admin, "orders").await["state"], "DONE");
 }

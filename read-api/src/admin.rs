@@ -1,5 +1,6 @@
 //! Operator queries and mutations beyond the contract's, for the console and scripts: the
-//! log browsed page by page, and the projections' dead letters listed, retried and skipped.
+//! log browsed page by page, the projections' dead letters listed, retried and skipped, and
+//! their rebuilds started and followed.
 //! All of them are for admins, checked here before anything is read or changed.
 
 use async_graphql::{Context, Object, SimpleObject};
@@ -10,6 +11,7 @@ use orderly_projections::{ProjectionName, dlq};
 
 use crate::ReadError;
 use crate::context::{ReadApi, request_id, signed_in};
+use crate::rebuilds::ProjectionRebuild;
 use crate::types::EventRecord;
 
 /// Largest page of the log one request returns.
@@ -193,6 +195,20 @@ impl AdminQuery {
         })
         .await
     }
+
+    /// Admin only. The last rebuild of the projection started in this process; null when none
+    /// was.
+    async fn projection_rebuild(
+        &self,
+        ctx: &Context<'_>,
+        name: String,
+    ) -> async_graphql::Result<Option<ProjectionRebuild>> {
+        as_admin(ctx, async |api| {
+            let name = projection(&name)?;
+            Ok(api.rebuilds()?.progress(name))
+        })
+        .await
+    }
 }
 
 #[Object(name = "OperatorMutations")]
@@ -233,6 +249,22 @@ impl AdminMutation {
             dlq::skip(&client, id.0).await.map_err(letter_error)?;
             tracing::info!(dead_letter = id.0, "dead letter skipped");
             Ok(id)
+        })
+        .await
+    }
+
+    /// Admin only. Starts rebuilding the projection in a task of this process and answers at
+    /// once; `projectionRebuild` follows it.
+    async fn start_projection_rebuild(
+        &self,
+        ctx: &Context<'_>,
+        name: String,
+    ) -> async_graphql::Result<ProjectionRebuild> {
+        as_admin(ctx, async |api| {
+            let name = projection(&name)?;
+            let started = api.rebuilds()?.start(name)?;
+            tracing::info!(projection = %name, "rebuild started");
+            Ok(started)
         })
         .await
     }

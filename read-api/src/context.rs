@@ -13,6 +13,7 @@ use orderly_projections::ProjectionHub;
 use crate::ReadError;
 use crate::consistency::LagGauge;
 use crate::cursor;
+use crate::rebuilds::Rebuilds;
 use crate::sql::{OrderKey, OrderQuery, ProductKey, ReadStore};
 use crate::types::{
     Order, OrderConnection, OrderEdge, PageInfo, Product, ProductConnection, ProductEdge,
@@ -50,6 +51,9 @@ pub struct ReadApi {
     hub: ProjectionHub,
     gauge: Arc<LagGauge>,
     limits: ReadLimits,
+    /// Where admins start rebuilds; none where this process may not run them (a schema built
+    /// only to print its SDL, tests of the read models alone).
+    rebuilds: Option<Rebuilds>,
 }
 
 impl ReadApi {
@@ -68,7 +72,22 @@ impl ReadApi {
             hub,
             gauge,
             limits,
+            rebuilds: None,
         }
+    }
+
+    /// Lets admins start projection rebuilds in this process.
+    pub fn with_rebuilds(self, rebuilds: Rebuilds) -> Self {
+        Self {
+            rebuilds: Some(rebuilds),
+            ..self
+        }
+    }
+
+    pub fn rebuilds(&self) -> Result<&Rebuilds, ReadError> {
+        self.rebuilds
+            .as_ref()
+            .ok_or_else(|| ReadError::Unavailable("this process runs no rebuilds".into()))
     }
 
     /// The API from a resolver's context; its absence is a wiring bug.

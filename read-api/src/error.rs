@@ -21,6 +21,10 @@ pub enum ReadError {
     /// Nothing of that name the caller may see: do not retry.
     #[error("no such {0}")]
     NotFound(&'static str),
+    /// The request collides with work under way (a rebuild of the same projection): wait for
+    /// it to end, then retry.
+    #[error("{0}")]
+    Conflict(String),
     /// A subscriber left `buffer` messages unread for longer than the patience period; the
     /// subscription ended. Resubscribe (for `events`, from the last position received).
     #[error("subscriber too slow: {buffer} messages waited over {patience_ms} ms; resubscribe")]
@@ -49,6 +53,7 @@ impl ReadError {
             Self::Forbidden(why) => ErrorCode::Forbidden.error(*why),
             Self::Stale { .. } => ErrorCode::StaleRead.error(self.to_string()),
             Self::NotFound(_) => ErrorCode::NotFound.error(self.to_string()),
+            Self::Conflict(why) => ErrorCode::Conflict.error(why.clone()),
             Self::SlowSubscriber { .. } => ErrorCode::Unavailable
                 .error(self.to_string())
                 .extend_with(|_, e| e.set("reason", "SLOW_SUBSCRIBER")),

@@ -8,10 +8,13 @@
 //!   `extensions.consistency {token, stale, lagMs}` to every query response.
 //! - `query`: [`QueryRoot`]; who may read what is checked first in each resolver.
 //! - `admin`: [`AdminQuery`] and [`AdminMutation`], the operator's additions to the contract
-//!   (the log page by page, dead letters listed, retried, skipped), for admins only.
+//!   (the log page by page, dead letters listed, retried, skipped, rebuilds started and
+//!   followed), for admins only.
 //!   [`ReadQuery`] and [`ReadMutation`] are what a schema serving reads is built from.
 //! - `subscription`: [`SubscriptionRoot`] (`orderUpdated`, `events`), each behind a bounded
 //!   buffer that cuts off a subscriber who stops reading.
+//! - `rebuilds`: [`Rebuilds`], projection rebuilds run in a task of the serving process, with
+//!   their progress.
 //! - `context`: [`ReadApi`], what resolvers share (read store, event store, hub, limits), and
 //!   the page builders that load a page's children in one statement each.
 //! - `sql`: [`ReadStore`], every statement sent to the read models, counted.
@@ -24,6 +27,7 @@ mod context;
 mod cursor;
 mod error;
 mod query;
+mod rebuilds;
 mod sql;
 mod subscription;
 mod types;
@@ -37,6 +41,7 @@ pub use context::{MAX_PAGE, ReadApi, ReadLimits};
 pub use error::ReadError;
 use orderly_projections::ProjectionHub;
 pub use query::QueryRoot;
+pub use rebuilds::{ProjectionRebuild, RebuildState, Rebuilds};
 pub use sql::ReadStore;
 pub use subscription::{SubscriptionRoot, bounded};
 
