@@ -233,8 +233,100 @@ function order(main, { notify, arg }) {
   return null;
 }
 
-/// Projections: state, checkpoint, lag, and their dead letters with retry and skip.
+const REBUILD_FIELDS = 'projection state events total eventsPerSecond startedAt finishedAt error';
+/// How often a running rebuild's progress is asked for.
+const REBUILD_POLL_MS = 500;
+
+/// A count as the operator reads it: 12,345.
+function count(n) {
+  return Number(n).toLocaleString();
+}
+
+/// What a rebuild has done so far, into `cell`: a bar while it runs, then done or the error.
+function showRebuild(cell, rebuild) {
+  cell.dataset.rebuildState = rebuild.state.toLowerCase();
+  const rate = `${count(Math.round(rebuild.eventsPerSecond))} events/s`;
+  if (rebuild.state === 'RUNNING') {
+    const total = rebuild.total == null ? null : Number(rebuild.total);
+    const share = total ? Math.min(100, Math.floor((100 * Number(rebuild.events)) / total)) : null;
+    const done = total == null ? `${count(rebuild.events)} events`
+      : `${share ?? 100}% (${count(rebuild.events)} of ${count(total)} events)`;
+    return [
+      h('progress', total ? { max: total, value: rebuild.events } : {}),
+      h('span', { class: 'rebuild-progress' }, ` ${done}, ${rate}`),
+    ];
+  }
+  if (rebuild.state === 'DONE') {
+    return h('span', { class: 'rebuild-done' },
+      `rebuilt: ${count(rebuild.events)} events, ${rate}, swapped in ${when(rebuild.finishedAt)}`);
+  }
+  return h('span', { class: 'rebuild-failed' }, `rebuild failed ${when(rebuild.finishedAt)}: ${rebuild.error}`);
+}
+
+/// Projections: state, checkpoint, lag, rebuilds started and followed, and their dead letters
+/// with retry and skip.
 function projections(main, { notify }) {
+  // Each projection's rebuild cell lives across the table's refreshes: its progress is polled
+  // on its own, faster than the table.
+  const rebuilds = new Map();
+  const polls = new Set();
+
+  function rebuildCell(name) {
+    if (!rebuilds.has(name)) {
+      const status = h('span', { class: 'rebuild-status' });
+      const button = h('button', { type: 'button', class: 'rebuild', onclick: () => startRebuild(name) }, 'Rebuild');
+      rebuilds.set(name, { cell: h('td', { class: 'rebuild' }, button, ' ', status), button, status });
+      follow(name);
+    }
+    return rebuilds.get(name).cell;
+  }
+
+  function render(name, rebuild) {
+    const { button, status } = rebuilds.get(name);
+    button.disabled = rebuild != null && rebuild.state === 'RUNNING';
+    status.replaceChildren(...(rebuild ? [showRebuild(rebuilds.get(name).cell, rebuild)].flat() : []));
+  }
+
+  /// Shows the last rebuild of `name`, asking again every REBUILD_POLL_MS while it runs.
+  function follow(name, started = false) {
+    const poll = setInterval(ask, REBUILD_POLL_MS);
+    polls.add(poll);
+    // Only an end seen happening is announced, not one found when the page opens.
+    let running = started;
+    async function ask() {
+      try {
+        const { data } = await gql(`query($name: String!) { projectionRebuild(name: $name) { ${REBUILD_FIELDS} } }`, { name });
+        const rebuild = data.projectionRebuild;
+        render(name, rebuild);
+        if (rebuild != null && rebuild.state === 'RUNNING') {
+          running = true;
+          return;
+        }
+        clearInterval(poll);
+        polls.delete(poll);
+        if (running && rebuild.state === 'DONE') notify(`${name} rebuilt and swapped in`, 'ok');
+        if (running && rebuild.state === 'FAILED') notify(`rebuild of ${name} failed: ${rebuild.error}`, 'error');
+      } catch (error) {
+        clearInterval(poll);
+        polls.delete(poll);
+        failure(notify, error);
+      }
+    }
+    ask();
+  }
+
+  async function startRebuild(name) {
+    if (!window.confirm(`Rebuild projection ${name}?\nThis replays the whole log into shadow tables while the live ones keep serving, checks them and swaps them in.`)) return;
+    try {
+      const { data } = await gql(`mutation($name: String!) { startProjectionRebuild(name: $name) { ${REBUILD_FIELDS} } }`, { name });
+      render(name, data.startProjectionRebuild);
+      notify(`rebuild of ${name} started`, 'info');
+      follow(name, true);
+    } catch (error) {
+      failure(notify, error);
+    }
+  }
+
   const table = h('tbody');
   const letters = h('tbody');
   const showResolved = h('input', { type: 'checkbox', id: 'resolved' });
@@ -251,7 +343,8 @@ function projections(main, { notify }) {
         h('td', {}, h('code', {}, p.position || '–')),
         h('td', { class: 'num' }, p.lagEvents ?? '–'),
         h('td', { class: 'num' }, p.lagMs ?? '–'),
-        h('td', { class: 'num' }, p.deadLetters))));
+        h('td', { class: 'num' }, p.deadLetters),
+        rebuildCell(p.name))));
       letters.replaceChildren(...(data.deadLetters.length ? data.deadLetters.map(letterRow)
         : [h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No dead letters.'))]));
     } catch (error) {
@@ -295,15 +388,19 @@ function projections(main, { notify }) {
   showResolved.addEventListener('change', refresh);
   main.append(
     h('h1', {}, 'Projections'),
-    h('table', {}, h('thead', {}, h('tr', {}, ['name', 'state', 'checkpoint', 'lag (events)', 'lag (ms)', 'dead letters'].map((t) => h('th', {}, t)))), table),
-    h('p', { class: 'muted' }, 'A rebuild replays the log into shadow tables and swaps them in: ',
-      h('code', {}, 'orderly projections rebuild NAME'), ' (its progress shows here as the state REBUILDING).'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['name', 'state', 'checkpoint', 'lag (events)', 'lag (ms)', 'dead letters', 'rebuild'].map((t) => h('th', {}, t)))), table),
+    h('p', { class: 'muted' }, 'A rebuild replays the log into shadow tables while the live ones serve, checks them and swaps them in. ',
+      'One started here runs in this server; one started with ', h('code', {}, 'orderly projections rebuild NAME'),
+      ' shows here as the state REBUILDING.'),
     h('h2', {}, 'Dead letters ', h('label', { class: 'small' }, showResolved, ' show resolved')),
     h('table', {}, h('thead', {}, h('tr', {}, ['id', 'projection', 'event', 'error', 'parked', ''].map((t) => h('th', {}, t)))), letters),
   );
   refresh();
   const timer = setInterval(refresh, 5000);
-  return () => clearInterval(timer);
+  return () => {
+    clearInterval(timer);
+    polls.forEach(clearInterval);
+  };
 }
 
 export const pages = { log, order, projections };
