@@ -9,7 +9,7 @@ use common::{admin, park, place_one, register, settings_for, start};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_follows_an_order_retries_a_dead_letter_and_watches_the_tail() {
+async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches_the_tail() {
     let db = common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     register(&api, "CON-1", 1250, "EUR", 100).await;
@@ -65,6 +65,7 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_and_watches_the_tail
             "log",
             "order",
             "dead letter retried",
+            "rebuild",
             "tail",
             "graphiql query",
             "graphiql subscription"
@@ -72,13 +73,25 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_and_watches_the_tail
     );
     let freshness = seen["freshness"].as_str().unwrap_or_default();
     assert!(freshness.contains("not stale"), "{freshness}");
+    let dialogs: Vec<&str> = seen["dialogs"]
+        .as_array()
+        .map(|d| d.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(dialogs.len(), 2, "{dialogs:?}");
     assert!(
-        seen["dialog"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("Retry dead letter"),
-        "the retry was not confirmed first: {}",
-        seen["dialog"]
+        dialogs[0].contains("Retry dead letter"),
+        "the retry was not confirmed first: {dialogs:?}"
+    );
+    assert!(
+        dialogs[1].contains("Rebuild projection orders"),
+        "the rebuild was not confirmed first: {dialogs:?}"
+    );
+    let rebuilt = seen["rebuild"].as_str().unwrap_or_default();
+    assert!(rebuilt.contains("rebuilt:"), "{rebuilt}");
+    // The rebuild went through the API and swapped in: nothing of it is left in progress.
+    assert_eq!(
+        common::count(&db, "select count(*) from projection_rebuilds").await,
+        0
     );
     // The retry went through the API: the letter is resolved in the database.
     assert_eq!(

@@ -13,7 +13,7 @@ const require = createRequire(`${process.env.ORDERLY_NODE_DIR ?? '.'}/`);
 const { chromium } = require('playwright-core');
 
 const input = JSON.parse(process.argv[2]);
-const seen = { foreign: [], steps: [] };
+const seen = { foreign: [], steps: [], dialogs: [] };
 const step = (name) => seen.steps.push(name);
 const TIMEOUT = 15000;
 
@@ -69,7 +69,7 @@ try {
   const pageErrors = [];
   page.on('pageerror', (error) => pageErrors.push(error.message));
   page.on('dialog', (dialog) => {
-    seen.dialog = dialog.message();
+    seen.dialogs.push(dialog.message());
     dialog.accept();
   });
 
@@ -104,6 +104,15 @@ try {
   await page.locator('#notice.ok').filter({ hasText: 'applied and resolved' }).waitFor();
   await letter.waitFor({ state: 'detached' });
   step('dead letter retried');
+
+  // A rebuild of the orders projection, confirmed, followed to the swap.
+  const rebuild = page.locator('tr[data-projection="orders"] td.rebuild');
+  await rebuild.locator('button.rebuild').click();
+  await page.locator('tr[data-projection="orders"] td.rebuild[data-rebuild-state="done"]').waitFor();
+  await page.locator('#notice.ok').filter({ hasText: 'orders rebuilt and swapped in' }).waitFor();
+  seen.rebuild = await rebuild.innerText();
+  await page.screenshot({ path: join(input.screenshots, 'rebuild.png') });
+  step('rebuild');
 
   // The live tail receives an event appended while it watches.
   await page.goto(`${input.base}/console#/log`);
