@@ -256,3 +256,58 @@ async fn an_admin_rebuilds_a_projection_and_follows_it_to_the_swap() {
     assert_eq!(again.data("startProjectionRebuild")["state"], "RUNNING");
     assert_eq!(rebuilt(&api, &admin, "orders").await["state"], "DONE");
 }
+
+#[tokio::test]
+async fn a_rebuild_another_process_holds_fails_with_why_and_the_next_start_swaps_in() {
+    let db = common::migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "RB-2", 100, "EUR", 10).await;
+    place_one(&api, "alice", "RB-2").await;
+    let before = orders_model(&db, 1).await;
+    let admin = admin();
+    let orders = json!({ "name": "orders" });
+
+    // Another process's rebuild: it takes the projection's rebuild lock, then waits behind the
+    // held table (once it waits, it holds the lock) until this test lets it go.
+    let holder = db.connect().await.unwrap();
+    holder
+        .batch_execute("begin; lock table projection_rebuilds in access exclusive mode")
+        .await
+        .unwrap();
+    let pg_config = orderly::app::pg_config(&settings).unwrap();
+    let store = orderly::app::event_store(&settings).unwrap();
+    let other = tokio::spawn(async move {
+        orderly_projections::rebuild(
+            &pg_config,
+            store,
+            orderly_projections::ProjectionName::Orders,
+            &orderly_projections::RebuildOptions::default(),
+            |_| {},
+        )
+        .await
+    });
+    common::eventually(
+        &db,
+        "select count(*) from pg_locks
+         where relation = 'projection_rebuilds'::regclass and not granted",
+        1,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+
+    let started = api.gql(Some(&admin), REBUILD, orders.clone()).await;
+    assert_eq!(started.data("startProjectionRebuild")["state"], "RUNNING");
+    let failed = rebuilt(&api, &admin, "orders").await;
+    assert_eq!(failed["state"], "FAILED", "{failed}");
+    let why = failed["error"].as_str().unwrap_or_default();
+    assert!(why.contains("another process is rebuilding"), "{why}");
+    assert!(failed["finishedAt"].is_string(), "{failed}");
+
+    holder.batch_execute("commit").await.unwrap();
+    other.await.unwrap().unwrap();
+    let again = api.gql(Some(&admin), REBUILD, orders).await;
+    assert_eq!(again.data("startProjectionRebuild")["state"], "RUNNING");
+    assert_eq!(rebuilt(&api, &admin, "orders").await["state"], "DONE");
+    assert_eq!(orders_model(&db, 1).await, before);
+}
