@@ -12,7 +12,9 @@ use orderly_command_api::saga::{
     HttpGateway, LogNotifier, Notifier, PaymentGateway, Resilience, Resilient, SagaConfig,
     SagaRunner, Simulator, SmtpNotifier, SmtpSettings,
 };
-use orderly_command_api::{CommandService, MutationRoot, OrderIdScheme, OrderIds};
+use orderly_command_api::{
+    CommandService, MutationRoot, OrderIdScheme, OrderIds, SagaMutation, SagaOperations, SagaQuery,
+};
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
@@ -20,17 +22,31 @@ use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions};
-use orderly_read_api::{AdminMutation, ReadApi, ReadLimits, ReadStore, Rebuilds};
+use orderly_read_api::{
+    AdminMutation, AdminQuery, QueryRoot, ReadApi, ReadLimits, ReadStore, Rebuilds,
+    SubscriptionRoot,
+};
 use tokio::net::TcpListener;
 
 use crate::health::Health;
 use crate::read_side::Projections;
 use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
 
+/// The contract's queries and the operator's (the read side's and the saga's), as `orderly
+/// serve` serves them.
+#[derive(async_graphql::MergedObject, Default)]
+#[graphql(name = "Query")]
+pub struct Query(QueryRoot, AdminQuery, SagaQuery);
+
 /// The contract's mutations and the operator's, as `orderly serve` serves them.
 #[derive(async_graphql::MergedObject, Default)]
 #[graphql(name = "Mutation")]
-pub struct Mutation(MutationRoot, AdminMutation);
+pub struct Mutation(MutationRoot, AdminMutation, SagaMutation);
+
+/// The schema `orderly serve` serves: the read API's with the command side's additions.
+fn served_builder() -> async_graphql::SchemaBuilder<Query, Mutation, SubscriptionRoot> {
+    async_graphql::Schema::build(Query::default(), Mutation::default(), SubscriptionRoot)
+}
 
 /// Which part of the service a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,9 +281,12 @@ pub fn graphql_router(
             let reads = reads();
             // One command service (and its cache of aggregate states) behind both schemas.
             let commands = commands();
+            // The saga's tables are beside the read models (as `orderly saga status` reads them).
+            let saga = SagaOperations::new(pool.clone(), SagaConfig::default().name);
             let build = |mode| {
-                let builder = orderly_read_api::builder(Mutation::default())
+                let builder = served_builder()
                     .data(commands.clone())
+                    .data(saga.clone())
                     .validation_mode(mode);
                 orderly_read_api::install(builder, reads.clone()).finish()
             };
@@ -308,7 +327,7 @@ pub fn served_sdl(settings: &Settings) -> anyhow::Result<String> {
         ProjectionHub::new(),
         ReadLimits::default(),
     );
-    let builder = orderly_read_api::builder(Mutation::default()).data(CommandService::new(store));
+    let builder = served_builder().data(CommandService::new(store));
     Ok(orderly_read_api::install(builder, reads).finish().sdl())
 }
 

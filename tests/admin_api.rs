@@ -1,9 +1,13 @@
 //! The operator's additions to the API: the log page by page, the projections' dead letters
-//! and their rebuilds, for admins only.
+//! and their rebuilds, the saga's lanes, parked events and outbox dead letters, for admins
+//! only.
 
 mod common;
 
-use common::{Api, admin, customer, park, place_one, register, settings_for, start};
+use common::{
+    Api, admin, customer, dead_letter_outbox, park, park_saga_event, place_one, register,
+    settings_for, start, start_with_saga, warehouse,
+};
 use serde_json::{Value, json};
 
 const EVENTS: &str = "query($stream: String, $category: String, $type: String, $after: ConsistencyToken, $first: Int!) {
@@ -18,6 +22,16 @@ const REBUILD: &str = "mutation($name: String!) {
 const REBUILD_PROGRESS: &str = "query($name: String!) {
   projectionRebuild(name: $name) {
     projection state events total position eventsPerSecond startedAt finishedAt error } }";
+const SAGA_STATUS: &str = "{ sagaStatus {
+  name lanes { lane owner generation checkpoint caughtUp behindSeconds } members parked } }";
+const SAGA_PARKED: &str = "{ sagaParkedEvents {
+  eventId orderId stream type error attempts parkedAt retryRequestedAt } }";
+const RETRY_PARKED: &str = "mutation($id: UUID!) { retryParkedSagaEvent(eventId: $id) }";
+const SKIP_PARKED: &str = "mutation($id: UUID!) { skipParkedSagaEvent(eventId: $id) }";
+const OUTBOX: &str = "query($all: Boolean!) { outboxDeadLetters(includePending: $all) {
+  outboxId orderId kind state attempts lastError createdAt deadLetteredAt } }";
+const RETRY_OUTBOX: &str = "mutation($id: UUID!) { retryOutboxMessage(outboxId: $id) }";
+const SKIP_OUTBOX: &str = "mutation($id: UUID!) { skipOutboxMessage(outboxId: $id) }";
 /// The orders projection's read model as one text, row by row in a fixed order.
 const ORDERS_MODEL: &str = "select concat_ws(' / ',
   (select string_agg(t::text, ';' order by t::text) from orders t),
@@ -124,7 +138,7 @@ async fn an_admin_retries_and_skips_dead_letters_and_nobody_else_may() {
     assert_eq!(letters[0]["id"], retried);
     assert_eq!(letters[0]["error"], "handler failed: test");
 
-    for who in [customer("alice"), common::warehouse()] {
+    for who in [customer("alice"), warehouse()] {
         let refused = api.gql(Some(&who), RETRY, json!({ "id": retried })).await;
         assert_eq!(refused.code(), "FORBIDDEN");
         let refused = api
@@ -208,7 +222,7 @@ async fn an_admin_rebuilds_a_projection_and_follows_it_to_the_swap() {
     let admin = admin();
     let orders = json!({ "name": "orders" });
 
-    for who in [customer("alice"), common::warehouse()] {
+    for who in [customer("alice"), warehouse()] {
         let refused = api.gql(Some(&who), REBUILD, orders.clone()).await;
         assert_eq!(refused.code(), "FORBIDDEN");
         let refused = api.gql(Some(&who), REBUILD_PROGRESS, orders.clone()).await;
@@ -310,4 +324,175 @@ async fn a_rebuild_another_process_holds_fails_with_why_and_the_next_start_swaps
     assert_eq!(again.data("startProjectionRebuild")["state"], "RUNNING");
     assert_eq!(rebuilt(&api, &admin, "orders").await["state"], "DONE");
     assert_eq!(orders_model(&db, 1).await, before);
+}
+
+#[tokio::test]
+async fn the_sagas_operations_are_refused_to_everyone_but_admins() {
+    let db = common::migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let id = json!({ "id": uuid::Uuid::new_v4() });
+    let operations = [
+        (SAGA_STATUS, json!({})),
+        (SAGA_PARKED, json!({})),
+        (OUTBOX, json!({ "all": true })),
+        (RETRY_PARKED, id.clone()),
+        (SKIP_PARKED, id.clone()),
+        (RETRY_OUTBOX, id.clone()),
+        (SKIP_OUTBOX, id),
+    ];
+    for (operation, variables) in operations {
+        for who in [customer("alice"), warehouse()] {
+            let refused = api.gql(Some(&who), operation, variables.clone()).await;
+            assert_eq!(refused.code(), "FORBIDDEN", "{operation}");
+        }
+        let anonymous = api.gql(None, operation, variables).await;
+        assert_eq!(anonymous.code(), "UNAUTHENTICATED", "{operation}");
+    }
+}
+
+#[tokio::test]
+async fn an_admin_sees_the_sagas_sixteen_lanes_and_the_member_holding_them() {
+    let db = common::migrated_database().await;
+    let api = start_with_saga(&settings_for(db.url())).await;
+    let admin = admin();
+    // The runner creates the lanes and takes their leases as it starts.
+    let mut status = Value::Null;
+    for _ in 0..200 {
+        let answer = api.gql(Some(&admin), SAGA_STATUS, json!({})).await;
+        status = answer.data("sagaStatus").clone();
+        let lanes = status["lanes"].as_array().unwrap();
+        if lanes.len() == 16 && lanes.iter().all(|lane| !lane["owner"].is_null()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status["name"], "fulfilment");
+    let lanes = status["lanes"].as_array().unwrap();
+    let numbers: Vec<i64> = lanes.iter().map(|l| l["lane"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, (0..16).collect::<Vec<_>>());
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{status}");
+    assert!(
+        lanes.iter().all(|lane| lane["owner"] == members[0]),
+        "{status}"
+    );
+    assert!(
+        lanes
+            .iter()
+            .all(|lane| lane["generation"].as_i64() >= Some(1))
+    );
+    // Nothing in the log yet: every lane has read it all.
+    assert!(
+        lanes.iter().all(|lane| lane["caughtUp"] == true),
+        "{status}"
+    );
+    assert!(lanes.iter().all(|lane| lane["behindSeconds"].is_null()));
+    assert_eq!(status["parked"], 0);
+}
+
+#[tokio::test]
+async fn an_admin_retries_and_skips_parked_saga_events() {
+    let db = common::migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    register(&api, "PARK-1", 100, "EUR", 10).await;
+    let order = place_one(&api, "alice", "PARK-1").await;
+    let admin = admin();
+    log_holds(&api, &admin, 2).await;
+    let log = api.gql(Some(&admin), EVENTS, json!({ "first": 2 })).await;
+    let events = &log.data("events")["events"];
+    let registered = park_saga_event(&db, &events[0], "step failed: test").await;
+    let placed = park_saga_event(&db, &events[1], "step failed: test").await;
+
+    let parked = api.gql(Some(&admin), SAGA_PARKED, json!({})).await;
+    let parked = parked.data("sagaParkedEvents");
+    assert_eq!(parked[0]["eventId"], registered);
+    assert_eq!(parked[0]["orderId"], Value::Null);
+    assert_eq!(parked[1]["eventId"], placed);
+    assert_eq!(parked[1]["orderId"], order);
+    assert_eq!(parked[1]["type"], "OrderPlaced");
+    assert_eq!(parked[1]["error"], "step failed: test");
+    assert_eq!(parked[1]["retryRequestedAt"], Value::Null);
+    let status = api.gql(Some(&admin), SAGA_STATUS, json!({})).await;
+    assert_eq!(status.data("sagaStatus")["parked"], 2);
+
+    let retried = api
+        .gql(Some(&admin), RETRY_PARKED, json!({ "id": placed }))
+        .await;
+    assert_eq!(retried.data("retryParkedSagaEvent"), true);
+    let skipped = api
+        .gql(Some(&admin), SKIP_PARKED, json!({ "id": registered }))
+        .await;
+    assert_eq!(skipped.data("skipParkedSagaEvent"), true);
+    // No runner here feeds the retried event again: it stays listed, marked.
+    let parked = api.gql(Some(&admin), SAGA_PARKED, json!({})).await;
+    let parked = parked.data("sagaParkedEvents").as_array().unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0]["eventId"], placed);
+    assert!(parked[0]["retryRequestedAt"].is_string());
+
+    let again = api
+        .gql(Some(&admin), SKIP_PARKED, json!({ "id": registered }))
+        .await;
+    assert_eq!(again.code(), "NOT_FOUND");
+    let unknown = api
+        .gql(
+            Some(&admin),
+            RETRY_PARKED,
+            json!({ "id": uuid::Uuid::new_v4() }),
+        )
+        .await;
+    assert_eq!(unknown.code(), "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn an_admin_retries_and_skips_outbox_dead_letters() {
+    let db = common::migrated_database().await;
+    let api = start(&settings_for(db.url())).await;
+    let admin = admin();
+    let empty = api.gql(Some(&admin), OUTBOX, json!({ "all": false })).await;
+    assert_eq!(empty.data("outboxDeadLetters"), &json!([]));
+    let charge = dead_letter_outbox(&db, "charge", "gateway: 503").await;
+    let notification = dead_letter_outbox(&db, "notification", "smtp: refused").await;
+
+    let letters = api.gql(Some(&admin), OUTBOX, json!({ "all": false })).await;
+    let letters = letters.data("outboxDeadLetters").as_array().unwrap();
+    let ids: Vec<&Value> = letters.iter().map(|l| &l["outboxId"]).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&&json!(charge)) && ids.contains(&&json!(notification)));
+    let letter = letters.iter().find(|l| l["outboxId"] == charge).unwrap();
+    assert_eq!(letter["state"], "dead-lettered");
+    assert_eq!(letter["attempts"], 5);
+    assert_eq!(letter["lastError"], "gateway: 503");
+
+    let retried = api
+        .gql(Some(&admin), RETRY_OUTBOX, json!({ "id": charge }))
+        .await;
+    assert_eq!(retried.data("retryOutboxMessage"), true);
+    let skipped = api
+        .gql(Some(&admin), SKIP_OUTBOX, json!({ "id": notification }))
+        .await;
+    assert_eq!(skipped.data("skipOutboxMessage"), true);
+    let open = api.gql(Some(&admin), OUTBOX, json!({ "all": false })).await;
+    assert_eq!(open.data("outboxDeadLetters"), &json!([]));
+    let all = api.gql(Some(&admin), OUTBOX, json!({ "all": true })).await;
+    let states: Vec<(&Value, &Value)> = all
+        .data("outboxDeadLetters")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (&l["outboxId"], &l["state"]))
+        .collect();
+    assert!(
+        states.contains(&(&json!(charge), &json!("pending"))),
+        "{states:?}"
+    );
+    assert!(
+        states.contains(&(&json!(notification), &json!("skipped"))),
+        "{states:?}"
+    );
+
+    let again = api
+        .gql(Some(&admin), SKIP_OUTBOX, json!({ "id": notification }))
+        .await;
+    assert_eq!(again.code(), "NOT_FOUND");
 }

@@ -17,6 +17,9 @@
 //! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
+//! - `operator`: [`SagaQuery`] and [`SagaMutation`], the operator's view of the saga (lanes,
+//!   members, parked events, outbox dead letters; retry and skip), for admins only, over
+//!   `saga::maintenance`; served where [`SagaOperations`] is in the schema's data.
 //! - `saga`: the runner that follows the log and drives the domain's fulfilment saga, the
 //!   payment gateway port with its resilience wrapper, the outbox worker, the notification
 //!   port (log or SMTP), and `saga::maintenance` (outbox dead letters, the retention purge).
@@ -29,6 +32,7 @@ mod graphql;
 mod handling;
 pub mod metering;
 mod migrations;
+mod operator;
 mod order_id_scheme;
 pub mod saga;
 
@@ -41,4 +45,5 @@ pub use handling::{
     ContextEvent, Envelope, Handler, Loaded, MAX_ATTEMPTS, Outcome, Stored, decode as decode_event,
 };
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
+pub use operator::{SagaMutation, SagaOperations, SagaQuery};
 pub use order_id_scheme::OrderIdScheme;

@@ -396,8 +396,7 @@ pub fn run_node(script: &str, args: &[&str]) -> String {
 /// of the orders projection, as a handler that failed on it would; its id. A retry then
 /// finds it reflected and resolves it.
 pub async fn park(db: &TestDb, event: &Value, error: &str) -> i64 {
-    let position = event["position"].as_str().unwrap();
-    let half = |range: std::ops::Range<usize>| i64::from_str_radix(&position[range], 16).unwrap();
+    let (commit, prepare) = position_columns(event);
     let event_id = uuid::Uuid::parse_str(event["id"].as_str().unwrap()).unwrap();
     db.connect()
         .await
@@ -410,8 +409,8 @@ pub async fn park(db: &TestDb, event: &Value, error: &str) -> i64 {
                 &event_id,
                 &event["stream"].as_str().unwrap(),
                 &event["version"].as_i64().unwrap(),
-                &half(0..16),
-                &half(16..32),
+                &commit,
+                &prepare,
                 &event["type"].as_str().unwrap(),
                 &error,
             ],
@@ -419,6 +418,64 @@ pub async fn park(db: &TestDb, event: &Value, error: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// The `position_commit` and `position_prepare` columns of an event's position (its 32 hex
+/// digits as the API answers them).
+fn position_columns(event: &Value) -> (i64, i64) {
+    let position = event["position"].as_str().unwrap();
+    let half = |range: std::ops::Range<usize>| i64::from_str_radix(&position[range], 16).unwrap();
+    (half(0..16), half(16..32))
+}
+
+/// Parks `event` (as the admin `events` query answers it) for the fulfilment saga with
+/// `error`, as a lane does when a step fails for good; answers its event id.
+pub async fn park_saga_event(db: &TestDb, event: &Value, error: &str) -> String {
+    let (commit, prepare) = position_columns(event);
+    let event_id = uuid::Uuid::parse_str(event["id"].as_str().unwrap()).unwrap();
+    let order_id = event["stream"]
+        .as_str()
+        .and_then(|stream| stream.strip_prefix("order-"))
+        .map(|id| uuid::Uuid::parse_str(id).unwrap());
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into saga_parked (saga_name, event_id, order_id, position_commit,
+                 position_prepare, stream, version, event_type, error)
+             values ('fulfilment', $1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &event_id,
+                &order_id,
+                &commit,
+                &prepare,
+                &event["stream"].as_str().unwrap(),
+                &event["version"].as_i64().unwrap(),
+                &event["type"].as_str().unwrap(),
+                &error,
+            ],
+        )
+        .await
+        .unwrap();
+    event_id.to_string()
+}
+
+/// Adds an outbox message of `kind` that failed its attempts with `error` and waits for an
+/// operator; answers its id.
+pub async fn dead_letter_outbox(db: &TestDb, kind: &str, error: &str) -> String {
+    let outbox_id = uuid::Uuid::new_v4();
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into outbox (outbox_id, order_id, kind, payload, attempts, last_error,
+                 dead_lettered_at)
+             values ($1, gen_random_uuid(), $2, '{}', 5, $3, now())",
+            &[&outbox_id, &kind, &error],
+        )
+        .await
+        .unwrap();
+    outbox_id.to_string()
 }
 
 /// Runs the `orderly` binary with `args` and the tests' signing key, and returns what it

@@ -61,7 +61,7 @@ insert into saga_members (saga_name, member_id, lease_until)
 values ($1, $2, now() + make_interval(secs => $3))
 on conflict (saga_name, member_id) do update set lease_until = excluded.lease_until";
 
-const LIVE_MEMBERS: &str = "
+pub(super) const LIVE_MEMBERS: &str = "
 select member_id from saga_members where saga_name = $1 and lease_until > now() order by member_id";
 
 const FORGET_DEAD: &str = "

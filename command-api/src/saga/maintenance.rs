@@ -196,6 +196,14 @@ pub async fn lanes(client: &Client, saga_name: &str) -> Result<Vec<LaneStatus>, 
     Ok(lanes)
 }
 
+/// The processes of saga `saga_name` whose membership is current: they share its lanes.
+pub async fn members(client: &Client, saga_name: &str) -> Result<Vec<String>, CommandError> {
+    let rows = client
+        .query(super::lanes::LIVE_MEMBERS, &[&saga_name])
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// One event a saga step failed on for good, waiting for an operator.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParkedEvent {
