@@ -403,4 +403,160 @@ function projections(main, { notify }) {
   };
 }
 
-export const pages = { log, order, projections };
+/// The saga's operations are the command side's: a read API serving alone answers that it
+/// has no such field.
+function sagaNotServed(error) {
+  return error instanceof ApiError && /Unknown field "(sagaStatus|sagaParkedEvents|outboxDeadLetters)"/.test(error.message);
+}
+
+/// How far behind the log a saga lane is.
+function laneLag(lane) {
+  if (lane.caughtUp == null) return 'unknown (the log is not in this database)';
+  if (lane.caughtUp) return 'caught up';
+  return `oldest unhandled event ${Number(lane.behindSeconds).toFixed(1)} s old`;
+}
+
+/// What retrying and skipping do, for the confirmations.
+const SAGA_ACTIONS = {
+  parked: {
+    retry: {
+      mutation: 'mutation($id: UUID!) { retryParkedSagaEvent(eventId: $id) }',
+      consequence: 'The lane that owns it feeds it to the saga again within seconds; if the step fails again it is parked again.',
+      done: 'retry requested',
+    },
+    skip: {
+      mutation: 'mutation($id: UUID!) { skipParkedSagaEvent(eventId: $id) }',
+      consequence: 'The saga will NEVER see this event (the order\'s deadline still applies).',
+      done: 'skipped',
+    },
+  },
+  outbox: {
+    retry: {
+      mutation: 'mutation($id: UUID!) { retryOutboxMessage(outboxId: $id) }',
+      consequence: 'It goes back in line with fresh attempts; a running saga runner delivers it.',
+      done: 'put back in line',
+    },
+    skip: {
+      mutation: 'mutation($id: UUID!) { skipOutboxMessage(outboxId: $id) }',
+      consequence: 'It will NOT be delivered.',
+      done: 'skipped',
+    },
+  },
+};
+
+/// The saga: its lanes (owner, generation, checkpoint, lag), its parked events and the
+/// outbox's dead letters, with retry and skip. Served where the command side is
+/// (`orderly serve`); a read API alone says so.
+function saga(main, { notify }) {
+  const summary = h('p', { id: 'saga-summary', class: 'muted' }, 'Loading…');
+  const lanes = h('tbody', { id: 'saga-lanes' });
+  const parked = h('tbody', { id: 'saga-parked' });
+  const outbox = h('tbody', { id: 'saga-outbox' });
+  const tables = h('div', {},
+    h('h2', {}, 'Lanes'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['lane', 'owner', 'generation', 'checkpoint', 'lag'].map((t) => h('th', {}, t)))), lanes),
+    h('h2', {}, 'Parked events'),
+    h('p', { class: 'muted' }, 'Events a saga step failed on for good, set aside so their lane could go on.'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['event', 'order', 'error', 'attempts', 'parked', ''].map((t) => h('th', {}, t)))), parked),
+    h('h2', {}, 'Outbox dead letters'),
+    h('p', { class: 'muted' }, 'Gateway calls and notifications the outbox worker could not deliver.'),
+    h('table', {}, h('thead', {}, h('tr', {}, ['message', 'order', 'last error', 'attempts', 'dead-lettered', ''].map((t) => h('th', {}, t)))), outbox),
+  );
+  let timer = null;
+
+  function empty(colspan, text) {
+    return [h('tr', {}, h('td', { colspan, class: 'muted empty' }, text))];
+  }
+
+  function orderLink(orderId) {
+    return orderId ? h('a', { href: `#/order/${orderId}` }, h('code', {}, orderId)) : '–';
+  }
+
+  function actions(kind, id, label) {
+    return [
+      h('button', { type: 'button', class: 'retry', onclick: () => act(kind, 'retry', id, label) }, 'Retry'), ' ',
+      h('button', { type: 'button', class: 'skip danger', onclick: () => act(kind, 'skip', id, label) }, 'Skip'),
+    ];
+  }
+
+  function parkedRow(event) {
+    const label = `parked event ${event.eventId} (${event.type} on ${event.stream})`;
+    return h('tr', { 'data-parked-event': event.eventId },
+      h('td', {}, h('a', { href: `#/log/${event.stream}` }, event.stream), h('br'), event.type),
+      h('td', {}, orderLink(event.orderId)),
+      h('td', { class: 'error' }, event.error),
+      h('td', { class: 'num' }, event.attempts),
+      h('td', {}, when(event.parkedAt)),
+      h('td', {}, actions('parked', event.eventId, label),
+        event.retryRequestedAt ? h('div', { class: 'muted small' }, `retry requested ${when(event.retryRequestedAt)}`) : null));
+  }
+
+  function outboxRow(message) {
+    const label = `outbox message ${message.outboxId} (${message.kind} for order ${message.orderId})`;
+    return h('tr', { 'data-outbox-message': message.outboxId },
+      h('td', {}, h('code', {}, message.outboxId), h('br'), message.kind),
+      h('td', {}, orderLink(message.orderId)),
+      h('td', { class: 'error' }, message.lastError ?? '–'),
+      h('td', { class: 'num' }, message.attempts),
+      h('td', {}, when(message.deadLetteredAt)),
+      h('td', {}, actions('outbox', message.outboxId, label)));
+  }
+
+  function notServed() {
+    clearInterval(timer);
+    summary.className = 'not-served';
+    summary.replaceChildren(
+      'This server does not serve the saga\'s operations: it runs the read API alone (',
+      h('code', {}, 'orderly read-api'), '). Open the console of ', h('code', {}, 'orderly serve'),
+      ', or use ', h('code', {}, 'orderly saga status'), ', ', h('code', {}, 'orderly saga parked …'),
+      ' and ', h('code', {}, 'orderly saga outbox …'), '.');
+    tables.hidden = true;
+  }
+
+  async function refresh() {
+    try {
+      const { data } = await gql(`{
+        sagaStatus { name members parked lanes { lane owner generation checkpoint caughtUp behindSeconds } }
+        sagaParkedEvents { eventId orderId stream type error attempts parkedAt retryRequestedAt }
+        outboxDeadLetters { outboxId orderId kind attempts lastError deadLetteredAt } }`);
+      const status = data.sagaStatus;
+      const members = status.members.length ? status.members.join(', ') : 'none running';
+      summary.textContent = `Saga ${status.name}: ${status.lanes.length} lanes; members: ${members}; `
+        + `${status.parked} parked event(s); ${data.outboxDeadLetters.length} outbox dead letter(s).`;
+      lanes.replaceChildren(...(status.lanes.length ? status.lanes.map((lane) => h('tr', { 'data-lane': lane.lane },
+        h('td', { class: 'num' }, lane.lane),
+        h('td', {}, lane.owner ?? h('span', { class: 'muted' }, '(free)')),
+        h('td', { class: 'num' }, lane.generation),
+        h('td', {}, h('code', {}, lane.checkpoint)),
+        h('td', {}, laneLag(lane))))
+        : empty(5, 'No lanes yet: no saga runner has run against this database.')));
+      parked.replaceChildren(...(data.sagaParkedEvents.length ? data.sagaParkedEvents.map(parkedRow)
+        : empty(6, 'No parked events.')));
+      outbox.replaceChildren(...(data.outboxDeadLetters.length ? data.outboxDeadLetters.map(outboxRow)
+        : empty(6, 'No outbox dead letters.')));
+    } catch (error) {
+      if (sagaNotServed(error)) notServed();
+      else failure(notify, error);
+    }
+  }
+
+  async function act(kind, what, id, label) {
+    const action = SAGA_ACTIONS[kind][what];
+    const verb = what === 'retry' ? 'Retry' : 'Skip';
+    if (!window.confirm(`${verb} ${label}?\n${action.consequence}`)) return;
+    try {
+      await gql(action.mutation, { id });
+      notify(`${label.split(' (')[0]} ${action.done}`, 'ok');
+    } catch (error) {
+      failure(notify, error);
+    }
+    refresh();
+  }
+
+  main.append(h('h1', {}, 'Saga'), summary, tables);
+  refresh();
+  timer = setInterval(refresh, 5000);
+  return () => clearInterval(timer);
+}
+
+export const pages = { log, order, projections, saga };
