@@ -5,13 +5,24 @@
 
 mod common;
 
-use common::{admin, park, place_one, register, settings_for, start};
+use common::{
+    admin, dead_letter_outbox, park, park_saga_event, place_one, register, settings_for,
+    start_with_saga,
+};
+use orderly::app::{App, Part};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches_the_tail() {
     let db = common::migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    // With the saga's runner, as `orderly serve` runs: the saga page shows its lanes.
+    let api = start_with_saga(&settings_for(db.url())).await;
+    // A read API alone beside it, whose saga page says the saga is not served there.
+    let reads = App::build_part(&settings_for(db.url()), Part::Reads)
+        .await
+        .unwrap();
+    let reads_base = format!("http://{}", reads.local_addr());
+    tokio::spawn(reads.run_until_stopped(std::future::pending()));
     register(&api, "CON-1", 1250, "EUR", 100).await;
     let order = place_one(&api, "alice", "CON-1").await;
     let admin = admin();
@@ -34,6 +45,18 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         .await;
     assert_eq!(row.data("order")["id"], order.as_str());
     let dead_letter = park(&db, &placed, "handler failed: simulated").await;
+    // The saga's runner never parks these itself: a step failing for good is simulated.
+    let log = api
+        .gql(
+            Some(&admin),
+            "{ events(category: \"product\", first: 1) { events { id stream type version position } } }",
+            json!({}),
+        )
+        .await;
+    let registered = log.data("events")["events"][0].clone();
+    let skipped = park_saga_event(&db, &registered, "step failed: simulated").await;
+    let retried = park_saga_event(&db, &placed, "step failed: simulated").await;
+    dead_letter_outbox(&db, "notification", "smtp: 554 rejected (simulated)").await;
 
     let link = common::orderly_cli(&["console-link", "--ttl", "10m", "--base", &api.base]);
     assert!(
@@ -48,7 +71,8 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
     });
     let input = json!({
         "base": api.base, "link": link, "order": order, "deadLetter": dead_letter,
-        "adminToken": admin, "screenshots": screenshots,
+        "adminToken": admin, "screenshots": screenshots, "readsBase": reads_base,
+        "parkedRetry": retried, "parkedSkip": skipped,
     })
     .to_string();
     let printed =
@@ -66,6 +90,9 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
             "order",
             "dead letter retried",
             "rebuild",
+            "saga",
+            "saga parked event retried and skipped",
+            "saga not served by a read API alone",
             "tail",
             "graphiql query",
             "graphiql subscription"
@@ -77,7 +104,7 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         .as_array()
         .map(|d| d.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    assert_eq!(dialogs.len(), 2, "{dialogs:?}");
+    assert_eq!(dialogs.len(), 4, "{dialogs:?}");
     assert!(
         dialogs[0].contains("Retry dead letter"),
         "the retry was not confirmed first: {dialogs:?}"
@@ -86,6 +113,15 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         dialogs[1].contains("Rebuild projection orders"),
         "the rebuild was not confirmed first: {dialogs:?}"
     );
+    assert!(
+        dialogs[2].contains(&format!("Retry parked event {retried}")),
+        "the saga retry was not confirmed first: {dialogs:?}"
+    );
+    assert!(
+        dialogs[3].contains(&format!("Skip parked event {skipped}")),
+        "the saga skip was not confirmed first: {dialogs:?}"
+    );
+    assert_eq!(seen["sagaLanes"], 16);
     let rebuilt = seen["rebuild"].as_str().unwrap_or_default();
     assert!(rebuilt.contains("rebuilt:"), "{rebuilt}");
     // The rebuild went through the API and swapped in: nothing of it is left in progress.
@@ -101,5 +137,23 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         )
         .await,
         1
+    );
+    // Both went through the API: one is marked for a retry (or already fed again and
+    // unparked by the runner), the other skipped.
+    assert_eq!(
+        common::count(
+            &db,
+            &format!("select count(*) from saga_parked where event_id = '{skipped}' and skipped_at is not null")
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        common::count(
+            &db,
+            &format!("select count(*) from saga_parked where event_id = '{retried}' and retry_requested_at is null")
+        )
+        .await,
+        0
     );
 }

@@ -3,7 +3,8 @@
 // saw; any failed step throws (exit code 1).
 //
 //   ORDERLY_NODE_DIR=DIR node console-browser.mjs '{"base": ..., "link": ..., "order": ...,
-//     "deadLetter": ..., "adminToken": ..., "screenshots": DIR}'
+//     "deadLetter": ..., "adminToken": ..., "screenshots": DIR, "readsBase": ...,
+//     "parkedRetry": ..., "parkedSkip": ...}'
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
@@ -113,6 +114,36 @@ try {
   seen.rebuild = await rebuild.innerText();
   await page.screenshot({ path: join(input.screenshots, 'rebuild.png') });
   step('rebuild');
+
+  // The saga: its 16 lanes, the parked events and an outbox dead letter; one parked event is
+  // retried and the other skipped, each after a confirmation.
+  await page.goto(`${input.base}/console#/saga`);
+  await page.locator('#saga-lanes tr[data-lane="15"]').waitFor();
+  const retried = page.locator(`tr[data-parked-event="${input.parkedRetry}"]`);
+  const skipped = page.locator(`tr[data-parked-event="${input.parkedSkip}"]`);
+  await retried.waitFor();
+  await skipped.waitFor();
+  await page.locator('#saga-outbox tr[data-outbox-message]').waitFor();
+  seen.sagaLanes = await page.locator('#saga-lanes tr[data-lane]').count();
+  await page.screenshot({ path: join(input.screenshots, 'saga.png'), fullPage: true });
+  step('saga');
+  await retried.locator('button.retry').click();
+  await page.locator('#notice.ok').filter({ hasText: 'retry requested' }).waitFor();
+  await skipped.locator('button.skip').click();
+  await page.locator('#notice.ok').filter({ hasText: 'skipped' }).waitFor();
+  await skipped.waitFor({ state: 'detached' });
+  step('saga parked event retried and skipped');
+
+  // A read API alone serves the console without the saga's operations, and says so.
+  const reads = await context.newPage();
+  reads.setDefaultTimeout(TIMEOUT);
+  reads.on('pageerror', (error) => pageErrors.push(`read API: ${error.message}`));
+  await reads.goto(`${input.readsBase}/console#token=${encodeURIComponent(input.adminToken)}`);
+  await reads.locator('#nav').waitFor({ state: 'visible' });
+  await reads.goto(`${input.readsBase}/console#/saga`);
+  await reads.locator('#saga-summary.not-served').filter({ hasText: 'orderly read-api' }).waitFor();
+  await reads.close();
+  step('saga not served by a read API alone');
 
   // The live tail receives an event appended while it watches.
   await page.goto(`${input.base}/console#/log`);
