@@ -23,7 +23,7 @@ const REBUILD_PROGRESS: &str = "query($name: String!) {
   projectionRebuild(name: $name) {
     projection state events total position eventsPerSecond startedAt finishedAt error } }";
 const SAGA_STATUS: &str = "{ sagaStatus {
-  name lanes { lane owner generation checkpoint caughtUp behindSeconds } members parked } }";
+  name lanes { lane owner generation checkpoint caughtUp behindSeconds } members parked inFlight } }";
 const SAGA_PARKED: &str = "{ sagaParkedEvents {
   eventId orderId stream type error attempts parkedAt retryRequestedAt } }";
 const RETRY_PARKED: &str = "mutation($id: UUID!) { retryParkedSagaEvent(eventId: $id) }";
@@ -388,6 +388,7 @@ async fn an_admin_sees_the_sagas_sixteen_lanes_and_the_member_holding_them() {
     );
     assert!(lanes.iter().all(|lane| lane["behindSeconds"].is_null()));
     assert_eq!(status["parked"], 0);
+    assert_eq!(status["inFlight"], 0);
 }
 
 #[tokio::test]
@@ -412,8 +413,21 @@ async fn an_admin_retries_and_skips_parked_saga_events() {
     assert_eq!(parked[1]["type"], "OrderPlaced");
     assert_eq!(parked[1]["error"], "step failed: test");
     assert_eq!(parked[1]["retryRequestedAt"], Value::Null);
+    // One instance open, one settled: only the first is in flight.
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into saga_states (saga_name, order_id, state, correlation_id, settled)
+             values ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), false),
+                    ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), true)",
+            &[],
+        )
+        .await
+        .unwrap();
     let status = api.gql(Some(&admin), SAGA_STATUS, json!({})).await;
     assert_eq!(status.data("sagaStatus")["parked"], 2);
+    assert_eq!(status.data("sagaStatus")["inFlight"], 1);
 
     let retried = api
         .gql(Some(&admin), RETRY_PARKED, json!({ "id": placed }))

@@ -74,6 +74,8 @@ pub struct SagaStatus {
     pub members: Vec<String>,
     /// Events parked and waiting for an operator.
     pub parked: i32,
+    /// Instances not settled yet (neither delivered nor cancelled and compensated).
+    pub in_flight: Long,
 }
 
 /// An event a saga step failed on for good, set aside so its lane could go on.
@@ -162,17 +164,19 @@ async fn as_admin<T>(
 #[Object(name = "SagaOperatorQueries")]
 impl SagaQuery {
     /// Admin only. The saga's lanes with their owners, checkpoints and lag, its members and
-    /// how many events are parked (`orderly saga status`).
+    /// how many events are parked and instances in flight (`orderly saga status`).
     async fn saga_status(&self, ctx: &Context<'_>) -> async_graphql::Result<SagaStatus> {
         as_admin(ctx, async |client, saga| {
             let lanes = maintenance::lanes(client, saga).await?;
             let members = maintenance::members(client, saga).await?;
             let parked = maintenance::parked(client, saga).await?;
+            let in_flight = maintenance::in_flight(client, saga).await?;
             Ok(SagaStatus {
                 name: saga.to_owned(),
                 lanes: lanes.into_iter().map(Into::into).collect(),
                 members,
                 parked: i32::try_from(parked.len()).unwrap_or(i32::MAX),
+                in_flight: Long(in_flight),
             })
         })
         .await

@@ -204,6 +204,18 @@ pub async fn members(client: &Client, saga_name: &str) -> Result<Vec<String>, Co
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
+/// How many instances of saga `saga_name` are not settled yet. Counts every stored state
+/// (settled ones are purged after the retention, so they stay few where one is set).
+pub async fn in_flight(client: &Client, saga_name: &str) -> Result<i64, CommandError> {
+    let row = client
+        .query_one(
+            "select count(*) from saga_states where saga_name = $1 and not settled",
+            &[&saga_name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// One event a saga step failed on for good, waiting for an operator.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParkedEvent {
