@@ -273,73 +273,12 @@ impl EventStore for Fanout {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use futures::StreamExt;
     use serde_json::json;
 
     use super::*;
-    use crate::memory::MemoryEventStore;
-
-    /// Counts the subscriptions and whole-log reads that reach the wrapped store.
-    struct Counting {
-        store: MemoryEventStore,
-        subscriptions: AtomicUsize,
-        reads: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl EventStore for Counting {
-        async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
-            self.store.append_many(appends).await
-        }
-
-        async fn append(
-            &self,
-            stream: &StreamName,
-            expected: ExpectedVersion,
-            events: Vec<NewEvent>,
-        ) -> Result<AppendResult, StoreError> {
-            self.store.append(stream, expected, events).await
-        }
-        async fn read_stream(
-            &self,
-            stream: &StreamName,
-            direction: Direction,
-            from: Option<u64>,
-            limit: usize,
-        ) -> Result<Vec<RecordedEvent>, StoreError> {
-            self.store.read_stream(stream, direction, from, limit).await
-        }
-        async fn read_all(
-            &self,
-            after: Position,
-            filter: &EventFilter,
-            limit: usize,
-        ) -> Result<Vec<RecordedEvent>, StoreError> {
-            self.reads.fetch_add(1, Ordering::Relaxed);
-            self.store.read_all(after, filter, limit).await
-        }
-        async fn read_all_raw(
-            &self,
-            after: Position,
-            filter: &EventFilter,
-            limit: usize,
-        ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-            self.store.read_all_raw(after, filter, limit).await
-        }
-        async fn head(&self) -> Result<Position, StoreError> {
-            self.store.head().await
-        }
-        async fn subscribe(
-            &self,
-            after: Position,
-            filter: EventFilter,
-        ) -> Result<Subscription, StoreError> {
-            self.subscriptions.fetch_add(1, Ordering::Relaxed);
-            self.store.subscribe(after, filter).await
-        }
-    }
+    use crate::counting::Counting;
 
     fn event(n: usize) -> NewEvent {
         NewEvent::new("Noted", json!({ "n": n }))
@@ -374,11 +313,7 @@ mod tests {
     }
 
     fn counting() -> Arc<Counting> {
-        Arc::new(Counting {
-            store: MemoryEventStore::new(),
-            subscriptions: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-        })
+        Arc::new(Counting::default())
     }
 
     #[tokio::test]
@@ -400,9 +335,9 @@ mod tests {
             let got = take(subscriber, expected.len()).await;
             assert_eq!(numbers(&got), expected, "subscriber {i}");
         }
-        assert_eq!(store.subscriptions.load(Ordering::Relaxed), 1);
+        assert_eq!(Counting::count(&store.subscriptions), 1);
         // Each subscriber read the store once to catch up; following live read nothing more.
-        let reads = store.reads.load(Ordering::Relaxed);
+        let reads = Counting::count(&store.reads);
         assert!(reads <= 1000 + 10, "{reads} reads");
     }
 
@@ -432,11 +367,11 @@ mod tests {
         }
         // The quick one was never held up by the slow one.
         assert_eq!(numbers(&seen_quick), (0..100).collect::<Vec<_>>());
-        let reads_before = store.reads.load(Ordering::Relaxed);
+        let reads_before = Counting::count(&store.reads);
         let got = take(&mut slow, 100).await;
         assert_eq!(numbers(&got), (0..100).collect::<Vec<_>>());
         assert!(
-            store.reads.load(Ordering::Relaxed) > reads_before,
+            Counting::count(&store.reads) > reads_before,
             "the slow subscriber did not read the store to catch up"
         );
         // And it follows live again afterwards.

@@ -168,86 +168,18 @@ impl EventStore for GroupCommit {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use serde_json::json;
 
     use super::*;
-    use crate::memory::MemoryEventStore;
+    use crate::counting::Counting;
 
-    /// Counts the calls that reach the wrapped store, and holds each `append_many` a while so
-    /// that appends pile up behind it as they do behind a commit.
-    struct Counting {
-        store: MemoryEventStore,
-        calls: AtomicUsize,
-        largest: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl EventStore for Counting {
-        async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            self.largest.fetch_max(appends.len(), Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            self.store.append_many(appends).await
-        }
-
-        async fn append(
-            &self,
-            _: &StreamName,
-            _: ExpectedVersion,
-            _: Vec<NewEvent>,
-        ) -> Result<AppendResult, StoreError> {
-            unreachable!("every append goes through append_many")
-        }
-
-        async fn read_stream(
-            &self,
-            stream: &StreamName,
-            direction: Direction,
-            from: Option<u64>,
-            limit: usize,
-        ) -> Result<Vec<RecordedEvent>, StoreError> {
-            self.store.read_stream(stream, direction, from, limit).await
-        }
-
-        async fn read_all(
-            &self,
-            after: Position,
-            filter: &EventFilter,
-            limit: usize,
-        ) -> Result<Vec<RecordedEvent>, StoreError> {
-            self.store.read_all(after, filter, limit).await
-        }
-
-        async fn read_all_raw(
-            &self,
-            after: Position,
-            filter: &EventFilter,
-            limit: usize,
-        ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-            self.store.read_all_raw(after, filter, limit).await
-        }
-
-        async fn head(&self) -> Result<Position, StoreError> {
-            self.store.head().await
-        }
-
-        async fn subscribe(
-            &self,
-            after: Position,
-            filter: EventFilter,
-        ) -> Result<Subscription, StoreError> {
-            self.store.subscribe(after, filter).await
-        }
-    }
-
+    /// Each round held a while, so that appends pile up behind it as behind a commit.
     fn counting() -> Arc<Counting> {
         Arc::new(Counting {
-            store: MemoryEventStore::new(),
-            calls: AtomicUsize::new(0),
-            largest: AtomicUsize::new(0),
+            round_takes: Duration::from_millis(20),
+            ..Counting::default()
         })
     }
 
@@ -285,9 +217,11 @@ mod tests {
                 other => panic!("append {i} answered {other:?}"),
             }
         }
-        let calls = counting.calls.load(Ordering::SeqCst);
+        // Every append goes through append_many.
+        assert_eq!(Counting::count(&counting.appends), 0);
+        let calls = Counting::count(&counting.rounds);
         assert!(calls < 10, "40 concurrent appends took {calls} rounds");
-        assert!(counting.largest.load(Ordering::SeqCst) > 1);
+        assert!(Counting::count(&counting.largest_round) > 1);
         let head = counting.store.head().await.expect("head");
         let written = counting
             .store
@@ -313,7 +247,8 @@ mod tests {
                 .expect("appended");
             assert_eq!(appended.next_expected_version, version);
         }
-        assert_eq!(counting.calls.load(Ordering::SeqCst), 3);
-        assert_eq!(counting.largest.load(Ordering::SeqCst), 1);
+        assert_eq!(Counting::count(&counting.appends), 0);
+        assert_eq!(Counting::count(&counting.rounds), 3);
+        assert_eq!(Counting::count(&counting.largest_round), 1);
     }
 }

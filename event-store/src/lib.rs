@@ -27,6 +27,8 @@
 //! an event, even one whose writer committed after later writers; re-sending an append with the
 //! same event ids at the same expected version writes nothing and returns the first result.
 
+#[cfg(test)]
+mod counting;
 mod error;
 mod fanout;
 mod group_commit;
