@@ -8,6 +8,8 @@
 //! crash of the machine would lose. `synchronous_commit` stays on: without it a crash loses
 //! commits already acknowledged (the WAL still in PostgreSQL's buffers), which no production
 //! setting of Orderly allows, and the crash tests would chase losses that cannot happen.
+//! A cluster can get a synchronous hot standby of its own, by `pg_basebackup`, to fail over to
+//! ([`PrivateCluster::synchronous_standby`], [`PrivateCluster::promote`]).
 //!
 //! PostgreSQL refuses to run as root, and tests run as root in CI: as root, every PostgreSQL
 //! program runs as the `postgres` OS user (`runuser`, else `su`); as anyone else, as that user.
@@ -91,6 +93,54 @@ impl PrivateCluster {
             .await
     }
 
+    /// A synchronous hot standby of this cluster on a port of its own, streaming its WAL from
+    /// a base backup taken now: from the time this returns, this cluster's commits return only
+    /// once the standby has flushed them (`synchronous_standby_names = '*'`), so a failover to
+    /// it loses no acknowledged commit. (The setting is written after the backup, so the
+    /// standby, once promoted, does not wait for a standby of its own.)
+    pub async fn synchronous_standby(&self) -> Result<PrivateCluster, BoxError> {
+        let primary = self.ctl.clone();
+        let standby = tokio::task::spawn_blocking(move || Ctl::create_standby(&primary)).await??;
+        let client = self.connect().await?;
+        // Two statements: ALTER SYSTEM refuses to run in the implicit transaction of a
+        // multi-statement query.
+        client
+            .batch_execute("alter system set synchronous_standby_names = '*'")
+            .await?;
+        client.batch_execute("select pg_reload_conf()").await?;
+        for _ in 0..600 {
+            let synchronous: bool = client
+                .query_one(
+                    "select count(*) > 0 from pg_stat_replication \
+                     where state = 'streaming' and sync_state = 'sync'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if synchronous {
+                return Ok(standby);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "the standby on port {} did not become synchronous within 30 s:\n{}",
+            standby.port(),
+            standby.log_tail(20)
+        )
+        .into())
+    }
+
+    /// Promotes a standby made by [`Self::synchronous_standby`] to a primary that takes writes
+    /// (`pg_ctl promote`); returns once it does.
+    pub async fn promote(&self) -> Result<(), BoxError> {
+        self.blocking(|ctl| {
+            let mut command = ctl.pg_ctl();
+            command.args(["-w", "-t", PG_CTL_WAIT_SECS, "promote"]);
+            expect_success("pg_ctl promote", run(&mut command)?)
+        })
+        .await
+    }
+
     /// A client program of the same PostgreSQL version as the server (`pg_dump`,
     /// `pg_restore`, `psql`), to run as any user.
     pub fn program(&self, name: &str) -> PathBuf {
@@ -158,36 +208,68 @@ impl Ctl {
             );
         }
         reap_orphans(&bindir, as_postgres);
-        let dir = std::env::temp_dir().join(format!(
-            "{DIR_PREFIX}{}-{}",
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
-        let mut ctl = Ctl {
+        let ctl = Ctl {
             bindir,
-            dir,
+            dir: new_dir(),
             port: 0,
             as_postgres,
         };
         // From here on the directory exists: dropping the cluster removes it on any failure.
         ctl.initdb()?;
+        ctl.start_on_a_free_port()
+    }
+
+    /// A copy of `primary` by `pg_basebackup`, set up to follow it (`-R`), and started.
+    fn create_standby(primary: &Ctl) -> Result<PrivateCluster, BoxError> {
+        let ctl = Ctl {
+            dir: new_dir(),
+            port: 0,
+            ..primary.clone()
+        };
+        let mut command = ctl.pg_command(&ctl.bindir.join("pg_basebackup"));
+        command
+            .arg("-D")
+            .arg(&ctl.dir)
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-c",
+                "fast",
+                "--no-sync",
+            ]);
+        let output = run(&mut command)?;
+        if !output.status.success() {
+            // Nothing to stop yet; whatever the backup wrote goes.
+            let _ = std::fs::remove_dir_all(&ctl.dir);
+            return Err(expect_success("pg_basebackup", output).unwrap_err());
+        }
+        ctl.start_on_a_free_port()
+    }
+
+    /// Writes the settings for a free port and starts there, trying another port when the
+    /// one chosen was taken meanwhile; on failure the directory goes.
+    fn start_on_a_free_port(mut self) -> Result<PrivateCluster, BoxError> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
-            ctl.port = free_port()?;
-            ctl.write_settings()?;
+            self.port = free_port()?;
+            self.write_settings()?;
             // So that `port_was_taken` reads this attempt's complaints only.
-            let _ = std::fs::remove_file(ctl.log_path());
-            match ctl.start() {
-                Ok(()) => return Ok(PrivateCluster { ctl }),
+            let _ = std::fs::remove_file(self.log_path());
+            match self.start() {
+                Ok(()) => return Ok(PrivateCluster { ctl: self }),
                 // Another test may have taken the port between our probe and the start.
-                Err(error) if ctl.port_was_taken() => last_error = Some(error),
+                Err(error) if self.port_was_taken() => last_error = Some(error),
                 Err(error) => {
-                    drop(PrivateCluster { ctl });
+                    drop(PrivateCluster { ctl: self });
                     return Err(error);
                 }
             }
         }
-        drop(PrivateCluster { ctl });
+        drop(PrivateCluster { ctl: self });
         Err(last_error.unwrap_or_else(|| "no free port for the private cluster".into()))
     }
 
@@ -268,6 +350,16 @@ impl Ctl {
     fn pg_command(&self, program: &Path) -> Command {
         pg_command(program, self.as_postgres)
     }
+}
+
+/// A new data directory's path, `orderly-pg-<test process id>-<random>` in the temporary
+/// directory (the process id lets [`reap_orphans`] find the clusters of dead test processes).
+fn new_dir() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "{DIR_PREFIX}{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    ))
 }
 
 /// `program` as the `postgres` OS user when `as_postgres`, from `/` (which that user can
@@ -424,5 +516,47 @@ mod tests {
         drop(client);
         drop(cluster);
         assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    #[tokio::test]
+    async fn a_synchronous_standby_holds_every_acknowledged_commit_and_takes_writes_once_promoted()
+    {
+        let primary = PrivateCluster::create().await.expect("a private cluster");
+        let standby = primary.synchronous_standby().await.expect("a standby");
+        let client = primary.connect().await.expect("a connection");
+        client
+            .batch_execute("create table t (n int)")
+            .await
+            .expect("a table");
+        for n in 0..50 {
+            client
+                .execute("insert into t values ($1)", &[&n])
+                .await
+                .expect("a row written");
+        }
+        primary.stop_immediate().await.expect("the primary crashed");
+        let read_only = standby
+            .connect()
+            .await
+            .expect("a connection to the standby");
+        assert!(
+            read_only
+                .batch_execute("insert into t values (-1)")
+                .await
+                .is_err(),
+            "a standby took a write before its promotion"
+        );
+        standby.promote().await.expect("promoted");
+        let client = standby.connect().await.expect("a connection");
+        client
+            .batch_execute("insert into t values (50)")
+            .await
+            .expect("a write after the promotion");
+        let count: i64 = client
+            .query_one("select count(*) from t", &[])
+            .await
+            .expect("the rows")
+            .get(0);
+        assert_eq!(count, 51, "every acknowledged row and the new one");
     }
 }
