@@ -1,10 +1,10 @@
 //! Faults injected on purpose into a running `orderly`: PostgreSQL restarted and crashed under
 //! a burst of orders, saga processes killed with SIGKILL, a transaction that holds the log's
 //! horizon back while a payment lands, a lock that times the saga's writes out, a crash that
-//! takes back commits that did not wait for their flush, a low `statement_timeout`. Each test runs
-//! the binary as child processes against a private PostgreSQL cluster of its own (a restart
-//! or a held horizon would disturb every other test on the shared server) and judges the
-//! outcome by reading the event log itself, through SQL:
+//! takes back commits that did not wait for their flush, a low `statement_timeout`, a failover to
+//! a synchronous standby. Each test runs the binary as child processes against a private
+//! PostgreSQL cluster of its own (a restart or a held horizon would disturb every other test on
+//! the shared server) and judges the outcome by reading the event log itself, through SQL:
 //!
 //! - every order placed ends confirmed or cancelled;
 //! - no order is charged twice, a confirmed order once, a cancelled one that was charged is
@@ -462,27 +462,10 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
                 "immediate" => cluster.restart_immediate().await.expect("crash and start"),
                 _ => hold_horizon(&cluster, Duration::from_secs(2)).await,
             }
-            // Checked after each fault, not only after the last: the server says it is ready
-            // again, a STRICT read is answered again (the probe checks every answer against
-            // its token), and no runner gave up.
-            server.assert_ready(Duration::from_secs(30)).await;
-            let before = answered.load(Ordering::Relaxed);
-            let read_again = poll(Duration::from_secs(30), || async {
-                (answered.load(Ordering::Relaxed) > before).then_some(())
-            })
-            .await;
-            assert!(
-                read_again.is_some(),
-                "no STRICT read answered within 30 s after fault {} ({fault})",
-                step / 40
-            );
-            assert_eq!(
-                stopped_projections(&server),
-                0,
-                "a projection runner gave up after fault {} ({fault}):\n{}",
-                step / 40,
-                server.errors()
-            );
+            // Checked after each fault, not only after the last.
+            server
+                .assert_serving_again(&answered, &format!("fault {} ({fault})", step / 40))
+                .await;
         }
         let admin_db = cluster.connect().await.expect("a connection");
         admin_db
@@ -507,31 +490,73 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
         server.errors()
     );
 
-    // The read models, caught up with the log, equal a rebuild from it row for row.
     let db = cluster.connect().await.expect("a connection");
-    caught_up(&db, Duration::from_secs(30)).await;
-    let live = read_models(&db).await;
-    let mut rebuild = orderly(&["projections", "rebuild", "--all"], &cluster.url(), &[]);
-    let output = tokio::task::spawn_blocking(move || rebuild.output())
+    assert_read_models_equal_a_rebuild(&cluster.url(), &db).await;
+}
+
+/// A failover at peak: the primary crashes under a burst of orders and STRICT reads, and its
+/// synchronous standby is promoted. The server, given both hosts and
+/// `target_session_attrs=read-write` in its URL (as libpq would be), finds the new primary by
+/// itself. Nothing acknowledged is lost: every order accepted settles, every STRICT read
+/// answers its token's data or STALE_READ, no runner gives up, and the read models equal a
+/// rebuild from the new primary's log. (An asynchronous standby would not do: the commits it
+/// had not received are gone, and their transaction ids are handed out again, so positions
+/// that clients and outside subscribers hold may name other events; the README says so.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_synchronous_standby_loses_no_order_and_no_token() {
+    let primary = PrivateCluster::create().await.expect("a private cluster");
+    let standby = primary
+        .synchronous_standby()
         .await
-        .expect("rebuild ran")
-        .expect("orderly projections rebuild started");
-    assert!(
-        output.status.success(),
-        "rebuild failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        .expect("a synchronous standby");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
     );
-    let rebuilt = read_models(&db).await;
-    for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
-        let only_live: Vec<_> = a.iter().filter(|r| !b.contains(r)).take(3).collect();
-        let only_rebuilt: Vec<_> = b.iter().filter(|r| !a.contains(r)).take(3).collect();
-        assert!(
-            a == b,
-            "{table} differs from a rebuild ({} vs {} rows)\nonly live: {only_live:#?}\nonly rebuilt: {only_rebuilt:#?}",
-            a.len(),
-            b.len()
-        );
+    migrate(&url).await;
+    let server = Orderly::start("serve", &url, &["serve"], &timing(10)).await;
+    for sku in ["FAILOVER-A", "FAILOVER-B", "FAILOVER-PROBE"] {
+        register(&server.api, sku, 300, "EUR", 100_000).await;
     }
+    let placed = AtomicUsize::new(0);
+    let failed_over = AtomicBool::new(false);
+    let answered = AtomicUsize::new(0);
+    let burst = place_burst(
+        &server.api,
+        160,
+        8,
+        &placed,
+        |i| json!([{ "sku": if i % 2 == 0 { "FAILOVER-A" } else { "FAILOVER-B" }, "quantity": 1 }]),
+    );
+    let probe = probe_strict_reads(&server.api, "FAILOVER-PROBE", &failed_over, &answered);
+    let failover = async {
+        while placed.load(Ordering::Relaxed) < 60 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        primary.stop_immediate().await.expect("the primary crashed");
+        standby.promote().await.expect("the standby promoted");
+        server
+            .assert_serving_again(&answered, "the promotion")
+            .await;
+        failed_over.store(true, Ordering::Relaxed);
+    };
+    let (ids, (), strict) = tokio::join!(burst, failover, probe);
+
+    server.assert_settles(&standby, &ids).await;
+    assert!(
+        strict.after_faults > 0,
+        "no STRICT read answered after the failover ({} before)",
+        strict.answered
+    );
+    assert_eq!(
+        stopped_projections(&server),
+        0,
+        "a projection runner gave up:\n{}",
+        server.errors()
+    );
+    let db = standby.connect().await.expect("a connection");
+    assert_read_models_equal_a_rebuild(&standby.url(), &db).await;
 }
 
 /// A transaction left open anywhere in the cluster holds every reader of the log back. The
@@ -877,6 +902,34 @@ async fn read_models(db: &tokio_postgres::Client) -> Vec<(String, Vec<String>)> 
     all
 }
 
+/// The read models, once caught up with the log (within 30 s), equal what
+/// `orderly projections rebuild --all` makes of it, row for row.
+async fn assert_read_models_equal_a_rebuild(database_url: &str, db: &tokio_postgres::Client) {
+    caught_up(db, Duration::from_secs(30)).await;
+    let live = read_models(db).await;
+    let mut rebuild = orderly(&["projections", "rebuild", "--all"], database_url, &[]);
+    let output = tokio::task::spawn_blocking(move || rebuild.output())
+        .await
+        .expect("rebuild ran")
+        .expect("orderly projections rebuild started");
+    assert!(
+        output.status.success(),
+        "rebuild failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rebuilt = read_models(db).await;
+    for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
+        let only_live: Vec<_> = a.iter().filter(|r| !b.contains(r)).take(3).collect();
+        let only_rebuilt: Vec<_> = b.iter().filter(|r| !a.contains(r)).take(3).collect();
+        assert!(
+            a == b,
+            "{table} differs from a rebuild ({} vs {} rows)\nonly live: {only_live:#?}\nonly rebuilt: {only_rebuilt:#?}",
+            a.len(),
+            b.len()
+        );
+    }
+}
+
 fn timing(deadline_secs: u64) -> Vec<(&'static str, String)> {
     vec![
         ("ORDERLY_PAYMENT_DEADLINE_SECS", deadline_secs.to_string()),
@@ -1012,6 +1065,28 @@ impl Orderly {
             "{} lost saga steps:\n{}",
             self.process.name(),
             lost.join("\n")
+        );
+    }
+
+    /// After a fault (`what`): the server says it is ready again, a STRICT read of
+    /// [`probe_strict_reads`] (which checks every answer against its token) is answered again,
+    /// each within 30 s, and no projection runner gave up.
+    async fn assert_serving_again(&self, answered: &AtomicUsize, what: &str) {
+        self.assert_ready(Duration::from_secs(30)).await;
+        let before = answered.load(Ordering::Relaxed);
+        let read_again = poll(Duration::from_secs(30), || async {
+            (answered.load(Ordering::Relaxed) > before).then_some(())
+        })
+        .await;
+        assert!(
+            read_again.is_some(),
+            "no STRICT read answered within 30 s after {what}"
+        );
+        assert_eq!(
+            stopped_projections(self),
+            0,
+            "a projection runner gave up after {what}:\n{}",
+            self.errors()
         );
     }
 
