@@ -114,7 +114,8 @@ enum Command {
     /// products with stock, orders of 1-5 lines from a few hundred customers (some paid with
     /// tok_declined, some cancelled by their customer), then some of the confirmed orders
     /// shipped and delivered. Runs a saga runner in this process (sharing the saga's lanes
-    /// with any other that runs) so orders get confirmed.
+    /// with any other that runs) so orders get confirmed. A command that fails transiently (a
+    /// database restart) is sent again with backoff, for up to a minute.
     Seed {
         /// Orders to place.
         #[arg(long, default_value_t = 1000)]

@@ -6,11 +6,20 @@
 //!
 //! Everything is drawn from one seeded generator, and order idempotency keys derive from the
 //! seed: running again with the same `--seed` places no order twice.
+//!
+//! A command that fails transiently (the database restarting, a statement timed out) is sent
+//! again with jittered exponential backoff (`send`), for up to a minute of waiting
+//! (`TRANSIENT_PATIENCE`); only then does the seed give up. Placements are keyed, so a resend
+//! places nothing twice; cancellations, shipments and deliveries are not, so a resend refused
+//! because the attempt that failed did land counts as done once the order's status shows it
+//! (`send_unkeyed`).
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use backon::{ExponentialBuilder, Retryable};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use orderly_command_api::saga::SagaConfig;
@@ -193,6 +202,112 @@ fn expected_refusal(error: &CommandError) -> bool {
     matches!(error, CommandError::Rejected(_))
 }
 
+/// How long a command may keep failing transiently before the seed gives up: the waits
+/// between its attempts add up to at most this. Long enough for PostgreSQL to restart or
+/// recover from a crash, short enough that a database that is gone ends the seed.
+const TRANSIENT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits from 50 ms doubling up to 2 s, each with up to as much again of random jitter (so
+/// that the commands cut by one outage do not all come back at once), until the waits add up
+/// to `patience`.
+fn backoff(patience: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(patience))
+}
+
+/// Sends `command` again while it fails transiently ([`CommandError::is_transient`]), for up
+/// to `patience` of waiting ([`backoff`]); whether it was sent more than once (an attempt that
+/// failed may have landed all the same), and the last attempt's result.
+async fn send<T, Fut>(
+    patience: Duration,
+    mut command: impl FnMut() -> Fut,
+) -> (bool, Result<T, CommandError>)
+where
+    Fut: Future<Output = Result<T, CommandError>>,
+{
+    let attempts = Cell::new(0_u32);
+    let result = (|| {
+        attempts.set(attempts.get() + 1);
+        command()
+    })
+    .retry(backoff(patience))
+    .when(CommandError::is_transient)
+    .notify(|error, pause| {
+        tracing::warn!(%error, ?pause, "a command failed transiently; sending it again");
+    })
+    .await;
+    (attempts.get() > 1, result)
+}
+
+/// [`send`] with the seed's patience, for a command keyed or harmless to repeat.
+async fn send_keyed<T, Fut>(command: impl FnMut() -> Fut) -> (bool, Result<T, CommandError>)
+where
+    Fut: Future<Output = Result<T, CommandError>>,
+{
+    send(TRANSIENT_PATIENCE, command).await
+}
+
+/// The error that ends the seed, saying when it is a transient one that outlasted
+/// [`TRANSIENT_PATIENCE`].
+fn failed(error: CommandError, doing: &str) -> anyhow::Error {
+    if error.is_transient() {
+        anyhow::Error::new(error).context(format!(
+            "{doing}: still failing after {} s of retries",
+            TRANSIENT_PATIENCE.as_secs()
+        ))
+    } else {
+        anyhow::Error::new(error).context(doing.to_owned())
+    }
+}
+
+/// What a command without an idempotency key does to an order, as its status shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Cancelled,
+    Shipped,
+    Delivered,
+}
+
+impl Effect {
+    /// Whether an order with `status` has had this effect (a delivered order was shipped).
+    fn shown_by(self, status: OrderStatus) -> bool {
+        match self {
+            Self::Cancelled => status == OrderStatus::Cancelled,
+            Self::Shipped => matches!(status, OrderStatus::Shipped | OrderStatus::Delivered),
+            Self::Delivered => status == OrderStatus::Delivered,
+        }
+    }
+}
+
+/// [`send_keyed`] for a command to order `id` that carries no idempotency key. A resend may be
+/// refused because the attempt that failed landed all the same: when the order's status then
+/// shows `effect`, the command is done, and `Ok(None)` says so (what it wrote is not known).
+/// A cancellation counted so may, rarely, be the saga's own that came first.
+async fn send_unkeyed<T, Fut>(
+    service: &CommandService,
+    id: OrderId,
+    effect: Effect,
+    command: impl FnMut() -> Fut,
+) -> Result<Option<T>, CommandError>
+where
+    Fut: Future<Output = Result<T, CommandError>>,
+{
+    match send_keyed(command).await {
+        (true, Err(CommandError::Rejected(rejection))) => {
+            if effect.shown_by(status(service, id).await?) {
+                Ok(None)
+            } else {
+                Err(CommandError::Rejected(rejection))
+            }
+        }
+        (_, result) => result.map(Some),
+    }
+}
+
 /// Writes the workload through `service`. The fulfilment saga must run meanwhile (in this
 /// process or another) for orders to be confirmed and then shipped; without it the orders stay
 /// placed and the report says so. `bar` shows each phase.
@@ -228,10 +343,14 @@ pub async fn seed(
             price: Money::new(i64::from(rng.u32(199..=9999)), eur)?,
             initial_stock: if scarce { SCARCE_STOCK } else { stock },
         };
-        match service.register_product(Some(&admin), command).await {
+        // A resend refused as already registered is counted as an earlier run's product.
+        match send_keyed(|| service.register_product(Some(&admin), command.clone()))
+            .await
+            .1
+        {
             Ok(_) => report.products += 1,
             Err(CommandError::Rejected(Rejection::ProductAlreadyRegistered { .. })) => {}
-            Err(error) => return Err(error).context("registering a product"),
+            Err(error) => return Err(failed(error, "registering a product")),
         }
         bar.inc(1);
     }
@@ -313,25 +432,24 @@ async fn place(
         payment_token: PaymentToken::parse(plan.token)?,
         shipping_address: plan.address,
     };
-    let placed = service
-        .place_order(Some(&customer), command)
-        .await
-        .context("placing an order")?;
+    let (resent, placed) =
+        send_keyed(|| service.place_order(Some(&customer), command.clone())).await;
+    let placed = placed.map_err(|error| failed(error, "placing an order"))?;
     let id = OrderId(placed.id.parse().context("an order id")?);
     let mut cancelled = false;
     if plan.cancel {
         let reason = Reason::parse("changed my mind")?;
-        match service
-            .cancel_order(Some(&customer), id, reason, None)
-            .await
-        {
-            Ok(result) => cancelled = !result.events.is_empty(),
+        let cancel = || service.cancel_order(Some(&customer), id, reason.clone(), None);
+        match send_unkeyed(service, id, Effect::Cancelled, cancel).await {
+            Ok(Some(result)) => cancelled = !result.events.is_empty(),
+            Ok(None) => cancelled = true,
             Err(error) if expected_refusal(&error) => {}
-            Err(error) => return Err(error).context("cancelling an order"),
+            Err(error) => return Err(failed(error, "cancelling an order")),
         }
     }
     bar.inc(1);
-    Ok((id, placed.replayed, cancelled))
+    // A resend of a placement that landed is answered as a replay of this run's own.
+    Ok((id, placed.replayed && !resent, cancelled))
 }
 
 /// Waits until every order is confirmed or cancelled (or further along, after an earlier run),
@@ -351,7 +469,12 @@ async fn settle(
             .filter(|&i| !settled(statuses[i].1))
             .collect();
         let loaded: Vec<(usize, OrderStatus)> = futures::stream::iter(open.iter().copied())
-            .map(|i| async move { Ok::<_, anyhow::Error>((i, status(service, ids[i]).await?)) })
+            .map(|i| async move {
+                let status = status(service, ids[i])
+                    .await
+                    .map_err(|error| failed(error, "reading an order's status"))?;
+                Ok::<_, anyhow::Error>((i, status))
+            })
             .buffer_unordered(options.concurrency.max(1))
             .try_collect()
             .await?;
@@ -387,9 +510,13 @@ fn settled(status: OrderStatus) -> bool {
     )
 }
 
-async fn status(service: &CommandService, id: OrderId) -> anyhow::Result<OrderStatus> {
-    let stream = StreamName::parse(streams::order(id))?;
-    let loaded = service.handler().load::<OrderAggregate>(&stream).await?;
+/// The order's status as its stream says, read again while the store fails transiently.
+async fn status(service: &CommandService, id: OrderId) -> Result<OrderStatus, CommandError> {
+    let stream = StreamName::parse(streams::order(id))
+        .map_err(|error| CommandError::Internal(error.to_string()))?;
+    let loaded = send_keyed(|| service.handler().load::<OrderAggregate>(&stream))
+        .await
+        .1?;
     Ok(loaded
         .state
         .map_or(OrderStatus::Placed, |order| order.status))
@@ -406,31 +533,30 @@ async fn ship(
     deliver: bool,
     bar: &ProgressBar,
 ) -> anyhow::Result<(bool, bool, Position)> {
+    // A shipment or delivery that landed on an attempt whose answer was lost leaves
+    // `written` where it was: the saga may then be waited for a little short of it.
     let mut written = Position::START;
-    let shipped = match service
-        .ship_order(
-            Some(warehouse),
-            id,
-            Carrier::parse(carrier)?,
-            TrackingNumber::parse(format!("{carrier}{tracking:010}"))?,
-            None,
-        )
-        .await
-    {
+    let (carrier, tracking) = (
+        Carrier::parse(carrier)?,
+        TrackingNumber::parse(format!("{carrier}{tracking:010}"))?,
+    );
+    let send_shipment =
+        || service.ship_order(Some(warehouse), id, carrier.clone(), tracking.clone(), None);
+    let shipped = match send_unkeyed(service, id, Effect::Shipped, send_shipment).await {
         Ok(result) => {
-            written = result.token;
+            written = result.map_or(written, |r| r.token);
             true
         }
         Err(error) if expected_refusal(&error) => false,
-        Err(error) => return Err(error).context("shipping an order"),
+        Err(error) => return Err(failed(error, "shipping an order")),
     };
     let mut delivered = false;
     if shipped && deliver {
-        written = service
-            .mark_delivered(Some(warehouse), id, None)
+        let mark = || service.mark_delivered(Some(warehouse), id, None);
+        written = send_unkeyed(service, id, Effect::Delivered, mark)
             .await
-            .context("marking an order delivered")?
-            .token;
+            .map_err(|error| failed(error, "marking an order delivered"))?
+            .map_or(written, |r| r.token);
         delivered = true;
     }
     bar.inc(1);
@@ -482,14 +608,106 @@ pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<S
     );
     let seeded = seed(&service, options, &bar).await;
     if let Ok(report) = &seeded {
-        // The saga follows the shipments with stock movements; let it finish them.
-        let client = read_side::connect(&app::pg_config(settings)?).await?;
+        // The saga follows the shipments with stock movements; let it finish them. What is
+        // written is written: a database that fails this wait only earns a warning.
         let name = SagaConfig::default().name;
-        if !wait_for_saga(&client, &name, report.shipped_through, options.patience).await? {
-            tracing::warn!("the saga has not caught up with the seeded events yet");
+        let waited = async {
+            let client = read_side::connect(&app::pg_config(settings)?).await?;
+            wait_for_saga(&client, &name, report.shipped_through, options.patience).await
+        };
+        match waited.await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("the saga has not caught up with the seeded events yet"),
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "could not see whether the saga caught up with the seeded events"
+            ),
         }
     }
     let _ = stop.send(());
     runner.await.context("saga runner task")??;
     seeded
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use orderly_domain::Rejection;
+
+    use super::*;
+
+    /// A command that fails with `errors` in turn, then succeeds; counts its attempts.
+    fn flaky(
+        attempts: &AtomicU32,
+        errors: impl Fn(u32) -> Option<CommandError>,
+    ) -> impl FnMut() -> std::future::Ready<Result<u32, CommandError>> {
+        move || {
+            let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            std::future::ready(errors(attempt).map_or(Ok(attempt), Err))
+        }
+    }
+
+    fn unavailable() -> CommandError {
+        CommandError::Unavailable("the database restarts".into())
+    }
+
+    #[tokio::test]
+    async fn a_command_that_fails_transiently_is_sent_again_until_it_goes_through() {
+        let attempts = AtomicU32::new(0);
+        let command = flaky(&attempts, |n| (n < 3).then(unavailable));
+        let (resent, result) = send(Duration::from_secs(5), command).await;
+        assert!(resent);
+        assert_eq!(result.ok(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_refused_command_is_not_sent_again() {
+        let attempts = AtomicU32::new(0);
+        let command = flaky(&attempts, |_| Some(Rejection::OrderNotFound.into()));
+        let (resent, result) = send(Duration::from_secs(5), command).await;
+        assert!(!resent);
+        assert!(matches!(result, Err(CommandError::Rejected(_))));
+        assert_eq!(attempts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_command_that_keeps_failing_transiently_is_given_up_after_the_patience() {
+        let attempts = AtomicU32::new(0);
+        let started = Instant::now();
+        let command = flaky(&attempts, |_| Some(unavailable()));
+        let (resent, result) = send(Duration::from_millis(400), command).await;
+        let error = result.expect_err("still failing");
+        assert!(resent && error.is_transient());
+        assert!(attempts.load(Ordering::Relaxed) > 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let said = format!("{:#}", failed(error, "placing an order"));
+        assert!(
+            said.contains("still failing after 60 s of retries"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn a_refused_resend_is_done_only_when_the_status_shows_its_effect() {
+        use OrderStatus::{Cancelled, Confirmed, Delivered, Placed, Shipped};
+        for (effect, status, shown) in [
+            (Effect::Cancelled, Cancelled, true),
+            (Effect::Cancelled, Placed, false),
+            (Effect::Cancelled, Confirmed, false),
+            (Effect::Shipped, Shipped, true),
+            // A delivered order was shipped first.
+            (Effect::Shipped, Delivered, true),
+            (Effect::Shipped, Confirmed, false),
+            (Effect::Shipped, Cancelled, false),
+            (Effect::Delivered, Delivered, true),
+            (Effect::Delivered, Shipped, false),
+        ] {
+            assert_eq!(effect.shown_by(status), shown, "{effect:?} by {status:?}");
+        }
+    }
 }
