@@ -1,16 +1,18 @@
 //! Faults injected on purpose into a running `orderly`: PostgreSQL restarted and crashed under
-//! a burst of orders, saga processes killed with SIGKILL, a transaction that holds the log's
-//! horizon back while a payment lands, a lock that times the saga's writes out, a crash that
-//! takes back commits that did not wait for their flush, a low `statement_timeout`, a failover to
-//! a synchronous standby. Each test runs the binary as child processes against a private
-//! PostgreSQL cluster of its own (a restart or a held horizon would disturb every other test on
-//! the shared server) and judges the outcome by reading the event log itself, through SQL:
+//! a burst of orders or under `orderly seed`, saga processes killed with SIGKILL, a transaction
+//! that holds the log's horizon back while a payment lands, a lock that times the saga's writes
+//! out, a crash that takes back commits that did not wait for their flush, a low
+//! `statement_timeout`, a failover to a synchronous standby. Each test runs the binary as child
+//! processes against a private PostgreSQL cluster of its own (a restart or a held horizon would
+//! disturb every other test on the shared server) and judges the outcome by reading the event
+//! log itself, through SQL:
 //!
-//! - every order placed ends confirmed or cancelled;
+//! - every order placed ends confirmed or cancelled (and, when shipped or delivered, was
+//!   confirmed first and delivered only once shipped);
 //! - no order is charged twice, a confirmed order once, a cancelled one that was charged is
 //!   refunded;
 //! - for each product, the stock the log holds reserved (reserved, minus released, minus
-//!   shipped) is what the confirmed orders' lines hold, and nothing else;
+//!   shipped) is what the confirmed orders not shipped yet hold, and nothing else;
 //! - no saga step "failed for good".
 //!
 //! The tests wait for those to hold for a bounded time, and give up early when the log has
@@ -416,32 +418,49 @@ async fn a_strict_read_never_answers_data_older_than_its_token_after_a_crash() {
     );
 }
 
-/// The read path under the faults a database has at peak, with orders coming in and a probe
-/// that restocks and reads its restock back STRICT all along: PostgreSQL restarted fast three
-/// times, crashed once, a transaction holding the log's horizon for longer than a batch waits,
-/// and a low `statement_timeout`. After each fault the server is ready again within 30 s, a
-/// STRICT read is answered again and no runner has given up; no STRICT read ever answers data
-/// older than its token; afterwards every order settled and the read models equal what a
-/// rebuild from the log makes.
+/// The read path under the faults a database has at peak, with `orderly seed` writing its
+/// workload (placements, cancellations, then shipments and deliveries) and a probe that
+/// restocks and reads its restock back STRICT all along: PostgreSQL restarted fast three times,
+/// crashed once, a transaction holding the log's horizon for longer than a batch waits, and a
+/// low `statement_timeout`. The seed must ride them out and finish; after each fault the server
+/// is ready again within 30 s, a STRICT read is answered again and no runner has given up; no
+/// STRICT read ever answers data older than its token; afterwards every order in the log
+/// settled and the read models equal what a rebuild from the log makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
     let cluster = PrivateCluster::create().await.expect("a private cluster");
     slow_wal_writer(&cluster).await;
     migrate(&cluster.url()).await;
     let server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
-    for sku in ["PEAK-A", "PEAK-B", "PEAK-PROBE"] {
-        register(&server.api, sku, 300, "EUR", 100_000).await;
-    }
-    let placed = AtomicUsize::new(0);
+    register(&server.api, "PEAK-PROBE", 300, "EUR", 100_000).await;
     let faults_done = AtomicBool::new(false);
     let answered = AtomicUsize::new(0);
-    let burst = place_burst(
-        &server.api,
-        240,
-        8,
-        &placed,
-        |i| json!([{ "sku": if i % 2 == 0 { "PEAK-A" } else { "PEAK-B" }, "quantity": 1 + i % 3 }]),
-    );
+    // Few clients, so that placing lasts through the faults; twelve products, the last two
+    // scarce, so that some orders (about a quarter) are cancelled out of stock and most are
+    // confirmed, and then shipped. `serve`'s saga runner leads; the seed's own stands by.
+    let seed = Subprocess::spawn(
+        "seed",
+        orderly(
+            &[
+                "seed",
+                "--orders",
+                "240",
+                "--products",
+                "12",
+                "--customers",
+                "40",
+                "--seed",
+                "7",
+                "--concurrency",
+                "2",
+            ],
+            &cluster.url(),
+            &timing(10),
+        ),
+    )
+    .expect("orderly seed started");
+    let seed_exited = AtomicBool::new(false);
+    let seeded = wait_for_exit(seed, Duration::from_secs(300), &seed_exited);
     let probe = probe_strict_reads(&server.api, "PEAK-PROBE", &faults_done, &answered);
     let faults = async {
         let admin_db = cluster.connect().await.expect("a connection");
@@ -451,12 +470,21 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
             .batch_execute("alter database postgres set statement_timeout = '200ms'")
             .await
             .expect("a low statement_timeout");
-        let mut step = 0;
-        for fault in ["fast", "fast", "hold", "immediate", "fast"] {
-            step += 40;
-            while placed.load(Ordering::Relaxed) < step {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        // Each fault once the log holds so many events of a type: four while orders are
+        // placed, the last while they are shipped (and delivered).
+        let steps = [
+            ("fast", "OrderPlaced", 40),
+            ("fast", "OrderPlaced", 80),
+            ("hold", "OrderPlaced", 120),
+            ("immediate", "OrderPlaced", 160),
+            ("fast", "OrderShipped", 20),
+        ];
+        for (step, (fault, event_type, count)) in (1..).zip(steps) {
+            // A seed that is gone writes nothing more: its exit status tells why.
+            if !events_written(&cluster, event_type, count, &seed_exited).await {
+                break;
             }
+            eprintln!("fault {step} ({fault}) at {count} {event_type} events");
             match fault {
                 "fast" => cluster.restart_fast().await.expect("restart"),
                 "immediate" => cluster.restart_immediate().await.expect("crash and start"),
@@ -464,7 +492,7 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
             }
             // Checked after each fault, not only after the last.
             server
-                .assert_serving_again(&answered, &format!("fault {} ({fault})", step / 40))
+                .assert_serving_again(&answered, &format!("fault {step} ({fault})"))
                 .await;
         }
         let admin_db = cluster.connect().await.expect("a connection");
@@ -474,8 +502,43 @@ async fn the_read_path_rides_out_restarts_crashes_held_horizons_and_timeouts() {
             .expect("statement_timeout back");
         faults_done.store(true, Ordering::Relaxed);
     };
-    let (ids, (), strict) = tokio::join!(burst, faults, probe);
+    let ((seed, status), (), strict) = tokio::join!(seeded, faults, probe);
+    let output = seed.output();
+    let report = output
+        .lines()
+        .find(|line| line.contains("products registered"));
+    let resent = output
+        .matches("failed transiently; sending it again")
+        .count();
+    eprintln!("the seed exited ({status}), {resent} commands sent again: {report:?}");
+    assert!(
+        status.success(),
+        "orderly seed failed ({status}):\n{}",
+        output
+            .lines()
+            .filter(|line| !line.contains("\"level\":\"INFO\""))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(resent > 0, "the faults never reached the seed's commands");
+    let lost: Vec<String> = output
+        .lines()
+        .filter(|line| line.contains(STEP_LOST))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "the seed's saga runner lost steps:\n{}",
+        lost.join("\n")
+    );
 
+    // The orders to judge are every order the log says was placed.
+    let ids = Log::read(&cluster.connect().await.expect("a connection"))
+        .await
+        .expect("the log read")
+        .placed();
+    assert_eq!(ids.len(), 240, "orders in the log");
     server.assert_settles(&cluster, &ids).await;
     assert!(
         strict.after_faults > 0,
@@ -852,6 +915,55 @@ async fn probe_strict_reads(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     reads
+}
+
+/// Waits up to `within` for `process` to exit, then sets `exited`; the process and how it
+/// ended. Kills it and fails when it outlasts `within`.
+async fn wait_for_exit(
+    mut process: Subprocess,
+    within: Duration,
+    exited: &AtomicBool,
+) -> (Subprocess, std::process::ExitStatus) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = process.exit_status() {
+            exited.store(true, Ordering::Relaxed);
+            return (process, status);
+        }
+        if started.elapsed() >= within {
+            process.kill();
+            panic!("{} still running after {within:?}", process.name());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the log holds `count` events of `event_type` (reading it on a new connection
+/// each time, so that a restart in between does not matter); `false` when `writer_exited`
+/// first.
+async fn events_written(
+    cluster: &PrivateCluster,
+    event_type: &str,
+    count: i64,
+    writer_exited: &AtomicBool,
+) -> bool {
+    loop {
+        if let Ok(db) = cluster.connect().await
+            && let Ok(row) = db
+                .query_one(
+                    "select count(*) from events where event_type = $1",
+                    &[&event_type],
+                )
+                .await
+            && row.get::<_, i64>(0) >= count
+        {
+            return true;
+        }
+        if writer_exited.load(Ordering::Relaxed) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Holds a transaction with an id open for `hold`: every reader of the log waits behind it.
@@ -1308,6 +1420,9 @@ struct OrderFacts {
     /// (sku, quantity) of each line.
     lines: Vec<(String, i64)>,
     confirmed: bool,
+    /// Shipped (its reserved stock then leaves the warehouse) and delivered.
+    shipped: bool,
+    delivered: bool,
     /// The reason, once cancelled.
     cancelled: Option<String>,
     charges: usize,
@@ -1321,9 +1436,10 @@ impl OrderFacts {
         self.confirmed || self.cancelled.is_some()
     }
 
-    /// What the order should hold of `sku` once settled: its line if confirmed, else nothing.
+    /// What the order should hold of `sku` once settled: its line if confirmed and not shipped
+    /// yet, else nothing.
     fn should_hold(&self, sku: &str) -> i64 {
-        if !self.confirmed || self.cancelled.is_some() {
+        if !self.confirmed || self.shipped || self.cancelled.is_some() {
             return 0;
         }
         self.lines
@@ -1375,6 +1491,8 @@ impl Log {
                         .collect();
                 }
                 "OrderConfirmed" => order.confirmed = true,
+                "OrderShipped" => order.shipped = true,
+                "OrderDelivered" => order.delivered = true,
                 "OrderCancelled" => {
                     let reason = data["cancellation_reason"].as_str().unwrap_or_default();
                     order.cancelled = Some(reason.to_owned());
@@ -1389,6 +1507,15 @@ impl Log {
             }
         }
         Ok(Self { orders, last_seq })
+    }
+
+    /// Every order placed, in id order.
+    fn placed(&self) -> Vec<Uuid> {
+        self.orders
+            .iter()
+            .filter(|(_, order)| order.placed > 0)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Orders not confirmed or cancelled yet.
@@ -1427,6 +1554,12 @@ impl Log {
             }
             if order.charges > 1 {
                 problems.push(format!("order {id} charged {} times", order.charges));
+            }
+            if order.shipped && !order.confirmed {
+                problems.push(format!("order {id} shipped but never confirmed"));
+            }
+            if order.delivered && !order.shipped {
+                problems.push(format!("order {id} delivered but never shipped"));
             }
             if order.confirmed && order.charges == 0 {
                 problems.push(format!("order {id} confirmed but never charged"));
