@@ -51,14 +51,19 @@ const ERROR: &str = "\"level\":\"ERROR\"";
 /// How long one order may take to be accepted while PostgreSQL restarts under it.
 const PLACE_PATIENCE: Duration = Duration::from_secs(60);
 
-/// PostgreSQL restarted cleanly twice and crashed once while 16 clients place 200 orders.
-/// Each restart cuts saga statements in flight, which are to be retried (SQLSTATE class 57 is
-/// transient), never skipped; the server carries on and is ready again afterwards.
+/// PostgreSQL restarted cleanly twice and crashed once while 16 clients place 200 orders, with
+/// the saga's lanes shared by `serve` and an `orderly saga run` beside it. Each restart cuts
+/// saga statements in flight, which are to be retried (SQLSTATE class 57 is transient), never
+/// skipped; the server carries on and is ready again afterwards. Then every lane has one live
+/// owner and both processes hold a share; stopping one hands its lanes to the other, which
+/// settles the orders placed after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
     let cluster = PrivateCluster::create().await.expect("a private cluster");
     migrate(&cluster.url()).await;
     let mut server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
+    let saga_url = with_application_name(&cluster.url(), "saga-1");
+    let mut runner = Orderly::start("saga-1", &saga_url, &["saga", "run"], &timing(10)).await;
     let skus = ["FAULT-A", "FAULT-B", "FAULT-C", "FAULT-SCARCE"];
     for sku in skus {
         // Scarce enough that some orders are cancelled out of stock and give back what
@@ -68,7 +73,7 @@ async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
     }
 
     let placed = AtomicUsize::new(0);
-    let burst = place_burst(&server.api, 200, 16, &placed, |i| {
+    let burst = place_burst(&server.api, 0..200, 16, &placed, |i| {
         let first = skus[i % 3];
         if i % 3 == 0 {
             json!([{ "sku": first, "quantity": 1 + i % 2 },
@@ -95,15 +100,36 @@ async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
             }
         }
     };
-    let (ids, ()) = tokio::join!(burst, faults);
+    let (mut ids, ()) = tokio::join!(burst, faults);
 
     server.assert_settles(&cluster, &ids).await;
-    assert!(
-        server.process.is_running(),
-        "the server exited: {:?}",
-        server.process.exit_status()
-    );
+    runner.assert_no_step_lost();
+    for process in [&mut server.process, &mut runner.process] {
+        let status = process.exit_status();
+        assert!(status.is_none(), "{} exited: {status:?}", process.name());
+    }
     server.assert_ready(Duration::from_secs(10)).await;
+    let db = cluster.connect().await.expect("a connection");
+    let owners = lanes_owned_by_live_members(&db, 2).await;
+    eprintln!("after the restarts, lanes per owner: {owners:?}");
+
+    // A clean stop hands its lanes over at once; the one left holds them all and settles
+    // what is placed next.
+    stop(&mut runner.process).await;
+    let owners = lanes_owned_by_live_members(&db, 1).await;
+    eprintln!("after saga-1 stopped, lanes per owner: {owners:?}");
+    let placed = AtomicUsize::new(0);
+    ids.extend(
+        place_burst(
+            &server.api,
+            200..220,
+            4,
+            &placed,
+            |i| json!([{ "sku": skus[i % 3], "quantity": 1 }]),
+        )
+        .await,
+    );
+    server.assert_settles(&cluster, &ids).await;
 }
 
 /// Saga runner processes killed with SIGKILL twice during a burst (the leading one, where one
@@ -129,7 +155,7 @@ async fn killing_saga_processes_mid_burst_loses_no_step_and_charges_once() {
     let placed = AtomicUsize::new(0);
     let burst = place_burst(
         &api.api,
-        150,
+        0..150,
         16,
         &placed,
         |i| json!([{ "sku": if i % 2 == 0 { "KILL-A" } else { "KILL-B" }, "quantity": 1 + i % 2 }]),
@@ -321,25 +347,13 @@ async fn a_stopped_server_leaves_its_read_models_at_the_end_of_the_log() {
     let placed = AtomicUsize::new(0);
     place_burst(
         &server.api,
-        60,
+        0..60,
         16,
         &placed,
         |_| json!([{ "sku": "STOP-A", "quantity": 1 }]),
     )
     .await;
-    let pid = server.process.id().to_string();
-    let signalled = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill ran");
-    assert!(signalled.success());
-    let exited = poll(Duration::from_secs(30), || {
-        let status = server.process.exit_status();
-        async move { status }
-    })
-    .await
-    .expect("serve stopped within 30 s of SIGTERM");
-    assert!(exited.success(), "serve exited with {exited}");
+    stop(&mut server.process).await;
 
     let db = cluster.connect().await.expect("a connection");
     let behind: i64 = db
@@ -606,7 +620,7 @@ async fn a_failover_to_a_synchronous_standby_loses_no_order_and_no_token() {
     let answered = AtomicUsize::new(0);
     let burst = place_burst(
         &server.api,
-        160,
+        0..160,
         8,
         &placed,
         |i| json!([{ "sku": if i % 2 == 0 { "FAILOVER-A" } else { "FAILOVER-B" }, "quantity": 1 }]),
@@ -1275,6 +1289,74 @@ impl Orderly {
     }
 }
 
+/// Waits, up to 30 s, until every saga lane is held (lease running) by a live member and the
+/// lanes are spread over `members` of them; how many lanes each holds.
+async fn lanes_owned_by_live_members(
+    db: &tokio_postgres::Client,
+    members: usize,
+) -> BTreeMap<String, i64> {
+    let owners = || async {
+        let rows = db
+            .query(
+                "select l.owner, count(*) from saga_lanes l
+                 join saga_members m on m.saga_name = l.saga_name and m.member_id = l.owner
+                 where l.lease_until > now() and m.lease_until > now()
+                 group by l.owner",
+                &[],
+            )
+            .await
+            .expect("the lanes read");
+        let lanes: i64 = db
+            .query_one("select count(*) from saga_lanes", &[])
+            .await
+            .expect("the lanes counted")
+            .get(0);
+        let owners: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        (owners.len() == members && owners.values().sum::<i64>() == lanes && lanes > 0)
+            .then_some(owners)
+    };
+    if let Some(owners) = poll(Duration::from_secs(30), owners).await {
+        return owners;
+    }
+    let lanes: Vec<String> = db
+        .query(
+            "select lane, owner, lease_until from saga_lanes order by lane",
+            &[],
+        )
+        .await
+        .expect("the lanes read")
+        .iter()
+        .map(|r| {
+            let until: DateTime<Utc> = r.get(2);
+            format!(
+                "{} {:?} until {until}",
+                r.get::<_, i32>(0),
+                r.get::<_, Option<String>>(1)
+            )
+        })
+        .collect();
+    panic!(
+        "the saga's lanes are not all held by {members} live member(s) within 30 s:\n{}",
+        lanes.join("\n")
+    )
+}
+
+/// Stops `process` with SIGTERM and waits up to 30 s for it to exit successfully.
+async fn stop(process: &mut Subprocess) {
+    let pid = process.id().to_string();
+    let signalled = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill ran");
+    assert!(signalled.success());
+    let exited = poll(Duration::from_secs(30), || {
+        let status = process.exit_status();
+        async move { status }
+    })
+    .await
+    .unwrap_or_else(|| panic!("{} still running 30 s after SIGTERM", process.name()));
+    assert!(exited.success(), "{} exited with {exited}", process.name());
+}
 /// The `application_name` of the saga process that holds an advisory lock, if one does (the
 /// leader, while one runner leads at a time).
 async fn leading_saga(cluster: &PrivateCluster) -> Option<String> {
@@ -1344,18 +1426,18 @@ async fn saga_waits_for_a_lock(cluster: &PrivateCluster, within: Duration) {
 // ---------------------------------------------------------------------------------------------
 // Clients.
 
-/// Places `count` orders from `clients` concurrent clients, one customer per order, lines from
-/// `lines(i)`, all paid with tok_ok; counts them in `placed` as they are accepted. Their ids,
-/// in order.
+/// Places the orders numbered `orders` (each number names its customer and idempotency key)
+/// from `clients` concurrent clients, lines from `lines(i)`, all paid with tok_ok; counts them
+/// in `placed` as they are accepted. Their ids, in order.
 async fn place_burst(
     api: &Api,
-    count: usize,
+    orders: std::ops::Range<usize>,
     clients: usize,
     placed: &AtomicUsize,
     lines: impl Fn(usize) -> Value,
 ) -> Vec<Uuid> {
     let lines = Arc::new(lines);
-    futures::stream::iter(0..count)
+    futures::stream::iter(orders)
         .map(|i| {
             let lines = lines.clone();
             async move {
