@@ -10,7 +10,8 @@ use contract::{Fixture, event, next, stream};
 use futures::StreamExt;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions, migrate, migration_fingerprint};
 use orderly_event_store::{
-    EventFilter, EventStore, ExpectedVersion, Position, SubscriptionOptions,
+    Append, EventFilter, EventStore, ExpectedVersion, Position, StoreError, StreamName,
+    SubscriptionOptions,
 };
 use orderly_test_support::TestDb;
 use serde_json::json;
@@ -209,4 +210,53 @@ async fn an_unreachable_server_is_reported_as_unavailable() {
     };
     let store = PgEventStore::connect("postgres://postgres@127.0.0.1:1/nowhere", options).unwrap();
     contract::an_unreachable_store_reports_unavailable(&store).await;
+}
+
+/// An append refused among several (its stream moved on) leaves the others to commit together,
+/// in the one transaction they would have had without it, instead of sending them one by one:
+/// with many saga lanes writing together, one lane's conflict on a product would otherwise cost
+/// every other lane's appends a transaction each. The refused one is answered as if alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_append_among_several_leaves_the_others_to_commit_together() {
+    let pg = pg().await;
+    let (a, b, hot) = (
+        stream("order-together1"),
+        stream("order-together2"),
+        stream("product-together"),
+    );
+    pg.store
+        .append(
+            &hot,
+            ExpectedVersion::NoStream,
+            vec![event("Registered", json!({}))],
+        )
+        .await
+        .unwrap();
+    let append = |stream: &StreamName, expected| Append {
+        stream: stream.clone(),
+        expected,
+        events: vec![event("Numbered", json!({}))],
+    };
+    let answers = pg
+        .store
+        .append_many(vec![
+            append(&a, ExpectedVersion::NoStream),
+            // Decided on a state that another writer has moved past.
+            append(&hot, ExpectedVersion::NoStream),
+            append(&b, ExpectedVersion::NoStream),
+        ])
+        .await;
+    let [first, refused, last]: [_; 3] = answers.try_into().expect("three answers");
+    match refused {
+        Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, Some(0)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let (first, last) = (first.unwrap(), last.unwrap());
+    assert_eq!(
+        first.position.commit, last.position.commit,
+        "the appends beside the refused one were committed in one transaction"
+    );
+    assert_eq!(pg.store.stream_version(&hot).await.unwrap(), Some(0));
+    assert_eq!(pg.store.stream_version(&a).await.unwrap(), Some(0));
+    assert_eq!(pg.store.stream_version(&b).await.unwrap(), Some(0));
 }

@@ -340,12 +340,16 @@ impl PgEventStore {
         }
     }
 
-    /// Writes every append of `appends` in one transaction (one commit, statements pipelined),
-    /// or none of them: `None` when any would not go in exactly as sent (invalid, refused,
-    /// contended) or the transaction failed, including a commit whose outcome is unknown. The
-    /// caller then sends them one by one, which tells each apart (a replay of a commit that
-    /// did happen is recognised by its event ids).
-    async fn append_together(&self, appends: &[Append]) -> Option<Vec<AppendResult>> {
+    /// Writes every append of `appends` in one transaction (one commit, statements pipelined).
+    /// An append the database refuses (it inserts nothing: its stream is not where it expects,
+    /// or it is a retry of an earlier write) leaves the others to commit when no other append
+    /// of the call names its stream, so one lane's conflict does not send every append beside
+    /// it one by one; its place holds `None`, for the caller to explain as if it had been sent
+    /// alone. `None` for the whole call when the others cannot go in as sent (an invalid
+    /// append, a refused one whose stream another append names, an error, a commit whose
+    /// outcome is unknown): the caller then sends them one by one, which tells each apart (a
+    /// replay of a commit that did happen is recognised by its event ids).
+    async fn append_together(&self, appends: &[Append]) -> Option<Vec<Option<AppendResult>>> {
         if appends
             .iter()
             .any(|append| validate_append(&append.events).is_err())
@@ -366,19 +370,34 @@ impl PgEventStore {
                 futures::future::join_all(params.iter().map(|params| tx.query(&statement, params)))
                     .await;
             let mut results = Vec::with_capacity(appends.len());
-            for rows in outcomes {
+            for (index, rows) in outcomes.into_iter().enumerate() {
                 let rows = rows.map_err(pg_error)?;
-                if rows.is_empty() {
+                if !rows.is_empty() {
+                    results.push(Some(appended(&rows).map_err(pg_error)?));
+                    continue;
+                }
+                // Alone in its stream, the refusal is the same whatever the others did; with
+                // another append of the same stream, their order decides, so all go alone.
+                let stream = &appends[index].stream;
+                if appends
+                    .iter()
+                    .enumerate()
+                    .any(|(other, append)| other != index && append.stream == *stream)
+                {
                     return Ok(None);
                 }
-                results.push(appended(&rows).map_err(pg_error)?);
+                results.push(None);
             }
-            tx.commit().await.map_err(pg_error)?;
+            if results.iter().any(Option::is_some) {
+                tx.commit().await.map_err(pg_error)?;
+            }
             Ok::<_, StoreError>(Some(results))
         };
         match written.await {
             Ok(Some(results)) => {
-                self.woke();
+                if results.iter().any(Option::is_some) {
+                    self.woke();
+                }
                 Some(results)
             }
             Ok(None) => None,
@@ -387,6 +406,14 @@ impl PgEventStore {
                 None
             }
         }
+    }
+
+    /// The answer an append refused inside [`Self::append_together`] would have got alone.
+    async fn explain_refused(&self, append: &Append) -> Result<AppendResult, StoreError> {
+        let client = self.client().await?;
+        let ids: Vec<Uuid> = append.events.iter().map(|event| event.id).collect();
+        self.explain_refusal(&client, &append.stream, append.expected, &ids)
+            .await
     }
 
     async fn current_version(
@@ -407,9 +434,16 @@ impl PgEventStore {
 impl EventStore for PgEventStore {
     async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
         if appends.len() > 1
-            && let Some(results) = self.append_together(&appends).await
+            && let Some(written) = self.append_together(&appends).await
         {
-            return results.into_iter().map(Ok).collect();
+            let mut answers = Vec::with_capacity(appends.len());
+            for (append, written) in appends.iter().zip(written) {
+                answers.push(match written {
+                    Some(result) => Ok(result),
+                    None => self.explain_refused(append).await,
+                });
+            }
+            return answers;
         }
         // Written one by one, each append gets the answer it would have got alone: a conflict,
         // a replay of an earlier success, a retry of a contended version.
