@@ -8,7 +8,8 @@
 //! log itself, through SQL:
 //!
 //! - every order placed ends confirmed or cancelled (and, when shipped or delivered, was
-//!   confirmed first and delivered only once shipped);
+//!   confirmed first and delivered only once shipped); only its customer may cancel an order
+//!   once confirmed, and nothing confirms a cancelled one;
 //! - no order is charged twice, a confirmed order once, a cancelled one that was charged is
 //!   refunded;
 //! - for each product, the stock the log holds reserved (reserved, minus released, minus
@@ -1548,8 +1549,11 @@ struct OrderFacts {
     /// Shipped (its reserved stock then leaves the warehouse) and delivered.
     shipped: bool,
     delivered: bool,
-    /// The reason, once cancelled.
+    /// The reason, once cancelled, and by whom (`customer` or `fulfilment`).
     cancelled: Option<String>,
+    cancelled_by: Option<String>,
+    /// An `OrderConfirmed` came after the `OrderCancelled`: never right.
+    confirmed_after_cancel: bool,
     charges: usize,
     refunds: usize,
     /// Per SKU: reserved, minus released, minus shipped, for this order.
@@ -1615,12 +1619,16 @@ impl Log {
                         })
                         .collect();
                 }
-                "OrderConfirmed" => order.confirmed = true,
+                "OrderConfirmed" => {
+                    order.confirmed_after_cancel |= order.cancelled.is_some();
+                    order.confirmed = true;
+                }
                 "OrderShipped" => order.shipped = true,
                 "OrderDelivered" => order.delivered = true,
                 "OrderCancelled" => {
                     let reason = data["cancellation_reason"].as_str().unwrap_or_default();
                     order.cancelled = Some(reason.to_owned());
+                    order.cancelled_by = data["cancelled_by"].as_str().map(str::to_owned);
                 }
                 "PaymentCharged" => order.charges += 1,
                 "PaymentRefunded" => order.refunds += 1,
@@ -1674,7 +1682,13 @@ impl Log {
             if order.placed != 1 {
                 problems.push(format!("order {id} placed {} times", order.placed));
             }
-            if order.confirmed && order.cancelled.is_some() {
+            // A customer may cancel a confirmed order until it ships (it is then refunded);
+            // the saga never cancels one it confirmed, and nothing confirms a cancelled one.
+            if order.confirmed_after_cancel
+                || (order.confirmed
+                    && order.cancelled.is_some()
+                    && order.cancelled_by.as_deref() != Some("customer"))
+            {
                 problems.push(format!("order {id} confirmed and cancelled: {order:?}"));
             }
             if order.charges > 1 {
