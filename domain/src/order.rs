@@ -218,146 +218,219 @@ fn saga_step(
     }
 }
 
+/// A step people send, allowed from `from` only: a repeat is rejected, so a second click is told
+/// the order already moved on.
+fn manual_step(order: &Order, from: OrderStatus, action: &'static str) -> Result<(), Rejection> {
+    if order.status != from {
+        return Err(Rejection::IllegalTransition {
+            action,
+            status: order.status,
+        });
+    }
+    Ok(())
+}
+
 pub fn decide(state: &Option<Order>, command: &OrderCommand) -> Result<Vec<OrderEvent>, Rejection> {
-    let Some(order) = state else {
-        return match command {
-            OrderCommand::Place {
-                order_id,
-                customer_id,
-                lines,
-                shipping_address,
-                payment_token,
-                placed_at,
-            } => Ok(vec![OrderEvent::from(OrderPlaced {
-                order_id: *order_id,
-                customer_id: customer_id.clone(),
-                lines: lines.lines.clone(),
-                total: lines.total,
-                shipping_address: shipping_address.clone(),
-                payment_token: payment_token.clone(),
-                placed_at: *placed_at,
-            })]),
-            _ => Err(Rejection::OrderNotFound),
-        };
-    };
-    let order_id = order.order_id;
-    let event: OrderEvent = match command {
-        OrderCommand::Place { order_id, .. } => {
-            return Err(Rejection::OrderAlreadyPlaced {
-                order_id: *order_id,
-            });
-        }
+    match command {
+        OrderCommand::Place {
+            order_id,
+            customer_id,
+            lines,
+            shipping_address,
+            payment_token,
+            placed_at,
+        } => place(
+            state,
+            *order_id,
+            customer_id,
+            lines,
+            shipping_address,
+            payment_token,
+            *placed_at,
+        ),
         OrderCommand::MarkStockReserved { stock_reserved_at } => {
-            if !saga_step(
-                order,
-                OrderStatus::Placed,
-                OrderStatus::StockReserved,
-                "mark stock reserved for",
-            )? {
-                return Ok(vec![]);
-            }
-            OrderStockReserved {
-                order_id,
-                stock_reserved_at: *stock_reserved_at,
-            }
-            .into()
+            mark_stock_reserved(existing(state)?, *stock_reserved_at)
         }
         OrderCommand::MarkPaid {
             amount,
             gateway_reference,
             paid_at,
-        } => {
-            // Checked after the step test so a redelivery still decides nothing.
-            if !saga_step(
-                order,
-                OrderStatus::StockReserved,
-                OrderStatus::Paid,
-                "mark paid",
-            )? {
-                return Ok(vec![]);
-            }
-            if *amount != order.total {
-                return Err(Rejection::PaymentAmountMismatch {
-                    paid: *amount,
-                    total: order.total,
-                });
-            }
-            OrderPaid {
-                order_id,
-                amount: *amount,
-                gateway_reference: gateway_reference.clone(),
-                paid_at: *paid_at,
-            }
-            .into()
-        }
-        OrderCommand::Confirm { confirmed_at } => {
-            if !saga_step(order, OrderStatus::Paid, OrderStatus::Confirmed, "confirm")? {
-                return Ok(vec![]);
-            }
-            OrderConfirmed {
-                order_id,
-                confirmed_at: *confirmed_at,
-            }
-            .into()
-        }
+        } => mark_paid(existing(state)?, *amount, gateway_reference, *paid_at),
+        OrderCommand::Confirm { confirmed_at } => confirm(existing(state)?, *confirmed_at),
         OrderCommand::Cancel {
             cancellation_reason,
             cancelled_by,
             cancelled_at,
-        } => match order.status {
-            OrderStatus::Cancelled => return Ok(vec![]),
-            OrderStatus::Shipped | OrderStatus::Delivered => {
-                return Err(Rejection::IllegalTransition {
-                    action: "cancel",
-                    status: order.status,
-                });
-            }
-            OrderStatus::Placed
-            | OrderStatus::StockReserved
-            | OrderStatus::Paid
-            | OrderStatus::Confirmed => OrderCancelled {
-                order_id,
-                cancellation_reason: cancellation_reason.clone(),
-                cancelled_by: *cancelled_by,
-                cancelled_at: *cancelled_at,
-            }
-            .into(),
-        },
+        } => cancel(
+            existing(state)?,
+            cancellation_reason,
+            *cancelled_by,
+            *cancelled_at,
+        ),
         OrderCommand::Ship {
             carrier,
             tracking_number,
             shipped_at,
-        } => {
-            // Only a confirmed order ships: stock is held and the money taken.
-            if order.status != OrderStatus::Confirmed {
-                return Err(Rejection::IllegalTransition {
-                    action: "ship",
-                    status: order.status,
-                });
-            }
-            OrderShipped {
-                order_id,
-                carrier: carrier.clone(),
-                tracking_number: tracking_number.clone(),
-                shipped_at: *shipped_at,
-            }
-            .into()
+        } => ship(existing(state)?, carrier, tracking_number, *shipped_at),
+        OrderCommand::Deliver { delivered_at } => deliver(existing(state)?, *delivered_at),
+    }
+}
+
+/// Every command but `Place` acts on an order that has been placed.
+fn existing(state: &Option<Order>) -> Result<&Order, Rejection> {
+    state.as_ref().ok_or(Rejection::OrderNotFound)
+}
+
+/// An order is placed once, with lines priced from the catalog.
+fn place(
+    state: &Option<Order>,
+    order_id: OrderId,
+    customer_id: &CustomerId,
+    lines: &PricedLines,
+    shipping_address: &Address,
+    payment_token: &PaymentToken,
+    placed_at: DateTime<Utc>,
+) -> Result<Vec<OrderEvent>, Rejection> {
+    if state.is_some() {
+        return Err(Rejection::OrderAlreadyPlaced { order_id });
+    }
+    Ok(vec![
+        OrderPlaced {
+            order_id,
+            customer_id: customer_id.clone(),
+            lines: lines.lines.clone(),
+            total: lines.total,
+            shipping_address: shipping_address.clone(),
+            payment_token: payment_token.clone(),
+            placed_at,
         }
-        OrderCommand::Deliver { delivered_at } => {
-            if order.status != OrderStatus::Shipped {
-                return Err(Rejection::IllegalTransition {
-                    action: "deliver",
-                    status: order.status,
-                });
-            }
-            OrderDelivered {
-                order_id,
-                delivered_at: *delivered_at,
-            }
-            .into()
+        .into(),
+    ])
+}
+
+fn mark_stock_reserved(
+    order: &Order,
+    stock_reserved_at: DateTime<Utc>,
+) -> Result<Vec<OrderEvent>, Rejection> {
+    if !saga_step(
+        order,
+        OrderStatus::Placed,
+        OrderStatus::StockReserved,
+        "mark stock reserved for",
+    )? {
+        return Ok(vec![]);
+    }
+    Ok(vec![
+        OrderStockReserved {
+            order_id: order.order_id,
+            stock_reserved_at,
         }
-    };
-    Ok(vec![event])
+        .into(),
+    ])
+}
+
+/// A reserved order is paid only with exactly its total.
+fn mark_paid(
+    order: &Order,
+    amount: Money,
+    gateway_reference: &GatewayReference,
+    paid_at: DateTime<Utc>,
+) -> Result<Vec<OrderEvent>, Rejection> {
+    // Checked after the step test so a redelivery still decides nothing.
+    if !saga_step(
+        order,
+        OrderStatus::StockReserved,
+        OrderStatus::Paid,
+        "mark paid",
+    )? {
+        return Ok(vec![]);
+    }
+    if amount != order.total {
+        return Err(Rejection::PaymentAmountMismatch {
+            paid: amount,
+            total: order.total,
+        });
+    }
+    Ok(vec![
+        OrderPaid {
+            order_id: order.order_id,
+            amount,
+            gateway_reference: gateway_reference.clone(),
+            paid_at,
+        }
+        .into(),
+    ])
+}
+
+fn confirm(order: &Order, confirmed_at: DateTime<Utc>) -> Result<Vec<OrderEvent>, Rejection> {
+    if !saga_step(order, OrderStatus::Paid, OrderStatus::Confirmed, "confirm")? {
+        return Ok(vec![]);
+    }
+    Ok(vec![
+        OrderConfirmed {
+            order_id: order.order_id,
+            confirmed_at,
+        }
+        .into(),
+    ])
+}
+
+/// An order can be cancelled until it ships; cancelling it again decides nothing.
+fn cancel(
+    order: &Order,
+    cancellation_reason: &Reason,
+    cancelled_by: CancelledBy,
+    cancelled_at: DateTime<Utc>,
+) -> Result<Vec<OrderEvent>, Rejection> {
+    match order.status {
+        OrderStatus::Cancelled => Ok(vec![]),
+        OrderStatus::Shipped | OrderStatus::Delivered => Err(Rejection::IllegalTransition {
+            action: "cancel",
+            status: order.status,
+        }),
+        OrderStatus::Placed
+        | OrderStatus::StockReserved
+        | OrderStatus::Paid
+        | OrderStatus::Confirmed => Ok(vec![
+            OrderCancelled {
+                order_id: order.order_id,
+                cancellation_reason: cancellation_reason.clone(),
+                cancelled_by,
+                cancelled_at,
+            }
+            .into(),
+        ]),
+    }
+}
+
+fn ship(
+    order: &Order,
+    carrier: &Carrier,
+    tracking_number: &TrackingNumber,
+    shipped_at: DateTime<Utc>,
+) -> Result<Vec<OrderEvent>, Rejection> {
+    // Only a confirmed order ships: stock is held and the money taken.
+    manual_step(order, OrderStatus::Confirmed, "ship")?;
+    Ok(vec![
+        OrderShipped {
+            order_id: order.order_id,
+            carrier: carrier.clone(),
+            tracking_number: tracking_number.clone(),
+            shipped_at,
+        }
+        .into(),
+    ])
+}
+
+fn deliver(order: &Order, delivered_at: DateTime<Utc>) -> Result<Vec<OrderEvent>, Rejection> {
+    manual_step(order, OrderStatus::Shipped, "deliver")?;
+    Ok(vec![
+        OrderDelivered {
+            order_id: order.order_id,
+            delivered_at,
+        }
+        .into(),
+    ])
 }
 
 /// Events only ever arrive in an order `decide` allows, so each arm just records its fact.

@@ -78,151 +78,202 @@ pub fn decide(
     state: &Option<Payment>,
     command: &PaymentCommand,
 ) -> Result<Vec<PaymentEvent>, Rejection> {
-    let event: PaymentEvent = match (state, command) {
-        (
-            None,
-            PaymentCommand::RequestCharge {
-                order_id,
-                amount,
-                payment_token,
-                attempt,
-                requested_at,
-            },
-        ) => {
-            if *attempt != 1 {
-                return Err(Rejection::AttemptOutOfOrder {
-                    requested: *attempt,
-                    expected: 1,
-                });
+    match command {
+        PaymentCommand::RequestCharge {
+            order_id,
+            amount,
+            payment_token,
+            attempt,
+            requested_at,
+        } => match state {
+            None => {
+                request_first_charge(*order_id, *amount, payment_token, *attempt, *requested_at)
             }
-            charge_requested(*order_id, *amount, payment_token, 1, *requested_at)
-        }
-        (None, _) => return Err(Rejection::PaymentNotRequested),
-        (
-            Some(payment),
-            PaymentCommand::RequestCharge {
-                attempt,
-                requested_at,
-                ..
-            },
-        ) => {
-            let next = payment.attempts.saturating_add(1);
-            // Known attempt: a redelivery, whatever happened to it since.
-            if *attempt <= payment.attempts {
-                return Ok(vec![]);
-            }
-            if *attempt > next {
-                return Err(Rejection::AttemptOutOfOrder {
-                    requested: *attempt,
-                    expected: next,
-                });
-            }
-            if payment.status != PaymentStatus::Failed {
-                return Err(Rejection::ChargeNotAllowed {
-                    status: payment.status,
-                });
-            }
-            // A retry charges what the first request asked for, whatever this request carries.
-            charge_requested(
-                payment.order_id,
-                payment.amount,
-                &payment.payment_token,
-                next,
-                *requested_at,
-            )
-        }
-        (
-            Some(payment),
-            PaymentCommand::RecordCharge {
-                gateway_reference,
+            Some(payment) => request_retry(payment, *attempt, *requested_at),
+        },
+        PaymentCommand::RecordCharge {
+            gateway_reference,
+            charged_at,
+        } => record_charge(existing(state)?, gateway_reference, *charged_at),
+        PaymentCommand::RecordDecline {
+            reason,
+            declined_at,
+        } => record_decline(existing(state)?, reason, *declined_at),
+        PaymentCommand::RecordFailure {
+            reason,
+            attempt,
+            failed_at,
+        } => record_failure(existing(state)?, reason, *attempt, *failed_at),
+        PaymentCommand::Refund {
+            reason,
+            refunded_at,
+        } => refund(existing(state)?, reason, *refunded_at),
+    }
+}
+
+/// Only a charge request starts a payment; every outcome needs one.
+fn existing(state: &Option<Payment>) -> Result<&Payment, Rejection> {
+    state.as_ref().ok_or(Rejection::PaymentNotRequested)
+}
+
+/// A payment starts with attempt 1.
+fn request_first_charge(
+    order_id: OrderId,
+    amount: Money,
+    payment_token: &PaymentToken,
+    attempt: u32,
+    requested_at: DateTime<Utc>,
+) -> Result<Vec<PaymentEvent>, Rejection> {
+    if attempt != 1 {
+        return Err(Rejection::AttemptOutOfOrder {
+            requested: attempt,
+            expected: 1,
+        });
+    }
+    Ok(vec![charge_requested(
+        order_id,
+        amount,
+        payment_token,
+        1,
+        requested_at,
+    )])
+}
+
+/// The next attempt is allowed only after a transient failure; see the module docs.
+fn request_retry(
+    payment: &Payment,
+    attempt: u32,
+    requested_at: DateTime<Utc>,
+) -> Result<Vec<PaymentEvent>, Rejection> {
+    let next = payment.attempts.saturating_add(1);
+    // Known attempt: a redelivery, whatever happened to it since.
+    if attempt <= payment.attempts {
+        return Ok(vec![]);
+    }
+    if attempt > next {
+        return Err(Rejection::AttemptOutOfOrder {
+            requested: attempt,
+            expected: next,
+        });
+    }
+    if payment.status != PaymentStatus::Failed {
+        return Err(Rejection::ChargeNotAllowed {
+            status: payment.status,
+        });
+    }
+    // A retry charges what the first request asked for, whatever this request carries.
+    Ok(vec![charge_requested(
+        payment.order_id,
+        payment.amount,
+        &payment.payment_token,
+        next,
+        requested_at,
+    )])
+}
+
+/// A charge is recorded while pending or after a transient failure; the same charge again
+/// decides nothing, any other is rejected.
+fn record_charge(
+    payment: &Payment,
+    gateway_reference: &GatewayReference,
+    charged_at: DateTime<Utc>,
+) -> Result<Vec<PaymentEvent>, Rejection> {
+    match payment.status {
+        PaymentStatus::Pending | PaymentStatus::Failed => Ok(vec![
+            PaymentCharged {
+                order_id: payment.order_id,
+                amount: payment.amount,
+                gateway_reference: gateway_reference.clone(),
                 charged_at,
-            },
-        ) => match payment.status {
-            PaymentStatus::Pending | PaymentStatus::Failed => PaymentCharged {
-                order_id: payment.order_id,
-                amount: payment.amount,
-                gateway_reference: gateway_reference.clone(),
-                charged_at: *charged_at,
             }
             .into(),
-            PaymentStatus::Charged | PaymentStatus::Refunded
-                if payment.gateway_reference.as_ref() == Some(gateway_reference) =>
-            {
-                return Ok(vec![]);
-            }
-            PaymentStatus::Charged | PaymentStatus::Refunded | PaymentStatus::Declined => {
-                return Err(Rejection::UnexpectedCharge {
-                    status: payment.status,
-                });
-            }
-        },
-        (
-            Some(payment),
-            PaymentCommand::RecordDecline {
-                reason,
-                declined_at,
-            },
-        ) => match payment.status {
-            PaymentStatus::Pending => PaymentDeclined {
-                order_id: payment.order_id,
-                reason: reason.clone(),
-                declined_at: *declined_at,
-            }
-            .into(),
-            PaymentStatus::Declined => return Ok(vec![]),
-            PaymentStatus::Charged | PaymentStatus::Failed | PaymentStatus::Refunded => {
-                return Err(Rejection::NotPending {
-                    status: payment.status,
-                });
-            }
-        },
-        (
-            Some(payment),
-            PaymentCommand::RecordFailure {
-                reason,
-                attempt,
-                failed_at,
-            },
-        ) => {
-            // A failure of an attempt already superseded or already recorded changes nothing.
-            let stale = *attempt < payment.attempts
-                || (*attempt == payment.attempts && payment.status == PaymentStatus::Failed);
-            if stale {
-                return Ok(vec![]);
-            }
-            if payment.status != PaymentStatus::Pending || *attempt != payment.attempts {
-                return Err(Rejection::NotPending {
-                    status: payment.status,
-                });
-            }
-            PaymentFailed {
-                order_id: payment.order_id,
-                reason: reason.clone(),
-                attempt: *attempt,
-                failed_at: *failed_at,
-            }
-            .into()
+        ]),
+        PaymentStatus::Charged | PaymentStatus::Refunded
+            if payment.gateway_reference.as_ref() == Some(gateway_reference) =>
+        {
+            Ok(vec![])
         }
-        (
-            Some(payment),
-            PaymentCommand::Refund {
-                reason,
-                refunded_at,
-            },
-        ) => match (payment.status, &payment.gateway_reference) {
-            (PaymentStatus::Charged, Some(gateway_reference)) => PaymentRefunded {
+        PaymentStatus::Charged | PaymentStatus::Refunded | PaymentStatus::Declined => {
+            Err(Rejection::UnexpectedCharge {
+                status: payment.status,
+            })
+        }
+    }
+}
+
+/// Only a pending payment can be declined.
+fn record_decline(
+    payment: &Payment,
+    reason: &Reason,
+    declined_at: DateTime<Utc>,
+) -> Result<Vec<PaymentEvent>, Rejection> {
+    match payment.status {
+        PaymentStatus::Pending => Ok(vec![
+            PaymentDeclined {
+                order_id: payment.order_id,
+                reason: reason.clone(),
+                declined_at,
+            }
+            .into(),
+        ]),
+        PaymentStatus::Declined => Ok(vec![]),
+        PaymentStatus::Charged | PaymentStatus::Failed | PaymentStatus::Refunded => {
+            Err(Rejection::NotPending {
+                status: payment.status,
+            })
+        }
+    }
+}
+
+/// Only the current attempt of a pending payment can fail.
+fn record_failure(
+    payment: &Payment,
+    reason: &Reason,
+    attempt: u32,
+    failed_at: DateTime<Utc>,
+) -> Result<Vec<PaymentEvent>, Rejection> {
+    // A failure of an attempt already superseded or already recorded changes nothing.
+    let stale = attempt < payment.attempts
+        || (attempt == payment.attempts && payment.status == PaymentStatus::Failed);
+    if stale {
+        return Ok(vec![]);
+    }
+    if payment.status != PaymentStatus::Pending || attempt != payment.attempts {
+        return Err(Rejection::NotPending {
+            status: payment.status,
+        });
+    }
+    Ok(vec![
+        PaymentFailed {
+            order_id: payment.order_id,
+            reason: reason.clone(),
+            attempt,
+            failed_at,
+        }
+        .into(),
+    ])
+}
+
+/// Only a charged payment is refunded, by the amount and reference it was charged with.
+fn refund(
+    payment: &Payment,
+    reason: &Reason,
+    refunded_at: DateTime<Utc>,
+) -> Result<Vec<PaymentEvent>, Rejection> {
+    match (payment.status, &payment.gateway_reference) {
+        (PaymentStatus::Charged, Some(gateway_reference)) => Ok(vec![
+            PaymentRefunded {
                 order_id: payment.order_id,
                 amount: payment.amount,
                 gateway_reference: gateway_reference.clone(),
                 reason: reason.clone(),
-                refunded_at: *refunded_at,
+                refunded_at,
             }
             .into(),
-            (PaymentStatus::Refunded, _) => return Ok(vec![]),
-            (status, _) => return Err(Rejection::NotCharged { status }),
-        },
-    };
-    Ok(vec![event])
+        ]),
+        (PaymentStatus::Refunded, _) => Ok(vec![]),
+        (status, _) => Err(Rejection::NotCharged { status }),
+    }
 }
 
 fn charge_requested(

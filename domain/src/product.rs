@@ -97,145 +97,220 @@ pub fn decide(
     state: &Option<Product>,
     command: &ProductCommand,
 ) -> Result<Vec<ProductEvent>, Rejection> {
-    let Some(product) = state else {
-        return match command {
-            ProductCommand::Register {
-                sku,
-                name,
-                description,
-                price,
-                initial_stock,
-                registered_at,
-            } => {
-                if *initial_stock > MAX_STOCK {
-                    return Err(Rejection::StockLimitExceeded {
-                        sku: sku.clone(),
-                        max: MAX_STOCK,
-                    });
-                }
-                Ok(vec![ProductEvent::from(ProductRegistered {
-                    sku: sku.clone(),
-                    name: name.clone(),
-                    description: description.clone(),
-                    price: *price,
-                    initial_stock: *initial_stock,
-                    registered_at: *registered_at,
-                })])
-            }
-            _ => Err(Rejection::ProductNotRegistered),
-        };
-    };
     // Every event names its SKU so a subscriber to the whole category needs no stream name.
-    let sku = product.sku.clone();
-    let event: ProductEvent = match command {
-        ProductCommand::Register { .. } => return Err(Rejection::ProductAlreadyRegistered { sku }),
+    match command {
+        ProductCommand::Register {
+            sku,
+            name,
+            description,
+            price,
+            initial_stock,
+            registered_at,
+        } => register(
+            state,
+            sku,
+            name,
+            description,
+            *price,
+            *initial_stock,
+            *registered_at,
+        ),
         ProductCommand::Restock {
             quantity,
             restocked_at,
-        } => {
-            if product
-                .on_hand
-                .checked_add(quantity.get())
-                .is_none_or(|n| n > MAX_STOCK)
-            {
-                return Err(Rejection::StockLimitExceeded {
-                    sku,
-                    max: MAX_STOCK,
-                });
-            }
-            ProductRestocked {
-                sku,
-                quantity: *quantity,
-                restocked_at: *restocked_at,
-            }
-            .into()
-        }
+        } => restock(existing(state)?, *quantity, *restocked_at),
         ProductCommand::ChangePrice {
             price,
             price_changed_at,
-        } => {
-            if price.currency() != product.price.currency() {
-                return Err(Rejection::CurrencyChange {
-                    current: product.price.currency(),
-                    requested: price.currency(),
-                });
-            }
-            // An unchanged price is not news: no event for projections to churn on.
-            if *price == product.price {
-                return Ok(vec![]);
-            }
-            ProductPriceChanged {
-                sku,
-                price: *price,
-                price_changed_at: *price_changed_at,
-            }
-            .into()
-        }
+        } => change_price(existing(state)?, *price, *price_changed_at),
         ProductCommand::ReserveStock {
             order_id,
             quantity,
             reserved_at,
-        } => {
-            // Any earlier answer stands, even a release: re-reserving after the saga gave the
-            // stock back would leak it.
-            if product.holds.contains_key(order_id) {
-                return Ok(vec![]);
-            }
-            let available = product.available();
-            if quantity.get() > available {
-                // An event, not a Rejection: the saga must learn of it durably and cancel.
-                StockReservationRejected {
-                    sku,
-                    order_id: *order_id,
-                    quantity: *quantity,
-                    available,
-                    rejected_at: *reserved_at,
-                }
-                .into()
-            } else {
-                StockReserved {
-                    sku,
-                    order_id: *order_id,
-                    quantity: *quantity,
-                    reserved_at: *reserved_at,
-                }
-                .into()
-            }
-        }
+        } => reserve_stock(existing(state)?, *order_id, *quantity, *reserved_at),
         ProductCommand::ReleaseReservation {
             order_id,
             released_at,
-        } => match product.hold(*order_id) {
-            Some(Hold::Reserved { quantity }) => StockReservationReleased {
-                sku,
-                order_id: *order_id,
-                quantity,
-                released_at: *released_at,
-            }
-            .into(),
-            Some(Hold::Rejected | Hold::Released | Hold::Shipped) | None => return Ok(vec![]),
-        },
+        } => release_reservation(existing(state)?, *order_id, *released_at),
         ProductCommand::ShipReservedStock {
             order_id,
             shipped_at,
-        } => match product.hold(*order_id) {
-            Some(Hold::Reserved { quantity }) => ReservedStockShipped {
+        } => ship_reserved_stock(existing(state)?, *order_id, *shipped_at),
+    }
+}
+
+/// Every command but `Register` acts on a registered product.
+fn existing(state: &Option<Product>) -> Result<&Product, Rejection> {
+    state.as_ref().ok_or(Rejection::ProductNotRegistered)
+}
+
+/// A SKU is registered once, with no more than [`MAX_STOCK`] on hand.
+fn register(
+    state: &Option<Product>,
+    sku: &Sku,
+    name: &ProductName,
+    description: &Option<Description>,
+    price: Money,
+    initial_stock: u32,
+    registered_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    if let Some(product) = state {
+        return Err(Rejection::ProductAlreadyRegistered {
+            sku: product.sku.clone(),
+        });
+    }
+    if initial_stock > MAX_STOCK {
+        return Err(Rejection::StockLimitExceeded {
+            sku: sku.clone(),
+            max: MAX_STOCK,
+        });
+    }
+    Ok(vec![
+        ProductRegistered {
+            sku: sku.clone(),
+            name: name.clone(),
+            description: description.clone(),
+            price,
+            initial_stock,
+            registered_at,
+        }
+        .into(),
+    ])
+}
+
+/// Restocking may not take what is on hand past [`MAX_STOCK`].
+fn restock(
+    product: &Product,
+    quantity: Quantity,
+    restocked_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    if product
+        .on_hand
+        .checked_add(quantity.get())
+        .is_none_or(|n| n > MAX_STOCK)
+    {
+        return Err(Rejection::StockLimitExceeded {
+            sku: product.sku.clone(),
+            max: MAX_STOCK,
+        });
+    }
+    Ok(vec![
+        ProductRestocked {
+            sku: product.sku.clone(),
+            quantity,
+            restocked_at,
+        }
+        .into(),
+    ])
+}
+
+/// A price may change its amount, never its currency.
+fn change_price(
+    product: &Product,
+    price: Money,
+    price_changed_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    if price.currency() != product.price.currency() {
+        return Err(Rejection::CurrencyChange {
+            current: product.price.currency(),
+            requested: price.currency(),
+        });
+    }
+    // An unchanged price is not news: no event for projections to churn on.
+    if price == product.price {
+        return Ok(vec![]);
+    }
+    Ok(vec![
+        ProductPriceChanged {
+            sku: product.sku.clone(),
+            price,
+            price_changed_at,
+        }
+        .into(),
+    ])
+}
+
+/// Stock is reserved for an order once, and only what is available; otherwise the refusal is
+/// recorded.
+fn reserve_stock(
+    product: &Product,
+    order_id: OrderId,
+    quantity: Quantity,
+    reserved_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    // Any earlier answer stands, even a release: re-reserving after the saga gave the stock back
+    // would leak it.
+    if product.holds.contains_key(&order_id) {
+        return Ok(vec![]);
+    }
+    let sku = product.sku.clone();
+    let available = product.available();
+    if quantity.get() > available {
+        // An event, not a Rejection: the saga must learn of it durably and cancel.
+        return Ok(vec![
+            StockReservationRejected {
                 sku,
-                order_id: *order_id,
+                order_id,
                 quantity,
-                shipped_at: *shipped_at,
+                available,
+                rejected_at: reserved_at,
             }
             .into(),
-            Some(Hold::Shipped) => return Ok(vec![]),
-            Some(Hold::Rejected | Hold::Released) | None => {
-                return Err(Rejection::NoReservation {
-                    sku,
-                    order_id: *order_id,
-                });
+        ]);
+    }
+    Ok(vec![
+        StockReserved {
+            sku,
+            order_id,
+            quantity,
+            reserved_at,
+        }
+        .into(),
+    ])
+}
+
+/// Only a held reservation is released; anything else decides nothing.
+fn release_reservation(
+    product: &Product,
+    order_id: OrderId,
+    released_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    match product.hold(order_id) {
+        Some(Hold::Reserved { quantity }) => Ok(vec![
+            StockReservationReleased {
+                sku: product.sku.clone(),
+                order_id,
+                quantity,
+                released_at,
             }
-        },
-    };
-    Ok(vec![event])
+            .into(),
+        ]),
+        Some(Hold::Rejected | Hold::Released | Hold::Shipped) | None => Ok(vec![]),
+    }
+}
+
+/// Only a held reservation ships, once.
+fn ship_reserved_stock(
+    product: &Product,
+    order_id: OrderId,
+    shipped_at: DateTime<Utc>,
+) -> Result<Vec<ProductEvent>, Rejection> {
+    match product.hold(order_id) {
+        Some(Hold::Reserved { quantity }) => Ok(vec![
+            ReservedStockShipped {
+                sku: product.sku.clone(),
+                order_id,
+                quantity,
+                shipped_at,
+            }
+            .into(),
+        ]),
+        Some(Hold::Shipped) => Ok(vec![]),
+        Some(Hold::Rejected | Hold::Released) | None => Err(Rejection::NoReservation {
+            sku: product.sku.clone(),
+            order_id,
+        }),
+    }
 }
 
 pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
