@@ -58,6 +58,13 @@ pub enum ProjectionError {
     #[error("injected failure before commit")]
     Injected,
 
+    /// A read-model table holds a word no version of this code writes (a hand edit, or a
+    /// schema from elsewhere).
+    ///
+    /// Handling: not transient; stop and report, and repair the row or rebuild the projection.
+    #[error("read model holds an unknown word: {0}")]
+    UnknownWord(#[from] crate::vocabulary::UnknownWord),
+
     /// The projection stopped on a poisoned event under the `Stop` policy.
     ///
     /// Handling: inspect it with `orderly dlq list`, then `retry` or `skip` it and restart.

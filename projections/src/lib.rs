@@ -17,6 +17,8 @@
 //! - `dlq`: list, retry and skip dead letters. `status`: [`ProjectionStatus`].
 //! - `rebuild`: replay into `orderly_shadow`, verify, swap atomically.
 //! - `tail`: follow the log in a terminal.
+//! - `vocabulary`: the words the read models store ([`vocabulary::OrderStatus`],
+//!   [`vocabulary::PaymentStatus`]), typed, shared with the read API.
 //! - `migrations`: the read-model SQL under `migrations/` (see its README for each table).
 //! - `workload` (feature `workload`): realistic histories through the domain's deciders.
 //! - `error`: [`ProjectionError`], this crate's one error type.
@@ -32,6 +34,7 @@ pub mod rebuild;
 mod runner;
 mod status;
 pub mod tail;
+pub mod vocabulary;
 mod watch;
 #[cfg(feature = "workload")]
 pub mod workload;

@@ -84,6 +84,13 @@ impl From<tokio_postgres::Error> for ReadError {
     }
 }
 
+/// A read-model row holds a word the projections never write: broken data, not the caller's.
+impl From<orderly_projections::vocabulary::UnknownWord> for ReadError {
+    fn from(error: orderly_projections::vocabulary::UnknownWord) -> Self {
+        Self::Internal(error.to_string())
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ReadError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         match error {

@@ -162,9 +162,7 @@ impl QueryRoot {
             };
             let query = OrderQuery {
                 customer_id,
-                statuses: filter
-                    .status
-                    .map(|s| s.iter().map(|s| s.as_str().to_owned()).collect()),
+                statuses: filter.status.map(|s| s.iter().map(|&s| s.into()).collect()),
                 placed_from: filter
                     .placed_from
                     .map(|at| storable("filter.placedFrom", at))

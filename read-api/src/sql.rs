@@ -16,6 +16,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use orderly_projections::vocabulary::{OrderStatus, PaymentStatus};
+
 use crate::ReadError;
 
 /// `orders` joined with its payment, as every order statement selects it.
@@ -31,7 +33,7 @@ const ORDER_FROM: &str = "orders o left join order_payments p on p.order_id = o.
 pub struct OrderRow {
     pub order_id: Uuid,
     pub customer_id: String,
-    pub status: String,
+    pub status: OrderStatus,
     pub total_minor: i64,
     pub currency: String,
     pub ship_name: String,
@@ -53,7 +55,7 @@ pub struct OrderRow {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PaymentRow {
-    pub status: String,
+    pub status: PaymentStatus,
     pub amount_minor: i64,
     pub currency: String,
     pub attempts: i32,
@@ -74,7 +76,7 @@ pub struct LineRow {
 pub struct StatusRow {
     /// Version of the order-stream event that made this change.
     pub version: i64,
-    pub status: String,
+    pub status: OrderStatus,
     pub at: DateTime<Utc>,
     pub reason: Option<String>,
 }
@@ -114,7 +116,7 @@ pub struct DailySalesRow {
 #[derive(Debug, Clone, Default)]
 pub struct OrderQuery {
     pub customer_id: Option<String>,
-    pub statuses: Option<Vec<String>>,
+    pub statuses: Option<Vec<OrderStatus>>,
     pub placed_from: Option<DateTime<Utc>>,
     pub placed_to: Option<DateTime<Utc>>,
     /// Full-text query over the order's search document (`websearch_to_tsquery` syntax).
@@ -217,7 +219,11 @@ impl ReadStore {
             params.push(customer_id);
             conditions.push(format!("o.customer_id = ${}", params.len()));
         }
-        if let Some(statuses) = &filter.statuses {
+        let statuses: Option<Vec<&str>> = filter
+            .statuses
+            .as_ref()
+            .map(|s| s.iter().map(|s| s.as_str()).collect());
+        if let Some(statuses) = &statuses {
             params.push(statuses);
             conditions.push(format!("o.status = any(${})", params.len()));
         }
@@ -306,7 +312,7 @@ impl ReadStore {
                 .or_default()
                 .push(StatusRow {
                     version: row.try_get(1)?,
-                    status: row.try_get(2)?,
+                    status: row.try_get::<_, &str>(2)?.parse()?,
                     at: row.try_get(3)?,
                     reason: row.try_get(4)?,
                 });
@@ -435,11 +441,11 @@ fn where_clause(conditions: &[String]) -> String {
 /// The same columns the projection's own row type reads; the two sides map the table each for
 /// its own purpose (the projection folds events over it, this answers queries).
 fn order_row(row: &Row) -> Result<OrderRow, ReadError> {
-    let payment_status: Option<String> = row.try_get(19)?;
+    let payment_status: Option<&str> = row.try_get(19)?;
     let payment = match payment_status {
         None => None,
         Some(status) => Some(PaymentRow {
-            status,
+            status: status.parse()?,
             amount_minor: row.try_get(20)?,
             currency: row.try_get(21)?,
             attempts: row.try_get(22)?,
@@ -449,7 +455,7 @@ fn order_row(row: &Row) -> Result<OrderRow, ReadError> {
     Ok(OrderRow {
         order_id: row.try_get(0)?,
         customer_id: row.try_get(1)?,
-        status: row.try_get(2)?,
+        status: row.try_get::<_, &str>(2)?.parse()?,
         total_minor: row.try_get(3)?,
         currency: row.try_get(4)?,
         ship_name: row.try_get(5)?,

@@ -20,6 +20,7 @@ use futures::{Stream, StreamExt};
 use orderly_event_store::{EventFilter, Position, StreamName};
 use orderly_platform::{Actor, ConsistencyToken};
 use orderly_projections::OrderTouched;
+use orderly_projections::vocabulary::OrderStatus;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tracing::Instrument;
@@ -280,10 +281,10 @@ impl OrderFollower {
 /// the history up to it.
 fn view_at(row: &OrderRow, history: &[StatusRow], change: &StatusRow) -> Order {
     let mut row = row.clone();
-    row.status = change.status.clone();
+    row.status = change.status;
     row.version = change.version;
     row.updated_at = change.at;
-    if change.status != "CANCELLED" {
+    if change.status != OrderStatus::Cancelled {
         row.cancellation_reason = None;
     }
     Order {

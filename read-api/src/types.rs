@@ -6,7 +6,6 @@ use orderly_event_store::RecordedEvent;
 use orderly_platform::{ConsistencyToken, Date, Long};
 use uuid::Uuid;
 
-use crate::ReadError;
 use crate::context::{ReadApi, request_id};
 use crate::sql::{
     CustomerRow, DailySalesRow, LineRow, OrderRow, PaymentRow, ProductRow, StatusRow,
@@ -17,7 +16,10 @@ pub(crate) fn int(value: i64) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
 }
 
+/// The contract's enums are the read models' words ([`orderly_projections::vocabulary`]),
+/// converted both ways by the derive.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "orderly_projections::vocabulary::OrderStatus")]
 pub enum OrderStatus {
     Placed,
     StockReserved,
@@ -28,54 +30,14 @@ pub enum OrderStatus {
     Cancelled,
 }
 
-impl OrderStatus {
-    /// The spelling the read model stores is the contract's.
-    pub fn parse(stored: &str) -> Result<Self, ReadError> {
-        Ok(match stored {
-            "PLACED" => Self::Placed,
-            "STOCK_RESERVED" => Self::StockReserved,
-            "PAID" => Self::Paid,
-            "CONFIRMED" => Self::Confirmed,
-            "SHIPPED" => Self::Shipped,
-            "DELIVERED" => Self::Delivered,
-            "CANCELLED" => Self::Cancelled,
-            other => return Err(ReadError::Internal(format!("order status {other:?}"))),
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Placed => "PLACED",
-            Self::StockReserved => "STOCK_RESERVED",
-            Self::Paid => "PAID",
-            Self::Confirmed => "CONFIRMED",
-            Self::Shipped => "SHIPPED",
-            Self::Delivered => "DELIVERED",
-            Self::Cancelled => "CANCELLED",
-        }
-    }
-}
-
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "orderly_projections::vocabulary::PaymentStatus")]
 pub enum PaymentStatus {
     Pending,
     Charged,
     Declined,
     Failed,
     Refunded,
-}
-
-impl PaymentStatus {
-    fn parse(stored: &str) -> Result<Self, ReadError> {
-        Ok(match stored {
-            "PENDING" => Self::Pending,
-            "CHARGED" => Self::Charged,
-            "DECLINED" => Self::Declined,
-            "FAILED" => Self::Failed,
-            "REFUNDED" => Self::Refunded,
-            other => return Err(ReadError::Internal(format!("payment status {other:?}"))),
-        })
-    }
 }
 
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,8 +160,8 @@ impl Order {
         &self.row.customer_id
     }
 
-    async fn status(&self, ctx: &Context<'_>) -> async_graphql::Result<OrderStatus> {
-        OrderStatus::parse(&self.row.status).map_err(|e| e.to_graphql(request_id(ctx)))
+    async fn status(&self) -> OrderStatus {
+        self.row.status.into()
     }
 
     async fn lines(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<OrderLine>> {
@@ -264,19 +226,17 @@ impl Order {
                 &loaded
             }
         };
-        rows.iter()
-            .map(|row| {
-                Ok(OrderStatusChange {
-                    status: OrderStatus::parse(&row.status)
-                        .map_err(|e| e.to_graphql(request_id(ctx)))?,
-                    at: row.at,
-                    reason: row.reason.clone(),
-                })
+        Ok(rows
+            .iter()
+            .map(|row| OrderStatusChange {
+                status: row.status.into(),
+                at: row.at,
+                reason: row.reason.clone(),
             })
-            .collect()
+            .collect())
     }
 
-    async fn payment(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Payment>> {
+    async fn payment(&self) -> Option<Payment> {
         let Some(PaymentRow {
             status,
             amount_minor,
@@ -285,14 +245,14 @@ impl Order {
             failure_reason,
         }) = &self.row.payment
         else {
-            return Ok(None);
+            return None;
         };
-        Ok(Some(Payment {
-            status: PaymentStatus::parse(status).map_err(|e| e.to_graphql(request_id(ctx)))?,
+        Some(Payment {
+            status: (*status).into(),
             amount: Money::new(*amount_minor, currency),
             attempts: *attempts,
             failure_reason: failure_reason.clone(),
-        }))
+        })
     }
 
     async fn shipment(&self) -> Option<Shipment> {

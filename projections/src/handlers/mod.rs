@@ -42,10 +42,51 @@ pub(crate) async fn apply(
     }
 }
 
+/// Why a handler cannot apply an event: the event is parked with this as its reason. None of
+/// these comes from a stream the deciders write; each means a corrupt or foreign stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ParkReason {
+    #[error("cannot decode: {0}")]
+    Undecodable(String),
+    #[error("{event_type} does not belong in {streams} streams")]
+    Foreign {
+        event_type: &'static str,
+        streams: &'static str,
+    },
+    #[error("order {0} was already placed")]
+    PlacedTwice(Uuid),
+    #[error("product {0} was already registered")]
+    RegisteredTwice(String),
+    #[error("no order {order_id} to apply {event_type} to")]
+    NoOrder {
+        order_id: Uuid,
+        event_type: &'static str,
+    },
+    #[error("no payment for order {order_id} to apply {event_type} to")]
+    NoPayment {
+        order_id: Uuid,
+        event_type: &'static str,
+    },
+    #[error("no product {sku} to apply {event_type} to")]
+    NoProduct {
+        sku: String,
+        event_type: &'static str,
+    },
+    #[error("{what} {value} does not fit the read model")]
+    TooLarge { what: &'static str, value: u64 },
+    #[error("{event_type} would leave {sku} with on hand {on_hand}, reserved {reserved}")]
+    StockOutOfBounds {
+        event_type: &'static str,
+        sku: String,
+        on_hand: i64,
+        reserved: i64,
+    },
+}
+
 /// A batch of the log as one projection sees it: the events it wants, in log order, each with
 /// its decoded payload or the reason it cannot be decoded.
 pub(crate) struct Decoded {
-    pub events: Vec<(RecordedEvent, Result<Event, String>)>,
+    pub events: Vec<(RecordedEvent, Result<Event, ParkReason>)>,
     /// The last event of the log the batch covers, those passed over included: where the
     /// checkpoint goes once the batch is applied.
     pub last: Option<Position>,
@@ -100,11 +141,11 @@ pub(crate) trait Undecoded {
     fn position(&self) -> Position;
     fn category(&self) -> &str;
     /// The envelope the handlers use, without its JSON, and the payload decoded.
-    fn decode(self) -> (RecordedEvent, Result<Event, String>);
+    fn decode(self) -> (RecordedEvent, Result<Event, ParkReason>);
 }
 
-fn cannot_decode(error: SchemaError) -> String {
-    format!("cannot decode: {error}")
+fn cannot_decode(error: SchemaError) -> ParkReason {
+    ParkReason::Undecodable(error.to_string())
 }
 
 impl Undecoded for RecordedEvent {
@@ -116,7 +157,7 @@ impl Undecoded for RecordedEvent {
         self.stream.category()
     }
 
-    fn decode(mut self) -> (RecordedEvent, Result<Event, String>) {
+    fn decode(mut self) -> (RecordedEvent, Result<Event, ParkReason>) {
         let data = std::mem::take(&mut self.data);
         let metadata = std::mem::take(&mut self.metadata);
         let decoded = orderly_event_schemas::decode_payload(&self.event_type, data, &metadata)
@@ -134,7 +175,7 @@ impl Undecoded for RawRecordedEvent {
         self.stream.category()
     }
 
-    fn decode(self) -> (RecordedEvent, Result<Event, String>) {
+    fn decode(self) -> (RecordedEvent, Result<Event, ParkReason>) {
         let decoded = orderly_event_schemas::decode_payload_text(
             &self.event_type,
             self.data.get(),
@@ -168,7 +209,7 @@ pub(crate) fn fold<F>(
     mut handle: F,
 ) -> Outcome
 where
-    F: FnMut(&RecordedEvent, &Event) -> Result<(), String>,
+    F: FnMut(&RecordedEvent, &Event) -> Result<(), ParkReason>,
 {
     let events = &batch.events;
     let mut outcome = Outcome {

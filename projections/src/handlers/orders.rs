@@ -15,16 +15,17 @@ use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use orderly_event_store::RecordedEvent;
 use uuid::Uuid;
 
-use super::{Decoded, Params, execute_all, fold, params};
+use super::{Decoded, Params, ParkReason, execute_all, fold, params};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome};
+use crate::vocabulary::{OrderStatus, PaymentStatus};
 
 /// What the fold needs of an order: the columns that change, and those a cancellation reads.
 #[derive(Debug, Clone)]
 struct OrderRow {
     order_id: Uuid,
     customer_id: String,
-    status: String,
+    status: OrderStatus,
     total_minor: i64,
     currency: String,
     placed_at: DateTime<Utc>,
@@ -59,7 +60,7 @@ struct Placement {
 #[derive(Debug, Clone)]
 struct PaymentRow {
     order_id: Uuid,
-    status: &'static str,
+    status: PaymentStatus,
     amount_minor: i64,
     currency: String,
     attempts: i32,
@@ -84,7 +85,7 @@ struct LineRow {
 struct HistoryRow {
     order_id: Uuid,
     version: i64,
-    status: &'static str,
+    status: OrderStatus,
     at: DateTime<Utc>,
     reason: Option<String>,
 }
@@ -142,8 +143,11 @@ fn order_id_of(event: &Event) -> Option<Uuid> {
     })
 }
 
-fn to_i32(v: u32, what: &str) -> Result<i32, String> {
-    i32::try_from(v).map_err(|_| format!("{what} {v} does not fit the read model"))
+fn to_i32(value: u32, what: &'static str) -> Result<i32, ParkReason> {
+    i32::try_from(value).map_err(|_| ParkReason::TooLarge {
+        what,
+        value: value.into(),
+    })
 }
 
 impl Fold {
@@ -153,16 +157,19 @@ impl Fold {
         }
     }
 
-    fn handle(&mut self, recorded: &RecordedEvent, event: &Event) -> Result<(), String> {
+    fn handle(&mut self, recorded: &RecordedEvent, event: &Event) -> Result<(), ParkReason> {
         let version = crate::model::to_i64(recorded.version);
         match event {
             Event::Order(e) => self.order_event(version, e),
             Event::Payment(e) => self.payment_event(version, e),
-            Event::Product(_) => Err("a product event in an order or payment stream".to_owned()),
+            Event::Product(e) => Err(ParkReason::Foreign {
+                event_type: e.event_type(),
+                streams: "order or payment",
+            }),
         }
     }
 
-    fn order_event(&mut self, version: i64, event: &OrderEvent) -> Result<(), String> {
+    fn order_event(&mut self, version: i64, event: &OrderEvent) -> Result<(), ParkReason> {
         if let OrderEvent::OrderPlaced(p) = event {
             let order_id = p.order_id.0;
             if let Some(row) = self.orders.get(&order_id) {
@@ -171,7 +178,7 @@ impl Fold {
                 return if row.version >= version {
                     Ok(())
                 } else {
-                    Err(format!("order {order_id} was already placed"))
+                    Err(ParkReason::PlacedTwice(order_id))
                 };
             }
             let mut lines = Vec::with_capacity(p.lines.len());
@@ -179,7 +186,10 @@ impl Fold {
             for (index, line) in p.lines.iter().enumerate() {
                 lines.push(LineRow {
                     order_id,
-                    line_no: i32::try_from(index).map_err(|_| "too many lines".to_owned())?,
+                    line_no: i32::try_from(index).map_err(|_| ParkReason::TooLarge {
+                        what: "line number",
+                        value: index as u64,
+                    })?,
                     sku: line.sku.as_str().to_owned(),
                     name: line.name.as_str().to_owned(),
                     quantity: to_i32(line.quantity.get(), "quantity")?,
@@ -209,7 +219,7 @@ impl Fold {
             self.history.push(HistoryRow {
                 order_id,
                 version,
-                status: "PLACED",
+                status: OrderStatus::Placed,
                 at: p.placed_at,
                 reason: None,
             });
@@ -234,7 +244,7 @@ impl Fold {
                 OrderRow {
                     order_id,
                     customer_id: p.customer_id.as_str().to_owned(),
-                    status: "PLACED".to_owned(),
+                    status: OrderStatus::Placed,
                     total_minor: total,
                     currency,
                     placed_at: p.placed_at,
@@ -266,21 +276,23 @@ impl Fold {
         // No row to apply to (its placement was parked, or the stream is corrupt): park this
         // one too rather than invent an order.
         let Some(row) = self.orders.get_mut(&order_id) else {
-            return Err(format!(
-                "no order {order_id} to apply {} to",
-                event.event_type()
-            ));
+            return Err(ParkReason::NoOrder {
+                order_id,
+                event_type: event.event_type(),
+            });
         };
         if row.version >= version {
             return Ok(());
         }
         let (status, at, reason) = match event {
             OrderEvent::OrderPlaced(_) => return Ok(()),
-            OrderEvent::OrderStockReserved(p) => ("STOCK_RESERVED", p.stock_reserved_at, None),
-            OrderEvent::OrderPaid(p) => ("PAID", p.paid_at, None),
-            OrderEvent::OrderConfirmed(p) => ("CONFIRMED", p.confirmed_at, None),
+            OrderEvent::OrderStockReserved(p) => {
+                (OrderStatus::StockReserved, p.stock_reserved_at, None)
+            }
+            OrderEvent::OrderPaid(p) => (OrderStatus::Paid, p.paid_at, None),
+            OrderEvent::OrderConfirmed(p) => (OrderStatus::Confirmed, p.confirmed_at, None),
             OrderEvent::OrderCancelled(p) => (
-                "CANCELLED",
+                OrderStatus::Cancelled,
                 p.cancelled_at,
                 Some(p.cancellation_reason.to_string()),
             ),
@@ -288,15 +300,15 @@ impl Fold {
                 row.carrier = Some(p.carrier.to_string());
                 row.tracking_number = Some(p.tracking_number.to_string());
                 row.shipped_at = Some(p.shipped_at);
-                ("SHIPPED", p.shipped_at, None)
+                (OrderStatus::Shipped, p.shipped_at, None)
             }
             OrderEvent::OrderDelivered(p) => {
                 row.delivered_at = Some(p.delivered_at);
-                ("DELIVERED", p.delivered_at, None)
+                (OrderStatus::Delivered, p.delivered_at, None)
             }
         };
         // A cancellation takes back what the placement added to the customer and the day.
-        if status == "CANCELLED" && row.status != "CANCELLED" {
+        if status == OrderStatus::Cancelled && row.status != OrderStatus::Cancelled {
             *self
                 .lifetime_values
                 .entry((row.customer_id.clone(), row.currency.clone()))
@@ -309,7 +321,7 @@ impl Fold {
             day.revenue_minor -= row.total_minor;
             row.cancellation_reason = reason.clone();
         }
-        row.status = status.to_owned();
+        row.status = status;
         row.updated_at = at;
         row.version = version;
         row.dirty = true;
@@ -324,7 +336,7 @@ impl Fold {
         Ok(())
     }
 
-    fn payment_event(&mut self, version: i64, event: &PaymentEvent) -> Result<(), String> {
+    fn payment_event(&mut self, version: i64, event: &PaymentEvent) -> Result<(), ParkReason> {
         let Some(order_id) = order_id_of(&Event::Payment(event.clone())) else {
             return Ok(());
         };
@@ -337,7 +349,7 @@ impl Fold {
         let row = match (event, existing) {
             (PaymentEvent::PaymentChargeRequested(p), None) => PaymentRow {
                 order_id,
-                status: "PENDING",
+                status: PaymentStatus::Pending,
                 amount_minor: p.amount.amount_minor(),
                 currency: p.amount.currency().to_string(),
                 attempts: to_i32(p.attempt, "attempt")?,
@@ -349,36 +361,36 @@ impl Fold {
             // A retry after a transient failure; redelivered requests repeat an attempt number,
             // hence the max.
             (PaymentEvent::PaymentChargeRequested(p), Some(mut row)) => {
-                row.status = "PENDING";
+                row.status = PaymentStatus::Pending;
                 row.attempts = row.attempts.max(to_i32(p.attempt, "attempt")?);
                 row
             }
             // Every other payment event follows a request, which carries the amount.
             (_, None) => {
-                return Err(format!(
-                    "no payment for order {order_id} to apply {} to",
-                    event.event_type()
-                ));
+                return Err(ParkReason::NoPayment {
+                    order_id,
+                    event_type: event.event_type(),
+                });
             }
             (PaymentEvent::PaymentCharged(p), Some(mut row)) => {
-                row.status = "CHARGED";
+                row.status = PaymentStatus::Charged;
                 row.amount_minor = p.amount.amount_minor();
                 row.failure_reason = None;
                 row
             }
             (PaymentEvent::PaymentDeclined(p), Some(mut row)) => {
-                row.status = "DECLINED";
+                row.status = PaymentStatus::Declined;
                 row.failure_reason = Some(p.reason.to_string());
                 row
             }
             (PaymentEvent::PaymentFailed(p), Some(mut row)) => {
-                row.status = "FAILED";
+                row.status = PaymentStatus::Failed;
                 row.attempts = row.attempts.max(to_i32(p.attempt, "attempt")?);
                 row.failure_reason = Some(p.reason.to_string());
                 row
             }
             (PaymentEvent::PaymentRefunded(_), Some(mut row)) => {
-                row.status = "REFUNDED";
+                row.status = PaymentStatus::Refunded;
                 row
             }
         };
@@ -536,7 +548,7 @@ async fn load(
         let order = OrderRow {
             order_id: row.try_get(0)?,
             customer_id: row.try_get(1)?,
-            status: row.try_get(2)?,
+            status: row.try_get::<_, &str>(2)?.parse()?,
             total_minor: row.try_get(3)?,
             currency: row.try_get(4)?,
             placed_at: row.try_get(5)?,
@@ -553,10 +565,9 @@ async fn load(
         state.orders.insert(order.order_id, order);
     }
     for row in payments {
-        let status: String = row.try_get(1)?;
         let payment = PaymentRow {
             order_id: row.try_get(0)?,
-            status: payment_status(&status),
+            status: row.try_get::<_, &str>(1)?.parse()?,
             amount_minor: row.try_get(2)?,
             currency: row.try_get(3)?,
             attempts: row.try_get(4)?,
@@ -568,17 +579,6 @@ async fn load(
         state.payments.insert(payment.order_id, payment);
     }
     Ok(())
-}
-
-/// Statuses are written by this module only, from the same five words.
-fn payment_status(stored: &str) -> &'static str {
-    match stored {
-        "CHARGED" => "CHARGED",
-        "DECLINED" => "DECLINED",
-        "FAILED" => "FAILED",
-        "REFUNDED" => "REFUNDED",
-        _ => "PENDING",
-    }
 }
 
 /// One column of `rows` as an array parameter.
@@ -664,7 +664,7 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
             params![
                 h.iter().map(|x| x.order_id).collect::<Vec<_>>(),
                 h.iter().map(|x| x.version).collect::<Vec<_>>(),
-                h.iter().map(|x| x.status).collect::<Vec<_>>(),
+                h.iter().map(|x| x.status.as_str()).collect::<Vec<_>>(),
                 h.iter().map(|x| x.at).collect::<Vec<_>>(),
                 h.iter().map(|x| x.reason.as_deref()).collect::<Vec<_>>(),
             ],
@@ -683,7 +683,7 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
             sql,
             params![
                 p.iter().map(|x| x.order_id).collect::<Vec<_>>(),
-                p.iter().map(|x| x.status).collect::<Vec<_>>(),
+                p.iter().map(|x| x.status.as_str()).collect::<Vec<_>>(),
                 p.iter().map(|x| x.amount_minor).collect::<Vec<_>>(),
                 p.iter().map(|x| x.currency.as_str()).collect::<Vec<_>>(),
                 p.iter().map(|x| x.attempts).collect::<Vec<_>>(),
@@ -730,4 +730,349 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
         ));
     }
     execute_all(tx, &statements).await
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fold's rules, given events and then the rows it would write: no database. A batch is
+    //! one `Fold`; [`Fold::next_batch`] starts the next one from the rows as stored, so rules
+    //! that span batches (cancelling an order placed earlier) are tested as they run.
+
+    use orderly_event_store::{Position, StreamName};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::model::Parked;
+
+    const ORDER: Uuid = Uuid::from_u128(0x0192_f1c4_7a3e_7b1a_9c2d_4e5f_6071_8293);
+
+    fn day(date: &str) -> NaiveDate {
+        date.parse().expect("a date")
+    }
+
+    /// An event of `event_type` at its current schema version, for [`ORDER`].
+    fn event(event_type: &str, data: Value) -> Event {
+        let version = if event_type == "OrderPlaced" { 2 } else { 1 };
+        let mut data = data;
+        data["order_id"] = json!(ORDER);
+        orderly_event_schemas::decode(event_type, version, data).expect("a valid sample")
+    }
+
+    fn eur(minor: i64) -> Value {
+        json!({ "amount_minor": minor, "currency": "EUR" })
+    }
+
+    /// Ada's order of 2 × 6.50 + 1 × 12.00 = 25.00 EUR.
+    fn placed(at: &str) -> Event {
+        let line = |sku: &str, quantity: i64, price: i64| {
+            json!({ "sku": sku, "name": sku, "quantity": quantity,
+                    "unit_price": eur(price), "line_total": eur(price * quantity) })
+        };
+        event(
+            "OrderPlaced",
+            json!({
+                "customer_id": "ada",
+                "lines": [line("TEA", 2, 650), line("MUG", 1, 1200)],
+                "total": eur(2500),
+                "shipping_address": { "name": "Ada", "line1": "12 Row", "line2": null,
+                    "city": "London", "postal_code": "N1 9GU", "country": "GB" },
+                "payment_token": "tok_ok",
+                "placed_at": at,
+            }),
+        )
+    }
+
+    fn cancelled(at: &str) -> Event {
+        event(
+            "OrderCancelled",
+            json!({ "cancellation_reason": "changed my mind", "cancelled_by": "customer",
+                    "cancelled_at": at }),
+        )
+    }
+
+    fn charge_requested(attempt: u32) -> Event {
+        event(
+            "PaymentChargeRequested",
+            json!({ "amount": eur(2500), "payment_token": "tok_ok", "attempt": attempt,
+                    "requested_at": "2025-11-03T09:15:02Z" }),
+        )
+    }
+
+    fn charged() -> Event {
+        event(
+            "PaymentCharged",
+            json!({ "amount": eur(2500), "gateway_reference": "ch_1",
+                    "charged_at": "2025-11-03T09:15:04Z" }),
+        )
+    }
+
+    fn failed(attempt: u32) -> Event {
+        event(
+            "PaymentFailed",
+            json!({ "reason": "gateway unreachable", "attempt": attempt,
+                    "failed_at": "2025-11-03T09:15:04Z" }),
+        )
+    }
+
+    fn refunded() -> Event {
+        event(
+            "PaymentRefunded",
+            json!({ "amount": eur(2500), "gateway_reference": "ch_1",
+                    "reason": "cancelled by customer", "refunded_at": "2025-11-04T10:00:00Z" }),
+        )
+    }
+
+    /// Folds events in log order, numbering each stream's versions from 0 as the store does.
+    struct Given {
+        fold: Fold,
+        versions: HashMap<String, u64>,
+    }
+
+    fn given(events: impl IntoIterator<Item = Event>) -> Given {
+        let mut given = Given {
+            fold: Fold::default(),
+            versions: HashMap::new(),
+        };
+        for event in events {
+            given.fold(&event).expect("the event applies");
+        }
+        given
+    }
+
+    impl Given {
+        fn fold(&mut self, event: &Event) -> Result<(), ParkReason> {
+            let category = match event {
+                Event::Order(_) => "order",
+                Event::Payment(_) => "payment",
+                Event::Product(_) => "product",
+            };
+            let stream = format!("{category}-{}", ORDER.simple());
+            let version = self.versions.entry(stream.clone()).or_default();
+            let recorded = RecordedEvent {
+                id: Uuid::now_v7(),
+                stream: StreamName::parse(stream).expect("a stream name"),
+                version: *version,
+                position: Position::new(1, *version),
+                event_type: event.event_type().to_owned(),
+                data: Value::Null,
+                metadata: Value::Null,
+                recorded_at: Utc::now(),
+            };
+            *version += 1;
+            self.fold.handle(&recorded, event)
+        }
+
+        /// Then, in a later batch: the rows as this batch stored them, nothing pending.
+        fn next_batch(self) -> Self {
+            let mut next = Fold::default();
+            for (id, row) in self.fold.orders {
+                let stored = OrderRow {
+                    placement: None,
+                    dirty: false,
+                    ..row
+                };
+                next.orders.insert(id, stored);
+            }
+            for (id, row) in self.fold.payments {
+                let stored = PaymentRow {
+                    stored: true,
+                    dirty: false,
+                    ..row
+                };
+                next.payments.insert(id, stored);
+            }
+            Given {
+                fold: next,
+                versions: self.versions,
+            }
+        }
+
+        /// The batch's delta to `daily_sales` for the EUR sales of `date`.
+        fn sales(&self, date: &str) -> (i32, i32, i64) {
+            self.fold
+                .sales
+                .get(&(day(date), "EUR".to_owned()))
+                .map_or((0, 0, 0), |d| (d.orders, d.cancelled, d.revenue_minor))
+        }
+
+        fn lifetime_value(&self) -> i64 {
+            self.fold.lifetime_values[&("ada".to_owned(), "EUR".to_owned())]
+        }
+
+        fn order(&self) -> &OrderRow {
+            &self.fold.orders[&ORDER]
+        }
+
+        fn payment(&self) -> &PaymentRow {
+            &self.fold.payments[&ORDER]
+        }
+
+        fn history(&self) -> Vec<OrderStatus> {
+            self.fold.history.iter().map(|h| h.status).collect()
+        }
+    }
+
+    #[test]
+    fn a_placement_counts_for_its_customer_and_the_day_it_was_placed() {
+        let then = given([placed("2025-11-03T23:59:59Z")]);
+        assert_eq!(then.sales("2025-11-03"), (1, 0, 2500));
+        assert_eq!(then.lifetime_value(), 2500);
+        let customer = &then.fold.customers["ada"];
+        assert_eq!(customer.order_count, 1);
+        assert_eq!(then.order().status, OrderStatus::Placed);
+        assert!(then.order().placement.is_some(), "a new order is inserted");
+        let lines: Vec<_> = then.fold.lines.iter().map(|l| l.line_total_minor).collect();
+        assert_eq!(lines, [1300, 1200]);
+        assert_eq!(then.history(), [OrderStatus::Placed]);
+        assert_eq!(then.fold.touched, [ORDER]);
+    }
+
+    #[test]
+    fn a_cancellation_takes_back_the_revenue_of_the_day_the_order_was_placed() {
+        let mut then = given([placed("2025-11-03T09:15:00Z")]).next_batch();
+        then.fold(&cancelled("2025-11-05T08:00:00Z")).unwrap();
+        // The old day loses the revenue and counts a cancellation; the day of the
+        // cancellation is untouched; the placement still counts as an order.
+        assert_eq!(then.sales("2025-11-03"), (0, 1, -2500));
+        assert_eq!(then.sales("2025-11-05"), (0, 0, 0));
+        assert_eq!(then.lifetime_value(), -2500);
+        assert!(
+            !then.fold.customers.contains_key("ada"),
+            "order count unchanged"
+        );
+        let order = then.order();
+        assert_eq!(order.status, OrderStatus::Cancelled);
+        assert_eq!(
+            order.cancellation_reason.as_deref(),
+            Some("changed my mind")
+        );
+        assert!(
+            order.dirty && order.placement.is_none(),
+            "a stored order is updated"
+        );
+    }
+
+    #[test]
+    fn an_order_is_taken_back_once_however_often_it_is_cancelled() {
+        let then = given([
+            placed("2025-11-03T09:15:00Z"),
+            cancelled("2025-11-03T09:16:00Z"),
+            cancelled("2025-11-03T09:17:00Z"),
+        ]);
+        assert_eq!(then.sales("2025-11-03"), (1, 1, 0));
+        assert_eq!(then.lifetime_value(), 0);
+        assert_eq!(
+            then.history(),
+            [
+                OrderStatus::Placed,
+                OrderStatus::Cancelled,
+                OrderStatus::Cancelled
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refund_changes_the_payment_and_not_the_sales() {
+        // Revenue follows the order (a cancellation takes it back), not the money: a refund
+        // of a cancelled order must not take it back a second time.
+        let then = given([
+            placed("2025-11-03T09:15:00Z"),
+            charge_requested(1),
+            charged(),
+            cancelled("2025-11-04T09:00:00Z"),
+            refunded(),
+        ]);
+        assert_eq!(then.sales("2025-11-03"), (1, 1, 0));
+        assert_eq!(then.lifetime_value(), 0);
+        let payment = then.payment();
+        assert_eq!(payment.status, PaymentStatus::Refunded);
+        assert_eq!(payment.amount_minor, 2500, "the amount charged stays");
+        assert_eq!(payment.failure_reason, None);
+    }
+
+    #[test]
+    fn a_retried_charge_keeps_the_highest_attempt_and_clears_the_failure_once_charged() {
+        let then = given([
+            placed("2025-11-03T09:15:00Z"),
+            charge_requested(1),
+            failed(1),
+        ]);
+        assert_eq!(then.payment().status, PaymentStatus::Failed);
+        assert_eq!(
+            then.payment().failure_reason.as_deref(),
+            Some("gateway unreachable")
+        );
+        let mut then = then.next_batch();
+        // A redelivered request repeats its attempt number.
+        for event in [charge_requested(2), charge_requested(2), charged()] {
+            then.fold(&event).unwrap();
+        }
+        let payment = then.payment();
+        assert_eq!(payment.status, PaymentStatus::Charged);
+        assert_eq!(payment.attempts, 2);
+        assert_eq!(payment.failure_reason, None);
+        assert!(
+            payment.stored && payment.dirty,
+            "a stored payment is updated"
+        );
+    }
+
+    #[test]
+    fn events_at_or_below_a_rows_version_change_nothing() {
+        let events = [
+            placed("2025-11-03T09:15:00Z"),
+            cancelled("2025-11-03T10:00:00Z"),
+        ];
+        let mut then = given(events.clone()).next_batch();
+        // Redelivered from the start of the stream: every version is already in the row.
+        then.versions.clear();
+        for event in &events {
+            then.fold(event).unwrap();
+        }
+        assert!(then.fold.sales.is_empty() && then.fold.lifetime_values.is_empty());
+        assert!(then.fold.history.is_empty() && then.fold.lines.is_empty());
+        assert!(!then.order().dirty);
+        assert!(then.fold.touched.is_empty());
+    }
+
+    #[test]
+    fn what_cannot_be_applied_is_parked_with_a_typed_reason() {
+        let mut then = given([]);
+        assert_eq!(
+            then.fold(&cancelled("2025-11-03T10:00:00Z")),
+            Err(ParkReason::NoOrder {
+                order_id: ORDER,
+                event_type: "OrderCancelled"
+            })
+        );
+        assert_eq!(
+            then.fold(&charged()),
+            Err(ParkReason::NoPayment {
+                order_id: ORDER,
+                event_type: "PaymentCharged"
+            })
+        );
+        then.fold(&placed("2025-11-03T09:15:00Z")).unwrap();
+        assert_eq!(
+            then.fold(&placed("2025-11-03T09:15:00Z")),
+            Err(ParkReason::PlacedTwice(ORDER))
+        );
+        let parked = Parked::new(
+            &RecordedEvent {
+                id: Uuid::nil(),
+                stream: StreamName::parse("order-x").unwrap(),
+                version: 0,
+                position: Position::START,
+                event_type: "OrderPlaced".to_owned(),
+                data: Value::Null,
+                metadata: Value::Null,
+                recorded_at: Utc::now(),
+            },
+            ParkReason::PlacedTwice(ORDER),
+        );
+        assert_eq!(parked.error, format!("order {ORDER} was already placed"));
+        // Nothing of the refused events reached the rows.
+        assert_eq!(then.sales("2025-11-03"), (1, 0, 2500));
+        assert!(then.fold.payments.is_empty());
+    }
 }

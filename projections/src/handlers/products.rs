@@ -7,7 +7,7 @@ use orderly_event_schemas::{Event, ProductEvent};
 use orderly_event_store::RecordedEvent;
 use uuid::Uuid;
 
-use super::{Decoded, fold};
+use super::{Decoded, ParkReason, fold};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome};
 
@@ -42,9 +42,12 @@ fn handle(
     rows: &mut HashMap<String, ProductRow>,
     recorded: &RecordedEvent,
     event: &Event,
-) -> Result<(), String> {
+) -> Result<(), ParkReason> {
     let Event::Product(event) = event else {
-        return Err("an order or payment event in a product stream".to_owned());
+        return Err(ParkReason::Foreign {
+            event_type: event.event_type(),
+            streams: "product",
+        });
     };
     let version = crate::model::to_i64(recorded.version);
     let sku = sku_of(event);
@@ -55,7 +58,7 @@ fn handle(
             return if row.version >= version {
                 Ok(())
             } else {
-                Err(format!("product {sku} was already registered"))
+                Err(ParkReason::RegisteredTwice(sku.to_owned()))
             };
         }
         rows.insert(
@@ -75,10 +78,10 @@ fn handle(
         return Ok(());
     }
     let Some(row) = rows.get_mut(sku) else {
-        return Err(format!(
-            "no product {sku} to apply {} to",
-            event.event_type()
-        ));
+        return Err(ParkReason::NoProduct {
+            sku: sku.to_owned(),
+            event_type: event.event_type(),
+        });
     };
     if row.version >= version {
         return Ok(());
@@ -101,10 +104,12 @@ fn handle(
     }
     // The domain keeps 0 <= reserved <= on hand; a stream that breaks it is parked, not stored.
     if reserved < 0 || reserved > on_hand || on_hand > i64::from(i32::MAX) {
-        return Err(format!(
-            "{} would leave {sku} with on hand {on_hand}, reserved {reserved}",
-            event.event_type()
-        ));
+        return Err(ParkReason::StockOutOfBounds {
+            event_type: event.event_type(),
+            sku: sku.to_owned(),
+            on_hand,
+            reserved,
+        });
     }
     row.on_hand = on_hand;
     row.reserved = reserved;
