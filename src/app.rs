@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::health::Health;
 use crate::read_side::Projections;
-use crate::settings::{EventStoreKind, PaymentGatewayKind, Settings};
+use crate::settings::{EventStoreKind, ExposeSecret, PaymentGatewayKind, SecretString, Settings};
 
 /// The contract's queries and the operator's (the read side's and the saga's), as `orderly
 /// serve` serves them.
@@ -92,7 +92,7 @@ impl App {
         let (store, store_pool) = event_store_and_pool(settings, SubscriptionOptions::default())?;
         orderly_platform::metrics::record_build_info(
             env!("CARGO_PKG_VERSION"),
-            store_label(settings.event_store),
+            store_label(settings.store.kind),
         );
         let health = Health {
             store: store.clone(),
@@ -117,9 +117,9 @@ impl App {
         let router = router.layer(axum::middleware::from_fn(
             orderly_platform::metrics::count_responses,
         ));
-        let listener = TcpListener::bind(settings.http_addr)
+        let listener = TcpListener::bind(settings.http.addr)
             .await
-            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
+            .with_context(|| format!("cannot listen on {}", settings.http.addr))?;
         Ok(Self {
             listener,
             router,
@@ -242,7 +242,7 @@ pub fn graphql_router(
     part: Part,
 ) -> anyhow::Result<Router> {
     let pg_config = pg_config(settings)?;
-    let pool = orderly_platform::pg_pool(&pg_config, settings.db_pool_size)?;
+    let pool = orderly_platform::pg_pool(&pg_config, settings.store.pool_size)?;
     orderly_platform::metrics::watch_pool("read_models", pool.clone());
     // Rebuilds an admin starts over the API run here, whichever schema they came through.
     let rebuilds = Rebuilds::new(pg_config, store.clone(), RebuildOptions::default());
@@ -250,7 +250,7 @@ pub fn graphql_router(
     let scheme = OrderIdScheme::new(pool.clone());
     let commands = || {
         CommandService::new(store.clone())
-            .with_price_max_age(Duration::from_millis(settings.price_max_age_ms))
+            .with_price_max_age(settings.orders.price_max_age)
             .with_order_ids(order_ids.clone())
             .with_order_id_scheme(scheme.clone())
     };
@@ -262,9 +262,9 @@ pub fn graphql_router(
     ));
     let reads = || {
         let limits = ReadLimits {
-            max_consistency_wait: Duration::from_millis(settings.consistency_max_wait_ms),
-            subscription_buffer: settings.subscription_buffer.max(1),
-            subscription_patience: Duration::from_millis(settings.subscription_patience_ms),
+            max_consistency_wait: settings.http.consistency_max_wait,
+            subscription_buffer: settings.http.subscription_buffer.max(1),
+            subscription_patience: settings.http.subscription_patience,
         };
         ReadApi::new(
             ReadStore::new(pool.clone()),
@@ -342,14 +342,14 @@ fn serve_schema<E: Executor>(
         tracing::warn!("no JWT key configured: only anonymous reads (products) will be answered");
     }
     let limiter = RateLimiter::new(RateLimit {
-        per_second: settings.rate_limit_per_second,
-        burst: settings.rate_limit_burst,
+        per_second: settings.http.rate_limit_per_second,
+        burst: settings.http.rate_limit_burst,
     })?;
     let limits = GraphqlLimits {
-        body_limit: settings.graphql_body_limit,
-        timeout: Duration::from_millis(settings.graphql_timeout_ms),
-        subscriptions_per_socket: settings.subscriptions_per_socket,
-        subscriptions_per_subject: settings.subscriptions_per_subject,
+        body_limit: settings.http.body_limit,
+        timeout: settings.http.timeout,
+        subscriptions_per_socket: settings.http.subscriptions_per_socket,
+        subscriptions_per_subject: settings.http.subscriptions_per_subject,
         ..GraphqlLimits::default()
     };
     Ok(orderly_platform::graphql_router(
@@ -365,19 +365,21 @@ fn serve_schema<E: Executor>(
 /// The payment gateway the settings choose, behind timeout, retries, breaker and limit. Keep
 /// the `Arc` to read the breaker's state.
 pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
-    let inner: Arc<dyn PaymentGateway> = match settings.payment_gateway {
+    let inner: Arc<dyn PaymentGateway> = match settings.payment.gateway {
         PaymentGatewayKind::Simulator => Arc::new(Simulator::default()),
         PaymentGatewayKind::Http => {
             let url = settings
-                .payment_gateway_url
-                .as_deref()
+                .payment
+                .gateway_url
+                .as_ref()
+                .map(|url| url.expose())
                 .context("payment_gateway = http needs ORDERLY_PAYMENT_GATEWAY_URL")?;
             Arc::new(HttpGateway::new(url))
         }
     };
     let policy = Resilience {
-        timeout: Duration::from_millis(settings.payment_timeout_ms),
-        concurrency: settings.payment_concurrency,
+        timeout: settings.payment.timeout,
+        concurrency: settings.payment.concurrency,
         ..Resilience::default()
     };
     Ok(Arc::new(Resilient::new(inner, policy).with_metrics()))
@@ -388,37 +390,33 @@ pub fn saga_runner(
     settings: &Settings,
     gateway: Arc<dyn PaymentGateway>,
 ) -> anyhow::Result<SagaRunner> {
-    // Pools of their own, sized apart from the APIs': see `Settings::saga_pool_size`.
-    let pool_size = settings.saga_pool_size.max(2);
+    // Pools of their own, sized apart from the APIs': see `SagaSettings::pool_size`.
+    let pool_size = settings.saga.pool_size.max(2);
     // Every saga step is one hop through the log, so the saga's reader waits less behind a
     // transaction in flight than the store's default (a few more polls while held back).
     let subscription = SubscriptionOptions {
         held_back_max: SAGA_HELD_BACK_MAX,
         ..SubscriptionOptions::default()
     };
-    let (store, _) = event_store_and_pool(
-        &Settings {
-            db_pool_size: pool_size,
-            ..settings.clone()
-        },
-        subscription,
-    )?;
+    let mut own = settings.clone();
+    own.store.pool_size = pool_size;
+    let (store, _) = event_store_and_pool(&own, subscription)?;
     let config = pg_config(settings)?;
     let pool = orderly_platform::pg_pool(&config, pool_size)?;
-    let millis = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let s = &settings.saga;
     let saga = SagaConfig {
         timing: Timing {
-            payment_deadline_ms: millis(settings.payment_deadline_secs),
-            retry_after_ms: millis(settings.payment_retry_after_secs),
+            payment_deadline_ms: millis(settings.payment.deadline),
+            retry_after_ms: millis(settings.payment.retry_after),
         },
-        tick: Duration::from_millis(settings.saga_tick_ms.max(1)),
-        lease: Duration::from_millis(settings.saga_lease_ms.max(100)),
+        tick: s.tick.max(Duration::from_millis(1)),
+        lease: s.lease.max(Duration::from_millis(100)),
         // Renewed five times per lease: a missed heartbeat or two never loses a lane.
-        heartbeat: Duration::from_millis((settings.saga_lease_ms / 5).max(20)),
-        orders_in_flight: settings.saga_orders_in_flight.max(1),
-        outbox_max_attempts: settings.outbox_max_attempts,
-        retention: (settings.saga_retention_days > 0)
-            .then(|| Duration::from_secs(u64::from(settings.saga_retention_days) * 24 * 3600)),
+        heartbeat: (s.lease / 5).max(Duration::from_millis(20)),
+        orders_in_flight: s.orders_in_flight.max(1),
+        outbox_max_attempts: s.outbox_max_attempts,
+        retention: s.retention,
         ..SagaConfig::default()
     };
     Ok(SagaRunner::new(saga, store, pool, gateway).with_notifier(notifier(settings)?))
@@ -429,13 +427,13 @@ const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Customer notifications by SMTP when `smtp_url` is set, else into the log.
 pub fn notifier(settings: &Settings) -> anyhow::Result<Arc<dyn Notifier>> {
-    let Some(url) = settings.smtp_url.clone() else {
+    let Some(url) = &settings.mail.smtp_url else {
         return Ok(Arc::new(LogNotifier));
     };
     let smtp = SmtpNotifier::new(&SmtpSettings {
-        url,
-        from: settings.smtp_from.clone(),
-        recipient: settings.smtp_recipient.clone(),
+        url: url.expose().to_owned(),
+        from: settings.mail.from.clone(),
+        recipient: settings.mail.recipient.clone(),
         timeout: SMTP_TIMEOUT,
     })
     .context("invalid SMTP settings")?;
@@ -447,10 +445,11 @@ pub fn notifier(settings: &Settings) -> anyhow::Result<Arc<dyn Notifier>> {
 /// derivation keeps the JWT secret itself out of the ids). With neither, ids stay computable
 /// from (customer, key), which a warning says.
 pub fn order_ids(settings: &Settings) -> OrderIds {
-    if let Some(secret) = &settings.order_id_secret {
-        return OrderIds::keyed(secret.as_bytes());
+    if let Some(secret) = &settings.orders.order_id_secret {
+        return OrderIds::keyed(secret.expose_secret().as_bytes());
     }
-    if let Some(jwt) = &settings.jwt_secret {
+    if let Some(jwt) = &settings.auth.jwt_secret {
+        let jwt = jwt.expose_secret();
         return OrderIds::keyed(format!("orderly order ids\0{jwt}").as_bytes());
     }
     tracing::warn!(
@@ -461,12 +460,14 @@ pub fn order_ids(settings: &Settings) -> OrderIds {
 }
 
 pub fn jwt_config(settings: &Settings) -> JwtConfig {
+    let auth = &settings.auth;
+    let exposed = |secret: &SecretString| secret.expose_secret().to_owned();
     JwtConfig {
-        secret: settings.jwt_secret.clone(),
-        public_key: settings.jwt_public_key.clone(),
-        private_key: settings.jwt_private_key.clone(),
-        issuer: settings.jwt_issuer.clone(),
-        audience: settings.jwt_audience.clone(),
+        secret: auth.jwt_secret.as_ref().map(exposed),
+        public_key: auth.jwt_public_key.clone(),
+        private_key: auth.jwt_private_key.as_ref().map(exposed),
+        issuer: auth.jwt_issuer.clone(),
+        audience: auth.jwt_audience.clone(),
     }
 }
 
@@ -485,10 +486,10 @@ fn event_store_and_pool(
     settings: &Settings,
     subscription: SubscriptionOptions,
 ) -> anyhow::Result<(Arc<dyn EventStore>, Option<deadpool_postgres::Pool>)> {
-    let (store, pool): (Arc<dyn EventStore>, _) = match settings.event_store {
+    let (store, pool): (Arc<dyn EventStore>, _) = match settings.store.kind {
         EventStoreKind::Postgres => {
             let options = PgStoreOptions {
-                pool_size: settings.db_pool_size,
+                pool_size: settings.store.pool_size,
                 subscription,
                 ..Default::default()
             };
@@ -497,13 +498,13 @@ fn event_store_and_pool(
             (Arc::new(store), Some(pool))
         }
         EventStoreKind::Kurrentdb => {
-            let Some(url) = settings.kurrentdb_url.as_deref() else {
+            let Some(url) = &settings.store.kurrentdb_url else {
                 bail!("event_store = kurrentdb needs ORDERLY_KURRENTDB_URL");
             };
-            (Arc::new(KurrentDbEventStore::connect(url)?), None)
+            (Arc::new(KurrentDbEventStore::connect(url.expose())?), None)
         }
     };
-    let label = store_label(settings.event_store);
+    let label = store_label(settings.store.kind);
     Ok((Arc::new(MeteredStore::new(store, label)), pool))
 }
 
@@ -529,13 +530,13 @@ impl ConnectionBudget {
     /// `orderly serve` and `orderly saga run` run it).
     pub fn of(settings: &Settings, part: Part, saga: bool) -> Self {
         let mut pools = Vec::new();
-        if settings.event_store == EventStoreKind::Postgres {
+        if settings.store.kind == EventStoreKind::Postgres {
             // The pool, one connection that sends NOTIFY, one that LISTENs.
-            pools.push(("event store", settings.db_pool_size.max(1) + 2));
+            pools.push(("event store", settings.store.pool_size.max(1) + 2));
         }
         pools.push(("health checks", HEALTH_POOL_SIZE));
         if matches!(part, Part::Everything | Part::Reads) {
-            pools.push(("read models", settings.db_pool_size.max(1)));
+            pools.push(("read models", settings.store.pool_size.max(1)));
         }
         if matches!(part, Part::Everything | Part::Reads) {
             // The hub's follower, also beside in-process runners (see `run_until_stopped_after`).
@@ -547,7 +548,7 @@ impl ConnectionBudget {
             budget = budget.with_pool("projections", 2 * ProjectionName::ALL.len());
         }
         if saga {
-            let size = settings.saga_pool_size.max(2);
+            let size = settings.saga.pool_size.max(2);
             budget.pools.push(("saga event store", size + 2));
             budget.pools.push(("saga", size));
         }
@@ -652,7 +653,9 @@ impl Drop for AbortOnDrop {
 
 pub fn pg_config(settings: &Settings) -> anyhow::Result<PgConfig> {
     settings
+        .store
         .database_url
+        .expose()
         .parse()
         .context("ORDERLY_DATABASE_URL is not a valid PostgreSQL connection string")
 }
@@ -661,7 +664,7 @@ pub fn pg_config(settings: &Settings) -> anyhow::Result<PgConfig> {
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let config = pg_config(settings)?;
     // The log lives in PostgreSQL only with the default store; KurrentDB keeps its own.
-    if settings.event_store == EventStoreKind::Postgres {
+    if settings.store.kind == EventStoreKind::Postgres {
         orderly_event_store::postgres::migrate(&config)
             .await
             .context("event store migrations failed")?;
@@ -678,7 +681,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// `orderly migrate --rebase-log`: see `orderly_event_store::postgres::rebase_log`.
 pub async fn rebase_log(settings: &Settings) -> anyhow::Result<i64> {
     anyhow::ensure!(
-        settings.event_store == EventStoreKind::Postgres,
+        settings.store.kind == EventStoreKind::Postgres,
         "--rebase-log is for the PostgreSQL event store; KurrentDB keeps its own log"
     );
     orderly_event_store::postgres::rebase_log(&pg_config(settings)?)
@@ -702,10 +705,8 @@ mod tests {
 
     #[test]
     fn choosing_kurrentdb_without_its_url_is_a_clear_error() {
-        let settings = Settings {
-            event_store: EventStoreKind::Kurrentdb,
-            ..Default::default()
-        };
+        let mut settings = Settings::default();
+        settings.store.kind = EventStoreKind::Kurrentdb;
         let error = event_store(&settings)
             .err()
             .map(|e| e.to_string())
@@ -715,11 +716,9 @@ mod tests {
 
     #[test]
     fn the_connection_budget_follows_the_pool_settings() {
-        let settings = Settings {
-            db_pool_size: 10,
-            saga_pool_size: 4,
-            ..Default::default()
-        };
+        let mut settings = Settings::default();
+        settings.store.pool_size = 10;
+        settings.saga.pool_size = 4;
         // Store 10 + 2, health 2, read models 10, notifications 1, two projections 2 each,
         // saga 4 + 2 and 4.
         assert_eq!(
@@ -744,11 +743,9 @@ mod tests {
 
     #[tokio::test]
     async fn choosing_kurrentdb_with_a_url_builds_that_store() {
-        let settings = Settings {
-            event_store: EventStoreKind::Kurrentdb,
-            kurrentdb_url: Some("kurrentdb://127.0.0.1:2113?tls=false".into()),
-            ..Default::default()
-        };
+        let mut settings = Settings::default();
+        settings.store.kind = EventStoreKind::Kurrentdb;
+        settings.store.kurrentdb_url = Some("kurrentdb://127.0.0.1:2113?tls=false".into());
         assert!(event_store(&settings).is_ok());
     }
 }

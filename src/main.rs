@@ -293,7 +293,12 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref()).context("invalid settings")?;
-    let telemetry = telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref())
+    let otlp = settings
+        .telemetry
+        .otlp_endpoint
+        .as_ref()
+        .map(|url| url.expose());
+    let telemetry = telemetry::init(settings.telemetry.log_format, otlp)
         .context("cannot set up trace export (ORDERLY_OTLP_ENDPOINT)")?;
     tracing::debug!(?settings, "settings");
     let ran = run(cli.command, &settings).await;
@@ -393,7 +398,7 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
         Command::ConsoleLink { sub, ttl, base } => {
             let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
             let token = issuer.issue(&sub, &[Role::Admin], ttl)?;
-            let base = base.unwrap_or_else(|| format!("http://{}", settings.http_addr));
+            let base = base.unwrap_or_else(|| format!("http://{}", settings.http.addr));
             println!("{}/console#token={token}", base.trim_end_matches('/'));
         }
         Command::Projections { command } => {
@@ -432,7 +437,10 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
                     // the probes check.
                     let budget = ConnectionBudget::of(&settings, Part::Probes, false)
                         .with_pool("projections", 2 * names.len())
-                        .with_pool("projections' event store", settings.db_pool_size.max(1) + 2);
+                        .with_pool(
+                            "projections' event store",
+                            settings.store.pool_size.max(1) + 2,
+                        );
                     app::check_connections(&settings, &budget).await?;
                     let probes = App::build_part(&settings, Part::Probes).await?;
                     let running =

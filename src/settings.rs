@@ -1,96 +1,268 @@
 //! Settings: built-in defaults, overridden by an optional TOML file, overridden by `ORDERLY_*`
-//! environment variables (`ORDERLY_DATABASE_URL` sets `database_url`, and so on).
+//! environment variables.
+//!
+//! In code they are typed sections (`settings.saga.lease` is a [`Duration`]); in the file and
+//! the environment every setting keeps its flat name (`saga_lease_ms`, `ORDERLY_SAGA_LEASE_MS`),
+//! as the README's table lists them. A setting is declared once: a field of its section, with
+//! that name (the field's own, or its `rename`), its unit and its default next to it. Secrets
+//! are [`SecretString`]s and URLs that may carry a password are [`MaskedUrl`]s, so `Debug`
+//! is derived and never shows either.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
-use serde::{Deserialize, Serialize};
+use figment::providers::{Env, Format, Toml};
+pub use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
 
-#[derive(Clone, Serialize, Deserialize)]
+/// Each section reads its own keys from the same flat set (see [`Settings::load`]).
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
-    /// The read models, and the event log when `event_store` is `postgres`.
-    pub database_url: String,
-    pub event_store: EventStoreKind,
-    /// Only read when `event_store` is `kurrentdb`.
-    pub kurrentdb_url: Option<String>,
-    pub http_addr: SocketAddr,
+    pub store: StoreSettings,
+    pub telemetry: TelemetrySettings,
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub orders: OrderSettings,
+    pub payment: PaymentSettings,
+    pub saga: SagaSettings,
+    pub mail: MailSettings,
+}
+
+/// Where the log and the read models live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StoreSettings {
+    /// The read models, and the event log when `kind` is `postgres`.
+    pub database_url: MaskedUrl,
+    #[serde(rename = "event_store")]
+    pub kind: EventStoreKind,
+    /// Only read when `kind` is `kurrentdb`.
+    pub kurrentdb_url: Option<MaskedUrl>,
+    /// Connections the event store may hold open (and as many for the read models).
+    #[serde(rename = "db_pool_size")]
+    pub pool_size: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            database_url: MaskedUrl::from("postgres://postgres@127.0.0.1:5432/orderly"),
+            kind: EventStoreKind::Postgres,
+            kurrentdb_url: None,
+            pool_size: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// OTLP/gRPC collector for traces (`http://jaeger:4317`); none exported when unset.
-    pub otlp_endpoint: Option<String>,
-    /// Connections the event store may hold open.
-    pub db_pool_size: usize,
-    /// HS256 shared secret for bearer tokens; wins over the RS256 keys when both are set.
-    pub jwt_secret: Option<String>,
-    /// RS256 public key (PEM) that verifies bearer tokens.
-    pub jwt_public_key: Option<String>,
-    /// RS256 private key (PEM); only `orderly token` reads it, to sign tokens.
-    pub jwt_private_key: Option<String>,
-    /// Required `iss` claim, when set.
-    pub jwt_issuer: Option<String>,
-    /// Required `aud` claim, when set.
-    pub jwt_audience: Option<String>,
+    pub otlp_endpoint: Option<MaskedUrl>,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+        }
+    }
+}
+
+/// The HTTP and WebSocket edge: GraphQL limits, rate limits, consistency waits, subscriptions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    #[serde(rename = "http_addr")]
+    pub addr: SocketAddr,
     /// Requests per second per caller (token subject, else client IP); 0 turns limiting off.
     pub rate_limit_per_second: u32,
     /// Requests a caller may send at once before the per-second rate applies.
     pub rate_limit_burst: u32,
     /// Largest GraphQL request body, in bytes.
-    pub graphql_body_limit: usize,
-    /// Longest a GraphQL request may run, in milliseconds.
-    pub graphql_timeout_ms: u64,
-    pub payment_gateway: PaymentGatewayKind,
-    /// Base URL of the external payment provider; read when `payment_gateway` is `http`.
-    pub payment_gateway_url: Option<String>,
-    /// Longest one gateway call may take, in milliseconds, before it counts as failed.
-    pub payment_timeout_ms: u64,
-    /// Gateway calls in flight at once, over all orders.
-    pub payment_concurrency: usize,
-    /// How long an order may stay unpaid after its first charge request, in seconds.
-    pub payment_deadline_secs: u64,
-    /// How long after a transient payment failure the saga asks for another attempt, in seconds.
-    pub payment_retry_after_secs: u64,
-    /// How often the saga runner checks for due deadlines and the outbox for work, in ms.
-    pub saga_tick_ms: u64,
-    /// Delivery attempts of an outbox message before it is dead-lettered.
-    pub outbox_max_attempts: u32,
-    /// How old, in ms, the product states that price a placement may be (0: read every time).
-    pub price_max_age_ms: u64,
-    /// The server's cap on a query's `consistency.timeoutMs`, in milliseconds.
-    pub consistency_max_wait_ms: u64,
+    #[serde(rename = "graphql_body_limit")]
+    pub body_limit: usize,
+    /// Longest a GraphQL request may run.
+    #[serde(rename = "graphql_timeout_ms", deserialize_with = "unit::millis")]
+    pub timeout: Duration,
+    /// The server's cap on a query's `consistency.timeoutMs`.
+    #[serde(rename = "consistency_max_wait_ms", deserialize_with = "unit::millis")]
+    pub consistency_max_wait: Duration,
     /// Messages a subscription may hold for a client that does not read them.
     pub subscription_buffer: usize,
-    /// How long, in ms, a subscription's buffer may stay full before it ends with an error.
-    pub subscription_patience_ms: u64,
+    /// How long a subscription's buffer may stay full before it ends with an error.
+    #[serde(rename = "subscription_patience_ms", deserialize_with = "unit::millis")]
+    pub subscription_patience: Duration,
     /// Subscriptions one WebSocket may hold open at once.
     pub subscriptions_per_socket: usize,
     /// Subscriptions one caller (token subject, else client IP) may hold open at once over
     /// all its WebSockets to one process.
     pub subscriptions_per_subject: usize,
-    /// SMTP server for customer notifications (`smtp://`, `smtps://`, `?tls=required`);
-    /// unset: notifications are only logged.
-    pub smtp_url: Option<String>,
-    /// The sender of notification mail.
-    pub smtp_from: String,
-    /// A notification's recipient, `{customer_id}` replaced by the order's customer id.
-    pub smtp_recipient: String,
-    /// Days delivered outbox messages and settled sagas are kept; 0 keeps them forever.
-    pub saga_retention_days: u32,
-    /// How long, in ms, a saga process's lane leases hold without renewal: a crashed
-    /// process's lanes move to the others after this long.
-    pub saga_lease_ms: u64,
-    /// Orders one saga lane handles at once within a batch.
-    pub saga_orders_in_flight: usize,
-    /// Connections of the saga runner's own pool, and as many for its event-store commands:
-    /// several saga processes must fit in the server's `max_connections` beside the APIs.
-    pub saga_pool_size: usize,
-    /// Key of the HMAC that turns a placeOrder idempotency key into the order's id, shared by
-    /// every process placing orders; unset: derived from `jwt_secret`, else ids stay public.
-    pub order_id_secret: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            rate_limit_per_second: 50,
+            rate_limit_burst: 100,
+            body_limit: 256 * 1024,
+            timeout: Duration::from_secs(10),
+            consistency_max_wait: Duration::from_secs(5),
+            subscription_buffer: 256,
+            subscription_patience: Duration::from_secs(5),
+            subscriptions_per_socket: 20,
+            subscriptions_per_subject: 100,
+        }
+    }
+}
+
+/// Bearer tokens.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// HS256 shared secret for bearer tokens; wins over the RS256 keys when both are set.
+    pub jwt_secret: Option<SecretString>,
+    /// RS256 public key (PEM) that verifies bearer tokens.
+    pub jwt_public_key: Option<String>,
+    /// RS256 private key (PEM); only `orderly token` reads it, to sign tokens.
+    pub jwt_private_key: Option<SecretString>,
+    /// Required `iss` claim, when set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    pub jwt_audience: Option<String>,
+}
+
+/// placeOrder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OrderSettings {
+    /// How old the product states that price a placement may be (zero: read every time).
+    #[serde(rename = "price_max_age_ms", deserialize_with = "unit::millis")]
+    pub price_max_age: Duration,
+    /// Key of the HMAC that turns a placeOrder idempotency key into the order's id, shared by
+    /// every process placing orders; unset: derived from `jwt_secret`, else ids stay public.
+    pub order_id_secret: Option<SecretString>,
+}
+
+impl Default for OrderSettings {
+    fn default() -> Self {
+        Self {
+            price_max_age: orderly_command_api::DEFAULT_PRICE_MAX_AGE,
+            order_id_secret: None,
+        }
+    }
+}
+
+/// The payment gateway, and the saga's patience with it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PaymentSettings {
+    #[serde(rename = "payment_gateway")]
+    pub gateway: PaymentGatewayKind,
+    /// Base URL of the external payment provider; read when `gateway` is `http`.
+    #[serde(rename = "payment_gateway_url")]
+    pub gateway_url: Option<MaskedUrl>,
+    /// Longest one gateway call may take before it counts as failed.
+    #[serde(rename = "payment_timeout_ms", deserialize_with = "unit::millis")]
+    pub timeout: Duration,
+    /// Gateway calls in flight at once, over all orders.
+    #[serde(rename = "payment_concurrency")]
+    pub concurrency: usize,
+    /// How long an order may stay unpaid after its first charge request.
+    #[serde(rename = "payment_deadline_secs", deserialize_with = "unit::secs")]
+    pub deadline: Duration,
+    /// How long after a transient payment failure the saga asks for another attempt.
+    #[serde(rename = "payment_retry_after_secs", deserialize_with = "unit::secs")]
+    pub retry_after: Duration,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            gateway: PaymentGatewayKind::Simulator,
+            gateway_url: None,
+            timeout: Duration::from_secs(5),
+            concurrency: 16,
+            deadline: Duration::from_secs(15 * 60),
+            retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The fulfilment saga and its outbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SagaSettings {
+    /// How often the saga runner checks for due deadlines and the outbox for work.
+    #[serde(rename = "saga_tick_ms", deserialize_with = "unit::millis")]
+    pub tick: Duration,
+    /// Delivery attempts of an outbox message before it is dead-lettered.
+    pub outbox_max_attempts: u32,
+    /// How long delivered outbox messages and settled sagas are kept; `None` (0 days in the
+    /// file or the environment) keeps them forever.
+    #[serde(
+        rename = "saga_retention_days",
+        deserialize_with = "unit::days_or_forever"
+    )]
+    pub retention: Option<Duration>,
+    /// How long a saga process's lane leases hold without renewal: a crashed process's lanes
+    /// move to the others after this long.
+    #[serde(rename = "saga_lease_ms", deserialize_with = "unit::millis")]
+    pub lease: Duration,
+    /// Orders one saga lane handles at once within a batch.
+    #[serde(rename = "saga_orders_in_flight")]
+    pub orders_in_flight: usize,
+    /// Connections of the saga runner's own pool, and as many for its event-store commands:
+    /// several saga processes must fit in the server's `max_connections` beside the APIs.
+    #[serde(rename = "saga_pool_size")]
+    pub pool_size: usize,
+}
+
+impl Default for SagaSettings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            outbox_max_attempts: 5,
+            retention: Some(Duration::from_secs(7 * unit::SECONDS_PER_DAY)),
+            lease: Duration::from_secs(5),
+            orders_in_flight: 32,
+            pool_size: 8,
+        }
+    }
+}
+
+/// Customer notifications.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MailSettings {
+    /// SMTP server (`smtp://`, `smtps://`, `?tls=required`); unset: notifications are only
+    /// logged.
+    pub smtp_url: Option<MaskedUrl>,
+    /// The sender of notification mail.
+    #[serde(rename = "smtp_from")]
+    pub from: String,
+    /// A notification's recipient, `{customer_id}` replaced by the order's customer id.
+    #[serde(rename = "smtp_recipient")]
+    pub recipient: String,
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            from: "Orderly <orderly@localhost>".to_owned(),
+            recipient: "{customer_id}".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PaymentGatewayKind {
     /// In-process simulator (tokens tok_ok, tok_declined, tok_unavailable, tok_slow).
@@ -99,183 +271,81 @@ pub enum PaymentGatewayKind {
     Http,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStoreKind {
     Postgres,
     Kurrentdb,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Json,
     Text,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            database_url: "postgres://postgres@127.0.0.1:5432/orderly".to_owned(),
-            event_store: EventStoreKind::Postgres,
-            kurrentdb_url: None,
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            log_format: LogFormat::Text,
-            otlp_endpoint: None,
-            db_pool_size: 16,
-            jwt_secret: None,
-            jwt_public_key: None,
-            jwt_private_key: None,
-            jwt_issuer: None,
-            jwt_audience: None,
-            rate_limit_per_second: 50,
-            rate_limit_burst: 100,
-            graphql_body_limit: 256 * 1024,
-            graphql_timeout_ms: 10_000,
-            payment_gateway: PaymentGatewayKind::Simulator,
-            payment_gateway_url: None,
-            payment_timeout_ms: 5_000,
-            payment_concurrency: 16,
-            payment_deadline_secs: 15 * 60,
-            payment_retry_after_secs: 30,
-            saga_tick_ms: 1_000,
-            outbox_max_attempts: 5,
-            price_max_age_ms: orderly_command_api::DEFAULT_PRICE_MAX_AGE.as_millis() as u64,
-            consistency_max_wait_ms: 5_000,
-            subscription_buffer: 256,
-            subscription_patience_ms: 5_000,
-            subscriptions_per_socket: 20,
-            subscriptions_per_subject: 100,
-            smtp_url: None,
-            smtp_from: "Orderly <orderly@localhost>".to_owned(),
-            smtp_recipient: "{customer_id}".to_owned(),
-            saga_retention_days: 7,
-            saga_lease_ms: 5_000,
-            saga_orders_in_flight: 32,
-            saga_pool_size: 8,
-            order_id_secret: None,
-        }
-    }
-}
-
 impl Settings {
     /// Defaults < `file` (when given) < `ORDERLY_*` environment.
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        let mut figment = Figment::new();
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment
-            .merge(Env::prefixed("ORDERLY_").only(&Self::KEYS))
-            .extract()
-            .map_err(Box::new)
+        // Every `ORDERLY_*` variable is offered; those that name no setting (`ORDERLY_CONFIG`,
+        // the test suite's) are ignored as unknown keys.
+        let figment = figment.merge(Env::prefixed("ORDERLY_"));
+        // Section by section from the same keys, rather than one struct of flattened
+        // sections: serde's flattening loses the key's name, which an error must give.
+        Ok(Self {
+            store: figment.extract()?,
+            telemetry: figment.extract()?,
+            http: figment.extract()?,
+            auth: figment.extract()?,
+            orders: figment.extract()?,
+            payment: figment.extract()?,
+            saga: figment.extract()?,
+            mail: figment.extract()?,
+        })
     }
 
-    /// The environment variables read, without the `ORDERLY_` prefix; `ORDERLY_CONFIG` and
-    /// test-only variables are not settings.
-    const KEYS: [&'static str; 38] = [
-        "database_url",
-        "event_store",
-        "kurrentdb_url",
-        "http_addr",
-        "log_format",
-        "otlp_endpoint",
-        "db_pool_size",
-        "jwt_secret",
-        "jwt_public_key",
-        "jwt_private_key",
-        "jwt_issuer",
-        "jwt_audience",
-        "rate_limit_per_second",
-        "rate_limit_burst",
-        "graphql_body_limit",
-        "graphql_timeout_ms",
-        "payment_gateway",
-        "payment_gateway_url",
-        "payment_timeout_ms",
-        "payment_concurrency",
-        "payment_deadline_secs",
-        "payment_retry_after_secs",
-        "saga_tick_ms",
-        "outbox_max_attempts",
-        "price_max_age_ms",
-        "consistency_max_wait_ms",
-        "subscription_buffer",
-        "subscription_patience_ms",
-        "subscriptions_per_socket",
-        "subscriptions_per_subject",
-        "smtp_url",
-        "smtp_from",
-        "smtp_recipient",
-        "saga_retention_days",
-        "saga_lease_ms",
-        "saga_orders_in_flight",
-        "saga_pool_size",
-        "order_id_secret",
-    ];
+    /// Defaults, with the read models and the log in the database at `url`.
+    pub fn with_database(url: impl Into<String>) -> Self {
+        let mut settings = Self::default();
+        settings.store.database_url = MaskedUrl(url.into());
+        settings
+    }
 }
 
-/// Settings appear in logs; URLs may carry passwords, which never do.
-impl fmt::Debug for Settings {
+/// A URL that may carry a password (a database, a mail server): `Debug` shows it with the
+/// password masked, and a string that is not a URL not at all, since it may be a key=value
+/// connection string with a password in it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct MaskedUrl(String);
+
+impl MaskedUrl {
+    /// The URL itself, password included: for connecting, never for logging.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for MaskedUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl From<String> for MaskedUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl fmt::Debug for MaskedUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings")
-            .field("database_url", &redact_url(&self.database_url))
-            .field("event_store", &self.event_store)
-            .field(
-                "kurrentdb_url",
-                &self.kurrentdb_url.as_deref().map(redact_url),
-            )
-            .field("http_addr", &self.http_addr)
-            .field("log_format", &self.log_format)
-            .field(
-                "otlp_endpoint",
-                &self.otlp_endpoint.as_deref().map(redact_url),
-            )
-            .field("db_pool_size", &self.db_pool_size)
-            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
-            .field(
-                "jwt_public_key",
-                &self.jwt_public_key.as_ref().map(|_| "<set>"),
-            )
-            .field(
-                "jwt_private_key",
-                &self.jwt_private_key.as_ref().map(|_| "***"),
-            )
-            .field("jwt_issuer", &self.jwt_issuer)
-            .field("jwt_audience", &self.jwt_audience)
-            .field("rate_limit_per_second", &self.rate_limit_per_second)
-            .field("rate_limit_burst", &self.rate_limit_burst)
-            .field("graphql_body_limit", &self.graphql_body_limit)
-            .field("graphql_timeout_ms", &self.graphql_timeout_ms)
-            .field("payment_gateway", &self.payment_gateway)
-            .field(
-                "payment_gateway_url",
-                &self.payment_gateway_url.as_deref().map(redact_url),
-            )
-            .field("payment_timeout_ms", &self.payment_timeout_ms)
-            .field("payment_concurrency", &self.payment_concurrency)
-            .field("payment_deadline_secs", &self.payment_deadline_secs)
-            .field("payment_retry_after_secs", &self.payment_retry_after_secs)
-            .field("saga_tick_ms", &self.saga_tick_ms)
-            .field("outbox_max_attempts", &self.outbox_max_attempts)
-            .field("price_max_age_ms", &self.price_max_age_ms)
-            .field("consistency_max_wait_ms", &self.consistency_max_wait_ms)
-            .field("subscription_buffer", &self.subscription_buffer)
-            .field("subscription_patience_ms", &self.subscription_patience_ms)
-            .field("subscriptions_per_socket", &self.subscriptions_per_socket)
-            .field("subscriptions_per_subject", &self.subscriptions_per_subject)
-            .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
-            .field("smtp_from", &self.smtp_from)
-            .field("smtp_recipient", &self.smtp_recipient)
-            .field("saga_retention_days", &self.saga_retention_days)
-            .field("saga_lease_ms", &self.saga_lease_ms)
-            .field("saga_orders_in_flight", &self.saga_orders_in_flight)
-            .field("saga_pool_size", &self.saga_pool_size)
-            .field(
-                "order_id_secret",
-                &self.order_id_secret.as_ref().map(|_| "***"),
-            )
-            .finish()
+        f.write_str(&redact_url(&self.0))
     }
 }
 
@@ -293,6 +363,29 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// Durations are whole numbers of one unit in the file and the environment, as their names say.
+mod unit {
+    use super::*;
+
+    pub const SECONDS_PER_DAY: u64 = 24 * 3600;
+
+    pub fn millis<'de, D: Deserializer<'de>>(from: D) -> Result<Duration, D::Error> {
+        u64::deserialize(from).map(Duration::from_millis)
+    }
+
+    pub fn secs<'de, D: Deserializer<'de>>(from: D) -> Result<Duration, D::Error> {
+        u64::deserialize(from).map(Duration::from_secs)
+    }
+
+    /// Whole days; 0 is "forever".
+    pub fn days_or_forever<'de, D: Deserializer<'de>>(
+        from: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let days = u64::deserialize(from)?;
+        Ok((days > 0).then(|| Duration::from_secs(days.saturating_mul(SECONDS_PER_DAY))))
+    }
+}
+
 #[cfg(test)]
 // figment's test jail prescribes closures returning its (large) error type.
 #[allow(clippy::result_large_err)]
@@ -300,29 +393,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_never_reach_the_logs() {
-        let s = Settings {
-            database_url: "postgres://app:hunter2@db:5432/orderly".into(),
-            ..Default::default()
-        };
-        let s = Settings {
-            jwt_secret: Some("jwt-hunter3".into()),
-            jwt_private_key: Some("-----BEGIN PRIVATE KEY-----hunter4".into()),
-            smtp_url: Some("smtps://mailer:hunter5@mail.example:465".into()),
-            order_id_secret: Some("hunter6".into()),
-            ..s
-        };
+    fn passwords_and_secrets_never_reach_the_logs() {
+        let mut s = Settings::with_database("postgres://app:hunter2@db:5432/orderly");
+        s.auth.jwt_secret = Some("jwt-hunter3".into());
+        s.auth.jwt_private_key = Some("-----BEGIN PRIVATE KEY-----hunter4".into());
+        s.mail.smtp_url = Some("smtps://mailer:hunter5@mail.example:465".into());
+        s.orders.order_id_secret = Some("hunter6".into());
+        s.store.kurrentdb_url = Some("esdb://admin:hunter7@kurrent:2113".into());
+        s.payment.gateway_url = Some("host=db password=hunter8".into());
         let shown = format!("{s:?}");
-        assert!(!shown.contains("hunter6"), "{shown}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(!shown.contains("hunter3"), "{shown}");
-        assert!(!shown.contains("hunter4"), "{shown}");
-        assert!(!shown.contains("hunter5"), "{shown}");
+        for secret in [
+            "hunter2", "hunter3", "hunter4", "hunter5", "hunter6", "hunter7",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(!shown.contains("hunter8"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
-        assert_eq!(
-            redact_url("host=db password=hunter2"),
-            "<unparsed connection string>"
-        );
+        assert!(shown.contains("<unparsed connection string>"), "{shown}");
     }
 
     #[test]
@@ -330,15 +417,35 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
                 "orderly.toml",
-                "http_addr = \"0.0.0.0:9000\"\nlog_format = \"json\"\n",
+                "http_addr = \"0.0.0.0:9000\"\nlog_format = \"json\"\nsaga_lease_ms = 250\n\
+                 payment_deadline_secs = 60\nsaga_retention_days = 0\n",
             )?;
             jail.set_env("ORDERLY_LOG_FORMAT", "text");
             jail.set_env("ORDERLY_ORDER_ID_SECRET", "s3cret");
+            jail.set_env("ORDERLY_GRAPHQL_TIMEOUT_MS", "750");
+            jail.set_env("ORDERLY_CONFIG", "orderly.toml");
             let s = Settings::load(Some(Path::new("orderly.toml"))).map_err(|e| *e)?;
-            assert_eq!(s.order_id_secret.as_deref(), Some("s3cret"));
-            assert_eq!(s.http_addr, "0.0.0.0:9000".parse().unwrap());
-            assert_eq!(s.log_format, LogFormat::Text);
-            assert_eq!(s.event_store, EventStoreKind::Postgres);
+            let secret = s.orders.order_id_secret.as_ref().map(|s| s.expose_secret());
+            assert_eq!(secret, Some("s3cret"));
+            assert_eq!(s.http.addr, "0.0.0.0:9000".parse().unwrap());
+            assert_eq!(s.telemetry.log_format, LogFormat::Text);
+            assert_eq!(s.http.timeout, Duration::from_millis(750));
+            assert_eq!(s.saga.lease, Duration::from_millis(250));
+            assert_eq!(s.payment.deadline, Duration::from_secs(60));
+            assert_eq!(s.saga.retention, None, "0 days keeps forever");
+            // Untouched: the defaults.
+            assert_eq!(s.store.kind, EventStoreKind::Postgres);
+            assert_eq!(s.saga.tick, Duration::from_secs(1));
+            assert_eq!(s.mail.recipient, "{customer_id}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn with_no_file_and_no_environment_the_defaults_hold() {
+        figment::Jail::expect_with(|_| {
+            let loaded = format!("{:?}", Settings::load(None).map_err(|e| *e)?);
+            assert_eq!(loaded, format!("{:?}", Settings::default()));
             Ok(())
         });
     }
@@ -350,6 +457,15 @@ mod tests {
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(
                 err.contains("mongodb") || err.contains("event_store"),
+                "{err}"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ORDERLY_SAGA_LEASE_MS", "soon");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("soon") && err.contains("SAGA_LEASE_MS"),
                 "{err}"
             );
             Ok(())

@@ -351,11 +351,9 @@ async fn without_a_valid_token_mutations_are_unauthenticated() {
 #[tokio::test]
 async fn a_caller_over_its_rate_is_told_when_to_come_back() {
     let db = migrated_database().await;
-    let settings = orderly::settings::Settings {
-        rate_limit_per_second: 1,
-        rate_limit_burst: 2,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.http.rate_limit_per_second = 1;
+    settings.http.rate_limit_burst = 2;
     let api = start(&settings).await;
     let alice = customer("alice");
     let query = "{ commandApiStatus }";

@@ -231,10 +231,11 @@ async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_t
         .batch_execute(&format!("create role {role} login connection limit 0"))
         .await
         .unwrap();
-    let settings = orderly::settings::Settings {
-        database_url: db.url().replacen("postgres@", &format!("{role}@"), 1),
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.store.database_url = db
+        .url()
+        .replacen("postgres@", &format!("{role}@"), 1)
+        .into();
     let budget =
         orderly::app::ConnectionBudget::of(&settings, orderly::app::Part::Everything, true);
     let error = orderly::app::check_connections(&settings, &budget)
@@ -684,13 +685,11 @@ mod fuzz {
             .build()
             .unwrap();
         let db = runtime.block_on(migrated_database());
-        let settings = orderly::settings::Settings {
-            // A future consistency token then costs milliseconds, not seconds.
-            consistency_max_wait_ms: 20,
-            // Each subscription must give its place back for the next one on its socket.
-            subscriptions_per_socket: 1,
-            ..settings_for(db.url())
-        };
+        let mut settings = settings_for(db.url());
+        // A future consistency token then costs milliseconds, not seconds.
+        settings.http.consistency_max_wait = Duration::from_millis(20);
+        // Each subscription must give its place back for the next one on its socket.
+        settings.http.subscriptions_per_socket = 1;
         let (api, sdl, known) = runtime.block_on(async {
             let api = start(&settings).await;
             register(&api, "MUG", 1250, "EUR", 1000).await;

@@ -184,13 +184,11 @@ async fn next_mail(mails: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> 
 async fn with_an_smtp_url_confirmations_and_cancellations_are_mailed_to_the_customer() {
     let db = migrated_database().await;
     let (port, mut mails) = smtp_listener().await;
-    let settings = Settings {
-        smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
-        smtp_from: "Shop <orders@shop.test>".into(),
-        smtp_recipient: "{customer_id}@customers.shop.test".into(),
-        saga_tick_ms: 50,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.mail.smtp_url = Some(format!("smtp://127.0.0.1:{port}").into());
+    settings.mail.from = "Shop <orders@shop.test>".into();
+    settings.mail.recipient = "{customer_id}@customers.shop.test".into();
+    settings.saga.tick = Duration::from_millis(50);
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let gateway = orderly::app::payment_gateway(&settings).unwrap();
@@ -366,13 +364,11 @@ async fn an_unreachable_smtp_server_dead_letters_the_notification_with_its_error
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let settings = Settings {
-        smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
-        smtp_recipient: "{customer_id}@customers.shop.test".into(),
-        saga_tick_ms: 50,
-        outbox_max_attempts: 2,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.mail.smtp_url = Some(format!("smtp://127.0.0.1:{port}").into());
+    settings.mail.recipient = "{customer_id}@customers.shop.test".into();
+    settings.saga.tick = Duration::from_millis(50);
+    settings.saga.outbox_max_attempts = 2;
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let gateway = orderly::app::payment_gateway(&settings).unwrap();
@@ -426,12 +422,11 @@ impl PaymentGateway for LostAnswers {
 
 /// Settings whose payment deadline passes in two seconds, with a retry or two before it.
 fn short_deadline(url: &str) -> Settings {
-    Settings {
-        payment_deadline_secs: 2,
-        payment_retry_after_secs: 1,
-        saga_tick_ms: 50,
-        ..settings_for(url)
-    }
+    let mut settings = settings_for(url);
+    settings.payment.deadline = Duration::from_secs(2);
+    settings.payment.retry_after = Duration::from_secs(1);
+    settings.saga.tick = Duration::from_millis(50);
+    settings
 }
 
 /// How many events of a type a stream holds.
@@ -510,10 +505,8 @@ async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_r
 #[tokio::test]
 async fn a_resolution_the_provider_cannot_answer_is_dead_lettered_then_retried_from_the_cli() {
     let db = migrated_database().await;
-    let settings = Settings {
-        outbox_max_attempts: 2,
-        ..short_deadline(db.url())
-    };
+    let mut settings = short_deadline(db.url());
+    settings.saga.outbox_max_attempts = 2;
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let gateway = Arc::new(LostAnswers::default());

@@ -114,10 +114,8 @@ async fn a_query_with_the_mutations_token_sees_the_write_a_hundred_times_in_a_ro
 #[tokio::test]
 async fn with_the_projections_paused_bounded_reads_say_stale_and_strict_reads_fail() {
     let db = migrated_database().await;
-    let settings = orderly::settings::Settings {
-        consistency_max_wait_ms: 300,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.http.consistency_max_wait = Duration::from_millis(300);
     let app = App::build(&settings).await.unwrap().without_projections();
     let api = Api {
         base: format!("http://{}", app.local_addr()),
@@ -638,11 +636,9 @@ fn aliased(n: usize, field: &str) -> String {
 async fn amplified_requests_are_refused_by_their_cost_never_answered() {
     let db = migrated_database().await;
     // The default burst of 100 tokens, refilled slowly enough for the test to spend it.
-    let settings = orderly::settings::Settings {
-        rate_limit_per_second: 5,
-        rate_limit_burst: 100,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.http.rate_limit_per_second = 5;
+    settings.http.rate_limit_burst = 100;
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let admin = admin();

@@ -7,15 +7,12 @@ use std::time::Duration;
 
 use common::*;
 use orderly::seed::{SeedOptions, run};
-use orderly::settings::Settings;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_small_seed_places_cancels_confirms_ships_and_delivers_through_the_command_path() {
     let db = migrated_database().await;
-    let settings = Settings {
-        saga_tick_ms: 50,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.saga.tick = Duration::from_millis(50);
     let options = SeedOptions {
         orders: 40,
         products: 6,

@@ -18,11 +18,9 @@ use orderly_event_store::memory::MemoryEventStore;
 use orderly_test_support::TestDb;
 
 fn settings_for(url: &str) -> Settings {
-    Settings {
-        database_url: url.to_owned(),
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..Default::default()
-    }
+    let mut settings = Settings::with_database(url);
+    settings.http.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings
 }
 
 #[tokio::test]

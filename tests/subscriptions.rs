@@ -310,12 +310,10 @@ async fn a_message_over_the_body_limit_is_refused_before_it_is_read_whole() {
 #[tokio::test]
 async fn operations_over_a_socket_draw_on_the_callers_http_budget_and_time_out() {
     let db = migrated_database().await;
-    let settings = orderly::settings::Settings {
-        rate_limit_per_second: 1,
-        rate_limit_burst: 5,
-        graphql_timeout_ms: 500,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.http.rate_limit_per_second = 1;
+    settings.http.rate_limit_burst = 5;
+    settings.http.timeout = Duration::from_millis(500);
     let api = start(&settings).await;
     let alice = customer("alice");
     let mut socket = connect(&api, Some(&alice)).await;
@@ -352,11 +350,9 @@ async fn operations_over_a_socket_draw_on_the_callers_http_budget_and_time_out()
 #[tokio::test]
 async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_place_back() {
     let db = migrated_database().await;
-    let settings = orderly::settings::Settings {
-        graphql_timeout_ms: 500,
-        subscriptions_per_socket: 1,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.http.timeout = Duration::from_millis(500);
+    settings.http.subscriptions_per_socket = 1;
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let id = place_one(&api, "alice", "TEA").await;
@@ -416,11 +412,9 @@ async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_pl
 #[tokio::test]
 async fn subscriptions_are_capped_per_socket_and_per_caller() {
     let db = migrated_database().await;
-    let settings = orderly::settings::Settings {
-        subscriptions_per_socket: 2,
-        subscriptions_per_subject: 3,
-        ..settings_for(db.url())
-    };
+    let mut settings = settings_for(db.url());
+    settings.http.subscriptions_per_socket = 2;
+    settings.http.subscriptions_per_subject = 3;
     let api = start(&settings).await;
     let too_many = |message: &Value| {
         assert_eq!(message["type"], "error", "{message}");

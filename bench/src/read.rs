@@ -103,14 +103,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let version = report::server_version(&db).await?;
     println!("- server: {version}");
     let ids = seed(&db, args.events).await?;
-    let settings = Settings {
-        database_url: db.url().to_owned(),
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        jwt_secret: Some(SECRET.to_owned()),
-        rate_limit_per_second: 0,
-        db_pool_size: args.pool_size,
-        ..Default::default()
-    };
+    let mut settings = Settings::with_database(db.url());
+    settings.http.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.auth.jwt_secret = Some(SECRET.into());
+    settings.http.rate_limit_per_second = 0;
+    settings.store.pool_size = args.pool_size;
     println!(
         "- throughput: {} connections (HTTP/1.1 keep-alive), {} s measured after {} s warm-up per scenario, pool of {} connections per server",
         args.connections,

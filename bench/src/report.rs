@@ -192,10 +192,7 @@ pub async fn service_database(key: &str) -> anyhow::Result<orderly_test_support:
         key,
         &orderly::app::migration_fingerprint(),
         |url| async move {
-            let settings = orderly::settings::Settings {
-                database_url: url,
-                ..Default::default()
-            };
+            let settings = orderly::settings::Settings::with_database(url);
             orderly::app::migrate(&settings).await.map_err(Into::into)
         },
     )

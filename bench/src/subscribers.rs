@@ -61,13 +61,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "- {} s measured per scenario after {} s warm-up; {} subscriptions per WebSocket\n",
         args.seconds, args.warm_up, args.per_socket
     );
-    let settings = Settings {
-        database_url: db.url().to_owned(),
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        jwt_secret: Some(SECRET.to_owned()),
-        rate_limit_per_second: 0,
-        ..Default::default()
-    };
+    let mut settings = Settings::with_database(db.url());
+    settings.http.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.auth.jwt_secret = Some(SECRET.into());
+    settings.http.rate_limit_per_second = 0;
     let app = App::build_part(&settings, Part::Reads).await?;
     let url = format!("ws://{}/graphql", app.local_addr());
     let stop = CancellationToken::new();

@@ -23,10 +23,7 @@ pub async fn migrated_database() -> TestDb {
         "orderly-all",
         &orderly::app::migration_fingerprint(),
         |url| async move {
-            let settings = Settings {
-                database_url: url,
-                ..Default::default()
-            };
+            let settings = Settings::with_database(url);
             orderly::app::migrate(&settings)
                 .await
                 .map_err(|e| BoxError::from(e.to_string()))
@@ -64,14 +61,12 @@ pub async fn eventually(db: &TestDb, sql: &str, expected: i64, within: Duration)
 }
 
 pub fn settings_for(url: &str) -> Settings {
-    Settings {
-        database_url: url.to_owned(),
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        jwt_secret: Some(SECRET.to_owned()),
-        rate_limit_per_second: 0,
-        db_pool_size: 8,
-        ..Default::default()
-    }
+    let mut settings = Settings::with_database(url);
+    settings.http.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.auth.jwt_secret = Some(SECRET.into());
+    settings.http.rate_limit_per_second = 0;
+    settings.store.pool_size = 8;
+    settings
 }
 
 pub fn token(sub: &str, roles: &[Role]) -> String {
