@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Transaction;
+use orderly_event_schemas::orders::OrderPlaced;
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use orderly_event_store::RecordedEvent;
 use uuid::Uuid;
@@ -150,6 +151,51 @@ fn to_i32(value: u32, what: &'static str) -> Result<i32, ParkReason> {
     })
 }
 
+/// The rows a placement writes once: its lines, and the columns of `orders` that never change
+/// (shipping address, search document).
+fn placement_rows(p: &OrderPlaced) -> Result<(Vec<LineRow>, Placement), ParkReason> {
+    let order_id = p.order_id.0;
+    let mut lines = Vec::with_capacity(p.lines.len());
+    let mut search = vec![p.customer_id.as_str().to_owned()];
+    for (index, line) in p.lines.iter().enumerate() {
+        lines.push(LineRow {
+            order_id,
+            line_no: i32::try_from(index).map_err(|_| ParkReason::TooLarge {
+                what: "line number",
+                value: index as u64,
+            })?,
+            sku: line.sku.as_str().to_owned(),
+            name: line.name.as_str().to_owned(),
+            quantity: to_i32(line.quantity.get(), "quantity")?,
+            unit_price_minor: line.unit_price.amount_minor(),
+            line_total_minor: line.line_total.amount_minor(),
+            currency: line.unit_price.currency().to_string(),
+        });
+        search.push(line.sku.as_str().to_owned());
+        search.push(line.name.as_str().to_owned());
+    }
+    let address = &p.shipping_address;
+    let line2 = address.line2.as_ref().map(|l| l.to_string());
+    search.extend([
+        address.name.to_string(),
+        address.line1.to_string(),
+        line2.clone().unwrap_or_default(),
+        address.city.to_string(),
+        address.postal_code.to_string(),
+        address.country.to_string(),
+    ]);
+    let placement = Placement {
+        ship_name: address.name.to_string(),
+        ship_line1: address.line1.to_string(),
+        ship_line2: line2,
+        ship_city: address.city.to_string(),
+        ship_postal_code: address.postal_code.to_string(),
+        ship_country: address.country.to_string(),
+        search_text: search.join(" "),
+    };
+    Ok((lines, placement))
+}
+
 impl Fold {
     fn touch(&mut self, order_id: Uuid) {
         if self.touched_set.insert(order_id) {
@@ -170,106 +216,79 @@ impl Fold {
     }
 
     fn order_event(&mut self, version: i64, event: &OrderEvent) -> Result<(), ParkReason> {
-        if let OrderEvent::OrderPlaced(p) = event {
-            let order_id = p.order_id.0;
-            if let Some(row) = self.orders.get(&order_id) {
-                // At or below the row's version: a replay, already in. Above it: a stream that
-                // places the same order twice, which no decider writes.
-                return if row.version >= version {
-                    Ok(())
-                } else {
-                    Err(ParkReason::PlacedTwice(order_id))
-                };
-            }
-            let mut lines = Vec::with_capacity(p.lines.len());
-            let mut search = vec![p.customer_id.as_str().to_owned()];
-            for (index, line) in p.lines.iter().enumerate() {
-                lines.push(LineRow {
-                    order_id,
-                    line_no: i32::try_from(index).map_err(|_| ParkReason::TooLarge {
-                        what: "line number",
-                        value: index as u64,
-                    })?,
-                    sku: line.sku.as_str().to_owned(),
-                    name: line.name.as_str().to_owned(),
-                    quantity: to_i32(line.quantity.get(), "quantity")?,
-                    unit_price_minor: line.unit_price.amount_minor(),
-                    line_total_minor: line.line_total.amount_minor(),
-                    currency: line.unit_price.currency().to_string(),
-                });
-                search.push(line.sku.as_str().to_owned());
-                search.push(line.name.as_str().to_owned());
-            }
-            let address = &p.shipping_address;
-            search.extend([
-                address.name.to_string(),
-                address.line1.to_string(),
-                address
-                    .line2
-                    .as_ref()
-                    .map(|l| l.to_string())
-                    .unwrap_or_default(),
-                address.city.to_string(),
-                address.postal_code.to_string(),
-                address.country.to_string(),
-            ]);
-            let currency = p.total.currency().to_string();
-            let total = p.total.amount_minor();
-            self.lines.extend(lines);
-            self.history.push(HistoryRow {
-                order_id,
-                version,
-                status: OrderStatus::Placed,
-                at: p.placed_at,
-                reason: None,
-            });
-            let customer = self
-                .customers
-                .entry(p.customer_id.as_str().to_owned())
-                .or_default();
-            customer.order_count += 1;
-            customer.last_order_at = customer.last_order_at.max(Some(p.placed_at));
-            *self
-                .lifetime_values
-                .entry((p.customer_id.as_str().to_owned(), currency.clone()))
-                .or_default() += total;
-            let day = self
-                .sales
-                .entry((p.placed_at.date_naive(), currency.clone()))
-                .or_default();
-            day.orders += 1;
-            day.revenue_minor += total;
-            self.orders.insert(
-                order_id,
-                OrderRow {
-                    order_id,
-                    customer_id: p.customer_id.as_str().to_owned(),
-                    status: OrderStatus::Placed,
-                    total_minor: total,
-                    currency,
-                    placed_at: p.placed_at,
-                    updated_at: p.placed_at,
-                    cancellation_reason: None,
-                    carrier: None,
-                    tracking_number: None,
-                    shipped_at: None,
-                    delivered_at: None,
-                    version,
-                    placement: Some(Placement {
-                        ship_name: address.name.to_string(),
-                        ship_line1: address.line1.to_string(),
-                        ship_line2: address.line2.as_ref().map(|l| l.to_string()),
-                        ship_city: address.city.to_string(),
-                        ship_postal_code: address.postal_code.to_string(),
-                        ship_country: address.country.to_string(),
-                        search_text: search.join(" "),
-                    }),
-                    dirty: true,
-                },
-            );
-            self.touch(order_id);
-            return Ok(());
+        match event {
+            OrderEvent::OrderPlaced(placed) => self.place(version, placed),
+            _ => self.advance(version, event),
         }
+    }
+
+    /// A new order: its row, lines and first history entry, and what it adds to its
+    /// customer and to the day it was placed.
+    fn place(&mut self, version: i64, p: &OrderPlaced) -> Result<(), ParkReason> {
+        let order_id = p.order_id.0;
+        if let Some(row) = self.orders.get(&order_id) {
+            // At or below the row's version: a replay, already in. Above it: a stream that
+            // places the same order twice, which no decider writes.
+            return if row.version >= version {
+                Ok(())
+            } else {
+                Err(ParkReason::PlacedTwice(order_id))
+            };
+        }
+        let (lines, placement) = placement_rows(p)?;
+        let currency = p.total.currency().to_string();
+        let total = p.total.amount_minor();
+        self.lines.extend(lines);
+        self.history.push(HistoryRow {
+            order_id,
+            version,
+            status: OrderStatus::Placed,
+            at: p.placed_at,
+            reason: None,
+        });
+        let customer = self
+            .customers
+            .entry(p.customer_id.as_str().to_owned())
+            .or_default();
+        customer.order_count += 1;
+        customer.last_order_at = customer.last_order_at.max(Some(p.placed_at));
+        *self
+            .lifetime_values
+            .entry((p.customer_id.as_str().to_owned(), currency.clone()))
+            .or_default() += total;
+        let day = self
+            .sales
+            .entry((p.placed_at.date_naive(), currency.clone()))
+            .or_default();
+        day.orders += 1;
+        day.revenue_minor += total;
+        self.orders.insert(
+            order_id,
+            OrderRow {
+                order_id,
+                customer_id: p.customer_id.as_str().to_owned(),
+                status: OrderStatus::Placed,
+                total_minor: total,
+                currency,
+                placed_at: p.placed_at,
+                updated_at: p.placed_at,
+                cancellation_reason: None,
+                carrier: None,
+                tracking_number: None,
+                shipped_at: None,
+                delivered_at: None,
+                version,
+                placement: Some(placement),
+                dirty: true,
+            },
+        );
+        self.touch(order_id);
+        Ok(())
+    }
+
+    /// A placed order moves on: its new status with a history entry, the columns the event
+    /// fills, and for a first cancellation, the placement's sales taken back.
+    fn advance(&mut self, version: i64, event: &OrderEvent) -> Result<(), ParkReason> {
         let Some(order_id) = order_id_of(&Event::Order(event.clone())) else {
             return Ok(());
         };
@@ -603,7 +622,19 @@ fn changing<'r>(o: &[&'r OrderRow]) -> Params<'r> {
 /// One statement per table, each row as arrays through `unnest`; only what changed; all sent
 /// together (see [`execute_all`]).
 async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError> {
-    let mut statements: Vec<(&str, Params<'_>)> = Vec::with_capacity(10);
+    let mut statements: Statements<'_> = Vec::with_capacity(10);
+    write_orders(state, &mut statements);
+    write_lines_and_history(state, &mut statements);
+    write_payments(state, &mut statements);
+    write_aggregates(state, &mut statements);
+    execute_all(tx, &statements).await
+}
+
+/// Write-back statements with their parameters, in the order they run.
+type Statements<'a> = Vec<(&'static str, Params<'a>)>;
+
+/// New orders inserted with their search documents; changed ones updated.
+fn write_orders<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     let (mut updated, mut inserted, mut placements) = (Vec::new(), Vec::new(), Vec::new());
     for order in state.orders.values().filter(|o| o.dirty) {
         match &order.placement {
@@ -641,6 +672,10 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
         params.extend(changing(&updated));
         statements.push((UPDATE_ORDERS, params));
     }
+}
+
+/// Rows that are only ever inserted.
+fn write_lines_and_history<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     if !state.lines.is_empty() {
         let l = &state.lines;
         statements.push((
@@ -670,6 +705,9 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
             ],
         ));
     }
+}
+
+fn write_payments<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     let (updated, inserted): (Vec<&PaymentRow>, Vec<&PaymentRow>) = state
         .payments
         .values()
@@ -694,6 +732,10 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
             ],
         ));
     }
+}
+
+/// The deltas to customers, lifetime values and daily sales, added in SQL.
+fn write_aggregates<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     if !state.customers.is_empty() {
         let c: Vec<(&String, &CustomerDelta)> = state.customers.iter().collect();
         statements.push((
@@ -729,7 +771,6 @@ async fn write(tx: &Transaction<'_>, state: &Fold) -> Result<(), ProjectionError
             ],
         ));
     }
-    execute_all(tx, &statements).await
 }
 
 #[cfg(test)]
