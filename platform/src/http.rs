@@ -260,6 +260,8 @@ async fn execute<E: Executor>(State(gate): State<Arc<Gate<E>>>, request: Request
     response
 }
 
+/// One GraphQL request over HTTP: admit the caller, read the request, parse it (or take the
+/// parsed document from the cache), execute it within the time limit, answer.
 async fn run<E: Executor>(
     gate: &Gate<E>,
     request: Request,
@@ -269,141 +271,28 @@ async fn run<E: Executor>(
     seen: &mut Seen,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let peer: Option<IpAddr> = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
-    let authorization = match parts.headers.get(header::AUTHORIZATION) {
-        None => None,
-        Some(value) => match value.to_str() {
-            Ok(text) => Some(text),
-            Err(_) => {
-                return failure(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthenticated,
-                    "the Authorization header must be `Bearer <JWT>`",
-                );
-            }
-        },
+    let (actor, key) = match admit(gate, &parts) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
     };
-    let by_address = || peer.map_or_else(|| "anonymous".to_owned(), |ip| format!("ip:{ip}"));
-    let actor = match gate.auth.authenticate(authorization) {
-        Ok(actor) => actor,
-        Err(why) => {
-            // Refused tokens count against the address, so guessing tokens is throttled too.
-            if let Err(wait) = gate.limiter.check(&by_address()) {
-                return rate_limited_response(wait);
-            }
-            return failure(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthenticated,
-                &why.to_string(),
-            );
-        }
-    };
-    let key = match &actor {
-        Some(actor) => format!("sub:{}", actor.sub),
-        None => by_address(),
-    };
-    if let Err(wait) = gate.limiter.check(&key) {
-        return rate_limited_response(wait);
-    }
-    let bytes = match axum::body::to_bytes(body, gate.limits.body_limit).await {
-        Ok(bytes) => bytes,
-        Err(_) => {
-            return failure(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::BadUserInput,
-                &format!("the request body is over {} bytes", gate.limits.body_limit),
-            );
-        }
-    };
-    let mut params = match read_params(&parts, &bytes) {
+    let params = match read_request(gate, &parts, body, media).await {
         Ok(params) => params,
-        Err(refusal) => {
-            return failure(refusal.status, ErrorCode::BadUserInput, &refusal.message);
-        }
+        Err(refused) => return refused,
     };
-    if let Err(unresolved) = gate.persisted.resolve(&mut params) {
-        // An error in the answer, not a refusal: clients resend the text when they read it.
-        let error = ServerError::new(unresolved.message(), None);
-        let response = with_codes(GqlResponse::from_errors(vec![error]));
-        return over_http::respond(media, response, true);
-    }
-    if params.query.is_none() {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadUserInput,
-            "the request has no `query`",
-        );
-    }
-    let mut graphql = params.to_request();
-    // Parsed once here (or taken from the cache); the executor reuses the parsed document.
-    let operation_name = graphql.operation_name.clone();
-    let cached = gate.documents.get(&graphql.query);
-    let known = cached.is_some();
-    if let Some(document) = &cached {
-        graphql.set_parsed_query(ExecutableDocument::clone(document));
-    }
-    let query = (!known).then(|| graphql.query.clone());
-    // Out of the request while its document is borrowed (parsing borrows the request).
-    let variables = std::mem::take(&mut graphql.variables);
-    let (selected, fresh, fits) = match graphql.parsed_query() {
-        Ok(document) => {
-            let operation = operation(document, operation_name.as_deref());
-            let selected = root_fields(document, operation);
-            // Only a known query may run in fast mode, so only then are its variables looked at.
-            let fits = known
-                && matches!(selected.0, OperationKind::Query)
-                && match (&gate.shapes, operation) {
-                    (Some(shapes), Some(op)) => shapes.fit(&op.node, &variables),
-                    _ => false,
-                };
-            (
-                Some(selected),
-                query.map(|query| (query, document.clone())),
-                fits,
-            )
-        }
-        Err(_) => (None, None, false),
-    };
-    graphql.variables = variables;
+    let parsed = Parsed::from(gate, &params);
     // A GET can be sent by a link or a prefetching browser, so it never changes anything.
-    let mutation = matches!(selected, Some((OperationKind::Mutation, _)));
+    let mutation = matches!(parsed.selected, Some((OperationKind::Mutation, _)));
     if mutation && parts.method == axum::http::Method::GET {
         return over_http::mutation_over_get(media);
     }
-    let budget = Budget::new(gate.limiter.clone(), key, 1);
-    let graphql = graphql.data(budget.clone());
     let caller = Caller {
         actor,
         request_id: request_id.to_owned(),
         traceparent,
     };
-    // Fast validation still checks depth, complexity and fragment cycles, but not variable
-    // values against argument types: a wrong-typed variable then fails inside execution,
-    // with an uncoded error. A query that ends with one runs again under full validation,
-    // which answers exactly as if it had been validated fully the first time: reads have no
-    // effects to repeat. The one value execution would accept and validation refuse, an
-    // input object with an unknown field, goes to full validation at once (`fits` is true
-    // only for a known query whose variables pass `input_shapes`). Mutations always get
-    // full validation.
-    let fast = gate.fast_queries.as_ref().filter(|_| fits);
-    let run = async {
-        let Some(fast) = fast else {
-            return gate.executor.execute(graphql.data(caller)).await;
-        };
-        let response = fast.execute(graphql.data(caller.clone())).await;
-        if response.errors.iter().all(has_code) {
-            return response;
-        }
-        let mut again = params.to_request();
-        if let Some(document) = &cached {
-            again.set_parsed_query(ExecutableDocument::clone(document));
-        }
-        gate.executor.execute(again.data(caller).data(budget)).await
-    };
-    let response = match tokio::time::timeout(gate.limits.timeout, run).await {
+    let budget = Budget::new(gate.limiter.clone(), key, 1);
+    let executed = execute_validated(gate, &params, parsed.graphql, parsed.fast, caller, budget);
+    let response = match tokio::time::timeout(gate.limits.timeout, executed).await {
         Ok(response) => response,
         Err(_) => {
             tracing::warn!(request_id, "request timed out");
@@ -416,17 +305,185 @@ async fn run<E: Executor>(
     };
     // Uncoded errors come from validation (or from a type check that fast validation leaves
     // to execution): only a document that ran without one is kept.
-    if let Some((query, document)) = fresh
+    if let Some((query, document)) = parsed.fresh
         && response.errors.iter().all(has_code)
     {
         gate.documents.keep(&query, document);
     }
-    (seen.operation, seen.kind, seen.outcome) = classify(selected, Some(&response));
+    (seen.operation, seen.kind, seen.outcome) = classify(parsed.selected, Some(&response));
+    answer(media, response)
+}
+
+/// Who is asking, and the key their rate limit is counted under: the token's subject, else
+/// the client's address. Refused with 401 for a bad token and 429 past the rate.
+// The refusal is the answer itself, built once per refused request: boxing it saves nothing.
+#[allow(clippy::result_large_err)]
+fn admit<E>(
+    gate: &Gate<E>,
+    parts: &axum::http::request::Parts,
+) -> Result<(Option<Actor>, String), Response> {
+    let peer: Option<IpAddr> = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    let by_address = || peer.map_or_else(|| "anonymous".to_owned(), |ip| format!("ip:{ip}"));
+    let authorization = match parts.headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            failure(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthenticated,
+                "the Authorization header must be `Bearer <JWT>`",
+            )
+        })?),
+    };
+    let actor = match gate.auth.authenticate(authorization) {
+        Ok(actor) => actor,
+        Err(why) => {
+            // Refused tokens count against the address, so guessing tokens is throttled too.
+            gate.limiter
+                .check(&by_address())
+                .map_err(rate_limited_response)?;
+            return Err(failure(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthenticated,
+                &why.to_string(),
+            ));
+        }
+    };
+    let key = match &actor {
+        Some(actor) => format!("sub:{}", actor.sub),
+        None => by_address(),
+    };
+    gate.limiter.check(&key).map_err(rate_limited_response)?;
+    Ok((actor, key))
+}
+
+/// The request's parameters, from a body within the size limit (or the query string), with a
+/// persisted query's text filled in. Refused with 413 or 400; an unknown persisted query is
+/// answered with an error clients read as "send the text".
+async fn read_request<E>(
+    gate: &Gate<E>,
+    parts: &axum::http::request::Parts,
+    body: axum::body::Body,
+    media: MediaType,
+) -> Result<Params, Response> {
+    let Ok(bytes) = axum::body::to_bytes(body, gate.limits.body_limit).await else {
+        return Err(failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BadUserInput,
+            &format!("the request body is over {} bytes", gate.limits.body_limit),
+        ));
+    };
+    let mut params = read_params(parts, &bytes)
+        .map_err(|refusal| failure(refusal.status, ErrorCode::BadUserInput, &refusal.message))?;
+    if let Err(unresolved) = gate.persisted.resolve(&mut params) {
+        // An error in the answer, not a refusal: clients resend the text when they read it.
+        let error = ServerError::new(unresolved.message(), None);
+        let response = with_codes(GqlResponse::from_errors(vec![error]));
+        return Err(over_http::respond(media, response, true));
+    }
+    if params.query.is_none() {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadUserInput,
+            "the request has no `query`",
+        ));
+    }
+    Ok(params)
+}
+
+/// A request with its document parsed once (or taken from the cache); the executor reuses it.
+struct Parsed {
+    graphql: async_graphql::Request,
+    /// The operation's kind and root fields, when the document parsed.
+    selected: Option<(OperationKind, BTreeSet<String>)>,
+    /// A document parsed now rather than taken from the cache, to keep once it ran cleanly.
+    fresh: Option<(String, ExecutableDocument)>,
+    /// The cached document, when the request may run under fast validation (see
+    /// [`execute_validated`]).
+    fast: Option<Arc<ExecutableDocument>>,
+}
+
+impl Parsed {
+    fn from<E>(gate: &Gate<E>, params: &Params) -> Self {
+        let mut graphql = params.to_request();
+        let operation_name = graphql.operation_name.clone();
+        let cached = gate.documents.get(&graphql.query);
+        let known = cached.is_some();
+        if let Some(document) = &cached {
+            graphql.set_parsed_query(ExecutableDocument::clone(document));
+        }
+        let query = (!known).then(|| graphql.query.clone());
+        // Out of the request while its document is borrowed (parsing borrows the request).
+        let variables = std::mem::take(&mut graphql.variables);
+        let (selected, fresh, fits) = match graphql.parsed_query() {
+            Ok(document) => {
+                let operation = operation(document, operation_name.as_deref());
+                let selected = root_fields(document, operation);
+                // Only a known query may run in fast mode, so only then are its variables
+                // looked at.
+                let fits = known
+                    && matches!(selected.0, OperationKind::Query)
+                    && match (&gate.shapes, operation) {
+                        (Some(shapes), Some(op)) => shapes.fit(&op.node, &variables),
+                        _ => false,
+                    };
+                (
+                    Some(selected),
+                    query.map(|query| (query, document.clone())),
+                    fits,
+                )
+            }
+            Err(_) => (None, None, false),
+        };
+        graphql.variables = variables;
+        Self {
+            graphql,
+            selected,
+            fresh,
+            fast: cached.filter(|_| fits),
+        }
+    }
+}
+
+/// Executes `graphql` as `caller`, spending `budget`.
+///
+/// Fast validation still checks depth, complexity and fragment cycles, but not variable values
+/// against argument types: a wrong-typed variable then fails inside execution, with an uncoded
+/// error. A query that ends with one runs again under full validation, which answers exactly
+/// as if it had been validated fully the first time: reads have no effects to repeat. The one
+/// value execution would accept and validation refuse, an input object with an unknown field,
+/// goes to full validation at once (`fast` is set only for a known query whose variables pass
+/// `input_shapes`). Mutations always get full validation.
+async fn execute_validated<E: Executor>(
+    gate: &Gate<E>,
+    params: &Params,
+    graphql: async_graphql::Request,
+    fast: Option<Arc<ExecutableDocument>>,
+    caller: Caller,
+    budget: Budget,
+) -> GqlResponse {
+    let graphql = graphql.data(budget.clone());
+    let (Some(fast_schema), Some(document)) = (&gate.fast_queries, fast) else {
+        return gate.executor.execute(graphql.data(caller)).await;
+    };
+    let response = fast_schema.execute(graphql.data(caller.clone())).await;
+    if response.errors.iter().all(has_code) {
+        return response;
+    }
+    let mut again = params.to_request();
+    again.set_parsed_query(ExecutableDocument::clone(&document));
+    gate.executor.execute(again.data(caller).data(budget)).await
+}
+
+/// The HTTP answer to an executed request: a request refused for its cost is a 429 with
+/// Retry-After, as one refused at the door.
+fn answer(media: MediaType, response: GqlResponse) -> Response {
     let retry = retry_after(&response);
     let request_error = over_http::is_request_error(&response);
     let answer = over_http::respond(media, with_codes(response), request_error);
     match retry {
-        // Refused for its cost: 429 with Retry-After, as a request refused at the door.
         Some(wait) => {
             let mut answer = with_retry_after(answer, wait);
             *answer.status_mut() = StatusCode::TOO_MANY_REQUESTS;
