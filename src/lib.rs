@@ -9,8 +9,9 @@
 //! - `read_side`: projection runners (also started by `serve`) and the operator commands for
 //!   projections, dead letters and the log tail.
 //! - `command_side`: the operator commands for the saga's outbox dead letters.
+//! - `run`: what each subcommand does once parsed; the serving ones check connections, migrate,
+//!   build their part with `app` and run it until SIGINT or SIGTERM.
 //! - `seed`: `orderly seed`, a realistic workload written through the command path.
-//! - `telemetry`: structured logs (JSON or text).
 //! - `telemetry`: structured logs (JSON or text) and traces (OTLP export).
 //!
 //! `main.rs` only parses the command line and calls into here.
@@ -19,6 +20,7 @@ pub mod app;
 pub mod command_side;
 pub mod health;
 pub mod read_side;
+pub mod run;
 pub mod seed;
 pub mod settings;
 pub mod telemetry;

@@ -4,24 +4,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 // GraphQL answers are built from many small allocations; mimalloc serves them markedly
 // faster than the system allocator under concurrent load (measured in BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use orderly::app::{self, App, ConnectionBudget, Part};
-use orderly::command_side;
-use orderly::read_side::{self, Projections};
-use orderly::seed::{self, SeedOptions};
+use orderly::app::{self, Part};
+use orderly::seed::SeedOptions;
 use orderly::settings::Settings;
-use orderly::telemetry;
-use orderly_command_api::saga::SagaRunner;
-use orderly_platform::{Role, TokenIssuer};
-use orderly_projections::{
-    DeadLetterPolicy, ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions,
-};
-use tokio_util::sync::CancellationToken;
+use orderly::{command_side, read_side, run, telemetry};
+use orderly_platform::Role;
+use orderly_projections::{DeadLetterPolicy, RebuildOptions, RunnerOptions};
 use uuid::Uuid;
 
 /// Orderly, an event-sourced order engine.
@@ -116,29 +110,47 @@ enum Command {
     /// shipped and delivered. Runs a saga runner in this process (sharing the saga's lanes
     /// with any other that runs) so orders get confirmed. A command that fails transiently (a
     /// database restart) is sent again with backoff, for up to a minute.
-    Seed {
-        /// Orders to place.
-        #[arg(long, default_value_t = 1000)]
-        orders: usize,
-        /// Products to register (SKUs SEED-0000, SEED-0001, ...; existing ones are kept).
-        #[arg(long, default_value_t = 40)]
-        products: usize,
-        /// Distinct customers placing the orders.
-        #[arg(long, default_value_t = 300)]
-        customers: usize,
-        /// Seeds the generator; the same seed writes the same workload and places no order
-        /// twice (default: a random one, printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Commands in flight at once.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-    },
+    Seed(SeedArgs),
     /// The event log itself.
     Events {
         #[command(subcommand)]
         command: EventsCommand,
     },
+}
+
+/// The flags of `orderly seed`.
+#[derive(Args)]
+struct SeedArgs {
+    /// Orders to place.
+    #[arg(long, default_value_t = 1000)]
+    orders: usize,
+    /// Products to register (SKUs SEED-0000, SEED-0001, ...; existing ones are kept).
+    #[arg(long, default_value_t = 40)]
+    products: usize,
+    /// Distinct customers placing the orders.
+    #[arg(long, default_value_t = 300)]
+    customers: usize,
+    /// Seeds the generator; the same seed writes the same workload and places no order
+    /// twice (default: a random one, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Commands in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+impl SeedArgs {
+    /// The workload these flags ask for; a random seed when none is given.
+    fn options(self) -> SeedOptions {
+        SeedOptions {
+            orders: self.orders,
+            products: self.products,
+            customers: self.customers,
+            seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
+            concurrency: self.concurrency,
+            ..SeedOptions::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -148,31 +160,64 @@ enum ProjectionsCommand {
     Status,
     /// Replay the log into shadow tables while the live ones keep serving, verify, and swap
     /// them in atomically. Resumes an interrupted rebuild of the same projection.
-    Rebuild {
-        /// The projection: orders or products.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        name: Option<String>,
-        /// Rebuild every projection in one pass over the log; each is then verified and
-        /// swapped in on its own.
-        #[arg(long)]
-        all: bool,
-        /// Events read and applied per transaction; memory grows with it.
-        #[arg(long, default_value_t = RebuildOptions::DEFAULT_BATCH_SIZE)]
-        batch_size: usize,
-    },
+    Rebuild(RebuildArgs),
     /// Run projection runners until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
     /// ORDERLY_HTTP_ADDR (no GraphQL). Several processes may run the same projection: one is
     /// active, the others stand by.
-    Run {
-        /// Projections to run (default: all).
-        names: Vec<String>,
-        /// Most events applied per transaction.
-        #[arg(long, default_value_t = 1000, env = "ORDERLY_PROJECTION_BATCH_SIZE")]
-        batch_size: usize,
-        /// Stop at an event a handler cannot apply, instead of parking it and going on.
-        #[arg(long)]
-        stop_on_error: bool,
-    },
+    Run(RunArgs),
+}
+
+/// The arguments of `orderly projections rebuild`.
+#[derive(Args)]
+struct RebuildArgs {
+    /// The projection: orders or products.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    name: Option<String>,
+    /// Rebuild every projection in one pass over the log; each is then verified and
+    /// swapped in on its own.
+    #[arg(long)]
+    all: bool,
+    /// Events read and applied per transaction; memory grows with it.
+    #[arg(long, default_value_t = RebuildOptions::DEFAULT_BATCH_SIZE)]
+    batch_size: usize,
+}
+
+impl RebuildArgs {
+    /// The rebuild these flags ask for.
+    fn options(&self) -> RebuildOptions {
+        RebuildOptions {
+            batch_size: self.batch_size,
+            ..RebuildOptions::default()
+        }
+    }
+}
+
+/// The arguments of `orderly projections run`.
+#[derive(Args)]
+struct RunArgs {
+    /// Projections to run (default: all).
+    names: Vec<String>,
+    /// Most events applied per transaction.
+    #[arg(long, default_value_t = 1000, env = "ORDERLY_PROJECTION_BATCH_SIZE")]
+    batch_size: usize,
+    /// Stop at an event a handler cannot apply, instead of parking it and going on.
+    #[arg(long)]
+    stop_on_error: bool,
+}
+
+impl RunArgs {
+    /// The runners' options these flags ask for.
+    fn options(&self) -> RunnerOptions {
+        RunnerOptions {
+            batch_size: self.batch_size,
+            policy: if self.stop_on_error {
+                DeadLetterPolicy::Stop
+            } else {
+                DeadLetterPolicy::SkipAndPark
+            },
+            ..RunnerOptions::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -205,16 +250,6 @@ enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn projection_names(names: &[String]) -> anyhow::Result<Vec<ProjectionName>> {
-    if names.is_empty() {
-        return Ok(ProjectionName::ALL.to_vec());
-    }
-    Ok(names
-        .iter()
-        .map(|n| n.parse())
-        .collect::<Result<Vec<ProjectionName>, _>>()?)
 }
 
 #[derive(Subcommand)]
@@ -308,192 +343,20 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
-    let settings = settings.clone();
     match command {
-        Command::Migrate { rebase_log } => {
-            if rebase_log {
-                let offset = app::rebase_log(&settings).await?;
-                println!("the log's clock is now {offset} ahead of this cluster's transaction ids");
-            }
-            app::migrate(&settings).await?;
-            tracing::info!("migrations applied");
-        }
-        Command::Serve => {
-            app::check_connections(
-                &settings,
-                &ConnectionBudget::of(&settings, Part::Everything, true),
-            )
-            .await?;
-            app::migrate(&settings).await?;
-            let app = App::build(&settings).await?;
-            let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            serve_with_saga(app, saga).await?;
-        }
-        Command::WriteApi => {
-            app::check_connections(
-                &settings,
-                &ConnectionBudget::of(&settings, Part::Commands, false),
-            )
-            .await?;
-            app::migrate(&settings).await?;
-            let app = App::build_part(&settings, Part::Commands).await?;
-            app.run_until_stopped(shutdown_signal()).await?;
-        }
-        Command::ReadApi => {
-            app::check_connections(
-                &settings,
-                &ConnectionBudget::of(&settings, Part::Reads, false),
-            )
-            .await?;
-            app::migrate(&settings).await?;
-            let app = App::build_part(&settings, Part::Reads).await?;
-            app.run_until_stopped(shutdown_signal()).await?;
-        }
-        Command::Schema => print!("{}", app::served_sdl(&settings)?),
-        Command::Saga {
-            command: SagaCommand::Run,
-        } => {
-            app::check_connections(
-                &settings,
-                &ConnectionBudget::of(&settings, Part::Probes, true),
-            )
-            .await?;
-            app::migrate(&settings).await?;
-            // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
-            let probes = App::build_part(&settings, Part::Probes).await?;
-            let saga = app::saga_runner(&settings, app::payment_gateway(&settings)?)?;
-            serve_with_saga(probes, saga).await?;
-        }
-        Command::Saga {
-            command: SagaCommand::Status,
-        } => command_side::print_saga_status(&app::pg_config(&settings)?).await?,
-        Command::Saga {
-            command: SagaCommand::Parked { command },
-        } => {
-            let pg_config = app::pg_config(&settings)?;
-            match command {
-                ParkedCommand::List => command_side::print_parked(&pg_config).await?,
-                ParkedCommand::Retry { event_id } => {
-                    command_side::retry_parked(&pg_config, event_id).await?;
-                }
-                ParkedCommand::Skip { event_id } => {
-                    command_side::skip_parked(&pg_config, event_id).await?;
-                }
-            }
-        }
-        Command::Saga {
-            command: SagaCommand::Outbox { command },
-        } => {
-            let pg_config = app::pg_config(&settings)?;
-            match command {
-                OutboxCommand::List { all } => command_side::print_outbox(&pg_config, all).await?,
-                OutboxCommand::Retry { id } => command_side::retry_outbox(&pg_config, id).await?,
-                OutboxCommand::Skip { id } => command_side::skip_outbox(&pg_config, id).await?,
-            }
-        }
-        Command::Token { sub, roles, ttl } => {
-            let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
-            println!("{}", issuer.issue(&sub, &roles, ttl)?);
-        }
+        Command::Migrate { rebase_log } => run::migrate(settings, rebase_log).await?,
+        Command::Serve => run::serve(settings).await?,
+        Command::WriteApi => run::serve_part(settings, Part::Commands).await?,
+        Command::ReadApi => run::serve_part(settings, Part::Reads).await?,
+        Command::Schema => print!("{}", app::served_sdl(settings)?),
+        Command::Saga { command } => saga(command, settings).await?,
+        Command::Token { sub, roles, ttl } => run::print_token(settings, &sub, &roles, ttl)?,
         Command::ConsoleLink { sub, ttl, base } => {
-            let issuer = TokenIssuer::new(&app::jwt_config(&settings))?;
-            let token = issuer.issue(&sub, &[Role::Admin], ttl)?;
-            let base = base.unwrap_or_else(|| format!("http://{}", settings.http.addr));
-            println!("{}/console#token={token}", base.trim_end_matches('/'));
+            run::print_console_link(settings, &sub, ttl, base)?;
         }
-        Command::Projections { command } => {
-            let pg_config = app::pg_config(&settings)?;
-            let store = app::event_store(&settings)?;
-            match command {
-                ProjectionsCommand::Status => read_side::print_status(&pg_config).await?,
-                ProjectionsCommand::Rebuild {
-                    name,
-                    all: _,
-                    batch_size,
-                } => {
-                    let names = projection_names(&name.into_iter().collect::<Vec<_>>())?;
-                    let options = RebuildOptions {
-                        batch_size,
-                        ..RebuildOptions::default()
-                    };
-                    read_side::rebuild_with_progress(&pg_config, store, &names, &options).await?;
-                }
-                ProjectionsCommand::Run {
-                    names,
-                    batch_size,
-                    stop_on_error,
-                } => {
-                    let options = RunnerOptions {
-                        batch_size,
-                        policy: if stop_on_error {
-                            DeadLetterPolicy::Stop
-                        } else {
-                            DeadLetterPolicy::SkipAndPark
-                        },
-                        ..RunnerOptions::default()
-                    };
-                    let names = projection_names(&names)?;
-                    // The runners read the log through a store of their own, beside the one
-                    // the probes check.
-                    let budget = ConnectionBudget::of(&settings, Part::Probes, false)
-                        .with_pool("projections", 2 * names.len())
-                        .with_pool(
-                            "projections' event store",
-                            settings.store.pool_size.max(1) + 2,
-                        );
-                    app::check_connections(&settings, &budget).await?;
-                    let probes = App::build_part(&settings, Part::Probes).await?;
-                    let running =
-                        Projections::start(store, pg_config, &names, options, ProjectionHub::new());
-                    probes.run_until_stopped(shutdown_signal()).await?;
-                    running.stop().await;
-                }
-            }
-        }
-        Command::Dlq { command } => {
-            let pg_config = app::pg_config(&settings)?;
-            match command {
-                DlqCommand::List { all } => read_side::print_dead_letters(&pg_config, all).await?,
-                DlqCommand::Retry { id } => {
-                    let store = app::event_store(&settings)?;
-                    read_side::retry_dead_letter(&pg_config, store.as_ref(), id).await?;
-                }
-                DlqCommand::Skip { id } => read_side::skip_dead_letter(&pg_config, id).await?,
-            }
-        }
-        Command::Seed {
-            orders,
-            products,
-            customers,
-            seed,
-            concurrency,
-        } => {
-            app::migrate(&settings).await?;
-            let options = SeedOptions {
-                orders,
-                products,
-                customers,
-                seed: seed.unwrap_or_else(|| fastrand::u64(..)),
-                concurrency,
-                ..SeedOptions::default()
-            };
-            println!("seed {}", options.seed);
-            let report = seed::run(&settings, &options).await?;
-            println!(
-                "{} products registered; {} orders placed ({} already there), {} cancelled by \
-                 their customer; after the saga {} confirmed, {} cancelled, {} unsettled; \
-                 {} shipped, {} delivered",
-                report.products,
-                report.orders,
-                report.replayed,
-                report.cancelled_by_customers,
-                report.confirmed,
-                report.cancelled,
-                report.unsettled,
-                report.shipped,
-                report.delivered
-            );
-        }
+        Command::Projections { command } => projections(command, settings).await?,
+        Command::Dlq { command } => dlq(command, settings).await?,
+        Command::Seed(args) => run::seed(settings, &args.options()).await?,
         Command::Events {
             command:
                 EventsCommand::Tail {
@@ -502,86 +365,60 @@ async fn run(command: Command, settings: &Settings) -> anyhow::Result<()> {
                     from,
                     json,
                 },
-        } => {
-            let store = app::event_store(&settings)?;
-            let stop = CancellationToken::new();
-            let on_signal = stop.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                on_signal.cancel();
-            });
-            read_side::tail_events(store.as_ref(), stream, category, from, json, stop).await?;
-        }
+        } => run::tail_events(settings, stream, category, from, json).await?,
     }
     Ok(())
 }
 
-/// Serves `app` and runs `saga` until SIGINT or SIGTERM. They stop in the order the data
-/// flows: the HTTP side first (no new commands), then the saga (no new events), then the
-/// projections once they have applied the log to its head. A saga runner that ends by itself
-/// stops the whole process with an error, so an orchestrator restarts it instead of keeping a
-/// process that looks alive and settles nothing.
-async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    let (saga_stopped, saga_done) = tokio::sync::oneshot::channel::<()>();
-    let signal = {
-        let stopped = stopped.clone();
-        async {
-            tokio::select! {
-                () = shutdown_signal() => {}
-                () = wait(stopped) => {}
+/// `orderly saga ...`.
+async fn saga(command: SagaCommand, settings: &Settings) -> anyhow::Result<()> {
+    let pg_config = || app::pg_config(settings);
+    match command {
+        SagaCommand::Run => run::run_saga(settings).await,
+        SagaCommand::Status => command_side::print_saga_status(&pg_config()?).await,
+        SagaCommand::Parked { command } => match command {
+            ParkedCommand::List => command_side::print_parked(&pg_config()?).await,
+            ParkedCommand::Retry { event_id } => {
+                command_side::retry_parked(&pg_config()?, event_id).await
             }
-            let _ = stop.send(true);
-        }
-    };
-    let sagas = async {
-        let ran = saga.run_until_stopped(wait(stopped.clone())).await;
-        if !*stopped.borrow() {
-            tracing::error!("saga runner ended unasked; stopping the process");
-            let _ = stop.send(true);
-        }
-        let _ = saga_stopped.send(());
-        ran.and_then(|()| {
-            if *stopped.borrow() {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!("saga runner ended unasked"))
+            ParkedCommand::Skip { event_id } => {
+                command_side::skip_parked(&pg_config()?, event_id).await
             }
-        })
-    };
-    let (served, sagas, ()) = tokio::join!(
-        app.run_until_stopped_after(wait(stopped.clone()), async {
-            let _ = saga_done.await;
-        }),
-        sagas,
-        signal
-    );
-    served?;
-    sagas
+        },
+        SagaCommand::Outbox { command } => match command {
+            OutboxCommand::List { all } => command_side::print_outbox(&pg_config()?, all).await,
+            OutboxCommand::Retry { id } => command_side::retry_outbox(&pg_config()?, id).await,
+            OutboxCommand::Skip { id } => command_side::skip_outbox(&pg_config()?, id).await,
+        },
+    }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
-async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// `orderly projections ...`.
+async fn projections(command: ProjectionsCommand, settings: &Settings) -> anyhow::Result<()> {
+    // Before the match, so that each of them (status too) refuses settings that name no
+    // usable event store.
+    let pg_config = app::pg_config(settings)?;
+    let store = app::event_store(settings)?;
+    match command {
+        ProjectionsCommand::Status => read_side::print_status(&pg_config).await,
+        ProjectionsCommand::Rebuild(args) => {
+            run::rebuild_projections(&pg_config, store, args.name.as_slice(), &args.options()).await
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {},
-        _ = terminate => {},
+        ProjectionsCommand::Run(args) => {
+            run::run_projections(settings, pg_config, store, &args.names, args.options()).await
+        }
     }
-    tracing::info!("shutdown signal received");
+}
+
+/// `orderly dlq ...`.
+async fn dlq(command: DlqCommand, settings: &Settings) -> anyhow::Result<()> {
+    let pg_config = app::pg_config(settings)?;
+    match command {
+        DlqCommand::List { all } => read_side::print_dead_letters(&pg_config, all).await,
+        DlqCommand::Retry { id } => {
+            let store = app::event_store(settings)?;
+            read_side::retry_dead_letter(&pg_config, store.as_ref(), id).await
+        }
+        DlqCommand::Skip { id } => read_side::skip_dead_letter(&pg_config, id).await,
+    }
 }
