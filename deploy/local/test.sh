@@ -42,7 +42,7 @@ if ! command -v promtool >/dev/null 2>&1; then
     install_for_tests prometheus "the metrics test (promtool)"
 fi
 
-# The fault tests (tests/faults.rs) restart and crash PostgreSQL, so each starts a private
+# The fault tests (tests/it/faults.rs) restart and crash PostgreSQL, so each starts a private
 # cluster of its own: they need the server binaries even when the database above is on
 # another machine.
 have_server_binaries() {
@@ -55,11 +55,11 @@ have_server_binaries() {
     return 1
 }
 if ! have_server_binaries; then
-    install_for_tests postgresql "the fault tests (tests/faults.rs: initdb, pg_ctl, postgres)"
+    install_for_tests postgresql "the fault tests (tests/it/faults.rs: initdb, pg_ctl, postgres)"
 fi
 
-# tests/graphql_over_http.rs runs the `graphql-http` package's audit under Node.js, and
-# tests/console.rs drives a browser with `playwright-core`: the
+# tests/it/graphql_over_http.rs runs the `graphql-http` package's audit under Node.js, and
+# tests/it/console.rs drives a browser with `playwright-core`: the
 # packages of tests/node/package.json are installed once into a cache outside the repository,
 # again whenever their lock file changes.
 if ! command -v node >/dev/null 2>&1; then
@@ -79,10 +79,10 @@ if [[ ! -d "${ORDERLY_NODE_DIR}/node_modules" ]] ||
     fi
 fi
 
-# tests/console.rs drives the console and GraphiQL in Debian's Chromium (through the
+# tests/it/console.rs drives the console and GraphiQL in Debian's Chromium (through the
 # playwright-core package installed above) and fails without it.
 if [[ ! -x /usr/bin/chromium ]]; then
-    install_for_tests chromium "the browser test (tests/console.rs)"
+    install_for_tests chromium "the browser test (tests/it/console.rs)"
 fi
 
 # Tests open many connections in parallel. The private cluster is configured

@@ -20,16 +20,14 @@
 //! been quiet for a while with orders still open: a live saga with deadlines of seconds never
 //! is.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{Api, SECRET, admin, customer, order_input, register};
 use chrono::{DateTime, Utc};
-use common::{Api, SECRET, admin, customer, order_input, register};
 use futures::StreamExt;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_event_store::{
@@ -1464,7 +1462,7 @@ async fn place_burst(
 async fn place_order(api: &Api, customer_id: &str, key: &str, lines: Value, token: &str) -> Uuid {
     let mut variables = order_input(lines, token);
     variables["input"]["idempotencyKey"] = json!(key);
-    let body = json!({ "query": common::PLACE, "variables": variables }).to_string();
+    let body = json!({ "query": crate::common::PLACE, "variables": variables }).to_string();
     let bearer = customer(customer_id);
     let started = Instant::now();
     loop {

@@ -1,7 +1,5 @@
 //! Starting the app on port 0 against a fresh database, and talking GraphQL to it.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -2,9 +2,7 @@
 //! and their rebuilds, the saga's lanes, parked events and outbox dead letters, for admins
 //! only.
 
-mod common;
-
-use common::{
+use crate::common::{
     Api, admin, customer, dead_letter_outbox, park, park_saga_event, place_one, register,
     settings_for, start, start_with_saga, warehouse,
 };
@@ -63,7 +61,7 @@ async fn log_holds(api: &Api, admin: &str, count: usize) {
 
 #[tokio::test]
 async fn an_admin_pages_through_the_log_by_category_stream_and_type() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     register(&api, "LOG-1", 100, "EUR", 10).await;
     register(&api, "LOG-2", 100, "EUR", 10).await;
@@ -122,7 +120,7 @@ async fn an_admin_pages_through_the_log_by_category_stream_and_type() {
 
 #[tokio::test]
 async fn an_admin_retries_and_skips_dead_letters_and_nobody_else_may() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     register(&api, "DLQ-1", 100, "EUR", 10).await;
     let admin = admin();
@@ -199,7 +197,7 @@ async fn rebuilt(api: &Api, admin: &str, name: &str) -> Value {
 
 /// The read model's text once it holds `orders` orders.
 async fn orders_model(db: &orderly_test_support::TestDb, orders: i64) -> String {
-    common::eventually(
+    crate::common::eventually(
         db,
         "select count(*) from orders",
         orders,
@@ -212,7 +210,7 @@ async fn orders_model(db: &orderly_test_support::TestDb, orders: i64) -> String 
 
 #[tokio::test]
 async fn an_admin_rebuilds_a_projection_and_follows_it_to_the_swap() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     register(&api, "RB-1", 100, "EUR", 10).await;
     for who in ["alice", "bob", "alice"] {
@@ -273,7 +271,7 @@ async fn an_admin_rebuilds_a_projection_and_follows_it_to_the_swap() {
 
 #[tokio::test]
 async fn a_rebuild_another_process_holds_fails_with_why_and_the_next_start_swaps_in() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let settings = settings_for(db.url());
     let api = start(&settings).await;
     register(&api, "RB-2", 100, "EUR", 10).await;
@@ -301,7 +299,7 @@ async fn a_rebuild_another_process_holds_fails_with_why_and_the_next_start_swaps
         )
         .await
     });
-    common::eventually(
+    crate::common::eventually(
         &db,
         "select count(*) from pg_locks
          where relation = 'projection_rebuilds'::regclass and not granted",
@@ -328,7 +326,7 @@ async fn a_rebuild_another_process_holds_fails_with_why_and_the_next_start_swaps
 
 #[tokio::test]
 async fn the_sagas_operations_are_refused_to_everyone_but_admins() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     let id = json!({ "id": uuid::Uuid::new_v4() });
     let operations = [
@@ -352,7 +350,7 @@ async fn the_sagas_operations_are_refused_to_everyone_but_admins() {
 
 #[tokio::test]
 async fn an_admin_sees_the_sagas_sixteen_lanes_and_the_member_holding_them() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start_with_saga(&settings_for(db.url())).await;
     let admin = admin();
     // The runner creates the lanes and takes their leases as it starts.
@@ -393,7 +391,7 @@ async fn an_admin_sees_the_sagas_sixteen_lanes_and_the_member_holding_them() {
 
 #[tokio::test]
 async fn an_admin_retries_and_skips_parked_saga_events() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     register(&api, "PARK-1", 100, "EUR", 10).await;
     let order = place_one(&api, "alice", "PARK-1").await;
@@ -460,7 +458,7 @@ async fn an_admin_retries_and_skips_parked_saga_events() {
 
 #[tokio::test]
 async fn an_admin_retries_and_skips_outbox_dead_letters() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     let api = start(&settings_for(db.url())).await;
     let admin = admin();
     let empty = api.gql(Some(&admin), OUTBOX, json!({ "all": false })).await;

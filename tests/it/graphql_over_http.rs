@@ -2,22 +2,20 @@
 //! automatic persisted queries, compression, and the `graphql-http` package's audit of all
 //! of it. None of these requests needs a database.
 
-mod common;
-
 use reqwest::header;
 use serde_json::{Value, json};
 
 const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
 
 /// An app whose database is unreachable: introspection and refusals need none.
-async fn start() -> common::Api {
-    common::start(&common::settings_for(
+async fn start() -> crate::common::Api {
+    crate::common::start(&crate::common::settings_for(
         "postgres://postgres@127.0.0.1:1/none",
     ))
     .await
 }
 
-fn url(api: &common::Api) -> String {
+fn url(api: &crate::common::Api) -> String {
     format!("{}/graphql", api.base)
 }
 
@@ -33,7 +31,7 @@ async fn read(response: reqwest::Response) -> (u16, String, Value) {
     (status, media, body)
 }
 
-async fn post(api: &common::Api, accept: &str, body_text: &str) -> (u16, String, Value) {
+async fn post(api: &crate::common::Api, accept: &str, body_text: &str) -> (u16, String, Value) {
     let response = api
         .http
         .post(url(api))
@@ -50,10 +48,11 @@ async fn post(api: &common::Api, accept: &str, body_text: &str) -> (u16, String,
 async fn the_graphql_http_audit_passes_every_must_and_should_and_may() {
     let api = start().await;
     let target = url(&api);
-    let printed =
-        tokio::task::spawn_blocking(move || common::run_node("graphql-http-audit.mjs", &[&target]))
-            .await
-            .unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        crate::common::run_node("graphql-http-audit.mjs", &[&target])
+    })
+    .await
+    .unwrap();
     let results: Vec<Value> = serde_json::from_str(printed.trim()).expect("the audit's JSON");
     assert!(results.len() > 40, "too few audits ran: {}", results.len());
     let failed: Vec<String> = results

@@ -2,14 +2,12 @@
 //! order through the saga and the warehouse, `events` catches up and goes live, and who may
 //! follow what.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use common::*;
+use crate::common::*;
 use orderly_command_api::saga::SagaRunner;
 use serde_json::{Value, json};
 

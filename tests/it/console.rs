@@ -3,9 +3,7 @@
 //! 127.0.0.1 refused. Screenshots go to `ORDERLY_SCREENSHOTS` (the README's are in
 //! `docs/console/`), else to a temporary folder.
 
-mod common;
-
-use common::{
+use crate::common::{
     admin, dead_letter_outbox, park, park_saga_event, place_one, register, settings_for,
     start_with_saga,
 };
@@ -14,7 +12,7 @@ use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches_the_tail() {
-    let db = common::migrated_database().await;
+    let db = crate::common::migrated_database().await;
     // With the saga's runner, as `orderly serve` runs: the saga page shows its lanes.
     let api = start_with_saga(&settings_for(db.url())).await;
     // A read API alone beside it, whose saga page says the saga is not served there.
@@ -58,7 +56,7 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
     let retried = park_saga_event(&db, &placed, "step failed: simulated").await;
     dead_letter_outbox(&db, "notification", "smtp: 554 rejected (simulated)").await;
 
-    let link = common::orderly_cli(&["console-link", "--ttl", "10m", "--base", &api.base]);
+    let link = crate::common::orderly_cli(&["console-link", "--ttl", "10m", "--base", &api.base]);
     assert!(
         link.starts_with(&format!("{}/console#token=", api.base)),
         "{link}"
@@ -75,10 +73,11 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         "parkedRetry": retried, "parkedSkip": skipped,
     })
     .to_string();
-    let printed =
-        tokio::task::spawn_blocking(move || common::run_node("console-browser.mjs", &[&input]))
-            .await
-            .unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        crate::common::run_node("console-browser.mjs", &[&input])
+    })
+    .await
+    .unwrap();
     let seen: Value = serde_json::from_str(printed.trim()).expect("the browser's JSON");
     assert_eq!(seen["foreign"], json!([]), "requests left 127.0.0.1");
     assert_eq!(seen["pageErrors"], json!([]), "script errors in the pages");
@@ -126,12 +125,12 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
     assert!(rebuilt.contains("rebuilt:"), "{rebuilt}");
     // The rebuild went through the API and swapped in: nothing of it is left in progress.
     assert_eq!(
-        common::count(&db, "select count(*) from projection_rebuilds").await,
+        crate::common::count(&db, "select count(*) from projection_rebuilds").await,
         0
     );
     // The retry went through the API: the letter is resolved in the database.
     assert_eq!(
-        common::count(
+        crate::common::count(
             &db,
             &format!("select count(*) from dead_letters where dead_letter_id = {dead_letter} and resolution = 'retried'")
         )
@@ -141,7 +140,7 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
     // Both went through the API: one is marked for a retry (or already fed again and
     // unparked by the runner), the other skipped.
     assert_eq!(
-        common::count(
+        crate::common::count(
             &db,
             &format!("select count(*) from saga_parked where event_id = '{skipped}' and skipped_at is not null")
         )
@@ -149,7 +148,7 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         1
     );
     assert_eq!(
-        common::count(
+        crate::common::count(
             &db,
             &format!("select count(*) from saga_parked where event_id = '{retried}' and retry_requested_at is null")
         )

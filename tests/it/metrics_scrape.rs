@@ -2,13 +2,11 @@
 //! API, the saga and the projections. The scrape must pass `promtool check metrics` and hold
 //! every name `deploy/METRICS.md` lists for these roles, with the documented buckets.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// Names the test below does not provoke: subscriptions have a test of their own, and the

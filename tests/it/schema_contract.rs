@@ -4,8 +4,6 @@
 //! the contract must be there with the same name and type. Additions are allowed only where
 //! they break no client: new types and fields, new arguments and input fields that are optional.
 
-mod common;
-
 use std::collections::HashMap;
 
 use async_graphql::parser::parse_schema;
@@ -159,7 +157,7 @@ async fn the_served_schema_contains_the_whole_contract_unchanged() {
     let contract = std::fs::read_to_string(CONTRACT)
         .unwrap_or_else(|e| panic!("the repository's contract {CONTRACT}: {e}"));
     // The schema as a client gets it over HTTP; no database is needed to serve it.
-    let api = common::start(&common::settings_for(
+    let api = crate::common::start(&crate::common::settings_for(
         "postgres://postgres@127.0.0.1:1/none",
     ))
     .await;

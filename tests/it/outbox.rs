@@ -3,14 +3,12 @@
 //! retention purge, which removes only settled and old rows; and a charge whose answer was
 //! lost, found at the provider after the order was cancelled, and refunded.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use async_trait::async_trait;
-use common::*;
 use orderly::settings::Settings;
 use orderly_command_api::CommandError;
 use orderly_command_api::saga::maintenance::{self, OutboxState};

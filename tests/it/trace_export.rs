@@ -3,12 +3,10 @@
 //! step, the projection batch that handled its event and the subscription push that showed it
 //! share one trace id.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };

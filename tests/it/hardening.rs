@@ -3,11 +3,9 @@
 //! written), tokens must carry what the server is configured to require, and a database error
 //! says what the database said.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::*;
 use orderly_command_api::CommandError;
 use orderly_read_api::ReadError;
 use serde_json::{Value, json};

@@ -1,9 +1,7 @@
 //! The command API over HTTP: every mutation's success path, each error code of the contract,
 //! idempotent retries (also racing ones), and bad input that must never become a 5xx.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use orderly_event_schemas::orders::OrderPlaced;
 use orderly_event_schemas::{Event, OrderEvent, decode_recorded};
 use orderly_platform::Role;
@@ -468,7 +466,7 @@ async fn bad_input_of_every_kind_is_a_contract_error_never_a_server_error() {
 async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
     let db = migrated_database().await;
     let api = start(&settings_for(db.url())).await;
-    let token = common::orderly_cli(&[
+    let token = crate::common::orderly_cli(&[
         "token",
         "--sub",
         "admin-cli",

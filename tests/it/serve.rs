@@ -1,9 +1,7 @@
 //! The service starts, reports its health and stops cleanly: in-process on port 0, and as the
 //! real binary receiving SIGTERM.
 
-mod common;
-
-use common::migrated_database;
+use crate::common::migrated_database;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

@@ -1,12 +1,10 @@
 //! The fulfilment saga runner end to end: orders placed over HTTP, driven by the runner with
 //! the simulated gateway, checked against the event log.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use orderly::settings::Settings;
 use orderly_command_api::CommandError;
 use orderly_command_api::Handler;

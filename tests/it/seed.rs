@@ -1,11 +1,9 @@
 //! `orderly seed` writes its workload through the command path, drives it with the saga, and
 //! places nothing twice when run again with the same seed.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use orderly::seed::{SeedOptions, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,12 +1,10 @@
 //! The read API over HTTP against a real PostgreSQL: read-your-writes with consistency tokens,
 //! the stale paths, pagination under concurrent inserts, who may read what, and bad input.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use orderly::app::App;
 use serde_json::{Value, json};
 

@@ -2,10 +2,8 @@
 
 use std::process::Command;
 
-use common::migrated_database;
+use crate::common::migrated_database;
 use orderly_test_support::TestDb;
-
-mod common;
 
 fn orderly(db: &TestDb, args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_orderly"))
