@@ -189,7 +189,26 @@ struct Handled {
 /// An event set aside with the reason.
 struct Parked {
     input: Arc<Input>,
-    error: String,
+    reason: ParkReason,
+}
+
+/// Why an event was set aside for an operator (`orderly saga parked list` shows it as text);
+/// the order's deadline compensates it unless an operator retries it first.
+#[derive(Debug, Clone, thiserror::Error)]
+enum ParkReason {
+    /// Its payload does not decode.
+    #[error("{0}")]
+    Undecodable(String),
+    /// It decodes, but names no order the saga follows.
+    #[error("event belongs to no order")]
+    NoOrder,
+    /// The order's stored saga state does not decode: nothing can be decided without it, so
+    /// every event of the order waits.
+    #[error("stored saga state does not decode: {0}")]
+    StateUnreadable(String),
+    /// Its step failed for a reason retrying does not change (a rejection, a bug).
+    #[error("{0}")]
+    StepFailed(String),
 }
 
 const LOAD_STATES: &str = "
@@ -490,7 +509,7 @@ impl SagaRunner {
     async fn load_states(
         &self,
         orders: &HashMap<OrderId, usize>,
-    ) -> Result<HashMap<OrderId, (Result<FulfilmentState, String>, Uuid)>, CommandError> {
+    ) -> Result<HashMap<OrderId, (Result<FulfilmentState, ParkReason>, Uuid)>, CommandError> {
         let mut states = HashMap::with_capacity(orders.len());
         let mut missing: Vec<Uuid> = Vec::new();
         for order_id in orders.keys() {
@@ -510,7 +529,7 @@ impl SagaRunner {
         states.extend(rows.into_iter().map(|row| {
             let order_id = OrderId(row.get(0));
             let state = serde_json::from_value(row.get(1))
-                .map_err(|e| format!("stored saga state does not decode: {e}"));
+                .map_err(|e| ParkReason::StateUnreadable(e.to_string()));
             (order_id, (state, row.get(2)))
         }));
         Ok(states)
@@ -519,7 +538,7 @@ impl SagaRunner {
     async fn handle_order(
         &self,
         order_id: OrderId,
-        stored: Option<(Result<FulfilmentState, String>, Uuid)>,
+        stored: Option<(Result<FulfilmentState, ParkReason>, Uuid)>,
         inputs: Vec<Arc<Input>>,
         retrying: bool,
     ) -> Result<Handled, CommandError> {
@@ -548,7 +567,7 @@ impl SagaRunner {
                         .into_iter()
                         .map(|input| Parked {
                             input,
-                            error: error.clone(),
+                            reason: error.clone(),
                         })
                         .collect(),
                     resolved: Vec::new(),
@@ -601,7 +620,7 @@ impl SagaRunner {
                     tracing::error!(%error, event_id = %input.id, %order_id, "saga event parked: its step cannot succeed");
                     handled.parked.push(Parked {
                         input,
-                        error: error.to_string(),
+                        reason: ParkReason::StepFailed(error.to_string()),
                     });
                 }
             }
@@ -910,8 +929,8 @@ fn split(items: Vec<Item>, seen: Position) -> (Vec<Arc<Input>>, Position) {
 
 fn undecodable(input: &Arc<Input>) -> Handled {
     let error = match &input.decoded {
-        Err(error) => error.clone(),
-        Ok(_) => "event belongs to no order".to_owned(),
+        Err(error) => ParkReason::Undecodable(error.clone()),
+        Ok(_) => ParkReason::NoOrder,
     };
     tracing::error!(event_id = %input.id, %error, "saga cannot read an event; event parked");
     Handled {
@@ -922,7 +941,7 @@ fn undecodable(input: &Arc<Input>) -> Handled {
         rows: Vec::new(),
         parked: vec![Parked {
             input: input.clone(),
-            error,
+            reason: error,
         }],
         resolved: Vec::new(),
     }
@@ -989,7 +1008,7 @@ async fn park(
                     &input.stream.as_str(),
                     &version,
                     &input.event_type,
-                    &parked.error,
+                    &parked.reason.to_string(),
                 ],
             )
             .await?;
