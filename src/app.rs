@@ -16,7 +16,6 @@ use orderly_command_api::{
     CommandService, MutationRoot, OrderIdScheme, OrderIds, SagaMutation, SagaOperations, SagaQuery,
 };
 use orderly_domain::fulfilment::Timing;
-use orderly_event_store::kurrentdb::KurrentDbEventStore;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
 use orderly_platform::metrics::MeteredStore;
@@ -497,15 +496,27 @@ fn event_store_and_pool(
             let pool = store.pool().clone();
             (Arc::new(store), Some(pool))
         }
-        EventStoreKind::Kurrentdb => {
-            let Some(url) = &settings.store.kurrentdb_url else {
-                bail!("event_store = kurrentdb needs ORDERLY_KURRENTDB_URL");
-            };
-            (Arc::new(KurrentDbEventStore::connect(url.expose())?), None)
-        }
+        EventStoreKind::Kurrentdb => (kurrentdb_store(settings)?, None),
     };
     let label = store_label(settings.store.kind);
     Ok((Arc::new(MeteredStore::new(store, label)), pool))
+}
+
+#[cfg(feature = "kurrentdb")]
+fn kurrentdb_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
+    use orderly_event_store::kurrentdb::KurrentDbEventStore;
+    let Some(url) = &settings.store.kurrentdb_url else {
+        bail!("event_store = kurrentdb needs ORDERLY_KURRENTDB_URL");
+    };
+    Ok(Arc::new(KurrentDbEventStore::connect(url.expose())?))
+}
+
+#[cfg(not(feature = "kurrentdb"))]
+fn kurrentdb_store(_: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
+    bail!(
+        "event_store = kurrentdb, but this orderly was built without its `kurrentdb` feature \
+         (cargo build --features kurrentdb, the default)"
+    )
 }
 
 /// The `store` label of the append metrics.
@@ -703,6 +714,7 @@ pub fn migration_fingerprint() -> String {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "kurrentdb")]
     #[test]
     fn choosing_kurrentdb_without_its_url_is_a_clear_error() {
         let mut settings = Settings::default();
@@ -741,6 +753,17 @@ mod tests {
         assert_eq!(shown, "14 (event store 12, health checks 2)");
     }
 
+    #[cfg(not(feature = "kurrentdb"))]
+    #[test]
+    fn without_its_feature_choosing_kurrentdb_says_how_to_build_it() {
+        let mut settings = Settings::default();
+        settings.store.kind = EventStoreKind::Kurrentdb;
+        settings.store.kurrentdb_url = Some("kurrentdb://127.0.0.1:2113?tls=false".into());
+        let error = event_store(&settings).err().map(|e| e.to_string());
+        assert!(error.unwrap_or_default().contains("--features kurrentdb"));
+    }
+
+    #[cfg(feature = "kurrentdb")]
     #[tokio::test]
     async fn choosing_kurrentdb_with_a_url_builds_that_store() {
         let mut settings = Settings::default();

@@ -16,8 +16,9 @@
 //!   together ([`EventStore::append_many`]), for processes whose many tasks append at once.
 //! - `memory`: an in-process adapter for other crates' tests.
 //! - `postgres`: the default adapter, with its migrations under `migrations/`.
-//! - `kurrentdb`: the production option on KurrentDB (or EventStoreDB 20.6+), through the
-//!   official client, with the server's own `$all` subscription and filters.
+//! - `kurrentdb` (feature `kurrentdb`, on by default): the production option on KurrentDB (or
+//!   EventStoreDB 20.6+), through the official client, with the server's own `$all`
+//!   subscription and filters.
 //!
 //! The store knows nothing of orders: streams are names, events are typed JSON.
 //!
@@ -33,6 +34,7 @@ mod error;
 mod fanout;
 mod group_commit;
 mod idempotency;
+#[cfg(feature = "kurrentdb")]
 pub mod kurrentdb;
 pub mod memory;
 mod model;
