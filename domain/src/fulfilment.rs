@@ -585,7 +585,9 @@ fn charge_may_have_succeeded(state: &FulfilmentState) -> bool {
     state.payment.charged.is_some() || (!state.payment.declined && state.payment.failed < requested)
 }
 
-/// Every command the facts call for that has not been sent yet, marking each as sent.
+/// Every command the facts call for that has not been sent yet, marking each as sent: a
+/// cancel when a step failed, then either compensation or the next steps forward
+/// (reservations, the charge, payment and confirmation, shipping the reserved stock).
 fn plan(state: &mut FulfilmentState) -> Vec<Command> {
     let mut commands = Vec::new();
     let (Some(order_id), Some(placed), Some(at)) =
@@ -594,22 +596,12 @@ fn plan(state: &mut FulfilmentState) -> Vec<Command> {
         // Facts that arrive before `OrderPlaced` wait for it; nothing can be decided without it.
         return commands;
     };
-    let order = |command| Command::Order { order_id, command };
-    let payment = |command| Command::Payment { order_id, command };
-
-    if !state.order.cancelled
-        && !state.sent.cancel
-        && !state.order.shipped
-        && let Some(reason) = failure(state)
-    {
-        state.sent.cancel = true;
-        commands.push(order(OrderCommand::Cancel {
-            cancellation_reason: fixed_reason(reason),
-            cancelled_by: CancelledBy::Fulfilment,
-            cancelled_at: at,
-        }));
-    }
-
+    let plan = Plan {
+        order_id,
+        placed: &placed,
+        at,
+    };
+    plan.cancel_on_failure(state, &mut commands);
     if state.sent.cancel && !state.order.cancelled && charge_may_have_succeeded(state) {
         // The order decides: a charge the saga has not seen (a crash lost it, or its event is
         // still on the way) may have led to a confirmed and shipped order, which refuses the
@@ -619,108 +611,177 @@ fn plan(state: &mut FulfilmentState) -> Vec<Command> {
             return commands;
         }
     } else if state.order.cancelled || state.sent.cancel {
-        // Compensate. Reservations still in flight are released when their event arrives; a
-        // charge still in flight is refunded when it succeeds. No new charge is ever requested.
+        plan.compensate(state, &mut commands);
+        return commands;
+    }
+    plan.reserve(state, &mut commands);
+    plan.charge(state, &mut commands);
+    plan.confirm(state, &mut commands);
+    plan.ship(state, &mut commands);
+    commands
+}
+
+/// What every step of [`plan`] needs: whose order, what was placed, and the time decided at.
+struct Plan<'p> {
+    order_id: OrderId,
+    placed: &'p Placed,
+    at: DateTime<Utc>,
+}
+
+impl Plan<'_> {
+    fn order(&self, command: OrderCommand) -> Command {
+        Command::Order {
+            order_id: self.order_id,
+            command,
+        }
+    }
+
+    fn payment(&self, command: PaymentCommand) -> Command {
+        Command::Payment {
+            order_id: self.order_id,
+            command,
+        }
+    }
+
+    /// A step that failed (see [`failure`]) cancels the order, once, unless it shipped.
+    fn cancel_on_failure(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
+        if state.order.cancelled || state.sent.cancel || state.order.shipped {
+            return;
+        }
+        if let Some(reason) = failure(state) {
+            state.sent.cancel = true;
+            commands.push(self.order(OrderCommand::Cancel {
+                cancellation_reason: fixed_reason(reason),
+                cancelled_by: CancelledBy::Fulfilment,
+                cancelled_at: self.at,
+            }));
+        }
+    }
+
+    /// Reservations still in flight are released when their event arrives; a charge still in
+    /// flight is refunded when it succeeds. No new charge is ever requested.
+    fn compensate(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
         for (sku, line) in &mut state.lines {
             if line.stock == Stock::Reserved && !line.release_sent {
                 line.release_sent = true;
                 commands.push(Command::Product {
                     sku: sku.clone(),
                     command: ProductCommand::ReleaseReservation {
-                        order_id,
-                        released_at: at,
+                        order_id: self.order_id,
+                        released_at: self.at,
                     },
                 });
             }
         }
         if state.payment.charged.is_some() && !state.payment.refunded && !state.sent.refund {
             state.sent.refund = true;
-            commands.push(payment(PaymentCommand::Refund {
+            commands.push(self.payment(PaymentCommand::Refund {
                 reason: fixed_reason("order cancelled"),
-                refunded_at: at,
+                refunded_at: self.at,
             }));
         }
-        return commands;
     }
 
-    for (sku, line) in &mut state.lines {
-        if let (Some(quantity), false) = (line.quantity, line.reserve_sent) {
-            line.reserve_sent = true;
-            commands.push(Command::Product {
-                sku: sku.clone(),
-                command: ProductCommand::ReserveStock {
-                    order_id,
-                    quantity,
-                    reserved_at: at,
-                },
-            });
+    /// Every line's stock is reserved once; when all are, the order is told so.
+    fn reserve(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
+        for (sku, line) in &mut state.lines {
+            if let (Some(quantity), false) = (line.quantity, line.reserve_sent) {
+                line.reserve_sent = true;
+                commands.push(Command::Product {
+                    sku: sku.clone(),
+                    command: ProductCommand::ReserveStock {
+                        order_id: self.order_id,
+                        quantity,
+                        reserved_at: self.at,
+                    },
+                });
+            }
+        }
+        if all_reserved(state) && !state.sent.stock_reserved {
+            state.sent.stock_reserved = true;
+            commands.push(self.order(OrderCommand::MarkStockReserved {
+                stock_reserved_at: self.at,
+            }));
         }
     }
 
-    let all_reserved = state.lines.values().all(|line| {
-        line.quantity.is_some() && matches!(line.stock, Stock::Reserved | Stock::Shipped)
-    });
-    if all_reserved && !state.sent.stock_reserved {
-        state.sent.stock_reserved = true;
-        commands.push(order(OrderCommand::MarkStockReserved {
-            stock_reserved_at: at,
-        }));
-    }
-    let retry_due = state.payment.failed == state.sent.charge_attempt
-        && state.sent.charge_attempt > 0
-        && state.retry_due_at.is_some_and(|due| at >= due);
-    let first_charge = all_reserved && state.sent.charge_attempt == 0;
-    if state.payment.charged.is_none() && !state.payment.declined && (first_charge || retry_due) {
+    /// The first charge once all stock is reserved (which starts the payment deadline), and
+    /// another attempt when a failed one's retry is due; none after a charge or a decline.
+    fn charge(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
+        let retry_due = state.payment.failed == state.sent.charge_attempt
+            && state.sent.charge_attempt > 0
+            && state.retry_due_at.is_some_and(|due| self.at >= due);
+        let first_charge = all_reserved(state) && state.sent.charge_attempt == 0;
+        if state.payment.charged.is_some() || state.payment.declined || !(first_charge || retry_due)
+        {
+            return;
+        }
         state.sent.charge_attempt += 1;
         if first_charge {
-            state.payment_due_at = Some(at + state.timing.payment_deadline());
+            state.payment_due_at = Some(self.at + state.timing.payment_deadline());
         }
-        commands.push(payment(PaymentCommand::RequestCharge {
-            order_id,
-            amount: placed.total,
-            payment_token: placed.payment_token.clone(),
+        commands.push(self.payment(PaymentCommand::RequestCharge {
+            order_id: self.order_id,
+            amount: self.placed.total,
+            payment_token: self.placed.payment_token.clone(),
             attempt: state.sent.charge_attempt,
-            requested_at: at,
+            requested_at: self.at,
         }));
     }
 
-    if let Some(gateway_reference) = state.payment.charged.clone() {
+    /// Once charged: the order is marked paid and confirmed, and the customer told.
+    fn confirm(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
+        let Some(gateway_reference) = state.payment.charged.clone() else {
+            return;
+        };
         if !state.sent.paid {
             state.sent.paid = true;
-            commands.push(order(OrderCommand::MarkPaid {
-                amount: placed.total,
+            commands.push(self.order(OrderCommand::MarkPaid {
+                amount: self.placed.total,
                 gateway_reference,
-                paid_at: at,
+                paid_at: self.at,
             }));
         }
         if !state.sent.confirmed {
             state.sent.confirmed = true;
-            commands.push(order(OrderCommand::Confirm { confirmed_at: at }));
+            commands.push(self.order(OrderCommand::Confirm {
+                confirmed_at: self.at,
+            }));
         }
         if !state.sent.notified {
             state.sent.notified = true;
             commands.push(Command::Notify(Notification::OrderConfirmed {
-                order_id,
-                customer_id: placed.customer_id.clone(),
+                order_id: self.order_id,
+                customer_id: self.placed.customer_id.clone(),
             }));
         }
     }
 
-    if state.order.shipped {
+    /// A shipped order takes its reserved stock out of the warehouse.
+    fn ship(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
+        if !state.order.shipped {
+            return;
+        }
         for (sku, line) in &mut state.lines {
             if line.stock == Stock::Reserved && !line.ship_sent {
                 line.ship_sent = true;
                 commands.push(Command::Product {
                     sku: sku.clone(),
                     command: ProductCommand::ShipReservedStock {
-                        order_id,
-                        shipped_at: at,
+                        order_id: self.order_id,
+                        shipped_at: self.at,
                     },
                 });
             }
         }
     }
-    commands
+}
+
+/// Whether every line's stock is reserved (or already shipped).
+fn all_reserved(state: &FulfilmentState) -> bool {
+    state.lines.values().all(|line| {
+        line.quantity.is_some() && matches!(line.stock, Stock::Reserved | Stock::Shipped)
+    })
 }
 
 /// The saga's own reasons are short literals that always pass `Reason::parse`.
