@@ -156,25 +156,68 @@ pub async fn rebuild_many(
     };
     let categories: Vec<&str> = names.iter().flat_map(|n| n.categories()).copied().collect();
     let total = remaining(&shadows[0].client, &categories, start).await;
-    let page = options.batch_size.max(1);
+    let page_size = options.batch_size.max(1);
     let mut events_read = 0u64;
-
-    // The reader runs one page ahead, decoding it too, so that the JSON work overlaps the
-    // write-back. It takes the channel's one slot before it reads, which it gets once the
-    // page before has been taken: so the page being applied and the next one are all that is
-    // in memory. Categories of different projections never overlap, so each event goes to
-    // one share.
-    let (tx, mut rx) = mpsc::channel::<Result<Page, ProjectionError>>(1);
-    let reader_store = store.clone();
     let since: Vec<(ProjectionName, Position)> =
         shadows.iter().map(|s| (s.name, s.position)).collect();
+    let (reader, mut pages) = read_ahead(store.clone(), start, filter, page_size, since);
+    while let Some(page) = pages.recv().await {
+        let page = page?;
+        events_read += page.read;
+        if let Err(error) = apply_page(&mut shadows, page.shares, options).await {
+            reader.abort();
+            return Err(error);
+        }
+        progress(&RebuildProgress {
+            projections: names.to_vec(),
+            position: page.last,
+            events: events_read,
+            total,
+        });
+    }
+    let replay = started.elapsed();
+    let mut reports = Vec::with_capacity(shadows.len());
+    for mut shadow in shadows {
+        let finished = finish(
+            &mut shadow,
+            pg_config,
+            store.as_ref(),
+            options,
+            events_read,
+            (started, replay),
+        )
+        .await?;
+        reports.push(finished);
+    }
+    Ok(reports)
+}
+
+/// Reads the log from `start` a page at a time on a task of its own, one page ahead of the
+/// write-back, each event decoded into the share of the projection that wants it.
+///
+/// The reader takes the channel's one slot before it reads, which it gets once the page before
+/// has been taken: so the page being applied and the next one are all that is in memory, and
+/// the JSON work overlaps the write-back. Categories of different projections never overlap,
+/// so each event goes to one share; `since` holds each projection's shadow checkpoint, at or
+/// below which it already has the events.
+fn read_ahead(
+    store: Arc<dyn EventStore>,
+    start: Position,
+    filter: EventFilter,
+    page_size: usize,
+    since: Vec<(ProjectionName, Position)>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    mpsc::Receiver<Result<Page, ProjectionError>>,
+) {
+    let (tx, rx) = mpsc::channel::<Result<Page, ProjectionError>>(1);
     let reader = tokio::spawn(async move {
         let mut after = start;
         loop {
             let Ok(slot) = tx.reserve().await else {
                 return;
             };
-            let events = match reader_store.read_all_raw(after, &filter, page).await {
+            let events = match store.read_all_raw(after, &filter, page_size).await {
                 Ok(events) => events,
                 Err(error) => {
                     slot.send(Err(error.into()));
@@ -205,61 +248,43 @@ pub async fn rebuild_many(
             slot.send(Ok(Page { read, last, shares }));
         }
     });
-    while let Some(page) = rx.recv().await {
-        let page = page?;
-        events_read += page.read;
-        let applied = shadows
-            .iter_mut()
-            .zip(page.shares)
-            .filter(|(_, share)| !share.events.is_empty())
-            .map(|(shadow, share)| async move {
-                let result = batch::apply_batch(
-                    &mut shadow.client,
-                    shadow.name,
-                    Target::Shadow,
-                    shadow.position,
-                    share,
-                    options.policy,
-                    false,
-                )
-                .await?;
-                match result {
-                    BatchResult::Committed(done) => {
-                        shadow.position = done.position;
-                        Ok(())
-                    }
-                    BatchResult::Moved(_) => Err(ProjectionError::Busy(format!(
-                        "the shadow checkpoint of {} moved under this rebuild",
-                        shadow.name
-                    ))),
+    (reader, rx)
+}
+
+/// Applies one page's shares to their shadows, the projections' batches at the same time.
+async fn apply_page(
+    shadows: &mut [Shadow],
+    shares: Vec<handlers::Decoded>,
+    options: &RebuildOptions,
+) -> Result<(), ProjectionError> {
+    let applied = shadows
+        .iter_mut()
+        .zip(shares)
+        .filter(|(_, share)| !share.events.is_empty())
+        .map(|(shadow, share)| async move {
+            let result = batch::apply_batch(
+                &mut shadow.client,
+                shadow.name,
+                Target::Shadow,
+                shadow.position,
+                share,
+                options.policy,
+                false,
+            )
+            .await?;
+            match result {
+                BatchResult::Committed(done) => {
+                    shadow.position = done.position;
+                    Ok(())
                 }
-            });
-        if let Err(error) = futures::future::try_join_all(applied).await {
-            reader.abort();
-            return Err(error);
-        }
-        progress(&RebuildProgress {
-            projections: names.to_vec(),
-            position: page.last,
-            events: events_read,
-            total,
+                BatchResult::Moved(_) => Err(ProjectionError::Busy(format!(
+                    "the shadow checkpoint of {} moved under this rebuild",
+                    shadow.name
+                ))),
+            }
         });
-    }
-    let replay = started.elapsed();
-    let mut reports = Vec::with_capacity(shadows.len());
-    for mut shadow in shadows {
-        let finished = finish(
-            &mut shadow,
-            pg_config,
-            store.as_ref(),
-            options,
-            events_read,
-            (started, replay),
-        )
-        .await?;
-        reports.push(finished);
-    }
-    Ok(reports)
+    futures::future::try_join_all(applied).await?;
+    Ok(())
 }
 
 async fn open_shadow(
