@@ -18,7 +18,7 @@ use orderly_command_api::{
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
-use orderly_platform::metrics::MeteredStore;
+use orderly_observability::MeteredStore;
 use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions};
 use orderly_read_api::{
@@ -87,9 +87,9 @@ impl App {
     /// Connects to the stores (lazily: an unreachable database shows on `/readyz`, it does not
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build_part(settings: &Settings, part: Part) -> anyhow::Result<Self> {
-        let metrics = orderly_platform::metrics::install()?;
+        let metrics = orderly_observability::metrics::install()?;
         let (store, store_pool) = event_store_and_pool(settings, SubscriptionOptions::default())?;
-        orderly_platform::metrics::record_build_info(
+        orderly_observability::metrics::record_build_info(
             env!("CARGO_PKG_VERSION"),
             store_label(settings.store.kind),
         );
@@ -99,10 +99,13 @@ impl App {
             log_in_read_db: store_pool.is_some(),
         };
         if let Some(pool) = store_pool {
-            orderly_platform::metrics::watch_pool("event_store", pool);
+            orderly_observability::metrics::watch_pool("event_store", pool);
         }
         let hub = ProjectionHub::new();
-        let mut router = health.clone().router().merge(metrics.router());
+        let mut router = health
+            .clone()
+            .router()
+            .merge(orderly_platform::metrics::router(&metrics));
         if part != Part::Probes {
             router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
             // GraphiQL's files wherever /graphql is; the console where the reads are.
@@ -170,7 +173,7 @@ impl App {
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), part = ?self.part, "serving");
         // Both end with the server: they only feed /metrics.
-        let probe = AbortOnDrop(tokio::spawn(orderly_platform::metrics::probe_runtime()));
+        let probe = AbortOnDrop(tokio::spawn(orderly_observability::metrics::probe_runtime()));
         let sampler = AbortOnDrop(tokio::spawn(self.health.sample_forever()));
         let projections = self.run_projections.then(|| {
             Projections::start(
@@ -242,7 +245,7 @@ pub fn graphql_router(
 ) -> anyhow::Result<Router> {
     let pg_config = pg_config(settings)?;
     let pool = orderly_platform::pg_pool(&pg_config, settings.store.pool_size)?;
-    orderly_platform::metrics::watch_pool("read_models", pool.clone());
+    orderly_observability::metrics::watch_pool("read_models", pool.clone());
     // Rebuilds an admin starts over the API run here, whichever schema they came through.
     let rebuilds = Rebuilds::new(pg_config, store.clone(), RebuildOptions::default());
     let order_ids = order_ids(settings);

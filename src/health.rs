@@ -13,7 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use orderly_event_store::EventStore;
-use orderly_platform::metrics::{record_horizon, record_readiness};
+use orderly_observability::metrics::{record_horizon, record_readiness};
 use orderly_projections::ProjectionState;
 use serde_json::{Map, Value, json};
 

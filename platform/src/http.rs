@@ -17,6 +17,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use orderly_observability::trace_context;
 use serde_json::json;
 use tracing::Instrument;
 
@@ -29,7 +30,6 @@ use crate::over_http::{self, MediaType, Params};
 use crate::persisted_queries::PersistedQueries;
 use crate::rate_limit::RateLimiter;
 use crate::socket::Sockets;
-use crate::trace_context;
 
 /// Limits applied to every GraphQL request before and while it runs.
 #[derive(Debug, Clone, Copy)]

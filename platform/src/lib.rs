@@ -22,14 +22,13 @@
 //!   size, token expiry, rate limit and cost, timeouts, subscription caps, the protocol's close
 //!   codes), and [`subscription_ready`], which every subscription resolver calls once it is
 //!   set up.
-//! - [`metrics`]: the Prometheus recorder with `deploy/METRICS.md`'s names and buckets,
-//!   `GET /metrics`, the response counter layer, a metered event store wrapper, and the calls
-//!   the read API makes for its own series.
+//! - [`metrics`]: the edge's own series (GraphQL requests, open subscriptions, responses by
+//!   status class, the read API's consistency waits) and `GET /metrics`; the recorder, the
+//!   other series and trace context are `orderly_observability`'s.
 //! - [`plain_text`]: the extension that refuses control characters in every string a request
 //!   carries, with BAD_USER_INPUT.
 //! - `input_shapes`: the input objects of a schema, for the one variable check that fast
 //!   validation skips and execution does not make up for.
-//! - [`trace_context`]: a span's W3C `traceparent` for event metadata, and back.
 //! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
 
 pub mod auth;
@@ -45,7 +44,6 @@ pub mod plain_text;
 pub mod rate_limit;
 pub mod scalars;
 mod socket;
-pub mod trace_context;
 
 pub use auth::{Actor, Authenticator, JwtConfig, Role, TokenIssuer};
 pub use error::PlatformError;

@@ -11,9 +11,11 @@
 //!   so that no two writers ever apply the same event; [`Connection`], the projections' own
 //!   connections with their prepared statements.
 //! - `runner`: [`Runner`]: catch up, then live; one active per projection by advisory lock.
+//!   Each batch is a span in the trace of its first event (`orderly_observability`).
 //! - `watch`: [`ProjectionHub`]: wait for a position, follow touched order ids; in-process and
 //!   across processes (`NOTIFY orderly_projections`).
-//! - `metrics`: state, lag, batch and dead-letter series (`deploy/METRICS.md`).
+//! - `metrics`: state, lag, batch and dead-letter series (`deploy/METRICS.md`), through the
+//!   `metrics` facade; `orderly_observability` installs the recorder and their buckets.
 //! - `dlq`: list, retry and skip dead letters. `status`: [`ProjectionStatus`].
 //! - `rebuild`: replay into `orderly_shadow`, verify, swap atomically.
 //! - `tail`: follow the log in a terminal.

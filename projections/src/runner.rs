@@ -252,9 +252,9 @@ impl Runner {
             let span = tracing::info_span!("projection.batch", projection = %self.name, size);
             // A batch mixes events of many requests; it joins the trace of its first.
             if let Some(first) = events.first() {
-                orderly_platform::trace_context::follow_event(&span, &first.metadata);
+                orderly_observability::trace_context::follow_event(&span, &first.metadata);
             }
-            let traceparent = orderly_platform::trace_context::traceparent(&span);
+            let traceparent = orderly_observability::trace_context::traceparent(&span);
             let result = batch::apply_batch(
                 &mut client,
                 self.name,

@@ -233,7 +233,7 @@ impl OrderFollower {
                 // request behind that batch's events.
                 let span = tracing::info_span!("subscription.push", order_id = %follower.order_id);
                 if let Some(traceparent) = &touched.traceparent {
-                    orderly_platform::trace_context::set_parent(&span, traceparent);
+                    orderly_observability::trace_context::set_parent(&span, traceparent);
                 }
                 if let Err(error) = follower.look().instrument(span).await {
                     follower.done = true;

@@ -34,7 +34,7 @@ use orderly_domain::streams;
 use orderly_domain::values::OrderId;
 use orderly_event_schemas::{Event, EventMetadata, decode_recorded};
 use orderly_event_store::{Direction, EventFilter, Position, RecordedEvent, StreamName};
-use orderly_platform::trace_context;
+use orderly_observability::trace_context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
