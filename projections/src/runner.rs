@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use orderly_event_store::postgres::PgConfig;
-use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent};
+use orderly_event_store::{EventFilter, EventStore, Position, RecordedEvent, Subscription};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::batch::{self, BatchResult, Target};
+use crate::batch::{self, BatchResult, Committed, Target};
 use crate::error::ProjectionError;
 use crate::handlers;
 use crate::metrics::{self, RunnerState};
@@ -233,14 +233,8 @@ impl Runner {
                     ),
                 ));
             };
-            let mut events: Vec<RecordedEvent> = vec![first?];
-            let deadline = Instant::now() + self.options.batch_wait;
-            while events.len() < limit {
-                match tokio::time::timeout_at(deadline, subscription.next()).await {
-                    Ok(Some(event)) => events.push(event?),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            let events =
+                fill_batch(&mut subscription, first?, limit, self.options.batch_wait).await?;
             let full = events.len() >= limit;
             let fail = self
                 .options
@@ -274,53 +268,14 @@ impl Runner {
                 }
                 BatchResult::Committed(done) => {
                     position = done.position;
-                    let grown = (limit + limit.div_ceil(4)).min(self.options.batch_size.max(1));
-                    self.batch_limit.store(grown, Ordering::Relaxed);
-                    // The state first: whoever sees the new checkpoint also sees the state.
-                    let now = if full {
-                        ProjectionState::CatchingUp
-                    } else {
-                        ProjectionState::Running
-                    };
-                    if now != state && done.stopped.is_none() {
-                        state = now;
-                        set_state(&client, self.name, state, None).await?;
-                    }
-                    metrics::record_batch(
-                        self.name,
+                    let applied = Applied {
+                        limit,
                         size,
-                        size.saturating_sub(done.parked),
-                        started.elapsed(),
-                    );
-                    if done.parked > 0 {
-                        tracing::warn!(projection = %self.name, parked = done.parked, "events parked as dead letters");
-                    }
-                    let update = ProjectionUpdate {
-                        projection: self.name.as_str().to_owned(),
-                        position,
-                        order_ids: done.order_ids,
-                        truncated: false,
+                        full,
+                        started,
                         traceparent,
                     };
-                    // This process's listeners first: the notification to other processes
-                    // is a round trip they need not wait for.
-                    self.hub.publish(update.clone());
-                    watch::notify(&client, &update).await;
-                    if let Some(stopped) = done.stopped {
-                        metrics::set_state(self.name, RunnerState::Failed);
-                        set_state(
-                            &client,
-                            self.name,
-                            ProjectionState::Failed,
-                            Some(&stopped.error),
-                        )
-                        .await?;
-                        return Err(ProjectionError::Stopped {
-                            projection: self.name.as_str().to_owned(),
-                            event_id: stopped.event_id,
-                            error: stopped.error,
-                        });
-                    }
+                    self.committed(&client, &mut state, done, applied).await?;
                 }
             }
         }
@@ -329,6 +284,88 @@ impl Runner {
         tracing::info!(projection = %self.name, %position, "projection runner stopped");
         Ok(())
     }
+
+    /// A batch committed: the batch limit grows back, the state and the batch metrics follow,
+    /// waiting readers hear of the new checkpoint, and a batch that stopped on a poisoned
+    /// event (under the `Stop` policy) ends the run.
+    async fn committed(
+        &self,
+        client: &Client,
+        state: &mut ProjectionState,
+        done: Committed,
+        applied: Applied,
+    ) -> Result<(), ProjectionError> {
+        let limit = applied.limit;
+        let grown = (limit + limit.div_ceil(4)).min(self.options.batch_size.max(1));
+        self.batch_limit.store(grown, Ordering::Relaxed);
+        // The state first: whoever sees the new checkpoint also sees the state.
+        let now = if applied.full {
+            ProjectionState::CatchingUp
+        } else {
+            ProjectionState::Running
+        };
+        if now != *state && done.stopped.is_none() {
+            *state = now;
+            set_state(client, self.name, now, None).await?;
+        }
+        let size = applied.size;
+        let elapsed = applied.started.elapsed();
+        metrics::record_batch(self.name, size, size.saturating_sub(done.parked), elapsed);
+        if done.parked > 0 {
+            tracing::warn!(projection = %self.name, parked = done.parked, "events parked as dead letters");
+        }
+        let update = ProjectionUpdate {
+            projection: self.name.as_str().to_owned(),
+            position: done.position,
+            order_ids: done.order_ids,
+            truncated: false,
+            traceparent: applied.traceparent,
+        };
+        // This process's listeners first: the notification to other processes is a round
+        // trip they need not wait for.
+        self.hub.publish(update.clone());
+        watch::notify(client, &update).await;
+        let Some(stopped) = done.stopped else {
+            return Ok(());
+        };
+        metrics::set_state(self.name, RunnerState::Failed);
+        let failed = ProjectionState::Failed;
+        set_state(client, self.name, failed, Some(&stopped.error)).await?;
+        Err(ProjectionError::Stopped {
+            projection: self.name.as_str().to_owned(),
+            event_id: stopped.event_id,
+            error: stopped.error,
+        })
+    }
+}
+
+/// The events after `first` that arrive within `wait`, up to `limit` in all: a batch.
+async fn fill_batch(
+    subscription: &mut Subscription,
+    first: RecordedEvent,
+    limit: usize,
+    wait: Duration,
+) -> Result<Vec<RecordedEvent>, ProjectionError> {
+    let mut events = vec![first];
+    let deadline = Instant::now() + wait;
+    while events.len() < limit {
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(Some(event)) => events.push(event?),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(events)
+}
+
+/// What the runner knew of a batch it applied, for what follows its commit.
+struct Applied {
+    /// The batch limit it was gathered under, and how many events it held.
+    limit: usize,
+    size: usize,
+    full: bool,
+    started: std::time::Instant,
+    /// The batch's span, for the readers it wakes.
+    traceparent: Option<String>,
 }
 
 /// Records the runner's state for `orderly projections status` in other processes.
