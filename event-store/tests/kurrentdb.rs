@@ -9,6 +9,8 @@
 //! `order` becomes `t<token>order` and category filters still work), and everything read back
 //! is narrowed to that token and stripped of it.
 
+#![cfg(feature = "kurrentdb")]
+
 mod contract;
 
 use std::future::Future;
