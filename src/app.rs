@@ -18,8 +18,8 @@ use orderly_command_api::{
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventStore, Fanout, SubscriptionOptions};
+use orderly_graphql::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_observability::MeteredStore;
-use orderly_platform::{Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter};
 use orderly_projections::{ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions};
 use orderly_read_api::{
     AdminMutation, AdminQuery, QueryRoot, ReadApi, ReadLimits, ReadStore, Rebuilds,
@@ -95,7 +95,7 @@ impl App {
         );
         let health = Health {
             store: store.clone(),
-            read_db: orderly_platform::pg_pool(&pg_config(settings)?, HEALTH_POOL_SIZE)?,
+            read_db: orderly_graphql::pg_pool(&pg_config(settings)?, HEALTH_POOL_SIZE)?,
             log_in_read_db: store_pool.is_some(),
         };
         if let Some(pool) = store_pool {
@@ -105,7 +105,7 @@ impl App {
         let mut router = health
             .clone()
             .router()
-            .merge(orderly_platform::metrics::router(&metrics));
+            .merge(orderly_graphql::metrics::router(&metrics));
         if part != Part::Probes {
             router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
             // GraphiQL's files wherever /graphql is; the console where the reads are.
@@ -117,7 +117,7 @@ impl App {
         let router = router.layer(tower_http::compression::CompressionLayer::new());
         // Outermost, so every response counts, the refusals of inner layers included.
         let router = router.layer(axum::middleware::from_fn(
-            orderly_platform::metrics::count_responses,
+            orderly_graphql::metrics::count_responses,
         ));
         let listener = TcpListener::bind(settings.http.addr)
             .await
@@ -244,7 +244,7 @@ pub fn graphql_router(
     part: Part,
 ) -> anyhow::Result<Router> {
     let pg_config = pg_config(settings)?;
-    let pool = orderly_platform::pg_pool(&pg_config, settings.store.pool_size)?;
+    let pool = orderly_graphql::pg_pool(&pg_config, settings.store.pool_size)?;
     orderly_observability::metrics::watch_pool("read_models", pool.clone());
     // Rebuilds an admin starts over the API run here, whichever schema they came through.
     let rebuilds = Rebuilds::new(pg_config, store.clone(), RebuildOptions::default());
@@ -278,7 +278,7 @@ pub fn graphql_router(
     };
     match part {
         // Schemas that answer queries come twice: fully validating, and with fast validation
-        // for queries already validated once (see `orderly_platform::graphql_router`).
+        // for queries already validated once (see `orderly_graphql::graphql_router`).
         Part::Everything => {
             let reads = reads();
             // One command service (and its cache of aggregate states) behind both schemas.
@@ -322,7 +322,7 @@ pub fn graphql_router(
 /// database until a request runs.
 pub fn served_sdl(settings: &Settings) -> anyhow::Result<String> {
     let store = event_store(settings)?;
-    let pool = orderly_platform::pg_pool(&pg_config(settings)?, 1)?;
+    let pool = orderly_graphql::pg_pool(&pg_config(settings)?, 1)?;
     let reads = ReadApi::new(
         ReadStore::new(pool.clone()),
         store.clone(),
@@ -354,7 +354,7 @@ fn serve_schema<E: Executor>(
         subscriptions_per_subject: settings.http.subscriptions_per_subject,
         ..GraphqlLimits::default()
     };
-    Ok(orderly_platform::graphql_router(
+    Ok(orderly_graphql::graphql_router(
         schema,
         fast_queries,
         sdl,
@@ -404,7 +404,7 @@ pub fn saga_runner(
     own.store.pool_size = pool_size;
     let (store, _) = event_store_and_pool(&own, subscription)?;
     let config = pg_config(settings)?;
-    let pool = orderly_platform::pg_pool(&config, pool_size)?;
+    let pool = orderly_graphql::pg_pool(&config, pool_size)?;
     let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let s = &settings.saga;
     let saga = SagaConfig {

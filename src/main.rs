@@ -14,7 +14,7 @@ use orderly::app::{self, Part};
 use orderly::seed::SeedOptions;
 use orderly::settings::Settings;
 use orderly::{command_side, read_side, run, telemetry};
-use orderly_platform::Role;
+use orderly_graphql::Role;
 use orderly_projections::{DeadLetterPolicy, RebuildOptions, RunnerOptions};
 use uuid::Uuid;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use orderly_command_api::saga::SagaRunner;
 use orderly_event_store::EventStore;
 use orderly_event_store::postgres::PgConfig;
-use orderly_platform::{Role, TokenIssuer};
+use orderly_graphql::{Role, TokenIssuer};
 use orderly_projections::{ProjectionHub, ProjectionName, RebuildOptions, RunnerOptions};
 use tokio_util::sync::CancellationToken;
 

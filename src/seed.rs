@@ -34,7 +34,7 @@ use orderly_domain::values::{
     PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
 use orderly_event_store::{Position, StreamName};
-use orderly_platform::{Actor, Role};
+use orderly_graphql::{Actor, Role};
 use uuid::Uuid;
 
 use crate::settings::Settings;
@@ -591,7 +591,7 @@ pub async fn run(settings: &Settings, options: &SeedOptions) -> anyhow::Result<S
     let store = app::event_store(settings)?;
     // Its own small pool for the order-id scheme: a seed placing public ids must say so
     // where keyed placements of other processes look.
-    let scheme = OrderIdScheme::new(orderly_platform::pg_pool(&app::pg_config(settings)?, 2)?);
+    let scheme = OrderIdScheme::new(orderly_graphql::pg_pool(&app::pg_config(settings)?, 2)?);
     let service = CommandService::new(store)
         .with_order_ids(app::order_ids(settings))
         .with_order_id_scheme(scheme);

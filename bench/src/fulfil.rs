@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use hdrhistogram::Histogram;
 use orderly_event_store::postgres::{migrate, migration_fingerprint};
-use orderly_platform::Role;
+use orderly_graphql::Role;
 use orderly_test_support::TestDb;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;

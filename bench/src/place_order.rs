@@ -2,7 +2,7 @@
 //! the same run on the same database.
 //!
 //! The command API is served in-process on 127.0.0.1:0 exactly as `orderly command-api` wires
-//! it (platform handler: auth, rate limit off, body limit, timeout; the command service on
+//! it (the GraphQL edge's handler: auth, rate limit off, body limit, timeout; the command service on
 //! the PostgreSQL event store, order ids keyed with a secret as `ORDERLY_JWT_SECRET` or
 //! `ORDERLY_ORDER_ID_SECRET` makes them, and the order-id scheme in the same database). `clients` tasks each send placeOrder flat out, every
 //! order with two lines priced from two of 100 products, a fresh idempotency key and its own
@@ -25,7 +25,7 @@ use anyhow::Context;
 use orderly_command_api::{CommandService, OrderIdScheme, OrderIds, RegisterProduct};
 use orderly_domain::values::{Currency, Money, ProductName, Sku};
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
-use orderly_platform::{
+use orderly_graphql::{
     Actor, Authenticator, GraphqlLimits, JwtConfig, RateLimit, RateLimiter, Role, TokenIssuer,
 };
 use orderly_test_support::TestDb;
@@ -149,7 +149,7 @@ impl Ids {
         let service = CommandService::new(store).with_order_ids(OrderIds::keyed(SECRET.as_bytes()));
         Ok(match self {
             Self::Served => {
-                let pool = orderly_platform::pg_pool(db.config(), 2)?;
+                let pool = orderly_graphql::pg_pool(db.config(), 2)?;
                 service.with_order_id_scheme(OrderIdScheme::new(pool))
             }
             Self::LookForPublic => service,
@@ -186,7 +186,7 @@ async fn serve(
         per_second: 0,
         burst: 0,
     })?;
-    let router = orderly_platform::graphql_router(
+    let router = orderly_graphql::graphql_router(
         schema,
         None,
         sdl,

@@ -32,7 +32,7 @@ use orderly::app::{App, Part};
 use orderly::settings::Settings;
 use orderly_command_api::CommandService;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
-use orderly_platform::Role;
+use orderly_graphql::Role;
 use orderly_projections::workload::WorkloadOptions;
 use orderly_projections::{ProjectionName, RebuildOptions, rebuild_many};
 use orderly_test_support::TestDb;
@@ -215,7 +215,7 @@ async fn throughput(
     ids: Arc<Vec<Uuid>>,
 ) -> anyhow::Result<()> {
     let graphql = Served::app(App::build_part(settings, Part::Reads).await?);
-    let bare = Served::bare(orderly_platform::pg_pool(db.config(), args.pool_size)?).await?;
+    let bare = Served::bare(orderly_graphql::pg_pool(db.config(), args.pool_size)?).await?;
     let admin =
         place_order::issuer()?.issue("bench-admin", &[Role::Admin], Duration::from_secs(3600))?;
     let http = reqwest::Client::builder()

@@ -21,7 +21,7 @@ use orderly::app::{App, Part};
 use orderly::settings::Settings;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventFilter, EventStore, Position, StreamName, Subscription};
-use orderly_platform::Role;
+use orderly_graphql::Role;
 use orderly_test_support::TestDb;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;

@@ -14,7 +14,7 @@ use orderly_domain::values::{
     Reason, Sku, TrackingNumber,
 };
 use orderly_event_store::{Direction, EventStore, Position};
-use orderly_platform::{Actor, Role};
+use orderly_graphql::{Actor, Role};
 use sha2::Sha256;
 use uuid::Uuid;
 
@@ -654,7 +654,7 @@ mod tests {
 
     /// A scheme of its own (as a new process would have) on `db`.
     fn scheme(db: &orderly_test_support::TestDb) -> OrderIdScheme {
-        OrderIdScheme::new(orderly_platform::pg_pool(db.config(), 2).unwrap())
+        OrderIdScheme::new(orderly_graphql::pg_pool(db.config(), 2).unwrap())
     }
 
     /// A keyed service with a scheme of its own on `db`, as a process started now has.

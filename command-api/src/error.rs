@@ -3,7 +3,7 @@
 
 use orderly_domain::Rejection;
 use orderly_event_store::StoreError;
-use orderly_platform::errors::{self, ErrorCode};
+use orderly_graphql::error_codes::{self, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -104,16 +104,16 @@ impl CommandError {
     /// The contract error for this failure; detail of internal failures is logged only.
     pub fn to_graphql(&self, request_id: &str) -> async_graphql::Error {
         match self {
-            Self::InvalidInput { field, message } => errors::bad_user_input(field, message),
+            Self::InvalidInput { field, message } => error_codes::bad_user_input(field, message),
             Self::Unauthenticated => ErrorCode::Unauthenticated.error("authentication required"),
             Self::Forbidden(why) => ErrorCode::Forbidden.error(*why),
             Self::NotFound(what) => ErrorCode::NotFound.error(format!("{what} not found")),
-            Self::Conflict { expected, actual } => errors::conflict(*expected, *actual),
+            Self::Conflict { expected, actual } => error_codes::conflict(*expected, *actual),
             Self::Rejected(rejection) => rejection_to_graphql(rejection),
             Self::Contended(_) | Self::Unavailable(_) | Self::Gateway(_) | Self::Delivery(_) => {
-                errors::unavailable(request_id, self)
+                error_codes::unavailable(request_id, self)
             }
-            Self::Internal(_) => errors::internal(request_id, self),
+            Self::Internal(_) => error_codes::internal(request_id, self),
         }
     }
 }
@@ -123,15 +123,15 @@ impl CommandError {
 fn rejection_to_graphql(rejection: &Rejection) -> async_graphql::Error {
     match rejection {
         Rejection::NoLines | Rejection::TooManyLines { .. } | Rejection::DuplicateSku { .. } => {
-            errors::bad_user_input("input.lines", rejection)
+            error_codes::bad_user_input("input.lines", rejection)
         }
         Rejection::UnknownSku { .. } | Rejection::MixedCurrencies { .. } => {
-            errors::bad_user_input("input.lines", rejection)
+            error_codes::bad_user_input("input.lines", rejection)
         }
-        Rejection::AmountOverflow => errors::bad_user_input("input.lines", rejection),
+        Rejection::AmountOverflow => error_codes::bad_user_input("input.lines", rejection),
         Rejection::OrderNotFound => ErrorCode::NotFound.error("order not found"),
         Rejection::ProductNotRegistered => ErrorCode::NotFound.error("product not found"),
-        _ => errors::rejected(rejection),
+        _ => error_codes::rejected(rejection),
     }
 }
 

@@ -9,8 +9,8 @@ use orderly_domain::values::{
     Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Description, Money, OrderId,
     PaymentToken, PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
-use orderly_platform::cost::WRITE;
-use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long, with_limits};
+use orderly_graphql::cost::WRITE;
+use orderly_graphql::{Caller, ConsistencyToken, ErrorCode, Long, with_limits};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -89,7 +89,7 @@ impl From<commands::CommandResult> for CommandResult {
 }
 
 /// The contract's Mutation root. Needs a [`CommandService`] in the schema's data and a
-/// [`Caller`] in each request's data (the platform's HTTP handler adds it).
+/// [`Caller`] in each request's data (the GraphQL edge's HTTP handler adds it).
 #[derive(Default)]
 pub struct MutationRoot;
 
@@ -184,7 +184,7 @@ fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
             ));
         }
         // Stored in every event's metadata and logged with the command: plain text only.
-        Some(key) if orderly_platform::plain_text::has_control(key) => {
+        Some(key) if orderly_graphql::plain_text::has_control(key) => {
             return Err(CommandError::invalid(
                 "input.idempotencyKey",
                 "must not contain control characters",
@@ -238,7 +238,7 @@ fn register_product(input: &RegisterProductInput) -> Result<RegisterProduct, Com
 /// Runs `command` with the request's caller; maps its error to the contract.
 async fn run<T, F>(ctx: &Context<'_>, command: F) -> async_graphql::Result<CommandResult>
 where
-    F: AsyncFnOnce(&CommandService, Option<&orderly_platform::Actor>) -> Result<T, CommandError>,
+    F: AsyncFnOnce(&CommandService, Option<&orderly_graphql::Actor>) -> Result<T, CommandError>,
     T: Into<CommandResult>,
 {
     // Both are put there by the wiring; a schema built without them is a bug, not bad input.

@@ -5,7 +5,7 @@
 use async_graphql::{Context, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use orderly_platform::{Caller, ConsistencyToken, ErrorCode, Long};
+use orderly_graphql::{Caller, ConsistencyToken, ErrorCode, Long};
 use uuid::Uuid;
 
 use crate::CommandError;

@@ -12,7 +12,7 @@
 //! - [`trace_context`]: a span's W3C `traceparent` for event metadata, and back.
 //! - `error`: [`ObservabilityError`], this crate's one error type (the recorder's setup).
 //!
-//! `GET /metrics` itself is served by `orderly_platform::metrics::router`, with the rest of
+//! `GET /metrics` itself is served by `orderly_graphql::metrics::router`, with the rest of
 //! the HTTP edge, so that this crate needs no web framework.
 
 mod error;

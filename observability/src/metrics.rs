@@ -7,7 +7,7 @@
 //! texts), and renders the text a scrape gets. It also samples what no crate records by
 //! itself: the runtime, the process, the PostgreSQL pools, and the gauges the binary's health
 //! checks set. The GraphQL edge records its requests and subscriptions through
-//! `orderly_platform::metrics`, which also serves `GET /metrics`.
+//! `orderly_graphql::metrics`, which also serves `GET /metrics`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

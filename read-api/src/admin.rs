@@ -6,7 +6,7 @@
 use async_graphql::{Context, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use orderly_event_store::{EventFilter, Position, StreamName};
-use orderly_platform::{Actor, ConsistencyToken, Long};
+use orderly_graphql::{Actor, ConsistencyToken, Long};
 use orderly_projections::{ProjectionName, dlq};
 
 use crate::ReadError;

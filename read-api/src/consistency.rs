@@ -15,7 +15,7 @@ use async_graphql::parser::types::{DocumentOperations, OperationType};
 use async_graphql::{Context, Enum, Executor, InputObject, Request, Response};
 use chrono::{DateTime, Utc};
 use orderly_event_store::{EventFilter, EventStore, Position};
-use orderly_platform::ConsistencyToken;
+use orderly_graphql::ConsistencyToken;
 use orderly_projections::{ProjectionHub, ProjectionName};
 use serde_json::json;
 use tokio::time::Instant;
@@ -95,7 +95,7 @@ pub async fn read_point(
             .wait_for(projection, consistency.at_least.0, timeout)
             .await;
         let waited = started.elapsed();
-        orderly_platform::metrics::record_consistency_wait(reached, waited);
+        orderly_graphql::metrics::record_consistency_wait(reached, waited);
         tracing::debug!(
             %projection, reached, waited_ms = waited.as_millis() as u64,
             "consistency wait"

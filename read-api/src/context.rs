@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_graphql::Context;
 use async_graphql::Lookahead;
 use orderly_event_store::EventStore;
-use orderly_platform::{Actor, Caller, ErrorCode, Role};
+use orderly_graphql::{Actor, Caller, ErrorCode, Role};
 use orderly_projections::ProjectionHub;
 
 use crate::ReadError;

@@ -8,7 +8,7 @@ use chrono::DateTime;
 use uuid::Uuid;
 
 use orderly_event_schemas::values::Sku;
-use orderly_platform::plain_text::has_control;
+use orderly_graphql::plain_text::has_control;
 
 use crate::ReadError;
 use crate::sql::{OrderKey, ProductKey, storable};

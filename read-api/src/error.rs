@@ -1,5 +1,5 @@
 use async_graphql::ErrorExtensions;
-use orderly_platform::{ErrorCode, errors};
+use orderly_graphql::{ErrorCode, error_codes};
 
 /// Everything a query or subscription can fail with. Each variant maps to one contract code in
 /// [`ReadError::to_graphql`].
@@ -48,7 +48,7 @@ impl ReadError {
     /// The contract's error: code, safe message, and detail only in the log.
     pub fn to_graphql(&self, request_id: &str) -> async_graphql::Error {
         match self {
-            Self::Invalid { field, message } => errors::bad_user_input(field, message),
+            Self::Invalid { field, message } => error_codes::bad_user_input(field, message),
             Self::Unauthenticated => ErrorCode::Unauthenticated.error(self.to_string()),
             Self::Forbidden(why) => ErrorCode::Forbidden.error(*why),
             Self::Stale { .. } => ErrorCode::StaleRead.error(self.to_string()),
@@ -57,8 +57,8 @@ impl ReadError {
             Self::SlowSubscriber { .. } => ErrorCode::Unavailable
                 .error(self.to_string())
                 .extend_with(|_, e| e.set("reason", "SLOW_SUBSCRIBER")),
-            Self::Unavailable(detail) => errors::unavailable(request_id, detail),
-            Self::Internal(detail) => errors::internal(request_id, detail),
+            Self::Unavailable(detail) => error_codes::unavailable(request_id, detail),
+            Self::Internal(detail) => error_codes::internal(request_id, detail),
         }
     }
 }

@@ -84,7 +84,7 @@ where
     M: ObjectType + 'static,
     S: SubscriptionType + 'static,
 {
-    orderly_platform::with_limits(builder).data(api)
+    orderly_graphql::with_limits(builder).data(api)
 }
 
 /// The hub a read API process needs when the projection runners live in other processes: it

@@ -5,7 +5,7 @@ use async_graphql::{Context, InputObject, Object};
 use chrono::{DateTime, Utc};
 use orderly_event_schemas::{Event, OrderEvent, decode_recorded};
 use orderly_event_store::{Direction, EventStore, RecordedEvent, StreamName};
-use orderly_platform::{Date, cost};
+use orderly_graphql::{Date, cost};
 use orderly_projections::ProjectionName;
 use uuid::Uuid;
 

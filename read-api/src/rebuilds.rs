@@ -13,7 +13,7 @@ use async_graphql::{Enum, SimpleObject};
 use chrono::{DateTime, Utc};
 use orderly_event_store::EventStore;
 use orderly_event_store::postgres::PgConfig;
-use orderly_platform::{ConsistencyToken, Long};
+use orderly_graphql::{ConsistencyToken, Long};
 use orderly_projections::{ProjectionName, RebuildOptions, RebuildProgress, rebuild};
 
 use crate::ReadError;

@@ -1,6 +1,6 @@
 //! The contract's Subscription type, served over graphql-transport-ws.
 //!
-//! Each resolver calls [`orderly_platform::subscription_ready`] once it has done the reads it
+//! Each resolver calls [`orderly_graphql::subscription_ready`] once it has done the reads it
 //! needs before it streams; until then the transport's operation timeout applies.
 //!
 //! Both subscriptions feed the client through [`bounded`]: a fixed number of messages may wait
@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_graphql::{Context, Subscription};
 use futures::{Stream, StreamExt};
 use orderly_event_store::{EventFilter, Position, StreamName};
-use orderly_platform::{Actor, ConsistencyToken};
+use orderly_graphql::{Actor, ConsistencyToken};
 use orderly_projections::OrderTouched;
 use orderly_projections::vocabulary::OrderStatus;
 use tokio::sync::mpsc;
@@ -45,7 +45,7 @@ impl SubscriptionRoot {
     /// When one projection batch applied several events to the order, the messages for the
     /// earlier ones carry that event's `version`, `status`, `updatedAt` and `history` up to it,
     /// with the rest of the read model as after the batch.
-    #[graphql(complexity = "orderly_platform::cost::READ + child_complexity")]
+    #[graphql(complexity = "orderly_graphql::cost::READ + child_complexity")]
     async fn order_updated(
         &self,
         ctx: &Context<'_>,
@@ -109,7 +109,7 @@ impl SubscriptionRoot {
             done: false,
         };
         let limits = api.limits();
-        orderly_platform::subscription_ready(ctx);
+        orderly_graphql::subscription_ready(ctx);
         Ok(bounded(
             follower.into_stream(),
             limits.subscription_buffer,
@@ -120,7 +120,7 @@ impl SubscriptionRoot {
 
     /// The event log itself: catch up from `from` (or from now), then live. Admin only unless
     /// filtered to a stream the caller owns.
-    #[graphql(complexity = "orderly_platform::cost::READ + child_complexity")]
+    #[graphql(complexity = "orderly_graphql::cost::READ + child_complexity")]
     async fn events(
         &self,
         ctx: &Context<'_>,
@@ -148,7 +148,7 @@ impl SubscriptionRoot {
         .map_err(|e| e.to_graphql(&request_id))?;
         let events = source.map(|event| event.map(EventRecord::from).map_err(ReadError::from));
         let limits = api.limits();
-        orderly_platform::subscription_ready(ctx);
+        orderly_graphql::subscription_ready(ctx);
         Ok(bounded(
             events,
             limits.subscription_buffer,

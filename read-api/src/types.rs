@@ -3,7 +3,7 @@
 use async_graphql::{Context, Enum, Json, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use orderly_event_store::RecordedEvent;
-use orderly_platform::{ConsistencyToken, Date, Long};
+use orderly_graphql::{ConsistencyToken, Date, Long};
 use uuid::Uuid;
 
 use crate::context::{ReadApi, request_id};
@@ -389,7 +389,7 @@ impl Customer {
     }
 
     /// Weighed like the root `orders`: a page read per appearance, aliases included.
-    #[graphql(complexity = "orderly_platform::cost::page(first, 20, child_complexity)")]
+    #[graphql(complexity = "orderly_graphql::cost::page(first, 20, child_complexity)")]
     async fn orders(
         &self,
         ctx: &Context<'_>,

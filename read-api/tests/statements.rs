@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use orderly_event_store::memory::MemoryEventStore;
-use orderly_platform::{Actor, Caller, Role};
+use orderly_graphql::{Actor, Caller, Role};
 use orderly_projections::ProjectionHub;
 use orderly_read_api::{ReadApi, ReadLimits, ReadStore};
 use orderly_test_support::TestDb;
@@ -53,7 +53,7 @@ async fn seed(db: &TestDb) {
 async fn a_page_with_lines_and_history_costs_three_statements_whatever_its_size() {
     let db = database().await;
     seed(&db).await;
-    let pool = orderly_platform::pg_pool(db.config(), 4).unwrap();
+    let pool = orderly_graphql::pg_pool(db.config(), 4).unwrap();
     let store = ReadStore::new(pool);
     let api = ReadApi::new(
         store.clone(),

@@ -4,7 +4,7 @@
 use crate::common::*;
 use orderly_event_schemas::orders::OrderPlaced;
 use orderly_event_schemas::{Event, OrderEvent, decode_recorded};
-use orderly_platform::Role;
+use orderly_graphql::Role;
 use serde_json::json;
 
 /// Every `OrderPlaced` stored, in log order, with the actor of its metadata.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use orderly::app::App;
 use orderly::settings::Settings;
-use orderly_platform::{JwtConfig, Role, TokenIssuer};
+use orderly_graphql::{JwtConfig, Role, TokenIssuer};
 use orderly_test_support::{BoxError, TestDb};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;

@@ -352,7 +352,7 @@ mod fuzz {
         BaseType, FieldDefinition, InputValueDefinition, Type, TypeKind, TypeSystemDefinition,
     };
     use futures::StreamExt;
-    use orderly_platform::Role;
+    use orderly_graphql::Role;
     use orderly_test_support::TestDb;
     use proptest::prelude::*;
     use proptest::test_runner::{

@@ -10,7 +10,7 @@ use crate::common::*;
 use serde_json::json;
 
 /// Names the test below does not provoke: subscriptions have a test of their own, and the
-/// read API records consistency waits (through `orderly_platform::metrics`).
+/// read API records consistency waits (through `orderly_graphql::metrics`).
 const NOT_HERE: [&str; 4] = [
     "orderly_graphql_subscriptions_active",
     "orderly_consistency_wait_seconds",

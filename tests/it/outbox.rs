@@ -51,7 +51,7 @@ fn spawn(runner: SagaRunner) {
 fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
     let store = orderly::app::event_store(settings).unwrap();
     let pg_config = orderly::app::pg_config(settings).unwrap();
-    let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
+    let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
     SagaRunner::new(config, store, pool, Arc::new(Simulator::default()))
 }
 

@@ -75,7 +75,7 @@ fn start_saga_config(
 ) -> JoinHandle<()> {
     let store = orderly::app::event_store(settings).unwrap();
     let pg_config = orderly::app::pg_config(settings).unwrap();
-    let pool = orderly_platform::pg_pool(&pg_config, 8).unwrap();
+    let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
     let runner = SagaRunner::new(config, store, pool, gateway);
     tokio::spawn(async move {
         runner

@@ -82,7 +82,7 @@ async fn readiness_says_why_when_the_read_database_is_unreachable() {
     let nowhere = "postgres://postgres@127.0.0.1:1/nowhere".parse().unwrap();
     let health = Health {
         store: Arc::new(MemoryEventStore::new()),
-        read_db: orderly_platform::pg_pool(&nowhere, 2).unwrap(),
+        read_db: orderly_graphql::pg_pool(&nowhere, 2).unwrap(),
         log_in_read_db: false,
     };
     let readiness = health.check().await;

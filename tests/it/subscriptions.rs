@@ -256,7 +256,7 @@ async fn protocol_violations_close_the_socket_with_the_protocols_codes() {
 async fn a_socket_is_closed_when_its_token_expires() {
     let db = migrated_database().await;
     let api = start(&settings_for(db.url())).await;
-    let issuer = orderly_platform::TokenIssuer::new(&orderly_platform::JwtConfig {
+    let issuer = orderly_graphql::TokenIssuer::new(&orderly_graphql::JwtConfig {
         secret: Some(SECRET.to_owned()),
         ..Default::default()
     })
@@ -264,7 +264,7 @@ async fn a_socket_is_closed_when_its_token_expires() {
     let short = issuer
         .issue(
             "admin-1",
-            &[orderly_platform::Role::Admin],
+            &[orderly_graphql::Role::Admin],
             std::time::Duration::from_secs(1),
         )
         .unwrap();
@@ -444,7 +444,7 @@ async fn subscriptions_are_capped_per_socket_and_per_caller() {
     // Another caller has places of its own.
     let mut other = connect(
         &api,
-        Some(&token("admin-2", &[orderly_platform::Role::Admin])),
+        Some(&token("admin-2", &[orderly_graphql::Role::Admin])),
     )
     .await;
     subscribe(&mut other, "x", PRODUCT_EVENTS, json!({})).await;

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::auth::{Actor, Authenticator};
 use crate::cost::Budget;
-use crate::errors::ErrorCode;
+use crate::error_codes::ErrorCode;
 use crate::input_shapes::InputShapes;
 use crate::metrics::{OperationKind, RequestOutcome, record_graphql_request};
 use crate::over_http::{self, MediaType, Params};
@@ -685,7 +685,7 @@ pub(crate) fn failure(status: StatusCode, code: ErrorCode, message: &str) -> Res
 }
 
 pub(crate) fn rate_limited_response(wait: Duration) -> Response {
-    let error = crate::errors::rate_limited(wait);
+    let error = crate::error_codes::rate_limited(wait);
     let body = json!({ "errors": [error.into_server_error(Default::default())] });
     with_retry_after(
         (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response(),
@@ -694,7 +694,7 @@ pub(crate) fn rate_limited_response(wait: Duration) -> Response {
 }
 
 fn with_retry_after(mut response: Response, wait: Duration) -> Response {
-    let seconds = crate::errors::retry_after_seconds(wait);
+    let seconds = crate::error_codes::retry_after_seconds(wait);
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(seconds));

@@ -1,12 +1,12 @@
 //! # Layout
 //!
-//! Service plumbing that the command API and the read API both need, so that neither imports
-//! the other and both speak the contract (`api/schema.graphql`) the same way.
+//! The GraphQL edge that the command API and the read API both stand behind, so that neither
+//! imports the other and both speak the contract (`api/schema.graphql`) the same way.
 //!
 //! - [`scalars`]: the contract's scalars that async-graphql does not provide under the same
 //!   name: `Long`, `ConsistencyToken`, `Date` (`UUID`, `DateTime` and `JSON` come from
 //!   async-graphql's `uuid`/`chrono` features and `async_graphql::Json`).
-//! - [`errors`]: [`ErrorCode`], the contract's `extensions.code` values, and the helpers that
+//! - [`error_codes`]: [`ErrorCode`], the contract's `extensions.code` values, and the helpers that
 //!   turn each case into an `async_graphql::Error` with a safe message.
 //! - [`auth`]: JWT bearer authentication (HS256 secret or RS256 public key), the [`Actor`]
 //!   with its roles, and token issuing for the CLI.
@@ -29,12 +29,12 @@
 //!   carries, with BAD_USER_INPUT.
 //! - `input_shapes`: the input objects of a schema, for the one variable check that fast
 //!   validation skips and execution does not make up for.
-//! - `error`: [`PlatformError`], this crate's one error type (configuration problems).
+//! - `error`: [`EdgeError`], this crate's one error type (configuration problems).
 
 pub mod auth;
 pub mod cost;
 mod error;
-pub mod errors;
+pub mod error_codes;
 pub mod http;
 mod input_shapes;
 pub mod metrics;
@@ -46,8 +46,8 @@ pub mod scalars;
 mod socket;
 
 pub use auth::{Actor, Authenticator, JwtConfig, Role, TokenIssuer};
-pub use error::PlatformError;
-pub use errors::ErrorCode;
+pub use error::EdgeError;
+pub use error_codes::ErrorCode;
 pub use http::{Caller, GraphqlLimits, graphql_router};
 pub use rate_limit::{RateLimit, RateLimiter};
 pub use scalars::{ConsistencyToken, Date, Long};
@@ -77,7 +77,7 @@ pub fn with_limits<Q, M, S>(
 pub fn pg_pool(
     config: &tokio_postgres::Config,
     size: usize,
-) -> Result<deadpool_postgres::Pool, PlatformError> {
+) -> Result<deadpool_postgres::Pool, EdgeError> {
     let manager = deadpool_postgres::Manager::from_config(
         config.clone(),
         tokio_postgres::NoTls,
@@ -93,7 +93,7 @@ pub fn pg_pool(
         .create_timeout(Some(wait))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|e| PlatformError::InvalidSetting {
+        .map_err(|e| EdgeError::InvalidSetting {
             name: "database_url",
             reason: e.to_string(),
         })

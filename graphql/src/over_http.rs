@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
-use crate::errors::ErrorCode;
+use crate::error_codes::ErrorCode;
 
 /// The media types a GraphQL answer can be encoded in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

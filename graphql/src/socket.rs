@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::auth::{Actor, Authenticator};
 use crate::cost::{Budget, visit_root_fields};
-use crate::errors::{ErrorCode, rate_limited};
+use crate::error_codes::{ErrorCode, rate_limited};
 use crate::http::{Caller, Coded, GraphqlLimits, failure, operation, rate_limited_response};
 use crate::rate_limit::RateLimiter;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::PlatformError;
+use crate::EdgeError;
 
 /// Clock skew tolerated on `exp` and `nbf`, between this service and whoever issued the token.
 const LEEWAY_SECONDS: u64 = 5;
@@ -123,15 +123,14 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// Without any key the authenticator refuses every token (anonymous calls still pass).
-    pub fn new(config: &JwtConfig) -> Result<Self, PlatformError> {
+    pub fn new(config: &JwtConfig) -> Result<Self, EdgeError> {
         let (key, algorithm) = if let Some(secret) = &config.secret {
             (
                 DecodingKey::from_secret(secret.as_bytes()),
                 Algorithm::HS256,
             )
         } else if let Some(pem) = &config.public_key {
-            let key =
-                DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(PlatformError::InvalidKey)?;
+            let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(EdgeError::InvalidKey)?;
             (key, Algorithm::RS256)
         } else {
             return Ok(Self { verify: None });
@@ -258,18 +257,17 @@ pub struct TokenIssuer {
 }
 
 impl TokenIssuer {
-    pub fn new(config: &JwtConfig) -> Result<Self, PlatformError> {
+    pub fn new(config: &JwtConfig) -> Result<Self, EdgeError> {
         let (key, algorithm) = if let Some(secret) = &config.secret {
             (
                 EncodingKey::from_secret(secret.as_bytes()),
                 Algorithm::HS256,
             )
         } else if let Some(pem) = &config.private_key {
-            let key =
-                EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(PlatformError::InvalidKey)?;
+            let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(EdgeError::InvalidKey)?;
             (key, Algorithm::RS256)
         } else {
-            return Err(PlatformError::NoKey(
+            return Err(EdgeError::NoKey(
                 "set ORDERLY_JWT_SECRET, or ORDERLY_JWT_PRIVATE_KEY for RS256",
             ));
         };
@@ -282,7 +280,7 @@ impl TokenIssuer {
     }
 
     /// A token for `sub` with `roles`, valid from now for `ttl`.
-    pub fn issue(&self, sub: &str, roles: &[Role], ttl: Duration) -> Result<String, PlatformError> {
+    pub fn issue(&self, sub: &str, roles: &[Role], ttl: Duration) -> Result<String, EdgeError> {
         let now = jsonwebtoken::get_current_timestamp();
         let claims = IssuedClaims {
             sub,
@@ -294,7 +292,7 @@ impl TokenIssuer {
             aud: self.audience.as_deref(),
         };
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
-            .map_err(PlatformError::Sign)
+            .map_err(EdgeError::Sign)
     }
 }
 

@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-pub enum PlatformError {
+pub enum EdgeError {
     /// Neither a JWT secret nor a public key (or, for issuing, no signing key) is configured.
     ///
     /// Handling: set `ORDERLY_JWT_SECRET` (HS256) or `ORDERLY_JWT_PUBLIC_KEY` /

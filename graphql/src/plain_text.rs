@@ -20,7 +20,7 @@ use async_graphql::parser::types::{
 use async_graphql::{Positioned, ServerError, ServerResult, ValidationResult, Variables};
 use async_graphql_value::{ConstValue, Value};
 
-use crate::errors;
+use crate::error_codes;
 
 /// How deep a value may nest before the walk stops; parsing and validation bound real
 /// documents far below it.
@@ -54,7 +54,7 @@ impl Extension for PlainTextCheck {
         let document = next.run(ctx, query, variables).await?;
         let found = offending_variable(variables).or_else(|| offending_argument(&document));
         if let Some(field) = found {
-            let error = errors::bad_user_input(&field, "must not contain control characters");
+            let error = error_codes::bad_user_input(&field, "must not contain control characters");
             *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(error.into_server_error(Default::default()));
         }

@@ -22,7 +22,7 @@ use async_graphql::extensions::{
 use async_graphql::parser::types::{ExecutableDocument, Field, Selection, SelectionSet};
 use async_graphql::{Pos, Positioned, ServerError, ServerResult, ValidationResult, Variables};
 
-use crate::errors::{ErrorCode, rate_limited};
+use crate::error_codes::{ErrorCode, rate_limited};
 use crate::rate_limit::{RateLimiter, Refusal};
 
 /// Weight of a field whose resolver reads the database or the event store (a statement or

@@ -10,7 +10,7 @@ use governor::Quota;
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 
-use crate::PlatformError;
+use crate::EdgeError;
 
 /// After this many checks the limiter forgets callers whose budget is full again, so the
 /// key table does not grow with every IP address ever seen.
@@ -33,11 +33,11 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(limit: RateLimit) -> Result<Self, PlatformError> {
+    pub fn new(limit: RateLimit) -> Result<Self, EdgeError> {
         let limiter = match NonZeroU32::new(limit.per_second) {
             None => None,
             Some(rate) => {
-                let burst = NonZeroU32::new(limit.burst).ok_or(PlatformError::InvalidSetting {
+                let burst = NonZeroU32::new(limit.burst).ok_or(EdgeError::InvalidSetting {
                     name: "rate_limit_burst",
                     reason: "must be at least 1 when rate limiting is on".into(),
                 })?;
