@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use futures::{StreamExt, pin_mut};
-use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{ProjectionName, RebuildOptions, rebuild, rebuild_many};
+use orderly_testdata::workload::{Workload, WorkloadOptions};
 use serde_json::Value;
 use uuid::Uuid;
 

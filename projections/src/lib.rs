@@ -22,7 +22,6 @@
 //! - `vocabulary`: the words the read models store ([`vocabulary::OrderStatus`],
 //!   [`vocabulary::PaymentStatus`]), typed, shared with the read API.
 //! - `migrations`: the read-model SQL under `migrations/` (see its README for each table).
-//! - `workload` (feature `workload`): realistic histories through the domain's deciders.
 //! - `error`: [`ProjectionError`], this crate's one error type.
 
 mod batch;
@@ -38,8 +37,6 @@ mod status;
 pub mod tail;
 pub mod vocabulary;
 mod watch;
-#[cfg(feature = "workload")]
-pub mod workload;
 
 pub use batch::{Connection, connect};
 pub use error::{BoxError, ProjectionError};

@@ -9,12 +9,12 @@ use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_event_store::{
     EventFilter, EventStore, ExpectedVersion, NewEvent, Position, StreamName,
 };
-use orderly_projections::workload::{Workload, WorkloadOptions};
 use orderly_projections::{
     DeadLetterPolicy, ProjectionError, ProjectionHub, ProjectionName, ProjectionState,
     RebuildOptions, RebuildReport, Runner, RunnerOptions, dlq, rebuild, rebuild_many, status,
 };
 use orderly_test_support::TestDb;
+use orderly_testdata::workload::{Workload, WorkloadOptions};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
