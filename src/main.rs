@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use orderly::app::{self, Part};
-use orderly::seed::SeedOptions;
-use orderly::settings::Settings;
-use orderly::{command_side, read_side, run, telemetry};
 use orderly_graphql::Role;
 use orderly_projections::{DeadLetterPolicy, RebuildOptions, RunnerOptions};
+use orderly_service::app::{self, Part};
+use orderly_service::seed::SeedOptions;
+use orderly_service::settings::Settings;
+use orderly_service::{command_side, read_side, run, telemetry};
 use uuid::Uuid;
 
 /// Orderly, an event-sourced order engine.

@@ -120,7 +120,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // The store as `orderly projections rebuild` gets it (the adapter inside its metrics
     // wrapper), so that what is timed is what an operator runs.
-    let store = orderly::app::event_store(&orderly::settings::Settings::with_database(db.url()))?;
+    let store = orderly_service::app::event_store(
+        &orderly_service::settings::Settings::with_database(db.url()),
+    )?;
     let options = RebuildOptions {
         batch_size: args.batch_size,
         ..RebuildOptions::default()

@@ -190,10 +190,12 @@ pub async fn read_side_database(key: &str) -> anyhow::Result<orderly_test_suppor
 pub async fn service_database(key: &str) -> anyhow::Result<orderly_test_support::TestDb> {
     orderly_test_support::TestDb::create(
         key,
-        &orderly::app::migration_fingerprint(),
+        &orderly_service::app::migration_fingerprint(),
         |url| async move {
-            let settings = orderly::settings::Settings::with_database(url);
-            orderly::app::migrate(&settings).await.map_err(Into::into)
+            let settings = orderly_service::settings::Settings::with_database(url);
+            orderly_service::app::migrate(&settings)
+                .await
+                .map_err(Into::into)
         },
     )
     .await

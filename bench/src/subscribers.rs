@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use futures::{SinkExt, StreamExt};
-use orderly::app::{App, Part};
-use orderly::settings::Settings;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventFilter, EventStore, Position, StreamName, Subscription};
 use orderly_graphql::Role;
+use orderly_service::app::{App, Part};
+use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;

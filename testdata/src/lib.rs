@@ -6,7 +6,7 @@
 //!   deciders, one append at a time and reproducible from a seed (the projections' tests, the
 //!   rebuild, lag and read benchmarks).
 //!
-//! `orderly seed` (`src/seed.rs`), which writes a workload through the running command path
+//! `orderly seed` (`service/src/seed.rs`), which writes a workload through the running command path
 //! rather than straight into the store, stays with the service it drives.
 
 pub mod workload;

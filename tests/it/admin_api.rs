@@ -287,8 +287,8 @@ async fn a_rebuild_another_process_holds_fails_with_why_and_the_next_start_swaps
         .batch_execute("begin; lock table projection_rebuilds in access exclusive mode")
         .await
         .unwrap();
-    let pg_config = orderly::app::pg_config(&settings).unwrap();
-    let store = orderly::app::event_store(&settings).unwrap();
+    let pg_config = orderly_service::app::pg_config(&settings).unwrap();
+    let store = orderly_service::app::event_store(&settings).unwrap();
     let other = tokio::spawn(async move {
         orderly_projections::rebuild(
             &pg_config,

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use orderly::app::App;
-use orderly::settings::Settings;
 use orderly_graphql::{JwtConfig, Role, TokenIssuer};
+use orderly_service::app::App;
+use orderly_service::settings::Settings;
 use orderly_test_support::{BoxError, TestDb};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -19,10 +19,10 @@ pub const SECRET: &str = "command-api-test-secret";
 pub async fn migrated_database() -> TestDb {
     TestDb::create(
         "orderly-all",
-        &orderly::app::migration_fingerprint(),
+        &orderly_service::app::migration_fingerprint(),
         |url| async move {
             let settings = Settings::with_database(url);
-            orderly::app::migrate(&settings)
+            orderly_service::app::migrate(&settings)
                 .await
                 .map_err(|e| BoxError::from(e.to_string()))
         },
@@ -98,8 +98,8 @@ pub async fn start(settings: &Settings) -> Api {
 /// `orderly serve` runs them.
 pub async fn start_with_saga(settings: &Settings) -> Api {
     let api = start(settings).await;
-    let gateway = orderly::app::payment_gateway(settings).unwrap();
-    let saga = orderly::app::saga_runner(settings, gateway).unwrap();
+    let gateway = orderly_service::app::payment_gateway(settings).unwrap();
+    let saga = orderly_service::app::saga_runner(settings, gateway).unwrap();
     tokio::spawn(saga.run_until_stopped(std::future::pending()));
     api
 }

@@ -7,7 +7,7 @@ use crate::common::{
     admin, dead_letter_outbox, park, park_saga_event, place_one, register, settings_for,
     start_with_saga,
 };
-use orderly::app::{App, Part};
+use orderly_service::app::{App, Part};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,9 +234,12 @@ async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_t
         .url()
         .replacen("postgres@", &format!("{role}@"), 1)
         .into();
-    let budget =
-        orderly::app::ConnectionBudget::of(&settings, orderly::app::Part::Everything, true);
-    let error = orderly::app::check_connections(&settings, &budget)
+    let budget = orderly_service::app::ConnectionBudget::of(
+        &settings,
+        orderly_service::app::Part::Everything,
+        true,
+    );
+    let error = orderly_service::app::check_connections(&settings, &budget)
         .await
         .expect_err("the start must stop")
         .to_string();
@@ -248,7 +251,7 @@ async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_t
     assert!(error.contains("too many connections"), "{error}");
     assert!(error.contains(&budget.to_string()), "{error}");
     // A server with room passes.
-    orderly::app::check_connections(&settings_for(db.url()), &budget)
+    orderly_service::app::check_connections(&settings_for(db.url()), &budget)
         .await
         .unwrap();
 }

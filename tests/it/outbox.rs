@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use crate::common::*;
 use async_trait::async_trait;
-use orderly::settings::Settings;
 use orderly_command_api::CommandError;
 use orderly_command_api::saga::maintenance::{self, OutboxState};
 use orderly_command_api::saga::{
     Charge, ChargeOutcome, Notice, Notifier, PaymentGateway, SagaConfig, SagaRunner, Simulator,
 };
+use orderly_service::settings::Settings;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -49,8 +49,8 @@ fn spawn(runner: SagaRunner) {
 }
 
 fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
-    let store = orderly::app::event_store(settings).unwrap();
-    let pg_config = orderly::app::pg_config(settings).unwrap();
+    let store = orderly_service::app::event_store(settings).unwrap();
+    let pg_config = orderly_service::app::pg_config(settings).unwrap();
     let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
     SagaRunner::new(config, store, pool, Arc::new(Simulator::default()))
 }
@@ -79,7 +79,7 @@ async fn a_failing_notification_is_retried_dead_lettered_and_delivered_after_a_c
         3,
         "tried outbox_max_attempts times, then no more"
     );
-    let pg_config = orderly::app::pg_config(&settings).unwrap();
+    let pg_config = orderly_service::app::pg_config(&settings).unwrap();
     let client = db.connect().await.unwrap();
     let listed = maintenance::list(&client, false).await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -101,7 +101,7 @@ async fn a_failing_notification_is_retried_dead_lettered_and_delivered_after_a_c
     assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
 
     flaky.failing.store(false, Ordering::SeqCst);
-    orderly::command_side::retry_outbox(&pg_config, letter.outbox_id)
+    orderly_service::command_side::retry_outbox(&pg_config, letter.outbox_id)
         .await
         .unwrap();
     eventually(
@@ -120,8 +120,8 @@ async fn a_failing_notification_is_retried_dead_lettered_and_delivered_after_a_c
     assert!(maintenance::list(&client, false).await.unwrap().is_empty());
     // A message that is not dead-lettered cannot be retried or skipped.
     for error in [
-        orderly::command_side::retry_outbox(&pg_config, letter.outbox_id).await,
-        orderly::command_side::skip_outbox(&pg_config, uuid::Uuid::now_v7()).await,
+        orderly_service::command_side::retry_outbox(&pg_config, letter.outbox_id).await,
+        orderly_service::command_side::skip_outbox(&pg_config, uuid::Uuid::now_v7()).await,
     ] {
         let error = error.unwrap_err().to_string();
         assert!(error.contains("not found"), "{error}");
@@ -189,8 +189,8 @@ async fn with_an_smtp_url_confirmations_and_cancellations_are_mailed_to_the_cust
     settings.saga.tick = Duration::from_millis(50);
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 5).await;
-    let gateway = orderly::app::payment_gateway(&settings).unwrap();
-    spawn(orderly::app::saga_runner(&settings, gateway).unwrap());
+    let gateway = orderly_service::app::payment_gateway(&settings).unwrap();
+    spawn(orderly_service::app::saga_runner(&settings, gateway).unwrap());
     let order_id = place_one(&api, "alice", "TEA").await;
 
     let confirmed = next_mail(&mut mails).await;
@@ -337,8 +337,8 @@ async fn the_runner_purges_only_settled_and_old_rows() {
         .await
         .unwrap()
         .get(0);
-    let pg_config = orderly::app::pg_config(&settings).unwrap();
-    orderly::command_side::skip_outbox(&pg_config, dead)
+    let pg_config = orderly_service::app::pg_config(&settings).unwrap();
+    orderly_service::command_side::skip_outbox(&pg_config, dead)
         .await
         .unwrap();
     assert!(maintenance::list(&client, false).await.unwrap().is_empty());
@@ -369,8 +369,8 @@ async fn an_unreachable_smtp_server_dead_letters_the_notification_with_its_error
     settings.saga.outbox_max_attempts = 2;
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 5).await;
-    let gateway = orderly::app::payment_gateway(&settings).unwrap();
-    spawn(orderly::app::saga_runner(&settings, gateway).unwrap());
+    let gateway = orderly_service::app::payment_gateway(&settings).unwrap();
+    spawn(orderly_service::app::saga_runner(&settings, gateway).unwrap());
     place_one(&api, "alice", "TEA").await;
     eventually(
         &db,
@@ -447,7 +447,7 @@ async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_r
     let api = start(&settings).await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let gateway = Arc::new(LostAnswers::default());
-    spawn(orderly::app::saga_runner(&settings, gateway.clone()).unwrap());
+    spawn(orderly_service::app::saga_runner(&settings, gateway.clone()).unwrap());
     let order_id = place_one(&api, "alice", "TEA").await;
     let payment = format!("payment-{order_id}");
 
@@ -509,7 +509,7 @@ async fn a_resolution_the_provider_cannot_answer_is_dead_lettered_then_retried_f
     register(&api, "TEA", 650, "EUR", 5).await;
     let gateway = Arc::new(LostAnswers::default());
     gateway.lookups_down.store(true, Ordering::SeqCst);
-    spawn(orderly::app::saga_runner(&settings, gateway.clone()).unwrap());
+    spawn(orderly_service::app::saga_runner(&settings, gateway.clone()).unwrap());
     let order_id = place_one(&api, "alice", "TEA").await;
 
     let dead = "select count(*) from outbox where kind = 'resolve' and attempts = 2
@@ -528,11 +528,11 @@ async fn a_resolution_the_provider_cannot_answer_is_dead_lettered_then_retried_f
     assert_eq!(gateway.provider.refunds(), 0);
 
     gateway.lookups_down.store(false, Ordering::SeqCst);
-    let pg_config = orderly::app::pg_config(&settings).unwrap();
+    let pg_config = orderly_service::app::pg_config(&settings).unwrap();
     let client = db.connect().await.unwrap();
     for letter in maintenance::list(&client, false).await.unwrap() {
         assert_eq!(letter.kind, "resolve", "{letter:?}");
-        orderly::command_side::retry_outbox(&pg_config, letter.outbox_id)
+        orderly_service::command_side::retry_outbox(&pg_config, letter.outbox_id)
             .await
             .unwrap();
     }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use orderly::app::App;
+use orderly_service::app::App;
 use serde_json::{Value, json};
 
 const ORDER: &str = "query($id: UUID!, $c: ConsistencyInput) {
@@ -592,7 +592,7 @@ async fn a_read_api_process_waits_for_runners_in_another_process() {
     let settings = settings_for(db.url());
     // Mutations and runners in one process, the read API alone in another (same database).
     let writer = start(&settings).await;
-    let reader_app = App::build_part(&settings, orderly::app::Part::Reads)
+    let reader_app = App::build_part(&settings, orderly_service::app::Part::Reads)
         .await
         .unwrap();
     let reader = Api {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use orderly::settings::Settings;
 use orderly_command_api::CommandError;
 use orderly_command_api::Handler;
 use orderly_command_api::saga::{
@@ -18,6 +17,7 @@ use orderly_domain::product::{Product, ProductAggregate};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
 use orderly_event_store::StreamName;
+use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -73,8 +73,8 @@ fn start_saga_config(
     gateway: Arc<dyn PaymentGateway>,
     config: SagaConfig,
 ) -> JoinHandle<()> {
-    let store = orderly::app::event_store(settings).unwrap();
-    let pg_config = orderly::app::pg_config(settings).unwrap();
+    let store = orderly_service::app::event_store(settings).unwrap();
+    let pg_config = orderly_service::app::pg_config(settings).unwrap();
     let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
     let runner = SagaRunner::new(config, store, pool, gateway);
     tokio::spawn(async move {
@@ -92,7 +92,7 @@ struct Log {
 impl Log {
     fn new(settings: &Settings) -> Self {
         Self {
-            handler: Handler::new(orderly::app::event_store(settings).unwrap()),
+            handler: Handler::new(orderly_service::app::event_store(settings).unwrap()),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use orderly::seed::{SeedOptions, run};
+use orderly_service::seed::{SeedOptions, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_small_seed_places_cancels_confirms_ships_and_delivers_through_the_command_path() {

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use orderly::app::App;
-use orderly::health::Health;
-use orderly::settings::Settings;
 use orderly_event_store::memory::MemoryEventStore;
+use orderly_service::app::App;
+use orderly_service::health::Health;
+use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
 
 fn settings_for(url: &str) -> Settings {

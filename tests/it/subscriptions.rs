@@ -11,9 +11,10 @@ use crate::common::*;
 use orderly_command_api::saga::SagaRunner;
 use serde_json::{Value, json};
 
-fn start_saga(settings: &orderly::settings::Settings) {
-    let gateway = orderly::app::payment_gateway(settings).unwrap();
-    let runner: SagaRunner = orderly::app::saga_runner(settings, gateway as Arc<_>).unwrap();
+fn start_saga(settings: &orderly_service::settings::Settings) {
+    let gateway = orderly_service::app::payment_gateway(settings).unwrap();
+    let runner: SagaRunner =
+        orderly_service::app::saga_runner(settings, gateway as Arc<_>).unwrap();
     tokio::spawn(runner.run_until_stopped(std::future::pending()));
 }
 

@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use orderly::settings::LogFormat;
+use orderly_service::settings::LogFormat;
 use serde_json::json;
 
 #[derive(Clone, Default)]
@@ -62,7 +62,7 @@ async fn a_placed_order_is_one_trace_from_the_request_to_the_projection_and_the_
             .add_service(TraceServiceServer::new(receiver.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    let telemetry = orderly::telemetry::init(LogFormat::Json, Some(&endpoint)).unwrap();
+    let telemetry = orderly_service::telemetry::init(LogFormat::Json, Some(&endpoint)).unwrap();
 
     let db = migrated_database().await;
     let api = start_with_saga(&settings_for(db.url())).await;

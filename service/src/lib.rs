@@ -1,6 +1,7 @@
 //! # Layout
 //!
-//! The one binary's library half, so that tests can start the whole service in-process.
+//! The service wiring: what the `orderly` binary runs, as a library that the integration tests
+//! (which start the whole service in-process) and the benchmarks use too.
 //!
 //! - `settings`: defaults < file < `ORDERLY_*` environment, with secrets kept out of logs.
 //! - `app`: builds the service from settings ([`app::App::build`]), binds it, and runs it until a
@@ -14,7 +15,7 @@
 //! - `seed`: `orderly seed`, a realistic workload written through the command path.
 //! - `telemetry`: structured logs (JSON or text) and traces (OTLP export).
 //!
-//! `main.rs` only parses the command line and calls into here.
+//! The binary's `src/main.rs` only parses the command line and calls into here.
 
 pub mod app;
 pub mod command_side;
