@@ -97,23 +97,17 @@ impl Default for WorkloadOptions {
     }
 }
 
-/// xorshift64*: enough randomness for workloads, reproducible from a seed, no dependency.
-struct Rng(u64);
+/// The generator's draws, reproducible from a seed: fastrand's, as `orderly seed` uses.
+struct Rng(fastrand::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
+    /// A number in `0..n` (0 when `n` is 0).
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        self.0.usize(..n.max(1))
     }
 
     fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+        self.0.u64(..100) < percent
     }
 }
 
@@ -158,7 +152,7 @@ fn text<T>(parse: impl Fn(String) -> Result<T, orderly_event_schemas::SchemaErro
 impl Workload {
     pub fn new(options: WorkloadOptions) -> Self {
         Self {
-            rng: Rng(options.seed.max(1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            rng: Rng(fastrand::Rng::with_seed(options.seed)),
             clock: Utc
                 .with_ymd_and_hms(2026, 1, 1, 8, 0, 0)
                 .single()
