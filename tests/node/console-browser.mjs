@@ -158,10 +158,16 @@ try {
   const graphiql = await context.newPage();
   graphiql.setDefaultTimeout(TIMEOUT);
   graphiql.on('pageerror', (error) => pageErrors.push(`graphiql: ${error.message}`));
+  // Runs on every load of the page before GraphiQL reads its storage, and so after whatever
+  // GraphiQL saved while the page before went away: the first load, and a load asked for with
+  // a `next-query`, open that query alone.
   await graphiql.addInitScript(([token]) => {
-    if (!sessionStorage.getItem('seeded')) {
+    const next = sessionStorage.getItem('next-query');
+    if (!sessionStorage.getItem('seeded') || next) {
       sessionStorage.setItem('seeded', '1');
-      localStorage.setItem('graphiql:query', '{ products(first: 3) { nodes { sku available } } }');
+      sessionStorage.removeItem('next-query');
+      localStorage.removeItem('graphiql:tabState');
+      localStorage.setItem('graphiql:query', next ?? '{ products(first: 3) { nodes { sku available } } }');
       localStorage.setItem('graphiql:headers', JSON.stringify({ Authorization: `Bearer ${token}` }));
     }
   }, [input.adminToken]);
@@ -171,13 +177,13 @@ try {
   await graphiql.locator('.result-window').filter({ hasText: 'lagMs' }).waitFor();
   await graphiql.screenshot({ path: join(input.screenshots, 'graphiql.png') });
   step('graphiql query');
-  await graphiql.evaluate(([token]) => {
-    // GraphiQL reopens its saved tabs; without them it starts from the saved query and headers.
-    localStorage.removeItem('graphiql:tabState');
-    localStorage.setItem('graphiql:headers', JSON.stringify({ Authorization: `Bearer ${token}` }));
-    localStorage.setItem('graphiql:query', 'subscription { events(category: "product") { type stream } }');
-  }, [input.adminToken]);
+  // Not written to GraphiQL's storage from here: it saves its tabs as the page unloads, over
+  // what was written (which made this step open the previous query now and then).
+  await graphiql.evaluate(() => {
+    sessionStorage.setItem('next-query', 'subscription { events(category: "product") { type stream } }');
+  });
   await graphiql.reload();
+  await graphiql.locator('.graphiql-query-editor').filter({ hasText: 'events(category' }).waitFor();
   await graphiql.locator('.graphiql-execute-button').click();
   await restockUntilSeen(graphiql.locator('.result-window').filter({ hasText: 'ProductRestocked' }))
     .catch(async (error) => {
