@@ -257,13 +257,18 @@ impl StateCache {
         }
     }
 
-    fn is_contended(&self, stream: &StreamName) -> bool {
-        self.states.lock().is_ok_and(|states| {
-            states
-                .get(stream)
-                .and_then(|cached| cached.contended_until)
-                .is_some_and(|until| Instant::now() < until)
-        })
+    /// The cached state of `stream` to decide on without a read: none while another writer
+    /// raced this process for it lately (see [`CONTENDED_FOR`]).
+    fn uncontended<S: Clone + 'static>(&self, stream: &StreamName) -> Option<Loaded<S>> {
+        let states = self.states.lock().ok()?;
+        let cached = states.get(stream)?;
+        if cached
+            .contended_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return None;
+        }
+        cached.loaded.as_ref()?.downcast_ref::<Loaded<S>>().cloned()
     }
 
     /// This process appended to `stream`: its cached state is behind until a read that
@@ -339,8 +344,7 @@ impl Handler {
         stream: &StreamName,
     ) -> Result<Loaded<A::State>, CommandError> {
         if self.optimistic
-            && !self.states.is_contended(stream)
-            && let Some((loaded, _)) = self.states.get::<A::State>(stream)
+            && let Some(loaded) = self.states.uncontended::<A::State>(stream)
         {
             return Ok(loaded);
         }
