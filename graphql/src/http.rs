@@ -279,7 +279,7 @@ async fn run<E: Executor>(
         Ok(params) => params,
         Err(refused) => return refused,
     };
-    let parsed = Parsed::from(gate, &params);
+    let parsed = Parsed::parse(gate, &params);
     // A GET can be sent by a link or a prefetching browser, so it never changes anything.
     let mutation = matches!(parsed.selected, Some((OperationKind::Mutation, _)));
     if mutation && parts.method == axum::http::Method::GET {
@@ -406,7 +406,7 @@ struct Parsed {
 }
 
 impl Parsed {
-    fn from<E>(gate: &Gate<E>, params: &Params) -> Self {
+    fn parse<E>(gate: &Gate<E>, params: &Params) -> Self {
         let mut graphql = params.to_request();
         let operation_name = graphql.operation_name.clone();
         let cached = gate.documents.get(&graphql.query);
