@@ -4,8 +4,9 @@
 //! `tok_ok` and sometimes `tok_declined`, some cancelled by their customer, and, once the saga
 //! has confirmed them, some shipped and delivered.
 //!
-//! Everything is drawn from one seeded generator, and order idempotency keys derive from the
-//! seed: running again with the same `--seed` places no order twice.
+//! What to write is drawn from one seeded generator (`orderly_testdata::shop`), and order
+//! idempotency keys derive from the seed: running again with the same `--seed` places no order
+//! twice.
 //!
 //! A command that fails transiently (the database restarting, a statement timed out) is sent
 //! again with jittered exponential backoff (`send`), for up to a minute of waiting
@@ -15,7 +16,6 @@
 //! (`send_unkeyed`).
 
 use std::cell::Cell;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,14 +27,12 @@ use orderly_command_api::{
     CommandError, CommandService, OrderIdScheme, PlaceOrder, RegisterProduct,
 };
 use orderly_domain::Rejection;
-use orderly_domain::order::{LineRequest, OrderAggregate, OrderStatus};
+use orderly_domain::order::{OrderAggregate, OrderStatus};
 use orderly_domain::streams;
-use orderly_domain::values::{
-    Address, AddressLine, Carrier, CountryCode, Currency, CustomerId, Money, OrderId, PaymentToken,
-    PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
-};
+use orderly_domain::values::{Currency, CustomerId, OrderId, PaymentToken, Reason};
 use orderly_event_store::{Position, StreamName};
 use orderly_graphql::{Actor, Role};
+use orderly_testdata::shop::{OrderDraw, ShipmentDraw, Shop, ShopDraws};
 use uuid::Uuid;
 
 use crate::settings::Settings;
@@ -102,35 +100,6 @@ pub struct SeedReport {
 /// Namespace of the request fingerprints of seeded orders (a fixed random UUID).
 const FINGERPRINT_NAMESPACE: Uuid = Uuid::from_u128(0x3c6e_0f4b_9d2a_4b17_8e55_c1a0_7f3d_92b6);
 
-const ADJECTIVES: [&str; 10] = [
-    "Green", "Smoky", "Ceramic", "Linen", "Walnut", "Copper", "Wool", "Glass", "Oak", "Cotton",
-];
-const NOUNS: [&str; 8] = [
-    "tea", "mug", "tray", "scarf", "bowl", "lamp", "notebook", "candle",
-];
-const FIRST_NAMES: [&str; 8] = [
-    "Ada", "Bruno", "Chloé", "Dmitri", "Elif", "Femi", "Greta", "Hugo",
-];
-const STREETS: [&str; 5] = [
-    "Main Street",
-    "Rue de la Paix",
-    "Hauptstraße",
-    "Calle Mayor",
-    "Via Roma",
-];
-/// (city, postal code, country)
-const CITIES: [(&str, &str, &str); 5] = [
-    ("Berlin", "10115", "DE"),
-    ("Lyon", "69001", "FR"),
-    ("Madrid", "28001", "ES"),
-    ("Milano", "20121", "IT"),
-    ("Amsterdam", "1011 AB", "NL"),
-];
-const CARRIERS: [&str; 4] = ["DHL", "UPS", "GLS", "DPD"];
-
-/// Units of a scarce product: a few orders of it are cancelled out of stock, as in a shop.
-const SCARCE_STOCK: u32 = 5;
-
 fn actor(sub: &str, role: Role) -> Actor {
     Actor {
         sub: sub.to_owned(),
@@ -138,62 +107,17 @@ fn actor(sub: &str, role: Role) -> Actor {
     }
 }
 
-fn sku(index: usize) -> anyhow::Result<Sku> {
-    Ok(Sku::parse(format!("SEED-{index:04}"))?)
-}
-
-/// One order, drawn before anything is sent so the workload does not depend on timing.
-struct Plan {
-    index: usize,
-    customer: String,
-    lines: Vec<LineRequest>,
-    token: &'static str,
-    address: Address,
-    cancel: bool,
-}
-
-fn plan(rng: &mut fastrand::Rng, index: usize, options: &SeedOptions) -> anyhow::Result<Plan> {
-    let count = rng.usize(1..=5).min(options.products);
-    let mut skus = HashSet::new();
-    let mut lines = Vec::with_capacity(count);
-    while lines.len() < count {
-        // Squaring skews demand towards the first products, as shop sales are.
-        let product =
-            ((rng.f64().powi(2) * options.products as f64) as usize).min(options.products - 1);
-        if !skus.insert(product) {
-            continue;
-        }
-        let quantity = if rng.f64() < 0.7 { 1 } else { rng.u32(2..=4) };
-        lines.push(LineRequest {
-            sku: sku(product)?,
-            quantity: Quantity::new(quantity)?,
-        });
+/// The shop these options ask for.
+fn shop(options: &SeedOptions) -> Shop {
+    Shop {
+        products: options.products,
+        customers: options.customers,
+        orders: options.orders,
+        declined_share: options.declined_share,
+        cancel_share: options.cancel_share,
+        ship_share: options.ship_share,
+        deliver_share: options.deliver_share,
     }
-    let (city, postal_code, country) = CITIES[rng.usize(..CITIES.len())];
-    let address = Address {
-        name: AddressLine::parse(FIRST_NAMES[rng.usize(..FIRST_NAMES.len())])?,
-        line1: AddressLine::parse(format!(
-            "{} {}",
-            rng.u32(1..200),
-            STREETS[rng.usize(..STREETS.len())]
-        ))?,
-        line2: None,
-        city: AddressLine::parse(city)?,
-        postal_code: PostalCode::parse(postal_code)?,
-        country: CountryCode::parse(country)?,
-    };
-    Ok(Plan {
-        index,
-        customer: format!("customer-{:04}", rng.usize(..options.customers.max(1))),
-        lines,
-        token: if rng.f64() < options.declined_share {
-            "tok_declined"
-        } else {
-            "tok_ok"
-        },
-        address,
-        cancel: rng.f64() < options.cancel_share,
-    })
 }
 
 /// A refusal the workload expects (a product registered by an earlier run, a cancellation
@@ -320,28 +244,20 @@ pub async fn seed(
         bail!("seeding needs at least one product and one customer");
     }
     let mut report = SeedReport::default();
-    let mut rng = fastrand::Rng::with_seed(options.seed);
+    let mut draws = ShopDraws::new(shop(options), options.seed);
     let admin = actor("seed-admin", Role::Admin);
     let warehouse = actor("seed-warehouse", Role::Warehouse);
     let eur = Currency::parse("EUR")?;
-    // Enough for the most popular product to serve every order, bar the scarce ones.
-    let stock = u32::try_from(options.orders.saturating_mul(2) + 50)
-        .unwrap_or(u32::MAX)
-        .min(1_000_000_000);
 
     phase(bar, "products", options.products);
     for index in 0..options.products {
-        let scarce = index + 2 >= options.products && options.products > 4;
+        let product = draws.product(index, eur)?;
         let command = RegisterProduct {
-            sku: sku(index)?,
-            name: ProductName::parse(format!(
-                "{} {}",
-                ADJECTIVES[index % ADJECTIVES.len()],
-                NOUNS[(index / ADJECTIVES.len() + index) % NOUNS.len()]
-            ))?,
+            sku: product.sku,
+            name: product.name,
             description: None,
-            price: Money::new(i64::from(rng.u32(199..=9999)), eur)?,
-            initial_stock: if scarce { SCARCE_STOCK } else { stock },
+            price: product.price,
+            initial_stock: product.initial_stock,
         };
         // A resend refused as already registered is counted as an earlier run's product.
         match send_keyed(|| service.register_product(Some(&admin), command.clone()))
@@ -356,8 +272,8 @@ pub async fn seed(
     }
 
     let plans = (0..options.orders)
-        .map(|index| plan(&mut rng, index, options))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|index| draws.order(index))
+        .collect::<Result<Vec<_>, _>>()?;
     phase(bar, "orders", plans.len());
     let placed: Vec<(OrderId, bool, bool)> = futures::stream::iter(plans)
         .map(|plan| place(service, options.seed, plan, bar))
@@ -382,18 +298,15 @@ pub async fn seed(
         .count();
     report.unsettled = statuses.len() - report.confirmed - report.cancelled;
 
-    let mut shipments: Vec<(OrderId, &'static str, u32, bool)> = Vec::new();
+    let mut shipments: Vec<(OrderId, ShipmentDraw)> = Vec::new();
     for id in &confirmed {
-        if rng.f64() < options.ship_share {
-            let carrier = CARRIERS[rng.usize(..CARRIERS.len())];
-            shipments.push((*id, carrier, rng.u32(..), rng.f64() < options.deliver_share));
+        if let Some(shipment) = draws.shipment()? {
+            shipments.push((*id, shipment));
         }
     }
     phase(bar, "shipments", shipments.len());
     let shipped: Vec<(bool, bool, Position)> = futures::stream::iter(shipments)
-        .map(|(id, carrier, tracking, deliver)| {
-            ship(service, &warehouse, id, carrier, tracking, deliver, bar)
-        })
+        .map(|(id, shipment)| ship(service, &warehouse, id, shipment, bar))
         .buffer_unordered(options.concurrency.max(1))
         .try_collect()
         .await?;
@@ -419,7 +332,7 @@ fn phase(bar: &ProgressBar, name: &'static str, length: usize) {
 async fn place(
     service: &CommandService,
     seed: u64,
-    plan: Plan,
+    plan: OrderDraw,
     bar: &ProgressBar,
 ) -> anyhow::Result<(OrderId, bool, bool)> {
     let customer = actor(&plan.customer, Role::Customer);
@@ -528,18 +441,17 @@ async fn ship(
     service: &CommandService,
     warehouse: &Actor,
     id: OrderId,
-    carrier: &str,
-    tracking: u32,
-    deliver: bool,
+    shipment: ShipmentDraw,
     bar: &ProgressBar,
 ) -> anyhow::Result<(bool, bool, Position)> {
     // A shipment or delivery that landed on an attempt whose answer was lost leaves
     // `written` where it was: the saga may then be waited for a little short of it.
     let mut written = Position::START;
-    let (carrier, tracking) = (
-        Carrier::parse(carrier)?,
-        TrackingNumber::parse(format!("{carrier}{tracking:010}"))?,
-    );
+    let ShipmentDraw {
+        carrier,
+        tracking,
+        deliver,
+    } = shipment;
     let send_shipment =
         || service.ship_order(Some(warehouse), id, carrier.clone(), tracking.clone(), None);
     let shipped = match send_unkeyed(service, id, Effect::Shipped, send_shipment).await {

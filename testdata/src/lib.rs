@@ -1,12 +1,13 @@
 //! # Layout
 //!
-//! Test data for tests and benchmarks, kept out of the crates that run in production.
+//! Test data, drawn reproducibly from a seed with one generator (fastrand), kept out of the
+//! crates that serve requests.
 //!
 //! - `workload`: [`workload::Workload`], realistic event histories made through the domain's
 //!   deciders, one append at a time and reproducible from a seed (the projections' tests, the
 //!   rebuild, lag and read benchmarks).
-//!
-//! `orderly seed` (`service/src/seed.rs`), which writes a workload through the running command path
-//! rather than straight into the store, stays with the service it drives.
+//! - `shop`: [`shop::ShopDraws`], the catalogue, orders and shipments `orderly seed` sends
+//!   through the running command path (`service/src/seed.rs` sends them, retries and counts).
 
+pub mod shop;
 pub mod workload;
