@@ -21,6 +21,8 @@
 //! - `tail`: follow the log in a terminal.
 //! - `vocabulary`: the words the read models store ([`vocabulary::OrderStatus`],
 //!   [`vocabulary::PaymentStatus`]), typed, shared with the read API.
+//! - `tables`: the read-model tables' names and columns ([`tables::Table`]), which the
+//!   handlers insert with and the read API selects with.
 //! - `migrations`: the read-model SQL under `migrations/` (see its README for each table).
 //! - `error`: [`ProjectionError`], this crate's one error type.
 
@@ -34,6 +36,7 @@ mod model;
 pub mod rebuild;
 mod runner;
 mod status;
+pub mod tables;
 pub mod tail;
 pub mod vocabulary;
 mod watch;

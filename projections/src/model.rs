@@ -7,6 +7,7 @@ use orderly_event_store::{EventFilter, Position, RecordedEvent};
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
+use crate::tables;
 
 /// The projections this crate runs. Each is one unit of consistency: its tables change together,
 /// in one transaction with its checkpoint, and are rebuilt and swapped together.
@@ -35,16 +36,16 @@ impl ProjectionName {
     pub fn tables(self) -> &'static [&'static str] {
         match self {
             Self::Orders => &[
-                "orders",
-                "order_search",
-                "order_lines",
-                "order_status_history",
-                "order_payments",
-                "customers",
-                "customer_lifetime_values",
-                "daily_sales",
+                tables::ORDERS.name,
+                tables::ORDER_SEARCH.name,
+                tables::ORDER_LINES.name,
+                tables::ORDER_STATUS_HISTORY.name,
+                tables::ORDER_PAYMENTS.name,
+                tables::CUSTOMERS.name,
+                tables::CUSTOMER_LIFETIME_VALUES.name,
+                tables::DAILY_SALES.name,
             ],
-            Self::Products => &["products"],
+            Self::Products => &[tables::PRODUCTS.name],
         }
     }
 

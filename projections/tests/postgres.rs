@@ -880,3 +880,40 @@ async fn the_tail_catches_up_then_stops_at_its_limit() {
         assert!(record["position"].as_str().expect("position").len() == 32);
     }
 }
+
+/// The tables the handlers write and the read API reads are the migrated ones: every column of
+/// each (names and types), no more and no fewer.
+#[tokio::test]
+async fn every_table_here_has_the_columns_of_the_migrated_one() {
+    let f = fixture().await;
+    let client = f.db.connect().await.expect("connect");
+    // How `information_schema` names the types the statements cast to.
+    fn udt(sql_type: &'static str) -> &'static str {
+        match sql_type {
+            "bigint" => "int8",
+            "int" => "int4",
+            other => other,
+        }
+    }
+    for table in orderly_projections::tables::ALL {
+        let mut migrated: Vec<(String, String)> = client
+            .query(
+                "select column_name::text, udt_name::text from information_schema.columns
+                 where table_schema = 'public' and table_name = $1",
+                &[&table.name],
+            )
+            .await
+            .expect("columns")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut listed: Vec<(String, String)> = table
+            .columns
+            .iter()
+            .map(|c| (c.name.to_owned(), udt(c.sql_type).to_owned()))
+            .collect();
+        migrated.sort();
+        listed.sort();
+        assert_eq!(listed, migrated, "table {}", table.name);
+    }
+}

@@ -16,18 +16,45 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use orderly_projections::tables::{
+    DAILY_SALES, ORDER_LINES, ORDER_PAYMENTS, ORDER_STATUS_HISTORY, ORDERS, PRODUCTS,
+};
 use orderly_projections::vocabulary::{OrderStatus, PaymentStatus};
 
 use crate::ReadError;
 
-/// `orders` joined with its payment, as every order statement selects it.
-const ORDER_COLUMNS: &str = "o.order_id, o.customer_id, o.status, o.total_minor, o.currency,
-    o.ship_name, o.ship_line1, o.ship_line2, o.ship_city, o.ship_postal_code, o.ship_country,
-    o.placed_at, o.updated_at, o.cancellation_reason, o.carrier, o.tracking_number,
-    o.shipped_at, o.delivered_at, o.version,
-    p.status, p.amount_minor, p.currency, p.attempts, p.failure_reason";
+/// `orders` joined with its payment, as every order statement selects it: every column of
+/// both, the order's first ([`order_row`] reads them by their place in the tables' lists).
+static ORDER_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{}, {}",
+        ORDERS.select_list(Some("o")),
+        ORDER_PAYMENTS.select_list(Some("p"))
+    )
+});
 
 const ORDER_FROM: &str = "orders o left join order_payments p on p.order_id = o.order_id";
+
+/// Where column `$name` of `orders` is in a row of [`ORDER_COLUMNS`].
+macro_rules! order_column {
+    ($name:literal) => {
+        const { ORDERS.index($name) }
+    };
+}
+
+/// Where column `$name` of `order_payments` is in a row of [`ORDER_COLUMNS`].
+macro_rules! payment_column {
+    ($name:literal) => {
+        const { ORDERS.columns.len() + ORDER_PAYMENTS.index($name) }
+    };
+}
+
+/// Where column `$name` of `$table` is in a row that selects the table's whole list.
+macro_rules! column {
+    ($table:ident, $name:literal) => {
+        const { $table.index($name) }
+    };
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderRow {
@@ -197,7 +224,10 @@ impl ReadStore {
     pub async fn order(&self, order_id: Uuid) -> Result<Option<OrderRow>, ReadError> {
         // Built once: the statement cache is keyed by the text, and this one runs most often.
         static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!("select {ORDER_COLUMNS} from {ORDER_FROM} where o.order_id = $1")
+            format!(
+                "select {} from {ORDER_FROM} where o.order_id = $1",
+                *ORDER_COLUMNS
+            )
         });
         let rows = self.query(&SQL, &[&order_id]).await?;
         rows.first().map(order_row).transpose()
@@ -256,8 +286,9 @@ impl ReadStore {
         params.push(&limit);
         let filter_sql = where_clause(&conditions);
         let sql = format!(
-            "select {ORDER_COLUMNS} from {ORDER_FROM}{join}{filter_sql}
+            "select {} from {ORDER_FROM}{join}{filter_sql}
              order by o.placed_at desc, o.order_id desc limit ${}",
+            *ORDER_COLUMNS,
             params.len()
         );
         self.query(&sql, &params)
@@ -272,23 +303,26 @@ impl ReadStore {
         &self,
         order_ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Vec<LineRow>>, ReadError> {
-        let rows = self
-            .query(
-                "select order_id, sku, name, quantity, unit_price_minor, line_total_minor, currency
-                 from order_lines where order_id = any($1) order by order_id, line_no",
-                &[&order_ids],
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "select {} from order_lines where order_id = any($1) order by order_id, line_no",
+                ORDER_LINES.select_list(None)
             )
-            .await?;
+        });
+        let rows = self.query(&SQL, &[&order_ids]).await?;
         let mut by_order: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
         for row in rows {
-            by_order.entry(row.try_get(0)?).or_default().push(LineRow {
-                sku: row.try_get(1)?,
-                name: row.try_get(2)?,
-                quantity: row.try_get(3)?,
-                unit_price_minor: row.try_get(4)?,
-                line_total_minor: row.try_get(5)?,
-                currency: row.try_get(6)?,
-            });
+            by_order
+                .entry(row.try_get(column!(ORDER_LINES, "order_id"))?)
+                .or_default()
+                .push(LineRow {
+                    sku: row.try_get(column!(ORDER_LINES, "sku"))?,
+                    name: row.try_get(column!(ORDER_LINES, "name"))?,
+                    quantity: row.try_get(column!(ORDER_LINES, "quantity"))?,
+                    unit_price_minor: row.try_get(column!(ORDER_LINES, "unit_price_minor"))?,
+                    line_total_minor: row.try_get(column!(ORDER_LINES, "line_total_minor"))?,
+                    currency: row.try_get(column!(ORDER_LINES, "currency"))?,
+                });
         }
         Ok(by_order)
     }
@@ -298,37 +332,39 @@ impl ReadStore {
         &self,
         order_ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Vec<StatusRow>>, ReadError> {
-        let rows = self
-            .query(
-                "select order_id, version, status, at, reason from order_status_history
-                 where order_id = any($1) order by order_id, version",
-                &[&order_ids],
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "select {} from order_status_history where order_id = any($1)
+                 order by order_id, version",
+                ORDER_STATUS_HISTORY.select_list(None)
             )
-            .await?;
+        });
+        let rows = self.query(&SQL, &[&order_ids]).await?;
         let mut by_order: HashMap<Uuid, Vec<StatusRow>> = HashMap::new();
         for row in rows {
             by_order
-                .entry(row.try_get(0)?)
+                .entry(row.try_get(column!(ORDER_STATUS_HISTORY, "order_id"))?)
                 .or_default()
                 .push(StatusRow {
-                    version: row.try_get(1)?,
-                    status: row.try_get::<_, &str>(2)?.parse()?,
-                    at: row.try_get(3)?,
-                    reason: row.try_get(4)?,
+                    version: row.try_get(column!(ORDER_STATUS_HISTORY, "version"))?,
+                    status: row
+                        .try_get::<_, &str>(column!(ORDER_STATUS_HISTORY, "status"))?
+                        .parse()?,
+                    at: row.try_get(column!(ORDER_STATUS_HISTORY, "at"))?,
+                    reason: row.try_get(column!(ORDER_STATUS_HISTORY, "reason"))?,
                 });
         }
         Ok(by_order)
     }
 
     pub async fn product(&self, sku: &str) -> Result<Option<ProductRow>, ReadError> {
-        let rows = self
-            .query(
-                "select sku, name, description, price_minor, currency, on_hand, reserved,
-                        available, version
-                 from products where sku = $1",
-                &[&sku],
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "select {} from products where sku = $1",
+                PRODUCTS.select_list(None)
             )
-            .await?;
+        });
+        let rows = self.query(&SQL, &[&sku]).await?;
         rows.first().map(product_row).transpose()
     }
 
@@ -362,9 +398,8 @@ impl ReadStore {
         params.push(&limit);
         let filter_sql = where_clause(&conditions);
         let sql = format!(
-            "select sku, name, description, price_minor, currency, on_hand, reserved,
-                    available, version
-             from products{filter_sql} order by name, sku limit ${}",
+            "select {} from products{filter_sql} order by name, sku limit ${}",
+            PRODUCTS.select_list(None),
             params.len()
         );
         self.query(&sql, &params)
@@ -408,21 +443,21 @@ impl ReadStore {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<DailySalesRow>, ReadError> {
-        let rows = self
-            .query(
-                "select date, currency, orders, cancelled, revenue_minor from daily_sales
-                 where date between $1 and $2 order by date, currency",
-                &[&from, &to],
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "select {} from daily_sales where date between $1 and $2 order by date, currency",
+                DAILY_SALES.select_list(None)
             )
-            .await?;
+        });
+        let rows = self.query(&SQL, &[&from, &to]).await?;
         rows.iter()
             .map(|row| {
                 Ok(DailySalesRow {
-                    date: row.try_get(0)?,
-                    currency: row.try_get(1)?,
-                    orders: row.try_get(2)?,
-                    cancelled: row.try_get(3)?,
-                    revenue_minor: row.try_get(4)?,
+                    date: row.try_get(column!(DAILY_SALES, "date"))?,
+                    currency: row.try_get(column!(DAILY_SALES, "currency"))?,
+                    orders: row.try_get(column!(DAILY_SALES, "orders"))?,
+                    cancelled: row.try_get(column!(DAILY_SALES, "cancelled"))?,
+                    revenue_minor: row.try_get(column!(DAILY_SALES, "revenue_minor"))?,
                 })
             })
             .collect()
@@ -438,54 +473,54 @@ fn where_clause(conditions: &[String]) -> String {
     }
 }
 
-/// The same columns the projection's own row type reads; the two sides map the table each for
-/// its own purpose (the projection folds events over it, this answers queries).
+/// An order and its payment from a row of [`ORDER_COLUMNS`]. The projection maps the same
+/// tables to its own row type, for folding events over them rather than answering queries.
 fn order_row(row: &Row) -> Result<OrderRow, ReadError> {
-    let payment_status: Option<&str> = row.try_get(19)?;
+    let payment_status: Option<&str> = row.try_get(payment_column!("status"))?;
     let payment = match payment_status {
         None => None,
         Some(status) => Some(PaymentRow {
             status: status.parse()?,
-            amount_minor: row.try_get(20)?,
-            currency: row.try_get(21)?,
-            attempts: row.try_get(22)?,
-            failure_reason: row.try_get(23)?,
+            amount_minor: row.try_get(payment_column!("amount_minor"))?,
+            currency: row.try_get(payment_column!("currency"))?,
+            attempts: row.try_get(payment_column!("attempts"))?,
+            failure_reason: row.try_get(payment_column!("failure_reason"))?,
         }),
     };
     Ok(OrderRow {
-        order_id: row.try_get(0)?,
-        customer_id: row.try_get(1)?,
-        status: row.try_get::<_, &str>(2)?.parse()?,
-        total_minor: row.try_get(3)?,
-        currency: row.try_get(4)?,
-        ship_name: row.try_get(5)?,
-        ship_line1: row.try_get(6)?,
-        ship_line2: row.try_get(7)?,
-        ship_city: row.try_get(8)?,
-        ship_postal_code: row.try_get(9)?,
-        ship_country: row.try_get(10)?,
-        placed_at: row.try_get(11)?,
-        updated_at: row.try_get(12)?,
-        cancellation_reason: row.try_get(13)?,
-        carrier: row.try_get(14)?,
-        tracking_number: row.try_get(15)?,
-        shipped_at: row.try_get(16)?,
-        delivered_at: row.try_get(17)?,
-        version: row.try_get(18)?,
+        order_id: row.try_get(order_column!("order_id"))?,
+        customer_id: row.try_get(order_column!("customer_id"))?,
+        status: row.try_get::<_, &str>(order_column!("status"))?.parse()?,
+        total_minor: row.try_get(order_column!("total_minor"))?,
+        currency: row.try_get(order_column!("currency"))?,
+        ship_name: row.try_get(order_column!("ship_name"))?,
+        ship_line1: row.try_get(order_column!("ship_line1"))?,
+        ship_line2: row.try_get(order_column!("ship_line2"))?,
+        ship_city: row.try_get(order_column!("ship_city"))?,
+        ship_postal_code: row.try_get(order_column!("ship_postal_code"))?,
+        ship_country: row.try_get(order_column!("ship_country"))?,
+        placed_at: row.try_get(order_column!("placed_at"))?,
+        updated_at: row.try_get(order_column!("updated_at"))?,
+        cancellation_reason: row.try_get(order_column!("cancellation_reason"))?,
+        carrier: row.try_get(order_column!("carrier"))?,
+        tracking_number: row.try_get(order_column!("tracking_number"))?,
+        shipped_at: row.try_get(order_column!("shipped_at"))?,
+        delivered_at: row.try_get(order_column!("delivered_at"))?,
+        version: row.try_get(order_column!("version"))?,
         payment,
     })
 }
 
 fn product_row(row: &Row) -> Result<ProductRow, ReadError> {
     Ok(ProductRow {
-        sku: row.try_get(0)?,
-        name: row.try_get(1)?,
-        description: row.try_get(2)?,
-        price_minor: row.try_get(3)?,
-        currency: row.try_get(4)?,
-        on_hand: row.try_get(5)?,
-        reserved: row.try_get(6)?,
-        available: row.try_get(7)?,
-        version: row.try_get(8)?,
+        sku: row.try_get(column!(PRODUCTS, "sku"))?,
+        name: row.try_get(column!(PRODUCTS, "name"))?,
+        description: row.try_get(column!(PRODUCTS, "description"))?,
+        price_minor: row.try_get(column!(PRODUCTS, "price_minor"))?,
+        currency: row.try_get(column!(PRODUCTS, "currency"))?,
+        on_hand: row.try_get(column!(PRODUCTS, "on_hand"))?,
+        reserved: row.try_get(column!(PRODUCTS, "reserved"))?,
+        available: row.try_get(column!(PRODUCTS, "available"))?,
+        version: row.try_get(column!(PRODUCTS, "version"))?,
     })
 }

@@ -8,6 +8,7 @@
 //! that old day.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Transaction;
@@ -19,6 +20,7 @@ use uuid::Uuid;
 use super::{Decoded, Params, ParkReason, execute_all, fold, params};
 use crate::error::ProjectionError;
 use crate::model::{DeadLetterPolicy, Outcome};
+use crate::tables;
 use crate::vocabulary::{OrderStatus, PaymentStatus};
 
 /// What the fold needs of an order: the columns that change, and those a cancellation reads.
@@ -438,14 +440,7 @@ from order_payments where order_id = any($1)";
 // New rows are inserted and loaded ones updated (see `OrderRow::placement`); rows that only ever
 // get inserted (search documents, lines, history) belong to a newly placed order or carry the
 // version of an event the fold admitted, so they cannot be there yet either.
-const INSERT_ORDERS: &str = "
-insert into orders (order_id, customer_id, total_minor, currency, ship_name, ship_line1,
-    ship_line2, ship_city, ship_postal_code, ship_country, placed_at, status, updated_at,
-    cancellation_reason, carrier, tracking_number, shipped_at, delivered_at, version)
-select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
-    $13::timestamptz[], $14::text[], $15::text[], $16::text[], $17::timestamptz[],
-    $18::timestamptz[], $19::bigint[])";
+static INSERT_ORDERS: LazyLock<String> = LazyLock::new(|| tables::ORDERS.insert_from_arrays());
 
 /// The columns after `order_id` are those of [`changing`], in its order.
 const UPDATE_ORDERS: &str = "
@@ -464,21 +459,13 @@ insert into order_search (order_id, search_document)
 select s.order_id, to_tsvector('simple', s.text)
 from unnest($1::uuid[], $2::text[]) as s(order_id, text)";
 
-const INSERT_LINES: &str = "
-insert into order_lines (order_id, line_no, sku, name, quantity, unit_price_minor,
-    line_total_minor, currency)
-select * from unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[],
-    $7::bigint[], $8::text[])";
+static INSERT_LINES: LazyLock<String> = LazyLock::new(|| tables::ORDER_LINES.insert_from_arrays());
 
-const INSERT_HISTORY: &str = "
-insert into order_status_history (order_id, version, status, at, reason)
-select * from unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[])";
+static INSERT_HISTORY: LazyLock<String> =
+    LazyLock::new(|| tables::ORDER_STATUS_HISTORY.insert_from_arrays());
 
-const INSERT_PAYMENTS: &str = "
-insert into order_payments (order_id, status, amount_minor, currency, attempts, failure_reason,
-    version)
-select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[],
-    $7::bigint[])";
+static INSERT_PAYMENTS: LazyLock<String> =
+    LazyLock::new(|| tables::ORDER_PAYMENTS.insert_from_arrays());
 
 const UPDATE_PAYMENTS: &str = "
 update order_payments p set
@@ -489,26 +476,32 @@ from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::tex
     as u(order_id, status, amount_minor, currency, attempts, failure_reason, version)
 where p.order_id = u.order_id and p.version < u.version";
 
-const WRITE_CUSTOMERS: &str = "
-insert into customers (customer_id, order_count, last_order_at)
-select * from unnest($1::text[], $2::int[], $3::timestamptz[])
-on conflict (customer_id) do update set
-    order_count = customers.order_count + excluded.order_count,
-    last_order_at = greatest(customers.last_order_at, excluded.last_order_at)";
+static WRITE_CUSTOMERS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} on conflict (customer_id) do update set
+            order_count = customers.order_count + excluded.order_count,
+            last_order_at = greatest(customers.last_order_at, excluded.last_order_at)",
+        tables::CUSTOMERS.insert_from_arrays()
+    )
+});
 
-const WRITE_LIFETIME_VALUES: &str = "
-insert into customer_lifetime_values (customer_id, currency, amount_minor)
-select * from unnest($1::text[], $2::text[], $3::bigint[])
-on conflict (customer_id, currency) do update set
-    amount_minor = customer_lifetime_values.amount_minor + excluded.amount_minor";
+static WRITE_LIFETIME_VALUES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} on conflict (customer_id, currency) do update set
+            amount_minor = customer_lifetime_values.amount_minor + excluded.amount_minor",
+        tables::CUSTOMER_LIFETIME_VALUES.insert_from_arrays()
+    )
+});
 
-const WRITE_SALES: &str = "
-insert into daily_sales (date, currency, orders, cancelled, revenue_minor)
-select * from unnest($1::date[], $2::text[], $3::int[], $4::int[], $5::bigint[])
-on conflict (date, currency) do update set
-    orders = daily_sales.orders + excluded.orders,
-    cancelled = daily_sales.cancelled + excluded.cancelled,
-    revenue_minor = daily_sales.revenue_minor + excluded.revenue_minor";
+static WRITE_SALES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} on conflict (date, currency) do update set
+            orders = daily_sales.orders + excluded.orders,
+            cancelled = daily_sales.cancelled + excluded.cancelled,
+            revenue_minor = daily_sales.revenue_minor + excluded.revenue_minor",
+        tables::DAILY_SALES.insert_from_arrays()
+    )
+});
 
 pub(crate) async fn apply(
     tx: &Transaction<'_>,
@@ -661,7 +654,7 @@ fn write_orders<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
             col(o, |o| o.placed_at),
         ];
         params.extend(changing(o));
-        statements.push((INSERT_ORDERS, params));
+        statements.push((&INSERT_ORDERS, params));
         statements.push((
             INSERT_SEARCH,
             params![col(o, |o| o.order_id), col(p, |p| p.search_text.as_str()),],
@@ -679,7 +672,7 @@ fn write_lines_and_history<'s>(state: &'s Fold, statements: &mut Statements<'s>)
     if !state.lines.is_empty() {
         let l = &state.lines;
         statements.push((
-            INSERT_LINES,
+            &INSERT_LINES,
             params![
                 l.iter().map(|x| x.order_id).collect::<Vec<_>>(),
                 l.iter().map(|x| x.line_no).collect::<Vec<_>>(),
@@ -695,7 +688,7 @@ fn write_lines_and_history<'s>(state: &'s Fold, statements: &mut Statements<'s>)
     if !state.history.is_empty() {
         let h = &state.history;
         statements.push((
-            INSERT_HISTORY,
+            &INSERT_HISTORY,
             params![
                 h.iter().map(|x| x.order_id).collect::<Vec<_>>(),
                 h.iter().map(|x| x.version).collect::<Vec<_>>(),
@@ -713,7 +706,7 @@ fn write_payments<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
         .values()
         .filter(|p| p.dirty)
         .partition(|p| p.stored);
-    for (sql, p) in [(INSERT_PAYMENTS, inserted), (UPDATE_PAYMENTS, updated)] {
+    for (sql, p) in [(INSERT_PAYMENTS.as_str(), inserted), (UPDATE_PAYMENTS, updated)] {
         if p.is_empty() {
             continue;
         }
@@ -739,7 +732,7 @@ fn write_aggregates<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     if !state.customers.is_empty() {
         let c: Vec<(&String, &CustomerDelta)> = state.customers.iter().collect();
         statements.push((
-            WRITE_CUSTOMERS,
+            &WRITE_CUSTOMERS,
             params![
                 c.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
                 c.iter().map(|x| x.1.order_count).collect::<Vec<_>>(),
@@ -750,7 +743,7 @@ fn write_aggregates<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     if !state.lifetime_values.is_empty() {
         let v: Vec<(&(String, String), &i64)> = state.lifetime_values.iter().collect();
         statements.push((
-            WRITE_LIFETIME_VALUES,
+            &WRITE_LIFETIME_VALUES,
             params![
                 v.iter().map(|x| x.0.0.as_str()).collect::<Vec<_>>(),
                 v.iter().map(|x| x.0.1.as_str()).collect::<Vec<_>>(),
@@ -761,7 +754,7 @@ fn write_aggregates<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
     if !state.sales.is_empty() {
         let s: Vec<(&(NaiveDate, String), &SalesDelta)> = state.sales.iter().collect();
         statements.push((
-            WRITE_SALES,
+            &WRITE_SALES,
             params![
                 s.iter().map(|x| x.0.0).collect::<Vec<_>>(),
                 s.iter().map(|x| x.0.1.as_str()).collect::<Vec<_>>(),
