@@ -33,8 +33,7 @@ async fn placed_orders(db: &orderly_test_support::TestDb) -> Vec<(OrderPlaced, S
 
 #[tokio::test]
 async fn products_are_registered_restocked_and_repriced_with_versions_and_tokens() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let answer = api
         .gql(
             Some(&admin()),
@@ -80,8 +79,7 @@ async fn products_are_registered_restocked_and_repriced_with_versions_and_tokens
 
 #[tokio::test]
 async fn a_price_changed_through_the_api_prices_the_next_order_at_once() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let alice = customer("alice");
     let tea = || order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
@@ -106,8 +104,7 @@ async fn a_price_changed_through_the_api_prices_the_next_order_at_once() {
 
 #[tokio::test]
 async fn a_stale_expected_version_is_a_conflict_that_names_the_actual_version() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "MUG", 1200, "EUR", 3).await;
     let answer = api
         .gql(
@@ -122,8 +119,7 @@ async fn a_stale_expected_version_is_a_conflict_that_names_the_actual_version() 
 
 #[tokio::test]
 async fn an_order_is_placed_cancelled_by_its_customer_and_a_second_cancel_appends_nothing() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     register(&api, "MUG", 1200, "EUR", 10).await;
     let alice = customer("alice");
@@ -189,8 +185,7 @@ async fn an_order_is_placed_cancelled_by_its_customer_and_a_second_cancel_append
 
 #[tokio::test]
 async fn shipping_an_unpaid_order_is_rejected_with_a_reason_and_customers_may_not_ship() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let order_id = place_one(&api, "alice", "TEA").await;
     let forbidden = api
@@ -223,8 +218,7 @@ async fn shipping_an_unpaid_order_is_rejected_with_a_reason_and_customers_may_no
 
 #[tokio::test]
 async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let alice = customer("alice");
     let mut input = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
@@ -256,8 +250,7 @@ async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing(
 
 #[tokio::test]
 async fn concurrent_calls_with_one_key_place_one_order() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 100).await;
     let alice = customer("alice");
     let mut input = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
@@ -278,8 +271,7 @@ async fn concurrent_calls_with_one_key_place_one_order() {
 
 #[tokio::test]
 async fn racing_calls_with_one_key_and_two_requests_place_one_and_refuse_the_other() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 100).await;
     let alice = customer("alice");
     let mut one = order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok");
@@ -316,8 +308,7 @@ async fn racing_calls_with_one_key_and_two_requests_place_one_and_refuse_the_oth
 
 #[tokio::test]
 async fn a_key_whose_request_was_refused_may_be_used_for_the_corrected_request() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let alice = customer("alice");
     let mut wrong = order_input(json!([{ "sku": "COFFEE", "quantity": 1 }]), "tok_ok");
@@ -332,8 +323,7 @@ async fn a_key_whose_request_was_refused_may_be_used_for_the_corrected_request()
 
 #[tokio::test]
 async fn without_a_valid_token_mutations_are_unauthenticated() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let input = json!({ "input": { "sku": "X", "name": "X", "priceMinor": 1, "currency": "EUR", "initialStock": 1 } });
     let anonymous = api.gql(None, REGISTER, input.clone()).await;
     assert_eq!(anonymous.code(), "UNAUTHENTICATED");
@@ -389,8 +379,7 @@ async fn an_unreachable_store_is_unavailable_without_connection_detail() {
 
 #[tokio::test]
 async fn a_corrupt_stream_is_an_internal_error_that_says_only_the_request_id() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     db.connect()
         .await
         .unwrap()
@@ -413,8 +402,7 @@ async fn a_corrupt_stream_is_an_internal_error_that_says_only_the_request_id() {
 /// Each bad request answers a contract error with the field named, never a 5xx.
 #[tokio::test]
 async fn bad_input_of_every_kind_is_a_contract_error_never_a_server_error() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     register(&api, "USD-MUG", 900, "USD", 10).await;
     let alice = customer("alice");
@@ -464,8 +452,7 @@ async fn bad_input_of_every_kind_is_a_contract_error_never_a_server_error() {
 
 #[tokio::test]
 async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let token = crate::common::orderly_cli(&[
         "token",
         "--sub",
@@ -493,8 +480,7 @@ async fn a_token_printed_by_the_cli_is_accepted_by_the_api() {
 
 #[tokio::test]
 async fn every_event_carries_its_actor_command_and_the_callers_trace() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 1).await;
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let body = json!({ "query": RESTOCK, "variables": { "sku": "TEA", "q": 2 } });
@@ -531,8 +517,7 @@ async fn every_event_carries_its_actor_command_and_the_callers_trace() {
 /// CONFLICT would send a client into a reload loop, a REJECTED would blame the command.
 #[tokio::test]
 async fn commands_on_an_aggregate_that_does_not_exist_are_not_found_with_or_without_a_version() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     let deliver = "mutation($id: UUID!, $v: Int) {
       markDelivered(orderId: $id, expectedVersion: $v) { id version events replayed } }";
     let missing = uuid::Uuid::now_v7().to_string();
@@ -599,8 +584,7 @@ async fn commands_on_an_aggregate_that_does_not_exist_are_not_found_with_or_with
 /// existence nor its version can be probed; the owner still gets CONFLICT for a stale one.
 #[tokio::test]
 async fn another_customers_order_is_not_found_even_with_an_expected_version() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let order_id = place_one(&api, "alice", "TEA").await;
     for version in [0, 5] {

@@ -94,6 +94,23 @@ pub async fn start(settings: &Settings) -> Api {
     }
 }
 
+/// The start of most scenarios: the app served on a fresh migrated database. Keep `db` bound
+/// for as long as the test runs (the database is dropped with it).
+pub struct Shop {
+    pub db: TestDb,
+    pub settings: Settings,
+    pub api: Api,
+}
+
+impl Shop {
+    pub async fn open() -> Self {
+        let db = migrated_database().await;
+        let settings = settings_for(db.url());
+        let api = start(&settings).await;
+        Self { db, settings, api }
+    }
+}
+
 /// As [`start`], with the fulfilment saga runner (the configured gateway) beside it, as
 /// `orderly serve` runs them.
 pub async fn start_with_saga(settings: &Settings) -> Api {
@@ -224,16 +241,31 @@ pub fn order_input(lines: Value, token: &str) -> Value {
     json!({ "input": { "lines": lines, "paymentToken": token, "shippingAddress": address() } })
 }
 
-/// Places an order of one unit of `sku`, paid with tok_ok, as customer `sub`; its id.
-pub async fn place_one(api: &Api, sub: &str, sku: &str) -> String {
-    let placed = api
+/// What placeOrder answered: the order's id and the mutation's consistency token.
+pub struct Placed {
+    pub id: String,
+    pub token: String,
+}
+
+/// Places an order of `quantity` units of `sku` as customer `sub`, paid with `payment_token`.
+pub async fn place(api: &Api, sub: &str, sku: &str, quantity: i64, payment_token: &str) -> Placed {
+    let answer = api
         .gql(
             Some(&customer(sub)),
             PLACE,
-            order_input(json!([{ "sku": sku, "quantity": 1 }]), "tok_ok"),
+            order_input(json!([{ "sku": sku, "quantity": quantity }]), payment_token),
         )
         .await;
-    placed.data("placeOrder")["id"].as_str().unwrap().to_owned()
+    let placed = answer.data("placeOrder");
+    Placed {
+        id: placed["id"].as_str().unwrap().to_owned(),
+        token: placed["token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// Places an order of one unit of `sku`, paid with tok_ok, as customer `sub`; its id.
+pub async fn place_one(api: &Api, sub: &str, sku: &str) -> String {
+    place(api, sub, sku, 1, "tok_ok").await.id
 }
 
 // graphql-transport-ws over a WebSocket, for subscriptions.

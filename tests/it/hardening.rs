@@ -19,8 +19,7 @@ async fn events(db: &orderly_test_support::TestDb) -> i64 {
 
 #[tokio::test]
 async fn control_characters_in_any_argument_are_bad_user_input_and_write_nothing() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     register(&api, "MUG", 1250, "EUR", 10).await;
     let admin = admin();
     let alice = customer("alice");
@@ -89,8 +88,7 @@ async fn control_characters_in_any_argument_are_bad_user_input_and_write_nothing
 
 #[tokio::test]
 async fn times_and_cursors_postgres_cannot_hold_are_bad_user_input() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let admin = admin();
     let far_past = api
         .gql(
@@ -138,8 +136,7 @@ async fn times_and_cursors_postgres_cannot_hold_are_bad_user_input() {
 
 #[tokio::test]
 async fn only_iso_4217_currencies_are_accepted() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db, api, .. } = Shop::open().await;
     let before = events(&db).await;
     for currency in ["ZZZ", "XXX", "eur"] {
         let answer = api
@@ -164,8 +161,7 @@ async fn only_iso_4217_currencies_are_accepted() {
 
 #[tokio::test]
 async fn a_token_without_a_role_reads_nothing_not_even_its_subjects_orders() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "MUG", 1250, "EUR", 10).await;
     let id = place_one(&api, "alice", "MUG").await;
     let roleless = token("alice", &[]);
@@ -258,8 +254,7 @@ async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_t
 
 #[tokio::test]
 async fn someone_elses_order_and_a_missing_one_answer_alike_everywhere() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "MUG", 1250, "EUR", 10).await;
     let alices = place_one(&api, "alice", "MUG").await;
     let missing = uuid::Uuid::new_v4().to_string();
@@ -311,17 +306,9 @@ async fn someone_elses_order_and_a_missing_one_answer_alike_everywhere() {
 
 #[tokio::test]
 async fn no_answer_carries_a_payment_token_whoever_asks() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "MUG", 1250, "EUR", 10).await;
-    let placed = api
-        .gql(
-            Some(&customer("alice")),
-            PLACE,
-            order_input(json!([{ "sku": "MUG", "quantity": 1 }]), "tok_ok_4242"),
-        )
-        .await;
-    let id = placed.data("placeOrder")["id"].as_str().unwrap().to_owned();
+    let id = place(&api, "alice", "MUG", 1, "tok_ok_4242").await.id;
     for reader in [warehouse(), admin(), customer("alice")] {
         let answer = api
             .gql(

@@ -216,8 +216,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 async fn an_open_subscription_counts_until_its_socket_closes() {
     use futures::StreamExt;
 
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let mut socket = connect(&api, Some(&admin())).await;
     let query = "subscription { events(category: \"product\") { type } }";
     subscribe(&mut socket, "1", query, json!({})).await;

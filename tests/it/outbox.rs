@@ -57,9 +57,7 @@ fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
 
 #[tokio::test]
 async fn a_failing_notification_is_retried_dead_lettered_and_delivered_after_a_cli_retry() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let flaky = Arc::new(Flaky::default());
     flaky.failing.store(true, Ordering::SeqCst);

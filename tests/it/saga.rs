@@ -52,6 +52,14 @@ fn start_saga(settings: &Settings, gateway: Arc<dyn PaymentGateway>) -> JoinHand
     start_saga_with(settings, gateway, timing)
 }
 
+/// The saga on the simulator gateway behind fast resilience settings: the simulator, to count
+/// and steer charges, and the runner.
+fn simulated_saga(settings: &Settings) -> (Arc<Simulator>, JoinHandle<()>) {
+    let simulator = Arc::new(Simulator::default());
+    let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    (simulator, start_saga(settings, gateway))
+}
+
 fn start_saga_with(
     settings: &Settings,
     gateway: Arc<dyn PaymentGateway>,
@@ -154,32 +162,23 @@ impl Log {
     }
 }
 
-async fn place(api: &Api, customer_id: &str, sku: &str, quantity: i64, token: &str) -> String {
-    let answer = api
-        .gql(
-            Some(&customer(customer_id)),
-            PLACE,
-            order_input(json!([{ "sku": sku, "quantity": quantity }]), token),
-        )
-        .await;
-    answer.data("placeOrder")["id"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_orders_for_the_last_ten_units_confirm_ten_and_cancel_forty_out_of_stock() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop {
+        db: _db,
+        settings,
+        api,
+    } = Shop::open().await;
     register(&api, "LAST", 500, "EUR", 10).await;
-    let simulator = Arc::new(Simulator::default());
-    let _saga = start_saga(
-        &settings,
-        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
-    );
+    let (simulator, _saga) = simulated_saga(&settings);
 
     let placing = (0..50).map(|i| {
         let api = &api;
-        async move { place(api, &format!("customer-{i}"), "LAST", 1, "tok_ok").await }
+        async move {
+            place(api, &format!("customer-{i}"), "LAST", 1, "tok_ok")
+                .await
+                .id
+        }
     });
     let ids = futures::future::join_all(placing).await;
     let log = Log::new(&settings);
@@ -233,16 +232,10 @@ async fn fifty_orders_for_the_last_ten_units_confirm_ten_and_cancel_forty_out_of
 
 #[tokio::test]
 async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
-    let simulator = Arc::new(Simulator::default());
-    let _saga = start_saga(
-        &settings,
-        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
-    );
-    let id = place(&api, "alice", "TEA", 2, "tok_declined").await;
+    let (simulator, _saga) = simulated_saga(&settings);
+    let id = place(&api, "alice", "TEA", 2, "tok_declined").await.id;
     let log = Log::new(&settings);
     let order = log
         .settled(std::slice::from_ref(&id), Duration::from_secs(30))
@@ -269,14 +262,12 @@ async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
 /// One card failing on its own is retried, not taken for a provider outage.
 #[tokio::test]
 async fn a_card_that_keeps_failing_is_retried_until_the_deadline_cancels_and_releases() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let simulator = Arc::new(Simulator::default());
     let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
     let _saga = start_saga_with(&settings, gateway.clone(), fast_timing());
-    let id = place(&api, "alice", "TEA", 1, "tok_unavailable").await;
+    let id = place(&api, "alice", "TEA", 1, "tok_unavailable").await.id;
 
     let log = Log::new(&settings);
     let started = Instant::now();
@@ -318,9 +309,7 @@ async fn a_card_that_keeps_failing_is_retried_until_the_deadline_cancels_and_rel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarting_the_runner_mid_flight_never_charges_twice() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 100).await;
     let simulator = Arc::new(Simulator::default());
     // A deadline far beyond the slow answers and the outbox lease: only restarts are tested.
@@ -333,7 +322,7 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     let mut ids = Vec::new();
     for i in 0..6 {
         let token = if i % 2 == 0 { "tok_slow" } else { "tok_ok" };
-        ids.push(place(&api, &format!("c{i}"), "TEA", 1, token).await);
+        ids.push(place(&api, &format!("c{i}"), "TEA", 1, token).await.id);
     }
     // Kill the runner while charges are in flight: at least one taken, not all recorded.
     let started = Instant::now();
@@ -399,9 +388,7 @@ impl PaymentGateway for RefundsFail {
 
 #[tokio::test]
 async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lettered() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let config = SagaConfig {
         timing: fast_timing(),
@@ -414,7 +401,7 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
         Arc::new(RefundsFail(Simulator::default())),
         config,
     );
-    let id = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     let log = Log::new(&settings);
     let order = log
         .settled(std::slice::from_ref(&id), Duration::from_secs(30))
@@ -473,9 +460,7 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_runner_takes_over_when_the_leader_dies() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let simulator = Arc::new(Simulator::default());
     let gateway = || Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
@@ -484,12 +469,12 @@ async fn a_standby_runner_takes_over_when_the_leader_dies() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _standby = start_saga(&settings, gateway());
     let log = Log::new(&settings);
-    let first = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    let first = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     log.settled(std::slice::from_ref(&first), Duration::from_secs(30))
         .await;
     leader.abort();
     let _ = leader.await;
-    let second = place(&api, "bob", "TEA", 1, "tok_ok").await;
+    let second = place(&api, "bob", "TEA", 1, "tok_ok").await.id;
     let orders = log.settled(&[first, second], Duration::from_secs(30)).await;
     assert!(orders.iter().all(|o| o.status == OrderStatus::Confirmed));
     assert_eq!(simulator.charges(), 2);
@@ -538,9 +523,7 @@ async fn per_order(db: &TestDb, event_type: &str) -> std::collections::HashMap<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_runners_and_a_crash_take_every_order_through_each_step_exactly_once() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     for sku in ["TEA", "MUG", "POT"] {
         register(&api, sku, 500, "EUR", 1000).await;
     }
@@ -552,7 +535,7 @@ async fn two_runners_and_a_crash_take_every_order_through_each_step_exactly_once
     let placing = (0..120).map(|i| {
         let api = &api;
         let sku = ["TEA", "MUG", "POT"][i % 3];
-        async move { place(api, &format!("c{i}"), sku, 1, "tok_ok").await }
+        async move { place(api, &format!("c{i}"), sku, 1, "tok_ok").await.id }
     });
     let mut ids = futures::future::join_all(placing.clone().take(60)).await;
     // One runner dies mid-burst; its lanes wait out their lease, then the other takes them.
@@ -598,15 +581,9 @@ async fn two_runners_and_a_crash_take_every_order_through_each_step_exactly_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them_again() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
-    let simulator = Arc::new(Simulator::default());
-    let _saga = start_saga(
-        &settings,
-        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
-    );
+    let (simulator, _saga) = simulated_saga(&settings);
     eventually(
         &db,
         "select count(*) from saga_lanes where owner is not null and lease_until > now()",
@@ -624,7 +601,7 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
         )
         .await
         .unwrap();
-    let id = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let stored = count(
         &db,
@@ -650,11 +627,9 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
     use orderly_command_api::saga::maintenance;
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
-    let poisoned = place(&api, "alice", "TEA", 1, "tok_ok").await;
+    let poisoned = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     // A saga state that no longer decodes: nothing can be decided for this order.
     let client = db.connect().await.unwrap();
     client
@@ -665,12 +640,8 @@ async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
         )
         .await
         .unwrap();
-    let simulator = Arc::new(Simulator::default());
-    let _saga = start_saga(
-        &settings,
-        Arc::new(Resilient::new(simulator.clone(), fast_resilience())),
-    );
-    let healthy = place(&api, "bob", "TEA", 1, "tok_ok").await;
+    let (simulator, _saga) = simulated_saga(&settings);
+    let healthy = place(&api, "bob", "TEA", 1, "tok_ok").await.id;
     let log = Log::new(&settings);
     let orders = log
         .settled(std::slice::from_ref(&healthy), Duration::from_secs(30))

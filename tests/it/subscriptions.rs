@@ -23,19 +23,14 @@ const FOLLOW: &str = "subscription($id: UUID!, $after: Int) {
 
 #[tokio::test]
 async fn order_updated_pushes_every_status_change_of_an_order_in_order() {
-    let db = migrated_database().await;
-    let settings = settings_for(db.url());
-    let api = start(&settings).await;
+    let Shop {
+        db: _db,
+        settings,
+        api,
+    } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let alice = customer("alice");
-    let placed = api
-        .gql(
-            Some(&alice),
-            PLACE,
-            order_input(json!([{ "sku": "TEA", "quantity": 2 }]), "tok_ok"),
-        )
-        .await;
-    let id = placed.data("placeOrder")["id"].as_str().unwrap().to_owned();
+    let id = place(&api, "alice", "TEA", 2, "tok_ok").await.id;
 
     let mut socket = connect(&api, Some(&alice)).await;
     // Everything after the placement (version 0), whenever the subscription is set up.
@@ -97,18 +92,10 @@ const EVENTS: &str = "subscription($stream: String, $category: String, $from: Co
 
 #[tokio::test]
 async fn events_catch_up_from_a_token_then_follow_the_log_live_with_filters() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let alice = customer("alice");
-    let placed = api
-        .gql(
-            Some(&alice),
-            PLACE,
-            order_input(json!([{ "sku": "TEA", "quantity": 1 }]), "tok_ok"),
-        )
-        .await;
-    let id = placed.data("placeOrder")["id"].as_str().unwrap().to_owned();
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
 
     // Admin, products only, from the start of the log: the registration, then live events.
     let mut admin_socket = connect(&api, Some(&admin())).await;
@@ -201,8 +188,7 @@ const PRODUCT_EVENTS: &str = "subscription { events(category: \"product\") { typ
 
 #[tokio::test]
 async fn protocol_violations_close_the_socket_with_the_protocols_codes() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
 
     // Silent after the upgrade: closed once the init timeout (3 s) is over.
     let mut silent = open(&api).await;
@@ -255,8 +241,7 @@ async fn protocol_violations_close_the_socket_with_the_protocols_codes() {
 
 #[tokio::test]
 async fn a_socket_is_closed_when_its_token_expires() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let issuer = orderly_graphql::TokenIssuer::new(&orderly_graphql::JwtConfig {
         secret: Some(SECRET.to_owned()),
         ..Default::default()
@@ -286,8 +271,7 @@ async fn a_socket_is_closed_when_its_token_expires() {
 
 #[tokio::test]
 async fn a_message_over_the_body_limit_is_refused_before_it_is_read_whole() {
-    let db = migrated_database().await;
-    let api = start(&settings_for(db.url())).await;
+    let Shop { db: _db, api, .. } = Shop::open().await;
     let mut socket = connect(&api, Some(&admin())).await;
     // A valid subscription padded with 2 MB of whitespace.
     let padded = format!("{}{}", " ".repeat(2 * 1024 * 1024), PRODUCT_EVENTS);
