@@ -6,11 +6,12 @@
 //!    read models hold what the log says and the checkpoints stand at its head.
 //! 2. Throughput: the read API served in-process as `orderly read-api` serves it (auth, rate
 //!    limit off, request limits, consistency extension), and beside it a bare axum handler (no
-//!    authentication) with a deadpool of the same size sending the statements `ReadStore` sends, prepared and cached
-//!    per connection, answering the same JSON (checked once before measuring). `connections`
-//!    tasks, each with its keep-alive connection, send one read after the other: `order(id)`
-//!    of a random existing order, or the newest 20 orders with what a list shows (id, status,
-//!    total, lines' SKU and quantity). The four scenarios run one after the other.
+//!    authentication) with a deadpool of the same size sending the very statements `ReadStore`
+//!    sends (`orderly_read_api::statements`), prepared and cached per connection, answering
+//!    the same JSON (checked once before measuring). `connections` tasks, each with its
+//!    keep-alive connection, send one read after the other: `order(id)` of a random existing
+//!    order, or the newest 20 orders with what a list shows (id, status, total, lines' SKU and
+//!    quantity). The four scenarios run one after the other.
 //! 3. Visibility lag: the whole service as `orderly serve` runs it (projection runners in
 //!    this process). A few customers each place orders one after the other; right after each
 //!    acknowledged placeOrder, `order(id)` with the mutation's token, STRICT, waits on the
@@ -31,7 +32,9 @@ use deadpool_postgres::Pool;
 use orderly_command_api::CommandService;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_graphql::Role;
+use orderly_projections::tables::{ORDER_LINES, ORDERS};
 use orderly_projections::{ProjectionName, RebuildOptions, rebuild_many};
+use orderly_read_api::statements;
 use orderly_service::app::{App, Part};
 use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
@@ -74,27 +77,6 @@ const PAGE: i64 = 20;
 
 const LAG_QUERY: &str =
     "query($id: UUID!, $c: ConsistencyInput) { order(id: $id, consistency: $c) { id status } }";
-
-// The statements `ReadStore` (read-api/src/sql.rs) sends for these reads, copied (whitespace
-// aside): the bare handler runs the same SQL, so the comparison shows what the API adds.
-macro_rules! select_orders {
-    () => {
-        "select o.order_id, o.customer_id, o.status, o.total_minor, o.currency,
-            o.ship_name, o.ship_line1, o.ship_line2, o.ship_city, o.ship_postal_code,
-            o.ship_country, o.placed_at, o.updated_at, o.cancellation_reason, o.carrier,
-            o.tracking_number, o.shipped_at, o.delivered_at, o.version,
-            p.status, p.amount_minor, p.currency, p.attempts, p.failure_reason
-         from orders o left join order_payments p on p.order_id = o.order_id"
-    };
-}
-const ORDER_SQL: &str = concat!(select_orders!(), " where o.order_id = $1");
-const PAGE_SQL: &str = concat!(
-    select_orders!(),
-    " order by o.placed_at desc, o.order_id desc limit $1"
-);
-const LINES_SQL: &str =
-    "select order_id, sku, name, quantity, unit_price_minor, line_total_minor, currency
-     from order_lines where order_id = any($1) order by order_id, line_no";
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let db = report::service_database("bench-read").await?;
@@ -369,7 +351,7 @@ impl IntoResponse for Failed {
 
 async fn bare_order(State(pool): State<Pool>, Path(id): Path<Uuid>) -> Result<Json<Value>, Failed> {
     let client = pool.get().await?;
-    let statement = client.prepare_cached(ORDER_SQL).await?;
+    let statement = client.prepare_cached(statements::order()).await?;
     let Some(row) = client.query_opt(&statement, &[&id]).await? else {
         return Ok(Json(json!({ "data": { "order": null } })));
     };
@@ -380,14 +362,17 @@ async fn bare_order(State(pool): State<Pool>, Path(id): Path<Uuid>) -> Result<Js
 
 async fn bare_page(State(pool): State<Pool>) -> Result<Json<Value>, Failed> {
     let client = pool.get().await?;
-    let statement = client.prepare_cached(PAGE_SQL).await?;
+    // The read API's page statement without filters: its one parameter is the page size.
+    let statement = client
+        .prepare_cached(&statements::orders_page("", "", 1))
+        .await?;
     // One more than the page, as the read API asks, to know whether another page follows.
     let rows = client.query(&statement, &[&(PAGE + 1)]).await?;
     let has_next_page = rows.len() > PAGE as usize;
     let rows = &rows[..rows.len().min(PAGE as usize)];
     let ids = rows
         .iter()
-        .map(|row| row.try_get(0))
+        .map(|row| row.try_get(const { ORDERS.index("order_id") }))
         .collect::<Result<Vec<Uuid>, _>>()?;
     let mut orders = rows.iter().map(order_json).collect::<Result<Vec<_>, _>>()?;
     add_lines(&client, &ids, &mut orders).await?;
@@ -397,10 +382,10 @@ async fn bare_page(State(pool): State<Pool>) -> Result<Json<Value>, Failed> {
 }
 
 fn order_json(row: &tokio_postgres::Row) -> anyhow::Result<Value> {
-    let id: Uuid = row.try_get(0)?;
-    let status: &str = row.try_get(2)?;
-    let total: i64 = row.try_get(3)?;
-    let currency: &str = row.try_get(4)?;
+    let id: Uuid = row.try_get(const { ORDERS.index("order_id") })?;
+    let status: &str = row.try_get(const { ORDERS.index("status") })?;
+    let total: i64 = row.try_get(const { ORDERS.index("total_minor") })?;
+    let currency: &str = row.try_get(const { ORDERS.index("currency") })?;
     Ok(json!({ "id": id, "status": status,
         "total": { "amountMinor": total, "currency": currency }, "lines": [] }))
 }
@@ -411,11 +396,11 @@ async fn add_lines(
     ids: &[Uuid],
     orders: &mut [Value],
 ) -> anyhow::Result<()> {
-    let statement = client.prepare_cached(LINES_SQL).await?;
+    let statement = client.prepare_cached(statements::lines()).await?;
     for row in client.query(&statement, &[&ids]).await? {
-        let id: Uuid = row.try_get(0)?;
-        let sku: &str = row.try_get(1)?;
-        let quantity: i32 = row.try_get(3)?;
+        let id: Uuid = row.try_get(const { ORDER_LINES.index("order_id") })?;
+        let sku: &str = row.try_get(const { ORDER_LINES.index("sku") })?;
+        let quantity: i32 = row.try_get(const { ORDER_LINES.index("quantity") })?;
         let order = ids
             .iter()
             .position(|asked| *asked == id)

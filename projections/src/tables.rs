@@ -26,6 +26,18 @@ const fn column(name: &'static str, sql_type: &'static str) -> Column {
     Column { name, sql_type }
 }
 
+/// Where `name` is in `names`. Meant for `const` blocks, where a missing name stops the build.
+pub const fn position(names: &[&str], name: &str) -> usize {
+    let mut i = 0;
+    while i < names.len() {
+        if same(names[i], name) {
+            return i;
+        }
+        i += 1;
+    }
+    panic!("no such name in the list");
+}
+
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {

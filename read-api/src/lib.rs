@@ -42,7 +42,7 @@ pub use error::ReadError;
 use orderly_projections::ProjectionHub;
 pub use query::QueryRoot;
 pub use rebuilds::{ProjectionRebuild, RebuildState, Rebuilds};
-pub use sql::ReadStore;
+pub use sql::{ReadStore, statements};
 pub use subscription::{SubscriptionRoot, bounded};
 
 /// The contract's queries and the operator's.

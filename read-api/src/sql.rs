@@ -17,20 +17,36 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use orderly_projections::tables::{
-    DAILY_SALES, ORDER_LINES, ORDER_PAYMENTS, ORDER_STATUS_HISTORY, ORDERS, PRODUCTS,
+    DAILY_SALES, ORDER_LINES, ORDER_PAYMENTS, ORDER_STATUS_HISTORY, ORDERS, PRODUCTS, position,
 };
 use orderly_projections::vocabulary::{OrderStatus, PaymentStatus};
 
 use crate::ReadError;
 
-/// `orders` joined with its payment, as every order statement selects it: every column of
-/// both, the order's first ([`order_row`] reads them by their place in the tables' lists).
+/// The payment columns an order row carries: all of `order_payments` but the key it shares with
+/// the order and the payment stream's version.
+const PAYMENT_COLUMNS: [&str; 5] = [
+    "status",
+    "amount_minor",
+    "currency",
+    "attempts",
+    "failure_reason",
+];
+
+// Each is a column of `order_payments`: the build stops otherwise.
+const _: () = {
+    let mut i = 0;
+    while i < PAYMENT_COLUMNS.len() {
+        ORDER_PAYMENTS.index(PAYMENT_COLUMNS[i]);
+        i += 1;
+    }
+};
+
+/// `orders` joined with its payment, as every order statement selects it: every column of the
+/// order, then [`PAYMENT_COLUMNS`] ([`order_row`] reads them by their place in those lists).
 static ORDER_COLUMNS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{}, {}",
-        ORDERS.select_list(Some("o")),
-        ORDER_PAYMENTS.select_list(Some("p"))
-    )
+    let payment = PAYMENT_COLUMNS.map(|name| format!("p.{name}")).join(", ");
+    format!("{}, {payment}", ORDERS.select_list(Some("o")))
 });
 
 const ORDER_FROM: &str = "orders o left join order_payments p on p.order_id = o.order_id";
@@ -42,10 +58,10 @@ macro_rules! order_column {
     };
 }
 
-/// Where column `$name` of `order_payments` is in a row of [`ORDER_COLUMNS`].
+/// Where payment column `$name` is in a row of [`ORDER_COLUMNS`].
 macro_rules! payment_column {
     ($name:literal) => {
-        const { ORDERS.columns.len() + ORDER_PAYMENTS.index($name) }
+        const { ORDERS.columns.len() + position(&PAYMENT_COLUMNS, $name) }
     };
 }
 
@@ -54,6 +70,46 @@ macro_rules! column {
     ($table:ident, $name:literal) => {
         const { $table.index($name) }
     };
+}
+
+/// The texts of the statements most reads send, built once (the statement cache is keyed by
+/// the text). Public for the read benchmark, whose bare handler must send the very same SQL.
+pub mod statements {
+    use std::sync::LazyLock;
+
+    use super::{ORDER_COLUMNS, ORDER_FROM, ORDER_LINES};
+
+    /// `order(id)`: one order with its payment, `$1` its id.
+    pub fn order() -> &'static str {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "select {} from {ORDER_FROM} where o.order_id = $1",
+                *ORDER_COLUMNS
+            )
+        });
+        &SQL
+    }
+
+    /// A page of orders, newest first: `join` and `filter` (a `where` clause or nothing) narrow
+    /// it, `$limit_param` is the page size's parameter.
+    pub fn orders_page(join: &str, filter: &str, limit_param: usize) -> String {
+        format!(
+            "select {} from {ORDER_FROM}{join}{filter}
+             order by o.placed_at desc, o.order_id desc limit ${limit_param}",
+            *ORDER_COLUMNS
+        )
+    }
+
+    /// The lines of the orders in `$1`, by order then line.
+    pub fn lines() -> &'static str {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "select {} from order_lines where order_id = any($1) order by order_id, line_no",
+                ORDER_LINES.select_list(None)
+            )
+        });
+        &SQL
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,14 +278,7 @@ impl ReadStore {
     }
 
     pub async fn order(&self, order_id: Uuid) -> Result<Option<OrderRow>, ReadError> {
-        // Built once: the statement cache is keyed by the text, and this one runs most often.
-        static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "select {} from {ORDER_FROM} where o.order_id = $1",
-                *ORDER_COLUMNS
-            )
-        });
-        let rows = self.query(&SQL, &[&order_id]).await?;
+        let rows = self.query(statements::order(), &[&order_id]).await?;
         rows.first().map(order_row).transpose()
     }
 
@@ -285,12 +334,7 @@ impl ReadStore {
         }
         params.push(&limit);
         let filter_sql = where_clause(&conditions);
-        let sql = format!(
-            "select {} from {ORDER_FROM}{join}{filter_sql}
-             order by o.placed_at desc, o.order_id desc limit ${}",
-            *ORDER_COLUMNS,
-            params.len()
-        );
+        let sql = statements::orders_page(join, &filter_sql, params.len());
         self.query(&sql, &params)
             .await?
             .iter()
@@ -303,13 +347,7 @@ impl ReadStore {
         &self,
         order_ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Vec<LineRow>>, ReadError> {
-        static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "select {} from order_lines where order_id = any($1) order by order_id, line_no",
-                ORDER_LINES.select_list(None)
-            )
-        });
-        let rows = self.query(&SQL, &[&order_ids]).await?;
+        let rows = self.query(statements::lines(), &[&order_ids]).await?;
         let mut by_order: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
         for row in rows {
             by_order

@@ -706,7 +706,10 @@ fn write_payments<'s>(state: &'s Fold, statements: &mut Statements<'s>) {
         .values()
         .filter(|p| p.dirty)
         .partition(|p| p.stored);
-    for (sql, p) in [(INSERT_PAYMENTS.as_str(), inserted), (UPDATE_PAYMENTS, updated)] {
+    for (sql, p) in [
+        (INSERT_PAYMENTS.as_str(), inserted),
+        (UPDATE_PAYMENTS, updated),
+    ] {
         if p.is_empty() {
             continue;
         }
