@@ -58,7 +58,7 @@ pub use gateway::{
 };
 use lanes::{Lease, Member};
 pub use notify::{LogNotifier, Notice, Notifier, SmtpNotifier, SmtpSettings};
-use outbox::{Message, Row};
+use outbox::Row;
 
 /// The `actor` of every event the saga and its workers write.
 pub const ACTOR: &str = "system:fulfilment";
@@ -407,50 +407,20 @@ impl SagaRunner {
                     order_id,
                     command: PaymentCommand::Refund { reason, .. },
                 } => {
-                    rows.push(Row::new(
-                        order_id,
-                        "refund",
-                        Message::Refund {
-                            order_id,
-                            reason: reason.to_string(),
-                            correlation_id: step.correlation,
-                        },
-                    ));
+                    rows.push(Row::refund(order_id, &reason, step.correlation));
                     Ok(())
                 }
                 Command::Payment { order_id, command } => {
-                    let stream = stream_name(streams::payment(order_id))?;
-                    let decide = |loaded: &Loaded<_>| Ok(payment::decide(&loaded.state, &command)?);
-                    // The first charge request starts the payment's stream: no read to find it
-                    // empty (should it exist after all, the append conflicts and reads).
-                    let first = matches!(command, PaymentCommand::RequestCharge { attempt: 1, .. });
-                    let handled = async {
-                        if first {
-                            self.handler
-                                .execute_new::<PaymentAggregate, _>(&stream, &envelope, decide)
-                                .await
-                        } else {
-                            self.handler
-                                .execute::<PaymentAggregate, _>(&stream, None, &envelope, decide)
-                                .await
-                        }
-                    };
-                    metered(command.command_name(), handled).await.map(drop)
+                    self.send_to_payment(order_id, &envelope, command).await
                 }
                 Command::Notify(Notification::OrderConfirmed {
                     order_id,
                     customer_id,
                 }) => {
-                    rows.push(Row::new(
+                    rows.push(Row::order_confirmed(
                         order_id,
-                        "notify/order-confirmed",
-                        Message::Notification {
-                            order_id,
-                            template: "order-confirmed".into(),
-                            customer_id: Some(customer_id.to_string()),
-                            detail: None,
-                            correlation_id: step.correlation,
-                        },
+                        &customer_id,
+                        step.correlation,
                     ));
                     Ok(())
                 }
@@ -464,6 +434,32 @@ impl SagaRunner {
             }
         }
         Ok(())
+    }
+
+    /// Decides a payment command on the payment's stream. The first charge request starts the
+    /// stream: no read to find it empty (should it exist after all, the append conflicts and
+    /// reads).
+    async fn send_to_payment(
+        &self,
+        order_id: orderly_domain::values::OrderId,
+        envelope: &Envelope,
+        command: PaymentCommand,
+    ) -> Result<(), CommandError> {
+        let stream = stream_name(streams::payment(order_id))?;
+        let decide = |loaded: &Loaded<_>| Ok(payment::decide(&loaded.state, &command)?);
+        let first = matches!(command, PaymentCommand::RequestCharge { attempt: 1, .. });
+        let handled = async {
+            if first {
+                self.handler
+                    .execute_new::<PaymentAggregate, _>(&stream, envelope, decide)
+                    .await
+            } else {
+                self.handler
+                    .execute::<PaymentAggregate, _>(&stream, None, envelope, decide)
+                    .await
+            }
+        };
+        metered(command.command_name(), handled).await.map(drop)
     }
 
     /// Sends commands for one order's stream: one alone as usual, several decided in turn and

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use orderly_domain::order::{OrderAggregate, OrderStatus};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
-use orderly_domain::values::{GatewayReference, OrderId, Reason};
+use orderly_domain::values::{CustomerId, GatewayReference, OrderId, Reason};
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -106,6 +106,38 @@ impl Row {
             order_id,
             message,
         }
+    }
+
+    /// A refund of the order's charge, asked for by a saga step.
+    pub(super) fn refund(order_id: OrderId, reason: &Reason, correlation_id: Uuid) -> Self {
+        Self::new(
+            order_id,
+            "refund",
+            Message::Refund {
+                order_id,
+                reason: reason.to_string(),
+                correlation_id,
+            },
+        )
+    }
+
+    /// The customer's notice that the order is confirmed.
+    pub(super) fn order_confirmed(
+        order_id: OrderId,
+        customer_id: &CustomerId,
+        correlation_id: Uuid,
+    ) -> Self {
+        Self::new(
+            order_id,
+            "notify/order-confirmed",
+            Message::Notification {
+                order_id,
+                template: "order-confirmed".into(),
+                customer_id: Some(customer_id.to_string()),
+                detail: None,
+                correlation_id,
+            },
+        )
     }
 
     /// Stores `rows` in one statement (a replayed step's rows are there already: kept).
@@ -291,6 +323,8 @@ impl SagaRunner {
         Ok(())
     }
 
+    /// Delivers message `id`: one call to the gateway or the notifier, and the outcome
+    /// recorded where the saga will see it.
     async fn deliver_one(&self, id: Uuid, message: Message) -> Result<(), CommandError> {
         match message {
             Message::Charge {
@@ -307,66 +341,14 @@ impl SagaRunner {
                     amount_minor,
                     currency,
                 };
-                let now = Utc::now();
-                let (outcome, command) = match self.gateway.charge(&charge).await {
-                    Ok(ChargeOutcome::Charged { reference }) => {
-                        ("charged", record_charge(reference, now)?)
-                    }
-                    Ok(ChargeOutcome::Declined { reason }) => (
-                        "declined",
-                        PaymentCommand::RecordDecline {
-                            reason: reason_or(reason, "declined by the payment provider"),
-                            declined_at: now,
-                        },
-                    ),
-                    // Recorded as a fact, so the saga decides: retry later, or cancel at the
-                    // deadline. The message itself is done.
-                    Err(error) if error.is_transient() => {
-                        tracing::info!(%error, %order_id, attempt, "charge failed transiently");
-                        (
-                            "failed",
-                            PaymentCommand::RecordFailure {
-                                reason: reason_or(String::new(), "payment gateway unavailable"),
-                                attempt,
-                                failed_at: now,
-                            },
-                        )
-                    }
-                    Err(error) => return Err(error),
-                };
-                // One id per outcome: a redelivered charge that ends differently (failed,
-                // then charged) is a different decision, not a repeat of the first.
-                let command_id = Uuid::new_v5(&id, format!("outcome/{outcome}").as_bytes());
-                self.record_payment(order_id, command_id, id, correlation_id, command)
+                self.charge(id, order_id, attempt, &charge, correlation_id)
                     .await
             }
             Message::Refund {
                 order_id,
                 reason,
                 correlation_id,
-            } => {
-                // The reference to refund is read at delivery time, from the payment's stream.
-                let stream = stream_name(streams::payment(order_id))?;
-                let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
-                let Some(reference) = loaded
-                    .state
-                    .as_ref()
-                    .and_then(|payment| payment.gateway_reference.clone())
-                else {
-                    tracing::warn!(%order_id, "refund asked for a payment that holds no charge");
-                    return Ok(());
-                };
-                self.gateway
-                    .refund(&order_id.to_string(), reference.as_str())
-                    .await?;
-                let command = PaymentCommand::Refund {
-                    reason: reason_or(reason, "order cancelled"),
-                    refunded_at: Utc::now(),
-                };
-                let command_id = Uuid::new_v5(&id, b"outcome/refunded");
-                self.record_payment(order_id, command_id, id, correlation_id, command)
-                    .await
-            }
+            } => self.refund(id, order_id, reason, correlation_id).await,
             Message::Resolve {
                 order_id,
                 correlation_id,
@@ -396,6 +378,78 @@ impl SagaRunner {
                 sent
             }
         }
+    }
+
+    /// Charges attempt `attempt` and records the outcome in the payment's stream: charged,
+    /// declined, or failed transiently (a fact the saga decides on: retry later, or cancel at
+    /// the deadline). Any other failure fails the delivery, to be tried again.
+    async fn charge(
+        &self,
+        id: Uuid,
+        order_id: OrderId,
+        attempt: u32,
+        charge: &Charge,
+        correlation_id: Uuid,
+    ) -> Result<(), CommandError> {
+        let now = Utc::now();
+        let (outcome, command) = match self.gateway.charge(charge).await {
+            Ok(ChargeOutcome::Charged { reference }) => ("charged", record_charge(reference, now)?),
+            Ok(ChargeOutcome::Declined { reason }) => (
+                "declined",
+                PaymentCommand::RecordDecline {
+                    reason: reason_or(reason, "declined by the payment provider"),
+                    declined_at: now,
+                },
+            ),
+            Err(error) if error.is_transient() => {
+                tracing::info!(%error, %order_id, attempt, "charge failed transiently");
+                (
+                    "failed",
+                    PaymentCommand::RecordFailure {
+                        reason: reason_or(String::new(), "payment gateway unavailable"),
+                        attempt,
+                        failed_at: now,
+                    },
+                )
+            }
+            Err(error) => return Err(error),
+        };
+        // One id per outcome: a redelivered charge that ends differently (failed, then
+        // charged) is a different decision, not a repeat of the first.
+        let command_id = Uuid::new_v5(&id, format!("outcome/{outcome}").as_bytes());
+        self.record_payment(order_id, command_id, id, correlation_id, command)
+            .await
+    }
+
+    /// Refunds the charge the payment's stream holds (read at delivery time) and records the
+    /// refund; a payment that holds no charge has nothing to refund.
+    async fn refund(
+        &self,
+        id: Uuid,
+        order_id: OrderId,
+        reason: String,
+        correlation_id: Uuid,
+    ) -> Result<(), CommandError> {
+        let stream = stream_name(streams::payment(order_id))?;
+        let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
+        let Some(reference) = loaded
+            .state
+            .as_ref()
+            .and_then(|payment| payment.gateway_reference.clone())
+        else {
+            tracing::warn!(%order_id, "refund asked for a payment that holds no charge");
+            return Ok(());
+        };
+        self.gateway
+            .refund(&order_id.to_string(), reference.as_str())
+            .await?;
+        let command = PaymentCommand::Refund {
+            reason: reason_or(reason, "order cancelled"),
+            refunded_at: Utc::now(),
+        };
+        let command_id = Uuid::new_v5(&id, b"outcome/refunded");
+        self.record_payment(order_id, command_id, id, correlation_id, command)
+            .await
     }
 
     /// Asks the provider about the order's last charge attempt when its call failed and the
