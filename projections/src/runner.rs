@@ -235,31 +235,7 @@ impl Runner {
             };
             let events =
                 fill_batch(&mut subscription, first?, limit, self.options.batch_wait).await?;
-            let full = events.len() >= limit;
-            let fail = self
-                .options
-                .fail_before_commit
-                .as_ref()
-                .is_some_and(|f| f.swap(false, Ordering::SeqCst));
-            let size = events.len();
-            let started = std::time::Instant::now();
-            let span = tracing::info_span!("projection.batch", projection = %self.name, size);
-            // A batch mixes events of many requests; it joins the trace of its first.
-            if let Some(first) = events.first() {
-                orderly_observability::trace_context::follow_event(&span, &first.metadata);
-            }
-            let traceparent = orderly_observability::trace_context::traceparent(&span);
-            let result = batch::apply_batch(
-                &mut client,
-                self.name,
-                Target::Live,
-                position,
-                handlers::decode(self.name, events),
-                self.options.policy,
-                fail,
-            )
-            .instrument(span)
-            .await?;
+            let (result, applied) = self.apply(&mut client, position, events, limit).await?;
             match result {
                 BatchResult::Moved(moved) => {
                     tracing::info!(projection = %self.name, from = %position, to = %moved, "checkpoint moved elsewhere, re-reading");
@@ -268,13 +244,6 @@ impl Runner {
                 }
                 BatchResult::Committed(done) => {
                     position = done.position;
-                    let applied = Applied {
-                        limit,
-                        size,
-                        full,
-                        started,
-                        traceparent,
-                    };
                     self.committed(&client, &mut state, done, applied).await?;
                 }
             }
@@ -283,6 +252,48 @@ impl Runner {
         set_state(&client, self.name, ProjectionState::Stopped, None).await?;
         tracing::info!(projection = %self.name, %position, "projection runner stopped");
         Ok(())
+    }
+
+    /// Applies a batch gathered under `limit` at `position`: one transaction with the
+    /// checkpoint, as a span in the trace of its first event.
+    async fn apply(
+        &self,
+        client: &mut batch::Connection,
+        position: Position,
+        events: Vec<RecordedEvent>,
+        limit: usize,
+    ) -> Result<(BatchResult, Applied), ProjectionError> {
+        let (size, started) = (events.len(), std::time::Instant::now());
+        let fail = self
+            .options
+            .fail_before_commit
+            .as_ref()
+            .is_some_and(|f| f.swap(false, Ordering::SeqCst));
+        let span = tracing::info_span!("projection.batch", projection = %self.name, size);
+        // A batch mixes events of many requests; it joins the trace of its first.
+        if let Some(first) = events.first() {
+            orderly_observability::trace_context::follow_event(&span, &first.metadata);
+        }
+        let traceparent = orderly_observability::trace_context::traceparent(&span);
+        let result = batch::apply_batch(
+            client,
+            self.name,
+            Target::Live,
+            position,
+            handlers::decode(self.name, events),
+            self.options.policy,
+            fail,
+        )
+        .instrument(span)
+        .await?;
+        let applied = Applied {
+            limit,
+            size,
+            full: size >= limit,
+            started,
+            traceparent,
+        };
+        Ok((result, applied))
     }
 
     /// A batch committed: the batch limit grows back, the state and the batch metrics follow,
