@@ -327,8 +327,9 @@ async fn filters_search_customers_and_daily_sales_answer_from_the_read_models() 
     let products = api
         .gql(
             None,
-            "{ products(search: \"mug\") { nodes { sku price { amountMinor currency } available } } all: products(first: 1) { nodes { sku } pageInfo { hasNextPage endCursor } } }",
-            json!({}),
+            // The token covers the registrations too: the products runner may be behind.
+            "query($c: ConsistencyInput) { products(search: \"mug\", consistency: $c) { nodes { sku price { amountMinor currency } available } } all: products(first: 1, consistency: $c) { nodes { sku } pageInfo { hasNextPage endCursor } } }",
+            json!({ "c": c }),
         )
         .await;
     assert_eq!(
