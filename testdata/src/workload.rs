@@ -458,6 +458,7 @@ impl Workload {
     }
 
     /// Moves one open order a step along the saga's path (or off it).
+    /// Plays the saga's next step for order `id`, as the stage it is at says.
     fn advance(&mut self, id: Uuid) {
         let Some(mut open) = self.orders.remove(&id) else {
             return;
@@ -466,167 +467,185 @@ impl Workload {
             self.close(id);
             return;
         };
-        let order_id = order.order_id;
-        let mut closed = false;
-        match open.stage {
-            Stage::Placed => {
-                let mut refused = false;
-                for line in &order.lines {
-                    let Some(i) = self.product_index(&line.sku) else {
-                        continue;
-                    };
-                    let reserved_at = self.tick();
-                    let events = self.product_command(
-                        i,
-                        ProductCommand::ReserveStock {
-                            order_id,
-                            quantity: line.quantity,
-                            reserved_at,
-                        },
-                    );
-                    refused |= events.iter().any(|e| {
-                        matches!(
-                            e,
-                            orderly_event_schemas::ProductEvent::StockReservationRejected(_)
-                        )
-                    });
-                }
-                if refused {
-                    self.release_all(&order);
-                    self.cancel(&mut open, "out of stock", CancelledBy::Fulfilment);
-                    closed = true;
-                } else {
-                    let stock_reserved_at = self.tick();
-                    self.order_command(
-                        &mut open,
-                        OrderCommand::MarkStockReserved { stock_reserved_at },
-                    );
-                    open.stage = Stage::Reserved;
-                }
-            }
-            Stage::Reserved | Stage::Failed => {
-                let attempt = open.payment.as_ref().map_or(1, |p| p.attempts + 1);
-                let requested_at = self.tick();
-                self.payment_command(
-                    &mut open,
-                    order_id,
-                    PaymentCommand::RequestCharge {
-                        order_id,
-                        amount: order.total,
-                        payment_token: order.payment_token.clone(),
-                        attempt,
-                        requested_at,
-                    },
-                );
-                open.stage = Stage::Charging;
-            }
-            // 10% declined, up to 10% a transient failure (retried), the rest charged.
-            Stage::Charging => {
-                let roll = self.rng.below(100);
-                let at = self.tick();
-                if roll < 10 {
-                    self.payment_command(
-                        &mut open,
-                        order_id,
-                        PaymentCommand::RecordDecline {
-                            reason: text(Reason::parse, "card declined"),
-                            declined_at: at,
-                        },
-                    );
-                    self.release_all(&order);
-                    self.cancel(&mut open, "payment declined", CancelledBy::Fulfilment);
-                    closed = true;
-                } else if roll < 20 && open.payment.as_ref().is_some_and(|p| p.attempts < 3) {
-                    let attempt = open.payment.as_ref().map_or(1, |p| p.attempts);
-                    self.payment_command(
-                        &mut open,
-                        order_id,
-                        PaymentCommand::RecordFailure {
-                            reason: text(Reason::parse, "gateway timeout"),
-                            attempt,
-                            failed_at: at,
-                        },
-                    );
-                    open.stage = Stage::Failed;
-                } else {
-                    let reference = text(
-                        GatewayReference::parse,
-                        &format!("ch_{}", order_id.0.simple()),
-                    );
-                    self.payment_command(
-                        &mut open,
-                        order_id,
-                        PaymentCommand::RecordCharge {
-                            gateway_reference: reference.clone(),
-                            charged_at: at,
-                        },
-                    );
-                    self.order_command(
-                        &mut open,
-                        OrderCommand::MarkPaid {
-                            amount: order.total,
-                            gateway_reference: reference,
-                            paid_at: at,
-                        },
-                    );
-                    let confirmed_at = self.tick();
-                    self.order_command(&mut open, OrderCommand::Confirm { confirmed_at });
-                    open.stage = Stage::Confirmed;
-                }
-            }
-            // 10% cancelled by the customer (refund, release), the rest shipped.
-            Stage::Confirmed => {
-                if self.rng.chance(10) {
-                    let refunded_at = self.tick();
-                    self.cancel(&mut open, "changed my mind", CancelledBy::Customer);
-                    self.payment_command(
-                        &mut open,
-                        order_id,
-                        PaymentCommand::Refund {
-                            reason: text(Reason::parse, "cancelled by customer"),
-                            refunded_at,
-                        },
-                    );
-                    self.release_all(&order);
-                    closed = true;
-                } else {
-                    for line in &order.lines {
-                        if let Some(i) = self.product_index(&line.sku) {
-                            let shipped_at = self.tick();
-                            self.product_command(
-                                i,
-                                ProductCommand::ShipReservedStock {
-                                    order_id,
-                                    shipped_at,
-                                },
-                            );
-                        }
-                    }
-                    let shipped_at = self.tick();
-                    self.order_command(
-                        &mut open,
-                        OrderCommand::Ship {
-                            carrier: text(Carrier::parse, "DHL"),
-                            tracking_number: text(
-                                TrackingNumber::parse,
-                                &format!("TRK{}", order_id.0.simple()),
-                            ),
-                            shipped_at,
-                        },
-                    );
-                    open.stage = Stage::Shipped;
-                }
-            }
-            Stage::Shipped => {
-                let delivered_at = self.tick();
-                self.order_command(&mut open, OrderCommand::Deliver { delivered_at });
-                closed = true;
-            }
-        }
+        let closed = match open.stage {
+            Stage::Placed => self.reserve(&mut open, &order),
+            Stage::Reserved | Stage::Failed => self.request_charge(&mut open, &order),
+            Stage::Charging => self.charge(&mut open, &order),
+            Stage::Confirmed => self.ship_or_cancel(&mut open, &order),
+            Stage::Shipped => self.deliver(&mut open),
+        };
         if closed {
             self.close(id);
         } else {
             self.orders.insert(id, open);
         }
+    }
+
+    /// Reserves every line; one refusal releases the others and cancels "out of stock".
+    /// Whether the order closed.
+    fn reserve(&mut self, open: &mut OpenOrder, order: &Order) -> bool {
+        let order_id = order.order_id;
+        let mut refused = false;
+        for line in &order.lines {
+            let Some(i) = self.product_index(&line.sku) else {
+                continue;
+            };
+            let reserved_at = self.tick();
+            let events = self.product_command(
+                i,
+                ProductCommand::ReserveStock {
+                    order_id,
+                    quantity: line.quantity,
+                    reserved_at,
+                },
+            );
+            refused |= events.iter().any(|e| {
+                matches!(
+                    e,
+                    orderly_event_schemas::ProductEvent::StockReservationRejected(_)
+                )
+            });
+        }
+        if refused {
+            self.release_all(order);
+            self.cancel(open, "out of stock", CancelledBy::Fulfilment);
+            return true;
+        }
+        let stock_reserved_at = self.tick();
+        self.order_command(open, OrderCommand::MarkStockReserved { stock_reserved_at });
+        open.stage = Stage::Reserved;
+        false
+    }
+
+    /// Requests the next charge attempt.
+    fn request_charge(&mut self, open: &mut OpenOrder, order: &Order) -> bool {
+        let order_id = order.order_id;
+        let attempt = open.payment.as_ref().map_or(1, |p| p.attempts + 1);
+        let requested_at = self.tick();
+        self.payment_command(
+            open,
+            order_id,
+            PaymentCommand::RequestCharge {
+                order_id,
+                amount: order.total,
+                payment_token: order.payment_token.clone(),
+                attempt,
+                requested_at,
+            },
+        );
+        open.stage = Stage::Charging;
+        false
+    }
+
+    /// The gateway's answer: 10% declined (cancelled), up to 10% a transient failure
+    /// (retried), the rest charged, paid and confirmed. Whether the order closed.
+    fn charge(&mut self, open: &mut OpenOrder, order: &Order) -> bool {
+        let order_id = order.order_id;
+        let roll = self.rng.below(100);
+        let at = self.tick();
+        if roll < 10 {
+            self.payment_command(
+                open,
+                order_id,
+                PaymentCommand::RecordDecline {
+                    reason: text(Reason::parse, "card declined"),
+                    declined_at: at,
+                },
+            );
+            self.release_all(order);
+            self.cancel(open, "payment declined", CancelledBy::Fulfilment);
+            return true;
+        } else if roll < 20 && open.payment.as_ref().is_some_and(|p| p.attempts < 3) {
+            let attempt = open.payment.as_ref().map_or(1, |p| p.attempts);
+            self.payment_command(
+                open,
+                order_id,
+                PaymentCommand::RecordFailure {
+                    reason: text(Reason::parse, "gateway timeout"),
+                    attempt,
+                    failed_at: at,
+                },
+            );
+            open.stage = Stage::Failed;
+        } else {
+            let reference = text(
+                GatewayReference::parse,
+                &format!("ch_{}", order_id.0.simple()),
+            );
+            self.payment_command(
+                open,
+                order_id,
+                PaymentCommand::RecordCharge {
+                    gateway_reference: reference.clone(),
+                    charged_at: at,
+                },
+            );
+            self.order_command(
+                open,
+                OrderCommand::MarkPaid {
+                    amount: order.total,
+                    gateway_reference: reference,
+                    paid_at: at,
+                },
+            );
+            let confirmed_at = self.tick();
+            self.order_command(open, OrderCommand::Confirm { confirmed_at });
+            open.stage = Stage::Confirmed;
+        }
+        false
+    }
+
+    /// 10% cancelled by the customer (refund, release), the rest shipped. Whether the order
+    /// closed.
+    fn ship_or_cancel(&mut self, open: &mut OpenOrder, order: &Order) -> bool {
+        let order_id = order.order_id;
+        if self.rng.chance(10) {
+            let refunded_at = self.tick();
+            self.cancel(open, "changed my mind", CancelledBy::Customer);
+            self.payment_command(
+                open,
+                order_id,
+                PaymentCommand::Refund {
+                    reason: text(Reason::parse, "cancelled by customer"),
+                    refunded_at,
+                },
+            );
+            self.release_all(order);
+            return true;
+        } else {
+            for line in &order.lines {
+                if let Some(i) = self.product_index(&line.sku) {
+                    let shipped_at = self.tick();
+                    self.product_command(
+                        i,
+                        ProductCommand::ShipReservedStock {
+                            order_id,
+                            shipped_at,
+                        },
+                    );
+                }
+            }
+            let shipped_at = self.tick();
+            self.order_command(
+                open,
+                OrderCommand::Ship {
+                    carrier: text(Carrier::parse, "DHL"),
+                    tracking_number: text(
+                        TrackingNumber::parse,
+                        &format!("TRK{}", order_id.0.simple()),
+                    ),
+                    shipped_at,
+                },
+            );
+            open.stage = Stage::Shipped;
+        }
+        false
+    }
+
+    /// Delivered: the order's last step.
+    fn deliver(&mut self, open: &mut OpenOrder) -> bool {
+        let delivered_at = self.tick();
+        self.order_command(open, OrderCommand::Deliver { delivered_at });
+        true
     }
 }
