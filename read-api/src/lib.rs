@@ -17,7 +17,8 @@
 //!   their progress.
 //! - `context`: [`ReadApi`], what resolvers share (read store, event store, hub, limits), and
 //!   the page builders that load a page's children in one statement each.
-//! - `sql`: [`ReadStore`], every statement sent to the read models, counted.
+//! - `sql`: [`ReadStore`], every statement sent to the read models, counted, their column lists
+//!   from `orderly_projections::tables`; [`statements`], the texts of the most used ones.
 //! - `types`: the contract's output types. `cursor`: opaque keyset cursors.
 //! - `error`: [`ReadError`], this crate's one error type, and its contract codes.
 

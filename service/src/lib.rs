@@ -12,7 +12,8 @@
 //! - `command_side`: the operator commands for the saga's outbox dead letters.
 //! - `run`: what each subcommand does once parsed; the serving ones check connections, migrate,
 //!   build their part with `app` and run it until SIGINT or SIGTERM.
-//! - `seed`: `orderly seed`, a realistic workload written through the command path.
+//! - `seed`: `orderly seed`, a realistic workload (drawn by `orderly_testdata::shop`) written
+//!   through the command path.
 //! - `telemetry`: structured logs (JSON or text) and traces (OTLP export).
 //!
 //! The binary's `src/main.rs` only parses the command line and calls into here.
