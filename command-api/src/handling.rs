@@ -475,6 +475,9 @@ impl Handler {
         self.run::<A, F>(stream, None, envelope, decide, true).await
     }
 
+    /// Loads (or, for a stream known to be new, assumes) the state, decides, and appends at
+    /// the version decided on; a lost race decides again on a fresh load, up to
+    /// [`MAX_ATTEMPTS`] times, unless the caller named the version it expected.
     async fn run<A, F>(
         &self,
         stream: &StreamName,
@@ -510,22 +513,7 @@ impl Handler {
             } else {
                 self.load::<A>(stream).await?
             };
-            let decided = decide(&loaded);
-            if let Some(expected) = expected
-                && loaded.version != Some(expected)
-            {
-                // An aggregate the caller cannot see (missing, or not theirs) is NOT_FOUND
-                // whatever version they expected: a CONFLICT would name a version to reload
-                // for something that is not there, and would let ids be probed.
-                return Err(match decided {
-                    Err(error) if error.is_not_found() => error,
-                    _ => CommandError::Conflict {
-                        expected,
-                        actual: loaded.version,
-                    },
-                });
-            }
-            let decided = decided?;
+            let decided = at_expected(expected, &loaded, decide(&loaded))?;
             if decided.is_empty() {
                 return Ok(Outcome {
                     version: loaded.version,
@@ -538,30 +526,12 @@ impl Handler {
             let after = self
                 .optimistic
                 .then(|| decided.iter().fold(loaded.state.clone(), A::evolve));
-            let mut names = Vec::with_capacity(decided.len());
-            let mut batch = Vec::with_capacity(decided.len());
-            for (index, event) in decided.into_iter().enumerate() {
-                let event = new_event(event, envelope, index)?;
-                names.push(event.event_type.clone());
-                batch.push(event);
-            }
-            let at = loaded
-                .version
-                .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-            let first_id = batch.first().map(|event| event.id);
-            match self.store.append(stream, at, batch).await {
-                Ok(result) => {
-                    match after {
-                        Some(after) => self.remember(stream, &loaded, after, &result, first_id),
-                        None => self.states.appended(stream),
-                    }
-                    return Ok(Outcome {
-                        version: Some(result.next_expected_version),
-                        position: result.position,
-                        events: names,
-                        appended: !result.deduplicated,
-                    });
-                }
+            let (names, batch) = new_events(decided, envelope)?;
+            match self
+                .append_decided(stream, &loaded, after, names, batch)
+                .await
+            {
+                Ok(outcome) => return Ok(outcome),
                 Err(StoreError::Conflict { actual, .. }) => {
                     self.lost_race(stream);
                     if let Some(expected) = expected {
@@ -575,6 +545,33 @@ impl Handler {
             }
         }
         Err(CommandError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// Appends `batch`, decided on `loaded`, at its version, and remembers `after`, the state
+    /// it leads to, for the stream's next command (optimistic handlers).
+    async fn append_decided<S: Clone + Send + Sync + 'static>(
+        &self,
+        stream: &StreamName,
+        loaded: &Loaded<S>,
+        after: Option<S>,
+        names: Vec<String>,
+        batch: Vec<NewEvent>,
+    ) -> Result<Outcome, StoreError> {
+        let at = loaded
+            .version
+            .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        let first_id = batch.first().map(|event| event.id);
+        let result = self.store.append(stream, at, batch).await?;
+        match after {
+            Some(after) => self.remember(stream, loaded, after, &result, first_id),
+            None => self.states.appended(stream),
+        }
+        Ok(Outcome {
+            version: Some(result.next_expected_version),
+            position: result.position,
+            events: names,
+            appended: !result.deduplicated,
+        })
     }
 }
 
@@ -697,6 +694,42 @@ fn count_conflict(stream: &StreamName) {
         "category" => stream.category().to_owned()
     )
     .increment(1);
+}
+
+/// The decision, when the caller expected the version it was made on (or expected none). An
+/// aggregate the caller cannot see (missing, or not theirs) is NOT_FOUND whatever version they
+/// expected: a CONFLICT would name a version to reload for something that is not there, and
+/// would let ids be probed.
+fn at_expected<S, E>(
+    expected: Option<u64>,
+    loaded: &Loaded<S>,
+    decided: Result<Vec<E>, CommandError>,
+) -> Result<Vec<E>, CommandError> {
+    match expected {
+        Some(expected) if loaded.version != Some(expected) => Err(match decided {
+            Err(error) if error.is_not_found() => error,
+            _ => CommandError::Conflict {
+                expected,
+                actual: loaded.version,
+            },
+        }),
+        _ => decided,
+    }
+}
+
+/// The events of one decision, ready to append, with their type names.
+fn new_events<E: ContextEvent>(
+    decided: Vec<E>,
+    envelope: &Envelope,
+) -> Result<(Vec<String>, Vec<NewEvent>), CommandError> {
+    let mut names = Vec::with_capacity(decided.len());
+    let mut batch = Vec::with_capacity(decided.len());
+    for (index, event) in decided.into_iter().enumerate() {
+        let event = new_event(event, envelope, index)?;
+        names.push(event.event_type.clone());
+        batch.push(event);
+    }
+    Ok((names, batch))
 }
 
 /// The `index`-th event of the command in `envelope`, ready to append.
