@@ -186,10 +186,45 @@ struct Handled {
     resolved: Vec<Uuid>,
 }
 
+impl Handled {
+    /// Nothing handled yet for `order_id`, whose state is in `before`.
+    fn new(order_id: OrderId, before: Phase, correlation: Uuid) -> Self {
+        Self {
+            order_id: Some(order_id),
+            state: None,
+            before,
+            correlation,
+            rows: Vec::new(),
+            parked: Vec::new(),
+            resolved: Vec::new(),
+        }
+    }
+}
+
 /// An event set aside with the reason.
 struct Parked {
     input: Arc<Input>,
     reason: ParkReason,
+}
+
+/// The span a saga step on `input` runs in (in the trace of the request behind the event), and
+/// the ids its commands carry.
+fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
+    let span = tracing::info_span!(
+        "saga.step",
+        event_id = %input.id,
+        event_type = %input.event_type,
+        stream = %input.stream,
+    );
+    if let Some(traceparent) = &metadata.traceparent {
+        trace_context::set_parent(&span, traceparent);
+    }
+    let step = Step {
+        causation: input.id,
+        correlation: metadata.correlation_id,
+        traceparent: metadata.traceparent.clone(),
+    };
+    (span, step)
 }
 
 /// Why an event was set aside for an operator (`orderly saga parked list` shows it as text);
@@ -557,51 +592,24 @@ impl SagaRunner {
             Ok(state) => state,
             // Nothing can be decided without the state: every event waits for an operator.
             Err(error) => {
-                return Ok(Handled {
-                    order_id: Some(order_id),
-                    state: None,
-                    before: Phase::Reserving,
-                    correlation,
-                    rows: Vec::new(),
-                    parked: inputs
-                        .into_iter()
-                        .map(|input| Parked {
-                            input,
-                            reason: error.clone(),
-                        })
-                        .collect(),
-                    resolved: Vec::new(),
-                });
+                let mut handled = Handled::new(order_id, Phase::Reserving, correlation);
+                handled.parked = inputs
+                    .into_iter()
+                    .map(|input| Parked {
+                        input,
+                        reason: error.clone(),
+                    })
+                    .collect();
+                return Ok(handled);
             }
         };
-        let mut handled = Handled {
-            order_id: Some(order_id),
-            state: None,
-            before: state.phase(),
-            correlation,
-            rows: Vec::new(),
-            parked: Vec::new(),
-            resolved: Vec::new(),
-        };
+        let mut handled = Handled::new(order_id, state.phase(), correlation);
         for input in inputs {
             let Ok((event, metadata)) = &input.decoded else {
                 continue;
             };
             input.observe(&self.handler);
-            let span = tracing::info_span!(
-                "saga.step",
-                event_id = %input.id,
-                event_type = %input.event_type,
-                stream = %input.stream,
-            );
-            if let Some(traceparent) = &metadata.traceparent {
-                trace_context::set_parent(&span, traceparent);
-            }
-            let step = Step {
-                causation: input.id,
-                correlation: metadata.correlation_id,
-                traceparent: metadata.traceparent.clone(),
-            };
+            let (span, step) = step_of(&input, metadata);
             let mut rows = outbox::rows_for_event(event, metadata.correlation_id);
             match self
                 .step(&mut state, &SagaInput::Event(event), &step, &mut rows)
@@ -743,13 +751,9 @@ impl SagaRunner {
         self.step(&mut state, &SagaInput::Tick { now }, &step, &mut rows)
             .await?;
         Ok(Handled {
-            order_id: Some(order_id),
             state: Some(state),
-            before,
-            correlation,
             rows,
-            parked: Vec::new(),
-            resolved: Vec::new(),
+            ..Handled::new(order_id, before, correlation)
         })
     }
 
