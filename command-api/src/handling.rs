@@ -615,15 +615,12 @@ impl Handler {
             if batch.is_empty() {
                 return Ok(outcomes);
             }
-            let at = loaded
-                .version
-                .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-            let first_id = batch.first().map(|event| event.id);
-            match self.store.append(stream, at, batch).await {
-                Ok(result) => {
-                    self.remember(stream, &loaded, state, &result, first_id);
-                    return Ok(outcomes);
-                }
+            // The batch's outcomes are per command; the event names are not needed.
+            match self
+                .append_decided(stream, &loaded, Some(state), Vec::new(), batch)
+                .await
+            {
+                Ok(_) => return Ok(outcomes),
                 Err(StoreError::Conflict { .. }) => self.lost_race(stream),
                 Err(StoreError::DuplicateEventId { .. }) => {}
                 Err(error) => return Err(error.into()),
