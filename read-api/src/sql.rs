@@ -51,13 +51,6 @@ static ORDER_COLUMNS: LazyLock<String> = LazyLock::new(|| {
 
 const ORDER_FROM: &str = "orders o left join order_payments p on p.order_id = o.order_id";
 
-/// Where column `$name` of `orders` is in a row of [`ORDER_COLUMNS`].
-macro_rules! order_column {
-    ($name:literal) => {
-        const { ORDERS.index($name) }
-    };
-}
-
 /// Where payment column `$name` is in a row of [`ORDER_COLUMNS`].
 macro_rules! payment_column {
     ($name:literal) => {
@@ -65,7 +58,8 @@ macro_rules! payment_column {
     };
 }
 
-/// Where column `$name` of `$table` is in a row that selects the table's whole list.
+/// Where column `$name` of `$table` is in a row that selects the table's whole list (for
+/// [`ORDER_COLUMNS`], the order's columns come first).
 macro_rules! column {
     ($table:ident, $name:literal) => {
         const { $table.index($name) }
@@ -526,25 +520,25 @@ fn order_row(row: &Row) -> Result<OrderRow, ReadError> {
         }),
     };
     Ok(OrderRow {
-        order_id: row.try_get(order_column!("order_id"))?,
-        customer_id: row.try_get(order_column!("customer_id"))?,
-        status: row.try_get::<_, &str>(order_column!("status"))?.parse()?,
-        total_minor: row.try_get(order_column!("total_minor"))?,
-        currency: row.try_get(order_column!("currency"))?,
-        ship_name: row.try_get(order_column!("ship_name"))?,
-        ship_line1: row.try_get(order_column!("ship_line1"))?,
-        ship_line2: row.try_get(order_column!("ship_line2"))?,
-        ship_city: row.try_get(order_column!("ship_city"))?,
-        ship_postal_code: row.try_get(order_column!("ship_postal_code"))?,
-        ship_country: row.try_get(order_column!("ship_country"))?,
-        placed_at: row.try_get(order_column!("placed_at"))?,
-        updated_at: row.try_get(order_column!("updated_at"))?,
-        cancellation_reason: row.try_get(order_column!("cancellation_reason"))?,
-        carrier: row.try_get(order_column!("carrier"))?,
-        tracking_number: row.try_get(order_column!("tracking_number"))?,
-        shipped_at: row.try_get(order_column!("shipped_at"))?,
-        delivered_at: row.try_get(order_column!("delivered_at"))?,
-        version: row.try_get(order_column!("version"))?,
+        order_id: row.try_get(column!(ORDERS, "order_id"))?,
+        customer_id: row.try_get(column!(ORDERS, "customer_id"))?,
+        status: row.try_get::<_, &str>(column!(ORDERS, "status"))?.parse()?,
+        total_minor: row.try_get(column!(ORDERS, "total_minor"))?,
+        currency: row.try_get(column!(ORDERS, "currency"))?,
+        ship_name: row.try_get(column!(ORDERS, "ship_name"))?,
+        ship_line1: row.try_get(column!(ORDERS, "ship_line1"))?,
+        ship_line2: row.try_get(column!(ORDERS, "ship_line2"))?,
+        ship_city: row.try_get(column!(ORDERS, "ship_city"))?,
+        ship_postal_code: row.try_get(column!(ORDERS, "ship_postal_code"))?,
+        ship_country: row.try_get(column!(ORDERS, "ship_country"))?,
+        placed_at: row.try_get(column!(ORDERS, "placed_at"))?,
+        updated_at: row.try_get(column!(ORDERS, "updated_at"))?,
+        cancellation_reason: row.try_get(column!(ORDERS, "cancellation_reason"))?,
+        carrier: row.try_get(column!(ORDERS, "carrier"))?,
+        tracking_number: row.try_get(column!(ORDERS, "tracking_number"))?,
+        shipped_at: row.try_get(column!(ORDERS, "shipped_at"))?,
+        delivered_at: row.try_get(column!(ORDERS, "delivered_at"))?,
+        version: row.try_get(column!(ORDERS, "version"))?,
         payment,
     })
 }

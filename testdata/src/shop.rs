@@ -91,10 +91,10 @@ const CITIES: [(&str, &str, &str); 5] = [
 const CARRIERS: [&str; 4] = ["DHL", "UPS", "GLS", "DPD"];
 
 /// Units of a scarce product: a few orders of it are cancelled out of stock, as in a shop.
-pub const SCARCE_STOCK: u32 = 5;
+const SCARCE_STOCK: u32 = 5;
 
 /// The SKU of product `index`.
-pub fn sku(index: usize) -> Result<Sku, SchemaError> {
+fn sku(index: usize) -> Result<Sku, SchemaError> {
     Sku::parse(format!("SEED-{index:04}"))
 }
 

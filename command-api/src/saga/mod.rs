@@ -44,6 +44,7 @@ use orderly_domain::fulfilment::{Command, FulfilmentState, Notification, Phase, 
 use orderly_domain::order::{self, OrderAggregate};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
 use orderly_domain::streams;
+use orderly_domain::values::OrderId;
 use orderly_event_store::{EventStore, GroupCommit};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
@@ -441,7 +442,7 @@ impl SagaRunner {
     /// reads).
     async fn send_to_payment(
         &self,
-        order_id: orderly_domain::values::OrderId,
+        order_id: OrderId,
         envelope: &Envelope,
         command: PaymentCommand,
     ) -> Result<(), CommandError> {
