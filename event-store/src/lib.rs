@@ -71,9 +71,9 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Appends to several streams, each as [`EventStore::append`] would, in order, and answers
     /// each in order. Not atomic across appends: one refused (a conflict, say) leaves the others
-    /// written. Adapters that can write them together (PostgreSQL: one transaction, one commit)
-    /// do; the others append one after the other. No default: a wrapper that forgot to delegate
-    /// would silently lose what its adapter saves.
+    /// written. Adapters that can write them together (PostgreSQL: one commit, and one statement
+    /// when the streams are distinct) do; the others append one after the other. No default: a
+    /// wrapper that forgot to delegate would silently lose what its adapter saves.
     async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>>;
 
     /// Reads up to `limit` events of one stream. Forwards starts at version `from` (None: the

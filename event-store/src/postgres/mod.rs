@@ -1,7 +1,8 @@
 //! The PostgreSQL adapter, the default store: with it the whole product needs only PostgreSQL.
 //!
 //! - Append is one statement in its own transaction (`APPEND` below): it reads the stream's last
-//!   version, checks the expected version and inserts every event, or inserts nothing. Two
+//!   version, checks the expected version and inserts every event, or inserts nothing. Appends
+//!   to several distinct streams at once are one statement too (`APPEND_STREAMS`). Two
 //!   writers racing for the same version collide on the `(stream, version)` unique index; the
 //!   loser's error becomes a `Conflict`. A retried append is recognised by its event ids.
 //! - Log order is `(tx_id, seq)`, and readers of the whole log stop below the oldest
@@ -80,6 +81,37 @@ with cur as (
     returning version, tx_id, seq
 )
 select version, tx_id, seq from ins order by seq";
+
+/// `APPEND` for several streams at once, all distinct (two appends of one stream would both
+/// start from its last version): each append's expectation is checked against its stream, and
+/// the events of those that hold are inserted in the order sent (the select has an `order by`,
+/// so it is planned below the insert, whose `seq` default is drawn row by row as the sorted
+/// rows arrive). A refused append inserts nothing and leaves the others; a unique violation (a
+/// writer elsewhere took a version, an id reused) fails them all.
+const APPEND_STREAMS: &str = "
+with want as (
+    select a.n, a.stream,
+        (select max(version) from events where stream = a.stream) as v, a.expected
+    from unnest($1::text[], $2::bigint[]) with ordinality as a(stream, expected, n)
+), held as (
+    select n, stream, v from want
+    where case expected
+        when -1 then true
+        when -2 then v is null
+        when -3 then v is not null
+        else v = expected
+    end
+), ins as (
+    insert into events (event_id, stream, version, event_type, data, metadata, tx_id)
+    select e.event_id, held.stream, coalesce(held.v, -1) + e.k, e.event_type, e.data,
+        e.metadata, pg_current_xact_id()::text::bigint + $9::bigint
+    from unnest($3::bigint[], $4::bigint[], $5::uuid[], $6::text[], $7::jsonb[], $8::jsonb[])
+        with ordinality as e(append_n, k, event_id, event_type, data, metadata, sent)
+    join held on held.n = e.append_n
+    order by e.sent
+    returning version, tx_id, seq, stream
+)
+select version, tx_id, seq, stream from ins order by seq";
 
 const FIND_IDS: &str = "
 select event_id, stream, version, tx_id, seq from events where event_id = any($1::uuid[])";
@@ -340,15 +372,17 @@ impl PgEventStore {
         }
     }
 
-    /// Writes every append of `appends` in one transaction (one commit, statements pipelined).
-    /// An append the database refuses (it inserts nothing: its stream is not where it expects,
-    /// or it is a retry of an earlier write) leaves the others to commit when no other append
-    /// of the call names its stream, so one lane's conflict does not send every append beside
-    /// it one by one; its place holds `None`, for the caller to explain as if it had been sent
-    /// alone. `None` for the whole call when the others cannot go in as sent (an invalid
-    /// append, a refused one whose stream another append names, an error, a commit whose
-    /// outcome is unknown): the caller then sends them one by one, which tells each apart (a
-    /// replay of a commit that did happen is recognised by its event ids).
+    /// Writes every append of `appends` at once, with one commit: in one statement when they
+    /// name distinct streams (the common case: a saga's commands for many orders), else in one
+    /// transaction of pipelined statements, so that a later append of a stream sees the
+    /// earlier ones. An append the database refuses (it inserts nothing: its stream is not where
+    /// it expects, or it is a retry of an earlier write) leaves the others to commit when no
+    /// other append of the call names its stream, so one lane's conflict does not send every
+    /// append beside it one by one; its place holds `None`, for the caller to explain as if it
+    /// had been sent alone. `None` for the whole call when the others cannot go in as sent (an
+    /// invalid append, a refused one whose stream another append names, an error, a commit
+    /// whose outcome is unknown): the caller then sends them one by one, which tells each
+    /// apart (a replay of a commit that did happen is recognised by its event ids).
     async fn append_together(&self, appends: &[Append]) -> Option<Vec<Option<AppendResult>>> {
         if appends
             .iter()
@@ -356,44 +390,17 @@ impl PgEventStore {
         {
             return None;
         }
-        let written = async {
-            let mut client = self.client().await?;
-            let tx_offset = self.tx_offset(&client).await?;
-            let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            let columns: Vec<_> = appends.iter().map(Columns::of).collect();
-            let params: Vec<[&(dyn ToSql + Sync); 7]> = columns
-                .iter()
-                .map(|columns| columns.params(&tx_offset))
-                .collect();
-            let outcomes =
-                futures::future::join_all(params.iter().map(|params| tx.query(&statement, params)))
-                    .await;
-            let mut results = Vec::with_capacity(appends.len());
-            for (index, rows) in outcomes.into_iter().enumerate() {
-                let rows = rows.map_err(pg_error)?;
-                if !rows.is_empty() {
-                    results.push(Some(appended(&rows).map_err(pg_error)?));
-                    continue;
-                }
-                // Alone in its stream, the refusal is the same whatever the others did; with
-                // another append of the same stream, their order decides, so all go alone.
-                let stream = &appends[index].stream;
-                if appends
-                    .iter()
-                    .enumerate()
-                    .any(|(other, append)| other != index && append.stream == *stream)
-                {
-                    return Ok(None);
-                }
-                results.push(None);
-            }
-            if results.iter().any(Option::is_some) {
-                tx.commit().await.map_err(pg_error)?;
-            }
-            Ok::<_, StoreError>(Some(results))
+        let distinct = {
+            let mut streams: Vec<&str> = appends.iter().map(|a| a.stream.as_str()).collect();
+            streams.sort_unstable();
+            streams.windows(2).all(|pair| pair[0] != pair[1])
         };
-        match written.await {
+        let written = if distinct {
+            self.append_in_one_statement(appends).await
+        } else {
+            self.append_in_one_transaction(appends).await
+        };
+        match written {
             Ok(Some(results)) => {
                 if results.iter().any(Option::is_some) {
                     self.woke();
@@ -406,6 +413,109 @@ impl PgEventStore {
                 None
             }
         }
+    }
+
+    /// [`APPEND_STREAMS`]: appends to distinct streams as one statement, its own transaction.
+    /// One statement instead of one per append (and no `BEGIN`/`COMMIT` around them) is most
+    /// of what a round of small appends costs the server.
+    async fn append_in_one_statement(
+        &self,
+        appends: &[Append],
+    ) -> Result<Option<Vec<Option<AppendResult>>>, StoreError> {
+        let streams: Vec<&str> = appends.iter().map(|a| a.stream.as_str()).collect();
+        let expected: Vec<i64> = appends.iter().map(|a| expected_code(a.expected)).collect();
+        let events = appends.iter().map(|a| a.events.len()).sum();
+        let (mut of_append, mut within, mut ids, mut types, mut data, mut metadata) = (
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+        );
+        for (index, append) in appends.iter().enumerate() {
+            for (k, event) in append.events.iter().enumerate() {
+                // 1-based, as `with ordinality` numbers the appends and `APPEND` the events.
+                of_append.push(to_i64(index as u64 + 1));
+                within.push(to_i64(k as u64 + 1));
+                ids.push(event.id);
+                types.push(event.event_type.as_str());
+                data.push(&event.data);
+                metadata.push(&event.metadata);
+            }
+        }
+        let client = self.client().await?;
+        let tx_offset = self.tx_offset(&client).await?;
+        let statement = client
+            .prepare_cached(APPEND_STREAMS)
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &streams, &expected, &of_append, &within, &ids, &types, &data, &metadata,
+                    &tx_offset,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        // Rows come in log order; each stream's rows are one append's, its events in order.
+        let mut by_stream: HashMap<String, Vec<Row>> = HashMap::new();
+        for row in rows {
+            let stream: String = row.try_get(3).map_err(pg_error)?;
+            by_stream.entry(stream).or_default().push(row);
+        }
+        let mut results = Vec::with_capacity(appends.len());
+        for append in appends {
+            results.push(match by_stream.remove(append.stream.as_str()) {
+                Some(rows) => Some(appended(&rows).map_err(pg_error)?),
+                None => None,
+            });
+        }
+        Ok(Some(results))
+    }
+
+    /// Appends in one transaction of pipelined [`APPEND`]s, for calls that name a stream twice.
+    async fn append_in_one_transaction(
+        &self,
+        appends: &[Append],
+    ) -> Result<Option<Vec<Option<AppendResult>>>, StoreError> {
+        let mut client = self.client().await?;
+        let tx_offset = self.tx_offset(&client).await?;
+        let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let columns: Vec<_> = appends.iter().map(Columns::of).collect();
+        let params: Vec<[&(dyn ToSql + Sync); 7]> = columns
+            .iter()
+            .map(|columns| columns.params(&tx_offset))
+            .collect();
+        let outcomes =
+            futures::future::join_all(params.iter().map(|params| tx.query(&statement, params)))
+                .await;
+        let mut results = Vec::with_capacity(appends.len());
+        for (index, rows) in outcomes.into_iter().enumerate() {
+            let rows = rows.map_err(pg_error)?;
+            if !rows.is_empty() {
+                results.push(Some(appended(&rows).map_err(pg_error)?));
+                continue;
+            }
+            // Alone in its stream, the refusal is the same whatever the others did; with
+            // another append of the same stream, their order decides, so all go alone.
+            let stream = &appends[index].stream;
+            if appends
+                .iter()
+                .enumerate()
+                .any(|(other, append)| other != index && append.stream == *stream)
+            {
+                return Ok(None);
+            }
+            results.push(None);
+        }
+        if results.iter().any(Option::is_some) {
+            tx.commit().await.map_err(pg_error)?;
+        }
+        Ok(Some(results))
     }
 
     /// The answer an append refused inside [`Self::append_together`] would have got alone.

@@ -34,6 +34,7 @@ macro_rules! contract_tests {
             reappending_the_same_event_ids_writes_nothing,
             reusing_event_ids_elsewhere_is_refused,
             several_appends_at_once_answer_each_as_if_sent_alone,
+            appends_to_distinct_streams_at_once_keep_the_order_sent,
             streams_read_forwards_and_backwards,
             several_streams_read_at_once_page_by_page,
             the_log_reads_in_append_order_and_pages_by_position,
@@ -69,6 +70,14 @@ fn events(n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|i| event("Numbered", json!({ "n": i })))
         .collect()
+}
+
+fn append(stream: &StreamName, expected: ExpectedVersion, events: Vec<NewEvent>) -> Append {
+    Append {
+        stream: stream.clone(),
+        expected,
+        events,
+    }
 }
 
 /// The next event of a subscription, failing the test if none comes within ten seconds.
@@ -319,11 +328,6 @@ pub async fn several_appends_at_once_answer_each_as_if_sent_alone(store: Arc<dyn
         .append(&c, ExpectedVersion::NoStream, events(2))
         .await
         .unwrap();
-    let append = |stream: &StreamName, expected, events| Append {
-        stream: stream.clone(),
-        expected,
-        events,
-    };
     let (first_a, first_b) = (events(2), events(1));
     let batch = vec![
         append(&a, ExpectedVersion::NoStream, first_a.clone()),
@@ -394,6 +398,64 @@ pub async fn several_appends_at_once_answer_each_as_if_sent_alone(store: Arc<dyn
         assert_eq!(again.position, first.position);
     }
     assert!(store.append_many(Vec::new()).await.is_empty());
+}
+
+pub async fn appends_to_distinct_streams_at_once_keep_the_order_sent(store: Arc<dyn EventStore>) {
+    let names = [
+        "order-apart1",
+        "order-apart2",
+        "order-apart3",
+        "order-apart4",
+    ];
+    let [a, b, c, d] = names.map(stream);
+    let before = store
+        .append(&c, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    let results = store
+        .append_many(vec![
+            append(&a, ExpectedVersion::NoStream, events(3)),
+            append(&b, ExpectedVersion::Any, events(1)),
+            // Decided on a state the stream is no longer in: refused alone.
+            append(&d, ExpectedVersion::Exact(4), events(1)),
+            append(&c, ExpectedVersion::Exact(1), events(2)),
+        ])
+        .await;
+    let [a_written, b_written, d_refused, c_written]: [_; 4] =
+        results.try_into().expect("four answers");
+    assert_conflict(d_refused, None);
+    let written = [a_written, b_written, c_written].map(Result::unwrap);
+    assert_eq!(written.map(|r| r.next_expected_version), [2, 0, 3]);
+    assert!(
+        written
+            .windows(2)
+            .all(|w| w[0].position < w[1].first_position),
+        "each append's events follow the previous append's: {written:?}"
+    );
+    settle(&*store, written[2].position).await;
+    let log: Vec<(String, u64, u64)> = read_everything(&*store, &EventFilter::All)
+        .await
+        .iter()
+        .filter(|e| e.position > before.position)
+        .map(|e| {
+            (
+                e.stream.to_string(),
+                e.version,
+                e.data["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        ("order-apart1", 0, 0),
+        ("order-apart1", 1, 1),
+        ("order-apart1", 2, 2),
+        ("order-apart2", 0, 0),
+        ("order-apart3", 2, 0),
+        ("order-apart3", 3, 1),
+    ]
+    .map(|(s, v, n)| (s.to_owned(), v, n));
+    assert_eq!(log, want, "every event once, in the order sent");
+    assert_eq!(store.stream_version(&d).await.unwrap(), None);
 }
 
 pub async fn reusing_event_ids_elsewhere_is_refused(store: Arc<dyn EventStore>) {
