@@ -1,12 +1,13 @@
-//! The log's read statements, as the server plans them: polled all the time by every reader,
-//! each must read a few pages of an index, never the whole log, whatever plan the server
-//! caches for it. A statement that regressed to a scan would cost in proportion to the log's
-//! size on every poll (as `held_back` once did: a sequential scan under the generic plan).
+//! The log's statements, as the server plans them: reads polled all the time by every reader,
+//! and the appends that look up each stream's last version, must read a few pages of an index,
+//! never the whole log, whatever plan the server caches for them. A statement that regressed
+//! to a scan would cost in proportion to the log's size every time (as `held_back` once did: a
+//! sequential scan under the generic plan).
 
 use orderly_test_support::TestDb;
 use serde_json::Value;
 
-use super::{SQL, migrate, migration_fingerprint};
+use super::{APPEND, APPEND_STREAMS, SQL, migrate, migration_fingerprint};
 
 /// Events written before the statements are planned: enough pages that a scan of the table
 /// stands out from an index descent by two orders of magnitude.
@@ -14,6 +15,10 @@ const EVENTS: i64 = 9_000;
 
 /// Pages a read may touch: an index descent and a page of rows.
 const MOST_PAGES: i64 = 40;
+
+/// Pages an append may touch: the stream's last version, and a descent of each of the table's
+/// four indexes to insert (30 to 32 measured, against 1,200 for a scan of this log).
+const MOST_APPEND_PAGES: i64 = 100;
 
 async fn log() -> TestDb {
     let db = TestDb::create("event-store", &migration_fingerprint(), |url| async move {
@@ -66,6 +71,25 @@ async fn pages_read(
     let plan = &explained[0]["Plan"];
     let blocks = |name: &str| plan[name].as_i64().expect("buffers in the plan");
     blocks("Shared Hit Blocks") + blocks("Shared Read Blocks")
+}
+
+/// The statements of `probes` (name, statement, parameter types, arguments) that read more than
+/// `limit` pages under either plan, each with its plan and count.
+async fn over_limit(
+    client: &tokio_postgres::Client,
+    probes: &[(&str, &str, &str, &str)],
+    limit: i64,
+) -> Vec<String> {
+    let mut over = Vec::new();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        for (name, statement, types, arguments) in probes {
+            let pages = pages_read(client, mode, statement, types, arguments).await;
+            if pages > limit {
+                over.push(format!("{name} ({mode}): {pages} pages"));
+            }
+        }
+    }
+    over
 }
 
 #[tokio::test]
@@ -136,17 +160,44 @@ async fn every_read_of_the_log_reads_a_few_index_pages_not_the_log() {
             "(array['order-8', 'product-9'], array[0, 2]::bigint[], 100)".into(),
         ),
     ];
-    let mut over = Vec::new();
-    for mode in ["force_generic_plan", "force_custom_plan"] {
-        for (name, statement, types, arguments) in &reads {
-            let pages = pages_read(&client, mode, statement, types, arguments).await;
-            if pages > MOST_PAGES {
-                over.push(format!("{name} ({mode}): {pages} pages"));
-            }
-        }
-    }
+    let reads = reads.each_ref().map(|(name, statement, types, arguments)| {
+        (*name, statement.as_str(), *types, arguments.as_str())
+    });
+    let over = over_limit(&client, &reads, MOST_PAGES).await;
     assert!(
         over.is_empty(),
         "reads of the log that touch more than {MOST_PAGES} of its {table_pages} pages: {over:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_append_reads_a_few_index_pages_not_the_log() {
+    let db = log().await;
+    let client = db.connect().await.expect("connect");
+    // Each execution writes: fresh event ids, and `Any` (-1) so that the second goes in too.
+    let one = "(text, bigint, uuid[], text[], jsonb[], jsonb[], bigint)";
+    let several =
+        "(text[], bigint[], bigint[], bigint[], uuid[], text[], jsonb[], jsonb[], bigint)";
+    let appends = [
+        (
+            "append to a stream",
+            APPEND,
+            one,
+            "('order-8', -1, array[gen_random_uuid()], array['Probe'], array['{}'::jsonb],
+              array['{}'::jsonb], 0)",
+        ),
+        (
+            "append to several streams",
+            APPEND_STREAMS,
+            several,
+            "(array['order-9', 'product-10'], array[-1, -1]::bigint[], array[1, 2]::bigint[],
+              array[1, 1]::bigint[], array[gen_random_uuid(), gen_random_uuid()],
+              array['Probe', 'Probe'], array['{}', '{}']::jsonb[], array['{}', '{}']::jsonb[], 0)",
+        ),
+    ];
+    let over = over_limit(&client, &appends, MOST_APPEND_PAGES).await;
+    assert!(
+        over.is_empty(),
+        "appends that touch more than {MOST_APPEND_PAGES} pages of the log: {over:?}"
     );
 }
