@@ -417,6 +417,7 @@ pub fn saga_runner(
         // Renewed five times per lease: a missed heartbeat or two never loses a lane.
         heartbeat: (s.lease / 5).max(Duration::from_millis(20)),
         orders_in_flight: s.orders_in_flight.max(1),
+        append_writers: pool_size,
         outbox_max_attempts: s.outbox_max_attempts,
         retention: s.retention,
         ..SagaConfig::default()

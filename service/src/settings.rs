@@ -218,8 +218,9 @@ pub struct SagaSettings {
     /// Orders one saga lane handles at once within a batch.
     #[serde(rename = "saga_orders_in_flight")]
     pub orders_in_flight: usize,
-    /// Connections of the saga runner's own pool, and as many for its event-store commands:
-    /// several saga processes must fit in the server's `max_connections` beside the APIs.
+    /// Connections of the saga runner's own pool, and as many for its event-store commands
+    /// (which write as many rounds of appends at once): several saga processes must fit in the
+    /// server's `max_connections` beside the APIs.
     #[serde(rename = "saga_pool_size")]
     pub pool_size: usize,
 }

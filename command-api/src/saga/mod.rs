@@ -64,10 +64,6 @@ use outbox::Row;
 /// The `actor` of every event the saga and its workers write.
 pub const ACTOR: &str = "system:fulfilment";
 
-/// Rounds of the saga's appends written at once (see [`GroupCommit`]): a few, so that a slow
-/// commit does not stop the others, and well below the store's pool.
-const APPEND_WRITERS: usize = 4;
-
 /// How a runner behaves.
 #[derive(Debug, Clone)]
 pub struct SagaConfig {
@@ -81,6 +77,11 @@ pub struct SagaConfig {
     pub batch_size: usize,
     /// Orders of one batch handled at once.
     pub orders_in_flight: usize,
+    /// Rounds of the saga's appends written at once (see [`GroupCommit`]); as many as its
+    /// store has connections. Fewer left appends queueing behind busy rounds while the store
+    /// had connections to spare: with 4 rounds against 8 connections, a sustained 650 orders/s
+    /// settled 16 % slower with a third more round trips per order (BENCHMARKS.md).
+    pub append_writers: usize,
     /// How long this process's membership and lane leases hold without renewal: after a crash
     /// its lanes wait this long for another process.
     pub lease: Duration,
@@ -106,6 +107,7 @@ impl Default for SagaConfig {
             tick: Duration::from_secs(1),
             batch_size: 512,
             orders_in_flight: 32,
+            append_writers: 8,
             lease: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
             outbox_max_attempts: 5,
@@ -144,7 +146,8 @@ impl SagaRunner {
     ) -> Self {
         // The lanes own their orders' streams: decide on the state left by the last append.
         // Many orders' steps append at once: written together, they share commits.
-        let handler = Handler::optimistic(Arc::new(GroupCommit::new(store, APPEND_WRITERS)));
+        let writers = config.append_writers;
+        let handler = Handler::optimistic(Arc::new(GroupCommit::new(store, writers)));
         let member = Member {
             saga: config.name.clone(),
             id: member_id(),
