@@ -80,7 +80,7 @@ pub struct SagaConfig {
     /// Rounds of the saga's appends written at once (see [`GroupCommit`]); as many as its
     /// store has connections. Fewer left appends queueing behind busy rounds while the store
     /// had connections to spare: with 4 rounds against 8 connections, a sustained 650 orders/s
-    /// settled 16 % slower with a third more round trips per order (BENCHMARKS.md).
+    /// settled 5-16 % slower with a quarter more round trips per order (BENCHMARKS.md).
     pub append_writers: usize,
     /// How long this process's membership and lane leases hold without renewal: after a crash
     /// its lanes wait this long for another process.
