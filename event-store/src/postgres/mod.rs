@@ -1,8 +1,8 @@
 //! The PostgreSQL adapter, the default store: with it the whole product needs only PostgreSQL.
 //!
-//! - Append is one statement in its own transaction (`APPEND` below): it reads the stream's last
+//! - Append is one statement in its own transaction (`Statements::append` below): it reads the stream's last
 //!   version, checks the expected version and inserts every event, or inserts nothing. Appends
-//!   to several distinct streams at once are one statement too (`APPEND_STREAMS`). Two
+//!   to several distinct streams at once are one statement too (`Statements::append_streams`). Two
 //!   writers racing for the same version collide on the `(stream, version)` unique index; the
 //!   loser's error becomes a `Conflict`. A retried append is recognised by its event ids.
 //! - Log order is `(tx_id, seq)`, and readers of the whole log stop below the oldest
@@ -54,7 +54,7 @@ use crate::subscription::{self, Page, PageSource, Subscription, SubscriptionOpti
 /// The channel other processes' subscribers listen on.
 pub const NOTIFY_CHANNEL: &str = "orderly_events";
 
-/// How `ExpectedVersion` travels as one `bigint` parameter of `APPEND`.
+/// How `ExpectedVersion` travels as one `bigint` parameter of the append statements.
 const EXPECT_ANY: i64 = -1;
 const EXPECT_NO_STREAM: i64 = -2;
 const EXPECT_STREAM_EXISTS: i64 = -3;
@@ -62,56 +62,6 @@ const EXPECT_STREAM_EXISTS: i64 = -3;
 /// Appends with `Any` or `StreamExists` retry this often when a concurrent writer took the
 /// version they computed; each failure means another append made progress.
 const CONTENDED_APPEND_ATTEMPTS: u32 = 32;
-
-const APPEND: &str = "
-with cur as (
-    select max(version) as v from events where stream = $1
-), ins as (
-    insert into events (event_id, stream, version, event_type, data, metadata, tx_id)
-    select e.event_id, $1, coalesce(cur.v, -1) + e.n, e.event_type, e.data, e.metadata,
-        pg_current_xact_id()::text::bigint + $7::bigint
-    from cur, unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
-        with ordinality as e(event_id, event_type, data, metadata, n)
-    where case $2::bigint
-        when -1 then true
-        when -2 then cur.v is null
-        when -3 then cur.v is not null
-        else cur.v = $2::bigint
-    end
-    returning version, tx_id, seq
-)
-select version, tx_id, seq from ins order by seq";
-
-/// `APPEND` for several streams at once, all distinct (two appends of one stream would both
-/// start from its last version): each append's expectation is checked against its stream, and
-/// the events of those that hold are inserted in the order sent (the select has an `order by`,
-/// so it is planned below the insert, whose `seq` default is drawn row by row as the sorted
-/// rows arrive). A refused append inserts nothing and leaves the others; a unique violation (a
-/// writer elsewhere took a version, an id reused) fails them all.
-const APPEND_STREAMS: &str = "
-with want as (
-    select a.n, a.stream,
-        (select max(version) from events where stream = a.stream) as v, a.expected
-    from unnest($1::text[], $2::bigint[]) with ordinality as a(stream, expected, n)
-), held as (
-    select n, stream, v from want
-    where case expected
-        when -1 then true
-        when -2 then v is null
-        when -3 then v is not null
-        else v = expected
-    end
-), ins as (
-    insert into events (event_id, stream, version, event_type, data, metadata, tx_id)
-    select e.event_id, held.stream, coalesce(held.v, -1) + e.k, e.event_type, e.data,
-        e.metadata, pg_current_xact_id()::text::bigint + $9::bigint
-    from unnest($3::bigint[], $4::bigint[], $5::uuid[], $6::text[], $7::jsonb[], $8::jsonb[])
-        with ordinality as e(append_n, k, event_id, event_type, data, metadata, sent)
-    join held on held.n = e.append_n
-    order by e.sent
-    returning version, tx_id, seq, stream
-)
-select version, tx_id, seq, stream from ins order by seq";
 
 const FIND_IDS: &str = "
 select event_id, stream, version, tx_id, seq from events where event_id = any($1::uuid[])";
@@ -139,6 +89,16 @@ pub const DURABLE_COMMITS: &str = "select set_config('synchronous_commit', 'on',
 
 /// Statements assembled once from the pieces above.
 struct Statements {
+    /// Appends to one stream: see the module docs.
+    append: String,
+    /// `append` for several streams at once, all distinct (two appends of one stream would
+    /// both start from its last version): each append's expectation is checked against its
+    /// stream, and the events of those that hold are inserted in the order sent (the select
+    /// has an `order by`, so it is planned below the insert, whose `seq` default is drawn row
+    /// by row as the sorted rows arrive). A refused append inserts nothing and leaves the
+    /// others; a unique violation (a writer elsewhere took a version, an id reused) fails them
+    /// all.
+    append_streams: String,
     read_stream_forwards: String,
     read_stream_backwards: String,
     read_streams: String,
@@ -150,6 +110,18 @@ struct Statements {
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(|| {
+    // Whether an append's expectation (`expected`, coded as `expected_code` does) holds for
+    // its stream's last version `last` (null: no stream).
+    let holds = |expected: &str, last: &str| {
+        format!(
+            "case {expected}
+                 when {EXPECT_ANY} then true
+                 when {EXPECT_NO_STREAM} then {last} is null
+                 when {EXPECT_STREAM_EXISTS} then {last} is not null
+                 else {last} = {expected}
+             end"
+        )
+    };
     // `extra` narrows a page of the whole log to a category or a stream (parameter `$4`).
     let page = |extra: &str| {
         format!(
@@ -159,6 +131,42 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| {
         )
     };
     Statements {
+        append: format!(
+            "with cur as (
+                 select max(version) as v from events where stream = $1
+             ), ins as (
+                 insert into events (event_id, stream, version, event_type, data, metadata, tx_id)
+                 select e.event_id, $1, coalesce(cur.v, -1) + e.n, e.event_type, e.data,
+                     e.metadata, pg_current_xact_id()::text::bigint + $7::bigint
+                 from cur, unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
+                     with ordinality as e(event_id, event_type, data, metadata, n)
+                 where {}
+                 returning version, tx_id, seq
+             )
+             select version, tx_id, seq from ins order by seq",
+            holds("$2::bigint", "cur.v")
+        ),
+        append_streams: format!(
+            "with want as (
+                 select a.n, a.stream,
+                     (select max(version) from events where stream = a.stream) as v, a.expected
+                 from unnest($1::text[], $2::bigint[]) with ordinality as a(stream, expected, n)
+             ), held as (
+                 select n, stream, v from want where {}
+             ), ins as (
+                 insert into events (event_id, stream, version, event_type, data, metadata, tx_id)
+                 select e.event_id, held.stream, coalesce(held.v, -1) + e.k, e.event_type,
+                     e.data, e.metadata, pg_current_xact_id()::text::bigint + $9::bigint
+                 from unnest($3::bigint[], $4::bigint[], $5::uuid[], $6::text[], $7::jsonb[],
+                         $8::jsonb[])
+                     with ordinality as e(append_n, k, event_id, event_type, data, metadata, sent)
+                 join held on held.n = e.append_n
+                 order by e.sent
+                 returning version, tx_id, seq, stream
+             )
+             select version, tx_id, seq, stream from ins order by seq",
+            holds("expected", "v")
+        ),
         read_stream_forwards: format!(
             "select {COLUMNS} from events where stream = $1 and version >= $2 order by version limit $3"
         ),
@@ -415,7 +423,7 @@ impl PgEventStore {
         }
     }
 
-    /// [`APPEND_STREAMS`]: appends to distinct streams as one statement, its own transaction,
+    /// `append_streams`: appends to distinct streams as one statement, its own transaction,
     /// instead of one statement per append between `BEGIN` and `COMMIT`: a saga's burst sends
     /// a quarter fewer statements (the server's CPU barely moved: the rows cost more than the
     /// statements, see BENCHMARKS.md).
@@ -436,7 +444,7 @@ impl PgEventStore {
         );
         for (index, append) in appends.iter().enumerate() {
             for (k, event) in append.events.iter().enumerate() {
-                // 1-based, as `with ordinality` numbers the appends and `APPEND` the events.
+                // 1-based, as `with ordinality` numbers the appends and `append` the events.
                 of_append.push(to_i64(index as u64 + 1));
                 within.push(to_i64(k as u64 + 1));
                 ids.push(event.id);
@@ -448,7 +456,7 @@ impl PgEventStore {
         let client = self.client().await?;
         let tx_offset = self.tx_offset(&client).await?;
         let statement = client
-            .prepare_cached(APPEND_STREAMS)
+            .prepare_cached(&SQL.append_streams)
             .await
             .map_err(pg_error)?;
         let rows = client
@@ -477,14 +485,14 @@ impl PgEventStore {
         Ok(Some(results))
     }
 
-    /// Appends in one transaction of pipelined [`APPEND`]s, for calls that name a stream twice.
+    /// Appends in one transaction of pipelined `append` statements, for calls that name a stream twice.
     async fn append_in_one_transaction(
         &self,
         appends: &[Append],
     ) -> Result<Option<Vec<Option<AppendResult>>>, StoreError> {
         let mut client = self.client().await?;
         let tx_offset = self.tx_offset(&client).await?;
-        let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
+        let statement = client.prepare_cached(&SQL.append).await.map_err(pg_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let columns: Vec<_> = appends.iter().map(Columns::of).collect();
         let params: Vec<[&(dyn ToSql + Sync); 7]> = columns
@@ -571,7 +579,7 @@ impl EventStore for PgEventStore {
         let columns = Columns::new(stream, expected, &events);
         let client = self.client().await?;
         let tx_offset = self.tx_offset(&client).await?;
-        let statement = client.prepare_cached(APPEND).await.map_err(pg_error)?;
+        let statement = client.prepare_cached(&SQL.append).await.map_err(pg_error)?;
         let mut attempt = 0;
         loop {
             attempt += 1;

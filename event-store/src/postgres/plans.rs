@@ -7,7 +7,7 @@
 use orderly_test_support::TestDb;
 use serde_json::Value;
 
-use super::{APPEND, APPEND_STREAMS, SQL, migrate, migration_fingerprint};
+use super::{SQL, migrate, migration_fingerprint};
 
 /// Events written before the statements are planned: enough pages that a scan of the table
 /// stands out from an index descent by two orders of magnitude.
@@ -181,14 +181,14 @@ async fn every_append_reads_a_few_index_pages_not_the_log() {
     let appends = [
         (
             "append to a stream",
-            APPEND,
+            SQL.append.as_str(),
             one,
             "('order-8', -1, array[gen_random_uuid()], array['Probe'], array['{}'::jsonb],
               array['{}'::jsonb], 0)",
         ),
         (
             "append to several streams",
-            APPEND_STREAMS,
+            SQL.append_streams.as_str(),
             several,
             "(array['order-9', 'product-10'], array[-1, -1]::bigint[], array[1, 2]::bigint[],
               array[1, 1]::bigint[], array[gen_random_uuid(), gen_random_uuid()],
