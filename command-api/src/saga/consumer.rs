@@ -175,7 +175,7 @@ impl From<deadpool_postgres::PoolError> for LaneError {
 /// One order's part of a batch, once handled: what to store.
 struct Handled {
     order_id: Option<OrderId>,
-    /// The new state, when a step changed it.
+    /// The new state, when a step changed more than its clock (see `same_apart_from_clock`).
     state: Option<FulfilmentState>,
     /// The phase before the batch, to count instances that settle in it.
     before: Phase,
@@ -604,6 +604,7 @@ impl SagaRunner {
             }
         };
         let mut handled = Handled::new(order_id, state.phase(), correlation);
+        let before = state.clone();
         for input in inputs {
             let Ok((event, metadata)) = &input.decoded else {
                 continue;
@@ -632,6 +633,15 @@ impl SagaRunner {
                     });
                 }
             }
+        }
+        // Echoes of the saga's own commands move only the clock: the stored state decides
+        // the same, so it is not written again (one write fewer per settled order).
+        if handled
+            .state
+            .as_ref()
+            .is_some_and(|state| state.same_apart_from_clock(&before))
+        {
+            handled.state = None;
         }
         Ok(handled)
     }
