@@ -32,7 +32,12 @@
 //!   `pg_stat_database`, after minus before, less this program's polls. A proxy: it counts
 //!   transactions, not statements, and holds the server's background work over the run (saga
 //!   ticks, health sampling), whose idle rate is measured before the run and shown beside it;
-//! - peak RSS: VmHWM of each server process at the end.
+//! - peak RSS: VmHWM of each server process at the end;
+//! - CPU per settled order, from the first placement to the last settlement (`/proc`): of the
+//!   `orderly` processes, of the PostgreSQL server when it runs on this machine (every process
+//!   of its cluster, background work and this program's polls included), and of this program
+//!   (its clients). The targets are rates on a shared machine; CPU per order is the cost behind
+//!   them, and moves far less from one run to the next.
 //!
 //! The yardstick is the append benchmark's `orderly single` (one event to a fresh stream with
 //! the expected-version check) at `clients` writers (at most 64), measured first, alone, on a
@@ -59,6 +64,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::append::{self, Scenario};
+use crate::cpu;
 use crate::place_order::{self, PLACE, SECRET};
 use crate::report;
 
@@ -311,6 +317,48 @@ struct Report {
     counted_over: Duration,
     /// Process name and VmHWM in KiB.
     peak_rss_kib: Vec<(String, u64)>,
+    /// From the first placement to the last settlement.
+    cpu: Cpu,
+}
+
+/// CPU time of the parts of a scenario; `None` where it could not be read (a process gone,
+/// a server on another machine).
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    orderly: Option<Duration>,
+    postgres: Option<Duration>,
+    this_program: Option<Duration>,
+}
+
+impl Cpu {
+    fn now(service: &Service, postgres: Option<&cpu::Postgres>) -> Self {
+        Self {
+            orderly: service.cpu(),
+            postgres: postgres.and_then(cpu::Postgres::cpu),
+            this_program: cpu::of_this_program(),
+        }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        let spent = |after: Option<Duration>, before: Option<Duration>| after?.checked_sub(before?);
+        Cpu {
+            orderly: spent(self.orderly, before.orderly),
+            postgres: spent(self.postgres, before.postgres),
+            this_program: spent(self.this_program, before.this_program),
+        }
+    }
+
+    /// Milliseconds per order of each part, as `orderly / PostgreSQL / this program`.
+    fn per_order(&self, orders: u64) -> String {
+        [self.orderly, self.postgres, self.this_program]
+            .map(|spent| match spent {
+                Some(spent) => {
+                    format!("{:.2}", spent.as_secs_f64() * 1000.0 / orders.max(1) as f64)
+                }
+                None => "n/a".to_owned(),
+            })
+            .join(" / ")
+    }
 }
 
 impl Report {
@@ -377,6 +425,11 @@ async fn scenario(
     // Connected and prepared before the first sample, so that only the polls count after it.
     let poller = service.db.connect().await.map_err(|e| anyhow!("{e}"))?;
     let settled_statement = poller.prepare(SETTLED).await?;
+    let backend: i32 = poller
+        .query_one("select pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let postgres = cpu::Postgres::of_backend(backend);
     let stats = stats_client(&service.db).await?;
     let database = service.db.name().to_owned();
     tokio::time::sleep(STATS_FLUSH).await;
@@ -392,6 +445,7 @@ async fn scenario(
     // Ends the poller however this function returns.
     let stop = CancellationToken::new();
     let _stop_on_return = stop.clone().drop_guard();
+    let cpu_before = Cpu::now(&service, postgres.as_ref());
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let mut follower = tokio::spawn(follow(
@@ -423,6 +477,7 @@ async fn scenario(
         );
     }
     let settled = service.supervise(&mut follower).await??;
+    let cpu = Cpu::now(&service, postgres.as_ref()).since(cpu_before);
     let unsettled = pending.lock().map_err(|_| anyhow!("poisoned"))?.len();
 
     let peak_rss_kib = service.peak_rss_kib();
@@ -444,6 +499,7 @@ async fn scenario(
         idle_per_sec,
         counted_over,
         peak_rss_kib,
+        cpu,
     })
 }
 
@@ -900,6 +956,14 @@ impl Service {
         Ok(total)
     }
 
+    /// CPU time of every process so far; `None` when one is gone.
+    fn cpu(&self) -> Option<Duration> {
+        self.processes
+            .iter()
+            .map(|process| cpu::of_process(process.child.id()))
+            .sum()
+    }
+
     fn peak_rss_kib(&self) -> Vec<(String, u64)> {
         self.processes
             .iter()
@@ -1050,9 +1114,9 @@ fn print_reports(reports: &[Report], append_rate: f64) {
     println!(
         "\n| scenario | placeOrder p50 / p99 ms | place→settled p50 / p99 ms | \
          place→CONFIRMED p50 / p99 ms | conflicts / settled | round trips / settled | \
-         peak RSS MB |"
+         CPU ms / settled: orderly / PostgreSQL / this program | peak RSS MB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in reports {
         let settled = r.settled.count().max(1) as f64;
         let rss = r
@@ -1062,7 +1126,7 @@ fn print_reports(reports: &[Report], append_rate: f64) {
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "| {} | {:.1} / {:.1} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.1} | {rss} |",
+            "| {} | {:.1} / {:.1} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.1} | {} | {rss} |",
             r.name(),
             ms(&r.placed.latency_us, 0.5),
             ms(&r.placed.latency_us, 0.99),
@@ -1072,6 +1136,7 @@ fn print_reports(reports: &[Report], append_rate: f64) {
             ms(&r.settled.to_confirmed_us, 0.99),
             r.conflicts / settled,
             r.transactions as f64 / settled,
+            r.cpu.per_order(r.settled.count()),
         );
     }
 

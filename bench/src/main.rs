@@ -30,6 +30,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod append;
+mod cpu;
 mod fulfil;
 mod lag;
 mod place_order;
