@@ -161,9 +161,11 @@ const TOKEN_TTL: Duration = Duration::from_secs(3600);
 const REGISTER: &str =
     "mutation($input: RegisterProductInput!) { registerProduct(input: $input) { id } }";
 
-/// Acknowledged orders among `$1` that the read model shows settled.
-const SETTLED: &str = "select order_id, status from orders
-    where order_id = any($1) and status in ('CONFIRMED', 'CANCELLED')";
+/// Acknowledged orders among `$1` that the read model shows settled. A join, not `order_id =
+/// any($1)`: with thousands pending the server tested each row against the whole list, and
+/// the polls took a fifth of its CPU in a burst.
+const SETTLED: &str = "select o.order_id, o.status from unnest($1::uuid[]) as p(order_id)
+    join orders o using (order_id) where o.status in ('CONFIRMED', 'CANCELLED')";
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
