@@ -67,8 +67,12 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     part: Part,
-    /// For the projection runners `run_until_stopped` starts beside the server.
     store: Arc<dyn EventStore>,
+    /// The store again, its subscriptions sharing one reader of the log (a [`Fanout`]): the
+    /// `events` subscriptions, the projection runners `run_until_stopped` starts and, in
+    /// `orderly serve`, the saga follow the log through it, so the process reads each event
+    /// once instead of once per follower.
+    log: Arc<dyn EventStore>,
     pg_config: PgConfig,
     hub: ProjectionHub,
     /// False when the runners work in their own processes (`orderly projections run`); a
@@ -88,7 +92,14 @@ impl App {
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build_part(settings: &Settings, part: Part) -> anyhow::Result<Self> {
         let metrics = orderly_observability::metrics::install()?;
-        let (store, store_pool) = event_store_and_pool(settings, SubscriptionOptions::default())?;
+        // The shared reader follows the log for the saga too (see `log`): it waits as little
+        // as the saga's own reader would.
+        let reader = SubscriptionOptions {
+            held_back_max: SAGA_HELD_BACK_MAX,
+            ..SubscriptionOptions::default()
+        };
+        let (store, store_pool) = event_store_and_pool(settings, reader)?;
+        let log = shared_reader(store.clone());
         orderly_observability::metrics::record_build_info(
             env!("CARGO_PKG_VERSION"),
             store_label(settings.store.kind),
@@ -107,7 +118,14 @@ impl App {
             .router()
             .merge(orderly_graphql::metrics::router(&metrics));
         if part != Part::Probes {
-            router = router.merge(graphql_router(settings, store.clone(), hub.clone(), part)?);
+            let store = store.clone();
+            router = router.merge(graphql_router(
+                settings,
+                store,
+                log.clone(),
+                hub.clone(),
+                part,
+            )?);
             // GraphiQL's files wherever /graphql is; the console where the reads are.
             let console = matches!(part, Part::Everything | Part::Reads);
             router = router.merge(orderly_web::router(console));
@@ -127,6 +145,7 @@ impl App {
             router,
             part,
             store,
+            log,
             pg_config: pg_config(settings)?,
             hub,
             run_projections: part == Part::Everything,
@@ -139,6 +158,12 @@ impl App {
     pub fn without_projections(mut self) -> Self {
         self.run_projections = false;
         self
+    }
+
+    /// The process's shared reader of the log, for a saga runner that runs beside the app (see
+    /// [`SagaRunner::following`]).
+    pub fn log(&self) -> Arc<dyn EventStore> {
+        self.log.clone()
     }
 
     /// Where the projections say how far they are and which orders they touched: what the
@@ -177,7 +202,7 @@ impl App {
         let sampler = AbortOnDrop(tokio::spawn(self.health.sample_forever()));
         let projections = self.run_projections.then(|| {
             Projections::start(
-                self.store.clone(),
+                self.log.clone(),
                 self.pg_config.clone(),
                 &ProjectionName::ALL,
                 RunnerOptions::default(),
@@ -231,15 +256,27 @@ async fn drain(store: &dyn EventStore, hub: &ProjectionHub) {
     }
 }
 
-/// Events the shared log reader keeps for subscribers that have not taken them yet: a burst
-/// this long passes without any subscriber going back to the store.
+/// `store`, its subscriptions sharing one reader of the log: make one per process, for
+/// everything in it that follows the log.
+pub fn shared_reader(store: Arc<dyn EventStore>) -> Arc<dyn EventStore> {
+    Arc::new(Fanout::new(
+        store,
+        FANOUT_CAPACITY,
+        SubscriptionOptions::default(),
+    ))
+}
+
+/// Events the shared log reader keeps for followers that have not taken them yet: a burst
+/// this long passes without any follower going back to the store.
 const FANOUT_CAPACITY: usize = 4096;
 
 /// `/graphql` for `part`: the merged schema, the mutations alone or the queries and
-/// subscriptions alone, behind authentication, rate limits and request limits.
+/// subscriptions alone, behind authentication, rate limits and request limits; `events`
+/// subscriptions follow `log`.
 pub fn graphql_router(
     settings: &Settings,
     store: Arc<dyn EventStore>,
+    log: Arc<dyn EventStore>,
     hub: ProjectionHub,
     part: Part,
 ) -> anyhow::Result<Router> {
@@ -256,12 +293,6 @@ pub fn graphql_router(
             .with_order_ids(order_ids.clone())
             .with_order_id_scheme(scheme.clone())
     };
-    // Every `events` subscription of this process follows the log through one shared reader.
-    let events: Arc<dyn EventStore> = Arc::new(Fanout::new(
-        store.clone(),
-        FANOUT_CAPACITY,
-        SubscriptionOptions::default(),
-    ));
     let reads = || {
         let limits = ReadLimits {
             max_consistency_wait: settings.http.consistency_max_wait,
@@ -270,7 +301,7 @@ pub fn graphql_router(
         };
         ReadApi::new(
             ReadStore::new(pool.clone()),
-            events.clone(),
+            log.clone(),
             hub.clone(),
             limits,
         )

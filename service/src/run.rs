@@ -36,7 +36,8 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     app::check_connections(settings, &budget).await?;
     app::migrate(settings).await?;
     let app = App::build(settings).await?;
-    let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
+    // One reader of the log for the saga and the projections.
+    let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?.following(app.log());
     serve_with_saga(app, saga).await
 }
 
@@ -79,7 +80,9 @@ pub async fn run_projections(
         );
     app::check_connections(settings, &budget).await?;
     let probes = App::build_part(settings, Part::Probes).await?;
-    let running = Projections::start(store, pg_config, &names, options, ProjectionHub::new());
+    // The runners share one reader of the log.
+    let log = app::shared_reader(store);
+    let running = Projections::start(log, pg_config, &names, options, ProjectionHub::new());
     probes.run_until_stopped(shutdown_signal()).await?;
     running.stop().await;
     Ok(())

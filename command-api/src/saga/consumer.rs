@@ -318,7 +318,7 @@ impl SagaRunner {
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         let mut marked = read;
         'subscribe: while fenced.is_none() && !*stop.borrow() {
-            let mut events = match self.handler.store().subscribe(read, EventFilter::All).await {
+            let mut events = match self.log.subscribe(read, EventFilter::All).await {
                 Ok(events) => events,
                 Err(error) => {
                     tracing::warn!(%error, "saga cannot read the log; retrying");

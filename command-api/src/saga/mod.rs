@@ -122,6 +122,9 @@ impl Default for SagaConfig {
 pub struct SagaRunner {
     config: SagaConfig,
     handler: Handler,
+    /// Where the lanes' events come from: the store itself, or a reader shared with the
+    /// process's other followers of the log (see [`SagaRunner::following`]).
+    log: Arc<dyn EventStore>,
     /// Product commands of all lanes, combined per product.
     products: Coalescer,
     pool: Pool,
@@ -147,6 +150,7 @@ impl SagaRunner {
         // The lanes own their orders' streams: decide on the state left by the last append.
         // Many orders' steps append at once: written together, they share commits.
         let writers = config.append_writers;
+        let log = store.clone();
         let handler = Handler::optimistic(Arc::new(GroupCommit::new(store, writers)));
         let member = Member {
             saga: config.name.clone(),
@@ -156,6 +160,7 @@ impl SagaRunner {
         Self {
             products: Coalescer::new(handler.clone()),
             handler,
+            log,
             pool,
             gateway,
             notifier: Arc::new(LogNotifier),
@@ -170,6 +175,13 @@ impl SagaRunner {
     /// Delivers notifications through `notifier` instead of the log.
     pub fn with_notifier(self, notifier: Arc<dyn Notifier>) -> Self {
         Self { notifier, ..self }
+    }
+
+    /// Follows the log through `log` (the same log as the store's) instead of a reader of its
+    /// own: in a process whose projections follow it too, one shared reader (a `Fanout`)
+    /// reads each event once for all of them. Appends and stream reads still go to the store.
+    pub fn following(self, log: Arc<dyn EventStore>) -> Self {
+        Self { log, ..self }
     }
 
     /// This process's member id, as `orderly saga status` shows it.
