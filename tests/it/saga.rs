@@ -541,14 +541,16 @@ async fn the_stored_state_of_a_confirmed_order_decides_as_one_rebuilt_from_the_l
             fulfilment::evolve(state, &SagaInput::Event(&recorded.event))
         },
     );
-    let mut stored: serde_json::Value = client
+    let row = client
         .query_one(
-            "select state from saga_states where order_id = $1::text::uuid",
+            "select state, phase from saga_states where order_id = $1::text::uuid",
             &[&id],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (mut stored, phase): (serde_json::Value, Option<String>) = (row.get(0), row.get(1));
+    // Stored beside the state for the census of open instances.
+    assert_eq!(phase.as_deref(), Some("awaiting_shipment"));
     assert!(serde_json::from_value::<FulfilmentState>(stored.clone()).is_ok());
     // Compared as stored, clocks aside: the echoes after the charge move only the clock.
     let mut rebuilt = serde_json::to_value(rebuilt).unwrap();

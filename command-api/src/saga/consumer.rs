@@ -251,13 +251,13 @@ select order_id, state, correlation_id from saga_states
 where saga_name = $1 and order_id = any($2)";
 
 const SAVE_STATES: &str = "
-insert into saga_states (saga_name, order_id, state, correlation_id, due_at, settled)
-select $1, t.order_id, t.state, t.correlation_id, t.due_at, t.settled
-from unnest($2::uuid[], $3::jsonb[], $4::uuid[], $5::timestamptz[], $6::bool[])
-    as t(order_id, state, correlation_id, due_at, settled)
+insert into saga_states (saga_name, order_id, state, correlation_id, due_at, settled, phase)
+select $1, t.order_id, t.state, t.correlation_id, t.due_at, t.settled, t.phase
+from unnest($2::uuid[], $3::jsonb[], $4::uuid[], $5::timestamptz[], $6::bool[], $7::text[])
+    as t(order_id, state, correlation_id, due_at, settled, phase)
 on conflict (saga_name, order_id) do update
 set state = excluded.state, due_at = excluded.due_at, settled = excluded.settled,
-    updated_at = now()";
+    phase = excluded.phase, updated_at = now()";
 
 const PARK: &str = "
 insert into saga_parked (saga_name, event_id, order_id, position_commit, position_prepare,
@@ -971,6 +971,7 @@ async fn save_states(
     let mut correlations = Vec::new();
     let mut due = Vec::new();
     let mut settled = Vec::new();
+    let mut phases = Vec::new();
     for entry in handled {
         let (Some(order_id), Some(state)) = (entry.order_id, &entry.state) else {
             continue;
@@ -981,6 +982,7 @@ async fn save_states(
         correlations.push(entry.correlation);
         due.push(state.next_due_at());
         settled.push(state.is_settled());
+        phases.push(state.phase().as_str());
     }
     if ids.is_empty() {
         return Ok(());
@@ -988,7 +990,7 @@ async fn save_states(
     let save = tx.prepare_cached(SAVE_STATES).await?;
     tx.execute(
         &save,
-        &[&saga, &ids, &states, &correlations, &due, &settled],
+        &[&saga, &ids, &states, &correlations, &due, &settled, &phases],
     )
     .await?;
     Ok(())

@@ -523,21 +523,14 @@ impl SagaRunner {
 
 impl SagaRunner {
     /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase
-    /// (0 when empty), `orderly_saga_parked` and `orderly_saga_lag_seconds`. The phase is
-    /// derived from each stored state, and "oldest" goes by when the state last changed
-    /// (`updated_at`), which is at or after its last change of phase. Reads every open
-    /// instance: fine while they number in the thousands; a phase column would be needed
-    /// beyond.
+    /// (0 when empty) and `orderly_saga_parked`. Counted in the
+    /// database by the phase stored with each state; "oldest" goes by when the state last
+    /// changed (`updated_at`), which is at or after its last change of phase. States stored
+    /// before the phase column (null there) are read and derived here until next written.
     async fn census(&self) -> Result<(), CommandError> {
-        let (rows, parked) = {
+        let (phases, parked) = {
             let client = self.pool.get().await?;
-            let rows = client
-                .query(
-                    "select state, updated_at from saga_states
-                     where saga_name = $1 and not settled",
-                    &[&self.config.name],
-                )
-                .await?;
+            let phases = open_instances(&client, &self.config.name, Utc::now()).await?;
             let parked: i64 = client
                 .query_one(
                     "select count(*) from saga_parked where saga_name = $1 and skipped_at is null",
@@ -545,20 +538,8 @@ impl SagaRunner {
                 )
                 .await?
                 .get(0);
-            (rows, parked)
+            (phases, parked)
         };
-        let now = Utc::now();
-        let mut phases: HashMap<Phase, (u64, f64)> = HashMap::new();
-        for row in rows {
-            let Ok(state) = serde_json::from_value::<FulfilmentState>(row.get(0)) else {
-                continue;
-            };
-            let updated_at: DateTime<Utc> = row.get(1);
-            let age = (now - updated_at).as_seconds_f64().max(0.0);
-            let entry = phases.entry(state.phase()).or_default();
-            entry.0 += 1;
-            entry.1 = entry.1.max(age);
-        }
         for phase in Phase::OPEN {
             let (count, oldest) = phases.get(&phase).copied().unwrap_or_default();
             metrics::gauge!("orderly_saga_instances", "state" => phase.as_str()).set(count as f64);
@@ -569,6 +550,50 @@ impl SagaRunner {
         Ok(())
     }
 }
+
+/// The open instances of `saga` per phase: how many, and how many seconds before `now` the
+/// longest-unchanged of them last changed.
+async fn open_instances(
+    client: &tokio_postgres::Client,
+    saga: &str,
+    now: DateTime<Utc>,
+) -> Result<HashMap<Phase, (u64, f64)>, CommandError> {
+    let counted = client.query(CENSUS, &[&saga]).await?;
+    let unphased = client.query(UNPHASED, &[&saga]).await?;
+    let mut phases: HashMap<Phase, (u64, f64)> = HashMap::new();
+    let mut count = |phase: Phase, instances: u64, since: DateTime<Utc>| {
+        let entry = phases.entry(phase).or_default();
+        entry.0 += instances;
+        entry.1 = entry.1.max((now - since).as_seconds_f64().max(0.0));
+    };
+    for row in counted {
+        let name: &str = row.get(0);
+        if let Some(phase) = Phase::OPEN.into_iter().find(|open| open.as_str() == name) {
+            count(
+                phase,
+                u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                row.get(2),
+            );
+        }
+    }
+    for row in unphased {
+        if let Ok(state) = serde_json::from_value::<FulfilmentState>(row.get(0)) {
+            count(state.phase(), 1, row.get(1));
+        }
+    }
+    Ok(phases)
+}
+
+/// Open instances per stored phase, with when the longest-unchanged of them last changed.
+const CENSUS: &str = "
+select phase, count(*), min(updated_at) from saga_states
+where saga_name = $1 and not settled and phase is not null
+group by phase";
+
+/// Open instances stored before states carried their phase.
+const UNPHASED: &str = "
+select state, updated_at from saga_states
+where saga_name = $1 and not settled and phase is null";
 
 /// How often every runner counts the open instances by phase.
 const CENSUS_PERIOD: Duration = Duration::from_secs(15);
@@ -671,4 +696,66 @@ fn member_id() -> String {
         std::process::id(),
         &Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_census_counts_stored_phases_and_derives_the_ones_stored_without() {
+        let db = orderly_test_support::TestDb::create(
+            "command-api",
+            &crate::migration_fingerprint(),
+            |url| async move { crate::migrate(&url.parse()?).await.map_err(Into::into) },
+        )
+        .await
+        .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)");
+        let client = db.connect().await.unwrap();
+        let now = Utc::now();
+        let reserving = serde_json::to_value(FulfilmentState::default()).unwrap();
+        assert_eq!(FulfilmentState::default().phase(), Phase::Reserving);
+        // (saga, stored phase, settled, seconds since the state last changed)
+        let rows: [(&str, Option<&str>, bool, i64); 6] = [
+            ("fulfilment", Some("awaiting_shipment"), false, 60),
+            ("fulfilment", Some("awaiting_shipment"), false, 10),
+            ("fulfilment", Some("awaiting_payment"), false, 5),
+            ("fulfilment", Some("delivered"), true, 3_600),
+            ("fulfilment", None, false, 30),
+            ("another", Some("awaiting_payment"), false, 5),
+        ];
+        for (saga, phase, settled, age) in rows {
+            client
+                .execute(
+                    "insert into saga_states
+                         (saga_name, order_id, state, correlation_id, settled, phase, updated_at)
+                     values ($1, gen_random_uuid(), $2, gen_random_uuid(), $3, $4, $5)",
+                    &[
+                        &saga,
+                        &reserving,
+                        &settled,
+                        &phase,
+                        &(now - TimeDelta::seconds(age)),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+        let phases = open_instances(&client, "fulfilment", now).await.unwrap();
+        let mut counted: Vec<(&str, u64, i64)> = phases
+            .iter()
+            .map(|(phase, (count, oldest))| (phase.as_str(), *count, oldest.round() as i64))
+            .collect();
+        counted.sort();
+        assert_eq!(
+            counted,
+            [
+                ("awaiting_payment", 1, 5),
+                ("awaiting_shipment", 2, 60),
+                ("reserving", 1, 30),
+            ]
+        );
+    }
 }
