@@ -67,6 +67,7 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     part: Part,
+    /// Asked for the log's head when a stop drains the projections.
     store: Arc<dyn EventStore>,
     /// The store again, its subscriptions sharing one reader of the log (a [`Fanout`]): the
     /// `events` subscriptions, the projection runners `run_until_stopped` starts and, in
@@ -118,14 +119,8 @@ impl App {
             .router()
             .merge(orderly_graphql::metrics::router(&metrics));
         if part != Part::Probes {
-            let store = store.clone();
-            router = router.merge(graphql_router(
-                settings,
-                store,
-                log.clone(),
-                hub.clone(),
-                part,
-            )?);
+            let graphql = graphql_router(settings, store.clone(), log.clone(), hub.clone(), part)?;
+            router = router.merge(graphql);
             // GraphiQL's files wherever /graphql is; the console where the reads are.
             let console = matches!(part, Part::Everything | Part::Reads);
             router = router.merge(orderly_web::router(console));
@@ -510,8 +505,9 @@ pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
     Ok(event_store_and_pool(settings, SubscriptionOptions::default())?.0)
 }
 
-/// Longest pause of the saga's log reader while newer events wait behind a transaction in
-/// flight (the store's default is 50 ms).
+/// Longest pause of a log reader that feeds the saga (its own, or the process's shared one in
+/// `orderly serve`) while newer events wait behind a transaction in flight (the store's
+/// default is 50 ms).
 const SAGA_HELD_BACK_MAX: Duration = Duration::from_millis(5);
 
 /// As [`event_store`], with subscriptions tuned by `subscription` (PostgreSQL only), and the

@@ -523,10 +523,8 @@ impl SagaRunner {
 
 impl SagaRunner {
     /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase
-    /// (0 when empty) and `orderly_saga_parked`. Counted in the
-    /// database by the phase stored with each state; "oldest" goes by when the state last
-    /// changed (`updated_at`), which is at or after its last change of phase. States stored
-    /// before the phase column (null there) are read and derived here until next written.
+    /// (0 when empty) and `orderly_saga_parked`, counted in the database by the phase stored
+    /// with each state (see [`open_instances`]).
     async fn census(&self) -> Result<(), CommandError> {
         let (phases, parked) = {
             let client = self.pool.get().await?;
@@ -552,7 +550,9 @@ impl SagaRunner {
 }
 
 /// The open instances of `saga` per phase: how many, and how many seconds before `now` the
-/// longest-unchanged of them last changed.
+/// longest-unchanged of them last changed (`updated_at`, at or after its last change of
+/// phase). States stored before the phase column (null there) are read and derived here
+/// until they are next written.
 async fn open_instances(
     client: &tokio_postgres::Client,
     saga: &str,
