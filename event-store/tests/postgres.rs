@@ -10,8 +10,8 @@ use contract::{Fixture, event, next, stream};
 use futures::StreamExt;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions, migrate, migration_fingerprint};
 use orderly_event_store::{
-    Append, EventFilter, EventStore, ExpectedVersion, Position, StoreError, StreamName,
-    SubscriptionOptions,
+    Append, EventFilter, EventStore, ExpectedVersion, Fanout, Position, StoreError, StreamName,
+    Subscription, SubscriptionOptions,
 };
 use orderly_test_support::TestDb;
 use serde_json::json;
@@ -65,6 +65,69 @@ async fn stalled_writer(
     (client, position)
 }
 
+/// A late commit in the making, seen from `store`: "Warm" appended and delivered to the live
+/// `follower`, then A inserted in a transaction left open, then B appended and committed
+/// behind A's place in the log.
+struct LateCommit {
+    warm: Position,
+    writer_a: tokio_postgres::Client,
+    a_position: Position,
+    a_id: Uuid,
+    b_id: Uuid,
+}
+
+impl LateCommit {
+    async fn begin(store: &dyn EventStore, db: &TestDb, follower: &mut Subscription) -> Self {
+        let warm = store
+            .append(
+                &stream("late-warm"),
+                ExpectedVersion::NoStream,
+                vec![event("Warm", json!({}))],
+            )
+            .await
+            .unwrap()
+            .position;
+        assert_eq!(next(follower).await.position, warm, "the follower is live");
+        let a_id = Uuid::now_v7();
+        let (writer_a, a_position) = stalled_writer(db, a_id, "late-a").await;
+        let b_event = event("Early", json!({}));
+        let b_id = b_event.id;
+        let b = store
+            .append(&stream("late-b"), ExpectedVersion::NoStream, vec![b_event])
+            .await
+            .unwrap();
+        assert!(
+            a_position < b.position,
+            "A took its place in the log before B"
+        );
+        Self {
+            warm,
+            writer_a,
+            a_position,
+            a_id,
+            b_id,
+        }
+    }
+
+    /// B is committed, A is not: `follower` must wait.
+    async fn assert_held_back(&self, name: &str, follower: &mut Subscription) {
+        let early = tokio::time::timeout(Duration::from_millis(500), follower.next()).await;
+        assert!(
+            early.is_err(),
+            "{name}: B was delivered while A, before it, was still in flight: {early:?}"
+        );
+    }
+
+    /// Commits A; every follower then gets A before B.
+    async fn commit(&self, followers: &mut [(&str, &mut Subscription)]) {
+        self.writer_a.batch_execute("commit").await.unwrap();
+        for (name, follower) in followers {
+            assert_eq!(next(follower).await.id, self.a_id, "{name}: A comes first");
+            assert_eq!(next(follower).await.id, self.b_id, "{name}: then B");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_commit_is_not_skipped_by_a_live_subscriber() {
     let f = pg().await;
@@ -73,51 +136,45 @@ async fn a_late_commit_is_not_skipped_by_a_live_subscriber() {
         .subscribe(Position::START, EventFilter::All)
         .await
         .unwrap();
-    let warm = store
-        .append(
-            &stream("late-warm"),
-            ExpectedVersion::NoStream,
-            vec![event("Warm", json!({}))],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        next(&mut sub).await.position,
-        warm.position,
-        "the subscriber is live"
-    );
-
-    let late_id = Uuid::now_v7();
-    let (writer_a, a_position) = stalled_writer(&f.db, late_id, "late-a").await;
-    let b_event = event("Early", json!({}));
-    let b_id = b_event.id;
-    let b = store
-        .append(&stream("late-b"), ExpectedVersion::NoStream, vec![b_event])
-        .await
-        .unwrap();
-    assert!(
-        a_position < b.position,
-        "A took its place in the log before B"
-    );
-
-    // B is committed, A is not: neither a subscriber nor a reader may move past A's place.
-    let early = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
-    assert!(
-        early.is_err(),
-        "B was delivered while A, before it, was still in flight: {early:?}"
-    );
+    let late = LateCommit::begin(store, &f.db, &mut sub).await;
+    // Neither a subscriber nor a reader may move past A's place.
+    late.assert_held_back("subscriber", &mut sub).await;
     assert!(
         store
-            .read_all(warm.position, &EventFilter::All, 10)
+            .read_all(late.warm, &EventFilter::All, 10)
             .await
             .unwrap()
             .is_empty()
     );
-    assert!(store.head().await.unwrap() < a_position);
+    assert!(store.head().await.unwrap() < late.a_position);
+    late.commit(&mut [("subscriber", &mut sub)]).await;
+}
 
-    writer_a.batch_execute("commit").await.unwrap();
-    assert_eq!(next(&mut sub).await.id, late_id, "A comes first");
-    assert_eq!(next(&mut sub).await.id, b_id, "then B");
+/// The same through a shared reader (`Fanout`), as the saga and the projection runners of one
+/// process follow the log: neither a follower already live on the shared reader nor one that
+/// joins while the late writer is in flight (and catches up from the store) moves past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_commit_is_not_skipped_by_followers_of_a_shared_reader() {
+    let f = pg().await;
+    let fanout = Fanout::new(
+        Arc::new(f.store.clone()),
+        64,
+        SubscriptionOptions::default(),
+    );
+    let mut live = fanout
+        .subscribe(Position::START, EventFilter::All)
+        .await
+        .unwrap();
+    let late = LateCommit::begin(&fanout, &f.db, &mut live).await;
+    let mut joining = fanout
+        .subscribe(Position::START, EventFilter::All)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut joining).await.position, late.warm);
+    late.assert_held_back("live", &mut live).await;
+    late.assert_held_back("joining", &mut joining).await;
+    late.commit(&mut [("live", &mut live), ("joining", &mut joining)])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
