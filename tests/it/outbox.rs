@@ -49,10 +49,18 @@ fn spawn(runner: SagaRunner) {
 }
 
 fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
+    runner_with(settings, config, Arc::new(Simulator::default()))
+}
+
+fn runner_with(
+    settings: &Settings,
+    config: SagaConfig,
+    gateway: Arc<dyn PaymentGateway>,
+) -> SagaRunner {
     let store = orderly_service::app::event_store(settings).unwrap();
     let pg_config = orderly_service::app::pg_config(settings).unwrap();
     let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
-    SagaRunner::new(config, store, pool, Arc::new(Simulator::default()))
+    SagaRunner::new(config, store, pool, gateway)
 }
 
 #[tokio::test]
@@ -387,6 +395,88 @@ async fn an_unreachable_smtp_server_dead_letters_the_notification_with_its_error
         .await,
         1
     );
+}
+
+/// The simulator behind a gate: each charge waits for a permit the test hands out.
+struct Gated {
+    provider: Simulator,
+    calls: AtomicU32,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Default for Gated {
+    fn default() -> Self {
+        Self {
+            provider: Simulator::default(),
+            calls: AtomicU32::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl PaymentGateway for Gated {
+    async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.gate
+            .acquire()
+            .await
+            .expect("the gate stays open")
+            .forget();
+        self.provider.charge(charge).await
+    }
+
+    async fn refund(&self, key: &str, reference: &str) -> Result<(), CommandError> {
+        self.provider.refund(key, reference).await
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        self.provider.lookup(key).await
+    }
+}
+
+/// A charge went through, and the outbox is locked when its outcome is to be recorded: the
+/// worker tries again until the lock is gone instead of leaving the message claimed for its
+/// lease (a minute), and it is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcome_that_cannot_be_recorded_at_once_is_recorded_when_it_can() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let client = db.connect().await.unwrap();
+    // Every connection opened from now on gives up waiting for a lock after 200 ms.
+    client
+        .batch_execute(&format!(
+            "alter database \"{}\" set lock_timeout = '200ms'",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    let gateway = Arc::new(Gated::default());
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        ..SagaConfig::default()
+    };
+    spawn(runner_with(&settings, config, gateway.clone()));
+    place_one(&api, "alice", "TEA").await;
+    let started = std::time::Instant::now();
+    while gateway.calls.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no charge");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let locker = db.connect().await.unwrap();
+    locker
+        .batch_execute("set lock_timeout = 0; begin; lock table outbox in access exclusive mode")
+        .await
+        .unwrap();
+    gateway.gate.add_permits(1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    locker.batch_execute("commit").await.unwrap();
+
+    let delivered = "select count(*) from outbox where kind = 'charge' and delivered_at is not null
+                     and attempts = 1";
+    eventually(&db, delivered, 1, Duration::from_secs(20)).await;
+    assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "charged once");
 }
 
 /// Takes the money like the simulator but loses every answer, as a charge call that times out

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use orderly_domain::order::{OrderAggregate, OrderStatus};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand, PaymentStatus};
@@ -44,6 +45,11 @@ const BATCH: i64 = 32;
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 
 const LONGEST_RETRY: Duration = Duration::from_secs(60);
+
+/// How long the worker keeps trying to record a delivery's outcome while the database is
+/// unavailable. The call was made; a row whose outcome is not recorded stays claimed and
+/// waits out its lease (a minute by default) before any worker looks at it again.
+const RECORDING_PATIENCE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -278,26 +284,33 @@ impl SagaRunner {
         for (id, attempts, outcome) in futures::future::join_all(deliveries).await {
             match outcome {
                 Ok(()) => delivered.push(id),
-                Err(error) => self.settle_failure(id, attempts, error).await?,
+                Err(error) => {
+                    recording(|| self.settle_failure(id, attempts, &error)).await?;
+                }
             }
         }
         if !delivered.is_empty() {
-            let client = self.pool.get().await?;
-            client
-                .execute(
-                    "update outbox set delivered_at = now() where outbox_id = any($1)",
-                    &[&delivered],
-                )
-                .await?;
+            recording(|| self.mark_delivered(&delivered)).await?;
         }
         Ok(count)
+    }
+
+    async fn mark_delivered(&self, delivered: &[Uuid]) -> Result<(), CommandError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "update outbox set delivered_at = now() where outbox_id = any($1)",
+                &[&delivered],
+            )
+            .await?;
+        Ok(())
     }
 
     async fn settle_failure(
         &self,
         id: Uuid,
         attempts: i32,
-        error: CommandError,
+        error: &CommandError,
     ) -> Result<(), CommandError> {
         let client = self.pool.get().await?;
         // Out of attempts: parked with its error for an operator; never retried silently.
@@ -547,6 +560,27 @@ impl SagaRunner {
             Err(error) => Err(error),
         }
     }
+}
+
+/// Runs `record` (writing a delivery's outcome to the outbox) again while it fails
+/// transiently, from 100 ms doubling up to 2 s with jitter, for [`RECORDING_PATIENCE`].
+async fn recording<Fut>(record: impl FnMut() -> Fut) -> Result<(), CommandError>
+where
+    Fut: Future<Output = Result<(), CommandError>>,
+{
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(RECORDING_PATIENCE));
+    record
+        .retry(backoff)
+        .when(CommandError::is_transient)
+        .notify(|error, pause| {
+            tracing::warn!(%error, ?pause, "outbox outcome not recorded; trying again");
+        })
+        .await
 }
 
 /// The pause before a failed message's next attempt: [`FIRST_RETRY`] doubled per attempt (a
