@@ -619,7 +619,6 @@ impl SagaRunner {
             {
                 Ok(()) => {
                     handled.rows.extend(rows);
-                    handled.state = Some(state.clone());
                     if retrying {
                         handled.resolved.push(input.id);
                     }
@@ -634,14 +633,11 @@ impl SagaRunner {
                 }
             }
         }
-        // Echoes of the saga's own commands move only the clock: the stored state decides
-        // the same, so it is not written again (one write fewer per settled order).
-        if handled
-            .state
-            .as_ref()
-            .is_some_and(|state| state.same_apart_from_clock(&before))
-        {
-            handled.state = None;
+        // A failed step leaves the state as it was. Echoes of the saga's own commands move only
+        // the clock: the stored state decides the same, so it is not written again (one write
+        // fewer per settled order).
+        if !state.same_apart_from_clock(&before) {
+            handled.state = Some(state);
         }
         Ok(handled)
     }
