@@ -93,13 +93,8 @@ impl App {
     /// stop the start) and binds the HTTP address (port 0 picks a free one).
     pub async fn build_part(settings: &Settings, part: Part) -> anyhow::Result<Self> {
         let metrics = orderly_observability::metrics::install()?;
-        // The shared reader follows the log for the saga too (see `log`): it waits as little
-        // as the saga's own reader would.
-        let reader = SubscriptionOptions {
-            held_back_max: SAGA_HELD_BACK_MAX,
-            ..SubscriptionOptions::default()
-        };
-        let (store, store_pool) = event_store_and_pool(settings, reader)?;
+        // The shared reader follows the log for the saga too (see `log`).
+        let (store, store_pool) = event_store_and_pool(settings, saga_reader())?;
         let log = shared_reader(store.clone());
         orderly_observability::metrics::record_build_info(
             env!("CARGO_PKG_VERSION"),
@@ -420,15 +415,9 @@ pub fn saga_runner(
 ) -> anyhow::Result<SagaRunner> {
     // Pools of their own, sized apart from the APIs': see `SagaSettings::pool_size`.
     let pool_size = settings.saga.pool_size.max(2);
-    // Every saga step is one hop through the log, so the saga's reader waits less behind a
-    // transaction in flight than the store's default (a few more polls while held back).
-    let subscription = SubscriptionOptions {
-        held_back_max: SAGA_HELD_BACK_MAX,
-        ..SubscriptionOptions::default()
-    };
     let mut own = settings.clone();
     own.store.pool_size = pool_size;
-    let (store, _) = event_store_and_pool(&own, subscription)?;
+    let (store, _) = event_store_and_pool(&own, saga_reader())?;
     let config = pg_config(settings)?;
     let pool = orderly_graphql::pg_pool(&config, pool_size)?;
     let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
@@ -503,6 +492,16 @@ pub fn jwt_config(settings: &Settings) -> JwtConfig {
 /// The event store the settings choose, its appends metered.
 pub fn event_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
     Ok(event_store_and_pool(settings, SubscriptionOptions::default())?.0)
+}
+
+/// How a log reader that feeds the saga follows the log: every saga step is one hop through
+/// it, so the reader waits less behind a transaction in flight than the store's default (a
+/// few more polls while held back).
+fn saga_reader() -> SubscriptionOptions {
+    SubscriptionOptions {
+        held_back_max: SAGA_HELD_BACK_MAX,
+        ..SubscriptionOptions::default()
+    }
 }
 
 /// Longest pause of a log reader that feeds the saga (its own, or the process's shared one in
