@@ -17,6 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const SECRET: &str = "command-api-test-secret";
 
 pub async fn migrated_database() -> TestDb {
+    capture_logs();
     TestDb::create(
         "orderly-all",
         &orderly_service::app::migration_fingerprint(),
@@ -29,6 +30,19 @@ pub async fn migrated_database() -> TestDb {
     )
     .await
     .expect("test database")
+}
+
+/// Sends what the service logs to the test's output, which the test runner shows when the test
+/// fails: warnings and errors, or what `RUST_LOG` asks for. A stalled background worker then
+/// says why in the failure report instead of leaving only a timeout.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Only the first call of a test process installs it.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// The single number `sql` selects.
