@@ -330,10 +330,20 @@ impl FulfilmentState {
         {
             return None;
         }
-        [self.retry_due_at, self.payment_due_at]
+        [self.pending_retry_at(), self.payment_due_at]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// When the next charge attempt is due: only while the last one sent has failed. Once the
+    /// retry is sent its time is history, not a deadline; left in, it would make every tick
+    /// until the answer come back to this saga for nothing.
+    fn pending_retry_at(&self) -> Option<DateTime<Utc>> {
+        let attempt = self.sent.charge_attempt;
+        (attempt > 0 && self.payment.failed == attempt)
+            .then_some(self.retry_due_at)
+            .flatten()
     }
 
     /// Nothing more will ever be sent: the order is delivered, or cancelled with every
@@ -738,9 +748,7 @@ impl Plan<'_> {
     /// The first charge once all stock is reserved (which starts the payment deadline), and
     /// another attempt when a failed one's retry is due; none after a charge or a decline.
     fn charge(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
-        let retry_due = state.payment.failed == state.sent.charge_attempt
-            && state.sent.charge_attempt > 0
-            && state.retry_due_at.is_some_and(|due| self.at >= due);
+        let retry_due = state.pending_retry_at().is_some_and(|due| self.at >= due);
         let first_charge = all_reserved(state) && state.sent.charge_attempt == 0;
         if state.payment.charged.is_some() || state.payment.declined || !(first_charge || retry_due)
         {
@@ -1104,6 +1112,19 @@ mod tests {
 
     fn fulfilment_react(state: &FulfilmentState, now: DateTime<Utc>) -> Vec<Command> {
         react(state, &SagaInput::Tick { now })
+    }
+
+    #[test]
+    fn a_retry_once_sent_is_no_longer_a_deadline_but_the_payment_deadline_is() {
+        let retried = given(awaiting_payment_and([failed(1, 2)]))
+            .when(charge_requested(2, 3))
+            .then_nothing();
+        // Not the first retry's time, which has passed: every tick would pick the saga up again,
+        // and a tick's commands are named after the deadline it acts on.
+        assert_eq!(
+            retried.next_due_at(),
+            Some(at(1) + Timing::default().payment_deadline())
+        );
     }
 
     #[test]

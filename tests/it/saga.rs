@@ -294,13 +294,7 @@ async fn a_card_that_keeps_failing_is_retried_until_the_deadline_cancels_and_rel
         "retried: {} calls",
         simulator.calls()
     );
-    assert!(
-        order
-            .cancellation_reason
-            .unwrap()
-            .as_str()
-            .contains("deadline")
-    );
+    assert!(cancelled_for_the_deadline(&order), "{order:?}");
     let failures = count(
         &db,
         "select count(*) from events where event_type = 'PaymentFailed'",
@@ -374,6 +368,79 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     )
     .await;
     assert_eq!(confirmed, ids.len() as i64);
+}
+
+fn cancelled_for_the_deadline(order: &Order) -> bool {
+    order
+        .cancellation_reason
+        .as_ref()
+        .is_some_and(|reason| reason.as_str().contains("deadline"))
+}
+
+/// The first charge call times out at once; every later one hangs for `hang`, then times out.
+/// Nothing is ever charged.
+struct SlowRetries {
+    calls: std::sync::atomic::AtomicU32,
+    hang: Duration,
+}
+
+#[async_trait::async_trait]
+impl PaymentGateway for SlowRetries {
+    async fn charge(&self, _charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::sleep(self.hang).await;
+        }
+        Err(CommandError::Gateway("gateway call timed out".into()))
+    }
+
+    async fn refund(&self, _key: &str, _reference: &str) -> Result<(), CommandError> {
+        Ok(())
+    }
+
+    async fn lookup(&self, _key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        Ok(None)
+    }
+}
+
+/// The retry of a failed charge is sent on a tick, and the payment deadline is handled on a
+/// later tick while that retry is still unanswered. Both ticks must send commands of their own:
+/// when the second took the first's deadline for its own, its cancel was named like the retry,
+/// the store refused it as a duplicate and the lane tried it again forever.
+#[tokio::test]
+async fn a_deadline_that_passes_while_a_retried_charge_is_unanswered_cancels_the_order() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(SlowRetries {
+        calls: Default::default(),
+        hang: Duration::from_secs(4),
+    });
+    let _saga = start_saga_with(&settings, gateway.clone(), fast_timing());
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+
+    let log = Log::new(&settings);
+    let started = Instant::now();
+    let order = loop {
+        let order = log.order(&id).await;
+        if order.status == OrderStatus::Cancelled {
+            break order;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never cancelled: {order:?}; {} charge calls",
+            gateway.calls.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(cancelled_for_the_deadline(&order), "{order:?}");
+    let requested = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentChargeRequested'",
+    )
+    .await;
+    assert!(requested >= 2, "the failed charge was retried: {requested}");
+    // The retry's answer comes after the cancel; then the stock goes back.
+    let product = log.released("TEA").await;
+    assert_eq!((product.reserved(), product.available()), (0, 5));
 }
 
 /// Charges like the simulator; every refund fails.
