@@ -500,6 +500,9 @@ impl Handler {
             "causation_id",
             tracing::field::display(envelope.causation_id),
         );
+        // Ids refused as stored once more after a fresh read are another event's: a
+        // collision (a bug), not a retry, and no further try changes it.
+        let mut duplicate = false;
         for attempt in 0..MAX_ATTEMPTS {
             let loaded = if assume_new && attempt == 0 {
                 Loaded {
@@ -540,7 +543,7 @@ impl Handler {
                 }
                 // These ids were stored by an earlier run of this very command, which then
                 // lost a race to a later writer: reload, and the decider sees it is done.
-                Err(StoreError::DuplicateEventId { .. }) => {}
+                Err(StoreError::DuplicateEventId { .. }) if !duplicate => duplicate = true,
                 Err(error) => return Err(error.into()),
             }
         }
@@ -591,6 +594,7 @@ impl Handler {
         stream: &StreamName,
         commands: &[(Envelope, A::Command)],
     ) -> Result<Vec<Result<(), orderly_domain::Rejection>>, CommandError> {
+        let mut duplicate = false;
         for attempt in 0..MAX_ATTEMPTS {
             let loaded = if attempt == 0 {
                 self.first_state::<A>(stream).await?
@@ -622,7 +626,8 @@ impl Handler {
             {
                 Ok(_) => return Ok(outcomes),
                 Err(StoreError::Conflict { .. }) => self.lost_race(stream),
-                Err(StoreError::DuplicateEventId { .. }) => {}
+                // As in `run`: once is a retry, twice a collision.
+                Err(StoreError::DuplicateEventId { .. }) if !duplicate => duplicate = true,
                 Err(error) => return Err(error.into()),
             }
         }
@@ -1163,5 +1168,35 @@ mod tests {
             .unwrap();
         assert!(first.appended && !second.appended);
         assert_eq!(second.version, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_command_whose_event_ids_another_event_holds_fails_for_good_at_once() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        let handler = Handler::new(store.clone());
+        let envelope = envelope();
+        let first = StreamName::parse("product-MUG").unwrap();
+        handler
+            .execute::<ProductAggregate, _>(&first, None, &envelope, decide(register("MUG", 1)))
+            .await
+            .unwrap();
+        // The same envelope for another stream's command: its event takes the same id.
+        let second = StreamName::parse("product-TEA").unwrap();
+        let register_tea = register("TEA", 1);
+        let collided = handler
+            .execute::<ProductAggregate, _>(&second, None, &envelope, decide(register_tea.clone()))
+            .await;
+        assert!(
+            matches!(&collided, Err(CommandError::Internal(why)) if why.contains("already stored")),
+            "{collided:?}"
+        );
+        let batch = handler
+            .execute_batch::<ProductAggregate>(&second, &[(envelope.clone(), register_tea)])
+            .await;
+        assert!(
+            matches!(&batch, Err(CommandError::Internal(why)) if why.contains("already stored")),
+            "{batch:?}"
+        );
+        assert_eq!(store.stream_version(&second).await.unwrap(), None);
     }
 }
