@@ -765,6 +765,44 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
     assert_eq!(owners, 0);
 }
 
+/// A lane checks its deadlines on every tick before it takes its next events. When that check
+/// takes longer than the tick period, the next tick is already due when it ends: a lane that
+/// always took the tick first never handled another event. Here a stored state that cannot be
+/// decoded comes due again on every tick, in the lane of an order placed before the runner
+/// starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadline_checks_that_outlast_the_tick_do_not_hold_up_the_lanes_events() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    // Another order id with the same last four bytes: the same lane (see `lane_of`).
+    let mut bytes = *uuid::Uuid::parse_str(&id).unwrap().as_bytes();
+    bytes[0] ^= 0xff;
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into saga_states (saga_name, order_id, state, correlation_id, due_at)
+             values ('fulfilment', $1, '\"not a state\"', $1, now() - interval '1 minute')",
+            &[&uuid::Uuid::from_bytes(bytes)],
+        )
+        .await
+        .unwrap();
+    let config = SagaConfig {
+        timing: patient_timing(),
+        // Shorter than any check's round trips: every check outlasts its period.
+        tick: Duration::from_micros(100),
+        lease: Duration::from_secs(2),
+        heartbeat: Duration::from_millis(200),
+        ..SagaConfig::default()
+    };
+    let _saga = start_saga_config(&settings, Arc::new(Simulator::default()), config);
+    let orders = Log::new(&settings)
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    assert_eq!(orders[0].status, OrderStatus::Confirmed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
     use orderly_command_api::saga::maintenance;

@@ -428,6 +428,9 @@ impl SagaRunner {
                         }
                         parked_checked = Some(tokio::time::Instant::now());
                     }
+                    // The next tick a whole period after this one's work: work that takes longer
+                    // than the period (a slow database) must not keep the events waiting.
+                    tick.reset();
                 }
                 received = items.recv_many(&mut buffer, self.config.batch_size) => {
                     if received == 0 {
