@@ -803,6 +803,27 @@ async fn deadline_checks_that_outlast_the_tick_do_not_hold_up_the_lanes_events()
     assert_eq!(orders[0].status, OrderStatus::Confirmed);
 }
 
+/// Between batches a lane checks for parked events an operator asked to retry. While that
+/// check keeps failing (here the parked table is gone: renamed by hand), the lane still
+/// handles its events; a lane used to retry the check until it passed, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_between_batches_that_keeps_failing_does_not_hold_up_the_events() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    db.connect()
+        .await
+        .unwrap()
+        .batch_execute("alter table saga_parked rename to saga_parked_away")
+        .await
+        .unwrap();
+    let (_, _saga) = simulated_saga(&settings);
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    let orders = Log::new(&settings)
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    assert_eq!(orders[0].status, OrderStatus::Confirmed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
     use orderly_command_api::saga::maintenance;

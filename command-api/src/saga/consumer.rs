@@ -21,7 +21,9 @@
 //! Deadlines are handled by each lane for its own orders between batches, on the wall clock,
 //! after reading the order's payment stream first: the log's horizon can hide a payment that
 //! is already recorded (any open transaction in the cluster holds it back), the stream itself
-//! cannot, so a recorded payment is never overtaken by its deadline.
+//! cannot, so a recorded payment is never overtaken by its deadline. What a tick fails to do
+//! (deadlines, parked retries, a quiet lane's checkpoint) stays in the database and is tried
+//! again at the next tick: a failing tick never holds up the lane's events.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -397,35 +399,32 @@ impl SagaRunner {
             tokio::select! {
                 biased;
                 _ = halted.changed() => return Ok(()),
+                // A tick's work is tried once: what it failed to do is still in the database
+                // (the checkpoint not moved, the deadlines still due, the retries still asked
+                // for) and the next tick tries again, so a failing tick never holds the events.
                 _ = tick.tick() => {
-                    if seen > stored {
-                        let moved = self
-                            .until_done(&mut halted, || self.commit(&lease, &[], Some(seen)))
-                            .await
-                            .map_err(fenced)?;
-                        if moved.is_none() {
-                            return Ok(());
-                        }
-                        stored = seen;
-                    }
-                    if next_due.is_some_and(|due| due <= Utc::now()) {
-                        match self
-                            .until_done(&mut halted, || self.tick_due(&lease))
+                    if seen > stored
+                        && self
+                            .once(|| self.commit(&lease, &[], Some(seen)))
                             .await
                             .map_err(fenced)?
-                        {
-                            Some(next) => next_due = next,
-                            None => return Ok(()),
-                        }
+                            .is_some()
+                    {
+                        stored = seen;
                     }
-                    if parked_checked.is_none_or(|at| at.elapsed() >= PARKED_EVERY) {
-                        let retried = self
-                            .until_done(&mut halted, || self.retry_parked(&lease))
+                    if next_due.is_some_and(|due| due <= Utc::now())
+                        && let Some(next) =
+                            self.once(|| self.tick_due(&lease)).await.map_err(fenced)?
+                    {
+                        next_due = next;
+                    }
+                    if parked_checked.is_none_or(|at| at.elapsed() >= PARKED_EVERY)
+                        && self
+                            .once(|| self.retry_parked(&lease))
                             .await
-                            .map_err(fenced)?;
-                        if retried.is_none() {
-                            return Ok(());
-                        }
+                            .map_err(fenced)?
+                            .is_some()
+                    {
                         parked_checked = Some(tokio::time::Instant::now());
                     }
                     // The next tick a whole period after this one's work: work that takes longer
@@ -470,25 +469,8 @@ impl SagaRunner {
     {
         let mut pause = RETRY_FIRST;
         loop {
-            match work().await {
-                Ok(done) => return Ok(Some(done)),
-                Err(LaneError::Fenced) => {
-                    tracing::warn!("saga lane taken over by another process; stopping it here");
-                    return Err(());
-                }
-                Err(LaneError::Failed(error)) => {
-                    let transient = error.is_transient();
-                    metrics::counter!(
-                        "orderly_saga_retries_total",
-                        "failure" => if transient { "transient" } else { "permanent" }
-                    )
-                    .increment(1);
-                    if transient {
-                        tracing::warn!(%error, "saga lane work failed; retrying");
-                    } else {
-                        tracing::error!(%error, "saga lane stalled on a failure; retrying");
-                    }
-                }
+            if let Some(done) = self.once(&work).await? {
+                return Ok(Some(done));
             }
             let jittered = pause.mul_f64(0.75 + fastrand::f64() / 2.0);
             tokio::select! {
@@ -496,6 +478,36 @@ impl SagaRunner {
                 () = tokio::time::sleep(jittered) => {}
             }
             pause = (pause * 2).min(RETRY_LAST);
+        }
+    }
+
+    /// Runs `work` once: its answer (`Some`), `None` when it failed (counted and logged), or
+    /// `Err` when the lane was taken over.
+    async fn once<T, F, Fut>(&self, work: F) -> Result<Option<T>, ()>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, LaneError>>,
+    {
+        match work().await {
+            Ok(done) => Ok(Some(done)),
+            Err(LaneError::Fenced) => {
+                tracing::warn!("saga lane taken over by another process; stopping it here");
+                Err(())
+            }
+            Err(LaneError::Failed(error)) => {
+                let transient = error.is_transient();
+                metrics::counter!(
+                    "orderly_saga_retries_total",
+                    "failure" => if transient { "transient" } else { "permanent" }
+                )
+                .increment(1);
+                if transient {
+                    tracing::warn!(%error, "saga lane work failed; retrying");
+                } else {
+                    tracing::error!(%error, "saga lane work failed on an error that may not pass; retrying");
+                }
+                Ok(None)
+            }
         }
     }
 
