@@ -709,6 +709,8 @@ impl SagaRunner {
                     Ok(handled) => Ok(Some(handled)),
                     Err(error) if error.is_transient() => Err(error),
                     Err(error) => {
+                        metrics::counter!("orderly_saga_retries_total", "failure" => "permanent")
+                            .increment(1);
                         tracing::error!(%error, %order_id, "saga deadline not handled; tried again next tick");
                         Ok(None)
                     }
