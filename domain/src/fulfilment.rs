@@ -336,6 +336,20 @@ impl FulfilmentState {
             .min()
     }
 
+    /// What a tick on this state at the deadline `due` is named (with the order id, it names the
+    /// tick's commands): the deadline and what was sent before it. A tick repeated on the same
+    /// state (a crash before it was stored) decides the same commands under the same names, so
+    /// they are written once; a tick on a state that has sent more since decides other
+    /// commands (a cancel after a retry), under other names.
+    pub fn tick_name(&self, due: DateTime<Utc>) -> String {
+        format!(
+            "tick/{}/{}/{}",
+            due.timestamp_millis(),
+            self.sent.charge_attempt,
+            u8::from(self.sent.cancel)
+        )
+    }
+
     /// When the next charge attempt is due: only while the last one sent has failed. Once the
     /// retry is sent its time is history, not a deadline; left in, it would make every tick
     /// until the answer come back to this saga for nothing.
@@ -1124,6 +1138,25 @@ mod tests {
         assert_eq!(
             retried.next_due_at(),
             Some(at(1) + Timing::default().payment_deadline())
+        );
+    }
+
+    #[test]
+    fn ticks_at_one_deadline_that_decide_other_commands_have_other_names() {
+        let failed_once = given(awaiting_payment_and([failed(1, 2)]))
+            .when(tick(2))
+            .then_nothing();
+        let due = failed_once.next_due_at().unwrap();
+        let retried = folded(&awaiting_payment_and([
+            failed(1, 2),
+            charge_requested(2, 3),
+        ]));
+        // A tick at the retry's time sends the retry; one on a state that already holds the
+        // retry (say the first crashed before it was stored) sends the cancel at the deadline.
+        assert_ne!(failed_once.tick_name(due), retried.tick_name(due));
+        assert_eq!(
+            failed_once.tick_name(due),
+            failed_once.clone().tick_name(due)
         );
     }
 

@@ -763,11 +763,9 @@ impl SagaRunner {
                 .await?;
         }
         let step = Step {
-            // The same deadline seen again after a crash sends the same command ids.
-            causation: Uuid::new_v5(
-                &order_id.0,
-                format!("tick/{}", due_at.timestamp_millis()).as_bytes(),
-            ),
+            // The same deadline seen again after a crash sends the same command ids; a state
+            // that has sent more since decides other commands, under other ids.
+            causation: Uuid::new_v5(&order_id.0, state.tick_name(due_at).as_bytes()),
             correlation,
             traceparent: None,
         };
