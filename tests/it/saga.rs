@@ -142,6 +142,19 @@ impl Log {
         }
     }
 
+    /// Waits until the order is cancelled.
+    async fn cancelled(&self, id: &str, within: Duration) -> Order {
+        let started = Instant::now();
+        loop {
+            let order = self.order(id).await;
+            if order.status == OrderStatus::Cancelled {
+                return order;
+            }
+            assert!(started.elapsed() < within, "never cancelled: {order:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every order is confirmed or cancelled.
     async fn settled(&self, ids: &[String], within: Duration) -> Vec<Order> {
         let started = Instant::now();
@@ -418,19 +431,7 @@ async fn a_deadline_that_passes_while_a_retried_charge_is_unanswered_cancels_the
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
 
     let log = Log::new(&settings);
-    let started = Instant::now();
-    let order = loop {
-        let order = log.order(&id).await;
-        if order.status == OrderStatus::Cancelled {
-            break order;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "never cancelled: {order:?}; {} charge calls",
-            gateway.calls.load(std::sync::atomic::Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let order = log.cancelled(&id, Duration::from_secs(30)).await;
     assert!(cancelled_for_the_deadline(&order), "{order:?}");
     let requested = count(
         &db,
@@ -441,6 +442,46 @@ async fn a_deadline_that_passes_while_a_retried_charge_is_unanswered_cancels_the
     // The retry's answer comes after the cancel; then the stock goes back.
     let product = log.released("TEA").await;
     assert_eq!((product.reserved(), product.available()), (0, 5));
+}
+
+/// Stores `count` saga states that do not decode, due an hour ago, for other orders of the lane
+/// of order `id`: their ids share its last four bytes (see `lane_of`).
+async fn broken_states_due_in_the_lane_of(db: &TestDb, id: &str, count: u8) {
+    let order = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
+    let client = db.connect().await.unwrap();
+    for n in 1..=count {
+        let mut bytes = order;
+        bytes[0] ^= n;
+        client
+            .execute(
+                "insert into saga_states (saga_name, order_id, state, correlation_id, due_at)
+                 values ('fulfilment', $1, '\"not a state\"', $1, now() - interval '1 hour')",
+                &[&uuid::Uuid::from_bytes(bytes)],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// A lane handles its due deadlines a page of a hundred at a time, oldest first. States whose
+/// deadline cannot be handled (here: they do not decode) stay due; a page full of them used to
+/// be read again on every tick, so the lane's other deadlines never came up.
+#[tokio::test]
+async fn a_page_of_broken_deadlines_does_not_keep_the_lanes_other_deadlines_waiting() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    broken_states_due_in_the_lane_of(&db, &id, 101).await;
+    let gateway = Arc::new(SlowRetries {
+        calls: Default::default(),
+        hang: Duration::from_secs(60),
+    });
+    let _saga = start_saga_with(&settings, gateway, fast_timing());
+
+    let order = Log::new(&settings)
+        .cancelled(&id, Duration::from_secs(30))
+        .await;
+    assert!(cancelled_for_the_deadline(&order), "{order:?}");
 }
 
 /// Charges like the simulator; every refund fails.
@@ -775,19 +816,7 @@ async fn deadline_checks_that_outlast_the_tick_do_not_hold_up_the_lanes_events()
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
-    // Another order id with the same last four bytes: the same lane (see `lane_of`).
-    let mut bytes = *uuid::Uuid::parse_str(&id).unwrap().as_bytes();
-    bytes[0] ^= 0xff;
-    db.connect()
-        .await
-        .unwrap()
-        .execute(
-            "insert into saga_states (saga_name, order_id, state, correlation_id, due_at)
-             values ('fulfilment', $1, '\"not a state\"', $1, now() - interval '1 minute')",
-            &[&uuid::Uuid::from_bytes(bytes)],
-        )
-        .await
-        .unwrap();
+    broken_states_due_in_the_lane_of(&db, &id, 1).await;
     let config = SagaConfig {
         timing: patient_timing(),
         // Shorter than any check's round trips: every check outlasts its period.

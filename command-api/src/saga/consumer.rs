@@ -58,7 +58,8 @@ const LANE_BUFFER: usize = 1024;
 /// still move their checkpoints (a restart then replays less).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
-/// Saga states whose deadline passed, handled per lane and tick.
+/// Saga states whose deadline passed, handled per lane and tick: one page of a sweep over the
+/// lane's due states, which goes on from where a full page ended at the next tick.
 const DUE_BATCH: i64 = 100;
 
 /// How often a lane looks for parked events an operator asked to retry.
@@ -271,13 +272,20 @@ set error = excluded.error, attempts = saga_parked.attempts + 1, parked_at = now
 
 const UNPARK: &str = "delete from saga_parked where saga_name = $1 and event_id = any($2)";
 
+/// One page of a lane's due states, in (deadline, order) order, after the cursor `$5, $6` when
+/// one is given.
 fn due_query() -> String {
     format!(
         "select order_id, state, due_at, correlation_id from saga_states
          where saga_name = $1 and not settled and due_at <= $2 and {LANE_OF_SQL} = $3
-         order by due_at limit $4"
+           and ($5::timestamptz is null or (due_at, order_id) > ($5, $6::uuid))
+         order by due_at, order_id limit $4"
     )
 }
+
+/// Where a lane's sweep over its due states goes on at the next tick: after this deadline and
+/// order. `None` starts from the earliest.
+type DueCursor = Option<(DateTime<Utc>, Uuid)>;
 
 fn next_due_query() -> String {
     format!(
@@ -390,6 +398,7 @@ impl SagaRunner {
         // When the lane's next deadline comes due; unknown (so: now) until the first look, and
         // lowered by every state the lane stores, so an idle lane asks nothing until then.
         let mut next_due = Some(DateTime::<Utc>::MIN_UTC);
+        let mut due_after: DueCursor = None;
         let mut parked_checked: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -413,10 +422,12 @@ impl SagaRunner {
                         stored = seen;
                     }
                     if next_due.is_some_and(|due| due <= Utc::now())
-                        && let Some(next) =
-                            self.once(|| self.tick_due(&lease)).await.map_err(fenced)?
+                        && let Some((next, cursor)) = self
+                            .once(|| self.tick_due(&lease, due_after))
+                            .await
+                            .map_err(fenced)?
                     {
-                        next_due = next;
+                        (next_due, due_after) = (next, cursor);
                     }
                     if parked_checked.is_none_or(|at| at.elapsed() >= PARKED_EVERY)
                         && self
@@ -678,21 +689,43 @@ impl SagaRunner {
         Ok(())
     }
 
-    /// Feeds the wall clock to this lane's sagas whose deadline has passed; answers when the
-    /// lane's next deadline is. An instance whose tick fails for good (a state that does not
-    /// decode, a command refused as corrupt) is logged and left for the next tick: it has no
-    /// event to park, and it must not hold up the others.
-    async fn tick_due(&self, lease: &Lease) -> Result<Option<DateTime<Utc>>, LaneError> {
+    /// Feeds the wall clock to one page of this lane's sagas whose deadline has passed, from
+    /// `after` on; answers when the lane's next deadline is, and where the next page starts
+    /// when this one was full. An instance whose tick fails for good (a state that does not
+    /// decode, a command refused as corrupt) is logged and left for the next sweep: it has no
+    /// event to park, and it must not hold up the others, which the cursor sees to: a page
+    /// full of such instances moves the sweep on instead of being read again.
+    async fn tick_due(
+        &self,
+        lease: &Lease,
+        after: DueCursor,
+    ) -> Result<(Option<DateTime<Utc>>, DueCursor), LaneError> {
         let now = Utc::now();
         let lane = i64::from(lease.lane);
+        let (after_due, after_order) = (after.map(|(due, _)| due), after.map(|(_, id)| id));
         // Never hold a connection while the work below takes others: lanes would starve the
         // pool between them.
         let due = {
             let client = self.pool.get().await?;
             client
-                .query(&due_query(), &[&self.config.name, &now, &lane, &DUE_BATCH])
+                .query(
+                    &due_query(),
+                    &[
+                        &self.config.name,
+                        &now,
+                        &lane,
+                        &DUE_BATCH,
+                        &after_due,
+                        &after_order,
+                    ],
+                )
                 .await?
         };
+        let full = due.len() >= usize::try_from(DUE_BATCH).unwrap_or(usize::MAX);
+        let cursor = due
+            .last()
+            .filter(|_| full)
+            .map(|row| (row.get::<_, DateTime<Utc>>(2), row.get::<_, Uuid>(0)));
         if !due.is_empty() {
             let runs = due.into_iter().map(|row| async move {
                 let order_id = OrderId(row.get(0));
@@ -724,11 +757,15 @@ impl SagaRunner {
             }
             self.commit(lease, &handled, None).await?;
         }
+        if cursor.is_some() {
+            // More are due behind this page: the next tick goes on with them.
+            return Ok((Some(now), cursor));
+        }
         let client = self.pool.get().await?;
         let next = client
             .query_one(&next_due_query(), &[&self.config.name, &lane])
             .await?;
-        Ok(next.get(0))
+        Ok((next.get(0), None))
     }
 
     async fn tick_order(
