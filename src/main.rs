@@ -281,7 +281,8 @@ enum ParkedCommand {
     /// Feed one parked event to its order's saga again (the lane that owns it does, within a
     /// second); it is parked again with the new error if it still fails.
     Retry { event_id: Uuid },
-    /// Drop one parked event: the saga never sees it (the order's deadline still applies).
+    /// Drop one parked event: the saga never sees it (a running payment deadline still settles
+    /// the order; what the event recorded is not compensated).
     Skip { event_id: Uuid },
 }
 

@@ -226,8 +226,8 @@ impl SagaMutation {
         .await
     }
 
-    /// Admin only. Drops a parked event for good: the saga never sees it (the order's
-    /// deadline still applies).
+    /// Admin only. Drops a parked event for good: the saga never sees it (a running payment
+    /// deadline still settles the order; what the event recorded is not compensated).
     async fn skip_parked_saga_event(
         &self,
         ctx: &Context<'_>,

@@ -426,7 +426,7 @@ const SAGA_ACTIONS = {
     },
     skip: {
       mutation: 'mutation($id: UUID!) { skipParkedSagaEvent(eventId: $id) }',
-      consequence: 'The saga will NEVER see this event (the order\'s deadline still applies).',
+      consequence: 'The saga will NEVER see this event: what it recorded (a reservation, say) is not compensated; a running payment deadline still settles the order.',
       done: 'skipped',
     },
   },

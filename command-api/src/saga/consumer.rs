@@ -230,8 +230,11 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
     (span, step)
 }
 
-/// Why an event was set aside for an operator (`orderly saga parked list` shows it as text);
-/// the order's deadline compensates it unless an operator retries it first.
+/// Why an event was set aside for an operator (`orderly saga parked list` shows it as text).
+/// An order whose payment deadline runs (from its first charge request) is settled at it
+/// (confirmed if its payment stream shows a charge, else cancelled) unless an operator retries
+/// the event first; one parked before that waits for an operator. A fact the saga did not take
+/// in, such as a reservation, is not compensated by itself.
 #[derive(Debug, Clone, thiserror::Error)]
 enum ParkReason {
     /// Its payload does not decode.

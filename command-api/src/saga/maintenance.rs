@@ -275,7 +275,9 @@ pub async fn retry_parked(
 }
 
 /// Drops a parked event for good: the saga never sees it. The row stays, marked, for the
-/// record. The order's deadline still compensates an instance left waiting by it.
+/// record. An order whose payment deadline runs is still settled at it (charged if its payment
+/// stream says so, else cancelled); the skipped fact itself (a reservation, say) is not
+/// compensated by the saga.
 pub async fn skip_parked(
     client: &Client,
     saga_name: &str,
