@@ -509,13 +509,7 @@ impl SagaRunner {
                 Err(())
             }
             Err(LaneError::Failed(error)) => {
-                let transient = error.is_transient();
-                metrics::counter!(
-                    "orderly_saga_retries_total",
-                    "failure" => if transient { "transient" } else { "permanent" }
-                )
-                .increment(1);
-                if transient {
+                if counted_retry(&error) {
                     tracing::warn!(%error, "saga lane work failed; retrying");
                 } else {
                     tracing::error!(%error, "saga lane work failed on an error that may not pass; retrying");
@@ -745,8 +739,7 @@ impl SagaRunner {
                     Ok(handled) => Ok(Some(handled)),
                     Err(error) if error.is_transient() => Err(error),
                     Err(error) => {
-                        metrics::counter!("orderly_saga_retries_total", "failure" => "permanent")
-                            .increment(1);
+                        counted_retry(&error);
                         tracing::error!(%error, %order_id, "saga deadline not handled; tried again next tick");
                         Ok(None)
                     }
@@ -945,6 +938,18 @@ impl StoredStates {
             states.clear();
         }
     }
+}
+
+/// Counts a failure of lane work that is tried again later, by kind
+/// (`orderly_saga_retries_total`); whether it may pass by itself.
+fn counted_retry(error: &CommandError) -> bool {
+    let transient = error.is_transient();
+    metrics::counter!(
+        "orderly_saga_retries_total",
+        "failure" => if transient { "transient" } else { "permanent" }
+    )
+    .increment(1);
+    transient
 }
 
 /// The earlier of two deadlines, where `None` is "no deadline".
