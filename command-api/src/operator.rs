@@ -226,8 +226,9 @@ impl SagaMutation {
         .await
     }
 
-    /// Admin only. Drops a parked event for good: the saga never sees it (a running payment
-    /// deadline still settles the order; what the event recorded is not compensated).
+    /// Admin only. Drops a parked event for good: the saga never sees it (the order's stock
+    /// and payment deadlines still read the reservations and the payment; any other fact it
+    /// recorded, such as a customer's cancel, is not acted on).
     async fn skip_parked_saga_event(
         &self,
         ctx: &Context<'_>,

@@ -5,6 +5,8 @@
 //! OrderPlaced -> reserve every line -> all reserved -> mark stock reserved + request charge
 //!   -> charged -> mark paid + confirm + notify        -> shipped -> ship reserved stock
 //! any reservation rejected -> cancel "out of stock"    -+
+//! a product with no answer by the stock deadline        |
+//!   -> cancel "stock not reserved in time"              |
 //! payment declined -> cancel "payment declined"         +-> release every reservation held,
 //! not charged by the payment deadline -> cancel         |   refund if (ever) charged
 //! cancelled by the customer -> (nothing more to cancel) +
@@ -35,10 +37,18 @@
 //! events may also arrive late, twice or out of order: nothing is sent twice, no reservation is
 //! left behind, no second charge is requested while one may succeed.
 //!
-//! Deadlines are data, not timers: `payment_due_at` and `retry_due_at` live in the state, and a
-//! [`SagaInput::Tick`] with the current time lets the saga act on them. The runner ticks every
-//! active saga periodically (see [`FulfilmentState::next_due_at`]). The saga never reads the
-//! clock; commands it sends are stamped with the latest time it has seen.
+//! Deadlines are data, not timers: `stock_due_at`, `payment_due_at` and `retry_due_at` live in
+//! the state, and a [`SagaInput::Tick`] with the current time lets the saga act on them. The
+//! runner ticks every active saga periodically (see [`FulfilmentState::next_due_at`]). The saga
+//! never reads the clock; commands it sends are stamped with the latest time it has seen.
+//!
+//! The stock deadline is for answers the saga may never see by itself (the step of a product's
+//! event parked for good, or skipped by an operator): once it passes, the runner reads what the
+//! products hold for the order ([`FulfilmentState::stock_to_check`]) and feeds that in as
+//! [`SagaInput::StockChecked`], before the tick. A hold found counts like its event (the saga
+//! goes on to the charge, or cancels out of stock, or releases it while cancelling); a product
+//! with no hold for the order then never gets one, and the order is cancelled. The clock alone
+//! never cancels for missing stock.
 //!
 //! The state can also be rebuilt instead of stored: replay the order's events up to the
 //! checkpoint (order, its product reservations, its payment) through `evolve`, discarding the
@@ -53,7 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::order::OrderCommand;
 use crate::payment::PaymentCommand;
-use crate::product::ProductCommand;
+use crate::product::{Hold, ProductCommand};
 use crate::streams;
 use crate::values::{
     CustomerId, GatewayReference, Money, OrderId, PaymentToken, Quantity, Reason, Sku,
@@ -61,6 +71,13 @@ use crate::values::{
 
 /// How long after the first charge request the order may stay unpaid before it is cancelled.
 pub const PAYMENT_DEADLINE: TimeDelta = TimeDelta::minutes(15);
+
+/// How long after placement the saga waits for the products' answers to its reservations
+/// before it asks the products itself (see [`SagaInput::StockChecked`]). Answers take
+/// milliseconds; this is for an answer the saga will not see by itself (its step parked, or
+/// skipped by an operator), and long enough that a saga catching up after an outage finds
+/// its answers in the log first.
+pub const STOCK_DEADLINE: TimeDelta = TimeDelta::minutes(5);
 
 /// How long after a transient failure the next charge attempt is requested, before the growth
 /// per attempt and the jitter of [`Timing::retry_delay`].
@@ -74,13 +91,16 @@ const MAX_RETRY_GROWTH: i64 = 4;
 /// How far a retry's wait may move either side of its nominal value, in per mille (±20 %).
 const RETRY_JITTER_PER_MILLE: i64 = 200;
 
-/// The saga's waiting times. `Default` is [`PAYMENT_DEADLINE`] and [`RETRY_AFTER`]; a runner may
-/// configure others (tests shorten them so a deadline passes in seconds). Stored in the state,
-/// so a saga keeps the times it started with.
+/// The saga's waiting times. `Default` is [`PAYMENT_DEADLINE`], [`RETRY_AFTER`] and
+/// [`STOCK_DEADLINE`]; a runner may configure others (tests shorten them so a deadline passes
+/// in seconds). Stored in the state, so a saga keeps the times it started with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timing {
     pub payment_deadline_ms: i64,
     pub retry_after_ms: i64,
+    /// States stored before the stock deadline existed read as the default.
+    #[serde(default = "default_stock_deadline_ms")]
+    pub stock_deadline_ms: i64,
 }
 
 impl Default for Timing {
@@ -88,13 +108,22 @@ impl Default for Timing {
         Self {
             payment_deadline_ms: PAYMENT_DEADLINE.num_milliseconds(),
             retry_after_ms: RETRY_AFTER.num_milliseconds(),
+            stock_deadline_ms: default_stock_deadline_ms(),
         }
     }
+}
+
+fn default_stock_deadline_ms() -> i64 {
+    STOCK_DEADLINE.num_milliseconds()
 }
 
 impl Timing {
     fn payment_deadline(self) -> TimeDelta {
         TimeDelta::milliseconds(self.payment_deadline_ms)
+    }
+
+    fn stock_deadline(self) -> TimeDelta {
+        TimeDelta::milliseconds(self.stock_deadline_ms)
     }
 
     /// How long after attempt `attempt` failed the next one is requested: `retry_after`,
@@ -137,7 +166,17 @@ fn jitter_per_mille(order_id: OrderId, attempt: u32) -> i64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SagaInput<'a> {
     Event(&'a Event),
-    Tick { now: DateTime<Utc> },
+    Tick {
+        now: DateTime<Utc>,
+    },
+    /// What the products hold for this order, read by the runner at `now` because the stock
+    /// deadline passed (see [`FulfilmentState::stock_to_check`]): each product's answer counts
+    /// like the event that recorded it, which the saga may never see (its step parked or
+    /// skipped). A product missing from `holds` has not answered.
+    StockChecked {
+        now: DateTime<Utc>,
+        holds: &'a [(Sku, Hold)],
+    },
 }
 
 /// Something the saga wants done: a command for one aggregate, or a message for the customer.
@@ -210,6 +249,17 @@ impl Stock {
     }
 }
 
+impl From<Hold> for Stock {
+    fn from(hold: Hold) -> Self {
+        match hold {
+            Hold::Reserved { .. } => Stock::Reserved,
+            Hold::Rejected => Stock::Rejected,
+            Hold::Released => Stock::Released,
+            Hold::Shipped => Stock::Shipped,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Line {
     /// `None` until `OrderPlaced` arrives (a product event may come first).
@@ -218,6 +268,13 @@ struct Line {
     reserve_sent: bool,
     release_sent: bool,
     ship_sent: bool,
+}
+
+impl Line {
+    /// Its reservation was sent and no answer seen.
+    fn unanswered(&self) -> bool {
+        self.reserve_sent && self.stock == Stock::Unknown
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,6 +327,14 @@ pub struct FulfilmentState {
     sent: Sent,
     payment_due_at: Option<DateTime<Utc>>,
     retry_due_at: Option<DateTime<Utc>>,
+    /// When the runner asks the products for answers not seen yet; from placement.
+    #[serde(default)]
+    stock_due_at: Option<DateTime<Utc>>,
+    /// The products were asked at or after `stock_due_at`: a line still unanswered then was
+    /// never reserved, and the order is cancelled. Only an answer read from the products
+    /// cancels so, never the clock alone.
+    #[serde(default)]
+    stock_checked: bool,
     /// Latest time seen in any input; deadlines are checked against it.
     clock: Option<DateTime<Utc>>,
     /// States stored before timings were configurable read as the defaults.
@@ -306,6 +371,8 @@ impl FulfilmentState {
             sent,
             payment_due_at,
             retry_due_at,
+            stock_due_at,
+            stock_checked,
             clock: _,
             timing,
         } = self;
@@ -317,23 +384,54 @@ impl FulfilmentState {
             && *sent == other.sent
             && *payment_due_at == other.payment_due_at
             && *retry_due_at == other.retry_due_at
+            && *stock_due_at == other.stock_due_at
+            && *stock_checked == other.stock_checked
             && *timing == other.timing
     }
 
     /// When a tick could next make the saga act; `None` when no deadline is pending. The runner
     /// uses it to schedule ticks instead of ticking every saga.
     pub fn next_due_at(&self) -> Option<DateTime<Utc>> {
-        if self.is_settled()
-            || self.order.cancelled
-            || self.sent.cancel
-            || self.payment.charged.is_some()
-        {
+        if self.is_settled() {
             return None;
         }
-        [self.pending_retry_at(), self.payment_due_at]
+        // Also while cancelling: a reservation answered unseen must still be given back.
+        let stock_due = self.awaiting_stock().then_some(self.stock_due_at).flatten();
+        if self.order.cancelled || self.sent.cancel || self.payment.charged.is_some() {
+            return stock_due;
+        }
+        [self.pending_retry_at(), self.payment_due_at, stock_due]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// The products whose answer to this order's reservation the runner must read and feed
+    /// back as [`SagaInput::StockChecked`] before a tick at `now`: the lines still unanswered
+    /// once the stock deadline has passed (cancelling or not), none before it, none once a
+    /// charge was requested (every line was answered then) and none after one such check.
+    pub fn stock_to_check(&self, now: DateTime<Utc>) -> Vec<Sku> {
+        let overdue = self.stock_due_at.is_some_and(|due| now >= due);
+        if !overdue || !self.awaiting_stock() {
+            return Vec::new();
+        }
+        self.lines
+            .iter()
+            .filter(|(_, line)| line.unanswered())
+            .map(|(sku, _)| sku.clone())
+            .collect()
+    }
+
+    /// Reservations were sent, some unanswered, and no charge requested yet.
+    fn stock_unanswered(&self) -> bool {
+        self.sent.charge_attempt == 0 && self.lines.values().any(Line::unanswered)
+    }
+
+    /// [`Self::stock_unanswered`], and the products not yet asked after the stock deadline: a
+    /// product with no answer then never gets a reservation from this saga, so there is
+    /// nothing more to wait for.
+    fn awaiting_stock(&self) -> bool {
+        !self.stock_checked && self.stock_unanswered()
     }
 
     /// What a tick on this state at the deadline `due` is named (with the order id, it names the
@@ -367,10 +465,12 @@ impl FulfilmentState {
             return false;
         }
         let ended = self.order.cancelled;
-        let nothing_held = self
-            .lines
-            .values()
-            .all(|line| line.stock != Stock::Reserved);
+        // An unanswered reservation may hold stock until the products are asked.
+        let nothing_held = !self.awaiting_stock()
+            && self
+                .lines
+                .values()
+                .all(|line| line.stock != Stock::Reserved);
         let money_settled = self.payment.charged.is_none() || self.payment.refunded;
         let payment_quiet = self.payment.requested <= self.payment.failed
             || self.payment.charged.is_some()
@@ -504,6 +604,10 @@ fn observe(state: &mut FulfilmentState, input: &SagaInput<'_>) -> bool {
             state.clock = state.clock.max(Some(*now));
             return true;
         }
+        SagaInput::StockChecked { now, holds } => {
+            observe_holds(state, *now, holds);
+            return true;
+        }
         SagaInput::Event(event) => event,
     };
     let Some(order_id) = order_of(event) else {
@@ -533,6 +637,7 @@ fn observe_order(state: &mut FulfilmentState, event: &OrderEvent) -> Option<Date
             for line in &placed.lines {
                 state.lines.entry(line.sku.clone()).or_default().quantity = Some(line.quantity);
             }
+            state.stock_due_at = Some(placed.placed_at + state.timing.stock_deadline());
             Some(placed.placed_at)
         }
         // The saga sent these itself; it acts on the facts behind them, not on the echo.
@@ -567,6 +672,20 @@ fn observe_product(state: &mut FulfilmentState, event: &ProductEvent) -> Option<
     let line = state.lines.entry(sku.clone()).or_default();
     line.stock = line.stock.merge(fact);
     Some(at)
+}
+
+/// The products' answers read at `now`, merged like their events; holds for products this
+/// order has no line of are ignored.
+fn observe_holds(state: &mut FulfilmentState, now: DateTime<Utc>, holds: &[(Sku, Hold)]) {
+    state.clock = state.clock.max(Some(now));
+    for (sku, hold) in holds {
+        if let Some(line) = state.lines.get_mut(sku) {
+            line.stock = line.stock.merge(Stock::from(*hold));
+        }
+    }
+    if state.stock_due_at.is_some_and(|due| now >= due) {
+        state.stock_checked = true;
+    }
 }
 
 fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<DateTime<Utc>> {
@@ -613,6 +732,9 @@ fn failure(state: &FulfilmentState) -> Option<&'static str> {
         .any(|line| line.stock == Stock::Rejected)
     {
         return Some("out of stock");
+    }
+    if state.stock_checked && state.stock_unanswered() {
+        return Some("stock not reserved in time");
     }
     if state.payment.charged.is_some() {
         return None;
@@ -1255,6 +1377,95 @@ mod tests {
             .then([ship(mug(), 17), ship(tea(), 17)]);
     }
 
+    fn stock_checked<const N: usize>(minute: i64, holds: [(Sku, Hold); N]) -> Step {
+        Step::StockChecked(at(minute), holds.to_vec())
+    }
+
+    fn held(quantity: u32) -> Hold {
+        Hold::Reserved {
+            quantity: qty(quantity),
+        }
+    }
+
+    /// Minutes after placement at which the stock deadline passes.
+    const STOCK_DUE: i64 = STOCK_DEADLINE.num_minutes();
+
+    #[test]
+    fn an_unanswered_reservation_is_asked_of_its_product_once_the_stock_deadline_passes() {
+        let waiting = given([placed()]).when(reserved(tea(), 2)).then_nothing();
+        assert_eq!(waiting.next_due_at(), Some(at(STOCK_DUE)));
+        assert!(waiting.stock_to_check(at(STOCK_DUE - 1)).is_empty());
+        assert_eq!(waiting.stock_to_check(at(STOCK_DUE)), vec![mug()]);
+        let charging = given(awaiting_payment()).when(tick(2)).then_nothing();
+        assert!(charging.stock_to_check(at(STOCK_DUE)).is_empty());
+    }
+
+    #[test]
+    fn a_reservation_found_at_its_product_after_the_stock_deadline_goes_on_to_the_charge() {
+        given([placed(), reserved(tea(), 2)])
+            .when(stock_checked(STOCK_DUE, [(mug(), held(1))]))
+            .then([
+                order(OrderCommand::MarkStockReserved {
+                    stock_reserved_at: at(STOCK_DUE),
+                }),
+                request_charge(1, STOCK_DUE),
+            ]);
+    }
+
+    #[test]
+    fn a_refusal_found_at_its_product_after_the_stock_deadline_cancels_out_of_stock() {
+        given([placed(), reserved(tea(), 2)])
+            .when(stock_checked(STOCK_DUE, [(mug(), Hold::Rejected)]))
+            .then([cancel("out of stock", STOCK_DUE), release(tea(), STOCK_DUE)]);
+    }
+
+    #[test]
+    fn a_reservation_no_product_answered_by_the_stock_deadline_cancels_and_releases_the_rest() {
+        let cancelled = given([placed(), reserved(tea(), 2)])
+            .when(stock_checked(STOCK_DUE, []))
+            .then([
+                cancel("stock not reserved in time", STOCK_DUE),
+                release(tea(), STOCK_DUE),
+            ]);
+        assert_eq!(cancelled.next_due_at(), None);
+        // The answer that comes after all is given back.
+        given([placed(), reserved(tea(), 2), stock_checked(STOCK_DUE, [])])
+            .when(reserved(mug(), 1))
+            .then([release(mug(), STOCK_DUE)]);
+    }
+
+    #[test]
+    fn a_reservation_answered_unseen_while_cancelling_is_released_at_the_stock_deadline() {
+        let cancelling = given([placed()])
+            .when(rejected(mug()))
+            .then([cancel("out of stock", 1)]);
+        assert!(!cancelling.is_settled(), "the tea may be held");
+        assert_eq!(cancelling.next_due_at(), Some(at(STOCK_DUE)));
+        given([placed(), rejected(mug())])
+            .when(stock_checked(STOCK_DUE, [(tea(), held(2))]))
+            .then([release(tea(), STOCK_DUE)]);
+    }
+
+    #[test]
+    fn a_cancelled_order_whose_products_never_answered_is_settled_once_they_are_asked() {
+        let asked = given([placed(), cancelled_by_customer(1)])
+            .when(stock_checked(STOCK_DUE, []))
+            .then_nothing();
+        assert!(asked.is_settled());
+        assert_eq!(asked.next_due_at(), None);
+        assert!(asked.stock_to_check(at(STOCK_DUE + 1)).is_empty());
+    }
+
+    #[test]
+    fn only_the_products_answer_cancels_for_missing_stock_never_the_clock_alone() {
+        given([placed(), reserved(tea(), 2)])
+            .when(tick(STOCK_DUE + 60))
+            .then_nothing();
+        given([placed(), reserved(tea(), 2)])
+            .when(stock_checked(STOCK_DUE - 1, []))
+            .then_nothing();
+    }
+
     #[test]
     fn a_tick_before_any_deadline_does_nothing() {
         given(awaiting_payment()).when(tick(10)).then_nothing();
@@ -1443,6 +1654,10 @@ mod tests {
 
     #[test]
     fn the_next_due_time_is_the_retry_then_the_deadline_and_none_once_settled() {
+        let reserving = given([])
+            .when(placed())
+            .then([reserve(mug(), 1, 0), reserve(tea(), 2, 0)]);
+        assert_eq!(reserving.next_due_at(), Some(at(0) + STOCK_DEADLINE));
         let waiting = given(awaiting_payment()).when(tick(1)).then_nothing();
         assert_eq!(waiting.next_due_at(), Some(at(1) + PAYMENT_DEADLINE));
         let failing = given(awaiting_payment()).when(failed(1, 2)).then_nothing();

@@ -125,11 +125,14 @@ pub mod saga {
     use orderly_event_schemas::Event;
 
     use crate::fulfilment::{self, Command, FulfilmentState, SagaInput};
+    use crate::product::Hold;
+    use crate::values::Sku;
 
     /// An owned saga input, so tests can list histories.
     pub enum Step {
         Event(Box<Event>),
         Tick(DateTime<Utc>),
+        StockChecked(DateTime<Utc>, Vec<(Sku, Hold)>),
     }
 
     impl Step {
@@ -137,6 +140,7 @@ pub mod saga {
             match self {
                 Step::Event(event) => SagaInput::Event(event),
                 Step::Tick(now) => SagaInput::Tick { now: *now },
+                Step::StockChecked(now, holds) => SagaInput::StockChecked { now: *now, holds },
             }
         }
     }

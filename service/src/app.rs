@@ -426,6 +426,7 @@ pub fn saga_runner(
         timing: Timing {
             payment_deadline_ms: millis(settings.payment.deadline),
             retry_after_ms: millis(settings.payment.retry_after),
+            stock_deadline_ms: millis(s.stock_deadline),
         },
         tick: s.tick.max(Duration::from_millis(1)),
         lease: s.lease.max(Duration::from_millis(100)),

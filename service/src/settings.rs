@@ -223,6 +223,10 @@ pub struct SagaSettings {
     /// server's `max_connections` beside the APIs.
     #[serde(rename = "saga_pool_size")]
     pub pool_size: usize,
+    /// How long after placement the saga waits for the products to answer its reservations
+    /// before it reads their answers itself, and cancels an order that has none.
+    #[serde(rename = "saga_stock_deadline_secs", deserialize_with = "unit::secs")]
+    pub stock_deadline: Duration,
 }
 
 impl Default for SagaSettings {
@@ -234,6 +238,7 @@ impl Default for SagaSettings {
             lease: Duration::from_secs(5),
             orders_in_flight: 32,
             pool_size: 8,
+            stock_deadline: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -424,6 +429,7 @@ mod tests {
             jail.set_env("ORDERLY_LOG_FORMAT", "text");
             jail.set_env("ORDERLY_ORDER_ID_SECRET", "s3cret");
             jail.set_env("ORDERLY_GRAPHQL_TIMEOUT_MS", "750");
+            jail.set_env("ORDERLY_SAGA_STOCK_DEADLINE_SECS", "90");
             jail.set_env("ORDERLY_CONFIG", "orderly.toml");
             let s = Settings::load(Some(Path::new("orderly.toml"))).map_err(|e| *e)?;
             let secret = s.orders.order_id_secret.as_ref().map(|s| s.expose_secret());
@@ -433,6 +439,7 @@ mod tests {
             assert_eq!(s.http.timeout, Duration::from_millis(750));
             assert_eq!(s.saga.lease, Duration::from_millis(250));
             assert_eq!(s.payment.deadline, Duration::from_secs(60));
+            assert_eq!(s.saga.stock_deadline, Duration::from_secs(90));
             assert_eq!(s.saga.retention, None, "0 days keeps forever");
             // Untouched: the defaults.
             assert_eq!(s.store.kind, EventStoreKind::Postgres);

@@ -26,6 +26,7 @@ fn fast_timing() -> Timing {
     Timing {
         payment_deadline_ms: 2_500,
         retry_after_ms: 500,
+        ..Timing::default()
     }
 }
 
@@ -915,4 +916,53 @@ async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
             .is_empty()
     );
     assert_eq!(simulator.charges(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_stock_deadline() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    // The log refuses the order's "stock reserved" for good (a trigger stands in for a bug):
+    // the step of the product's `StockReserved` fails and is parked, and nothing the saga
+    // sees will ever answer the reservation again.
+    let client = db.connect().await.unwrap();
+    client
+        .batch_execute(
+            "create function refuse_stock_reserved() returns trigger language plpgsql
+             as $$ begin raise exception 'refused on purpose'; end $$;
+             create trigger refuse_stock_reserved before insert on events for each row
+             when (new.event_type = 'OrderStockReserved')
+             execute function refuse_stock_reserved();",
+        )
+        .await
+        .unwrap();
+    let simulator = Arc::new(Simulator::default());
+    let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let timing = Timing {
+        stock_deadline_ms: 3_000,
+        ..patient_timing()
+    };
+    let _saga = start_saga_with(&settings, gateway, timing);
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    eventually(
+        &db,
+        "select count(*) from saga_parked where event_type = 'StockReserved'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let log = Log::new(&settings);
+    assert_eq!(log.order(&id).await.status, OrderStatus::Placed);
+    client
+        .batch_execute("drop trigger refuse_stock_reserved on events")
+        .await
+        .unwrap();
+
+    // No operator: at the stock deadline the saga reads the product's answer and goes on.
+    let orders = log
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    assert_eq!(orders[0].status, OrderStatus::Confirmed, "{:?}", orders[0]);
+    assert_eq!(simulator.charges(), 1);
+    assert_eq!(log.product("TEA").await.reserved(), 1, "held for shipping");
 }

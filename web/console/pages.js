@@ -426,7 +426,7 @@ const SAGA_ACTIONS = {
     },
     skip: {
       mutation: 'mutation($id: UUID!) { skipParkedSagaEvent(eventId: $id) }',
-      consequence: 'The saga will NEVER see this event: what it recorded (a reservation, say) is not compensated; a running payment deadline still settles the order.',
+      consequence: 'The saga will NEVER see this event: the order\'s stock and payment deadlines still read the reservations and the payment; any other fact it recorded (a customer\'s cancel, say) is not acted on.',
       done: 'skipped',
     },
   },

@@ -21,9 +21,11 @@
 //! Deadlines are handled by each lane for its own orders between batches, on the wall clock,
 //! after reading the order's payment stream first: the log's horizon can hide a payment that
 //! is already recorded (any open transaction in the cluster holds it back), the stream itself
-//! cannot, so a recorded payment is never overtaken by its deadline. What a tick fails to do
-//! (deadlines, parked retries, a quiet lane's checkpoint) stays in the database and is tried
-//! again at the next tick: a failing tick never holds up the lane's events.
+//! cannot, so a recorded payment is never overtaken by its deadline. Past the stock deadline
+//! the products' streams are read the same way, for reservations the saga has not seen. What
+//! a tick fails to do (deadlines, parked retries, a quiet lane's checkpoint) stays in the
+//! database and is tried again at the next tick: a failing tick never holds up the lane's
+//! events.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,7 +35,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use orderly_domain::fulfilment::{self, FulfilmentState, Phase, SagaInput};
 use orderly_domain::streams;
-use orderly_domain::values::OrderId;
+use orderly_domain::values::{OrderId, Sku};
 use orderly_event_schemas::{Event, EventMetadata, decode_recorded};
 use orderly_event_store::{Direction, EventFilter, Position, RecordedEvent, StreamName};
 use orderly_observability::trace_context;
@@ -49,6 +51,7 @@ use crate::CommandError;
 use crate::handling::{Handler, Observed, stream_name};
 use orderly_domain::order::OrderAggregate;
 use orderly_domain::payment::PaymentAggregate;
+use orderly_domain::product::{Hold, ProductAggregate};
 
 /// Items buffered between the reader and one lane; a full lane slows the reader down. Bounds
 /// the memory of a process catching up: 16 lanes of decoded events of about a kilobyte.
@@ -231,10 +234,12 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 }
 
 /// Why an event was set aside for an operator (`orderly saga parked list` shows it as text).
-/// An order whose payment deadline runs (from its first charge request) is settled at it
-/// (confirmed if its payment stream shows a charge, else cancelled) unless an operator retries
-/// the event first; one parked before that waits for an operator. A fact the saga did not take
-/// in, such as a reservation, is not compensated by itself.
+/// The order's deadlines still settle an instance left waiting by it, unless an operator
+/// retries the event first: at the stock deadline (from placement) the saga reads the answers
+/// to its reservations from the products, at the payment deadline (from the first charge
+/// request) the payment from its stream, and goes on or cancels. A parked `OrderPlaced`
+/// leaves no state, hence no deadline: that order waits for an operator, as does a fact no
+/// deadline reads (a customer's cancel, say).
 #[derive(Debug, Clone, thiserror::Error)]
 enum ParkReason {
     /// Its payload does not decode.
@@ -795,13 +800,23 @@ impl SagaRunner {
             self.step(&mut state, &SagaInput::Event(event), &step, &mut rows)
                 .await?;
         }
-        let step = Step {
-            // The same deadline seen again after a crash sends the same command ids; a state
-            // that has sent more since decides other commands, under other ids.
-            causation: Uuid::new_v5(&order_id.0, state.tick_name(due_at).as_bytes()),
+        // The same deadline seen again after a crash sends the same command ids; a state that
+        // has sent more since decides other commands, under other ids.
+        let tick_step = |state: &FulfilmentState, what: &str| Step {
+            causation: Uuid::new_v5(&order_id.0, (state.tick_name(due_at) + what).as_bytes()),
             correlation,
             traceparent: None,
         };
+        // Answers to the reservations that the saga has not seen by the stock deadline (a
+        // parked or skipped step) are asked of the products themselves.
+        let unanswered = state.stock_to_check(now);
+        if !unanswered.is_empty() {
+            let holds = self.holds(order_id, &unanswered).await?;
+            let input = SagaInput::StockChecked { now, holds: &holds };
+            let step = tick_step(&state, "/stock");
+            self.step(&mut state, &input, &step, &mut rows).await?;
+        }
+        let step = tick_step(&state, "");
         self.step(&mut state, &SagaInput::Tick { now }, &step, &mut rows)
             .await?;
         Ok(Handled {
@@ -809,6 +824,31 @@ impl SagaRunner {
             rows,
             ..Handled::new(order_id, before, correlation)
         })
+    }
+
+    /// What each of `skus` holds for the order now, read from its stream (not the cache,
+    /// which may predate the reservation); a product with no answer for the order is left out.
+    async fn holds(
+        &self,
+        order_id: OrderId,
+        skus: &[Sku],
+    ) -> Result<Vec<(Sku, Hold)>, CommandError> {
+        let streams = skus
+            .iter()
+            .map(|sku| stream_name(streams::product(sku)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let products = self
+            .handler
+            .load_many::<ProductAggregate>(&streams, Duration::ZERO)
+            .await?;
+        Ok(skus
+            .iter()
+            .zip(products)
+            .filter_map(|(sku, loaded)| {
+                let hold = loaded.state?.hold(order_id)?;
+                Some((sku.clone(), hold))
+            })
+            .collect())
     }
 
     /// Feeds again the parked events of this lane that an operator asked to retry.

@@ -275,9 +275,9 @@ pub async fn retry_parked(
 }
 
 /// Drops a parked event for good: the saga never sees it. The row stays, marked, for the
-/// record. An order whose payment deadline runs is still settled at it (charged if its payment
-/// stream says so, else cancelled); the skipped fact itself (a reservation, say) is not
-/// compensated by the saga.
+/// record. The order's deadlines still read what the saga would have learnt from a reservation
+/// (from the products, at the stock deadline) or a payment (from its stream, at the payment
+/// deadline); any other fact (a customer's cancel, say) is not acted on.
 pub async fn skip_parked(
     client: &Client,
     saga_name: &str,
