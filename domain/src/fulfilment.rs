@@ -75,8 +75,9 @@ pub const PAYMENT_DEADLINE: TimeDelta = TimeDelta::minutes(15);
 /// How long after placement the saga waits for the products' answers to its reservations
 /// before it asks the products itself (see [`SagaInput::StockChecked`]). Answers take
 /// milliseconds; this is for an answer the saga will not see by itself (its step parked, or
-/// skipped by an operator), and long enough that a saga catching up after an outage finds
-/// its answers in the log first.
+/// skipped by an operator). A saga catching up on orders placed longer ago than this (after
+/// an outage) reads their answers from the products as well: the same outcome, one stream
+/// read more per order.
 pub const STOCK_DEADLINE: TimeDelta = TimeDelta::minutes(5);
 
 /// How long after a transient failure the next charge attempt is requested, before the growth

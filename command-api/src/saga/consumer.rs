@@ -812,6 +812,9 @@ impl SagaRunner {
         let unanswered = state.stock_to_check(now);
         if !unanswered.is_empty() {
             let holds = self.holds(order_id, &unanswered).await?;
+            // Normally every answer arrives within milliseconds: this is a step that was
+            // parked (logged then) or skipped, or a saga catching up far behind the log.
+            tracing::info!(%order_id, asked = unanswered.len(), answered = holds.len(), "stock deadline passed; reservation answers read from the products");
             let input = SagaInput::StockChecked { now, holds: &holds };
             let step = tick_step(&state, "/stock");
             self.step(&mut state, &input, &step, &mut rows).await?;
