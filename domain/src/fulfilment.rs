@@ -23,9 +23,9 @@
 //!
 //! ```text
 //! let input = SagaInput::Event(&event);         // or SagaInput::Tick { now } on a timer
-//! let commands = fulfilment::react(&state, &input);
+//! let (next, commands) = fulfilment::step_at(state, &input, now);
 //! send every command, in order, to its aggregate (Command::stream names it);
-//! state = fulfilment::evolve(state, &input);
+//! state = next;
 //! store state (it is Serialize + Deserialize) with the log position, in one transaction.
 //! ```
 //!
@@ -40,7 +40,9 @@
 //! Deadlines are data, not timers: `stock_due_at`, `payment_due_at` and `retry_due_at` live in
 //! the state, and a [`SagaInput::Tick`] with the current time lets the saga act on them. The
 //! runner ticks every active saga periodically (see [`FulfilmentState::next_due_at`]). The saga
-//! never reads the clock; commands it sends are stamped with the latest time it has seen.
+//! never reads the clock: deadlines are judged on the latest time it has seen, and commands
+//! are stamped with that or, when later, the time the runner says it handles the input
+//! ([`step_at`]), so a deadline a command starts never begins in the past.
 //!
 //! The stock deadline is for answers the saga may never see by itself (the step of a product's
 //! event parked for good, or skipped by an operator): once it passes, the runner reads what the
@@ -590,11 +592,36 @@ pub fn evolve(state: FulfilmentState, input: &SagaInput<'_>) -> FulfilmentState 
 }
 
 /// `react` and `evolve` in one pass, for runners that want both.
-pub fn step(mut state: FulfilmentState, input: &SagaInput<'_>) -> (FulfilmentState, Vec<Command>) {
+pub fn step(state: FulfilmentState, input: &SagaInput<'_>) -> (FulfilmentState, Vec<Command>) {
+    step_inner(state, input, None)
+}
+
+/// [`step`] for a runner that handles `input` at `handled_at` on its own clock: commands are
+/// stamped, and the deadlines they start (the payment deadline of a first charge) run, from
+/// the later of that and the latest time the saga has seen. Deadlines are still judged on the
+/// times seen (events, ticks), never on `handled_at`.
+///
+/// Without it a saga catching up on a backlog (after an outage) would stamp a first charge
+/// with the time of the order's old events, and the payment deadline would have passed
+/// before the charge was even sent: every order placed more than a deadline before the
+/// saga came back would be cancelled at its first tick.
+pub fn step_at(
+    state: FulfilmentState,
+    input: &SagaInput<'_>,
+    handled_at: DateTime<Utc>,
+) -> (FulfilmentState, Vec<Command>) {
+    step_inner(state, input, Some(handled_at))
+}
+
+fn step_inner(
+    mut state: FulfilmentState,
+    input: &SagaInput<'_>,
+    handled_at: Option<DateTime<Utc>>,
+) -> (FulfilmentState, Vec<Command>) {
     if !observe(&mut state, input) {
         return (state, Vec::new());
     }
-    let commands = plan(&mut state);
+    let commands = plan(&mut state, handled_at);
     (state, commands)
 }
 
@@ -765,9 +792,9 @@ fn charge_may_have_succeeded(state: &FulfilmentState) -> bool {
 /// Every command the facts call for that has not been sent yet, marking each as sent: a
 /// cancel when a step failed, then either compensation or the next steps forward
 /// (reservations, the charge, payment and confirmation, shipping the reserved stock).
-fn plan(state: &mut FulfilmentState) -> Vec<Command> {
+fn plan(state: &mut FulfilmentState, handled_at: Option<DateTime<Utc>>) -> Vec<Command> {
     let mut commands = Vec::new();
-    let (Some(order_id), Some(placed), Some(at)) =
+    let (Some(order_id), Some(placed), Some(clock)) =
         (state.order_id, state.placed.clone(), state.clock)
     else {
         // Facts that arrive before `OrderPlaced` wait for it; nothing can be decided without it.
@@ -776,7 +803,8 @@ fn plan(state: &mut FulfilmentState) -> Vec<Command> {
     let plan = Plan {
         order_id,
         placed: &placed,
-        at,
+        at: handled_at.map_or(clock, |handled_at| clock.max(handled_at)),
+        clock,
     };
     plan.cancel_on_failure(state, &mut commands);
     if state.sent.cancel && !state.order.cancelled && charge_may_have_succeeded(state) {
@@ -802,7 +830,11 @@ fn plan(state: &mut FulfilmentState) -> Vec<Command> {
 struct Plan<'p> {
     order_id: OrderId,
     placed: &'p Placed,
+    /// When the commands are decided: what they are stamped with, and where a deadline they
+    /// start begins.
     at: DateTime<Utc>,
+    /// The latest time seen, which judges whether a deadline has passed (see [`step_at`]).
+    clock: DateTime<Utc>,
 }
 
 impl Plan<'_> {
@@ -885,7 +917,9 @@ impl Plan<'_> {
     /// The first charge once all stock is reserved (which starts the payment deadline), and
     /// another attempt when a failed one's retry is due; none after a charge or a decline.
     fn charge(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
-        let retry_due = state.pending_retry_at().is_some_and(|due| self.at >= due);
+        let retry_due = state
+            .pending_retry_at()
+            .is_some_and(|due| self.clock >= due);
         let first_charge = all_reserved(state) && state.sent.charge_attempt == 0;
         if state.payment.charged.is_some() || state.payment.declined || !(first_charge || retry_due)
         {
@@ -1465,6 +1499,38 @@ mod tests {
         given([placed(), reserved(tea(), 2)])
             .when(stock_checked(STOCK_DUE - 1, []))
             .then_nothing();
+    }
+
+    #[test]
+    fn a_charge_handled_long_after_its_events_starts_its_deadline_when_it_is_sent() {
+        let reserving = folded(&[placed(), reserved(tea(), 2)]);
+        let (charging, commands) = super::step_at(reserving, &reserved(mug(), 1).input(), at(60));
+        assert_eq!(
+            commands,
+            [
+                order(OrderCommand::MarkStockReserved {
+                    stock_reserved_at: at(60),
+                }),
+                request_charge(1, 60),
+            ]
+        );
+        assert_eq!(charging.next_due_at(), Some(at(60) + PAYMENT_DEADLINE));
+        // Its echo, stamped at the same time, keeps the deadline (a state rebuilt from the log
+        // gets the same).
+        let echoed = evolve(charging.clone(), &charge_requested(1, 60).input());
+        assert_eq!(echoed.next_due_at(), charging.next_due_at());
+    }
+
+    #[test]
+    fn an_old_event_handled_late_judges_no_deadline_on_the_handling_time() {
+        let waiting = folded(&awaiting_payment());
+        let late = at(1) + PAYMENT_DEADLINE + TimeDelta::hours(1);
+        let (_, commands) = super::step_at(waiting, &failed(1, 2).input(), late);
+        assert_eq!(
+            commands,
+            [],
+            "neither the retry nor the deadline is due at minute 2"
+        );
     }
 
     #[test]

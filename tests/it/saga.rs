@@ -156,6 +156,20 @@ impl Log {
         }
     }
 
+    /// Waits until every order is settled, and expects every one confirmed (else says how
+    /// each ended).
+    async fn confirmed(&self, ids: &[String], within: Duration) {
+        let orders = self.settled(ids, within).await;
+        assert!(
+            orders.iter().all(|o| o.status == OrderStatus::Confirmed),
+            "{:?}",
+            orders
+                .iter()
+                .map(|o| (o.status, o.cancellation_reason.clone()))
+                .collect::<Vec<_>>()
+        );
+    }
+
     /// Waits until every order is confirmed or cancelled.
     async fn settled(&self, ids: &[String], within: Duration) -> Vec<Order> {
         let started = Instant::now();
@@ -350,15 +364,7 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     let _second = start_saga_with(&settings, gateway(), timing);
 
     let log = Log::new(&settings);
-    let orders = log.settled(&ids, Duration::from_secs(60)).await;
-    assert!(
-        orders.iter().all(|o| o.status == OrderStatus::Confirmed),
-        "{:?}",
-        orders
-            .iter()
-            .map(|o| (o.status, o.cancellation_reason.clone()))
-            .collect::<Vec<_>>()
-    );
+    log.confirmed(&ids, Duration::from_secs(60)).await;
     assert_eq!(
         simulator.charges(),
         ids.len(),
@@ -588,8 +594,8 @@ async fn a_standby_runner_takes_over_when_the_leader_dies() {
     leader.abort();
     let _ = leader.await;
     let second = place(&api, "bob", "TEA", 1, "tok_ok").await.id;
-    let orders = log.settled(&[first, second], Duration::from_secs(30)).await;
-    assert!(orders.iter().all(|o| o.status == OrderStatus::Confirmed));
+    log.confirmed(&[first, second], Duration::from_secs(30))
+        .await;
     assert_eq!(simulator.charges(), 2);
     let reserved = count(
         &db,
@@ -727,8 +733,7 @@ async fn two_runners_and_a_crash_take_every_order_through_each_step_exactly_once
     ids.extend(futures::future::join_all(placing.skip(60)).await);
 
     let log = Log::new(&settings);
-    let orders = log.settled(&ids, Duration::from_secs(90)).await;
-    assert!(orders.iter().all(|o| o.status == OrderStatus::Confirmed));
+    log.confirmed(&ids, Duration::from_secs(90)).await;
     assert_eq!(simulator.charges(), ids.len());
     for event_type in [
         "StockReserved",
@@ -965,4 +970,36 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
     assert_eq!(orders[0].status, OrderStatus::Confirmed, "{:?}", orders[0]);
     assert_eq!(simulator.charges(), 1);
     assert_eq!(log.product("TEA").await.reserved(), 1, "held for shipping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_placed_while_the_saga_was_down_longer_than_the_payment_deadline_confirm() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 100).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        // Slow answers (2 s) too: each still well inside its deadline once it is asked for.
+        let token = if i % 2 == 0 { "tok_slow" } else { "tok_ok" };
+        ids.push(place(&api, &format!("c{i}"), "TEA", 1, token).await.id);
+    }
+    let timing = Timing {
+        payment_deadline_ms: 6_000,
+        ..fast_timing()
+    };
+    // The saga comes back after longer than the payment deadline: the order's events are all
+    // older than it. The deadline runs from the charge request, made now.
+    let down = u64::try_from(timing.payment_deadline_ms).unwrap() + 1_000;
+    tokio::time::sleep(Duration::from_millis(down)).await;
+    let simulator = Arc::new(Simulator::default());
+    let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let _saga = start_saga_with(&settings, gateway, timing);
+    let log = Log::new(&settings);
+    log.confirmed(&ids, Duration::from_secs(60)).await;
+    assert_eq!(simulator.charges(), ids.len());
+    let refunds = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentRefunded'",
+    )
+    .await;
+    assert_eq!(refunds, 0);
 }

@@ -679,7 +679,9 @@ impl SagaRunner {
         step: &Step,
         rows: &mut Vec<Row>,
     ) -> Result<(), CommandError> {
-        let (next, commands) = fulfilment::step(state.clone(), input);
+        // Stamped on this process's clock as well as the log's: a backlog's old events must not
+        // start a deadline in the past (see `fulfilment::step_at`).
+        let (next, commands) = fulfilment::step_at(state.clone(), input, Utc::now());
         // The commands continue this step's trace, itself a child of the event's.
         let step = Step {
             traceparent: trace_context::traceparent(&tracing::Span::current())
