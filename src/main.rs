@@ -260,7 +260,7 @@ enum SagaCommand {
     /// order belongs to one), and a stopped or dead process's lanes move to the others.
     Run,
     /// Each lane's owner, fencing generation and checkpoint, how far behind the log it is,
-    /// and how many events are parked.
+    /// how many events are parked, and how many deadlines are overdue (with the oldest order).
     Status,
     /// Events a saga step failed on for good, set aside so their lane could go on.
     Parked {

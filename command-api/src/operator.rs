@@ -76,6 +76,12 @@ pub struct SagaStatus {
     pub parked: i32,
     /// Instances not settled yet (neither delivered nor cancelled and compensated).
     pub in_flight: Long,
+    /// Instances whose deadline passed more than a minute ago without being handled: their
+    /// lane's tick fails for them (the saga's log names the order and the error), or no
+    /// process serves their lane.
+    pub overdue: Long,
+    /// The instance longest overdue, if any.
+    pub oldest_overdue_order_id: Option<Uuid>,
 }
 
 /// An event a saga step failed on for good, set aside so its lane could go on.
@@ -164,19 +170,23 @@ async fn as_admin<T>(
 #[Object(name = "SagaOperatorQueries")]
 impl SagaQuery {
     /// Admin only. The saga's lanes with their owners, checkpoints and lag, its members and
-    /// how many events are parked and instances in flight (`orderly saga status`).
+    /// how many events are parked, instances in flight and deadlines overdue (`orderly saga
+    /// status`).
     async fn saga_status(&self, ctx: &Context<'_>) -> async_graphql::Result<SagaStatus> {
         as_admin(ctx, async |client, saga| {
             let lanes = maintenance::lanes(client, saga).await?;
             let members = maintenance::members(client, saga).await?;
             let parked = maintenance::parked(client, saga).await?;
             let in_flight = maintenance::in_flight(client, saga).await?;
+            let overdue = maintenance::overdue(client, saga).await?;
             Ok(SagaStatus {
                 name: saga.to_owned(),
                 lanes: lanes.into_iter().map(Into::into).collect(),
                 members,
                 parked: i32::try_from(parked.len()).unwrap_or(i32::MAX),
                 in_flight: Long(in_flight),
+                overdue: Long(overdue.count),
+                oldest_overdue_order_id: overdue.oldest.map(|(order_id, _)| order_id),
             })
         })
         .await

@@ -261,7 +261,7 @@ fn describe() {
     for (name, help) in counters {
         describe_counter!(name, help);
     }
-    let gauges: [(&str, &str); 17] = [
+    let gauges: [(&str, &str); 18] = [
         (
             "orderly_graphql_subscriptions_active",
             "GraphQL subscriptions open now.",
@@ -298,6 +298,10 @@ fn describe() {
         (
             "orderly_saga_parked",
             "Saga events parked and waiting for an operator.",
+        ),
+        (
+            "orderly_saga_deadlines_overdue",
+            "Saga instances whose deadline passed more than a minute ago without being handled.",
         ),
         (
             "orderly_payment_breaker_state",

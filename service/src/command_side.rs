@@ -93,6 +93,20 @@ pub async fn print_saga_status(pg_config: &PgConfig) -> anyhow::Result<()> {
             ": see `orderly saga parked list`"
         }
     );
+    let overdue = maintenance::overdue(&client, &saga).await?;
+    print!(
+        "{} deadline(s) overdue by more than {} s",
+        overdue.count,
+        maintenance::OVERDUE_AFTER.as_secs()
+    );
+    match overdue.oldest {
+        Some((order_id, due_at)) => println!(
+            "; the oldest, order {order_id}, was due {}: its lane's ticks fail for it (the \
+             saga's log names the order and the error) or no process serves its lane",
+            due_at.to_rfc3339()
+        ),
+        None => println!(),
+    }
     Ok(())
 }
 

@@ -21,7 +21,8 @@ const REBUILD_PROGRESS: &str = "query($name: String!) {
   projectionRebuild(name: $name) {
     projection state events total position eventsPerSecond startedAt finishedAt error } }";
 const SAGA_STATUS: &str = "{ sagaStatus {
-  name lanes { lane owner generation checkpoint caughtUp behindSeconds } members parked inFlight } }";
+  name lanes { lane owner generation checkpoint caughtUp behindSeconds } members parked inFlight
+  overdue oldestOverdueOrderId } }";
 const SAGA_PARKED: &str = "{ sagaParkedEvents {
   eventId orderId stream type error attempts parkedAt retryRequestedAt } }";
 const RETRY_PARKED: &str = "mutation($id: UUID!) { retryParkedSagaEvent(eventId: $id) }";
@@ -411,21 +412,30 @@ async fn an_admin_retries_and_skips_parked_saga_events() {
     assert_eq!(parked[1]["type"], "OrderPlaced");
     assert_eq!(parked[1]["error"], "step failed: test");
     assert_eq!(parked[1]["retryRequestedAt"], Value::Null);
-    // One instance open, one settled: only the first is in flight.
+    // One instance open, one settled: only the first is in flight. One open instance's
+    // deadline passed an hour ago, another's a moment ago: only the first is overdue.
+    let overdue = uuid::Uuid::new_v4();
     db.connect()
         .await
         .unwrap()
         .execute(
-            "insert into saga_states (saga_name, order_id, state, correlation_id, settled)
-             values ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), false),
-                    ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), true)",
-            &[],
+            "insert into saga_states (saga_name, order_id, state, correlation_id, settled, due_at)
+             values ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), false, null),
+                    ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), true, null),
+                    ('fulfilment', $1, '{}', gen_random_uuid(), false,
+                     now() - interval '1 hour'),
+                    ('fulfilment', gen_random_uuid(), '{}', gen_random_uuid(), false,
+                     now() - interval '1 second')",
+            &[&overdue],
         )
         .await
         .unwrap();
     let status = api.gql(Some(&admin), SAGA_STATUS, json!({})).await;
-    assert_eq!(status.data("sagaStatus")["parked"], 2);
-    assert_eq!(status.data("sagaStatus")["inFlight"], 1);
+    let status = status.data("sagaStatus");
+    assert_eq!(status["parked"], 2);
+    assert_eq!(status["inFlight"], 3);
+    assert_eq!(status["overdue"], 1);
+    assert_eq!(status["oldestOverdueOrderId"], overdue.to_string());
 
     let retried = api
         .gql(Some(&admin), RETRY_PARKED, json!({ "id": placed }))

@@ -9,7 +9,7 @@ use orderly_command_api::CommandError;
 use orderly_command_api::Handler;
 use orderly_command_api::saga::{
     BreakerState, Charge, ChargeOutcome, PaymentGateway, Resilience, Resilient, SagaConfig,
-    SagaRunner, Simulator,
+    SagaRunner, Simulator, maintenance,
 };
 use orderly_domain::fulfilment::Timing;
 use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
@@ -489,6 +489,12 @@ async fn a_page_of_broken_deadlines_does_not_keep_the_lanes_other_deadlines_wait
         .cancelled(&id, Duration::from_secs(30))
         .await;
     assert!(cancelled_for_the_deadline(&order), "{order:?}");
+    // The broken ones are shown to operators as overdue; the handled one is not.
+    let client = db.connect().await.unwrap();
+    let overdue = maintenance::overdue(&client, "fulfilment").await.unwrap();
+    assert_eq!(overdue.count, 101);
+    let (oldest, _) = overdue.oldest.unwrap();
+    assert_ne!(oldest.to_string(), id);
 }
 
 /// Charges like the simulator; every refund fails.
@@ -861,7 +867,6 @@ async fn a_check_between_batches_that_keeps_failing_does_not_hold_up_the_events(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
-    use orderly_command_api::saga::maintenance;
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 10).await;
     let poisoned = place(&api, "alice", "TEA", 1, "tok_ok").await.id;

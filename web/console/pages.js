@@ -516,13 +516,16 @@ function saga(main, { notify }) {
   async function refresh() {
     try {
       const { data } = await gql(`{
-        sagaStatus { name members parked inFlight lanes { lane owner generation checkpoint caughtUp behindSeconds } }
+        sagaStatus { name members parked inFlight overdue oldestOverdueOrderId lanes { lane owner generation checkpoint caughtUp behindSeconds } }
         sagaParkedEvents { eventId orderId stream type error attempts parkedAt retryRequestedAt }
         outboxDeadLetters { outboxId orderId kind attempts lastError deadLetteredAt } }`);
       const status = data.sagaStatus;
       const members = status.members.length ? status.members.join(', ') : 'none running';
       summary.textContent = `Saga ${status.name}: ${status.lanes.length} lanes; members: ${members}; `
         + `${status.inFlight} instance(s) in flight; ${status.parked} parked event(s); `
+        + (status.overdue > 0
+          ? `${status.overdue} deadline(s) overdue (oldest: order ${status.oldestOverdueOrderId}; the saga's log names the error); `
+          : '')
         + `${data.outboxDeadLetters.length} outbox dead letter(s).`;
       lanes.replaceChildren(...(status.lanes.length ? status.lanes.map((lane) => h('tr', { 'data-lane': lane.lane },
         h('td', { class: 'num' }, lane.lane),

@@ -216,6 +216,41 @@ pub async fn in_flight(client: &Client, saga_name: &str) -> Result<i64, CommandE
     Ok(row.get(0))
 }
 
+/// How long past its deadline a saga instance counts as overdue: a lane handles its due
+/// deadlines within a tick (a second by default), so this long means its tick keeps failing
+/// (a state that does not decode, a command refused for good) or no process serves its lane.
+pub const OVERDUE_AFTER: Duration = Duration::from_secs(60);
+
+/// The deadlines of a saga that are overdue (see [`OVERDUE_AFTER`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Overdue {
+    pub count: i64,
+    /// The order longest overdue, and its deadline: the runner's log names its cause.
+    pub oldest: Option<(Uuid, DateTime<Utc>)>,
+}
+
+/// The deadlines of saga `saga_name` more than [`OVERDUE_AFTER`] past.
+pub async fn overdue(client: &Client, saga_name: &str) -> Result<Overdue, CommandError> {
+    let rows = client
+        .query(
+            "select count(*) over (), order_id, due_at from saga_states
+             where saga_name = $1 and due_at < now() - make_interval(secs => $2)
+             order by due_at limit 1",
+            &[&saga_name, &OVERDUE_AFTER.as_secs_f64()],
+        )
+        .await?;
+    Ok(rows.first().map_or(
+        Overdue {
+            count: 0,
+            oldest: None,
+        },
+        |row| Overdue {
+            count: row.get(0),
+            oldest: Some((row.get(1), row.get(2))),
+        },
+    ))
+}
+
 /// One event a saga step failed on for good, waiting for an operator.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParkedEvent {

@@ -523,10 +523,10 @@ impl SagaRunner {
 
 impl SagaRunner {
     /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase
-    /// (0 when empty) and `orderly_saga_parked`, counted in the database by the phase stored
-    /// with each state (see [`open_instances`]).
+    /// (0 when empty), counted in the database by the phase stored with each state (see
+    /// [`open_instances`]), `orderly_saga_parked` and `orderly_saga_deadlines_overdue`.
     async fn census(&self) -> Result<(), CommandError> {
-        let (phases, parked) = {
+        let (phases, parked, overdue) = {
             let client = self.pool.get().await?;
             let phases = open_instances(&client, &self.config.name, Utc::now()).await?;
             let parked: i64 = client
@@ -536,7 +536,8 @@ impl SagaRunner {
                 )
                 .await?
                 .get(0);
-            (phases, parked)
+            let overdue = maintenance::overdue(&client, &self.config.name).await?;
+            (phases, parked, overdue)
         };
         for phase in Phase::OPEN {
             let (count, oldest) = phases.get(&phase).copied().unwrap_or_default();
@@ -545,6 +546,7 @@ impl SagaRunner {
                 .set(oldest);
         }
         metrics::gauge!("orderly_saga_parked").set(parked as f64);
+        metrics::gauge!("orderly_saga_deadlines_overdue").set(overdue.count as f64);
         Ok(())
     }
 }
