@@ -297,8 +297,6 @@ struct OrderFacts {
 /// Facts from the payment stream; each only ever grows, so arrival order does not matter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct PaymentFacts {
-    /// Highest attempt requested.
-    requested: u32,
     /// Highest attempt that failed transiently.
     failed: u32,
     charged: Option<GatewayReference>,
@@ -310,7 +308,10 @@ struct PaymentFacts {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Sent {
     stock_reserved: bool,
-    /// Highest charge attempt requested; the next retry is this + 1.
+    /// Highest charge attempt requested; the next retry is this + 1. A request seen in the
+    /// payment stream counts too (a state rebuilt from the log), so this is also the highest
+    /// attempt the log holds: the saga appends a request before it stores that it sent it.
+    /// Older stored states also hold a copy of it (`payment.requested`), ignored when read.
     charge_attempt: u32,
     paid: bool,
     confirmed: bool,
@@ -475,7 +476,7 @@ impl FulfilmentState {
                 .values()
                 .all(|line| line.stock != Stock::Reserved);
         let money_settled = self.payment.charged.is_none() || self.payment.refunded;
-        let payment_quiet = self.payment.requested <= self.payment.failed
+        let payment_quiet = self.sent.charge_attempt <= self.payment.failed
             || self.payment.charged.is_some()
             || self.payment.declined;
         let delivered =
@@ -542,7 +543,7 @@ impl FulfilmentState {
             Phase::Shipping
         } else if self.sent.confirmed || self.payment.charged.is_some() {
             Phase::AwaitingShipment
-        } else if self.sent.charge_attempt > 0 || self.payment.requested > 0 {
+        } else if self.sent.charge_attempt > 0 {
             Phase::AwaitingPayment
         } else {
             Phase::Reserving
@@ -720,8 +721,8 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
     let payment = &mut state.payment;
     match event {
         PaymentEvent::PaymentChargeRequested(requested) => {
-            payment.requested = payment.requested.max(requested.attempt);
-            // Rebuilding from the log: the request is proof it was sent.
+            // Rebuilding from the log: the request is proof it was sent. The saga's own
+            // request echoed back changes nothing (its deadline is the one set when sending).
             state.sent.charge_attempt = state.sent.charge_attempt.max(requested.attempt);
             if requested.attempt == 1 {
                 state.payment_due_at =
@@ -785,8 +786,8 @@ fn failure(state: &FulfilmentState) -> Option<&'static str> {
 /// that attempt and records a charge it finds; the compensation below refunds it like any
 /// charge that arrives after the cancel.
 fn charge_may_have_succeeded(state: &FulfilmentState) -> bool {
-    let requested = state.sent.charge_attempt.max(state.payment.requested);
-    state.payment.charged.is_some() || (!state.payment.declined && state.payment.failed < requested)
+    state.payment.charged.is_some()
+        || (!state.payment.declined && state.payment.failed < state.sent.charge_attempt)
 }
 
 /// Every command the facts call for that has not been sent yet, marking each as sent: a
@@ -1688,14 +1689,14 @@ mod tests {
             assert_ne!(&after, before, "the clock moved");
             assert!(after.same_apart_from_clock(before));
         }
-        // Every fact, send or deadline counts.
+        // The charge request comes back with the time it was sent at, and so its deadline.
+        let requested = evolve(all_reserved.clone(), &charge_requested(1, 1).input());
+        assert!(requested.same_apart_from_clock(&all_reserved));
+        // Every fact, send or deadline counts; a request the saga had not sent too.
         let moves: [(Vec<Step>, Step); 5] = [
             (vec![placed()], reserved(tea(), 2)),
             (vec![placed(), reserved(tea(), 2)], reserved(mug(), 1)),
-            (
-                vec![placed(), reserved(tea(), 2), reserved(mug(), 1)],
-                charge_requested(1, 1),
-            ),
+            (vec![placed()], charge_requested(1, 1)),
             (awaiting_payment(), charged(2)),
             (awaiting_payment(), failed(1, 2)),
         ];
@@ -1707,6 +1708,17 @@ mod tests {
         let waiting = folded(&awaiting_payment());
         let later = evolve(waiting.clone(), &tick(2).input());
         assert!(later.same_apart_from_clock(&waiting));
+    }
+
+    #[test]
+    fn a_state_stored_with_the_old_copy_of_the_requested_attempt_reads_the_same() {
+        let state = given(awaiting_payment()).when(failed(1, 2)).then_nothing();
+        let mut json = serde_json::to_value(&state).unwrap();
+        json["payment"]["requested"] = serde_json::json!(1);
+        assert_eq!(
+            serde_json::from_value::<FulfilmentState>(json).unwrap(),
+            state
+        );
     }
 
     #[test]
