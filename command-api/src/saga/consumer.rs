@@ -831,8 +831,9 @@ impl SagaRunner {
         })
     }
 
-    /// What each of `skus` holds for the order now, read from its stream (not the cache,
-    /// which may predate the reservation); a product with no answer for the order is left out.
+    /// What each of `skus` holds for the order now: its stream read to the end (a cached
+    /// state alone may predate the reservation); a product with no answer for the order is
+    /// left out.
     async fn holds(
         &self,
         order_id: OrderId,
