@@ -18,7 +18,13 @@
 //! - hot: as many orders from as many customers, all of one unit of the same product (an order
 //!   names a SKU at most once, so one line);
 //! - paced: `paced_orders` orders of the burst's kind sent open loop at `--rate` per second
-//!   (default: half the burst's placed/s), for latency under a load below the maximum.
+//!   (default: half the burst's placed/s), for latency under a load below the maximum;
+//! - backlog (not run unless asked for): the burst's orders placed while no saga runs
+//!   (`orderly command-api` and `orderly projections run` instead of `orderly serve`), then,
+//!   longer than the payment deadline later, one `orderly saga run` started: how fast a saga
+//!   back from an outage catches up, and whether every order still confirms. The payment
+//!   deadline is shortened to [`BACKLOG_PAYMENT_DEADLINE`] for it; its settled/s counts from
+//!   the saga's start, its latencies from each acknowledgement (the outage included).
 //!
 //! Measured per scenario, from the moment the first placement is sent:
 //! - placed/s: acknowledged placeOrder over the time to the last acknowledgement;
@@ -108,7 +114,7 @@ pub struct Args {
     #[arg(long)]
     orderly_bin: Option<PathBuf>,
     /// `orderly saga run` processes to start beside `orderly serve` (whose own saga runner
-    /// keeps running: no setting switches it off).
+    /// keeps running: no setting switches it off); the backlog scenario always starts one.
     #[arg(long, default_value_t = 0)]
     saga_processes: usize,
 }
@@ -118,6 +124,7 @@ enum Kind {
     Burst,
     Hot,
     Paced,
+    Backlog,
 }
 
 impl Kind {
@@ -126,9 +133,18 @@ impl Kind {
             Self::Burst => "burst",
             Self::Hot => "hot SKU",
             Self::Paced => "paced",
+            Self::Backlog => "backlog",
         }
     }
 }
+
+/// The payment deadline of the backlog scenario: short, so that the outage can outlast it
+/// in seconds, and long enough for a healthy charge under the catch-up's load.
+const BACKLOG_PAYMENT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long after the last placement of the backlog scenario the saga starts: past the
+/// payment deadline of every order.
+const BACKLOG_OUTAGE: Duration = Duration::from_secs(12);
 
 /// Units of every product: no order is refused for stock.
 const STOCK: i64 = 1_000_000;
@@ -213,12 +229,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut reports: Vec<Report> = Vec::new();
-    for kind in [Kind::Burst, Kind::Hot, Kind::Paced] {
+    for kind in [Kind::Burst, Kind::Hot, Kind::Paced, Kind::Backlog] {
         if !args.scenarios.contains(&kind) {
             continue;
         }
         let plan = match kind {
-            Kind::Burst => Plan {
+            Kind::Burst | Kind::Backlog => Plan {
                 kind,
                 orders: args.orders,
                 skus: args.skus,
@@ -321,6 +337,8 @@ struct Report {
     peak_rss_kib: Vec<(String, u64)>,
     /// From the first placement to the last settlement.
     cpu: Cpu,
+    /// When the saga was started, in the backlog scenario.
+    saga_started: Option<Instant>,
 }
 
 /// CPU time of the parts of a scenario; `None` where it could not be read (a process gone,
@@ -368,8 +386,10 @@ impl Report {
         rate(self.placed.acknowledged, self.placed.last_ack, self.started)
     }
 
+    /// From the first placement, or in the backlog scenario from the saga's start.
     fn settled_per_sec(&self) -> f64 {
-        rate(self.settled.count(), self.settled.last, self.started)
+        let from = self.saga_started.unwrap_or(self.started);
+        rate(self.settled.count(), self.settled.last, from)
     }
 
     /// The scenario, with its pace when it has one.
@@ -409,7 +429,15 @@ async fn scenario(
     http: &reqwest::Client,
     plan: &Plan,
 ) -> anyhow::Result<Report> {
-    let mut service = Service::start(bin, args.saga_processes, http).await?;
+    let backlog = plan.kind == Kind::Backlog;
+    let topology = if backlog {
+        Topology::SagaLater
+    } else {
+        Topology::Serve {
+            saga_processes: args.saga_processes,
+        }
+    };
+    let mut service = Service::start(bin, topology, http).await?;
     let graphql = format!("{}/graphql", service.base);
     let issuer = place_order::issuer()?;
     let admin = issuer.issue("bench-admin", &[Role::Admin], TOKEN_TTL)?;
@@ -478,6 +506,12 @@ async fn scenario(
             placed.first_error.as_deref().unwrap_or("none")
         );
     }
+    let mut saga_started = None;
+    if backlog {
+        tokio::time::sleep(BACKLOG_OUTAGE).await;
+        saga_started = Some(Instant::now());
+        service.start_saga(bin, http).await?;
+    }
     let settled = service.supervise(&mut follower).await??;
     let cpu = Cpu::now(&service, postgres.as_ref()).since(cpu_before);
     let unsettled = pending.lock().map_err(|_| anyhow!("poisoned"))?.len();
@@ -502,6 +536,7 @@ async fn scenario(
         counted_over,
         peak_rss_kib,
         cpu,
+        saga_started,
     })
 }
 
@@ -806,34 +841,51 @@ async fn follow(
     Ok(settled)
 }
 
-/// `orderly serve`, the saga processes beside it, and their database. Dropping it stops the
-/// processes (SIGTERM, then SIGKILL) and then drops the database.
+/// Which processes a scenario runs.
+#[derive(Clone, Copy)]
+enum Topology {
+    /// `orderly serve`, and this many `orderly saga run` beside it.
+    Serve { saga_processes: usize },
+    /// `orderly command-api` and `orderly projections run`, and no saga until
+    /// [`Service::start_saga`]; every process with [`BACKLOG_PAYMENT_DEADLINE`].
+    SagaLater,
+}
+
+/// `orderly serve` (or the command API and the projections), the saga processes beside it,
+/// and their database. Dropping it stops the processes (SIGTERM, then SIGKILL) and then drops
+/// the database.
 struct Service {
-    /// `orderly serve` first. Declared before `db`: fields drop in order, and the database is
-    /// dropped only once nothing is connected to it.
+    /// The process serving placeOrder first. Declared before `db`: fields drop in order, and
+    /// the database is dropped only once nothing is connected to it.
     processes: Vec<Process>,
     db: TestDb,
-    /// `http://127.0.0.1:<port>` of `orderly serve`.
+    /// `http://127.0.0.1:<port>` of the process serving placeOrder.
     base: String,
     /// `/metrics` of every process: conflicts count wherever a command handler runs.
     metrics: Vec<String>,
+    /// Settings of this scenario beyond [`orderly`]'s, for every process.
+    settings: Vec<(&'static str, String)>,
 }
 
 impl Service {
-    async fn start(
-        bin: &Path,
-        saga_processes: usize,
-        http: &reqwest::Client,
-    ) -> anyhow::Result<Self> {
+    async fn start(bin: &Path, topology: Topology, http: &reqwest::Client) -> anyhow::Result<Self> {
         // An empty template: the database is migrated by `orderly migrate`, as an operator would.
         let db = TestDb::create("bench-fulfil-empty", "empty", |_| async { Ok(()) })
             .await
             .map_err(|e| anyhow!("cannot create the benchmark database: {e}"))?;
+        let settings = match topology {
+            Topology::Serve { .. } => Vec::new(),
+            Topology::SagaLater => vec![(
+                "ORDERLY_PAYMENT_DEADLINE_SECS",
+                BACKLOG_PAYMENT_DEADLINE.as_secs().to_string(),
+            )],
+        };
         let mut service = Self {
             processes: Vec::new(),
             db,
             base: String::new(),
             metrics: Vec::new(),
+            settings,
         };
         let mut migrate = orderly(bin, service.db.url(), 0);
         migrate.arg("migrate");
@@ -844,26 +896,51 @@ impl Service {
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
-        for i in 0..=saga_processes {
-            let port = free_port()?;
-            let mut command = orderly(bin, service.db.url(), port);
-            let name = if i == 0 {
-                command.arg("serve");
-                "orderly serve".to_owned()
-            } else {
-                command.args(["saga", "run"]);
-                format!("orderly saga run #{i}")
-            };
-            let log = std::env::temp_dir().join(format!("{}-{i}.log", service.db.name()));
-            service.processes.push(Process::spawn(command, name, log)?);
-            let base = format!("http://127.0.0.1:{port}");
-            service.wait_ready(http, &base, i).await?;
-            service.metrics.push(format!("{base}/metrics"));
-            if i == 0 {
-                service.base = base;
-            }
+        let parts: Vec<&[&str]> = match topology {
+            Topology::Serve { saga_processes } => std::iter::once(&["serve"][..])
+                .chain(std::iter::repeat_n(&["saga", "run"][..], saga_processes))
+                .collect(),
+            Topology::SagaLater => vec![&["command-api"], &["projections", "run"]],
+        };
+        for part in parts {
+            service.spawn(bin, http, part).await?;
         }
         Ok(service)
+    }
+
+    /// One `orderly saga run` more.
+    async fn start_saga(&mut self, bin: &Path, http: &reqwest::Client) -> anyhow::Result<()> {
+        self.spawn(bin, http, &["saga", "run"]).await
+    }
+
+    /// `orderly <args>` on a free port, once it is ready; the first one serves placeOrder.
+    async fn spawn(
+        &mut self,
+        bin: &Path,
+        http: &reqwest::Client,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
+        let i = self.processes.len();
+        let port = free_port()?;
+        let mut command = orderly(bin, self.db.url(), port);
+        command.args(args);
+        for (key, value) in &self.settings {
+            command.env(key, value);
+        }
+        let mut name = format!("orderly {}", args.join(" "));
+        if args == ["saga", "run"] {
+            let sagas = self.processes.iter().filter(|p| p.name.starts_with(&name));
+            name = format!("{name} #{}", sagas.count() + 1);
+        }
+        let log = std::env::temp_dir().join(format!("{}-{i}.log", self.db.name()));
+        self.processes.push(Process::spawn(command, name, log)?);
+        let base = format!("http://127.0.0.1:{port}");
+        self.wait_ready(http, &base, i).await?;
+        self.metrics.push(format!("{base}/metrics"));
+        if i == 0 {
+            self.base = base;
+        }
+        Ok(())
     }
 
     async fn wait_ready(
@@ -1201,8 +1278,28 @@ fn print_reports(reports: &[Report], append_rate: f64) {
     );
     row(
         "peak RSS of orderly serve < 300 MB (largest over the scenarios)",
-        reports.iter().map(Report::serve_rss_mb).reduce(f64::max),
+        reports
+            .iter()
+            .filter(|r| r.kind != Kind::Backlog)
+            .map(Report::serve_rss_mb)
+            .reduce(f64::max),
         |v| v < 300.0,
         " MB",
     );
+    if let Some(r) = find(Kind::Backlog) {
+        row(
+            "backlog: share of the orders CONFIRMED (not cancelled for the outage)",
+            Some(r.settled.confirmed as f64 / r.orders.max(1) as f64),
+            |v| v >= 1.0,
+            "",
+        );
+        println!(
+            "\nBacklog: the orders were placed while no saga ran; one `orderly saga run` started \
+             {} s after the last placement, past the payment deadline ({} s) of every order. \
+             Its settled/s counts from that start (catch-up rate); its latencies run from each \
+             order's acknowledgement, the outage included.",
+            BACKLOG_OUTAGE.as_secs(),
+            BACKLOG_PAYMENT_DEADLINE.as_secs()
+        );
+    }
 }
