@@ -21,10 +21,11 @@
 //!   (default: half the burst's placed/s), for latency under a load below the maximum;
 //! - backlog (not run unless asked for): the burst's orders placed while no saga runs
 //!   (`orderly command-api` and `orderly projections run` instead of `orderly serve`), then,
-//!   longer than the payment deadline later, one `orderly saga run` started: how fast a saga
-//!   back from an outage catches up, and whether every order still confirms. The payment
-//!   deadline is shortened to [`BACKLOG_PAYMENT_DEADLINE`] for it; its settled/s counts from
-//!   the saga's start, its latencies from each acknowledgement (the outage included).
+//!   longer than the saga's deadlines later, one `orderly saga run` started: how fast a saga
+//!   back from an outage catches up, and whether every order still confirms. The deadlines are
+//!   shortened for it ([`BACKLOG_PAYMENT_DEADLINE`], [`BACKLOG_STOCK_DEADLINE`]); its
+//!   settled/s counts from the saga's start, its latencies from each acknowledgement (the
+//!   outage included).
 //!
 //! Measured per scenario, from the moment the first placement is sent:
 //! - placed/s: acknowledged placeOrder over the time to the last acknowledgement;
@@ -141,6 +142,11 @@ impl Kind {
 /// The payment deadline of the backlog scenario: short, so that the outage can outlast it
 /// in seconds, and long enough for a healthy charge under the catch-up's load.
 const BACKLOG_PAYMENT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The stock deadline of the backlog scenario: passed too when the saga starts, so that it
+/// reads the answers to the reservations it sends from the products as often as its ticks
+/// come before their events.
+const BACKLOG_STOCK_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long after the last placement of the backlog scenario the saga starts: past the
 /// payment deadline of every order.
@@ -847,7 +853,8 @@ enum Topology {
     /// `orderly serve`, and this many `orderly saga run` beside it.
     Serve { saga_processes: usize },
     /// `orderly command-api` and `orderly projections run`, and no saga until
-    /// [`Service::start_saga`]; every process with [`BACKLOG_PAYMENT_DEADLINE`].
+    /// [`Service::start_saga`]; every process with [`BACKLOG_PAYMENT_DEADLINE`] and
+    /// [`BACKLOG_STOCK_DEADLINE`].
     SagaLater,
 }
 
@@ -875,10 +882,16 @@ impl Service {
             .map_err(|e| anyhow!("cannot create the benchmark database: {e}"))?;
         let settings = match topology {
             Topology::Serve { .. } => Vec::new(),
-            Topology::SagaLater => vec![(
-                "ORDERLY_PAYMENT_DEADLINE_SECS",
-                BACKLOG_PAYMENT_DEADLINE.as_secs().to_string(),
-            )],
+            Topology::SagaLater => vec![
+                (
+                    "ORDERLY_PAYMENT_DEADLINE_SECS",
+                    BACKLOG_PAYMENT_DEADLINE.as_secs().to_string(),
+                ),
+                (
+                    "ORDERLY_SAGA_STOCK_DEADLINE_SECS",
+                    BACKLOG_STOCK_DEADLINE.as_secs().to_string(),
+                ),
+            ],
         };
         let mut service = Self {
             processes: Vec::new(),
@@ -1295,11 +1308,12 @@ fn print_reports(reports: &[Report], append_rate: f64) {
         );
         println!(
             "\nBacklog: the orders were placed while no saga ran; one `orderly saga run` started \
-             {} s after the last placement, past the payment deadline ({} s) of every order. \
-             Its settled/s counts from that start (catch-up rate); its latencies run from each \
-             order's acknowledgement, the outage included.",
+             {} s after the last placement, past the payment and stock deadlines ({} s, {} s) \
+             of every order. Its settled/s counts from that start (catch-up rate); its \
+             latencies run from each order's acknowledgement, the outage included.",
             BACKLOG_OUTAGE.as_secs(),
-            BACKLOG_PAYMENT_DEADLINE.as_secs()
+            BACKLOG_PAYMENT_DEADLINE.as_secs(),
+            BACKLOG_STOCK_DEADLINE.as_secs()
         );
     }
 }
