@@ -21,7 +21,7 @@
 //!   (default: half the burst's placed/s), for latency under a load below the maximum;
 //! - backlog (not run unless asked for): the burst's orders placed while no saga runs
 //!   (`orderly command-api` and `orderly projections run` instead of `orderly serve`), then,
-//!   longer than the saga's deadlines later, one `orderly saga run` started: how fast a saga
+//!   longer than the payment deadline later, one `orderly saga run` started: how fast a saga
 //!   back from an outage catches up, and whether every order still confirms. The deadlines are
 //!   shortened for it ([`BACKLOG_PAYMENT_DEADLINE`], [`BACKLOG_STOCK_DEADLINE`]); its
 //!   settled/s counts from the saga's start, its latencies from each acknowledgement (the
@@ -143,9 +143,9 @@ impl Kind {
 /// in seconds, and long enough for a healthy charge under the catch-up's load.
 const BACKLOG_PAYMENT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The stock deadline of the backlog scenario: passed too when the saga starts, so that it
-/// reads the answers to the reservations it sends from the products as often as its ticks
-/// come before their events.
+/// The stock deadline of the backlog scenario, as short as the payment deadline's: it runs
+/// from the sending of the reservations, and an order whose answers the catching-up saga
+/// reaches later than this has them read from the products instead.
 const BACKLOG_STOCK_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long after the last placement of the backlog scenario the saga starts: past the
@@ -1308,8 +1308,8 @@ fn print_reports(reports: &[Report], append_rate: f64) {
         );
         println!(
             "\nBacklog: the orders were placed while no saga ran; one `orderly saga run` started \
-             {} s after the last placement, past the payment and stock deadlines ({} s, {} s) \
-             of every order. Its settled/s counts from that start (catch-up rate); its \
+             {} s after the last placement, longer than the payment deadline ({} s; the stock \
+             deadline: {} s). Its settled/s counts from that start (catch-up rate); its \
              latencies run from each order's acknowledgement, the outage included.",
             BACKLOG_OUTAGE.as_secs(),
             BACKLOG_PAYMENT_DEADLINE.as_secs(),

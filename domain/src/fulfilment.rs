@@ -74,12 +74,10 @@ use crate::values::{
 /// How long after the first charge request the order may stay unpaid before it is cancelled.
 pub const PAYMENT_DEADLINE: TimeDelta = TimeDelta::minutes(15);
 
-/// How long after placement the saga waits for the products' answers to its reservations
-/// before it asks the products itself (see [`SagaInput::StockChecked`]). Answers take
-/// milliseconds; this is for an answer the saga will not see by itself (its step parked, or
-/// skipped by an operator). A saga catching up on orders placed longer ago than this (after
-/// an outage) reads their answers from the products as well: the same outcome, one stream
-/// read more per order.
+/// How long after sending its reservations (at placement, or whenever a saga catching up
+/// handles it) the saga waits for the products' answers before it asks the products itself
+/// (see [`SagaInput::StockChecked`]). Answers take milliseconds; this is for an answer the
+/// saga will not see by itself (its step parked, or skipped by an operator).
 pub const STOCK_DEADLINE: TimeDelta = TimeDelta::minutes(5);
 
 /// How long after a transient failure the next charge attempt is requested, before the growth
@@ -331,7 +329,9 @@ pub struct FulfilmentState {
     sent: Sent,
     payment_due_at: Option<DateTime<Utc>>,
     retry_due_at: Option<DateTime<Utc>>,
-    /// When the runner asks the products for answers not seen yet; from placement.
+    /// When the runner asks the products for answers not seen yet: from when the
+    /// reservations were sent, and only while one is unanswered (a state rebuilt from the log
+    /// agrees once they are all answered, whenever they were sent).
     #[serde(default)]
     stock_due_at: Option<DateTime<Utc>>,
     /// The products were asked at or after `stock_due_at`: a line still unanswered then was
@@ -623,6 +623,9 @@ fn step_inner(
         return (state, Vec::new());
     }
     let commands = plan(&mut state, handled_at);
+    if !state.stock_unanswered() {
+        state.stock_due_at = None;
+    }
     (state, commands)
 }
 
@@ -666,7 +669,6 @@ fn observe_order(state: &mut FulfilmentState, event: &OrderEvent) -> Option<Date
             for line in &placed.lines {
                 state.lines.entry(line.sku.clone()).or_default().quantity = Some(line.quantity);
             }
-            state.stock_due_at = Some(placed.placed_at + state.timing.stock_deadline());
             Some(placed.placed_at)
         }
         // The saga sent these itself; it acts on the facts behind them, not on the echo.
@@ -892,11 +894,15 @@ impl Plan<'_> {
         }
     }
 
-    /// Every line's stock is reserved once; when all are, the order is told so.
+    /// Every line's stock is reserved once (which starts the stock deadline); when all are,
+    /// the order is told so.
     fn reserve(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
         for (sku, line) in &mut state.lines {
             if let (Some(quantity), false) = (line.quantity, line.reserve_sent) {
                 line.reserve_sent = true;
+                state
+                    .stock_due_at
+                    .get_or_insert(self.at + state.timing.stock_deadline());
                 commands.push(Command::Product {
                     sku: sku.clone(),
                     command: ProductCommand::ReserveStock {
@@ -1423,7 +1429,8 @@ mod tests {
         }
     }
 
-    /// Minutes after placement at which the stock deadline passes.
+    /// Minutes after placement (and sending the reservations) at which the stock deadline
+    /// passes.
     const STOCK_DUE: i64 = STOCK_DEADLINE.num_minutes();
 
     #[test]
@@ -1490,6 +1497,28 @@ mod tests {
         assert!(asked.is_settled());
         assert_eq!(asked.next_due_at(), None);
         assert!(asked.stock_to_check(at(STOCK_DUE + 1)).is_empty());
+    }
+
+    #[test]
+    fn the_stock_deadline_runs_from_when_the_reservations_are_sent() {
+        let (reserving, commands) =
+            super::step_at(FulfilmentState::default(), &placed().input(), at(60));
+        assert_eq!(commands, [reserve(mug(), 1, 60), reserve(tea(), 2, 60)]);
+        assert_eq!(reserving.next_due_at(), Some(at(60) + STOCK_DEADLINE));
+    }
+
+    #[test]
+    fn a_state_handled_late_equals_one_rebuilt_from_the_log_once_its_stock_is_answered() {
+        let log = [
+            placed(),
+            reserved(tea(), 2),
+            reserved(mug(), 1),
+            charge_requested(1, 60),
+        ];
+        let stored = log.iter().fold(FulfilmentState::default(), |state, step| {
+            super::step_at(state, &step.input(), at(60)).0
+        });
+        assert!(stored.same_apart_from_clock(&folded(&log)));
     }
 
     #[test]

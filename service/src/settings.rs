@@ -223,7 +223,7 @@ pub struct SagaSettings {
     /// server's `max_connections` beside the APIs.
     #[serde(rename = "saga_pool_size")]
     pub pool_size: usize,
-    /// How long after placement the saga waits for the products to answer its reservations
+    /// How long after sending its reservations the saga waits for the products to answer
     /// before it reads their answers itself, and cancels an order that has none.
     #[serde(rename = "saga_stock_deadline_secs", deserialize_with = "unit::secs")]
     pub stock_deadline: Duration,

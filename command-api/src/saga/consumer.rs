@@ -235,9 +235,9 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 
 /// Why an event was set aside for an operator (`orderly saga parked list` shows it as text).
 /// The order's deadlines still settle an instance left waiting by it, unless an operator
-/// retries the event first: at the stock deadline (from placement) the saga reads the answers
-/// to its reservations from the products, at the payment deadline (from the first charge
-/// request) the payment from its stream, and goes on or cancels. A parked `OrderPlaced`
+/// retries the event first: at the stock deadline (from the reservations' sending) the saga
+/// reads the answers to its reservations from the products, at the payment deadline (from the
+/// first charge request) the payment from its stream, and goes on or cancels. A parked `OrderPlaced`
 /// leaves no state, hence no deadline: that order waits for an operator, as does a fact no
 /// deadline reads (a customer's cancel, say).
 #[derive(Debug, Clone, thiserror::Error)]
