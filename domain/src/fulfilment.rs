@@ -1576,6 +1576,32 @@ mod tests {
     }
 
     #[test]
+    fn a_cancelled_order_waits_for_the_answer_to_a_charge_it_sent_before_it_is_settled() {
+        let released = |sku: Sku, quantity: u32| -> Step {
+            StockReservationReleased {
+                sku,
+                order_id: order_id(ORDER),
+                quantity: qty(quantity),
+                released_at: at(6),
+            }
+            .into()
+        };
+        // The charge was sent when the stock was reserved; its request is not seen yet.
+        let history = [
+            placed(),
+            reserved(tea(), 2),
+            reserved(mug(), 1),
+            cancelled_by_customer(5),
+            released(tea(), 2),
+            released(mug(), 1),
+        ];
+        let given_back = folded(&history);
+        assert!(!given_back.is_settled(), "a charge may still go through");
+        let answered = evolve(given_back, &failed(1, 7).input());
+        assert!(answered.is_settled());
+    }
+
+    #[test]
     fn a_customer_cancel_after_payment_refunds_and_releases() {
         given(awaiting_payment_and([charged(2)]))
             .when(cancelled_by_customer(5))
