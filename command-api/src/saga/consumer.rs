@@ -237,9 +237,9 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 /// The order's deadlines still settle an instance left waiting by it, unless an operator
 /// retries the event first: at the stock deadline (from the reservations' sending) the saga
 /// reads the answers to its reservations from the products, at the payment deadline (from the
-/// first charge request) the payment from its stream, and goes on or cancels. A parked `OrderPlaced`
-/// leaves no state, hence no deadline: that order waits for an operator, as does a fact no
-/// deadline reads (a customer's cancel, say).
+/// first charge request) the payment from its stream, and goes on or cancels. A parked
+/// `OrderPlaced` leaves no state, hence no deadline: that order waits for an operator, as does
+/// a fact no deadline reads (a customer's cancel, say).
 #[derive(Debug, Clone, thiserror::Error)]
 enum ParkReason {
     /// Its payload does not decode.
