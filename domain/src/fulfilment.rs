@@ -614,6 +614,54 @@ pub fn step_at(
     step_inner(state, input, Some(handled_at))
 }
 
+/// The state to keep when the step of `input` failed for good and its event was parked: the
+/// state as it was, so the facts can be fed again (an operator's retry) and a deadline already
+/// running reads what the step may have done. Except after the order's `OrderPlaced`, whose
+/// state before was empty, with no deadline to settle the order: the placement is kept with
+/// its reservations counted as sent (some may have been, before the failure), so the stock
+/// deadline asks the products. The order goes on if every product holds its line, and is
+/// cancelled "stock not reserved in time", with what is held given back, if one does not.
+pub fn parked(
+    state: FulfilmentState,
+    input: &SagaInput<'_>,
+    handled_at: DateTime<Utc>,
+) -> FulfilmentState {
+    if state.placed.is_none() && placement(input) {
+        step_at(state, input, handled_at).0
+    } else {
+        state
+    }
+}
+
+/// [`step_at`] for an operator's retry of a parked event. A retried `OrderPlaced` sends its
+/// reservations again while one is unanswered: its first step may have failed before sending
+/// it ([`parked`] counted it as sent). All of them, as the first step did, so each command
+/// keeps its place in the step and with it its id (ids follow the causing event and the
+/// place): a reservation that went through the first time is not written twice, and a
+/// product answers one it holds already with nothing new. Not once a charge was requested or
+/// the products were asked at the stock deadline (every line was answered then, one way or
+/// the other), nor while cancelling.
+pub fn step_retried(
+    mut state: FulfilmentState,
+    input: &SagaInput<'_>,
+    handled_at: DateTime<Utc>,
+) -> (FulfilmentState, Vec<Command>) {
+    let cancelling = state.order.cancelled || state.sent.cancel;
+    if placement(input) && state.awaiting_stock() && !cancelling {
+        for line in state.lines.values_mut() {
+            line.reserve_sent = false;
+        }
+    }
+    step_at(state, input, handled_at)
+}
+
+fn placement(input: &SagaInput<'_>) -> bool {
+    matches!(
+        input,
+        SagaInput::Event(Event::Order(OrderEvent::OrderPlaced(_)))
+    )
+}
+
 fn step_inner(
     mut state: FulfilmentState,
     input: &SagaInput<'_>,
@@ -1505,6 +1553,64 @@ mod tests {
             super::step_at(FulfilmentState::default(), &placed().input(), at(60));
         assert_eq!(commands, [reserve(mug(), 1, 60), reserve(tea(), 2, 60)]);
         assert_eq!(reserving.next_due_at(), Some(at(60) + STOCK_DEADLINE));
+    }
+
+    #[test]
+    fn a_placement_whose_step_failed_waits_for_the_stock_deadline_as_if_it_had_reserved() {
+        let parked = given([]).when(placed().parked_at(at(0))).then_nothing();
+        assert_eq!(parked.next_due_at(), Some(at(STOCK_DUE)));
+        assert!(!parked.is_settled());
+        assert_eq!(parked.stock_to_check(at(STOCK_DUE)), vec![mug(), tea()]);
+    }
+
+    #[test]
+    fn a_placement_whose_step_failed_is_cancelled_at_the_stock_deadline_if_a_line_is_not_held() {
+        given([placed().parked_at(at(0))])
+            .when(stock_checked(STOCK_DUE, [(mug(), held(1))]))
+            .then([
+                cancel("stock not reserved in time", STOCK_DUE),
+                release(mug(), STOCK_DUE),
+            ]);
+    }
+
+    #[test]
+    fn a_placement_whose_step_failed_goes_on_at_the_stock_deadline_if_every_line_is_held() {
+        given([placed().parked_at(at(0))])
+            .when(stock_checked(
+                STOCK_DUE,
+                [(mug(), held(1)), (tea(), held(2))],
+            ))
+            .then([
+                order(OrderCommand::MarkStockReserved {
+                    stock_reserved_at: at(STOCK_DUE),
+                }),
+                request_charge(1, STOCK_DUE),
+            ]);
+    }
+
+    #[test]
+    fn a_retried_placement_sends_its_reservations_again_while_one_is_unanswered() {
+        // The mug's again too, in its place: its product holds it already and decides nothing.
+        given([placed().parked_at(at(0)), reserved(mug(), 1)])
+            .when(placed().retried_at(at(3)))
+            .then([reserve(mug(), 1, 3), reserve(tea(), 2, 3)]);
+        // Answered, charged for, or being cancelled: nothing to send again.
+        given(awaiting_payment())
+            .when(placed().retried_at(at(3)))
+            .then_nothing();
+        given([placed(), reserved(mug(), 1), cancelled_by_customer(2)])
+            .when(placed().retried_at(at(3)))
+            .then_nothing();
+        given([placed(), stock_checked(STOCK_DUE, [(mug(), held(1))])])
+            .when(placed().retried_at(at(STOCK_DUE + 1)))
+            .then_nothing();
+    }
+
+    #[test]
+    fn a_step_that_failed_after_the_placement_leaves_the_state_as_it_was() {
+        let before = folded(&[placed()]);
+        let step = reserved(tea(), 2);
+        assert_eq!(super::parked(before.clone(), &step.input(), at(1)), before);
     }
 
     #[test]

@@ -133,14 +133,46 @@ pub mod saga {
         Event(Box<Event>),
         Tick(DateTime<Utc>),
         StockChecked(DateTime<Utc>, Vec<(Sku, Hold)>),
+        /// The event's step failed for good at the time given; its event was parked.
+        Parked(Box<Event>, DateTime<Utc>),
+        /// An operator's retry of a parked event, at the time given.
+        Retried(Box<Event>, DateTime<Utc>),
     }
 
     impl Step {
         pub(crate) fn input(&self) -> SagaInput<'_> {
             match self {
-                Step::Event(event) => SagaInput::Event(event),
+                Step::Event(event) | Step::Parked(event, _) | Step::Retried(event, _) => {
+                    SagaInput::Event(event)
+                }
                 Step::Tick(now) => SagaInput::Tick { now: *now },
                 Step::StockChecked(now, holds) => SagaInput::StockChecked { now: *now, holds },
+            }
+        }
+
+        /// What a runner does with this step: the state after it and the commands sent.
+        fn apply(&self, state: FulfilmentState) -> (FulfilmentState, Vec<Command>) {
+            match self {
+                Step::Parked(_, at) => (fulfilment::parked(state, &self.input(), *at), Vec::new()),
+                Step::Retried(_, at) => fulfilment::step_retried(state, &self.input(), *at),
+                _ => fulfilment::step(state, &self.input()),
+            }
+        }
+
+        /// The same event, parked at `at` instead of handled.
+        pub fn parked_at(self, at: DateTime<Utc>) -> Step {
+            Step::Parked(self.into_event(), at)
+        }
+
+        /// The same event, retried by an operator at `at`.
+        pub fn retried_at(self, at: DateTime<Utc>) -> Step {
+            Step::Retried(self.into_event(), at)
+        }
+
+        fn into_event(self) -> Box<Event> {
+            match self {
+                Step::Event(event) | Step::Parked(event, _) | Step::Retried(event, _) => event,
+                Step::Tick(_) | Step::StockChecked(..) => panic!("only an event can be parked"),
             }
         }
     }
@@ -164,16 +196,14 @@ pub mod saga {
         let state = history
             .into_iter()
             .fold(FulfilmentState::default(), |state, step| {
-                fulfilment::evolve(state, &step.input())
+                step.apply(state).0
             });
         Given { state }
     }
 
     impl Given {
         pub fn when(self, step: impl Into<Step>) -> When {
-            let step = step.into();
-            let commands = fulfilment::react(&self.state, &step.input());
-            let state = fulfilment::evolve(self.state, &step.input());
+            let (state, commands) = step.into().apply(self.state);
             When { state, commands }
         }
     }

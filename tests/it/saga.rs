@@ -908,18 +908,40 @@ async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
         )
         .await
         .unwrap();
-    maintenance::retry_parked(&client, "fulfilment", parked[0].event_id)
+    retry_confirms(&client, &log, parked[0].event_id, &poisoned).await;
+    assert_eq!(simulator.charges(), 2);
+}
+
+/// An operator's retry of parked event `event_id`, which must confirm order `id` (well before
+/// any stock deadline of these tests' default timing) and leave nothing parked.
+async fn retry_confirms(
+    client: &tokio_postgres::Client,
+    log: &Log,
+    event_id: uuid::Uuid,
+    id: &str,
+) {
+    maintenance::retry_parked(client, "fulfilment", event_id)
         .await
         .unwrap();
-    log.confirmed(std::slice::from_ref(&poisoned), Duration::from_secs(30))
+    log.confirmed(&[id.to_owned()], Duration::from_secs(20))
         .await;
     assert!(
-        maintenance::parked(&client, "fulfilment")
+        maintenance::parked(client, "fulfilment")
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(simulator.charges(), 2);
+}
+
+/// [`simulated_saga`] whose stock deadline passes 3 s after the reservations are sent.
+fn saga_with_short_stock_deadline(settings: &Settings) -> (Arc<Simulator>, JoinHandle<()>) {
+    let simulator = Arc::new(Simulator::default());
+    let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let timing = Timing {
+        stock_deadline_ms: 3_000,
+        ..patient_timing()
+    };
+    (simulator, start_saga_with(settings, gateway, timing))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -940,13 +962,7 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
         )
         .await
         .unwrap();
-    let simulator = Arc::new(Simulator::default());
-    let gateway = Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
-    let timing = Timing {
-        stock_deadline_ms: 3_000,
-        ..patient_timing()
-    };
-    let _saga = start_saga_with(&settings, gateway, timing);
+    let (simulator, _saga) = saga_with_short_stock_deadline(&settings);
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     eventually(
         &db,
@@ -967,6 +983,100 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
         .await;
     assert_eq!(simulator.charges(), 1);
     assert_eq!(log.product("TEA").await.reserved(), 1, "held for shipping");
+}
+
+/// Registers a mug and tea, and makes the log refuse every reservation of tea for good (a
+/// trigger, `refuse_reservation`, stands in for a bug): the step of an order's `OrderPlaced`
+/// fails at its tea, after its mug (SKU order) was reserved. A connection to the shop's database.
+async fn mugs_and_tea_refused(api: &Api, db: &TestDb) -> tokio_postgres::Client {
+    register(api, "MUG", 1200, "EUR", 10).await;
+    register(api, "TEA", 650, "EUR", 10).await;
+    let client = db.connect().await.unwrap();
+    client
+        .batch_execute(
+            "create function refuse_reservation() returns trigger language plpgsql
+             as $$ begin raise exception 'refused on purpose'; end $$;
+             create trigger refuse_reservation before insert on events for each row
+             when (new.event_type = 'StockReserved' and new.stream = 'product-TEA')
+             execute function refuse_reservation();",
+        )
+        .await
+        .unwrap();
+    client
+}
+
+/// Places one order of a mug and two teas, paid with `tok_ok`, and waits until the saga has
+/// parked its `OrderPlaced` (see [`mugs_and_tea_refused`]); its id.
+async fn place_mug_and_tea_until_parked(api: &Api, db: &TestDb) -> String {
+    let lines = json!([{ "sku": "MUG", "quantity": 1 }, { "sku": "TEA", "quantity": 2 }]);
+    let answer = api
+        .gql(
+            Some(&customer("alice")),
+            PLACE,
+            order_input(lines, "tok_ok"),
+        )
+        .await;
+    eventually(
+        db,
+        "select count(*) from saga_parked where event_type = 'OrderPlaced'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    answer.data("placeOrder")["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_placement_whose_step_was_parked_is_cancelled_at_the_stock_deadline_and_gives_back() {
+    let Shop { db, settings, api } = Shop::open().await;
+    mugs_and_tea_refused(&api, &db).await;
+    let (simulator, _saga) = saga_with_short_stock_deadline(&settings);
+    let id = place_mug_and_tea_until_parked(&api, &db).await;
+    let log = Log::new(&settings);
+    assert_eq!(
+        log.product("MUG").await.reserved(),
+        1,
+        "reserved before the failure"
+    );
+
+    // No operator: the stock deadline finds no tea held for the order, cancels it and gives
+    // the mug back. Before, the placement left no saga state, so no deadline: the order stayed
+    // PLACED with the mug held until an operator acted.
+    let order = log.cancelled(&id, Duration::from_secs(30)).await;
+    assert_eq!(
+        order.cancellation_reason.unwrap().as_str(),
+        "stock not reserved in time"
+    );
+    assert_eq!(log.released("MUG").await.reserved(), 0);
+    assert_eq!(log.product("TEA").await.reserved(), 0);
+    assert_eq!(simulator.charges(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_placement_sends_the_reservations_its_failed_step_did_not() {
+    let Shop { db, settings, api } = Shop::open().await;
+    let client = mugs_and_tea_refused(&api, &db).await;
+    let (simulator, _saga) = simulated_saga(&settings);
+    let id = place_mug_and_tea_until_parked(&api, &db).await;
+
+    // The operator removes the cause and retries, long before the stock deadline (5 minutes):
+    // the tea's reservation, never sent, is sent now; the mug's is not written twice.
+    client
+        .batch_execute("drop trigger refuse_reservation on events")
+        .await
+        .unwrap();
+    let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
+    let log = Log::new(&settings);
+    retry_confirms(&client, &log, parked[0].event_id, &id).await;
+    assert_eq!(simulator.charges(), 1);
+    assert_eq!(log.product("MUG").await.reserved(), 1);
+    assert_eq!(log.product("TEA").await.reserved(), 2);
+    let reservations = count(
+        &db,
+        "select count(*) from events where event_type = 'StockReserved'",
+    )
+    .await;
+    assert_eq!(reservations, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

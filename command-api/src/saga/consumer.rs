@@ -238,8 +238,9 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 /// retries the event first: at the stock deadline (from the reservations' sending) the saga
 /// reads the answers to its reservations from the products, at the payment deadline (from the
 /// first charge request) the payment from its stream, and goes on or cancels. A parked
-/// `OrderPlaced` leaves no state, hence no deadline: that order waits for an operator, as does
-/// a fact no deadline reads (a customer's cancel, say).
+/// `OrderPlaced` keeps its order with the reservations counted as sent, so the stock deadline
+/// settles it too (`fulfilment::parked`), and a retry sends the unanswered ones again. A fact
+/// no deadline reads (a customer's cancel, say) waits for an operator.
 #[derive(Debug, Clone, thiserror::Error)]
 enum ParkReason {
     /// Its payload does not decode.
@@ -290,6 +291,14 @@ fn due_query() -> String {
          order by due_at, order_id limit $4"
     )
 }
+
+/// How a step is decided: [`fulfilment::step_at`], or [`fulfilment::step_retried`] for an
+/// operator's retry.
+type Decide = fn(
+    FulfilmentState,
+    &SagaInput<'_>,
+    DateTime<Utc>,
+) -> (FulfilmentState, Vec<fulfilment::Command>);
 
 /// Where a lane's sweep over its due states goes on at the next tick: after this deadline and
 /// order. `None` starts from the earliest.
@@ -640,8 +649,14 @@ impl SagaRunner {
             input.observe(&self.handler);
             let (span, step) = step_of(&input, metadata);
             let mut rows = outbox::rows_for_event(event, metadata.correlation_id);
+            let saga_input = SagaInput::Event(event);
+            let decide = if retrying {
+                fulfilment::step_retried
+            } else {
+                fulfilment::step_at
+            };
             match self
-                .step(&mut state, &SagaInput::Event(event), &step, &mut rows)
+                .step_as(decide, &mut state, &saga_input, &step, &mut rows)
                 .instrument(span)
                 .await
             {
@@ -654,6 +669,7 @@ impl SagaRunner {
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
                     tracing::error!(%error, event_id = %input.id, %order_id, "saga event parked: its step cannot succeed");
+                    state = fulfilment::parked(state, &saga_input, Utc::now());
                     handled.parked.push(Parked {
                         input,
                         reason: ParkReason::StepFailed(error.to_string()),
@@ -661,9 +677,9 @@ impl SagaRunner {
                 }
             }
         }
-        // A failed step leaves the state as it was. Echoes of the saga's own commands move only
-        // the clock: the stored state decides the same, so it is not written again (one write
-        // fewer per settled order).
+        // A failed step leaves the state as it was (but for a placement: `fulfilment::parked`).
+        // Echoes of the saga's own commands move only the clock: the stored state decides the
+        // same, so it is not written again (one write fewer per settled order).
         if !state.same_apart_from_clock(&before) {
             handled.state = Some(state);
         }
@@ -679,9 +695,22 @@ impl SagaRunner {
         step: &Step,
         rows: &mut Vec<Row>,
     ) -> Result<(), CommandError> {
+        self.step_as(fulfilment::step_at, state, input, step, rows)
+            .await
+    }
+
+    /// [`Self::step`], decided by `decide`.
+    async fn step_as(
+        &self,
+        decide: Decide,
+        state: &mut FulfilmentState,
+        input: &SagaInput<'_>,
+        step: &Step,
+        rows: &mut Vec<Row>,
+    ) -> Result<(), CommandError> {
         // Stamped on this process's clock as well as the log's: a backlog's old events must not
         // start a deadline in the past (see `fulfilment::step_at`).
-        let (next, commands) = fulfilment::step_at(state.clone(), input, Utc::now());
+        let (next, commands) = decide(state.clone(), input, Utc::now());
         // The commands continue this step's trace, itself a child of the event's.
         let step = Step {
             traceparent: trace_context::traceparent(&tracing::Span::current())
