@@ -47,8 +47,10 @@
 //!   them, and moves far less from one run to the next.
 //!
 //! The yardstick is the append benchmark's `orderly single` (one event to a fresh stream with
-//! the expected-version check) at `clients` writers (at most 64), measured first, alone, on a
-//! database of its own.
+//! the expected-version check) at `clients` writers (at most 64), measured alone, on a database
+//! of its own, before the scenarios and again after them. A shared machine's speed drifts
+//! during a run (by a factor of two on some VMs); the ratios to it use the higher of the two,
+//! so a machine that slowed down never flatters the placement rate.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -203,7 +205,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     println!("# fulfilment benchmark\n");
     println!("- machine: {}", report::machine());
-    let (append_rate, server) = yardstick(&args).await?;
+    let (append_before, server) = yardstick(&args).await?;
     println!("- server: {server}");
     println!("- orderly: {}", bin.display());
     println!(
@@ -226,12 +228,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "- settled: seen CONFIRMED or CANCELLED in `orders`, polled every {} ms; timeout {} s",
         args.poll_ms, args.timeout_secs
-    );
-    println!(
-        "- yardstick: single-event append (`orderly single` of the append benchmark), {} \
-         writers, {} s: {append_rate:.0} appends/s",
-        args.clients.min(MAX_WRITERS),
-        args.append_seconds
     );
 
     let mut reports: Vec<Report> = Vec::new();
@@ -271,6 +267,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("fulfil: {} done", kind.name());
         reports.push(report);
     }
+    let (append_after, _) = yardstick(&args).await?;
+    let append_rate = append_before.max(append_after);
+    println!(
+        "- yardstick: single-event append (`orderly single` of the append benchmark), {} \
+         writers, {} s: {append_before:.0} appends/s before the scenarios, {append_after:.0} \
+         after; ratios use {append_rate:.0}",
+        args.clients.min(MAX_WRITERS),
+        args.append_seconds
+    );
     print_reports(&reports, append_rate);
     Ok(())
 }
