@@ -206,6 +206,22 @@ async fn with_an_smtp_url_confirmations_and_cancellations_are_mailed_to_the_cust
     );
     assert!(confirmed.contains("From: Shop <orders@shop.test>"));
     assert!(confirmed.contains(&format!("Your order {order_id} is confirmed")));
+    // Named by its outbox row, so a redelivery would be the same message.
+    let notice: uuid::Uuid = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select outbox_id from outbox where payload->>'template' = 'order-confirmed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        confirmed.contains(&format!("Message-ID: <{notice}@shop.test>")),
+        "{confirmed}"
+    );
 
     let cancelled = api
         .gql(

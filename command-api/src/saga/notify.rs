@@ -19,6 +19,10 @@ use crate::CommandError;
 /// One notification to a customer, as the outbox worker hands it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
+    /// The outbox message's id, the same on every delivery of this notice: a transport names
+    /// its message by it (SMTP: the `Message-ID`), so a notice delivered again after a crash
+    /// between sending and recording it reads as the same message to whoever deduplicates.
+    pub id: Uuid,
     pub order_id: OrderId,
     /// `order-confirmed` or `order-cancelled`.
     pub template: String,
@@ -73,6 +77,7 @@ impl Notifier for LogNotifier {
     async fn send(&self, notice: &Notice) -> Result<(), CommandError> {
         tracing::info!(
             target: "orderly::notifications",
+            notice_id = %notice.id,
             order_id = %notice.order_id,
             template = notice.template,
             customer_id = notice.customer_id,
@@ -139,7 +144,10 @@ impl SmtpNotifier {
         let to: Mailbox = address.parse().map_err(|e| {
             CommandError::Delivery(format!("no mail address for customer {address:?}: {e}"))
         })?;
+        // Named by the notice, on the sender's domain: a redelivery is the same message.
+        let message_id = format!("<{}@{}>", notice.id, self.from.email.domain());
         Message::builder()
+            .message_id(Some(message_id))
             .from(self.from.clone())
             .to(to)
             .subject(notice.subject())
@@ -159,6 +167,7 @@ impl Notifier for SmtpNotifier {
             .map_err(|e| CommandError::Delivery(format!("SMTP: {e}")))?;
         tracing::info!(
             target: "orderly::notifications",
+            notice_id = %notice.id,
             order_id = %notice.order_id,
             template = notice.template,
             correlation_id = %notice.correlation_id,
@@ -183,6 +192,7 @@ mod tests {
 
     fn notice(customer_id: &str) -> Notice {
         Notice {
+            id: Uuid::from_u128(7),
             order_id: OrderId(Uuid::nil()),
             template: "order-cancelled".into(),
             customer_id: customer_id.into(),
@@ -200,6 +210,28 @@ mod tests {
         assert!(text.contains("To: alice@customers.shop.example"), "{text}");
         assert!(text.contains("was cancelled"), "{text}");
         assert!(text.contains("Reason: out of stock"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_notice_mailed_again_is_the_same_message_to_the_recipient() {
+        let smtp = SmtpNotifier::new(&settings("{customer_id}@customers.shop.example")).unwrap();
+        let message_id = |notice: &Notice| {
+            let text = String::from_utf8(smtp.message(notice).unwrap().formatted()).unwrap();
+            text.lines()
+                .find_map(|line| line.strip_prefix("Message-ID: ").map(str::to_owned))
+                .unwrap_or_else(|| panic!("no Message-ID in {text}"))
+        };
+        let first = notice("alice");
+        assert_eq!(
+            message_id(&first),
+            "<00000000-0000-0000-0000-000000000007@shop.example>"
+        );
+        assert_eq!(message_id(&first), message_id(&first.clone()));
+        let other = Notice {
+            id: Uuid::from_u128(8),
+            ..first.clone()
+        };
+        assert_ne!(message_id(&first), message_id(&other));
     }
 
     #[tokio::test]

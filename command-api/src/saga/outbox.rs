@@ -379,6 +379,7 @@ impl SagaRunner {
                     None => self.customer_of(order_id).await?,
                 };
                 let notice = Notice {
+                    id,
                     order_id,
                     template,
                     customer_id,
