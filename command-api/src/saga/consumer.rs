@@ -24,8 +24,8 @@
 //! cannot, so a recorded payment is never overtaken by its deadline. Past the stock deadline
 //! the products' streams are read the same way, for reservations the saga has not seen. What
 //! a tick fails to do (deadlines, parked retries, a quiet lane's checkpoint) stays in the
-//! database and is tried again at the next tick: a failing tick never holds up the lane's
-//! events.
+//! database and is tried again at the next tick (an instance that fails for good, after a
+//! growing pause): a failing tick never holds up the lane's events.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -725,9 +725,10 @@ impl SagaRunner {
     /// Feeds the wall clock to one page of this lane's sagas whose deadline has passed, from
     /// `after` on; answers when the lane's next deadline is, and where the next page starts
     /// when this one was full. An instance whose tick fails for good (a state that does not
-    /// decode, a command refused as corrupt) is logged and left for the next sweep: it has no
-    /// event to park, and it must not hold up the others, which the cursor sees to: a page
-    /// full of such instances moves the sweep on instead of being read again.
+    /// decode, a command refused as corrupt) is logged and tried again after a pause that grows
+    /// ([`TickFailures`]): it has no event to park, and it must not hold up the others, which
+    /// the cursor sees to: a page full of such instances moves the sweep on instead of being
+    /// read again.
     async fn tick_due(
         &self,
         lease: &Lease,
@@ -760,7 +761,10 @@ impl SagaRunner {
             .filter(|_| full)
             .map(|row| (row.get::<_, DateTime<Utc>>(2), row.get::<_, Uuid>(0)));
         if !due.is_empty() {
-            let runs = due.into_iter().map(|row| async move {
+            let due = due
+                .into_iter()
+                .filter(|row| !self.tick_failures.pausing(OrderId(row.get(0))));
+            let runs = due.map(|row| async move {
                 let order_id = OrderId(row.get(0));
                 let state = serde_json::from_value::<FulfilmentState>(row.get(1))
                     .map_err(|e| CommandError::Internal(format!("saga state of {order_id}: {e}")));
@@ -772,11 +776,15 @@ impl SagaRunner {
                     Err(error) => Err(error),
                 };
                 match ticked {
-                    Ok(handled) => Ok(Some(handled)),
+                    Ok(handled) => {
+                        self.tick_failures.passed(order_id);
+                        Ok(Some(handled))
+                    }
                     Err(error) if error.is_transient() => Err(error),
                     Err(error) => {
                         counted_retry(&error);
-                        tracing::error!(%error, %order_id, "saga deadline not handled; tried again next tick");
+                        let (tries, pause) = self.tick_failures.failed(order_id, self.config.tick);
+                        tracing::error!(%error, %order_id, tries, retry_in = ?pause, "saga deadline not handled; tried again after a pause");
                         Ok(None)
                     }
                 }
@@ -1015,6 +1023,49 @@ impl StoredStates {
     }
 }
 
+/// Instances whose deadline failed for good (a state that does not decode, a command refused as
+/// corrupt), by order. Each is tried again after a pause that doubles per failure, from the
+/// tick up to [`LONGEST_TICK_PAUSE`], and logged once per try, instead of at every tick: one
+/// broken instance used to log an error a second. Kept in memory: a restart tries it at once
+/// again, which is what an operator who repaired it wants. The deadline stays counted as
+/// overdue meanwhile (`orderly saga status`, the metric, the alert).
+#[derive(Default)]
+pub(super) struct TickFailures {
+    failing: std::sync::Mutex<HashMap<OrderId, (u32, tokio::time::Instant)>>,
+}
+
+/// The longest pause between two tries of a failing instance's deadline.
+const LONGEST_TICK_PAUSE: Duration = Duration::from_secs(300);
+
+impl TickFailures {
+    fn failing(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, (u32, tokio::time::Instant)>> {
+        // Inserts and removals only: a panic while it was held left it whole.
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the order's last try failed and its pause has not passed.
+    fn pausing(&self, order_id: OrderId) -> bool {
+        self.failing()
+            .get(&order_id)
+            .is_some_and(|(_, retry_at)| *retry_at > tokio::time::Instant::now())
+    }
+
+    /// Counts a failed try; how many in a row, and the pause before the next.
+    fn failed(&self, order_id: OrderId, tick: Duration) -> (u32, Duration) {
+        let mut failing = self.failing();
+        let tries = failing.get(&order_id).map_or(1, |(tries, _)| tries + 1);
+        let pause = tick
+            .saturating_mul(1 << (tries - 1).min(16))
+            .min(LONGEST_TICK_PAUSE);
+        failing.insert(order_id, (tries, tokio::time::Instant::now() + pause));
+        (tries, pause)
+    }
+
+    fn passed(&self, order_id: OrderId) {
+        self.failing().remove(&order_id);
+    }
+}
+
 /// Counts a failure of lane work that is tried again later, by kind
 /// (`orderly_saga_retries_total`); whether it may pass by itself.
 fn counted_retry(error: &CommandError) -> bool {
@@ -1163,4 +1214,44 @@ async fn park(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_deadline_waits_twice_as_long_after_each_try_up_to_five_minutes() {
+        let failures = TickFailures::default();
+        let order = OrderId(Uuid::from_u128(1));
+        let tick = Duration::from_secs(1);
+        let pauses: Vec<_> = (0..11).map(|_| failures.failed(order, tick)).collect();
+        assert_eq!(pauses[0], (1, tick));
+        assert_eq!(pauses[1], (2, 2 * tick));
+        assert_eq!(pauses[4], (5, 16 * tick));
+        assert_eq!(pauses[10], (11, LONGEST_TICK_PAUSE));
+        assert!(failures.pausing(order));
+        assert!(
+            !failures.pausing(OrderId(Uuid::from_u128(2))),
+            "others go on"
+        );
+    }
+
+    #[test]
+    fn a_deadline_handled_again_starts_over() {
+        let failures = TickFailures::default();
+        let order = OrderId(Uuid::from_u128(1));
+        failures.failed(order, Duration::from_secs(60));
+        failures.failed(order, Duration::from_secs(60));
+        failures.passed(order);
+        assert!(!failures.pausing(order));
+        assert_eq!(
+            failures.failed(order, Duration::from_secs(60)),
+            (1, Duration::from_secs(60))
+        );
+        // A pause of nothing (a tick of zero) holds nothing up.
+        let quick = OrderId(Uuid::from_u128(3));
+        failures.failed(quick, Duration::ZERO);
+        assert!(!failures.pausing(quick));
+    }
 }

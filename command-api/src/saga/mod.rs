@@ -138,6 +138,8 @@ pub struct SagaRunner {
     lag: Lag,
     /// The saga states this process's lanes stored last.
     states: consumer::StoredStates,
+    /// Instances whose deadline fails for good, tried again after growing pauses.
+    tick_failures: consumer::TickFailures,
 }
 
 impl SagaRunner {
@@ -168,6 +170,7 @@ impl SagaRunner {
             member,
             lag: Lag::default(),
             states: consumer::StoredStates::default(),
+            tick_failures: consumer::TickFailures::default(),
             config,
         }
     }
