@@ -281,9 +281,9 @@ enum ParkedCommand {
     /// Feed one parked event to its order's saga again (the lane that owns it does, within a
     /// second); it is parked again with the new error if it still fails.
     Retry { event_id: Uuid },
-    /// Drop one parked event: the saga never sees it (the order's stock and payment deadlines
-    /// still read the reservations and the payment; any other fact it recorded, such as a
-    /// customer's cancel, is not acted on).
+    /// Drop one parked event: the saga never feeds it again (the order's stock and payment
+    /// deadlines still read the reservations and the payment, and a parked placement, cancel
+    /// or shipment is still acted on: the saga kept it when it parked it).
     Skip { event_id: Uuid },
 }
 

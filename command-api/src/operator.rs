@@ -236,9 +236,9 @@ impl SagaMutation {
         .await
     }
 
-    /// Admin only. Drops a parked event for good: the saga never sees it (the order's stock
-    /// and payment deadlines still read the reservations and the payment; any other fact it
-    /// recorded, such as a customer's cancel, is not acted on).
+    /// Admin only. Drops a parked event for good: the saga never feeds it again (the order's
+    /// stock and payment deadlines still read the reservations and the payment, and a parked
+    /// placement, cancel or shipment is still acted on: the saga kept it when it parked it).
     async fn skip_parked_saga_event(
         &self,
         ctx: &Context<'_>,

@@ -339,6 +339,11 @@ pub struct FulfilmentState {
     /// cancels so, never the clock alone.
     #[serde(default)]
     stock_checked: bool,
+    /// When the runner acts on an order fact whose own step was parked (a cancel, a shipment):
+    /// the fact is recorded, what it calls for not sent, and no other deadline may come (a
+    /// confirmed order has none). Cleared by the next step that runs, which sends it.
+    #[serde(default)]
+    parked_due_at: Option<DateTime<Utc>>,
     /// Latest time seen in any input; deadlines are checked against it.
     clock: Option<DateTime<Utc>>,
     /// States stored before timings were configurable read as the defaults.
@@ -377,6 +382,7 @@ impl FulfilmentState {
             retry_due_at,
             stock_due_at,
             stock_checked,
+            parked_due_at,
             clock: _,
             timing,
         } = self;
@@ -390,6 +396,7 @@ impl FulfilmentState {
             && *retry_due_at == other.retry_due_at
             && *stock_due_at == other.stock_due_at
             && *stock_checked == other.stock_checked
+            && *parked_due_at == other.parked_due_at
             && *timing == other.timing
     }
 
@@ -401,13 +408,15 @@ impl FulfilmentState {
         }
         // Also while cancelling: a reservation answered unseen must still be given back.
         let stock_due = self.awaiting_stock().then_some(self.stock_due_at).flatten();
-        if self.order.cancelled || self.sent.cancel || self.payment.charged.is_some() {
-            return stock_due;
-        }
-        [self.pending_retry_at(), self.payment_due_at, stock_due]
-            .into_iter()
-            .flatten()
-            .min()
+        let due = if self.order.cancelled || self.sent.cancel || self.payment.charged.is_some() {
+            stock_due
+        } else {
+            [self.pending_retry_at(), self.payment_due_at, stock_due]
+                .into_iter()
+                .flatten()
+                .min()
+        };
+        [due, self.parked_due_at].into_iter().flatten().min()
     }
 
     /// The products whose answer to this order's reservation the runner must read and feed
@@ -616,21 +625,41 @@ pub fn step_at(
 
 /// The state to keep when the step of `input` failed for good and its event was parked: the
 /// state as it was, so the facts can be fed again (an operator's retry) and a deadline already
-/// running reads what the step may have done. Except after the order's `OrderPlaced`, whose
-/// state before was empty, with no deadline to settle the order: the placement is kept with
-/// its reservations counted as sent (some may have been, before the failure), so the stock
-/// deadline asks the products. The order goes on if every product holds its line, and is
-/// cancelled "stock not reserved in time", with what is held given back, if one does not.
+/// running reads what the step may have done (the stock deadline the products, the payment
+/// deadline the payment). Two exceptions, facts no deadline reads:
+///
+/// - The order's `OrderPlaced`, whose state before was empty, with no deadline to settle the
+///   order: the placement is kept with its reservations counted as sent (some may have been,
+///   before the failure), so the stock deadline asks the products. The order goes on if every
+///   product holds its line, and is cancelled "stock not reserved in time", with what is held
+///   given back, if one does not.
+/// - A cancel or a shipment of a placed order: the fact is kept, what it calls for (stock and
+///   money given back, reserved stock shipped) not marked sent, and the runner's tick sends it
+///   after the pause of a failed charge's first retry. Before, a customer's cancel of a
+///   confirmed order whose step was parked kept the money and the stock until an operator
+///   acted, and a skipped one for good.
 pub fn parked(
-    state: FulfilmentState,
+    mut state: FulfilmentState,
     input: &SagaInput<'_>,
     handled_at: DateTime<Utc>,
 ) -> FulfilmentState {
     if state.placed.is_none() && placement(input) {
-        step_at(state, input, handled_at).0
-    } else {
-        state
+        return step_at(state, input, handled_at).0;
     }
+    let order_fact = matches!(
+        input,
+        SagaInput::Event(Event::Order(
+            OrderEvent::OrderCancelled(_) | OrderEvent::OrderShipped(_)
+        ))
+    );
+    if let (true, Some(order_id), Some(_)) = (order_fact, state.order_id, &state.placed) {
+        let at = state
+            .clock
+            .map_or(handled_at, |clock| clock.max(handled_at));
+        observe(&mut state, input);
+        state.parked_due_at = Some(at + state.timing.retry_delay(order_id, 1));
+    }
+    state
 }
 
 /// [`step_at`] for an operator's retry of a parked event. A retried `OrderPlaced` sends its
@@ -671,6 +700,8 @@ fn step_inner(
         return (state, Vec::new());
     }
     let commands = plan(&mut state, handled_at);
+    // Whatever a parked fact called for went out with this step's commands.
+    state.parked_due_at = None;
     if !state.stock_unanswered() {
         state.stock_due_at = None;
     }
@@ -1712,6 +1743,46 @@ mod tests {
         given(awaiting_payment_and([charged(2)]))
             .when(cancelled_by_customer(5))
             .then([release(mug(), 5), release(tea(), 5), refund(5)]);
+    }
+
+    #[test]
+    fn a_customer_cancel_whose_step_was_parked_is_acted_on_at_the_next_tick_after_a_pause() {
+        let parked = given(awaiting_payment_and([charged(2)]))
+            .when(cancelled_by_customer(5).parked_at(at(5)))
+            .then_nothing();
+        // A confirmed order has no other deadline.
+        assert_eq!(parked.next_due_at(), Some(at(5) + retry_delay(1)));
+        assert!(!parked.is_settled());
+        given(awaiting_payment_and([
+            charged(2),
+            cancelled_by_customer(5).parked_at(at(5)),
+        ]))
+        .when(tick(6))
+        .then([release(mug(), 6), release(tea(), 6), refund(6)]);
+    }
+
+    #[test]
+    fn a_shipment_whose_step_was_parked_ships_the_stock_at_the_next_tick_after_a_pause() {
+        let parked = given(awaiting_payment_and([charged(2)]))
+            .when(shipped(60).parked_at(at(60)))
+            .then_nothing();
+        assert_eq!(parked.next_due_at(), Some(at(60) + retry_delay(1)));
+        given(awaiting_payment_and([
+            charged(2),
+            shipped(60).parked_at(at(60)),
+        ]))
+        .when(tick(61))
+        .then([ship(mug(), 61), ship(tea(), 61)]);
+    }
+
+    #[test]
+    fn a_parked_fact_is_sent_by_the_next_step_whatever_it_is_and_then_due_no_more() {
+        let sent = given(awaiting_payment_and([
+            cancelled_by_customer(5).parked_at(at(5))
+        ]))
+        .when(charged(6))
+        .then([release(mug(), 6), release(tea(), 6), refund(6)]);
+        assert_eq!(sent.next_due_at(), None);
     }
 
     #[test]

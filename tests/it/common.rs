@@ -277,6 +277,17 @@ pub async fn place(api: &Api, sub: &str, sku: &str, quantity: i64, payment_token
     }
 }
 
+/// Cancels order `id` as its customer `sub`, "changed my mind".
+pub async fn cancel_as(api: &Api, sub: &str, id: &str) {
+    api.gql(
+        Some(&customer(sub)),
+        CANCEL,
+        json!({ "id": id, "reason": "changed my mind" }),
+    )
+    .await
+    .data("cancelOrder");
+}
+
 /// Places an order of one unit of `sku`, paid with tok_ok, as customer `sub`; its id.
 pub async fn place_one(api: &Api, sub: &str, sku: &str) -> String {
     place(api, sub, sku, 1, "tok_ok").await.id

@@ -933,6 +933,27 @@ async fn retry_confirms(
     );
 }
 
+/// Makes the log refuse, for good, the events `when` picks (a trigger named `name` stands in
+/// for a bug: what it raises is no failure the saga waits out), until [`accept_again`].
+async fn refuse_for_good(client: &tokio_postgres::Client, name: &str, when: &str) {
+    client
+        .batch_execute(&format!(
+            "create function {name}() returns trigger language plpgsql
+             as $$ begin raise exception 'refused on purpose'; end $$;
+             create trigger {name} before insert on events for each row
+             when ({when}) execute function {name}();"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn accept_again(client: &tokio_postgres::Client, name: &str) {
+    client
+        .batch_execute(&format!("drop trigger {name} on events"))
+        .await
+        .unwrap();
+}
+
 /// [`simulated_saga`] whose stock deadline passes 3 s after the reservations are sent.
 fn saga_with_short_stock_deadline(settings: &Settings) -> (Arc<Simulator>, JoinHandle<()>) {
     let simulator = Arc::new(Simulator::default());
@@ -952,16 +973,12 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
     // the step of the product's `StockReserved` fails and is parked, and nothing the saga
     // sees will ever answer the reservation again.
     let client = db.connect().await.unwrap();
-    client
-        .batch_execute(
-            "create function refuse_stock_reserved() returns trigger language plpgsql
-             as $$ begin raise exception 'refused on purpose'; end $$;
-             create trigger refuse_stock_reserved before insert on events for each row
-             when (new.event_type = 'OrderStockReserved')
-             execute function refuse_stock_reserved();",
-        )
-        .await
-        .unwrap();
+    refuse_for_good(
+        &client,
+        "refuse_stock_reserved",
+        "new.event_type = 'OrderStockReserved'",
+    )
+    .await;
     let (simulator, _saga) = saga_with_short_stock_deadline(&settings);
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     eventually(
@@ -973,10 +990,7 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
     .await;
     let log = Log::new(&settings);
     assert_eq!(log.order(&id).await.status, OrderStatus::Placed);
-    client
-        .batch_execute("drop trigger refuse_stock_reserved on events")
-        .await
-        .unwrap();
+    accept_again(&client, "refuse_stock_reserved").await;
 
     // No operator: at the stock deadline the saga reads the product's answer and goes on.
     log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
@@ -992,16 +1006,12 @@ async fn mugs_and_tea_refused(api: &Api, db: &TestDb) -> tokio_postgres::Client 
     register(api, "MUG", 1200, "EUR", 10).await;
     register(api, "TEA", 650, "EUR", 10).await;
     let client = db.connect().await.unwrap();
-    client
-        .batch_execute(
-            "create function refuse_reservation() returns trigger language plpgsql
-             as $$ begin raise exception 'refused on purpose'; end $$;
-             create trigger refuse_reservation before insert on events for each row
-             when (new.event_type = 'StockReserved' and new.stream = 'product-TEA')
-             execute function refuse_reservation();",
-        )
-        .await
-        .unwrap();
+    refuse_for_good(
+        &client,
+        "refuse_reservation",
+        "new.event_type = 'StockReserved' and new.stream = 'product-TEA'",
+    )
+    .await;
     client
 }
 
@@ -1061,10 +1071,7 @@ async fn a_retried_placement_sends_the_reservations_its_failed_step_did_not() {
 
     // The operator removes the cause and retries, long before the stock deadline (5 minutes):
     // the tea's reservation, never sent, is sent now; the mug's is not written twice.
-    client
-        .batch_execute("drop trigger refuse_reservation on events")
-        .await
-        .unwrap();
+    accept_again(&client, "refuse_reservation").await;
     let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
     let log = Log::new(&settings);
     retry_confirms(&client, &log, parked[0].event_id, &id).await;
@@ -1077,6 +1084,49 @@ async fn a_retried_placement_sends_the_reservations_its_failed_step_did_not() {
     )
     .await;
     assert_eq!(reservations, 2);
+}
+
+/// A confirmed order has no deadline left: a customer's cancel whose step was parked used to
+/// keep the money and the stock until an operator retried it (and for good if one skipped it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_cancel_whose_step_was_parked_refunds_and_releases_without_an_operator() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let (simulator, _saga) = simulated_saga(&settings);
+    let id = place(&api, "alice", "TEA", 2, "tok_ok").await.id;
+    let log = Log::new(&settings);
+    log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+
+    // The log refuses the release for good (a trigger stands in for a bug): the step of the
+    // customer's cancel fails and is parked, with its refund unsent.
+    let client = db.connect().await.unwrap();
+    refuse_for_good(
+        &client,
+        "refuse_release",
+        "new.event_type = 'StockReservationReleased'",
+    )
+    .await;
+    cancel_as(&api, "alice", &id).await;
+    eventually(
+        &db,
+        "select count(*) from saga_parked where event_type = 'OrderCancelled'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    accept_again(&client, "refuse_release").await;
+
+    // No operator: after the pause of a failed charge's retry, the lane's tick sends both.
+    eventually(
+        &db,
+        "select count(*) from events where event_type = 'PaymentRefunded'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(log.released("TEA").await.reserved(), 0);
+    assert_eq!(simulator.charges(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

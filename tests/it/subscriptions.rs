@@ -378,13 +378,7 @@ async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_pl
         "{placed}"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    api.gql(
-        Some(&customer("alice")),
-        CANCEL,
-        json!({ "id": id, "reason": "changed my mind" }),
-    )
-    .await
-    .data("cancelOrder");
+    cancel_as(&api, "alice", &id).await;
     let cancelled = next(&mut socket).await;
     assert_eq!(
         cancelled["payload"]["data"]["orderUpdated"]["status"], "CANCELLED",

@@ -426,7 +426,7 @@ const SAGA_ACTIONS = {
     },
     skip: {
       mutation: 'mutation($id: UUID!) { skipParkedSagaEvent(eventId: $id) }',
-      consequence: 'The saga will NEVER see this event: the order\'s stock and payment deadlines still read the reservations and the payment; any other fact it recorded (a customer\'s cancel, say) is not acted on.',
+      consequence: 'The saga will NEVER be fed this event again: the order\'s stock and payment deadlines still read the reservations and the payment, and a parked placement, cancel or shipment is still acted on (the saga kept it when it parked it).',
       done: 'skipped',
     },
   },

@@ -237,10 +237,11 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 /// The order's deadlines still settle an instance left waiting by it, unless an operator
 /// retries the event first: at the stock deadline (from the reservations' sending) the saga
 /// reads the answers to its reservations from the products, at the payment deadline (from the
-/// first charge request) the payment from its stream, and goes on or cancels. A parked
-/// `OrderPlaced` keeps its order with the reservations counted as sent, so the stock deadline
-/// settles it too (`fulfilment::parked`), and a retry sends the unanswered ones again. A fact
-/// no deadline reads (a customer's cancel, say) waits for an operator.
+/// first charge request) the payment from its stream, and goes on or cancels. Facts no
+/// deadline reads are kept with the state (`fulfilment::parked`): a parked `OrderPlaced` keeps
+/// its order with the reservations counted as sent, so the stock deadline settles it too (a
+/// retry sends the unanswered ones again), and a parked cancel or shipment is acted on by the
+/// lane's tick after a pause.
 #[derive(Debug, Clone, thiserror::Error)]
 enum ParkReason {
     /// Its payload does not decode.

@@ -309,10 +309,11 @@ pub async fn retry_parked(
     .await
 }
 
-/// Drops a parked event for good: the saga never sees it. The row stays, marked, for the
-/// record. The order's deadlines still read what the saga would have learnt from a reservation
-/// (from the products, at the stock deadline) or a payment (from its stream, at the payment
-/// deadline); any other fact (a customer's cancel, say) is not acted on.
+/// Drops a parked event for good: the saga never feeds it again. The row stays, marked, for
+/// the record. The order's deadlines still read what the saga would have learnt from a
+/// reservation (from the products, at the stock deadline) or a payment (from its stream, at the
+/// payment deadline), and what the saga kept when it parked a placement, a cancel or a
+/// shipment is still acted on (see `fulfilment::parked`).
 pub async fn skip_parked(
     client: &Client,
     saga_name: &str,
