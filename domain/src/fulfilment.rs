@@ -635,9 +635,8 @@ pub fn step_at(
 ///   given back, if one does not.
 /// - A cancel or a shipment of a placed order: the fact is kept, what it calls for (stock and
 ///   money given back, reserved stock shipped) not marked sent, and the runner's tick sends it
-///   after the pause of a failed charge's first retry. Before, a customer's cancel of a
-///   confirmed order whose step was parked kept the money and the stock until an operator
-///   acted, and a skipped one for good.
+///   after the pause of a failed charge's first retry. A confirmed order has no deadline that
+///   would: its customer's money and its stock would wait for an operator.
 pub fn parked(
     mut state: FulfilmentState,
     input: &SagaInput<'_>,

@@ -678,7 +678,8 @@ impl SagaRunner {
                 }
             }
         }
-        // A failed step leaves the state as it was (but for a placement: `fulfilment::parked`).
+        // A failed step leaves the state as it was, but for facts no deadline reads (a
+        // placement, a cancel, a shipment: `fulfilment::parked`).
         // Echoes of the saga's own commands move only the clock: the stored state decides the
         // same, so it is not written again (one write fewer per settled order).
         if !state.same_apart_from_clock(&before) {
