@@ -461,6 +461,14 @@ impl FulfilmentState {
         )
     }
 
+    /// What the step that acts on a fact kept from a parked step ([`act_on_parked`]) is named;
+    /// `None` when no such fact waits. Named by its due time, so the step repeated after a
+    /// crash sends the same command ids.
+    pub fn parked_name(&self) -> Option<String> {
+        self.parked_due_at
+            .map(|due| format!("parked/{}", due.timestamp_millis()))
+    }
+
     /// When the next charge attempt is due: only while the last one sent has failed. Once the
     /// retry is sent its time is history, not a deadline; left in, it would make every tick
     /// until the answer come back to this saga for nothing.
@@ -698,6 +706,29 @@ fn step_inner(
     if !observe(&mut state, input) {
         return (state, Vec::new());
     }
+    decide(state, handled_at)
+}
+
+/// What a fact kept from a parked step (see [`parked`]) calls for, and the state once it is
+/// sent; nothing when no such fact waits. A runner sends it under its own name
+/// ([`FulfilmentState::parked_name`]) before feeding the state events it saw before (a tick
+/// reads the payment's stream again): fed again, an event must decide what it decided the first
+/// time, or its commands would take the ids of other ones.
+pub fn act_on_parked(
+    state: FulfilmentState,
+    handled_at: DateTime<Utc>,
+) -> (FulfilmentState, Vec<Command>) {
+    if state.parked_due_at.is_none() {
+        return (state, Vec::new());
+    }
+    decide(state, Some(handled_at))
+}
+
+/// The commands the state's facts call for, and the state once they are sent.
+fn decide(
+    mut state: FulfilmentState,
+    handled_at: Option<DateTime<Utc>>,
+) -> (FulfilmentState, Vec<Command>) {
     let commands = plan(&mut state, handled_at);
     // Whatever a parked fact called for went out with this step's commands.
     state.parked_due_at = None;
@@ -1775,6 +1806,27 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_fact_is_acted_on_by_itself_under_a_name_of_its_own() {
+        let parked = folded(&[
+            placed(),
+            reserved(tea(), 2),
+            reserved(mug(), 1),
+            charge_requested(1, 1),
+            charged(2),
+            cancelled_by_customer(5).parked_at(at(5)),
+        ]);
+        let name = parked.parked_name().expect("a fact waits");
+        let (acted, commands) = super::act_on_parked(parked, at(6));
+        assert_eq!(commands, [release(mug(), 6), release(tea(), 6), refund(6)]);
+        assert_eq!(acted.parked_name(), None);
+        assert_eq!(acted.next_due_at(), None);
+        // Nothing waits: nothing to send.
+        let (_, nothing) = super::act_on_parked(acted, at(7));
+        assert!(nothing.is_empty());
+        assert!(name.starts_with("parked/"));
+    }
+
+    #[test]
     fn a_parked_fact_is_sent_by_the_next_step_whatever_it_is_and_then_due_no_more() {
         let sent = given(awaiting_payment_and([
             cancelled_by_customer(5).parked_at(at(5))
@@ -1879,7 +1931,7 @@ mod tests {
         history
             .iter()
             .fold(FulfilmentState::default(), |state, step| {
-                evolve(state, &step.input())
+                step.apply(state).0
             })
     }
 

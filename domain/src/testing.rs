@@ -151,7 +151,7 @@ pub mod saga {
         }
 
         /// What a runner does with this step: the state after it and the commands sent.
-        fn apply(&self, state: FulfilmentState) -> (FulfilmentState, Vec<Command>) {
+        pub(crate) fn apply(&self, state: FulfilmentState) -> (FulfilmentState, Vec<Command>) {
             match self {
                 Step::Parked(_, at) => (fulfilment::parked(state, &self.input(), *at), Vec::new()),
                 Step::Retried(_, at) => fulfilment::step_retried(state, &self.input(), *at),

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use orderly_domain::fulfilment::{self, FulfilmentState, Phase, SagaInput};
+use orderly_domain::fulfilment::{self, Command, FulfilmentState, Phase, SagaInput};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
 use orderly_event_schemas::{Event, EventMetadata, decode_recorded};
@@ -292,14 +292,6 @@ fn due_query() -> String {
          order by due_at, order_id limit $4"
     )
 }
-
-/// How a step is decided: [`fulfilment::step_at`], or [`fulfilment::step_retried`] for an
-/// operator's retry.
-type Decide = fn(
-    FulfilmentState,
-    &SagaInput<'_>,
-    DateTime<Utc>,
-) -> (FulfilmentState, Vec<fulfilment::Command>);
 
 /// Where a lane's sweep over its due states goes on at the next tick: after this deadline and
 /// order. `None` starts from the earliest.
@@ -651,13 +643,15 @@ impl SagaRunner {
             let (span, step) = step_of(&input, metadata);
             let mut rows = outbox::rows_for_event(event, metadata.correlation_id);
             let saga_input = SagaInput::Event(event);
-            let decide = if retrying {
-                fulfilment::step_retried
-            } else {
-                fulfilment::step_at
+            let decide = |state, at| {
+                if retrying {
+                    fulfilment::step_retried(state, &saga_input, at)
+                } else {
+                    fulfilment::step_at(state, &saga_input, at)
+                }
             };
             match self
-                .step_as(decide, &mut state, &saga_input, &step, &mut rows)
+                .step_as(decide, &mut state, &step, &mut rows)
                 .instrument(span)
                 .await
             {
@@ -697,22 +691,22 @@ impl SagaRunner {
         step: &Step,
         rows: &mut Vec<Row>,
     ) -> Result<(), CommandError> {
-        self.step_as(fulfilment::step_at, state, input, step, rows)
-            .await
+        let decide = |state, at| fulfilment::step_at(state, input, at);
+        self.step_as(decide, state, step, rows).await
     }
 
-    /// [`Self::step`], decided by `decide`.
+    /// [`Self::step`], decided by `decide` from the state and the time it is handled at
+    /// ([`fulfilment::step_at`], or another of the domain's ways to step).
     async fn step_as(
         &self,
-        decide: Decide,
+        decide: impl FnOnce(FulfilmentState, DateTime<Utc>) -> (FulfilmentState, Vec<Command>),
         state: &mut FulfilmentState,
-        input: &SagaInput<'_>,
         step: &Step,
         rows: &mut Vec<Row>,
     ) -> Result<(), CommandError> {
         // Stamped on this process's clock as well as the log's: a backlog's old events must not
         // start a deadline in the past (see `fulfilment::step_at`).
-        let (next, commands) = decide(state.clone(), input, Utc::now());
+        let (next, commands) = decide(state.clone(), Utc::now());
         // The commands continue this step's trace, itself a child of the event's.
         let step = Step {
             traceparent: trace_context::traceparent(&tracing::Span::current())
@@ -820,6 +814,17 @@ impl SagaRunner {
     ) -> Result<Handled, CommandError> {
         let before = state.phase();
         let mut rows = Vec::new();
+        // A fact kept from a parked step goes out first, under a name of its own: the payment
+        // events fed again below must decide what they decided the first time, under their ids.
+        if let Some(name) = state.parked_name() {
+            let step = Step {
+                causation: Uuid::new_v5(&order_id.0, name.as_bytes()),
+                correlation,
+                traceparent: None,
+            };
+            let decide = fulfilment::act_on_parked;
+            self.step_as(decide, &mut state, &step, &mut rows).await?;
+        }
         // Whatever the payment stream holds counts before the clock does (see the module doc).
         // Events fed here go out again when the lane meets them: the saga ignores repeats.
         let payment = stream_name(streams::payment(order_id))?;
