@@ -980,8 +980,17 @@ impl Plan<'_> {
     }
 
     /// Reservations still in flight are released when their event arrives; a charge still in
-    /// flight is refunded when it succeeds. No new charge is ever requested.
+    /// flight is refunded when it succeeds. No new charge is ever requested. The refund comes
+    /// first: the runner sends a step's commands in order and stops at one that fails, and a
+    /// customer's money must not wait on a product's stream.
     fn compensate(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
+        if state.payment.charged.is_some() && !state.payment.refunded && !state.sent.refund {
+            state.sent.refund = true;
+            commands.push(self.payment(PaymentCommand::Refund {
+                reason: fixed_reason("order cancelled"),
+                refunded_at: self.at,
+            }));
+        }
         for (sku, line) in &mut state.lines {
             if line.stock == Stock::Reserved && !line.release_sent {
                 line.release_sent = true;
@@ -993,13 +1002,6 @@ impl Plan<'_> {
                     },
                 });
             }
-        }
-        if state.payment.charged.is_some() && !state.payment.refunded && !state.sent.refund {
-            state.sent.refund = true;
-            commands.push(self.payment(PaymentCommand::Refund {
-                reason: fixed_reason("order cancelled"),
-                refunded_at: self.at,
-            }));
         }
     }
 
@@ -1772,7 +1774,7 @@ mod tests {
     fn a_customer_cancel_after_payment_refunds_and_releases() {
         given(awaiting_payment_and([charged(2)]))
             .when(cancelled_by_customer(5))
-            .then([release(mug(), 5), release(tea(), 5), refund(5)]);
+            .then([refund(5), release(mug(), 5), release(tea(), 5)]);
     }
 
     #[test]
@@ -1788,7 +1790,7 @@ mod tests {
             cancelled_by_customer(5).parked_at(at(5)),
         ]))
         .when(tick(6))
-        .then([release(mug(), 6), release(tea(), 6), refund(6)]);
+        .then([refund(6), release(mug(), 6), release(tea(), 6)]);
     }
 
     #[test]
@@ -1817,7 +1819,7 @@ mod tests {
         ]);
         let name = parked.parked_name().expect("a fact waits");
         let (acted, commands) = super::act_on_parked(parked, at(6));
-        assert_eq!(commands, [release(mug(), 6), release(tea(), 6), refund(6)]);
+        assert_eq!(commands, [refund(6), release(mug(), 6), release(tea(), 6)]);
         assert_eq!(acted.parked_name(), None);
         assert_eq!(acted.next_due_at(), None);
         // Nothing waits: nothing to send.
@@ -1832,7 +1834,7 @@ mod tests {
             cancelled_by_customer(5).parked_at(at(5))
         ]))
         .when(charged(6))
-        .then([release(mug(), 6), release(tea(), 6), refund(6)]);
+        .then([refund(6), release(mug(), 6), release(tea(), 6)]);
         assert_eq!(sent.next_due_at(), None);
     }
 

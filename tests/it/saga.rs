@@ -376,11 +376,7 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     )
     .await;
     assert_eq!(charged, ids.len() as i64, "one PaymentCharged per order");
-    let refunds = count(
-        &db,
-        "select count(*) from events where event_type = 'PaymentRefunded'",
-    )
-    .await;
+    let refunds = refunds(&db).await;
     assert_eq!(refunds, 0);
     let confirmed = count(
         &db,
@@ -1098,26 +1094,29 @@ async fn a_customer_cancel_whose_step_was_parked_refunds_and_releases_without_an
     log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
         .await;
 
-    // The log refuses the release for good (a trigger stands in for a bug): the step of the
-    // customer's cancel fails and is parked, with its refund unsent.
-    let client = db.connect().await.unwrap();
-    refuse_for_good(
-        &client,
-        "refuse_release",
-        "new.event_type = 'StockReservationReleased'",
-    )
-    .await;
-    cancel_as(&api, "alice", &id).await;
-    eventually(
-        &db,
-        "select count(*) from saga_parked where event_type = 'OrderCancelled'",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let client = cancel_with_releases_refused(&api, &db, &id).await;
     accept_again(&client, "refuse_release").await;
 
-    // No operator: after the pause of a failed charge's retry, the lane's tick sends both.
+    // No operator: after the pause of a failed charge's retry, the lane's tick releases.
+    assert_eq!(log.released("TEA").await.reserved(), 0);
+    assert_eq!(refunds(&db).await, 1);
+    assert_eq!(simulator.charges(), 1);
+}
+
+/// The money goes back first, and the customer hears of the cancel, while the stock cannot be
+/// given back: the refund used to wait for the releases before it in the same step, and a
+/// parked step's messages (its refund, the cancellation's notice) were dropped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_and_the_cancel_notice_do_not_wait_for_a_release_that_keeps_failing() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let (_simulator, _saga) = simulated_saga(&settings);
+    let id = place(&api, "alice", "TEA", 2, "tok_ok").await.id;
+    let log = Log::new(&settings);
+    log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+
+    cancel_with_releases_refused(&api, &db, &id).await;
     eventually(
         &db,
         "select count(*) from events where event_type = 'PaymentRefunded'",
@@ -1125,8 +1124,45 @@ async fn a_customer_cancel_whose_step_was_parked_refunds_and_releases_without_an
         Duration::from_secs(20),
     )
     .await;
-    assert_eq!(log.released("TEA").await.reserved(), 0);
-    assert_eq!(simulator.charges(), 1);
+    eventually(
+        &db,
+        "select count(*) from outbox
+         where payload->>'template' = 'order-cancelled' and delivered_at is not null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(log.product("TEA").await.reserved(), 2, "still refused");
+}
+
+/// Makes the log refuse every release for good (see [`refuse_for_good`], trigger
+/// `refuse_release`), cancels order `id` as its customer and waits until the saga has parked
+/// the cancel's step. A connection to the shop's database.
+async fn cancel_with_releases_refused(api: &Api, db: &TestDb, id: &str) -> tokio_postgres::Client {
+    let client = db.connect().await.unwrap();
+    refuse_for_good(
+        &client,
+        "refuse_release",
+        "new.event_type = 'StockReservationReleased'",
+    )
+    .await;
+    cancel_as(api, "alice", id).await;
+    eventually(
+        db,
+        "select count(*) from saga_parked where event_type = 'OrderCancelled'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    client
+}
+
+async fn refunds(db: &TestDb) -> i64 {
+    count(
+        db,
+        "select count(*) from events where event_type = 'PaymentRefunded'",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1153,10 +1189,6 @@ async fn orders_placed_while_the_saga_was_down_longer_than_the_payment_deadline_
     let log = Log::new(&settings);
     log.confirmed(&ids, Duration::from_secs(60)).await;
     assert_eq!(simulator.charges(), ids.len());
-    let refunds = count(
-        &db,
-        "select count(*) from events where event_type = 'PaymentRefunded'",
-    )
-    .await;
+    let refunds = refunds(&db).await;
     assert_eq!(refunds, 0);
 }

@@ -664,6 +664,10 @@ impl SagaRunner {
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
                     tracing::error!(%error, event_id = %input.id, %order_id, "saga event parked: its step cannot succeed");
+                    // Kept all the same: what the event asks for by itself (a cancellation's
+                    // notice), and the messages of the commands sent before the one that failed
+                    // (a refund), like their appends. Row ids make a later retry add nothing.
+                    handled.rows.extend(rows);
                     state = fulfilment::parked(state, &saga_input, Utc::now());
                     handled.parked.push(Parked {
                         input,
