@@ -818,16 +818,19 @@ impl SagaRunner {
     ) -> Result<Handled, CommandError> {
         let before = state.phase();
         let mut rows = Vec::new();
+        // The tick's own steps are named (with the order id, their commands are): the same
+        // name seen again after a crash sends the same command ids.
+        let named = |name: String| Step {
+            causation: Uuid::new_v5(&order_id.0, name.as_bytes()),
+            correlation,
+            traceparent: None,
+        };
         // A fact kept from a parked step goes out first, under a name of its own: the payment
         // events fed again below must decide what they decided the first time, under their ids.
         if let Some(name) = state.parked_name() {
-            let step = Step {
-                causation: Uuid::new_v5(&order_id.0, name.as_bytes()),
-                correlation,
-                traceparent: None,
-            };
             let decide = fulfilment::act_on_parked;
-            self.step_as(decide, &mut state, &step, &mut rows).await?;
+            self.step_as(decide, &mut state, &named(name), &mut rows)
+                .await?;
         }
         // Whatever the payment stream holds counts before the clock does (see the module doc).
         // Events fed here go out again when the lane meets them: the saga ignores repeats.
@@ -850,13 +853,9 @@ impl SagaRunner {
             self.step(&mut state, &SagaInput::Event(event), &step, &mut rows)
                 .await?;
         }
-        // The same deadline seen again after a crash sends the same command ids; a state that
-        // has sent more since decides other commands, under other ids.
-        let tick_step = |state: &FulfilmentState, what: &str| Step {
-            causation: Uuid::new_v5(&order_id.0, (state.tick_name(due_at) + what).as_bytes()),
-            correlation,
-            traceparent: None,
-        };
+        // A state that has sent more since the last tick at this deadline decides other
+        // commands, under other names.
+        let tick_step = |state: &FulfilmentState, what: &str| named(state.tick_name(due_at) + what);
         // Answers to the reservations that the saga has not seen by the stock deadline (a
         // parked or skipped step) are asked of the products themselves.
         let unanswered = state.stock_to_check(now);
@@ -1065,9 +1064,7 @@ impl TickFailures {
     fn failed(&self, order_id: OrderId, tick: Duration) -> (u32, Duration) {
         let mut failing = self.failing();
         let tries = failing.get(&order_id).map_or(1, |(tries, _)| tries + 1);
-        let pause = tick
-            .saturating_mul(1 << (tries - 1).min(16))
-            .min(LONGEST_TICK_PAUSE);
+        let pause = super::doubled(tick, tries - 1, LONGEST_TICK_PAUSE);
         failing.insert(order_id, (tries, tokio::time::Instant::now() + pause));
         (tries, pause)
     }

@@ -378,11 +378,7 @@ impl Resilient {
     /// "Full jitter": a uniform sleep below the exponential bound, so retrying callers
     /// spread out instead of returning in step.
     fn backoff(&self, retry: u32) -> Duration {
-        let bound = self
-            .policy
-            .backoff
-            .saturating_mul(1 << retry.min(16))
-            .min(self.policy.max_backoff);
+        let bound = super::doubled(self.policy.backoff, retry, self.policy.max_backoff);
         bound.mul_f64(fastrand::f64())
     }
 

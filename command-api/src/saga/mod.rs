@@ -694,6 +694,13 @@ impl Lag {
 
 /// Unique per process start: the host name (when there is one) for operators, and a random
 /// part so two processes on one host never share an id.
+/// `first` doubled `doublings` times (at most 16), and no longer than `longest`: how every
+/// backoff of the saga grows (gateway retries, outbox deliveries, failing deadlines), each
+/// spreading it its own way.
+fn doubled(first: Duration, doublings: u32, longest: Duration) -> Duration {
+    first.saturating_mul(1 << doublings.min(16)).min(longest)
+}
+
 fn member_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "orderly".into());
     format!(

@@ -589,9 +589,8 @@ where
 /// moved by up to ±20 % at random, so messages that failed together (an outage, a restart)
 /// do not all come due again in the same round.
 fn retry_pause(attempts: i32) -> Duration {
-    let nominal = FIRST_RETRY
-        .saturating_mul(1 << attempts.clamp(0, 16))
-        .min(LONGEST_RETRY);
+    let doublings = u32::try_from(attempts).unwrap_or(0);
+    let nominal = super::doubled(FIRST_RETRY, doublings, LONGEST_RETRY);
     nominal.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
 
