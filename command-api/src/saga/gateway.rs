@@ -171,7 +171,8 @@ impl PaymentGateway for Simulator {
 /// An external provider over HTTP: `POST {base}/charges` and `POST {base}/refunds` with an
 /// `Idempotency-Key` header, `GET {base}/charges/{key}` to look a charge up. 2xx answers
 /// carry a [`ChargeOutcome`]; 402 is a decline; other client errors are final (see
-/// `is_client_error`); anything else (5xx, 408, 409, 429, a dropped connection) is transient.
+/// `is_client_error`); anything else (5xx, 401, 403, 407, 408, 409, 429, a dropped connection)
+/// is transient.
 pub struct HttpGateway {
     client: reqwest::Client,
     base: String,
@@ -188,14 +189,21 @@ impl HttpGateway {
 
 /// Whether the provider refused the request itself: a 4xx other than 408 (request timeout),
 /// 409 (the idempotency-key convention's "a request with this key is still in progress", so
-/// the outcome is unknown) and 429 (too many requests). The same request would be refused
-/// again, and it says nothing about the provider's health, so it is neither retried nor
-/// counted by the breakers.
+/// the outcome is unknown), 429 (too many requests) and the refusals of Orderly's own
+/// credentials, 401, 403 and 407 (a rotated key, a revoked account, a proxy: every call
+/// fails alike until someone fixes the integration, an outage that is no customer's doing).
+/// The same request would be refused again, and it says nothing about the provider's health,
+/// so it is neither retried nor counted by the breakers.
 fn is_client_error(status: StatusCode) -> bool {
     status.is_client_error()
         && !matches!(
             status,
-            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS
+            StatusCode::REQUEST_TIMEOUT
+                | StatusCode::CONFLICT
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::PROXY_AUTHENTICATION_REQUIRED
         )
 }
 
@@ -726,7 +734,8 @@ mod tests {
     }
 
     /// A provider on a free port: tok_ok charges, tok_declined answers 402, tok_invalid 422,
-    /// tok_in_progress 409, tok_throttled 429, anything else 503. It knows the charge with key
+    /// tok_in_progress 409, tok_throttled 429, tok_unauthorized 401, tok_forbidden 403,
+    /// anything else 503. It knows the charge with key
     /// `order-1`, and refunds of reference `ref-unknown` answer 404. Counts what it is sent.
     async fn provider() -> (String, Arc<AtomicU64>) {
         use axum::Json;
@@ -755,6 +764,8 @@ mod tests {
                 Some("tok_invalid") => StatusCode::UNPROCESSABLE_ENTITY,
                 Some("tok_in_progress") => StatusCode::CONFLICT,
                 Some("tok_throttled") => StatusCode::TOO_MANY_REQUESTS,
+                Some("tok_unauthorized") => StatusCode::UNAUTHORIZED,
+                Some("tok_forbidden") => StatusCode::FORBIDDEN,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
             status.into_response()
@@ -823,6 +834,28 @@ mod tests {
         ));
     }
 
+    /// A provider that refuses Orderly's credentials refuses every order: an outage, which
+    /// opens its breaker, not a decline of each customer's card.
+    #[tokio::test]
+    async fn refused_credentials_are_an_outage_that_opens_the_provider_breaker() {
+        let (base, _) = provider().await;
+        let gateway = Resilient::new(Arc::new(HttpGateway::new(base)), fast());
+        let mut n = 0;
+        while gateway.breaker_state() != BreakerState::Open {
+            let refused = gateway
+                .charge(&charge_for(&format!("order-{n}"), "tok_unauthorized"))
+                .await;
+            // The provider's answer, until the breaker it opened answers for it.
+            assert!(
+                matches!(&refused, Err(CommandError::Gateway(why))
+                    if why.contains("401") || why.contains("breaker open")),
+                "{refused:?}"
+            );
+            n += 1;
+            assert!(n < 60, "the breaker never opened");
+        }
+    }
+
     #[tokio::test]
     async fn client_errors_are_final_not_retried_and_kept_off_the_breakers() {
         let (base, calls) = provider().await;
@@ -857,8 +890,14 @@ mod tests {
             BreakerState::Closed
         );
 
-        // A request still in progress and throttling are transient: retried, outcome unknown.
-        for token in ["tok_in_progress", "tok_throttled"] {
+        // A request still in progress, throttling and a refusal of Orderly's own credentials
+        // are transient: retried, outcome unknown, never the customer's decline.
+        for token in [
+            "tok_in_progress",
+            "tok_throttled",
+            "tok_unauthorized",
+            "tok_forbidden",
+        ] {
             let before = calls.load(Ordering::SeqCst);
             let outcome = gateway.charge(&charge_for("order-9", token)).await;
             assert!(matches!(outcome, Err(CommandError::Gateway(_))), "{token}");
