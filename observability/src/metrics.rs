@@ -261,7 +261,7 @@ fn describe() {
     for (name, help) in counters {
         describe_counter!(name, help);
     }
-    let gauges: [(&str, &str); 18] = [
+    let gauges: [(&str, &str); 20] = [
         (
             "orderly_graphql_subscriptions_active",
             "GraphQL subscriptions open now.",
@@ -302,6 +302,14 @@ fn describe() {
         (
             "orderly_saga_deadlines_overdue",
             "Saga instances whose deadline passed more than a minute ago without being handled.",
+        ),
+        (
+            "orderly_outbox_dead_letters",
+            "Outbox messages that failed every delivery attempt and wait for an operator.",
+        ),
+        (
+            "orderly_outbox_oldest_pending_seconds",
+            "Age of the oldest outbox message still to deliver; 0 when none is.",
         ),
         (
             "orderly_payment_breaker_state",

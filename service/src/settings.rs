@@ -233,7 +233,7 @@ impl Default for SagaSettings {
     fn default() -> Self {
         Self {
             tick: Duration::from_secs(1),
-            outbox_max_attempts: 5,
+            outbox_max_attempts: orderly_command_api::saga::DEFAULT_OUTBOX_MAX_ATTEMPTS,
             retention: Some(Duration::from_secs(7 * unit::SECONDS_PER_DAY)),
             lease: Duration::from_secs(5),
             orders_in_flight: 32,

@@ -183,6 +183,7 @@ async fn the_scrape_after_an_order_passes_promtool_and_holds_every_documented_na
         r#"orderly_saga_instances{state="reserving"}"#,
         r#"orderly_payment_requests_total{outcome="charged"} 1"#,
         r#"orderly_payment_breaker_state 0"#,
+        r#"orderly_outbox_dead_letters 0"#,
         r#"orderly_notifications_total{outcome="sent"} 1"#,
         r#"orderly_readiness_check{check="projections"} 1"#,
         r#"orderly_db_pool_max_connections{pool="event_store"} 8"#,

@@ -495,6 +495,127 @@ async fn an_outcome_that_cannot_be_recorded_at_once_is_recorded_when_it_can() {
     assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "charged once");
 }
 
+/// A charge message delivered again after its outcome was recorded (the worker that recorded
+/// it died, or its lease ran out, before marking it delivered) does not call the provider
+/// again: once the payment moved on, a second call that timed out after taking the money would
+/// record nothing, and nothing would look for that money again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(Gated::default());
+    gateway.gate.add_permits(100);
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        ..SagaConfig::default()
+    };
+    spawn(runner_with(&settings, config, gateway.clone()));
+    let order_id = place_one(&api, "alice", "TEA").await;
+    let charged = format!(
+        "select count(*) from events where event_type = 'PaymentCharged'
+         and stream = 'payment-{order_id}'"
+    );
+    eventually(&db, &charged, 1, Duration::from_secs(30)).await;
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'charge' and delivered_at is not null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // As if the worker had died between recording the charge and marking the message.
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "update outbox set delivered_at = null, next_attempt_at = now() where kind = 'charge'",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'charge' and delivered_at is not null
+         and attempts = 2",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "called once");
+    assert_eq!(
+        events_of(&db, "PaymentCharged", &format!("payment-{order_id}")).await,
+        1
+    );
+}
+
+/// Fails every notice to one customer, with an error that passes; delivers the others.
+struct FailsFor(&'static str);
+
+#[async_trait]
+impl Notifier for FailsFor {
+    async fn send(&self, notice: &Notice) -> Result<(), CommandError> {
+        if notice.customer_id == self.0 {
+            return Err(CommandError::Delivery("mailbox full".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Two notices claimed together, one delivered and one failed, whose failure cannot be
+/// recorded (a trigger refuses it, for good): the delivered one is marked all the same. It
+/// used to stay claimed until its lease ran out, then be delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_that_cannot_be_recorded_does_not_hold_back_the_deliveries_beside_it() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let client = db.connect().await.unwrap();
+    client
+        .batch_execute(
+            "create function no_errors() returns trigger language plpgsql
+             as $$ begin raise exception 'no room for errors'; end $$;
+             create trigger no_errors before update on outbox for each row
+             when (new.last_error is not null) execute function no_errors();",
+        )
+        .await
+        .unwrap();
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        ..SagaConfig::default()
+    };
+    spawn(runner(&settings, config).with_notifier(Arc::new(FailsFor("bob"))));
+    // One statement, so one claim takes both.
+    client
+        .execute(
+            "insert into outbox (outbox_id, order_id, kind, payload)
+             select gen_random_uuid(), o, 'notification',
+                    jsonb_build_object('kind', 'notification', 'order_id', o,
+                                       'template', 'order-confirmed', 'customer_id', c,
+                                       'detail', null, 'correlation_id', o)
+             from (select gen_random_uuid() as o, c from unnest(array['alice', 'bob']) c) n",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually(
+        &db,
+        "select count(*) from outbox where payload->>'customer_id' = 'alice'
+         and delivered_at is not null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from outbox where delivered_at is null and attempts = 1"
+        )
+        .await,
+        1,
+        "bob's notice waits for its lease, claimed once"
+    );
+}
+
 /// Takes the money like the simulator but loses every answer, as a charge call that times out
 /// after the provider charged. Lookups tell the truth unless `lookups_down`.
 #[derive(Default)]

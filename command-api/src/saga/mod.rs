@@ -64,6 +64,13 @@ use outbox::Row;
 /// The `actor` of every event the saga and its workers write.
 pub const ACTOR: &str = "system:fulfilment";
 
+/// Delivery attempts of an outbox message before it is dead-lettered, by default: with pauses
+/// doubling from 0.4 s up to a minute, about 13 minutes of trying, so an outage of the payment
+/// provider or the mail server shorter than that dead-letters nothing (refunds, resolutions
+/// and notices go through once it ends), and well past the breaker's cool-down, which
+/// short-circuits calls meanwhile.
+pub const DEFAULT_OUTBOX_MAX_ATTEMPTS: u32 = 20;
+
 /// How a runner behaves.
 #[derive(Debug, Clone)]
 pub struct SagaConfig {
@@ -87,7 +94,8 @@ pub struct SagaConfig {
     pub lease: Duration,
     /// How often leases are renewed and the lanes shared out again (well below `lease`).
     pub heartbeat: Duration,
-    /// Delivery attempts of an outbox message before it is dead-lettered.
+    /// Delivery attempts of an outbox message before it is dead-lettered; see
+    /// [`DEFAULT_OUTBOX_MAX_ATTEMPTS`].
     pub outbox_max_attempts: u32,
     /// How long a claimed outbox message stays invisible to other workers; longer than any
     /// delivery takes (gateway timeout times attempts).
@@ -110,7 +118,7 @@ impl Default for SagaConfig {
             append_writers: 8,
             lease: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
-            outbox_max_attempts: 5,
+            outbox_max_attempts: DEFAULT_OUTBOX_MAX_ATTEMPTS,
             outbox_lease: Duration::from_secs(60),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             purge_every: Duration::from_secs(3600),
@@ -210,6 +218,7 @@ impl SagaRunner {
         };
         let deliver = runner.clone().deliver(stopped.clone());
         let purge = runner.clone().purge_periodically(stopped.clone());
+        let census = runner.clone().census_periodically(stopped.clone());
         let signal = async {
             let mut stopped = stopped.clone();
             tokio::select! {
@@ -218,9 +227,26 @@ impl SagaRunner {
             }
             let _ = stop.send(true);
         };
-        let (followed, delivered, (), ()) = tokio::join!(follow, deliver, purge, signal);
+        let (followed, delivered, (), (), ()) =
+            tokio::join!(follow, deliver, purge, census, signal);
         tracing::info!(saga = %runner.config.name, "saga runner stopped");
         followed.and(delivered)
+    }
+
+    /// Takes the census every [`CENSUS_PERIOD`], on a task of its own: its queries must never
+    /// hold up the heartbeat that renews this process's leases.
+    async fn census_periodically(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(CENSUS_PERIOD);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = every.tick() => {}
+            }
+            if let Err(error) = self.census().await {
+                tracing::warn!(%error, "saga instances not counted this time");
+            }
+        }
     }
 
     /// Purges old rows every `purge_every` (first right after the start). Every runner
@@ -262,7 +288,6 @@ impl SagaRunner {
         let mut consumer: Option<Consumer> = None;
         let mut beat = tokio::time::interval(self.config.heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut census = tokio::time::interval(CENSUS_PERIOD);
         let mut lanes_ready = false;
         loop {
             tokio::select! {
@@ -274,12 +299,6 @@ impl SagaRunner {
                     }
                 }
                 _ = beat.tick() => {}
-                _ = census.tick() => {
-                    if let Err(error) = self.census().await {
-                        tracing::warn!(%error, "saga instances not counted this time");
-                    }
-                    continue;
-                }
             }
             if !lanes_ready {
                 lanes_ready = self.ensure_lanes().await;
@@ -527,9 +546,10 @@ impl SagaRunner {
 impl SagaRunner {
     /// `orderly_saga_instances` and `orderly_saga_oldest_open_seconds` for every open phase
     /// (0 when empty), counted in the database by the phase stored with each state (see
-    /// [`open_instances`]), `orderly_saga_parked` and `orderly_saga_deadlines_overdue`.
+    /// [`open_instances`]), `orderly_saga_parked`, `orderly_saga_deadlines_overdue`, and the
+    /// outbox's `orderly_outbox_dead_letters` and `orderly_outbox_oldest_pending_seconds`.
     async fn census(&self) -> Result<(), CommandError> {
-        let (phases, parked, overdue) = {
+        let (phases, parked, overdue, outbox) = {
             let client = self.pool.get().await?;
             let phases = open_instances(&client, &self.config.name, Utc::now()).await?;
             let parked: i64 = client
@@ -540,7 +560,8 @@ impl SagaRunner {
                 .await?
                 .get(0);
             let overdue = maintenance::overdue(&client, &self.config.name).await?;
-            (phases, parked, overdue)
+            let outbox = client.query_one(OUTBOX_CENSUS, &[]).await?;
+            (phases, parked, overdue, outbox)
         };
         for phase in Phase::OPEN {
             let (count, oldest) = phases.get(&phase).copied().unwrap_or_default();
@@ -550,6 +571,8 @@ impl SagaRunner {
         }
         metrics::gauge!("orderly_saga_parked").set(parked as f64);
         metrics::gauge!("orderly_saga_deadlines_overdue").set(overdue.count as f64);
+        metrics::gauge!("orderly_outbox_dead_letters").set(outbox.get::<_, i64>(0) as f64);
+        metrics::gauge!("orderly_outbox_oldest_pending_seconds").set(outbox.get::<_, f64>(1));
         Ok(())
     }
 }
@@ -588,6 +611,14 @@ async fn open_instances(
     }
     Ok(phases)
 }
+
+/// The outbox's dead letters waiting for an operator, and the age in seconds of its oldest
+/// message still to deliver (0 when none is).
+const OUTBOX_CENSUS: &str = "
+select count(*) filter (where dead_lettered_at is not null and skipped_at is null),
+       coalesce(extract(epoch from now() - min(created_at) filter (where dead_lettered_at is null)),
+                0)::float8
+from outbox where delivered_at is null";
 
 /// Open instances per stored phase, with when the longest-unchanged of them last changed.
 const CENSUS: &str = "

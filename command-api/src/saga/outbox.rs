@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
+use orderly_domain::Rejection;
 use orderly_domain::order::{OrderAggregate, OrderStatus};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
@@ -237,6 +238,26 @@ where outbox_id in (
     for update skip locked)
 returning outbox_id, payload, attempts";
 
+const MARK_DELIVERED: &str = "
+update outbox o set delivered_at = now()
+from unnest($1::uuid[], $2::int[]) as d(outbox_id, attempts)
+where o.outbox_id = d.outbox_id and o.attempts = d.attempts";
+
+/// A message this worker claimed: its id, and its attempts counted with this claim, which
+/// also tell whether another worker claimed it since (a lease that ran out).
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    id: Uuid,
+    attempts: i32,
+}
+
+impl Claim {
+    /// Whether an earlier claim tried this message: its outcome may be recorded already.
+    fn is_redelivery(self) -> bool {
+        self.attempts > 1
+    }
+}
+
 impl SagaRunner {
     pub(super) async fn deliver(
         self: Arc<Self>,
@@ -271,55 +292,70 @@ impl SagaRunner {
         };
         let count = claimed.len();
         let deliveries = claimed.into_iter().map(|row| async move {
-            let id: Uuid = row.get(0);
-            let attempts: i32 = row.get(2);
-            let outcome = match serde_json::from_value::<Message>(row.get(1)) {
-                Ok(message) => self.deliver_one(id, message).await,
-                Err(e) => Err(CommandError::Internal(format!("outbox message {id}: {e}"))),
+            let claim = Claim {
+                id: row.get(0),
+                attempts: row.get(2),
             };
-            (id, attempts, outcome)
+            let outcome = match serde_json::from_value::<Message>(row.get(1)) {
+                Ok(message) => self.deliver_one(claim, message).await,
+                Err(e) => Err(CommandError::Internal(format!(
+                    "outbox message {}: {e}",
+                    claim.id
+                ))),
+            };
+            (claim, outcome)
         });
-        // Deliveries are marked done in one statement; failures (rare) one by one.
         let mut delivered = Vec::with_capacity(count);
-        for (id, attempts, outcome) in futures::future::join_all(deliveries).await {
+        let mut failed = Vec::new();
+        for (claim, outcome) in futures::future::join_all(deliveries).await {
             match outcome {
-                Ok(()) => delivered.push(id),
-                Err(error) => {
-                    recording(|| self.settle_failure(id, attempts, &error)).await?;
-                }
+                Ok(()) => delivered.push(claim),
+                Err(error) => failed.push((claim, error)),
             }
         }
-        if !delivered.is_empty() {
-            recording(|| self.mark_delivered(&delivered)).await?;
+        // Deliveries are marked done in one statement, failures (rare) one by one, each
+        // whatever became of the others: a failure that cannot be recorded must not leave the
+        // messages delivered beside it to be delivered again when their lease runs out.
+        let mut unrecorded = None;
+        if !delivered.is_empty()
+            && let Err(error) = recording(|| self.mark_delivered(&delivered)).await
+        {
+            unrecorded = Some(error);
         }
-        Ok(count)
+        for (claim, error) in &failed {
+            if let Err(error) = recording(|| self.settle_failure(*claim, error)).await {
+                unrecorded.get_or_insert(error);
+            }
+        }
+        unrecorded.map_or(Ok(count), Err)
     }
 
-    async fn mark_delivered(&self, delivered: &[Uuid]) -> Result<(), CommandError> {
+    /// Marks `delivered` done where each is still in the hands of this claim: a worker whose
+    /// lease ran out (a slow gateway, a pause) and whose message another worker claimed meanwhile
+    /// leaves the row to that worker.
+    async fn mark_delivered(&self, delivered: &[Claim]) -> Result<(), CommandError> {
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = delivered
+            .iter()
+            .map(|claim| (claim.id, claim.attempts))
+            .unzip();
         let client = self.pool.get().await?;
-        client
-            .execute(
-                "update outbox set delivered_at = now() where outbox_id = any($1)",
-                &[&delivered],
-            )
-            .await?;
+        client.execute(MARK_DELIVERED, &[&ids, &attempts]).await?;
         Ok(())
     }
 
-    async fn settle_failure(
-        &self,
-        id: Uuid,
-        attempts: i32,
-        error: &CommandError,
-    ) -> Result<(), CommandError> {
+    /// Records a failed delivery: tried again after [`retry_pause`], or dead-lettered once out
+    /// of attempts; like [`Self::mark_delivered`], only while the claim still holds the row.
+    async fn settle_failure(&self, claim: Claim, error: &CommandError) -> Result<(), CommandError> {
+        let Claim { id, attempts } = claim;
         let client = self.pool.get().await?;
         // Out of attempts: parked with its error for an operator; never retried silently.
         if attempts >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX) {
             tracing::error!(%error, outbox_id = %id, attempts, "outbox message dead-lettered");
             client
                 .execute(
-                    "update outbox set dead_lettered_at = now(), last_error = $2 where outbox_id = $1",
-                    &[&id, &error.to_string()],
+                    "update outbox set dead_lettered_at = now(), last_error = $3
+                     where outbox_id = $1 and attempts = $2",
+                    &[&id, &attempts, &error.to_string()],
                 )
                 .await?;
         } else {
@@ -327,9 +363,9 @@ impl SagaRunner {
             tracing::warn!(%error, outbox_id = %id, attempts, "outbox delivery failed; will retry");
             client
                 .execute(
-                    "update outbox set next_attempt_at = now() + make_interval(secs => $2), last_error = $3
-                     where outbox_id = $1",
-                    &[&id, &pause.as_secs_f64(), &error.to_string()],
+                    "update outbox set next_attempt_at = now() + make_interval(secs => $3), last_error = $4
+                     where outbox_id = $1 and attempts = $2",
+                    &[&id, &attempts, &pause.as_secs_f64(), &error.to_string()],
                 )
                 .await?;
         }
@@ -338,7 +374,8 @@ impl SagaRunner {
 
     /// Delivers message `id`: one call to the gateway or the notifier, and the outcome
     /// recorded where the saga will see it.
-    async fn deliver_one(&self, id: Uuid, message: Message) -> Result<(), CommandError> {
+    async fn deliver_one(&self, claim: Claim, message: Message) -> Result<(), CommandError> {
+        let id = claim.id;
         match message {
             Message::Charge {
                 order_id,
@@ -354,7 +391,7 @@ impl SagaRunner {
                     amount_minor,
                     currency,
                 };
-                self.charge(id, order_id, attempt, &charge, correlation_id)
+                self.charge(claim, order_id, attempt, &charge, correlation_id)
                     .await
             }
             Message::Refund {
@@ -399,12 +436,22 @@ impl SagaRunner {
     /// the deadline). Any other failure fails the delivery, to be tried again.
     async fn charge(
         &self,
-        id: Uuid,
+        claim: Claim,
         order_id: OrderId,
         attempt: u32,
         charge: &Charge,
         correlation_id: Uuid,
     ) -> Result<(), CommandError> {
+        let id = claim.id;
+        // A message delivered again may have had its outcome recorded by a worker that died, or
+        // whose lease ran out, before marking it delivered. Calling the provider once more after
+        // the payment moved on could take money that nothing would give back: if that call timed
+        // out, its failure would record nothing (this attempt's outcome is in already), so no
+        // resolution would ever look for it.
+        if claim.is_redelivery() && !self.awaits_outcome(order_id, attempt).await? {
+            tracing::info!(%order_id, attempt, "charge attempt already settled; the provider is not called again");
+            return Ok(());
+        }
         let now = Utc::now();
         let (outcome, command) = match self.gateway.charge(charge).await {
             Ok(ChargeOutcome::Charged { reference }) => ("charged", record_charge(reference, now)?),
@@ -498,6 +545,15 @@ impl SagaRunner {
         }
     }
 
+    /// Whether the order's payment still waits for the outcome of charge attempt `attempt`.
+    async fn awaits_outcome(&self, order_id: OrderId, attempt: u32) -> Result<bool, CommandError> {
+        let stream = stream_name(streams::payment(order_id))?;
+        let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
+        Ok(loaded.state.is_some_and(|payment| {
+            payment.status == PaymentStatus::Pending && payment.attempts == attempt
+        }))
+    }
+
     /// The last attempt of the order's payment when it failed transiently, the one state in
     /// which the log does not say whether money was taken.
     async fn failed_attempt(&self, order_id: OrderId) -> Result<Option<u32>, CommandError> {
@@ -553,6 +609,15 @@ impl SagaRunner {
         let recorded = metered(command.command_name(), handled).await;
         match recorded {
             Ok(_) => Ok(()),
+            // The provider took money the payment cannot hold (it was declined, or charged under
+            // another reference): never dropped as a repeat. The delivery fails, and after its
+            // attempts the message waits, dead-lettered with this error, for an operator.
+            Err(CommandError::Rejected(rejection @ Rejection::UnexpectedCharge { .. })) => {
+                tracing::error!(%rejection, %order_id, "the provider charged a payment that cannot record it");
+                Err(CommandError::Internal(format!(
+                    "the provider charged order {order_id}, but its payment refused the charge: {rejection}"
+                )))
+            }
             // The payment moved on (a duplicate outcome); nothing to record.
             Err(CommandError::Rejected(rejection)) => {
                 tracing::info!(%rejection, %order_id, "payment outcome not recorded");
@@ -660,6 +725,22 @@ mod tests {
         assert_eq!(kinds(&first), ["resolve"]);
         assert_eq!(first[0].id, again[0].id, "a replayed event adds nothing");
         assert_ne!(first[0].id, second[0].id);
+    }
+
+    /// The pauses of the default attempts, without their spread: an outage shorter than this
+    /// dead-letters nothing. Five attempts, the old default, gave up after 6 s, before the
+    /// provider's breaker (10 s cool-down) let a single probe through.
+    #[test]
+    fn the_default_attempts_outlast_a_ten_minute_outage() {
+        let max = i32::try_from(crate::saga::DEFAULT_OUTBOX_MAX_ATTEMPTS).unwrap();
+        let nominal: Duration = (1..max)
+            .map(|attempts| {
+                let doublings = u32::try_from(attempts).unwrap();
+                crate::saga::doubled(FIRST_RETRY, doublings, LONGEST_RETRY)
+            })
+            .sum();
+        assert!(nominal >= Duration::from_secs(600), "{nominal:?}");
+        assert!(nominal <= Duration::from_secs(20 * 60), "{nominal:?}");
     }
 
     #[test]
