@@ -607,6 +607,119 @@ async fn a_standby_runner_takes_over_when_the_leader_dies() {
     assert_eq!(reserved, 2, "each order reserved once, by one runner");
 }
 
+/// A runner that shares its lanes with a process that joins restarts its consumer on the lanes
+/// it keeps, from where they stand. It used to start from where they stood when it claimed
+/// them: every event since was handed to the saga again, and the outbox messages of those
+/// events went back in line once the retention purge had removed them (a charge call and a
+/// mail again per order, days later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_that_gives_lanes_to_a_newcomer_goes_on_from_where_its_lanes_stand() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 100).await;
+    let simulator = Arc::new(Simulator::default());
+    let gateway = || Arc::new(Resilient::new(simulator.clone(), fast_resilience()));
+    let _first = start_saga(&settings, gateway());
+    // Enough orders that the lanes the first runner keeps hold some of them.
+    let placing = (0..32).map(|i| {
+        let api = &api;
+        async move { place(api, &format!("c{i}"), "TEA", 1, "tok_ok").await.id }
+    });
+    let ids = futures::future::join_all(placing).await;
+    let log = Log::new(&settings);
+    log.confirmed(&ids, Duration::from_secs(60)).await;
+    eventually(
+        &db,
+        "select count(*) from outbox where delivered_at is null",
+        0,
+        Duration::from_secs(20),
+    )
+    .await;
+    // As the retention purge leaves the outbox a week later.
+    db.connect()
+        .await
+        .unwrap()
+        .execute("delete from outbox", &[])
+        .await
+        .unwrap();
+
+    let _second = start_saga(&settings, gateway());
+    eventually(
+        &db,
+        "select count(distinct owner) from saga_lanes where lease_until > now()",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
+    // Time for a consumer that started over to get through the log (it did so in well under
+    // a second).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outbox = count(&db, "select count(*) from outbox").await;
+    assert_eq!(outbox, 0, "messages of settled orders put back in line");
+    assert_eq!(simulator.charges(), ids.len());
+}
+
+/// A payment event the runner cannot read may be the charge: the payment deadline is not
+/// judged without it. The tick used to skip it, cancel the order "payment not completed", and,
+/// the charge unseen, refund nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_event_that_does_not_decode_holds_the_payment_deadline() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let _saga = start_saga_with(&settings, Arc::new(NeverAnswers), fast_timing());
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    let payment = format!("payment-{id}");
+    let requested = format!(
+        "select count(*) from events where stream = '{payment}' and event_type = 'PaymentChargeRequested'"
+    );
+    eventually(&db, &requested, 1, Duration::from_secs(20)).await;
+    // The charge, as a newer build (or a broken upcaster) wrote it: this one cannot read it.
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into events (event_id, stream, version, event_type, data, metadata)
+             values (gen_random_uuid(), $1, 1, 'PaymentCharged', '{\"charged_in\": \"v9\"}', '{}')",
+            &[&payment],
+        )
+        .await
+        .unwrap();
+    eventually(
+        &db,
+        "select count(*) from saga_parked where event_type = 'PaymentCharged'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Well past the 2.5 s payment deadline, with ticks every 100 ms.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let order = Log::new(&settings).order(&id).await;
+    assert_eq!(order.status, OrderStatus::StockReserved, "{order:?}");
+    let cancels = count(
+        &db,
+        "select count(*) from events where event_type = 'OrderCancelled'",
+    )
+    .await;
+    assert_eq!(cancels, 0);
+}
+
+/// A provider whose charge calls never return.
+struct NeverAnswers;
+
+#[async_trait::async_trait]
+impl PaymentGateway for NeverAnswers {
+    async fn charge(&self, _charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        std::future::pending().await
+    }
+
+    async fn refund(&self, _key: &str, _reference: &str) -> Result<(), CommandError> {
+        Ok(())
+    }
+
+    async fn lookup(&self, _key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        Ok(None)
+    }
+}
+
 /// The runner skips writing a state when a step moved only its clock; what it stored must
 /// still decide as a state folded from the order's events in the log would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -280,6 +280,12 @@ on conflict (saga_name, event_id) do update
 set error = excluded.error, attempts = saga_parked.attempts + 1, parked_at = now(),
     retry_requested_at = null";
 
+/// Names the orders of parked events that decode now (see `retry_parked`).
+const REROUTE: &str = "
+update saga_parked p set order_id = r.order_id
+from unnest($2::uuid[], $3::uuid[]) as r(event_id, order_id)
+where p.saga_name = $1 and p.event_id = r.event_id";
+
 const UNPARK: &str = "delete from saga_parked where saga_name = $1 and event_id = any($2)";
 
 /// One page of a lane's due states, in (deadline, order) order, after the cursor `$5, $6` when
@@ -337,6 +343,9 @@ impl SagaRunner {
         let mut fenced = None;
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         let mut marked = read;
+        // Failures of the subscription in a row: the pause before the next try doubles with
+        // each, so a store that keeps failing (an event it cannot hand over) is not hammered.
+        let mut failures = 0;
         'subscribe: while fenced.is_none() && !*stop.borrow() {
             let mut events = match self.log.subscribe(read, EventFilter::All).await {
                 Ok(events) => events,
@@ -359,16 +368,19 @@ impl SagaRunner {
                     }
                     next = events.next() => match next {
                         Some(Ok(recorded)) => {
+                            failures = 0;
                             read = recorded.position;
                             if !deal(&lanes, Input::new(recorded), &mut stop).await {
                                 break 'subscribe;
                             }
                         }
                         Some(Err(error)) => {
-                            tracing::warn!(%error, "saga subscription failed; resubscribing");
+                            let pause = super::doubled(RETRY_FIRST, failures, RETRY_LAST);
+                            failures += 1;
+                            tracing::warn!(%error, failures, ?pause, "saga subscription failed; resubscribing");
                             tokio::select! {
                                 _ = stop.changed() => break 'subscribe,
-                                () = tokio::time::sleep(RETRY_FIRST) => continue 'subscribe,
+                                () = tokio::time::sleep(pause) => continue 'subscribe,
                             }
                         }
                         None => continue 'subscribe,
@@ -440,13 +452,15 @@ impl SagaRunner {
                         (next_due, due_after) = (next, cursor);
                     }
                     if parked_checked.is_none_or(|at| at.elapsed() >= PARKED_EVERY)
-                        && self
+                        && let Some(due) = self
                             .once(|| self.retry_parked(&lease))
                             .await
                             .map_err(fenced)?
-                            .is_some()
                     {
                         parked_checked = Some(tokio::time::Instant::now());
+                        // A retried step may have set a deadline (a charge's retry) before the
+                        // lane's next one.
+                        next_due = earliest(next_due, due);
                     }
                     // The next tick a whole period after this one's work: work that takes longer
                     // than the period (a slow database) must not keep the events waiting.
@@ -842,8 +856,17 @@ impl SagaRunner {
             .await?;
         for recorded in recorded {
             let input = Input::new(recorded);
-            let Ok((event, metadata)) = &input.decoded else {
-                continue;
+            // A payment event that does not decode may be the charge: judging the deadline
+            // without it could cancel a paid order and refund nothing. The tick fails for good
+            // instead (tried again after a pause, counted overdue) until the event is readable.
+            let (event, metadata) = match &input.decoded {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    return Err(CommandError::Internal(format!(
+                        "payment event {} of order {order_id}: {error}",
+                        input.id
+                    )));
+                }
             };
             let step = Step {
                 causation: input.id,
@@ -904,8 +927,9 @@ impl SagaRunner {
             .collect())
     }
 
-    /// Feeds again the parked events of this lane that an operator asked to retry.
-    async fn retry_parked(&self, lease: &Lease) -> Result<(), LaneError> {
+    /// Feeds again the parked events of this lane that an operator asked to retry; answers
+    /// when the deadlines of the states it stored come due.
+    async fn retry_parked(&self, lease: &Lease) -> Result<Option<DateTime<Utc>>, LaneError> {
         let wanted = {
             let client = self.pool.get().await?;
             let lane = i64::from(lease.lane);
@@ -914,7 +938,7 @@ impl SagaRunner {
                 .await?
         };
         if wanted.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut inputs = Vec::with_capacity(wanted.len());
         for row in wanted {
@@ -934,6 +958,25 @@ impl SagaRunner {
                 .map_err(CommandError::from)?;
             inputs.extend(found.into_iter().map(|event| Arc::new(Input::new(event))));
         }
+        // An event parked because it did not decode was parked here, in lane 0, with no order.
+        // If it decodes now, its order may be another lane's, which alone may step that order:
+        // it is handed over (its row names the order now) and that lane retries it.
+        let (inputs, elsewhere): (Vec<_>, Vec<_>) = inputs
+            .into_iter()
+            .partition(|input| input.lane().is_none_or(|lane| lane == lease.lane));
+        if !elsewhere.is_empty() {
+            let (events, orders): (Vec<Uuid>, Vec<Uuid>) = elsewhere
+                .iter()
+                .filter_map(|input| Some((input.id, input.order()?.0)))
+                .unzip();
+            let client = self.pool.get().await?;
+            client
+                .execute(REROUTE, &[&self.config.name, &events, &orders])
+                .await?;
+        }
+        if inputs.is_empty() {
+            return Ok(None);
+        }
         let mut handled = self.handle(&inputs, true).await?;
         // An event that does not decode yet stays parked, with its attempt counted.
         for entry in &mut handled {
@@ -941,7 +984,7 @@ impl SagaRunner {
                 .resolved
                 .retain(|id| !entry.parked.iter().any(|p| p.input.id == *id));
         }
-        self.commit(lease, &handled, None).await.map(drop)
+        self.commit(lease, &handled, None).await
     }
 
     /// Stores what a batch or tick handled and the lane's checkpoint, in one transaction that

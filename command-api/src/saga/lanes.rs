@@ -83,6 +83,10 @@ const RELEASE: &str = "
 update saga_lanes set owner = null, lease_until = '-infinity', updated_at = now()
 where saga_name = $1 and owner = $2 and lane = any($3)";
 
+const HELD: &str = "
+select lane, generation, position_commit, position_prepare from saga_lanes
+where saga_name = $1 and owner = $2";
+
 const LEAVE: &str = "delete from saga_members where saga_name = $1 and member_id = $2";
 
 /// Moves a lane's checkpoint where its owner and generation still hold it; zero rows means
@@ -166,6 +170,21 @@ impl Member {
             generation: row.get(0),
             checkpoint: position(row.get(1), row.get(2)),
         }))
+    }
+
+    /// The lanes this member holds as the database has them now, each with its generation
+    /// and the checkpoint its last commit stored: a consumer that stopped went on past where
+    /// its lanes stood when they were claimed, and the next must start from there.
+    pub async fn held(&self, client: &impl GenericClient) -> Result<Vec<Lease>, CommandError> {
+        let rows = client.query(HELD, &[&self.saga, &self.id]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| Lease {
+                lane: row.get::<_, i32>(0).unsigned_abs(),
+                generation: row.get(1),
+                checkpoint: position(row.get(2), row.get(3)),
+            })
+            .collect())
     }
 
     /// Gives `lanes` back, for another member to take at once.

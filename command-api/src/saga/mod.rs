@@ -310,10 +310,19 @@ impl SagaRunner {
             // Between batches too: a lane stuck retrying one batch must show its lag growing.
             self.lag.publish();
             if consumer.is_none() && !held.is_empty() {
-                // Lanes may have been written by others since this process last held them.
-                self.states.clear();
-                let leases = held.values().copied().collect();
-                consumer = Some(Consumer::start(self.clone(), leases));
+                match self.checkpoints(&mut held).await {
+                    Ok(()) if !held.is_empty() => {
+                        // Lanes may have been written by others since this process last held
+                        // them.
+                        self.states.clear();
+                        let leases = held.values().copied().collect();
+                        consumer = Some(Consumer::start(self.clone(), leases));
+                    }
+                    Ok(()) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "saga lanes' checkpoints not read; retrying");
+                    }
+                }
             }
         }
         if let Some(consumer) = consumer.take() {
@@ -330,6 +339,33 @@ impl SagaRunner {
             }
         }
         metrics::gauge!("orderly_saga_lanes_held").set(0.0);
+        Ok(())
+    }
+
+    /// Brings `held` up to where the lanes stand in the database before a consumer starts on
+    /// them: the consumer before it moved their checkpoints on, so starting from the positions
+    /// they were claimed at would hand every event since to the saga again (and, past the
+    /// retention, put the outbox messages the purge removed back in line). A lane no longer
+    /// this process's at the same generation is dropped.
+    async fn checkpoints(&self, held: &mut BTreeMap<u32, Lease>) -> Result<(), CommandError> {
+        let client = self.pool.get().await?;
+        let now: HashMap<u32, Lease> = self
+            .member
+            .held(&**client)
+            .await?
+            .into_iter()
+            .map(|lease| (lease.lane, lease))
+            .collect();
+        held.retain(|lane, lease| match now.get(lane) {
+            Some(stored) if stored.generation == lease.generation => {
+                *lease = *stored;
+                true
+            }
+            _ => {
+                tracing::warn!(lane, "saga lane lost its lease; another process took it");
+                false
+            }
+        });
         Ok(())
     }
 
