@@ -931,6 +931,43 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
 /// always took the tick first never handled another event. Here a stored state that cannot be
 /// decoded comes due again on every tick, in the lane of an order placed before the runner
 /// starts.
+/// A runner that cannot renew its leases (here its heartbeat waits behind a lock while its lanes
+/// can still write; a process paused or cut off is the same to the others) sends no command
+/// once they may have run out: another process may hold its lanes by then, and its commits
+/// being fenced does not undo an append. Once it renews, it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_whose_leases_may_have_run_out_sends_nothing_until_it_renews_them() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let (_, _saga) = simulated_saga(&settings);
+    eventually(
+        &db,
+        "select count(*) from saga_lanes where owner is not null and lease_until > now()",
+        16,
+        Duration::from_secs(10),
+    )
+    .await;
+    let locker = db.connect().await.unwrap();
+    locker
+        .batch_execute("set lock_timeout = 0; begin; lock table saga_members in exclusive mode")
+        .await
+        .unwrap();
+    // Past the 2 s lease of the runner's last renewal.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reserved = format!(
+        "select count(*) from events where event_type = 'StockReserved'
+         and data->>'order_id' = '{id}'"
+    );
+    assert_eq!(count(&db, &reserved).await, 0, "reserved without a lease");
+
+    locker.batch_execute("commit").await.unwrap();
+    Log::new(&settings)
+        .confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deadline_checks_that_outlast_the_tick_do_not_hold_up_the_lanes_events() {
     let Shop { db, settings, api } = Shop::open().await;

@@ -12,6 +12,10 @@
 //!   row where the owner *and* generation are still the claimer's, so a process that was paused
 //!   past its lease, or cut off from the database while another took over, finds zero rows,
 //!   rolls back and stops that lane: it can never write after its lane moved;
+//! - the appends a step makes before that commit are guarded on the process's own clock: it
+//!   sends nothing once its last renewal may have run out (`LeaseClock`), so by the time
+//!   another process can claim its lanes, it has stopped sending (what is left is a pause
+//!   between that check and the append it guards);
 //! - a member that stops releases its lanes, so another takes them at its next heartbeat; one
 //!   that dies leaves them to expire after the lease time.
 //!
@@ -212,6 +216,40 @@ impl Member {
     }
 }
 
+/// Until when this process may act for the lanes it holds, by its own clock: when it last
+/// asked the database to renew its leases, plus their length. The database runs the renewal,
+/// and so starts the lease, no earlier than it was asked, so a process that cannot renew
+/// (paused, cut off, stuck behind a lock) stops sending commands before any other process may
+/// take its lanes over. Commits are fenced in the database as well ([`FENCE`]); this guards
+/// the appends a step makes before its commit.
+#[derive(Debug, Default)]
+pub(super) struct LeaseClock(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl LeaseClock {
+    /// The leases were renewed by a request sent at `asked_at`.
+    pub(super) fn renewed(&self, asked_at: tokio::time::Instant, lease: Duration) {
+        // A plain value: a panic while it was held left it whole.
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked_at + lease);
+    }
+
+    /// `Ok` while the last renewal still holds; else a failure that passes with the next one.
+    pub(super) fn check(&self) -> Result<(), CommandError> {
+        if self.holds_at(tokio::time::Instant::now()) {
+            return Ok(());
+        }
+        Err(CommandError::Unavailable(
+            "this process's saga leases were not renewed in time; its lanes wait for the next \
+             renewal"
+                .into(),
+        ))
+    }
+
+    fn holds_at(&self, now: tokio::time::Instant) -> bool {
+        let until = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|until| now < until)
+    }
+}
+
 /// A checkpoint as stored (two non-negative bigints).
 pub(super) fn position(commit: i64, prepare: i64) -> Position {
     Position::new(commit.unsigned_abs(), prepare.unsigned_abs())
@@ -249,6 +287,25 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, (0..LANES).collect::<Vec<_>>());
         assert!(shares.iter().all(|share| share.len() >= 5));
+    }
+
+    #[test]
+    fn a_process_acts_for_its_lanes_only_while_its_last_renewal_holds() {
+        let clock = LeaseClock::default();
+        assert!(clock.check().is_err(), "never renewed");
+        let asked = tokio::time::Instant::now();
+        let lease = Duration::from_secs(5);
+        clock.renewed(asked, lease);
+        assert!(clock.check().is_ok());
+        // Counted from the request, however late its answer came.
+        assert!(clock.holds_at(asked + Duration::from_millis(4_999)));
+        assert!(!clock.holds_at(asked + lease));
+        clock.renewed(asked + Duration::from_secs(1), lease);
+        assert!(clock.holds_at(asked + lease));
+        let stale = LeaseClock::default();
+        stale.renewed(asked, Duration::ZERO);
+        let refused = stale.check().unwrap_err();
+        assert!(refused.is_transient(), "{refused}");
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub use gateway::{
     BreakerState, Charge, ChargeOutcome, HttpGateway, PaymentGateway, Resilience, Resilient,
     Simulator,
 };
-use lanes::{Lease, Member};
+use lanes::{Lease, LeaseClock, Member};
 pub use notify::{LogNotifier, Notice, Notifier, SmtpNotifier, SmtpSettings};
 use outbox::Row;
 
@@ -148,6 +148,8 @@ pub struct SagaRunner {
     states: consumer::StoredStates,
     /// Instances whose deadline fails for good, tried again after growing pauses.
     tick_failures: consumer::TickFailures,
+    /// Whether this process's leases still hold, before its lanes send anything.
+    leases: LeaseClock,
 }
 
 impl SagaRunner {
@@ -179,6 +181,7 @@ impl SagaRunner {
             lag: Lag::default(),
             states: consumer::StoredStates::default(),
             tick_failures: consumer::TickFailures::default(),
+            leases: LeaseClock::default(),
             config,
         }
     }
@@ -392,7 +395,9 @@ impl SagaRunner {
         let client = self.pool.get().await?;
         let members = self.member.heartbeat(&**client).await?;
         let wanted = self.member.share(&members);
+        let asked = tokio::time::Instant::now();
         let renewed: HashMap<u32, i64> = self.member.renew(&**client).await?.into_iter().collect();
+        self.leases.renewed(asked, self.config.lease);
         let mut changed = false;
         held.retain(|lane, lease| {
             let kept = renewed.get(lane) == Some(&lease.generation);
@@ -455,6 +460,8 @@ impl SagaRunner {
         };
         let mut commands = commands.into_iter().enumerate().peekable();
         while let Some((index, command)) = commands.next() {
+            // A process whose leases may have run out sends nothing: another may hold its lanes.
+            self.leases.check()?;
             let envelope = envelope_of(index);
             let sent = match command {
                 // Consecutive commands for one order (paid, then confirmed) go in one append.
