@@ -882,18 +882,24 @@ async fn two_runners_and_a_crash_take_every_order_through_each_step_exactly_once
     assert_eq!(out_of_order, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them_again() {
-    let Shop { db, settings, api } = Shop::open().await;
-    register(&api, "TEA", 650, "EUR", 10).await;
-    let (simulator, _saga) = simulated_saga(&settings);
+/// A shop with ten units of TEA and one simulated saga runner that holds all 16 lanes.
+async fn shop_with_every_lane_held() -> (Shop, Arc<Simulator>, JoinHandle<()>) {
+    let shop = Shop::open().await;
+    register(&shop.api, "TEA", 650, "EUR", 10).await;
+    let (simulator, saga) = simulated_saga(&shop.settings);
     eventually(
-        &db,
+        &shop.db,
         "select count(*) from saga_lanes where owner is not null and lease_until > now()",
         16,
         Duration::from_secs(10),
     )
     .await;
+    (shop, simulator, saga)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them_again() {
+    let (Shop { db, settings, api }, simulator, _saga) = shop_with_every_lane_held().await;
     // Another process takes every lane (as after this one paused past its lease).
     let client = db.connect().await.unwrap();
     client
@@ -937,16 +943,7 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
 /// being fenced does not undo an append. Once it renews, it goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runner_whose_leases_may_have_run_out_sends_nothing_until_it_renews_them() {
-    let Shop { db, settings, api } = Shop::open().await;
-    register(&api, "TEA", 650, "EUR", 10).await;
-    let (_, _saga) = simulated_saga(&settings);
-    eventually(
-        &db,
-        "select count(*) from saga_lanes where owner is not null and lease_until > now()",
-        16,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (Shop { db, settings, api }, _, _saga) = shop_with_every_lane_held().await;
     let locker = db.connect().await.unwrap();
     locker
         .batch_execute("set lock_timeout = 0; begin; lock table saga_members in exclusive mode")
