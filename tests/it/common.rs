@@ -543,3 +543,31 @@ pub fn orderly_cli(args: &[&str]) -> String {
     );
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
+
+/// Makes the database refuse, for good, the writes `action` (`insert on events`, `update on
+/// outbox`) of the rows `when` picks: a trigger named `name` stands in for a bug (what it
+/// raises is no failure that passes), until [`accept_again`].
+pub async fn refuse_for_good(
+    client: &tokio_postgres::Client,
+    name: &str,
+    action: &str,
+    when: &str,
+) {
+    client
+        .batch_execute(&format!(
+            "create function {name}() returns trigger language plpgsql
+             as $$ begin raise exception 'refused on purpose'; end $$;
+             create trigger {name} before {action} for each row
+             when ({when}) execute function {name}();"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Drops the trigger `name` of [`refuse_for_good`] from `table`.
+pub async fn accept_again(client: &tokio_postgres::Client, name: &str, table: &str) {
+    client
+        .batch_execute(&format!("drop trigger {name} on {table}"))
+        .await
+        .unwrap();
+}

@@ -570,15 +570,13 @@ async fn a_failure_that_cannot_be_recorded_does_not_hold_back_the_deliveries_bes
     let db = migrated_database().await;
     let settings = settings_for(db.url());
     let client = db.connect().await.unwrap();
-    client
-        .batch_execute(
-            "create function no_errors() returns trigger language plpgsql
-             as $$ begin raise exception 'no room for errors'; end $$;
-             create trigger no_errors before update on outbox for each row
-             when (new.last_error is not null) execute function no_errors();",
-        )
-        .await
-        .unwrap();
+    refuse_for_good(
+        &client,
+        "no_errors",
+        "update on outbox",
+        "new.last_error is not null",
+    )
+    .await;
     let config = SagaConfig {
         tick: Duration::from_millis(50),
         ..SagaConfig::default()
@@ -749,6 +747,51 @@ async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_r
             "select count(*) from outbox where kind = 'resolve' and dead_lettered_at is not null"
         )
         .await,
+        0
+    );
+}
+
+/// The provider took the money, but the charge could not be recorded (a trigger refuses it
+/// for good) and its message was dead-lettered: the payment has no outcome. When the deadline
+/// cancels the order, the resolution asks the provider, records the charge and the saga
+/// refunds it. It used to look only at attempts recorded as failed, and the money stayed taken.
+#[tokio::test]
+async fn a_charge_taken_but_never_recorded_is_found_and_refunded_when_the_order_is_cancelled() {
+    let db = migrated_database().await;
+    let mut settings = short_deadline(db.url());
+    settings.payment.deadline = Duration::from_secs(5);
+    settings.saga.outbox_max_attempts = 2;
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let client = db.connect().await.unwrap();
+    refuse_for_good(
+        &client,
+        "no_charges",
+        "insert on events",
+        "new.event_type = 'PaymentCharged'",
+    )
+    .await;
+    let simulator = Arc::new(Simulator::default());
+    spawn(orderly_service::app::saga_runner(&settings, simulator.clone()).unwrap());
+    let order_id = place_one(&api, "alice", "TEA").await;
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'charge' and dead_lettered_at is not null",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    accept_again(&client, "no_charges", "events").await;
+
+    let payment = format!("payment-{order_id}");
+    let refunded = format!(
+        "select count(*) from events where event_type = 'PaymentRefunded' and stream = '{payment}'"
+    );
+    eventually(&db, &refunded, 1, Duration::from_secs(30)).await;
+    assert_eq!(simulator.charges(), 1);
+    assert_eq!(simulator.refunds(), 1);
+    assert_eq!(
+        events_of(&db, "OrderPaid", &format!("order-{order_id}")).await,
         0
     );
 }

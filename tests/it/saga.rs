@@ -1076,27 +1076,6 @@ async fn retry_confirms(
     );
 }
 
-/// Makes the log refuse, for good, the events `when` picks (a trigger named `name` stands in
-/// for a bug: what it raises is no failure the saga waits out), until [`accept_again`].
-async fn refuse_for_good(client: &tokio_postgres::Client, name: &str, when: &str) {
-    client
-        .batch_execute(&format!(
-            "create function {name}() returns trigger language plpgsql
-             as $$ begin raise exception 'refused on purpose'; end $$;
-             create trigger {name} before insert on events for each row
-             when ({when}) execute function {name}();"
-        ))
-        .await
-        .unwrap();
-}
-
-async fn accept_again(client: &tokio_postgres::Client, name: &str) {
-    client
-        .batch_execute(&format!("drop trigger {name} on events"))
-        .await
-        .unwrap();
-}
-
 /// [`simulated_saga`] whose stock deadline passes 3 s after the reservations are sent.
 fn saga_with_short_stock_deadline(settings: &Settings) -> (Arc<Simulator>, JoinHandle<()>) {
     let simulator = Arc::new(Simulator::default());
@@ -1119,6 +1098,7 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
     refuse_for_good(
         &client,
         "refuse_stock_reserved",
+        "insert on events",
         "new.event_type = 'OrderStockReserved'",
     )
     .await;
@@ -1133,7 +1113,7 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
     .await;
     let log = Log::new(&settings);
     assert_eq!(log.order(&id).await.status, OrderStatus::Placed);
-    accept_again(&client, "refuse_stock_reserved").await;
+    accept_again(&client, "refuse_stock_reserved", "events").await;
 
     // No operator: at the stock deadline the saga reads the product's answer and goes on.
     log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
@@ -1152,6 +1132,7 @@ async fn mugs_and_tea_refused(api: &Api, db: &TestDb) -> tokio_postgres::Client 
     refuse_for_good(
         &client,
         "refuse_reservation",
+        "insert on events",
         "new.event_type = 'StockReserved' and new.stream = 'product-TEA'",
     )
     .await;
@@ -1214,7 +1195,7 @@ async fn a_retried_placement_sends_the_reservations_its_failed_step_did_not() {
 
     // The operator removes the cause and retries, long before the stock deadline (5 minutes):
     // the tea's reservation, never sent, is sent now; the mug's is not written twice.
-    accept_again(&client, "refuse_reservation").await;
+    accept_again(&client, "refuse_reservation", "events").await;
     let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
     let log = Log::new(&settings);
     retry_confirms(&client, &log, parked[0].event_id, &id).await;
@@ -1242,7 +1223,7 @@ async fn a_customer_cancel_whose_step_was_parked_refunds_and_releases_without_an
         .await;
 
     let client = cancel_with_releases_refused(&api, &db, &id).await;
-    accept_again(&client, "refuse_release").await;
+    accept_again(&client, "refuse_release", "events").await;
 
     // No operator: after the pause of a failed charge's retry, the lane's tick releases.
     assert_eq!(log.released("TEA").await.reserved(), 0);
@@ -1290,6 +1271,7 @@ async fn cancel_with_releases_refused(api: &Api, db: &TestDb, id: &str) -> tokio
     refuse_for_good(
         &client,
         "refuse_release",
+        "insert on events",
         "new.event_type = 'StockReservationReleased'",
     )
     .await;

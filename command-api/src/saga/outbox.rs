@@ -9,6 +9,8 @@
 //! same idempotency key and learns the first outcome. Once the order is cancelled no attempt
 //! follows, so a `resolve` message asks the provider ([`PaymentGateway::lookup`]) and records
 //! a charge it finds, which the saga then refunds like any charge that arrives after a cancel.
+//! It asks about a charge that has no outcome at all as well: one whose delivery was
+//! dead-lettered may have taken money that was never recorded.
 //!
 //! [`PaymentGateway::lookup`]: super::gateway::PaymentGateway::lookup
 //!
@@ -513,17 +515,18 @@ impl SagaRunner {
             .await
     }
 
-    /// Asks the provider about the order's last charge attempt when its call failed and the
-    /// order is cancelled, and records a charge it took so the saga refunds it. A provider
-    /// that cannot be reached fails the delivery: retried with the outbox's backoff, then
-    /// dead-lettered for an operator, never taken for "not charged".
+    /// Asks the provider about the order's last charge attempt when the log holds no outcome
+    /// for it (its call failed, or it was never answered) and the order is cancelled, and
+    /// records a charge it took so the saga refunds it. A provider that cannot be reached fails
+    /// the delivery: retried with the outbox's backoff, then dead-lettered for an operator,
+    /// never taken for "not charged".
     async fn resolve(
         &self,
         id: Uuid,
         order_id: OrderId,
         correlation_id: Uuid,
     ) -> Result<(), CommandError> {
-        let Some(attempt) = self.failed_attempt(order_id).await? else {
+        let Some(attempt) = self.unsettled_attempt(order_id).await? else {
             return Ok(());
         };
         // While the order waits, its next attempt asks the provider with the same key.
@@ -532,14 +535,14 @@ impl SagaRunner {
         }
         match self.gateway.lookup(&order_id.to_string()).await? {
             Some(ChargeOutcome::Charged { reference }) => {
-                tracing::warn!(%order_id, attempt, "a charge whose call failed went through; recording it to refund it");
+                tracing::warn!(%order_id, attempt, "a charge whose outcome was unknown went through; recording it to refund it");
                 let command = record_charge(reference, Utc::now())?;
                 let command_id = Uuid::new_v5(&id, b"outcome/charged");
                 self.record_payment(order_id, command_id, id, correlation_id, command)
                     .await
             }
             Some(ChargeOutcome::Declined { .. }) | None => {
-                tracing::info!(%order_id, attempt, "a charge whose call failed took no money");
+                tracing::info!(%order_id, attempt, "a charge whose outcome was unknown took no money");
                 Ok(())
             }
         }
@@ -554,14 +557,21 @@ impl SagaRunner {
         }))
     }
 
-    /// The last attempt of the order's payment when it failed transiently, the one state in
-    /// which the log does not say whether money was taken.
-    async fn failed_attempt(&self, order_id: OrderId) -> Result<Option<u32>, CommandError> {
+    /// The last attempt of the order's payment when the log does not say whether it took
+    /// money: it failed transiently, or it has no outcome at all (still under way, or its
+    /// delivery was dead-lettered, say after the provider charged and the outcome could not be
+    /// recorded). An answer still under way that charges later is recorded, and refunded, then.
+    async fn unsettled_attempt(&self, order_id: OrderId) -> Result<Option<u32>, CommandError> {
         let stream = stream_name(streams::payment(order_id))?;
         let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
         Ok(loaded
             .state
-            .filter(|payment| payment.status == PaymentStatus::Failed)
+            .filter(|payment| {
+                matches!(
+                    payment.status,
+                    PaymentStatus::Failed | PaymentStatus::Pending
+                )
+            })
             .map(|payment| payment.attempts))
     }
 
