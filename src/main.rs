@@ -278,8 +278,8 @@ enum SagaCommand {
 enum ParkedCommand {
     /// Parked events with their errors, oldest first.
     List,
-    /// Feed one parked event to its order's saga again (the lane that owns it does, within a
-    /// second); it is parked again with the new error if it still fails.
+    /// Feed one parked event to its order's saga again (the lane that owns it does, within
+    /// seconds); it is parked again with the new error if it still fails.
     Retry { event_id: Uuid },
     /// Drop one parked event: the saga never feeds it again (the order's stock and payment
     /// deadlines still read the reservations and the payment, and a parked placement, cancel
