@@ -981,8 +981,9 @@ impl Plan<'_> {
 
     /// Reservations still in flight are released when their event arrives; a charge still in
     /// flight is refunded when it succeeds. No new charge is ever requested. The refund comes
-    /// first: the runner sends a step's commands in order and stops at one that fails, and a
-    /// customer's money must not wait on a product's stream.
+    /// first: the runner sends a step's commands in order and stops at one that fails (but for
+    /// a release, after which it still sends the other releases), and a customer's money must
+    /// not wait on a product's stream.
     fn compensate(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
         if state.payment.charged.is_some() && !state.payment.refunded && !state.sent.refund {
             state.sent.refund = true;

@@ -1142,6 +1142,19 @@ async fn mugs_and_tea_refused(api: &Api, db: &TestDb) -> tokio_postgres::Client 
 /// Places one order of a mug and two teas, paid with `tok_ok`, and waits until the saga has
 /// parked its `OrderPlaced` (see [`mugs_and_tea_refused`]); its id.
 async fn place_mug_and_tea_until_parked(api: &Api, db: &TestDb) -> String {
+    let id = place_mug_and_tea(api).await;
+    eventually(
+        db,
+        "select count(*) from saga_parked where event_type = 'OrderPlaced'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    id
+}
+
+/// Places one order of a mug and two teas as alice, paid with `tok_ok`; its id.
+async fn place_mug_and_tea(api: &Api) -> String {
     let lines = json!([{ "sku": "MUG", "quantity": 1 }, { "sku": "TEA", "quantity": 2 }]);
     let answer = api
         .gql(
@@ -1150,13 +1163,6 @@ async fn place_mug_and_tea_until_parked(api: &Api, db: &TestDb) -> String {
             order_input(lines, "tok_ok"),
         )
         .await;
-    eventually(
-        db,
-        "select count(*) from saga_parked where event_type = 'OrderPlaced'",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
     answer.data("placeOrder")["id"].as_str().unwrap().to_owned()
 }
 
@@ -1222,7 +1228,7 @@ async fn a_customer_cancel_whose_step_was_parked_refunds_and_releases_without_an
     log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
         .await;
 
-    let client = cancel_with_releases_refused(&api, &db, &id).await;
+    let client = cancel_with_releases_refused(&api, &db, &id, None).await;
     accept_again(&client, "refuse_release", "events").await;
 
     // No operator: after the pause of a failed charge's retry, the lane's tick releases.
@@ -1244,7 +1250,7 @@ async fn a_refund_and_the_cancel_notice_do_not_wait_for_a_release_that_keeps_fai
     log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
         .await;
 
-    cancel_with_releases_refused(&api, &db, &id).await;
+    cancel_with_releases_refused(&api, &db, &id, None).await;
     eventually(
         &db,
         "select count(*) from events where event_type = 'PaymentRefunded'",
@@ -1263,18 +1269,41 @@ async fn a_refund_and_the_cancel_notice_do_not_wait_for_a_release_that_keeps_fai
     assert_eq!(log.product("TEA").await.reserved(), 2, "still refused");
 }
 
-/// Makes the log refuse every release for good (see [`refuse_for_good`], trigger
-/// `refuse_release`), cancels order `id` as its customer and waits until the saga has parked
-/// the cancel's step. A connection to the shop's database.
-async fn cancel_with_releases_refused(api: &Api, db: &TestDb, id: &str) -> tokio_postgres::Client {
+/// One product's stream refusing its release for good does not keep another product's stock
+/// held: the step's other releases go, and the step is parked after them. The runner used to
+/// stop at the first failing command, and MUG's release comes before TEA's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_release_that_keeps_failing_does_not_hold_back_another_products_release() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "MUG", 1200, "EUR", 10).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let (_simulator, _saga) = simulated_saga(&settings);
+    let id = place_mug_and_tea(&api).await;
+    let log = Log::new(&settings);
+    log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+
+    cancel_with_releases_refused(&api, &db, &id, Some("product-MUG")).await;
+    let tea = log.released("TEA").await;
+    assert_eq!((tea.reserved(), tea.available()), (0, 10));
+    assert_eq!(log.product("MUG").await.reserved(), 1, "still refused");
+}
+
+/// Makes the log refuse for good every release, or those of `only` (a product's stream), (see
+/// [`refuse_for_good`], trigger `refuse_release`), cancels order `id` as its customer and waits
+/// until the saga has parked the cancel's step. A connection to the shop's database.
+async fn cancel_with_releases_refused(
+    api: &Api,
+    db: &TestDb,
+    id: &str,
+    only: Option<&str>,
+) -> tokio_postgres::Client {
     let client = db.connect().await.unwrap();
-    refuse_for_good(
-        &client,
-        "refuse_release",
-        "insert on events",
-        "new.event_type = 'StockReservationReleased'",
-    )
-    .await;
+    let mut when = "new.event_type = 'StockReservationReleased'".to_owned();
+    if let Some(stream) = only {
+        when += &format!(" and new.stream = '{stream}'");
+    }
+    refuse_for_good(&client, "refuse_release", "insert on events", &when).await;
     cancel_as(api, "alice", id).await;
     eventually(
         db,

@@ -43,6 +43,7 @@ use deadpool_postgres::Pool;
 use orderly_domain::fulfilment::{Command, FulfilmentState, Notification, Phase, Timing};
 use orderly_domain::order::{self, OrderAggregate};
 use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
+use orderly_domain::product::ProductCommand;
 use orderly_domain::streams;
 use orderly_domain::values::OrderId;
 use orderly_event_store::{EventStore, GroupCommit};
@@ -443,7 +444,10 @@ impl SagaRunner {
 
     /// Sends every command of one saga step in order. Rejections are logged (the saga
     /// compensates when the event that caused them arrives); any other failure ends the step
-    /// (transient ones are tried again, the others park the event).
+    /// (transient ones are tried again, the others park the event), but for a release of
+    /// reserved stock refused for good: the step's other releases still go, each product's
+    /// stock being its own (and each release written once, however often the step is tried),
+    /// and the step fails after them.
     async fn send(
         &self,
         commands: Vec<Command>,
@@ -459,7 +463,18 @@ impl SagaRunner {
             traceparent: step.traceparent.clone(),
         };
         let mut commands = commands.into_iter().enumerate().peekable();
+        let mut refused_release = None;
         while let Some((index, command)) = commands.next() {
+            let release = matches!(
+                command,
+                Command::Product {
+                    command: ProductCommand::ReleaseReservation { .. },
+                    ..
+                }
+            );
+            if refused_release.is_some() && !release {
+                break;
+            }
             // A process whose leases may have run out sends nothing: another may hold its lanes.
             self.leases.check()?;
             let envelope = envelope_of(index);
@@ -511,10 +526,14 @@ impl SagaRunner {
                 Err(CommandError::Rejected(rejection)) => {
                     tracing::info!(%rejection, causation = %step.causation, "saga command rejected");
                 }
+                Err(error) if release && !error.is_transient() => {
+                    tracing::warn!(%error, causation = %step.causation, "stock release failed; the step's other releases go on");
+                    refused_release.get_or_insert(error);
+                }
                 Err(error) => return Err(error),
             }
         }
-        Ok(())
+        refused_release.map_or(Ok(()), Err)
     }
 
     /// Decides a payment command on the payment's stream. The first charge request starts the
