@@ -932,11 +932,6 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
     assert_eq!(owners, 0);
 }
 
-/// A lane checks its deadlines on every tick before it takes its next events. When that check
-/// takes longer than the tick period, the next tick is already due when it ends: a lane that
-/// always took the tick first never handled another event. Here a stored state that cannot be
-/// decoded comes due again on every tick, in the lane of an order placed before the runner
-/// starts.
 /// A runner that cannot renew its leases (here its heartbeat waits behind a lock while its lanes
 /// can still write; a process paused or cut off is the same to the others) sends no command
 /// once they may have run out: another process may hold its lanes by then, and its commits
@@ -965,6 +960,11 @@ async fn a_runner_whose_leases_may_have_run_out_sends_nothing_until_it_renews_th
         .await;
 }
 
+/// A lane checks its deadlines on every tick before it takes its next events. When that check
+/// takes longer than the tick period, the next tick is already due when it ends: a lane that
+/// always took the tick first never handled another event. Here a stored state that cannot be
+/// decoded comes due again on every tick, in the lane of an order placed before the runner
+/// starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deadline_checks_that_outlast_the_tick_do_not_hold_up_the_lanes_events() {
     let Shop { db, settings, api } = Shop::open().await;

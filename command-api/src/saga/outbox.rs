@@ -24,8 +24,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use orderly_domain::Rejection;
-use orderly_domain::order::{OrderAggregate, OrderStatus};
-use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand, PaymentStatus};
+use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
+use orderly_domain::payment::{self, Payment, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
 use orderly_domain::values::{CustomerId, GatewayReference, OrderId, Reason};
 use orderly_event_schemas::{Event, OrderEvent, PaymentEvent};
@@ -493,12 +493,10 @@ impl SagaRunner {
         reason: String,
         correlation_id: Uuid,
     ) -> Result<(), CommandError> {
-        let stream = stream_name(streams::payment(order_id))?;
-        let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
-        let Some(reference) = loaded
-            .state
-            .as_ref()
-            .and_then(|payment| payment.gateway_reference.clone())
+        let Some(reference) = self
+            .payment(order_id)
+            .await?
+            .and_then(|payment| payment.gateway_reference)
         else {
             tracing::warn!(%order_id, "refund asked for a payment that holds no charge");
             return Ok(());
@@ -550,9 +548,7 @@ impl SagaRunner {
 
     /// Whether the order's payment still waits for the outcome of charge attempt `attempt`.
     async fn awaits_outcome(&self, order_id: OrderId, attempt: u32) -> Result<bool, CommandError> {
-        let stream = stream_name(streams::payment(order_id))?;
-        let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
-        Ok(loaded.state.is_some_and(|payment| {
+        Ok(self.payment(order_id).await?.is_some_and(|payment| {
             payment.status == PaymentStatus::Pending && payment.attempts == attempt
         }))
     }
@@ -562,10 +558,9 @@ impl SagaRunner {
     /// delivery was dead-lettered, say after the provider charged and the outcome could not be
     /// recorded). An answer still under way that charges later is recorded, and refunded, then.
     async fn unsettled_attempt(&self, order_id: OrderId) -> Result<Option<u32>, CommandError> {
-        let stream = stream_name(streams::payment(order_id))?;
-        let loaded = self.handler.load::<PaymentAggregate>(&stream).await?;
-        Ok(loaded
-            .state
+        Ok(self
+            .payment(order_id)
+            .await?
             .filter(|payment| {
                 matches!(
                     payment.status,
@@ -576,22 +571,31 @@ impl SagaRunner {
     }
 
     async fn is_cancelled(&self, order_id: OrderId) -> Result<bool, CommandError> {
-        let stream = stream_name(streams::order(order_id))?;
-        let loaded = self.handler.load::<OrderAggregate>(&stream).await?;
-        Ok(loaded
-            .state
+        Ok(self
+            .order(order_id)
+            .await?
             .is_some_and(|order| order.status == OrderStatus::Cancelled))
     }
 
     async fn customer_of(&self, order_id: OrderId) -> Result<String, CommandError> {
-        let stream = stream_name(streams::order(order_id))?;
-        let loaded = self.handler.load::<OrderAggregate>(&stream).await?;
-        loaded
-            .state
+        self.order(order_id)
+            .await?
             .map(|order| order.customer_id.to_string())
             .ok_or_else(|| {
                 CommandError::Internal(format!("notification for unknown order {order_id}"))
             })
+    }
+
+    /// The order's payment as its stream holds it now.
+    async fn payment(&self, order_id: OrderId) -> Result<Option<Payment>, CommandError> {
+        let stream = stream_name(streams::payment(order_id))?;
+        Ok(self.handler.load::<PaymentAggregate>(&stream).await?.state)
+    }
+
+    /// The order as its stream holds it now.
+    async fn order(&self, order_id: OrderId) -> Result<Option<Order>, CommandError> {
+        let stream = stream_name(streams::order(order_id))?;
+        Ok(self.handler.load::<OrderAggregate>(&stream).await?.state)
     }
 
     async fn record_payment(
