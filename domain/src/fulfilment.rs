@@ -921,9 +921,10 @@ fn plan(state: &mut FulfilmentState, handled_at: Option<DateTime<Utc>>) -> Vec<C
     plan.cancel_on_failure(state, &mut commands);
     if state.sent.cancel && !state.order.cancelled && charge_may_have_succeeded(state) {
         // The order decides: a charge the saga has not seen (a crash lost it, or its event is
-        // still on the way) may have led to a confirmed and shipped order, which refuses the
-        // cancel. Releasing or refunding now would take stock and money from a shipped order;
-        // they follow the order's `OrderCancelled`, and on `OrderShipped` the saga goes on.
+        // still on the way) may have led to a paid, confirmed or shipped order, which refuses
+        // the saga's cancel. Releasing or refunding now would take stock and money from such
+        // an order; they follow the order's `OrderCancelled`, and on `OrderShipped` the saga
+        // goes on.
         if !state.order.shipped {
             return commands;
         }

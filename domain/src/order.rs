@@ -376,6 +376,13 @@ fn confirm(order: &Order, confirmed_at: DateTime<Utc>) -> Result<Vec<OrderEvent>
 }
 
 /// An order can be cancelled until it ships; cancelling it again decides nothing.
+///
+/// The saga cancels only an order it has not marked paid: its cancels are failures (no stock,
+/// a declined or overdue payment), and it marks an order paid only once the charge is
+/// recorded, after which no failure remains. A saga's cancel that meets a paid order was
+/// decided without that charge, by a process paused until its lanes had moved to another (its
+/// lease guard stops every append but the one in flight at the pause): taking it would cancel
+/// an order the customer paid for. The customer may still cancel it, which refunds the money.
 fn cancel(
     order: &Order,
     cancellation_reason: &Reason,
@@ -388,6 +395,12 @@ fn cancel(
             action: "cancel",
             status: order.status,
         }),
+        OrderStatus::Paid | OrderStatus::Confirmed if cancelled_by == CancelledBy::Fulfilment => {
+            Err(Rejection::IllegalTransition {
+                action: "fail the fulfilment of",
+                status: order.status,
+            })
+        }
         OrderStatus::Placed
         | OrderStatus::StockReserved
         | OrderStatus::Paid
@@ -630,9 +643,13 @@ mod tests {
     }
 
     fn cancel() -> OrderCommand {
+        cancel_by(CancelledBy::Customer)
+    }
+
+    fn cancel_by(cancelled_by: CancelledBy) -> OrderCommand {
         OrderCommand::Cancel {
             cancellation_reason: reason("changed my mind"),
-            cancelled_by: CancelledBy::Customer,
+            cancelled_by,
             cancelled_at: at(5),
         }
     }
@@ -831,6 +848,33 @@ mod tests {
                 .expect("order");
             assert_eq!(order.status, OrderStatus::Cancelled);
             assert_eq!(order.cancellation_reason, Some(reason("changed my mind")));
+        }
+    }
+
+    #[test]
+    fn the_saga_cannot_cancel_an_order_it_marked_paid() {
+        for (history, status) in [
+            (vec![placed(), stock_reserved(), paid()], OrderStatus::Paid),
+            (
+                vec![placed(), stock_reserved(), paid(), confirmed()],
+                OrderStatus::Confirmed,
+            ),
+        ] {
+            given(history)
+                .when(cancel_by(CancelledBy::Fulfilment))
+                .then_rejected(Rejection::IllegalTransition {
+                    action: "fail the fulfilment of",
+                    status,
+                });
+        }
+    }
+
+    #[test]
+    fn the_saga_cancels_an_order_that_is_not_paid() {
+        for history in [vec![placed()], vec![placed(), stock_reserved()]] {
+            given(history)
+                .when(cancel_by(CancelledBy::Fulfilment))
+                .then([cancelled(CancelledBy::Fulfilment)]);
         }
     }
 
