@@ -170,9 +170,10 @@ impl PaymentGateway for Simulator {
 
 /// An external provider over HTTP: `POST {base}/charges` and `POST {base}/refunds` with an
 /// `Idempotency-Key` header, `GET {base}/charges/{key}` to look a charge up. 2xx answers
-/// carry a [`ChargeOutcome`]; 402 is a decline; other client errors are final (see
-/// `is_client_error`); anything else (5xx, 401, 403, 407, 408, 409, 429, a dropped connection)
-/// is transient.
+/// carry a [`ChargeOutcome`]; 402 is a decline; a lookup's 404 with `{"status":
+/// "not_found"}` is "no such charge"; other client errors are final (see `is_client_error`);
+/// anything else (5xx, 401, 403, 407, 408, 409, 429, a bare 404 to a lookup, a dropped
+/// connection) is transient.
 pub struct HttpGateway {
     client: reqwest::Client,
     base: String,
@@ -269,7 +270,11 @@ impl PaymentGateway for HttpGateway {
         }
     }
 
-    /// 404 is the provider's "no charge with this key".
+    /// `GET /charges/{key}`: the charge's outcome, as a charge answers it, or 404 with
+    /// `{"status": "not_found"}`, the provider's "no charge with this key". A 404 without that
+    /// body may come from anything in between (a proxy or load balancer with no route to the
+    /// provider) and says nothing about the charge: it stays unknown (a transient error), and
+    /// is never taken for "not charged", which would leave money taken unrefunded.
     async fn lookup(&self, idempotency_key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
         let mut url = reqwest::Url::parse(&format!("{}/charges", self.base))
             .map_err(|e| CommandError::Internal(format!("payment gateway url: {e}")))?;
@@ -280,13 +285,25 @@ impl PaymentGateway for HttpGateway {
         let response = self.client.get(url).send().await.map_err(transient)?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND {
-            return Ok(None);
+            return match response.json::<LookupMiss>().await {
+                Ok(LookupMiss::NotFound) => Ok(None),
+                Err(_) => Err(CommandError::Gateway(
+                    "lookup answered 404 without the provider's not_found: the charge's outcome is unknown".into(),
+                )),
+            };
         }
         if !status.is_success() {
             return Err(failed_call("lookup", status));
         }
         response.json().await.map(Some).map_err(transient)
     }
+}
+
+/// The body of the provider's 404 to a lookup (see [`HttpGateway::lookup`]).
+#[derive(Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+enum LookupMiss {
+    NotFound,
 }
 
 /// How [`Resilient`] treats the gateway behind it.
@@ -735,8 +752,9 @@ mod tests {
 
     /// A provider on a free port: tok_ok charges, tok_declined answers 402, tok_invalid 422,
     /// tok_in_progress 409, tok_throttled 429, tok_unauthorized 401, tok_forbidden 403,
-    /// anything else 503. It knows the charge with key
-    /// `order-1`, and refunds of reference `ref-unknown` answer 404. Counts what it is sent.
+    /// anything else 503. It knows the charge with key `order-1`, answers lookups of other
+    /// keys with its not_found (but for `order-misrouted`, a bare 404 as a proxy would send),
+    /// and refunds of reference `ref-unknown` answer 404. Counts what it is sent.
     async fn provider() -> (String, Arc<AtomicU64>) {
         use axum::Json;
         use axum::extract::{Path, State};
@@ -772,8 +790,13 @@ mod tests {
         }
         async fn charge(State(calls): Calls, Path(key): Path<String>) -> Response {
             calls.fetch_add(1, Ordering::SeqCst);
+            if key == "order-misrouted" {
+                // What a proxy with no route to the provider answers.
+                return (StatusCode::NOT_FOUND, "no route").into_response();
+            }
             if key != "order-1" {
-                return StatusCode::NOT_FOUND.into_response();
+                let missing = serde_json::json!({ "status": "not_found" });
+                return (StatusCode::NOT_FOUND, Json(missing)).into_response();
             }
             Json(serde_json::json!({ "status": "charged", "reference": "ref-order-1" }))
                 .into_response()
@@ -823,6 +846,11 @@ mod tests {
             })
         );
         assert_eq!(gateway.lookup("order-2").await.unwrap(), None);
+        // A 404 that is not the provider's word leaves the outcome unknown.
+        assert!(matches!(
+            gateway.lookup("order-misrouted").await,
+            Err(CommandError::Gateway(_))
+        ));
         let nowhere = HttpGateway::new("http://127.0.0.1:1");
         assert!(matches!(
             nowhere.charge(&charge(tokens::OK)).await,
