@@ -571,3 +571,15 @@ pub async fn accept_again(client: &tokio_postgres::Client, name: &str, table: &s
         .await
         .unwrap();
 }
+
+/// A saga runner on the test's database, not yet started.
+pub fn configured_runner(
+    settings: &Settings,
+    config: orderly_command_api::saga::SagaConfig,
+    gateway: std::sync::Arc<dyn orderly_command_api::saga::PaymentGateway>,
+) -> orderly_command_api::saga::SagaRunner {
+    let store = orderly_service::app::event_store(settings).unwrap();
+    let pg_config = orderly_service::app::pg_config(settings).unwrap();
+    let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
+    orderly_command_api::saga::SagaRunner::new(config, store, pool, gateway)
+}

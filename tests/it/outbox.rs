@@ -49,18 +49,7 @@ fn spawn(runner: SagaRunner) {
 }
 
 fn runner(settings: &Settings, config: SagaConfig) -> SagaRunner {
-    runner_with(settings, config, Arc::new(Simulator::default()))
-}
-
-fn runner_with(
-    settings: &Settings,
-    config: SagaConfig,
-    gateway: Arc<dyn PaymentGateway>,
-) -> SagaRunner {
-    let store = orderly_service::app::event_store(settings).unwrap();
-    let pg_config = orderly_service::app::pg_config(settings).unwrap();
-    let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
-    SagaRunner::new(config, store, pool, gateway)
+    configured_runner(settings, config, Arc::new(Simulator::default()))
 }
 
 #[tokio::test]
@@ -472,7 +461,7 @@ async fn an_outcome_that_cannot_be_recorded_at_once_is_recorded_when_it_can() {
         tick: Duration::from_millis(50),
         ..SagaConfig::default()
     };
-    spawn(runner_with(&settings, config, gateway.clone()));
+    spawn(configured_runner(&settings, config, gateway.clone()));
     place_one(&api, "alice", "TEA").await;
     let started = std::time::Instant::now();
     while gateway.calls.load(Ordering::SeqCst) == 0 {
@@ -509,7 +498,7 @@ async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() 
         tick: Duration::from_millis(50),
         ..SagaConfig::default()
     };
-    spawn(runner_with(&settings, config, gateway.clone()));
+    spawn(configured_runner(&settings, config, gateway.clone()));
     let order_id = place_one(&api, "alice", "TEA").await;
     let charged = format!(
         "select count(*) from events where event_type = 'PaymentCharged'

@@ -5,18 +5,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use futures::StreamExt;
 use orderly_command_api::CommandError;
 use orderly_command_api::Handler;
 use orderly_command_api::saga::{
     BreakerState, Charge, ChargeOutcome, PaymentGateway, Resilience, Resilient, SagaConfig,
-    SagaRunner, Simulator, maintenance,
+    Simulator, maintenance,
 };
 use orderly_domain::fulfilment::Timing;
 use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
 use orderly_domain::product::{Product, ProductAggregate};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
-use orderly_event_store::StreamName;
+use orderly_event_store::{
+    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
+    RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
+};
 use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
 use serde_json::json;
@@ -70,15 +74,19 @@ fn start_saga_with(
     gateway: Arc<dyn PaymentGateway>,
     timing: Timing,
 ) -> JoinHandle<()> {
-    let config = SagaConfig {
+    start_saga_config(settings, gateway, quick_config(timing))
+}
+
+/// A runner's settings with short ticks, leases and heartbeats, so tests see it act quickly.
+fn quick_config(timing: Timing) -> SagaConfig {
+    SagaConfig {
         timing,
         tick: Duration::from_millis(100),
         outbox_lease: Duration::from_secs(3),
         lease: Duration::from_secs(2),
         heartbeat: Duration::from_millis(200),
         ..SagaConfig::default()
-    };
-    start_saga_config(settings, gateway, config)
+    }
 }
 
 fn start_saga_config(
@@ -86,10 +94,7 @@ fn start_saga_config(
     gateway: Arc<dyn PaymentGateway>,
     config: SagaConfig,
 ) -> JoinHandle<()> {
-    let store = orderly_service::app::event_store(settings).unwrap();
-    let pg_config = orderly_service::app::pg_config(settings).unwrap();
-    let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
-    let runner = SagaRunner::new(config, store, pool, gateway);
+    let runner = configured_runner(settings, config, gateway);
     tokio::spawn(async move {
         runner
             .run_until_stopped(std::future::pending())
@@ -289,6 +294,118 @@ async fn a_declined_payment_cancels_the_order_and_releases_its_stock() {
         Duration::from_secs(10),
     )
     .await;
+}
+
+/// The charge goes into the outbox with the commit of the step that requested it: a runner to
+/// which the request never comes back through the log still charges and confirms the order
+/// (it used to wait for that echo, a hop through the log between order and charge).
+#[tokio::test]
+async fn a_charge_goes_out_without_waiting_for_its_request_to_come_back_through_the_log() {
+    let Shop {
+        db: _db,
+        settings,
+        api,
+    } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let simulator = Arc::new(Simulator::default());
+    let hiding = Arc::new(Hiding {
+        inner: orderly_service::app::event_store(&settings).unwrap(),
+        event_type: "PaymentChargeRequested",
+    });
+    let runner = configured_runner(&settings, quick_config(patient_timing()), simulator.clone())
+        .following(hiding);
+    let _saga = tokio::spawn(runner.run_until_stopped(std::future::pending()));
+    let id = place(&api, "alice", "TEA", 2, "tok_ok").await.id;
+    Log::new(&settings)
+        .confirmed(std::slice::from_ref(&id), Duration::from_secs(20))
+        .await;
+    assert_eq!(simulator.charges(), 1);
+}
+
+/// A store whose subscriptions never hand over events of one type; everything else is the
+/// store's own.
+struct Hiding {
+    inner: Arc<dyn EventStore>,
+    event_type: &'static str,
+}
+
+#[async_trait::async_trait]
+impl EventStore for Hiding {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        self.inner.append_many(appends).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(stream, direction, from, limit).await
+    }
+
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        self.inner.read_streams(requests, limit).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(after, filter, limit).await
+    }
+
+    async fn read_all_raw(
+        &self,
+        after: Position,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
+        self.inner.read_all_raw(after, filter, limit).await
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+
+    async fn subscribe(
+        &self,
+        after: Position,
+        filter: EventFilter,
+    ) -> Result<Subscription, StoreError> {
+        let mut events = self.inner.subscribe(after, filter).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let hidden = self.event_type;
+        let task = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let shown = !matches!(&event, Ok(recorded) if recorded.event_type == hidden);
+                if shown && tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Subscription::from_channel(rx, task))
+    }
+
+    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
+        self.inner.stream_version(stream).await
+    }
 }
 
 /// One card failing on its own is retried, not taken for a provider outage.

@@ -46,6 +46,7 @@ use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
 use orderly_domain::product::ProductCommand;
 use orderly_domain::streams;
 use orderly_domain::values::OrderId;
+use orderly_event_schemas::{Event, PaymentEvent};
 use orderly_event_store::{EventStore, GroupCommit};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
@@ -506,9 +507,17 @@ impl SagaRunner {
                     rows.push(Row::refund(order_id, &reason, step.correlation));
                     Ok(())
                 }
-                Command::Payment { order_id, command } => {
-                    self.send_to_payment(order_id, &envelope, command).await
-                }
+                // The charge goes into the outbox with this step's commit, not only once the
+                // request comes back through the log: a hop less between order and charge.
+                Command::Payment { order_id, command } => self
+                    .send_to_payment(order_id, &envelope, command)
+                    .await
+                    .map(|appended| {
+                        for event in appended {
+                            let event = Event::Payment(event);
+                            rows.extend(outbox::rows_for_event(&event, step.correlation));
+                        }
+                    }),
                 Command::Notify(Notification::OrderConfirmed {
                     order_id,
                     customer_id,
@@ -536,17 +545,24 @@ impl SagaRunner {
         refused_release.map_or(Ok(()), Err)
     }
 
-    /// Decides a payment command on the payment's stream. The first charge request starts the
-    /// stream: no read to find it empty (should it exist after all, the append conflicts and
-    /// reads).
+    /// Decides a payment command on the payment's stream, and answers the events of the
+    /// decision that was appended (none when the stream had them already). The first charge
+    /// request starts the stream: no read to find it empty (should it exist after all, the
+    /// append conflicts and reads).
     async fn send_to_payment(
         &self,
         order_id: OrderId,
         envelope: &Envelope,
         command: PaymentCommand,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Vec<PaymentEvent>, CommandError> {
         let stream = stream_name(streams::payment(order_id))?;
-        let decide = |loaded: &Loaded<_>| Ok(payment::decide(&loaded.state, &command)?);
+        // The last decision made: a lost race decides again on the state that won it.
+        let decided = Mutex::new(Vec::new());
+        let decide = |loaded: &Loaded<_>| {
+            let events = payment::decide(&loaded.state, &command)?;
+            *decided.lock().unwrap_or_else(|p| p.into_inner()) = events.clone();
+            Ok(events)
+        };
         let first = matches!(command, PaymentCommand::RequestCharge { attempt: 1, .. });
         let handled = async {
             if first {
@@ -559,7 +575,8 @@ impl SagaRunner {
                     .await
             }
         };
-        metered(command.command_name(), handled).await.map(drop)
+        metered(command.command_name(), handled).await?;
+        Ok(decided.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Sends commands for one order's stream: one alone as usual, several decided in turn and

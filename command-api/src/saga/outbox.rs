@@ -175,9 +175,12 @@ impl Row {
 }
 
 /// The outbox rows a recorded event asks for by itself, whatever the saga's state: the
-/// gateway is called for a `PaymentChargeRequested` (not for the saga's command, so a request
-/// appended once is charged once, however often the command was sent), and a cancellation is
-/// told to the customer.
+/// gateway is called for a `PaymentChargeRequested`, and a cancellation is told to the
+/// customer. A charge's row is made from the request as appended (a retry charges what the
+/// first request asked for, whatever the command carried), by the step that appended it and
+/// again when the event comes back through the log (a crash between the append and the step's
+/// commit leaves only the second): the same id either way, so a request appended once is
+/// charged once, however often the command was sent.
 ///
 /// A charge attempt whose outcome is unknown is resolved once the order is cancelled, and
 /// either event may come last: the cancellation (the attempt failed before it) or the failure
