@@ -579,6 +579,16 @@ pub fn configured_runner(
     gateway: std::sync::Arc<dyn orderly_command_api::saga::PaymentGateway>,
 ) -> orderly_command_api::saga::SagaRunner {
     let store = orderly_service::app::event_store(settings).unwrap();
+    runner_over(settings, config, store, gateway)
+}
+
+/// [`configured_runner`] on `store`, e.g. one that injects faults.
+pub fn runner_over(
+    settings: &Settings,
+    config: orderly_command_api::saga::SagaConfig,
+    store: std::sync::Arc<dyn orderly_event_store::EventStore>,
+    gateway: std::sync::Arc<dyn orderly_command_api::saga::PaymentGateway>,
+) -> orderly_command_api::saga::SagaRunner {
     let pg_config = orderly_service::app::pg_config(settings).unwrap();
     let pool = orderly_graphql::pg_pool(&pg_config, 8).unwrap();
     orderly_command_api::saga::SagaRunner::new(config, store, pool, gateway)

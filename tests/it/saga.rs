@@ -308,12 +308,13 @@ async fn a_charge_goes_out_without_waiting_for_its_request_to_come_back_through_
     } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let simulator = Arc::new(Simulator::default());
-    let hiding = Arc::new(Hiding {
-        inner: orderly_service::app::event_store(&settings).unwrap(),
-        event_type: "PaymentChargeRequested",
-    });
-    let runner = configured_runner(&settings, quick_config(patient_timing()), simulator.clone())
-        .following(hiding);
+    let store = Tampered::hiding(&settings, "PaymentChargeRequested");
+    let runner = runner_over(
+        &settings,
+        quick_config(patient_timing()),
+        store,
+        simulator.clone(),
+    );
     let _saga = tokio::spawn(runner.run_until_stopped(std::future::pending()));
     let id = place(&api, "alice", "TEA", 2, "tok_ok").await.id;
     Log::new(&settings)
@@ -322,15 +323,35 @@ async fn a_charge_goes_out_without_waiting_for_its_request_to_come_back_through_
     assert_eq!(simulator.charges(), 1);
 }
 
-/// A store whose subscriptions never hand over events of one type; everything else is the
-/// store's own.
-struct Hiding {
+/// The store with two faults a test switches on: its subscriptions never hand over events of
+/// one type, and reads of the streams named in `unreadable` fail as if the database were away.
+struct Tampered {
     inner: Arc<dyn EventStore>,
-    event_type: &'static str,
+    hidden: &'static str,
+    unreadable: std::sync::Mutex<std::collections::HashSet<StreamName>>,
+}
+
+impl Tampered {
+    fn hiding(settings: &Settings, event_type: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            inner: orderly_service::app::event_store(settings).unwrap(),
+            hidden: event_type,
+            unreadable: Default::default(),
+        })
+    }
+
+    fn readable(&self, stream: &StreamName) -> Result<(), StoreError> {
+        if self.unreadable.lock().unwrap().contains(stream) {
+            return Err(StoreError::Unavailable(
+                format!("{stream} made unreadable by the test").into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
-impl EventStore for Hiding {
+impl EventStore for Tampered {
     async fn append(
         &self,
         stream: &StreamName,
@@ -351,6 +372,7 @@ impl EventStore for Hiding {
         from: Option<u64>,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.readable(stream)?;
         self.inner.read_stream(stream, direction, from, limit).await
     }
 
@@ -359,6 +381,9 @@ impl EventStore for Hiding {
         requests: &[(StreamName, u64)],
         limit: usize,
     ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        for (stream, _) in requests {
+            self.readable(stream)?;
+        }
         self.inner.read_streams(requests, limit).await
     }
 
@@ -391,7 +416,7 @@ impl EventStore for Hiding {
     ) -> Result<Subscription, StoreError> {
         let mut events = self.inner.subscribe(after, filter).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let hidden = self.event_type;
+        let hidden = self.hidden;
         let task = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 let shown = !matches!(&event, Ok(recorded) if recorded.event_type == hidden);
@@ -406,6 +431,67 @@ impl EventStore for Hiding {
     async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
         self.inner.stream_version(stream).await
     }
+}
+
+/// A deadline whose check fails in a way that may pass (the order's payment stream cannot be
+/// read) is tried again later, and does not keep the other deadlines of its page from being
+/// stored: that page used to be handled and then thrown away at every tick until the one
+/// order's check passed. The saga here never sees its own cancels come back through the log,
+/// so what the tick stores is all it knows of them.
+#[tokio::test]
+async fn a_deadline_check_that_fails_for_a_while_does_not_hold_back_its_pages_others() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 50).await;
+    let store = Tampered::hiding(&settings, "OrderCancelled");
+    let timing = Timing {
+        payment_deadline_ms: 4_000,
+        ..fast_timing()
+    };
+    let runner = runner_over(
+        &settings,
+        quick_config(timing),
+        store.clone(),
+        Arc::new(NeverAnswers),
+    );
+    let _saga = tokio::spawn(runner.run_until_stopped(std::future::pending()));
+    let (failing, other) = two_orders_of_one_lane(&api).await;
+    let client = db.connect().await.unwrap();
+    let due = async |id: &str| -> bool {
+        client
+            .query_one(
+                "select due_at is not null from saga_states where order_id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .is_ok_and(|row| row.get(0))
+    };
+    let within = Instant::now() + Duration::from_secs(20);
+    while !(due(&failing).await && due(&other).await) {
+        assert!(
+            Instant::now() < within,
+            "both orders wait for their payment"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let payment = StreamName::parse(streams::payment(OrderId(failing.parse().unwrap()))).unwrap();
+    store.unreadable.lock().unwrap().insert(payment);
+
+    // The other order is cancelled at its deadline, and its tick stored: no longer due.
+    let log = Log::new(&settings);
+    let order = log.cancelled(&other, Duration::from_secs(20)).await;
+    assert!(cancelled_for_the_deadline(&order), "{order:?}");
+    let within = Instant::now() + Duration::from_secs(20);
+    while due(&other).await {
+        assert!(Instant::now() < within, "the other order's tick was stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(due(&failing).await, "the failing order is still due");
+    assert_ne!(log.order(&failing).await.status, OrderStatus::Cancelled);
+
+    // Once its stream reads again, the failing order's deadline is handled too.
+    store.unreadable.lock().unwrap().clear();
+    let order = log.cancelled(&failing, Duration::from_secs(20)).await;
+    assert!(cancelled_for_the_deadline(&order), "{order:?}");
 }
 
 /// One card failing on its own is retried, not taken for a provider outage.
@@ -1170,6 +1256,20 @@ async fn a_step_that_fails_for_good_is_parked_and_a_retry_finishes_the_order() {
         .unwrap();
     retry_confirms(&client, &log, parked[0].event_id, &poisoned).await;
     assert_eq!(simulator.charges(), 2);
+}
+
+/// Places orders until two share a lane: the first and the second of that lane (with sixteen
+/// lanes, at most seventeen placements).
+async fn two_orders_of_one_lane(api: &Api) -> (String, String) {
+    use orderly_command_api::saga::lanes::lane_of;
+    let mut lanes = std::collections::HashMap::new();
+    loop {
+        let id = place(api, "alice", "TEA", 1, "tok_ok").await.id;
+        let lane = lane_of(OrderId(uuid::Uuid::parse_str(&id).unwrap()));
+        if let Some(first) = lanes.insert(lane, id.clone()) {
+            return (first, id);
+        }
+    }
 }
 
 /// An operator's retry of parked event `event_id`, which must confirm order `id` (well before

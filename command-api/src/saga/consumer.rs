@@ -742,7 +742,10 @@ impl SagaRunner {
     /// decode, a command refused as corrupt) is logged and tried again after a pause that grows
     /// ([`TickFailures`]): it has no event to park, and it must not hold up the others, which
     /// the cursor sees to: a page full of such instances moves the sweep on instead of being
-    /// read again.
+    /// read again. One whose tick fails in a way that may pass stays due and is tried again
+    /// when the sweep comes back to it; the page's other instances are stored all the same.
+    /// Only a page on which every instance tried failed so fails as a whole (the database or
+    /// the store is away, most likely) and is read again at the next tick.
     async fn tick_due(
         &self,
         lease: &Lease,
@@ -794,7 +797,7 @@ impl SagaRunner {
                         self.tick_failures.passed(order_id);
                         Ok(Some(handled))
                     }
-                    Err(error) if error.is_transient() => Err(error),
+                    Err(error) if error.is_transient() => Err((order_id, error)),
                     Err(error) => {
                         counted_retry(&error);
                         let (tries, pause) = self.tick_failures.failed(order_id, self.config.tick);
@@ -805,9 +808,22 @@ impl SagaRunner {
             });
             let mut runs =
                 futures::stream::iter(runs).buffer_unordered(self.config.orders_in_flight);
-            let mut handled = Vec::new();
+            let (mut handled, mut tried, mut passing) = (Vec::new(), 0, Vec::new());
             while let Some(order) = runs.next().await {
-                handled.extend(order?);
+                tried += 1;
+                match order {
+                    Ok(order) => handled.extend(order),
+                    Err(failed) => passing.push(failed),
+                }
+            }
+            if passing.len() == tried
+                && let Some((_, error)) = passing.pop()
+            {
+                return Err(error.into());
+            }
+            for (order_id, error) in passing {
+                counted_retry(&error);
+                tracing::warn!(%error, %order_id, "saga deadline not handled; tried again when the lane's sweep comes back to it");
             }
             self.commit(lease, &handled, None).await?;
         }
