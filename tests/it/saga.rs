@@ -1272,6 +1272,103 @@ async fn two_orders_of_one_lane(api: &Api) -> (String, String) {
     }
 }
 
+/// Makes the database refuse, for good, every write of saga states that `when` picks, with
+/// SQLSTATE `code`.
+async fn refuse_states(client: &tokio_postgres::Client, code: &str, when: &str) {
+    client
+        .batch_execute(&format!(
+            "create function refuse_state() returns trigger language plpgsql
+             as $$ begin raise exception 'refused on purpose' using errcode = '{code}'; end $$;
+             create trigger refuse_state before insert or update on saga_states for each row
+             when ({when}) execute function refuse_state();"
+        ))
+        .await
+        .unwrap();
+}
+
+/// An order whose saga state the database refuses to hold (a value out of its range: SQLSTATE
+/// class 22) has its events parked, and the lane goes on with its other orders: the batch's
+/// commit used to be tried again for ever, and every order of the lane waited behind it.
+#[tokio::test]
+async fn an_order_whose_state_the_database_refuses_is_parked_and_its_lane_goes_on() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 50).await;
+    let (refused, healthy) = two_orders_of_one_lane(&api).await;
+    let client = db.connect().await.unwrap();
+    refuse_states(&client, "22008", &format!("new.order_id = '{refused}'")).await;
+    let (_simulator, _saga) = simulated_saga(&settings);
+    let log = Log::new(&settings);
+    log.confirmed(std::slice::from_ref(&healthy), Duration::from_secs(30))
+        .await;
+    // Its placement and the reservation's answer: all the saga has seen of it.
+    eventually(
+        &db,
+        &format!("select count(*) from saga_parked where order_id = '{refused}'"),
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
+    assert!(
+        parked.iter().all(
+            |event| event.order_id.map(|id| id.to_string()) == Some(refused.clone())
+                && event.error.contains("could not be stored")
+        ),
+        "{parked:?}"
+    );
+    assert_ne!(log.order(&refused).await.status, OrderStatus::Confirmed);
+
+    // Repaired, every parked event of the order fed again: it confirms, charged once.
+    client
+        .batch_execute("drop trigger refuse_state on saga_states")
+        .await
+        .unwrap();
+    for event in &parked {
+        maintenance::retry_parked(&client, "fulfilment", event.event_id)
+            .await
+            .unwrap();
+    }
+    log.confirmed(std::slice::from_ref(&refused), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        per_order(&db, "PaymentCharged").await.get(&refused),
+        Some(&1)
+    );
+}
+
+/// When the database refuses every saga state (a table it lacks, a permission: no fault of
+/// one order's), nothing is parked: the lane tries again until the database is repaired, then
+/// goes on by itself.
+#[tokio::test]
+async fn a_database_that_refuses_every_state_holds_the_lane_until_repaired() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 50).await;
+    let client = db.connect().await.unwrap();
+    refuse_states(&client, "P0001", "true").await;
+    let (_simulator, _saga) = simulated_saga(&settings);
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    // The placement's step ran (its reservation is in the log), its commit was refused.
+    eventually(
+        &db,
+        &format!("select count(*) from events where event_type = 'StockReserved' and data->>'order_id' = '{id}'"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&db, "select count(*) from saga_parked").await, 0);
+    assert_eq!(count(&db, "select count(*) from saga_states").await, 0);
+
+    client
+        .batch_execute("drop trigger refuse_state on saga_states")
+        .await
+        .unwrap();
+    Log::new(&settings)
+        .confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    assert_eq!(count(&db, "select count(*) from saga_parked").await, 0);
+}
+
 /// An operator's retry of parked event `event_id`, which must confirm order `id` (well before
 /// any stock deadline of these tests' default timing) and leave nothing parked.
 async fn retry_confirms(

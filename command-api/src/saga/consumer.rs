@@ -16,7 +16,9 @@
 //! (their ids derive from the causing event). A step that fails for good (corrupt data, a
 //! bug) is *parked*: its event is set aside in `saga_parked` with the error, the order's state
 //! stays as it was before that event, and the lane goes on; the saga state tolerates facts
-//! that arrive late, so an operator may feed the event again later.
+//! that arrive late, so an operator may feed the event again later. A batch whose commit the
+//! database refuses for good is stored order by order, and the events of an order whose own
+//! outcome is refused are parked the same way (see [`SagaRunner::commit_apart`]).
 //!
 //! Deadlines are handled by each lane for its own orders between batches, on the wall clock,
 //! after reading the order's payment stream first: the log's horizon can hide a payment that
@@ -257,6 +259,10 @@ enum ParkReason {
     /// Its step failed for a reason retrying does not change (a rejection, a bug).
     #[error("{0}")]
     StepFailed(String),
+    /// Its step ran, but the database refuses for good to store the outcome (the state, the
+    /// outbox rows): the state stays as it was before the event.
+    #[error("the step's outcome could not be stored: {0}")]
+    NotStored(String),
 }
 
 const LOAD_STATES: &str = "
@@ -548,7 +554,75 @@ impl SagaRunner {
         last: Position,
     ) -> Result<Option<DateTime<Utc>>, LaneError> {
         let handled = self.handle(events, false).await?;
-        self.commit(lease, &handled, Some(last)).await
+        match self.commit(lease, &handled, Some(last)).await {
+            Err(LaneError::Failed(error)) if !error.is_transient() => {
+                self.commit_apart(lease, events, handled, last, error).await
+            }
+            committed => committed,
+        }
+    }
+
+    /// Stores a batch whose commit failed for good one order at a time, so that one order
+    /// whose outcome the database refuses (a value it cannot hold, a bug) does not hold its
+    /// lane: such an order's events of the batch are parked, its state stays as before them
+    /// (its commands went out; a retry sends the same ones again), and the checkpoint moves
+    /// with the parked rows. When no order stores on its own and the database did not blame
+    /// the values (SQLSTATE class 22, [`CommandError::InvalidInput`]), the fault is the
+    /// database's rather than an order's (a table it lacks, a permission): the batch fails
+    /// with `error` and is tried again, as for any failure, instead of parking every event.
+    async fn commit_apart(
+        &self,
+        lease: &Lease,
+        events: &[Arc<Input>],
+        handled: Vec<Handled>,
+        last: Position,
+        error: CommandError,
+    ) -> Result<Option<DateTime<Utc>>, LaneError> {
+        let (mut due, mut stored, mut refused) = (None, 0, Vec::new());
+        for entry in handled {
+            match self.commit(lease, std::slice::from_ref(&entry), None).await {
+                Ok(next) => {
+                    stored += 1;
+                    due = earliest(due, next);
+                }
+                Err(LaneError::Failed(error)) if !error.is_transient() => {
+                    refused.push((entry, error));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let blamed = |(_, error): &(Handled, CommandError)| {
+            matches!(error, CommandError::InvalidInput { .. })
+        };
+        if stored == 0 && !refused.iter().all(blamed) {
+            return Err(error.into());
+        }
+        let parked: Vec<Handled> = refused
+            .into_iter()
+            .map(|(entry, error)| {
+                tracing::error!(%error, order_id = ?entry.order_id, "saga events parked: the database refuses to store their outcome");
+                let reason = ParkReason::NotStored(error.to_string());
+                let parked = events
+                    .iter()
+                    .filter(|input| match entry.order_id {
+                        Some(order_id) => input.order() == Some(order_id),
+                        None => entry.parked.iter().any(|parked| parked.input.id == input.id),
+                    })
+                    .map(|input| Parked {
+                        input: input.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect();
+                Handled {
+                    state: None,
+                    rows: Vec::new(),
+                    parked,
+                    ..entry
+                }
+            })
+            .collect();
+        let next = self.commit(lease, &parked, Some(last)).await?;
+        Ok(earliest(due, next))
     }
 
     /// Feeds `inputs` to their orders' sagas: orders concurrently, each order's in order.
