@@ -553,10 +553,21 @@ pub async fn refuse_for_good(
     action: &str,
     when: &str,
 ) {
+    refuse_with(client, name, action, when, "P0001").await;
+}
+
+/// [`refuse_for_good`] with SQLSTATE `code` (class 22: the database blames the values).
+pub async fn refuse_with(
+    client: &tokio_postgres::Client,
+    name: &str,
+    action: &str,
+    when: &str,
+    code: &str,
+) {
     client
         .batch_execute(&format!(
             "create function {name}() returns trigger language plpgsql
-             as $$ begin raise exception 'refused on purpose'; end $$;
+             as $$ begin raise exception 'refused on purpose' using errcode = '{code}'; end $$;
              create trigger {name} before {action} for each row
              when ({when}) execute function {name}();"
         ))

@@ -433,65 +433,140 @@ impl EventStore for Tampered {
     }
 }
 
-/// A deadline whose check fails in a way that may pass (the order's payment stream cannot be
-/// read) is tried again later, and does not keep the other deadlines of its page from being
-/// stored: that page used to be handled and then thrown away at every tick until the one
-/// order's check passed. The saga here never sees its own cancels come back through the log,
-/// so what the tick stores is all it knows of them.
-#[tokio::test]
-async fn a_deadline_check_that_fails_for_a_while_does_not_hold_back_its_pages_others() {
-    let Shop { db, settings, api } = Shop::open().await;
-    register(&api, "TEA", 650, "EUR", 50).await;
-    let store = Tampered::hiding(&settings, "OrderCancelled");
-    let timing = Timing {
-        payment_deadline_ms: 4_000,
-        ..fast_timing()
-    };
-    let runner = runner_over(
-        &settings,
-        quick_config(timing),
-        store.clone(),
-        Arc::new(NeverAnswers),
-    );
-    let _saga = tokio::spawn(runner.run_until_stopped(std::future::pending()));
-    let (failing, other) = two_orders_of_one_lane(&api).await;
-    let client = db.connect().await.unwrap();
-    let due = async |id: &str| -> bool {
-        client
+/// Two orders of one lane waiting for a payment that never comes (a 4 s deadline), followed
+/// by a runner on a [`Tampered`] store that never shows it its own cancels coming back through
+/// the log, so what a tick stores is all the saga knows of them.
+struct DueTogether {
+    shop: Shop,
+    store: Arc<Tampered>,
+    client: tokio_postgres::Client,
+    first: String,
+    second: String,
+    _saga: JoinHandle<()>,
+}
+
+impl DueTogether {
+    async fn open() -> Self {
+        let shop = Shop::open().await;
+        register(&shop.api, "TEA", 650, "EUR", 50).await;
+        let store = Tampered::hiding(&shop.settings, "OrderCancelled");
+        let timing = Timing {
+            payment_deadline_ms: 4_000,
+            ..fast_timing()
+        };
+        let runner = runner_over(
+            &shop.settings,
+            quick_config(timing),
+            store.clone(),
+            Arc::new(NeverAnswers),
+        );
+        let saga = tokio::spawn(async move {
+            runner
+                .run_until_stopped(std::future::pending())
+                .await
+                .unwrap();
+        });
+        let (first, second) = two_orders_of_one_lane(&shop.api).await;
+        let client = shop.db.connect().await.unwrap();
+        let due = Self {
+            shop,
+            store,
+            client,
+            first,
+            second,
+            _saga: saga,
+        };
+        // Both charges requested (and so the payment deadlines set) before a test breaks
+        // anything: a stock deadline is due earlier, and a fault before the request would
+        // stop the lane instead.
+        let within = Instant::now() + Duration::from_secs(20);
+        while count(
+            &due.shop.db,
+            &format!(
+                "select count(*) from saga_states where phase = 'awaiting_payment'
+                 and order_id in ('{}', '{}')",
+                due.first, due.second
+            ),
+        )
+        .await
+            < 2
+        {
+            assert!(
+                Instant::now() < within,
+                "both orders wait for their payment"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        due
+    }
+
+    /// Whether order `id` has a deadline pending.
+    async fn due(&self, id: &str) -> bool {
+        self.client
             .query_one(
                 "select due_at is not null from saga_states where order_id = $1::text::uuid",
                 &[&id],
             )
             .await
             .is_ok_and(|row| row.get(0))
-    };
-    let within = Instant::now() + Duration::from_secs(20);
-    while !(due(&failing).await && due(&other).await) {
-        assert!(
-            Instant::now() < within,
-            "both orders wait for their payment"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    async fn until(&self, id: &str, due: bool, what: &str) {
+        let within = Instant::now() + Duration::from_secs(20);
+        while self.due(id).await != due {
+            assert!(Instant::now() < within, "{what}: {id}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A deadline whose check fails in a way that may pass (the order's payment stream cannot be
+/// read) is tried again later, and does not keep the other deadlines of its page from being
+/// stored: that page used to be handled and then thrown away at every tick until the one
+/// order's check passed.
+#[tokio::test]
+async fn a_deadline_check_that_fails_for_a_while_does_not_hold_back_its_pages_others() {
+    let due = DueTogether::open().await;
+    let (failing, other) = (&due.first, &due.second);
     let payment = StreamName::parse(streams::payment(OrderId(failing.parse().unwrap()))).unwrap();
-    store.unreadable.lock().unwrap().insert(payment);
+    due.store.unreadable.lock().unwrap().insert(payment);
 
     // The other order is cancelled at its deadline, and its tick stored: no longer due.
-    let log = Log::new(&settings);
-    let order = log.cancelled(&other, Duration::from_secs(20)).await;
+    let log = Log::new(&due.shop.settings);
+    let order = log.cancelled(other, Duration::from_secs(20)).await;
     assert!(cancelled_for_the_deadline(&order), "{order:?}");
-    let within = Instant::now() + Duration::from_secs(20);
-    while due(&other).await {
-        assert!(Instant::now() < within, "the other order's tick was stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(due(&failing).await, "the failing order is still due");
-    assert_ne!(log.order(&failing).await.status, OrderStatus::Cancelled);
+    due.until(other, false, "the other order's tick was stored")
+        .await;
+    assert!(due.due(failing).await, "the failing order is still due");
+    assert_ne!(log.order(failing).await.status, OrderStatus::Cancelled);
 
     // Once its stream reads again, the failing order's deadline is handled too.
-    store.unreadable.lock().unwrap().clear();
-    let order = log.cancelled(&failing, Duration::from_secs(20)).await;
+    due.store.unreadable.lock().unwrap().clear();
+    let order = log.cancelled(failing, Duration::from_secs(20)).await;
     assert!(cancelled_for_the_deadline(&order), "{order:?}");
+}
+
+/// A deadline handled for an order whose new state the database refuses for good is tried
+/// again after a pause, and the other deadlines of its page are stored: the page's commit used
+/// to fail at every tick.
+#[tokio::test]
+async fn a_deadline_whose_outcome_the_database_refuses_does_not_hold_back_its_pages_others() {
+    let due = DueTogether::open().await;
+    let (refused, other) = (&due.first, &due.second);
+    let when = format!("new.order_id = '{refused}'");
+    refuse_with(&due.client, STATES, "update on saga_states", &when, "22008").await;
+
+    let log = Log::new(&due.shop.settings);
+    for id in [refused, other] {
+        let order = log.cancelled(id, Duration::from_secs(20)).await;
+        assert!(cancelled_for_the_deadline(&order), "{order:?}");
+    }
+    due.until(other, false, "the other order's tick was stored")
+        .await;
+    assert!(
+        due.due(refused).await,
+        "the refused order's state is as it was"
+    );
 }
 
 /// One card failing on its own is retried, not taken for a provider outage.
@@ -1272,19 +1347,8 @@ async fn two_orders_of_one_lane(api: &Api) -> (String, String) {
     }
 }
 
-/// Makes the database refuse, for good, every write of saga states that `when` picks, with
-/// SQLSTATE `code`.
-async fn refuse_states(client: &tokio_postgres::Client, code: &str, when: &str) {
-    client
-        .batch_execute(&format!(
-            "create function refuse_state() returns trigger language plpgsql
-             as $$ begin raise exception 'refused on purpose' using errcode = '{code}'; end $$;
-             create trigger refuse_state before insert or update on saga_states for each row
-             when ({when}) execute function refuse_state();"
-        ))
-        .await
-        .unwrap();
-}
+/// The trigger of the tests below that refuse saga states.
+const STATES: &str = "refuse_states";
 
 /// An order whose saga state the database refuses to hold (a value out of its range: SQLSTATE
 /// class 22) has its events parked, and the lane goes on with its other orders: the batch's
@@ -1295,7 +1359,15 @@ async fn an_order_whose_state_the_database_refuses_is_parked_and_its_lane_goes_o
     register(&api, "TEA", 650, "EUR", 50).await;
     let (refused, healthy) = two_orders_of_one_lane(&api).await;
     let client = db.connect().await.unwrap();
-    refuse_states(&client, "22008", &format!("new.order_id = '{refused}'")).await;
+    let when = format!("new.order_id = '{refused}'");
+    refuse_with(
+        &client,
+        STATES,
+        "insert or update on saga_states",
+        &when,
+        "22008",
+    )
+    .await;
     let (_simulator, _saga) = simulated_saga(&settings);
     let log = Log::new(&settings);
     log.confirmed(std::slice::from_ref(&healthy), Duration::from_secs(30))
@@ -1317,17 +1389,32 @@ async fn an_order_whose_state_the_database_refuses_is_parked_and_its_lane_goes_o
         "{parked:?}"
     );
     assert_ne!(log.order(&refused).await.status, OrderStatus::Confirmed);
+    let retry_all = async || {
+        for event in &parked {
+            maintenance::retry_parked(&client, "fulfilment", event.event_id)
+                .await
+                .unwrap();
+        }
+    };
+
+    // Fed again before the repair: refused again, the events stay parked with the attempt
+    // counted and wait for the next retry (the retry used to be tried again for ever, and
+    // held the lane's other retries).
+    retry_all().await;
+    eventually(
+        &db,
+        &format!(
+            "select count(*) from saga_parked where order_id = '{refused}'
+             and attempts = 2 and retry_requested_at is null"
+        ),
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
 
     // Repaired, every parked event of the order fed again: it confirms, charged once.
-    client
-        .batch_execute("drop trigger refuse_state on saga_states")
-        .await
-        .unwrap();
-    for event in &parked {
-        maintenance::retry_parked(&client, "fulfilment", event.event_id)
-            .await
-            .unwrap();
-    }
+    accept_again(&client, STATES, "saga_states").await;
+    retry_all().await;
     log.confirmed(std::slice::from_ref(&refused), Duration::from_secs(30))
         .await;
     assert_eq!(
@@ -1344,7 +1431,7 @@ async fn a_database_that_refuses_every_state_holds_the_lane_until_repaired() {
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 50).await;
     let client = db.connect().await.unwrap();
-    refuse_states(&client, "P0001", "true").await;
+    refuse_for_good(&client, STATES, "insert or update on saga_states", "true").await;
     let (_simulator, _saga) = simulated_saga(&settings);
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     // The placement's step ran (its reservation is in the log), its commit was refused.
@@ -1359,10 +1446,7 @@ async fn a_database_that_refuses_every_state_holds_the_lane_until_repaired() {
     assert_eq!(count(&db, "select count(*) from saga_parked").await, 0);
     assert_eq!(count(&db, "select count(*) from saga_states").await, 0);
 
-    client
-        .batch_execute("drop trigger refuse_state on saga_states")
-        .await
-        .unwrap();
+    accept_again(&client, STATES, "saga_states").await;
     Log::new(&settings)
         .confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
         .await;

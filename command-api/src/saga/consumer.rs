@@ -18,7 +18,7 @@
 //! stays as it was before that event, and the lane goes on; the saga state tolerates facts
 //! that arrive late, so an operator may feed the event again later. A batch whose commit the
 //! database refuses for good is stored order by order, and the events of an order whose own
-//! outcome is refused are parked the same way (see [`SagaRunner::commit_apart`]).
+//! outcome is refused are parked the same way (see [`SagaRunner::commit_or_park`]).
 //!
 //! Deadlines are handled by each lane for its own orders between batches, on the wall clock,
 //! after reading the order's payment stream first: the log's horizon can hide a payment that
@@ -554,30 +554,69 @@ impl SagaRunner {
         last: Position,
     ) -> Result<Option<DateTime<Utc>>, LaneError> {
         let handled = self.handle(events, false).await?;
-        match self.commit(lease, &handled, Some(last)).await {
-            Err(LaneError::Failed(error)) if !error.is_transient() => {
-                self.commit_apart(lease, events, handled, last, error).await
-            }
-            committed => committed,
-        }
+        self.commit_or_park(lease, events, handled, Some(last))
+            .await
     }
 
-    /// Stores a batch whose commit failed for good one order at a time, so that one order
-    /// whose outcome the database refuses (a value it cannot hold, a bug) does not hold its
-    /// lane: such an order's events of the batch are parked, its state stays as before them
-    /// (its commands went out; a retry sends the same ones again), and the checkpoint moves
-    /// with the parked rows. When no order stores on its own and the database did not blame
-    /// the values (SQLSTATE class 22, [`CommandError::InvalidInput`]), the fault is the
-    /// database's rather than an order's (a table it lacks, a permission): the batch fails
-    /// with `error` and is tried again, as for any failure, instead of parking every event.
+    /// [`Self::commit`], but when the database refuses the commit for good, one order whose
+    /// outcome it refuses (a value out of its range, a bug) must not hold the lane: the others
+    /// are stored on their own ([`Self::commit_apart`]), and that order's events of `inputs`
+    /// are parked, its state left as before them (their commands went out; a retry sends the
+    /// same ones again). The checkpoint moves with the parked rows.
+    async fn commit_or_park(
+        &self,
+        lease: &Lease,
+        inputs: &[Arc<Input>],
+        handled: Vec<Handled>,
+        checkpoint: Option<Position>,
+    ) -> Result<Option<DateTime<Utc>>, LaneError> {
+        let error = match self.commit(lease, &handled, checkpoint).await {
+            Err(LaneError::Failed(error)) if !error.is_transient() => error,
+            committed => return committed,
+        };
+        let (due, refused) = self.commit_apart(lease, handled, error).await?;
+        let parked: Vec<Handled> = refused
+            .into_iter()
+            .map(|(entry, error)| {
+                tracing::error!(%error, order_id = ?entry.order_id, "saga events parked: the database refuses to store their outcome");
+                let reason = ParkReason::NotStored(error.to_string());
+                let parked = inputs
+                    .iter()
+                    .filter(|input| match entry.order_id {
+                        Some(order_id) => input.order() == Some(order_id),
+                        None => entry.parked.iter().any(|parked| parked.input.id == input.id),
+                    })
+                    .map(|input| Parked {
+                        input: input.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect();
+                // A retried event whose outcome is refused stays parked, not resolved.
+                Handled {
+                    state: None,
+                    rows: Vec::new(),
+                    parked,
+                    resolved: Vec::new(),
+                    ..entry
+                }
+            })
+            .collect();
+        let next = self.commit(lease, &parked, checkpoint).await?;
+        Ok(earliest(due, next))
+    }
+
+    /// Stores `handled`, whose commit as a whole failed for good with `error`, one order at a
+    /// time; answers when the stored orders' next deadline is, and the entries the database
+    /// refuses on their own, with why. When it refuses every one and blames no value (SQLSTATE
+    /// class 22, [`CommandError::InvalidInput`]), the fault is the database's rather than an
+    /// order's (a table it lacks, a permission): the answer is `error`, and the caller tries
+    /// the same work again later, as for any failure, instead of setting every order aside.
     async fn commit_apart(
         &self,
         lease: &Lease,
-        events: &[Arc<Input>],
         handled: Vec<Handled>,
-        last: Position,
         error: CommandError,
-    ) -> Result<Option<DateTime<Utc>>, LaneError> {
+    ) -> Result<(Option<DateTime<Utc>>, Vec<(Handled, CommandError)>), LaneError> {
         let (mut due, mut stored, mut refused) = (None, 0, Vec::new());
         for entry in handled {
             match self.commit(lease, std::slice::from_ref(&entry), None).await {
@@ -597,32 +636,7 @@ impl SagaRunner {
         if stored == 0 && !refused.iter().all(blamed) {
             return Err(error.into());
         }
-        let parked: Vec<Handled> = refused
-            .into_iter()
-            .map(|(entry, error)| {
-                tracing::error!(%error, order_id = ?entry.order_id, "saga events parked: the database refuses to store their outcome");
-                let reason = ParkReason::NotStored(error.to_string());
-                let parked = events
-                    .iter()
-                    .filter(|input| match entry.order_id {
-                        Some(order_id) => input.order() == Some(order_id),
-                        None => entry.parked.iter().any(|parked| parked.input.id == input.id),
-                    })
-                    .map(|input| Parked {
-                        input: input.clone(),
-                        reason: reason.clone(),
-                    })
-                    .collect();
-                Handled {
-                    state: None,
-                    rows: Vec::new(),
-                    parked,
-                    ..entry
-                }
-            })
-            .collect();
-        let next = self.commit(lease, &parked, Some(last)).await?;
-        Ok(earliest(due, next))
+        Ok((due, refused))
     }
 
     /// Feeds `inputs` to their orders' sagas: orders concurrently, each order's in order.
@@ -899,7 +913,24 @@ impl SagaRunner {
                 counted_retry(&error);
                 tracing::warn!(%error, %order_id, "saga deadline not handled; tried again when the lane's sweep comes back to it");
             }
-            self.commit(lease, &handled, None).await?;
+            // An instance whose outcome the database refuses for good is handled as one whose
+            // tick fails so: the others are stored, it is tried again after a pause.
+            match self.commit(lease, &handled, None).await {
+                Err(LaneError::Failed(error)) if !error.is_transient() => {
+                    let (_, refused) = self.commit_apart(lease, handled, error).await?;
+                    for (entry, error) in refused {
+                        let Some(order_id) = entry.order_id else {
+                            continue;
+                        };
+                        counted_retry(&error);
+                        let (tries, pause) = self.tick_failures.failed(order_id, self.config.tick);
+                        tracing::error!(%error, %order_id, tries, retry_in = ?pause, "saga deadline handled but not stored; tried again after a pause");
+                    }
+                }
+                committed => {
+                    committed?;
+                }
+            }
         }
         if cursor.is_some() {
             // More are due behind this page: the next tick goes on with them.
@@ -1074,7 +1105,7 @@ impl SagaRunner {
                 .resolved
                 .retain(|id| !entry.parked.iter().any(|p| p.input.id == *id));
         }
-        self.commit(lease, &handled, None).await
+        self.commit_or_park(lease, &inputs, handled, None).await
     }
 
     /// Stores what a batch or tick handled and the lane's checkpoint, in one transaction that
