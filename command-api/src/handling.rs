@@ -339,16 +339,22 @@ impl Handler {
 
     /// The state to decide a first attempt on: the cached one when optimistic and there is
     /// one, unless another writer raced this process for the stream lately; else a read.
+    ///
+    /// Answers whether a read confirmed it. An optimistic handler's cached state is not read
+    /// again, and may be behind the stream (another process appended: a reservation made by
+    /// the process that held the order's lane before, a restock): an append decided on it is
+    /// checked by its expected version, but a refusal, or a decision to write nothing, is
+    /// checked by nothing, so callers take those again on a read of the stream.
     async fn first_state<A: Stored>(
         &self,
         stream: &StreamName,
-    ) -> Result<Loaded<A::State>, CommandError> {
+    ) -> Result<(Loaded<A::State>, bool), CommandError> {
         if self.optimistic
             && let Some(loaded) = self.states.uncontended::<A::State>(stream)
         {
-            return Ok(loaded);
+            return Ok((loaded, false));
         }
-        self.load::<A>(stream).await
+        Ok((self.load::<A>(stream).await?, true))
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
@@ -504,19 +510,25 @@ impl Handler {
         // collision (a bug), not a retry, and no further try changes it.
         let mut duplicate = false;
         for attempt in 0..MAX_ATTEMPTS {
-            let loaded = if assume_new && attempt == 0 {
-                Loaded {
+            let (loaded, read) = if assume_new && attempt == 0 {
+                let assumed = Loaded {
                     state: A::State::default(),
                     version: None,
                     position: Position::START,
                     first_event_id: None,
-                }
+                };
+                (assumed, false)
             } else if attempt == 0 {
                 self.first_state::<A>(stream).await?
             } else {
-                self.load::<A>(stream).await?
+                (self.load::<A>(stream).await?, true)
             };
-            let decided = at_expected(expected, &loaded, decide(&loaded))?;
+            let decided = at_expected(expected, &loaded, decide(&loaded));
+            // Nothing to append checks an unread state: decide again on the stream itself.
+            if !read && !decided.as_ref().is_ok_and(|events| !events.is_empty()) {
+                continue;
+            }
+            let decided = decided?;
             if decided.is_empty() {
                 return Ok(Outcome {
                     version: loaded.version,
@@ -596,10 +608,10 @@ impl Handler {
     ) -> Result<Vec<Result<(), orderly_domain::Rejection>>, CommandError> {
         let mut duplicate = false;
         for attempt in 0..MAX_ATTEMPTS {
-            let loaded = if attempt == 0 {
+            let (loaded, read) = if attempt == 0 {
                 self.first_state::<A>(stream).await?
             } else {
-                self.load::<A>(stream).await?
+                (self.load::<A>(stream).await?, true)
             };
             let mut state = loaded.state.clone();
             let mut outcomes = Vec::with_capacity(commands.len());
@@ -616,7 +628,13 @@ impl Handler {
                     Err(rejection) => outcomes.push(Err(rejection)),
                 }
             }
+            // Refusals and no-ops alone check nothing (see `first_state`): decided on an
+            // unread state, they are decided again on the stream. With an append, its
+            // expected version checks the state every outcome of the round was decided on.
             if batch.is_empty() {
+                if !read {
+                    continue;
+                }
                 return Ok(outcomes);
             }
             // The batch's outcomes are per command; the event names are not needed.
@@ -902,6 +920,70 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(refused.events, vec!["StockReservationRejected".to_owned()]);
+    }
+
+    fn ship(order: u128) -> ProductCommand {
+        ProductCommand::ShipReservedStock {
+            order_id: orderly_domain::values::OrderId(Uuid::from_u128(order)),
+            shipped_at: Utc::now(),
+        }
+    }
+
+    fn release(order: u128) -> ProductCommand {
+        ProductCommand::ReleaseReservation {
+            order_id: orderly_domain::values::OrderId(Uuid::from_u128(order)),
+            released_at: Utc::now(),
+        }
+    }
+
+    /// A refusal or a decision to write nothing has no append whose expected version would
+    /// catch a cached state another writer moved past: an optimistic handler takes it again on
+    /// a read of the stream. Here the other writer is the process that held the order's lane
+    /// before and reserved its stock; decided on the cache, the shipment was refused ("nothing
+    /// reserved") and the release did nothing, and the stock stayed held for good.
+    #[tokio::test]
+    async fn an_optimistic_handler_refuses_or_skips_nothing_on_a_state_it_did_not_read() {
+        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
+        let (ours, theirs) = (Handler::optimistic(store.clone()), Handler::new(store));
+        let stream = StreamName::parse("product-TEA").unwrap();
+        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 5)))
+            .await
+            .unwrap();
+        for order in [1, 2] {
+            theirs
+                .execute::<ProductAggregate, _>(
+                    &stream,
+                    None,
+                    &envelope(),
+                    decide(reserve(order, 1)),
+                )
+                .await
+                .unwrap();
+        }
+        let shipped = ours
+            .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(ship(1)))
+            .await
+            .unwrap();
+        assert_eq!(shipped.events, vec!["ReservedStockShipped".to_owned()]);
+        theirs
+            .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(reserve(3, 1)))
+            .await
+            .unwrap();
+        let outcomes = ours
+            .execute_batch::<ProductAggregate>(
+                &stream,
+                &[(envelope(), release(2)), (envelope(), release(3))],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![Ok(()), Ok(())]);
+        let product = theirs
+            .load::<ProductAggregate>(&stream)
+            .await
+            .unwrap()
+            .state
+            .unwrap();
+        assert_eq!((product.on_hand(), product.reserved()), (4, 0));
     }
 
     /// Counts `orderly_append_conflicts_total`, the metric every lost race increments.
