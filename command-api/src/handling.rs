@@ -873,22 +873,45 @@ mod tests {
         ));
     }
 
-    fn reserve(order: u128, quantity: u32) -> ProductCommand {
+    fn order(n: u128) -> orderly_domain::values::OrderId {
+        orderly_domain::values::OrderId(Uuid::from_u128(n))
+    }
+
+    fn reserve(n: u128, quantity: u32) -> ProductCommand {
         ProductCommand::ReserveStock {
-            order_id: orderly_domain::values::OrderId(Uuid::from_u128(order)),
+            order_id: order(n),
             quantity: Quantity::new(quantity).unwrap(),
             reserved_at: Utc::now(),
         }
     }
 
-    #[tokio::test]
-    async fn an_optimistic_handler_never_decides_on_a_state_another_writer_moved_past() {
+    /// What the product of `stream` has on hand and reserved, as read by `handler`.
+    async fn on_hand_and_reserved(handler: &Handler, stream: &StreamName) -> (u32, u32) {
+        let loaded = handler.load::<ProductAggregate>(stream).await.unwrap();
+        let product = loaded.state.unwrap();
+        (product.on_hand(), product.reserved())
+    }
+
+    /// An optimistic handler (ours, a saga's) and a plain one (theirs: another process) on one
+    /// store, and product TEA registered through ours with `stock` on hand.
+    async fn ours_and_theirs(stock: u32) -> (Handler, Handler, StreamName) {
         let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
         let (ours, theirs) = (Handler::optimistic(store.clone()), Handler::new(store));
         let stream = StreamName::parse("product-TEA").unwrap();
-        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 1)))
-            .await
-            .unwrap();
+        ours.execute::<ProductAggregate, _>(
+            &stream,
+            None,
+            &envelope(),
+            decide(register("TEA", stock)),
+        )
+        .await
+        .unwrap();
+        (ours, theirs, stream)
+    }
+
+    #[tokio::test]
+    async fn an_optimistic_handler_never_decides_on_a_state_another_writer_moved_past() {
+        let (ours, theirs, stream) = ours_and_theirs(1).await;
         // Ours holds 1 on hand from its own append; theirs brings it to 5.
         theirs
             .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(restock(4)))
@@ -907,13 +930,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcomes, vec![Ok(()), Ok(())]);
-        let product = theirs
-            .load::<ProductAggregate>(&stream)
-            .await
-            .unwrap()
-            .state
-            .unwrap();
-        assert_eq!((product.on_hand(), product.reserved()), (5, 5));
+        assert_eq!(on_hand_and_reserved(&theirs, &stream).await, (5, 5));
         // The second reservation of the batch saw the first: nothing is left for a fourth.
         let refused = ours
             .execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(reserve(4, 1)))
@@ -922,16 +939,16 @@ mod tests {
         assert_eq!(refused.events, vec!["StockReservationRejected".to_owned()]);
     }
 
-    fn ship(order: u128) -> ProductCommand {
+    fn ship(n: u128) -> ProductCommand {
         ProductCommand::ShipReservedStock {
-            order_id: orderly_domain::values::OrderId(Uuid::from_u128(order)),
+            order_id: order(n),
             shipped_at: Utc::now(),
         }
     }
 
-    fn release(order: u128) -> ProductCommand {
+    fn release(n: u128) -> ProductCommand {
         ProductCommand::ReleaseReservation {
-            order_id: orderly_domain::values::OrderId(Uuid::from_u128(order)),
+            order_id: order(n),
             released_at: Utc::now(),
         }
     }
@@ -943,12 +960,7 @@ mod tests {
     /// reserved") and the release did nothing, and the stock stayed held for good.
     #[tokio::test]
     async fn an_optimistic_handler_refuses_or_skips_nothing_on_a_state_it_did_not_read() {
-        let store: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
-        let (ours, theirs) = (Handler::optimistic(store.clone()), Handler::new(store));
-        let stream = StreamName::parse("product-TEA").unwrap();
-        ours.execute::<ProductAggregate, _>(&stream, None, &envelope(), decide(register("TEA", 5)))
-            .await
-            .unwrap();
+        let (ours, theirs, stream) = ours_and_theirs(5).await;
         for order in [1, 2] {
             theirs
                 .execute::<ProductAggregate, _>(
@@ -977,13 +989,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcomes, vec![Ok(()), Ok(())]);
-        let product = theirs
-            .load::<ProductAggregate>(&stream)
-            .await
-            .unwrap()
-            .state
-            .unwrap();
-        assert_eq!((product.on_hand(), product.reserved()), (4, 0));
+        assert_eq!(on_hand_and_reserved(&theirs, &stream).await, (4, 0));
     }
 
     /// Counts `orderly_append_conflicts_total`, the metric every lost race increments.
