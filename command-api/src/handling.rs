@@ -326,9 +326,11 @@ impl Handler {
     /// A handler that decides a command's first attempt on the state it holds for the stream
     /// (left by its own last append or read) without reading the stream first, and appends at
     /// that state's version: if anyone else appended meanwhile, the store refuses with a
-    /// conflict and the command is decided again on a fresh read, so no decision ever rests on
-    /// a stale state. It saves a read per command where this process is (nearly) the only
-    /// writer of its streams: the saga, whose lanes own their orders' streams.
+    /// conflict and the command is decided again on a fresh read; a decision with nothing to
+    /// append (a refusal, a no-op) is always taken again on a read, as no append checks it. So
+    /// no decision ever rests on a stale state. It saves a read per command where this process
+    /// is (nearly) the only writer of its streams: the saga, whose lanes own their orders'
+    /// streams.
     pub fn optimistic(store: Arc<dyn EventStore>) -> Self {
         Self {
             store,
