@@ -497,7 +497,14 @@ impl SagaRunner {
                 Command::Product { sku, command } => {
                     let stream = stream_name(streams::product(&sku))?;
                     let name = command.command_name();
-                    metered(name, self.products.send(&stream, envelope, command)).await
+                    let shipment = matches!(command, ProductCommand::ShipReservedStock { .. });
+                    let sent = metered(name, self.products.send(&stream, envelope, command)).await;
+                    // The saga saw the stock reserved, or it would not ship it: a refusal here
+                    // leaves it held for good, for an operator to look into.
+                    if shipment && let Err(CommandError::Rejected(rejection)) = &sent {
+                        tracing::error!(%sku, %rejection, causation = %step.causation, "reserved stock not shipped: the product refused; its stock stays held");
+                    }
+                    sent
                 }
                 // Money goes back through the gateway first; the outbox worker records it.
                 Command::Payment {
