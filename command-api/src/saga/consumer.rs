@@ -887,9 +887,7 @@ impl SagaRunner {
                     }
                     Err(error) if error.is_transient() => Err((order_id, error)),
                     Err(error) => {
-                        counted_retry(&error);
-                        let (tries, pause) = self.tick_failures.failed(order_id, self.config.tick);
-                        tracing::error!(%error, %order_id, tries, retry_in = ?pause, "saga deadline not handled; tried again after a pause");
+                        self.tick_failed(order_id, &error, "saga deadline not handled");
                         Ok(None)
                     }
                 }
@@ -919,12 +917,10 @@ impl SagaRunner {
                 Err(LaneError::Failed(error)) if !error.is_transient() => {
                     let (_, refused) = self.commit_apart(lease, handled, error).await?;
                     for (entry, error) in refused {
-                        let Some(order_id) = entry.order_id else {
-                            continue;
-                        };
-                        counted_retry(&error);
-                        let (tries, pause) = self.tick_failures.failed(order_id, self.config.tick);
-                        tracing::error!(%error, %order_id, tries, retry_in = ?pause, "saga deadline handled but not stored; tried again after a pause");
+                        if let Some(order_id) = entry.order_id {
+                            let what = "saga deadline handled but not stored";
+                            self.tick_failed(order_id, &error, what);
+                        }
                     }
                 }
                 committed => {
@@ -941,6 +937,14 @@ impl SagaRunner {
             .query_one(&next_due_query(), &[&self.config.name, &lane])
             .await?;
         Ok((next.get(0), None))
+    }
+
+    /// Counts and logs a deadline of `order_id` that failed for good (`what` went wrong), and
+    /// pauses it before its next try ([`TickFailures`]).
+    fn tick_failed(&self, order_id: OrderId, error: &CommandError, what: &str) {
+        counted_retry(error);
+        let (tries, pause) = self.tick_failures.failed(order_id, self.config.tick);
+        tracing::error!(%error, %order_id, tries, retry_in = ?pause, "{what}; tried again after a pause");
     }
 
     async fn tick_order(
