@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use futures::StreamExt;
 use orderly_command_api::CommandError;
-use orderly_command_api::Handler;
 use orderly_command_api::saga::{
     BreakerState, Charge, ChargeOutcome, PaymentGateway, Resilience, Resilient, SagaConfig,
     Simulator, maintenance,
 };
+use orderly_command_api::{Envelope, Handler};
 use orderly_domain::fulfilment::Timing;
 use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
-use orderly_domain::product::{Product, ProductAggregate};
+use orderly_domain::product::{self, Product, ProductAggregate, ProductCommand};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
 use orderly_event_store::{
@@ -133,6 +133,19 @@ impl Log {
             .unwrap()
             .state
             .unwrap()
+    }
+
+    /// Decides `command` on product `sku` as a writer other than the saga would (an operator's
+    /// tool, say).
+    async fn on_product(&self, sku: &str, command: ProductCommand) {
+        let stream = StreamName::parse(streams::product(&Sku::parse(sku).unwrap())).unwrap();
+        let envelope = Envelope::request(uuid::Uuid::now_v7(), "operator");
+        self.handler
+            .execute::<ProductAggregate, _>(&stream, None, &envelope, |loaded| {
+                Ok(product::decide(&loaded.state, &command)?)
+            })
+            .await
+            .unwrap();
     }
 
     /// Waits until the product's reservations are all given back (compensation follows the
@@ -1685,6 +1698,63 @@ async fn a_release_that_keeps_failing_does_not_hold_back_another_products_releas
     let tea = log.released("TEA").await;
     assert_eq!((tea.reserved(), tea.available()), (0, 10));
     assert_eq!(log.product("MUG").await.reserved(), 1, "still refused");
+}
+
+/// A shipment the product refuses (the order's MUG given back by another writer, in a way
+/// the saga never saw) leaves stock the saga cannot account for: the step is parked, in sight
+/// of an operator, after the order's other shipments went, and a retry that is refused again
+/// is counted. The refusal used to be logged and the step taken as done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shipment_the_product_refuses_is_parked_after_the_orders_other_shipments() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "MUG", 1200, "EUR", 10).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let runner = runner_over(
+        &settings,
+        quick_config(fast_timing()),
+        Tampered::hiding(&settings, "StockReservationReleased"),
+        Arc::new(Simulator::default()),
+    );
+    let _saga = tokio::spawn(runner.run_until_stopped(std::future::pending()));
+    let id = place_mug_and_tea(&api).await;
+    let log = Log::new(&settings);
+    log.confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    let order_id = OrderId(id.parse().unwrap());
+    let released_at = chrono::Utc::now();
+    let release = ProductCommand::ReleaseReservation {
+        order_id,
+        released_at,
+    };
+    log.on_product("MUG", release).await;
+
+    api.gql(Some(&warehouse()), SHIP, json!({ "id": id }))
+        .await
+        .data("shipOrder");
+    let shipped = "select count(*) from saga_parked where event_type = 'OrderShipped'";
+    eventually(&db, shipped, 1, Duration::from_secs(10)).await;
+    let tea = log.product("TEA").await;
+    assert_eq!((tea.on_hand(), tea.reserved()), (8, 0), "TEA shipped");
+    let client = db.connect().await.unwrap();
+    // The order's later events (TEA's shipment coming back) try MUG's again, and wait too.
+    let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
+    assert_eq!(parked[0].event_type, "OrderShipped", "{parked:?}");
+    assert!(
+        parked.iter().all(|p| p.order_id == Some(order_id.0)
+            && p.error.contains("MUG holds no reservation")),
+        "{parked:?}"
+    );
+
+    maintenance::retry_parked(&client, "fulfilment", parked[0].event_id)
+        .await
+        .unwrap();
+    let tried_again = "select count(*) from saga_parked where event_type = 'OrderShipped'
+                       and attempts = 2 and retry_requested_at is null and skipped_at is null";
+    eventually(&db, tried_again, 1, Duration::from_secs(10)).await;
+    let tea_shipments = "select count(*) from events
+                         where event_type = 'ReservedStockShipped' and stream = 'product-TEA'";
+    assert_eq!(count(&db, tea_shipments).await, 1, "TEA shipped once");
+    assert_eq!(log.product("MUG").await.on_hand(), 10);
 }
 
 /// Makes the log refuse for good every release, or those of `only` (a product's stream), (see

@@ -446,9 +446,10 @@ impl SagaRunner {
     /// Sends every command of one saga step in order. Rejections are logged (the saga
     /// compensates when the event that caused them arrives); any other failure ends the step
     /// (transient ones are tried again, the others park the event), but for a release of
-    /// reserved stock refused for good: the step's other releases still go, each product's
-    /// stock being its own (and each release written once, however often the step is tried),
-    /// and the step fails after them.
+    /// reserved stock refused for good, or a shipment of it refused at all: the step's other
+    /// releases or shipments still go, each product's stock being its own (and each written
+    /// once, however often the step is tried), and the step fails after them, so that the
+    /// stock left held is parked in sight of an operator.
     async fn send(
         &self,
         commands: Vec<Command>,
@@ -464,16 +465,16 @@ impl SagaRunner {
             traceparent: step.traceparent.clone(),
         };
         let mut commands = commands.into_iter().enumerate().peekable();
-        let mut refused_release = None;
+        let mut refused_stock = None;
         while let Some((index, command)) = commands.next() {
-            let release = matches!(
-                command,
-                Command::Product {
-                    command: ProductCommand::ReleaseReservation { .. },
-                    ..
-                }
-            );
-            if refused_release.is_some() && !release {
+            let (release, shipment) = match &command {
+                Command::Product { command, .. } => (
+                    matches!(command, ProductCommand::ReleaseReservation { .. }),
+                    matches!(command, ProductCommand::ShipReservedStock { .. }),
+                ),
+                _ => (false, false),
+            };
+            if refused_stock.is_some() && !release && !shipment {
                 break;
             }
             // A process whose leases may have run out sends nothing: another may hold its lanes.
@@ -497,14 +498,7 @@ impl SagaRunner {
                 Command::Product { sku, command } => {
                     let stream = stream_name(streams::product(&sku))?;
                     let name = command.command_name();
-                    let shipment = matches!(command, ProductCommand::ShipReservedStock { .. });
-                    let sent = metered(name, self.products.send(&stream, envelope, command)).await;
-                    // The saga saw the stock reserved, or it would not ship it: a refusal here
-                    // leaves it held for good, for an operator to look into.
-                    if shipment && let Err(CommandError::Rejected(rejection)) = &sent {
-                        tracing::error!(%sku, %rejection, causation = %step.causation, "reserved stock not shipped: the product refused; its stock stays held");
-                    }
-                    sent
+                    metered(name, self.products.send(&stream, envelope, command)).await
                 }
                 // Money goes back through the gateway first; the outbox worker records it.
                 Command::Payment {
@@ -539,17 +533,23 @@ impl SagaRunner {
             };
             match sent {
                 Ok(()) => {}
+                // The saga saw the stock reserved, or it would not ship it: the product's
+                // refusal leaves it held until an operator looks into it.
+                Err(error @ CommandError::Rejected(_)) if shipment => {
+                    tracing::error!(%error, causation = %step.causation, "reserved stock not shipped: the product refused; the step's other shipments go on");
+                    refused_stock.get_or_insert(error);
+                }
                 Err(CommandError::Rejected(rejection)) => {
                     tracing::info!(%rejection, causation = %step.causation, "saga command rejected");
                 }
                 Err(error) if release && !error.is_transient() => {
                     tracing::warn!(%error, causation = %step.causation, "stock release failed; the step's other releases go on");
-                    refused_release.get_or_insert(error);
+                    refused_stock.get_or_insert(error);
                 }
                 Err(error) => return Err(error),
             }
         }
-        refused_release.map_or(Ok(()), Err)
+        refused_stock.map_or(Ok(()), Err)
     }
 
     /// Decides a payment command on the payment's stream, and answers the events of the
