@@ -67,6 +67,14 @@ impl EventStore for Counting {
         self.store.read_stream(stream, direction, from, limit).await
     }
 
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        self.store.read_streams(requests, limit).await
+    }
+
     async fn read_all(
         &self,
         after: Position,

@@ -155,6 +155,14 @@ impl EventStore for KurrentDbEventStore {
         crate::append_each(self, appends).await
     }
 
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        crate::read_each(self, requests, limit).await
+    }
+
     /// `deduplicated` comes from comparing the stream's version read just before the append
     /// with the one the server reports: an append that wrote nothing ends at or below where the
     /// stream already was. The server does not say so itself. Positions come from reading the

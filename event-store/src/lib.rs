@@ -91,22 +91,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// stream at most once), up to `limit` events from version `from`, as `read_stream` would.
     /// The answer holds one page per request, in request order; a missing stream's is empty.
     ///
-    /// The default reads the streams one by one; adapters that can answer in one round trip
-    /// (the command side loads every product of an order this way) override it.
+    /// Adapters that can answer in one round trip (PostgreSQL) do; the others read the streams
+    /// one by one ([`read_each`]). No default: a wrapper that forgot to delegate would read one
+    /// stream after the other below it, silently, where the command side loads every product
+    /// of an order at once.
     async fn read_streams(
         &self,
         requests: &[(StreamName, u64)],
         limit: usize,
-    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
-        let mut pages = Vec::with_capacity(requests.len());
-        for (stream, from) in requests {
-            pages.push(
-                self.read_stream(stream, Direction::Forwards, Some(*from), limit)
-                    .await?,
-            );
-        }
-        Ok(pages)
-    }
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError>;
 
     /// Reads up to `limit` events of the whole log strictly after `after`, in log order, keeping
     /// those that match `filter`. Only events that can no longer be preceded by a late commit
@@ -149,6 +142,24 @@ pub trait EventStore: Send + Sync + 'static {
             .await?;
         Ok(last.first().map(|e| e.version))
     }
+}
+
+/// [`EventStore::read_streams`] for adapters without a way to read several streams at once:
+/// one [`EventStore::read_stream`] after the other, in request order.
+pub async fn read_each<S: EventStore + ?Sized>(
+    store: &S,
+    requests: &[(StreamName, u64)],
+    limit: usize,
+) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+    let mut pages = Vec::with_capacity(requests.len());
+    for (stream, from) in requests {
+        pages.push(
+            store
+                .read_stream(stream, Direction::Forwards, Some(*from), limit)
+                .await?,
+        );
+    }
+    Ok(pages)
 }
 
 /// [`EventStore::append_many`] for adapters without a way to write several appends together:

@@ -87,6 +87,14 @@ impl EventStore for MemoryEventStore {
         crate::append_each(self, appends).await
     }
 
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        crate::read_each(self, requests, limit).await
+    }
+
     async fn append(
         &self,
         stream: &StreamName,

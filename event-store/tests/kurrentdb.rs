@@ -179,6 +179,14 @@ impl EventStore for Isolated {
         orderly_event_store::append_each(self, appends).await
     }
 
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        orderly_event_store::read_each(self, requests, limit).await
+    }
+
     async fn append(
         &self,
         stream: &StreamName,

@@ -114,6 +114,14 @@ impl EventStore for MeteredStore {
         self.inner.read_stream(stream, direction, from, limit).await
     }
 
+    async fn read_streams(
+        &self,
+        requests: &[(StreamName, u64)],
+        limit: usize,
+    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
+        self.inner.read_streams(requests, limit).await
+    }
+
     async fn read_all(
         &self,
         after: Position,
