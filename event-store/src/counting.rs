@@ -10,8 +10,8 @@ use crate::EventStore;
 use crate::error::StoreError;
 use crate::memory::MemoryEventStore;
 use crate::model::{
-    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
-    RawRecordedEvent, RecordedEvent, StreamName,
+    Append, AppendResult, EventFilter, ExpectedVersion, NewEvent, Position, RecordedEvent,
+    StreamName,
 };
 use crate::subscription::Subscription;
 
@@ -38,7 +38,11 @@ impl Counting {
 }
 
 #[async_trait]
-impl EventStore for Counting {
+impl crate::StoreLayer for Counting {
+    fn inner(&self) -> &dyn EventStore {
+        &self.store
+    }
+
     async fn append(
         &self,
         stream: &StreamName,
@@ -57,24 +61,6 @@ impl EventStore for Counting {
         self.store.append_many(appends).await
     }
 
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        direction: Direction,
-        from: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.store.read_stream(stream, direction, from, limit).await
-    }
-
-    async fn read_streams(
-        &self,
-        requests: &[(StreamName, u64)],
-        limit: usize,
-    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
-        self.store.read_streams(requests, limit).await
-    }
-
     async fn read_all(
         &self,
         after: Position,
@@ -83,19 +69,6 @@ impl EventStore for Counting {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.store.read_all(after, filter, limit).await
-    }
-
-    async fn read_all_raw(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-        self.store.read_all_raw(after, filter, limit).await
-    }
-
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.store.head().await
     }
 
     async fn subscribe(

@@ -25,10 +25,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::StoreError;
-use crate::model::{
-    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
-    RawRecordedEvent, RecordedEvent, StreamName,
-};
+use crate::model::{EventFilter, Position, RecordedEvent};
 use crate::subscription::Subscription;
 use crate::{EventStore, SubscriptionOptions};
 
@@ -199,61 +196,9 @@ async fn follow(
 }
 
 #[async_trait]
-impl EventStore for Fanout {
-    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
-        self.inner.store.append_many(appends).await
-    }
-
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, StoreError> {
-        self.inner.store.append(stream, expected, events).await
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        direction: Direction,
-        from: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner
-            .store
-            .read_stream(stream, direction, from, limit)
-            .await
-    }
-
-    async fn read_streams(
-        &self,
-        requests: &[(StreamName, u64)],
-        limit: usize,
-    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
-        self.inner.store.read_streams(requests, limit).await
-    }
-
-    async fn read_all(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.store.read_all(after, filter, limit).await
-    }
-
-    async fn read_all_raw(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-        self.inner.store.read_all_raw(after, filter, limit).await
-    }
-
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.store.head().await
+impl crate::StoreLayer for Fanout {
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner.store
     }
 
     async fn subscribe(
@@ -265,10 +210,6 @@ impl EventStore for Fanout {
         let task = tokio::spawn(follow(self.inner.clone(), after, filter, tx));
         Ok(Subscription::from_channel(rx, task))
     }
-
-    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
-        self.inner.store.stream_version(stream).await
-    }
 }
 
 #[cfg(test)]
@@ -279,6 +220,7 @@ mod tests {
 
     use super::*;
     use crate::counting::Counting;
+    use crate::{ExpectedVersion, NewEvent, StreamName};
 
     fn event(n: usize) -> NewEvent {
         NewEvent::new("Noted", json!({ "n": n }))

@@ -19,11 +19,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::EventStore;
 use crate::error::StoreError;
-use crate::model::{
-    Append, AppendResult, Direction, EventFilter, ExpectedVersion, NewEvent, Position,
-    RawRecordedEvent, RecordedEvent, StreamName,
-};
-use crate::subscription::Subscription;
+use crate::model::{Append, AppendResult, ExpectedVersion, NewEvent, StreamName};
 
 /// Appends written together at most: one transaction stays short enough not to hold the log's
 /// horizon back for long (readers wait for it), and far below the statement limits.
@@ -67,7 +63,11 @@ impl GroupCommit {
 }
 
 #[async_trait]
-impl EventStore for GroupCommit {
+impl crate::StoreLayer for GroupCommit {
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner
+    }
+
     async fn append(
         &self,
         stream: &StreamName,
@@ -108,62 +108,6 @@ impl EventStore for GroupCommit {
             ))
         })
     }
-
-    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
-        self.inner.append_many(appends).await
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        direction: Direction,
-        from: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_stream(stream, direction, from, limit).await
-    }
-
-    async fn read_streams(
-        &self,
-        requests: &[(StreamName, u64)],
-        limit: usize,
-    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
-        self.inner.read_streams(requests, limit).await
-    }
-
-    async fn read_all(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(after, filter, limit).await
-    }
-
-    async fn read_all_raw(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-        self.inner.read_all_raw(after, filter, limit).await
-    }
-
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.head().await
-    }
-
-    async fn subscribe(
-        &self,
-        after: Position,
-        filter: EventFilter,
-    ) -> Result<Subscription, StoreError> {
-        self.inner.subscribe(after, filter).await
-    }
-
-    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
-        self.inner.stream_version(stream).await
-    }
 }
 
 #[cfg(test)]
@@ -174,6 +118,7 @@ mod tests {
 
     use super::*;
     use crate::counting::Counting;
+    use crate::{EventFilter, Position};
 
     /// Each round held a while, so that appends pile up behind it as behind a commit.
     fn counting() -> Arc<Counting> {

@@ -10,6 +10,8 @@
 //! - `error`: [`StoreError`], with `Conflict` kept apart from infrastructure failure.
 //! - `subscription`: the catch-up-then-live loop shared by the adapters; an adapter supplies a
 //!   page reader and a wake-up signal.
+//! - `layer`: [`StoreLayer`], how a wrapper of the port is written: it names the calls it
+//!   changes, and every other call reaches the store below it as it came.
 //! - `fanout`: [`Fanout`], a wrapper whose subscriptions share one reader of the log and are
 //!   fed from memory, for processes that serve many subscribers.
 //! - `group_commit`: [`GroupCommit`], a wrapper that writes appends made at the same time
@@ -36,6 +38,7 @@ mod group_commit;
 mod idempotency;
 #[cfg(feature = "kurrentdb")]
 pub mod kurrentdb;
+mod layer;
 pub mod memory;
 mod model;
 pub mod postgres;
@@ -46,6 +49,7 @@ use async_trait::async_trait;
 pub use error::{BoxError, InvalidInput, StoreError};
 pub use fanout::Fanout;
 pub use group_commit::GroupCommit;
+pub use layer::StoreLayer;
 pub use model::{
     Append, AppendResult, Direction, EventFilter, ExpectedVersion, MAX_APPEND_BYTES,
     MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, MAX_EVENTS_PER_APPEND, MAX_STREAM_NAME_BYTES, NewEvent,
@@ -72,8 +76,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// Appends to several streams, each as [`EventStore::append`] would, in order, and answers
     /// each in order. Not atomic across appends: one refused (a conflict, say) leaves the others
     /// written. Adapters that can write them together (PostgreSQL: one commit, and one statement
-    /// when the streams are distinct) do; the others append one after the other. No default: a
-    /// wrapper that forgot to delegate would silently lose what its adapter saves.
+    /// when the streams are distinct) do; the others append one after the other
+    /// ([`append_each`]). No default (here and below): a wrapper with a default to fall back on
+    /// would silently lose what its adapter saves; wrappers are [`StoreLayer`]s, which pass
+    /// every call they do not change to the store below.
     async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>>;
 
     /// Reads up to `limit` events of one stream. Forwards starts at version `from` (None: the
@@ -92,9 +98,8 @@ pub trait EventStore: Send + Sync + 'static {
     /// The answer holds one page per request, in request order; a missing stream's is empty.
     ///
     /// Adapters that can answer in one round trip (PostgreSQL) do; the others read the streams
-    /// one by one ([`read_each`]). No default: a wrapper that forgot to delegate would read one
-    /// stream after the other below it, silently, where the command side loads every product
-    /// of an order at once.
+    /// one by one ([`read_each`]). A wrapper that fell back on reading one stream after the
+    /// other once cost the command side a round trip per product of an order.
     async fn read_streams(
         &self,
         requests: &[(StreamName, u64)],
@@ -113,8 +118,8 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// [`EventStore::read_all`] with each event's JSON left as the stored text, for readers
     /// that decode it themselves (a rebuild). Adapters that receive the text hand it on without
-    /// building JSON trees. No default: a wrapper that forgot to delegate would fall back to
-    /// parsing and printing every event again, silently and at twice the cost.
+    /// building JSON trees; the others would parse and print every event again, at twice the
+    /// cost.
     async fn read_all_raw(
         &self,
         after: Position,

@@ -7,8 +7,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use metrics::counter;
 use orderly_event_store::{
-    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
+    Append, AppendResult, EventStore, ExpectedVersion, NewEvent, StoreError, StoreLayer, StreamName,
 };
 use tracing::Instrument;
 
@@ -60,7 +59,11 @@ fn outcome(result: &Result<AppendResult, StoreError>) -> &'static str {
 }
 
 #[async_trait]
-impl EventStore for MeteredStore {
+impl StoreLayer for MeteredStore {
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner
+    }
+
     async fn append(
         &self,
         stream: &StreamName,
@@ -102,57 +105,5 @@ impl EventStore for MeteredStore {
             self.record(stream, *count, result, started);
         }
         results
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        direction: Direction,
-        from: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_stream(stream, direction, from, limit).await
-    }
-
-    async fn read_streams(
-        &self,
-        requests: &[(StreamName, u64)],
-        limit: usize,
-    ) -> Result<Vec<Vec<RecordedEvent>>, StoreError> {
-        self.inner.read_streams(requests, limit).await
-    }
-
-    async fn read_all(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(after, filter, limit).await
-    }
-
-    async fn read_all_raw(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-        self.inner.read_all_raw(after, filter, limit).await
-    }
-
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.head().await
-    }
-
-    async fn subscribe(
-        &self,
-        after: Position,
-        filter: EventFilter,
-    ) -> Result<Subscription, StoreError> {
-        self.inner.subscribe(after, filter).await
-    }
-
-    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
-        self.inner.stream_version(stream).await
     }
 }

@@ -18,8 +18,8 @@ use orderly_domain::product::{self, Product, ProductAggregate, ProductCommand};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
 use orderly_event_store::{
-    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
-    RawRecordedEvent, RecordedEvent, StoreError, StreamName, Subscription,
+    Direction, EventFilter, EventStore, Position, RecordedEvent, StoreError, StoreLayer,
+    StreamName, Subscription,
 };
 use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
@@ -364,18 +364,9 @@ impl Tampered {
 }
 
 #[async_trait::async_trait]
-impl EventStore for Tampered {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, StoreError> {
-        self.inner.append(stream, expected, events).await
-    }
-
-    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
-        self.inner.append_many(appends).await
+impl StoreLayer for Tampered {
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner
     }
 
     async fn read_stream(
@@ -400,28 +391,6 @@ impl EventStore for Tampered {
         self.inner.read_streams(requests, limit).await
     }
 
-    async fn read_all(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(after, filter, limit).await
-    }
-
-    async fn read_all_raw(
-        &self,
-        after: Position,
-        filter: &EventFilter,
-        limit: usize,
-    ) -> Result<Vec<RawRecordedEvent>, StoreError> {
-        self.inner.read_all_raw(after, filter, limit).await
-    }
-
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.head().await
-    }
-
     async fn subscribe(
         &self,
         after: Position,
@@ -439,10 +408,6 @@ impl EventStore for Tampered {
             }
         });
         Ok(Subscription::from_channel(rx, task))
-    }
-
-    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>, StoreError> {
-        self.inner.stream_version(stream).await
     }
 }
 
