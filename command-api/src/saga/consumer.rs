@@ -968,8 +968,21 @@ impl SagaRunner {
         // events fed again below must decide what they decided the first time, under their ids.
         if let Some(name) = state.parked_name() {
             let decide = fulfilment::act_on_parked;
-            self.step_as(decide, &mut state, &named(name), &mut rows)
-                .await?;
+            match self
+                .step_as(decide, &mut state, &named(name), &mut rows)
+                .await
+            {
+                Ok(()) => {}
+                // A product's refusal (to ship stock it no longer holds for the order) is its
+                // last word: sent again, the command would be refused again, for ever. The
+                // rest of what the fact called for went; the fact counts as acted on, and its
+                // parked event waits for an operator.
+                Err(CommandError::Rejected(rejection)) => {
+                    tracing::error!(%order_id, %rejection, "a parked step's command refused again; not sent any more, its event stays parked");
+                    state = fulfilment::act_on_parked(state, now).0;
+                }
+                Err(error) => return Err(error),
+            }
         }
         // Whatever the payment stream holds counts before the clock does (see the module doc).
         // Events fed here go out again when the lane meets them: the saga ignores repeats.
