@@ -1328,6 +1328,66 @@ async fn two_orders_of_one_lane(api: &Api) -> (String, String) {
 /// The trigger of the tests below that refuse saga states.
 const STATES: &str = "refuse_states";
 
+/// Makes the database refuse order `id`'s saga state with SQLSTATE `code` (trigger
+/// [`STATES`]); a connection to the shop's database.
+async fn refuse_state_of(db: &TestDb, id: &str, code: &str) -> tokio_postgres::Client {
+    let client = db.connect().await.unwrap();
+    let when = format!("new.order_id = '{id}'");
+    refuse_with(
+        &client,
+        STATES,
+        "insert or update on saga_states",
+        &when,
+        code,
+    )
+    .await;
+    client
+}
+
+/// An order whose saga state the database refuses without blaming a value (a trigger's own
+/// error, SQLSTATE P0001), alone in its batch, is parked once the database has stored another
+/// order's state since: the refusal is then the order's, not the database's, and the orders
+/// behind it in its lane go on. The lane used to try it again for ever, every order of the
+/// lane waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_refused_alone_is_parked_once_the_database_stores_other_orders() {
+    use orderly_command_api::saga::lanes::lane_of;
+    let lane = |id: &str| lane_of(OrderId(id.parse().unwrap()));
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 50).await;
+    let refused = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    let client = refuse_state_of(&db, &refused, "P0001").await;
+    let (_simulator, _saga) = simulated_saga(&settings);
+    eventually(
+        &db,
+        &format!("select count(*) from events where event_type = 'StockReserved' and data->>'order_id' = '{refused}'"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // Orders of other lanes, and one behind the refused order in its lane.
+    let mut later = Vec::new();
+    while !later.iter().any(|id: &String| lane(id) == lane(&refused))
+        || !later.iter().any(|id: &String| lane(id) != lane(&refused))
+    {
+        later.push(place(&api, "bob", "TEA", 1, "tok_ok").await.id);
+    }
+    Log::new(&settings)
+        .confirmed(&later, Duration::from_secs(30))
+        .await;
+    let parked = maintenance::parked(&client, "fulfilment").await.unwrap();
+    assert!(!parked.is_empty());
+    assert!(
+        parked.iter().all(
+            |event| event.order_id.map(|id| id.to_string()) == Some(refused.clone())
+                && event.error.contains("could not be stored")
+                && event.error.contains("refused on purpose")
+        ),
+        "{parked:?}"
+    );
+}
+
 /// An order whose saga state the database refuses to hold (a value out of its range: SQLSTATE
 /// class 22) has its events parked, and the lane goes on with its other orders: the batch's
 /// commit used to be tried again for ever, and every order of the lane waited behind it.
@@ -1336,16 +1396,7 @@ async fn an_order_whose_state_the_database_refuses_is_parked_and_its_lane_goes_o
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 50).await;
     let (refused, healthy) = two_orders_of_one_lane(&api).await;
-    let client = db.connect().await.unwrap();
-    let when = format!("new.order_id = '{refused}'");
-    refuse_with(
-        &client,
-        STATES,
-        "insert or update on saga_states",
-        &when,
-        "22008",
-    )
-    .await;
+    let client = refuse_state_of(&db, &refused, "22008").await;
     let (_simulator, _saga) = simulated_saga(&settings);
     let log = Log::new(&settings);
     log.confirmed(std::slice::from_ref(&healthy), Duration::from_secs(30))

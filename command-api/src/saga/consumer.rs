@@ -18,7 +18,8 @@
 //! stays as it was before that event, and the lane goes on; the saga state tolerates facts
 //! that arrive late, so an operator may feed the event again later. A batch whose commit the
 //! database refuses for good is stored order by order, and the events of an order whose own
-//! outcome is refused are parked the same way (see [`SagaRunner::commit_or_park`]).
+//! outcome is refused are parked the same way (see [`SagaRunner::commit_or_park`]; an order
+//! refused alone, once the database stored another's since, see [`Refusals`]).
 //!
 //! Deadlines are handled by each lane for its own orders between batches, on the wall clock,
 //! after reading the order's payment stream first: the log's horizon can hide a payment that
@@ -608,9 +609,11 @@ impl SagaRunner {
     /// Stores `handled`, whose commit as a whole failed for good with `error`, one order at a
     /// time; answers when the stored orders' next deadline is, and the entries the database
     /// refuses on their own, with why. When it refuses every one and blames no value (SQLSTATE
-    /// class 22, [`CommandError::InvalidInput`]), the fault is the database's rather than an
-    /// order's (a table it lacks, a permission): the answer is `error`, and the caller tries
-    /// the same work again later, as for any failure, instead of setting every order aside.
+    /// class 22, [`CommandError::InvalidInput`]), the fault may be the database's rather than
+    /// an order's (a table it lacks, a permission): the answer is `error`, and the caller
+    /// tries the same work again later, as for any failure, instead of setting every order
+    /// aside. Unless the database has stored other orders' states since it first refused each
+    /// of these ([`Refusals`]): it then refuses these for themselves, and they are set aside.
     async fn commit_apart(
         &self,
         lease: &Lease,
@@ -633,9 +636,13 @@ impl SagaRunner {
         let blamed = |(_, error): &(Handled, CommandError)| {
             matches!(error, CommandError::InvalidInput { .. })
         };
-        if stored == 0 && !refused.iter().all(blamed) {
+        let orders: Vec<Option<OrderId>> =
+            refused.iter().map(|(entry, _)| entry.order_id).collect();
+        if stored == 0 && !refused.iter().all(blamed) && !self.refusals.others_stored_since(&orders)
+        {
             return Err(error.into());
         }
+        self.refusals.set_aside(&orders);
         Ok((due, refused))
     }
 
@@ -1141,6 +1148,7 @@ impl SagaRunner {
             None => (None, None),
         };
         let lane = i32::try_from(lease.lane).unwrap_or(i32::MAX);
+        let began = std::time::Instant::now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let fence = tx.prepare_cached(FENCE).await?;
@@ -1169,6 +1177,7 @@ impl SagaRunner {
             if let (Some(order_id), Some(state)) = (entry.order_id, &entry.state) {
                 count_settled(entry.before, state);
                 self.states.put(order_id, state, entry.correlation);
+                self.refusals.stored(order_id, began);
             }
         }
         if handled.iter().any(|entry| !entry.rows.is_empty()) {
@@ -1252,6 +1261,74 @@ impl TickFailures {
 
     fn passed(&self, order_id: OrderId) {
         self.failing().remove(&order_id);
+    }
+}
+
+/// What tells an order whose outcome the database refuses from a database that refuses every
+/// outcome, when an order's outcome is refused alone (the only order of its batch) and blames
+/// no value: when each such order was first refused, and when the last commit that stored an
+/// order's state began. A commit that began after an order's refusal and stored another
+/// order's state shows that the database stores states, so the refusal is that order's own;
+/// before any such commit the lane waits (a table dropped at any moment refuses every commit
+/// that begins after it). Kept in memory: a restart waits for new evidence.
+#[derive(Default)]
+pub(super) struct Refusals {
+    inner: std::sync::Mutex<RefusalsInner>,
+}
+
+#[derive(Default)]
+struct RefusalsInner {
+    /// When the last commit that stored an order's state began.
+    last_stored: Option<std::time::Instant>,
+    /// When each order refused alone was first refused.
+    first_refused: HashMap<OrderId, std::time::Instant>,
+}
+
+/// Orders remembered as refused; past it the memory starts over (they are refused again).
+const REMEMBERED_REFUSALS: usize = 4096;
+
+impl Refusals {
+    fn inner(&self) -> std::sync::MutexGuard<'_, RefusalsInner> {
+        // Plain assignments only: a panic while it was held left it whole.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A commit that began at `began` stored `order_id`'s state.
+    fn stored(&self, order_id: OrderId, began: std::time::Instant) {
+        let mut inner = self.inner();
+        inner.last_stored = inner.last_stored.max(Some(began));
+        if !inner.first_refused.is_empty() {
+            inner.first_refused.remove(&order_id);
+        }
+    }
+
+    /// Counts `orders` as refused now (from their first refusal on), and answers whether the
+    /// database stored another order's state in a commit begun since each of them was first
+    /// refused. An entry of no order (events that name none) never counts as its own.
+    fn others_stored_since(&self, orders: &[Option<OrderId>]) -> bool {
+        let now = std::time::Instant::now();
+        let mut inner = self.inner();
+        if inner.first_refused.len() >= REMEMBERED_REFUSALS {
+            inner.first_refused.clear();
+        }
+        let mut all = true;
+        for order_id in orders {
+            let Some(order_id) = order_id else {
+                all = false;
+                continue;
+            };
+            let first = *inner.first_refused.entry(*order_id).or_insert(now);
+            all &= inner.last_stored.is_some_and(|stored| stored > first);
+        }
+        all
+    }
+
+    /// `orders` are parked: a retry that is refused again starts from a new refusal.
+    fn set_aside(&self, orders: &[Option<OrderId>]) {
+        let mut inner = self.inner();
+        for order_id in orders.iter().flatten() {
+            inner.first_refused.remove(order_id);
+        }
     }
 }
 

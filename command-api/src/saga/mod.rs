@@ -150,6 +150,9 @@ pub struct SagaRunner {
     states: consumer::StoredStates,
     /// Instances whose deadline fails for good, tried again after growing pauses.
     tick_failures: consumer::TickFailures,
+    /// Orders whose outcome the database refused on its own, and whether it stored others'
+    /// since: what tells an order's fault from the database's.
+    refusals: consumer::Refusals,
     /// Whether this process's leases still hold, before its lanes send anything.
     leases: LeaseClock,
 }
@@ -183,6 +186,7 @@ impl SagaRunner {
             lag: Lag::default(),
             states: consumer::StoredStates::default(),
             tick_failures: consumer::TickFailures::default(),
+            refusals: consumer::Refusals::default(),
             leases: LeaseClock::default(),
             config,
         }
