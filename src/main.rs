@@ -13,6 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use orderly_graphql::Role;
 use orderly_projections::{DeadLetterPolicy, RebuildOptions, RunnerOptions};
 use orderly_service::app::{self, Part};
+use orderly_service::command_side::ParkedOf;
 use orderly_service::seed::SeedOptions;
 use orderly_service::settings::Settings;
 use orderly_service::{command_side, read_side, run, telemetry};
@@ -278,13 +279,36 @@ enum SagaCommand {
 enum ParkedCommand {
     /// Parked events with their errors, oldest first.
     List,
-    /// Feed one parked event to its order's saga again (the lane that owns it does, within
-    /// seconds); it is parked again with the new error if it still fails.
-    Retry { event_id: Uuid },
-    /// Drop one parked event: the saga never feeds it again (the order's stock and payment
-    /// deadlines still read the reservations and the payment, and a parked placement, cancel
-    /// or shipment is still acted on: the saga kept it when it parked it).
-    Skip { event_id: Uuid },
+    /// Feed one parked event, or every one of an order, to the order's saga again (the lane
+    /// that owns it does, within seconds, in log order); each is parked again with the new
+    /// error if it still fails.
+    Retry(ParkedTarget),
+    /// Drop one parked event, or every one of an order: the saga never feeds them again (the
+    /// order's stock and payment deadlines still read the reservations and the payment, and a
+    /// parked placement, cancel or shipment is still acted on: the saga kept it when it
+    /// parked it).
+    Skip(ParkedTarget),
+}
+
+/// The parked events `saga parked retry` and `skip` act on: one by its id, or an order's.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct ParkedTarget {
+    /// The parked event, as `saga parked list` names it.
+    event_id: Option<Uuid>,
+    /// Every parked event of this order instead (its saga instance).
+    #[arg(long, value_name = "ORDER_ID")]
+    order: Option<Uuid>,
+}
+
+impl ParkedTarget {
+    fn which(&self) -> anyhow::Result<ParkedOf> {
+        match (self.event_id, self.order) {
+            (_, Some(order_id)) => Ok(ParkedOf::Order(order_id)),
+            (Some(event_id), None) => Ok(ParkedOf::Event(event_id)),
+            (None, None) => anyhow::bail!("name a parked event, or an order with --order"),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -380,11 +404,11 @@ async fn saga(command: SagaCommand, settings: &Settings) -> anyhow::Result<()> {
         SagaCommand::Status => command_side::print_saga_status(&pg_config()?).await,
         SagaCommand::Parked { command } => match command {
             ParkedCommand::List => command_side::print_parked(&pg_config()?).await,
-            ParkedCommand::Retry { event_id } => {
-                command_side::retry_parked(&pg_config()?, event_id).await
+            ParkedCommand::Retry(target) => {
+                command_side::retry_parked(&pg_config()?, target.which()?).await
             }
-            ParkedCommand::Skip { event_id } => {
-                command_side::skip_parked(&pg_config()?, event_id).await
+            ParkedCommand::Skip(target) => {
+                command_side::skip_parked(&pg_config()?, target.which()?).await
             }
         },
         SagaCommand::Outbox { command } => match command {

@@ -9,7 +9,7 @@ use orderly_graphql::{Caller, ConsistencyToken, ErrorCode, Long};
 use uuid::Uuid;
 
 use crate::CommandError;
-use crate::saga::maintenance::{self, LaneStatus, OutboxEntry, ParkedEvent};
+use crate::saga::maintenance::{self, LaneStatus, OutboxEntry, ParkedEvent, ParkedOf};
 
 /// What the saga's operator resolvers need: the database of the saga's tables and the saga's
 /// name. A schema without it (the read API alone) does not serve these operations at all.
@@ -230,7 +230,7 @@ impl SagaMutation {
         event_id: Uuid,
     ) -> async_graphql::Result<bool> {
         as_admin(ctx, async |client, saga| {
-            maintenance::retry_parked(client, saga, event_id).await?;
+            maintenance::retry_parked(client, saga, ParkedOf::Event(event_id)).await?;
             Ok(true)
         })
         .await
@@ -245,7 +245,7 @@ impl SagaMutation {
         event_id: Uuid,
     ) -> async_graphql::Result<bool> {
         as_admin(ctx, async |client, saga| {
-            maintenance::skip_parked(client, saga, event_id).await?;
+            maintenance::skip_parked(client, saga, ParkedOf::Event(event_id)).await?;
             Ok(true)
         })
         .await

@@ -2,6 +2,7 @@
 //! dead letters (list, retry, skip).
 
 use orderly_command_api::saga::SagaConfig;
+pub use orderly_command_api::saga::maintenance::ParkedOf;
 use orderly_command_api::saga::maintenance::{self, OutboxState};
 use orderly_event_store::postgres::PgConfig;
 use uuid::Uuid;
@@ -138,18 +139,29 @@ pub async fn print_parked(pg_config: &PgConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `orderly saga parked retry ID`: the lane that owns the event feeds it again.
-pub async fn retry_parked(pg_config: &PgConfig, event_id: Uuid) -> anyhow::Result<()> {
+/// `orderly saga parked retry`: the lane that owns the events feeds them again.
+pub async fn retry_parked(pg_config: &PgConfig, which: ParkedOf) -> anyhow::Result<()> {
     let client = connect(pg_config).await?;
-    maintenance::retry_parked(&client, &SagaConfig::default().name, event_id).await?;
-    println!("parked event {event_id} queued for a retry; a running saga runner feeds it again");
+    let count = maintenance::retry_parked(&client, &SagaConfig::default().name, which).await?;
+    println!(
+        "{} queued for a retry; a running saga runner feeds it again",
+        parked_of(which, count)
+    );
     Ok(())
 }
 
-/// `orderly saga parked skip ID`.
-pub async fn skip_parked(pg_config: &PgConfig, event_id: Uuid) -> anyhow::Result<()> {
+/// `orderly saga parked skip`.
+pub async fn skip_parked(pg_config: &PgConfig, which: ParkedOf) -> anyhow::Result<()> {
     let client = connect(pg_config).await?;
-    maintenance::skip_parked(&client, &SagaConfig::default().name, event_id).await?;
-    println!("parked event {event_id} skipped");
+    let count = maintenance::skip_parked(&client, &SagaConfig::default().name, which).await?;
+    println!("{} skipped", parked_of(which, count));
     Ok(())
+}
+
+/// What an operator's retry or skip acted on, in words.
+fn parked_of(which: ParkedOf, count: u64) -> String {
+    match which {
+        ParkedOf::Event(id) => format!("parked event {id}"),
+        ParkedOf::Order(id) => format!("{count} parked event(s) of order {id}"),
+    }
 }

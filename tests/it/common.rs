@@ -531,9 +531,15 @@ pub async fn dead_letter_outbox(db: &TestDb, kind: &str, error: &str) -> String 
 /// Runs the `orderly` binary with `args` and the tests' signing key, and returns what it
 /// printed; panics with its error output when it fails.
 pub fn orderly_cli(args: &[&str]) -> String {
+    orderly_cli_with(&[], args)
+}
+
+/// [`orderly_cli`] with more environment: `ORDERLY_DATABASE_URL` for a test's database, say.
+pub fn orderly_cli_with(envs: &[(&str, &str)], args: &[&str]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
         .args(args)
         .env("ORDERLY_JWT_SECRET", SECRET)
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     assert!(

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use orderly_command_api::CommandError;
 use orderly_command_api::saga::{
     BreakerState, Charge, ChargeOutcome, PaymentGateway, Resilience, Resilient, SagaConfig,
-    Simulator, maintenance,
+    Simulator, maintenance, maintenance::ParkedOf,
 };
 use orderly_command_api::{Envelope, Handler};
 use orderly_domain::fulfilment::Timing;
@@ -1418,18 +1418,15 @@ async fn an_order_whose_state_the_database_refuses_is_parked_and_its_lane_goes_o
         "{parked:?}"
     );
     assert_ne!(log.order(&refused).await.status, OrderStatus::Confirmed);
-    let retry_all = async || {
-        for event in &parked {
-            maintenance::retry_parked(&client, "fulfilment", event.event_id)
-                .await
-                .unwrap();
-        }
-    };
-
     // Fed again before the repair: refused again, the events stay parked with the attempt
     // counted and wait for the next retry (the retry used to be tried again for ever, and
     // held the lane's other retries).
-    retry_all().await;
+    for event in &parked {
+        let event = ParkedOf::Event(event.event_id);
+        maintenance::retry_parked(&client, "fulfilment", event)
+            .await
+            .unwrap();
+    }
     eventually(
         &db,
         &format!(
@@ -1441,9 +1438,14 @@ async fn an_order_whose_state_the_database_refuses_is_parked_and_its_lane_goes_o
     )
     .await;
 
-    // Repaired, every parked event of the order fed again: it confirms, charged once.
+    // Repaired, every parked event of the order fed again (those its commands' echoes added
+    // since too), as `orderly saga parked retry --order` asks: it confirms, charged once.
     accept_again(&client, STATES, "saga_states").await;
-    retry_all().await;
+    let instance = ParkedOf::Order(refused.parse().unwrap());
+    let asked = maintenance::retry_parked(&client, "fulfilment", instance)
+        .await
+        .unwrap();
+    assert!(asked >= 2, "{asked}");
     log.confirmed(std::slice::from_ref(&refused), Duration::from_secs(30))
         .await;
     assert_eq!(
@@ -1490,7 +1492,7 @@ async fn retry_confirms(
     event_id: uuid::Uuid,
     id: &str,
 ) {
-    maintenance::retry_parked(client, "fulfilment", event_id)
+    maintenance::retry_parked(client, "fulfilment", ParkedOf::Event(event_id))
         .await
         .unwrap();
     log.confirmed(&[id.to_owned()], Duration::from_secs(20))
@@ -1766,10 +1768,18 @@ async fn a_shipment_the_product_refuses_is_parked_after_the_orders_other_shipmen
     let given_up =
         format!("select count(*) from saga_states where order_id = '{id}' and due_at is null");
     eventually(&db, &given_up, 1, Duration::from_secs(10)).await;
-    maintenance::retry_parked(&client, "fulfilment", parked[0].event_id)
-        .await
-        .unwrap();
-    eventually(&db, shipped, 0, Duration::from_secs(10)).await;
+    // Every parked event of the order fed again: none has anything left to send.
+    let of_order = format!("select count(*) from saga_parked where order_id = '{id}'");
+    let waiting = count(&db, &of_order).await;
+    let asked = orderly_cli_with(
+        &[("ORDERLY_DATABASE_URL", db.url())],
+        &["saga", "parked", "retry", "--order", &id],
+    );
+    assert!(
+        asked.starts_with(&format!("{waiting} parked event(s) of order {id}")),
+        "{asked}"
+    );
+    eventually(&db, &of_order, 0, Duration::from_secs(10)).await;
     let tea_shipments = "select count(*) from events
                          where event_type = 'ReservedStockShipped' and stream = 'product-TEA'";
     assert_eq!(count(&db, tea_shipments).await, 1, "TEA shipped once");

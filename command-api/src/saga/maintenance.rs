@@ -292,54 +292,68 @@ pub async fn parked(client: &Client, saga_name: &str) -> Result<Vec<ParkedEvent>
         .collect())
 }
 
-/// Asks the lane that owns a parked event to feed it to its saga again (within seconds); it
-/// is unparked if the step succeeds, and parked again with the new error if not.
+/// The parked events an operator's retry or skip acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedOf {
+    /// One event, by its id.
+    Event(Uuid),
+    /// Every parked event of one order (its saga instance): a repair usually concerns them
+    /// all, and a retry feeds them in log order.
+    Order(Uuid),
+}
+
+impl ParkedOf {
+    /// The column that picks the events, and its value.
+    fn key(self) -> (&'static str, Uuid) {
+        match self {
+            Self::Event(id) => ("event_id", id),
+            Self::Order(id) => ("order_id", id),
+        }
+    }
+}
+
+/// Asks the lane that owns the parked events `which` to feed them to its saga again (within
+/// seconds, in log order); each is unparked if its step succeeds, and parked again with the
+/// new error if not. How many were asked for; NOT_FOUND when none is parked.
 pub async fn retry_parked(
     client: &Client,
     saga_name: &str,
-    event_id: Uuid,
-) -> Result<(), CommandError> {
-    update_parked(
-        client,
-        "update saga_parked set retry_requested_at = now()
-         where saga_name = $1 and event_id = $2 and skipped_at is null",
-        saga_name,
-        event_id,
-    )
-    .await
+    which: ParkedOf,
+) -> Result<u64, CommandError> {
+    update_parked(client, "retry_requested_at", saga_name, which).await
 }
 
-/// Drops a parked event for good: the saga never feeds it again. The row stays, marked, for
-/// the record. The order's deadlines still read what the saga would have learnt from a
-/// reservation (from the products, at the stock deadline) or a payment (from its stream, at the
-/// payment deadline), and what the saga kept when it parked a placement, a cancel or a
-/// shipment is still acted on (see `fulfilment::parked`).
+/// Drops the parked events `which` for good: the saga never feeds them again. The rows stay,
+/// marked, for the record. The order's deadlines still read what the saga would have learnt
+/// from a reservation (from the products, at the stock deadline) or a payment (from its
+/// stream, at the payment deadline), and what the saga kept when it parked a placement, a
+/// cancel or a shipment is still acted on (see `fulfilment::parked`). How many were skipped;
+/// NOT_FOUND when none is parked.
 pub async fn skip_parked(
     client: &Client,
     saga_name: &str,
-    event_id: Uuid,
-) -> Result<(), CommandError> {
-    update_parked(
-        client,
-        "update saga_parked set skipped_at = now()
-         where saga_name = $1 and event_id = $2 and skipped_at is null",
-        saga_name,
-        event_id,
-    )
-    .await
+    which: ParkedOf,
+) -> Result<u64, CommandError> {
+    update_parked(client, "skipped_at", saga_name, which).await
 }
 
-/// Runs `update` on one parked event; NOT_FOUND when its conditions matched no row.
+/// Sets `column` to now on the parked events `which` that are not skipped; NOT_FOUND when
+/// there is none.
 async fn update_parked(
     client: &Client,
-    update: &str,
+    column: &str,
     saga_name: &str,
-    event_id: Uuid,
-) -> Result<(), CommandError> {
-    if client.execute(update, &[&saga_name, &event_id]).await? == 0 {
-        return Err(CommandError::NotFound("parked saga event"));
+    which: ParkedOf,
+) -> Result<u64, CommandError> {
+    let (key, id) = which.key();
+    let update = format!(
+        "update saga_parked set {column} = now()
+         where saga_name = $1 and {key} = $2 and skipped_at is null"
+    );
+    match client.execute(&update, &[&saga_name, &id]).await? {
+        0 => Err(CommandError::NotFound("parked saga event")),
+        updated => Ok(updated),
     }
-    Ok(())
 }
 
 /// What one purge removed.
