@@ -251,6 +251,34 @@ impl SagaMutation {
         .await
     }
 
+    /// Admin only. [`Self::retry_parked_saga_event`] for every parked event of one order (its
+    /// saga instance), fed in log order; how many were asked for. NOT_FOUND when none is.
+    async fn retry_parked_saga_events_of_order(
+        &self,
+        ctx: &Context<'_>,
+        order_id: Uuid,
+    ) -> async_graphql::Result<i32> {
+        as_admin(ctx, async |client, saga| {
+            let asked = maintenance::retry_parked(client, saga, ParkedOf::Order(order_id)).await?;
+            Ok(i32::try_from(asked).unwrap_or(i32::MAX))
+        })
+        .await
+    }
+
+    /// Admin only. [`Self::skip_parked_saga_event`] for every parked event of one order (its
+    /// saga instance); how many were skipped. NOT_FOUND when none is parked.
+    async fn skip_parked_saga_events_of_order(
+        &self,
+        ctx: &Context<'_>,
+        order_id: Uuid,
+    ) -> async_graphql::Result<i32> {
+        as_admin(ctx, async |client, saga| {
+            let skipped = maintenance::skip_parked(client, saga, ParkedOf::Order(order_id)).await?;
+            Ok(i32::try_from(skipped).unwrap_or(i32::MAX))
+        })
+        .await
+    }
+
     /// Admin only. Puts a dead-lettered outbox message back in line with fresh attempts; a
     /// running saga runner's outbox worker delivers it.
     async fn retry_outbox_message(

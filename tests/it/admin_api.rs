@@ -27,6 +27,8 @@ const SAGA_PARKED: &str = "{ sagaParkedEvents {
   eventId orderId stream type error attempts parkedAt retryRequestedAt } }";
 const RETRY_PARKED: &str = "mutation($id: UUID!) { retryParkedSagaEvent(eventId: $id) }";
 const SKIP_PARKED: &str = "mutation($id: UUID!) { skipParkedSagaEvent(eventId: $id) }";
+const RETRY_ORDER: &str = "mutation($id: UUID!) { retryParkedSagaEventsOfOrder(orderId: $id) }";
+const SKIP_ORDER: &str = "mutation($id: UUID!) { skipParkedSagaEventsOfOrder(orderId: $id) }";
 const OUTBOX: &str = "query($all: Boolean!) { outboxDeadLetters(includePending: $all) {
   outboxId orderId kind state attempts lastError createdAt deadLetteredAt } }";
 const RETRY_OUTBOX: &str = "mutation($id: UUID!) { retryOutboxMessage(outboxId: $id) }";
@@ -464,6 +466,28 @@ async fn an_admin_retries_and_skips_parked_saga_events() {
         )
         .await;
     assert_eq!(unknown.code(), "NOT_FOUND");
+
+    // The order's events all at once: its one parked event, then none left to skip.
+    let retried = api
+        .gql(Some(&admin), RETRY_ORDER, json!({ "id": order }))
+        .await;
+    assert_eq!(retried.data("retryParkedSagaEventsOfOrder"), 1);
+    let skipped = api
+        .gql(Some(&admin), SKIP_ORDER, json!({ "id": order }))
+        .await;
+    assert_eq!(skipped.data("skipParkedSagaEventsOfOrder"), 1);
+    let none = api
+        .gql(Some(&admin), SKIP_ORDER, json!({ "id": order }))
+        .await;
+    assert_eq!(none.code(), "NOT_FOUND");
+    let refused = api
+        .gql(
+            Some(&customer("alice")),
+            RETRY_ORDER,
+            json!({ "id": order }),
+        )
+        .await;
+    assert_eq!(refused.code(), "FORBIDDEN");
 }
 
 #[tokio::test]
