@@ -144,7 +144,7 @@ pub async fn retry_parked(pg_config: &PgConfig, which: ParkedOf) -> anyhow::Resu
     let client = connect(pg_config).await?;
     let count = maintenance::retry_parked(&client, &SagaConfig::default().name, which).await?;
     println!(
-        "{} queued for a retry; a running saga runner feeds it again",
+        "{} queued for a retry: the lane that owns it, in a running saga runner, feeds it again",
         parked_of(which, count)
     );
     Ok(())
@@ -158,10 +158,10 @@ pub async fn skip_parked(pg_config: &PgConfig, which: ParkedOf) -> anyhow::Resul
     Ok(())
 }
 
-/// What an operator's retry or skip acted on, in words.
+/// What an operator's retry or skip acted on, in words ("it" reads for either).
 fn parked_of(which: ParkedOf, count: u64) -> String {
     match which {
         ParkedOf::Event(id) => format!("parked event {id}"),
-        ParkedOf::Order(id) => format!("{count} parked event(s) of order {id}"),
+        ParkedOf::Order(id) => format!("{count} parked event(s) of order {id}: each"),
     }
 }

@@ -1487,6 +1487,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_order_refused_alone_is_its_own_fault_only_once_a_later_commit_stored_another() {
+        let refusals = Refusals::default();
+        let (refused, other) = (OrderId(Uuid::from_u128(1)), OrderId(Uuid::from_u128(2)));
+        let alone = [Some(refused)];
+        let before = std::time::Instant::now();
+        // A commit that began before the refusal proves nothing: the database may have broken
+        // in between.
+        refusals.stored(other, before);
+        assert!(!refusals.others_stored_since(&alone));
+        assert!(
+            !refusals.others_stored_since(&alone),
+            "nothing stored since"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        refusals.stored(other, std::time::Instant::now());
+        assert!(refusals.others_stored_since(&alone));
+        // Events that name no order are never set aside this way.
+        assert!(!refusals.others_stored_since(&[Some(refused), None]));
+
+        // Parked: refused again later, it needs new evidence.
+        refusals.set_aside(&alone);
+        assert!(!refusals.others_stored_since(&alone));
+        // Stored after all (the database repaired): forgotten.
+        refusals.stored(refused, std::time::Instant::now());
+        assert!(!refusals.others_stored_since(&alone));
+    }
+
+    #[test]
     fn a_failing_deadline_waits_twice_as_long_after_each_try_up_to_five_minutes() {
         let failures = TickFailures::default();
         let order = OrderId(Uuid::from_u128(1));
