@@ -339,19 +339,22 @@ impl Handler {
         }
     }
 
-    /// The state to decide a first attempt on: the cached one when optimistic and there is
-    /// one, unless another writer raced this process for the stream lately; else a read.
+    /// The state to decide attempt `attempt` on: for the first, the cached one when optimistic
+    /// and there is one, unless another writer raced this process for the stream lately; else,
+    /// and for every later attempt (which follows a lost race), a read.
     ///
     /// Answers whether a read confirmed it. An optimistic handler's cached state is not read
     /// again, and may be behind the stream (another process appended: a reservation made by
     /// the process that held the order's lane before, a restock): an append decided on it is
     /// checked by its expected version, but a refusal, or a decision to write nothing, is
     /// checked by nothing, so callers take those again on a read of the stream.
-    async fn first_state<A: Stored>(
+    async fn attempt_state<A: Stored>(
         &self,
         stream: &StreamName,
+        attempt: u32,
     ) -> Result<(Loaded<A::State>, bool), CommandError> {
-        if self.optimistic
+        if attempt == 0
+            && self.optimistic
             && let Some(loaded) = self.states.uncontended::<A::State>(stream)
         {
             return Ok((loaded, false));
@@ -520,10 +523,8 @@ impl Handler {
                     first_event_id: None,
                 };
                 (assumed, false)
-            } else if attempt == 0 {
-                self.first_state::<A>(stream).await?
             } else {
-                (self.load::<A>(stream).await?, true)
+                self.attempt_state::<A>(stream, attempt).await?
             };
             let decided = at_expected(expected, &loaded, decide(&loaded));
             // Nothing to append checks an unread state: decide again on the stream itself.
@@ -610,11 +611,7 @@ impl Handler {
     ) -> Result<Vec<Result<(), orderly_domain::Rejection>>, CommandError> {
         let mut duplicate = false;
         for attempt in 0..MAX_ATTEMPTS {
-            let (loaded, read) = if attempt == 0 {
-                self.first_state::<A>(stream).await?
-            } else {
-                (self.load::<A>(stream).await?, true)
-            };
+            let (loaded, read) = self.attempt_state::<A>(stream, attempt).await?;
             let mut state = loaded.state.clone();
             let mut outcomes = Vec::with_capacity(commands.len());
             let mut batch = Vec::new();
@@ -630,7 +627,7 @@ impl Handler {
                     Err(rejection) => outcomes.push(Err(rejection)),
                 }
             }
-            // Refusals and no-ops alone check nothing (see `first_state`): decided on an
+            // Refusals and no-ops alone check nothing (see `attempt_state`): decided on an
             // unread state, they are decided again on the stream. With an append, its
             // expected version checks the state every outcome of the round was decided on.
             if batch.is_empty() {

@@ -1173,13 +1173,15 @@ impl SagaRunner {
         let parked = park(&tx, &self.config.name, handled);
         futures::try_join!(saved, rows, parked)?;
         tx.commit().await?;
+        let mut stored = Vec::new();
         for entry in handled {
             if let (Some(order_id), Some(state)) = (entry.order_id, &entry.state) {
                 count_settled(entry.before, state);
                 self.states.put(order_id, state, entry.correlation);
-                self.refusals.stored(order_id, began);
+                stored.push(order_id);
             }
         }
+        self.refusals.stored(&stored, began);
         if handled.iter().any(|entry| !entry.rows.is_empty()) {
             self.outbox_ready.notify_one();
         }
@@ -1293,12 +1295,17 @@ impl Refusals {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A commit that began at `began` stored `order_id`'s state.
-    fn stored(&self, order_id: OrderId, began: std::time::Instant) {
+    /// A commit that began at `began` stored the states of `orders` (none: nothing to learn).
+    fn stored(&self, orders: &[OrderId], began: std::time::Instant) {
+        if orders.is_empty() {
+            return;
+        }
         let mut inner = self.inner();
         inner.last_stored = inner.last_stored.max(Some(began));
         if !inner.first_refused.is_empty() {
-            inner.first_refused.remove(&order_id);
+            for order_id in orders {
+                inner.first_refused.remove(order_id);
+            }
         }
     }
 
@@ -1494,14 +1501,14 @@ mod tests {
         let before = std::time::Instant::now();
         // A commit that began before the refusal proves nothing: the database may have broken
         // in between.
-        refusals.stored(other, before);
+        refusals.stored(&[other], before);
         assert!(!refusals.others_stored_since(&alone));
         assert!(
             !refusals.others_stored_since(&alone),
             "nothing stored since"
         );
         std::thread::sleep(Duration::from_millis(1));
-        refusals.stored(other, std::time::Instant::now());
+        refusals.stored(&[other], std::time::Instant::now());
         assert!(refusals.others_stored_since(&alone));
         // Events that name no order are never set aside this way.
         assert!(!refusals.others_stored_since(&[Some(refused), None]));
@@ -1510,7 +1517,7 @@ mod tests {
         refusals.set_aside(&alone);
         assert!(!refusals.others_stored_since(&alone));
         // Stored after all (the database repaired): forgotten.
-        refusals.stored(refused, std::time::Instant::now());
+        refusals.stored(&[refused], std::time::Instant::now());
         assert!(!refusals.others_stored_since(&alone));
     }
 
