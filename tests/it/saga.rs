@@ -1328,6 +1328,15 @@ async fn two_orders_of_one_lane(api: &Api) -> (String, String) {
 /// The trigger of the tests below that refuse saga states.
 const STATES: &str = "refuse_states";
 
+/// Waits until the saga's step for order `id`'s placement has run: its reservation is in the
+/// log, whatever became of the step's commit.
+async fn reservation_step_ran(db: &TestDb, id: &str) {
+    let reserved = format!(
+        "select count(*) from events where event_type = 'StockReserved' and data->>'order_id' = '{id}'"
+    );
+    eventually(db, &reserved, 1, Duration::from_secs(10)).await;
+}
+
 /// Makes the database refuse order `id`'s saga state with SQLSTATE `code` (trigger
 /// [`STATES`]); a connection to the shop's database.
 async fn refuse_state_of(db: &TestDb, id: &str, code: &str) -> tokio_postgres::Client {
@@ -1358,13 +1367,7 @@ async fn an_order_refused_alone_is_parked_once_the_database_stores_other_orders(
     let refused = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     let client = refuse_state_of(&db, &refused, "P0001").await;
     let (_simulator, _saga) = simulated_saga(&settings);
-    eventually(
-        &db,
-        &format!("select count(*) from events where event_type = 'StockReserved' and data->>'order_id' = '{refused}'"),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    reservation_step_ran(&db, &refused).await;
 
     // Orders of other lanes, and one behind the refused order in its lane.
     let mut later = Vec::new();
@@ -1466,13 +1469,7 @@ async fn a_database_that_refuses_every_state_holds_the_lane_until_repaired() {
     let (_simulator, _saga) = simulated_saga(&settings);
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     // The placement's step ran (its reservation is in the log), its commit was refused.
-    eventually(
-        &db,
-        &format!("select count(*) from events where event_type = 'StockReserved' and data->>'order_id' = '{id}'"),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    reservation_step_ran(&db, &id).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(count(&db, "select count(*) from saga_parked").await, 0);
     assert_eq!(count(&db, "select count(*) from saga_states").await, 0);
