@@ -3,11 +3,12 @@
 //! whole sequence runs again (a bounded number of times); with one, the caller gets CONFLICT.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use lru::LruCache;
 use orderly_domain::Aggregate;
 use orderly_domain::order::OrderAggregate;
 use orderly_domain::payment::PaymentAggregate;
@@ -159,7 +160,8 @@ pub struct Handler {
 /// nobody else writes (one saga process) nothing conflicts and nothing changes.
 const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
-/// Streams whose folded state is kept between commands; past it the cache starts over.
+/// Streams whose folded state is kept between commands; past it the least recently used
+/// goes.
 const CACHED_STREAMS: usize = 4096;
 
 /// The same for an optimistic handler (the saga): every order in flight has two streams of
@@ -171,16 +173,20 @@ const CACHED_STREAMS_OPTIMISTIC: usize = 32_768;
 /// of the whole stream (a popular product's stream grows with every reservation). A load reads
 /// the stream up to its end, and streams are append-only, so what it returns is never stale;
 /// only [`Handler::load_many`] may answer from a state a read confirmed a short while ago.
+///
+/// Full, it drops the stream used least recently: the products every order touches stay,
+/// the orders long settled go. (Starting over instead made every product's whole stream be
+/// read and folded again each time the cache filled, a pause that grew with the shop's
+/// history.)
 struct StateCache {
-    states: Mutex<HashMap<StreamName, Cached>>,
-    capacity: usize,
+    states: Mutex<LruCache<StreamName, Cached>>,
 }
 
 impl StateCache {
     fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         Self {
-            states: Mutex::default(),
-            capacity,
+            states: Mutex::new(LruCache::new(capacity)),
         }
     }
 }
@@ -210,7 +216,7 @@ impl Cached {
 impl StateCache {
     /// The cached state of `stream`, and since when it is known to be the stream's end.
     fn get<S: Clone + 'static>(&self, stream: &StreamName) -> Option<(Loaded<S>, Option<Instant>)> {
-        let states = self.states.lock().ok()?;
+        let mut states = self.states.lock().ok()?;
         let cached = states.get(stream)?;
         let loaded = cached.loaded.as_ref()?.downcast_ref::<Loaded<S>>()?.clone();
         Some((loaded, cached.confirmed()))
@@ -260,7 +266,7 @@ impl StateCache {
     /// The cached state of `stream` to decide on without a read: none while another writer
     /// raced this process for it lately (see [`CONTENDED_FOR`]).
     fn uncontended<S: Clone + 'static>(&self, stream: &StreamName) -> Option<Loaded<S>> {
-        let states = self.states.lock().ok()?;
+        let mut states = self.states.lock().ok()?;
         let cached = states.get(stream)?;
         if cached
             .contended_until
@@ -301,16 +307,14 @@ impl StateCache {
         }
     }
 
-    /// The entry of `stream`, made empty if there is none; a full cache starts over first.
+    /// The entry of `stream`, made empty if there is none (a full cache drops its least
+    /// recently used entry for it).
     fn slot<'a>(
         &self,
-        states: &'a mut HashMap<StreamName, Cached>,
+        states: &'a mut LruCache<StreamName, Cached>,
         stream: &StreamName,
     ) -> &'a mut Cached {
-        if states.len() >= self.capacity && !states.contains_key(stream) {
-            states.clear();
-        }
-        states.entry(stream.clone()).or_default()
+        states.get_or_insert_mut_ref(stream, Cached::default)
     }
 }
 
@@ -1203,6 +1207,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(on_hand(&own), [Some(16), Some(2)]);
+    }
+
+    #[test]
+    fn a_full_cache_keeps_the_streams_used_lately_and_drops_the_one_used_least() {
+        let cache = StateCache::new(2);
+        let stream = |name: &str| StreamName::parse(name).unwrap();
+        let loaded = Loaded {
+            state: (),
+            version: Some(0),
+            position: Position::START,
+            first_event_id: None,
+        };
+        let (product, first, second) =
+            (stream("product-TEA"), stream("order-1"), stream("order-2"));
+        cache.put(&product, &loaded, Instant::now());
+        cache.put(&first, &loaded, Instant::now());
+        // Every order touches the product: it is used again before the next order comes.
+        assert!(cache.get::<()>(&product).is_some());
+        cache.put(&second, &loaded, Instant::now());
+        assert!(
+            cache.get::<()>(&product).is_some(),
+            "the product was dropped"
+        );
+        assert!(cache.get::<()>(&second).is_some());
+        assert!(
+            cache.get::<()>(&first).is_none(),
+            "the oldest order was kept"
+        );
     }
 
     #[test]

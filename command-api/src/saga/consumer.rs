@@ -1196,13 +1196,22 @@ impl SagaRunner {
 /// orders needs no query. Sound because a lane's states are written only by the process that
 /// holds it (the fencing generation is checked in every commit), and the cache starts empty
 /// whenever this process's lanes change (see `SagaRunner::coordinate`).
-#[derive(Default)]
 pub(super) struct StoredStates {
-    states: std::sync::Mutex<HashMap<OrderId, (FulfilmentState, Uuid)>>,
+    states: std::sync::Mutex<lru::LruCache<OrderId, (FulfilmentState, Uuid)>>,
 }
 
-/// Orders whose state is kept; past it the cache starts over (a state is about a kilobyte).
-const STORED_STATES: usize = 65_536;
+/// Orders whose state is kept (a state is about a kilobyte); past it the one used least
+/// recently goes, usually an order long settled.
+const STORED_STATES: std::num::NonZeroUsize =
+    std::num::NonZeroUsize::new(65_536).expect("a nonzero capacity");
+
+impl Default for StoredStates {
+    fn default() -> Self {
+        Self {
+            states: std::sync::Mutex::new(lru::LruCache::new(STORED_STATES)),
+        }
+    }
+}
 
 impl StoredStates {
     fn get(&self, order_id: OrderId) -> Option<(FulfilmentState, Uuid)> {
@@ -1211,10 +1220,7 @@ impl StoredStates {
 
     fn put(&self, order_id: OrderId, state: &FulfilmentState, correlation: Uuid) {
         if let Ok(mut states) = self.states.lock() {
-            if states.len() >= STORED_STATES && !states.contains_key(&order_id) {
-                states.clear();
-            }
-            states.insert(order_id, (state.clone(), correlation));
+            states.put(order_id, (state.clone(), correlation));
         }
     }
 
