@@ -44,6 +44,7 @@ use orderly_event_store::{Direction, EventFilter, Position, RecordedEvent, Strea
 use orderly_observability::trace_context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_postgres::types::{ToSql, Type};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -698,8 +699,14 @@ impl SagaRunner {
             return Ok(states);
         }
         let client = self.pool.get().await?;
-        let load = client.prepare_cached(LOAD_STATES).await?;
-        let rows = client.query(&load, &[&self.config.name, &missing]).await?;
+        // Planned for each call, not prepared once: a plan cached while `saga_states` was
+        // nearly empty looks the orders up by the saga's name alone and filters the ids, a
+        // scan of every state of the saga, until the table is first analysed.
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [
+            (&self.config.name, Type::TEXT),
+            (&missing, Type::UUID_ARRAY),
+        ];
+        let rows = client.query_typed(LOAD_STATES, &params).await?;
         states.extend(rows.into_iter().map(|row| {
             let order_id = OrderId(row.get(0));
             let state = serde_json::from_value(row.get(1))
