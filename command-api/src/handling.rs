@@ -162,12 +162,13 @@ const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
 /// Streams whose folded state is kept between commands; past it the least recently used
 /// goes.
-const CACHED_STREAMS: usize = 4096;
+const CACHED_STREAMS: NonZeroUsize = NonZeroUsize::new(4096).expect("a nonzero capacity");
 
 /// The same for an optimistic handler (the saga): every order in flight has two streams of
 /// its own (order, payment), and a burst holds thousands of orders in flight; a state is a few
 /// hundred bytes, so this is some megabytes.
-const CACHED_STREAMS_OPTIMISTIC: usize = 32_768;
+const CACHED_STREAMS_OPTIMISTIC: NonZeroUsize =
+    NonZeroUsize::new(32_768).expect("a nonzero capacity");
 
 /// Folded states by stream, so a load reads only the events after the cached version instead
 /// of the whole stream (a popular product's stream grows with every reservation). A load reads
@@ -183,8 +184,7 @@ struct StateCache {
 }
 
 impl StateCache {
-    fn new(capacity: usize) -> Self {
-        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+    fn new(capacity: NonZeroUsize) -> Self {
         Self {
             states: Mutex::new(LruCache::new(capacity)),
         }
@@ -1211,7 +1211,7 @@ mod tests {
 
     #[test]
     fn a_full_cache_keeps_the_streams_used_lately_and_drops_the_one_used_least() {
-        let cache = StateCache::new(2);
+        let cache = StateCache::new(NonZeroUsize::new(2).unwrap());
         let stream = |name: &str| StreamName::parse(name).unwrap();
         let loaded = Loaded {
             state: (),
