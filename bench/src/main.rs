@@ -18,6 +18,8 @@
 //! - `fulfil`: the fulfilment saga end to end against `orderly serve` running as a process of
 //!   its own: placements and settlements per second, place -> settled latency, conflicts and
 //!   round trips per order, peak RSS, next to the single-event append rate of the same run.
+//! - `history`: one product's decisions (the placement's load, the saga's reservation) and
+//!   cold loads as the orders in its history grow, next to a bare select of the same rows.
 //! - `subscribers`: database transactions per second of a read API process with 1 and with
 //!   1,000 idle `events` subscriptions over WebSockets, next to 1,000 subscriptions made
 //!   straight on the store (one reader each).
@@ -32,6 +34,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod append;
 mod cpu;
 mod fulfil;
+mod history;
 mod lag;
 mod place_order;
 mod read;
@@ -69,6 +72,9 @@ enum Command {
     /// The fulfilment saga end to end against an `orderly serve` subprocess: burst, hot SKU
     /// and paced placements, settled through the read model.
     Fulfil(fulfil::Args),
+    /// One product's decisions and loads as the orders in its history grow, in memory and
+    /// from PostgreSQL, next to a bare select of the same rows.
+    History(history::Args),
     /// Database transactions per second with 1 and with many idle subscriptions over
     /// WebSockets (one shared log reader), next to as many made straight on the store.
     Subscribers(subscribers::Args),
@@ -83,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         Command::PlaceOrder(args) => place_order::run(args).await,
         Command::Read(args) => read::run(args).await,
         Command::Fulfil(args) => fulfil::run(args).await,
+        Command::History(args) => history::run(args).await,
         Command::Subscribers(args) => subscribers::run(args).await,
     }
 }
