@@ -3,9 +3,8 @@
 //! Invariant, enforced by `decide` and kept by `evolve`: `reserved <= on_hand`, so
 //! `available = on_hand - reserved >= 0` always.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
+use imbl::OrdMap;
 use orderly_event_schemas::ProductEvent;
 use orderly_event_schemas::products::*;
 
@@ -34,7 +33,11 @@ pub struct Product {
     // Private so only events move them, which keeps the invariant in one place.
     on_hand: u32,
     reserved: u32,
-    holds: BTreeMap<OrderId, Hold>,
+    /// Grows by one entry per order the product ever served, and command handlers copy the
+    /// state for every decision they take on it: a persistent map, whose copies share their
+    /// nodes, keeps that copy constant-time however long the product's history (BENCHMARKS.md,
+    /// "a product's history").
+    holds: OrdMap<OrderId, Hold>,
 }
 
 impl Product {
@@ -323,7 +326,7 @@ pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
                 price: registered.price,
                 on_hand: registered.initial_stock,
                 reserved: 0,
-                holds: BTreeMap::new(),
+                holds: OrdMap::new(),
             });
         }
         // Only a registration starts a product stream.
