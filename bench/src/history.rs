@@ -12,23 +12,24 @@
 //!   [`Handler::execute_batch`] (the saga's path), then its shipment, on the in-memory store so
 //!   that the figure is the decision's own cost, not the database's.
 //! - `cold load`: a new handler folds the whole stream, from the in-memory store and from
-//!   PostgreSQL; next to it, the yardstick: the same rows read with a bare `select`.
+//!   PostgreSQL, and from PostgreSQL starting at a snapshot (`aggregate_snapshots`, which a
+//!   first load with snapshots took); next to it, the yardstick: the same rows read with a
+//!   bare `select`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use orderly_command_api::{Envelope, Handler};
+use orderly_command_api::{Envelope, Handler, Snapshots};
 use orderly_domain::product::{ProductAggregate, ProductCommand};
 use orderly_domain::streams;
-use orderly_domain::values::{Currency, Money, OrderId, ProductName, Quantity, Sku};
-use orderly_event_schemas::products::{ProductRegistered, ReservedStockShipped, StockReserved};
-use orderly_event_schemas::{Event, ProductEvent};
+use orderly_domain::values::{OrderId, Quantity, Sku};
+use orderly_event_schemas::Event;
 use orderly_event_store::memory::MemoryEventStore;
-use orderly_event_store::postgres::{PgEventStore, PgStoreOptions, migrate, migration_fingerprint};
-use orderly_event_store::{EventStore, MAX_EVENTS_PER_APPEND, StreamName};
+use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
+use orderly_event_store::{EventStore, StreamName};
 use orderly_test_support::TestDb;
-use orderly_testdata::workload::Append;
+use orderly_testdata::history::{append_all, product_history};
 use uuid::Uuid;
 
 use crate::report;
@@ -54,30 +55,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.decisions
     );
     println!(
-        "| orders in history | events | placement load p50 / p99 | reservation p50 / p99 | cold load, memory | cold load, PostgreSQL | bare select of the rows |"
+        "| orders in history | events | placement load p50 / p99 | reservation p50 / p99 | cold load, memory | cold load, PostgreSQL | cold load, PostgreSQL from a snapshot | snapshot | bare select of the rows |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let db = if args.postgres {
-        Some(
-            TestDb::create(
-                "bench-history",
-                &migration_fingerprint(),
-                |url| async move { migrate(&url.parse()?).await.map_err(Into::into) },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot create the benchmark database: {e}"))?,
-        )
-    } else {
-        None
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let db = match args.postgres {
+        true => Some(report::service_database("bench-history").await?),
+        false => None,
     };
     for (round, &orders) in args.histories.iter().enumerate() {
         let sku = Sku::parse(format!("HIST-{round}"))?;
         let stream = StreamName::parse(streams::product(&sku))?;
-        let history = history(&sku, orders)?;
+        let history = product_history(&sku, orders)?;
         let events = history.len();
 
         let memory: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());
-        write(memory.as_ref(), &stream, &history).await?;
+        append_all(memory.as_ref(), &stream, None, &history).await?;
         let handler = Handler::optimistic(memory);
         let started = Instant::now();
         handler.load::<ProductAggregate>(&stream).await?;
@@ -85,96 +77,103 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let placement = placement_loads(&handler, &stream, args.decisions).await?;
         let reservation = reservations(&handler, &stream, args.decisions).await?;
 
-        let (cold_pg, bare) = match &db {
-            Some(db) => {
-                let store: Arc<dyn EventStore> =
-                    Arc::new(PgEventStore::connect(db.url(), PgStoreOptions::default())?);
-                write(store.as_ref(), &stream, &history).await?;
-                let client = db.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                client.batch_execute("analyze events").await?;
-                let started = Instant::now();
-                Handler::new(store)
-                    .load::<ProductAggregate>(&stream)
-                    .await?;
-                let cold = started.elapsed();
-                let select = client
-                    .prepare(
-                        "select version, event_type, data, metadata from events
-                         where stream = $1 order by version",
-                    )
-                    .await?;
-                let started = Instant::now();
-                let rows = client.query(&select, &[&stream.as_str()]).await?;
-                anyhow::ensure!(rows.len() == events, "the bare select read every event");
-                (format_ms(cold), format_ms(started.elapsed()))
-            }
-            None => ("-".to_owned(), "-".to_owned()),
+        let postgres = match &db {
+            Some(db) => cold_loads(db, &stream, &history).await?,
+            None => ["-", "-", "-", "-"].map(str::to_owned),
         };
         println!(
-            "| {orders} | {events} | {} | {} | {} | {cold_pg} | {bare} |",
+            "| {orders} | {events} | {} | {} | {} | {} |",
             percentiles(placement),
             percentiles(reservation),
             format_ms(cold_memory),
+            postgres.join(" | "),
         );
     }
     Ok(())
 }
 
-/// The product's registration, then `orders` orders reserved and shipped.
-fn history(sku: &Sku, orders: usize) -> anyhow::Result<Vec<Event>> {
-    let at = Utc::now();
-    let quantity = Quantity::new(1)?;
-    let price = Money::new(1999, Currency::parse("EUR")?)?;
-    let stock = u32::try_from(orders)?.saturating_add(1_000_000);
-    let mut events = vec![ProductEvent::from(ProductRegistered {
-        sku: sku.clone(),
-        name: ProductName::parse("History mug")?,
-        description: None,
-        price,
-        initial_stock: stock,
-        registered_at: at,
-    })];
-    for _ in 0..orders {
-        let order_id = OrderId(Uuid::now_v7());
-        events.push(
-            StockReserved {
-                sku: sku.clone(),
-                order_id,
-                quantity,
-                reserved_at: at,
-            }
-            .into(),
-        );
-        events.push(
-            ReservedStockShipped {
-                sku: sku.clone(),
-                order_id,
-                quantity,
-                shipped_at: at,
-            }
-            .into(),
-        );
-    }
-    Ok(events.into_iter().map(Event::from).collect())
-}
-
-/// Appends `events` to the new stream `stream`, as many per append as the store takes.
-async fn write(
-    store: &dyn EventStore,
+/// Writes `history` to `stream` in PostgreSQL and times its cold loads: folded whole, and from
+/// a snapshot (taken by a first load); then the snapshot's size and the bare select.
+async fn cold_loads(
+    db: &TestDb,
     stream: &StreamName,
-    events: &[Event],
-) -> anyhow::Result<()> {
-    let mut expected = None;
-    for chunk in events.chunks(MAX_EVENTS_PER_APPEND) {
-        let append = Append {
-            stream: stream.as_str().to_owned(),
-            expected,
-            events: chunk.to_vec(),
-        };
-        let written = append.append_to(store).await?;
-        expected = Some(written.next_expected_version);
+    history: &[Event],
+) -> anyhow::Result<[String; 4]> {
+    let store: Arc<dyn EventStore> =
+        Arc::new(PgEventStore::connect(db.url(), PgStoreOptions::default())?);
+    append_all(store.as_ref(), stream, None, history).await?;
+    let client = db.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    client.batch_execute("analyze events").await?;
+    let started = Instant::now();
+    let whole = Handler::new(store.clone())
+        .load::<ProductAggregate>(stream)
+        .await?;
+    let cold = started.elapsed();
+
+    // A first load with snapshots takes one (in the background) when the stream is long
+    // enough; a second handler, as cold as the first, then starts from it.
+    let pool = orderly_graphql::pg_pool(&db.url().parse()?, 2)?;
+    let snapshots = || Snapshots::new(pool.clone());
+    Handler::new(store.clone())
+        .with_snapshots(snapshots())
+        .load::<ProductAggregate>(stream)
+        .await?;
+    let (from_snapshot, size) = match wait_for_snapshot(&client, stream, whole.version).await? {
+        Some(size) => {
+            let started = Instant::now();
+            let restored = Handler::new(store)
+                .with_snapshots(snapshots())
+                .load::<ProductAggregate>(stream)
+                .await?;
+            let took = started.elapsed();
+            anyhow::ensure!(
+                restored.state == whole.state && restored.version == whole.version,
+                "the state loaded from the snapshot is the state folded from the stream"
+            );
+            (format_ms(took), format!("{:.1} MB", size as f64 / 1e6))
+        }
+        None => ("-".to_owned(), "none".to_owned()),
+    };
+
+    let select = client
+        .prepare(
+            "select version, event_type, data, metadata from events
+             where stream = $1 order by version",
+        )
+        .await?;
+    let started = Instant::now();
+    let rows = client.query(&select, &[&stream.as_str()]).await?;
+    anyhow::ensure!(
+        rows.len() == history.len(),
+        "the bare select read every event"
+    );
+    Ok([
+        format_ms(cold),
+        from_snapshot,
+        size,
+        format_ms(started.elapsed()),
+    ])
+}
+
+/// The size in bytes of the snapshot of `stream` at `version`, once it is stored; `None` for a
+/// stream too short to be snapshotted.
+async fn wait_for_snapshot(
+    client: &tokio_postgres::Client,
+    stream: &StreamName,
+    version: Option<u64>,
+) -> anyhow::Result<Option<i64>> {
+    let version = version.map_or(Ok(-1), i64::try_from)?;
+    let sql = "select octet_length(state::text)::bigint from aggregate_snapshots
+               where stream = $1 and version = $2";
+    // A stream too short for a snapshot gets none: a second is plenty for one that is due.
+    let deadline = Instant::now() + Duration::from_secs(if version >= 999 { 60 } else { 1 });
+    while Instant::now() < deadline {
+        if let Some(row) = client.query_opt(sql, &[&stream.as_str(), &version]).await? {
+            return Ok(Some(row.get(0)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// `n` placement-style loads of a cached state a read confirmed moments ago.

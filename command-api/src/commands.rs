@@ -22,6 +22,7 @@ use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, Outcome, stream_name};
 use crate::metering::{CommandName, metered};
 use crate::order_id_scheme::OrderIdScheme;
+use crate::snapshots::Snapshots;
 
 /// Namespace of the ids derived from idempotency keys before they were keyed with a secret
 /// (a fixed random UUID). Orders placed then keep these ids, so a retry still finds them.
@@ -163,6 +164,15 @@ impl CommandService {
     /// public derivation keep their ids: a retry of one is answered from it.
     pub fn with_order_ids(self, order_ids: OrderIds) -> Self {
         Self { order_ids, ..self }
+    }
+
+    /// Loads products (whose streams grow with every order) from their latest snapshot in
+    /// `snapshots` when it has none cached, and snapshots them as they grow (see [`Snapshots`]).
+    pub fn with_snapshots(self, snapshots: Snapshots) -> Self {
+        Self {
+            handler: self.handler.with_snapshots(snapshots),
+            ..self
+        }
     }
 
     /// Keyed placements look for the order their key named publicly only while `scheme`

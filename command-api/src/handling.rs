@@ -12,7 +12,7 @@ use lru::LruCache;
 use orderly_domain::Aggregate;
 use orderly_domain::order::OrderAggregate;
 use orderly_domain::payment::PaymentAggregate;
-use orderly_domain::product::ProductAggregate;
+use orderly_domain::product::{Product, ProductAggregate};
 use orderly_event_schemas::{
     Event, EventMetadata, OrderEvent, PaymentEvent, ProductEvent, decode_recorded, encode,
 };
@@ -23,6 +23,7 @@ use orderly_event_store::{
 use uuid::Uuid;
 
 use crate::CommandError;
+use crate::snapshots::{self, Snapshot, Snapshots, Taken};
 
 /// Decide-and-append attempts before a command gives up as contended. Each failed attempt
 /// means another writer made progress, so this bounds work, not correctness.
@@ -104,10 +105,36 @@ context_event!(ProductEvent, Product);
 context_event!(PaymentEvent, Payment);
 
 /// An aggregate whose events live in the registry; the three of the domain are.
-pub trait Stored: Aggregate<Event: ContextEvent, State: Send + Sync + 'static> {}
+pub trait Stored: Aggregate<Event: ContextEvent, State: Send + Sync + 'static> + 'static {
+    /// The form its state's snapshots are written in ([`Snapshots`]); `None`, the default,
+    /// for aggregates whose streams stay short, which are never snapshotted.
+    const SNAPSHOT_FORMAT: Option<i32> = None;
+
+    /// The state as a snapshot of [`Stored::SNAPSHOT_FORMAT`]; `None`: nothing to keep.
+    fn snapshot(_state: &Self::State) -> Option<String> {
+        None
+    }
+
+    /// The state a snapshot of [`Stored::SNAPSHOT_FORMAT`] holds; `None` if it does not read.
+    fn restore(_snapshot: &str) -> Option<Self::State> {
+        None
+    }
+}
 impl Stored for OrderAggregate {}
-impl Stored for ProductAggregate {}
 impl Stored for PaymentAggregate {}
+
+/// A product's stream gains two events per order it serves, for as long as it sells.
+impl Stored for ProductAggregate {
+    const SNAPSHOT_FORMAT: Option<i32> = Some(orderly_domain::product::SNAPSHOT_FORMAT);
+
+    fn snapshot(state: &Option<Product>) -> Option<String> {
+        serde_json::to_string(state.as_ref()?).ok()
+    }
+
+    fn restore(snapshot: &str) -> Option<Option<Product>> {
+        serde_json::from_str(snapshot).ok().map(Some)
+    }
+}
 
 /// An aggregate's state as of its stream's last event.
 #[derive(Debug, Clone)]
@@ -119,6 +146,9 @@ pub struct Loaded<S> {
     pub position: Position,
     /// Id of the stream's first event, which tells whether a placement was ours.
     pub first_event_id: Option<Uuid>,
+    /// Id of the event at `version`, which a snapshot of this state names (see
+    /// [`Snapshots`]); `None` when not known.
+    pub last_event_id: Option<Uuid>,
 }
 
 /// Where an event read from the log stands in its stream, for [`Handler::observe`].
@@ -151,6 +181,9 @@ pub struct Handler {
     /// Decide on the cached state without reading the stream first (see
     /// [`Handler::optimistic`]).
     optimistic: bool,
+    /// Where long streams' states are snapshotted, if anywhere (see
+    /// [`Handler::with_snapshots`]).
+    snapshots: Option<Snapshots>,
 }
 
 /// How long a stream that lost a race to another writer is read before each decision of an
@@ -203,6 +236,9 @@ struct Cached {
     /// Until when an optimistic handler reads the stream before deciding, instead of trusting
     /// this state: another process wrote to it lately (see [`CONTENDED_FOR`]).
     contended_until: Option<Instant>,
+    /// The version of the stream's latest snapshot this process knows of (restored or
+    /// taken), from which the next one is counted.
+    snapshot_at: Option<u64>,
 }
 
 impl Cached {
@@ -307,6 +343,28 @@ impl StateCache {
         }
     }
 
+    /// The stream's snapshot at `version` was restored or taken.
+    fn snapshotted(&self, stream: &StreamName, version: u64) {
+        if let Ok(mut states) = self.states.lock() {
+            let cached = self.slot(&mut states, stream);
+            cached.snapshot_at = cached.snapshot_at.max(Some(version));
+        }
+    }
+
+    /// Whether the stream at `version` is due a snapshot; if so, it counts as taken (one
+    /// caller takes it).
+    fn claim_snapshot(&self, stream: &StreamName, version: u64) -> bool {
+        let Ok(mut states) = self.states.lock() else {
+            return false;
+        };
+        let cached = self.slot(&mut states, stream);
+        if !snapshots::due(version, cached.snapshot_at) {
+            return false;
+        }
+        cached.snapshot_at = Some(version);
+        true
+    }
+
     /// The entry of `stream`, made empty if there is none (a full cache drops its least
     /// recently used entry for it).
     fn slot<'a>(
@@ -324,6 +382,17 @@ impl Handler {
             store,
             states: Arc::new(StateCache::new(CACHED_STREAMS)),
             optimistic: false,
+            snapshots: None,
+        }
+    }
+
+    /// Snapshots the states of long streams (products) into `snapshots`, and starts a cold
+    /// load from the latest one there that matches the log, instead of the stream's first
+    /// event.
+    pub fn with_snapshots(self, snapshots: Snapshots) -> Self {
+        Self {
+            snapshots: Some(snapshots),
+            ..self
         }
     }
 
@@ -340,6 +409,7 @@ impl Handler {
             store,
             states: Arc::new(StateCache::new(CACHED_STREAMS_OPTIMISTIC)),
             optimistic: true,
+            snapshots: None,
         }
     }
 
@@ -379,20 +449,103 @@ impl Handler {
         let read_at = Instant::now();
         let mut loaded = self.cached::<A>(stream).0;
         let cached_version = loaded.version;
+        // With nothing cached, the stream is read from its snapshot's event on, if it has one.
+        let mut snapshot = match loaded.version {
+            None => self.snapshot::<A>(stream).await,
+            Some(_) => None,
+        };
         loop {
-            let from = loaded.version.map_or(0, |v| v + 1);
-            let page = self
+            let from = match &snapshot {
+                Some(snapshot) => snapshot.version,
+                None => loaded.version.map_or(0, |v| v + 1),
+            };
+            let mut page = self
                 .store
                 .read_stream(stream, Direction::Forwards, Some(from), PAGE)
                 .await?;
-            if !fold::<A>(&mut loaded, page)? {
+            let more = page.len() >= PAGE;
+            if let Some(snapshot) = snapshot.take() {
+                match restore::<A>(&snapshot, &page) {
+                    Some(restored) => {
+                        loaded = restored;
+                        page.remove(0);
+                        self.states.snapshotted(stream, snapshot.version);
+                    }
+                    None => {
+                        self.discard_snapshot(stream, &snapshot).await;
+                        continue;
+                    }
+                }
+            }
+            fold::<A>(&mut loaded, page)?;
+            if !more {
                 if loaded.version == cached_version {
                     self.states.confirm(stream, read_at);
                 } else {
                     self.states.put(stream, &loaded, read_at);
+                    self.consider_snapshot::<A>(stream, &loaded);
                 }
                 return Ok(loaded);
             }
+        }
+    }
+
+    /// The stored snapshot of `stream` in the form this program writes, when its aggregate
+    /// is snapshotted here. A snapshot that cannot be read is as good as none (the stream
+    /// is folded whole): it only saves time.
+    async fn snapshot<A: Stored>(&self, stream: &StreamName) -> Option<Snapshot> {
+        let snapshots = self.snapshots.as_ref()?;
+        let format = A::SNAPSHOT_FORMAT?;
+        match snapshots.load(stream).await {
+            Ok(Some(snapshot)) if snapshot.format == format => Some(snapshot),
+            Ok(Some(_)) => {
+                // Another form (written by another release): replaced by the next snapshot.
+                snapshots::count("ignored");
+                None
+            }
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%stream, %error, "snapshot not read; the stream is read whole");
+                None
+            }
+        }
+    }
+
+    /// `snapshot` does not match the log (its event is not at its version there): it is
+    /// ignored, and deleted so that the next cold load does not read it again.
+    async fn discard_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) {
+        snapshots::count("ignored");
+        tracing::warn!(
+            %stream, version = snapshot.version,
+            "snapshot does not match the log; ignored, and the stream read whole"
+        );
+        if let Some(snapshots) = &self.snapshots {
+            snapshots.discard(stream, snapshot).await;
+        }
+    }
+
+    /// Takes a snapshot of `loaded`, the state of `stream` a read or an append at its
+    /// expected version vouched for, when the stream is due one.
+    fn consider_snapshot<A: Stored>(&self, stream: &StreamName, loaded: &Loaded<A::State>) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let (Some(_), Some(version), Some(event_id), Some(first_event_id)) = (
+            A::SNAPSHOT_FORMAT,
+            loaded.version,
+            loaded.last_event_id,
+            loaded.first_event_id,
+        ) else {
+            return;
+        };
+        if self.states.claim_snapshot(stream, version) {
+            let taken = Taken {
+                stream: stream.clone(),
+                version,
+                event_id,
+                first_event_id,
+            };
+            snapshots.save_in_background::<A>(taken, loaded.state.clone());
         }
     }
 
@@ -434,6 +587,7 @@ impl Handler {
                 *loaded = self.load::<A>(stream).await?;
             } else if read {
                 self.states.put(stream, loaded, read_at);
+                self.consider_snapshot::<A>(stream, loaded);
             } else {
                 self.states.confirm(stream, read_at);
             }
@@ -450,6 +604,7 @@ impl Handler {
                 version: None,
                 position: Position::START,
                 first_event_id: None,
+                last_event_id: None,
             };
             (empty, None)
         })
@@ -525,6 +680,7 @@ impl Handler {
                     version: None,
                     position: Position::START,
                     first_event_id: None,
+                    last_event_id: None,
                 };
                 (assumed, false)
             } else {
@@ -550,7 +706,7 @@ impl Handler {
                 .then(|| decided.iter().fold(loaded.state.clone(), A::evolve));
             let (names, batch) = new_events(decided, envelope)?;
             match self
-                .append_decided(stream, &loaded, after, names, batch)
+                .append_decided::<A>(stream, &loaded, after, names, batch)
                 .await
             {
                 Ok(outcome) => return Ok(outcome),
@@ -571,21 +727,21 @@ impl Handler {
 
     /// Appends `batch`, decided on `loaded`, at its version, and remembers `after`, the state
     /// it leads to, for the stream's next command (optimistic handlers).
-    async fn append_decided<S: Clone + Send + Sync + 'static>(
+    async fn append_decided<A: Stored>(
         &self,
         stream: &StreamName,
-        loaded: &Loaded<S>,
-        after: Option<S>,
+        loaded: &Loaded<A::State>,
+        after: Option<A::State>,
         names: Vec<String>,
         batch: Vec<NewEvent>,
     ) -> Result<Outcome, StoreError> {
         let at = loaded
             .version
             .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-        let first_id = batch.first().map(|event| event.id);
+        let ids = (batch.first().map(|e| e.id), batch.last().map(|e| e.id));
         let result = self.store.append(stream, at, batch).await?;
         match after {
-            Some(after) => self.remember(stream, loaded, after, &result, first_id),
+            Some(after) => self.remember::<A>(stream, loaded, after, &result, ids),
             None => self.states.appended(stream),
         }
         Ok(Outcome {
@@ -642,7 +798,7 @@ impl Handler {
             }
             // The batch's outcomes are per command; the event names are not needed.
             match self
-                .append_decided(stream, &loaded, Some(state), Vec::new(), batch)
+                .append_decided::<A>(stream, &loaded, Some(state), Vec::new(), batch)
                 .await
             {
                 Ok(_) => return Ok(outcomes),
@@ -673,19 +829,22 @@ impl Handler {
             version: Some(read.version),
             position: read.position,
             first_event_id: held.first_event_id.or(Some(read.id)),
+            last_event_id: Some(read.id),
         };
         self.states.appended_with(stream, &observed);
+        self.consider_snapshot::<A>(stream, &observed);
     }
 
     /// Keeps `state`, the stream's state right after `result` appended to `before`, for the
     /// next optimistic decision on the stream.
-    fn remember<S: Clone + Send + Sync + 'static>(
+    /// `ids` are the first and last of the appended events'.
+    fn remember<A: Stored>(
         &self,
         stream: &StreamName,
-        before: &Loaded<S>,
-        state: S,
+        before: &Loaded<A::State>,
+        state: A::State,
         result: &AppendResult,
-        first_id: Option<Uuid>,
+        (first_id, last_id): (Option<Uuid>, Option<Uuid>),
     ) {
         if !self.optimistic {
             self.states.appended(stream);
@@ -696,8 +855,14 @@ impl Handler {
             version: Some(result.next_expected_version),
             position: result.position,
             first_event_id: before.first_event_id.or(first_id),
+            last_event_id: last_id,
         };
         self.states.appended_with(stream, &after);
+        // A retry the store recognised wrote nothing: the stream may have moved on since, so
+        // this state is not known to be the one at that version.
+        if !result.deduplicated {
+            self.consider_snapshot::<A>(stream, &after);
+        }
     }
 }
 
@@ -780,6 +945,7 @@ fn fold<A: Stored>(
     let full = page.len() >= PAGE;
     for recorded in page {
         loaded.first_event_id.get_or_insert(recorded.id);
+        loaded.last_event_id = Some(recorded.id);
         loaded.version = Some(recorded.version);
         loaded.position = recorded.position;
         let event = decode::<A::Event>(recorded)?;
@@ -787,6 +953,23 @@ fn fold<A: Stored>(
         loaded.state = A::evolve(state, &event);
     }
     Ok(full)
+}
+
+/// The state `snapshot` holds, as of the first event of `page` (read from the snapshot's
+/// version on), when that is the event the snapshot names and its state reads; `None` if
+/// the snapshot does not match the log.
+fn restore<A: Stored>(snapshot: &Snapshot, page: &[RecordedEvent]) -> Option<Loaded<A::State>> {
+    let at = page.first()?;
+    if at.version != snapshot.version || at.id != snapshot.event_id {
+        return None;
+    }
+    Some(Loaded {
+        state: A::restore(&snapshot.state)?,
+        version: Some(at.version),
+        position: at.position,
+        first_event_id: Some(snapshot.first_event_id),
+        last_event_id: Some(at.id),
+    })
 }
 
 /// One stored event as its aggregate's event type; anything else in the stream is corrupt data.
@@ -1218,6 +1401,7 @@ mod tests {
             version: Some(0),
             position: Position::START,
             first_event_id: None,
+            last_event_id: None,
         };
         let (product, first, second) =
             (stream("product-TEA"), stream("order-1"), stream("order-2"));
@@ -1246,6 +1430,7 @@ mod tests {
             version: Some(version),
             position: Position::START,
             first_event_id: None,
+            last_event_id: None,
         };
         let before = Instant::now();
         cache.put(&stream, &loaded(0), before);

@@ -14,6 +14,9 @@
 //!   [`OrderIds`]), the key and the request name its event ids.
 //! - `order_id_scheme`: [`OrderIdScheme`], whether the log may hold orders named the public
 //!   way, which keyed placements then look for first.
+//! - `snapshots`: [`Snapshots`], the states of long streams (products) kept in PostgreSQL, so
+//!   that a handler starting cold reads the latest snapshot that matches the log and the
+//!   events after it; [`Handler::with_snapshots`] takes and reads them.
 //! - `metering`: commands counted and timed by name (`order.place`, ...), in a span each.
 //! - `graphql`: the contract's Mutation type ([`MutationRoot`]), input validation naming the
 //!   field, and [`schema`] for the command API alone.
@@ -23,7 +26,8 @@
 //! - `saga`: the runner that follows the log and drives the domain's fulfilment saga, the
 //!   payment gateway port with its resilience wrapper, the outbox worker, the notification
 //!   port (log or SMTP), and `saga::maintenance` (outbox dead letters, the retention purge).
-//! - `migrations`: this crate's tables (saga lanes and states, outbox, the order-id scheme).
+//! - `migrations`: this crate's tables (saga lanes and states, outbox, the order-id scheme,
+//!   snapshots).
 //! - `error`: [`CommandError`], this crate's one error type.
 
 mod commands;
@@ -35,6 +39,7 @@ mod migrations;
 mod operator;
 mod order_id_scheme;
 pub mod saga;
+mod snapshots;
 
 pub use commands::{
     CommandResult, CommandService, DEFAULT_PRICE_MAX_AGE, OrderIds, PlaceOrder, RegisterProduct,
@@ -47,3 +52,4 @@ pub use handling::{
 pub use migrations::{MIGRATION_TABLE, migrate, migration_fingerprint};
 pub use operator::{SagaMutation, SagaOperations, SagaQuery};
 pub use order_id_scheme::OrderIdScheme;
+pub use snapshots::Snapshots;

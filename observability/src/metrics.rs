@@ -216,7 +216,7 @@ fn describe() {
     for (name, unit, help) in histograms {
         describe_histogram!(name, unit, help);
     }
-    let counters: [(&str, &str); 10] = [
+    let counters: [(&str, &str); 11] = [
         (
             "orderly_http_responses_total",
             "HTTP responses sent, by status class.",
@@ -228,6 +228,10 @@ fn describe() {
         (
             "orderly_append_conflicts_total",
             "Version conflicts the store returned to command handlers, retried ones included.",
+        ),
+        (
+            "orderly_snapshots_total",
+            "Snapshots of long streams' states, by outcome: saved, failed, ignored at a load.",
         ),
         (
             "orderly_event_store_appended_events_total",

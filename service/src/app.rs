@@ -14,6 +14,7 @@ use orderly_command_api::saga::{
 };
 use orderly_command_api::{
     CommandService, MutationRoot, OrderIdScheme, OrderIds, SagaMutation, SagaOperations, SagaQuery,
+    Snapshots,
 };
 use orderly_domain::fulfilment::Timing;
 use orderly_event_store::postgres::{PgConfig, PgEventStore, PgStoreOptions};
@@ -279,6 +280,7 @@ pub fn graphql_router(
     let scheme = OrderIdScheme::new(pool.clone());
     let commands = || {
         CommandService::new(store.clone())
+            .with_snapshots(Snapshots::new(pool.clone()))
             .with_price_max_age(settings.orders.price_max_age)
             .with_order_ids(order_ids.clone())
             .with_order_id_scheme(scheme.clone())

@@ -21,5 +21,6 @@ mod saga;
 mod schema_contract;
 mod seed;
 mod serve;
+mod snapshots;
 mod subscriptions;
 mod trace_export;

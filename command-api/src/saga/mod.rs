@@ -54,6 +54,7 @@ use uuid::Uuid;
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, Loaded, stream_name};
 use crate::metering::{self, CommandName, metered};
+use crate::snapshots::Snapshots;
 use coalesce::Coalescer;
 pub use gateway::{
     BreakerState, Charge, ChargeOutcome, HttpGateway, PaymentGateway, Resilience, Resilient,
@@ -168,7 +169,8 @@ impl SagaRunner {
         // Many orders' steps append at once: written together, they share commits.
         let writers = config.append_writers;
         let log = store.clone();
-        let handler = Handler::optimistic(Arc::new(GroupCommit::new(store, writers)));
+        let handler = Handler::optimistic(Arc::new(GroupCommit::new(store, writers)))
+            .with_snapshots(Snapshots::new(pool.clone()));
         let member = Member {
             saga: config.name.clone(),
             id: member_id(),
