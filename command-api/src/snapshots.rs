@@ -10,9 +10,9 @@
 //! and the id of the event there; a handler restores it only when the log holds that event at
 //! that version (it reads from there on anyway), and only in the form it writes
 //! ([`Stored::SNAPSHOT_FORMAT`]); anything else is ignored and the stream folded whole. Taking
-//! one never holds up a command: it is written by a task of its own, from a state a read of
-//! the stream or an append at its expected version vouched for, and a failure only means the
-//! next one comes sooner.
+//! one never holds up a command: it is serialized and written by a task of its own, from a
+//! state a read of the stream or an append at its expected version vouched for, and a failure
+//! only means the stream waits for its next one.
 
 use deadpool_postgres::Pool;
 use orderly_event_store::StreamName;
@@ -96,13 +96,16 @@ impl Snapshots {
         let Some(row) = client.query_opt(LOAD, &[&stream.as_str()]).await? else {
             return Ok(None);
         };
-        let version: i64 = row.get(0);
-        Ok(u64::try_from(version).ok().map(|version| Snapshot {
+        let version: i64 = row.try_get(0)?;
+        let Ok(version) = u64::try_from(version) else {
+            return Ok(None);
+        };
+        Ok(Some(Snapshot {
             version,
-            event_id: row.get(1),
-            first_event_id: row.get(2),
-            format: row.get(3),
-            state: row.get(4),
+            event_id: row.try_get(1)?,
+            first_event_id: row.try_get(2)?,
+            format: row.try_get(3)?,
+            state: row.try_get(4)?,
         }))
     }
 
@@ -114,7 +117,10 @@ impl Snapshots {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             let saved = async {
-                let Some(state) = A::snapshot(&state) else {
+                // Some megabytes for an old product: off the threads that serve requests.
+                let serialized = tokio::task::spawn_blocking(move || A::snapshot(&state)).await;
+                let Some(state) = serialized.map_err(|e| CommandError::Internal(e.to_string()))?
+                else {
                     return Ok(false);
                 };
                 let client = pool.get().await?;
