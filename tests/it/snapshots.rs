@@ -204,3 +204,44 @@ async fn a_snapshot_in_another_form_is_ignored_and_replaced() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_served_command_api_and_saga_both_snapshot_a_long_product() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "MUG-SERVED", 1999, "EUR", 1_000).await;
+    // 600 orders behind the product: 1,201 events. (Orders the read models never heard of: the
+    // products projection parks them as dead letters, which this test does not look at.)
+    let sku = Sku::parse("MUG-SERVED").unwrap();
+    let stream = StreamName::parse(streams::product(&sku)).unwrap();
+    let store = orderly_service::app::event_store(&settings).unwrap();
+    let history = product_history(&sku, 600).unwrap();
+    append_all(store.as_ref(), &stream, Some(0), &history[1..])
+        .await
+        .unwrap();
+    let snapshotted = format!(
+        "select count(*) from aggregate_snapshots where stream = '{stream}' and version = 1200"
+    );
+
+    // The placement prices its line from the product, read whole (nothing cached yet).
+    let placed = place(&api, "ada", "MUG-SERVED", 1, "tok_ok").await;
+    eventually(&db, &snapshotted, 1, Duration::from_secs(30)).await;
+
+    // Without that snapshot, the saga's reservation reads the product whole too, and takes
+    // one of its own.
+    let client = db.connect().await.unwrap();
+    client
+        .execute("delete from aggregate_snapshots", &[])
+        .await
+        .unwrap();
+    let gateway = orderly_service::app::payment_gateway(&settings).unwrap();
+    let saga = orderly_service::app::saga_runner(&settings, gateway).unwrap();
+    tokio::spawn(saga.run_until_stopped(std::future::pending()));
+    eventually(&db, &snapshotted, 1, Duration::from_secs(30)).await;
+    let confirmed = format!(
+        "select count(*) from orders where order_id = '{}' and status = 'CONFIRMED'",
+        placed.id
+    );
+    eventually(&db, &confirmed, 1, Duration::from_secs(30)).await;
+}
