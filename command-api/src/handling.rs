@@ -131,8 +131,12 @@ impl Stored for ProductAggregate {
         serde_json::to_string(state.as_ref()?).ok()
     }
 
+    /// A snapshot breaking the product's invariants is not trusted, whatever its form says.
     fn restore(snapshot: &str) -> Option<Option<Product>> {
-        serde_json::from_str(snapshot).ok().map(Some)
+        serde_json::from_str::<Product>(snapshot)
+            .ok()
+            .filter(Product::is_consistent)
+            .map(Some)
     }
 }
 

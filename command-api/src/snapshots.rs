@@ -8,8 +8,10 @@
 //!
 //! A snapshot is a cache of the log, never the truth. It names the version it was folded up to
 //! and the id of the event there; a handler restores it only when the log holds that event at
-//! that version (it reads from there on anyway), and only in the form it writes
-//! ([`Stored::SNAPSHOT_FORMAT`]); anything else is ignored and the stream folded whole. Taking
+//! that version (it reads from there on anyway), only in the form it writes
+//! ([`Stored::SNAPSHOT_FORMAT`]), and only if the state could have come from the log (a
+//! product's invariants, [`Stored::restore`]); anything else is ignored and the stream folded
+//! whole. Taking
 //! one never holds up a command: it is serialized and written by a task of its own, from a
 //! state a read of the stream or an append at its expected version vouched for, and a failure
 //! only means the stream waits for its next one.

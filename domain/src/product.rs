@@ -67,6 +67,23 @@ impl Product {
     pub fn hold(&self, order_id: OrderId) -> Option<Hold> {
         self.holds.get(&order_id).copied()
     }
+
+    /// Whether this state could have come from `evolve`: no more reserved than on hand, no
+    /// more on hand than [`MAX_STOCK`], and the reserved count the sum of the reservations
+    /// held. A state read from elsewhere than the log (a snapshot) is trusted only if so.
+    pub fn is_consistent(&self) -> bool {
+        let held: u64 = self
+            .holds
+            .values()
+            .map(|hold| match hold {
+                Hold::Reserved { quantity } => u64::from(quantity.get()),
+                Hold::Rejected | Hold::Released | Hold::Shipped => 0,
+            })
+            .sum();
+        self.reserved <= self.on_hand
+            && self.on_hand <= MAX_STOCK
+            && held == u64::from(self.reserved)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -711,5 +728,20 @@ mod tests {
         });
         assert_eq!(serde_json::to_value(&product).unwrap(), form);
         assert_eq!(serde_json::from_value::<Product>(form).unwrap(), product);
+    }
+
+    #[test]
+    fn a_state_folded_from_events_is_consistent_and_an_edited_one_is_not() {
+        let product = [registered(10), reserved(1, 4), reserved(2, 1)]
+            .iter()
+            .fold(None, evolve)
+            .unwrap();
+        assert!(product.is_consistent());
+        let mut more_reserved_than_held = product.clone();
+        more_reserved_than_held.reserved = 6;
+        assert!(!more_reserved_than_held.is_consistent());
+        let mut more_reserved_than_on_hand = product;
+        more_reserved_than_on_hand.on_hand = 4;
+        assert!(!more_reserved_than_on_hand.is_consistent());
     }
 }

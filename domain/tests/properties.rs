@@ -208,6 +208,16 @@ proptest! {
         replays_deterministically::<ProductAggregate>(&commands)?;
     }
 
+    /// Every state decisions lead to passes the check a snapshot of it must pass to be
+    /// trusted (else every snapshot of it would be thrown away and the stream read whole).
+    #[test]
+    fn every_decided_product_state_is_consistent(
+        commands in prop::collection::vec(product_command(), 1..60)
+    ) {
+        let (state, _) = run::<ProductAggregate>(&commands);
+        prop_assert!(state.as_ref().is_none_or(Product::is_consistent));
+    }
+
     #[test]
     fn replaying_decided_order_events_rebuilds_the_same_state(
         commands in prop::collection::vec(order_command(), 1..30)

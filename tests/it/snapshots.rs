@@ -196,6 +196,16 @@ async fn a_snapshot_the_log_contradicts_is_ignored_and_replaced() {
 }
 
 #[tokio::test]
+async fn a_snapshot_that_breaks_the_product_s_invariants_is_ignored_and_replaced() {
+    // Naming the right event, in the right form, but more reserved than the holds add up to.
+    a_spoiled_snapshot_is_not_trusted(
+        "update aggregate_snapshots set state = jsonb_set(state, '{reserved}', '5')
+         where stream = $1",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_snapshot_in_another_form_is_ignored_and_replaced() {
     // Written by another release, in a form this one does not read the same way.
     a_spoiled_snapshot_is_not_trusted(
