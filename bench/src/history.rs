@@ -211,6 +211,7 @@ async fn reservations(
             order_id,
             quantity,
             reserved_at: Utc::now(),
+            placed_at: None,
         };
         let started = Instant::now();
         let outcomes = handler

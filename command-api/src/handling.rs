@@ -1072,6 +1072,7 @@ mod tests {
             order_id: order(n),
             quantity: Quantity::new(quantity).unwrap(),
             reserved_at: Utc::now(),
+            placed_at: None,
         }
     }
 

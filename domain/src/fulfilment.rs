@@ -283,6 +283,10 @@ struct Placed {
     customer_id: CustomerId,
     total: Money,
     payment_token: PaymentToken,
+    /// Sent with the reservations: a product refuses one for an order placed before the
+    /// settled orders it has forgotten. `None` in states stored before it was kept.
+    #[serde(default)]
+    placed_at: Option<DateTime<Utc>>,
 }
 
 /// Facts from the order's own stream.
@@ -774,6 +778,7 @@ fn observe_order(state: &mut FulfilmentState, event: &OrderEvent) -> Option<Date
                 customer_id: placed.customer_id.clone(),
                 total: placed.total,
                 payment_token: placed.payment_token.clone(),
+                placed_at: Some(placed.placed_at),
             });
             for line in &placed.lines {
                 state.lines.entry(line.sku.clone()).or_default().quantity = Some(line.quantity);
@@ -1022,6 +1027,7 @@ impl Plan<'_> {
                         order_id: self.order_id,
                         quantity,
                         reserved_at: self.at,
+                        placed_at: self.placed.placed_at,
                     },
                 });
             }
@@ -1254,6 +1260,7 @@ mod tests {
                 order_id: order_id(ORDER),
                 quantity: qty(quantity),
                 reserved_at: at(minute),
+                placed_at: Some(at(0)),
             },
         }
     }
@@ -1312,6 +1319,20 @@ mod tests {
         given([])
             .when(placed())
             .then([reserve(mug(), 1, 0), reserve(tea(), 2, 0)]);
+    }
+
+    #[test]
+    fn a_state_stored_before_placement_times_were_kept_still_reads() {
+        let (state, _) = placed().apply(FulfilmentState::default());
+        assert_eq!(state.placed.as_ref().unwrap().placed_at, Some(at(0)));
+        let mut stored = serde_json::to_value(&state).unwrap();
+        stored["placed"]
+            .as_object_mut()
+            .unwrap()
+            .remove("placed_at");
+        let read: FulfilmentState = serde_json::from_value(stored).unwrap();
+        // Its reservations, if it sends any again, go without one: decided as before.
+        assert_eq!(read.placed.unwrap().placed_at, None);
     }
 
     #[test]

@@ -2,9 +2,18 @@
 //!
 //! Invariant, enforced by `decide` and kept by `evolve`: `reserved <= on_hand`, so
 //! `available = on_hand - reserved >= 0` always.
+//!
+//! A product remembers what it did for each order (its holds), so that a reservation sent
+//! again decides nothing. It does not remember forever: a hold settled (released, shipped or
+//! refused) more than [`HOLDS_KEPT_FOR`] before the product's latest event is forgotten, so the
+//! state stays the size of a week of orders however long the product sells. What is forgotten
+//! is not guessed: a reservation for an order placed before the latest forgotten settlement
+//! (plus [`CLOCK_MARGIN`]) is refused, since that order may be one whose hold is gone. Only a
+//! saga state lost, or a step parked for longer than that, sends one.
 
-use chrono::{DateTime, Utc};
-use imbl::OrdMap;
+use chrono::{DateTime, TimeDelta, Utc};
+use imbl::{OrdMap, OrdSet};
+
 use orderly_event_schemas::ProductEvent;
 use orderly_event_schemas::products::*;
 use serde::{Deserialize, Serialize};
@@ -20,10 +29,19 @@ pub const MAX_STOCK: u32 = i32::MAX as u32;
 /// of another version is ignored and the stream folded instead. Bump it whenever a field of
 /// [`Product`] or [`Hold`] changes, is added, or changes meaning; the test
 /// `a_product_serializes_in_the_snapshot_form_of_its_version` pins the form.
-pub const SNAPSHOT_FORMAT: i32 = 1;
+pub const SNAPSHOT_FORMAT: i32 = 2;
+
+/// How long after its settlement a product remembers what it did for an order (see the module
+/// documentation): far longer than a saga replays (seconds) or waits on an order (its
+/// deadlines, minutes).
+pub const HOLDS_KEPT_FOR: TimeDelta = TimeDelta::days(7);
+
+/// Leeway between the clocks that stamp an order's placement (the API's) and its settlement
+/// (the saga's), in the refusal of reservations placed before what was forgotten.
+pub const CLOCK_MARGIN: TimeDelta = TimeDelta::hours(1);
 
 /// What this product has done for one order. Remembered per order so that commands redelivered
-/// by the saga runner decide nothing the second time.
+/// by the saga runner decide nothing the second time; once settled, for [`HOLDS_KEPT_FOR`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Hold {
     Reserved { quantity: Quantity },
@@ -48,6 +66,11 @@ pub struct Product {
     /// nodes, keeps that copy constant-time however long the product's history (BENCHMARKS.md,
     /// "a product's history").
     holds: OrdMap<OrderId, Hold>,
+    /// The settled holds by when they settled, oldest first: what to forget next.
+    settled: OrdSet<(DateTime<Utc>, OrderId)>,
+    /// When the latest hold forgotten had settled; reservations for orders placed before it
+    /// (plus [`CLOCK_MARGIN`]) are refused.
+    forgotten_until: Option<DateTime<Utc>>,
 }
 
 impl Product {
@@ -105,18 +128,22 @@ pub enum ProductCommand {
         price_changed_at: DateTime<Utc>,
     },
     /// Idempotent per order: a second request for an order this product has already answered
-    /// (reserved, rejected, released or shipped) decides nothing.
+    /// (reserved, rejected, released or shipped) decides nothing. Refused when the order was
+    /// placed before what the product has forgotten (`placed_at`; `None`: not known, from a
+    /// saga state stored before it was kept, decided as usual).
     ReserveStock {
         order_id: OrderId,
         quantity: Quantity,
         reserved_at: DateTime<Utc>,
+        placed_at: Option<DateTime<Utc>>,
     },
     /// Releasing what is not reserved decides nothing (the saga may redeliver).
     ReleaseReservation {
         order_id: OrderId,
         released_at: DateTime<Utc>,
     },
-    /// Idempotent once shipped; rejected when nothing was ever reserved for the order.
+    /// Idempotent once shipped (while the product remembers it, see [`HOLDS_KEPT_FOR`]);
+    /// rejected when nothing is reserved for the order.
     ShipReservedStock {
         order_id: OrderId,
         shipped_at: DateTime<Utc>,
@@ -157,7 +184,14 @@ pub fn decide(
             order_id,
             quantity,
             reserved_at,
-        } => reserve_stock(existing(state)?, *order_id, *quantity, *reserved_at),
+            placed_at,
+        } => reserve_stock(
+            existing(state)?,
+            *order_id,
+            *quantity,
+            *reserved_at,
+            *placed_at,
+        ),
         ProductCommand::ReleaseReservation {
             order_id,
             released_at,
@@ -261,12 +295,14 @@ fn change_price(
 }
 
 /// Stock is reserved for an order once, and only what is available; otherwise the refusal is
-/// recorded.
+/// recorded. An order placed before what the product forgot is refused too: it may be one the
+/// product already answered.
 fn reserve_stock(
     product: &Product,
     order_id: OrderId,
     quantity: Quantity,
     reserved_at: DateTime<Utc>,
+    placed_at: Option<DateTime<Utc>>,
 ) -> Result<Vec<ProductEvent>, Rejection> {
     // Any earlier answer stands, even a release: re-reserving after the saga gave the stock back
     // would leak it.
@@ -275,7 +311,11 @@ fn reserve_stock(
     }
     let sku = product.sku.clone();
     let available = product.available();
-    if quantity.get() > available {
+    let forgotten = match (placed_at, product.forgotten_until) {
+        (Some(placed_at), Some(until)) => placed_at <= until + CLOCK_MARGIN,
+        _ => false,
+    };
+    if forgotten || quantity.get() > available {
         // An event, not a Rejection: the saga must learn of it durably and cancel.
         return Ok(vec![
             StockReservationRejected {
@@ -354,6 +394,8 @@ pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
                 on_hand: registered.initial_stock,
                 reserved: 0,
                 holds: OrdMap::new(),
+                settled: OrdSet::new(),
+                forgotten_until: None,
             });
         }
         // Only a registration starts a product stream.
@@ -381,11 +423,11 @@ pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
             );
         }
         ProductEvent::StockReservationRejected(rejected) => {
-            product.holds.insert(rejected.order_id, Hold::Rejected);
+            product.settle(rejected.order_id, Hold::Rejected, rejected.rejected_at);
         }
         ProductEvent::StockReservationReleased(released) => {
             product.reserved = product.reserved.saturating_sub(released.quantity.get());
-            product.holds.insert(released.order_id, Hold::Released);
+            product.settle(released.order_id, Hold::Released, released.released_at);
         }
         ProductEvent::ReservedStockShipped(shipped) => {
             product.reserved = product.reserved.saturating_sub(shipped.quantity.get());
@@ -393,10 +435,51 @@ pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
                 .on_hand
                 .saturating_sub(shipped.quantity.get())
                 .max(product.reserved);
-            product.holds.insert(shipped.order_id, Hold::Shipped);
+            product.settle(shipped.order_id, Hold::Shipped, shipped.shipped_at);
         }
     }
+    product.forget_settled_before(occurred_at(event) - HOLDS_KEPT_FOR);
     Some(product)
+}
+
+/// When the event happened, as its payload says.
+fn occurred_at(event: &ProductEvent) -> DateTime<Utc> {
+    match event {
+        ProductEvent::ProductRegistered(e) => e.registered_at,
+        ProductEvent::ProductRestocked(e) => e.restocked_at,
+        ProductEvent::ProductPriceChanged(e) => e.price_changed_at,
+        ProductEvent::StockReserved(e) => e.reserved_at,
+        ProductEvent::StockReservationRejected(e) => e.rejected_at,
+        ProductEvent::StockReservationReleased(e) => e.released_at,
+        ProductEvent::ReservedStockShipped(e) => e.shipped_at,
+    }
+}
+
+impl Product {
+    /// The product is done with `order_id` (`hold` says how) as of `at`.
+    fn settle(&mut self, order_id: OrderId, hold: Hold, at: DateTime<Utc>) {
+        self.holds.insert(order_id, hold);
+        self.settled.insert((at, order_id));
+    }
+
+    /// Forgets the holds settled before `horizon`, oldest first.
+    fn forget_settled_before(&mut self, horizon: DateTime<Utc>) {
+        while let Some(&(at, order_id)) = self.settled.get_min() {
+            if at >= horizon {
+                break;
+            }
+            self.settled.remove(&(at, order_id));
+            // Never a reservation still held: only a corrupt stream could settle and then
+            // reserve again for one order, and the held stock must stay counted.
+            if matches!(
+                self.holds.get(&order_id),
+                Some(Hold::Rejected | Hold::Released | Hold::Shipped)
+            ) {
+                self.holds.remove(&order_id);
+            }
+            self.forgotten_until = self.forgotten_until.max(Some(at));
+        }
+    }
 }
 
 decider!(
@@ -441,11 +524,42 @@ mod tests {
     }
 
     fn reserve(order: u128, quantity: u32) -> ProductCommand {
+        reserve_placed_at(order, quantity, at(0))
+    }
+
+    fn reserve_placed_at(order: u128, quantity: u32, placed_at: DateTime<Utc>) -> ProductCommand {
         ProductCommand::ReserveStock {
             order_id: order_id(order),
             quantity: qty(quantity),
             reserved_at: at(1),
+            placed_at: Some(placed_at),
         }
+    }
+
+    /// Order 1 reserved 4 units and shipped them at minute 3; then, more than a week later,
+    /// a restock of 5 (the product's latest event) at `restocked`.
+    fn shipped_a_week_before(restocked: DateTime<Utc>) -> Vec<ProductEvent> {
+        vec![
+            registered(10),
+            reserved(1, 4),
+            ReservedStockShipped {
+                sku: tea(),
+                order_id: order_id(1),
+                quantity: qty(4),
+                shipped_at: at(3),
+            }
+            .into(),
+            ProductRestocked {
+                sku: tea(),
+                quantity: qty(5),
+                restocked_at: restocked,
+            }
+            .into(),
+        ]
+    }
+
+    fn a_week_and(minutes: i64) -> DateTime<Utc> {
+        at(3) + HOLDS_KEPT_FOR + TimeDelta::minutes(minutes)
     }
 
     fn release(order: u128) -> ProductCommand {
@@ -712,7 +826,7 @@ mod tests {
         let product = history.iter().fold(None, evolve).unwrap();
         // Changing this form means changing SNAPSHOT_FORMAT with it: snapshots taken in the old
         // form must then be ignored, not read as this one.
-        assert_eq!(SNAPSHOT_FORMAT, 1);
+        assert_eq!(SNAPSHOT_FORMAT, 2);
         let form = serde_json::json!({
             "sku": "TEA-GREEN-100G",
             "name": "Green tea, 100 g",
@@ -724,7 +838,12 @@ mod tests {
                 "00000000-0000-0000-0000-000000000001": { "Reserved": { "quantity": 4 } },
                 "00000000-0000-0000-0000-000000000002": "Released",
                 "00000000-0000-0000-0000-000000000003": "Rejected"
-            }
+            },
+            "settled": [
+                ["2025-11-03T09:02:00Z", "00000000-0000-0000-0000-000000000003"],
+                ["2025-11-03T09:03:00Z", "00000000-0000-0000-0000-000000000002"]
+            ],
+            "forgotten_until": null
         });
         assert_eq!(serde_json::to_value(&product).unwrap(), form);
         assert_eq!(serde_json::from_value::<Product>(form).unwrap(), product);
@@ -743,5 +862,89 @@ mod tests {
         let mut more_reserved_than_on_hand = product;
         more_reserved_than_on_hand.on_hand = 4;
         assert!(!more_reserved_than_on_hand.is_consistent());
+    }
+
+    #[test]
+    fn a_hold_settled_more_than_a_week_before_the_latest_event_is_forgotten() {
+        let kept = shipped_a_week_before(a_week_and(0))
+            .iter()
+            .fold(None, evolve);
+        assert_eq!(kept.unwrap().hold(order_id(1)), Some(Hold::Shipped));
+        let forgot = shipped_a_week_before(a_week_and(1))
+            .iter()
+            .fold(None, evolve);
+        let forgot = forgot.unwrap();
+        assert_eq!(forgot.hold(order_id(1)), None);
+        assert_eq!((forgot.on_hand(), forgot.reserved()), (11, 0));
+        assert!(forgot.is_consistent());
+    }
+
+    #[test]
+    fn a_reservation_still_held_is_never_forgotten() {
+        let restocked: ProductEvent = ProductRestocked {
+            sku: tea(),
+            quantity: qty(5),
+            restocked_at: a_week_and(60),
+        }
+        .into();
+        let product = [registered(10), reserved(1, 4), restocked]
+            .iter()
+            .fold(None, evolve)
+            .unwrap();
+        assert_eq!(
+            product.hold(order_id(1)),
+            Some(Hold::Reserved { quantity: qty(4) })
+        );
+        assert!(product.is_consistent());
+    }
+
+    #[test]
+    fn reserving_again_for_a_forgotten_order_is_refused_not_reserved_twice() {
+        given(shipped_a_week_before(a_week_and(1)))
+            .when(reserve(1, 4))
+            .then([StockReservationRejected {
+                sku: tea(),
+                order_id: order_id(1),
+                quantity: qty(4),
+                available: 11,
+                rejected_at: at(1),
+            }
+            .into()]);
+    }
+
+    #[test]
+    fn an_order_placed_before_what_the_product_forgot_is_refused_even_if_new_to_it() {
+        // Placed within the clock margin of the forgotten shipment: it may be one of those.
+        given(shipped_a_week_before(a_week_and(1)))
+            .when(reserve_placed_at(2, 1, at(3) + CLOCK_MARGIN))
+            .then([StockReservationRejected {
+                sku: tea(),
+                order_id: order_id(2),
+                quantity: qty(1),
+                available: 11,
+                rejected_at: at(1),
+            }
+            .into()]);
+    }
+
+    #[test]
+    fn an_order_placed_after_what_the_product_forgot_is_reserved_as_usual() {
+        let placed_at = at(3) + CLOCK_MARGIN + TimeDelta::minutes(1);
+        given(shipped_a_week_before(a_week_and(1)))
+            .when(reserve_placed_at(2, 1, placed_at))
+            .then([reserved(2, 1)]);
+    }
+
+    #[test]
+    fn a_reservation_whose_placement_time_is_unknown_is_decided_as_before() {
+        let unknown = ProductCommand::ReserveStock {
+            order_id: order_id(1),
+            quantity: qty(4),
+            reserved_at: at(1),
+            placed_at: None,
+        };
+        given(shipped_a_week_before(a_week_and(1)))
+            .when(unknown)
+            .then([reserved(1, 4)]);
     }
 }

@@ -103,7 +103,8 @@ fn product_command() -> impl Strategy<Value = ProductCommand> {
         (order.clone(), quantity).prop_map(|(order_id, quantity)| ProductCommand::ReserveStock {
             order_id,
             quantity,
-            reserved_at: at(2)
+            reserved_at: at(2),
+            placed_at: None,
         }),
         order
             .clone()

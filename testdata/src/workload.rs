@@ -497,6 +497,7 @@ impl Workload {
                     order_id,
                     quantity: line.quantity,
                     reserved_at,
+                    placed_at: None,
                 },
             );
             refused |= events.iter().any(|e| {

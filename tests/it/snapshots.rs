@@ -145,6 +145,7 @@ async fn the_saga_s_appends_snapshot_a_product_as_it_grows() {
                     order_id,
                     quantity: Quantity::new(1).unwrap(),
                     reserved_at: Utc::now(),
+                    placed_at: None,
                 },
                 false => ProductCommand::ShipReservedStock {
                     order_id,
