@@ -29,7 +29,7 @@ use orderly_event_store::memory::MemoryEventStore;
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
 use orderly_event_store::{EventStore, StreamName};
 use orderly_test_support::TestDb;
-use orderly_testdata::history::{append_all, product_history};
+use orderly_testdata::history::{append_all, product_history_over};
 use uuid::Uuid;
 
 use crate::report;
@@ -42,6 +42,11 @@ pub struct Args {
     /// Decisions timed per history size and measure.
     #[arg(long, default_value_t = 1000)]
     decisions: usize,
+    /// Days the orders of each history are spread over, up to now (0: all at one instant).
+    /// A product forgets what it did for an order a week after it settled, so with more than
+    /// a week its state holds only the last week's orders.
+    #[arg(long, default_value_t = 0)]
+    span_days: u32,
     /// Also fold each history from PostgreSQL (ORDERLY_TEST_DATABASE_URL, see README).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     postgres: bool,
@@ -51,8 +56,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("# product history benchmark\n");
     println!("- machine: {}", report::machine());
     println!(
-        "- {} decisions timed per measure, one task; medians and p99 in microseconds\n",
-        args.decisions
+        "- {} decisions timed per measure, one task; medians and p99 in microseconds; orders spread over {} days\n",
+        args.decisions, args.span_days
     );
     println!(
         "| orders in history | events | placement load p50 / p99 | reservation p50 / p99 | cold load, memory | cold load, PostgreSQL | cold load, PostgreSQL from a snapshot | snapshot | bare select of the rows |"
@@ -65,7 +70,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for (round, &orders) in args.histories.iter().enumerate() {
         let sku = Sku::parse(format!("HIST-{round}"))?;
         let stream = StreamName::parse(streams::product(&sku))?;
-        let history = product_history(&sku, orders)?;
+        let span = chrono::TimeDelta::days(i64::from(args.span_days));
+        let history = product_history_over(&sku, orders, span)?;
         let events = history.len();
 
         let memory: Arc<dyn EventStore> = Arc::new(MemoryEventStore::new());

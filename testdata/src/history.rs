@@ -2,7 +2,7 @@
 //! shipped, for what must not slow down or go wrong as a product ages (snapshots, the cost of
 //! a decision).
 
-use chrono::Utc;
+use chrono::{TimeDelta, Utc};
 use orderly_domain::values::{Currency, Money, OrderId, ProductName, Quantity, Sku};
 use orderly_event_schemas::products::{ProductRegistered, ReservedStockShipped, StockReserved};
 use orderly_event_schemas::{Event, ProductEvent, SchemaError};
@@ -14,9 +14,21 @@ use uuid::Uuid;
 use crate::workload::Append;
 
 /// Product `sku`'s registration (with stock to spare), then `orders` orders of one unit each,
-/// reserved and shipped: `2 * orders + 1` events.
+/// reserved and shipped: `2 * orders + 1` events, all stamped now.
 pub fn product_history(sku: &Sku, orders: usize) -> Result<Vec<Event>, SchemaError> {
-    let at = Utc::now();
+    product_history_over(sku, orders, TimeDelta::zero())
+}
+
+/// [`product_history`] with the orders spread evenly over the `span` up to now (a product
+/// forgets what it did for orders settled long before its latest event).
+pub fn product_history_over(
+    sku: &Sku,
+    orders: usize,
+    span: TimeDelta,
+) -> Result<Vec<Event>, SchemaError> {
+    let end = Utc::now();
+    let start = end - span;
+    let step = span / i32::try_from(orders.max(1)).unwrap_or(i32::MAX);
     let quantity = Quantity::new(1)?;
     let stock = u32::try_from(orders)
         .unwrap_or(u32::MAX)
@@ -27,9 +39,11 @@ pub fn product_history(sku: &Sku, orders: usize) -> Result<Vec<Event>, SchemaErr
         description: None,
         price: Money::new(1999, Currency::parse("EUR")?)?,
         initial_stock: stock,
-        registered_at: at,
+        registered_at: start,
     })];
+    let mut at = start;
     for _ in 0..orders {
+        at += step;
         let order_id = OrderId(Uuid::now_v7());
         events.push(
             StockReserved {
