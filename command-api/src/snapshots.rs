@@ -11,10 +11,9 @@
 //! that version (it reads from there on anyway), only in the form it writes
 //! ([`Stored::SNAPSHOT_FORMAT`]), and only if the state could have come from the log (a
 //! product's invariants, [`Stored::restore`]); anything else is ignored and the stream folded
-//! whole. Taking
-//! one never holds up a command: it is serialized and written by a task of its own, from a
-//! state a read of the stream or an append at its expected version vouched for, and a failure
-//! only means the stream waits for its next one.
+//! whole. Taking one never holds up a command: it is serialized and written by a task of its
+//! own, from a state a read of the stream or an append at its expected version vouched for,
+//! and a failure only means the stream waits for its next one.
 
 use deadpool_postgres::Pool;
 use orderly_event_store::StreamName;

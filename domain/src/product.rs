@@ -311,8 +311,11 @@ fn reserve_stock(
     }
     let sku = product.sku.clone();
     let available = product.available();
+    // Checked: a corrupt stream's times must not panic a decision.
     let forgotten = match (placed_at, product.forgotten_until) {
-        (Some(placed_at), Some(until)) => placed_at <= until + CLOCK_MARGIN,
+        (Some(placed_at), Some(until)) => until
+            .checked_add_signed(CLOCK_MARGIN)
+            .is_none_or(|until| placed_at <= until),
         _ => false,
     };
     if forgotten || quantity.get() > available {
@@ -438,7 +441,10 @@ pub fn evolve(state: Option<Product>, event: &ProductEvent) -> Option<Product> {
             product.settle(shipped.order_id, Hold::Shipped, shipped.shipped_at);
         }
     }
-    product.forget_settled_before(occurred_at(event) - HOLDS_KEPT_FOR);
+    // Checked, as above: a time at the edge of the calendar forgets nothing.
+    if let Some(horizon) = occurred_at(event).checked_sub_signed(HOLDS_KEPT_FOR) {
+        product.forget_settled_before(horizon);
+    }
     Some(product)
 }
 
@@ -847,6 +853,22 @@ mod tests {
         });
         assert_eq!(serde_json::to_value(&product).unwrap(), form);
         assert_eq!(serde_json::from_value::<Product>(form).unwrap(), product);
+    }
+
+    #[test]
+    fn events_stamped_at_the_edges_of_the_calendar_fold_and_decide_without_panicking() {
+        let mut history = shipped_a_week_before(DateTime::<Utc>::MAX_UTC);
+        history.push(
+            ProductRestocked {
+                sku: tea(),
+                quantity: qty(1),
+                restocked_at: DateTime::<Utc>::MIN_UTC,
+            }
+            .into(),
+        );
+        given(history)
+            .when(reserve_placed_at(2, 1, DateTime::<Utc>::MAX_UTC))
+            .then([reserved(2, 1)]);
     }
 
     #[test]
