@@ -219,6 +219,19 @@ proptest! {
         prop_assert!(state.as_ref().is_none_or(Product::is_consistent));
     }
 
+    /// A snapshot gives back the state it was taken of (else a restored product would decide
+    /// otherwise than the fold of its stream).
+    #[test]
+    fn every_decided_product_state_survives_its_snapshot_form(
+        commands in prop::collection::vec(product_command(), 1..60)
+    ) {
+        let (state, _) = run::<ProductAggregate>(&commands);
+        if let Some(product) = state {
+            let form = serde_json::to_string(&product).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Product>(&form).unwrap(), product);
+        }
+    }
+
     #[test]
     fn replaying_decided_order_events_rebuilds_the_same_state(
         commands in prop::collection::vec(order_command(), 1..30)
