@@ -469,7 +469,7 @@ impl Handler {
                 .await?;
             let more = page.len() >= PAGE;
             if let Some(snapshot) = snapshot.take() {
-                match restore::<A>(&snapshot, &page) {
+                match restore::<A>(snapshot_of_this_log(&snapshot, &page), &snapshot).await {
                     Some(restored) => {
                         loaded = restored;
                         page.remove(0);
@@ -959,16 +959,30 @@ fn fold<A: Stored>(
     Ok(full)
 }
 
-/// The state `snapshot` holds, as of the first event of `page` (read from the snapshot's
-/// version on), when that is the event the snapshot names and its state reads; `None` if
-/// the snapshot does not match the log.
-fn restore<A: Stored>(snapshot: &Snapshot, page: &[RecordedEvent]) -> Option<Loaded<A::State>> {
-    let at = page.first()?;
-    if at.version != snapshot.version || at.id != snapshot.event_id {
-        return None;
-    }
+/// The first event of `page` (read from the snapshot's version on) when it is the event
+/// `snapshot` names; `None` if the snapshot does not match the log.
+fn snapshot_of_this_log<'a>(
+    snapshot: &Snapshot,
+    page: &'a [RecordedEvent],
+) -> Option<&'a RecordedEvent> {
+    page.first()
+        .filter(|at| at.version == snapshot.version && at.id == snapshot.event_id)
+}
+
+/// The state `snapshot` holds, as of `at` (see [`snapshot_of_this_log`]), when its state
+/// reads; `None` otherwise. Parsed on the blocking pool: an old product's snapshot is some
+/// megabytes, a tenth of a second or more of CPU that must not hold a thread serving requests.
+async fn restore<A: Stored>(
+    at: Option<&RecordedEvent>,
+    snapshot: &Snapshot,
+) -> Option<Loaded<A::State>> {
+    let at = at?;
+    let form = Arc::clone(&snapshot.state);
+    let state = tokio::task::spawn_blocking(move || A::restore(&form))
+        .await
+        .ok()??;
     Some(Loaded {
-        state: A::restore(&snapshot.state)?,
+        state,
         version: Some(at.version),
         position: at.position,
         first_event_id: Some(snapshot.first_event_id),

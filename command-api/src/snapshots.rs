@@ -15,6 +15,8 @@
 //! own, from a state a read of the stream or an append at its expected version vouched for,
 //! and a failure only means the stream waits for its next one.
 
+use std::sync::Arc;
+
 use deadpool_postgres::Pool;
 use orderly_event_store::StreamName;
 use tokio_postgres::types::ToSql;
@@ -68,7 +70,8 @@ pub(crate) struct Snapshot {
     pub event_id: Uuid,
     pub first_event_id: Uuid,
     pub format: i32,
-    pub state: String,
+    /// Shared, so that parsing it off the runtime's threads copies nothing.
+    pub state: Arc<str>,
 }
 
 /// What a snapshot stands for, to be written.
@@ -106,7 +109,7 @@ impl Snapshots {
             event_id: row.try_get(1)?,
             first_event_id: row.try_get(2)?,
             format: row.try_get(3)?,
-            state: row.try_get(4)?,
+            state: row.try_get::<_, String>(4)?.into(),
         }))
     }
 
