@@ -3,6 +3,7 @@
 //! whole sequence runs again (a bounded number of times); with one, the caller gets CONFLICT.
 
 use std::any::Any;
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -515,6 +516,31 @@ impl Handler {
         }
     }
 
+    /// Which of the streams `requests` would read from their start (this handler holds no
+    /// state of them) have a snapshot, in one query; none when the aggregate is not
+    /// snapshotted here or the query fails (they are then read whole, which only costs time).
+    async fn snapshotted<A: Stored>(
+        &self,
+        requests: &[(usize, (StreamName, u64))],
+        states: &[Loaded<A::State>],
+    ) -> HashSet<String> {
+        let (Some(snapshots), Some(_)) = (&self.snapshots, A::SNAPSHOT_FORMAT) else {
+            return HashSet::new();
+        };
+        let cold: Vec<&str> = requests
+            .iter()
+            .filter(|(index, _)| states[*index].version.is_none())
+            .map(|(_, (stream, _))| stream.as_str())
+            .collect();
+        if cold.is_empty() {
+            return HashSet::new();
+        }
+        snapshots.which(&cold).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "snapshots not looked up; cold streams are read whole");
+            HashSet::new()
+        })
+    }
+
     /// `snapshot` does not match the log (its event is not at its version there): it is
     /// ignored, and deleted so that the next cold load does not read it again.
     async fn discard_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) {
@@ -558,7 +584,8 @@ impl Handler {
     /// cache on a busy product) goes on by itself. A stream whose cached state a read
     /// confirmed less than `max_age` ago, and that this process has not appended to since,
     /// is not read: its state may then miss what other processes appended in that time. With
-    /// `max_age` zero every stream is read.
+    /// `max_age` zero every stream is read. A stream this handler holds no state of and that
+    /// has a snapshot is loaded by itself from the snapshot on, not read from its start.
     pub async fn load_many<A: Stored>(
         &self,
         streams: &[StreamName],
@@ -576,6 +603,18 @@ impl Handler {
                 requests.push((index, (stream.clone(), from)));
             }
             states.push(loaded);
+        }
+        let snapshotted = self.snapshotted::<A>(&requests, &states).await;
+        if !snapshotted.is_empty() {
+            let mut rest = Vec::with_capacity(requests.len());
+            for (index, (stream, from)) in requests {
+                if snapshotted.contains(stream.as_str()) {
+                    states[index] = self.load::<A>(&stream).await?;
+                } else {
+                    rest.push((index, (stream, from)));
+                }
+            }
+            requests = rest;
         }
         if requests.is_empty() {
             return Ok(states);

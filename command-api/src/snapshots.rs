@@ -15,6 +15,7 @@
 //! own, from a state a read of the stream or an append at its expected version vouched for,
 //! and a failure only means the stream waits for its next one.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
@@ -40,6 +41,8 @@ pub(crate) fn due(version: u64, snapshot: Option<u64>) -> bool {
         Some(at) => version.saturating_sub(at) >= SNAPSHOT_EVERY.max(at / SNAPSHOT_FRACTION),
     }
 }
+
+const WHICH: &str = "select stream from aggregate_snapshots where stream = any($1)";
 
 const LOAD: &str = "
 select version, event_id, first_event_id, format, state::text
@@ -111,6 +114,13 @@ impl Snapshots {
             format: row.try_get(3)?,
             state: row.try_get::<_, String>(4)?.into(),
         }))
+    }
+
+    /// Which of `streams` have a snapshot stored (of any format).
+    pub(crate) async fn which(&self, streams: &[&str]) -> Result<HashSet<String>, CommandError> {
+        let client = self.pool.get().await?;
+        let rows = client.query(WHICH, &[&streams]).await?;
+        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
     }
 
     /// Writes `state` as the snapshot `taken` describes, in a task of its own.

@@ -256,3 +256,60 @@ async fn the_served_command_api_and_saga_both_snapshot_a_long_product() {
     );
     eventually(&db, &confirmed, 1, Duration::from_secs(30)).await;
 }
+
+/// A placement prices its lines from several products at once (`load_many`). One this process
+/// holds no state of is loaded from its snapshot when it has one, not read from its start
+/// with the others (a long product would cost a page of events read for nothing first).
+#[tokio::test]
+async fn several_products_loaded_at_once_start_from_the_snapshots_they_have() {
+    let shop = Shop::with_history(100).await;
+    let other_sku = Sku::parse("MUG-OTHER").unwrap();
+    let other = StreamName::parse(streams::product(&other_sku)).unwrap();
+    append_all(
+        shop.store.as_ref(),
+        &other,
+        None,
+        &product_history(&other_sku, 20).unwrap(),
+    )
+    .await
+    .unwrap();
+    // A snapshot at the first product's last event (too short a stream for the handlers to
+    // take one: a test writes it), with a name the log never gave, which shows whether the
+    // load started from it.
+    let folded = shop.folded().await;
+    let mut renamed = folded.state.clone().unwrap();
+    renamed.name = ProductName::parse("Renamed mug").unwrap();
+    let client = shop.db.connect().await.unwrap();
+    client
+        .execute(
+            "insert into aggregate_snapshots
+                 (stream, version, event_id, first_event_id, format, state)
+             values ($1, $2, $3, $4, $5, ($6::text)::jsonb)",
+            &[
+                &shop.stream.as_str(),
+                &i64::try_from(folded.version.unwrap()).unwrap(),
+                &folded.last_event_id.unwrap(),
+                &folded.first_event_id.unwrap(),
+                &orderly_domain::product::SNAPSHOT_FORMAT,
+                &serde_json::to_string(&renamed).unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let loaded = shop
+        .cold()
+        .load_many::<ProductAggregate>(&[other.clone(), shop.stream.clone()], Duration::ZERO)
+        .await
+        .unwrap();
+    let other_folded = Handler::new(shop.store.clone())
+        .load::<ProductAggregate>(&other)
+        .await
+        .unwrap();
+    assert_same(&loaded[0], &other_folded);
+    let from_snapshot = loaded[1].state.as_ref().unwrap();
+    assert_eq!(from_snapshot.name, renamed.name);
+    assert!(*from_snapshot == renamed, "the rest is the snapshot's too");
+    assert_eq!(loaded[1].version, folded.version);
+    assert_eq!(loaded[1].last_event_id, folded.last_event_id);
+}
