@@ -137,6 +137,7 @@ impl Snapshots {
                 else {
                     return Ok(false);
                 };
+                metrics::histogram!("orderly_snapshot_size_bytes").record(state.len() as f64);
                 let client = pool.get().await?;
                 client
                     .execute(

@@ -35,6 +35,19 @@ pub const PROBE_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// Sizes of product snapshots as written, in bytes of JSON: 16 KiB to 256 MiB by fours (a
+/// snapshot's `jsonb` holds at most 255 MB).
+pub const SNAPSHOT_SIZE_BUCKETS: [f64; 8] = [
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+];
+
 /// How often the runtime probe asks to run.
 const PROBE_PERIOD: Duration = Duration::from_millis(100);
 
@@ -56,7 +69,7 @@ pub fn install() -> Result<Metrics, ObservabilityError> {
     if let Some(metrics) = installed.as_ref() {
         return Ok(metrics.clone());
     }
-    let histograms: [(&str, &[f64]); 8] = [
+    let histograms: [(&str, &[f64]); 9] = [
         ("orderly_http_request_duration_seconds", &REQUEST_BUCKETS),
         ("orderly_consistency_wait_seconds", &REQUEST_BUCKETS),
         ("orderly_command_duration_seconds", &STORE_BUCKETS),
@@ -68,6 +81,7 @@ pub fn install() -> Result<Metrics, ObservabilityError> {
         ("orderly_projection_batch_duration_seconds", &STORE_BUCKETS),
         ("orderly_payment_request_duration_seconds", &PAYMENT_BUCKETS),
         ("orderly_tokio_probe_delay_seconds", &PROBE_BUCKETS),
+        ("orderly_snapshot_size_bytes", &SNAPSHOT_SIZE_BUCKETS),
     ];
     let mut builder = PrometheusBuilder::new();
     for (name, buckets) in histograms {
@@ -170,8 +184,8 @@ pub async fn probe_runtime() {
 
 /// Help texts of every `orderly_*` name recorded through the facade.
 fn describe() {
-    use Unit::{Count, Seconds};
-    let histograms: [(&str, Unit, &str); 8] = [
+    use Unit::{Bytes, Count, Seconds};
+    let histograms: [(&str, Unit, &str); 9] = [
         (
             "orderly_http_request_duration_seconds",
             Seconds,
@@ -211,6 +225,11 @@ fn describe() {
             "orderly_tokio_probe_delay_seconds",
             Seconds,
             "How late a probe task due every 100 ms actually ran.",
+        ),
+        (
+            "orderly_snapshot_size_bytes",
+            Bytes,
+            "Size of each product snapshot written, in bytes of JSON.",
         ),
     ];
     for (name, unit, help) in histograms {

@@ -192,8 +192,17 @@ impl Api {
 
     /// The SDL the server serves, as a client fetches it.
     pub async fn sdl(&self) -> String {
+        self.text("/graphql/schema.graphql").await
+    }
+
+    /// What `GET /metrics` answers.
+    pub async fn metrics(&self) -> String {
+        self.text("/metrics").await
+    }
+
+    async fn text(&self, path: &str) -> String {
         self.http
-            .get(format!("{}/graphql/schema.graphql", self.base))
+            .get(format!("{}{path}", self.base))
             .send()
             .await
             .unwrap()

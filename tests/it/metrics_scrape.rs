@@ -11,7 +11,7 @@ use serde_json::json;
 
 /// Names the test below does not provoke: subscriptions have a test of their own, and the
 /// read API records consistency waits (through `orderly_graphql::metrics`).
-const NOT_HERE: [&str; 5] = [
+const NOT_HERE: [&str; 6] = [
     "orderly_graphql_subscriptions_active",
     "orderly_consistency_wait_seconds",
     // Counted only when a saga step fails for good or is retried after a failure.
@@ -19,6 +19,7 @@ const NOT_HERE: [&str; 5] = [
     "orderly_saga_retries_total",
     // Counted only for streams of a thousand events and more (`snapshots` has its tests).
     "orderly_snapshots_total",
+    "orderly_snapshot_size_bytes",
 ];
 
 /// Every `orderly_*` name in the contract's tables, read from the contract itself so that a

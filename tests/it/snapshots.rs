@@ -238,6 +238,18 @@ async fn the_served_command_api_and_saga_both_snapshot_a_long_product() {
     // The placement prices its line from the product, read whole (nothing cached yet).
     let placed = place(&api, "ada", "MUG-SERVED", 1, "tok_ok").await;
     eventually(&db, &snapshotted, 1, Duration::from_secs(30)).await;
+    // Its size is on /metrics: 600 orders' holds, tens of kilobytes of JSON.
+    let scraped = api.metrics().await;
+    for line in [
+        r#"orderly_snapshot_size_bytes_bucket{le="16384"} 0"#,
+        r#"orderly_snapshot_size_bytes_bucket{le="268435456"} 1"#,
+        "orderly_snapshot_size_bytes_count 1",
+    ] {
+        assert!(
+            scraped.contains(line),
+            "no `{line}` on /metrics:\n{scraped}"
+        );
+    }
 
     // Without that snapshot, the saga's reservation reads the product whole too, and takes
     // one of its own.
