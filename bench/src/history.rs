@@ -176,7 +176,7 @@ async fn cold_loads(
 }
 
 /// The size in bytes of the snapshot of `stream` at `version` once it is stored, as JSON text
-/// and as stored (`jsonb`, compressed when large); `None` for a stream too short to be
+/// and as stored (compressed when large); `None` for a stream too short to be
 /// snapshotted.
 async fn wait_for_snapshot(
     client: &tokio_postgres::Client,
@@ -184,7 +184,7 @@ async fn wait_for_snapshot(
     version: Option<u64>,
 ) -> anyhow::Result<Option<(i64, i64)>> {
     let version = version.map_or(Ok(-1), i64::try_from)?;
-    let sql = "select octet_length(state::text)::bigint, pg_column_size(state)::bigint
+    let sql = "select octet_length(state)::bigint, pg_column_size(state)::bigint
                from aggregate_snapshots
                where stream = $1 and version = $2";
     // A stream too short for a snapshot gets none: a second is plenty for one that is due.

@@ -1,4 +1,5 @@
-//! Snapshots of long streams' states, kept in PostgreSQL (`aggregate_snapshots`, migration V8).
+//! Snapshots of long streams' states, kept in PostgreSQL (`aggregate_snapshots`, migrations V8
+//! and V9) as the JSON text [`Stored::snapshot`] writes.
 //!
 //! A product's stream gains two events per order it serves, for as long as it sells, and a
 //! command handler that starts cold (a restart, a new replica, a product its cache dropped)
@@ -45,7 +46,7 @@ pub(crate) fn due(version: u64, snapshot: Option<u64>) -> bool {
 const WHICH: &str = "select stream from aggregate_snapshots where stream = any($1)";
 
 const LOAD: &str = "
-select version, event_id, first_event_id, format, state::text
+select version, event_id, first_event_id, format, state
 from aggregate_snapshots where stream = $1";
 
 /// Replaces an older snapshot, one of another format, or one naming another event at the same
@@ -53,7 +54,7 @@ from aggregate_snapshots where stream = $1";
 /// may have taken it meanwhile).
 const SAVE: &str = "
 insert into aggregate_snapshots (stream, version, event_id, first_event_id, format, state)
-values ($1, $2, $3, $4, $5, ($6::text)::jsonb)
+values ($1, $2, $3, $4, $5, $6)
 on conflict (stream) do update
 set version = excluded.version, event_id = excluded.event_id,
     first_event_id = excluded.first_event_id, format = excluded.format,

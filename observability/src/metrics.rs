@@ -35,8 +35,8 @@ pub const PROBE_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// Sizes of product snapshots as written, in bytes of JSON: 16 KiB to 256 MiB by fours (a
-/// snapshot's `jsonb` holds at most 255 MB).
+/// Sizes of product snapshots as written, in bytes of JSON: 16 KiB to 256 MiB by fours (the
+/// largest a product's state should grow long before a snapshot's 1 GB limit).
 pub const SNAPSHOT_SIZE_BUCKETS: [f64; 8] = [
     16_384.0,
     65_536.0,

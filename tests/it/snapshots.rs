@@ -116,7 +116,7 @@ async fn a_product_loaded_from_its_snapshot_is_the_product_folded_from_its_whole
     // And the load did start from the snapshot: one it was given with another name (the log
     // says nothing of it) shows through. Nothing but a test writes such a snapshot.
     shop.execute(
-        "update aggregate_snapshots set state = jsonb_set(state, '{name}', '\"Renamed mug\"')
+        "update aggregate_snapshots set state = jsonb_set(state::jsonb, '{name}', '\"Renamed mug\"')::text
          where stream = $1",
     )
     .await;
@@ -190,7 +190,7 @@ async fn a_snapshot_the_log_contradicts_is_ignored_and_replaced() {
     // the snapshot's version is not the one it names (and its stock is wrong).
     a_spoiled_snapshot_is_not_trusted(
         "update aggregate_snapshots
-         set event_id = gen_random_uuid(), state = jsonb_set(state, '{on_hand}', '7')
+         set event_id = gen_random_uuid(), state = jsonb_set(state::jsonb, '{on_hand}', '7')::text
          where stream = $1",
     )
     .await;
@@ -200,7 +200,7 @@ async fn a_snapshot_the_log_contradicts_is_ignored_and_replaced() {
 async fn a_snapshot_that_breaks_the_product_s_invariants_is_ignored_and_replaced() {
     // Naming the right event, in the right form, but more reserved than the holds add up to.
     a_spoiled_snapshot_is_not_trusted(
-        "update aggregate_snapshots set state = jsonb_set(state, '{reserved}', '5')
+        "update aggregate_snapshots set state = jsonb_set(state::jsonb, '{reserved}', '5')::text
          where stream = $1",
     )
     .await;
@@ -296,7 +296,7 @@ async fn several_products_loaded_at_once_start_from_the_snapshots_they_have() {
         .execute(
             "insert into aggregate_snapshots
                  (stream, version, event_id, first_event_id, format, state)
-             values ($1, $2, $3, $4, $5, ($6::text)::jsonb)",
+             values ($1, $2, $3, $4, $5, $6)",
             &[
                 &shop.stream.as_str(),
                 &i64::try_from(folded.version.unwrap()).unwrap(),
