@@ -272,7 +272,7 @@ where
         timings.push(started.elapsed());
     }
     timings.sort_unstable();
-    Ok(timings[COLD_LOADS / 2])
+    Ok(at_quantile(&timings, 0.5))
 }
 
 fn envelope() -> Envelope {
@@ -281,11 +281,14 @@ fn envelope() -> Envelope {
 
 fn percentiles(mut timings: Vec<Duration>) -> String {
     timings.sort_unstable();
-    let at = |q: f64| {
-        let index = ((timings.len() as f64 * q) as usize).min(timings.len().saturating_sub(1));
-        timings.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
-    format!("{:.1} / {:.1}", at(0.5), at(0.99))
+    let micros = |q: f64| at_quantile(&timings, q).as_secs_f64() * 1e6;
+    format!("{:.1} / {:.1}", micros(0.5), micros(0.99))
+}
+
+/// The timing at quantile `q` of `sorted` (zero when there is none).
+fn at_quantile(sorted: &[Duration], q: f64) -> Duration {
+    let index = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
 }
 
 fn format_ms(duration: Duration) -> String {
