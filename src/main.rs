@@ -39,7 +39,7 @@ enum Command {
     /// Apply the database migrations, then run everything in one process until SIGINT or
     /// SIGTERM: HTTP on ORDERLY_HTTP_ADDR (POST /graphql with the queries and mutations,
     /// subscriptions over WebSocket and GraphiQL on GET /graphql, the operator console on
-    /// /console, /healthz, /readyz), the projection runners and the saga runner.
+    /// /console, /healthz, /readyz, /metrics), the projection runners and the saga runner.
     Serve,
     /// Apply the database migrations and exit. Refuses (as every command that applies them
     /// at start does) when the event log was copied in from a cluster that had handed out more
@@ -57,13 +57,13 @@ enum Command {
         command: SagaCommand,
     },
     /// Apply the migrations, then serve only the command API (POST /graphql with the
-    /// mutations, /healthz, /readyz); the saga and projection runners run elsewhere
-    /// (`orderly saga run`, `orderly projections run`).
+    /// mutations, GraphiQL on GET /graphql, /healthz, /readyz, /metrics); the saga and
+    /// projection runners run elsewhere (`orderly saga run`, `orderly projections run`).
     #[command(name = "command-api")]
     WriteApi,
     /// Apply the migrations, then serve only the read API (POST /graphql with the queries and
     /// the operator's mutations, subscriptions over WebSocket on /graphql, GraphiQL, the
-    /// operator console on /console, /healthz, /readyz), following the projection runners of
+    /// operator console on /console, /healthz, /readyz, /metrics), following the projection runners of
     /// other processes (`orderly projections run`).
     #[command(name = "read-api")]
     ReadApi,

@@ -27,7 +27,8 @@ pub(crate) enum RunnerState {
 const STATES: [(&str, Option<RunnerState>); 5] = [
     ("running", Some(RunnerState::Running)),
     ("standby", Some(RunnerState::Standby)),
-    // Rebuilds run in the operator's CLI process, which exports nothing; no runner is in it.
+    // Always 0: a rebuild (from the CLI or the console) fills shadow tables beside the runner,
+    // which stays `running` meanwhile.
     ("rebuilding", None),
     ("stopped", Some(RunnerState::Stopped)),
     ("failed", Some(RunnerState::Failed)),
