@@ -181,6 +181,11 @@ async fn an_order_is_placed_cancelled_by_its_customer_and_a_second_cancel_append
         .await;
     assert_eq!(again.data("cancelOrder")["events"], json!([]));
     assert_eq!(again.data("cancelOrder")["replayed"], true);
+    // The log agrees: one cancellation in the order's stream.
+    let cancellations = format!(
+        "select count(*) from events where stream = 'order-{order_id}' and event_type = 'OrderCancelled'"
+    );
+    assert_eq!(count(&db, &cancellations).await, 1);
 }
 
 #[tokio::test]

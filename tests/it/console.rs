@@ -123,7 +123,18 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
     assert_eq!(seen["sagaLanes"], 16);
     let rebuilt = seen["rebuild"].as_str().unwrap_or_default();
     assert!(rebuilt.contains("rebuilt:"), "{rebuilt}");
-    // The rebuild went through the API and swapped in: nothing of it is left in progress.
+    // The rebuild went through the API and swapped in: the server ran it to the end, and
+    // nothing of it is left in progress.
+    let rebuild = api
+        .gql(
+            Some(&admin),
+            r#"{ projectionRebuild(name: "orders") { state finishedAt error } }"#,
+            json!({}),
+        )
+        .await;
+    let rebuild = rebuild.data("projectionRebuild");
+    assert_eq!(rebuild["state"], "DONE", "{rebuild}");
+    assert!(rebuild["finishedAt"].is_string(), "{rebuild}");
     assert_eq!(
         crate::common::count(&db, "select count(*) from projection_rebuilds").await,
         0

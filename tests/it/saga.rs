@@ -617,6 +617,16 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     }
     first.abort();
     let _ = first.await;
+    // The slow charges (2 s) were still being answered: some orders not charged in the log.
+    let charged_before = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentCharged'",
+    )
+    .await;
+    assert!(
+        charged_before < ids.len() as i64,
+        "every charge was recorded before the restart: {charged_before}"
+    );
     let _second = start_saga_with(&settings, gateway(), timing);
 
     let log = Log::new(&settings);
@@ -626,6 +636,13 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
         ids.len(),
         "one charge per order at the gateway"
     );
+    // The restarted runner finished the attempts in flight instead of starting new ones.
+    let requested = count(
+        &db,
+        "select count(*) from events where event_type = 'PaymentChargeRequested'",
+    )
+    .await;
+    assert_eq!(requested, ids.len() as i64, "one charge attempt per order");
     let charged = count(
         &db,
         "select count(*) from events where event_type = 'PaymentCharged'",
@@ -1473,6 +1490,22 @@ async fn a_database_that_refuses_every_state_holds_the_lane_until_repaired() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(count(&db, "select count(*) from saga_parked").await, 0);
     assert_eq!(count(&db, "select count(*) from saga_states").await, 0);
+    // The lane holds: its checkpoint has not moved past the order's placement, whose step
+    // it could not store (the reader's progress moves only the checkpoints of quiet lanes).
+    use orderly_command_api::saga::lanes::LANE_OF_SQL;
+    let stream = streams::order(OrderId(id.parse().unwrap()));
+    let behind = format!(
+        "select count(*) from saga_lanes l
+         join events e on e.stream = '{stream}' and e.event_type = 'OrderPlaced'
+         where l.saga_name = 'fulfilment'
+         and l.lane = (select {LANE_OF_SQL} from (select '{id}'::uuid as order_id) o)
+         and (l.position_commit, l.position_prepare) < (e.tx_id, e.seq)"
+    );
+    assert_eq!(
+        count(&db, &behind).await,
+        1,
+        "the lane moved past the order"
+    );
 
     accept_again(&client, STATES, "saga_states").await;
     Log::new(&settings)

@@ -178,9 +178,21 @@ async fn a_spoiled_snapshot_is_not_trusted(spoil: &str) {
     let shop = Shop::with_history(600).await;
     shop.load_cold().await;
     shop.snapshot_at(1_200).await;
+    // The good snapshot, kept aside to tell its replacement from the spoiled row.
+    let client = shop.db.connect().await.unwrap();
+    client
+        .batch_execute("create table good_snapshot as select * from aggregate_snapshots")
+        .await
+        .unwrap();
     shop.execute(spoil).await;
     assert_same(&shop.load_cold().await, &shop.folded().await);
-    shop.snapshot_at(1_200).await;
+    let replaced = format!(
+        "select count(*) from aggregate_snapshots s join good_snapshot g using (stream)
+         where s.stream = '{}' and s.version = g.version and s.event_id = g.event_id
+         and s.format = g.format and s.state::jsonb = g.state::jsonb",
+        shop.stream
+    );
+    eventually(&shop.db, &replaced, 1, Duration::from_secs(30)).await;
     assert_same(&shop.load_cold().await, &shop.folded().await);
 }
 

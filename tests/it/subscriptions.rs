@@ -444,6 +444,9 @@ async fn subscriptions_are_capped_per_socket_and_per_caller() {
         .await;
         assert_eq!(next(&mut third).await["type"], "next", "{id}");
     }
+    let mut fourth = connect(&api, Some(&admin())).await;
+    subscribe(&mut fourth, "i", PRODUCT_EVENTS, json!({})).await;
+    too_many(&next(&mut fourth).await);
     // Completing one gives its place back at once.
     send(&mut third, json!({ "type": "complete", "id": "f" })).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
