@@ -173,7 +173,12 @@ fn the_repository_copy_keeps_the_public_contract_unchanged() {
     let public = match std::fs::read_to_string(PUBLIC_CONTRACT) {
         Ok(public) => public,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // A clone on its own has only its copy; the comparison runs where both are.
+            // A clone on its own has only its copy; the comparison runs where both are, and
+            // CI (`.ci/run`) always has both.
+            assert!(
+                std::env::var_os("ORDERLY_REQUIRE_PUBLIC_CONTRACT").is_none(),
+                "no public contract at {PUBLIC_CONTRACT}, and ORDERLY_REQUIRE_PUBLIC_CONTRACT is set"
+            );
             eprintln!("skipped: no public contract at {PUBLIC_CONTRACT}");
             return;
         }
