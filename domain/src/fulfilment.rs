@@ -1495,10 +1495,26 @@ mod tests {
             .filter(|d| **d > RETRY_AFTER * 11 / 10)
             .count();
         assert!(early > 20 && late > 20, "{early} early, {late} late");
-        // The same order and attempt always wait the same: a rebuilt state agrees.
-        assert_eq!(
-            timing.retry_delay(order_id(7), 3),
-            timing.retry_delay(order_id(7), 3)
+        // The same order and attempt always wait the same, whichever `Timing` value with the
+        // same settings computes it (a rebuilt state, another process): a pure function of the
+        // order and the attempt. Attempt 3 waits four times the base, moved by at most ±20 %.
+        let copied = timing;
+        for n in [7u128, 8, 9, u128::MAX] {
+            let delay = timing.retry_delay(order_id(n), 3);
+            assert_eq!(delay, Timing::default().retry_delay(order_id(n), 3));
+            assert_eq!(delay, copied.retry_delay(order_id(n), 3));
+            let nominal = RETRY_AFTER * 4;
+            assert!(
+                delay >= nominal * 4 / 5 && delay <= nominal * 6 / 5,
+                "order {n}: {delay} for a nominal {nominal}"
+            );
+        }
+        // ... and another order, same attempt, waits otherwise (for some pair at least).
+        assert!(
+            [8u128, 9, u128::MAX]
+                .iter()
+                .any(|n| timing.retry_delay(order_id(*n), 3) != timing.retry_delay(order_id(7), 3)),
+            "the jitter ignores the order"
         );
         assert_ne!(
             timing.retry_delay(order_id(7), 1),
@@ -2049,10 +2065,56 @@ mod tests {
         assert_eq!(waiting.next_due_at(), Some(at(1) + PAYMENT_DEADLINE));
         let failing = given(awaiting_payment()).when(failed(1, 2)).then_nothing();
         assert_eq!(failing.next_due_at(), Some(at(2) + retry_delay(1)));
-        let cancelled = given([placed(), rejected(mug())])
-            .when(rejected(tea()))
+        // Once the retry is sent, the payment deadline is what is due again.
+        let retried = given(awaiting_payment_and([failed(1, 2)]))
+            .when(charge_requested(2, 3))
             .then_nothing();
-        assert!(cancelled.is_settled() || cancelled.next_due_at().is_none());
+        let deadline = at(1) + PAYMENT_DEADLINE;
+        assert_eq!(retried.next_due_at(), Some(deadline));
+        assert!(!retried.is_settled());
+        // The deadline passes with the retry unanswered: the saga cancels, and compensates
+        // only once the order's cancel, the products' releases and the retry's answer are in.
+        let history = awaiting_payment_and([failed(1, 2), charge_requested(2, 3)]);
+        let deadline_cancel = OrderCancelled {
+            order_id: order_id(ORDER),
+            cancellation_reason: reason("payment not completed before the deadline"),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: deadline,
+        };
+        let released = |sku: Sku, quantity: u32| -> Step {
+            StockReservationReleased {
+                sku,
+                order_id: order_id(ORDER),
+                quantity: qty(quantity),
+                released_at: deadline,
+            }
+            .into()
+        };
+        let cancelling = given(history)
+            .when(Step::Tick(deadline))
+            .then([cancel("payment not completed before the deadline", 16)]);
+        assert!(!cancelling.is_settled(), "its cancel has not arrived");
+        let compensating = evolve(cancelling, &Step::from(deadline_cancel).input());
+        assert!(!compensating.is_settled(), "its stock is still reserved");
+        let given_back = [released(mug(), 1), released(tea(), 2)]
+            .iter()
+            .fold(compensating, |state, step| evolve(state, &step.input()));
+        assert!(!given_back.is_settled(), "its retry may still charge");
+        let settled = evolve(given_back, &failed(2, 17).input());
+        assert!(settled.is_settled());
+        assert_eq!(settled.next_due_at(), None);
+        // Out of stock: settled once the order's cancel arrives, with nothing left due.
+        let refused = after([placed(), rejected(mug()), rejected(tea())]);
+        assert!(!refused.is_settled(), "its cancel has not arrived");
+        let out_of_stock = OrderCancelled {
+            order_id: order_id(ORDER),
+            cancellation_reason: reason("out of stock"),
+            cancelled_by: CancelledBy::Fulfilment,
+            cancelled_at: at(2),
+        };
+        let cancelled = evolve(refused, &Step::from(out_of_stock).input());
+        assert!(cancelled.is_settled());
+        assert_eq!(cancelled.next_due_at(), None);
     }
 
     /// The state after `history`, each input handled as the runner handles it.

@@ -742,9 +742,33 @@ mod tests {
 
     #[test]
     fn any_step_on_an_order_that_does_not_exist_is_rejected() {
-        given([])
-            .when(cancel())
-            .then_rejected(Rejection::OrderNotFound);
+        // Which variant a command is; exhaustive, so a new command must be added below.
+        fn variant(command: &OrderCommand) -> usize {
+            match command {
+                OrderCommand::Place { .. } => 0,
+                OrderCommand::MarkStockReserved { .. } => 1,
+                OrderCommand::MarkPaid { .. } => 2,
+                OrderCommand::Confirm { .. } => 3,
+                OrderCommand::Cancel { .. } => 4,
+                OrderCommand::Ship { .. } => 5,
+                OrderCommand::Deliver { .. } => 6,
+            }
+        }
+        let steps = [
+            mark_stock_reserved(),
+            mark_paid(eur(2500)),
+            confirm(),
+            cancel_by(CancelledBy::Customer),
+            cancel_by(CancelledBy::Fulfilment),
+            ship(),
+            deliver(),
+        ];
+        // Every command but `Place`, the one that creates the order.
+        let covered: std::collections::BTreeSet<usize> = steps.iter().map(variant).collect();
+        assert_eq!(covered, (1..=6).collect());
+        for step in steps {
+            given([]).when(step).then_rejected(Rejection::OrderNotFound);
+        }
     }
 
     #[test]

@@ -543,9 +543,30 @@ mod tests {
 
     #[test]
     fn any_outcome_for_a_payment_never_requested_is_rejected() {
-        given([])
-            .when(record_charge("ch_1"))
-            .then_rejected(Rejection::PaymentNotRequested);
+        // Which variant a command is; exhaustive, so a new command must be added below.
+        fn variant(command: &PaymentCommand) -> usize {
+            match command {
+                PaymentCommand::RequestCharge { .. } => 0,
+                PaymentCommand::RecordCharge { .. } => 1,
+                PaymentCommand::RecordDecline { .. } => 2,
+                PaymentCommand::RecordFailure { .. } => 3,
+                PaymentCommand::Refund { .. } => 4,
+            }
+        }
+        let commands = [
+            record_charge("ch_1"),
+            record_decline(),
+            record_failure(1),
+            refund(),
+        ];
+        // Every command but `RequestCharge`, the one that starts the payment.
+        let covered: std::collections::BTreeSet<usize> = commands.iter().map(variant).collect();
+        assert_eq!(covered, (1..=4).collect());
+        for command in commands {
+            given([])
+                .when(command)
+                .then_rejected(Rejection::PaymentNotRequested);
+        }
     }
 
     #[test]

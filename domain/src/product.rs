@@ -707,15 +707,44 @@ mod tests {
 
     #[test]
     fn any_command_on_an_unregistered_product_is_rejected() {
-        given([])
-            .when(ProductCommand::Restock {
+        // Which variant a command is; exhaustive, so a new command must be added below.
+        fn variant(command: &ProductCommand) -> usize {
+            match command {
+                ProductCommand::Register { .. } => 0,
+                ProductCommand::Restock { .. } => 1,
+                ProductCommand::ChangePrice { .. } => 2,
+                ProductCommand::ReserveStock { .. } => 3,
+                ProductCommand::ReleaseReservation { .. } => 4,
+                ProductCommand::ShipReservedStock { .. } => 5,
+            }
+        }
+        let commands = [
+            ProductCommand::Restock {
                 quantity: qty(1),
                 restocked_at: at(1),
-            })
-            .then_rejected(Rejection::ProductNotRegistered);
-        given([])
-            .when(reserve(1, 1))
-            .then_rejected(Rejection::ProductNotRegistered);
+            },
+            ProductCommand::ChangePrice {
+                price: eur(700),
+                price_changed_at: at(1),
+            },
+            reserve(1, 1),
+            ProductCommand::ReserveStock {
+                order_id: order_id(1),
+                quantity: qty(1),
+                reserved_at: at(1),
+                placed_at: None,
+            },
+            release(1),
+            ship(1),
+        ];
+        // Every command but `Register`, the one that creates the product.
+        let covered: std::collections::BTreeSet<usize> = commands.iter().map(variant).collect();
+        assert_eq!(covered, (1..=5).collect());
+        for command in commands {
+            given([])
+                .when(command)
+                .then_rejected(Rejection::ProductNotRegistered);
+        }
     }
 
     #[test]

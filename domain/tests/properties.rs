@@ -2,7 +2,7 @@
 //! through the stored JSON form), and the fulfilment saga under a model of its runner with
 //! redelivery, reordering and crashes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use orderly_domain::fulfilment::{self, Command, FulfilmentState, SagaInput};
@@ -13,7 +13,9 @@ use orderly_domain::payment::{self, Payment, PaymentAggregate, PaymentCommand, P
 use orderly_domain::product::{self, Hold, Product, ProductAggregate, ProductCommand};
 use orderly_domain::values::*;
 use orderly_domain::{Aggregate, Rejection};
-use orderly_event_schemas::{Event, EventMetadata, PaymentEvent, decode_recorded, encode};
+use orderly_event_schemas::{
+    Event, EventMetadata, OrderEvent, PaymentEvent, ProductEvent, decode_recorded, encode,
+};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -249,16 +251,52 @@ proptest! {
     }
 }
 
-/// Folding the decided events again gives the decided state, and the events survive the stored
-/// JSON form unchanged (so replaying from the store gives it too). Returns the events.
+/// An aggregate's own events out of the store's [`Event`]; `None` for another context's.
+trait FromStored: Sized {
+    fn from_stored(event: Event) -> Option<Self>;
+}
+
+impl FromStored for OrderEvent {
+    fn from_stored(event: Event) -> Option<Self> {
+        match event {
+            Event::Order(event) => Some(event),
+            _ => None,
+        }
+    }
+}
+
+impl FromStored for ProductEvent {
+    fn from_stored(event: Event) -> Option<Self> {
+        match event {
+            Event::Product(event) => Some(event),
+            _ => None,
+        }
+    }
+}
+
+impl FromStored for PaymentEvent {
+    fn from_stored(event: Event) -> Option<Self> {
+        match event {
+            Event::Payment(event) => Some(event),
+            _ => None,
+        }
+    }
+}
+
+/// Folding the decided events as read back from the store (encoded, decoded) gives the decided
+/// state, and the events survive the stored JSON form unchanged. Returns the events.
 fn replays_deterministically<A: Aggregate>(
     commands: &[A::Command],
 ) -> Result<Vec<A::Event>, TestCaseError>
 where
-    A::Event: Into<Event>,
+    A::Event: Into<Event> + FromStored,
 {
     let (state, log) = run::<A>(commands);
-    prop_assert_eq!(&A::replay(&log), &state);
+    let stored: Vec<A::Event> = through_storage(&log)
+        .into_iter()
+        .map(|event| A::Event::from_stored(event).expect("an event of the same context"))
+        .collect();
+    prop_assert_eq!(&A::replay(&stored), &state);
     let original: Vec<Event> = log.iter().cloned().map(Into::into).collect();
     prop_assert_eq!(through_storage(&log), original);
     Ok(log)
@@ -379,6 +417,9 @@ struct World {
     then: Gateway,
     now: i64,
     rejections: Vec<Rejection>,
+    /// Every charge attempt the saga asked for, in the order sent (resends included), each with
+    /// the attempts whose transient failure (`PaymentFailed`) the log held when it was sent.
+    charge_attempts_sent: Vec<(u32, BTreeSet<u32>)>,
 }
 
 impl World {
@@ -425,6 +466,22 @@ impl World {
             self.saga = fulfilment::evolve(self.saga.clone(), &input);
         }
         for command in &commands {
+            if let Command::Payment {
+                order_id: for_order,
+                command: PaymentCommand::RequestCharge { attempt, .. },
+            } = command
+            {
+                assert_eq!(*for_order, order_id(0), "a charge for another order");
+                let failed = self
+                    .log
+                    .iter()
+                    .filter_map(|event| match event {
+                        Event::Payment(PaymentEvent::PaymentFailed(failed)) => Some(failed.attempt),
+                        _ => None,
+                    })
+                    .collect();
+                self.charge_attempts_sent.push((*attempt, failed));
+            }
             self.execute(command);
         }
     }
@@ -553,6 +610,13 @@ proptest! {
         then in gateway(),
         actions in prop::collection::vec(action(), 0..60),
     ) {
+        // The gateway's answer to each attempt: `answers`, then `then`. An attempt after the
+        // first that is not a transient failure is never needed; with none, the deadline ends it.
+        let attempts_allowed = answers
+            .iter()
+            .position(|answer| !matches!(answer, Gateway::Fail))
+            .or_else(|| (!matches!(then, Gateway::Fail)).then_some(answers.len()))
+            .map_or(u32::MAX, |first_final| u32::try_from(first_final).unwrap() + 1);
         let catalog = products(&stocks);
         let lines: Vec<(usize, u32)> = lines.into_iter().collect();
         let mut world = World {
@@ -567,6 +631,7 @@ proptest! {
             then,
             now: 0,
             rejections: Vec::new(),
+            charge_attempts_sent: Vec::new(),
         };
         world.execute(&Command::Order { order_id: order_id(0), command: place(&lines, &catalog, 0) });
         for action in &actions {
@@ -580,6 +645,47 @@ proptest! {
             .filter(|e| matches!(e, Event::Payment(PaymentEvent::PaymentCharged(_))))
             .count();
         prop_assert!(charges <= 1, "charged {charges} times");
+        // No payment command was refused (a charge request, a gateway answer, a refund): the
+        // payment's caps never had to step in for the saga.
+        let refused: Vec<&Rejection> = world
+            .rejections
+            .iter()
+            .filter(|rejection| {
+                matches!(
+                    rejection,
+                    Rejection::ChargeNotAllowed { .. }
+                        | Rejection::UnexpectedCharge { .. }
+                        | Rejection::AttemptOutOfOrder { .. }
+                        | Rejection::PaymentNotRequested
+                        | Rejection::NotPending { .. }
+                        | Rejection::NotCharged { .. }
+                )
+            })
+            .collect();
+        prop_assert!(refused.is_empty(), "payment commands refused: {refused:?}");
+        // Each new attempt follows the last by one, and only once the log holds that one's
+        // transient failure: never two attempts in flight. Resending a known one is harmless.
+        let mut highest = 0;
+        for (attempt, failed) in &world.charge_attempts_sent {
+            if *attempt > highest {
+                prop_assert_eq!(*attempt, highest + 1, "an attempt skipped");
+                prop_assert!(
+                    highest == 0 || failed.contains(&highest),
+                    "attempt {} requested while attempt {} was in flight", attempt, highest
+                );
+                highest = *attempt;
+            }
+        }
+        prop_assert!(
+            highest <= attempts_allowed,
+            "{highest} attempts where the gateway's answers allow {attempts_allowed}"
+        );
+        let requested = world
+            .log
+            .iter()
+            .filter(|e| matches!(e, Event::Payment(PaymentEvent::PaymentChargeRequested(_))))
+            .count();
+        prop_assert_eq!(requested, usize::try_from(highest).unwrap(), "attempts recorded");
         for product in world.products.values().flatten() {
             prop_assert!(product.reserved() <= product.on_hand());
         }
