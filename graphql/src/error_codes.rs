@@ -139,8 +139,21 @@ mod tests {
 
     #[test]
     fn internal_errors_say_nothing_of_their_cause() {
-        let error = internal("req-1", &"password=hunter2 at db:5432");
+        let cause = "password=hunter2 at db:5432";
+        let error = internal("req-1", &cause);
         assert_eq!(error.message, "internal error");
         assert_eq!(code(&error).as_deref(), Some("INTERNAL"));
+        // Nowhere in what the error carries: its Debug form (message and extensions), its
+        // extensions and the error as answered, serialized.
+        let debug = format!("{error:?}");
+        let extensions = serde_json::to_string(&error.extensions).unwrap();
+        let answered =
+            serde_json::to_string(&error.clone().into_server_error(Default::default())).unwrap();
+        for form in [&debug, &extensions, &answered] {
+            assert!(form.contains("req-1"), "the request id is quoted: {form}");
+            for secret in [cause, "hunter2", "db:5432"] {
+                assert!(!form.contains(secret), "{secret:?} leaked: {form}");
+            }
+        }
     }
 }

@@ -250,6 +250,14 @@ mod tests {
         let invalid = schema()
             .execute(r#"{ product(sku: "A\u0000", x: 1) }"#)
             .await;
+        assert_eq!(invalid.errors.len(), 1, "{invalid:?}");
         assert_eq!(code(&invalid), None, "{invalid:?}");
+        let message = &invalid.errors[0].message;
+        assert!(
+            message.contains("Unknown argument") && message.contains("\"x\""),
+            "validation names the unknown argument: {message}"
+        );
+        assert!(!message.contains("control characters"), "{message}");
+        assert_eq!(invalid.data, ConstValue::Null);
     }
 }
