@@ -143,7 +143,10 @@ async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
 async fn killing_saga_processes_mid_burst_loses_no_step_and_charges_once() {
     let cluster = PrivateCluster::create().await.expect("a private cluster");
     migrate(&cluster.url()).await;
-    let settings = timing(10);
+    // Every saga process charges through one provider outside them, which outlives the kills.
+    let provider = Provider::start().await;
+    let mut settings = timing(10);
+    settings.extend(provider.settings());
     // `serve` always runs a saga runner of its own, so the API runs alone here. No projection
     // runner: nothing asserted reads a read model.
     let api = Orderly::start("command-api", &cluster.url(), &["command-api"], &settings).await;
@@ -202,6 +205,7 @@ async fn killing_saga_processes_mid_burst_loses_no_step_and_charges_once() {
     for runner in &sagas {
         runner.assert_no_step_lost();
     }
+    provider.assert_charged_once(&ids, &log).await;
 }
 
 /// Readers of the log stop at the oldest transaction in flight (the horizon). A payment that
@@ -1436,6 +1440,180 @@ async fn saga_waits_for_a_lock(cluster: &PrivateCluster, within: Duration) -> bo
         eprintln!("no saga write waited on its tables within {within:?}; restarting all the same");
     }
     waiting.is_some()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The payment provider.
+
+/// A payment provider over HTTP as `HttpGateway` calls one (`POST /charges`, `GET
+/// /charges/{key}`, `POST /refunds`), served by the test process: the saga processes charge
+/// through it, so what they asked survives their kills. Like a real provider, it charges a
+/// repeated idempotency key once and answers it with the first outcome. It takes a charge at
+/// once and answers it [`PROVIDER_ANSWERS_AFTER`] later, so a process killed meanwhile leaves
+/// money taken that its log does not show yet.
+struct Provider {
+    url: String,
+    calls: Arc<std::sync::Mutex<ProviderCalls>>,
+}
+
+#[derive(Default)]
+struct ProviderCalls {
+    /// Charges taken, by idempotency key: the reference and how often the key was sent.
+    charges: BTreeMap<String, (String, u32)>,
+    /// Refunds asked for, by idempotency key.
+    refunds: BTreeMap<String, u32>,
+    /// Lookups of a charge whose outcome its caller lost.
+    lookups: u32,
+}
+
+type Calls = axum::extract::State<Arc<std::sync::Mutex<ProviderCalls>>>;
+
+const PROVIDER_ANSWERS_AFTER: Duration = Duration::from_millis(200);
+
+impl Provider {
+    async fn start() -> Self {
+        use axum::routing::{get, post};
+        let calls = Arc::new(std::sync::Mutex::new(ProviderCalls::default()));
+        let router = axum::Router::new()
+            .route("/charges", post(provider_charge))
+            .route("/charges/{key}", get(provider_lookup))
+            .route("/refunds", post(provider_refund))
+            .with_state(calls.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port for the provider");
+        let url = format!("http://{}", listener.local_addr().expect("its address"));
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self { url, calls }
+    }
+
+    /// The settings that send a process's charges here.
+    fn settings(&self) -> [(&'static str, String); 2] {
+        [
+            ("ORDERLY_PAYMENT_GATEWAY", "http".into()),
+            ("ORDERLY_PAYMENT_GATEWAY_URL", self.url.clone()),
+        ]
+    }
+
+    /// Every charge the provider took is one of `ids` under its own order's key, each
+    /// confirmed order was charged, only cancelled orders were refunded, and every cancelled
+    /// order the provider charged was refunded (within a minute): however often killed
+    /// processes sent a charge again or lost its answer, no order's money was taken twice or
+    /// kept.
+    async fn assert_charged_once(&self, ids: &[Uuid], log: &Log) {
+        let unrefunded = || {
+            let calls = self.calls.lock().expect("the provider's calls");
+            log.orders
+                .iter()
+                .filter(|(id, order)| {
+                    order.cancelled.is_some()
+                        && calls.charges.contains_key(&id.to_string())
+                        && !calls.refunds.contains_key(&format!("refund-{id}"))
+                })
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>()
+        };
+        let started = Instant::now();
+        while !unrefunded().is_empty() && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let kept = unrefunded();
+        assert!(
+            kept.is_empty(),
+            "cancelled, charged, never refunded: {kept:?}"
+        );
+        let calls = self.calls.lock().expect("the provider's calls");
+        let orders: BTreeSet<String> = ids.iter().map(Uuid::to_string).collect();
+        for key in calls.charges.keys() {
+            assert!(
+                orders.contains(key),
+                "a charge under key {key}, no order's id"
+            );
+        }
+        for (id, order) in &log.orders {
+            let charged = calls.charges.contains_key(&id.to_string());
+            if order.confirmed {
+                assert!(
+                    charged,
+                    "order {id} confirmed, never charged at the provider"
+                );
+            }
+            let refunded = calls.refunds.contains_key(&format!("refund-{id}"));
+            assert!(
+                !refunded || order.cancelled.is_some(),
+                "order {id} refunded but not cancelled"
+            );
+        }
+        let sent: u32 = calls.charges.values().map(|(_, sent)| sent).sum();
+        eprintln!(
+            "provider: {} charges taken from {sent} charge calls, {} lookups, {} refunds",
+            calls.charges.len(),
+            calls.lookups,
+            calls.refunds.len()
+        );
+    }
+}
+
+async fn provider_charge(
+    axum::extract::State(calls): Calls,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(key) = idempotency_key(&headers) else {
+        return axum::http::StatusCode::BAD_REQUEST.into_response();
+    };
+    let reference = {
+        let mut calls = calls.lock().expect("the provider's calls");
+        let charge = calls
+            .charges
+            .entry(key.to_owned())
+            .or_insert_with(|| (format!("prov_{}", Uuid::new_v4().simple()), 0));
+        charge.1 += 1;
+        charge.0.clone()
+    };
+    tokio::time::sleep(PROVIDER_ANSWERS_AFTER).await;
+    axum::Json(json!({ "status": "charged", "reference": reference })).into_response()
+}
+
+fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get("idempotency-key")
+        .and_then(|key| key.to_str().ok())
+}
+
+async fn provider_lookup(
+    axum::extract::State(calls): Calls,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut calls = calls.lock().expect("the provider's calls");
+    calls.lookups += 1;
+    match calls.charges.get(&key) {
+        Some((reference, _)) => {
+            axum::Json(json!({ "status": "charged", "reference": reference })).into_response()
+        }
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::Json(json!({ "status": "not_found" })),
+        )
+            .into_response(),
+    }
+}
+
+async fn provider_refund(
+    axum::extract::State(calls): Calls,
+    headers: axum::http::HeaderMap,
+) -> axum::http::StatusCode {
+    let Some(key) = idempotency_key(&headers) else {
+        return axum::http::StatusCode::BAD_REQUEST;
+    };
+    *calls
+        .lock()
+        .expect("the provider's calls")
+        .refunds
+        .entry(key.to_owned())
+        .or_default() += 1;
+    axum::http::StatusCode::OK
 }
 
 // ---------------------------------------------------------------------------------------------
