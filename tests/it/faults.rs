@@ -138,14 +138,18 @@ async fn the_saga_finishes_every_order_through_three_postgres_restarts() {
 
 /// Saga runner processes killed with SIGKILL twice during a burst (the leading one, where one
 /// leads), and new ones started: the others finish every order from the durable checkpoints,
-/// and a killed step done again charges nobody twice and leaves no stock held.
+/// and a killed step done again charges nobody twice and leaves no stock held. The charges a
+/// killed process had in flight go out again within seconds (its claims are given back when
+/// its membership lease runs out), well before the orders' payment deadline: every order is
+/// confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_saga_processes_mid_burst_loses_no_step_and_charges_once() {
     let cluster = PrivateCluster::create().await.expect("a private cluster");
     migrate(&cluster.url()).await;
     // Every saga process charges through one provider outside them, which outlives the kills.
     let provider = Provider::start().await;
-    let mut settings = timing(10);
+    // The deadline far above the membership lease (5 s), far below an outbox claim's (60 s).
+    let mut settings = timing(20);
     settings.extend(provider.settings());
     // `serve` always runs a saga runner of its own, so the API runs alone here. No projection
     // runner: nothing asserted reads a read model.
@@ -206,6 +210,13 @@ async fn killing_saga_processes_mid_burst_loses_no_step_and_charges_once() {
         runner.assert_no_step_lost();
     }
     provider.assert_charged_once(&ids, &log).await;
+    let cancelled: Vec<(&Uuid, &Option<String>)> = log
+        .orders
+        .iter()
+        .filter(|(_, order)| !order.confirmed)
+        .map(|(id, order)| (id, &order.cancelled))
+        .collect();
+    assert!(cancelled.is_empty(), "orders not confirmed: {cancelled:?}");
 }
 
 /// Readers of the log stop at the oldest transaction in flight (the horizon). A payment that

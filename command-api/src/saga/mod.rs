@@ -402,6 +402,7 @@ impl SagaRunner {
     ) -> Result<(), CommandError> {
         let client = self.pool.get().await?;
         let members = self.member.heartbeat(&**client).await?;
+        self.free_claims_of_the_dead(&client).await;
         let wanted = self.member.share(&members);
         let asked = tokio::time::Instant::now();
         let renewed: HashMap<u32, i64> = self.member.renew(&**client).await?.into_iter().collect();

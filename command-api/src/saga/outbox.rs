@@ -16,7 +16,9 @@
 //!
 //! A claimed message is leased (invisible to other workers for `outbox_lease`), so a worker
 //! that dies mid-delivery leaves it to be delivered again; the gateway's idempotency key makes
-//! that safe. A message that fails `outbox_max_attempts` times is dead-lettered with its error.
+//! that safe. The claim names the saga member that made it, and a live member gives back the
+//! claims of one whose membership lease ran out at its next heartbeat, so a crash delays a
+//! message by seconds, not by the claim's lease. A message that fails `outbox_max_attempts` times is dead-lettered with its error.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -232,9 +234,11 @@ pub(super) fn rows_for_event(event: &Event, correlation: Uuid) -> Vec<Row> {
 }
 
 /// Claims due messages by pushing their next attempt a lease into the future: another worker
-/// skips them (skip locked, then the lease), and a worker that dies leaves them to come due.
+/// skips them (skip locked, then the lease), and a worker that dies leaves them to come due,
+/// at once when a live member sees its lease ran out ([`FREE_CLAIMS_OF_THE_DEAD`]).
 const CLAIM: &str = "
-update outbox set attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $1)
+update outbox set attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $1),
+    claimed_by = $3
 where outbox_id in (
     select outbox_id from outbox
     where delivered_at is null and dead_lettered_at is null and next_attempt_at <= now()
@@ -244,9 +248,22 @@ where outbox_id in (
 returning outbox_id, payload, attempts";
 
 const MARK_DELIVERED: &str = "
-update outbox o set delivered_at = now()
+update outbox o set delivered_at = now(), claimed_by = null
 from unnest($1::uuid[], $2::int[]) as d(outbox_id, attempts)
 where o.outbox_id = d.outbox_id and o.attempts = d.attempts";
+
+/// Gives back the claims of saga members whose lease ran out (a crashed or stalled process):
+/// due at once instead of after their own lease. A member that is only slow and renews later
+/// finds its claim taken (its attempts moved on), as when the claim's lease runs out, and
+/// records nothing; the gateway's idempotency key makes the second call safe. Members
+/// forgotten altogether (a minute after their lease) are left to the claims' own lease,
+/// which has run out by then.
+const FREE_CLAIMS_OF_THE_DEAD: &str = "
+update outbox o set next_attempt_at = now(), claimed_by = null
+where o.delivered_at is null and o.dead_lettered_at is null and o.next_attempt_at > now()
+  and o.claimed_by is not null
+  and exists (
+    select 1 from saga_members m where m.member_id = o.claimed_by and m.lease_until < now())";
 
 /// A message this worker claimed: its id, and its attempts counted with this claim, which
 /// also tell whether another worker claimed it since (a lease that ran out).
@@ -264,6 +281,19 @@ impl Claim {
 }
 
 impl SagaRunner {
+    /// See [`FREE_CLAIMS_OF_THE_DEAD`]; run at every heartbeat, after this member's own
+    /// renewal. A failure is logged and tried again at the next one.
+    pub(super) async fn free_claims_of_the_dead(&self, client: &tokio_postgres::Client) {
+        match client.execute(FREE_CLAIMS_OF_THE_DEAD, &[]).await {
+            Ok(0) => {}
+            Ok(freed) => tracing::info!(
+                messages = freed,
+                "outbox messages claimed by a saga process whose lease ran out put back in line"
+            ),
+            Err(error) => tracing::warn!(%error, "outbox claims of stopped processes not checked"),
+        }
+    }
+
     pub(super) async fn deliver(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
@@ -292,7 +322,14 @@ impl SagaRunner {
         let claimed = {
             let client = self.pool.get().await?;
             client
-                .query(CLAIM, &[&self.config.outbox_lease.as_secs_f64(), &BATCH])
+                .query(
+                    CLAIM,
+                    &[
+                        &self.config.outbox_lease.as_secs_f64(),
+                        &BATCH,
+                        &self.member.id,
+                    ],
+                )
                 .await?
         };
         let count = claimed.len();
@@ -358,7 +395,7 @@ impl SagaRunner {
             tracing::error!(%error, outbox_id = %id, attempts, "outbox message dead-lettered");
             client
                 .execute(
-                    "update outbox set dead_lettered_at = now(), last_error = $3
+                    "update outbox set dead_lettered_at = now(), last_error = $3, claimed_by = null
                      where outbox_id = $1 and attempts = $2",
                     &[&id, &attempts, &error.to_string()],
                 )
@@ -368,7 +405,8 @@ impl SagaRunner {
             tracing::warn!(%error, outbox_id = %id, attempts, "outbox delivery failed; will retry");
             client
                 .execute(
-                    "update outbox set next_attempt_at = now() + make_interval(secs => $3), last_error = $4
+                    "update outbox set next_attempt_at = now() + make_interval(secs => $3),
+                         last_error = $4, claimed_by = null
                      where outbox_id = $1 and attempts = $2",
                     &[&id, &attempts, &pause.as_secs_f64(), &error.to_string()],
                 )
