@@ -18,7 +18,8 @@
 //! that dies mid-delivery leaves it to be delivered again; the gateway's idempotency key makes
 //! that safe. The claim names the saga member that made it, and a live member gives back the
 //! claims of one whose membership lease ran out at its next heartbeat, so a crash delays a
-//! message by seconds, not by the claim's lease. A message that fails `outbox_max_attempts` times is dead-lettered with its error.
+//! message by seconds, not by the claim's lease. A message that fails `outbox_max_attempts`
+//! times is dead-lettered with its error.
 
 use std::sync::Arc;
 use std::time::Duration;
