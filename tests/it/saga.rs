@@ -877,7 +877,22 @@ async fn a_standby_runner_takes_over_when_the_leader_dies() {
         "select count(*) from events where event_type = 'StockReserved'",
     )
     .await;
-    assert_eq!(reserved, 2, "each order reserved once, by one runner");
+    assert_eq!(reserved, 2, "each order reserved once");
+    // The survivor holds every lane now: the dead runner's share moved to it.
+    eventually(
+        &db,
+        "select count(distinct owner) from saga_lanes where lease_until > now()",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    eventually(
+        &db,
+        "select count(*) from saga_lanes where lease_until > now()",
+        16,
+        Duration::from_secs(20),
+    )
+    .await;
 }
 
 /// A runner that shares its lanes with a process that joins restarts its consumer on the lanes
