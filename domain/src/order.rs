@@ -763,12 +763,12 @@ mod tests {
             ship(),
             deliver(),
         ];
-        // Every command but `Place`, the one that creates the order.
-        let covered: std::collections::BTreeSet<usize> = steps.iter().map(variant).collect();
-        assert_eq!(covered, (1..=6).collect());
-        for step in steps {
-            given([]).when(step).then_rejected(Rejection::OrderNotFound);
-        }
+        crate::testing::each_refused_before_creation::<OrderAggregate>(
+            steps,
+            variant,
+            6,
+            Rejection::OrderNotFound,
+        );
     }
 
     #[test]

@@ -559,14 +559,12 @@ mod tests {
             record_failure(1),
             refund(),
         ];
-        // Every command but `RequestCharge`, the one that starts the payment.
-        let covered: std::collections::BTreeSet<usize> = commands.iter().map(variant).collect();
-        assert_eq!(covered, (1..=4).collect());
-        for command in commands {
-            given([])
-                .when(command)
-                .then_rejected(Rejection::PaymentNotRequested);
-        }
+        crate::testing::each_refused_before_creation::<PaymentAggregate>(
+            commands,
+            variant,
+            4,
+            Rejection::PaymentNotRequested,
+        );
     }
 
     #[test]

@@ -737,14 +737,12 @@ mod tests {
             release(1),
             ship(1),
         ];
-        // Every command but `Register`, the one that creates the product.
-        let covered: std::collections::BTreeSet<usize> = commands.iter().map(variant).collect();
-        assert_eq!(covered, (1..=5).collect());
-        for command in commands {
-            given([])
-                .when(command)
-                .then_rejected(Rejection::ProductNotRegistered);
-        }
+        crate::testing::each_refused_before_creation::<ProductAggregate>(
+            commands,
+            variant,
+            5,
+            Rejection::ProductNotRegistered,
+        );
     }
 
     #[test]

@@ -54,6 +54,29 @@ impl<A: Aggregate> When<A> {
     }
 }
 
+/// Asserts that each of `commands`, decided on an empty history, is refused with `rejection`,
+/// and that they cover every command of the aggregate but the one that creates it. `variant`
+/// numbers a command's variant, 0 for the creating one and 1 to `others` for the rest, with an
+/// exhaustive match, so a command added to the aggregate must be added to the test.
+#[track_caller]
+pub fn each_refused_before_creation<A: Aggregate>(
+    commands: impl IntoIterator<Item = A::Command>,
+    variant: fn(&A::Command) -> usize,
+    others: usize,
+    rejection: Rejection,
+) where
+    A::Event: Debug,
+{
+    let commands: Vec<A::Command> = commands.into_iter().collect();
+    let covered: std::collections::BTreeSet<usize> = commands.iter().map(variant).collect();
+    assert_eq!(covered, (1..=others).collect(), "commands not covered");
+    for command in commands {
+        given::<A>([])
+            .when(command)
+            .then_rejected(rejection.clone());
+    }
+}
+
 /// Small constructors for readable tests; they panic on bad literals, which is a test bug.
 pub mod fixtures {
     use chrono::{DateTime, TimeZone, Utc};
