@@ -5,22 +5,28 @@
 //! plus its size times what each row selects ([`page`]), every other field 1. Aliases and
 //! fragment spreads count each time they appear. Three limits follow from it:
 //!
+//! - a document may select at most [`MAX_SPREAD_FIELDS`] fields with its fragments spread in
+//!   (BAD_USER_INPUT, before anything else looks at it: see [`spread_fields`]);
 //! - an operation may select at most [`MAX_ROOT_FIELDS`] root fields (BAD_USER_INPUT);
 //! - its cost may reach at most [`crate::MAX_COMPLEXITY`] (BAD_USER_INPUT, from validation);
 //! - it takes [`tokens`] from its caller's rate-limit budget, one per [`PER_TOKEN`] units
 //!   (RATE_LIMITED with `retryAfterSeconds` when the budget is short), before it runs.
 //!
-//! [`CostLimit`] applies the first and the last to every served schema; the transports put a
+//! [`CostLimit`] applies the first two and the last to every served schema; the transports put a
 //! [`Budget`] into each request's data to say whose budget pays.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextValidation,
+    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest,
+    NextValidation,
 };
 use async_graphql::parser::types::{ExecutableDocument, Field, Selection, SelectionSet};
-use async_graphql::{Pos, Positioned, ServerError, ServerResult, ValidationResult, Variables};
+use async_graphql::{
+    Pos, Positioned, Request, ServerError, ServerResult, ValidationResult, Variables,
+};
 
 use crate::error_codes::{ErrorCode, rate_limited};
 use crate::rate_limit::{RateLimiter, Refusal};
@@ -35,6 +41,13 @@ pub const PER_TOKEN: usize = 100;
 /// Most root fields (aliases included) one operation may select: a screen's worth of data or
 /// a few writes, not a batch job hidden in one request.
 pub const MAX_ROOT_FIELDS: usize = 20;
+/// Most fields a document may select with its fragments spread in, every spread counting its
+/// fragment's fields once more. Above what any operation within [`crate::MAX_COMPLEXITY`]
+/// selects (every field but `__typename` costs at least one), so it refuses only documents
+/// built to multiply: a few kilobytes of fragments each spreading the next a hundred times
+/// select 100^8 fields, and async-graphql's own checks, which walk a fragment again at every
+/// spread, would keep a worker busy for hours on one.
+pub const MAX_SPREAD_FIELDS: usize = crate::MAX_COMPLEXITY;
 
 /// The rate-limit tokens an operation of cost `complexity` takes: one per [`PER_TOKEN`]
 /// units, rounded down, at least one.
@@ -109,6 +122,35 @@ impl ExtensionFactory for CostLimit {
 
 #[async_trait::async_trait]
 impl Extension for CostLimit {
+    /// Parses the document (async-graphql then uses this parse rather than its own) and
+    /// refuses it when it spreads to more than [`MAX_SPREAD_FIELDS`], before async-graphql's
+    /// depth check and validation walk it spread by spread. A document that does not parse is
+    /// left to async-graphql, which reports why.
+    async fn prepare_request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        mut request: Request,
+        next: NextPrepareRequest<'_>,
+    ) -> ServerResult<Request> {
+        if let Ok(document) = request.parsed_query() {
+            let fields = spread_fields(document);
+            if fields > MAX_SPREAD_FIELDS {
+                return Err(ErrorCode::BadUserInput
+                    .error(format!(
+                        "a document may select at most {MAX_SPREAD_FIELDS} fields with its \
+                         fragments spread in; this one selects {}",
+                        if fields == usize::MAX {
+                            "more than can be counted".to_owned()
+                        } else {
+                            fields.to_string()
+                        }
+                    ))
+                    .into_server_error(Pos::default()));
+            }
+        }
+        next.run(ctx, request).await
+    }
+
     async fn parse_query(
         &self,
         ctx: &ExtensionContext<'_>,
@@ -156,13 +198,16 @@ impl Extension for CostLimit {
 }
 
 /// Calls `visit` for every field `set` selects at its own level, through inline fragments and
-/// fragment spreads, once per appearance.
+/// fragment spreads, once per appearance, for the first [`MAX_SPREAD_FIELDS`] selections it
+/// meets: the transports call it before the schema has refused a document that spreads to
+/// more (see [`CostLimit::prepare_request`]), and a walk of such a document must end.
 pub(crate) fn visit_root_fields(
     document: &ExecutableDocument,
     set: &SelectionSet,
     visit: &mut impl FnMut(&Positioned<Field>),
 ) {
-    visit_level(document, set, visit, 0);
+    let mut budget = MAX_SPREAD_FIELDS;
+    visit_level(document, set, visit, 0, &mut budget);
 }
 
 fn visit_level(
@@ -170,6 +215,7 @@ fn visit_level(
     set: &SelectionSet,
     visit: &mut impl FnMut(&Positioned<Field>),
     depth: usize,
+    budget: &mut usize,
 ) {
     // Fragments may spread each other in a cycle; validation rejects that later, this only
     // must not loop.
@@ -177,6 +223,10 @@ fn visit_level(
         return;
     }
     for item in &set.items {
+        let Some(left) = budget.checked_sub(1) else {
+            return;
+        };
+        *budget = left;
         match &item.node {
             Selection::Field(field) => visit(field),
             Selection::InlineFragment(fragment) => {
@@ -185,6 +235,7 @@ fn visit_level(
                     &fragment.node.selection_set.node,
                     visit,
                     depth + 1,
+                    budget,
                 );
             }
             Selection::FragmentSpread(spread) => {
@@ -194,11 +245,70 @@ fn visit_level(
                         &fragment.node.selection_set.node,
                         visit,
                         depth + 1,
+                        budget,
                     );
                 }
             }
         }
     }
+}
+
+/// How many fields `document` selects with its fragments spread in: the most of any of its
+/// operations and fragments, each spread counting its fragment's fields once more, saturating
+/// at `usize::MAX`. Each fragment is counted once and remembered, so the count takes time in
+/// proportion to the document's text however much it multiplies. A spread inside a cycle of
+/// fragments counts nothing (validation refuses cycles).
+pub(crate) fn spread_fields(document: &ExecutableDocument) -> usize {
+    let mut counted = HashMap::new();
+    let operations = document
+        .operations
+        .iter()
+        .map(|(_, operation)| &operation.node.selection_set.node);
+    let fragments = document
+        .fragments
+        .values()
+        .map(|fragment| &fragment.node.selection_set.node);
+    operations
+        .chain(fragments)
+        .map(|set| fields_of(document, set, &mut counted))
+        .max()
+        .unwrap_or(0)
+}
+
+/// A fragment being counted (`None`, so a spread of it inside itself counts nothing) or its
+/// count, by name.
+type Counted<'d> = HashMap<&'d str, Option<usize>>;
+
+fn fields_of<'d>(
+    document: &'d ExecutableDocument,
+    set: &'d SelectionSet,
+    counted: &mut Counted<'d>,
+) -> usize {
+    set.items.iter().fold(0, |total, item| {
+        let fields = match &item.node {
+            Selection::Field(field) => {
+                fields_of(document, &field.node.selection_set.node, counted).saturating_add(1)
+            }
+            Selection::InlineFragment(fragment) => {
+                fields_of(document, &fragment.node.selection_set.node, counted)
+            }
+            Selection::FragmentSpread(spread) => {
+                let name = spread.node.fragment_name.node.as_str();
+                match (counted.get(name), document.fragments.get(name)) {
+                    (Some(known), _) => known.unwrap_or(0),
+                    (None, Some(fragment)) => {
+                        counted.insert(name, None);
+                        let fields =
+                            fields_of(document, &fragment.node.selection_set.node, counted);
+                        counted.insert(name, Some(fields));
+                        fields
+                    }
+                    (None, None) => 0,
+                }
+            }
+        };
+        total.saturating_add(fields)
+    })
 }
 
 #[cfg(test)]
@@ -236,6 +346,101 @@ mod tests {
     fn aliases(n: usize, field: &str) -> String {
         let fields: Vec<String> = (0..n).map(|i| format!("a{i}: {field}")).collect();
         format!("{{ {} }}", fields.join(" "))
+    }
+
+    /// A document of `levels` fragments each spreading the next `times` times, the last
+    /// selecting one field: `times^levels` fields in a few kilobytes.
+    fn multiplying(levels: usize, times: usize) -> String {
+        let mut document = String::from("{ ...F0 }");
+        for level in 0..levels {
+            let body = format!("...F{} ", level + 1).repeat(times);
+            document.push_str(&format!(" fragment F{level} on Query {{ {body}}}"));
+        }
+        document.push_str(&format!(" fragment F{levels} on Query {{ item }}"));
+        document
+    }
+
+    fn parsed(document: &str) -> ExecutableDocument {
+        async_graphql::parser::parse_query(document).expect("the test's document parses")
+    }
+
+    #[test]
+    fn spread_fields_counts_each_spread_and_each_nested_field() {
+        // x (1) + its y and z (2) + A: w (1) + B twice (1 each) = 6; A alone 3; B 1.
+        let document = parsed(
+            "{ x { y z } ...A } fragment A on Query { w ...B ... on Query { ...B } } \
+             fragment B on Query { v }",
+        );
+        assert_eq!(spread_fields(&document), 6);
+        // The most of any operation, not their sum.
+        let document = parsed("query One { a b c } query Two { d }");
+        assert_eq!(spread_fields(&document), 3);
+        assert_eq!(spread_fields(&parsed(&multiplying(3, 10))), 1_000);
+        assert_eq!(
+            spread_fields(&parsed(&multiplying(8, 100))),
+            100_usize.pow(8)
+        );
+        // Past what a usize holds it saturates rather than wraps to something small.
+        assert_eq!(spread_fields(&parsed(&multiplying(12, 100))), usize::MAX);
+    }
+
+    #[test]
+    fn a_cycle_of_fragments_is_counted_without_looping() {
+        let document =
+            parsed("{ ...A } fragment A on Query { a ...B } fragment B on Query { b ...A ...A }");
+        // A's a and B (b, with A inside itself counting nothing); B as written: b and A twice.
+        assert_eq!(spread_fields(&document), 5);
+    }
+
+    /// Runs `work` on a thread of its own and waits a minute for it: a walk that never ends
+    /// fails the test instead of hanging it.
+    fn within_a_minute<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(work());
+        });
+        result
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("done within a minute")
+    }
+
+    #[test]
+    fn the_root_field_walk_stops_after_the_spread_limit() {
+        // 100^7 root fields, at the deepest level the walk follows.
+        let seen = within_a_minute(|| {
+            let document = parsed(&multiplying(7, 100));
+            let (_, operation) = document.operations.iter().next().expect("one operation");
+            let mut seen = 0_usize;
+            visit_root_fields(&document, &operation.node.selection_set.node, &mut |_| {
+                seen += 1
+            });
+            seen
+        });
+        assert!(seen > 0 && seen <= MAX_SPREAD_FIELDS, "{seen}");
+    }
+
+    #[test]
+    fn a_document_that_multiplies_is_refused_before_it_is_walked_spread_by_spread() {
+        let response =
+            within_a_minute(|| futures::executor::block_on(schema().execute(multiplying(8, 100))));
+        assert_eq!(code(&response).as_deref(), Some("BAD_USER_INPUT"));
+        assert!(
+            response.errors[0].message.contains("fragments spread in"),
+            "{:?}",
+            response.errors
+        );
+        assert_eq!(response.data, async_graphql::Value::Null);
+        // One level less multiplies to 100^2 = 10,000 fields, at the limit: not refused by
+        // this check (the root-field cap refuses it instead, as it did before).
+        let response = futures::executor::block_on(schema().execute(multiplying(2, 100)));
+        assert!(
+            response
+                .errors
+                .iter()
+                .all(|e| !e.message.contains("fragments spread in")),
+            "{:?}",
+            response.errors
+        );
     }
 
     #[test]

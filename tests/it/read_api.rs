@@ -495,6 +495,7 @@ async fn bad_queries_get_contract_errors_never_a_server_error() {
         ("syntax", "{ orders { ".into(), json!({})),
         ("too deep", deep_query(20), json!({})),
         ("too complex", too_complex(), json!({})),
+        ("fragments that multiply", multiplying_fragments(), json!({})),
     ];
     for (what, query, variables) in cases {
         let answer = api.gql(Some(&admin), &query, variables).await;
@@ -556,6 +557,17 @@ fn deep_query(depth: usize) -> String {
         "ofType { ".repeat(depth),
         "} ".repeat(depth)
     )
+}
+
+/// 4 KB of fragments, each spreading the next a hundred times: 100^8 fields once spread, which
+/// a walk spread by spread would not finish.
+fn multiplying_fragments() -> String {
+    let mut document = String::from("{ ...F0 }");
+    for level in 0..8 {
+        let body = format!("...F{} ", level + 1).repeat(100);
+        document.push_str(&format!(" fragment F{level} on Query {{ {body}}}"));
+    }
+    document + " fragment F8 on Query { __typename }"
 }
 
 /// Three full pages of 100 orders with every field: each is allowed, together they are not.
