@@ -13,6 +13,10 @@ use crate::EdgeError;
 
 /// Clock skew tolerated on `exp` and `nbf`, between this service and whoever issued the token.
 const LEEWAY_SECONDS: u64 = 5;
+/// The latest expiry a token may carry, the last second of the year 9999 (as far as dates go
+/// in the service: PostgreSQL's, chrono's and RFC 3339's range): a later one is refused as
+/// invalid, where the clock arithmetic of its end would overflow.
+const LATEST_EXPIRY: u64 = 253_402_300_799;
 
 /// A role from the `roles` claim. Unknown role names are ignored, so an issuer may add roles
 /// for other services without locking users out here.
@@ -198,10 +202,14 @@ impl Authenticator {
             .iter()
             .filter_map(|r| Role::parse(r))
             .collect();
+        if data.claims.exp > LATEST_EXPIRY {
+            return Err(AuthFailure::InvalidToken(
+                "expires after the year 9999".into(),
+            ));
+        }
         // The first whole second the check above refuses (it accepts `now <= exp + leeway`),
         // so a token ends at the same moment on every transport.
-        let expires_at =
-            UNIX_EPOCH + Duration::from_secs(data.claims.exp.saturating_add(LEEWAY_SECONDS + 1));
+        let expires_at = UNIX_EPOCH + Duration::from_secs(data.claims.exp + LEEWAY_SECONDS + 1);
         Ok(Some(Session {
             actor: Actor {
                 sub: data.claims.sub,
@@ -282,12 +290,19 @@ impl TokenIssuer {
     /// A token for `sub` with `roles`, valid from now for `ttl`.
     pub fn issue(&self, sub: &str, roles: &[Role], ttl: Duration) -> Result<String, EdgeError> {
         let now = jsonwebtoken::get_current_timestamp();
+        let exp = now
+            .checked_add(ttl.as_secs())
+            .filter(|exp| *exp <= LATEST_EXPIRY)
+            .ok_or_else(|| EdgeError::InvalidSetting {
+                name: "ttl",
+                reason: "a token may not be valid after the year 9999".into(),
+            })?;
         let claims = IssuedClaims {
             sub,
             roles: roles.iter().map(|r| r.as_str()).collect(),
             iat: now,
             nbf: now,
-            exp: now.saturating_add(ttl.as_secs()),
+            exp,
             iss: self.issuer.as_deref(),
             aud: self.audience.as_deref(),
         };
@@ -379,6 +394,55 @@ mod tests {
             auth.authenticate(Some("Basic abc")),
             Err(AuthFailure::MalformedHeader)
         );
+    }
+
+    #[test]
+    fn a_token_ending_after_the_year_9999_is_refused_and_never_issued() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let auth = Authenticator::new(&config()).unwrap();
+        let token = |exp: u64| {
+            let token = signed(serde_json::json!({
+                "sub": "alice", "roles": ["customer"], "exp": exp,
+                "iss": "orderly", "aud": "orderly-api",
+            }));
+            format!("Bearer {token}")
+        };
+        // The largest expiry a token can write used to overflow the clock and panic.
+        for exp in [u64::MAX, i64::MAX as u64, LATEST_EXPIRY + 1] {
+            assert_eq!(
+                auth.session(Some(&token(exp))).err(),
+                Some(AuthFailure::InvalidToken(
+                    "expires after the year 9999".into()
+                )),
+                "{exp}"
+            );
+        }
+        let last = auth
+            .session(Some(&token(LATEST_EXPIRY)))
+            .expect("the last second of 9999 is a valid expiry")
+            .expect("a session");
+        assert_eq!(
+            last.expires_at,
+            UNIX_EPOCH + Duration::from_secs(LATEST_EXPIRY + LEEWAY_SECONDS + 1)
+        );
+        let issuer = TokenIssuer::new(&config()).unwrap();
+        let too_long = Duration::from_secs(LATEST_EXPIRY - now + 1);
+        assert!(matches!(
+            issuer.issue("alice", &[Role::Customer], too_long),
+            Err(EdgeError::InvalidSetting { name: "ttl", .. })
+        ));
+        assert!(matches!(
+            issuer.issue("alice", &[Role::Customer], Duration::MAX),
+            Err(EdgeError::InvalidSetting { name: "ttl", .. })
+        ));
+        let longest = issuer
+            .issue(
+                "alice",
+                &[Role::Customer],
+                too_long - Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(auth.session(Some(&format!("Bearer {longest}"))).is_ok());
     }
 
     /// A token signed with the test secret holding exactly `claims`.

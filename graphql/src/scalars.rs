@@ -22,7 +22,7 @@ impl ScalarType for Long {
             return Err(InputValueError::expected_type(value));
         };
         match number.as_i64() {
-            Some(n) if n.abs() <= MAX_SAFE_INTEGER => Ok(Long(n)),
+            Some(n) if n.unsigned_abs() <= MAX_SAFE_INTEGER.unsigned_abs() => Ok(Long(n)),
             _ => Err(InputValueError::custom(
                 "expected an integer between -(2^53 - 1) and 2^53 - 1",
             )),
@@ -92,6 +92,15 @@ mod tests {
         assert!(Long::parse(Value::from(1.5)).is_err());
         assert!(Long::parse(Value::Number((1i64 << 53).into())).is_err());
         assert!(Long::parse(Value::String("7".into())).is_err());
+        // Both ends of the safe range, and i64's own ends (whose absolute value once
+        // overflowed: a panic in a debug build, and i64::MIN let through in a release one).
+        let safe = (1i64 << 53) - 1;
+        for n in [safe, -safe] {
+            assert!(matches!(Long::parse(Value::Number(n.into())), Ok(Long(m)) if m == n));
+        }
+        for n in [i64::MIN, i64::MAX, -(1i64 << 53)] {
+            assert!(Long::parse(Value::Number(n.into())).is_err(), "{n}");
+        }
     }
 
     #[test]

@@ -340,12 +340,12 @@ impl<E: Executor> Connection<E> {
             Some(session) => Session {
                 key: format!("sub:{}", session.actor.sub),
                 actor: Some(session.actor),
-                expires_at: Some(
-                    Instant::now()
-                        + session
-                            .expires_at
-                            .duration_since(now)
-                            .unwrap_or(Duration::ZERO),
+                // An expiry past what the monotonic clock can count is as good as none.
+                expires_at: Instant::now().checked_add(
+                    session
+                        .expires_at
+                        .duration_since(now)
+                        .unwrap_or(Duration::ZERO),
                 ),
             },
         });
