@@ -309,6 +309,13 @@ impl Runner {
         let limit = applied.limit;
         let grown = (limit + limit.div_ceil(4)).min(self.options.batch_size.max(1));
         self.batch_limit.store(grown, Ordering::Relaxed);
+        let update = ProjectionUpdate {
+            projection: self.name.as_str().to_owned(),
+            position: done.position,
+            order_ids: done.order_ids,
+            truncated: false,
+            traceparent: applied.traceparent,
+        };
         // The state first: whoever sees the new checkpoint also sees the state.
         let now = if applied.full {
             ProjectionState::CatchingUp
@@ -317,7 +324,14 @@ impl Runner {
         };
         if now != *state && done.stopped.is_none() {
             *state = now;
-            set_state(client, self.name, now, None).await?;
+            if let Err(error) = set_state(client, self.name, now, None).await {
+                // The batch is committed all the same: this process's listeners hear of it
+                // (the run starts over from the checkpoint after the error, and never hands
+                // them this batch's orders again); other processes' followers find the
+                // checkpoint moved without a notice and tell theirs to look again.
+                self.hub.publish(update);
+                return Err(error);
+            }
         }
         let size = applied.size;
         let elapsed = applied.started.elapsed();
@@ -325,13 +339,6 @@ impl Runner {
         if done.parked > 0 {
             tracing::warn!(projection = %self.name, parked = done.parked, "events parked as dead letters");
         }
-        let update = ProjectionUpdate {
-            projection: self.name.as_str().to_owned(),
-            position: done.position,
-            order_ids: done.order_ids,
-            truncated: false,
-            traceparent: applied.traceparent,
-        };
         // This process's listeners first: the notification to other processes is a round
         // trip they need not wait for.
         self.hub.publish(update.clone());

@@ -3,7 +3,8 @@
 //! In-process, a runner publishes to a [`ProjectionHub`] after each commit. Across processes,
 //! the runner also sends `NOTIFY orderly_projections` with a small JSON payload after the
 //! commit, and [`ProjectionHub::follow`] turns those back into hub updates (and polls the
-//! checkpoint table, which covers lost notifications). Runners publish a position only once its
+//! checkpoint table, which covers lost notifications: an `orders` checkpoint that moves without
+//! its notice tells order listeners to look again). Runners publish a position only once its
 //! batch is durable, and every (re)connection replaces the hub's positions with what the
 //! database says, so a position the hub vouches for is one a crash cannot have taken back. The read API only talks to a hub: wait
 //! until a projection has passed a consistency token, or follow the touched order ids.
@@ -80,6 +81,9 @@ pub struct ProjectionHub {
 struct HubInner {
     positions: Mutex<HashMap<String, watch::Sender<Position>>>,
     updates: broadcast::Sender<ProjectionUpdate>,
+    /// The furthest position each projection's published updates reached: what listeners
+    /// heard of, as opposed to what a follower read from the checkpoint table.
+    heard: Mutex<HashMap<String, Position>>,
 }
 
 impl Default for ProjectionHub {
@@ -96,6 +100,7 @@ impl ProjectionHub {
                 // A slow subscriber loses the oldest updates (and is told so) rather than
                 // holding memory: the read model is the truth, updates only say "look again".
                 updates: broadcast::channel(1024).0,
+                heard: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -120,7 +125,30 @@ impl ProjectionHub {
     /// Records an update; positions only move forward, so waiters never see one go back.
     pub fn publish(&self, update: ProjectionUpdate) {
         self.advance(&update.projection, update.position);
+        {
+            let mut heard = self.inner.heard.lock().unwrap_or_else(|p| p.into_inner());
+            let furthest = heard.entry(update.projection.clone()).or_default();
+            *furthest = (*furthest).max(update.position);
+        }
         let _ = self.inner.updates.send(update);
+    }
+
+    /// The furthest position published for `projection`.
+    fn heard(&self, projection: &str) -> Position {
+        let heard = self.inner.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.get(projection).copied().unwrap_or_default()
+    }
+
+    /// Tells every follower of orders to look again: updates of the `orders` projection up to
+    /// `position` may have touched any order without saying so.
+    fn look_again(&self, position: Position) {
+        self.publish(ProjectionUpdate {
+            projection: ProjectionName::Orders.as_str().to_owned(),
+            position,
+            order_ids: Vec::new(),
+            truncated: true,
+            traceparent: None,
+        });
     }
 
     /// Sets where `projection` is to what its database says, even if that is behind what was
@@ -245,8 +273,21 @@ impl ProjectionHub {
         // A new connection may find a server that lost commits since the last one (see
         // `reset`): its first reading replaces what the hub knew, later ones only advance it.
         let mut reconnected = true;
+        // The `orders` checkpoint the last poll read.
+        let mut polled = None;
         loop {
-            self.poll_checkpoints(&client, reconnected).await?;
+            let orders = self.poll_checkpoints(&client, reconnected).await?;
+            // Order updates this hub may never hear of: those notified while no connection of
+            // it listened (before this one), and those the last poll read and no notice has
+            // announced since (lost, or never sent by a runner that failed between its commit
+            // and its notice). Judged a poll late, so that a notice on its way is not taken
+            // for lost.
+            let missed = reconnected
+                || polled.is_some_and(|last| last > self.heard(ProjectionName::Orders.as_str()));
+            if let (true, Some(position)) = (missed, orders) {
+                self.look_again(position);
+            }
+            polled = orders;
             reconnected = false;
             tokio::select! {
                 _ = &mut driver => return Ok(()),
@@ -255,7 +296,13 @@ impl ProjectionHub {
         }
     }
 
-    async fn poll_checkpoints(&self, client: &Client, reset: bool) -> Result<(), ProjectionError> {
+    /// Reads every checkpoint into the hub; returns the `orders` one.
+    async fn poll_checkpoints(
+        &self,
+        client: &Client,
+        reset: bool,
+    ) -> Result<Option<Position>, ProjectionError> {
+        let mut orders = None;
         for row in client
             .query(
                 "select projection, position_commit, position_prepare from projection_checkpoints",
@@ -270,8 +317,11 @@ impl ProjectionHub {
             } else {
                 self.advance(&name, position);
             }
+            if name == ProjectionName::Orders.as_str() {
+                orders = Some(position);
+            }
         }
-        Ok(())
+        Ok(orders)
     }
 }
 

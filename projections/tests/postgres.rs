@@ -832,6 +832,92 @@ async fn listeners_learn_the_checkpoint_and_touched_orders_in_and_across_process
     follower.abort();
 }
 
+/// An order listener in another process must hear of every batch of `orders`, even one whose
+/// notice never reached its process: a runner that failed between its commit and its notice,
+/// or a notice sent while the follower was reconnecting. Either way the follower finds the
+/// checkpoint moved and tells its order listeners to look again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_a_notice_tells_order_listeners_to_look_again() {
+    use futures::StreamExt;
+    let f = fixture().await;
+    let client = f.db.connect().await.expect("connect");
+    client
+        .execute(
+            "insert into projection_checkpoints (projection) values ('orders') \
+             on conflict do nothing",
+            &[],
+        )
+        .await
+        .expect("a checkpoint row");
+    let remote = ProjectionHub::new();
+    let follower = remote.follow(f.db.config().clone());
+    let hint = Duration::from_secs(10);
+    // Listening, and its first reading past (which announces nothing).
+    let mut touched = Box::pin(remote.order_updates(uuid::Uuid::now_v7()));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    while tokio::time::timeout(Duration::from_millis(50), touched.next())
+        .await
+        .is_ok()
+    {}
+    // A batch committed with no notice after it: the checkpoint moves, nothing is sent.
+    let moved = |commit: i64| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    "update projection_checkpoints set position_commit = $1, \
+                     position_prepare = 0 where projection = 'orders'",
+                    &[&commit],
+                )
+                .await
+                .expect("moved");
+        }
+    };
+    moved(1_000).await;
+    let heard = tokio::time::timeout(hint, touched.next())
+        .await
+        .expect("told to look again after a batch without a notice")
+        .expect("the hub lives");
+    assert_eq!(heard.position, Position::new(1_000, 0));
+    assert!(heard.traceparent.is_none());
+    // The follower's connection cut (a restart, a proxy): notices sent meanwhile are lost.
+    let cut = client
+        .query(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+             where datname = current_database() and pid <> pg_backend_pid() \
+             and query like 'select projection, position_commit%'",
+            &[],
+        )
+        .await
+        .expect("cut");
+    assert_eq!(cut.len(), 1, "the follower's one connection");
+    moved(2_000).await;
+    client
+        .execute(
+            "select pg_notify('orderly_projections', $1)",
+            &[&orderly_projections::ProjectionUpdate {
+                projection: "orders".to_owned(),
+                position: Position::new(2_000, 0),
+                order_ids: Vec::new(),
+                truncated: false,
+                traceparent: None,
+            }
+            .to_payload()],
+        )
+        .await
+        .expect("a notice nobody hears");
+    let heard = tokio::time::timeout(hint, touched.next())
+        .await
+        .expect("told to look again after a reconnect")
+        .expect("the hub lives");
+    assert_eq!(heard.position, Position::new(2_000, 0));
+    assert_eq!(
+        remote.position(ProjectionName::Orders),
+        Position::new(2_000, 0)
+    );
+    follower.abort();
+}
+
 #[test]
 fn notification_payloads_stay_under_the_postgresql_limit() {
     let update = orderly_projections::ProjectionUpdate {
