@@ -695,14 +695,45 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The connection settings of `ORDERLY_DATABASE_URL`, with TCP keepalives and a user timeout
+/// where the URL names none of its own ([`DEAD_PEER_CHECKS`]).
 pub fn pg_config(settings: &Settings) -> anyhow::Result<PgConfig> {
-    settings
-        .store
-        .database_url
-        .expose()
+    let url = settings.store.database_url.expose();
+    let mut config: PgConfig = url
         .parse()
-        .context("ORDERLY_DATABASE_URL is not a valid PostgreSQL connection string")
+        .context("ORDERLY_DATABASE_URL is not a valid PostgreSQL connection string")?;
+    for (name, set) in DEAD_PEER_CHECKS {
+        if !url.contains(name) {
+            set(&mut config);
+        }
+    }
+    Ok(config)
 }
+
+/// A connection setting of [`DEAD_PEER_CHECKS`], by the URL parameter that overrides it.
+type DeadPeerCheck = fn(&mut PgConfig);
+
+/// How a connection learns that the server's host is gone when nothing says so (a host that
+/// crashed, a network partition, a NAT or proxy that dropped the connection): each setting is
+/// applied unless the URL names it. Without them an idle connection (a LISTEN, a waiting
+/// reader) would notice after the system's two hours of silence and one with a request in
+/// flight after about fifteen minutes of retransmissions, and every loop on it would stall
+/// that long instead of reconnecting. With them: probes after 30 s of silence, every 10 s,
+/// three unanswered close it (about a minute); data unacknowledged for a minute closes it.
+const DEAD_PEER_CHECKS: [(&str, DeadPeerCheck); 4] = [
+    ("keepalives_idle", |c| {
+        c.keepalives_idle(Duration::from_secs(30));
+    }),
+    ("keepalives_interval", |c| {
+        c.keepalives_interval(Duration::from_secs(10));
+    }),
+    ("keepalives_retries", |c| {
+        c.keepalives_retries(3);
+    }),
+    ("tcp_user_timeout", |c| {
+        c.tcp_user_timeout(Duration::from_secs(60));
+    }),
+];
 
 /// Applies every migration the product needs.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
@@ -757,6 +788,30 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(error.contains("ORDERLY_KURRENTDB_URL"), "{error}");
+    }
+
+    #[test]
+    fn connections_check_for_a_dead_server_unless_the_url_says_otherwise() {
+        let mut settings = Settings::default();
+        let config = pg_config(&settings).unwrap();
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(60))
+        );
+        settings.store.database_url = crate::settings::MaskedUrl::from(
+            "postgres://postgres@127.0.0.1:5432/orderly?keepalives_idle=600&tcp_user_timeout=5",
+        );
+        let config = pg_config(&settings).unwrap();
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(600));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(config.get_keepalives_retries(), Some(3));
     }
 
     #[test]
