@@ -205,6 +205,11 @@ async fn owns(api: &ReadApi, actor: &Actor, filter: &EventFilter) -> Result<bool
     Ok(owner.as_deref() == Some(actor.sub.as_str()))
 }
 
+/// The pause before an order follower reads again after the database did not answer; it
+/// doubles up to [`LONGEST_LOOK_PAUSE`].
+const FIRST_LOOK_PAUSE: Duration = Duration::from_millis(100);
+const LONGEST_LOOK_PAUSE: Duration = Duration::from_secs(5);
+
 /// Turns the hub's "this order changed" hints into one read-model view per order event.
 struct OrderFollower {
     api: ReadApi,
@@ -235,12 +240,30 @@ impl OrderFollower {
                 if let Some(traceparent) = &touched.traceparent {
                     orderly_observability::trace_context::set_parent(&span, traceparent);
                 }
-                if let Err(error) = follower.look().instrument(span).await {
+                if let Err(error) = follower.look_until_answered().instrument(span).await {
                     follower.done = true;
                     return Some((Err(error), follower));
                 }
             }
         })
+    }
+
+    /// [`OrderFollower::look`], again after a pause while the database does not answer (a
+    /// restart, a failover, a dropped connection, no free connection): the hint stays in hand,
+    /// so a change made meanwhile is pushed once the database is back, and the subscription
+    /// does not end over an outage its client could do nothing about. Other errors end it.
+    async fn look_until_answered(&mut self) -> Result<(), ReadError> {
+        let mut pause = FIRST_LOOK_PAUSE;
+        loop {
+            match self.look().await {
+                Err(ReadError::Unavailable(reason)) => {
+                    tracing::debug!(order_id = %self.order_id, %reason, ?pause, "order unreadable; looking again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(LONGEST_LOOK_PAUSE);
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Reads the order and queues a view for each version not yet sent.

@@ -386,6 +386,76 @@ async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_pl
     );
 }
 
+/// A read that fails because the database did not answer (here its connection is cut while
+/// it waits) is read again once the database answers, instead of ending the subscription: the
+/// change behind it still reaches the subscriber.
+#[tokio::test]
+async fn order_updated_reads_again_after_the_database_failed_to_answer() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let id = place_one(&api, "alice", "TEA").await;
+    eventually(
+        &db,
+        "select count(*) from orders",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut socket = connect(&api, Some(&customer("alice"))).await;
+    subscribe(&mut socket, "1", FOLLOW, json!({ "id": id, "after": -1 })).await;
+    let placed = next(&mut socket).await;
+    assert_eq!(
+        placed["payload"]["data"]["orderUpdated"]["version"], 0,
+        "{placed}"
+    );
+
+    // The read models locked: the cancellation waits to be projected, and the follower's read
+    // of the order, woken by a notice of that order, waits behind the lock too.
+    let holder = db.connect().await.unwrap();
+    holder
+        .batch_execute("begin; lock table orders in access exclusive mode")
+        .await
+        .unwrap();
+    cancel_as(&api, "alice", &id).await;
+    let notice = json!({ "projection": "orders", "position": "00000000000000000000000000000000",
+        "order_ids": [id] });
+    let admin = db.connect().await.unwrap();
+    admin
+        .execute(
+            "select pg_notify('orderly_projections', $1)",
+            &[&notice.to_string()],
+        )
+        .await
+        .unwrap();
+    let waiting = "select count(*) from pg_stat_activity where datname = current_database() \
+         and wait_event_type = 'Lock' and query like '%from orders o left join order_payments%'";
+    eventually(&db, waiting, 1, Duration::from_secs(10)).await;
+    // Its connection cut while it waits: the read fails as unavailable.
+    let cut = admin
+        .query(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+             where datname = current_database() and wait_event_type = 'Lock' \
+             and query like '%from orders o left join order_payments%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.batch_execute("rollback").await.unwrap();
+
+    let cancelled = tokio::time::timeout(Duration::from_secs(15), next(&mut socket))
+        .await
+        .expect("the cancellation pushed once the database answers");
+    assert_eq!(cancelled["type"], "next", "{cancelled}");
+    assert_eq!(
+        cancelled["payload"]["data"]["orderUpdated"]["status"], "CANCELLED",
+        "{cancelled}"
+    );
+}
+
 #[tokio::test]
 async fn subscriptions_are_capped_per_socket_and_per_caller() {
     let db = migrated_database().await;
