@@ -135,7 +135,39 @@ struct Shadow {
 /// Rebuilds several projections in one pass over the log: each page is read and decoded once
 /// and its events go to the projection that wants them, the projections applying side by side
 /// on connections of their own. Each is then verified and swapped in on its own.
+///
+/// An attempt that fails on a database that may come back (a restart, a failover, a cut
+/// connection, a deadlock: [`ProjectionError::is_transient`]) is followed by another after a
+/// pause that doubles from a second to half a minute, which resumes from the shadow
+/// checkpoints, up to [`REBUILD_ATTEMPTS`] in all: a long rebuild does not die on a blip.
+/// Anything else ends it at once (it resumes when started again).
 pub async fn rebuild_many(
+    pg_config: &PgConfig,
+    store: Arc<dyn EventStore>,
+    names: &[ProjectionName],
+    options: &RebuildOptions,
+    mut progress: impl FnMut(&RebuildProgress),
+) -> Result<Vec<RebuildReport>, ProjectionError> {
+    let mut attempt = 1;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match rebuild_once(pg_config, store.clone(), names, options, &mut progress).await {
+            Err(error) if error.is_transient() && attempt < REBUILD_ATTEMPTS => {
+                tracing::warn!(%error, attempt, ?pause, "rebuild interrupted; resuming after a pause");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Attempts of a rebuild, the first included, while each fails on a database that may come
+/// back (about a minute and a half of pauses in all).
+const REBUILD_ATTEMPTS: u32 = 8;
+
+async fn rebuild_once(
     pg_config: &PgConfig,
     store: Arc<dyn EventStore>,
     names: &[ProjectionName],

@@ -638,6 +638,64 @@ async fn rebuild_orders(f: &Fixture) -> Result<RebuildReport, ProjectionError> {
 
 /// Starts a rebuild of the orders projection in batches of 50 and drops it once it has read 200
 /// events of the log, leaving its shadow tables and checkpoint behind.
+/// A rebuild whose connections are all cut in the middle of its replay (a restart, a failover)
+/// resumes on its own from its shadow checkpoints, and swaps in what the log makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_whose_connections_are_cut_resumes_on_its_own() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 300).await;
+    let running = start(&f, &hub, small_batches());
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    let live = dump(&f).await;
+    let killer = f.db.connect().await.expect("connect");
+    let (cut, mut asked) = tokio::sync::mpsc::unbounded_channel::<std::sync::mpsc::Sender<u64>>();
+    tokio::spawn(async move {
+        while let Some(done) = asked.recv().await {
+            let rows = killer
+                .query(
+                    "select pg_terminate_backend(pid) from pg_stat_activity \
+                     where datname = current_database() and pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .expect("cut");
+            let _ = done.send(rows.len() as u64);
+        }
+    });
+    let mut pages = 0;
+    let mut cut_connections = 0;
+    let reports = rebuild_many(
+        f.db.config(),
+        f.store.clone(),
+        &ProjectionName::ALL,
+        &RebuildOptions {
+            batch_size: 50,
+            ..RebuildOptions::default()
+        },
+        |_| {
+            pages += 1;
+            // After the second page, and only once: wait here until every connection is cut.
+            if pages == 2 {
+                let (done, cutting) = std::sync::mpsc::channel();
+                cut.send(done).expect("the cutter runs");
+                cut_connections = tokio::task::block_in_place(|| cutting.recv()).expect("cut");
+            }
+        },
+    )
+    .await
+    .expect("the rebuild resumes after its connections are cut");
+    assert!(cut_connections >= 2, "{cut_connections} connections cut");
+    assert_eq!(reports.len(), 2);
+    assert!(
+        reports.iter().all(|report| report.resumed),
+        "every projection went on from its shadow checkpoint"
+    );
+    assert_same(&live, &dump(&f).await);
+}
+
 async fn interrupted_orders_rebuild(f: &Fixture) {
     let config = f.db.config().clone();
     let store = f.store.clone();
