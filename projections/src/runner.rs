@@ -35,6 +35,10 @@ const QUIET_AT_HEAD: Duration = Duration::from_millis(50);
 /// `RunnerOptions::retry_max`.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
+/// Attempts to record a runner's failure for good (see `Runner::record_failure`): about half
+/// a minute of pauses in all.
+const FAILURE_RECORDS: u32 = 5;
+
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
     /// Most events applied in one transaction.
@@ -140,24 +144,37 @@ impl Runner {
     }
 
     /// Records `FAILED` and why for `orderly projections status` and every process's `/readyz`
-    /// (the `Stop` policy has done so in its batch already). Best effort: the failure may be
-    /// the database's, and the log line above says it anyway.
+    /// (the `Stop` policy has done so in its batch already), trying [`FAILURE_RECORDS`] times
+    /// a second, then two, four... apart: a runner that stopped where nothing says so would
+    /// leave its read model behind while every process reads as ready. Past that it gives up
+    /// with an error in the log (the database itself may be what failed).
     async fn record_failure(&self, error: &ProjectionError) {
         if matches!(error, ProjectionError::Stopped { .. }) {
             return;
         }
-        let recorded = async {
-            let client = batch::connect(&self.pg_config, "projection").await?;
-            set_state(
-                &client,
-                self.name,
-                ProjectionState::Failed,
-                Some(&error.to_string()),
-            )
-            .await
-        };
-        if let Err(not_recorded) = recorded.await {
-            tracing::warn!(projection = %self.name, error = %not_recorded, "could not record the projection's failure");
+        let mut pause = Duration::from_secs(1);
+        for attempt in 1..=FAILURE_RECORDS {
+            let recorded = async {
+                let client = batch::connect(&self.pg_config, "projection").await?;
+                set_state(
+                    &client,
+                    self.name,
+                    ProjectionState::Failed,
+                    Some(&error.to_string()),
+                )
+                .await
+            };
+            match recorded.await {
+                Ok(()) => return,
+                Err(not_recorded) if attempt < FAILURE_RECORDS => {
+                    tracing::warn!(projection = %self.name, error = %not_recorded, attempt, "could not record the projection's failure; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(not_recorded) => {
+                    tracing::error!(projection = %self.name, error = %not_recorded, "could not record the projection's failure; its status and /readyz do not show it");
+                }
+            }
         }
     }
 

@@ -521,10 +521,21 @@ async fn a_runner_that_fails_for_good_says_so_in_its_status() {
              begin raise exception 'checkpoints are frozen' using errcode = 'P0001'; end $$;
              create trigger frozen before update on projection_checkpoints for each row
              when (old.position_commit is distinct from new.position_commit)
-             execute function frozen();",
+             execute function frozen();
+             -- The first record of the failure fails too (a sequence is not rolled back).
+             create sequence failed_records;
+             create function refuse_once() returns trigger language plpgsql as $$
+             begin
+               if nextval('failed_records') = 1 then
+                 raise exception 'not this time' using errcode = 'P0001';
+               end if;
+               return new;
+             end $$;
+             create trigger refuse_once before update on projection_checkpoints for each row
+             when (new.state = 'FAILED') execute function refuse_once();",
         )
         .await
-        .expect("the trigger");
+        .expect("the triggers");
     let runner = Runner::new(
         ProjectionName::Orders,
         f.store.clone(),
@@ -547,6 +558,12 @@ async fn a_runner_that_fails_for_good_says_so_in_its_status() {
     assert_eq!(orders.state, ProjectionState::Failed);
     let why = orders.last_error.as_deref().unwrap_or_default();
     assert!(why.contains("read-model database error"), "{why}");
+    let tries: i64 = client
+        .query_one("select last_value from failed_records", &[])
+        .await
+        .expect("tries")
+        .get(0);
+    assert_eq!(tries, 2, "recorded at the second try");
 }
 
 /// A batch that runs past the server's `statement_timeout` would time out again as it is:
