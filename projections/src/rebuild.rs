@@ -44,6 +44,11 @@ use crate::watch::{self, ProjectionUpdate};
 pub const SHADOW_SCHEMA: &str = "orderly_shadow";
 pub const RETIRED_SCHEMA: &str = "orderly_retired";
 
+/// What a rebuild's own connections run with: no limit on a statement's time, whatever the
+/// server sets for its live traffic (see `open_shadow`). The swap, which holds the live
+/// tables, bounds its waits with `RebuildOptions::swap_lock_timeout` instead.
+const NO_STATEMENT_TIMEOUT: &str = "set statement_timeout = 0";
+
 /// How often the swap tries to take the live tables before the rebuild gives up (resumable).
 const SWAP_ATTEMPTS: u32 = 5;
 
@@ -333,12 +338,14 @@ async fn open_shadow(
     // plan made on them scans a table whole, or hashes it, for a batch's few thousand keys,
     // which made a replay slower the longer the log. Every statement of a batch finds its rows
     // by key, so scans and hash joins are off until the replay is done (see `finish`).
+    // A rebuild's statements take as long as the log makes them (an index build over every
+    // order), so a `statement_timeout` set on the server for live traffic does not apply.
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "set client_min_messages = warning; set synchronous_commit = off;
              set plan_cache_mode = force_custom_plan;
-             set enable_seqscan = off; set enable_hashjoin = off",
-        )
+             set enable_seqscan = off; set enable_hashjoin = off; {NO_STATEMENT_TIMEOUT}"
+        ))
         .await?;
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&name.rebuild_lock()])
@@ -382,7 +389,8 @@ async fn finish(
     let helper = batch::connect(pg_config, "rebuild").await?;
     helper
         .batch_execute(&format!(
-            "set client_min_messages = warning; set search_path = {SHADOW_SCHEMA}, public"
+            "set client_min_messages = warning; set search_path = {SHADOW_SCHEMA}, public;
+             {NO_STATEMENT_TIMEOUT}"
         ))
         .await?;
     let clients = [&*shadow.client, &*helper];

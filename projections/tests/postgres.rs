@@ -2,7 +2,7 @@
 //! rebuilds under live writes, competing runners, indexes, notifications, the log tail.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use orderly_event_store::postgres::{PgEventStore, PgStoreOptions};
@@ -655,6 +655,46 @@ async fn rebuild_orders(f: &Fixture) -> Result<RebuildReport, ProjectionError> {
 
 /// Starts a rebuild of the orders projection in batches of 50 and drops it once it has read 200
 /// events of the log, leaving its shadow tables and checkpoint behind.
+/// A progress callback for a rebuild that runs `sql` (one or more statements) on `client`
+/// after page `page` of the replay and waits for it: a fault injected at a known point. The
+/// count holds the rows the statements returned once they ran.
+fn at_page(
+    client: tokio_postgres::Client,
+    page: usize,
+    sql: &'static str,
+) -> (
+    impl FnMut(&orderly_projections::RebuildProgress),
+    Arc<AtomicU64>,
+) {
+    let rows = Arc::new(AtomicU64::new(0));
+    let (ask, mut asked) = tokio::sync::mpsc::unbounded_channel::<std::sync::mpsc::Sender<u64>>();
+    tokio::spawn(async move {
+        while let Some(done) = asked.recv().await {
+            let messages = client
+                .simple_query(sql)
+                .await
+                .expect("the injected statements");
+            let rows = messages
+                .iter()
+                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                .count();
+            let _ = done.send(rows as u64);
+        }
+    });
+    let mut pages = 0;
+    let counted = rows.clone();
+    let callback = move |_: &orderly_projections::RebuildProgress| {
+        pages += 1;
+        if pages == page {
+            let (done, running) = std::sync::mpsc::channel();
+            ask.send(done).expect("the injector runs");
+            let n = tokio::task::block_in_place(|| running.recv()).expect("ran");
+            counted.store(n, Ordering::SeqCst);
+        }
+    };
+    (callback, rows)
+}
+
 /// A rebuild whose connections are all cut in the middle of its replay (a restart, a failover)
 /// resumes on its own from its shadow checkpoints, and swaps in what the log makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -667,23 +707,12 @@ async fn a_rebuild_whose_connections_are_cut_resumes_on_its_own() {
     caught_up(&f, &hub).await;
     running.stop().await;
     let live = dump(&f).await;
-    let killer = f.db.connect().await.expect("connect");
-    let (cut, mut asked) = tokio::sync::mpsc::unbounded_channel::<std::sync::mpsc::Sender<u64>>();
-    tokio::spawn(async move {
-        while let Some(done) = asked.recv().await {
-            let rows = killer
-                .query(
-                    "select pg_terminate_backend(pid) from pg_stat_activity \
-                     where datname = current_database() and pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await
-                .expect("cut");
-            let _ = done.send(rows.len() as u64);
-        }
-    });
-    let mut pages = 0;
-    let mut cut_connections = 0;
+    let (progress, cut) = at_page(
+        f.db.connect().await.expect("connect"),
+        2,
+        "select pg_terminate_backend(pid) from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid()",
+    );
     let reports = rebuild_many(
         f.db.config(),
         f.store.clone(),
@@ -692,24 +721,64 @@ async fn a_rebuild_whose_connections_are_cut_resumes_on_its_own() {
             batch_size: 50,
             ..RebuildOptions::default()
         },
-        |_| {
-            pages += 1;
-            // After the second page, and only once: wait here until every connection is cut.
-            if pages == 2 {
-                let (done, cutting) = std::sync::mpsc::channel();
-                cut.send(done).expect("the cutter runs");
-                cut_connections = tokio::task::block_in_place(|| cutting.recv()).expect("cut");
-            }
-        },
+        progress,
     )
     .await
     .expect("the rebuild resumes after its connections are cut");
-    assert!(cut_connections >= 2, "{cut_connections} connections cut");
+    let cut = cut.load(Ordering::SeqCst);
+    assert!(cut >= 2, "{cut} connections cut");
     assert_eq!(reports.len(), 2);
     assert!(
         reports.iter().all(|report| report.resumed),
         "every projection went on from its shadow checkpoint"
     );
+    assert_same(&live, &dump(&f).await);
+}
+
+/// A `statement_timeout` the server sets for live traffic would make a rebuild of a large
+/// projection impossible (its batches and index builds run as long as the log makes them): a
+/// rebuild's connections run without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_is_not_held_to_the_servers_statement_timeout() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 150).await;
+    let running = start(&f, &hub, small_batches());
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    let live = dump(&f).await;
+    let client = f.db.connect().await.expect("connect");
+    client
+        .batch_execute(&format!(
+            "alter database {} set statement_timeout = '50ms'",
+            f.db.name()
+        ))
+        .await
+        .expect("a short statement timeout");
+    // From the second page on, every row the replay writes to the shadow orders takes 5 ms,
+    // so each batch's statements run far past 50 ms.
+    let (progress, _) = at_page(
+        client,
+        1,
+        "create function slow() returns trigger language plpgsql as $$
+         begin perform pg_sleep(0.005); return new; end $$;
+         create trigger slow before insert or update on orderly_shadow.orders for each row
+         execute function slow()",
+    );
+    let report = rebuild(
+        f.db.config(),
+        f.store.clone(),
+        ProjectionName::Orders,
+        &RebuildOptions {
+            batch_size: 400,
+            ..RebuildOptions::default()
+        },
+        progress,
+    )
+    .await
+    .expect("the rebuild finishes in spite of the timeout");
+    assert!(!report.resumed, "no attempt timed out");
     assert_same(&live, &dump(&f).await);
 }
 
