@@ -3,7 +3,7 @@
 //! The cost is async-graphql's complexity with these weights: a field whose resolver reads or
 //! writes the database weighs [`READ`] or [`WRITE`] plus what it selects, a page weighs that
 //! plus its size times what each row selects ([`page`]), every other field 1. Aliases and
-//! fragment spreads count each time they appear. Three limits follow from it:
+//! fragment spreads count each time they appear. Four limits follow from it:
 //!
 //! - a document may select at most [`MAX_SPREAD_FIELDS`] fields with its fragments spread in
 //!   (BAD_USER_INPUT, before anything else looks at it: see [`spread_fields`]);
