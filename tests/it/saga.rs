@@ -1395,7 +1395,9 @@ async fn an_order_refused_alone_is_parked_once_the_database_stores_other_orders(
     use orderly_command_api::saga::lanes::lane_of;
     let lane = |id: &str| lane_of(OrderId(id.parse().unwrap()));
     let Shop { db, settings, api } = Shop::open().await;
-    register(&api, "TEA", 650, "EUR", 50).await;
+    // Stock for however many orders it takes to land one in the refused order's lane (1 in 16
+    // each: with 50 units, about one run in twenty-five ran out first).
+    register(&api, "TEA", 650, "EUR", 1_000).await;
     let refused = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     let client = refuse_state_of(&db, &refused, "P0001").await;
     let (_simulator, _saga) = simulated_saga(&settings);
