@@ -128,6 +128,18 @@ async fn last_of(client: &tokio_postgres::Client, category: &str) -> Position {
 }
 
 /// Compares two dumps table by table, showing the first rows that differ.
+/// The read models once the runners applied `appends` appends of the workload, written first:
+/// their dump, the runners stopped.
+async fn projected(f: &Fixture, appends: usize) -> Vec<(String, Vec<String>)> {
+    let hub = ProjectionHub::new();
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, appends).await;
+    let running = start(f, &hub, small_batches());
+    caught_up(f, &hub).await;
+    running.stop().await;
+    dump(f).await
+}
+
 fn assert_same(left: &[(String, Vec<String>)], right: &[(String, Vec<String>)]) {
     for ((table, a), (_, b)) in left.iter().zip(right) {
         if a != b {
@@ -293,13 +305,7 @@ async fn a_crash_between_batch_and_commit_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reapplying_batches_already_applied_changes_nothing() {
     let f = fixture().await;
-    let hub = ProjectionHub::new();
-    let mut workload = Workload::new(WorkloadOptions::default());
-    write_workload(f.store.as_ref(), &mut workload, 800).await;
-    let running = start(&f, &hub, small_batches());
-    caught_up(&f, &hub).await;
-    running.stop().await;
-    let before = dump(&f).await;
+    let before = projected(&f, 800).await;
     // Send every checkpoint back to the start: the whole log is applied a second time.
     let client = f.db.connect().await.expect("connect");
     client
@@ -700,13 +706,7 @@ fn at_page(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_whose_connections_are_cut_resumes_on_its_own() {
     let f = fixture().await;
-    let hub = ProjectionHub::new();
-    let mut workload = Workload::new(WorkloadOptions::default());
-    write_workload(f.store.as_ref(), &mut workload, 300).await;
-    let running = start(&f, &hub, small_batches());
-    caught_up(&f, &hub).await;
-    running.stop().await;
-    let live = dump(&f).await;
+    let live = projected(&f, 300).await;
     let (progress, cut) = at_page(
         f.db.connect().await.expect("connect"),
         2,
@@ -741,13 +741,7 @@ async fn a_rebuild_whose_connections_are_cut_resumes_on_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_is_not_held_to_the_servers_statement_timeout() {
     let f = fixture().await;
-    let hub = ProjectionHub::new();
-    let mut workload = Workload::new(WorkloadOptions::default());
-    write_workload(f.store.as_ref(), &mut workload, 150).await;
-    let running = start(&f, &hub, small_batches());
-    caught_up(&f, &hub).await;
-    running.stop().await;
-    let live = dump(&f).await;
+    let live = projected(&f, 150).await;
     let client = f.db.connect().await.expect("connect");
     client
         .batch_execute(&format!(

@@ -330,22 +330,32 @@ async fn operations_over_a_socket_draw_on_the_callers_http_budget_and_time_out()
     assert!(started.elapsed() < std::time::Duration::from_millis(2500));
 }
 
+/// An app started with `settings` on `db`, and one order of alice's for TEA, in the read
+/// models.
+async fn one_projected_order(
+    db: &orderly_test_support::TestDb,
+    settings: &orderly_service::settings::Settings,
+) -> (Api, String) {
+    let api = start(settings).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let id = place_one(&api, "alice", "TEA").await;
+    eventually(
+        db,
+        "select count(*) from orders",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    (api, id)
+}
+
 #[tokio::test]
 async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_place_back() {
     let db = migrated_database().await;
     let mut settings = settings_for(db.url());
     settings.http.timeout = Duration::from_millis(500);
     settings.http.subscriptions_per_socket = 1;
-    let api = start(&settings).await;
-    register(&api, "TEA", 650, "EUR", 10).await;
-    let id = place_one(&api, "alice", "TEA").await;
-    eventually(
-        &db,
-        "select count(*) from orders",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (api, id) = one_projected_order(&db, &settings).await;
     let mut socket = connect(&api, Some(&customer("alice"))).await;
 
     // The setup reads the order's baseline row, which waits behind a lock held elsewhere.
@@ -393,16 +403,7 @@ async fn a_subscription_whose_setup_hangs_ends_with_unavailable_and_gives_its_pl
 async fn order_updated_reads_again_after_the_database_failed_to_answer() {
     let db = migrated_database().await;
     let settings = settings_for(db.url());
-    let api = start(&settings).await;
-    register(&api, "TEA", 650, "EUR", 10).await;
-    let id = place_one(&api, "alice", "TEA").await;
-    eventually(
-        &db,
-        "select count(*) from orders",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (api, id) = one_projected_order(&db, &settings).await;
     let mut socket = connect(&api, Some(&customer("alice"))).await;
     subscribe(&mut socket, "1", FOLLOW, json!({ "id": id, "after": -1 })).await;
     let placed = next(&mut socket).await;
@@ -429,17 +430,19 @@ async fn order_updated_reads_again_after_the_database_failed_to_answer() {
         )
         .await
         .unwrap();
-    let waiting = "select count(*) from pg_stat_activity where datname = current_database() \
+    // The follower's read of the order, waiting behind the lock.
+    let waiting = "from pg_stat_activity where datname = current_database() \
          and wait_event_type = 'Lock' and query like '%from orders o left join order_payments%'";
-    eventually(&db, waiting, 1, Duration::from_secs(10)).await;
+    eventually(
+        &db,
+        &format!("select count(*) {waiting}"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     // Its connection cut while it waits: the read fails as unavailable.
     let cut = admin
-        .query(
-            "select pg_terminate_backend(pid) from pg_stat_activity \
-             where datname = current_database() and wait_event_type = 'Lock' \
-             and query like '%from orders o left join order_payments%'",
-            &[],
-        )
+        .query(&format!("select pg_terminate_backend(pid) {waiting}"), &[])
         .await
         .unwrap();
     assert_eq!(cut.len(), 1);
