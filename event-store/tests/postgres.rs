@@ -222,14 +222,16 @@ async fn another_process_is_woken_by_notification_not_polling() {
         .unwrap();
     // Let the follower's LISTEN connection come up before the write it must hear about: a
     // fixed pause was too short on a loaded machine, and a notification sent before the LISTEN
-    // is lost.
+    // is lost. Its LISTEN done, not only begun: it takes effect when its statement commits, and
+    // a notice sent in between was lost too.
     let observer = f.db.connect().await.expect("connect");
     let started = std::time::Instant::now();
     loop {
         let listening: i64 = observer
             .query_one(
                 "select count(*) from pg_stat_activity
-                 where datname = current_database() and query ilike 'listen %'",
+                 where datname = current_database() and query ilike 'listen %'
+                 and state = 'idle'",
                 &[],
             )
             .await
