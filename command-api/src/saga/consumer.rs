@@ -483,12 +483,12 @@ impl SagaRunner {
                         seen = last;
                         continue;
                     }
-                    self.lag.pending(lease.lane, &events);
+                    let pending = self.lag.pending(lease.lane, &events);
                     let handled = self
                         .until_done(&mut halted, || self.handle_batch(&lease, &events, last))
                         .await
                         .map_err(fenced)?;
-                    self.lag.done(lease.lane);
+                    drop(pending);
                     let Some(due) = handled else {
                         return Ok(());
                     };

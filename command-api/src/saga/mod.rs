@@ -790,11 +790,20 @@ struct Lag {
 }
 
 impl Lag {
-    fn pending(&self, lane: u32, events: &[Arc<consumer::Input>]) {
-        if let (Ok(mut oldest), Some(first)) = (self.oldest.lock(), events.first()) {
-            oldest.entry(lane).or_insert(first.recorded_at());
+    /// Counts `events` as dealt to `lane` until the guard returned is dropped: however the
+    /// lane's work on them ends (stored, halted, fenced by another process taking the lane),
+    /// this process stops reporting them then, or its gauge would grow for ever after a
+    /// takeover.
+    fn pending(&self, lane: u32, events: &[Arc<consumer::Input>]) -> Pending<'_> {
+        self.pending_since(lane, events.first().map(|first| first.recorded_at()))
+    }
+
+    fn pending_since(&self, lane: u32, oldest_at: Option<DateTime<Utc>>) -> Pending<'_> {
+        if let (Ok(mut oldest), Some(at)) = (self.oldest.lock(), oldest_at) {
+            oldest.entry(lane).or_insert(at);
         }
         self.publish();
+        Pending { lag: self, lane }
     }
 
     fn done(&self, lane: u32) {
@@ -804,20 +813,31 @@ impl Lag {
         self.publish();
     }
 
+    /// The age of the oldest event not yet stored, if any.
+    fn age(&self) -> Option<f64> {
+        let oldest = self.oldest.lock().ok()?;
+        let at = oldest.values().min()?;
+        Some((Utc::now() - *at).as_seconds_f64().max(0.0))
+    }
+
     fn publish(&self) {
-        let Ok(oldest) = self.oldest.lock() else {
-            return;
-        };
-        let age = oldest
-            .values()
-            .min()
-            .map_or(0.0, |at| (Utc::now() - *at).as_seconds_f64().max(0.0));
-        metrics::gauge!("orderly_saga_lag_seconds").set(age);
+        metrics::gauge!("orderly_saga_lag_seconds").set(self.age().unwrap_or(0.0));
     }
 }
 
-/// Unique per process start: the host name (when there is one) for operators, and a random
-/// part so two processes on one host never share an id.
+/// A lane's batch counted by [`Lag`] until dropped.
+#[must_use = "the batch stops counting as pending when this is dropped"]
+struct Pending<'l> {
+    lag: &'l Lag,
+    lane: u32,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.lag.done(self.lane);
+    }
+}
+
 /// `first` doubled `doublings` times (at most 16), and no longer than `longest`: how every
 /// backoff of the saga grows (gateway retries, outbox deliveries, failing deadlines), each
 /// spreading it its own way.
@@ -825,6 +845,8 @@ fn doubled(first: Duration, doublings: u32, longest: Duration) -> Duration {
     first.saturating_mul(1 << doublings.min(16)).min(longest)
 }
 
+/// Unique per process start: the host name (when there is one) for operators, and a random
+/// part so two processes on one host never share an id.
 fn member_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "orderly".into());
     format!(
@@ -839,6 +861,27 @@ mod tests {
     use chrono::TimeDelta;
 
     use super::*;
+
+    #[test]
+    fn a_lanes_lag_ends_however_its_batch_ends() {
+        let lag = Lag::default();
+        let an_hour_ago = Utc::now() - TimeDelta::hours(1);
+        let a_minute_ago = Utc::now() - TimeDelta::minutes(1);
+        let first = lag.pending_since(1, Some(an_hour_ago));
+        let second = lag.pending_since(2, Some(a_minute_ago));
+        assert!(lag.age().is_some_and(|age| age >= 3_600.0));
+        // The batch's work gave up (fenced: the lane was taken over) without storing it: the
+        // guard goes with the early return all the same.
+        let fenced = || -> Result<(), ()> {
+            let _pending = first;
+            Err(())
+        };
+        assert!(fenced().is_err());
+        let age = lag.age().expect("lane 2 still pending");
+        assert!((60.0..3_600.0).contains(&age), "{age}");
+        drop(second);
+        assert_eq!(lag.age(), None);
+    }
 
     #[tokio::test]
     async fn the_census_counts_stored_phases_and_derives_the_ones_stored_without() {
