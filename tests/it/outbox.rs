@@ -484,12 +484,9 @@ async fn an_outcome_that_cannot_be_recorded_at_once_is_recorded_when_it_can() {
     assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "charged once");
 }
 
-/// A charge message delivered again after its outcome was recorded (the worker that recorded
-/// it died, or its lease ran out, before marking it delivered) does not call the provider
-/// again: once the payment moved on, a second call that timed out after taking the money would
-/// record nothing, and nothing would look for that money again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() {
+/// An order charged through a gateway that counts its calls, with the charge's message marked
+/// delivered: the database, the gateway and the order's id.
+async fn charged_and_delivered() -> (orderly_test_support::TestDb, Arc<Gated>, String) {
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let gateway = Arc::new(Gated::default());
@@ -512,6 +509,16 @@ async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() 
         Duration::from_secs(10),
     )
     .await;
+    (db, gateway, order_id)
+}
+
+/// A charge message delivered again after its outcome was recorded (the worker that recorded
+/// it died, or its lease ran out, before marking it delivered) does not call the provider
+/// again: once the payment moved on, a second call that timed out after taking the money would
+/// record nothing, and nothing would look for that money again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() {
+    let (db, gateway, order_id) = charged_and_delivered().await;
 
     // As if the worker had died between recording the charge and marking the message.
     db.connect()
@@ -527,6 +534,42 @@ async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() 
         &db,
         "select count(*) from outbox where kind = 'charge' and delivered_at is not null
          and attempts = 2",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "called once");
+    assert_eq!(
+        events_of(&db, "PaymentCharged", &format!("payment-{order_id}")).await,
+        1
+    );
+}
+
+/// The same after an operator's retry: a charge message dead-lettered although its outcome was
+/// recorded (its last attempts could not mark it delivered), put back in line from the CLI
+/// with a fresh set of attempts, is still checked against the payment before the provider is
+/// called. A retry days later could otherwise charge again once the provider has forgotten
+/// the idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_retried_by_an_operator_after_its_outcome_was_recorded_is_not_sent_again() {
+    let (db, gateway, order_id) = charged_and_delivered().await;
+    let client = db.connect().await.unwrap();
+    let outbox_id: uuid::Uuid = client
+        .query_one(
+            "update outbox set delivered_at = null, dead_lettered_at = now(),
+                 last_error = 'outcome not recorded: the database is read-only'
+             where kind = 'charge' returning outbox_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    maintenance::retry(&client, outbox_id).await.unwrap();
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'charge' and delivered_at is not null
+         and attempts = 1",
         1,
         Duration::from_secs(10),
     )

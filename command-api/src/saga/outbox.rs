@@ -246,7 +246,7 @@ where outbox_id in (
     order by next_attempt_at
     limit $2
     for update skip locked)
-returning outbox_id, payload, attempts";
+returning outbox_id, payload, attempts, last_error is not null";
 
 const MARK_DELIVERED: &str = "
 update outbox o set delivered_at = now(), claimed_by = null
@@ -272,12 +272,15 @@ where o.delivered_at is null and o.dead_lettered_at is null and o.next_attempt_a
 struct Claim {
     id: Uuid,
     attempts: i32,
+    /// Whether a delivery of the message failed before: an operator's retry of a dead letter
+    /// starts its attempts again from zero, and keeps the last error.
+    failed_before: bool,
 }
 
 impl Claim {
     /// Whether an earlier claim tried this message: its outcome may be recorded already.
     fn is_redelivery(self) -> bool {
-        self.attempts > 1
+        self.attempts > 1 || self.failed_before
     }
 }
 
@@ -338,6 +341,7 @@ impl SagaRunner {
             let claim = Claim {
                 id: row.get(0),
                 attempts: row.get(2),
+                failed_before: row.get(3),
             };
             let outcome = match serde_json::from_value::<Message>(row.get(1)) {
                 Ok(message) => self.deliver_one(claim, message).await,
@@ -389,7 +393,7 @@ impl SagaRunner {
     /// Records a failed delivery: tried again after [`retry_pause`], or dead-lettered once out
     /// of attempts; like [`Self::mark_delivered`], only while the claim still holds the row.
     async fn settle_failure(&self, claim: Claim, error: &CommandError) -> Result<(), CommandError> {
-        let Claim { id, attempts } = claim;
+        let Claim { id, attempts, .. } = claim;
         let client = self.pool.get().await?;
         // Out of attempts: parked with its error for an operator; never retried silently.
         if attempts >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX) {
