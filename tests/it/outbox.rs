@@ -581,6 +581,79 @@ async fn a_charge_retried_by_an_operator_after_its_outcome_was_recorded_is_not_s
     );
 }
 
+/// A process that stops gives back what its outbox worker claimed and could not record, for
+/// the others to deliver at once. Its membership ends with the stop, so the heartbeat's check
+/// for the claims of members whose lease ran out never finds these: they used to wait out the
+/// claim's lease (a minute by default, an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_process_gives_back_its_outbox_claims_at_once() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        heartbeat: Duration::from_millis(200),
+        outbox_lease: Duration::from_secs(3600),
+        ..SagaConfig::default()
+    };
+    let first = runner(&settings, config.clone());
+    let member = first.member_id().to_owned();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(first.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    eventually(
+        &db,
+        "select count(*) from saga_members",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // A notice the stopping process claimed and could not record as delivered (its database
+    // went away a moment, say).
+    let notice = json!({
+        "kind": "notification",
+        "order_id": uuid::Uuid::now_v7(),
+        "template": "order-confirmed",
+        "customer_id": "alice",
+        "detail": null,
+        "correlation_id": uuid::Uuid::now_v7(),
+    });
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into outbox (outbox_id, order_id, kind, payload, attempts, next_attempt_at,
+                 claimed_by)
+             values (gen_random_uuid(), ($1::jsonb ->> 'order_id')::uuid, 'notification', $1, 1,
+                 now() + interval '1 hour', $2)",
+            &[&notice, &member],
+        )
+        .await
+        .unwrap();
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from outbox where claimed_by is null and next_attempt_at <= now()"
+        )
+        .await,
+        1,
+        "given back, due at once"
+    );
+    let flaky = Arc::new(Flaky::default());
+    spawn(runner(&settings, config).with_notifier(flaky.clone()));
+    eventually(
+        &db,
+        "select count(*) from outbox where delivered_at is not null and attempts = 2",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(flaky.delivered.lock().unwrap().len(), 1);
+}
+
 /// Fails every notice to one customer, with an error that passes; delivers the others.
 struct FailsFor(&'static str);
 

@@ -240,8 +240,26 @@ impl SagaRunner {
         };
         let (followed, delivered, (), (), ()) =
             tokio::join!(follow, deliver, purge, census, signal);
+        runner.leave().await;
         tracing::info!(saga = %runner.config.name, "saga runner stopped");
         followed.and(delivered)
+    }
+
+    /// Hands this process's lanes and its outbox claims to the others at a stop, once the
+    /// consumer and the outbox worker have both ended: a claim given back while its delivery
+    /// was still under way would be delivered twice, and a member that left before its worker
+    /// ended would leave that worker's claims to wait out their lease, since only the claims of
+    /// members still listed are given back early (the outbox's `FREE_CLAIMS_OF_THE_DEAD`).
+    /// What is not released here (the database is away) frees up when the leases end.
+    async fn leave(&self) {
+        let left = async {
+            let client = self.pool.get().await?;
+            self.give_back_claims(&client).await?;
+            self.member.leave(&**client).await
+        };
+        if let Err(error) = left.await {
+            tracing::warn!(%error, "saga lanes not released; they free up when their leases end");
+        }
     }
 
     /// Takes the census every [`CENSUS_PERIOD`], on a task of its own: its queries must never
@@ -339,16 +357,7 @@ impl SagaRunner {
         if let Some(consumer) = consumer.take() {
             consumer.stop().await;
         }
-        match self.pool.get().await {
-            Ok(client) => {
-                if let Err(error) = self.member.leave(&**client).await {
-                    tracing::warn!(%error, "saga lanes not released; they free up when their leases end");
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "saga lanes not released; they free up when their leases end");
-            }
-        }
+        // The lanes are released by `leave`, once the outbox worker has ended too.
         metrics::gauge!("orderly_saga_lanes_held").set(0.0);
         Ok(())
     }

@@ -266,6 +266,12 @@ where o.delivered_at is null and o.dead_lettered_at is null and o.next_attempt_a
   and exists (
     select 1 from saga_members m where m.member_id = o.claimed_by and m.lease_until < now())";
 
+/// Gives back every claim of one member, due at once: what it claimed and could not record
+/// when it stopped.
+const GIVE_BACK_CLAIMS: &str = "
+update outbox set next_attempt_at = now(), claimed_by = null
+where claimed_by = $1 and delivered_at is null and dead_lettered_at is null";
+
 /// A message this worker claimed: its id, and its attempts counted with this claim, which
 /// also tell whether another worker claimed it since (a lease that ran out).
 #[derive(Debug, Clone, Copy)]
@@ -298,6 +304,24 @@ impl SagaRunner {
         }
     }
 
+    /// See [`GIVE_BACK_CLAIMS`]: for a member leaving once its outbox worker has ended, so
+    /// that no delivery of these is under way.
+    pub(super) async fn give_back_claims(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), CommandError> {
+        let given = client.execute(GIVE_BACK_CLAIMS, &[&self.member.id]).await?;
+        if given > 0 {
+            tracing::info!(
+                messages = given,
+                "outbox messages this process claimed and did not record put back in line"
+            );
+        }
+        Ok(())
+    }
+
+    /// Delivers due messages, a batch at a time, until `stop`: the batch in hand is finished
+    /// and recorded, no other is claimed.
     pub(super) async fn deliver(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
@@ -308,7 +332,7 @@ impl SagaRunner {
                 _ = self.outbox_ready.notified() => {}
                 _ = tokio::time::sleep(self.config.tick) => {}
             }
-            loop {
+            while !*stop.borrow() {
                 match self.deliver_batch().await {
                     Ok(0) => break,
                     Ok(_) => {}
