@@ -437,6 +437,7 @@ pub fn saga_runner(
         orders_in_flight: s.orders_in_flight.max(1),
         append_writers: pool_size,
         outbox_max_attempts: s.outbox_max_attempts,
+        charge_settle: settings.payment.settle,
         retention: s.retention,
         ..SagaConfig::default()
     };

@@ -177,6 +177,11 @@ pub struct PaymentSettings {
     /// How long an order may stay unpaid after its first charge request.
     #[serde(rename = "payment_deadline_secs", deserialize_with = "unit::secs")]
     pub deadline: Duration,
+    /// How long after a call the provider may still be finishing a charge with its key: the
+    /// saga asks about an unknown outcome only once this long has passed since the call
+    /// failed, since an answer of "no such charge" sooner may be overtaken by the charge.
+    #[serde(rename = "payment_settle_secs", deserialize_with = "unit::secs")]
+    pub settle: Duration,
     /// How long after a transient payment failure the saga asks for another attempt.
     #[serde(rename = "payment_retry_after_secs", deserialize_with = "unit::secs")]
     pub retry_after: Duration,
@@ -190,6 +195,7 @@ impl Default for PaymentSettings {
             timeout: Duration::from_secs(5),
             concurrency: 16,
             deadline: Duration::from_secs(15 * 60),
+            settle: Duration::from_secs(120),
             retry_after: Duration::from_secs(30),
         }
     }
@@ -430,6 +436,7 @@ mod tests {
             jail.set_env("ORDERLY_ORDER_ID_SECRET", "s3cret");
             jail.set_env("ORDERLY_GRAPHQL_TIMEOUT_MS", "750");
             jail.set_env("ORDERLY_SAGA_STOCK_DEADLINE_SECS", "90");
+            jail.set_env("ORDERLY_PAYMENT_SETTLE_SECS", "10");
             jail.set_env("ORDERLY_CONFIG", "orderly.toml");
             let s = Settings::load(Some(Path::new("orderly.toml"))).map_err(|e| *e)?;
             let secret = s.orders.order_id_secret.as_ref().map(|s| s.expose_secret());
@@ -440,6 +447,7 @@ mod tests {
             assert_eq!(s.saga.lease, Duration::from_millis(250));
             assert_eq!(s.payment.deadline, Duration::from_secs(60));
             assert_eq!(s.saga.stock_deadline, Duration::from_secs(90));
+            assert_eq!(s.payment.settle, Duration::from_secs(10));
             assert_eq!(s.saga.retention, None, "0 days keeps forever");
             // Untouched: the defaults.
             assert_eq!(s.store.kind, EventStoreKind::Postgres);

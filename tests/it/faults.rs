@@ -1132,6 +1132,8 @@ fn timing(deadline_secs: u64) -> Vec<(&'static str, String)> {
     vec![
         ("ORDERLY_PAYMENT_DEADLINE_SECS", deadline_secs.to_string()),
         ("ORDERLY_PAYMENT_RETRY_AFTER_SECS", "1".into()),
+        // The provider below finishes a charge within its answer's pause.
+        ("ORDERLY_PAYMENT_SETTLE_SECS", "1".into()),
         ("ORDERLY_SAGA_TICK_MS", "100".into()),
     ]
 }

@@ -776,13 +776,97 @@ async fn outbox_and_events(db: &orderly_test_support::TestDb, order_id: &str) ->
         .join("\n")
 }
 
-/// Settings whose payment deadline passes in two seconds, with a retry or two before it.
+/// Settings whose payment deadline passes in two seconds, with a retry or two before it, and
+/// whose provider settles a charge at once (the simulator does).
 fn short_deadline(url: &str) -> Settings {
     let mut settings = settings_for(url);
     settings.payment.deadline = Duration::from_secs(2);
     settings.payment.retry_after = Duration::from_secs(1);
+    settings.payment.settle = Duration::ZERO;
     settings.saga.tick = Duration::from_millis(50);
     settings
+}
+
+/// Loses every charge's answer, as a call that times out, and takes the money
+/// [`LANDS_AFTER`] later: a provider still finishing a charge when its caller gave up. Until
+/// then a lookup finds nothing.
+#[derive(Default)]
+struct LandsLate {
+    provider: Arc<Simulator>,
+    lookups: AtomicU32,
+}
+
+const LANDS_AFTER: Duration = Duration::from_secs(2);
+
+#[async_trait]
+impl PaymentGateway for LandsLate {
+    async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        let (provider, charge) = (self.provider.clone(), charge.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(LANDS_AFTER).await;
+            provider.charge(&charge).await
+        });
+        Err(CommandError::Gateway("gateway call timed out".into()))
+    }
+
+    async fn refund(&self, key: &str, reference: &str) -> Result<(), CommandError> {
+        self.provider.refund(key, reference).await
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.provider.lookup(key).await
+    }
+}
+
+/// A charge whose call timed out lands at the provider after the deadline cancelled the order:
+/// the provider is asked only once the settle time has passed since the call, finds the
+/// charge, and the saga refunds it. The provider used to be asked at the cancel, answered that
+/// it held no charge, and the money taken a moment later was never looked for again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_that_lands_after_the_cancel_is_found_once_the_provider_settled_it() {
+    let db = migrated_database().await;
+    let mut settings = short_deadline(db.url());
+    settings.payment.deadline = Duration::from_millis(500);
+    settings.payment.retry_after = Duration::from_secs(60);
+    settings.payment.settle = LANDS_AFTER * 2;
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(LandsLate::default());
+    spawn(orderly_service::app::saga_runner(&settings, gateway.clone()).unwrap());
+    let order_id = place_one(&api, "alice", "TEA").await;
+    let payment = format!("payment-{order_id}");
+
+    let refunded = format!(
+        "select count(*) from events where event_type = 'PaymentRefunded' and stream = '{payment}'"
+    );
+    let within = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    while count(&db, &refunded).await == 0 {
+        assert!(
+            started.elapsed() < within,
+            "never refunded; {} charge(s) taken, {} lookup(s):\n{}",
+            gateway.provider.charges(),
+            gateway.lookups.load(Ordering::SeqCst),
+            outbox_and_events(&db, &order_id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gateway.provider.charges(), 1);
+    assert_eq!(gateway.provider.refunds(), 1);
+    let reason: String = db
+        .connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select data->>'cancellation_reason' from events
+             where event_type = 'OrderCancelled' and stream = $1",
+            &[&format!("order-{order_id}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("deadline"), "{reason}");
 }
 
 /// How many events of a type a stream holds.

@@ -1176,7 +1176,11 @@ impl SagaRunner {
             return Err(LaneError::Fenced);
         }
         let saved = save_states(&tx, &self.config.name, handled);
-        let rows = Row::insert_all(&tx, handled.iter().flat_map(|entry| &entry.rows));
+        let rows = Row::insert_all(
+            &tx,
+            handled.iter().flat_map(|entry| &entry.rows),
+            self.config.charge_settle,
+        );
         let parked = park(&tx, &self.config.name, handled);
         futures::try_join!(saved, rows, parked)?;
         tx.commit().await?;

@@ -100,6 +100,10 @@ pub struct SagaConfig {
     /// Delivery attempts of an outbox message before it is dead-lettered; see
     /// [`DEFAULT_OUTBOX_MAX_ATTEMPTS`].
     pub outbox_max_attempts: u32,
+    /// How long after a charge call with an unknown outcome the provider is asked about it
+    /// (see the outbox's module docs): it may still be finishing the charge, and until it has,
+    /// it answers that it holds none.
+    pub charge_settle: Duration,
     /// How long a claimed outbox message stays invisible to other workers; longer than any
     /// delivery takes (gateway timeout times attempts).
     pub outbox_lease: Duration,
@@ -122,6 +126,7 @@ impl Default for SagaConfig {
             lease: Duration::from_secs(5),
             heartbeat: Duration::from_secs(1),
             outbox_max_attempts: DEFAULT_OUTBOX_MAX_ATTEMPTS,
+            charge_settle: Duration::from_secs(120),
             outbox_lease: Duration::from_secs(60),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             purge_every: Duration::from_secs(3600),

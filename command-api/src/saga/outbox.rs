@@ -10,7 +10,10 @@
 //! follows, so a `resolve` message asks the provider ([`PaymentGateway::lookup`]) and records
 //! a charge it finds, which the saga then refunds like any charge that arrives after a cancel.
 //! It asks about a charge that has no outcome at all as well: one whose delivery was
-//! dead-lettered may have taken money that was never recorded.
+//! dead-lettered may have taken money that was never recorded. It asks only once the call is
+//! `charge_settle` behind it (two minutes by default): a provider still finishing a charge
+//! whose call timed out answers that it holds none, and a charge that lands after that answer
+//! would never be looked for again.
 //!
 //! [`PaymentGateway::lookup`]: super::gateway::PaymentGateway::lookup
 //!
@@ -100,8 +103,10 @@ impl Message {
 }
 
 const INSERT_ROWS: &str = "
-insert into outbox (outbox_id, order_id, kind, payload)
-select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])
+insert into outbox (outbox_id, order_id, kind, payload, next_attempt_at)
+select outbox_id, order_id, kind, payload, now() + make_interval(secs => due_in)
+from unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::float8[])
+    as r(outbox_id, order_id, kind, payload, due_in)
 on conflict (outbox_id) do nothing";
 
 /// One outbox row; its id derives from the order and the step, so a replayed step adds nothing.
@@ -152,12 +157,23 @@ impl Row {
         )
     }
 
+    /// How long after it is stored the row is first due: a resolution `charge_settle`, when
+    /// the provider has finished whatever the call it asks about started; the others at once.
+    fn due_in(&self, charge_settle: Duration) -> Duration {
+        match self.message {
+            Message::Resolve { .. } => charge_settle,
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Stores `rows` in one statement (a replayed step's rows are there already: kept).
     pub(super) async fn insert_all<'a>(
         tx: &deadpool_postgres::Transaction<'_>,
         rows: impl Iterator<Item = &'a Row>,
+        charge_settle: Duration,
     ) -> Result<(), CommandError> {
-        let (mut ids, mut orders, mut kinds, mut payloads) = (vec![], vec![], vec![], vec![]);
+        let (mut ids, mut orders, mut kinds, mut payloads, mut due) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for row in rows {
             ids.push(row.id);
             orders.push(row.order_id.0);
@@ -166,12 +182,13 @@ impl Row {
                 serde_json::to_value(&row.message)
                     .map_err(|e| CommandError::Internal(e.to_string()))?,
             );
+            due.push(row.due_in(charge_settle).as_secs_f64());
         }
         if ids.is_empty() {
             return Ok(());
         }
         let insert = tx.prepare_cached(INSERT_ROWS).await?;
-        tx.execute(&insert, &[&ids, &orders, &kinds, &payloads])
+        tx.execute(&insert, &[&ids, &orders, &kinds, &payloads, &due])
             .await?;
         Ok(())
     }
