@@ -654,6 +654,63 @@ async fn a_stopping_process_gives_back_its_outbox_claims_at_once() {
     assert_eq!(flaky.delivered.lock().unwrap().len(), 1);
 }
 
+/// Money the provider took for a payment that cannot hold it (one it declined, here) is
+/// dead-lettered at once with the payment's refusal, for an operator to reconcile. The
+/// delivery used to be tried again, and the next attempt found the payment settled and marked
+/// the message done: the money was only ever in a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_its_payment_cannot_record_is_dead_lettered_at_once() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        ..SagaConfig::default()
+    };
+    spawn(runner(&settings, config));
+    let order_id = place(&api, "alice", "TEA", 1, "tok_declined").await.id;
+    let payment = format!("payment-{order_id}");
+    eventually(
+        &db,
+        &format!(
+            "select count(*) from events where event_type = 'PaymentDeclined'
+             and stream = '{payment}'"
+        ),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // The same attempt, as the provider took it after all (under a token it charges).
+    let charge = json!({
+        "kind": "charge",
+        "order_id": order_id,
+        "attempt": 1,
+        "amount_minor": 650,
+        "currency": "EUR",
+        "payment_token": "tok_ok",
+        "correlation_id": uuid::Uuid::now_v7(),
+    });
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into outbox (outbox_id, order_id, kind, payload)
+             values (gen_random_uuid(), $1::text::uuid, 'charge', $2)",
+            &[&order_id, &charge],
+        )
+        .await
+        .unwrap();
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'charge' and dead_lettered_at is not null
+         and attempts = 1 and last_error like '%cannot record a charge%'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(events_of(&db, "PaymentCharged", &payment).await, 0);
+}
+
 /// Fails every notice to one customer, with an error that passes; delivers the others.
 struct FailsFor(&'static str);
 

@@ -437,7 +437,9 @@ impl SagaRunner {
         let Claim { id, attempts, .. } = claim;
         let client = self.pool.get().await?;
         // Out of attempts: parked with its error for an operator; never retried silently.
-        if attempts >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX) {
+        let out_of_attempts =
+            attempts >= i32::try_from(self.config.outbox_max_attempts).unwrap_or(i32::MAX);
+        if out_of_attempts || needs_an_operator(error) {
             tracing::error!(%error, outbox_id = %id, attempts, "outbox message dead-lettered");
             client
                 .execute(
@@ -711,13 +713,12 @@ impl SagaRunner {
         match recorded {
             Ok(_) => Ok(()),
             // The provider took money the payment cannot hold (it was declined, or charged under
-            // another reference): never dropped as a repeat. The delivery fails, and after its
-            // attempts the message waits, dead-lettered with this error, for an operator.
+            // another reference): never dropped as a repeat. The delivery fails, and the
+            // message waits, dead-lettered with this error, for an operator (see
+            // [`needs_an_operator`]).
             Err(CommandError::Rejected(rejection @ Rejection::UnexpectedCharge { .. })) => {
                 tracing::error!(%rejection, %order_id, "the provider charged a payment that cannot record it");
-                Err(CommandError::Internal(format!(
-                    "the provider charged order {order_id}, but its payment refused the charge: {rejection}"
-                )))
+                Err(CommandError::Rejected(rejection))
             }
             // The payment moved on (a duplicate outcome); nothing to record.
             Err(CommandError::Rejected(rejection)) => {
@@ -727,6 +728,17 @@ impl SagaRunner {
             Err(error) => Err(error),
         }
     }
+}
+
+/// Whether a failed delivery is dead-lettered at once, whatever attempts it has left: money
+/// the provider took that the payment refused to record. A later attempt would find the
+/// payment settled and mark the message done (see [`SagaRunner::charge`]), leaving the money
+/// in a log line only.
+fn needs_an_operator(error: &CommandError) -> bool {
+    matches!(
+        error,
+        CommandError::Rejected(Rejection::UnexpectedCharge { .. })
+    )
 }
 
 /// Runs `record` (writing a delivery's outcome to the outbox) again while it fails
