@@ -2,8 +2,11 @@
 //! holding a projection's lock exports its lag, batches and dead letters, so that series from
 //! several processes never disagree.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
+use orderly_event_store::{EventStore, Position, StoreError};
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
@@ -55,10 +58,12 @@ pub(crate) fn record_batch(name: ProjectionName, size: usize, applied: usize, to
 }
 
 /// Samples lag and dead letters of `name` every 5 s on a connection of its own, until the
-/// returned guard is dropped (the runner lost or gave up the lock).
+/// returned guard is dropped (the runner lost or gave up the lock). `store` is the log the
+/// runner follows, asked for the lag where the log is not in the read models' database.
 pub(crate) fn sample_while_active(
     name: ProjectionName,
     pg_config: tokio_postgres::Config,
+    store: Arc<dyn EventStore>,
 ) -> SamplerGuard {
     SamplerGuard(tokio::spawn(async move {
         let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
@@ -81,7 +86,7 @@ pub(crate) fn sample_while_active(
                 }
             }
             if let Some((client, _)) = &connected
-                && let Err(error) = sample(name, client).await
+                && let Err(error) = sample(name, client, store.as_ref()).await
             {
                 tracing::debug!(projection = %name, %error, "projection lag not sampled");
                 if let Some((_, driver)) = connected.take() {
@@ -95,19 +100,38 @@ pub(crate) fn sample_while_active(
 async fn sample(
     name: ProjectionName,
     client: &tokio_postgres::Client,
+    store: &dyn EventStore,
 ) -> Result<(), crate::ProjectionError> {
     let position = batch::checkpoint(client, name, Target::Live).await?;
     let projection = name.as_str();
-    // Unknown where the log is not in this database (KurrentDB): nothing is exported then.
     if let (Some(events), Some(ms)) = status::lag(client, name, position).await {
         metrics::gauge!("orderly_projection_lag_events", "projection" => projection)
             .set(events as f64);
         metrics::gauge!("orderly_projection_lag_seconds", "projection" => projection)
             .set(ms as f64 / 1000.0);
+    } else {
+        // The log is not in this database (KurrentDB): its store tells the age of the oldest
+        // event not yet applied in one read. Counting them would read every one, so the count
+        // is left out there.
+        let age = oldest_unapplied_age(store, name, position).await?;
+        metrics::gauge!("orderly_projection_lag_seconds", "projection" => projection).set(age);
     }
     let parked = dlq::count(client, Some(name)).await?;
     metrics::gauge!("orderly_dead_letters", "projection" => projection).set(parked as f64);
     Ok(())
+}
+
+/// Seconds since the first event after `position` that projection `name` reads was recorded
+/// (now minus its `recorded_at`); 0 when there is none, so an idle log is not lag.
+async fn oldest_unapplied_age(
+    store: &dyn EventStore,
+    name: ProjectionName,
+    position: Position,
+) -> Result<f64, StoreError> {
+    let next = store.read_all(position, &name.filter(), 1).await?;
+    Ok(next.first().map_or(0.0, |event| {
+        (Utc::now() - event.recorded_at).as_seconds_f64().max(0.0)
+    }))
 }
 
 /// Stops the sampler with the runner's leadership.
@@ -116,5 +140,38 @@ pub(crate) struct SamplerGuard(JoinHandle<()>);
 impl Drop for SamplerGuard {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use orderly_event_store::memory::MemoryEventStore;
+    use orderly_event_store::{ExpectedVersion, NewEvent, StreamName};
+    use serde_json::json;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_age_read_from_the_store_is_that_of_the_first_event_not_yet_applied() {
+        let store = MemoryEventStore::new();
+        let at_start = oldest_unapplied_age(&store, ProjectionName::Products, Position::START);
+        assert_eq!(at_start.await.unwrap(), 0.0, "an empty log is no lag");
+        let append = async |stream: &str| {
+            let stream = StreamName::parse(stream).unwrap();
+            let event = NewEvent::new("Registered", json!({}));
+            let appended = store.append(&stream, ExpectedVersion::Any, vec![event]);
+            appended.await.unwrap()
+        };
+        // An order event first, which the products projection does not read.
+        append("order-1").await;
+        let product = append("product-TEA").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let behind = oldest_unapplied_age(&store, ProjectionName::Products, Position::START)
+            .await
+            .unwrap();
+        assert!((0.05..60.0).contains(&behind), "{behind}");
+        let caught_up = oldest_unapplied_age(&store, ProjectionName::Products, product.position);
+        assert_eq!(caught_up.await.unwrap(), 0.0);
     }
 }

@@ -210,7 +210,8 @@ impl Runner {
         }
         tracing::info!(projection = %self.name, "projection runner active");
         metrics::set_state(self.name, RunnerState::Running);
-        let _sampler = metrics::sample_while_active(self.name, self.pg_config.clone());
+        let _sampler =
+            metrics::sample_while_active(self.name, self.pg_config.clone(), self.store.clone());
         let mut position = batch::checkpoint(&client, self.name, Target::Live).await?;
         // What the database says, even if behind what this process published before: a
         // failover to a replica that had not received the last batches takes them back.
