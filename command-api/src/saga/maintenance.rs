@@ -185,12 +185,19 @@ pub async fn lanes(client: &Client, saga_name: &str) -> Result<Vec<LaneStatus>, 
             &[&saga_name],
         )
         .await;
-    if let Ok(behind) = behind {
-        for row in behind {
-            let lane: i32 = row.get(0);
-            if let Some(status) = lanes.iter_mut().find(|status| status.lane == lane) {
-                status.behind_seconds = Some(row.get(1));
-            }
+    let behind = match behind {
+        Ok(behind) => behind,
+        // No log in this database (another event store): how far behind stays unknown. Any
+        // other failure (a timeout, a lost connection) is the status's, not an unknown lag.
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Ok(lanes);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    for row in behind {
+        let lane: i32 = row.get(0);
+        if let Some(status) = lanes.iter_mut().find(|status| status.lane == lane) {
+            status.behind_seconds = Some(row.get(1));
         }
     }
     Ok(lanes)
@@ -411,5 +418,76 @@ async fn delete_in_batches(
         if n < PURGE_BATCH.unsigned_abs() {
             return Ok(deleted);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database with the command side's tables and one lane of saga "fulfilment"; the event
+    /// store's `events` table is not among them.
+    async fn one_lane() -> orderly_test_support::TestDb {
+        let db = orderly_test_support::TestDb::create(
+            "command-api",
+            &crate::migration_fingerprint(),
+            |url| async move { crate::migrate(&url.parse()?).await.map_err(Into::into) },
+        )
+        .await
+        .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)");
+        db.connect()
+            .await
+            .unwrap()
+            .execute(
+                "insert into saga_lanes (saga_name, lane, position_commit, position_prepare)
+                 values ('fulfilment', 0, 0, 0)",
+                &[],
+            )
+            .await
+            .unwrap();
+        db
+    }
+
+    #[tokio::test]
+    async fn how_far_a_lane_is_behind_is_unknown_without_the_log_in_the_database() {
+        let db = one_lane().await;
+        let client = db.connect().await.unwrap();
+        let lanes = lanes(&client, "fulfilment").await.unwrap();
+        assert_eq!(lanes.len(), 1);
+        assert_eq!(lanes[0].behind_seconds, None);
+    }
+
+    /// A log that does not answer in time fails the status: it used to read as a log kept
+    /// elsewhere ("lag unknown"), hiding the failure.
+    #[tokio::test]
+    async fn a_log_that_does_not_answer_fails_the_status_instead_of_reading_as_unknown() {
+        let db = one_lane().await;
+        let client = db.connect().await.unwrap();
+        client
+            .batch_execute(
+                "create table events (tx_id bigint, seq bigint, category text,
+                                      recorded_at timestamptz)",
+            )
+            .await
+            .unwrap();
+        let locker = db.connect().await.unwrap();
+        locker
+            .batch_execute("begin; lock table events in access exclusive mode")
+            .await
+            .unwrap();
+        client
+            .batch_execute("set lock_timeout = '100ms'")
+            .await
+            .unwrap();
+
+        let failed = lanes(&client, "fulfilment").await;
+        assert!(failed.is_err(), "{failed:?}");
+        locker.batch_execute("commit").await.unwrap();
+        let lanes = lanes(&client, "fulfilment").await.unwrap();
+        assert_eq!(
+            lanes[0].behind_seconds,
+            Some(None),
+            "read everything there is"
+        );
     }
 }
