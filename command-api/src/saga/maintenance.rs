@@ -381,16 +381,23 @@ delete from outbox where outbox_id in (
     limit $2)";
 
 /// Only settled sagas: the domain guarantees nothing more will be sent for them (delivered,
-/// or cancelled with stock released and money refunded), so their state is history.
+/// or cancelled with stock released and money refunded), so their state is history. Events of
+/// theirs still parked go with them: retried without the state, one would start the instance
+/// anew from that event alone, an instance that could never settle.
 const PURGE_SAGAS: &str = "
-delete from saga_states where (saga_name, order_id) in (
+with purged as (
     select saga_name, order_id from saga_states
     where saga_name = $1 and settled and updated_at < now() - make_interval(secs => $2)
-    limit $3)";
+    limit $3),
+unparked as (
+    delete from saga_parked p using purged
+    where p.saga_name = purged.saga_name and p.order_id = purged.order_id)
+delete from saga_states s using purged
+where s.saga_name = purged.saga_name and s.order_id = purged.order_id";
 
-/// Deletes delivered and skipped outbox messages, and the settled states of saga `saga_name`,
-/// last touched more than `retention` ago. Dead letters waiting for an operator, pending
-/// messages and sagas still in flight are never touched.
+/// Deletes delivered and skipped outbox messages, and the settled states of saga `saga_name`
+/// (with their parked events), last touched more than `retention` ago. Dead letters waiting
+/// for an operator, pending messages and sagas still in flight are never touched.
 pub async fn purge(
     client: &Client,
     saga_name: &str,
@@ -455,6 +462,57 @@ mod tests {
         let lanes = lanes(&client, "fulfilment").await.unwrap();
         assert_eq!(lanes.len(), 1);
         assert_eq!(lanes[0].behind_seconds, None);
+    }
+
+    #[tokio::test]
+    async fn the_purge_takes_the_parked_events_of_the_sagas_it_purges_with_them() {
+        let db = one_lane().await;
+        let client = db.connect().await.unwrap();
+        // (settled, days since the state last changed): only the first is purged.
+        let orders = [(true, 30), (false, 30), (true, 1)];
+        for (settled, days) in orders {
+            client
+                .execute(
+                    "with o as (select gen_random_uuid() as order_id),
+                     s as (insert into saga_states
+                               (saga_name, order_id, state, correlation_id, settled, updated_at)
+                           select 'fulfilment', order_id, '{}', gen_random_uuid(), $1,
+                                  now() - make_interval(days => $2)
+                           from o)
+                     insert into saga_parked (saga_name, event_id, order_id, position_commit,
+                                              position_prepare, stream, version, event_type,
+                                              error)
+                     select 'fulfilment', gen_random_uuid(), order_id, 1, 1,
+                            'order-' || order_id, 3, 'OrderShipped', 'refused'
+                     from o",
+                    &[&settled, &days],
+                )
+                .await
+                .unwrap();
+        }
+
+        let purged = purge(&client, "fulfilment", Duration::from_secs(7 * 24 * 3600))
+            .await
+            .unwrap();
+        assert_eq!(purged.saga_states, 1);
+        let left: i64 = client
+            .query_one(
+                "select count(*) from saga_parked p join saga_states s using (saga_name, order_id)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let all: i64 = client
+            .query_one("select count(*) from saga_parked", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            (left, all),
+            (2, 2),
+            "the other two stay, each with its state"
+        );
     }
 
     /// A log that does not answer in time fails the status: it used to read as a log kept
