@@ -711,6 +711,67 @@ async fn a_charge_its_payment_cannot_record_is_dead_lettered_at_once() {
     assert_eq!(events_of(&db, "PaymentCharged", &payment).await, 0);
 }
 
+/// A mail and a charge claimed together: the mail is recorded as delivered once it is sent,
+/// while the provider still has not answered the charge. It used to wait for the slowest
+/// call of its batch, and a crash meanwhile sent the mail a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mail_is_recorded_as_sent_without_waiting_for_a_charge_beside_it() {
+    let db = migrated_database().await;
+    let settings = settings_for(db.url());
+    let gateway = Arc::new(Gated::default());
+    let mailer = Arc::new(Flaky::default());
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        ..SagaConfig::default()
+    };
+    spawn(configured_runner(&settings, config, gateway.clone()).with_notifier(mailer.clone()));
+    // One statement, so one claim takes both.
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into outbox (outbox_id, order_id, kind, payload)
+             select gen_random_uuid(), o, kind, payload
+             from (select gen_random_uuid() as o) n,
+                  lateral (values
+                      ('notification', jsonb_build_object(
+                          'kind', 'notification', 'order_id', o, 'template', 'order-confirmed',
+                          'customer_id', 'alice', 'detail', null, 'correlation_id', o)),
+                      ('charge', jsonb_build_object(
+                          'kind', 'charge', 'order_id', o, 'attempt', 1, 'amount_minor', 650,
+                          'currency', 'EUR', 'payment_token', 'tok_ok', 'correlation_id', o))
+                  ) as m(kind, payload)",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'notification' and delivered_at is not null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        gateway.calls.load(Ordering::SeqCst),
+        1,
+        "the charge is under way"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from outbox where kind = 'charge' and delivered_at is null
+             and attempts = 1"
+        )
+        .await,
+        1,
+        "claimed with the mail"
+    );
+    assert_eq!(mailer.delivered.lock().unwrap().len(), 1);
+    gateway.gate.add_permits(1);
+}
+
 /// Fails every notice to one customer, with an error that passes; delivers the others.
 struct FailsFor(&'static str);
 

@@ -378,22 +378,37 @@ impl SagaRunner {
                 .await?
         };
         let count = claimed.len();
-        let deliveries = claimed.into_iter().map(|row| async move {
-            let claim = Claim {
-                id: row.get(0),
-                attempts: row.get(2),
-                failed_before: row.get(3),
-            };
-            let outcome = match serde_json::from_value::<Message>(row.get(1)) {
+        // Notifications are recorded as soon as they are all sent, not after the slowest call
+        // to the payment provider beside them (a timeout and its retries take seconds): a
+        // crash between sending a mail and recording it sends that mail again, so the window
+        // stays as short as the mails' own.
+        let (mails, calls): (Vec<_>, Vec<_>) = claimed
+            .into_iter()
+            .map(decode)
+            .partition(|(_, message)| matches!(message, Ok(Message::Notification { .. })));
+        let (mails, calls) = futures::join!(self.deliver_all(mails), self.deliver_all(calls));
+        mails.and(calls).map(|()| count)
+    }
+
+    /// Delivers `claimed` at once and records the outcomes: deliveries in one statement,
+    /// failures (rare) one by one, each whatever became of the others: a failure that cannot
+    /// be recorded must not leave the messages delivered beside it to be delivered again when
+    /// their lease runs out.
+    async fn deliver_all(
+        &self,
+        claimed: Vec<(Claim, Result<Message, CommandError>)>,
+    ) -> Result<(), CommandError> {
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let deliveries = claimed.into_iter().map(|(claim, message)| async move {
+            let outcome = match message {
                 Ok(message) => self.deliver_one(claim, message).await,
-                Err(e) => Err(CommandError::Internal(format!(
-                    "outbox message {}: {e}",
-                    claim.id
-                ))),
+                Err(error) => Err(error),
             };
             (claim, outcome)
         });
-        let mut delivered = Vec::with_capacity(count);
+        let mut delivered = Vec::new();
         let mut failed = Vec::new();
         for (claim, outcome) in futures::future::join_all(deliveries).await {
             match outcome {
@@ -401,9 +416,6 @@ impl SagaRunner {
                 Err(error) => failed.push((claim, error)),
             }
         }
-        // Deliveries are marked done in one statement, failures (rare) one by one, each
-        // whatever became of the others: a failure that cannot be recorded must not leave the
-        // messages delivered beside it to be delivered again when their lease runs out.
         let mut unrecorded = None;
         if !delivered.is_empty()
             && let Err(error) = recording(|| self.mark_delivered(&delivered)).await
@@ -415,7 +427,7 @@ impl SagaRunner {
                 unrecorded.get_or_insert(error);
             }
         }
-        unrecorded.map_or(Ok(count), Err)
+        unrecorded.map_or(Ok(()), Err)
     }
 
     /// Marks `delivered` done where each is still in the hands of this claim: a worker whose
@@ -728,6 +740,19 @@ impl SagaRunner {
             Err(error) => Err(error),
         }
     }
+}
+
+/// A claimed row: its claim, and its message as decoded (an error for a payload that does not
+/// decode, which fails its delivery).
+fn decode(row: tokio_postgres::Row) -> (Claim, Result<Message, CommandError>) {
+    let claim = Claim {
+        id: row.get(0),
+        attempts: row.get(2),
+        failed_before: row.get(3),
+    };
+    let message = serde_json::from_value::<Message>(row.get(1))
+        .map_err(|e| CommandError::Internal(format!("outbox message {}: {e}", claim.id)));
+    (claim, message)
 }
 
 /// Whether a failed delivery is dead-lettered at once, whatever attempts it has left: money
