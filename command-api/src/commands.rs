@@ -651,17 +651,6 @@ mod tests {
         );
     }
 
-    /// The command side's tables in a database of their own, for the order-id scheme.
-    async fn scheme_database() -> orderly_test_support::TestDb {
-        orderly_test_support::TestDb::create(
-            "command-api",
-            &crate::migration_fingerprint(),
-            |url| async move { crate::migrate(&url.parse()?).await.map_err(Into::into) },
-        )
-        .await
-        .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)")
-    }
-
     /// A scheme of its own (as a new process would have) on `db`.
     fn scheme(db: &orderly_test_support::TestDb) -> OrderIdScheme {
         OrderIdScheme::new(orderly_graphql::pg_pool(db.config(), 2).unwrap())
@@ -702,7 +691,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_begun_with_keyed_ids_records_that_no_public_order_can_exist() {
-        let db = scheme_database().await;
+        let db = crate::migrations::test_database().await;
         let store = Arc::new(MemoryEventStore::new());
         let alice = actor("alice", Role::Customer);
         // Products registered, no order yet: the first keyed placement decides.
@@ -719,7 +708,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_that_held_orders_before_the_first_keyed_placement_keeps_finding_them() {
-        let db = scheme_database().await;
+        let db = crate::migrations::test_database().await;
         let store = Arc::new(MemoryEventStore::new());
         let alice = actor("alice", Role::Customer);
         // Placed before this version: public ids, no scheme.
@@ -735,7 +724,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_process_placing_public_ids_says_so_before_its_first_placement() {
-        let db = scheme_database().await;
+        let db = crate::migrations::test_database().await;
         let store = Arc::new(MemoryEventStore::new());
         let alice = actor("alice", Role::Customer);
         keyed_process(&store, &db)

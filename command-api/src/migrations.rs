@@ -23,3 +23,16 @@ pub async fn migrate(config: &Config) -> Result<(), CommandError> {
 pub fn migration_fingerprint() -> String {
     fingerprint(&embedded::migrations::runner())
 }
+
+/// A database of its own with the command side's tables (and not the event store's), for the
+/// crate's unit tests.
+#[cfg(test)]
+pub(crate) async fn test_database() -> orderly_test_support::TestDb {
+    orderly_test_support::TestDb::create(
+        "command-api",
+        &migration_fingerprint(),
+        |url| async move { migrate(&url.parse()?).await.map_err(Into::into) },
+    )
+    .await
+    .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)")
+}

@@ -435,13 +435,7 @@ mod tests {
     /// A database with the command side's tables and one lane of saga "fulfilment"; the event
     /// store's `events` table is not among them.
     async fn one_lane() -> orderly_test_support::TestDb {
-        let db = orderly_test_support::TestDb::create(
-            "command-api",
-            &crate::migration_fingerprint(),
-            |url| async move { crate::migrate(&url.parse()?).await.map_err(Into::into) },
-        )
-        .await
-        .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)");
+        let db = crate::migrations::test_database().await;
         db.connect()
             .await
             .unwrap()

@@ -899,13 +899,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_census_counts_stored_phases_and_derives_the_ones_stored_without() {
-        let db = orderly_test_support::TestDb::create(
-            "command-api",
-            &crate::migration_fingerprint(),
-            |url| async move { crate::migrate(&url.parse()?).await.map_err(Into::into) },
-        )
-        .await
-        .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)");
+        let db = crate::migrations::test_database().await;
         let client = db.connect().await.unwrap();
         let now = Utc::now();
         let reserving = serde_json::to_value(FulfilmentState::default()).unwrap();
