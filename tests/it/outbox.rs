@@ -512,6 +512,31 @@ async fn charged_and_delivered() -> (orderly_test_support::TestDb, Arc<Gated>, S
     (db, gateway, order_id)
 }
 
+/// Waits until the charge message is marked delivered at claim `attempts`, then checks that
+/// the provider was called once and the payment holds one charge.
+async fn delivered_without_a_second_call(
+    db: &orderly_test_support::TestDb,
+    gateway: &Gated,
+    order_id: &str,
+    attempts: i32,
+) {
+    eventually(
+        db,
+        &format!(
+            "select count(*) from outbox where kind = 'charge' and delivered_at is not null
+             and attempts = {attempts}"
+        ),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "called once");
+    assert_eq!(
+        events_of(db, "PaymentCharged", &format!("payment-{order_id}")).await,
+        1
+    );
+}
+
 /// A charge message delivered again after its outcome was recorded (the worker that recorded
 /// it died, or its lease ran out, before marking it delivered) does not call the provider
 /// again: once the payment moved on, a second call that timed out after taking the money would
@@ -530,19 +555,7 @@ async fn a_charge_whose_outcome_is_recorded_is_not_sent_to_the_provider_again() 
         )
         .await
         .unwrap();
-    eventually(
-        &db,
-        "select count(*) from outbox where kind = 'charge' and delivered_at is not null
-         and attempts = 2",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "called once");
-    assert_eq!(
-        events_of(&db, "PaymentCharged", &format!("payment-{order_id}")).await,
-        1
-    );
+    delivered_without_a_second_call(&db, &gateway, &order_id, 2).await;
 }
 
 /// The same after an operator's retry: a charge message dead-lettered although its outcome was
@@ -566,19 +579,7 @@ async fn a_charge_retried_by_an_operator_after_its_outcome_was_recorded_is_not_s
         .get(0);
 
     maintenance::retry(&client, outbox_id).await.unwrap();
-    eventually(
-        &db,
-        "select count(*) from outbox where kind = 'charge' and delivered_at is not null
-         and attempts = 1",
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "called once");
-    assert_eq!(
-        events_of(&db, "PaymentCharged", &format!("payment-{order_id}")).await,
-        1
-    );
+    delivered_without_a_second_call(&db, &gateway, &order_id, 1).await;
 }
 
 /// A process that stops gives back what its outbox worker claimed and could not record, for
