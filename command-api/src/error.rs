@@ -62,6 +62,14 @@ pub enum CommandError {
     #[error("payment gateway: {0}")]
     Gateway(String),
 
+    /// Work this call depends on is still under way: the payment provider's handling of an
+    /// earlier request with the same idempotency key (HTTP 409).
+    ///
+    /// Handling: UNAVAILABLE; try again shortly (workers retry it like `Gateway`). The circuit
+    /// breakers do not count it: the provider answered.
+    #[error("still in progress: {0}")]
+    InProgress(String),
+
     /// A notification transport failed (SMTP server down, recipient refused, no address).
     ///
     /// Handling: the outbox worker retries with backoff and dead-letters the message after
@@ -88,7 +96,11 @@ impl CommandError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable(_) | Self::Contended(_) | Self::Gateway(_) | Self::Delivery(_)
+            Self::Unavailable(_)
+                | Self::Contended(_)
+                | Self::Gateway(_)
+                | Self::InProgress(_)
+                | Self::Delivery(_)
         )
     }
 
@@ -110,6 +122,8 @@ impl CommandError {
             Self::NotFound(what) => ErrorCode::NotFound.error(format!("{what} not found")),
             Self::Conflict { expected, actual } => error_codes::conflict(*expected, *actual),
             Self::Rejected(rejection) => rejection_to_graphql(rejection),
+            // Says what to wait for; it holds nothing internal.
+            Self::InProgress(_) => ErrorCode::Unavailable.error(self.to_string()),
             Self::Contended(_) | Self::Unavailable(_) | Self::Gateway(_) | Self::Delivery(_) => {
                 error_codes::unavailable(request_id, self)
             }

@@ -97,9 +97,10 @@ fn outcome<T>(result: &Result<T, CommandError>) -> &'static str {
 fn error_outcome(error: &CommandError) -> &'static str {
     match error {
         CommandError::Conflict { .. } | CommandError::Contended(_) => "conflict",
-        CommandError::Unavailable(_) | CommandError::Gateway(_) | CommandError::Internal(_) => {
-            "error"
-        }
+        CommandError::Unavailable(_)
+        | CommandError::Gateway(_)
+        | CommandError::InProgress(_)
+        | CommandError::Internal(_) => "error",
         // The aggregate refused, or the decision found the caller's input or target wrong.
         _ => "rejected",
     }

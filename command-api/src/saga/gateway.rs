@@ -171,9 +171,10 @@ impl PaymentGateway for Simulator {
 /// An external provider over HTTP: `POST {base}/charges` and `POST {base}/refunds` with an
 /// `Idempotency-Key` header, `GET {base}/charges/{key}` to look a charge up. 2xx answers
 /// carry a [`ChargeOutcome`]; 402 is a decline; a lookup's 404 with `{"status":
-/// "not_found"}` is "no such charge"; other client errors are final (see `is_client_error`);
-/// anything else (5xx, 401, 403, 407, 408, 409, 429, a bare 404 to a lookup, a dropped
-/// connection) is transient.
+/// "not_found"}` is "no such charge"; 409 is the idempotency-key convention's "a request with
+/// this key is still in progress" ([`CommandError::InProgress`]); other client errors are final
+/// (see `is_client_error`); anything else (5xx, 401, 403, 407, 408, 429, a bare 404 to a
+/// lookup, a dropped connection) is transient.
 pub struct HttpGateway {
     client: reqwest::Client,
     base: String,
@@ -189,8 +190,8 @@ impl HttpGateway {
 }
 
 /// Whether the provider refused the request itself: a 4xx other than 408 (request timeout),
-/// 409 (the idempotency-key convention's "a request with this key is still in progress", so
-/// the outcome is unknown), 429 (too many requests) and the refusals of Orderly's own
+/// 409 (still in progress: the outcome is unknown, see [`unsuccessful`]), 429 (too many
+/// requests) and the refusals of Orderly's own
 /// credentials, 401, 403 and 407 (a rotated key, a revoked account, a proxy: every call
 /// fails alike until someone fixes the integration, an outage that is no customer's doing).
 /// The same request would be refused again, and it says nothing about the provider's health,
@@ -212,13 +213,24 @@ fn transient(error: reqwest::Error) -> CommandError {
     CommandError::Gateway(error.without_url().to_string())
 }
 
+/// A non-success answer that is not the provider's refusal: a 409 says the provider is up and
+/// still handling an earlier request with the same key, which the breakers must not count as
+/// an outage (a slow charge retried would otherwise open them); anything else is transient.
+fn unsuccessful(status: StatusCode) -> CommandError {
+    if status == StatusCode::CONFLICT {
+        CommandError::InProgress("the payment provider is still handling this request".into())
+    } else {
+        CommandError::Gateway(format!("provider answered {status}"))
+    }
+}
+
 /// A non-success answer to a refund or lookup: final when the provider refused the request
-/// (an operator must look: the outbox dead-letters it), else transient.
+/// (an operator must look: the outbox dead-letters it), else as [`unsuccessful`].
 fn failed_call(what: &str, status: StatusCode) -> CommandError {
     if is_client_error(status) {
         CommandError::Internal(format!("the payment provider refused the {what}: {status}"))
     } else {
-        CommandError::Gateway(format!("provider answered {status}"))
+        unsuccessful(status)
     }
 }
 
@@ -248,7 +260,7 @@ impl PaymentGateway for HttpGateway {
             });
         }
         if !status.is_success() {
-            return Err(CommandError::Gateway(format!("provider answered {status}")));
+            return Err(unsuccessful(status));
         }
         response.json().await.map_err(transient)
     }
@@ -443,6 +455,7 @@ impl Resilient {
             let (outcome, label) = match &answered {
                 Ok(Ok(answer)) => (Outcome::Answered, succeeded(answer)),
                 Ok(Err(error)) if !error.is_transient() => (Outcome::Refused, "refused"),
+                Ok(Err(CommandError::InProgress(_))) => (Outcome::InProgress, "in_progress"),
                 _ => (Outcome::Failed, "failed"),
             };
             count_request(label);
@@ -918,18 +931,49 @@ mod tests {
             BreakerState::Closed
         );
 
-        // A request still in progress, throttling and a refusal of Orderly's own credentials
-        // are transient: retried, outcome unknown, never the customer's decline.
-        for token in [
-            "tok_in_progress",
-            "tok_throttled",
-            "tok_unauthorized",
-            "tok_forbidden",
-        ] {
+        // Throttling and a refusal of Orderly's own credentials are transient: retried,
+        // outcome unknown, never the customer's decline.
+        for token in ["tok_throttled", "tok_unauthorized", "tok_forbidden"] {
             let before = calls.load(Ordering::SeqCst);
             let outcome = gateway.charge(&charge_for("order-9", token)).await;
             assert!(matches!(outcome, Err(CommandError::Gateway(_))), "{token}");
             assert_eq!(calls.load(Ordering::SeqCst) - before, 3, "{token}: retried");
         }
+    }
+
+    /// A 409 says the provider is still handling an earlier request with the same key: it is
+    /// retried and its outcome stays unknown, but it is no outage. Counted as failures, a
+    /// stretch of slow charges answered 409 used to open the provider's breaker and the card's,
+    /// and every other customer's charge was then refused at once.
+    #[tokio::test]
+    async fn a_request_still_in_progress_is_retried_and_never_opens_a_breaker() {
+        let (base, calls) = provider().await;
+        let policy = Resilience {
+            breaker_threshold: 1,
+            breaker_min_calls: 1,
+            ..fast()
+        };
+        let gateway = Resilient::new(Arc::new(HttpGateway::new(base)), policy);
+        for n in 0..5 {
+            let before = calls.load(Ordering::SeqCst);
+            let outcome = gateway
+                .charge(&charge_for(&format!("order-{n}"), "tok_in_progress"))
+                .await;
+            assert!(
+                matches!(&outcome, Err(error @ CommandError::InProgress(_)) if error.is_transient()),
+                "{outcome:?}"
+            );
+            assert_eq!(calls.load(Ordering::SeqCst) - before, 3, "retried");
+            // Another card goes through meanwhile, as the per-card breaker's rule wants.
+            gateway
+                .charge(&charge_for(&format!("order-ok-{n}"), tokens::OK))
+                .await
+                .unwrap();
+        }
+        assert_eq!(gateway.breaker_state(), BreakerState::Closed);
+        assert_eq!(
+            gateway.payment_method_breaker_state("tok_in_progress"),
+            BreakerState::Closed
+        );
     }
 }

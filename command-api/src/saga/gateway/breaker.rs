@@ -77,6 +77,9 @@ pub(super) enum Outcome {
     Failed,
     /// The provider refused the request itself (a client error): not counted either way.
     Refused,
+    /// The provider is still handling an earlier request with the same key (409): it is up,
+    /// and the card's fate is not known yet. Not counted either way; the call is retried.
+    InProgress,
 }
 
 pub(super) struct Breakers {
@@ -154,7 +157,7 @@ impl Breakers {
         match outcome {
             Outcome::Answered => book.answered(&self.policy, subject, pass, now),
             Outcome::Failed => book.failed(&self.policy, subject, pass, now),
-            Outcome::Refused => book.release(subject, pass),
+            Outcome::Refused | Outcome::InProgress => book.release(subject, pass),
         }
     }
 }
