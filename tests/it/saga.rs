@@ -766,35 +766,43 @@ async fn a_page_of_broken_deadlines_does_not_keep_the_lanes_other_deadlines_wait
     assert_ne!(oldest.to_string(), id);
 }
 
-/// Charges like the simulator; every refund fails.
-struct RefundsFail(Simulator);
+/// Charges like the simulator; every refund fails with the error `refusal` makes.
+struct RefundsFail {
+    provider: Simulator,
+    refusal: fn() -> CommandError,
+}
 
 #[async_trait::async_trait]
 impl PaymentGateway for RefundsFail {
     async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
-        self.0.charge(charge).await
+        self.provider.charge(charge).await
     }
 
     async fn refund(&self, _key: &str, _reference: &str) -> Result<(), CommandError> {
-        Err(CommandError::Gateway("refunds are down".into()))
+        Err((self.refusal)())
     }
 }
 
-#[tokio::test]
-async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lettered() {
+/// An order confirmed, then cancelled by its customer, under a saga whose refunds fail with
+/// `refusal` and whose outbox tries a message `max_attempts` times: the database once the
+/// refund is dead-lettered, with the refund's attempts and last error.
+async fn refund_dead_lettered(
+    refusal: fn() -> CommandError,
+    max_attempts: u32,
+) -> (TestDb, i32, String) {
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let config = SagaConfig {
         timing: fast_timing(),
         tick: Duration::from_millis(50),
-        outbox_max_attempts: 2,
+        outbox_max_attempts: max_attempts,
         ..SagaConfig::default()
     };
-    let _saga = start_saga_config(
-        &settings,
-        Arc::new(RefundsFail(Simulator::default())),
-        config,
-    );
+    let gateway = RefundsFail {
+        provider: Simulator::default(),
+        refusal,
+    };
+    let _saga = start_saga_config(&settings, Arc::new(gateway), config);
     let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
     let log = Log::new(&settings);
     let order = log
@@ -811,31 +819,23 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
         )
         .await;
     cancelled.data("cancelOrder");
-    let started = Instant::now();
-    loop {
-        let dead = count(
-            &db,
-            "select count(*) from outbox where kind = 'refund' and dead_lettered_at is not null",
-        )
-        .await;
-        if dead == 1 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the refund was never dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let error: String = db
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'refund' and dead_lettered_at is not null",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    let row = db
         .connect()
         .await
         .unwrap()
-        .query_one("select last_error from outbox where kind = 'refund'", &[])
+        .query_one(
+            "select attempts, last_error from outbox where kind = 'refund'",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
-    assert!(error.contains("refunds are down"), "{error}");
+        .unwrap();
     // Confirmation and cancellation notices.
     eventually(
         &db,
@@ -850,6 +850,27 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
         0,
         "the reservation was released all the same"
     );
+    (db, row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lettered() {
+    let refusal = || CommandError::Gateway("refunds are down".into());
+    let (_db, attempts, error) = refund_dead_lettered(refusal, 2).await;
+    assert_eq!(attempts, 2, "tried outbox_max_attempts times");
+    assert!(error.contains("refunds are down"), "{error}");
+}
+
+/// A refund the provider refuses (a client error: it knows no such charge, say) would be
+/// refused again: it is dead-lettered at its first failure, for an operator to look at,
+/// instead of being sent the 20 times a provider that is down gets, over many minutes.
+#[tokio::test]
+async fn a_refund_the_provider_refuses_is_dead_lettered_at_its_first_failure() {
+    let refusal =
+        || CommandError::Internal("the payment provider refused the refund: 404 Not Found".into());
+    let (_db, attempts, error) = refund_dead_lettered(refusal, 20).await;
+    assert_eq!(attempts, 1, "not tried again");
+    assert!(error.contains("refused the refund"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,8 +21,9 @@
 //! that dies mid-delivery leaves it to be delivered again; the gateway's idempotency key makes
 //! that safe. The claim names the saga member that made it, and a live member gives back the
 //! claims of one whose membership lease ran out at its next heartbeat, so a crash delays a
-//! message by seconds, not by the claim's lease. A message that fails `outbox_max_attempts`
-//! times is dead-lettered with its error.
+//! message by seconds, not by the claim's lease. A message whose delivery fails transiently
+//! `outbox_max_attempts` times is dead-lettered with its error, and one that fails in a way
+//! its next attempt would meet again (see [`needs_an_operator`]) at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -755,15 +756,16 @@ fn decode(row: tokio_postgres::Row) -> (Claim, Result<Message, CommandError>) {
     (claim, message)
 }
 
-/// Whether a failed delivery is dead-lettered at once, whatever attempts it has left: money
-/// the provider took that the payment refused to record. A later attempt would find the
-/// payment settled and mark the message done (see [`SagaRunner::charge`]), leaving the money
-/// in a log line only.
+/// Whether a failed delivery is dead-lettered at once, whatever attempts it has left: any
+/// failure but a transient one. Another attempt would meet it again: the provider refused the
+/// refund or lookup (a client error), the payload does not decode, a notice names an order the
+/// log does not hold; retried 20 times (the default), they stayed hidden from the dead-letter
+/// gauge and its alert for some thirteen minutes of backoff. Above all, money the
+/// provider took that the payment refused to record: a later attempt would find the payment
+/// settled and mark the message done (see [`SagaRunner::charge`]), leaving the money in a log
+/// line only.
 fn needs_an_operator(error: &CommandError) -> bool {
-    matches!(
-        error,
-        CommandError::Rejected(Rejection::UnexpectedCharge { .. })
-    )
+    !error.is_transient()
 }
 
 /// Runs `record` (writing a delivery's outcome to the outbox) again while it fails
