@@ -483,6 +483,15 @@ impl FulfilmentState {
             .flatten()
     }
 
+    /// The charge attempt sent whose outcome the saga has not seen: neither charged, declined
+    /// nor failed. The runner withdraws it from the outbox when the order is cancelled before
+    /// it went out.
+    pub fn unanswered_charge(&self) -> Option<u32> {
+        let attempt = self.sent.charge_attempt;
+        (attempt > self.payment.failed && self.payment.charged.is_none() && !self.payment.declined)
+            .then_some(attempt)
+    }
+
     /// Nothing more will ever be sent: the order is delivered, or cancelled with every
     /// reservation given back and any charge refunded. The runner may archive the state.
     pub fn is_settled(&self) -> bool {
@@ -497,9 +506,7 @@ impl FulfilmentState {
                 .values()
                 .all(|line| line.stock != Stock::Reserved);
         let money_settled = self.payment.charged.is_none() || self.payment.refunded;
-        let payment_quiet = self.sent.charge_attempt <= self.payment.failed
-            || self.payment.charged.is_some()
-            || self.payment.declined;
+        let payment_quiet = self.unanswered_charge().is_none();
         let delivered =
             self.order.shipped && self.lines.values().all(|line| line.stock == Stock::Shipped);
         delivered || (ended && nothing_held && money_settled && payment_quiet)
@@ -1807,6 +1814,21 @@ mod tests {
         assert!(!given_back.is_settled(), "a charge may still go through");
         let answered = evolve(given_back, &failed(1, 7).input());
         assert!(answered.is_settled());
+    }
+
+    #[test]
+    fn only_a_charge_attempt_sent_and_not_answered_is_unanswered() {
+        let sent = folded(&awaiting_payment());
+        assert_eq!(sent.unanswered_charge(), Some(1));
+        let failed_once = evolve(sent.clone(), &failed(1, 3).input());
+        assert_eq!(failed_once.unanswered_charge(), None);
+        let retried = evolve(failed_once, &charge_requested(2, 4).input());
+        assert_eq!(retried.unanswered_charge(), Some(2));
+        assert_eq!(
+            evolve(retried, &charged(5).input()).unanswered_charge(),
+            None
+        );
+        assert_eq!(evolve(sent, &declined().input()).unanswered_charge(), None);
     }
 
     #[test]

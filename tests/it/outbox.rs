@@ -456,18 +456,7 @@ async fn an_outcome_that_cannot_be_recorded_at_once_is_recorded_when_it_can() {
         ))
         .await
         .unwrap();
-    let gateway = Arc::new(Gated::default());
-    let config = SagaConfig {
-        tick: Duration::from_millis(50),
-        ..SagaConfig::default()
-    };
-    spawn(configured_runner(&settings, config, gateway.clone()));
-    place_one(&api, "alice", "TEA").await;
-    let started = std::time::Instant::now();
-    while gateway.calls.load(Ordering::SeqCst) == 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "no charge");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gateway = charge_held_at_the_provider(&settings, &api).await;
 
     let locker = db.connect().await.unwrap();
     locker
@@ -482,6 +471,24 @@ async fn an_outcome_that_cannot_be_recorded_at_once_is_recorded_when_it_can() {
                      and attempts = 1";
     eventually(&db, delivered, 1, Duration::from_secs(20)).await;
     assert_eq!(gateway.calls.load(Ordering::SeqCst), 1, "charged once");
+}
+
+/// A saga runner whose gateway holds every charge until the test opens its gate, and an
+/// order of one TEA by alice whose charge has reached it: the gateway.
+async fn charge_held_at_the_provider(settings: &Settings, api: &Api) -> Arc<Gated> {
+    let gateway = Arc::new(Gated::default());
+    let config = SagaConfig {
+        tick: Duration::from_millis(50),
+        ..SagaConfig::default()
+    };
+    spawn(configured_runner(settings, config, gateway.clone()));
+    place_one(api, "alice", "TEA").await;
+    let started = std::time::Instant::now();
+    while gateway.calls.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no charge");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gateway
 }
 
 /// An order charged through a gateway that counts its calls, with the charge's message marked
@@ -771,6 +778,44 @@ async fn a_mail_is_recorded_as_sent_without_waiting_for_a_charge_beside_it() {
     );
     assert_eq!(mailer.delivered.lock().unwrap().len(), 1);
     gateway.gate.add_permits(1);
+}
+
+/// An order cancelled while its charge waits in the outbox (the provider is slow, and the
+/// worker's batch waits on it) has that charge withdrawn: the provider is never called for
+/// it, the attempt is recorded as failed, and the saga settles. It used to be sent after the
+/// cancel, and the money taken was given back by a refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_still_queued_when_its_order_is_cancelled_is_never_sent() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    // The first order's charge holds the outbox worker at the provider.
+    let gateway = charge_held_at_the_provider(&settings, &api).await;
+    let queued = place_one(&api, "bob", "TEA").await;
+    let of_order = |kind: &str| {
+        format!("select count(*) from outbox where kind = '{kind}' and order_id = '{queued}'")
+    };
+    eventually(&db, &of_order("charge"), 1, Duration::from_secs(30)).await;
+    cancel_as(&api, "bob", &queued).await;
+    // The cancellation's notice is stored by the step that handles the cancel.
+    eventually(&db, &of_order("notification"), 1, Duration::from_secs(30)).await;
+
+    gateway.gate.add_permits(10);
+    let payment = format!("payment-{queued}");
+    let failed = format!(
+        "select count(*) from events where event_type = 'PaymentFailed' and stream = '{payment}'
+         and data ->> 'reason' like 'charge withdrawn%'"
+    );
+    eventually(&db, &failed, 1, Duration::from_secs(30)).await;
+    let settled =
+        format!("select count(*) from saga_states where order_id = '{queued}' and settled");
+    eventually(&db, &settled, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        gateway.calls.load(Ordering::SeqCst),
+        1,
+        "only the first order's"
+    );
+    assert_eq!(events_of(&db, "PaymentCharged", &payment).await, 0);
+    assert_eq!(events_of(&db, "PaymentRefunded", &payment).await, 0);
 }
 
 /// Fails every notice to one customer, with an error that passes; delivers the others.

@@ -39,7 +39,7 @@ use futures::StreamExt;
 use orderly_domain::fulfilment::{self, Command, FulfilmentState, Phase, SagaInput};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
-use orderly_event_schemas::{Event, EventMetadata, decode_recorded};
+use orderly_event_schemas::{Event, EventMetadata, OrderEvent, decode_recorded};
 use orderly_event_store::{Direction, EventFilter, Position, RecordedEvent, StreamName};
 use orderly_observability::trace_context;
 use tokio::sync::{mpsc, watch};
@@ -191,6 +191,9 @@ struct Handled {
     before: Phase,
     correlation: Uuid,
     rows: Vec<Row>,
+    /// The outbox row of a charge to withdraw: the order was cancelled while its last
+    /// attempt had no answer (see `Row::withdraw_charges`).
+    withdraw: Option<Uuid>,
     parked: Vec<Parked>,
     /// Ids of parked events that handled fine this time (a retry).
     resolved: Vec<Uuid>,
@@ -205,6 +208,7 @@ impl Handled {
             before,
             correlation,
             rows: Vec::new(),
+            withdraw: None,
             parked: Vec::new(),
             resolved: Vec::new(),
         }
@@ -776,6 +780,11 @@ impl SagaRunner {
                     if retrying {
                         handled.resolved.push(input.id);
                     }
+                    if matches!(event, Event::Order(OrderEvent::OrderCancelled(_))) {
+                        handled.withdraw = state
+                            .unanswered_charge()
+                            .map(|attempt| Row::charge_id(order_id, attempt));
+                    }
                 }
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
@@ -1183,7 +1192,16 @@ impl SagaRunner {
         );
         let parked = park(&tx, &self.config.name, handled);
         futures::try_join!(saved, rows, parked)?;
+        // After the inserts: a charge stored by this batch may be the one to withdraw.
+        let withdraw: Vec<Uuid> = handled.iter().filter_map(|entry| entry.withdraw).collect();
+        let withdrawn = Row::withdraw_charges(&tx, &withdraw).await?;
         tx.commit().await?;
+        if withdrawn > 0 {
+            tracing::info!(
+                charges = withdrawn,
+                "charges of cancelled orders withdrawn before they were sent"
+            );
+        }
         let mut stored = Vec::new();
         for entry in handled {
             if let (Some(order_id), Some(state)) = (entry.order_id, &entry.state) {
@@ -1425,6 +1443,7 @@ fn undecodable(input: &Arc<Input>) -> Handled {
         before: Phase::Reserving,
         correlation: input.id,
         rows: Vec::new(),
+        withdraw: None,
         parked: vec![Parked {
             input: input.clone(),
             reason: error,

@@ -71,6 +71,10 @@ pub(super) enum Message {
         currency: String,
         payment_token: String,
         correlation_id: Uuid,
+        /// Set by [`Row::withdraw_charges`] when the order was cancelled before the charge
+        /// went out: its delivery records the attempt failed instead of calling the provider.
+        #[serde(default)]
+        withdrawn: bool,
     },
     Refund {
         order_id: OrderId,
@@ -110,6 +114,14 @@ from unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::float8[])
     as r(outbox_id, order_id, kind, payload, due_in)
 on conflict (outbox_id) do nothing";
 
+/// Marks the never-tried charges `$1` withdrawn (see [`Row::withdraw_charges`]). A charge
+/// claimed, or tried before, is left alone: it may have reached the provider, and what it took
+/// is refunded like any charge that lands after a cancel.
+const WITHDRAW_CHARGES: &str = "
+update outbox set payload = payload || '{\"withdrawn\": true}'
+where outbox_id = any($1) and kind = 'charge' and attempts = 0 and last_error is null
+  and delivered_at is null and dead_lettered_at is null";
+
 /// One outbox row; its id derives from the order and the step, so a replayed step adds nothing.
 pub(super) struct Row {
     id: Uuid,
@@ -120,10 +132,20 @@ pub(super) struct Row {
 impl Row {
     pub(super) fn new(order_id: OrderId, step: &str, message: Message) -> Self {
         Self {
-            id: Uuid::new_v5(&order_id.0, format!("outbox/{step}").as_bytes()),
+            id: Self::id(order_id, step),
             order_id,
             message,
         }
+    }
+
+    /// The id of the row of the order's charge attempt `attempt`, the same whichever step
+    /// stored it (see [`rows_for_event`]).
+    pub(super) fn charge_id(order_id: OrderId, attempt: u32) -> Uuid {
+        Self::id(order_id, &format!("charge/{attempt}"))
+    }
+
+    fn id(order_id: OrderId, step: &str) -> Uuid {
+        Uuid::new_v5(&order_id.0, format!("outbox/{step}").as_bytes())
     }
 
     /// A refund of the order's charge, asked for by a saga step.
@@ -193,6 +215,22 @@ impl Row {
             .await?;
         Ok(())
     }
+
+    /// Withdraws the charges `ids` ([`Self::charge_id`]) of orders cancelled while their
+    /// last attempt waited in the outbox: a provider slow to answer, or down, holds the
+    /// outbox back, and a charge sent after the cancel takes money only to give it back. A
+    /// withdrawn charge is recorded as a failed attempt, which is what the cancelled saga
+    /// waits for to settle.
+    pub(super) async fn withdraw_charges(
+        tx: &deadpool_postgres::Transaction<'_>,
+        ids: &[Uuid],
+    ) -> Result<u64, CommandError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let withdraw = tx.prepare_cached(WITHDRAW_CHARGES).await?;
+        Ok(tx.execute(&withdraw, &[&ids]).await?)
+    }
 }
 
 /// The outbox rows a recorded event asks for by itself, whatever the saga's state: the
@@ -213,18 +251,19 @@ pub(super) fn rows_for_event(event: &Event, correlation: Uuid) -> Vec<Row> {
         correlation_id: correlation,
     };
     match event {
-        Event::Payment(PaymentEvent::PaymentChargeRequested(requested)) => vec![Row::new(
-            requested.order_id,
-            &format!("charge/{}", requested.attempt),
-            Message::Charge {
+        Event::Payment(PaymentEvent::PaymentChargeRequested(requested)) => vec![Row {
+            id: Row::charge_id(requested.order_id, requested.attempt),
+            order_id: requested.order_id,
+            message: Message::Charge {
                 order_id: requested.order_id,
                 attempt: requested.attempt,
                 amount_minor: requested.amount.amount_minor(),
                 currency: requested.amount.currency().to_string(),
                 payment_token: requested.payment_token.to_string(),
                 correlation_id: correlation,
+                withdrawn: false,
             },
-        )],
+        }],
         Event::Order(OrderEvent::OrderCancelled(cancelled)) => vec![
             Row::new(
                 cancelled.order_id,
@@ -484,10 +523,18 @@ impl SagaRunner {
             Message::Charge {
                 order_id,
                 attempt,
+                correlation_id,
+                withdrawn: true,
+                ..
+            } => self.withdrawn(id, order_id, attempt, correlation_id).await,
+            Message::Charge {
+                order_id,
+                attempt,
                 amount_minor,
                 currency,
                 payment_token,
                 correlation_id,
+                withdrawn: false,
             } => {
                 let charge = Charge {
                     idempotency_key: order_id.to_string(),
@@ -582,6 +629,29 @@ impl SagaRunner {
         // One id per outcome: a redelivered charge that ends differently (failed, then
         // charged) is a different decision, not a repeat of the first.
         let command_id = Uuid::new_v5(&id, format!("outcome/{outcome}").as_bytes());
+        self.record_payment(order_id, command_id, id, correlation_id, command)
+            .await
+    }
+
+    /// Records charge attempt `attempt`, withdrawn before any claim of it (see
+    /// [`Row::withdraw_charges`]), as failed; the provider never heard of it.
+    async fn withdrawn(
+        &self,
+        id: Uuid,
+        order_id: OrderId,
+        attempt: u32,
+        correlation_id: Uuid,
+    ) -> Result<(), CommandError> {
+        tracing::info!(%order_id, attempt, "charge withdrawn: the order was cancelled before it was sent");
+        let command = PaymentCommand::RecordFailure {
+            reason: reason_or(
+                String::new(),
+                "charge withdrawn: the order was cancelled before it was sent",
+            ),
+            attempt,
+            failed_at: Utc::now(),
+        };
+        let command_id = Uuid::new_v5(&id, b"outcome/withdrawn");
         self.record_payment(order_id, command_id, id, correlation_id, command)
             .await
     }
