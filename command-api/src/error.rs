@@ -63,7 +63,8 @@ pub enum CommandError {
     Gateway(String),
 
     /// Work this call depends on is still under way: the payment provider's handling of an
-    /// earlier request with the same idempotency key (HTTP 409).
+    /// earlier request with the same idempotency key (HTTP 409), or a retry of the parked saga
+    /// events an operator asked to skip.
     ///
     /// Handling: UNAVAILABLE; try again shortly (workers retry it like `Gateway`). The circuit
     /// breakers do not count it: the provider answered.

@@ -467,11 +467,31 @@ async fn an_admin_retries_and_skips_parked_saga_events() {
         .await;
     assert_eq!(unknown.code(), "NOT_FOUND");
 
-    // The order's events all at once: its one parked event, then none left to skip.
+    // The order's events all at once: its one parked event, whose retry is under way, so
+    // not skipped (the retry's end would undo the skip after its commands went out)...
     let retried = api
         .gql(Some(&admin), RETRY_ORDER, json!({ "id": order }))
         .await;
     assert_eq!(retried.data("retryParkedSagaEventsOfOrder"), 1);
+    let busy = api
+        .gql(Some(&admin), SKIP_ORDER, json!({ "id": order }))
+        .await;
+    assert_eq!(busy.code(), "UNAVAILABLE");
+    let message = busy.error()["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("retry of 1 of these parked events is under way"),
+        "{message}"
+    );
+    // ...until the retry ends with the event parked again, as a lane does; then none is left.
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "update saga_parked set retry_requested_at = null, attempts = attempts + 1",
+            &[],
+        )
+        .await
+        .unwrap();
     let skipped = api
         .gql(Some(&admin), SKIP_ORDER, json!({ "id": order }))
         .await;

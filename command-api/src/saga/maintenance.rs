@@ -327,7 +327,15 @@ pub async fn retry_parked(
     saga_name: &str,
     which: ParkedOf,
 ) -> Result<u64, CommandError> {
-    update_parked(client, "retry_requested_at", saga_name, which).await
+    let (key, id) = which.key();
+    let update = format!(
+        "update saga_parked set retry_requested_at = now()
+         where saga_name = $1 and {key} = $2 and skipped_at is null"
+    );
+    match client.execute(&update, &[&saga_name, &id]).await? {
+        0 => Err(CommandError::NotFound("parked saga event")),
+        asked => Ok(asked),
+    }
 }
 
 /// Drops the parked events `which` for good: the saga never feeds them again. The rows stay,
@@ -336,31 +344,44 @@ pub async fn retry_parked(
 /// stream, at the payment deadline), and what the saga kept when it parked a placement, a
 /// cancel or a shipment is still acted on (see `fulfilment::parked`). How many were skipped;
 /// NOT_FOUND when none is parked.
+///
+/// Refused with [`CommandError::InProgress`] (UNAVAILABLE at the API), nothing skipped, while
+/// a retry of any of them is asked for and not yet ended: the lane may be sending its
+/// commands already, and the retry's end (unparked, or parked again) would undo the skip.
+/// A running saga runner ends it within seconds; skip them then, if they are parked again.
 pub async fn skip_parked(
     client: &Client,
     saga_name: &str,
     which: ParkedOf,
 ) -> Result<u64, CommandError> {
-    update_parked(client, "skipped_at", saga_name, which).await
-}
-
-/// Sets `column` to now on the parked events `which` that are not skipped; NOT_FOUND when
-/// there is none.
-async fn update_parked(
-    client: &Client,
-    column: &str,
-    saga_name: &str,
-    which: ParkedOf,
-) -> Result<u64, CommandError> {
     let (key, id) = which.key();
-    let update = format!(
-        "update saga_parked set {column} = now()
-         where saga_name = $1 and {key} = $2 and skipped_at is null"
+    // The rows are locked first, so a retry asked for meanwhile is seen (or waits for this).
+    let skip = format!(
+        "with target as (
+             select event_id, retry_requested_at is not null as retrying from saga_parked
+             where saga_name = $1 and {key} = $2 and skipped_at is null
+             for update),
+         skipped as (
+             update saga_parked p set skipped_at = now()
+             from target t
+             where p.saga_name = $1 and p.event_id = t.event_id
+               and not exists (select 1 from target where retrying)
+             returning 1)
+         select (select count(*) from target), (select count(*) from target where retrying),
+                (select count(*) from skipped)"
     );
-    match client.execute(&update, &[&saga_name, &id]).await? {
-        0 => Err(CommandError::NotFound("parked saga event")),
-        updated => Ok(updated),
+    let row = client.query_one(&skip, &[&saga_name, &id]).await?;
+    let (parked, retrying, skipped): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    if parked == 0 {
+        return Err(CommandError::NotFound("parked saga event"));
     }
+    if retrying > 0 {
+        return Err(CommandError::InProgress(format!(
+            "a retry of {retrying} of these parked events is under way (a running saga runner \
+             ends it within seconds); skip what is parked again once it has"
+        )));
+    }
+    Ok(skipped.unsigned_abs())
 }
 
 /// What one purge removed.
