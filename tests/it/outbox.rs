@@ -1104,6 +1104,26 @@ async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_r
     );
 }
 
+/// Starts the saga runner of `settings` over `gateway`, places an order of one TEA by alice and
+/// waits until its charge's message is dead-lettered: the order's id.
+async fn charge_dead_lettered(
+    db: &orderly_test_support::TestDb,
+    settings: &Settings,
+    api: &Api,
+    gateway: Arc<dyn PaymentGateway>,
+) -> String {
+    spawn(orderly_service::app::saga_runner(settings, gateway).unwrap());
+    let order_id = place_one(api, "alice", "TEA").await;
+    eventually(
+        db,
+        "select count(*) from outbox where kind = 'charge' and dead_lettered_at is not null",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    order_id
+}
+
 /// The provider took the money, but the charge could not be recorded (a trigger refuses it
 /// for good) and its message was dead-lettered: the payment has no outcome. When the deadline
 /// cancels the order, the resolution asks the provider, records the charge and the saga
@@ -1125,15 +1145,7 @@ async fn a_charge_taken_but_never_recorded_is_found_and_refunded_when_the_order_
     )
     .await;
     let simulator = Arc::new(Simulator::default());
-    spawn(orderly_service::app::saga_runner(&settings, simulator.clone()).unwrap());
-    let order_id = place_one(&api, "alice", "TEA").await;
-    eventually(
-        &db,
-        "select count(*) from outbox where kind = 'charge' and dead_lettered_at is not null",
-        1,
-        Duration::from_secs(20),
-    )
-    .await;
+    let order_id = charge_dead_lettered(&db, &settings, &api, simulator.clone()).await;
     accept_again(&client, "no_charges", "events").await;
 
     let payment = format!("payment-{order_id}");
@@ -1147,6 +1159,57 @@ async fn a_charge_taken_but_never_recorded_is_found_and_refunded_when_the_order_
         events_of(&db, "OrderPaid", &format!("order-{order_id}")).await,
         0
     );
+}
+
+/// Fails every charge for good before it reaches the provider (a request that cannot be
+/// built, say); looks charges up and refunds like the simulator.
+#[derive(Default)]
+struct ChargesBroken(Simulator);
+
+#[async_trait]
+impl PaymentGateway for ChargesBroken {
+    async fn charge(&self, _charge: &Charge) -> Result<ChargeOutcome, CommandError> {
+        Err(CommandError::Internal(
+            "charge request could not be built".into(),
+        ))
+    }
+
+    async fn refund(&self, key: &str, reference: &str) -> Result<(), CommandError> {
+        self.0.refund(key, reference).await
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
+        self.0.lookup(key).await
+    }
+}
+
+/// A charge whose delivery was dead-lettered before any call has no outcome in the log. When
+/// the deadline cancels the order, the resolution finds no charge at the provider and records
+/// the attempt failed, and the saga settles. It used to record nothing, and the instance,
+/// waiting for an answer to its charge, stayed open for good (counted as in flight, and
+/// compensating, for ever).
+#[tokio::test]
+async fn a_charge_dead_lettered_before_its_call_lets_its_cancelled_saga_settle() {
+    let db = migrated_database().await;
+    let settings = short_deadline(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(ChargesBroken::default());
+    let order_id = charge_dead_lettered(&db, &settings, &api, gateway).await;
+    let settled =
+        format!("select count(*) from saga_states where order_id = '{order_id}' and settled");
+    eventually(&db, &settled, 1, Duration::from_secs(30)).await;
+    let payment = format!("payment-{order_id}");
+    let not_found = format!(
+        "select count(*) from events where event_type = 'PaymentFailed' and stream = '{payment}'
+         and data ->> 'reason' = 'no charge found at the payment provider'"
+    );
+    assert_eq!(count(&db, &not_found).await, 1);
+    assert_eq!(
+        events_of(&db, "OrderCancelled", &format!("order-{order_id}")).await,
+        1
+    );
+    assert_eq!(events_of(&db, "PaymentRefunded", &payment).await, 0);
 }
 
 /// Until the provider answers the lookup, nothing assumes the charge failed: the resolution

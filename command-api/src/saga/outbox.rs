@@ -690,13 +690,18 @@ impl SagaRunner {
     /// records a charge it took so the saga refunds it. A provider that cannot be reached fails
     /// the delivery: retried with the outbox's backoff, then dead-lettered for an operator,
     /// never taken for "not charged".
+    ///
+    /// An attempt with no outcome at all that the provider holds no charge for is recorded as
+    /// failed: its cancelled saga waits for an answer to that attempt before it settles (a
+    /// charge whose delivery was dead-lettered before the call has none of its own), and
+    /// without one it stayed open for good.
     async fn resolve(
         &self,
         id: Uuid,
         order_id: OrderId,
         correlation_id: Uuid,
     ) -> Result<(), CommandError> {
-        let Some(attempt) = self.unsettled_attempt(order_id).await? else {
+        let Some((attempt, answered)) = self.unsettled_attempt(order_id).await? else {
             return Ok(());
         };
         // While the order waits, its next attempt asks the provider with the same key.
@@ -711,9 +716,20 @@ impl SagaRunner {
                 self.record_payment(order_id, command_id, id, correlation_id, command)
                     .await
             }
-            Some(ChargeOutcome::Declined { .. }) | None => {
+            Some(ChargeOutcome::Declined { .. }) | None if answered => {
                 tracing::info!(%order_id, attempt, "a charge whose outcome was unknown took no money");
                 Ok(())
+            }
+            Some(ChargeOutcome::Declined { .. }) | None => {
+                tracing::info!(%order_id, attempt, "a charge that never had an outcome took no money; recording it failed");
+                let command = PaymentCommand::RecordFailure {
+                    reason: reason_or(String::new(), "no charge found at the payment provider"),
+                    attempt,
+                    failed_at: Utc::now(),
+                };
+                let command_id = Uuid::new_v5(&id, b"outcome/not-found");
+                self.record_payment(order_id, command_id, id, correlation_id, command)
+                    .await
             }
         }
     }
@@ -726,20 +742,22 @@ impl SagaRunner {
     }
 
     /// The last attempt of the order's payment when the log does not say whether it took
-    /// money: it failed transiently, or it has no outcome at all (still under way, or its
-    /// delivery was dead-lettered, say after the provider charged and the outcome could not be
-    /// recorded). An answer still under way that charges later is recorded, and refunded, then.
-    async fn unsettled_attempt(&self, order_id: OrderId) -> Result<Option<u32>, CommandError> {
+    /// money, and whether it has an outcome at all: it failed transiently (answered), or it has
+    /// none (still under way, or its delivery was dead-lettered, say after the provider charged
+    /// and the outcome could not be recorded). An answer still under way that charges later is
+    /// recorded, and refunded, then.
+    async fn unsettled_attempt(
+        &self,
+        order_id: OrderId,
+    ) -> Result<Option<(u32, bool)>, CommandError> {
         Ok(self
             .payment(order_id)
             .await?
-            .filter(|payment| {
-                matches!(
-                    payment.status,
-                    PaymentStatus::Failed | PaymentStatus::Pending
-                )
-            })
-            .map(|payment| payment.attempts))
+            .and_then(|payment| match payment.status {
+                PaymentStatus::Failed => Some((payment.attempts, true)),
+                PaymentStatus::Pending => Some((payment.attempts, false)),
+                _ => None,
+            }))
     }
 
     async fn is_cancelled(&self, order_id: OrderId) -> Result<bool, CommandError> {
