@@ -360,7 +360,10 @@ impl SagaRunner {
             }
         }
         if let Some(consumer) = consumer.take() {
-            consumer.stop().await;
+            match self.pool.get().await {
+                Ok(client) => self.stop_renewing(consumer, &client).await,
+                Err(_) => consumer.stop().await,
+            }
         }
         // The lanes are released by `leave`, once the outbox worker has ended too.
         metrics::gauge!("orderly_saga_lanes_held").set(0.0);
@@ -439,7 +442,7 @@ impl SagaRunner {
             .collect();
         if !surplus.is_empty() {
             if let Some(running) = consumer.take() {
-                running.stop().await;
+                self.stop_renewing(running, &client).await;
             }
             self.member.release(&**client, &surplus).await?;
             for lane in &surplus {
@@ -459,9 +462,41 @@ impl SagaRunner {
             }
         }
         if changed && let Some(running) = consumer.take() {
-            running.stop().await;
+            self.stop_renewing(running, &client).await;
         }
         Ok(())
+    }
+
+    /// Stops `running` (each lane finishes the batch in hand), renewing this member's
+    /// membership and leases at every heartbeat meanwhile. A lane slow to finish (a slow
+    /// database, a hot product) held the heartbeat up: past the lease the other processes took
+    /// this one for dead and put its outbox claims back in line while its worker was still
+    /// delivering them, and its own sends stopped for want of a renewal.
+    async fn stop_renewing(&self, running: Consumer, client: &tokio_postgres::Client) {
+        let stopped = running.stop();
+        tokio::pin!(stopped);
+        let mut beat = tokio::time::interval(self.config.heartbeat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The heartbeat that asked for the stop has just renewed.
+        beat.reset();
+        loop {
+            tokio::select! {
+                () = &mut stopped => return,
+                _ = beat.tick() => {
+                    let asked = tokio::time::Instant::now();
+                    let renewed = async {
+                        self.member.heartbeat(client).await?;
+                        self.member.renew(client).await
+                    };
+                    match renewed.await {
+                        Ok(_) => self.leases.renewed(asked, self.config.lease),
+                        Err(error) => {
+                            tracing::warn!(%error, "saga membership not renewed while its lanes stop");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Sends every command of one saga step in order. Rejections are logged (the saga
@@ -895,6 +930,44 @@ mod tests {
         assert!((60.0..3_600.0).contains(&age), "{age}");
         drop(second);
         assert_eq!(lag.age(), None);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_slow_to_stop_does_not_let_the_membership_run_out() {
+        let db = crate::migrations::test_database().await;
+        let config = SagaConfig {
+            lease: Duration::from_secs(1),
+            heartbeat: Duration::from_millis(200),
+            ..SagaConfig::default()
+        };
+        let runner = SagaRunner::new(
+            config,
+            Arc::new(orderly_event_store::memory::MemoryEventStore::new()),
+            orderly_graphql::pg_pool(db.config(), 2).unwrap(),
+            Arc::new(Simulator::default()),
+        );
+        let client = db.connect().await.unwrap();
+        runner.member.heartbeat(&client).await.unwrap();
+        // A consumer whose batch in hand takes three leases to finish.
+        let (stop, _stopped) = watch::channel(false);
+        let slow = Consumer {
+            stop,
+            task: tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                None
+            }),
+        };
+        runner.stop_renewing(slow, &client).await;
+        let live: i64 = client
+            .query_one(
+                "select count(*) from saga_members where member_id = $1 and lease_until > now()",
+                &[&runner.member.id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(live, 1, "still a member");
+        assert!(runner.leases.check().is_ok(), "its lanes' sends go on");
     }
 
     #[tokio::test]
