@@ -228,7 +228,8 @@ enum DlqCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Apply one parked event again; resolved when it applies.
+    /// Apply one parked event again; resolved when it applies. One whose stream has later
+    /// events in the read model already cannot apply (it says so): rebuild the projection.
     Retry { id: i64 },
     /// Mark one parked event resolved without applying it.
     Skip { id: i64 },

@@ -3,8 +3,9 @@
 //! `retry` re-applies one parked event in a transaction that first takes the projection's
 //! batch lock, so it never interleaves with a runner's batch. Under the `SkipAndPark`
 //! policy later events of the same stream may already be applied; the row's version then
-//! admits nothing older and the retry changes nothing. Rebuilding the projection after the fix
-//! is the way to get such an event in.
+//! admits nothing older, the retry changes nothing and says so ([`RetryOutcome::Superseded`]),
+//! and the letter stays. Rebuilding the projection after the fix is the way to get such an
+//! event in; the letter is skipped then.
 
 use chrono::{DateTime, Utc};
 use orderly_event_store::{Direction, EventStore, Position, StreamName};
@@ -103,10 +104,13 @@ pub async fn skip(client: &Client, dead_letter_id: i64) -> Result<(), Projection
 /// What a retry did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RetryOutcome {
-    /// Applied (or found already reflected) and marked resolved.
+    /// Applied and marked resolved.
     Applied,
     /// Failed again; the dead letter stays, with the new error.
     FailedAgain(String),
+    /// Nothing applied: the read model holds later events of the letter's stream, so its
+    /// rows admit nothing older. The dead letter stays; the text says what to do.
+    Superseded(String),
 }
 
 /// Re-applies one parked event, read again from the store.
@@ -157,6 +161,14 @@ pub async fn retry(
             )
             .await?;
         return Ok(RetryOutcome::FailedAgain(failed.error));
+    }
+    if !outcome.changed {
+        return Ok(RetryOutcome::Superseded(format!(
+            "the {name} read model already holds later events of {} than version {}, so \
+             nothing older applies: rebuild the projection to get it in (then skip this \
+             letter), or skip it if a rebuild since has",
+            letter.stream, letter.version
+        )));
     }
     tx.execute(
         "update dead_letters set resolution = 'retried', resolved_at = now() where dead_letter_id = $1",

@@ -148,6 +148,9 @@ pub(crate) struct Outcome {
     pub parked: Vec<Parked>,
     /// Under `Stop`: the poisoned event; nothing at or after it was applied.
     pub stopped: Option<Parked>,
+    /// Whether any read-model row changed: not when every event was at or below its row's
+    /// version (a replay, or a dead letter retried after later events of its stream).
+    pub changed: bool,
 }
 
 /// Positions travel as two `bigint` columns; stored numbers are never negative.

@@ -451,6 +451,51 @@ async fn a_poison_event_is_parked_while_the_rest_flows() {
     assert_equals_rebuild(&f).await;
 }
 
+/// A dead letter whose stream has later events in the read model (parked under
+/// `SkipAndPark`, the stream went on) cannot apply: the row's version admits nothing older.
+/// The retry says so and leaves the letter waiting; it used to report it applied and resolve
+/// it, though the read model never held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_behind_later_events_of_its_stream_is_not_reported_applied() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 200).await;
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    let before = dump(&f).await;
+    // The registration of a product whose row holds later events, parked as a runner would.
+    let client = f.db.connect().await.expect("connect");
+    let parked: i64 = client
+        .query_one(
+            "insert into dead_letters (projection, event_id, stream, version, position_commit,
+                 position_prepare, event_type, error)
+             select 'products', e.event_id, e.stream, e.version, e.tx_id, e.seq, e.event_type,
+                 'handler failed (before a fix)'
+             from events e join products p on e.stream = 'product-' || p.sku
+             where e.version = 0 and p.version > 0
+             limit 1
+             returning dead_letter_id",
+            &[],
+        )
+        .await
+        .expect("a product with later events")
+        .get(0);
+    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
+        .await
+        .expect("retry");
+    assert!(
+        matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("rebuild")),
+        "{outcome:?}"
+    );
+    assert_eq!(dlq::count(&client, None).await.expect("count"), 1);
+    assert_same(&before, &dump(&f).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_the_stop_policy_a_poison_event_stops_the_projection_until_skipped() {
     let f = fixture().await;

@@ -77,9 +77,10 @@ impl From<dlq::DeadLetter> for DeadLetter {
 #[derive(SimpleObject, Debug, Clone)]
 pub struct RetryResult {
     pub id: Long,
-    /// True when the event was applied (or found already reflected) and the letter resolved.
+    /// True when the event was applied and the letter resolved.
     pub applied: bool,
-    /// The handler's error when it failed again; the letter then stays, with this error.
+    /// Why it was not: the handler's error when it failed again, or that later events of its
+    /// stream are applied already (a rebuild gets it in). The letter then stays.
     pub error: Option<String>,
 }
 
@@ -232,11 +233,13 @@ impl AdminMutation {
                     applied: true,
                     error: None,
                 },
-                dlq::RetryOutcome::FailedAgain(error) => RetryResult {
-                    id,
-                    applied: false,
-                    error: Some(error),
-                },
+                dlq::RetryOutcome::FailedAgain(error) | dlq::RetryOutcome::Superseded(error) => {
+                    RetryResult {
+                        id,
+                        applied: false,
+                        error: Some(error),
+                    }
+                }
             })
         })
         .await

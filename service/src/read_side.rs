@@ -217,6 +217,9 @@ pub async fn retry_dead_letter(
         dlq::RetryOutcome::FailedAgain(error) => {
             anyhow::bail!("dead letter {id} failed again: {error}")
         }
+        dlq::RetryOutcome::Superseded(why) => {
+            anyhow::bail!("dead letter {id} not applied: {why}")
+        }
     }
     Ok(())
 }

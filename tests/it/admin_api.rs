@@ -3,8 +3,8 @@
 //! only.
 
 use crate::common::{
-    Api, admin, customer, dead_letter_outbox, park, park_saga_event, place_one, register,
-    settings_for, start, start_with_saga, warehouse,
+    Api, admin, customer, dead_letter_outbox, park_registration, park_saga_event, place_one,
+    register, settings_for, start, start_with_saga, warehouse,
 };
 use serde_json::{Value, json};
 
@@ -130,7 +130,7 @@ async fn an_admin_retries_and_skips_dead_letters_and_nobody_else_may() {
     log_holds(&api, &admin, 1).await;
     let log = api.gql(Some(&admin), EVENTS, json!({ "first": 1 })).await;
     let event = log.data("events")["events"][0].clone();
-    let retried = park(&db, &event, "handler failed: test").await;
+    let retried = park_registration(&db, &event, "handler failed: test").await;
 
     let letters = api
         .gql(Some(&admin), DEAD_LETTERS, json!({ "all": false }))
@@ -152,6 +152,11 @@ async fn an_admin_retries_and_skips_dead_letters_and_nobody_else_may() {
     assert_eq!(
         outcome.data("retryDeadLetter"),
         &json!({ "id": retried, "applied": true, "error": null })
+    );
+    assert_eq!(
+        crate::common::count(&db, "select count(*) from products where sku = 'DLQ-1'").await,
+        1,
+        "the registration is in the read model again"
     );
     let again = api.gql(Some(&admin), RETRY, json!({ "id": retried })).await;
     assert_eq!(again.code(), "NOT_FOUND");

@@ -451,22 +451,30 @@ pub fn run_node(script: &str, args: &[&str]) -> String {
     stdout
 }
 
-/// Parks `event` (an `EventRecord` as the API returns it, already applied) as a dead letter
-/// of the orders projection, as a handler that failed on it would; its id. A retry then
-/// finds it reflected and resolves it.
-pub async fn park(db: &TestDb, event: &Value, error: &str) -> i64 {
+/// Parks `event`, a product's registration (as the admin `events` query answers it), for the
+/// products projection with `error`, as a runner does when its handler fails: the product's
+/// row is taken out first (once the runner has written it), so that the read model does not
+/// hold the event and a retry has it to apply. Answers the dead letter's id.
+pub async fn park_registration(db: &TestDb, event: &Value, error: &str) -> i64 {
     let (commit, prepare) = position_columns(event);
     let event_id = uuid::Uuid::parse_str(event["id"].as_str().unwrap()).unwrap();
-    db.connect()
+    let stream = event["stream"].as_str().unwrap();
+    let sku = stream.strip_prefix("product-").expect("a product's event");
+    let row = format!("select count(*) from products where sku = '{sku}'");
+    eventually(db, &row, 1, Duration::from_secs(10)).await;
+    let client = db.connect().await.unwrap();
+    client
+        .execute("delete from products where sku = $1", &[&sku])
         .await
-        .unwrap()
+        .unwrap();
+    client
         .query_one(
             "insert into dead_letters (projection, event_id, stream, version, position_commit,
                  position_prepare, event_type, error)
-             values ('orders', $1, $2, $3, $4, $5, $6, $7) returning dead_letter_id",
+             values ('products', $1, $2, $3, $4, $5, $6, $7) returning dead_letter_id",
             &[
                 &event_id,
-                &event["stream"].as_str().unwrap(),
+                &stream,
                 &event["version"].as_i64().unwrap(),
                 &commit,
                 &prepare,

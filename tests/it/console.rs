@@ -4,8 +4,8 @@
 //! `docs/console/`), else to a temporary folder.
 
 use crate::common::{
-    admin, dead_letter_outbox, park, park_saga_event, place_one, register, settings_for,
-    start_with_saga,
+    admin, dead_letter_outbox, park_registration, park_saga_event, place_one, register,
+    settings_for, start_with_saga,
 };
 use orderly_service::app::{App, Part};
 use serde_json::{Value, json};
@@ -42,7 +42,17 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         )
         .await;
     assert_eq!(row.data("order")["id"], order.as_str());
-    let dead_letter = park(&db, &placed, "handler failed: simulated").await;
+    // A product of its own, whose registration the products projection failed on.
+    register(&api, "CON-2", 990, "EUR", 5).await;
+    let registration = api
+        .gql(
+            Some(&admin),
+            "{ events(stream: \"product-CON-2\", first: 1) { events { id stream type version position } } }",
+            json!({}),
+        )
+        .await;
+    let registration = registration.data("events")["events"][0].clone();
+    let dead_letter = park_registration(&db, &registration, "handler failed: simulated").await;
     // The saga's runner never parks these itself: a step failing for good is simulated.
     let log = api
         .gql(

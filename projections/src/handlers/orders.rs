@@ -532,6 +532,7 @@ pub(crate) async fn apply(
         state.handle(recorded, event)
     });
     write(tx, &state).await?;
+    outcome.changed = !state.touched.is_empty();
     outcome.order_ids = state.touched;
     Ok(outcome)
 }

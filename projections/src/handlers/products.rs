@@ -172,10 +172,11 @@ pub(crate) async fn apply(
             rows.insert(product.sku.clone(), product);
         }
     }
-    let outcome = fold(&batch, policy, skipped, |recorded, event| {
+    let mut outcome = fold(&batch, policy, skipped, |recorded, event| {
         handle(&mut rows, recorded, event)
     });
     let dirty: Vec<&ProductRow> = rows.values().filter(|r| r.dirty).collect();
+    outcome.changed = !dirty.is_empty();
     if !dirty.is_empty() {
         // Checked against i32::MAX in `handle`, and reserved <= on hand.
         let narrow = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
