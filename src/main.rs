@@ -323,8 +323,15 @@ enum OutboxCommand {
     /// Put one dead-lettered message back in line with fresh attempts; a running saga runner
     /// delivers it.
     Retry { id: Uuid },
-    /// Mark one dead-lettered message as not to be delivered.
-    Skip { id: Uuid },
+    /// Mark one dead-lettered message as not to be delivered. A refund is refused (the money
+    /// would stay taken and its order's saga open) unless --refunded-elsewhere.
+    Skip {
+        id: Uuid,
+        /// The refund was made outside Orderly (at the provider, by hand): record it in the
+        /// payment's stream, so the order's saga settles, then skip the message.
+        #[arg(long)]
+        refunded_elsewhere: bool,
+    },
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
@@ -415,7 +422,17 @@ async fn saga(command: SagaCommand, settings: &Settings) -> anyhow::Result<()> {
         SagaCommand::Outbox { command } => match command {
             OutboxCommand::List { all } => command_side::print_outbox(&pg_config()?, all).await,
             OutboxCommand::Retry { id } => command_side::retry_outbox(&pg_config()?, id).await,
-            OutboxCommand::Skip { id } => command_side::skip_outbox(&pg_config()?, id).await,
+            OutboxCommand::Skip {
+                id,
+                refunded_elsewhere: false,
+            } => command_side::skip_outbox(&pg_config()?, id).await,
+            OutboxCommand::Skip {
+                id,
+                refunded_elsewhere: true,
+            } => {
+                let store = app::event_store(settings)?;
+                command_side::skip_refunded_elsewhere(&pg_config()?, store, id).await
+            }
         },
     }
 }

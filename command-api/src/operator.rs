@@ -294,7 +294,9 @@ impl SagaMutation {
         .await
     }
 
-    /// Admin only. Marks a dead-lettered outbox message as not to be delivered.
+    /// Admin only. Marks a dead-lettered outbox message as not to be delivered. BAD_USER_INPUT
+    /// for a refund: the money would stay taken (`orderly saga outbox skip ID
+    /// --refunded-elsewhere` records one made another way).
     async fn skip_outbox_message(
         &self,
         ctx: &Context<'_>,

@@ -1,13 +1,20 @@
 //! The command side's operator commands: the saga's lanes, its parked events and its outbox
 //! dead letters (list, retry, skip).
 
+use std::sync::Arc;
+
+use orderly_command_api::Handler;
 use orderly_command_api::saga::SagaConfig;
 pub use orderly_command_api::saga::maintenance::ParkedOf;
 use orderly_command_api::saga::maintenance::{self, OutboxState};
+use orderly_event_store::EventStore;
 use orderly_event_store::postgres::PgConfig;
 use uuid::Uuid;
 
 use crate::read_side::connect;
+
+/// The actor of what an operator records from the command line.
+const OPERATOR: &str = "operator:cli";
 
 /// `orderly saga outbox list`: dead letters waiting for an operator; with `all`, pending and
 /// skipped messages too.
@@ -58,6 +65,23 @@ pub async fn skip_outbox(pg_config: &PgConfig, id: Uuid) -> anyhow::Result<()> {
     let client = connect(pg_config).await?;
     maintenance::skip(&client, id).await?;
     println!("outbox message {id} skipped");
+    Ok(())
+}
+
+/// `orderly saga outbox skip ID --refunded-elsewhere`: the refund recorded in the payment's
+/// stream of `store`, then skipped.
+pub async fn skip_refunded_elsewhere(
+    pg_config: &PgConfig,
+    store: Arc<dyn EventStore>,
+    id: Uuid,
+) -> anyhow::Result<()> {
+    let client = connect(pg_config).await?;
+    let handler = Handler::new(store);
+    maintenance::skip_refunded_elsewhere(&client, &handler, id, OPERATOR).await?;
+    println!(
+        "refund {id} recorded as made outside Orderly and skipped; the order's saga settles \
+         when a running saga runner reads it"
+    );
     Ok(())
 }
 

@@ -783,13 +783,19 @@ impl PaymentGateway for RefundsFail {
     }
 }
 
-/// An order confirmed, then cancelled by its customer, under a saga whose refunds fail with
-/// `refusal` and whose outbox tries a message `max_attempts` times: the database once the
-/// refund is dead-lettered, with the refund's attempts and last error.
-async fn refund_dead_lettered(
-    refusal: fn() -> CommandError,
-    max_attempts: u32,
-) -> (TestDb, i32, String) {
+/// A refund dead-lettered by [`refund_dead_lettered`].
+struct DeadRefund {
+    db: TestDb,
+    order_id: String,
+    outbox_id: uuid::Uuid,
+    attempts: i32,
+    error: String,
+}
+
+/// An order confirmed, then cancelled by its customer, under a saga (left running) whose
+/// refunds fail with `refusal` and whose outbox tries a message `max_attempts` times, once the
+/// refund is dead-lettered.
+async fn refund_dead_lettered(refusal: fn() -> CommandError, max_attempts: u32) -> DeadRefund {
     let Shop { db, settings, api } = Shop::open().await;
     register(&api, "TEA", 650, "EUR", 5).await;
     let config = SagaConfig {
@@ -831,7 +837,7 @@ async fn refund_dead_lettered(
         .await
         .unwrap()
         .query_one(
-            "select attempts, last_error from outbox where kind = 'refund'",
+            "select outbox_id, attempts, last_error from outbox where kind = 'refund'",
             &[],
         )
         .await
@@ -850,15 +856,25 @@ async fn refund_dead_lettered(
         0,
         "the reservation was released all the same"
     );
-    (db, row.get(0), row.get(1))
+    DeadRefund {
+        db,
+        order_id: id,
+        outbox_id: row.get(0),
+        attempts: row.get(1),
+        error: row.get(2),
+    }
 }
 
 #[tokio::test]
 async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lettered() {
     let refusal = || CommandError::Gateway("refunds are down".into());
-    let (_db, attempts, error) = refund_dead_lettered(refusal, 2).await;
-    assert_eq!(attempts, 2, "tried outbox_max_attempts times");
-    assert!(error.contains("refunds are down"), "{error}");
+    let refund = refund_dead_lettered(refusal, 2).await;
+    assert_eq!(refund.attempts, 2, "tried outbox_max_attempts times");
+    assert!(
+        refund.error.contains("refunds are down"),
+        "{}",
+        refund.error
+    );
 }
 
 /// A refund the provider refuses (a client error: it knows no such charge, say) would be
@@ -868,9 +884,53 @@ async fn a_confirmed_order_notifies_and_a_refund_that_keeps_failing_is_dead_lett
 async fn a_refund_the_provider_refuses_is_dead_lettered_at_its_first_failure() {
     let refusal =
         || CommandError::Internal("the payment provider refused the refund: 404 Not Found".into());
-    let (_db, attempts, error) = refund_dead_lettered(refusal, 20).await;
-    assert_eq!(attempts, 1, "not tried again");
-    assert!(error.contains("refused the refund"), "{error}");
+    let refund = refund_dead_lettered(refusal, 20).await;
+    assert_eq!(refund.attempts, 1, "not tried again");
+    assert!(
+        refund.error.contains("refused the refund"),
+        "{}",
+        refund.error
+    );
+}
+
+/// A dead-lettered refund is not skipped like a mail: skipped, the customer's money stayed
+/// taken while nothing said so, and the order's saga waited for the refund for good (in flight
+/// in the gauges, compensating for ever). An operator who gave the money back another way says
+/// so, and the refund is recorded in the payment's stream: the saga settles.
+#[tokio::test]
+async fn a_refund_is_skipped_only_once_recorded_as_made_elsewhere() {
+    let refusal = || CommandError::Internal("the payment provider refused the refund: 409".into());
+    let DeadRefund {
+        db,
+        order_id,
+        outbox_id,
+        ..
+    } = refund_dead_lettered(refusal, 20).await;
+    let client = db.connect().await.unwrap();
+    let refused = maintenance::skip(&client, outbox_id).await;
+    assert!(
+        matches!(&refused, Err(CommandError::InvalidInput { message, .. })
+            if message.contains("--refunded-elsewhere")),
+        "{refused:?}"
+    );
+    let skipped = "select count(*) from outbox where kind = 'refund' and skipped_at is not null";
+    assert_eq!(count(&db, skipped).await, 0);
+
+    let id = outbox_id.to_string();
+    let done = orderly_cli_with(
+        &[("ORDERLY_DATABASE_URL", db.url())],
+        &["saga", "outbox", "skip", &id, "--refunded-elsewhere"],
+    );
+    assert!(done.contains("recorded as made outside Orderly"), "{done}");
+    assert_eq!(count(&db, skipped).await, 1);
+    let refunded = format!(
+        "select count(*) from events where event_type = 'PaymentRefunded'
+         and stream = 'payment-{order_id}' and metadata ->> 'actor' = 'operator:cli'"
+    );
+    assert_eq!(count(&db, &refunded).await, 1);
+    let settled =
+        format!("select count(*) from saga_states where order_id = '{order_id}' and settled");
+    eventually(&db, &settled, 1, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

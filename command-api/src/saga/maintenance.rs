@@ -9,12 +9,16 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
+use orderly_domain::streams;
+use orderly_domain::values::{OrderId, Reason};
 use orderly_event_store::Position;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::CommandError;
+use crate::handling::{Envelope, Handler, stream_name};
 
 /// Where an outbox message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +104,77 @@ pub async fn retry(client: &Client, outbox_id: Uuid) -> Result<(), CommandError>
 }
 
 /// Marks a dead-lettered message as not to be delivered; it is kept until the purge.
+///
+/// A refund is refused (BAD_USER_INPUT), nothing skipped: without it the customer's money
+/// stays taken, and the order's saga waits for the refund for good (open in the gauges, and
+/// in the "stuck" alert). Retry it, or record a refund made another way with
+/// [`skip_refunded_elsewhere`].
 pub async fn skip(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> {
+    let row = client
+        .query_one(
+            "with target as (
+                 select outbox_id, kind from outbox
+                 where outbox_id = $1 and dead_lettered_at is not null and skipped_at is null),
+             skipped as (
+                 update outbox o set skipped_at = now() from target t
+                 where o.outbox_id = t.outbox_id and t.kind <> 'refund'
+                 returning 1)
+             select (select kind from target), (select count(*) from skipped)",
+            &[&outbox_id],
+        )
+        .await?;
+    match row.get::<_, Option<&str>>(0) {
+        None => Err(CommandError::NotFound("dead-lettered outbox message")),
+        Some("refund") => Err(CommandError::invalid(
+            "outboxId",
+            "a refund cannot be skipped: the customer's money would stay taken and the \
+             order's saga open. Retry it, or, if the money went back another way, record that \
+             with `orderly saga outbox skip ID --refunded-elsewhere`",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Skips the dead-lettered refund `outbox_id` after recording in the payment's stream that the
+/// money went back outside Orderly (an operator refunded it at the provider, say): the
+/// order's saga sees the `PaymentRefunded` and settles. `actor` names who recorded it. A
+/// payment refunded already records nothing more; one that holds no charge is refused.
+/// NOT_FOUND unless `outbox_id` is a refund waiting for an operator.
+pub async fn skip_refunded_elsewhere(
+    client: &Client,
+    handler: &Handler,
+    outbox_id: Uuid,
+    actor: &str,
+) -> Result<(), CommandError> {
+    let row = client
+        .query_opt(
+            "select order_id, (payload ->> 'correlation_id')::uuid from outbox
+             where outbox_id = $1 and kind = 'refund' and dead_lettered_at is not null
+               and skipped_at is null",
+            &[&outbox_id],
+        )
+        .await?
+        .ok_or(CommandError::NotFound("dead-lettered refund"))?;
+    let order_id = OrderId(row.get(0));
+    let envelope = Envelope {
+        command_id: Uuid::new_v5(&outbox_id, b"outcome/refunded-elsewhere"),
+        correlation_id: row.get::<_, Option<Uuid>>(1).unwrap_or(outbox_id),
+        causation_id: outbox_id,
+        actor: actor.to_owned(),
+        idempotency_key: None,
+        traceparent: None,
+    };
+    let command = PaymentCommand::Refund {
+        reason: Reason::parse("refunded outside Orderly, as recorded by an operator")
+            .map_err(|e| CommandError::Internal(e.to_string()))?,
+        refunded_at: Utc::now(),
+    };
+    let stream = stream_name(streams::payment(order_id))?;
+    handler
+        .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
+            Ok(payment::decide(&loaded.state, &command)?)
+        })
+        .await?;
     update_dead_letter(
         client,
         "update outbox set skipped_at = now()
