@@ -931,6 +931,14 @@ async fn a_refund_is_skipped_only_once_recorded_as_made_elsewhere() {
     let settled =
         format!("select count(*) from saga_states where order_id = '{order_id}' and settled");
     eventually(&db, &settled, 1, Duration::from_secs(20)).await;
+
+    // Put back in line afterwards by mistake, it does not pay the money back a second time:
+    // delivered without a call to the provider (whose refunds all fail here).
+    maintenance::retry(&client, outbox_id).await.unwrap();
+    let delivered =
+        "select count(*) from outbox where kind = 'refund' and delivered_at is not null";
+    eventually(&db, delivered, 1, Duration::from_secs(20)).await;
+    assert_eq!(count(&db, &refunded).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

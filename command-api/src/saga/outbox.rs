@@ -665,11 +665,17 @@ impl SagaRunner {
         reason: String,
         correlation_id: Uuid,
     ) -> Result<(), CommandError> {
-        let Some(reference) = self
-            .payment(order_id)
-            .await?
-            .and_then(|payment| payment.gateway_reference)
-        else {
+        let Some(payment) = self.payment(order_id).await? else {
+            tracing::warn!(%order_id, "refund asked for a payment that holds no charge");
+            return Ok(());
+        };
+        // Refunded already (this message delivered before, or the refund recorded by an
+        // operator as made elsewhere): the provider is not asked to pay it back again.
+        if payment.status == PaymentStatus::Refunded {
+            tracing::info!(%order_id, "refund already recorded; the provider is not called again");
+            return Ok(());
+        }
+        let Some(reference) = payment.gateway_reference else {
             tracing::warn!(%order_id, "refund asked for a payment that holds no charge");
             return Ok(());
         };
@@ -694,7 +700,9 @@ impl SagaRunner {
     /// An attempt with no outcome at all that the provider holds no charge for is recorded as
     /// failed: its cancelled saga waits for an answer to that attempt before it settles (a
     /// charge whose delivery was dead-lettered before the call has none of its own), and
-    /// without one it stayed open for good.
+    /// without one it stayed open for good. A charge the provider still finishes after this
+    /// answer is not lost: the recorded failure asks for a resolution of its own
+    /// ([`rows_for_event`]), another `charge_settle` later, which finds it and has it refunded.
     async fn resolve(
         &self,
         id: Uuid,
