@@ -597,10 +597,12 @@ impl SagaRunner {
                         reason: reason.clone(),
                     })
                     .collect();
-                // A retried event whose outcome is refused stays parked, not resolved.
+                // A retried event whose outcome is refused stays parked, not resolved; nothing
+                // the step decided is stored, a charge's withdrawal included.
                 Handled {
                     state: None,
                     rows: Vec::new(),
+                    withdraw: None,
                     parked,
                     resolved: Vec::new(),
                     ..entry
