@@ -468,10 +468,13 @@ impl SagaRunner {
     }
 
     /// Stops `running` (each lane finishes the batch in hand), renewing this member's
-    /// membership and leases at every heartbeat meanwhile. A lane slow to finish (a slow
-    /// database, a hot product) held the heartbeat up: past the lease the other processes took
-    /// this one for dead and put its outbox claims back in line while its worker was still
-    /// delivering them, and its own sends stopped for want of a renewal.
+    /// membership and leases at every heartbeat meanwhile, for [`STOP_PATIENCE`] at most. A
+    /// lane slow to finish (a slow database, a hot product) held the heartbeat up: past the
+    /// lease the other processes took this one for dead and put its outbox claims back in line
+    /// while its worker was still delivering them, and its own sends stopped for want of a
+    /// renewal. A lane that never finishes (a hung connection) still lets its leases run out
+    /// after the patience, so that the others take its lanes over, as they would a dead
+    /// process's.
     async fn stop_renewing(&self, running: Consumer, client: &tokio_postgres::Client) {
         let stopped = running.stop();
         tokio::pin!(stopped);
@@ -479,9 +482,19 @@ impl SagaRunner {
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The heartbeat that asked for the stop has just renewed.
         beat.reset();
+        let patience = tokio::time::sleep(STOP_PATIENCE);
+        tokio::pin!(patience);
         loop {
             tokio::select! {
                 () = &mut stopped => return,
+                () = &mut patience => {
+                    tracing::warn!(
+                        "a saga lane has not finished its batch in {STOP_PATIENCE:?}; its leases \
+                         are left to run out"
+                    );
+                    stopped.await;
+                    return;
+                }
                 _ = beat.tick() => {
                     let asked = tokio::time::Instant::now();
                     let renewed = async {
@@ -772,6 +785,11 @@ group by phase";
 const UNPHASED: &str = "
 select state, updated_at from saga_states
 where saga_name = $1 and not settled and phase is null";
+
+/// How long a process renews its leases while its lanes finish their batches in hand (see
+/// `SagaRunner::stop_renewing`): several of a slow batch, and short enough that a lane that
+/// never finishes hands its lanes to the others within a minute.
+const STOP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// How often every runner counts the open instances by phase.
 const CENSUS_PERIOD: Duration = Duration::from_secs(15);
