@@ -479,6 +479,16 @@ function saga(main, { notify }) {
     ];
   }
 
+  /// A refund is not skipped from here: the money would stay taken. The CLI records one made
+  /// another way, and skips it then.
+  function refundActions(id, label) {
+    return [
+      h('button', { type: 'button', class: 'retry', onclick: () => act('outbox', 'retry', id, label) }, 'Retry'),
+      h('div', { class: 'muted small' }, 'refunded another way? ',
+        h('code', {}, `orderly saga outbox skip ${id} --refunded-elsewhere`)),
+    ];
+  }
+
   function parkedRow(event) {
     const label = `parked event ${event.eventId} (${event.type} on ${event.stream})`;
     return h('tr', { 'data-parked-event': event.eventId },
@@ -499,7 +509,9 @@ function saga(main, { notify }) {
       h('td', { class: 'error' }, message.lastError ?? '–'),
       h('td', { class: 'num' }, message.attempts),
       h('td', {}, when(message.deadLetteredAt)),
-      h('td', {}, actions('outbox', message.outboxId, label)));
+      h('td', {}, message.kind === 'refund'
+        ? refundActions(message.outboxId, label)
+        : actions('outbox', message.outboxId, label)));
   }
 
   function notServed() {

@@ -114,7 +114,8 @@ pub async fn skip(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> 
         .query_one(
             "with target as (
                  select outbox_id, kind from outbox
-                 where outbox_id = $1 and dead_lettered_at is not null and skipped_at is null),
+                 where outbox_id = $1 and dead_lettered_at is not null and skipped_at is null
+                 for update),
              skipped as (
                  update outbox o set skipped_at = now() from target t
                  where o.outbox_id = t.outbox_id and t.kind <> 'refund'
