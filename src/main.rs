@@ -287,7 +287,7 @@ enum ParkedCommand {
     /// Drop one parked event, or every one of an order: the saga never feeds them again (the
     /// order's stock and payment deadlines still read the reservations and the payment, and a
     /// parked placement, cancel or shipment is still acted on: the saga kept it when it
-    /// parked it). Refused while a retry of them is under way.
+    /// parked it). Refused while a retry of them is under way in a running saga process.
     Skip(ParkedTarget),
 }
 

@@ -239,7 +239,8 @@ impl SagaMutation {
     /// Admin only. Drops a parked event for good: the saga never feeds it again (the order's
     /// stock and payment deadlines still read the reservations and the payment, and a parked
     /// placement, cancel or shipment is still acted on: the saga kept it when it parked it).
-    /// UNAVAILABLE while a retry of it is under way: skip it if the retry parks it again.
+    /// UNAVAILABLE while a retry of it is under way in a running saga process: skip it if the
+    /// retry parks it again.
     async fn skip_parked_saga_event(
         &self,
         ctx: &Context<'_>,

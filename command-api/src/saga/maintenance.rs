@@ -421,9 +421,11 @@ pub async fn retry_parked(
 /// NOT_FOUND when none is parked.
 ///
 /// Refused with [`CommandError::InProgress`] (UNAVAILABLE at the API), nothing skipped, while
-/// a retry of any of them is asked for and not yet ended: the lane may be sending its
-/// commands already, and the retry's end (unparked, or parked again) would undo the skip.
-/// A running saga runner ends it within seconds; skip them then, if they are parked again.
+/// a retry of any of them is asked for and not yet ended and a saga process is running: its
+/// lane may be sending the step's commands already, and the retry's success would delete the
+/// skipped row. A running runner ends a retry within seconds; skip what it parks again then.
+/// With no saga process alive nothing can be feeding them, and the skip goes ahead (a runner
+/// started later reads only events not skipped).
 pub async fn skip_parked(
     client: &Client,
     saga_name: &str,
@@ -433,7 +435,11 @@ pub async fn skip_parked(
     // The rows are locked first, so a retry asked for meanwhile is seen (or waits for this).
     let skip = format!(
         "with target as (
-             select event_id, retry_requested_at is not null as retrying from saga_parked
+             select event_id,
+                    retry_requested_at is not null
+                    and exists (select 1 from saga_members m
+                                where m.saga_name = $1 and m.lease_until > now()) as retrying
+             from saga_parked
              where saga_name = $1 and {key} = $2 and skipped_at is null
              for update),
          skipped as (
