@@ -551,6 +551,64 @@ mod tests {
         db
     }
 
+    /// A skip that meets a retry of the same message committing meanwhile skips nothing: it
+    /// used to read the message unlocked and mark it skipped all the same, so a message back
+    /// in line was listed as skipped while the worker delivered it.
+    #[tokio::test]
+    async fn a_skip_that_waits_for_a_retry_of_the_same_message_skips_nothing() {
+        let db = crate::migrations::test_database().await;
+        let client = db.connect().await.unwrap();
+        let id = Uuid::new_v4();
+        client
+            .execute(
+                "insert into outbox (outbox_id, order_id, kind, payload, attempts, last_error,
+                     dead_lettered_at)
+                 values ($1, gen_random_uuid(), 'notification', '{}', 5, 'smtp: refused', now())",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        // An operator's retry of it, not committed yet.
+        let mut retrier = db.connect().await.unwrap();
+        let retrying = retrier.transaction().await.unwrap();
+        retrying
+            .execute(
+                "update outbox set dead_lettered_at = null, attempts = 0 where outbox_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let skipper = db.connect().await.unwrap();
+        let skipping = tokio::spawn(async move { skip(&skipper, id).await });
+        let waiting = "select count(*) from pg_stat_activity
+                       where datname = current_database() and wait_event_type = 'Lock'";
+        while client
+            .query_one(waiting, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        retrying.commit().await.unwrap();
+
+        let skipped = skipping.await.unwrap();
+        assert!(
+            matches!(skipped, Err(CommandError::NotFound(_))),
+            "{skipped:?}"
+        );
+        let marked: i64 = client
+            .query_one(
+                "select count(*) from outbox where skipped_at is not null",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(marked, 0);
+    }
+
     #[tokio::test]
     async fn how_far_a_lane_is_behind_is_unknown_without_the_log_in_the_database() {
         let db = one_lane().await;
