@@ -128,6 +128,14 @@ impl Input {
         self.recorded_at
     }
 
+    /// Whether it is the placement that starts its order's saga instance.
+    fn is_placement(&self) -> bool {
+        matches!(
+            &self.decoded,
+            Ok((Event::Order(OrderEvent::OrderPlaced(_)), _))
+        )
+    }
+
     fn order(&self) -> Option<OrderId> {
         self.decoded
             .as_ref()
@@ -269,6 +277,14 @@ enum ParkReason {
     /// outbox rows): the state stays as it was before the event.
     #[error("the step's outcome could not be stored: {0}")]
     NotStored(String),
+    /// No saga instance holds its order, and the event does not place it: the order settled
+    /// and its state was purged (a charge found long after, say), or its placement was never
+    /// fed to the saga (parked).
+    #[error(
+        "the saga holds no instance of this order: its state was purged after it settled, or \
+         its placement is parked"
+    )]
+    NoInstance,
 }
 
 const LOAD_STATES: &str = "
@@ -733,6 +749,14 @@ impl SagaRunner {
             .iter()
             .find_map(|input| input.decoded.as_ref().ok())
             .map_or(order_id.0, |(_, metadata)| metadata.correlation_id);
+        if stored.is_none() && !inputs.iter().any(|input| input.is_placement()) {
+            return Ok(without_instance(
+                order_id,
+                first_correlation,
+                inputs,
+                retrying,
+            ));
+        }
         let (state, correlation) = match stored {
             Some((state, correlation)) => (state, correlation),
             None => (
@@ -1431,6 +1455,39 @@ fn split(items: Vec<Item>, seen: Position) -> (Vec<Arc<Input>>, Position) {
         }
     }
     (events, last)
+}
+
+/// What events of an order the saga holds no instance of come to, placed by none of them (see
+/// [`ParkReason::NoInstance`]). Stepped, they used to start an instance from themselves alone,
+/// one with no placement that never settles: open for good, in the census and its "stuck"
+/// alert, after every order delivered more than the retention after it shipped. A delivery
+/// asks nothing of the saga and is passed over; anything else (money taken, above all) is
+/// parked for an operator. No command is sent.
+fn without_instance(
+    order_id: OrderId,
+    correlation: Uuid,
+    inputs: Vec<Arc<Input>>,
+    retrying: bool,
+) -> Handled {
+    let mut handled = Handled::new(order_id, Phase::Reserving, correlation);
+    for input in inputs {
+        let delivered = matches!(
+            &input.decoded,
+            Ok((Event::Order(OrderEvent::OrderDelivered(_)), _))
+        );
+        if delivered {
+            if retrying {
+                handled.resolved.push(input.id);
+            }
+            continue;
+        }
+        tracing::warn!(event_id = %input.id, %order_id, "saga event parked: no instance holds its order");
+        handled.parked.push(Parked {
+            input,
+            reason: ParkReason::NoInstance,
+        });
+    }
+    handled
 }
 
 fn undecodable(input: &Arc<Input>) -> Handled {
