@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use orderly_graphql::Role;
 use orderly_projections::{DeadLetterPolicy, RebuildOptions, RunnerOptions};
 use orderly_service::app::{self, Part};
-use orderly_service::command_side::ParkedOf;
+use orderly_service::command_side::{ParkedOf, SettledElsewhere};
 use orderly_service::seed::SeedOptions;
 use orderly_service::settings::Settings;
 use orderly_service::{command_side, read_side, run, telemetry};
@@ -323,14 +323,19 @@ enum OutboxCommand {
     /// Put one dead-lettered message back in line with fresh attempts; a running saga runner
     /// delivers it.
     Retry { id: Uuid },
-    /// Mark one dead-lettered message as not to be delivered. A refund is refused (the money
-    /// would stay taken and its order's saga open) unless --refunded-elsewhere.
+    /// Mark one dead-lettered message as not to be delivered. A refund or a resolution is
+    /// refused (money would stay taken, or unknown, and its order's saga open) unless what
+    /// was found outside Orderly is recorded with --refunded-elsewhere or --not-charged.
     Skip {
         id: Uuid,
-        /// The refund was made outside Orderly (at the provider, by hand): record it in the
+        /// A refund made outside Orderly (at the provider, by hand): record it in the
         /// payment's stream, so the order's saga settles, then skip the message.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "not_charged")]
         refunded_elsewhere: bool,
+        /// A resolution, the provider found to hold no charge for the order: record its last
+        /// charge attempt failed if it has no outcome, so the order's saga settles, then skip.
+        #[arg(long)]
+        not_charged: bool,
     },
 }
 
@@ -424,14 +429,16 @@ async fn saga(command: SagaCommand, settings: &Settings) -> anyhow::Result<()> {
             OutboxCommand::Retry { id } => command_side::retry_outbox(&pg_config()?, id).await,
             OutboxCommand::Skip {
                 id,
-                refunded_elsewhere: false,
-            } => command_side::skip_outbox(&pg_config()?, id).await,
-            OutboxCommand::Skip {
-                id,
-                refunded_elsewhere: true,
+                refunded_elsewhere,
+                not_charged,
             } => {
+                let settled = match (refunded_elsewhere, not_charged) {
+                    (true, _) => SettledElsewhere::Refunded,
+                    (false, true) => SettledElsewhere::NotCharged,
+                    (false, false) => return command_side::skip_outbox(&pg_config()?, id).await,
+                };
                 let store = app::event_store(settings)?;
-                command_side::skip_refunded_elsewhere(&pg_config()?, store, id).await
+                command_side::skip_settled_elsewhere(&pg_config()?, store, id, settled).await
             }
         },
     }

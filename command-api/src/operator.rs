@@ -296,8 +296,8 @@ impl SagaMutation {
     }
 
     /// Admin only. Marks a dead-lettered outbox message as not to be delivered. BAD_USER_INPUT
-    /// for a refund: the money would stay taken (`orderly saga outbox skip ID
-    /// --refunded-elsewhere` records one made another way).
+    /// for a refund or a resolution: money would stay taken, or unknown (`orderly saga outbox
+    /// skip ID --refunded-elsewhere` or `--not-charged` records what was found elsewhere).
     async fn skip_outbox_message(
         &self,
         ctx: &Context<'_>,

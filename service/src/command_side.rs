@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use orderly_command_api::Handler;
 use orderly_command_api::saga::SagaConfig;
-pub use orderly_command_api::saga::maintenance::ParkedOf;
 use orderly_command_api::saga::maintenance::{self, OutboxState};
+pub use orderly_command_api::saga::maintenance::{ParkedOf, SettledElsewhere};
 use orderly_event_store::EventStore;
 use orderly_event_store::postgres::PgConfig;
 use uuid::Uuid;
@@ -68,19 +68,24 @@ pub async fn skip_outbox(pg_config: &PgConfig, id: Uuid) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `orderly saga outbox skip ID --refunded-elsewhere`: the refund recorded in the payment's
-/// stream of `store`, then skipped.
-pub async fn skip_refunded_elsewhere(
+/// `orderly saga outbox skip ID --refunded-elsewhere | --not-charged`: what the operator found
+/// recorded in the payment's stream of `store`, then the message skipped.
+pub async fn skip_settled_elsewhere(
     pg_config: &PgConfig,
     store: Arc<dyn EventStore>,
     id: Uuid,
+    settled: SettledElsewhere,
 ) -> anyhow::Result<()> {
     let client = connect(pg_config).await?;
     let handler = Handler::new(store);
-    maintenance::skip_refunded_elsewhere(&client, &handler, id, OPERATOR).await?;
+    maintenance::skip_settled_elsewhere(&client, &handler, id, settled, OPERATOR).await?;
+    let found = match settled {
+        SettledElsewhere::Refunded => "refund recorded as made outside Orderly",
+        SettledElsewhere::NotCharged => "no charge at the provider recorded",
+    };
     println!(
-        "refund {id} recorded as made outside Orderly and skipped; the order's saga settles \
-         when a running saga runner reads it"
+        "outbox message {id} skipped, {found}; the order's saga settles when a running saga \
+         runner reads it"
     );
     Ok(())
 }

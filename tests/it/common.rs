@@ -567,6 +567,31 @@ pub fn orderly_cli_with(envs: &[(&str, &str)], args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
+/// Runs `orderly saga outbox skip OUTBOX_ID FLAG` on `db` (`--refunded-elsewhere` or
+/// `--not-charged`), then checks that the payment of `order_id` holds one `event_type`
+/// recorded by the CLI's operator and that the order's saga settles; what the CLI printed.
+pub async fn skip_as_settled_elsewhere(
+    db: &TestDb,
+    outbox_id: &str,
+    flag: &str,
+    event_type: &str,
+    order_id: &str,
+) -> String {
+    let done = orderly_cli_with(
+        &[("ORDERLY_DATABASE_URL", db.url())],
+        &["saga", "outbox", "skip", outbox_id, flag],
+    );
+    let recorded = format!(
+        "select count(*) from events where event_type = '{event_type}'
+         and stream = 'payment-{order_id}' and metadata ->> 'actor' = 'operator:cli'"
+    );
+    assert_eq!(count(db, &recorded).await, 1, "{event_type} recorded once");
+    let settled =
+        format!("select count(*) from saga_states where order_id = '{order_id}' and settled");
+    eventually(db, &settled, 1, Duration::from_secs(20)).await;
+    done
+}
+
 /// Makes the database refuse, for good, the writes `action` (`insert on events`, `update on
 /// outbox`) of the rows `when` picks: a trigger named `name` stands in for a bug (what it
 /// raises is no failure that passes), until [`accept_again`].

@@ -1162,9 +1162,13 @@ async fn a_charge_taken_but_never_recorded_is_found_and_refunded_when_the_order_
 }
 
 /// Fails every charge for good before it reaches the provider (a request that cannot be
-/// built, say); looks charges up and refunds like the simulator.
+/// built, say); refunds like the simulator, and looks charges up like it unless
+/// `lookups_refused`, when the provider refuses every lookup.
 #[derive(Default)]
-struct ChargesBroken(Simulator);
+struct ChargesBroken {
+    provider: Simulator,
+    lookups_refused: bool,
+}
 
 #[async_trait]
 impl PaymentGateway for ChargesBroken {
@@ -1175,11 +1179,16 @@ impl PaymentGateway for ChargesBroken {
     }
 
     async fn refund(&self, key: &str, reference: &str) -> Result<(), CommandError> {
-        self.0.refund(key, reference).await
+        self.provider.refund(key, reference).await
     }
 
     async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, CommandError> {
-        self.0.lookup(key).await
+        if self.lookups_refused {
+            return Err(CommandError::Internal(
+                "the payment provider refused the lookup: 403 Forbidden".into(),
+            ));
+        }
+        self.provider.lookup(key).await
     }
 }
 
@@ -1210,6 +1219,55 @@ async fn a_charge_dead_lettered_before_its_call_lets_its_cancelled_saga_settle()
         1
     );
     assert_eq!(events_of(&db, "PaymentRefunded", &payment).await, 0);
+}
+
+/// A resolution dead-lettered (the provider refuses its lookup) while its order's last charge
+/// attempt has no outcome is not skipped like a mail: skipped, nobody would learn whether that
+/// charge took money, and the cancelled saga would wait for an answer for good. An operator
+/// who found no such charge at the provider says so: the attempt is recorded failed, and the
+/// saga settles.
+#[tokio::test]
+async fn a_resolution_is_skipped_only_once_recorded_as_not_charged() {
+    let db = migrated_database().await;
+    let settings = short_deadline(db.url());
+    let api = start(&settings).await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let gateway = Arc::new(ChargesBroken {
+        lookups_refused: true,
+        ..ChargesBroken::default()
+    });
+    let order_id = charge_dead_lettered(&db, &settings, &api, gateway).await;
+    let dead_resolution = "select count(*) from outbox where kind = 'resolve'
+                           and dead_lettered_at is not null";
+    eventually(&db, dead_resolution, 1, Duration::from_secs(30)).await;
+    let client = db.connect().await.unwrap();
+    let outbox_id: uuid::Uuid = client
+        .query_one(
+            "select outbox_id from outbox where kind = 'resolve' and dead_lettered_at is not null",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let refused = maintenance::skip(&client, outbox_id).await;
+    assert!(
+        matches!(&refused, Err(CommandError::InvalidInput { message, .. })
+            if message.contains("--not-charged")),
+        "{refused:?}"
+    );
+
+    let id = outbox_id.to_string();
+    let done =
+        skip_as_settled_elsewhere(&db, &id, "--not-charged", "PaymentFailed", &order_id).await;
+    assert!(
+        done.contains("no charge at the provider recorded"),
+        "{done}"
+    );
+    // The operator's finding asks for no further lookup, which the provider would refuse too.
+    assert_eq!(
+        count(&db, "select count(*) from outbox where kind = 'resolve'").await,
+        1
+    );
 }
 
 /// Until the provider answers the lookup, nothing assumes the charge failed: the resolution

@@ -479,13 +479,19 @@ function saga(main, { notify }) {
     ];
   }
 
-  /// A refund is not skipped from here: the money would stay taken. The CLI records one made
-  /// another way, and skips it then.
-  function refundActions(id, label) {
+  /// A refund or a resolution is not skipped from here: money would stay taken, or unknown.
+  /// The CLI records what was found outside Orderly, and skips it then.
+  const SETTLED_ELSEWHERE = {
+    refund: ['refunded another way? ', '--refunded-elsewhere'],
+    resolve: ['no charge at the provider? ', '--not-charged'],
+  };
+
+  function moneyActions(message, label) {
+    const [question, flag] = SETTLED_ELSEWHERE[message.kind];
     return [
-      h('button', { type: 'button', class: 'retry', onclick: () => act('outbox', 'retry', id, label) }, 'Retry'),
-      h('div', { class: 'muted small' }, 'refunded another way? ',
-        h('code', {}, `orderly saga outbox skip ${id} --refunded-elsewhere`)),
+      h('button', { type: 'button', class: 'retry', onclick: () => act('outbox', 'retry', message.outboxId, label) }, 'Retry'),
+      h('div', { class: 'muted small' }, question,
+        h('code', {}, `orderly saga outbox skip ${message.outboxId} ${flag}`)),
     ];
   }
 
@@ -509,8 +515,8 @@ function saga(main, { notify }) {
       h('td', { class: 'error' }, message.lastError ?? '–'),
       h('td', { class: 'num' }, message.attempts),
       h('td', {}, when(message.deadLetteredAt)),
-      h('td', {}, message.kind === 'refund'
-        ? refundActions(message.outboxId, label)
+      h('td', {}, message.kind in SETTLED_ELSEWHERE
+        ? moneyActions(message, label)
         : actions('outbox', message.outboxId, label)));
   }
 

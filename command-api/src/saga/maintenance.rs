@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use orderly_domain::payment::{self, PaymentAggregate, PaymentCommand};
+use orderly_domain::payment::{self, Payment, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Reason};
 use orderly_event_store::Position;
@@ -105,10 +105,11 @@ pub async fn retry(client: &Client, outbox_id: Uuid) -> Result<(), CommandError>
 
 /// Marks a dead-lettered message as not to be delivered; it is kept until the purge.
 ///
-/// A refund is refused (BAD_USER_INPUT), nothing skipped: without it the customer's money
-/// stays taken, and the order's saga waits for the refund for good (open in the gauges, and
-/// in the "stuck" alert). Retry it, or record a refund made another way with
-/// [`skip_refunded_elsewhere`].
+/// A refund or a resolution is refused (BAD_USER_INPUT), nothing skipped. Without the refund
+/// the customer's money stays taken; without the resolution nobody learns whether a charge
+/// whose outcome is unknown took money. Either way the order's saga waits for good (open in
+/// the gauges, and in the "stuck" alert). Retry it, or record what was found outside Orderly
+/// with [`skip_settled_elsewhere`].
 pub async fn skip(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> {
     let row = client
         .query_one(
@@ -118,7 +119,7 @@ pub async fn skip(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> 
                  for update),
              skipped as (
                  update outbox o set skipped_at = now() from target t
-                 where o.outbox_id = t.outbox_id and t.kind <> 'refund'
+                 where o.outbox_id = t.outbox_id and t.kind not in ('refund', 'resolve')
                  returning 1)
              select (select kind from target), (select count(*) from skipped)",
             &[&outbox_id],
@@ -132,48 +133,104 @@ pub async fn skip(client: &Client, outbox_id: Uuid) -> Result<(), CommandError> 
              order's saga open. Retry it, or, if the money went back another way, record that \
              with `orderly saga outbox skip ID --refunded-elsewhere`",
         )),
+        Some("resolve") => Err(CommandError::invalid(
+            "outboxId",
+            "a resolution cannot be skipped: whether the provider took money for the order's \
+             last charge would stay unknown and the order's saga open. Retry it, or, if the \
+             provider holds no such charge, record that with `orderly saga outbox skip ID \
+             --not-charged`",
+        )),
         Some(_) => Ok(()),
     }
 }
 
-/// Skips the dead-lettered refund `outbox_id` after recording in the payment's stream that the
-/// money went back outside Orderly (an operator refunded it at the provider, say): the
-/// order's saga sees the `PaymentRefunded` and settles. `actor` names who recorded it. A
-/// payment refunded already records nothing more; one that holds no charge is refused.
-/// NOT_FOUND unless `outbox_id` is a refund waiting for an operator.
-pub async fn skip_refunded_elsewhere(
+/// What an operator found settled outside Orderly, to skip a dead-lettered message that is
+/// about money (see [`skip`] and [`skip_settled_elsewhere`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettledElsewhere {
+    /// A refund: the money went back another way (by hand at the provider).
+    Refunded,
+    /// A resolution: the provider holds no charge for the order (checked there).
+    NotCharged,
+}
+
+impl SettledElsewhere {
+    /// The kind of outbox message it settles.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Refunded => "refund",
+            Self::NotCharged => "resolve",
+        }
+    }
+
+    /// The payment's command that records it, given the payment as it stands; `None` when
+    /// there is nothing to record (no charge attempt waits for an outcome).
+    fn command(self, payment: Option<&Payment>) -> Result<Option<PaymentCommand>, CommandError> {
+        let reason =
+            |text: &str| Reason::parse(text).map_err(|e| CommandError::Internal(e.to_string()));
+        Ok(match self {
+            Self::Refunded => Some(PaymentCommand::Refund {
+                reason: reason("refunded outside Orderly, as recorded by an operator")?,
+                refunded_at: Utc::now(),
+            }),
+            Self::NotCharged => match payment {
+                Some(payment) if payment.status == PaymentStatus::Pending => {
+                    Some(PaymentCommand::RecordFailure {
+                        reason: reason(super::outbox::NOT_CHARGED_AS_AN_OPERATOR_FOUND)?,
+                        attempt: payment.attempts,
+                        failed_at: Utc::now(),
+                    })
+                }
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Skips the dead-lettered message `outbox_id` (a refund or a resolution, as `settled` says)
+/// after recording in the payment's stream what the operator found, so that the order's saga
+/// settles:
+/// - [`SettledElsewhere::Refunded`]: `PaymentRefunded` (nothing more when refunded already;
+///   refused when the payment holds no charge);
+/// - [`SettledElsewhere::NotCharged`]: the last charge attempt failed, when it has no outcome
+///   at all (its cancelled saga waits for one); nothing when it has.
+///
+/// `actor` names who recorded it. NOT_FOUND unless `outbox_id` is such a message waiting for
+/// an operator.
+pub async fn skip_settled_elsewhere(
     client: &Client,
     handler: &Handler,
     outbox_id: Uuid,
+    settled: SettledElsewhere,
     actor: &str,
 ) -> Result<(), CommandError> {
     let row = client
         .query_opt(
             "select order_id, (payload ->> 'correlation_id')::uuid from outbox
-             where outbox_id = $1 and kind = 'refund' and dead_lettered_at is not null
+             where outbox_id = $1 and kind = $2 and dead_lettered_at is not null
                and skipped_at is null",
-            &[&outbox_id],
+            &[&outbox_id, &settled.kind()],
         )
         .await?
-        .ok_or(CommandError::NotFound("dead-lettered refund"))?;
+        .ok_or(CommandError::NotFound(
+            "dead-lettered outbox message of that kind",
+        ))?;
     let order_id = OrderId(row.get(0));
     let envelope = Envelope {
-        command_id: Uuid::new_v5(&outbox_id, b"outcome/refunded-elsewhere"),
+        command_id: Uuid::new_v5(&outbox_id, b"outcome/settled-elsewhere"),
         correlation_id: row.get::<_, Option<Uuid>>(1).unwrap_or(outbox_id),
         causation_id: outbox_id,
         actor: actor.to_owned(),
         idempotency_key: None,
         traceparent: None,
     };
-    let command = PaymentCommand::Refund {
-        reason: Reason::parse("refunded outside Orderly, as recorded by an operator")
-            .map_err(|e| CommandError::Internal(e.to_string()))?,
-        refunded_at: Utc::now(),
-    };
     let stream = stream_name(streams::payment(order_id))?;
     handler
         .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
-            Ok(payment::decide(&loaded.state, &command)?)
+            match settled.command(loaded.state.as_ref())? {
+                Some(command) => Ok(payment::decide(&loaded.state, &command)?),
+                None => Ok(Vec::new()),
+            }
         })
         .await?;
     update_dead_letter(

@@ -282,14 +282,25 @@ pub(super) fn rows_for_event(event: &Event, correlation: Uuid) -> Vec<Row> {
                 resolve(cancelled.order_id),
             ),
         ],
-        Event::Payment(PaymentEvent::PaymentFailed(failed)) => vec![Row::new(
-            failed.order_id,
-            &format!("resolve/failed/{}", failed.attempt),
-            resolve(failed.order_id),
-        )],
+        // An operator who looked at the provider and found no charge is not asked again: the
+        // provider that made the resolution fail would fail this one the same way.
+        Event::Payment(PaymentEvent::PaymentFailed(failed))
+            if failed.reason.as_str() != NOT_CHARGED_AS_AN_OPERATOR_FOUND =>
+        {
+            vec![Row::new(
+                failed.order_id,
+                &format!("resolve/failed/{}", failed.attempt),
+                resolve(failed.order_id),
+            )]
+        }
         _ => Vec::new(),
     }
 }
+
+/// The reason of the failure `orderly saga outbox skip --not-charged` records (see
+/// `maintenance::SettledElsewhere`).
+pub(super) const NOT_CHARGED_AS_AN_OPERATOR_FOUND: &str =
+    "no charge at the payment provider, as an operator found";
 
 /// Claims due messages by pushing their next attempt a lease into the future: another worker
 /// skips them (skip locked, then the lease), and a worker that dies leaves them to come due,
