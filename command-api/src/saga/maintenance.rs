@@ -477,6 +477,13 @@ pub async fn retry_parked(
 /// cancel or a shipment is still acted on (see `fulfilment::parked`). How many were skipped;
 /// NOT_FOUND when none is parked.
 ///
+/// Those deadlines come before the charge. Once the order is cancelled, or charged, nothing
+/// reads the products or the payment again: a skipped release, refund or payment outcome of
+/// such an order leaves its saga waiting for it for good (open in the census and its "stuck"
+/// alert). Retry those instead, once their cause is fixed. An event that did not decode names
+/// no order, and nothing of it is kept: skipping an order's placement, cancel or shipment
+/// that did not decode leaves that order as the saga last saw it.
+///
 /// Refused with [`CommandError::InProgress`] (UNAVAILABLE at the API), nothing skipped, while
 /// a retry of any of them is asked for and not yet ended and a saga process is running: its
 /// lane may be sending the step's commands already, and the retry's success would delete the
