@@ -418,12 +418,9 @@ impl SagaRunner {
         consumer: &mut Option<Consumer>,
     ) -> Result<(), CommandError> {
         let client = self.pool.get().await?;
-        let members = self.member.heartbeat(&**client).await?;
+        let (members, renewed) = self.renew(&client).await?;
         self.free_claims_of_the_dead(&client).await;
         let wanted = self.member.share(&members);
-        let asked = tokio::time::Instant::now();
-        let renewed: HashMap<u32, i64> = self.member.renew(&**client).await?.into_iter().collect();
-        self.leases.renewed(asked, self.config.lease);
         let mut changed = false;
         held.retain(|lane, lease| {
             let kept = renewed.get(lane) == Some(&lease.generation);
@@ -496,20 +493,26 @@ impl SagaRunner {
                     return;
                 }
                 _ = beat.tick() => {
-                    let asked = tokio::time::Instant::now();
-                    let renewed = async {
-                        self.member.heartbeat(client).await?;
-                        self.member.renew(client).await
-                    };
-                    match renewed.await {
-                        Ok(_) => self.leases.renewed(asked, self.config.lease),
-                        Err(error) => {
-                            tracing::warn!(%error, "saga membership not renewed while its lanes stop");
-                        }
+                    if let Err(error) = self.renew(client).await {
+                        tracing::warn!(%error, "saga membership not renewed while its lanes stop");
                     }
                 }
             }
         }
+    }
+
+    /// Renews this member's membership and the lease of every lane it holds, and the clock
+    /// its sends check (from before the renewal was asked for, so it never runs ahead of the
+    /// database's): the live members, and the lanes still held with their generations.
+    async fn renew(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(Vec<String>, HashMap<u32, i64>), CommandError> {
+        let asked = tokio::time::Instant::now();
+        let members = self.member.heartbeat(client).await?;
+        let renewed = self.member.renew(client).await?.into_iter().collect();
+        self.leases.renewed(asked, self.config.lease);
+        Ok((members, renewed))
     }
 
     /// Sends every command of one saga step in order. Rejections are logged (the saga
