@@ -1126,8 +1126,9 @@ fn all_reserved(state: &FulfilmentState) -> bool {
     })
 }
 
-/// The saga's own reasons are short literals that always pass `Reason::parse`.
-fn fixed_reason(text: &'static str) -> Reason {
+/// The saga's own reasons (its runner's too) are short literals that always pass
+/// `Reason::parse`.
+pub fn fixed_reason(text: &'static str) -> Reason {
     Reason::parse(text).unwrap_or_else(|_| unreachable!("{text:?} is a valid reason"))
 }
 

@@ -9,14 +9,16 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use orderly_domain::fulfilment::fixed_reason;
 use orderly_domain::payment::{self, Payment, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
-use orderly_domain::values::{OrderId, Reason};
+use orderly_domain::values::OrderId;
 use orderly_event_store::Position;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use super::outbox::NOT_CHARGED_AS_AN_OPERATOR_FOUND;
 use crate::CommandError;
 use crate::handling::{Envelope, Handler, stream_name};
 
@@ -165,25 +167,20 @@ impl SettledElsewhere {
 
     /// The payment's command that records it, given the payment as it stands; `None` when
     /// there is nothing to record (no charge attempt waits for an outcome).
-    fn command(self, payment: Option<&Payment>) -> Result<Option<PaymentCommand>, CommandError> {
-        let reason =
-            |text: &str| Reason::parse(text).map_err(|e| CommandError::Internal(e.to_string()));
-        Ok(match self {
+    fn command(self, payment: Option<&Payment>) -> Option<PaymentCommand> {
+        match self {
             Self::Refunded => Some(PaymentCommand::Refund {
-                reason: reason("refunded outside Orderly, as recorded by an operator")?,
+                reason: fixed_reason("refunded outside Orderly, as recorded by an operator"),
                 refunded_at: Utc::now(),
             }),
-            Self::NotCharged => match payment {
-                Some(payment) if payment.status == PaymentStatus::Pending => {
-                    Some(PaymentCommand::RecordFailure {
-                        reason: reason(super::outbox::NOT_CHARGED_AS_AN_OPERATOR_FOUND)?,
-                        attempt: payment.attempts,
-                        failed_at: Utc::now(),
-                    })
-                }
-                _ => None,
-            },
-        })
+            Self::NotCharged => payment
+                .filter(|payment| payment.status == PaymentStatus::Pending)
+                .map(|payment| PaymentCommand::RecordFailure {
+                    reason: fixed_reason(NOT_CHARGED_AS_AN_OPERATOR_FOUND),
+                    attempt: payment.attempts,
+                    failed_at: Utc::now(),
+                }),
+        }
     }
 }
 
@@ -227,7 +224,7 @@ pub async fn skip_settled_elsewhere(
     let stream = stream_name(streams::payment(order_id))?;
     handler
         .execute::<PaymentAggregate, _>(&stream, None, &envelope, |loaded| {
-            match settled.command(loaded.state.as_ref())? {
+            match settled.command(loaded.state.as_ref()) {
                 Some(command) => Ok(payment::decide(&loaded.state, &command)?),
                 None => Ok(Vec::new()),
             }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use orderly_domain::Rejection;
+use orderly_domain::fulfilment::fixed_reason;
 use orderly_domain::order::{Order, OrderAggregate, OrderStatus};
 use orderly_domain::payment::{self, Payment, PaymentAggregate, PaymentCommand, PaymentStatus};
 use orderly_domain::streams;
@@ -629,7 +630,7 @@ impl SagaRunner {
                 (
                     "failed",
                     PaymentCommand::RecordFailure {
-                        reason: reason_or(String::new(), "payment gateway unavailable"),
+                        reason: fixed_reason("payment gateway unavailable"),
                         attempt,
                         failed_at: now,
                     },
@@ -655,10 +656,7 @@ impl SagaRunner {
     ) -> Result<(), CommandError> {
         tracing::info!(%order_id, attempt, "charge withdrawn: the order was cancelled before it was sent");
         let command = PaymentCommand::RecordFailure {
-            reason: reason_or(
-                String::new(),
-                "charge withdrawn: the order was cancelled before it was sent",
-            ),
+            reason: fixed_reason("charge withdrawn: the order was cancelled before it was sent"),
             attempt,
             failed_at: Utc::now(),
         };
@@ -742,7 +740,7 @@ impl SagaRunner {
             Some(ChargeOutcome::Declined { .. }) | None => {
                 tracing::info!(%order_id, attempt, "a charge that never had an outcome took no money; recording it failed");
                 let command = PaymentCommand::RecordFailure {
-                    reason: reason_or(String::new(), "no charge found at the payment provider"),
+                    reason: fixed_reason("no charge found at the payment provider"),
                     attempt,
                     failed_at: Utc::now(),
                 };
@@ -920,9 +918,7 @@ fn record_charge(
 
 /// Provider texts are free-form; an empty or oversize one is replaced, never refused.
 fn reason_or(text: String, fallback: &'static str) -> Reason {
-    Reason::parse(text).unwrap_or_else(|_| {
-        Reason::parse(fallback).unwrap_or_else(|_| unreachable!("{fallback:?} is a valid reason"))
-    })
+    Reason::parse(text).unwrap_or_else(|_| fixed_reason(fallback))
 }
 
 #[cfg(test)]
