@@ -567,6 +567,28 @@ pub fn orderly_cli_with(envs: &[(&str, &str)], args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
+/// How many events of `event_type` stream `stream` holds.
+pub async fn events_of(db: &TestDb, event_type: &str, stream: &str) -> i64 {
+    db.connect()
+        .await
+        .unwrap()
+        .query_one(
+            "select count(*) from events where event_type = $1 and stream = $2",
+            &[&event_type, &stream],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits up to 30 s until stream `stream` holds `expected` events of `event_type`.
+pub async fn eventually_events_of(db: &TestDb, event_type: &str, stream: &str, expected: i64) {
+    let sql = format!(
+        "select count(*) from events where event_type = '{event_type}' and stream = '{stream}'"
+    );
+    eventually(db, &sql, expected, Duration::from_secs(30)).await;
+}
+
 /// Runs `orderly saga outbox skip OUTBOX_ID FLAG` on `db` (`--refunded-elsewhere` or
 /// `--not-charged`), then checks that the payment of `order_id` holds one `event_type`
 /// recorded by the CLI's operator and that the order's saga settles; what the CLI printed.

@@ -504,11 +504,7 @@ async fn charged_and_delivered() -> (orderly_test_support::TestDb, Arc<Gated>, S
     };
     spawn(configured_runner(&settings, config, gateway.clone()));
     let order_id = place_one(&api, "alice", "TEA").await;
-    let charged = format!(
-        "select count(*) from events where event_type = 'PaymentCharged'
-         and stream = 'payment-{order_id}'"
-    );
-    eventually(&db, &charged, 1, Duration::from_secs(30)).await;
+    eventually_events_of(&db, "PaymentCharged", &format!("payment-{order_id}"), 1).await;
     eventually(
         &db,
         "select count(*) from outbox where kind = 'charge' and delivered_at is not null",
@@ -677,16 +673,7 @@ async fn a_charge_its_payment_cannot_record_is_dead_lettered_at_once() {
     spawn(runner(&settings, config));
     let order_id = place(&api, "alice", "TEA", 1, "tok_declined").await.id;
     let payment = format!("payment-{order_id}");
-    eventually(
-        &db,
-        &format!(
-            "select count(*) from events where event_type = 'PaymentDeclined'
-             and stream = '{payment}'"
-        ),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    eventually_events_of(&db, "PaymentDeclined", &payment, 1).await;
 
     // The same attempt, as the provider took it after all (under a token it charges).
     let charge = json!({
@@ -1034,18 +1021,6 @@ async fn a_charge_that_lands_after_the_cancel_is_found_once_the_provider_settled
 }
 
 /// How many events of a type a stream holds.
-const EVENTS_OF: &str = "select count(*) from events where event_type = $1 and stream = $2";
-
-async fn events_of(db: &orderly_test_support::TestDb, event_type: &str, stream: &str) -> i64 {
-    db.connect()
-        .await
-        .unwrap()
-        .query_one(EVENTS_OF, &[&event_type, &stream])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test]
 async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_refunded() {
     let db = migrated_database().await;
@@ -1057,16 +1032,7 @@ async fn a_charge_whose_answer_was_lost_is_found_after_the_deadline_cancel_and_r
     let order_id = place_one(&api, "alice", "TEA").await;
     let payment = format!("payment-{order_id}");
 
-    eventually(
-        &db,
-        &format!(
-            "select count(*) from events where event_type = 'PaymentRefunded'
-             and stream = '{payment}'"
-        ),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    eventually_events_of(&db, "PaymentRefunded", &payment, 1).await;
     assert_eq!(
         gateway.provider.charges(),
         1,
@@ -1149,10 +1115,7 @@ async fn a_charge_taken_but_never_recorded_is_found_and_refunded_when_the_order_
     accept_again(&client, "no_charges", "events").await;
 
     let payment = format!("payment-{order_id}");
-    let refunded = format!(
-        "select count(*) from events where event_type = 'PaymentRefunded' and stream = '{payment}'"
-    );
-    eventually(&db, &refunded, 1, Duration::from_secs(30)).await;
+    eventually_events_of(&db, "PaymentRefunded", &payment, 1).await;
     assert_eq!(simulator.charges(), 1);
     assert_eq!(simulator.refunds(), 1);
     assert_eq!(
@@ -1310,15 +1273,6 @@ async fn a_resolution_the_provider_cannot_answer_is_dead_lettered_then_retried_f
             .await
             .unwrap();
     }
-    eventually(
-        &db,
-        &format!(
-            "select count(*) from events where event_type = 'PaymentRefunded'
-             and stream = '{payment}'"
-        ),
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
+    eventually_events_of(&db, "PaymentRefunded", &payment, 1).await;
     assert_eq!(gateway.provider.refunds(), 1);
 }
