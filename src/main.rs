@@ -287,9 +287,10 @@ enum ParkedCommand {
     /// Drop one parked event, or every one of an order: the saga never feeds them again (the
     /// order's stock and payment deadlines still read the reservations and the payment, and a
     /// parked placement, cancel or shipment is still acted on: the saga kept it when it
-    /// parked it). Those deadlines come before the charge: once the order is cancelled or
-    /// charged, a skipped release, refund or payment outcome leaves its saga open; retry
-    /// those instead. Refused while a retry of them is under way in a running saga process.
+    /// parked it). Once the order is cancelled or shipped, the products and the payment are
+    /// read again every stock deadline until its saga settles, so a skipped release,
+    /// shipment, refund or payment outcome is made up for too. Refused while a retry of them
+    /// is under way in a running saga process.
     Skip(ParkedTarget),
 }
 

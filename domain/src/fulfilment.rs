@@ -52,6 +52,13 @@
 //! with no hold for the order then never gets one, and the order is cancelled. The clock alone
 //! never cancels for missing stock.
 //!
+//! The same wait guards the end: while an order cancelled or shipped has not settled (a
+//! release, shipment, refund or payment outcome not seen), the runner reads the products that
+//! were sent a release or shipment without an answer, and the payment's stream, every stock
+//! deadline (`settle_due_at`) until it has, or until nothing is left that a read could bring.
+//! The saga otherwise reads nothing once the order ended, and an answer whose step was
+//! parked, then skipped, would leave it open for good.
+//!
 //! The state can also be rebuilt instead of stored: replay the order's events up to the
 //! checkpoint (order, its product reservations, its payment) through `evolve`, discarding the
 //! commands; whatever a tick decided but never got into the log, the next tick decides again.
@@ -276,6 +283,11 @@ impl Line {
     fn unanswered(&self) -> bool {
         self.reserve_sent && self.stock == Stock::Unknown
     }
+
+    /// Its stock was held, and a release or shipment of it sent whose answer was not seen.
+    fn unsettled(&self) -> bool {
+        self.stock == Stock::Reserved && (self.release_sent || self.ship_sent)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +355,13 @@ pub struct FulfilmentState {
     /// cancels so, never the clock alone.
     #[serde(default)]
     stock_checked: bool,
+    /// When the runner reads again what an order that ended (cancelled or shipped) still waits
+    /// for: the answers to its releases and shipments from the products, its payment from its
+    /// stream (see [`FulfilmentState::stock_to_check`]). Set a stock deadline after the order
+    /// ended, again after each such check, while the saga has not settled and waits for an
+    /// answer a read could bring; `None` otherwise.
+    #[serde(default)]
+    settle_due_at: Option<DateTime<Utc>>,
     /// When the runner acts on an order fact whose own step was parked (a cancel, a shipment):
     /// the fact is recorded, what it calls for not sent, and no other deadline may come (a
     /// confirmed order has none). Cleared by the next step that runs, which sends it.
@@ -386,6 +405,7 @@ impl FulfilmentState {
             retry_due_at,
             stock_due_at,
             stock_checked,
+            settle_due_at,
             parked_due_at,
             clock: _,
             timing,
@@ -400,6 +420,7 @@ impl FulfilmentState {
             && *retry_due_at == other.retry_due_at
             && *stock_due_at == other.stock_due_at
             && *stock_checked == other.stock_checked
+            && *settle_due_at == other.settle_due_at
             && *parked_due_at == other.parked_due_at
             && *timing == other.timing
     }
@@ -420,21 +441,28 @@ impl FulfilmentState {
                 .flatten()
                 .min()
         };
-        [due, self.parked_due_at].into_iter().flatten().min()
+        [due, self.parked_due_at, self.settle_due_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// The products whose answer to this order's reservation the runner must read and feed
-    /// back as [`SagaInput::StockChecked`] before a tick at `now`: the lines still unanswered
-    /// once the stock deadline has passed (cancelling or not), none before it, none once a
-    /// charge was requested (every line was answered then) and none after one such check.
+    /// The products whose answer for this order the runner must read and feed back as
+    /// [`SagaInput::StockChecked`] before a tick at `now`:
+    ///
+    /// - once the stock deadline has passed (cancelling or not), the lines whose reservation
+    ///   is unanswered; none before it, none once a charge was requested (every line was
+    ///   answered then) and none after one such check;
+    /// - once the settle check is due (an order ended, not settled), the lines sent a release
+    ///   or a shipment whose answer the saga has not seen.
     pub fn stock_to_check(&self, now: DateTime<Utc>) -> Vec<Sku> {
-        let overdue = self.stock_due_at.is_some_and(|due| now >= due);
-        if !overdue || !self.awaiting_stock() {
-            return Vec::new();
-        }
+        let reservations = self.awaiting_stock() && self.stock_due_at.is_some_and(|due| now >= due);
+        let settlements = self.settle_due_at.is_some_and(|due| now >= due);
         self.lines
             .iter()
-            .filter(|(_, line)| line.unanswered())
+            .filter(|(_, line)| {
+                (reservations && line.unanswered()) || (settlements && line.unsettled())
+            })
             .map(|(sku, _)| sku.clone())
             .collect()
     }
@@ -505,11 +533,27 @@ impl FulfilmentState {
                 .lines
                 .values()
                 .all(|line| line.stock != Stock::Reserved);
-        let money_settled = self.payment.charged.is_none() || self.payment.refunded;
-        let payment_quiet = self.unanswered_charge().is_none();
         let delivered =
             self.order.shipped && self.lines.values().all(|line| line.stock == Stock::Shipped);
-        delivered || (ended && nothing_held && money_settled && payment_quiet)
+        delivered || (ended && nothing_held && self.money_settled())
+    }
+
+    /// No money taken that was not given back, and no charge attempt still unanswered.
+    fn money_settled(&self) -> bool {
+        (self.payment.charged.is_none() || self.payment.refunded)
+            && self.unanswered_charge().is_none()
+    }
+
+    /// The order ended (cancelled or shipped), its saga has not settled, and an answer it
+    /// waits for may be read again: a product's to a release or shipment sent, or the
+    /// payment's (a refund, a charge's outcome) of a cancelled order. A saga that waits for
+    /// nothing a read could bring (a product gave back stock the order shipped) is left to an
+    /// operator rather than read for ever.
+    fn awaits_answers(&self) -> bool {
+        let ended = self.order.cancelled || self.order.shipped;
+        let stock = self.lines.values().any(Line::unsettled);
+        let money = self.order.cancelled && !self.money_settled();
+        ended && !self.is_settled() && (stock || money)
     }
 }
 
@@ -746,7 +790,25 @@ fn decide(
     if !state.stock_unanswered() {
         state.stock_due_at = None;
     }
+    schedule_settle_check(&mut state, handled_at);
     (state, commands)
+}
+
+/// Starts the settle check of an order that ended (see `settle_due_at`) a stock deadline from
+/// now, and once it has passed (a check was made at it), starts the next one; drops it once
+/// nothing is left that a check could read (see [`FulfilmentState::awaits_answers`]).
+///
+/// A step that brings a time past the check without a check (an event stamped later than it)
+/// moves it on too: that check then comes one wait later.
+fn schedule_settle_check(state: &mut FulfilmentState, handled_at: Option<DateTime<Utc>>) {
+    let Some(clock) = state.clock.filter(|_| state.awaits_answers()) else {
+        state.settle_due_at = None;
+        return;
+    };
+    if state.settle_due_at.is_none_or(|due| clock >= due) {
+        let from = handled_at.map_or(clock, |handled_at| clock.max(handled_at));
+        state.settle_due_at = Some(from + state.timing.stock_deadline());
+    }
 }
 
 /// Records the facts `input` carries; `false` (state untouched) when it is not this saga's.
@@ -1839,6 +1901,128 @@ mod tests {
             .then([refund(5), release(mug(), 5), release(tea(), 5)]);
     }
 
+    fn released(sku: Sku, quantity: u32, minute: i64) -> Step {
+        StockReservationReleased {
+            sku,
+            order_id: order_id(ORDER),
+            quantity: qty(quantity),
+            released_at: at(minute),
+        }
+        .into()
+    }
+
+    fn refunded(minute: i64) -> Step {
+        PaymentRefunded {
+            order_id: order_id(ORDER),
+            amount: eur(2500),
+            gateway_reference: reference("ch_1"),
+            reason: reason("order cancelled"),
+            refunded_at: at(minute),
+        }
+        .into()
+    }
+
+    /// Minutes after which the settle check of an order cancelled at minute 5 is due.
+    const SETTLE_DUE: i64 = 5 + STOCK_DEADLINE.num_minutes();
+
+    #[test]
+    fn a_release_whose_answer_was_never_seen_is_read_from_its_product_after_the_cancel() {
+        // The tea's answer was parked, then skipped: nothing brings it to the saga again.
+        let history = awaiting_payment_and([
+            charged(2),
+            cancelled_by_customer(5),
+            refunded(6),
+            released(mug(), 1, 6),
+        ]);
+        let waiting = folded(&history);
+        assert!(!waiting.is_settled());
+        assert_eq!(waiting.next_due_at(), Some(at(SETTLE_DUE)));
+        assert!(waiting.stock_to_check(at(SETTLE_DUE - 1)).is_empty());
+        assert_eq!(waiting.stock_to_check(at(SETTLE_DUE)), vec![tea()]);
+        let settled = given(history)
+            .when(stock_checked(SETTLE_DUE, [(tea(), Hold::Released)]))
+            .then_nothing();
+        assert!(settled.is_settled());
+        assert_eq!(settled.next_due_at(), None);
+    }
+
+    #[test]
+    fn a_refund_whose_answer_was_never_seen_keeps_the_settle_check_due_until_it_is_read() {
+        let history = || {
+            awaiting_payment_and([
+                charged(2),
+                cancelled_by_customer(5),
+                released(mug(), 1, 6),
+                released(tea(), 2, 6),
+            ])
+        };
+        let waiting = folded(&history());
+        assert!(!waiting.is_settled(), "the money is not back");
+        assert_eq!(waiting.next_due_at(), Some(at(SETTLE_DUE)));
+        // Nothing to ask the products: the runner reads the payment's stream at every tick.
+        assert!(waiting.stock_to_check(at(SETTLE_DUE)).is_empty());
+        // Not found by this check (a refund still on its way): the next one comes a stock
+        // deadline later, sending nothing.
+        let checked = given(history()).when(tick(SETTLE_DUE)).then_nothing();
+        let next = at(SETTLE_DUE) + STOCK_DEADLINE;
+        assert_eq!(checked.next_due_at(), Some(next));
+        let found = given(history().into_iter().chain([tick(SETTLE_DUE)]))
+            .when(refunded(SETTLE_DUE + 1))
+            .then_nothing();
+        assert!(found.is_settled());
+        assert_eq!(found.next_due_at(), None);
+    }
+
+    #[test]
+    fn a_shipment_whose_answer_was_never_seen_is_read_from_its_product_a_stock_deadline_later() {
+        let shipped_of = |sku: Sku, quantity: u32| -> Step {
+            ReservedStockShipped {
+                sku,
+                order_id: order_id(ORDER),
+                quantity: qty(quantity),
+                shipped_at: at(61),
+            }
+            .into()
+        };
+        let history = awaiting_payment_and([charged(2), shipped(60), shipped_of(mug(), 1)]);
+        let due = at(60) + STOCK_DEADLINE;
+        let waiting = folded(&history);
+        assert!(!waiting.is_settled());
+        assert_eq!(waiting.next_due_at(), Some(due));
+        assert_eq!(waiting.stock_to_check(due), vec![tea()]);
+        let delivered = given(history)
+            .when(Step::StockChecked(due, vec![(tea(), Hold::Shipped)]))
+            .then_nothing();
+        assert!(delivered.is_settled());
+        assert_eq!(delivered.next_due_at(), None);
+        // Given back by something else: nothing a later read could bring ships it. The saga
+        // stays open for an operator, and reads no more.
+        let lost = given(awaiting_payment_and([charged(2), shipped(60)]))
+            .when(Step::StockChecked(
+                due,
+                vec![(tea(), Hold::Shipped), (mug(), Hold::Released)],
+            ))
+            .then_nothing();
+        assert!(!lost.is_settled());
+        assert_eq!(lost.next_due_at(), None);
+    }
+
+    #[test]
+    fn an_order_that_goes_on_or_settles_at_once_has_no_settle_check() {
+        assert_eq!(
+            folded(&awaiting_payment_and([charged(2)])).next_due_at(),
+            None
+        );
+        let settled = folded(&awaiting_payment_and([
+            declined(),
+            cancelled_by_customer(5),
+            released(mug(), 1, 6),
+            released(tea(), 2, 6),
+        ]));
+        assert!(settled.is_settled());
+        assert_eq!(settled.next_due_at(), None);
+    }
+
     #[test]
     fn a_customer_cancel_whose_step_was_parked_is_acted_on_at_the_next_tick_after_a_pause() {
         let parked = given(awaiting_payment_and([charged(2)]))
@@ -1883,7 +2067,8 @@ mod tests {
         let (acted, commands) = super::act_on_parked(parked, at(6));
         assert_eq!(commands, [refund(6), release(mug(), 6), release(tea(), 6)]);
         assert_eq!(acted.parked_name(), None);
-        assert_eq!(acted.next_due_at(), None);
+        // What is left due is the check of the answers, a stock deadline on.
+        assert_eq!(acted.next_due_at(), Some(at(6) + STOCK_DEADLINE));
         // Nothing waits: nothing to send.
         let (_, nothing) = super::act_on_parked(acted, at(7));
         assert!(nothing.is_empty());
@@ -1897,7 +2082,8 @@ mod tests {
         ]))
         .when(charged(6))
         .then([refund(6), release(mug(), 6), release(tea(), 6)]);
-        assert_eq!(sent.next_due_at(), None);
+        assert_eq!(sent.parked_name(), None);
+        assert_eq!(sent.next_due_at(), Some(at(6) + STOCK_DEADLINE));
     }
 
     #[test]

@@ -25,7 +25,9 @@
 //! after reading the order's payment stream first: the log's horizon can hide a payment that
 //! is already recorded (any open transaction in the cluster holds it back), the stream itself
 //! cannot, so a recorded payment is never overtaken by its deadline. Past the stock deadline
-//! the products' streams are read the same way, for reservations the saga has not seen. What
+//! the products' streams are read the same way, for reservations the saga has not seen, and
+//! so is what an order that ended still waits for (releases, shipments, the payment), every
+//! stock deadline until its saga settles. What
 //! a tick fails to do (deadlines, parked retries, a quiet lane's checkpoint) stays in the
 //! database and is tried again at the next tick (an instance that fails for good, after a
 //! growing pause): a failing tick never holds up the lane's events.
@@ -253,8 +255,10 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 /// The order's deadlines still settle an instance left waiting by it, unless an operator
 /// retries the event first: at the stock deadline (from the reservations' sending) the saga
 /// reads the answers to its reservations from the products, at the payment deadline (from the
-/// first charge request) the payment from its stream, and goes on or cancels. Facts no
-/// deadline reads are kept with the state (`fulfilment::parked`): a parked `OrderPlaced` keeps
+/// first charge request) the payment from its stream, and goes on or cancels; once the order
+/// ended (cancelled or shipped), every stock deadline until it settles, the saga reads both
+/// again for the answers it still waits for. Facts no deadline reads are kept with the state
+/// (`fulfilment::parked`): a parked `OrderPlaced` keeps
 /// its order with the reservations counted as sent, so the stock deadline settles it too (a
 /// retry sends the unanswered ones again), and a parked cancel or shipment is acted on by the
 /// lane's tick after a pause.
@@ -1066,14 +1070,15 @@ impl SagaRunner {
         // A state that has sent more since the last tick at this deadline decides other
         // commands, under other names.
         let tick_step = |state: &FulfilmentState, what: &str| named(state.tick_name(due_at) + what);
-        // Answers to the reservations that the saga has not seen by the stock deadline (a
-        // parked or skipped step) are asked of the products themselves.
+        // Answers that the saga has not seen by the stock deadline (to its reservations, or to
+        // the releases and shipments of an order that ended: a parked or skipped step) are
+        // asked of the products themselves.
         let unanswered = state.stock_to_check(now);
         if !unanswered.is_empty() {
             let holds = self.holds(order_id, &unanswered).await?;
             // Normally every answer arrives within milliseconds: this is a step that was
             // parked (logged then) or skipped, or a saga catching up far behind the log.
-            tracing::info!(%order_id, asked = unanswered.len(), answered = holds.len(), "stock deadline passed; reservation answers read from the products");
+            tracing::info!(%order_id, asked = unanswered.len(), answered = holds.len(), "stock deadline passed; answers read from the products");
             let input = SagaInput::StockChecked { now, holds: &holds };
             let step = tick_step(&state, "/stock");
             self.step(&mut state, &input, &step, &mut rows).await?;

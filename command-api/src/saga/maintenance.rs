@@ -470,16 +470,15 @@ pub async fn retry_parked(
 /// Drops the parked events `which` for good: the saga never feeds them again. The rows stay,
 /// marked, for the record. The order's deadlines still read what the saga would have learnt
 /// from a reservation (from the products, at the stock deadline) or a payment (from its
-/// stream, at the payment deadline), and what the saga kept when it parked a placement, a
-/// cancel or a shipment is still acted on (see `fulfilment::parked`). How many were skipped;
-/// NOT_FOUND when none is parked.
+/// stream, at the payment deadline); once the order is cancelled or shipped, the products'
+/// answers to its releases and shipments and its payment (a refund, a charge's outcome) are
+/// read again every stock deadline until its saga settles. What the saga kept when it parked a
+/// placement, a cancel or a shipment is still acted on (see `fulfilment::parked`). How many
+/// were skipped; NOT_FOUND when none is parked.
 ///
-/// Those deadlines come before the charge. Once the order is cancelled, or charged, nothing
-/// reads the products or the payment again: a skipped release, refund or payment outcome of
-/// such an order leaves its saga waiting for it for good (open in the census and its "stuck"
-/// alert). Retry those instead, once their cause is fixed. An event that did not decode names
-/// no order, and nothing of it is kept: skipping an order's placement, cancel or shipment
-/// that did not decode leaves that order as the saga last saw it.
+/// An event that did not decode names no order, and nothing of it is kept: skipping an
+/// order's placement, cancel or shipment that did not decode leaves that order as the saga
+/// last saw it.
 ///
 /// Refused with [`CommandError::InProgress`] (UNAVAILABLE at the API), nothing skipped, while
 /// a retry of any of them is asked for and not yet ended and a saga process is running: its
