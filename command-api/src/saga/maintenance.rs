@@ -544,12 +544,20 @@ delete from outbox where outbox_id in (
 
 /// Only settled sagas: the domain guarantees nothing more will be sent for them (delivered,
 /// or cancelled with stock released and money refunded), so their state is history. Events of
-/// theirs still parked go with them: retried without the state, one would start the instance
-/// anew from that event alone, an instance that could never settle.
+/// theirs an operator skipped go with them.
+///
+/// Not a saga with an event still parked: that is an answer it did not take, after it had
+/// settled (a charge the provider was found to hold for a cancelled order, whose step would
+/// refund it). Purged, the event would be gone from `orderly saga parked list` and the gauge
+/// with the money, and a retry without the state could not refund it. It waits for an
+/// operator, as every parked event does.
 const PURGE_SAGAS: &str = "
 with purged as (
-    select saga_name, order_id from saga_states
+    select saga_name, order_id from saga_states s
     where saga_name = $1 and settled and updated_at < now() - make_interval(secs => $2)
+      and not exists (select 1 from saga_parked p
+                      where p.saga_name = s.saga_name and p.order_id = s.order_id
+                        and p.skipped_at is null)
     limit $3),
 unparked as (
     delete from saga_parked p using purged
@@ -558,8 +566,9 @@ delete from saga_states s using purged
 where s.saga_name = purged.saga_name and s.order_id = purged.order_id";
 
 /// Deletes delivered and skipped outbox messages, and the settled states of saga `saga_name`
-/// (with their parked events), last touched more than `retention` ago. Dead letters waiting
-/// for an operator, pending messages and sagas still in flight are never touched.
+/// (with their skipped parked events), last touched more than `retention` ago. Dead letters
+/// waiting for an operator, pending messages, sagas still in flight and settled ones with an
+/// event still parked are never touched.
 pub async fn purge(
     client: &Client,
     saga_name: &str,
@@ -678,13 +687,21 @@ mod tests {
         assert_eq!(lanes[0].behind_seconds, None);
     }
 
+    /// A parked event of a settled saga used to be purged with it, gone from the operator's
+    /// sight: a late charge of a cancelled order parked that way was never refunded.
     #[tokio::test]
-    async fn the_purge_takes_the_parked_events_of_the_sagas_it_purges_with_them() {
+    async fn the_purge_keeps_a_settled_saga_whose_parked_event_waits_for_an_operator() {
         let db = one_lane().await;
         let client = db.connect().await.unwrap();
-        // (settled, days since the state last changed): only the first is purged.
-        let orders = [(true, 30), (false, 30), (true, 1)];
-        for (settled, days) in orders {
+        // (settled, days since the state last changed, its parked event skipped): only the
+        // first is purged, with its parked event.
+        let orders = [
+            (true, 30, true),
+            (true, 30, false),
+            (false, 30, true),
+            (true, 1, true),
+        ];
+        for (settled, days, skipped) in orders {
             client
                 .execute(
                     "with o as (select gen_random_uuid() as order_id),
@@ -695,11 +712,12 @@ mod tests {
                            from o)
                      insert into saga_parked (saga_name, event_id, order_id, position_commit,
                                               position_prepare, stream, version, event_type,
-                                              error)
+                                              error, skipped_at)
                      select 'fulfilment', gen_random_uuid(), order_id, 1, 1,
-                            'order-' || order_id, 3, 'OrderShipped', 'refused'
+                            'payment-' || order_id, 3, 'PaymentCharged', 'refused',
+                            case when $3 then now() end
                      from o",
-                    &[&settled, &days],
+                    &[&settled, &days, &skipped],
                 )
                 .await
                 .unwrap();
@@ -724,8 +742,8 @@ mod tests {
             .get(0);
         assert_eq!(
             (left, all),
-            (2, 2),
-            "the other two stay, each with its state"
+            (3, 3),
+            "the other three stay, each with its state"
         );
     }
 
