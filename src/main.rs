@@ -289,8 +289,9 @@ enum ParkedCommand {
     /// parked placement, cancel or shipment is still acted on: the saga kept it when it
     /// parked it). Once the order is cancelled or shipped, the products and the payment are
     /// read again every stock deadline until its saga settles, so a skipped release,
-    /// shipment, refund or payment outcome is made up for too. Refused while a retry of them
-    /// is under way in a running saga process.
+    /// shipment, refund or payment outcome is made up for too. A charge of a cancelled order
+    /// is refused (nothing else would refund it: retry it). Refused while a retry of them is
+    /// under way in a running saga process.
     Skip(ParkedTarget),
 }
 

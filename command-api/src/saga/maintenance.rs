@@ -446,6 +446,14 @@ impl ParkedOf {
             Self::Order(id) => ("order_id", id),
         }
     }
+
+    /// The argument that names them at the API.
+    fn field(self) -> &'static str {
+        match self {
+            Self::Event(_) => "eventId",
+            Self::Order(_) => "orderId",
+        }
+    }
 }
 
 /// Asks the lane that owns the parked events `which` to feed them to its saga again (within
@@ -476,6 +484,10 @@ pub async fn retry_parked(
 /// placement, a cancel or a shipment is still acted on (see `fulfilment::parked`). How many
 /// were skipped; NOT_FOUND when none is parked.
 ///
+/// A charge of a cancelled order is refused (BAD_USER_INPUT), nothing skipped: the saga may
+/// settle without reading the payment again (it has, once every release was answered), and
+/// nothing else would refund that money. Retry it once its cause is fixed; its step refunds.
+///
 /// An event that did not decode names no order, and nothing of it is kept: skipping an
 /// order's placement, cancel or shipment that did not decode leaves that order as the saga
 /// last saw it.
@@ -498,21 +510,25 @@ pub async fn skip_parked(
              select event_id,
                     retry_requested_at is not null
                     and exists (select 1 from saga_members m
-                                where m.saga_name = $1 and m.lease_until > now()) as retrying
-             from saga_parked
+                                where m.saga_name = $1 and m.lease_until > now()) as retrying,
+                    event_type = 'PaymentCharged'
+                    and exists (select 1 from saga_states s
+                                where s.saga_name = $1 and s.order_id = p.order_id
+                                  and s.state->'order'->>'cancelled' = 'true') as money
+             from saga_parked p
              where saga_name = $1 and {key} = $2 and skipped_at is null
              for update),
          skipped as (
              update saga_parked p set skipped_at = now()
              from target t
              where p.saga_name = $1 and p.event_id = t.event_id
-               and not exists (select 1 from target where retrying)
+               and not exists (select 1 from target where retrying or money)
              returning 1)
          select (select count(*) from target), (select count(*) from target where retrying),
-                (select count(*) from skipped)"
+                (select count(*) from target where money), (select count(*) from skipped)"
     );
     let row = client.query_one(&skip, &[&saga_name, &id]).await?;
-    let (parked, retrying, skipped): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let [parked, retrying, money, skipped]: [i64; 4] = std::array::from_fn(|i| row.get(i));
     if parked == 0 {
         return Err(CommandError::NotFound("parked saga event"));
     }
@@ -521,6 +537,13 @@ pub async fn skip_parked(
             "a retry of {retrying} of these parked events is under way (a running saga runner \
              ends it within seconds); skip what is parked again once it has"
         )));
+    }
+    if money > 0 {
+        return Err(CommandError::invalid(
+            which.field(),
+            "a charge of a cancelled order cannot be skipped: nothing else would refund it. \
+             Retry it once the cause of its failure is fixed; its step refunds the money",
+        ));
     }
     Ok(skipped.unsigned_abs())
 }
@@ -687,6 +710,38 @@ mod tests {
         assert_eq!(lanes[0].behind_seconds, None);
     }
 
+    /// A saga of a new order with the saga state `state` (JSON), `settled` or not, last
+    /// changed `days` ago, and one `PaymentCharged` of it parked, `skipped` or not; the order.
+    async fn with_a_parked_charge(
+        client: &Client,
+        state: &str,
+        settled: bool,
+        days: i32,
+        skipped: bool,
+    ) -> Uuid {
+        client
+            .query_one(
+                "with o as (select gen_random_uuid() as order_id),
+                 s as (insert into saga_states
+                           (saga_name, order_id, state, correlation_id, settled, updated_at)
+                       select 'fulfilment', order_id, $1::text::jsonb, gen_random_uuid(), $2,
+                              now() - make_interval(days => $3)
+                       from o),
+                 p as (insert into saga_parked (saga_name, event_id, order_id, position_commit,
+                                                position_prepare, stream, version, event_type,
+                                                error, skipped_at)
+                       select 'fulfilment', gen_random_uuid(), order_id, 1, 1,
+                              'payment-' || order_id, 3, 'PaymentCharged', 'refused',
+                              case when $4 then now() end
+                       from o)
+                 select order_id from o",
+                &[&state, &settled, &days, &skipped],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// A parked event of a settled saga used to be purged with it, gone from the operator's
     /// sight: a late charge of a cancelled order parked that way was never refunded.
     #[tokio::test]
@@ -702,25 +757,7 @@ mod tests {
             (true, 1, true),
         ];
         for (settled, days, skipped) in orders {
-            client
-                .execute(
-                    "with o as (select gen_random_uuid() as order_id),
-                     s as (insert into saga_states
-                               (saga_name, order_id, state, correlation_id, settled, updated_at)
-                           select 'fulfilment', order_id, '{}', gen_random_uuid(), $1,
-                                  now() - make_interval(days => $2)
-                           from o)
-                     insert into saga_parked (saga_name, event_id, order_id, position_commit,
-                                              position_prepare, stream, version, event_type,
-                                              error, skipped_at)
-                     select 'fulfilment', gen_random_uuid(), order_id, 1, 1,
-                            'payment-' || order_id, 3, 'PaymentCharged', 'refused',
-                            case when $3 then now() end
-                     from o",
-                    &[&settled, &days, &skipped],
-                )
-                .await
-                .unwrap();
+            with_a_parked_charge(&client, "{}", settled, days, skipped).await;
         }
 
         let purged = purge(&client, "fulfilment", Duration::from_secs(7 * 24 * 3600))
@@ -745,6 +782,32 @@ mod tests {
             (3, 3),
             "the other three stay, each with its state"
         );
+    }
+
+    /// A charge of a cancelled order, skipped, was refunded by nothing: the saga may have
+    /// settled on the releases' answers without reading the payment again.
+    #[tokio::test]
+    async fn a_parked_charge_of_a_cancelled_order_is_not_skipped() {
+        let db = one_lane().await;
+        let client = db.connect().await.unwrap();
+        let cancelled = r#"{"order": {"cancelled": true, "shipped": false}}"#;
+        let order = with_a_parked_charge(&client, cancelled, true, 0, false).await;
+        let placed = with_a_parked_charge(&client, "{}", false, 0, false).await;
+
+        let refused = skip_parked(&client, "fulfilment", ParkedOf::Order(order)).await;
+        assert!(
+            matches!(&refused, Err(CommandError::InvalidInput { field, .. }) if field == "orderId"),
+            "{refused:?}"
+        );
+        let skipped = skip_parked(&client, "fulfilment", ParkedOf::Order(placed)).await;
+        assert_eq!(
+            skipped.unwrap(),
+            1,
+            "before a cancel the payment deadline reads it"
+        );
+        let left = parked(&client, "fulfilment").await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].order_id, Some(order));
     }
 
     /// A log that does not answer in time fails the status: it used to read as a log kept
