@@ -36,3 +36,68 @@ pub(crate) async fn test_database() -> orderly_test_support::TestDb {
     .await
     .expect("a test database (is PostgreSQL up? see deploy/local/ensure-postgres.sh)")
 }
+
+#[cfg(test)]
+mod tests {
+    /// V11 makes due only the open states of orders that ended and wait for no deadline:
+    /// before it, such a saga was never ticked again.
+    #[tokio::test]
+    async fn the_settle_check_migration_makes_only_ended_open_sagas_without_a_deadline_due() {
+        let db = super::test_database().await;
+        let client = db.connect().await.unwrap();
+        // (state, settled, due in a day): only the first becomes due.
+        let states = [
+            (
+                r#"{"order": {"cancelled": true, "shipped": false}}"#,
+                false,
+                false,
+            ),
+            (
+                r#"{"order": {"cancelled": false, "shipped": true}}"#,
+                true,
+                false,
+            ),
+            (
+                r#"{"order": {"cancelled": false, "shipped": false}}"#,
+                false,
+                false,
+            ),
+            (
+                r#"{"order": {"cancelled": true, "shipped": false}}"#,
+                false,
+                true,
+            ),
+        ];
+        for (state, settled, due) in states {
+            client
+                .execute(
+                    "insert into saga_states (saga_name, order_id, state, correlation_id,
+                                              settled, due_at)
+                     values ('fulfilment', gen_random_uuid(), $1::text::jsonb, gen_random_uuid(),
+                             $2, case when $3 then now() + interval '1 day' end)",
+                    &[&state, &settled, &due],
+                )
+                .await
+                .unwrap();
+        }
+
+        client
+            .batch_execute(include_str!("../migrations/V11__settle_checks.sql"))
+            .await
+            .unwrap();
+        let due_now: i64 = client
+            .query_one(
+                "select count(*) from saga_states where due_at <= now()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let due_later: i64 = client
+            .query_one("select count(*) from saga_states where due_at > now()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!((due_now, due_later), (1, 1));
+    }
+}

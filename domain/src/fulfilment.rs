@@ -54,10 +54,11 @@
 //!
 //! The same wait guards the end: while an order cancelled or shipped has not settled (a
 //! release, shipment, refund or payment outcome not seen), the runner reads the products that
-//! were sent a release or shipment without an answer, and the payment's stream, every stock
-//! deadline (`settle_due_at`) until it has, or until nothing is left that a read could bring.
-//! The saga otherwise reads nothing once the order ended, and an answer whose step was
-//! parked, then skipped, would leave it open for good.
+//! were sent a release or shipment without an answer, and the payment's stream, a stock
+//! deadline later (`settle_due_at`), then after waits that double each time (up to 256
+//! stock deadlines), until it has, or until nothing is left that a read could bring. The saga otherwise
+//! reads nothing once the order ended, and an answer whose step was parked, then skipped,
+//! would leave it open for good.
 //!
 //! The state can also be rebuilt instead of stored: replay the order's events up to the
 //! checkpoint (order, its product reservations, its payment) through `evolve`, discarding the
@@ -96,6 +97,12 @@ pub const RETRY_AFTER: TimeDelta = TimeDelta::seconds(30);
 /// minutes (with the defaults) and gets several attempts before its deadline.
 const MAX_RETRY_GROWTH: i64 = 4;
 
+/// The settle check's wait doubles after each check that left the saga waiting, at most this
+/// many times: 256 stock deadlines (21 hours with the default). A saga that waits for good (a
+/// refund dead-lettered, a product that forgot the order) is read a few times a day, not
+/// every few minutes, and stays in the census for an operator.
+const MAX_SETTLE_DOUBLINGS: u32 = 8;
+
 /// How far a retry's wait may move either side of its nominal value, in per mille (±20 %).
 const RETRY_JITTER_PER_MILLE: i64 = 200;
 
@@ -132,6 +139,13 @@ impl Timing {
 
     fn stock_deadline(self) -> TimeDelta {
         TimeDelta::milliseconds(self.stock_deadline_ms)
+    }
+
+    /// The wait before the settle check that follows `checks` earlier ones: the stock
+    /// deadline, doubled per check up to [`MAX_SETTLE_DOUBLINGS`] times.
+    fn settle_wait(self, checks: u32) -> TimeDelta {
+        let factor = 1_i64 << checks.min(MAX_SETTLE_DOUBLINGS);
+        TimeDelta::milliseconds(self.stock_deadline_ms.max(0).saturating_mul(factor))
     }
 
     /// How long after attempt `attempt` failed the next one is requested: `retry_after`,
@@ -358,10 +372,13 @@ pub struct FulfilmentState {
     /// When the runner reads again what an order that ended (cancelled or shipped) still waits
     /// for: the answers to its releases and shipments from the products, its payment from its
     /// stream (see [`FulfilmentState::stock_to_check`]). Set a stock deadline after the order
-    /// ended, again after each such check, while the saga has not settled and waits for an
-    /// answer a read could bring; `None` otherwise.
+    /// ended, again after each such check (see [`MAX_SETTLE_DOUBLINGS`]), while the saga has
+    /// not settled and waits for an answer a read could bring; `None` otherwise.
     #[serde(default)]
     settle_due_at: Option<DateTime<Utc>>,
+    /// Settle checks made so far; each doubles the wait before the next.
+    #[serde(default)]
+    settle_checks: u32,
     /// When the runner acts on an order fact whose own step was parked (a cancel, a shipment):
     /// the fact is recorded, what it calls for not sent, and no other deadline may come (a
     /// confirmed order has none). Cleared by the next step that runs, which sends it.
@@ -406,6 +423,7 @@ impl FulfilmentState {
             stock_due_at,
             stock_checked,
             settle_due_at,
+            settle_checks,
             parked_due_at,
             clock: _,
             timing,
@@ -421,6 +439,7 @@ impl FulfilmentState {
             && *stock_due_at == other.stock_due_at
             && *stock_checked == other.stock_checked
             && *settle_due_at == other.settle_due_at
+            && *settle_checks == other.settle_checks
             && *parked_due_at == other.parked_due_at
             && *timing == other.timing
     }
@@ -795,8 +814,9 @@ fn decide(
 }
 
 /// Starts the settle check of an order that ended (see `settle_due_at`) a stock deadline from
-/// now, and once it has passed (a check was made at it), starts the next one; drops it once
-/// nothing is left that a check could read (see [`FulfilmentState::awaits_answers`]).
+/// now, and once it has passed (a check was made at it), starts the next one after twice the
+/// last wait; drops it once nothing is left that a check could read (see
+/// [`FulfilmentState::awaits_answers`]).
 ///
 /// A step that brings a time past the check without a check (an event stamped later than it)
 /// moves it on too: that check then comes one wait later.
@@ -805,9 +825,15 @@ fn schedule_settle_check(state: &mut FulfilmentState, handled_at: Option<DateTim
         state.settle_due_at = None;
         return;
     };
-    if state.settle_due_at.is_none_or(|due| clock >= due) {
-        let from = handled_at.map_or(clock, |handled_at| clock.max(handled_at));
-        state.settle_due_at = Some(from + state.timing.stock_deadline());
+    match state.settle_due_at {
+        Some(due) if clock < due => {}
+        passed => {
+            if passed.is_some() {
+                state.settle_checks = state.settle_checks.saturating_add(1);
+            }
+            let from = handled_at.map_or(clock, |handled_at| clock.max(handled_at));
+            state.settle_due_at = Some(from + state.timing.settle_wait(state.settle_checks));
+        }
     }
 }
 
@@ -1961,16 +1987,38 @@ mod tests {
         assert_eq!(waiting.next_due_at(), Some(at(SETTLE_DUE)));
         // Nothing to ask the products: the runner reads the payment's stream at every tick.
         assert!(waiting.stock_to_check(at(SETTLE_DUE)).is_empty());
-        // Not found by this check (a refund still on its way): the next one comes a stock
-        // deadline later, sending nothing.
+        // Not found by this check (a refund still on its way): the next one comes after twice
+        // the wait, sending nothing.
         let checked = given(history()).when(tick(SETTLE_DUE)).then_nothing();
-        let next = at(SETTLE_DUE) + STOCK_DEADLINE;
+        let next = at(SETTLE_DUE) + STOCK_DEADLINE * 2;
         assert_eq!(checked.next_due_at(), Some(next));
         let found = given(history().into_iter().chain([tick(SETTLE_DUE)]))
             .when(refunded(SETTLE_DUE + 1))
             .then_nothing();
         assert!(found.is_settled());
         assert_eq!(found.next_due_at(), None);
+    }
+
+    #[test]
+    fn a_saga_that_keeps_waiting_is_read_again_after_waits_that_double_up_to_256_deadlines() {
+        // A refund that never comes (dead-lettered, say): each check finds nothing.
+        let waiting = folded(&awaiting_payment_and([
+            charged(2),
+            cancelled_by_customer(5),
+            released(mug(), 1, 6),
+            released(tea(), 2, 6),
+        ]));
+        let mut due = waiting.next_due_at().unwrap();
+        let mut state = waiting;
+        let mut waits = Vec::new();
+        for _ in 0..11 {
+            state = evolve(state, &SagaInput::Tick { now: due });
+            let next = state.next_due_at().unwrap();
+            waits.push((next - due).num_minutes() / STOCK_DEADLINE.num_minutes());
+            due = next;
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 256, 256, 256]);
+        assert!(!state.is_settled());
     }
 
     #[test]

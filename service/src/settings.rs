@@ -231,7 +231,8 @@ pub struct SagaSettings {
     pub pool_size: usize,
     /// How long after sending its reservations the saga waits for the products to answer
     /// before it reads their answers itself, and cancels an order that has none; also how
-    /// often it reads again what a cancelled or shipped order's unsettled saga waits for.
+    /// long after a cancelled or shipped order's saga is left waiting it reads again what it
+    /// waits for (then after waits that double each time).
     #[serde(rename = "saga_stock_deadline_secs", deserialize_with = "unit::secs")]
     pub stock_deadline: Duration,
 }

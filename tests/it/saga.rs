@@ -1920,7 +1920,8 @@ async fn skipped_answers_to_a_cancelled_orders_release_and_refund_are_read_again
         &db,
         &format!("select count(*) from saga_states where order_id = '{id}' and settled"),
         1,
-        Duration::from_secs(30),
+        // A check that met the refusal before it was dropped waits for its growing pause.
+        Duration::from_secs(60),
     )
     .await;
     assert_eq!(log.released("TEA").await.reserved(), 0);

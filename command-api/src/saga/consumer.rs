@@ -26,8 +26,8 @@
 //! is already recorded (any open transaction in the cluster holds it back), the stream itself
 //! cannot, so a recorded payment is never overtaken by its deadline. Past the stock deadline
 //! the products' streams are read the same way, for reservations the saga has not seen, and
-//! so is what an order that ended still waits for (releases, shipments, the payment), every
-//! stock deadline until its saga settles. What
+//! so is what an order that ended still waits for (releases, shipments, the payment), a stock
+//! deadline later and then less and less often, until its saga settles. What
 //! a tick fails to do (deadlines, parked retries, a quiet lane's checkpoint) stays in the
 //! database and is tried again at the next tick (an instance that fails for good, after a
 //! growing pause): a failing tick never holds up the lane's events.
@@ -256,8 +256,8 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 /// retries the event first: at the stock deadline (from the reservations' sending) the saga
 /// reads the answers to its reservations from the products, at the payment deadline (from the
 /// first charge request) the payment from its stream, and goes on or cancels; once the order
-/// ended (cancelled or shipped), every stock deadline until it settles, the saga reads both
-/// again for the answers it still waits for. Facts no deadline reads are kept with the state
+/// ended (cancelled or shipped), a stock deadline later and then less and less often until it
+/// settles, the saga reads both again for the answers it still waits for. Facts no deadline reads are kept with the state
 /// (`fulfilment::parked`): a parked `OrderPlaced` keeps
 /// its order with the reservations counted as sent, so the stock deadline settles it too (a
 /// retry sends the unanswered ones again), and a parked cancel or shipment is acted on by the

@@ -480,9 +480,9 @@ pub async fn retry_parked(
 /// from a reservation (from the products, at the stock deadline) or a payment (from its
 /// stream, at the payment deadline); once the order is cancelled or shipped, the products'
 /// answers to its releases and shipments and its payment (a refund, a charge's outcome) are
-/// read again every stock deadline until its saga settles. What the saga kept when it parked a
-/// placement, a cancel or a shipment is still acted on (see `fulfilment::parked`). How many
-/// were skipped; NOT_FOUND when none is parked.
+/// read again (a stock deadline later, then less and less often) until its saga settles. What
+/// the saga kept when it parked a placement, a cancel or a shipment is still acted on (see
+/// `fulfilment::parked`). How many were skipped; NOT_FOUND when none is parked.
 ///
 /// A charge of a cancelled order is refused (BAD_USER_INPUT), nothing skipped: the saga may
 /// settle without reading the payment again (it has, once every release was answered), and
