@@ -240,8 +240,8 @@ impl SagaMutation {
     /// stock and payment deadlines still read the reservations and the payment, and a parked
     /// placement, cancel or shipment is still acted on: the saga kept it when it parked it).
     /// UNAVAILABLE while a retry of it is under way in a running saga process: skip it if the
-    /// retry parks it again. BAD_USER_INPUT for a charge of a cancelled order, which nothing
-    /// else would refund: retry it.
+    /// retry parks it again. BAD_USER_INPUT for a charge the saga has not seen, which nothing
+    /// else would refund once its order is cancelled: retry it.
     async fn skip_parked_saga_event(
         &self,
         ctx: &Context<'_>,

@@ -484,9 +484,12 @@ pub async fn retry_parked(
 /// the saga kept when it parked a placement, a cancel or a shipment is still acted on (see
 /// `fulfilment::parked`). How many were skipped; NOT_FOUND when none is parked.
 ///
-/// A charge of a cancelled order is refused (BAD_USER_INPUT), nothing skipped: the saga may
-/// settle without reading the payment again (it has, once every release was answered), and
-/// nothing else would refund that money. Retry it once its cause is fixed; its step refunds.
+/// A charge the order's saga has not seen is refused (BAD_USER_INPUT), nothing skipped. Once
+/// the order is cancelled (now, or by its customer later), its saga settles when the releases
+/// are answered and no attempt it knows of is outstanding (one recorded failed counts as
+/// answered, though the provider may have charged it after all), without reading the payment
+/// again: nothing else would refund that money. Retry it once its cause is fixed; its step
+/// confirms the order, or refunds a cancelled one.
 ///
 /// An event that did not decode names no order, and nothing of it is kept: skipping an
 /// order's placement, cancel or shipment that did not decode leaves that order as the saga
@@ -512,9 +515,10 @@ pub async fn skip_parked(
                     and exists (select 1 from saga_members m
                                 where m.saga_name = $1 and m.lease_until > now()) as retrying,
                     event_type = 'PaymentCharged'
-                    and exists (select 1 from saga_states s
-                                where s.saga_name = $1 and s.order_id = p.order_id
-                                  and s.state->'order'->>'cancelled' = 'true') as money
+                    and not exists (select 1 from saga_states s
+                                    where s.saga_name = $1 and s.order_id = p.order_id
+                                      and s.state->'payment'->>'charged' is not null)
+                    as unseen_charge
              from saga_parked p
              where saga_name = $1 and {key} = $2 and skipped_at is null
              for update),
@@ -522,13 +526,14 @@ pub async fn skip_parked(
              update saga_parked p set skipped_at = now()
              from target t
              where p.saga_name = $1 and p.event_id = t.event_id
-               and not exists (select 1 from target where retrying or money)
+               and not exists (select 1 from target where retrying or unseen_charge)
              returning 1)
          select (select count(*) from target), (select count(*) from target where retrying),
-                (select count(*) from target where money), (select count(*) from skipped)"
+                (select count(*) from target where unseen_charge),
+                (select count(*) from skipped)"
     );
     let row = client.query_one(&skip, &[&saga_name, &id]).await?;
-    let [parked, retrying, money, skipped]: [i64; 4] = std::array::from_fn(|i| row.get(i));
+    let [parked, retrying, unseen_charges, skipped]: [i64; 4] = std::array::from_fn(|i| row.get(i));
     if parked == 0 {
         return Err(CommandError::NotFound("parked saga event"));
     }
@@ -538,11 +543,12 @@ pub async fn skip_parked(
              ends it within seconds); skip what is parked again once it has"
         )));
     }
-    if money > 0 {
+    if unseen_charges > 0 {
         return Err(CommandError::invalid(
             which.field(),
-            "a charge of a cancelled order cannot be skipped: nothing else would refund it. \
-             Retry it once the cause of its failure is fixed; its step refunds the money",
+            "a charge the order's saga has not seen cannot be skipped: if the order is or gets \
+             cancelled, nothing else would refund it. Retry it once the cause of its failure is \
+             fixed; its step confirms the order, or refunds a cancelled one",
         ));
     }
     Ok(skipped.unsigned_abs())
@@ -784,30 +790,42 @@ mod tests {
         );
     }
 
-    /// A charge of a cancelled order, skipped, was refunded by nothing: the saga may have
-    /// settled on the releases' answers without reading the payment again.
+    /// A charge the saga had not seen, skipped, was refunded by nothing once its order was
+    /// cancelled: the saga settled on the releases' answers without reading the payment again.
     #[tokio::test]
-    async fn a_parked_charge_of_a_cancelled_order_is_not_skipped() {
+    async fn a_parked_charge_the_saga_has_not_seen_is_not_skipped() {
         let db = one_lane().await;
         let client = db.connect().await.unwrap();
-        let cancelled = r#"{"order": {"cancelled": true, "shipped": false}}"#;
-        let order = with_a_parked_charge(&client, cancelled, true, 0, false).await;
+        let cancelled = r#"{"order": {"cancelled": true}, "payment": {"charged": null}}"#;
+        let unseen = with_a_parked_charge(&client, cancelled, true, 0, false).await;
         let placed = with_a_parked_charge(&client, "{}", false, 0, false).await;
+        let charged = r#"{"order": {"cancelled": false}, "payment": {"charged": "ch_1"}}"#;
+        let seen = with_a_parked_charge(&client, charged, false, 0, false).await;
+        let listed = parked(&client, "fulfilment").await.unwrap();
+        let placed_event = listed
+            .iter()
+            .find(|event| event.order_id == Some(placed))
+            .map(|event| event.event_id)
+            .unwrap();
 
-        let refused = skip_parked(&client, "fulfilment", ParkedOf::Order(order)).await;
-        assert!(
-            matches!(&refused, Err(CommandError::InvalidInput { field, .. }) if field == "orderId"),
-            "{refused:?}"
-        );
-        let skipped = skip_parked(&client, "fulfilment", ParkedOf::Order(placed)).await;
+        for (which, name) in [
+            (ParkedOf::Order(unseen), "orderId"),
+            (ParkedOf::Event(placed_event), "eventId"),
+        ] {
+            let refused = skip_parked(&client, "fulfilment", which).await;
+            assert!(
+                matches!(&refused, Err(CommandError::InvalidInput { field, .. }) if field == name),
+                "{refused:?}"
+            );
+        }
+        let skipped = skip_parked(&client, "fulfilment", ParkedOf::Order(seen)).await;
         assert_eq!(
             skipped.unwrap(),
             1,
-            "before a cancel the payment deadline reads it"
+            "a charge seen already (its event again)"
         );
         let left = parked(&client, "fulfilment").await.unwrap();
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].order_id, Some(order));
+        assert_eq!(left.len(), 2, "{left:?}");
     }
 
     /// A log that does not answer in time fails the status: it used to read as a log kept
