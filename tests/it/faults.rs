@@ -322,6 +322,9 @@ async fn a_lock_timeout_on_the_saga_tables_does_not_skip_a_step() {
         .expect("lock_timeout set");
     let server = Orderly::start("serve", &cluster.url(), &["serve"], &timing(10)).await;
     register(&server.api, "LOCKED", 500, "EUR", 10).await;
+    // The lanes held first: locked out of claiming them, the saga would step the order only
+    // after the lock is gone, and the fault would not meet a step at all.
+    lanes_owned_by_live_members(&db, 1).await;
 
     let holder = lock_saga_tables(&cluster).await;
     let id = place_order(
