@@ -53,12 +53,12 @@
 //! never cancels for missing stock.
 //!
 //! The same wait guards the end: while an order cancelled or shipped has not settled (a
-//! release, shipment, refund or payment outcome not seen), the runner reads the products that
-//! were sent a release or shipment without an answer, and the payment's stream, a stock
-//! deadline later (`settle_due_at`), then after waits that double each time (up to 256
-//! stock deadlines), until it has, or until nothing is left that a read could bring. The saga otherwise
-//! reads nothing once the order ended, and an answer whose step was parked, then skipped,
-//! would leave it open for good.
+//! reservation's, release's or shipment's answer, a refund or a payment outcome not seen), the
+//! runner reads the products whose answer it has not seen, and the payment's stream, a stock
+//! deadline later (`settle_due_at`), then after waits that double each time (up to 256 stock
+//! deadlines), until it has, or until nothing is left that a read could bring. The saga
+//! otherwise reads nothing once the order ended, and an answer whose step was parked, then
+//! skipped, would leave it open for good.
 //!
 //! The state can also be rebuilt instead of stored: replay the order's events up to the
 //! checkpoint (order, its product reservations, its payment) through `evolve`, discarding the
@@ -297,11 +297,6 @@ impl Line {
     fn unanswered(&self) -> bool {
         self.reserve_sent && self.stock == Stock::Unknown
     }
-
-    /// Its stock was held, and a release or shipment of it sent whose answer was not seen.
-    fn unsettled(&self) -> bool {
-        self.stock == Stock::Reserved && (self.release_sent || self.ship_sent)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,13 +359,13 @@ pub struct FulfilmentState {
     /// agrees once they are all answered, whenever they were sent).
     #[serde(default)]
     stock_due_at: Option<DateTime<Utc>>,
-    /// The products were asked at or after `stock_due_at`: a line still unanswered then was
-    /// never reserved, and the order is cancelled. Only an answer read from the products
-    /// cancels so, never the clock alone.
+    /// The products were asked at or after `stock_due_at` (or `settle_due_at`): a line still
+    /// unanswered then was never reserved, and the order is cancelled (if it was not). Only
+    /// an answer read from the products cancels so, never the clock alone.
     #[serde(default)]
     stock_checked: bool,
     /// When the runner reads again what an order that ended (cancelled or shipped) still waits
-    /// for: the answers to its releases and shipments from the products, its payment from its
+    /// for: the products' answers it has not seen, its payment from its
     /// stream (see [`FulfilmentState::stock_to_check`]). Set a stock deadline after the order
     /// ended, again after each such check (see [`MAX_SETTLE_DOUBLINGS`]), while the saga has
     /// not settled and waits for an answer a read could bring; `None` otherwise.
@@ -472,18 +467,30 @@ impl FulfilmentState {
     /// - once the stock deadline has passed (cancelling or not), the lines whose reservation
     ///   is unanswered; none before it, none once a charge was requested (every line was
     ///   answered then) and none after one such check;
-    /// - once the settle check is due (an order ended, not settled), the lines sent a release
-    ///   or a shipment whose answer the saga has not seen.
+    /// - once the settle check is due (an order ended, not settled), the lines whose answer
+    ///   a read may still bring (see [`Self::awaits_stock_answer`]).
     pub fn stock_to_check(&self, now: DateTime<Utc>) -> Vec<Sku> {
         let reservations = self.awaiting_stock() && self.stock_due_at.is_some_and(|due| now >= due);
         let settlements = self.settle_due_at.is_some_and(|due| now >= due);
         self.lines
             .iter()
             .filter(|(_, line)| {
-                (reservations && line.unanswered()) || (settlements && line.unsettled())
+                (reservations && line.unanswered())
+                    || (settlements && self.awaits_stock_answer(line))
             })
             .map(|(sku, _)| sku.clone())
             .collect()
+    }
+
+    /// Whether a product's answer for `line` may still come that the saga has not seen: its
+    /// stock held and a release or shipment sent, or no answer seen and the products not
+    /// asked yet, whatever the saga recorded as sent, and also after a charge was requested.
+    /// A step that sent its commands (a reservation, the charge) and then failed before its
+    /// state was stored leaves answers in the log the saga only sees if the step is fed again;
+    /// parked and skipped, it never is.
+    fn awaits_stock_answer(&self, line: &Line) -> bool {
+        let sent_back = line.stock == Stock::Reserved && (line.release_sent || line.ship_sent);
+        sent_back || (line.stock == Stock::Unknown && !self.stock_checked)
     }
 
     /// Reservations were sent, some unanswered, and no charge requested yet.
@@ -546,8 +553,11 @@ impl FulfilmentState {
             return false;
         }
         let ended = self.order.cancelled;
-        // An unanswered reservation may hold stock until the products are asked.
-        let nothing_held = !self.awaiting_stock()
+        // A reservation with no answer seen may hold stock until the products are asked,
+        // before the charge (`awaiting_stock`) or after it (see `awaits_stock_answer`).
+        let unasked =
+            !self.stock_checked && self.lines.values().any(|line| line.stock == Stock::Unknown);
+        let nothing_held = !unasked
             && self
                 .lines
                 .values()
@@ -564,13 +574,16 @@ impl FulfilmentState {
     }
 
     /// The order ended (cancelled or shipped), its saga has not settled, and an answer it
-    /// waits for may be read again: a product's to a release or shipment sent, or the
+    /// waits for may be read again: a product's (see [`Self::awaits_stock_answer`]), or the
     /// payment's (a refund, a charge's outcome) of a cancelled order. A saga that waits for
     /// nothing a read could bring (a product gave back stock the order shipped) is left to an
     /// operator rather than read for ever.
     fn awaits_answers(&self) -> bool {
         let ended = self.order.cancelled || self.order.shipped;
-        let stock = self.lines.values().any(Line::unsettled);
+        let stock = self
+            .lines
+            .values()
+            .any(|line| self.awaits_stock_answer(line));
         let money = self.order.cancelled && !self.money_settled();
         ended && !self.is_settled() && (stock || money)
     }
@@ -923,7 +936,9 @@ fn observe_holds(state: &mut FulfilmentState, now: DateTime<Utc>, holds: &[(Sku,
             line.stock = line.stock.merge(Stock::from(*hold));
         }
     }
-    if state.stock_due_at.is_some_and(|due| now >= due) {
+    // A line still unanswered after either check was never reserved (see `stock_checked`).
+    let passed = |due: Option<DateTime<Utc>>| due.is_some_and(|due| now >= due);
+    if passed(state.stock_due_at) || passed(state.settle_due_at) {
         state.stock_checked = true;
     }
 }
@@ -1970,6 +1985,36 @@ mod tests {
             .then_nothing();
         assert!(settled.is_settled());
         assert_eq!(settled.next_due_at(), None);
+    }
+
+    #[test]
+    fn a_reservation_answer_never_seen_before_the_charge_is_read_and_released_after_a_cancel() {
+        // The mug's answer came back to a step that sent the charge and then failed before
+        // its state was stored; fed again, the step was parked, and then skipped.
+        let history = || {
+            vec![
+                placed(),
+                reserved(tea(), 2),
+                charge_requested(1, 1),
+                charged(2),
+                cancelled_by_customer(5),
+                refunded(6),
+                released(tea(), 2, 6),
+            ]
+        };
+        let waiting = folded(&history());
+        assert!(!waiting.is_settled(), "the mug may be held");
+        assert_eq!(waiting.next_due_at(), Some(at(SETTLE_DUE)));
+        assert_eq!(waiting.stock_to_check(at(SETTLE_DUE)), vec![mug()]);
+        given(history())
+            .when(stock_checked(SETTLE_DUE, [(mug(), held(1))]))
+            .then([release(mug(), SETTLE_DUE)]);
+        // No hold: the mug was never reserved.
+        let asked = given(history())
+            .when(stock_checked(SETTLE_DUE, []))
+            .then_nothing();
+        assert!(asked.is_settled());
+        assert_eq!(asked.next_due_at(), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! is already recorded (any open transaction in the cluster holds it back), the stream itself
 //! cannot, so a recorded payment is never overtaken by its deadline. Past the stock deadline
 //! the products' streams are read the same way, for reservations the saga has not seen, and
-//! so is what an order that ended still waits for (releases, shipments, the payment), a stock
+//! so is what an order that ended still waits for (answers from products, the payment), a stock
 //! deadline later and then less and less often, until its saga settles. What
 //! a tick fails to do (deadlines, parked retries, a quiet lane's checkpoint) stays in the
 //! database and is tried again at the next tick (an instance that fails for good, after a
@@ -1071,7 +1071,7 @@ impl SagaRunner {
         // commands, under other names.
         let tick_step = |state: &FulfilmentState, what: &str| named(state.tick_name(due_at) + what);
         // Answers that the saga has not seen by the stock deadline (to its reservations, or to
-        // the releases and shipments of an order that ended: a parked or skipped step) are
+        // anything an order that ended still holds or sends back: a parked or skipped step) are
         // asked of the products themselves.
         let unanswered = state.stock_to_check(now);
         if !unanswered.is_empty() {

@@ -479,10 +479,11 @@ pub async fn retry_parked(
 /// marked, for the record. The order's deadlines still read what the saga would have learnt
 /// from a reservation (from the products, at the stock deadline) or a payment (from its
 /// stream, at the payment deadline); once the order is cancelled or shipped, the products'
-/// answers to its releases and shipments and its payment (a refund, a charge's outcome) are
-/// read again (a stock deadline later, then less and less often) until its saga settles. What
-/// the saga kept when it parked a placement, a cancel or a shipment is still acted on (see
-/// `fulfilment::parked`). How many were skipped; NOT_FOUND when none is parked.
+/// answers it has not seen (to reservations, releases, shipments) and its payment (a refund, a
+/// charge's outcome) are read again (a stock deadline later, then less and less often) until
+/// its saga settles. What the saga kept when it parked a placement, a cancel or a shipment is
+/// still acted on (see `fulfilment::parked`). How many were skipped; NOT_FOUND when none is
+/// parked.
 ///
 /// A charge the order's saga has not seen is refused (BAD_USER_INPUT), nothing skipped. Once
 /// the order is cancelled (now, or by its customer later), its saga settles when the releases
