@@ -18,8 +18,8 @@ use orderly_domain::product::{self, Product, ProductAggregate, ProductCommand};
 use orderly_domain::streams;
 use orderly_domain::values::{OrderId, Sku};
 use orderly_event_store::{
-    Direction, EventFilter, EventStore, Position, RecordedEvent, StoreError, StoreLayer,
-    StreamName, Subscription,
+    Append, AppendResult, Direction, EventFilter, EventStore, ExpectedVersion, NewEvent, Position,
+    RecordedEvent, StoreError, StoreLayer, StreamName, Subscription,
 };
 use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
@@ -1752,6 +1752,121 @@ async fn a_reservation_whose_step_was_parked_is_read_from_its_product_at_the_sto
         .await;
     assert_eq!(simulator.charges(), 1);
     assert_eq!(log.product("TEA").await.reserved(), 1, "held for shipping");
+}
+
+/// A store that fails the first release appended to `product-TEA` as a lost connection would
+/// (transient), and hides every `StockReserved` from the saga's feed of the log.
+struct TeaReleaseFailsOnce {
+    inner: Arc<dyn EventStore>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl TeaReleaseFailsOnce {
+    fn refuses(&self, stream: &StreamName, events: &[NewEvent]) -> bool {
+        let release = events
+            .iter()
+            .any(|event| event.event_type == "StockReservationReleased");
+        release
+            && stream.to_string() == "product-TEA"
+            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn lost() -> StoreError {
+        StoreError::Unavailable("connection lost (injected by the test)".into())
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreLayer for TeaReleaseFailsOnce {
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner
+    }
+
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        if self.refuses(stream, &events) {
+            return Err(Self::lost());
+        }
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<AppendResult, StoreError>> {
+        let refused: Vec<bool> = appends
+            .iter()
+            .map(|append| self.refuses(&append.stream, &append.events))
+            .collect();
+        let passed = appends
+            .into_iter()
+            .zip(&refused)
+            .filter(|(_, refused)| !**refused)
+            .map(|(append, _)| append)
+            .collect();
+        let mut results = self.inner.append_many(passed).await.into_iter();
+        refused
+            .iter()
+            .map(|refused| match refused {
+                true => Err(Self::lost()),
+                false => results.next().unwrap_or_else(|| Err(Self::lost())),
+            })
+            .collect()
+    }
+
+    async fn subscribe(
+        &self,
+        after: Position,
+        filter: EventFilter,
+    ) -> Result<Subscription, StoreError> {
+        self.inner.subscribe(after, filter).await
+    }
+}
+
+/// A check of the products whose try fails after its first release was written sends the
+/// rest when tried again. The retry's commands were named by their place in the step: the
+/// tea's release took the id of the mug's, already in the log, was refused as a duplicate
+/// for good, and the tea stayed reserved for a cancelled order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_of_the_products_tried_again_after_a_failure_releases_what_is_left() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "MUG", 1200, "EUR", 10).await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    // The saga never sees the reservations' answers: at the stock deadline it reads both
+    // holds, and releases both in one step, the mug's first.
+    let store = Arc::new(TeaReleaseFailsOnce {
+        inner: Tampered::hiding(&settings, "StockReserved"),
+        failed: Default::default(),
+    });
+    let timing = Timing {
+        stock_deadline_ms: 3_000,
+        ..patient_timing()
+    };
+    let runner = runner_over(
+        &settings,
+        quick_config(timing),
+        store.clone(),
+        Arc::new(Simulator::default()),
+    );
+    let _saga = tokio::spawn(runner.run_until_stopped(std::future::pending()));
+    let id = place_mug_and_tea(&api).await;
+    cancel_as(&api, "alice", &id).await;
+
+    eventually(
+        &db,
+        &format!("select count(*) from saga_states where order_id = '{id}' and settled"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        store.failed.load(std::sync::atomic::Ordering::SeqCst),
+        "the fault happened"
+    );
+    let log = Log::new(&settings);
+    assert_eq!(log.product("MUG").await.reserved(), 0);
+    assert_eq!(log.product("TEA").await.reserved(), 0);
 }
 
 /// Registers a mug and tea, and makes the log refuse every reservation of tea for good (a

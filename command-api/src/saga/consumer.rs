@@ -1080,7 +1080,11 @@ impl SagaRunner {
             // parked (logged then) or skipped, or a saga catching up far behind the log.
             tracing::info!(%order_id, asked = unanswered.len(), answered = holds.len(), "stock deadline passed; answers read from the products");
             let input = SagaInput::StockChecked { now, holds: &holds };
-            let step = tick_step(&state, "/stock");
+            // Named by what was read too: what it calls for follows the holds, read afresh
+            // on every try. A try that failed after its first release (written) reads that
+            // hold released and sends only the rest, which would take the ids of the first
+            // try's commands, place by place, and be refused as theirs for good.
+            let step = tick_step(&state, &format!("/stock/{}", holds_name(&holds)));
             self.step(&mut state, &input, &step, &mut rows).await?;
         }
         let step = tick_step(&state, "");
@@ -1415,6 +1419,21 @@ fn counted_retry(error: &CommandError) -> bool {
     )
     .increment(1);
     transient
+}
+
+/// What the products were found to hold, as a part of a step's name: the same reads give the
+/// same name, other reads another.
+fn holds_name(holds: &[(Sku, Hold)]) -> String {
+    let named: Vec<String> = holds
+        .iter()
+        .map(|(sku, hold)| match hold {
+            Hold::Reserved { quantity } => format!("{sku}=reserved:{}", quantity.get()),
+            Hold::Rejected => format!("{sku}=rejected"),
+            Hold::Released => format!("{sku}=released"),
+            Hold::Shipped => format!("{sku}=shipped"),
+        })
+        .collect();
+    named.join(",")
 }
 
 /// The earlier of two deadlines, where `None` is "no deadline".
