@@ -289,10 +289,10 @@ enum ParkedCommand {
     /// parked placement, cancel or shipment is still acted on: the saga kept it when it
     /// parked it). Once the order is cancelled or shipped, the products and the payment are
     /// read again, a stock deadline later and then less and less often, until its saga
-    /// settles, so a skipped release,
-    /// shipment, refund, decline or failure is made up for too. A charge the saga has not
-    /// seen is refused (once its order is cancelled, nothing else would refund it): retry it.
-    /// Refused while a retry of them is under way in a running saga process.
+    /// settles, so a skipped reservation answer, release, shipment, refund, decline or failure
+    /// is made up for too. A charge the saga has not seen is refused (once its order is
+    /// cancelled, nothing else would refund it): retry it. Refused while a retry of them is
+    /// under way in a running saga process.
     Skip(ParkedTarget),
 }
 
