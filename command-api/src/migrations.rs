@@ -85,19 +85,16 @@ mod tests {
             .batch_execute(include_str!("../migrations/V11__settle_checks.sql"))
             .await
             .unwrap();
-        let due_now: i64 = client
+        let due = client
             .query_one(
-                "select count(*) from saga_states where due_at <= now()",
+                "select count(*) filter (where due_at <= now()),
+                        count(*) filter (where due_at > now())
+                 from saga_states",
                 &[],
             )
             .await
-            .unwrap()
-            .get(0);
-        let due_later: i64 = client
-            .query_one("select count(*) from saga_states where due_at > now()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!((due_now, due_later), (1, 1));
+            .unwrap();
+        let (now, later): (i64, i64) = (due.get(0), due.get(1));
+        assert_eq!((now, later), (1, 1));
     }
 }

@@ -490,7 +490,12 @@ impl FulfilmentState {
     /// parked and skipped, it never is.
     fn awaits_stock_answer(&self, line: &Line) -> bool {
         let sent_back = line.stock == Stock::Reserved && (line.release_sent || line.ship_sent);
-        sent_back || (line.stock == Stock::Unknown && !self.stock_checked)
+        sent_back || self.unasked(line)
+    }
+
+    /// No answer for `line` seen, and the products not asked yet: it may hold stock.
+    fn unasked(&self, line: &Line) -> bool {
+        line.stock == Stock::Unknown && !self.stock_checked
     }
 
     /// Reservations were sent, some unanswered, and no charge requested yet.
@@ -555,8 +560,7 @@ impl FulfilmentState {
         let ended = self.order.cancelled;
         // A reservation with no answer seen may hold stock until the products are asked,
         // before the charge (`awaiting_stock`) or after it (see `awaits_stock_answer`).
-        let unasked =
-            !self.stock_checked && self.lines.values().any(|line| line.stock == Stock::Unknown);
+        let unasked = self.lines.values().any(|line| self.unasked(line));
         let nothing_held = !unasked
             && self
                 .lines
@@ -1896,23 +1900,14 @@ mod tests {
 
     #[test]
     fn a_cancelled_order_waits_for_the_answer_to_a_charge_it_sent_before_it_is_settled() {
-        let released = |sku: Sku, quantity: u32| -> Step {
-            StockReservationReleased {
-                sku,
-                order_id: order_id(ORDER),
-                quantity: qty(quantity),
-                released_at: at(6),
-            }
-            .into()
-        };
         // The charge was sent when the stock was reserved; its request is not seen yet.
         let history = [
             placed(),
             reserved(tea(), 2),
             reserved(mug(), 1),
             cancelled_by_customer(5),
-            released(tea(), 2),
-            released(mug(), 1),
+            released(tea(), 2, 6),
+            released(mug(), 1, 6),
         ];
         let given_back = folded(&history);
         assert!(!given_back.is_settled(), "a charge may still go through");
@@ -2383,22 +2378,14 @@ mod tests {
             cancelled_by: CancelledBy::Fulfilment,
             cancelled_at: deadline,
         };
-        let released = |sku: Sku, quantity: u32| -> Step {
-            StockReservationReleased {
-                sku,
-                order_id: order_id(ORDER),
-                quantity: qty(quantity),
-                released_at: deadline,
-            }
-            .into()
-        };
         let cancelling = given(history)
             .when(Step::Tick(deadline))
             .then([cancel("payment not completed before the deadline", 16)]);
         assert!(!cancelling.is_settled(), "its cancel has not arrived");
         let compensating = evolve(cancelling, &Step::from(deadline_cancel).input());
         assert!(!compensating.is_settled(), "its stock is still reserved");
-        let given_back = [released(mug(), 1), released(tea(), 2)]
+        let minutes = PAYMENT_DEADLINE.num_minutes() + 1;
+        let given_back = [released(mug(), 1, minutes), released(tea(), 2, minutes)]
             .iter()
             .fold(compensating, |state, step| evolve(state, &step.input()));
         assert!(!given_back.is_settled(), "its retry may still charge");

@@ -1814,14 +1814,6 @@ impl StoreLayer for TeaReleaseFailsOnce {
             })
             .collect()
     }
-
-    async fn subscribe(
-        &self,
-        after: Position,
-        filter: EventFilter,
-    ) -> Result<Subscription, StoreError> {
-        self.inner.subscribe(after, filter).await
-    }
 }
 
 /// A check of the products whose try fails after its first release was written sends the

@@ -257,9 +257,9 @@ fn step_of(input: &Input, metadata: &EventMetadata) -> (tracing::Span, Step) {
 /// reads the answers to its reservations from the products, at the payment deadline (from the
 /// first charge request) the payment from its stream, and goes on or cancels; once the order
 /// ended (cancelled or shipped), a stock deadline later and then less and less often until it
-/// settles, the saga reads both again for the answers it still waits for. Facts no deadline reads are kept with the state
-/// (`fulfilment::parked`): a parked `OrderPlaced` keeps
-/// its order with the reservations counted as sent, so the stock deadline settles it too (a
+/// settles, the saga reads both again for the answers it still waits for. Facts no deadline
+/// reads are kept with the state (`fulfilment::parked`): a parked `OrderPlaced` keeps its
+/// order with the reservations counted as sent, so the stock deadline settles it too (a
 /// retry sends the unanswered ones again), and a parked cancel or shipment is acted on by the
 /// lane's tick after a pause.
 #[derive(Debug, Clone, thiserror::Error)]
