@@ -638,10 +638,7 @@ impl SagaRunner {
             }
             Err(error) => return Err(error),
         };
-        // One id per outcome: a redelivered charge that ends differently (failed, then
-        // charged) is a different decision, not a repeat of the first.
-        let command_id = Uuid::new_v5(&id, format!("outcome/{outcome}").as_bytes());
-        self.record_payment(order_id, command_id, id, correlation_id, command)
+        self.record_outcome(id, order_id, correlation_id, outcome, command)
             .await
     }
 
@@ -660,8 +657,7 @@ impl SagaRunner {
             attempt,
             failed_at: Utc::now(),
         };
-        let command_id = Uuid::new_v5(&id, b"outcome/withdrawn");
-        self.record_payment(order_id, command_id, id, correlation_id, command)
+        self.record_outcome(id, order_id, correlation_id, "withdrawn", command)
             .await
     }
 
@@ -695,8 +691,7 @@ impl SagaRunner {
             reason: reason_or(reason, "order cancelled"),
             refunded_at: Utc::now(),
         };
-        let command_id = Uuid::new_v5(&id, b"outcome/refunded");
-        self.record_payment(order_id, command_id, id, correlation_id, command)
+        self.record_outcome(id, order_id, correlation_id, "refunded", command)
             .await
     }
 
@@ -729,8 +724,7 @@ impl SagaRunner {
             Some(ChargeOutcome::Charged { reference }) => {
                 tracing::warn!(%order_id, attempt, "a charge whose outcome was unknown went through; recording it to refund it");
                 let command = record_charge(reference, Utc::now())?;
-                let command_id = Uuid::new_v5(&id, b"outcome/charged");
-                self.record_payment(order_id, command_id, id, correlation_id, command)
+                self.record_outcome(id, order_id, correlation_id, "charged", command)
                     .await
             }
             Some(ChargeOutcome::Declined { .. }) | None if answered => {
@@ -744,8 +738,7 @@ impl SagaRunner {
                     attempt,
                     failed_at: Utc::now(),
                 };
-                let command_id = Uuid::new_v5(&id, b"outcome/not-found");
-                self.record_payment(order_id, command_id, id, correlation_id, command)
+                self.record_outcome(id, order_id, correlation_id, "not-found", command)
                     .await
             }
         }
@@ -805,14 +798,19 @@ impl SagaRunner {
         Ok(self.handler.load::<OrderAggregate>(&stream).await?.state)
     }
 
-    async fn record_payment(
+    /// Records on the order's payment what message `id` found, `outcome`, under a command id
+    /// of its own: a redelivery records it once, and a redelivered charge that ends
+    /// differently (failed, then charged) is a different decision, not a repeat of the first.
+    async fn record_outcome(
         &self,
+        id: Uuid,
         order_id: OrderId,
-        command_id: Uuid,
-        causation_id: Uuid,
         correlation_id: Uuid,
+        outcome: &str,
         command: PaymentCommand,
     ) -> Result<(), CommandError> {
+        let command_id = Uuid::new_v5(&id, format!("outcome/{outcome}").as_bytes());
+        let causation_id = id;
         let envelope = Envelope {
             command_id,
             correlation_id,
