@@ -10,7 +10,8 @@
 //!
 //! An append whose round is dropped half-way (its writer's task was cancelled) is answered
 //! `Unavailable`: whether it was written is unknown, and re-sending the same event ids is safe,
-//! as after any connection lost mid-append.
+//! as after any connection lost mid-append. An append whose caller stops waiting while it is
+//! still queued (its task was cancelled, its timeout passed) is dropped unwritten.
 
 use std::sync::{Arc, Mutex};
 
@@ -54,11 +55,27 @@ impl GroupCommit {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The oldest appends queued, at most [`MAX_ROUND`]. Those whose caller stopped waiting
+    /// are dropped, not written: nobody would learn the outcome, and a write made after its
+    /// caller gave up (a saga lane fenced, a request timed out) would surprise it.
     fn take_round(&self) -> Vec<Waiting> {
         let mut waiting = self.waiting();
+        waiting.retain(|w| !w.answer.is_closed());
         let round = waiting.len().min(MAX_ROUND);
         let rest = waiting.split_off(round);
         std::mem::replace(&mut *waiting, rest)
+    }
+
+    /// Writes `round` together and answers each of its appends.
+    async fn write(&self, round: Vec<Waiting>) {
+        let (appends, answers): (Vec<_>, Vec<_>) = round
+            .into_iter()
+            .map(|waiting| (waiting.append, waiting.answer))
+            .unzip();
+        let results = self.inner.append_many(appends).await;
+        for (answer, result) in answers.into_iter().zip(results) {
+            let _ = answer.send(result);
+        }
     }
 }
 
@@ -74,7 +91,7 @@ impl crate::StoreLayer for GroupCommit {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        let (answer, answered) = oneshot::channel();
+        let (answer, mut answered) = oneshot::channel();
         self.waiting().push(Waiting {
             append: Append {
                 stream: stream.clone(),
@@ -83,31 +100,40 @@ impl crate::StoreLayer for GroupCommit {
             },
             answer,
         });
-        {
+        let answer = {
             let _writer = self
                 .writers
                 .acquire()
                 .await
                 .map_err(|e| StoreError::Unavailable(e.into()))?;
-            // Empty when a round of another writer took this append along.
-            let round = self.take_round();
-            if !round.is_empty() {
-                let (appends, answers): (Vec<_>, Vec<_>) = round
-                    .into_iter()
-                    .map(|waiting| (waiting.append, waiting.answer))
-                    .unzip();
-                let results = self.inner.append_many(appends).await;
-                for (answer, result) in answers.into_iter().zip(results) {
-                    let _ = answer.send(result);
+            // Rounds are taken from the front of the queue, so with more than a round queued
+            // this append may be left for the next; this writer goes on until its own is
+            // answered, since no other caller may be left to take it.
+            loop {
+                match answered.try_recv() {
+                    Ok(result) => break Some(result),
+                    Err(oneshot::error::TryRecvError::Closed) => break Some(Err(cancelled())),
+                    Err(oneshot::error::TryRecvError::Empty) => {}
                 }
+                // Empty when a round of another writer took this append along.
+                let round = self.take_round();
+                if round.is_empty() {
+                    break None;
+                }
+                self.write(round).await;
             }
+        };
+        match answer {
+            Some(result) => result,
+            None => answered.await.unwrap_or_else(|_| Err(cancelled())),
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the round writing this append was cancelled; its outcome is unknown".into(),
-            ))
-        })
     }
+}
+
+fn cancelled() -> StoreError {
+    StoreError::Unavailable(
+        "the round writing this append was cancelled; its outcome is unknown".into(),
+    )
 }
 
 #[cfg(test)]
@@ -195,5 +221,60 @@ mod tests {
         assert_eq!(Counting::count(&counting.appends), 0);
         assert_eq!(Counting::count(&counting.rounds), 3);
         assert_eq!(Counting::count(&counting.largest_round), 1);
+    }
+
+    #[tokio::test]
+    async fn an_append_queued_behind_abandoned_ones_is_written_and_they_are_not() {
+        let counting = Arc::new(Counting {
+            round_takes: Duration::from_millis(100),
+            ..Counting::default()
+        });
+        let store = Arc::new(GroupCommit::new(counting.clone(), 1));
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .append(
+                        &stream("order-first"),
+                        ExpectedVersion::NoStream,
+                        vec![event()],
+                    )
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // More than a round's worth of callers queue behind the round in flight and give up.
+        let names: Vec<StreamName> = (0..MAX_ROUND + 3)
+            .map(|i| stream(&format!("order-abandoned{i}")))
+            .collect();
+        let abandoned = names.iter().map(|name| {
+            let append = store.append(name, ExpectedVersion::NoStream, vec![event()]);
+            tokio::time::timeout(Duration::from_millis(1), append)
+        });
+        for gave_up in futures::future::join_all(abandoned).await {
+            assert!(gave_up.is_err(), "an append was answered before its round");
+        }
+        let last = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.append(
+                &stream("order-last"),
+                ExpectedVersion::NoStream,
+                vec![event()],
+            ),
+        )
+        .await
+        .expect("the last append is answered without another coming")
+        .expect("written");
+        assert_eq!(last.next_expected_version, 0);
+        first.await.expect("joined").expect("written");
+        let written: Vec<String> = counting
+            .store
+            .read_all(Position::START, &EventFilter::All, 100)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|e| e.stream.to_string())
+            .collect();
+        assert_eq!(written, ["order-first", "order-last"]);
     }
 }
