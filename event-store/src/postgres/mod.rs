@@ -1127,8 +1127,9 @@ pub fn is_data_exception(error: &tokio_postgres::Error) -> bool {
 /// Transient: a lost or refused connection (class 08, or no SQLSTATE at all because the socket
 /// dropped), a serialization failure or deadlock (class 40), the server out of resources
 /// (class 53: too many connections, disk full), a lock or statement timeout or a shutdown or
-/// crash recovery in progress (55P03, class 57), an idle-in-transaction timeout (25P03).
-/// Everything else (a constraint, a syntax error, bad data) fails the same way again.
+/// crash recovery in progress (55P03, class 57), an idle-in-transaction timeout (25P03), a
+/// write that reached a server in recovery (25006: during a failover, until the connection is
+/// made again to the new primary). Everything else (a constraint, a syntax error, bad data) fails the same way again.
 pub fn is_transient(error: &tokio_postgres::Error) -> bool {
     match error.code() {
         Some(code) => is_transient_sqlstate(code.code()),
@@ -1145,5 +1146,27 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
     ["08", "40", "53", "57"]
         .iter()
         .any(|class| code.starts_with(class))
-        || matches!(code, "55P03" | "25P03")
+        || matches!(code, "55P03" | "25P03" | "25006")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_sqlstate;
+
+    #[test]
+    fn what_passes_by_itself_is_transient_and_what_fails_again_is_not() {
+        // admin shutdown, connection failure, serialization failure, deadlock, too many
+        // connections, statement timeout, lock timeout, idle-in-transaction timeout, a write
+        // to a standby
+        for code in [
+            "57P01", "08006", "40001", "40P01", "53300", "57014", "55P03", "25P03", "25006",
+        ] {
+            assert!(is_transient_sqlstate(code), "{code}");
+        }
+        // unique violation, undefined table, a value out of range, an insufficient privilege,
+        // another state of class 55 and of class 25
+        for code in ["23505", "42P01", "22003", "42501", "55006", "25001"] {
+            assert!(!is_transient_sqlstate(code), "{code}");
+        }
+    }
 }
