@@ -179,10 +179,11 @@ impl Authenticator {
         let Some(header) = header else {
             return Ok(None);
         };
+        // The scheme's name is case-insensitive (RFC 9110, section 11.1).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or(AuthFailure::MalformedHeader)?;
         let (key, validation) = self.verify.as_ref().ok_or(AuthFailure::NotConfigured)?;
@@ -337,6 +338,11 @@ mod tests {
             .unwrap();
         assert_eq!(actor.sub, "alice");
         assert_eq!(actor.roles, vec![Role::Customer]);
+        // The scheme is named in any case.
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            let spelt = auth.authenticate(Some(&format!("{scheme} {token}")));
+            assert_eq!(spelt.unwrap().unwrap().sub, "alice", "{scheme}");
+        }
     }
 
     #[test]
