@@ -85,6 +85,7 @@ pub async fn read_point(
     consistency: Option<&ConsistencyInput>,
 ) -> Result<(), ReadError> {
     let mut stale = false;
+    let mut refused = None;
     if let Some(consistency) = consistency {
         let asked = consistency.timeout_ms.unwrap_or(2000);
         let asked = u64::try_from(asked)
@@ -101,18 +102,20 @@ pub async fn read_point(
             "consistency wait"
         );
         if !reached {
+            stale = true;
             if consistency.mode.unwrap_or_default() == ConsistencyMode::Strict {
-                return Err(ReadError::Stale {
+                refused = Some(ReadError::Stale {
                     waited_ms: timeout.as_millis() as u64,
                 });
             }
-            stale = true;
         }
     }
+    // Noted for a STALE_READ too: its answer's report then says how far the read model got,
+    // and that it was short.
     if let Ok(observed) = ctx.data::<Arc<Observed>>() {
         observed.note(hub.position(projection), stale);
     }
-    Ok(())
+    refused.map_or(Ok(()), Err)
 }
 
 /// How far behind the log a position is, in milliseconds: the age of the oldest event after it
@@ -247,37 +250,72 @@ impl<E: Executor> Executor for Consistent<E> {
         let is_query = runs_a_query(&mut request);
         let observed = Arc::new(Observed::default());
         let response = self.inner.execute(request.data(observed.clone()));
-        let hub = self.hub.clone();
-        let gauge = self.gauge.clone();
+        let report = self.report(observed);
         async move {
-            let mut response = response.await;
+            let response = response.await;
             if is_query {
-                let (token, stale) = observed.take();
-                // A query that read no read model (only the log, or only `__typename`)
-                // reports the read side as a whole: the position every projection has passed.
-                let token = token.unwrap_or_else(|| {
-                    ProjectionName::ALL
-                        .iter()
-                        .map(|name| hub.position(*name))
-                        .min()
-                        .unwrap_or(Position::START)
-                });
-                let lag_ms = gauge.lag_ms(token).await;
-                let value = json!({ "token": token.to_string(), "stale": stale, "lagMs": lag_ms });
-                if let Ok(value) = async_graphql::Value::from_json(value) {
-                    response.extensions.insert("consistency".to_owned(), value);
-                }
+                report.add_to(response).await
+            } else {
+                response
             }
-            response
         }
     }
 
+    /// Operations sent over a WebSocket: a query's one response gets its report as over HTTP.
     fn execute_stream(
         &self,
-        request: Request,
+        mut request: Request,
         session_data: Option<Arc<async_graphql::Data>>,
     ) -> futures::stream::BoxStream<'static, Response> {
-        self.inner.execute_stream(request, session_data)
+        use futures::StreamExt;
+        if !runs_a_query(&mut request) {
+            return self.inner.execute_stream(request, session_data);
+        }
+        let observed = Arc::new(Observed::default());
+        let report = self.report(observed.clone());
+        self.inner
+            .execute_stream(request.data(observed), session_data)
+            .then(move |response| report.clone().add_to(response))
+            .boxed()
+    }
+}
+
+impl<E> Consistent<E> {
+    fn report(&self, observed: Arc<Observed>) -> Report {
+        Report {
+            observed,
+            hub: self.hub.clone(),
+            gauge: self.gauge.clone(),
+        }
+    }
+}
+
+/// What a query's `extensions.consistency` is made of, gathered while it ran.
+#[derive(Clone)]
+struct Report {
+    observed: Arc<Observed>,
+    hub: ProjectionHub,
+    gauge: Arc<LagGauge>,
+}
+
+impl Report {
+    async fn add_to(self, mut response: Response) -> Response {
+        let (token, stale) = self.observed.take();
+        // A query that read no read model (only the log, or only `__typename`) reports the
+        // read side as a whole: the position every projection has passed.
+        let token = token.unwrap_or_else(|| {
+            ProjectionName::ALL
+                .iter()
+                .map(|name| self.hub.position(*name))
+                .min()
+                .unwrap_or(Position::START)
+        });
+        let lag_ms = self.gauge.lag_ms(token).await;
+        let value = json!({ "token": token.to_string(), "stale": stale, "lagMs": lag_ms });
+        if let Ok(value) = async_graphql::Value::from_json(value) {
+            response.extensions.insert("consistency".to_owned(), value);
+        }
+        response
     }
 }
 

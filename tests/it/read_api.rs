@@ -127,6 +127,17 @@ async fn with_the_projections_paused_bounded_reads_say_stale_and_strict_reads_fa
         .await;
     assert_eq!(answer.code(), "STALE_READ", "{}", answer.body);
     assert_eq!(answer.status, 200);
+    assert_eq!(consistency(&answer)["stale"], true, "{}", answer.body);
+    assert!(consistency(&answer)["token"].as_str().unwrap() < token.as_str());
+
+    // Over a WebSocket, a query's answer carries the same report.
+    let mut socket = connect(&api, Some(&alice)).await;
+    subscribe(&mut socket, "q", ORDER, json!({ "id": id, "c": bounded })).await;
+    let answer = next(&mut socket).await;
+    let over_socket = &answer["payload"]["extensions"]["consistency"];
+    assert_eq!(over_socket["stale"], true, "{answer}");
+    assert!(over_socket["token"].as_str().unwrap() < token.as_str());
+    assert!(over_socket["lagMs"].is_i64(), "{answer}");
 
     // No consistency argument: not stale by definition, but the lag says how far behind the
     // read models are: at least the two 300 ms waits above ago, the register was appended.
