@@ -24,13 +24,14 @@ use orderly_projections::vocabulary::{OrderStatus, PaymentStatus};
 use crate::ReadError;
 
 /// The payment columns an order row carries: all of `order_payments` but the key it shares with
-/// the order and the payment stream's version.
-const PAYMENT_COLUMNS: [&str; 5] = [
+/// the order.
+const PAYMENT_COLUMNS: [&str; 6] = [
     "status",
     "amount_minor",
     "currency",
     "attempts",
     "failure_reason",
+    "version",
 ];
 
 // Each is a column of `order_payments`: the build stops otherwise.
@@ -137,6 +138,9 @@ pub struct PaymentRow {
     pub currency: String,
     pub attempts: i32,
     pub failure_reason: Option<String>,
+    /// The payment stream's version the row is at: what tells an `orderUpdated` follower that
+    /// the payment changed while the order's own version did not.
+    pub version: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -517,6 +521,7 @@ fn order_row(row: &Row) -> Result<OrderRow, ReadError> {
             currency: row.try_get(payment_column!("currency"))?,
             attempts: row.try_get(payment_column!("attempts"))?,
             failure_reason: row.try_get(payment_column!("failure_reason"))?,
+            version: row.try_get(payment_column!("version"))?,
         }),
     };
     Ok(OrderRow {

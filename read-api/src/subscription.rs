@@ -44,7 +44,9 @@ impl SubscriptionRoot {
     /// them, so a client that reconnects passes the last version it saw and misses nothing).
     /// When one projection batch applied several events to the order, the messages for the
     /// earlier ones carry that event's `version`, `status`, `updatedAt` and `history` up to it,
-    /// with the rest of the read model as after the batch.
+    /// with the rest of the read model as after the batch. When the order's payment changes
+    /// while its own stream does not (a charge's outcome, a retried charge, a refund after a
+    /// cancel), one more message carries the same `version` with the new `payment`.
     #[graphql(complexity = "orderly_graphql::cost::READ + child_complexity")]
     async fn order_updated(
         &self,
@@ -99,11 +101,16 @@ impl SubscriptionRoot {
         } else {
             futures::stream::empty().boxed()
         };
+        let payment_emitted = baseline
+            .as_ref()
+            .and_then(|row| row.payment.as_ref())
+            .map(|payment| payment.version);
         let follower = OrderFollower {
             api: api.clone(),
             actor,
             order_id,
             emitted,
+            payment_emitted,
             pending: VecDeque::new(),
             updates: catch_up.chain(updates).boxed(),
             done: false,
@@ -217,6 +224,9 @@ struct OrderFollower {
     order_id: Uuid,
     /// The order-stream version of the last view sent (or seen when subscribing).
     emitted: Option<i64>,
+    /// The payment-stream version in the last view sent (or seen when subscribing): payment
+    /// events change the view without moving the order's version.
+    payment_emitted: Option<i64>,
     pending: VecDeque<Order>,
     updates: Pin<Box<dyn Stream<Item = OrderTouched> + Send>>,
     done: bool,
@@ -266,7 +276,8 @@ impl OrderFollower {
         }
     }
 
-    /// Reads the order and queues a view for each version not yet sent.
+    /// Reads the order and queues a view for each version not yet sent, or one view when only
+    /// its payment moved on since the last view sent.
     async fn look(&mut self) -> Result<(), ReadError> {
         let store = self.api.store();
         let Some(row) = store.order(self.order_id).await? else {
@@ -275,14 +286,23 @@ impl OrderFollower {
         if !may_read_order(&self.actor, &row.customer_id) {
             return Err(ReadError::NotFound("order"));
         }
-        if self.emitted.is_some_and(|sent| row.version <= sent) {
-            return Ok(());
+        let payment = row.payment.as_ref().map(|payment| payment.version);
+        match self.emitted {
+            Some(sent) if row.version < sent => return Ok(()),
+            // Payment versions only grow, and `None` (no payment yet) comes first.
+            Some(sent) if row.version == sent && payment <= self.payment_emitted => {
+                return Ok(());
+            }
+            _ => {}
         }
-        let history = store
+        let mut history = store
             .history(&[self.order_id])
             .await?
             .remove(&self.order_id)
             .unwrap_or_default();
+        // Read after the row, on another connection: a batch committed in between may have
+        // added changes the row does not show yet. They come with the next look.
+        history.retain(|change| change.version <= row.version);
         let after = self.emitted.unwrap_or(-1);
         for change in history
             .iter()
@@ -291,6 +311,7 @@ impl OrderFollower {
             self.pending.push_back(view_at(&row, &history, change));
         }
         self.emitted = Some(row.version);
+        self.payment_emitted = payment;
         self.pending.push_back(Order {
             row,
             lines: None,

@@ -243,6 +243,7 @@ impl Order {
             currency,
             attempts,
             failure_reason,
+            version: _,
         }) = &self.row.payment
         else {
             return None;

@@ -19,7 +19,8 @@ fn start_saga(settings: &orderly_service::settings::Settings) {
 }
 
 const FOLLOW: &str = "subscription($id: UUID!, $after: Int) {
-  orderUpdated(orderId: $id, afterVersion: $after) { id status version history { status } } }";
+  orderUpdated(orderId: $id, afterVersion: $after) {
+    id status version history { status } payment { status } } }";
 
 #[tokio::test]
 async fn order_updated_pushes_every_status_change_of_an_order_in_order() {
@@ -39,12 +40,22 @@ async fn order_updated_pushes_every_status_change_of_an_order_in_order() {
 
     let mut statuses = Vec::new();
     let mut versions = Vec::new();
+    let mut payment = Value::Null;
     while statuses.len() < 5 {
         let message = next(&mut socket).await;
         assert_eq!(message["type"], "next", "{message}");
         let order = &message["payload"]["data"]["orderUpdated"];
         let status = order["status"].as_str().unwrap().to_owned();
         let version = order["version"].as_i64().unwrap();
+        // A change of the payment alone (its request, its outcome) comes as one more view of
+        // the same version.
+        if versions.last() == Some(&version) {
+            assert_eq!(statuses.last(), Some(&status), "{order}");
+            assert_ne!(order["payment"], payment, "{order}");
+            payment = order["payment"].clone();
+            continue;
+        }
+        payment = order["payment"].clone();
         assert_eq!(
             order["history"].as_array().unwrap().len() as i64,
             version + 1,
@@ -85,6 +96,38 @@ async fn order_updated_pushes_every_status_change_of_an_order_in_order() {
     let mut nobody = connect(&api, None).await;
     subscribe(&mut nobody, "3", FOLLOW, json!({ "id": id })).await;
     assert_eq!(refusal(&next(&mut nobody).await), "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn order_updated_pushes_the_refund_that_follows_a_cancel() {
+    let Shop {
+        db: _db,
+        settings,
+        api,
+    } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 10).await;
+    let alice = customer("alice");
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    let mut socket = connect(&api, Some(&alice)).await;
+    subscribe(&mut socket, "1", FOLLOW, json!({ "id": id, "after": -1 })).await;
+    start_saga(&settings);
+    let mut order = Value::Null;
+    while order["status"] != "CONFIRMED" {
+        order = next(&mut socket).await["payload"]["data"]["orderUpdated"].clone();
+    }
+    assert_eq!(order["payment"]["status"], "CHARGED", "{order}");
+
+    // The refund is an event of the payment's stream only: the order's version stays.
+    // (A projection batch may apply the cancel and the refund together: one view then.)
+    cancel_as(&api, "alice", &id).await;
+    let cancelled = next(&mut socket).await["payload"]["data"]["orderUpdated"].clone();
+    assert_eq!(cancelled["status"], "CANCELLED", "{cancelled}");
+    let mut refunded = cancelled.clone();
+    while refunded["payment"]["status"] != "REFUNDED" {
+        refunded = next(&mut socket).await["payload"]["data"]["orderUpdated"].clone();
+        assert_eq!(refunded["status"], "CANCELLED", "{refunded}");
+        assert_eq!(refunded["version"], cancelled["version"]);
+    }
 }
 
 const EVENTS: &str = "subscription($stream: String, $category: String, $from: ConsistencyToken) {
