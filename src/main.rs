@@ -160,7 +160,8 @@ enum ProjectionsCommand {
     /// whether readers of the log wait behind an open transaction (and whose).
     Status,
     /// Replay the log into shadow tables while the live ones keep serving, verify, and swap
-    /// them in atomically. Resumes an interrupted rebuild of the same projection.
+    /// them in atomically. Resumes an interrupted rebuild of the same projection (unless
+    /// --fresh); one whose copy failed its checks starts over.
     Rebuild(RebuildArgs),
     /// Run projection runners until SIGINT or SIGTERM, with /healthz, /readyz and /metrics on
     /// ORDERLY_HTTP_ADDR (no GraphQL). Several processes may run the same projection: one is
@@ -181,6 +182,11 @@ struct RebuildArgs {
     /// Events read and applied per transaction; memory grows with it.
     #[arg(long, default_value_t = RebuildOptions::DEFAULT_BATCH_SIZE)]
     batch_size: usize,
+    /// Start from the start of the log, dropping the copy an interrupted rebuild left
+    /// instead of resuming it. Use it after deploying a fix to the projection's handlers or
+    /// a migration of its tables: a copy made before them must not be swapped in.
+    #[arg(long)]
+    fresh: bool,
 }
 
 impl RebuildArgs {
@@ -188,6 +194,7 @@ impl RebuildArgs {
     fn options(&self) -> RebuildOptions {
         RebuildOptions {
             batch_size: self.batch_size,
+            fresh: self.fresh,
             ..RebuildOptions::default()
         }
     }

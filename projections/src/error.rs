@@ -41,7 +41,8 @@ pub enum ProjectionError {
     /// A rebuilt shadow copy failed its checks; the live tables were left untouched and the
     /// shadow kept for inspection.
     ///
-    /// Handling: look at the message and the shadow schema, fix the cause, rebuild again.
+    /// Handling: look at the message and the shadow schema, fix the cause, rebuild again
+    /// (the next rebuild starts over from the start of the log, replacing the copy).
     #[error("rebuild of {projection} did not verify: {reason}")]
     Verification { projection: String, reason: String },
 

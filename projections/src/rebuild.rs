@@ -59,6 +59,10 @@ pub struct RebuildOptions {
     pub policy: DeadLetterPolicy,
     /// Longest wait for the table locks of the swap before giving up (and trying again).
     pub swap_lock_timeout: Duration,
+    /// Start from the start of the log even where an interrupted rebuild left a copy: one
+    /// made by an earlier build of the handlers (a fix since) or before a migration changed
+    /// the live tables must not be resumed.
+    pub fresh: bool,
 }
 
 impl RebuildOptions {
@@ -75,6 +79,7 @@ impl Default for RebuildOptions {
             batch_size: Self::DEFAULT_BATCH_SIZE,
             policy: DeadLetterPolicy::SkipAndPark,
             swap_lock_timeout: Duration::from_secs(2),
+            fresh: false,
         }
     }
 }
@@ -182,7 +187,7 @@ async fn rebuild_once(
     let started = Instant::now();
     let mut shadows = Vec::with_capacity(names.len());
     for &name in names {
-        shadows.push(open_shadow(pg_config, name).await?);
+        shadows.push(open_shadow(pg_config, name, options.fresh).await?);
     }
     let Some(start) = shadows.iter().map(|s| s.position).min() else {
         return Ok(Vec::new());
@@ -327,6 +332,7 @@ async fn apply_page(
 async fn open_shadow(
     pg_config: &PgConfig,
     name: ProjectionName,
+    fresh: bool,
 ) -> Result<Shadow, ProjectionError> {
     let client = batch::connect(pg_config, "rebuild").await?;
     // `drop table if exists` and `create schema if not exists` chatter otherwise. A shadow
@@ -356,7 +362,7 @@ async fn open_shadow(
             "another process is rebuilding {name}"
         )));
     }
-    let resumed = prepare_shadow(&client, name).await?;
+    let resumed = prepare_shadow(&client, name, fresh).await?;
     client
         .batch_execute(&format!("set search_path = {SHADOW_SCHEMA}, public"))
         .await?;
@@ -400,7 +406,20 @@ async fn finish(
             .iter()
             .map(|&(what, sql)| Job::Check { what, sql }),
     );
-    run_jobs(&clients, name, &jobs).await?;
+    if let Err(error) = run_jobs(&clients, name, &jobs).await {
+        // A copy that failed a check is kept for inspection, but never resumed: the next
+        // rebuild would only fail the same check, or swap in a copy the fix did not rebuild.
+        if matches!(error, ProjectionError::Verification { .. }) {
+            shadow
+                .client
+                .execute(
+                    "delete from projection_rebuilds where projection = $1",
+                    &[&name.as_str()],
+                )
+                .await?;
+        }
+        return Err(error);
+    }
     // Statistics once the indexes exist (an expression index gets its own), before the tables
     // go live: the read API's and the runner's plans need them, and autovacuum would only get
     // to it later.
@@ -456,8 +475,13 @@ async fn finish(
     })
 }
 
-/// Creates the shadow tables and checkpoint, or finds them from an interrupted run (`true`).
-async fn prepare_shadow(client: &Client, name: ProjectionName) -> Result<bool, ProjectionError> {
+/// Creates the shadow tables and checkpoint, or finds them from an interrupted run (`true`)
+/// unless `fresh`.
+async fn prepare_shadow(
+    client: &Client,
+    name: ProjectionName,
+    fresh: bool,
+) -> Result<bool, ProjectionError> {
     let tables: Vec<String> = name.tables().iter().map(|t| (*t).to_owned()).collect();
     let row = client
         .query_one(
@@ -469,7 +493,7 @@ async fn prepare_shadow(client: &Client, name: ProjectionName) -> Result<bool, P
         .await?;
     let has_checkpoint: bool = row.try_get(0)?;
     let shadow_tables: i64 = row.try_get(1)?;
-    if has_checkpoint && shadow_tables == tables.len() as i64 {
+    if has_checkpoint && shadow_tables == tables.len() as i64 && !fresh {
         return Ok(true);
     }
     let mut ddl = format!("create schema if not exists {SHADOW_SCHEMA};");

@@ -906,6 +906,47 @@ async fn a_shadow_that_fails_its_checks_is_left_and_the_live_tables_keep_serving
     assert_same(&live, &dump(&f).await);
     let shadow_orders = count(&f, "select count(*) from orderly_shadow.orders").await;
     assert!(shadow_orders > 0, "the shadow is kept for inspection");
+
+    // ... but not resumed: the next rebuild starts over, and its copy passes.
+    let report = rebuild_orders(&f)
+        .await
+        .expect("a rebuild after a failed check starts over");
+    assert!(!report.resumed);
+    assert_same(&live, &dump(&f).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_rebuild_replaces_what_an_interrupted_one_left() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    rebuild_all(&f).await;
+    let live = dump(&f).await;
+    interrupted_orders_rebuild(&f).await;
+    // What an older build of the handlers would have left: a copy that differs from what
+    // the log says.
+    let client = f.db.connect().await.expect("connect");
+    client
+        .execute(
+            "update orderly_shadow.orders set ship_city = 'Nowhere'",
+            &[],
+        )
+        .await
+        .expect("spoil the shadow");
+    let report = rebuild(
+        f.db.config(),
+        f.store.clone(),
+        ProjectionName::Orders,
+        &RebuildOptions {
+            fresh: true,
+            ..RebuildOptions::default()
+        },
+        |_| {},
+    )
+    .await
+    .expect("fresh rebuild");
+    assert!(!report.resumed);
+    assert_same(&live, &dump(&f).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
