@@ -171,7 +171,9 @@ pub(crate) async fn set_checkpoint(
 }
 
 /// Parks events in `dead_letters`; an event parked before (by an earlier attempt or a rebuild)
-/// keeps its first row.
+/// keeps its first row, unless a retry resolved it: failing again (in a rebuild, say), it
+/// waits for an operator again rather than being lost quietly. Skipped events never come here
+/// (the batch leaves them out).
 pub(crate) async fn park(
     tx: &Transaction<'_>,
     name: ProjectionName,
@@ -182,7 +184,10 @@ pub(crate) async fn park(
             "insert into dead_letters (projection, event_id, stream, version, position_commit,
                  position_prepare, event_type, error)
              values ($1, $2, $3, $4, $5, $6, $7, $8)
-             on conflict (projection, event_id) do nothing",
+             on conflict (projection, event_id) do update
+                 set error = excluded.error, parked_at = now(), resolution = null,
+                     resolved_at = null
+                 where dead_letters.resolution = 'retried'",
             &[
                 &name.as_str(),
                 &p.event_id,

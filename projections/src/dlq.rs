@@ -4,8 +4,10 @@
 //! batch lock, so it never interleaves with a runner's batch. Under the `SkipAndPark`
 //! policy later events of the same stream may already be applied; the row's version then
 //! admits nothing older, the retry changes nothing and says so ([`RetryOutcome::Superseded`]),
-//! and the letter stays. Rebuilding the projection after the fix is the way to get such an
-//! event in; the letter is skipped then.
+//! and the letter stays. Rebuilding the projection after the fix (`--fresh` if an interrupted
+//! rebuild left a copy made before it) is the way to get such an event in; the letter is
+//! skipped then. Rebuilds park into the same table, so a letter may name an event the live
+//! runner has not reached, or one a rebuild's copy will replace: the retry waits for both.
 
 use chrono::{DateTime, Utc};
 use orderly_event_store::{Direction, EventStore, Position, StreamName};
@@ -109,7 +111,9 @@ pub enum RetryOutcome {
     /// Failed again; the dead letter stays, with the new error.
     FailedAgain(String),
     /// Nothing applied: the read model holds later events of the letter's stream, so its
-    /// rows admit nothing older. The dead letter stays; the text says what to do.
+    /// rows admit nothing older; or the live projection has not reached the event yet; or a
+    /// rebuild's copy, which would not hold it, is to be swapped in. The dead letter stays;
+    /// the text says what to do.
     Superseded(String),
 }
 
@@ -143,7 +147,29 @@ pub async fn retry(
         )));
     }
     let tx = client.transaction().await?;
-    lock_checkpoint(&tx, name, Target::Live).await?;
+    let checkpoint = lock_checkpoint(&tx, name, Target::Live).await?;
+    // A rebuild parks into the same table: its letter may be for an event the live runner
+    // has not reached. Applied now, the runner would then skip the stream's events before it
+    // (the row's version admits nothing older).
+    if checkpoint.is_none_or(|at| letter.position > at) {
+        return Ok(RetryOutcome::Superseded(format!(
+            "the live {name} projection has not reached this event yet (a rebuild parked it):              its runner applies or parks it when it gets there. Retry then if it is still              parked, or skip it if the runner applied it"
+        )));
+    }
+    // Nor while a rebuild's copy exists: its swap replaces the live tables, and the copy may
+    // have parked this event before the retry.
+    let rebuilding: bool = tx
+        .query_one(
+            "select exists (select 1 from projection_rebuilds where projection = $1)",
+            &[&name.as_str()],
+        )
+        .await?
+        .try_get(0)?;
+    if rebuilding {
+        return Ok(RetryOutcome::Superseded(format!(
+            "a rebuild of {name} is under way, or was interrupted: the copy it swaps in would              not hold what a retry applies now. Let it finish (run it again to resume it),              then retry this letter if it is still parked"
+        )));
+    }
     let outcome = handlers::apply(
         name,
         &tx,

@@ -496,6 +496,124 @@ async fn a_dead_letter_behind_later_events_of_its_stream_is_not_reported_applied
     assert_same(&before, &dump(&f).await);
 }
 
+/// A rebuild parks into the same table as the live runner, so a letter can name an event the
+/// live runner has not reached. Retried then, it would be applied ahead of the stream's earlier
+/// events, which the runner would then skip for good (the row's version admits nothing
+/// older). The retry refuses; once the runner has passed it, a retry works as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_ahead_of_the_live_runner_is_not_retried_until_it_has_passed() {
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 100).await;
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    write_workload(f.store.as_ref(), &mut workload, 200).await;
+    // An order event past the live checkpoint, with an earlier event of its stream also past
+    // it, parked as a rebuild's batch parks it.
+    let client = f.db.connect().await.expect("connect");
+    let parked: i64 = client
+        .query_one(
+            "with live as (select position_commit c, position_prepare p
+                           from projection_checkpoints where projection = 'orders')
+             insert into dead_letters (projection, event_id, stream, version, position_commit,
+                 position_prepare, event_type, error)
+             select 'orders', e.event_id, e.stream, e.version, e.tx_id, e.seq, e.event_type,
+                 'handler failed in a rebuild'
+             from events e, live
+             where e.stream like 'order-%' and (e.tx_id, e.seq) > (live.c, live.p)
+               and exists (select 1 from events b
+                           where b.stream = e.stream and b.version < e.version
+                             and (b.tx_id, b.seq) > (live.c, live.p))
+             limit 1
+             returning dead_letter_id",
+            &[],
+        )
+        .await
+        .expect("an order with two events the runner has not applied")
+        .get(0);
+    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
+        .await
+        .expect("retry");
+    assert!(
+        matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("not reached")),
+        "{outcome:?}"
+    );
+    assert_eq!(dlq::count(&client, None).await.expect("count"), 1);
+
+    // The runner applies it in its turn (its handler is fine); the retry then finds it
+    // applied already.
+    let running = start(&f, &hub, small_batches());
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    assert_equals_rebuild(&f).await;
+    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
+        .await
+        .expect("retry");
+    assert!(
+        matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("later events")),
+        "{outcome:?}"
+    );
+}
+
+/// A rebuild's copy replaces the live tables when it swaps: an event a retry applied to the
+/// live tables meanwhile would be gone again, its letter saying `retried`. No retry while a
+/// copy exists; and an event a retry resolved that fails again waits for an operator again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_waits_for_a_rebuild_and_a_retried_event_that_fails_again_is_parked_again() {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 300).await;
+    append_raw(
+        &f,
+        "order-00000000-0000-0000-0000-000000000001",
+        ExpectedVersion::NoStream,
+        "OrderPaid",
+        json!({"garbage": true}),
+    )
+    .await;
+    rebuild_all(&f).await;
+    let client = f.db.connect().await.expect("connect");
+    let letters = dlq::list(&client, None, false).await.expect("list");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let parked = letters[0].dead_letter_id;
+
+    interrupted_orders_rebuild(&f).await;
+    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
+        .await
+        .expect("retry");
+    assert!(
+        matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("under way")),
+        "{outcome:?}"
+    );
+    assert_eq!(dlq::count(&client, None).await.expect("count"), 1);
+    rebuild_orders(&f).await.expect("the rebuild finishes");
+
+    // Resolved by a retry (under a build that could apply it, say), the event fails again in
+    // the next rebuild: it is open again, not missing from the copy with its letter resolved.
+    client
+        .execute(
+            "update dead_letters set resolution = 'retried', resolved_at = now()
+             where dead_letter_id = $1",
+            &[&parked],
+        )
+        .await
+        .expect("resolve");
+    assert_eq!(dlq::count(&client, None).await.expect("count"), 0);
+    rebuild_orders(&f).await.expect("rebuild");
+    let letters = dlq::list(&client, None, false).await.expect("list");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].dead_letter_id, parked);
+    assert_eq!(letters[0].resolution, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_the_stop_policy_a_poison_event_stops_the_projection_until_skipped() {
     let f = fixture().await;
