@@ -3,8 +3,10 @@
 //! 127.0.0.1 refused. Screenshots go to `ORDERLY_SCREENSHOTS` (the README's are in
 //! `docs/console/`), else to a temporary folder.
 
+use std::time::Duration;
+
 use crate::common::{
-    admin, dead_letter_outbox, park_registration, park_saga_event, place_one, register,
+    Api, admin, dead_letter_outbox, park_registration, park_saga_event, place_one, register,
     settings_for, start_with_saga,
 };
 use orderly_service::app::{App, Part};
@@ -44,24 +46,10 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
     assert_eq!(row.data("order")["id"], order.as_str());
     // A product of its own, whose registration the products projection failed on.
     register(&api, "CON-2", 990, "EUR", 5).await;
-    let registration = api
-        .gql(
-            Some(&admin),
-            "{ events(stream: \"product-CON-2\", first: 1) { events { id stream type version position } } }",
-            json!({}),
-        )
-        .await;
-    let registration = registration.data("events")["events"][0].clone();
+    let registration = first_event(&api, &admin, "stream: \"product-CON-2\"").await;
     let dead_letter = park_registration(&db, &registration, "handler failed: simulated").await;
     // The saga's runner never parks these itself: a step failing for good is simulated.
-    let log = api
-        .gql(
-            Some(&admin),
-            "{ events(category: \"product\", first: 1) { events { id stream type version position } } }",
-            json!({}),
-        )
-        .await;
-    let registered = log.data("events")["events"][0].clone();
+    let registered = first_event(&api, &admin, "category: \"product\"").await;
     let skipped = park_saga_event(&db, &registered, "step failed: simulated").await;
     let retried = park_saga_event(&db, &placed, "step failed: simulated").await;
     dead_letter_outbox(&db, "notification", "smtp: 554 rejected (simulated)").await;
@@ -176,4 +164,26 @@ async fn an_operator_follows_an_order_retries_a_dead_letter_rebuilds_and_watches
         .await,
         0
     );
+}
+
+/// The first event of the log that `filter` selects, as the admin `events` query answers it.
+/// The log shows an append once no older transaction in the cluster is open, and other tests
+/// share the cluster: hence the wait.
+async fn first_event(api: &Api, admin: &str, filter: &str) -> Value {
+    let query = format!(
+        "{{ events({filter}, first: 1) {{ events {{ id stream type version position }} }} }}"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let answer = api.gql(Some(admin), &query, json!({})).await;
+        let first = &answer.data("events")["events"][0];
+        if !first.is_null() {
+            return first.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no event for {filter}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
