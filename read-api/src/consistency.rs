@@ -135,9 +135,39 @@ pub struct LagGauge {
 struct Sample {
     taken: Option<Instant>,
     head: Position,
-    /// The first event after some position, found since `taken`: reused for positions at or
-    /// after it, which over-states their lag by at most what was applied within `max_age`.
-    oldest: Option<(Position, DateTime<Utc>)>,
+    /// First events after positions asked about since `taken`, the latest few: each answers
+    /// exactly every position from the one asked about up to the event's own, so projections
+    /// at different places in the log (one rebuilt or failed, one current) each keep theirs.
+    oldest: [Option<Oldest>; OLDEST_KEPT],
+    /// The slot the next one goes to.
+    next: usize,
+}
+
+/// The first event after `after`: at `position`, recorded at `recorded_at`.
+#[derive(Debug, Clone, Copy)]
+struct Oldest {
+    after: Position,
+    position: Position,
+    recorded_at: DateTime<Utc>,
+}
+
+/// Enough for the projections and the minimum over them that a query reports.
+const OLDEST_KEPT: usize = 4;
+
+impl Sample {
+    /// The first event after `applied`, when a kept one is known to be it.
+    fn oldest_after(&self, applied: Position) -> Option<DateTime<Utc>> {
+        self.oldest
+            .iter()
+            .flatten()
+            .find(|o| o.after <= applied && applied < o.position)
+            .map(|o| o.recorded_at)
+    }
+
+    fn keep(&mut self, oldest: Oldest) {
+        self.oldest[self.next] = Some(oldest);
+        self.next = (self.next + 1) % OLDEST_KEPT;
+    }
 }
 
 impl LagGauge {
@@ -177,7 +207,7 @@ impl LagGauge {
                         sample = Sample {
                             taken: Some(Instant::now()),
                             head,
-                            oldest: None,
+                            ..Sample::default()
                         };
                         self.store_sample(sample);
                     }
@@ -189,14 +219,18 @@ impl LagGauge {
         if applied >= sample.head {
             return 0;
         }
-        let recorded_at = match sample.oldest {
-            Some((after, at)) if after <= applied => at,
-            _ => match self.store.read_all(applied, &EventFilter::All, 1).await {
+        let recorded_at = match sample.oldest_after(applied) {
+            Some(at) => at,
+            None => match self.store.read_all(applied, &EventFilter::All, 1).await {
                 Ok(events) => match events.first() {
                     Some(event) => {
                         let mut latest = self.current();
                         if latest.taken == sample.taken {
-                            latest.oldest = Some((applied, event.recorded_at));
+                            latest.keep(Oldest {
+                                after: applied,
+                                position: event.position,
+                                recorded_at: event.recorded_at,
+                            });
                             self.store_sample(latest);
                         }
                         event.recorded_at
@@ -355,5 +389,42 @@ mod tests {
         let behind_one = gauge.lag_ms(first.position).await;
         assert!(behind_one < behind_both, "{behind_one} vs {behind_both}");
         assert_eq!(gauge.lag_ms(second.position).await, 0);
+    }
+
+    /// Two projections far apart in the log, read within one sample: each is answered by the
+    /// event after its own position, not by the older one the other found.
+    #[tokio::test]
+    async fn positions_read_within_one_sample_each_get_their_own_lag() {
+        let store = Arc::new(MemoryEventStore::new());
+        let gauge = LagGauge::new(store.clone(), Duration::from_secs(60));
+        let stream = StreamName::parse("order-1").unwrap();
+        let mut appended = Vec::new();
+        for name in ["Placed", "Paid", "Shipped"] {
+            appended.push(
+                store
+                    .append(
+                        &stream,
+                        ExpectedVersion::Any,
+                        vec![NewEvent::new(name, json!({}))],
+                    )
+                    .await
+                    .unwrap()
+                    .position,
+            );
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // (Each later call is made a little later: hence lower bounds and differences.)
+        let far_behind = gauge.lag_ms(Position::START).await;
+        assert!(far_behind >= 450, "{far_behind}");
+        let one_behind = gauge.lag_ms(appended[1]).await;
+        assert!(one_behind >= 150, "{one_behind}");
+        let two_behind = gauge.lag_ms(appended[0]).await;
+        assert!(
+            two_behind >= one_behind + 100,
+            "{two_behind} vs {one_behind}"
+        );
+        let far_again = gauge.lag_ms(Position::START).await;
+        assert!(far_again >= two_behind + 100, "{far_again} vs {two_behind}");
+        assert_eq!(gauge.lag_ms(appended[2]).await, 0);
     }
 }
