@@ -26,7 +26,8 @@ use crate::model::{DeadLetterPolicy, Parked, ProjectionName, to_i64, to_u64};
 /// planning them again was a good part of a small live batch's time on the server.
 pub type Connection = ClientWrapper;
 
-/// Opens a [`Connection`]; `what` names it in the log when it closes with an error.
+/// Opens a [`Connection`]; `what` names it in the log when it closes with an error. The
+/// server probes it for a vanished peer ([`SERVER_DEAD_PEER_CHECKS`]).
 ///
 /// Its commits wait for their WAL flush even where the server's default is not to: a runner
 /// publishes each checkpoint to readers waiting for a consistency token right after the
@@ -45,9 +46,21 @@ pub async fn connect(
             tracing::debug!(%error, "{what} connection closed");
         }
     });
-    client.batch_execute(DURABLE_COMMITS).await?;
+    client
+        .batch_execute(&format!("{DURABLE_COMMITS}; {SERVER_DEAD_PEER_CHECKS}"))
+        .await?;
     Ok(ClientWrapper::new(client, task))
 }
+
+/// The server's side of the checks for a vanished peer that the connection makes itself (TCP
+/// keepalives and a user timeout): a runner's session holds its projection's advisory lock,
+/// which the standbys wait for, and a rebuild's its own. Were this process's host to vanish (a
+/// crash, a partition), the server would keep the session, and the lock, until its own
+/// keepalives gave up, after the system's two hours by default; with these, after about a
+/// minute and a half. Ignored on a Unix socket, where the server learns at once.
+const SERVER_DEAD_PEER_CHECKS: &str = "set tcp_keepalives_idle = 30; \
+     set tcp_keepalives_interval = 10; set tcp_keepalives_count = 3; \
+     set tcp_user_timeout = 60000";
 
 /// Which checkpoint a batch moves: the live tables' or a shadow copy's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1067,6 +1067,30 @@ async fn a_fresh_rebuild_replaces_what_an_interrupted_one_left() {
     assert_same(&live, &dump(&f).await);
 }
 
+/// A runner's session holds its projection's advisory lock. Were the runner's host to vanish,
+/// the server must end that session on its own, or no standby could take over for the
+/// system's two hours of keepalive silence: its sessions ask the server to probe.
+#[tokio::test]
+async fn projection_sessions_ask_the_server_to_probe_for_a_vanished_peer() {
+    let f = fixture().await;
+    let client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    for (setting, value) in [
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "60000"),
+    ] {
+        let shown: String = client
+            .query_one(&format!("show {setting}"), &[])
+            .await
+            .expect("show")
+            .get(0);
+        assert_eq!(shown, value, "{setting}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_runners_of_the_same_projection_never_double_apply() {
     let f = fixture().await;
