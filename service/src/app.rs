@@ -59,9 +59,12 @@ pub enum Part {
     /// `orderly read-api`: the queries and subscriptions only, following projection runners
     /// that work in other processes.
     Reads,
-    /// `orderly projections run`, `orderly saga run`: only `/healthz`, `/readyz` and
-    /// `/metrics`, which orchestrators and Prometheus probe as they probe the APIs.
+    /// `orderly saga run`: only `/healthz`, `/readyz` and `/metrics`, which orchestrators and
+    /// Prometheus probe as they probe the APIs.
     Probes,
+    /// `orderly projections run`: the probes as [`Part::Probes`], its readiness including the
+    /// projections' states.
+    ProjectionProbes,
 }
 
 pub struct App {
@@ -105,6 +108,7 @@ impl App {
             store: store.clone(),
             read_db: orderly_graphql::pg_pool(&pg_config(settings)?, HEALTH_POOL_SIZE)?,
             log_in_read_db: store_pool.is_some(),
+            projections_gate_readiness: matches!(part, Part::Everything | Part::ProjectionProbes),
         };
         if let Some(pool) = store_pool {
             orderly_observability::metrics::watch_pool("event_store", pool);
@@ -114,7 +118,7 @@ impl App {
             .clone()
             .router()
             .merge(orderly_graphql::metrics::router(&metrics));
-        if part != Part::Probes {
+        if !matches!(part, Part::Probes | Part::ProjectionProbes) {
             let graphql = graphql_router(settings, store.clone(), log.clone(), hub.clone(), part)?;
             router = router.merge(graphql);
             // GraphiQL's files wherever /graphql is; the console where the reads are.
@@ -202,8 +206,11 @@ impl App {
         });
         // Also beside in-process runners: one of them may stand by while another process's
         // is active, and then only the database knows where the projection is.
-        let follower = (!matches!(self.part, Part::Commands | Part::Probes))
-            .then(|| self.hub.follow(self.pg_config));
+        let follower = (!matches!(
+            self.part,
+            Part::Commands | Part::Probes | Part::ProjectionProbes
+        ))
+        .then(|| self.hub.follow(self.pg_config));
         // Connect info gives the rate limiter the client's address for anonymous callers.
         let service = self
             .router
@@ -337,7 +344,7 @@ pub fn graphql_router(
                 sdl,
             )
         }
-        Part::Probes => Ok(Router::new()),
+        Part::Probes | Part::ProjectionProbes => Ok(Router::new()),
     }
 }
 

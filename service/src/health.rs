@@ -1,5 +1,5 @@
-//! `/healthz` (the process answers) and `/readyz` (its dependencies answer and no projection
-//! has failed), and the same checks as `orderly_readiness_check` gauges, refreshed in the
+//! `/healthz` (the process answers) and `/readyz` (its dependencies answer and, in a process
+//! that runs projections, none of them has failed), and the same checks as `orderly_readiness_check` gauges, refreshed in the
 //! background so that a process nobody probes still shows why it would not be ready. The
 //! background sampler also reports what holds the log's horizon back.
 
@@ -32,6 +32,11 @@ pub struct Health {
     /// Whether the log is in that database too (the PostgreSQL store): then the sampler also
     /// reports what holds the log's horizon back.
     pub log_in_read_db: bool,
+    /// Whether a failed projection makes this process unready: only where projections run
+    /// (`serve`, `projections run`). An API or a saga process serves as well with a read
+    /// model stopped (reads say how stale they are); unready, every replica would leave its
+    /// load balancer over one read model's bad event. The check is shown either way.
+    pub projections_gate_readiness: bool,
 }
 
 /// One check's verdict: `Err` says why it failed, fit for an operator.
@@ -41,11 +46,20 @@ pub struct Readiness {
     pub event_store: Verdict,
     pub read_database: Verdict,
     pub projections: Verdict,
+    /// See [`Health::projections_gate_readiness`].
+    pub projections_gate: bool,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.checks().iter().all(|(_, verdict)| verdict.is_ok())
+        self.gating().all(|(_, verdict)| verdict.is_ok())
+    }
+
+    /// The checks this process's readiness depends on.
+    fn gating(&self) -> impl Iterator<Item = (&'static str, &Verdict)> {
+        self.checks()
+            .into_iter()
+            .filter(|(name, _)| self.projections_gate || *name != "projections")
     }
 
     fn checks(&self) -> [(&'static str, &Verdict); 3] {
@@ -59,17 +73,17 @@ impl Readiness {
     /// `{"status": "ready" | "unavailable", "reason": ..., "checks": {name: "ok" | why}}`.
     pub fn body(&self) -> Value {
         let mut checks = Map::new();
-        let mut reasons = Vec::new();
         for (name, verdict) in self.checks() {
             let shown = match verdict {
                 Ok(()) => "ok".to_owned(),
-                Err(why) => {
-                    reasons.push(why.clone());
-                    why.clone()
-                }
+                Err(why) => why.clone(),
             };
             checks.insert(name.to_owned(), Value::String(shown));
         }
+        let reasons: Vec<&str> = self
+            .gating()
+            .filter_map(|(_, verdict)| verdict.as_ref().err().map(String::as_str))
+            .collect();
         if reasons.is_empty() {
             json!({ "status": "ready", "checks": checks })
         } else {
@@ -88,6 +102,7 @@ impl Health {
             event_store,
             read_database,
             projections,
+            projections_gate: self.projections_gate_readiness,
         };
         for (name, verdict) in readiness.checks() {
             record_readiness(name, verdict.is_ok());
@@ -200,7 +215,8 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready: the dependencies answer and no projection has failed, so traffic may come.
+/// Ready: the dependencies answer and, where projections run, none has failed, so traffic may
+/// come.
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let readiness = health.check().await;
     let status = if readiness.is_ready() {

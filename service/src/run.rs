@@ -72,14 +72,14 @@ pub async fn run_projections(
 ) -> anyhow::Result<()> {
     let names = projection_names(names)?;
     // The runners read the log through a store of their own, beside the one the probes check.
-    let budget = ConnectionBudget::of(settings, Part::Probes, false)
+    let budget = ConnectionBudget::of(settings, Part::ProjectionProbes, false)
         .with_pool("projections", 2 * names.len())
         .with_pool(
             "projections' event store",
             settings.store.pool_size.max(1) + 2,
         );
     app::check_connections(settings, &budget).await?;
-    let probes = App::build_part(settings, Part::Probes).await?;
+    let probes = App::build_part(settings, Part::ProjectionProbes).await?;
     // The runners share one reader of the log.
     let log = app::shared_reader(store);
     let running = Projections::start(log, pg_config, &names, options, ProjectionHub::new());

@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use orderly_event_store::memory::MemoryEventStore;
-use orderly_service::app::App;
+use orderly_service::app::{App, Part};
 use orderly_service::health::Health;
 use orderly_service::settings::Settings;
 use orderly_test_support::TestDb;
@@ -84,6 +84,7 @@ async fn readiness_says_why_when_the_read_database_is_unreachable() {
         store: Arc::new(MemoryEventStore::new()),
         read_db: orderly_graphql::pg_pool(&nowhere, 2).unwrap(),
         log_in_read_db: false,
+        projections_gate_readiness: true,
     };
     let readiness = health.check().await;
     assert!(!readiness.is_ready());
@@ -154,6 +155,40 @@ async fn a_failed_projection_makes_the_process_unready_and_says_which() {
         }
     }
     panic!("the failed projection never showed in the readiness gauge:\n{metrics}");
+}
+
+/// A command or read API serves as well with a read model stopped (reads say how stale they
+/// are): one bad event in a read model must not take every API replica out of its load
+/// balancer. Its `/readyz` still shows the check.
+#[tokio::test]
+async fn a_failed_projection_leaves_the_api_processes_ready_and_shows_it() {
+    let db = migrated_database().await;
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into projection_checkpoints (projection, state, last_error)
+             values ('orders', 'FAILED', 'handler error at event 42')
+             on conflict (projection) do update set state = 'FAILED', last_error = excluded.last_error",
+            &[],
+        )
+        .await
+        .unwrap();
+    for part in [Part::Commands, Part::Reads] {
+        let app = App::build_part(&settings_for(db.url()), part)
+            .await
+            .unwrap();
+        let base = format!("http://{}", app.local_addr());
+        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let body: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(body["status"], "ready", "{body}");
+        assert_eq!(
+            body["checks"]["projections"],
+            "projection orders failed: handler error at event 42"
+        );
+    }
 }
 
 fn free_port() -> u16 {
