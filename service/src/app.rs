@@ -587,7 +587,8 @@ impl ConnectionBudget {
             pools.push(("event store", settings.store.pool_size.max(1) + 2));
         }
         pools.push(("health checks", HEALTH_POOL_SIZE));
-        if matches!(part, Part::Everything | Part::Reads) {
+        // The mutations read it too: snapshots and the order-id scheme.
+        if matches!(part, Part::Everything | Part::Reads | Part::Commands) {
             pools.push(("read models", settings.store.pool_size.max(1)));
         }
         if matches!(part, Part::Everything | Part::Reads) {
@@ -835,7 +836,7 @@ mod tests {
         );
         assert_eq!(
             ConnectionBudget::of(&settings, Part::Commands, false).total(),
-            14
+            24
         );
         assert_eq!(
             ConnectionBudget::of(&settings, Part::Reads, false).total(),
@@ -846,7 +847,10 @@ mod tests {
             24
         );
         let shown = ConnectionBudget::of(&settings, Part::Commands, false).to_string();
-        assert_eq!(shown, "14 (event store 12, health checks 2)");
+        assert_eq!(
+            shown,
+            "24 (event store 12, health checks 2, read models 10)"
+        );
     }
 
     #[cfg(not(feature = "kurrentdb"))]
