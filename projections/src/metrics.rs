@@ -65,36 +65,39 @@ pub(crate) fn sample_while_active(
     pg_config: tokio_postgres::Config,
     store: Arc<dyn EventStore>,
 ) -> SamplerGuard {
-    SamplerGuard(tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
-        // One connection while it works; a new one after a failure.
-        let mut connected: Option<(tokio_postgres::Client, JoinHandle<()>)> = None;
-        loop {
-            ticks.tick().await;
-            if connected.is_none() {
-                match pg_config.connect(NoTls).await {
-                    Ok((client, connection)) => {
-                        let driver = tokio::spawn(async move {
-                            let _ = connection.await;
-                        });
-                        connected = Some((client, driver));
+    SamplerGuard(
+        name,
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
+            // One connection while it works; a new one after a failure.
+            let mut connected: Option<(tokio_postgres::Client, JoinHandle<()>)> = None;
+            loop {
+                ticks.tick().await;
+                if connected.is_none() {
+                    match pg_config.connect(NoTls).await {
+                        Ok((client, connection)) => {
+                            let driver = tokio::spawn(async move {
+                                let _ = connection.await;
+                            });
+                            connected = Some((client, driver));
+                        }
+                        Err(error) => {
+                            tracing::debug!(projection = %name, %error, "projection lag not sampled");
+                            continue;
+                        }
                     }
-                    Err(error) => {
-                        tracing::debug!(projection = %name, %error, "projection lag not sampled");
-                        continue;
+                }
+                if let Some((client, _)) = &connected
+                    && let Err(error) = sample(name, client, store.as_ref()).await
+                {
+                    tracing::debug!(projection = %name, %error, "projection lag not sampled");
+                    if let Some((_, driver)) = connected.take() {
+                        driver.abort();
                     }
                 }
             }
-            if let Some((client, _)) = &connected
-                && let Err(error) = sample(name, client, store.as_ref()).await
-            {
-                tracing::debug!(projection = %name, %error, "projection lag not sampled");
-                if let Some((_, driver)) = connected.take() {
-                    driver.abort();
-                }
-            }
-        }
-    }))
+        }),
+    )
 }
 
 async fn sample(
@@ -134,12 +137,24 @@ async fn oldest_unapplied_age(
     }))
 }
 
-/// Stops the sampler with the runner's leadership.
-pub(crate) struct SamplerGuard(JoinHandle<()>);
+/// Stops the sampler with the runner's leadership, and marks the projection's lag and
+/// dead-letter gauges as not measured here (NaN): a process that lost the lock and lives on
+/// (a standby again after a failure) would otherwise export its last values for good, and a
+/// lag alert that takes the highest value across processes would fire on them. Queries and
+/// alerts aggregate with `max`, which passes over NaN where another process has a value.
+pub(crate) struct SamplerGuard(ProjectionName, JoinHandle<()>);
 
 impl Drop for SamplerGuard {
     fn drop(&mut self) {
-        self.0.abort();
+        self.1.abort();
+        let projection = self.0.as_str();
+        for gauge in [
+            "orderly_projection_lag_events",
+            "orderly_projection_lag_seconds",
+            "orderly_dead_letters",
+        ] {
+            metrics::gauge!(gauge, "projection" => projection).set(f64::NAN);
+        }
     }
 }
 
@@ -173,5 +188,34 @@ mod tests {
         assert!((0.05..60.0).contains(&behind), "{behind}");
         let caught_up = oldest_unapplied_age(&store, ProjectionName::Products, product.position);
         assert_eq!(caught_up.await.unwrap(), 0.0);
+    }
+
+    /// A process that loses a projection's lock and lives on must not go on exporting the lag
+    /// it last measured: the lag alerts take the highest value across processes.
+    #[tokio::test]
+    async fn a_runner_that_lets_go_of_its_projection_stops_reporting_its_lag() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let scrape = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let projection = ProjectionName::Orders.as_str();
+            metrics::gauge!("orderly_projection_lag_seconds", "projection" => projection)
+                .set(300.0);
+            metrics::gauge!("orderly_dead_letters", "projection" => projection).set(2.0);
+            drop(SamplerGuard(
+                ProjectionName::Orders,
+                tokio::spawn(std::future::pending()),
+            ));
+        });
+        let text = scrape.render();
+        for gauge in [
+            "orderly_projection_lag_events",
+            "orderly_projection_lag_seconds",
+            "orderly_dead_letters",
+        ] {
+            assert!(
+                text.contains(&format!("{gauge}{{projection=\"orders\"}} NaN")),
+                "{text}"
+            );
+        }
     }
 }
