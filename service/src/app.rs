@@ -414,7 +414,7 @@ pub fn payment_gateway(settings: &Settings) -> anyhow::Result<Arc<Resilient>> {
         concurrency: settings.payment.concurrency,
         ..Resilience::default()
     };
-    Ok(Arc::new(Resilient::new(inner, policy).with_metrics()))
+    Ok(Resilient::new(inner, policy).with_metrics())
 }
 
 /// The fulfilment saga runner with its outbox worker, calling `gateway`.

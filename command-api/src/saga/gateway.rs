@@ -374,6 +374,9 @@ impl Resilience {
     }
 }
 
+/// The longest the breaker's gauge goes without being set again.
+const BREAKER_PUBLISH_PERIOD: Duration = Duration::from_secs(5);
+
 fn count_request(outcome: &'static str) {
     metrics::counter!("orderly_payment_requests_total", "outcome" => outcome).increment(1);
 }
@@ -396,10 +399,27 @@ impl Resilient {
         }
     }
 
-    /// Exports the breaker's state before the first call, so a dashboard sees it closed.
-    pub fn with_metrics(self) -> Self {
+    /// Exports the breaker's state before the first call, so a dashboard sees it closed, then
+    /// after every call and every cool-down (at most [`BREAKER_PUBLISH_PERIOD`]) until the
+    /// gateway is dropped: an open breaker turns half-open by time alone, and after an outage
+    /// that gave up every charge no call may come for hours, while the gauge said open and
+    /// the alert on it paged. Needs a Tokio runtime.
+    pub fn with_metrics(self) -> Arc<Self> {
         self.publish_breaker();
-        self
+        let period = self.policy.breaker_cool_down.min(BREAKER_PUBLISH_PERIOD);
+        let gateway = Arc::new(self);
+        let weak = Arc::downgrade(&gateway);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period.max(Duration::from_millis(10)));
+            loop {
+                ticks.tick().await;
+                let Some(gateway) = weak.upgrade() else {
+                    return;
+                };
+                gateway.publish_breaker();
+            }
+        });
+        gateway
     }
 
     /// The provider's breaker: open when most recent calls failed, whatever their card.
@@ -474,8 +494,8 @@ impl Resilient {
     }
 
     /// `orderly_payment_breaker_state`: the provider's breaker, 0 closed, 1 half-open, 2 open.
-    /// Set after every call; an open breaker turns half-open by time alone, which shows at the
-    /// next call. Payment methods' breakers are not exported: there is one per card.
+    /// Set after every call and now and then (see [`Resilient::with_metrics`]). Payment
+    /// methods' breakers are not exported: there is one per card.
     fn publish_breaker(&self) {
         let value = match self.breakers.state() {
             BreakerState::Closed => 0.0,
@@ -720,6 +740,38 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(gateway.breaker_state(), BreakerState::Closed);
+    }
+
+    /// After an outage no call may come for a long time; the gauge must still show the open
+    /// breaker turning half-open by time alone, or the alert on it goes on paging.
+    #[tokio::test]
+    async fn the_breaker_gauge_shows_the_cool_down_without_a_call() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let scrape = recorder.handle();
+        // This test's runtime runs on this thread only, the gauge's task included.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let provider = Arc::new(Provider::default());
+        let gateway = Resilient::new(provider.clone(), fast()).with_metrics();
+        let gauge = || {
+            scrape
+                .render()
+                .lines()
+                .find_map(|line| line.strip_prefix("orderly_payment_breaker_state "))
+                .map(str::to_owned)
+        };
+        assert_eq!(gauge().as_deref(), Some("0"));
+        provider.down.store(true, Ordering::SeqCst);
+        let mut n = 0;
+        while gateway.breaker_state() != BreakerState::Open {
+            let key = format!("order-{n}");
+            assert!(gateway.charge(&charge_for(&key, tokens::OK)).await.is_err());
+            n += 1;
+            assert!(n < 60, "the breaker never opened");
+        }
+        assert_eq!(gauge().as_deref(), Some("2"));
+        // No call: the cool-down (100 ms) passes, and the gauge says so on its own.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(gauge().as_deref(), Some("1"));
     }
 
     #[tokio::test]
