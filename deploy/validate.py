@@ -197,9 +197,18 @@ def check_compose(rendered: Path) -> None:
     else:
         targets = {
             t: group.get("labels", {}).get("role")
-            for group in job["static_configs"]
+            for group in job.get("static_configs", [])
             for t in group["targets"]
         }
+        # Scaled roles are found by DNS, each name's addresses labelled with the name.
+        named_role = [
+            r for r in job.get("relabel_configs", [])
+            if r.get("source_labels") == ["__meta_dns_name"] and r.get("target_label") == "role"
+        ]
+        for sd in job.get("dns_sd_configs", []):
+            for name in sd.get("names", []):
+                labelled = any(re.fullmatch(r.get("regex", "(.*)"), name) for r in named_role)
+                targets[f"{name}:{sd.get('port')}"] = name if labelled else None
         expected = {f"{role}:8080": role for role in HTTP_ROLES}
         if targets != expected:
             problem(f"prometheus.yml: orderly targets {targets} != compose roles {expected}")
