@@ -2,7 +2,8 @@
 # Orderly quick start: make sure PostgreSQL is there, apply migrations, then
 # serve everything in one process (GraphQL at /graphql, projections, saga).
 #
-#   deploy/local/run.sh [extra `orderly serve` arguments]
+#   deploy/local/run.sh [--config FILE]   (passed to `orderly serve`, whose only options
+#                                          are the global ones)
 #
 # Listens on ORDERLY_HTTP_ADDR (default 127.0.0.1:8080). Database selection:
 # see deploy/local/README.md.
