@@ -238,7 +238,8 @@ enum DlqCommand {
     /// Apply one parked event again; resolved when it applies. One whose stream has later
     /// events in the read model already cannot apply (it says so): rebuild the projection.
     /// Nothing is applied while a rebuild's copy exists (its swap would drop the retry) or
-    /// for an event the live runner has not reached (a rebuild parked it).
+    /// while the live runner has not reached the event before it in its stream (a rebuild
+    /// parked it).
     Retry { id: i64 },
     /// Mark one parked event resolved without applying it.
     Skip { id: i64 },

@@ -7,7 +7,8 @@
 //! and the letter stays. Rebuilding the projection after the fix (`--fresh` if an interrupted
 //! rebuild left a copy made before it) is the way to get such an event in; the letter is
 //! skipped then. Rebuilds park into the same table, so a letter may name an event the live
-//! runner has not reached, or one a rebuild's copy will replace: the retry waits for both.
+//! runner has not reached, or one a rebuild's copy will replace: the retry refuses both,
+//! saying why. An applied retry notifies the order's followers (the checkpoint stays).
 
 use chrono::{DateTime, Utc};
 use orderly_event_store::{Direction, EventStore, Position, StreamName};
@@ -17,6 +18,7 @@ use crate::batch::{Connection, Target, lock_checkpoint};
 use crate::error::ProjectionError;
 use crate::handlers;
 use crate::model::{DeadLetterPolicy, ProjectionName, to_u64};
+use crate::watch::{self, ProjectionUpdate};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -146,14 +148,28 @@ pub async fn retry(
             letter.event_id, letter.stream, letter.version
         )));
     }
+    // The event before it in its stream, if any: applied ahead of that one, the letter would
+    // make the runner skip it (the row's version admits nothing older).
+    let before = match letter.version.checked_sub(1) {
+        Some(version) => store
+            .read_stream(&stream, Direction::Forwards, Some(version), 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(|event| event.position),
+        None => None,
+    };
     let tx = client.transaction().await?;
     let checkpoint = lock_checkpoint(&tx, name, Target::Live).await?;
     // A rebuild parks into the same table: its letter may be for an event the live runner
-    // has not reached. Applied now, the runner would then skip the stream's events before it
-    // (the row's version admits nothing older).
-    if checkpoint.is_none_or(|at| letter.position > at) {
+    // has not reached, behind others of its stream the runner has not applied either. (A
+    // letter the runner parked itself, or stopped at, never is.)
+    if before.is_some_and(|before| checkpoint.is_none_or(|at| before > at)) {
         return Ok(RetryOutcome::Superseded(format!(
-            "the live {name} projection has not reached this event yet (a rebuild parked it):              its runner applies or parks it when it gets there. Retry then if it is still              parked, or skip it if the runner applied it"
+            "the live {name} projection has not reached this event yet (a rebuild parked it), \
+             nor the event before it in {}: its runner applies or parks them when it gets \
+             there. Retry then if it is still parked, or skip it if the runner applied it",
+            letter.stream
         )));
     }
     // Nor while a rebuild's copy exists: its swap replaces the live tables, and the copy may
@@ -167,7 +183,9 @@ pub async fn retry(
         .try_get(0)?;
     if rebuilding {
         return Ok(RetryOutcome::Superseded(format!(
-            "a rebuild of {name} is under way, or was interrupted: the copy it swaps in would              not hold what a retry applies now. Let it finish (run it again to resume it),              then retry this letter if it is still parked"
+            "a rebuild of {name} is under way, or was interrupted: the copy it swaps in would \
+             not hold what a retry applies now. Let it finish (run it again to resume it), \
+             then retry this letter if it is still parked"
         )));
     }
     let outcome = handlers::apply(
@@ -202,5 +220,15 @@ pub async fn retry(
     )
     .await?;
     tx.commit().await?;
+    // The checkpoint did not move, so only a notice tells `orderUpdated` followers (in every
+    // process) that the order changed.
+    let update = ProjectionUpdate {
+        projection: name.as_str().to_owned(),
+        position: checkpoint.unwrap_or(Position::START),
+        order_ids: outcome.order_ids,
+        truncated: false,
+        traceparent: None,
+    };
+    watch::notify(client, &update).await;
     Ok(RetryOutcome::Applied)
 }

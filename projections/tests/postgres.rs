@@ -658,6 +658,22 @@ async fn under_the_stop_policy_a_poison_event_stops_the_projection_until_skipped
         "{}",
         letters[0].error
     );
+    // The letter the runner stopped at is the next event after its checkpoint: a retry tries
+    // it (and it fails again: nothing was fixed).
+    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    let outcome = dlq::retry(
+        &mut retry_client,
+        f.store.as_ref(),
+        letters[0].dead_letter_id,
+    )
+    .await
+    .expect("retry");
+    assert!(
+        matches!(&outcome, dlq::RetryOutcome::FailedAgain(why) if why.contains("no order")),
+        "{outcome:?}"
+    );
     dlq::skip(&client, letters[0].dead_letter_id)
         .await
         .expect("skip");
@@ -1287,6 +1303,84 @@ async fn a_follower_that_missed_a_notice_tells_order_listeners_to_look_again() {
         Position::new(2_000, 0)
     );
     follower.abort();
+}
+
+/// A retry applies its event without moving the checkpoint, so nothing else would tell an
+/// order's followers in other processes (an `orderUpdated` subscription) that it changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_dead_letter_tells_the_orders_followers() {
+    use futures::StreamExt;
+    let f = fixture().await;
+    let hub = ProjectionHub::new();
+    let running = start(&f, &hub, small_batches());
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 100).await;
+    caught_up(&f, &hub).await;
+    running.stop().await;
+    // An order's last event taken back out of the read model and parked, as a runner whose
+    // handler failed on it would have left it.
+    let client = f.db.connect().await.expect("connect");
+    let last = client
+        .query_one(
+            "select e.event_id, e.stream, e.version, e.tx_id, e.seq, e.event_type
+             from events e
+             where e.stream like 'order-%' and e.version > 0
+               and e.event_type in ('OrderStockReserved', 'OrderPaid', 'OrderConfirmed')
+               and not exists (select 1 from events n
+                               where n.stream = e.stream and n.version > e.version)
+             limit 1",
+            &[],
+        )
+        .await
+        .expect("an order whose last event only changes its status");
+    let stream: String = last.get(1);
+    let version: i64 = last.get(2);
+    let order_id = uuid::Uuid::parse_str(&stream["order-".len()..]).expect("an order id");
+    client
+        .batch_execute(&format!(
+            "update orders set version = {version} - 1 where order_id = '{order_id}';
+             delete from order_status_history
+             where order_id = '{order_id}' and version = {version}"
+        ))
+        .await
+        .expect("take the event out");
+    let parked: i64 = client
+        .query_one(
+            "insert into dead_letters (projection, event_id, stream, version, position_commit,
+                 position_prepare, event_type, error)
+             values ('orders', $1, $2, $3, $4, $5, $6, 'handler failed (before a fix)')
+             returning dead_letter_id",
+            &[
+                &last.get::<_, uuid::Uuid>(0),
+                &stream,
+                &version,
+                &last.get::<_, i64>(3),
+                &last.get::<_, i64>(4),
+                &last.get::<_, String>(5),
+            ],
+        )
+        .await
+        .expect("park")
+        .get(0);
+
+    // A follower in another process, past its first look at the checkpoints.
+    let remote = ProjectionHub::new();
+    let follower = remote.follow(f.db.config().clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut touched = Box::pin(remote.order_updates(order_id));
+    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
+        .await
+        .expect("retry");
+    assert_eq!(outcome, dlq::RetryOutcome::Applied);
+    tokio::time::timeout(Duration::from_secs(5), touched.next())
+        .await
+        .expect("the order's followers are told")
+        .expect("the hub lives");
+    follower.abort();
+    assert_equals_rebuild(&f).await;
 }
 
 #[test]
