@@ -5,7 +5,8 @@
 //!    `create table ... (like public.<table> including all)` less the secondary indexes (built
 //!    once at the end, which is far cheaper than maintaining them row by row); its checkpoint
 //!    is a row in `projection_rebuilds`. When both exist already, an interrupted rebuild
-//!    resumes there.
+//!    resumes there, unless asked to start fresh (`RebuildOptions::fresh`, on its first
+//!    attempt) or the copy failed its checks (which drops its checkpoint).
 //! 2. Replay: the same handlers as the live runner, on a connection whose `search_path` puts
 //!    `orderly_shadow` first, one transaction per batch with the shadow checkpoint. A reader
 //!    task fetches the next page while the current one is applied (two pages in flight at
@@ -160,13 +161,16 @@ pub async fn rebuild_many(
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
     let mut attempt = 1;
     let mut pause = Duration::from_secs(1);
+    let mut options = options.clone();
     loop {
-        match rebuild_once(pg_config, store.clone(), names, options, &mut progress).await {
+        match rebuild_once(pg_config, store.clone(), names, &options, &mut progress).await {
             Err(error) if error.is_transient() && attempt < REBUILD_ATTEMPTS => {
                 tracing::warn!(%error, attempt, ?pause, "rebuild interrupted; resuming after a pause");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(30));
                 attempt += 1;
+                // Fresh is where the first attempt started; the next ones resume its copy.
+                options.fresh = false;
             }
             outcome => return outcome,
         }

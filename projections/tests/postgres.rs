@@ -901,8 +901,10 @@ async fn a_rebuild_whose_connections_are_cut_resumes_on_its_own() {
         f.db.config(),
         f.store.clone(),
         &ProjectionName::ALL,
+        // Fresh: the first attempt starts over; the ones after the cut resume its copy.
         &RebuildOptions {
             batch_size: 50,
+            fresh: true,
             ..RebuildOptions::default()
         },
         progress,
