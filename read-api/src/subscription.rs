@@ -46,7 +46,9 @@ impl SubscriptionRoot {
     /// earlier ones carry that event's `version`, `status`, `updatedAt` and `history` up to it,
     /// with the rest of the read model as after the batch. When the order's payment changes
     /// while its own stream does not (a charge's outcome, a retried charge, a refund after a
-    /// cancel), one more message carries the same `version` with the new `payment`.
+    /// cancel), one more message carries the same `version` with the new `payment`; a client
+    /// that resumes with `afterVersion` gets the current one again if the order has a payment
+    /// (the version names no payment), so a refund made while it was away is not missed.
     #[graphql(complexity = "orderly_graphql::cost::READ + child_complexity")]
     async fn order_updated(
         &self,
@@ -89,9 +91,21 @@ impl SubscriptionRoot {
             Some(version) => Some(i64::from(version)),
             None => baseline.as_ref().map(|row| row.version),
         };
-        // Versions already applied but after `afterVersion` go out before any update arrives.
+        // `afterVersion` names the order version a client saw, not its payment: the payment
+        // as it is now counts as not seen (at worst one view again, of a payment seen before).
+        let payment_emitted = match after_version {
+            Some(_) => None,
+            None => baseline
+                .as_ref()
+                .and_then(|row| row.payment.as_ref())
+                .map(|payment| payment.version),
+        };
+        // Versions already applied but after `afterVersion` go out before any update arrives,
+        // and so does a payment not seen.
         let behind = matches!((&baseline, emitted), (Some(row), Some(sent)) if row.version > sent)
-            || (baseline.is_some() && emitted.is_none());
+            || (baseline.is_some() && emitted.is_none())
+            || matches!((&baseline, emitted), (Some(row), Some(sent))
+                if row.version == sent && row.payment.is_some() && payment_emitted.is_none());
         let catch_up: Pin<Box<dyn Stream<Item = OrderTouched> + Send>> = if behind {
             let now = OrderTouched {
                 position: Position::START,
@@ -101,10 +115,6 @@ impl SubscriptionRoot {
         } else {
             futures::stream::empty().boxed()
         };
-        let payment_emitted = baseline
-            .as_ref()
-            .and_then(|row| row.payment.as_ref())
-            .map(|payment| payment.version);
         let follower = OrderFollower {
             api: api.clone(),
             actor,

@@ -128,6 +128,21 @@ async fn order_updated_pushes_the_refund_that_follows_a_cancel() {
         assert_eq!(refunded["status"], "CANCELLED", "{refunded}");
         assert_eq!(refunded["version"], cancelled["version"]);
     }
+
+    // A client that was away for the refund resumes after the last version it saw, and gets
+    // the order as it is now once.
+    let mut resumed = connect(&api, Some(&alice)).await;
+    let after = cancelled["version"].as_i64().unwrap();
+    subscribe(
+        &mut resumed,
+        "2",
+        FOLLOW,
+        json!({ "id": id, "after": after }),
+    )
+    .await;
+    let current = next(&mut resumed).await["payload"]["data"]["orderUpdated"].clone();
+    assert_eq!(current["payment"]["status"], "REFUNDED", "{current}");
+    assert_eq!(current["version"], after);
 }
 
 const EVENTS: &str = "subscription($stream: String, $category: String, $from: ConsistencyToken) {
