@@ -38,7 +38,11 @@ const STATES: [(&str, Option<RunnerState>); 5] = [
 ];
 
 /// One gauge per state, 1 for `now` and 0 for the others, so a change never leaves two at 1.
+/// A runner that stopped or failed measures nothing any more ([`unmeasured`]).
 pub(crate) fn set_state(name: ProjectionName, now: RunnerState) {
+    if matches!(now, RunnerState::Stopped | RunnerState::Failed) {
+        unmeasured(name);
+    }
     for (label, state) in STATES {
         let value = if state == Some(now) { 1.0 } else { 0.0 };
         metrics::gauge!("orderly_projection_state", "projection" => name.as_str(), "state" => label)
@@ -65,39 +69,36 @@ pub(crate) fn sample_while_active(
     pg_config: tokio_postgres::Config,
     store: Arc<dyn EventStore>,
 ) -> SamplerGuard {
-    SamplerGuard(
-        name,
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
-            // One connection while it works; a new one after a failure.
-            let mut connected: Option<(tokio_postgres::Client, JoinHandle<()>)> = None;
-            loop {
-                ticks.tick().await;
-                if connected.is_none() {
-                    match pg_config.connect(NoTls).await {
-                        Ok((client, connection)) => {
-                            let driver = tokio::spawn(async move {
-                                let _ = connection.await;
-                            });
-                            connected = Some((client, driver));
-                        }
-                        Err(error) => {
-                            tracing::debug!(projection = %name, %error, "projection lag not sampled");
-                            continue;
-                        }
+    SamplerGuard(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
+        // One connection while it works; a new one after a failure.
+        let mut connected: Option<(tokio_postgres::Client, JoinHandle<()>)> = None;
+        loop {
+            ticks.tick().await;
+            if connected.is_none() {
+                match pg_config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        let driver = tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        connected = Some((client, driver));
                     }
-                }
-                if let Some((client, _)) = &connected
-                    && let Err(error) = sample(name, client, store.as_ref()).await
-                {
-                    tracing::debug!(projection = %name, %error, "projection lag not sampled");
-                    if let Some((_, driver)) = connected.take() {
-                        driver.abort();
+                    Err(error) => {
+                        tracing::debug!(projection = %name, %error, "projection lag not sampled");
+                        continue;
                     }
                 }
             }
-        }),
-    )
+            if let Some((client, _)) = &connected
+                && let Err(error) = sample(name, client, store.as_ref()).await
+            {
+                tracing::debug!(projection = %name, %error, "projection lag not sampled");
+                if let Some((_, driver)) = connected.take() {
+                    driver.abort();
+                }
+            }
+        }
+    }))
 }
 
 async fn sample(
@@ -137,24 +138,30 @@ async fn oldest_unapplied_age(
     }))
 }
 
-/// Stops the sampler with the runner's leadership, and marks the projection's lag and
-/// dead-letter gauges as not measured here (NaN): a process that lost the lock and lives on
-/// (a standby again after a failure) would otherwise export its last values for good, and a
-/// lag alert that takes the highest value across processes would fire on them. Queries and
-/// alerts aggregate with `max`, which passes over NaN where another process has a value.
-pub(crate) struct SamplerGuard(ProjectionName, JoinHandle<()>);
+/// Stops the sampler with the runner's leadership.
+pub(crate) struct SamplerGuard(JoinHandle<()>);
 
 impl Drop for SamplerGuard {
     fn drop(&mut self) {
-        self.1.abort();
-        let projection = self.0.as_str();
-        for gauge in [
-            "orderly_projection_lag_events",
-            "orderly_projection_lag_seconds",
-            "orderly_dead_letters",
-        ] {
-            metrics::gauge!(gauge, "projection" => projection).set(f64::NAN);
-        }
+        self.0.abort();
+    }
+}
+
+/// Marks `name`'s lag and dead-letter gauges as not measured in this process (NaN), once its
+/// runner is not applying the projection: a standby that could not take the lock, a runner
+/// that stopped or failed. A process that lost the lock and lives on would otherwise export
+/// the values it last measured for good, and queries and alerts take the highest value across
+/// processes (`max` passes over NaN where another process has a value). Not after a transient
+/// failure the runner recovers from by taking the lock back: a gap there would only reset the
+/// lag alerts' `for`.
+pub(crate) fn unmeasured(name: ProjectionName) {
+    let projection = name.as_str();
+    for gauge in [
+        "orderly_projection_lag_events",
+        "orderly_projection_lag_seconds",
+        "orderly_dead_letters",
+    ] {
+        metrics::gauge!(gauge, "projection" => projection).set(f64::NAN);
     }
 }
 
@@ -188,34 +195,5 @@ mod tests {
         assert!((0.05..60.0).contains(&behind), "{behind}");
         let caught_up = oldest_unapplied_age(&store, ProjectionName::Products, product.position);
         assert_eq!(caught_up.await.unwrap(), 0.0);
-    }
-
-    /// A process that loses a projection's lock and lives on must not go on exporting the lag
-    /// it last measured: the lag alerts take the highest value across processes.
-    #[tokio::test]
-    async fn a_runner_that_lets_go_of_its_projection_stops_reporting_its_lag() {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let scrape = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            let projection = ProjectionName::Orders.as_str();
-            metrics::gauge!("orderly_projection_lag_seconds", "projection" => projection)
-                .set(300.0);
-            metrics::gauge!("orderly_dead_letters", "projection" => projection).set(2.0);
-            drop(SamplerGuard(
-                ProjectionName::Orders,
-                tokio::spawn(std::future::pending()),
-            ));
-        });
-        let text = scrape.render();
-        for gauge in [
-            "orderly_projection_lag_events",
-            "orderly_projection_lag_seconds",
-            "orderly_dead_letters",
-        ] {
-            assert!(
-                text.contains(&format!("{gauge}{{projection=\"orders\"}} NaN")),
-                "{text}"
-            );
-        }
     }
 }

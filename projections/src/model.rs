@@ -67,8 +67,9 @@ impl ProjectionName {
         }
     }
 
-    /// Key of the PostgreSQL advisory lock that makes one runner per projection active.
-    pub(crate) fn runner_lock(self) -> i64 {
+    /// Key of the PostgreSQL advisory lock that makes one runner per projection active (the
+    /// session holding it in `pg_locks` is the active runner's).
+    pub fn runner_lock(self) -> i64 {
         match self {
             Self::Orders => 0x6f72_6465_726c_7901,
             Self::Products => 0x6f72_6465_726c_7902,

@@ -194,6 +194,8 @@ impl Runner {
             if row.try_get::<_, bool>(0)? {
                 return Ok(true);
             }
+            // Another process applies it: what this one measured while it did is stale.
+            metrics::unmeasured(self.name);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(self.options.standby_poll) => {}

@@ -1109,6 +1109,78 @@ async fn projection_sessions_ask_the_server_to_probe_for_a_vanished_peer() {
     }
 }
 
+/// A runner that lost its projection's lock and lives on, a standby now, must not go on
+/// exporting the lag it measured: the lag alerts take the highest value across processes, and
+/// a stale value would keep them firing.
+#[tokio::test]
+async fn a_runner_that_lost_its_lock_stops_reporting_its_lag() {
+    use metrics_exporter_prometheus::PrometheusHandle;
+    /// Waits until the orders projection's lag, as a scrape shows it, is `done`.
+    async fn lag_until(scrape: &PrometheusHandle, what: &str, done: fn(Option<&str>) -> bool) {
+        let started = std::time::Instant::now();
+        loop {
+            let text = scrape.render();
+            let lag = text.lines().find_map(|line| {
+                line.strip_prefix("orderly_projection_lag_seconds{projection=\"orders\"} ")
+            });
+            if done(lag) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{what}: {lag:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let scrape = recorder.handle();
+    // This test's runtime runs on this thread only, so the runner's tasks record here.
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 50).await;
+    let stop = CancellationToken::new();
+    let runner = Runner::new(
+        ProjectionName::Orders,
+        f.store.clone(),
+        f.db.config().clone(),
+        small_batches(),
+        ProjectionHub::new(),
+    );
+    let task = tokio::spawn(runner.run_until_stopped(stop.clone()));
+    lag_until(&scrape, "measured while it applies", |lag| {
+        lag.is_some_and(|lag| lag != "NaN")
+    })
+    .await;
+    // Its sessions cut (a restart, a partition), and the lock taken by another process before
+    // it comes back.
+    let other = f.db.connect().await.expect("connect");
+    other
+        .execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity
+             where datname = current_database() and pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("cut");
+    other
+        .execute(
+            "select pg_advisory_lock($1)",
+            &[&ProjectionName::Orders.runner_lock()],
+        )
+        .await
+        .expect("lock");
+    // The runner finds its session gone at its next batch, and the lock taken.
+    write_workload(f.store.as_ref(), &mut workload, 5).await;
+    lag_until(&scrape, "not measured once a standby", |lag| {
+        lag == Some("NaN")
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("joined").expect("stopped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_runners_of_the_same_projection_never_double_apply() {
     let f = fixture().await;
