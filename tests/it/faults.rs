@@ -622,6 +622,56 @@ async fn statement_timeout(cluster: &PrivateCluster, timeout: Option<&str>) {
     db.batch_execute(&sql).await.expect("statement_timeout set");
 }
 
+/// The log is written on the primary. A store whose connection lands on a standby (a name a
+/// failover manager has not moved yet, a URL without `target_session_attrs`) is refused as
+/// unavailable, reads included, and keeps no such connection in its pool: once that server is
+/// promoted, the same store writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_store_keeps_no_connection_to_a_standby() {
+    let primary = PrivateCluster::create().await.expect("a private cluster");
+    let standby = primary
+        .synchronous_standby()
+        .await
+        .expect("a synchronous standby");
+    migrate(&primary.url()).await;
+    let store = PgEventStore::new(
+        standby.url().parse().expect("a URL"),
+        PgStoreOptions::default(),
+    )
+    .expect("a store");
+    let stream = StreamName::parse("order-standby").expect("a stream");
+    let event = || vec![NewEvent::new("Probe", json!({}))];
+    match store.read_all(Position::START, &EventFilter::All, 10).await {
+        Err(error) if error.is_unavailable() => {
+            assert!(error.to_string().contains("standby"), "{error}")
+        }
+        other => panic!("a read on a standby answered {other:?}"),
+    }
+    match store
+        .append(&stream, ExpectedVersion::NoStream, event())
+        .await
+    {
+        Err(error) if error.is_unavailable() => {}
+        other => panic!("an append on a standby answered {other:?}"),
+    }
+    primary.stop_immediate().await.expect("the primary stopped");
+    standby.promote().await.expect("the standby promoted");
+    let started = Instant::now();
+    loop {
+        match store
+            .append(&stream, ExpectedVersion::NoStream, event())
+            .await
+        {
+            Ok(_) => break,
+            Err(error) if error.is_unavailable() => {
+                assert!(started.elapsed() < Duration::from_secs(30), "{error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
+
 /// A failover at peak: the primary crashes under a burst of orders and STRICT reads, and its
 /// synchronous standby is promoted. The server, given both hosts and
 /// `target_session_attrs=read-write` in its URL (as libpq would be), finds the new primary by

@@ -87,6 +87,15 @@ const NEXT_TX_ID: &str = "(pg_snapshot_xmax(pg_current_snapshot())::text::bigint
 pub const DURABLE_COMMITS: &str = "select set_config('synchronous_commit', 'on', false)
  where current_setting('synchronous_commit') = 'off'";
 
+/// Refuses a new connection of the store's pool that reached a server in recovery (25006,
+/// transient): the log is written on the primary, and a connection to a standby (a name a
+/// failover manager has not moved yet, a URL without `target_session_attrs=read-write`) would
+/// stay in the pool, every write on it refused, until the process restarted. Refused, the
+/// pool connects again at the next operation and finds the primary once the name does.
+const PRIMARY_ONLY: &str = "do $$ begin if pg_is_in_recovery() then
+    raise exception 'the server is a standby (in recovery); the log is written on the primary'
+    using errcode = 'read_only_sql_transaction'; end if; end $$";
+
 /// Statements assembled once from the pieces above.
 struct Statements {
     /// Appends to one stream: see the module docs.
@@ -272,7 +281,7 @@ impl PgEventStore {
             .post_create(Hook::async_fn(|client, _| {
                 Box::pin(async move {
                     client
-                        .batch_execute(DURABLE_COMMITS)
+                        .batch_execute(&format!("{DURABLE_COMMITS}; {PRIMARY_ONLY}"))
                         .await
                         .map_err(HookError::Backend)
                 })
