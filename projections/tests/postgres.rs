@@ -101,6 +101,16 @@ fn start(f: &Fixture, hub: &ProjectionHub, options: RunnerOptions) -> Running {
     Running { stop, tasks }
 }
 
+/// Retries dead letter `id` as `orderly dlq retry` does, on a connection of its own.
+async fn retry(f: &Fixture, id: i64) -> dlq::RetryOutcome {
+    let mut client = orderly_projections::connect(f.db.config(), "test")
+        .await
+        .expect("connect");
+    dlq::retry(&mut client, f.store.as_ref(), id)
+        .await
+        .expect("retry")
+}
+
 /// Waits until every projection has passed the last event written. (`EventStore::head` may
 /// trail it while a transaction of another test in the same cluster holds the horizon back.)
 async fn caught_up(f: &Fixture, hub: &ProjectionHub) {
@@ -432,16 +442,7 @@ async fn a_poison_event_is_parked_while_the_rest_flows() {
         ProjectionState::Running
     );
     // Retrying cannot help a payload that does not decode; skipping resolves it.
-    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
-        .await
-        .expect("connect");
-    let outcome = dlq::retry(
-        &mut retry_client,
-        f.store.as_ref(),
-        letters[0].dead_letter_id,
-    )
-    .await
-    .expect("retry");
+    let outcome = retry(&f, letters[0].dead_letter_id).await;
     assert!(matches!(outcome, dlq::RetryOutcome::FailedAgain(_)));
     dlq::skip(&client, letters[0].dead_letter_id)
         .await
@@ -482,12 +483,7 @@ async fn a_dead_letter_behind_later_events_of_its_stream_is_not_reported_applied
         .await
         .expect("a product with later events")
         .get(0);
-    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
-        .await
-        .expect("connect");
-    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
-        .await
-        .expect("retry");
+    let outcome = retry(&f, parked).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("rebuild")),
         "{outcome:?}"
@@ -533,12 +529,7 @@ async fn a_dead_letter_ahead_of_the_live_runner_is_not_retried_until_it_has_pass
         .await
         .expect("an order with two events the runner has not applied")
         .get(0);
-    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
-        .await
-        .expect("connect");
-    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
-        .await
-        .expect("retry");
+    let outcome = retry(&f, parked).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("not reached")),
         "{outcome:?}"
@@ -551,9 +542,7 @@ async fn a_dead_letter_ahead_of_the_live_runner_is_not_retried_until_it_has_pass
     caught_up(&f, &hub).await;
     running.stop().await;
     assert_equals_rebuild(&f).await;
-    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
-        .await
-        .expect("retry");
+    let outcome = retry(&f, parked).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("later events")),
         "{outcome:?}"
@@ -583,12 +572,7 @@ async fn a_retry_waits_for_a_rebuild_and_a_retried_event_that_fails_again_is_par
     let parked = letters[0].dead_letter_id;
 
     interrupted_orders_rebuild(&f).await;
-    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
-        .await
-        .expect("connect");
-    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
-        .await
-        .expect("retry");
+    let outcome = retry(&f, parked).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("under way")),
         "{outcome:?}"
@@ -660,16 +644,7 @@ async fn under_the_stop_policy_a_poison_event_stops_the_projection_until_skipped
     );
     // The letter the runner stopped at is the next event after its checkpoint: a retry tries
     // it (and it fails again: nothing was fixed).
-    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
-        .await
-        .expect("connect");
-    let outcome = dlq::retry(
-        &mut retry_client,
-        f.store.as_ref(),
-        letters[0].dead_letter_id,
-    )
-    .await
-    .expect("retry");
+    let outcome = retry(&f, letters[0].dead_letter_id).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::FailedAgain(why) if why.contains("no order")),
         "{outcome:?}"
@@ -1442,12 +1417,7 @@ async fn a_retried_dead_letter_tells_the_orders_followers() {
     let follower = remote.follow(f.db.config().clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut touched = Box::pin(remote.order_updates(order_id));
-    let mut retry_client = orderly_projections::connect(f.db.config(), "test")
-        .await
-        .expect("connect");
-    let outcome = dlq::retry(&mut retry_client, f.store.as_ref(), parked)
-        .await
-        .expect("retry");
+    let outcome = retry(&f, parked).await;
     assert_eq!(outcome, dlq::RetryOutcome::Applied);
     tokio::time::timeout(Duration::from_secs(5), touched.next())
         .await

@@ -111,17 +111,7 @@ async fn a_failed_projection_makes_the_process_unready_and_says_which() {
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
 
-    db.connect()
-        .await
-        .unwrap()
-        .execute(
-            "insert into projection_checkpoints (projection, state, last_error)
-             values ('orders', 'FAILED', 'handler error at event 42')
-             on conflict (projection) do update set state = 'FAILED', last_error = excluded.last_error",
-            &[],
-        )
-        .await
-        .unwrap();
+    fail_orders_projection(&db).await;
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.unwrap();
@@ -163,17 +153,7 @@ async fn a_failed_projection_makes_the_process_unready_and_says_which() {
 #[tokio::test]
 async fn a_failed_projection_leaves_the_api_processes_ready_and_shows_it() {
     let db = migrated_database().await;
-    db.connect()
-        .await
-        .unwrap()
-        .execute(
-            "insert into projection_checkpoints (projection, state, last_error)
-             values ('orders', 'FAILED', 'handler error at event 42')
-             on conflict (projection) do update set state = 'FAILED', last_error = excluded.last_error",
-            &[],
-        )
-        .await
-        .unwrap();
+    fail_orders_projection(&db).await;
     for part in [Part::Commands, Part::Reads] {
         let app = App::build_part(&settings_for(db.url()), part)
             .await
@@ -189,6 +169,21 @@ async fn a_failed_projection_leaves_the_api_processes_ready_and_shows_it() {
             "projection orders failed: handler error at event 42"
         );
     }
+}
+
+/// Marks the `orders` projection FAILED, as its runner does when it gives up.
+async fn fail_orders_projection(db: &TestDb) {
+    db.connect()
+        .await
+        .unwrap()
+        .execute(
+            "insert into projection_checkpoints (projection, state, last_error)
+             values ('orders', 'FAILED', 'handler error at event 42')
+             on conflict (projection) do update set state = 'FAILED', last_error = excluded.last_error",
+            &[],
+        )
+        .await
+        .unwrap();
 }
 
 fn free_port() -> u16 {
