@@ -937,6 +937,18 @@ async fn a_rebuild_is_not_held_to_the_servers_statement_timeout() {
     assert_same(&live, &dump(&f).await);
 }
 
+/// A log of 600 operations rebuilt into the live tables (their dump), then an orders rebuild
+/// interrupted half-way, its copy left behind.
+async fn rebuilt_then_interrupted() -> (Fixture, Vec<(String, Vec<String>)>) {
+    let f = fixture().await;
+    let mut workload = Workload::new(WorkloadOptions::default());
+    write_workload(f.store.as_ref(), &mut workload, 600).await;
+    rebuild_all(&f).await;
+    let live = dump(&f).await;
+    interrupted_orders_rebuild(&f).await;
+    (f, live)
+}
+
 async fn interrupted_orders_rebuild(f: &Fixture) {
     let config = f.db.config().clone();
     let store = f.store.clone();
@@ -983,12 +995,7 @@ async fn an_interrupted_rebuild_resumes_from_its_shadow_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shadow_that_fails_its_checks_is_left_and_the_live_tables_keep_serving() {
-    let f = fixture().await;
-    let mut workload = Workload::new(WorkloadOptions::default());
-    write_workload(f.store.as_ref(), &mut workload, 600).await;
-    rebuild_all(&f).await;
-    let live = dump(&f).await;
-    interrupted_orders_rebuild(&f).await;
+    let (f, live) = rebuilt_then_interrupted().await;
     // An order whose lines went missing: the rows and the running aggregates still agree,
     // only the lines check can see it.
     let client = f.db.connect().await.expect("connect");
@@ -1028,12 +1035,7 @@ async fn a_shadow_that_fails_its_checks_is_left_and_the_live_tables_keep_serving
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fresh_rebuild_replaces_what_an_interrupted_one_left() {
-    let f = fixture().await;
-    let mut workload = Workload::new(WorkloadOptions::default());
-    write_workload(f.store.as_ref(), &mut workload, 600).await;
-    rebuild_all(&f).await;
-    let live = dump(&f).await;
-    interrupted_orders_rebuild(&f).await;
+    let (f, live) = rebuilt_then_interrupted().await;
     // What an older build of the handlers would have left: a copy that differs from what
     // the log says.
     let client = f.db.connect().await.expect("connect");
