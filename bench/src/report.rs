@@ -118,8 +118,14 @@ pub async fn gather(
 
 pub fn histogram() -> Histogram<u64> {
     // 1 µs to 60 s at three significant digits: fixed bounds keep merging cheap.
-    Histogram::new_with_bounds(1, 60_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
+    histogram_up_to(Duration::from_secs(60))
+}
+
+/// [`histogram`] for microseconds up to `longest` (60 s at least); longer values are recorded
+/// as the longest.
+pub fn histogram_up_to(longest: Duration) -> Histogram<u64> {
+    let high = (longest.as_micros() as u64).max(60_000_000);
+    Histogram::new_with_bounds(1, high, 3).unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
 }
 
 /// One line about the machine and server, for the record.
