@@ -478,6 +478,10 @@ pub fn order_ids(settings: &Settings) -> OrderIds {
         return OrderIds::keyed(secret.expose_secret().as_bytes());
     }
     if let Some(jwt) = &settings.auth.jwt_secret {
+        tracing::info!(
+            "order ids are keyed from ORDERLY_JWT_SECRET: set ORDERLY_ORDER_ID_SECRET before \
+             rotating it, or a retry of an idempotency key used before would place a second order"
+        );
         let jwt = jwt.expose_secret();
         return OrderIds::keyed(format!("orderly order ids\0{jwt}").as_bytes());
     }
