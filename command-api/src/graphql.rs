@@ -244,6 +244,11 @@ where
     // Both are put there by the wiring; a schema built without them is a bug, not bad input.
     let wiring = |_| ErrorCode::Internal.error("internal error");
     let caller = ctx.data::<Caller>().map_err(wiring)?;
+    // Every mutation needs a caller: said before the input is judged, which is not an
+    // anonymous caller's to learn about. (The service checks the roles.)
+    if caller.actor.is_none() {
+        return Err(CommandError::Unauthenticated.to_graphql(&caller.request_id));
+    }
     let service = ctx
         .data::<CommandService>()
         .map_err(wiring)?

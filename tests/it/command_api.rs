@@ -332,6 +332,10 @@ async fn without_a_valid_token_mutations_are_unauthenticated() {
     let input = json!({ "input": { "sku": "X", "name": "X", "priceMinor": 1, "currency": "EUR", "initialStock": 1 } });
     let anonymous = api.gql(None, REGISTER, input.clone()).await;
     assert_eq!(anonymous.code(), "UNAUTHENTICATED");
+    // Before its input is judged: a bad one is none of an anonymous caller's business.
+    let bad = json!({ "input": { "sku": "", "name": "X", "priceMinor": -1, "currency": "EUR", "initialStock": 1 } });
+    let anonymous = api.gql(None, REGISTER, bad).await;
+    assert_eq!(anonymous.code(), "UNAUTHENTICATED", "{}", anonymous.body);
     let forged = api.gql(Some("not-a-jwt"), REGISTER, input.clone()).await;
     assert_eq!(forged.status, 401);
     assert_eq!(forged.code(), "UNAUTHENTICATED");
