@@ -13,7 +13,7 @@ use orderly_domain::values::{
     Address, Carrier, CustomerId, Description, Money, OrderId, PaymentToken, ProductName, Quantity,
     Reason, Sku, TrackingNumber,
 };
-use orderly_event_store::{Direction, EventStore, Position};
+use orderly_event_store::{Direction, EventStore, Position, StreamName};
 use orderly_graphql::{Actor, Role};
 use sha2::Sha256;
 use uuid::Uuid;
@@ -307,15 +307,27 @@ impl CommandService {
         command: &PlaceOrder,
         products: Vec<Product>,
     ) -> Result<CommandResult, CommandError> {
-        // Prices, names and currency come from the products' streams (as read at most the
-        // price max age ago), never from the client; pricing rejects unknown SKUs and mixed
-        // currencies.
-        let lines = order::price_lines(&command.lines, &products)?;
         let envelope = Envelope {
             idempotency_key: command.idempotency_key.clone(),
             ..self.envelope(command_id, actor)
         };
         let ours = envelope.event_id(0);
+        let stream = stream_name(streams::order(order_id))?;
+        // Prices, names and currency come from the products' streams (as read at most the
+        // price max age ago), never from the client; pricing rejects unknown SKUs and mixed
+        // currencies, and a total past what money holds. A keyed retry is answered with its
+        // first result even where today's prices would refuse it (one changed since).
+        let lines = match order::price_lines(&command.lines, &products) {
+            Ok(lines) => lines,
+            Err(rejection) => {
+                if command.idempotency_key.is_some()
+                    && let Some(first) = self.first_result(&stream, order_id, Some(ours)).await?
+                {
+                    return Ok(first);
+                }
+                return Err(rejection.into());
+            }
+        };
         let place = OrderCommand::Place {
             order_id,
             customer_id: customer_id.clone(),
@@ -324,7 +336,6 @@ impl CommandService {
             payment_token: command.payment_token.clone(),
             placed_at: Utc::now(),
         };
-        let stream = stream_name(streams::order(order_id))?;
         let decide = |loaded: &Loaded<Option<order::Order>>| {
             match loaded.first_event_id {
                 // Our own placement is already stored (a retry): nothing to decide.
@@ -346,28 +357,38 @@ impl CommandService {
                 .await
         })
         .await?;
-        let id = order_id.to_string();
         if outcome.appended {
-            return Ok(CommandResult::from_outcome(id, outcome));
+            return Ok(CommandResult::from_outcome(order_id.to_string(), outcome));
         }
-        // A retry: answer what the first call answered, the placement event's version and
-        // position, whatever happened to the order since.
+        self.first_result(&stream, order_id, None)
+            .await?
+            .ok_or_else(|| CommandError::Internal("a replayed order has no events".into()))
+    }
+
+    /// What the first call of a retried placement answered: the placement event's version and
+    /// position, whatever happened to the order since. `None` when the order has no events,
+    /// or its first is not `ours` (when given).
+    async fn first_result(
+        &self,
+        stream: &StreamName,
+        order_id: OrderId,
+        ours: Option<Uuid>,
+    ) -> Result<Option<CommandResult>, CommandError> {
         let first = self
             .handler
             .store()
-            .read_stream(&stream, Direction::Forwards, Some(0), 1)
-            .await?;
-        let first = first
+            .read_stream(stream, Direction::Forwards, Some(0), 1)
+            .await?
             .into_iter()
             .next()
-            .ok_or_else(|| CommandError::Internal("a replayed order has no events".into()))?;
-        Ok(CommandResult {
-            id,
+            .filter(|first| ours.is_none_or(|ours| first.id == ours));
+        Ok(first.map(|first| CommandResult {
+            id: order_id.to_string(),
             version: first.version,
             token: first.position,
             events: vec![first.event_type],
             replayed: true,
-        })
+        }))
     }
 
     /// The registered products among the requested SKUs (unknown ones are left out, and

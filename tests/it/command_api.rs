@@ -253,6 +253,38 @@ async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing(
     assert_eq!(placed, 2, "alice's order once, bob's once");
 }
 
+/// A keyed retry is answered with its first result even where today's prices would refuse the
+/// order: a price raised since puts its total past what money holds.
+#[tokio::test]
+async fn a_keyed_retry_is_answered_after_a_price_change_that_would_refuse_it() {
+    let Shop { db, api, .. } = Shop::open().await;
+    register(&api, "BULK", 4_000_000, "EUR", 10).await;
+    let alice = customer("alice");
+    let lines = json!([{ "sku": "BULK", "quantity": 2_000_000_000 }]);
+    let mut input = order_input(lines, "tok_ok");
+    input["input"]["idempotencyKey"] = json!("bulk-1");
+    let first = api.gql(Some(&alice), PLACE, input.clone()).await;
+    let first = first.data("placeOrder").clone();
+    api.gql(
+        Some(&admin()),
+        CHANGE_PRICE,
+        json!({ "sku": "BULK", "p": 5_000_000 }),
+    )
+    .await
+    .data("changePrice");
+    let second = api.gql(Some(&alice), PLACE, input.clone()).await;
+    let second = second.data("placeOrder");
+    assert_eq!(second["replayed"], true, "{second}");
+    for field in ["id", "version", "token", "events"] {
+        assert_eq!(first[field], second[field], "{field}");
+    }
+    // A new key is priced anew, and refused.
+    input["input"]["idempotencyKey"] = json!("bulk-2");
+    let refused = api.gql(Some(&alice), PLACE, input).await;
+    assert_eq!(refused.code(), "BAD_USER_INPUT", "{}", refused.body);
+    assert_eq!(placed_orders(&db).await.len(), 1);
+}
+
 #[tokio::test]
 async fn concurrent_calls_with_one_key_place_one_order() {
     let Shop { db, api, .. } = Shop::open().await;
