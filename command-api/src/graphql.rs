@@ -20,14 +20,14 @@ use crate::commands::{self, CommandService, PlaceOrder, RegisterProduct};
 /// Namespace of request fingerprints (a fixed random UUID).
 const FINGERPRINT_NAMESPACE: Uuid = Uuid::from_u128(0x9b1f_4a8e_2c7d_4e3b_a6f5_1d0c_8e7b_2a49);
 
-#[derive(InputObject, Serialize)]
+#[derive(Clone, InputObject, Serialize)]
 pub struct OrderLineInput {
     pub sku: String,
     /// 1 or more.
     pub quantity: i32,
 }
 
-#[derive(InputObject, Serialize)]
+#[derive(Clone, InputObject, Serialize)]
 pub struct AddressInput {
     pub name: String,
     pub line1: String,
@@ -38,7 +38,7 @@ pub struct AddressInput {
     pub country: String,
 }
 
-#[derive(InputObject, Serialize)]
+#[derive(Clone, InputObject, Serialize)]
 pub struct PlaceOrderInput {
     /// Retrying with the same key returns the first result and appends nothing (replayed = true).
     pub idempotency_key: Option<String>,
@@ -149,7 +149,8 @@ fn address(input: &AddressInput) -> Result<Address, CommandError> {
 /// Longest idempotency key accepted.
 const MAX_KEY_CHARS: usize = 255;
 
-fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
+/// `input` as a command; `caller` is the token's subject, if any.
+fn place_order(input: &PlaceOrderInput, caller: Option<&str>) -> Result<PlaceOrder, CommandError> {
     // Checked here as well as by the domain's pricing so the answer names the field before
     // any product is loaded.
     if input.lines.is_empty() || input.lines.len() > MAX_LINES {
@@ -194,7 +195,17 @@ fn place_order(input: &PlaceOrderInput) -> Result<PlaceOrder, CommandError> {
     };
     // The whole input, key included, identifies the request: the same key with other lines
     // or another address is a different request, refused rather than answered with the old.
-    let fingerprint = serde_json::to_vec(input)
+    // A customerId naming the caller means what leaving it out means, and is fingerprinted
+    // as left out (the fingerprint of a request without one is as it always was).
+    let own = |id: &String| caller.is_some_and(|caller| caller == id.as_str());
+    let fingerprinted = match &input.customer_id {
+        Some(id) if own(id) => std::borrow::Cow::Owned(PlaceOrderInput {
+            customer_id: None,
+            ..input.clone()
+        }),
+        _ => std::borrow::Cow::Borrowed(input),
+    };
+    let fingerprint = serde_json::to_vec(&*fingerprinted)
         .map(|bytes| Uuid::new_v5(&FINGERPRINT_NAMESPACE, &bytes))
         .map_err(|e| CommandError::Internal(e.to_string()))?;
     Ok(PlaceOrder {
@@ -278,7 +289,7 @@ impl MutationRoot {
         input: PlaceOrderInput,
     ) -> async_graphql::Result<CommandResult> {
         run(ctx, async |service, actor| {
-            let command = place_order(&input)?;
+            let command = place_order(&input, actor.map(|actor| actor.sub.as_str()))?;
             service.place_order(actor, command).await
         })
         .await

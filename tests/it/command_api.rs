@@ -237,6 +237,13 @@ async fn a_retry_with_the_same_key_returns_the_first_result_and_appends_nothing(
     for field in ["id", "version", "token", "events"] {
         assert_eq!(first[field], second[field], "{field}");
     }
+    // Naming herself as the customer is what leaving it out means: the same request.
+    let mut spelt_out = input.clone();
+    spelt_out["input"]["customerId"] = json!("alice");
+    let third = api.gql(Some(&alice), PLACE, spelt_out).await;
+    let third = third.data("placeOrder").clone();
+    assert_eq!(third["replayed"], true, "{third}");
+    assert_eq!(third["id"], first["id"]);
     // The key is scoped per customer: bob's identical key is a different order.
     let bob = api.gql(Some(&customer("bob")), PLACE, input.clone()).await;
     assert_ne!(bob.data("placeOrder")["id"], first["id"]);
