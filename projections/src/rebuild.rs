@@ -27,6 +27,7 @@
 //! Index and constraint names survive the swap because the migrations let PostgreSQL choose
 //! them, and `like ... including all` chooses the same names in the shadow schema.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -161,16 +162,25 @@ pub async fn rebuild_many(
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
     let mut attempt = 1;
     let mut pause = Duration::from_secs(1);
-    let mut options = options.clone();
+    // Asked fresh, each projection starts over once: a later attempt resumes the copy an
+    // earlier one began, and only that (a copy left from before is dropped first).
+    let mut started_fresh = HashSet::new();
     loop {
-        match rebuild_once(pg_config, store.clone(), names, &options, &mut progress).await {
+        let outcome = rebuild_once(
+            pg_config,
+            store.clone(),
+            names,
+            options,
+            &mut started_fresh,
+            &mut progress,
+        )
+        .await;
+        match outcome {
             Err(error) if error.is_transient() && attempt < REBUILD_ATTEMPTS => {
                 tracing::warn!(%error, attempt, ?pause, "rebuild interrupted; resuming after a pause");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(30));
                 attempt += 1;
-                // Fresh is where the first attempt started; the next ones resume its copy.
-                options.fresh = false;
             }
             outcome => return outcome,
         }
@@ -181,17 +191,23 @@ pub async fn rebuild_many(
 /// back (about a minute and a half of pauses in all).
 const REBUILD_ATTEMPTS: u32 = 8;
 
+/// `started_fresh`: the projections whose copy an earlier attempt of a fresh rebuild began.
 async fn rebuild_once(
     pg_config: &PgConfig,
     store: Arc<dyn EventStore>,
     names: &[ProjectionName],
     options: &RebuildOptions,
+    started_fresh: &mut HashSet<ProjectionName>,
     mut progress: impl FnMut(&RebuildProgress),
 ) -> Result<Vec<RebuildReport>, ProjectionError> {
     let started = Instant::now();
     let mut shadows = Vec::with_capacity(names.len());
     for &name in names {
-        shadows.push(open_shadow(pg_config, name, options.fresh).await?);
+        let fresh = options.fresh && !started_fresh.contains(&name);
+        shadows.push(open_shadow(pg_config, name, fresh).await?);
+        if fresh {
+            started_fresh.insert(name);
+        }
     }
     let Some(start) = shadows.iter().map(|s| s.position).min() else {
         return Ok(Vec::new());
