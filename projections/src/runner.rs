@@ -204,7 +204,16 @@ impl Runner {
     }
 
     async fn run_once(&self, shutdown: &CancellationToken) -> Result<(), ProjectionError> {
-        let mut client = batch::connect(&self.pg_config, "projection").await?;
+        let mut client = match batch::connect(&self.pg_config, "projection").await {
+            Ok(client) => client,
+            Err(error) => {
+                // Cut off from the database (a partition, say) this process applies nothing,
+                // and another may take the lock meanwhile: what it measured is stale.
+                metrics::set_state(self.name, RunnerState::Standby);
+                metrics::unmeasured(self.name);
+                return Err(error);
+            }
+        };
         metrics::set_state(self.name, RunnerState::Standby);
         if !self.acquire(&client, shutdown).await? {
             metrics::set_state(self.name, RunnerState::Stopped);
@@ -212,7 +221,7 @@ impl Runner {
         }
         tracing::info!(projection = %self.name, "projection runner active");
         metrics::set_state(self.name, RunnerState::Running);
-        let _sampler =
+        let sampler =
             metrics::sample_while_active(self.name, self.pg_config.clone(), self.store.clone());
         let mut position = batch::checkpoint(&client, self.name, Target::Live).await?;
         // What the database says, even if behind what this process published before: a
@@ -268,6 +277,8 @@ impl Runner {
                 }
             }
         }
+        // The sampler first, so that no sample lands after the gauges say "not measured".
+        drop(sampler);
         metrics::set_state(self.name, RunnerState::Stopped);
         set_state(&client, self.name, ProjectionState::Stopped, None).await?;
         tracing::info!(projection = %self.name, %position, "projection runner stopped");
