@@ -398,7 +398,6 @@ impl Report {
         rate(self.placed.acknowledged, self.placed.last_ack, self.started)
     }
 
-    /// From the first placement, or in the backlog scenario from the saga's start.
     /// Why this scenario's rates and latencies cannot judge a target: orders not placed, not
     /// seen settled, or none seen confirmed (an empty latency histogram reads 0).
     fn incomplete(&self) -> Option<String> {
@@ -415,6 +414,7 @@ impl Report {
         (!why.is_empty()).then(|| why.join(", "))
     }
 
+    /// From the first placement, or in the backlog scenario from the saga's start.
     fn settled_per_sec(&self) -> f64 {
         let from = self.saga_started.unwrap_or(self.started);
         rate(self.settled.count(), self.settled.last, from)

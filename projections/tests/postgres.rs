@@ -1135,7 +1135,7 @@ async fn a_runner_that_lost_its_lock_stops_reporting_its_lag() {
     let other = f.db.connect().await.expect("connect");
     other
         .execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity
+            "select pg_terminate_backend(pid, 5000) from pg_stat_activity
              where datname = current_database() and pid <> pg_backend_pid()",
             &[],
         )
@@ -1360,7 +1360,6 @@ async fn a_follower_that_missed_a_notice_tells_order_listeners_to_look_again() {
 /// order's followers in other processes (an `orderUpdated` subscription) that it changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retried_dead_letter_tells_the_orders_followers() {
-    use futures::StreamExt;
     let f = fixture().await;
     let hub = ProjectionHub::new();
     let running = start(&f, &hub, small_batches());
@@ -1418,13 +1417,23 @@ async fn a_retried_dead_letter_tells_the_orders_followers() {
     let remote = ProjectionHub::new();
     let follower = remote.follow(f.db.config().clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut touched = Box::pin(remote.order_updates(order_id));
+    let mut updates = remote.updates();
     let outcome = retry(&f, parked).await;
     assert_eq!(outcome, dlq::RetryOutcome::Applied);
-    tokio::time::timeout(Duration::from_secs(5), touched.next())
+    // The notice names the order; a follower's "look again at everything" (when it connects,
+    // or finds a checkpoint moved without a notice) would not prove it.
+    let told = async {
+        loop {
+            let update = updates.recv().await.expect("the hub lives");
+            if !update.truncated && update.order_ids.contains(&order_id) {
+                return update;
+            }
+        }
+    };
+    let update = tokio::time::timeout(Duration::from_secs(5), told)
         .await
-        .expect("the order's followers are told")
-        .expect("the hub lives");
+        .expect("the order's followers are told");
+    assert_eq!(update.projection, "orders");
     follower.abort();
     assert_equals_rebuild(&f).await;
 }
