@@ -479,8 +479,9 @@ pub fn order_ids(settings: &Settings) -> OrderIds {
     }
     if let Some(jwt) = &settings.auth.jwt_secret {
         tracing::info!(
-            "order ids are keyed from ORDERLY_JWT_SECRET: set ORDERLY_ORDER_ID_SECRET before \
-             rotating it, or a retry of an idempotency key used before would place a second order"
+            "order ids are keyed from ORDERLY_JWT_SECRET: rotating it changes them, and a retry \
+             of an idempotency key used before would place a second order; set \
+             ORDERLY_ORDER_ID_SECRET (a change of ids too, once) to rotate it freely"
         );
         let jwt = jwt.expose_secret();
         return OrderIds::keyed(format!("orderly order ids\0{jwt}").as_bytes());
