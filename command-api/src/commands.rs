@@ -107,6 +107,9 @@ pub struct PlaceOrder {
     pub shipping_address: Address,
     /// Identifies the request's content, so a key reused for another request is refused.
     pub fingerprint: Uuid,
+    /// What identified the same request before a `customerId` naming the caller came to be
+    /// fingerprinted as left out: a retry of a placement stored then is still recognised.
+    pub earlier_fingerprint: Option<Uuid>,
 }
 
 /// registerProduct, validated.
@@ -252,9 +255,15 @@ impl CommandService {
         // same request appends the same ids to the same new stream, which the store writes
         // once; another request under a used key finds the stream taken by ids not its own.
         // The log alone answers both, so a placement is one write transaction.
-        let ids = match &command.idempotency_key {
-            Some(key) => placement_ids(self.order_ids.base(&customer_id, key), command.fingerprint),
-            None => (OrderId(Uuid::now_v7()), Uuid::now_v7()),
+        let (ids, earlier_command) = match &command.idempotency_key {
+            Some(key) => {
+                let base = self.order_ids.base(&customer_id, key);
+                let earlier = command
+                    .earlier_fingerprint
+                    .map(|fingerprint| placement_ids(base, fingerprint).1);
+                (placement_ids(base, command.fingerprint), earlier)
+            }
+            None => ((OrderId(Uuid::now_v7()), Uuid::now_v7()), None),
         };
         // A key first used before ids were keyed named its order the public way: when that
         // order exists, this is a retry of it (or a reuse of its key), decided on it.
@@ -281,8 +290,15 @@ impl CommandService {
             (true, Some(public)) => public,
             _ => ids,
         };
-        self.place(actor, &customer_id, ids, &command, products)
-            .await
+        self.place(
+            actor,
+            &customer_id,
+            ids,
+            earlier_command,
+            &command,
+            products,
+        )
+        .await
     }
 
     /// Whether the order `order_id` (named the public way) exists.
@@ -304,6 +320,7 @@ impl CommandService {
         actor: &Actor,
         customer_id: &CustomerId,
         (order_id, command_id): (OrderId, Uuid),
+        earlier_command: Option<Uuid>,
         command: &PlaceOrder,
         products: Vec<Product>,
     ) -> Result<CommandResult, CommandError> {
@@ -311,7 +328,17 @@ impl CommandService {
             idempotency_key: command.idempotency_key.clone(),
             ..self.envelope(command_id, actor)
         };
+        // The placement's event id, as this request names it, and as the same request named
+        // it before (see `PlaceOrder::earlier_fingerprint`).
         let ours = envelope.event_id(0);
+        let earlier = earlier_command.map(|command_id| {
+            Envelope {
+                command_id,
+                ..envelope.clone()
+            }
+            .event_id(0)
+        });
+        let is_ours = move |id: Uuid| id == ours || earlier == Some(id);
         let stream = stream_name(streams::order(order_id))?;
         // Prices, names and currency come from the products' streams (as read at most the
         // price max age ago), never from the client; pricing rejects unknown SKUs and mixed
@@ -321,7 +348,7 @@ impl CommandService {
             Ok(lines) => lines,
             Err(rejection) => {
                 if command.idempotency_key.is_some()
-                    && let Some(first) = self.first_result(&stream, order_id, Some(ours)).await?
+                    && let Some(first) = self.first_result(&stream, order_id, is_ours).await?
                 {
                     return Ok(first);
                 }
@@ -339,7 +366,7 @@ impl CommandService {
         let decide = |loaded: &Loaded<Option<order::Order>>| {
             match loaded.first_event_id {
                 // Our own placement is already stored (a retry): nothing to decide.
-                Some(id) if id == ours => Ok(Vec::new()),
+                Some(id) if is_ours(id) => Ok(Vec::new()),
                 // Only a key names an order that exists before its placement: the key's
                 // first request placed it, and this request differs from that one.
                 Some(_) if command.idempotency_key.is_some() => Err(CommandError::invalid(
@@ -360,19 +387,19 @@ impl CommandService {
         if outcome.appended {
             return Ok(CommandResult::from_outcome(order_id.to_string(), outcome));
         }
-        self.first_result(&stream, order_id, None)
+        self.first_result(&stream, order_id, |_| true)
             .await?
             .ok_or_else(|| CommandError::Internal("a replayed order has no events".into()))
     }
 
     /// What the first call of a retried placement answered: the placement event's version and
     /// position, whatever happened to the order since. `None` when the order has no events,
-    /// or its first is not `ours` (when given).
+    /// or its first is not `ours`.
     async fn first_result(
         &self,
         stream: &StreamName,
         order_id: OrderId,
-        ours: Option<Uuid>,
+        ours: impl Fn(Uuid) -> bool,
     ) -> Result<Option<CommandResult>, CommandError> {
         let first = self
             .handler
@@ -381,7 +408,7 @@ impl CommandService {
             .await?
             .into_iter()
             .next()
-            .filter(|first| ours.is_none_or(|ours| first.id == ours));
+            .filter(|first| ours(first.id));
         Ok(first.map(|first| CommandResult {
             id: order_id.to_string(),
             version: first.version,
@@ -604,6 +631,7 @@ mod tests {
                 country: CountryCode::parse("DE").unwrap(),
             },
             fingerprint: Uuid::from_u128(fingerprint),
+            earlier_fingerprint: None,
         }
     }
 
@@ -669,6 +697,31 @@ mod tests {
         assert!(
             matches!(reused, Err(CommandError::InvalidInput { ref field, .. }) if field == "input.idempotencyKey"),
             "{reused:?}"
+        );
+    }
+
+    /// A placement stored under the fingerprint its request had before (a customerId naming
+    /// the caller, fingerprinted raw) is recognised by a retry fingerprinted the new way.
+    #[tokio::test]
+    async fn a_retry_of_a_placement_fingerprinted_the_earlier_way_is_recognised() {
+        let store = Arc::new(MemoryEventStore::new());
+        let alice = actor("alice", Role::Customer);
+        let keyed = service(store.clone(), OrderIds::keyed(b"server secret")).await;
+        let first = keyed
+            .place_order(Some(&alice), placement("k1", 1))
+            .await
+            .unwrap();
+        let retry = PlaceOrder {
+            earlier_fingerprint: Some(Uuid::from_u128(1)),
+            ..placement("k1", 2)
+        };
+        let again = keyed.place_order(Some(&alice), retry).await.unwrap();
+        assert_eq!((again.id, again.replayed), (first.id, true));
+        // Without it, the new fingerprint is another request under the key.
+        let other = keyed.place_order(Some(&alice), placement("k1", 2)).await;
+        assert!(
+            matches!(other, Err(CommandError::InvalidInput { ref field, .. }) if field == "input.idempotencyKey"),
+            "{other:?}"
         );
     }
 

@@ -197,17 +197,24 @@ fn place_order(input: &PlaceOrderInput, caller: Option<&str>) -> Result<PlaceOrd
     // or another address is a different request, refused rather than answered with the old.
     // A customerId naming the caller means what leaving it out means, and is fingerprinted
     // as left out (the fingerprint of a request without one is as it always was).
-    let own = |id: &String| caller.is_some_and(|caller| caller == id.as_str());
-    let fingerprinted = match &input.customer_id {
-        Some(id) if own(id) => std::borrow::Cow::Owned(PlaceOrderInput {
-            customer_id: None,
-            ..input.clone()
-        }),
-        _ => std::borrow::Cow::Borrowed(input),
+    // Such a request stored before that change had the raw input's fingerprint: a retry
+    // of it is recognised by that one too.
+    let fingerprint_of = |input: &PlaceOrderInput| {
+        serde_json::to_vec(input)
+            .map(|bytes| Uuid::new_v5(&FINGERPRINT_NAMESPACE, &bytes))
+            .map_err(|e| CommandError::Internal(e.to_string()))
     };
-    let fingerprint = serde_json::to_vec(&*fingerprinted)
-        .map(|bytes| Uuid::new_v5(&FINGERPRINT_NAMESPACE, &bytes))
-        .map_err(|e| CommandError::Internal(e.to_string()))?;
+    let own = |id: &String| caller.is_some_and(|caller| caller == id.as_str());
+    let (fingerprint, earlier_fingerprint) = match &input.customer_id {
+        Some(id) if own(id) => {
+            let left_out = PlaceOrderInput {
+                customer_id: None,
+                ..input.clone()
+            };
+            (fingerprint_of(&left_out)?, Some(fingerprint_of(input)?))
+        }
+        _ => (fingerprint_of(input)?, None),
+    };
     Ok(PlaceOrder {
         idempotency_key,
         customer_id: input
@@ -222,6 +229,7 @@ fn place_order(input: &PlaceOrderInput, caller: Option<&str>) -> Result<PlaceOrd
         )?,
         shipping_address: address(&input.shipping_address)?,
         fingerprint,
+        earlier_fingerprint,
     })
 }
 

@@ -344,6 +344,7 @@ async fn place(
         lines: plan.lines,
         payment_token: PaymentToken::parse(plan.token)?,
         shipping_address: plan.address,
+        earlier_fingerprint: None,
     };
     let (resent, placed) =
         send_keyed(|| service.place_order(Some(&customer), command.clone())).await;
