@@ -101,6 +101,32 @@ fn start(f: &Fixture, hub: &ProjectionHub, options: RunnerOptions) -> Running {
     Running { stop, tasks }
 }
 
+/// Parks for `projection`, with `error`, the first event of the log that `condition` (over
+/// `events e`) selects, as a runner's batch parks one its handler failed on; the letter's id.
+async fn park_where(
+    client: &tokio_postgres::Client,
+    projection: &str,
+    error: &str,
+    condition: &str,
+) -> i64 {
+    client
+        .query_one(
+            &format!(
+                "insert into dead_letters (projection, event_id, stream, version,
+                     position_commit, position_prepare, event_type, error)
+                 select $1::text, e.event_id, e.stream, e.version, e.tx_id, e.seq,
+                     e.event_type, $2::text
+                 from events e where {condition}
+                 limit 1
+                 returning dead_letter_id"
+            ),
+            &[&projection, &error],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no event where {condition}: {e}"))
+        .get(0)
+}
+
 /// Retries dead letter `id` as `orderly dlq retry` does, on a connection of its own.
 async fn retry(f: &Fixture, id: i64) -> dlq::RetryOutcome {
     let mut client = orderly_projections::connect(f.db.config(), "test")
@@ -468,21 +494,14 @@ async fn a_dead_letter_behind_later_events_of_its_stream_is_not_reported_applied
     let before = dump(&f).await;
     // The registration of a product whose row holds later events, parked as a runner would.
     let client = f.db.connect().await.expect("connect");
-    let parked: i64 = client
-        .query_one(
-            "insert into dead_letters (projection, event_id, stream, version, position_commit,
-                 position_prepare, event_type, error)
-             select 'products', e.event_id, e.stream, e.version, e.tx_id, e.seq, e.event_type,
-                 'handler failed (before a fix)'
-             from events e join products p on e.stream = 'product-' || p.sku
-             where e.version = 0 and p.version > 0
-             limit 1
-             returning dead_letter_id",
-            &[],
-        )
-        .await
-        .expect("a product with later events")
-        .get(0);
+    let parked = park_where(
+        &client,
+        "products",
+        "handler failed (before a fix)",
+        "e.version = 0 and exists (select 1 from products p
+                                   where e.stream = 'product-' || p.sku and p.version > 0)",
+    )
+    .await;
     let outcome = retry(&f, parked).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("rebuild")),
@@ -509,26 +528,20 @@ async fn a_dead_letter_ahead_of_the_live_runner_is_not_retried_until_it_has_pass
     // An order event past the live checkpoint, with an earlier event of its stream also past
     // it, parked as a rebuild's batch parks it.
     let client = f.db.connect().await.expect("connect");
-    let parked: i64 = client
-        .query_one(
-            "with live as (select position_commit c, position_prepare p
-                           from projection_checkpoints where projection = 'orders')
-             insert into dead_letters (projection, event_id, stream, version, position_commit,
-                 position_prepare, event_type, error)
-             select 'orders', e.event_id, e.stream, e.version, e.tx_id, e.seq, e.event_type,
-                 'handler failed in a rebuild'
-             from events e, live
-             where e.stream like 'order-%' and (e.tx_id, e.seq) > (live.c, live.p)
-               and exists (select 1 from events b
-                           where b.stream = e.stream and b.version < e.version
-                             and (b.tx_id, b.seq) > (live.c, live.p))
-             limit 1
-             returning dead_letter_id",
-            &[],
-        )
-        .await
-        .expect("an order with two events the runner has not applied")
-        .get(0);
+    let live = "(select position_commit, position_prepare from projection_checkpoints
+                 where projection = 'orders')";
+    let parked = park_where(
+        &client,
+        "orders",
+        "handler failed in a rebuild",
+        &format!(
+            "e.stream like 'order-%' and (e.tx_id, e.seq) > {live}
+             and exists (select 1 from events b
+                         where b.stream = e.stream and b.version < e.version
+                           and (b.tx_id, b.seq) > {live})"
+        ),
+    )
+    .await;
     let outcome = retry(&f, parked).await;
     assert!(
         matches!(&outcome, dlq::RetryOutcome::Superseded(why) if why.contains("not reached")),
@@ -1372,7 +1385,7 @@ async fn a_retried_dead_letter_tells_the_orders_followers() {
     let client = f.db.connect().await.expect("connect");
     let last = client
         .query_one(
-            "select e.event_id, e.stream, e.version, e.tx_id, e.seq, e.event_type
+            "select e.event_id, e.stream, e.version
              from events e
              where e.stream like 'order-%' and e.version > 0
                and e.event_type in ('OrderStockReserved', 'OrderPaid', 'OrderConfirmed')
@@ -1394,24 +1407,14 @@ async fn a_retried_dead_letter_tells_the_orders_followers() {
         ))
         .await
         .expect("take the event out");
-    let parked: i64 = client
-        .query_one(
-            "insert into dead_letters (projection, event_id, stream, version, position_commit,
-                 position_prepare, event_type, error)
-             values ('orders', $1, $2, $3, $4, $5, $6, 'handler failed (before a fix)')
-             returning dead_letter_id",
-            &[
-                &last.get::<_, uuid::Uuid>(0),
-                &stream,
-                &version,
-                &last.get::<_, i64>(3),
-                &last.get::<_, i64>(4),
-                &last.get::<_, String>(5),
-            ],
-        )
-        .await
-        .expect("park")
-        .get(0);
+    let event_id: uuid::Uuid = last.get(0);
+    let parked = park_where(
+        &client,
+        "orders",
+        "handler failed (before a fix)",
+        &format!("e.event_id = '{event_id}'"),
+    )
+    .await;
 
     // A follower in another process, past its first look at the checkpoints.
     let remote = ProjectionHub::new();
