@@ -140,8 +140,23 @@ pub struct CommandService {
 /// [`CommandService::with_price_max_age`] unless told otherwise (`ORDERLY_PRICE_MAX_AGE_MS`).
 pub const DEFAULT_PRICE_MAX_AGE: Duration = Duration::from_millis(100);
 
+/// Who may send each command besides admins, who may send every one. The service checks
+/// them; the GraphQL layer checks them too, before it reads the input, so that a caller
+/// without the role is told FORBIDDEN and nothing about what was wrong with the input.
+pub mod may_send {
+    use orderly_graphql::Role;
+
+    pub const PLACE_ORDER: &[Role] = &[Role::Customer];
+    pub const CANCEL_ORDER: &[Role] = &[Role::Customer];
+    pub const SHIP_ORDER: &[Role] = &[Role::Warehouse];
+    pub const MARK_DELIVERED: &[Role] = &[Role::Warehouse];
+    pub const REGISTER_PRODUCT: &[Role] = &[];
+    pub const RESTOCK: &[Role] = &[Role::Warehouse];
+    pub const CHANGE_PRICE: &[Role] = &[];
+}
+
 /// The caller, who must hold one of `roles` (admins may do everything).
-fn require<'a>(actor: Option<&'a Actor>, roles: &[Role]) -> Result<&'a Actor, CommandError> {
+pub fn require<'a>(actor: Option<&'a Actor>, roles: &[Role]) -> Result<&'a Actor, CommandError> {
     let actor = actor.ok_or(CommandError::Unauthenticated)?;
     if actor.is_admin() || roles.iter().any(|role| actor.has(*role)) {
         Ok(actor)
@@ -237,7 +252,7 @@ impl CommandService {
         actor: Option<&Actor>,
         command: PlaceOrder,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[Role::Customer])?;
+        let actor = require(actor, may_send::PLACE_ORDER)?;
         // The contract: customers order for themselves (customerId defaults to, and must
         // equal, the token's sub); admins may order for anyone.
         let customer_id = match command.customer_id.clone() {
@@ -440,7 +455,7 @@ impl CommandService {
         reason: Reason,
         expected: Option<u64>,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[Role::Customer])?;
+        let actor = require(actor, may_send::CANCEL_ORDER)?;
         let command = OrderCommand::Cancel {
             cancellation_reason: reason,
             cancelled_by: CancelledBy::Customer,
@@ -458,7 +473,7 @@ impl CommandService {
         tracking_number: TrackingNumber,
         expected: Option<u64>,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[Role::Warehouse])?;
+        let actor = require(actor, may_send::SHIP_ORDER)?;
         let command = OrderCommand::Ship {
             carrier,
             tracking_number,
@@ -474,7 +489,7 @@ impl CommandService {
         order_id: OrderId,
         expected: Option<u64>,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[Role::Warehouse])?;
+        let actor = require(actor, may_send::MARK_DELIVERED)?;
         let command = OrderCommand::Deliver {
             delivered_at: Utc::now(),
         };
@@ -515,7 +530,7 @@ impl CommandService {
         actor: Option<&Actor>,
         command: RegisterProduct,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[])?;
+        let actor = require(actor, may_send::REGISTER_PRODUCT)?;
         let sku = command.sku.clone();
         let decision = ProductCommand::Register {
             sku: command.sku,
@@ -538,7 +553,7 @@ impl CommandService {
         quantity: Quantity,
         expected: Option<u64>,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[Role::Warehouse])?;
+        let actor = require(actor, may_send::RESTOCK)?;
         let restocked_at = Utc::now();
         self.product_command("product.restock", actor, &sku, expected, move |_| {
             Ok(ProductCommand::Restock {
@@ -557,7 +572,7 @@ impl CommandService {
         price_minor: i64,
         expected: Option<u64>,
     ) -> Result<CommandResult, CommandError> {
-        let actor = require(actor, &[])?;
+        let actor = require(actor, may_send::CHANGE_PRICE)?;
         let price_changed_at = Utc::now();
         self.product_command(
             "product.change_price",

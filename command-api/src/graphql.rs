@@ -10,7 +10,7 @@ use orderly_domain::values::{
     PaymentToken, PostalCode, ProductName, Quantity, Reason, Sku, TrackingNumber,
 };
 use orderly_graphql::cost::WRITE;
-use orderly_graphql::{Caller, ConsistencyToken, ErrorCode, Long, with_limits};
+use orderly_graphql::{Caller, ConsistencyToken, ErrorCode, Long, Role, with_limits};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -254,8 +254,13 @@ fn register_product(input: &RegisterProductInput) -> Result<RegisterProduct, Com
     })
 }
 
-/// Runs `command` with the request's caller; maps its error to the contract.
-async fn run<T, F>(ctx: &Context<'_>, command: F) -> async_graphql::Result<CommandResult>
+/// Runs `command` with the request's caller, who must hold one of `roles` (see
+/// [`commands::may_send`]); maps its error to the contract.
+async fn run<T, F>(
+    ctx: &Context<'_>,
+    roles: &[Role],
+    command: F,
+) -> async_graphql::Result<CommandResult>
 where
     F: AsyncFnOnce(&CommandService, Option<&orderly_graphql::Actor>) -> Result<T, CommandError>,
     T: Into<CommandResult>,
@@ -263,11 +268,11 @@ where
     // Both are put there by the wiring; a schema built without them is a bug, not bad input.
     let wiring = |_| ErrorCode::Internal.error("internal error");
     let caller = ctx.data::<Caller>().map_err(wiring)?;
-    // Every mutation needs a caller: said before the input is judged, which is not an
-    // anonymous caller's to learn about. (The service checks the roles.)
-    if caller.actor.is_none() {
-        return Err(CommandError::Unauthenticated.to_graphql(&caller.request_id));
-    }
+    // Every mutation needs a caller with the right role: said before the input is judged,
+    // which is not an anonymous or unentitled caller's to learn about. (The service checks
+    // the roles again; it has callers other than this API.)
+    commands::require(caller.actor.as_ref(), roles)
+        .map_err(|error| error.to_graphql(&caller.request_id))?;
     let service = ctx
         .data::<CommandService>()
         .map_err(wiring)?
@@ -296,10 +301,14 @@ impl MutationRoot {
         ctx: &Context<'_>,
         input: PlaceOrderInput,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
-            let command = place_order(&input, actor.map(|actor| actor.sub.as_str()))?;
-            service.place_order(actor, command).await
-        })
+        run(
+            ctx,
+            commands::may_send::PLACE_ORDER,
+            async |service, actor| {
+                let command = place_order(&input, actor.map(|actor| actor.sub.as_str()))?;
+                service.place_order(actor, command).await
+            },
+        )
         .await
     }
 
@@ -311,13 +320,17 @@ impl MutationRoot {
         reason: String,
         expected_version: Option<i32>,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
-            let reason = parse("reason", Reason::parse(reason))?;
-            let expected = version_of(expected_version)?;
-            service
-                .cancel_order(actor, OrderId(order_id), reason, expected)
-                .await
-        })
+        run(
+            ctx,
+            commands::may_send::CANCEL_ORDER,
+            async |service, actor| {
+                let reason = parse("reason", Reason::parse(reason))?;
+                let expected = version_of(expected_version)?;
+                service
+                    .cancel_order(actor, OrderId(order_id), reason, expected)
+                    .await
+            },
+        )
         .await
     }
 
@@ -330,14 +343,18 @@ impl MutationRoot {
         tracking_number: String,
         expected_version: Option<i32>,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
-            let carrier = parse("carrier", Carrier::parse(carrier))?;
-            let tracking = parse("trackingNumber", TrackingNumber::parse(tracking_number))?;
-            let expected = version_of(expected_version)?;
-            service
-                .ship_order(actor, OrderId(order_id), carrier, tracking, expected)
-                .await
-        })
+        run(
+            ctx,
+            commands::may_send::SHIP_ORDER,
+            async |service, actor| {
+                let carrier = parse("carrier", Carrier::parse(carrier))?;
+                let tracking = parse("trackingNumber", TrackingNumber::parse(tracking_number))?;
+                let expected = version_of(expected_version)?;
+                service
+                    .ship_order(actor, OrderId(order_id), carrier, tracking, expected)
+                    .await
+            },
+        )
         .await
     }
 
@@ -348,12 +365,16 @@ impl MutationRoot {
         order_id: Uuid,
         expected_version: Option<i32>,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
-            let expected = version_of(expected_version)?;
-            service
-                .mark_delivered(actor, OrderId(order_id), expected)
-                .await
-        })
+        run(
+            ctx,
+            commands::may_send::MARK_DELIVERED,
+            async |service, actor| {
+                let expected = version_of(expected_version)?;
+                service
+                    .mark_delivered(actor, OrderId(order_id), expected)
+                    .await
+            },
+        )
         .await
     }
 
@@ -363,10 +384,14 @@ impl MutationRoot {
         ctx: &Context<'_>,
         input: RegisterProductInput,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
-            let command = register_product(&input)?;
-            service.register_product(actor, command).await
-        })
+        run(
+            ctx,
+            commands::may_send::REGISTER_PRODUCT,
+            async |service, actor| {
+                let command = register_product(&input)?;
+                service.register_product(actor, command).await
+            },
+        )
         .await
     }
 
@@ -378,7 +403,7 @@ impl MutationRoot {
         quantity: i32,
         expected_version: Option<i32>,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
+        run(ctx, commands::may_send::RESTOCK, async |service, actor| {
             let sku = parse("sku", Sku::parse(sku))?;
             let quantity = self::quantity("quantity", quantity)?;
             let expected = version_of(expected_version)?;
@@ -395,13 +420,17 @@ impl MutationRoot {
         price_minor: Long,
         expected_version: Option<i32>,
     ) -> async_graphql::Result<CommandResult> {
-        run(ctx, async |service, actor| {
-            let sku = parse("sku", Sku::parse(sku))?;
-            let expected = version_of(expected_version)?;
-            service
-                .change_price(actor, sku, price_minor.0, expected)
-                .await
-        })
+        run(
+            ctx,
+            commands::may_send::CHANGE_PRICE,
+            async |service, actor| {
+                let sku = parse("sku", Sku::parse(sku))?;
+                let expected = version_of(expected_version)?;
+                service
+                    .change_price(actor, sku, price_minor.0, expected)
+                    .await
+            },
+        )
         .await
     }
 }

@@ -373,15 +373,22 @@ async fn without_a_valid_token_mutations_are_unauthenticated() {
     assert_eq!(anonymous.code(), "UNAUTHENTICATED");
     // Before its input is judged: a bad one is none of an anonymous caller's business.
     let bad = json!({ "input": { "sku": "", "name": "X", "priceMinor": -1, "currency": "EUR", "initialStock": 1 } });
-    let anonymous = api.gql(None, REGISTER, bad).await;
+    let anonymous = api.gql(None, REGISTER, bad.clone()).await;
     assert_eq!(anonymous.code(), "UNAUTHENTICATED", "{}", anonymous.body);
     let forged = api.gql(Some("not-a-jwt"), REGISTER, input.clone()).await;
     assert_eq!(forged.status, 401);
     assert_eq!(forged.code(), "UNAUTHENTICATED");
-    let customer_registers = api
-        .gql(Some(&token("c", &[Role::Customer])), REGISTER, input)
-        .await;
+    let customer = token("c", &[Role::Customer]);
+    let customer_registers = api.gql(Some(&customer), REGISTER, input).await;
     assert_eq!(customer_registers.code(), "FORBIDDEN");
+    // A caller without the role is not told what is wrong with the input either.
+    let customer_registers = api.gql(Some(&customer), REGISTER, bad).await;
+    assert_eq!(
+        customer_registers.code(),
+        "FORBIDDEN",
+        "{}",
+        customer_registers.body
+    );
 }
 
 #[tokio::test]
