@@ -21,8 +21,11 @@ pub enum StoreError {
         actual: Option<u64>,
     },
 
-    /// An event id is already stored, but not as part of an identical earlier append (another
-    /// stream, another position, or only some of the ids). Nothing was written.
+    /// An event id is already stored, but the append is not a re-send of stored events: some
+    /// of its ids are stored and some not, or they are stored in another stream or in another
+    /// order. (The same ids stored in this stream, in this order, but not where `expected`
+    /// puts them are a `Conflict`: a retry from a stale view of the stream.) Nothing was
+    /// written.
     ///
     /// Handling: a client bug (ids must be fresh per logical append); do not retry.
     #[error("event id {id} is already stored in stream {stream} at version {version}")]

@@ -64,8 +64,9 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// Errors: `Conflict` when it is not (nothing written); `InvalidInput` for an empty append,
     /// oversize events or bad type names (nothing written); `DuplicateEventId` when an id was used
-    /// before by a different append. Re-sending the same ids at the same expected version after
-    /// a success returns that success with `deduplicated: true`.
+    /// before by a different append. Re-sending ids that the stream already holds, in the same
+    /// order, where `expected` puts them (a retry after a success, or a part of it) writes
+    /// nothing and answers as that write did, with `deduplicated: true`.
     async fn append(
         &self,
         stream: &StreamName,

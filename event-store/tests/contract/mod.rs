@@ -292,6 +292,13 @@ pub async fn reappending_the_same_event_ids_writes_nothing(store: Arc<dyn EventS
         .unwrap();
     assert!(later.deduplicated);
     assert_eq!(later.position, first.position);
+    // So is the re-send of a part of it, where it was written.
+    let tail = store
+        .append(&s, ExpectedVersion::Exact(0), batch[1..].to_vec())
+        .await
+        .unwrap();
+    assert!(tail.deduplicated);
+    assert_eq!(tail.position, first.position);
     let single = events(1);
     let one = store
         .append(&s, ExpectedVersion::Exact(3), single.clone())
