@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! OrderPlaced -> reserve every line -> all reserved -> mark stock reserved + request charge
-//!   -> charged -> mark paid + confirm + notify        -> shipped -> ship reserved stock
+//!   -> charged -> mark paid + confirm -> confirmed -> notify  -> shipped -> ship stock
 //! any reservation rejected -> cancel "out of stock"    -+
 //! a product with no answer by the stock deadline        |
 //!   -> cancel "stock not reserved in time"              |
@@ -315,6 +315,11 @@ struct Placed {
 struct OrderFacts {
     cancelled: bool,
     shipped: bool,
+    /// The order's `OrderConfirmed` was seen: only then is the customer told, since the
+    /// saga's confirm may be refused (the customer cancelled while the charge was on its
+    /// way). Older stored states never sent a notification without it.
+    #[serde(default)]
+    confirmed: bool,
 }
 
 /// Facts from the payment stream; each only ever grows, so arrival order does not matter.
@@ -401,7 +406,7 @@ impl FulfilmentState {
 
     /// Whether `self` and `other` hold the same facts, sends and deadlines, whatever their
     /// clocks say. A step that moved nothing but the clock (the echo of a command the saga
-    /// sent itself: `OrderStockReserved`, `OrderPaid`, `OrderConfirmed`) need not be stored:
+    /// sent itself: `OrderStockReserved`, `OrderPaid`) need not be stored:
     /// the clock only ever grows, and a state whose clock lags decides the same, except that
     /// a deadline it could judge from the lost time waits for the next input (a tick brings
     /// the time anyway). Listed field by field, so a new field must say which side it is on.
@@ -900,7 +905,10 @@ fn observe_order(state: &mut FulfilmentState, event: &OrderEvent) -> Option<Date
         // The saga sent these itself; it acts on the facts behind them, not on the echo.
         OrderEvent::OrderStockReserved(e) => Some(e.stock_reserved_at),
         OrderEvent::OrderPaid(e) => Some(e.paid_at),
-        OrderEvent::OrderConfirmed(e) => Some(e.confirmed_at),
+        OrderEvent::OrderConfirmed(e) => {
+            state.order.confirmed = true;
+            Some(e.confirmed_at)
+        }
         OrderEvent::OrderCancelled(cancelled) => {
             state.order.cancelled = true;
             if cancelled.cancelled_by == CancelledBy::Fulfilment {
@@ -1178,7 +1186,8 @@ impl Plan<'_> {
         }));
     }
 
-    /// Once charged: the order is marked paid and confirmed, and the customer told.
+    /// Once charged: the order is marked paid and confirmed; once confirmed (the order may
+    /// refuse it), the customer is told.
     fn confirm(&self, state: &mut FulfilmentState, commands: &mut Vec<Command>) {
         let Some(gateway_reference) = state.payment.charged.clone() else {
             return;
@@ -1197,7 +1206,7 @@ impl Plan<'_> {
                 confirmed_at: self.at,
             }));
         }
-        if !state.sent.notified {
+        if state.order.confirmed && !state.sent.notified {
             state.sent.notified = true;
             commands.push(Command::Notify(Notification::OrderConfirmed {
                 order_id: self.order_id,
@@ -1340,6 +1349,14 @@ mod tests {
         .into()
     }
 
+    fn confirmed(minute: i64) -> Step {
+        OrderConfirmed {
+            order_id: order_id(ORDER),
+            confirmed_at: at(minute),
+        }
+        .into()
+    }
+
     fn cancelled_by_customer(minute: i64) -> Step {
         OrderCancelled {
             order_id: order_id(ORDER),
@@ -1468,7 +1485,7 @@ mod tests {
     }
 
     #[test]
-    fn a_charged_payment_marks_the_order_paid_confirms_it_and_notifies_the_customer() {
+    fn a_charged_payment_marks_the_order_paid_and_confirms_it() {
         given(awaiting_payment()).when(charged(2)).then([
             order(OrderCommand::MarkPaid {
                 amount: eur(2500),
@@ -1478,11 +1495,30 @@ mod tests {
             order(OrderCommand::Confirm {
                 confirmed_at: at(2),
             }),
-            Command::Notify(Notification::OrderConfirmed {
-                order_id: order_id(ORDER),
-                customer_id: customer(),
-            }),
         ]);
+    }
+
+    #[test]
+    fn a_confirmed_order_notifies_the_customer_once() {
+        let notify = Command::Notify(Notification::OrderConfirmed {
+            order_id: order_id(ORDER),
+            customer_id: customer(),
+        });
+        given(awaiting_payment_and([charged(2)]))
+            .when(confirmed(2))
+            .then([notify]);
+        given(awaiting_payment_and([charged(2), confirmed(2)]))
+            .when(confirmed(2))
+            .then([]);
+    }
+
+    #[test]
+    fn a_charge_seen_after_the_customer_cancelled_refunds_and_notifies_nobody() {
+        // The charge went through while the customer cancelled: the saga's confirm is
+        // refused by the order, so no confirmation mail may go out.
+        given(awaiting_payment_and([charged(2)]))
+            .when(cancelled_by_customer(3))
+            .then([refund(3), release(mug(), 3), release(tea(), 3)]);
     }
 
     #[test]
@@ -2277,7 +2313,7 @@ mod tests {
     fn the_echoes_of_its_own_commands_move_only_the_clock() {
         let all_reserved = folded(&[placed(), reserved(tea(), 2), reserved(mug(), 1)]);
         let paid = folded(&awaiting_payment_and([charged(2)]));
-        let echoes: [(&FulfilmentState, Step); 3] = [
+        let echoes: [(&FulfilmentState, Step); 2] = [
             (
                 &all_reserved,
                 OrderStockReserved {
@@ -2296,14 +2332,6 @@ mod tests {
                 }
                 .into(),
             ),
-            (
-                &paid,
-                OrderConfirmed {
-                    order_id: order_id(ORDER),
-                    confirmed_at: at(3),
-                }
-                .into(),
-            ),
         ];
         for (before, echo) in echoes {
             let after = evolve(before.clone(), &echo.input());
@@ -2314,12 +2342,14 @@ mod tests {
         let requested = evolve(all_reserved.clone(), &charge_requested(1, 1).input());
         assert!(requested.same_apart_from_clock(&all_reserved));
         // Every fact, send or deadline counts; a request the saga had not sent too.
-        let moves: [(Vec<Step>, Step); 5] = [
+        // (`OrderConfirmed` is one: the customer is told only once it is seen.)
+        let moves: [(Vec<Step>, Step); 6] = [
             (vec![placed()], reserved(tea(), 2)),
             (vec![placed(), reserved(tea(), 2)], reserved(mug(), 1)),
             (vec![placed()], charge_requested(1, 1)),
             (awaiting_payment(), charged(2)),
             (awaiting_payment(), failed(1, 2)),
+            (awaiting_payment_and([charged(2)]), confirmed(3)),
         ];
         for (history, next) in moves {
             let before = folded(&history);
