@@ -209,6 +209,15 @@ fn is_client_error(status: StatusCode) -> bool {
         )
 }
 
+/// Whether the answer carries a JSON body, as the provider's own answers do.
+fn is_json(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"))
+}
+
 fn transient(error: reqwest::Error) -> CommandError {
     CommandError::Gateway(error.without_url().to_string())
 }
@@ -238,7 +247,10 @@ fn failed_call(what: &str, status: StatusCode) -> CommandError {
 impl PaymentGateway for HttpGateway {
     /// A refused charge (400, 422, ...) becomes a decline naming the status: the order then
     /// ends cancelled "payment declined" at once, instead of retrying a request that cannot
-    /// succeed until its deadline.
+    /// succeed until its deadline. A 404 or 405 without the provider's JSON is what a proxy or
+    /// load balancer with no route answers (or a wrong base URL): the charge never reached the
+    /// provider, so it is an outage (retried, counted by the breakers), never the customer's
+    /// decline.
     async fn charge(&self, charge: &Charge) -> Result<ChargeOutcome, CommandError> {
         let response = self
             .client
@@ -254,7 +266,11 @@ impl PaymentGateway for HttpGateway {
                 reason: "declined by the payment provider".into(),
             });
         }
-        if is_client_error(status) {
+        let unrouted = matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        ) && !is_json(&response);
+        if is_client_error(status) && !unrouted {
             return Ok(ChargeOutcome::Declined {
                 reason: format!("refused by the payment provider: {status}"),
             });
@@ -817,6 +833,7 @@ mod tests {
 
     /// A provider on a free port: tok_ok charges, tok_declined answers 402, tok_invalid 422,
     /// tok_in_progress 409, tok_throttled 429, tok_unauthorized 401, tok_forbidden 403,
+    /// tok_unknown 404 with its JSON, tok_misrouted a bare 404 as a proxy would send,
     /// anything else 503. It knows the charge with key `order-1`, answers lookups of other
     /// keys with its not_found (but for `order-misrouted`, a bare 404 as a proxy would send),
     /// and refunds of reference `ref-unknown` answer 404. Counts what it is sent.
@@ -849,6 +866,13 @@ mod tests {
                 Some("tok_throttled") => StatusCode::TOO_MANY_REQUESTS,
                 Some("tok_unauthorized") => StatusCode::UNAUTHORIZED,
                 Some("tok_forbidden") => StatusCode::FORBIDDEN,
+                Some("tok_unknown") => {
+                    let missing = serde_json::json!({ "error": "no such payment method" });
+                    return (StatusCode::NOT_FOUND, Json(missing)).into_response();
+                }
+                Some("tok_misrouted") => {
+                    return (StatusCode::NOT_FOUND, "no route").into_response();
+                }
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
             status.into_response()
@@ -903,6 +927,18 @@ mod tests {
             gateway.charge(&charge(tokens::UNAVAILABLE)).await,
             Err(CommandError::Gateway(_))
         ));
+        // The provider's own 404 refuses the card; a bare one never reached the provider.
+        assert!(matches!(
+            gateway.charge(&charge_for("order-1", "tok_unknown")).await,
+            Ok(ChargeOutcome::Declined { .. })
+        ));
+        let misrouted = gateway
+            .charge(&charge_for("order-1", "tok_misrouted"))
+            .await;
+        assert!(
+            matches!(&misrouted, Err(CommandError::Gateway(why)) if why.contains("404")),
+            "{misrouted:?}"
+        );
         assert!(gateway.refund("order-1", "ref-order-1").await.is_ok());
         assert_eq!(
             gateway.lookup("order-1").await.unwrap(),
