@@ -13,8 +13,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 pub use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
@@ -308,18 +309,19 @@ impl Settings {
         }
         // Every `ORDERLY_*` variable is offered; those that name no setting (`ORDERLY_CONFIG`,
         // the test suite's) are ignored as unknown keys.
-        let figment = figment.merge(Env::prefixed("ORDERLY_"));
+        let figment = figment.merge(EnvText(Env::prefixed("ORDERLY_")));
         // Section by section from the same keys, rather than one struct of flattened
         // sections: serde's flattening loses the key's name, which an error must give.
+        // Lossy: numbers and switches are read from the environment's text.
         Ok(Self {
-            store: figment.extract()?,
-            telemetry: figment.extract()?,
-            http: figment.extract()?,
-            auth: figment.extract()?,
-            orders: figment.extract()?,
-            payment: figment.extract()?,
-            saga: figment.extract()?,
-            mail: figment.extract()?,
+            store: figment.extract_lossy()?,
+            telemetry: figment.extract_lossy()?,
+            http: figment.extract_lossy()?,
+            auth: figment.extract_lossy()?,
+            orders: figment.extract_lossy()?,
+            payment: figment.extract_lossy()?,
+            saga: figment.extract_lossy()?,
+            mail: figment.extract_lossy()?,
         })
     }
 
@@ -328,6 +330,27 @@ impl Settings {
         let mut settings = Self::default();
         settings.store.database_url = MaskedUrl(url.into());
         settings
+    }
+}
+
+/// `ORDERLY_*` variables as the text they hold. figment's `Env` reads each value as data
+/// first, so a secret made of digits became a number no text setting takes (the start failed
+/// with an error that quoted it) and a leading zero would have been lost; settings that are
+/// numbers or switches are read from the text instead (`extract_lossy`).
+struct EnvText(Env);
+
+impl Provider for EnvText {
+    fn metadata(&self) -> Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let dict = self
+            .0
+            .iter()
+            .map(|(key, value)| (key.as_str().to_owned(), Value::from(value)))
+            .collect();
+        Ok(Map::from([(Profile::Default, dict)]))
     }
 }
 
@@ -436,6 +459,9 @@ mod tests {
             )?;
             jail.set_env("ORDERLY_LOG_FORMAT", "text");
             jail.set_env("ORDERLY_ORDER_ID_SECRET", "s3cret");
+            // Text settings hold the text as it is, digits and all.
+            jail.set_env("ORDERLY_JWT_SECRET", "00123456789012345678901234567890");
+            jail.set_env("ORDERLY_JWT_AUDIENCE", "42");
             jail.set_env("ORDERLY_GRAPHQL_TIMEOUT_MS", "750");
             jail.set_env("ORDERLY_SAGA_STOCK_DEADLINE_SECS", "90");
             jail.set_env("ORDERLY_PAYMENT_SETTLE_SECS", "10");
@@ -443,6 +469,9 @@ mod tests {
             let s = Settings::load(Some(Path::new("orderly.toml"))).map_err(|e| *e)?;
             let secret = s.orders.order_id_secret.as_ref().map(|s| s.expose_secret());
             assert_eq!(secret, Some("s3cret"));
+            let jwt = s.auth.jwt_secret.as_ref().map(|s| s.expose_secret());
+            assert_eq!(jwt, Some("00123456789012345678901234567890"));
+            assert_eq!(s.auth.jwt_audience.as_deref(), Some("42"));
             assert_eq!(s.http.addr, "0.0.0.0:9000".parse().unwrap());
             assert_eq!(s.telemetry.log_format, LogFormat::Text);
             assert_eq!(s.http.timeout, Duration::from_millis(750));
