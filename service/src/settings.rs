@@ -386,13 +386,31 @@ impl fmt::Debug for MaskedUrl {
     }
 }
 
-/// The URL with any password replaced; a string that is not a URL is hidden whole, since it
-/// may be a key=value connection string with a password in it.
+/// The URL with any password replaced, in its user part and in query parameters whose names
+/// suggest a secret (`?password=`, as PostgreSQL takes it, or an `api_key`); a string that is
+/// not a URL is hidden whole, since it may be a key=value connection string with a password
+/// in it.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("***"));
+            }
+            let secret = |key: &str| {
+                let key = key.to_ascii_lowercase();
+                ["pass", "secret", "token", "key", "auth", "sig", "cred"]
+                    .iter()
+                    .any(|word| key.contains(word))
+            };
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if secret(&key) { "***".into() } else { value };
+                    (key.into_owned(), value.into_owned())
+                })
+                .collect();
+            if !pairs.is_empty() {
+                url.query_pairs_mut().clear().extend_pairs(pairs);
             }
             url.to_string()
         }
@@ -438,7 +456,14 @@ mod tests {
         s.orders.order_id_secret = Some("hunter6".into());
         s.store.kurrentdb_url = Some("esdb://admin:hunter7@kurrent:2113".into());
         s.payment.gateway_url = Some("host=db password=hunter8".into());
+        s.telemetry.otlp_endpoint = Some("http://collector:4317/?api_key=hunter10".into());
         let shown = format!("{s:?}");
+        let query =
+            Settings::with_database("postgres://app@db/orderly?password=hunter9&sslmode=require");
+        let query = format!("{query:?}");
+        assert!(!query.contains("hunter9"), "{query}");
+        assert!(query.contains("sslmode=require"), "{query}");
+        assert!(!shown.contains("hunter10"), "{shown}");
         for secret in [
             "hunter2", "hunter3", "hunter4", "hunter5", "hunter6", "hunter7",
         ] {
