@@ -179,18 +179,22 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.run_until_stopped_after(shutdown, async {}).await
+        self.run_until_stopped_after(shutdown, || async {}).await
     }
 
     /// [`App::run_until_stopped`] for a process whose other writers (the saga) stop after the
-    /// HTTP side: the projection runners keep applying until `upstream_stopped` completes and
-    /// then until they reach the log's head (at most [`DRAIN_TIMEOUT`]), so the read models
-    /// end where the log ends instead of behind it until the next start.
-    pub async fn run_until_stopped_after(
+    /// HTTP side: once the requests in flight are answered, `stop_upstream` runs (it stops
+    /// them and waits until they have), then the projection runners keep applying until they
+    /// reach the log's head (at most [`DRAIN_TIMEOUT`]), so the read models end where the log
+    /// ends instead of behind it until the next start.
+    pub async fn run_until_stopped_after<F>(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-        upstream_stopped: impl Future<Output = ()> + Send,
-    ) -> anyhow::Result<()> {
+        stop_upstream: impl FnOnce() -> F,
+    ) -> anyhow::Result<()>
+    where
+        F: Future<Output = ()> + Send,
+    {
         tracing::info!(addr = %self.local_addr(), part = ?self.part, "serving");
         // Both end with the server: they only feed /metrics.
         let probe = AbortOnDrop(tokio::spawn(orderly_observability::metrics::probe_runtime()));
@@ -215,11 +219,12 @@ impl App {
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, service)
+        let served = axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
-            .await?;
+            .await;
+        // Also when serving failed: the process is stopping either way.
+        stop_upstream().await;
         if let Some(projections) = projections {
-            upstream_stopped.await;
             drain(&*self.store, &self.hub).await;
             projections.stop().await;
         }
@@ -227,6 +232,7 @@ impl App {
             follower.abort();
         }
         drop((probe, sampler));
+        served?;
         tracing::info!("stopped");
         Ok(())
     }

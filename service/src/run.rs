@@ -190,6 +190,9 @@ async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     let (saga_stopped, saga_done) = tokio::sync::oneshot::channel::<()>();
+    // The saga stops once the HTTP side has answered its last request: a placement still in
+    // flight at the signal is then settled now, not at the next start.
+    let (http_stopped, http_done) = tokio::sync::oneshot::channel::<()>();
     let signal = {
         let stopped = stopped.clone();
         async {
@@ -201,7 +204,11 @@ async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
         }
     };
     let sagas = async {
-        let ran = saga.run_until_stopped(wait(stopped.clone())).await;
+        let ran = saga
+            .run_until_stopped(async {
+                let _ = http_done.await;
+            })
+            .await;
         if !*stopped.borrow() {
             tracing::error!("saga runner ended unasked; stopping the process");
             let _ = stop.send(true);
@@ -216,7 +223,8 @@ async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
         })
     };
     let (served, sagas, ()) = tokio::join!(
-        app.run_until_stopped_after(wait(stopped.clone()), async {
+        app.run_until_stopped_after(wait(stopped.clone()), || async {
+            let _ = http_stopped.send(());
             let _ = saga_done.await;
         }),
         sagas,

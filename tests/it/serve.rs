@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use serde_json::json;
+
 use orderly_event_store::memory::MemoryEventStore;
 use orderly_service::app::{App, Part};
 use orderly_service::health::Health;
@@ -353,4 +355,55 @@ impl Role {
         let output = self.child.wait_with_output().unwrap();
         (status, String::from_utf8_lossy(&output.stderr).into_owned())
     }
+}
+
+/// The HTTP side stops first: a request in flight when the stop is asked is answered before
+/// what writes upstream of the read models (the saga, in `orderly serve`) is told to stop, so
+/// a placement still being handled is not left to a saga that already stopped.
+#[tokio::test]
+async fn a_stopping_app_answers_its_requests_before_it_stops_the_saga() {
+    use crate::common::{Api, customer, settings_for as with_auth};
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    let db = migrated_database().await;
+    let app = App::build(&with_auth(db.url())).await.unwrap();
+    let api = Api {
+        base: format!("http://{}", app.local_addr()),
+        http: reqwest::Client::new(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let upstream_stopped_at = Arc::new(Mutex::new(None));
+    let server = tokio::spawn({
+        let at = upstream_stopped_at.clone();
+        app.run_until_stopped_after(
+            async {
+                let _ = stopped.await;
+            },
+            move || async move {
+                *at.lock().unwrap() = Some(Instant::now());
+            },
+        )
+    });
+    // A read that waits for a position the log will not reach: in flight for its timeout.
+    let waiting = tokio::spawn(async move {
+        let query = "query($c: ConsistencyInput) { orders(consistency: $c) { nodes { id } } }";
+        let far = json!({ "atLeast": "7fffffffffffffff0000000000000000", "timeoutMs": 1500, "mode": "STRICT" });
+        api.gql(Some(&customer("alice")), query, json!({ "c": far }))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    let stop_asked_at = Instant::now();
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.code(), "STALE_READ", "{}", answer.body);
+    let finished = tokio::time::timeout(Duration::from_secs(20), server).await;
+    assert!(matches!(finished, Ok(Ok(Ok(())))), "{finished:?}");
+    let upstream_stopped_at = upstream_stopped_at.lock().unwrap().take();
+    // The read had more than a second left to wait when the stop was asked.
+    let waited = upstream_stopped_at.map(|at| at - stop_asked_at);
+    assert!(
+        waited.is_some_and(|waited| waited >= Duration::from_secs(1)),
+        "upstream told to stop {waited:?} after the stop was asked, before the read was answered"
+    );
 }
