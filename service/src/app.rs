@@ -722,6 +722,15 @@ pub fn pg_config(settings: &Settings) -> anyhow::Result<PgConfig> {
     let mut config: PgConfig = url
         .parse()
         .context("ORDERLY_DATABASE_URL is not a valid PostgreSQL connection string")?;
+    // Every connection is made without TLS (`prefer` falls back to plain text): said at the
+    // start, not as a database that seems never to answer.
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        bail!(
+            "ORDERLY_DATABASE_URL asks for sslmode=require, but Orderly connects to PostgreSQL \
+             without TLS; use a private network, or a local TLS-terminating proxy, and \
+             sslmode=disable"
+        );
+    }
     for (name, set) in DEAD_PEER_CHECKS {
         if !url.contains(name) {
             set(&mut config);
@@ -832,6 +841,16 @@ mod tests {
         assert_eq!(config.get_keepalives_idle(), Duration::from_secs(600));
         assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
         assert_eq!(config.get_keepalives_retries(), Some(3));
+        // Connections are unencrypted: asking for TLS is refused at the start.
+        settings.store.database_url =
+            crate::settings::MaskedUrl::from("postgres://db/orderly?sslmode=require");
+        let refused = pg_config(&settings).err().map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("without TLS")),
+            "{refused:?}"
+        );
     }
 
     #[test]
