@@ -592,11 +592,13 @@ impl ConnectionBudget {
     /// For a process serving `part`, with the saga runner beside it when `saga` (as
     /// `orderly serve` and `orderly saga run` run it).
     pub fn of(settings: &Settings, part: Part, saga: bool) -> Self {
-        let mut pools = Vec::new();
-        if settings.store.kind == EventStoreKind::Postgres {
-            // The pool, one connection that sends NOTIFY, one that LISTENs.
-            pools.push(("event store", settings.store.pool_size.max(1) + 2));
-        }
+        // The pool, one connection that sends NOTIFY, one that LISTENs.
+        let mut budget = Self { pools: Vec::new() }.with_log_pool(
+            settings,
+            "event store",
+            settings.store.pool_size.max(1) + 2,
+        );
+        let pools = &mut budget.pools;
         pools.push(("health checks", HEALTH_POOL_SIZE));
         // The mutations read it too: snapshots and the order-id scheme.
         if matches!(part, Part::Everything | Part::Reads | Part::Commands) {
@@ -606,17 +608,27 @@ impl ConnectionBudget {
             // The hub's follower, also beside in-process runners (see `run_until_stopped_after`).
             pools.push(("projection notifications", 1));
         }
-        let mut budget = Self { pools };
         if part == Part::Everything {
             // Each projection's runner and its lag sampler.
             budget = budget.with_pool("projections", 2 * ProjectionName::ALL.len());
         }
         if saga {
             let size = settings.saga.pool_size.max(2);
-            budget.pools.push(("saga event store", size + 2));
-            budget.pools.push(("saga", size));
+            budget = budget
+                .with_log_pool(settings, "saga event store", size + 2)
+                .with_pool("saga", size);
         }
         budget
+    }
+
+    /// With one more pool of `size` connections to the log, when the log is in PostgreSQL
+    /// (KurrentDB's client connects to its own server).
+    pub fn with_log_pool(self, settings: &Settings, pool: &'static str, size: usize) -> Self {
+        if settings.store.kind == EventStoreKind::Postgres {
+            self.with_pool(pool, size)
+        } else {
+            self
+        }
     }
 
     /// With one more pool of `size` connections.
@@ -662,11 +674,16 @@ pub async fn check_connections(
     let (client, connection) = match connected {
         Ok(Ok(connected)) => connected,
         Ok(Err(error)) => {
-            let refused = error
-                .code()
-                .is_some_and(|code| code.code().starts_with("53") || code.code().starts_with("28"));
+            let class = |prefix: &str| error.code().is_some_and(|c| c.code().starts_with(prefix));
             let described = orderly_event_store::postgres::describe(&error);
-            if refused {
+            // Class 28: the login itself (a wrong password, no such role, no pg_hba entry).
+            if class("28") {
+                bail!(
+                    "PostgreSQL refused the login: {described}. Check the user and password in \
+                     ORDERLY_DATABASE_URL and the server's pg_hba.conf"
+                );
+            }
+            if class("53") {
                 bail!(
                     "PostgreSQL refused a connection: {described}. This process opens up to \
                      {budget} connections; lower ORDERLY_DB_POOL_SIZE or ORDERLY_SAGA_POOL_SIZE, \
@@ -880,6 +897,12 @@ mod tests {
         assert_eq!(
             shown,
             "24 (event store 12, health checks 2, read models 10)"
+        );
+        // With the log in KurrentDB, no pool of the log's is PostgreSQL's.
+        settings.store.kind = EventStoreKind::Kurrentdb;
+        assert_eq!(
+            ConnectionBudget::of(&settings, Part::Everything, true).total(),
+            39 - 12 - 6
         );
     }
 

@@ -74,7 +74,8 @@ pub async fn run_projections(
     // The runners read the log through a store of their own, beside the one the probes check.
     let budget = ConnectionBudget::of(settings, Part::ProjectionProbes, false)
         .with_pool("projections", 2 * names.len())
-        .with_pool(
+        .with_log_pool(
+            settings,
             "projections' event store",
             settings.store.pool_size.max(1) + 2,
         );

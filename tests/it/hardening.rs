@@ -246,6 +246,18 @@ async fn a_server_that_refuses_connections_stops_the_start_with_its_reason_and_t
     assert!(error.contains("53300"), "{error}");
     assert!(error.contains("too many connections"), "{error}");
     assert!(error.contains(&budget.to_string()), "{error}");
+    // A login the server refuses (class 28) is no matter of pool sizes.
+    settings.store.database_url = db
+        .url()
+        .replacen("postgres@", &format!("{role}@"), 1)
+        .into();
+    let error = orderly_service::app::check_connections(&settings, &budget)
+        .await
+        .expect_err("the start must stop")
+        .to_string();
+    assert!(error.contains("28000"), "{error}");
+    assert!(error.contains("refused the login"), "{error}");
+    assert!(!error.contains("POOL_SIZE"), "{error}");
     // A server with room passes.
     orderly_service::app::check_connections(&settings_for(db.url()), &budget)
         .await
