@@ -1360,6 +1360,64 @@ async fn a_runner_whose_lanes_were_taken_over_stores_nothing_until_it_holds_them
     assert_eq!(owners, 0);
 }
 
+/// A lane taken over while its step is in flight: the append in flight may land, but the
+/// step's next command must not go out, although the runner goes on renewing the lanes it
+/// kept while it stops. Here the step of an order's placement reserves a mug, then tea (SKU
+/// order); the mug's append is held up past the lease (a trigger sleeps in it) while another
+/// process takes every lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_whose_lane_was_taken_over_sends_nothing_more() {
+    let (Shop { db, settings, api }, _, _saga) = shop_with_every_lane_held().await;
+    register(&api, "MUG", 1200, "EUR", 10).await;
+    let client = db.connect().await.unwrap();
+    client
+        .batch_execute(
+            "create function slow_mug() returns trigger language plpgsql
+             as $$ begin perform pg_sleep(4); return new; end $$;
+             create trigger slow_mug before insert on events for each row
+             when (new.event_type = 'StockReserved' and new.stream = 'product-MUG')
+             execute function slow_mug();",
+        )
+        .await
+        .unwrap();
+    let id = place_mug_and_tea(&api).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client
+        .execute(
+            "update saga_lanes set owner = 'intruder', generation = generation + 1,
+                 lease_until = now() + interval '8 seconds'",
+            &[],
+        )
+        .await
+        .unwrap();
+    // The mug's append ends about 4 s after it began, past the runner's 2 s lease.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let reserved = |sku: &str| {
+        format!(
+            "select count(*) from events where event_type = 'StockReserved'
+             and stream = 'product-{sku}' and data->>'order_id' = '{id}'"
+        )
+    };
+    assert_eq!(
+        count(&db, &reserved("MUG")).await,
+        1,
+        "the append in flight"
+    );
+    assert_eq!(
+        count(&db, &reserved("TEA")).await,
+        0,
+        "a command sent for a lane another process holds"
+    );
+    // Once the intruder's lease runs out, the runner takes the lanes back and goes on.
+    client
+        .batch_execute("drop trigger slow_mug on events")
+        .await
+        .unwrap();
+    Log::new(&settings)
+        .confirmed(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+}
+
 /// A runner that cannot renew its leases (here its heartbeat waits behind a lock while its lanes
 /// can still write; a process paused or cut off is the same to the others) sends no command
 /// once they may have run out: another process may hold its lanes by then, and its commits

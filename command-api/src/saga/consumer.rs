@@ -359,6 +359,8 @@ impl SagaRunner {
         leases: Vec<Lease>,
         mut stop: watch::Receiver<bool>,
     ) -> Option<Fenced> {
+        // Renewals extend the sends' clock only while they hold every one of these.
+        self.leases.serving(&leases);
         let (halt, halted) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut lanes = HashMap::new();
@@ -436,6 +438,7 @@ impl SagaRunner {
                 fenced = fenced.or(Some(lane));
             }
         }
+        self.leases.serving(&[]);
         fenced
     }
 

@@ -22,7 +22,7 @@
 //! The row lock the commit's update takes also orders a takeover after an in-flight commit:
 //! the new owner reads the checkpoint that commit wrote.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use orderly_domain::values::OrderId;
@@ -222,14 +222,42 @@ impl Member {
 /// (paused, cut off, stuck behind a lock) stops sending commands before any other process may
 /// take its lanes over. Commits are fenced in the database as well ([`FENCE`]); this guards
 /// the appends a step makes before its commit.
+///
+/// A renewal extends the clock only if it still holds every lane the running consumer acts
+/// for, at the generation it started with: one of them taken over (this process paused past
+/// its lease, say), the consumer is stopped, and the batches it has in hand must not go on
+/// sending on the renewal of the lanes it kept.
 #[derive(Debug, Default)]
-pub(super) struct LeaseClock(std::sync::Mutex<Option<tokio::time::Instant>>);
+pub(super) struct LeaseClock {
+    until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Lane -> generation of the running consumer's leases; empty while none runs.
+    serving: std::sync::Mutex<HashMap<u32, i64>>,
+}
 
 impl LeaseClock {
-    /// The leases were renewed by a request sent at `asked_at`.
-    pub(super) fn renewed(&self, asked_at: tokio::time::Instant, lease: Duration) {
-        // A plain value: a panic while it was held left it whole.
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked_at + lease);
+    /// A consumer starts acting for `leases` (none: it stopped).
+    pub(super) fn serving(&self, leases: &[Lease]) {
+        // Plain values: a panic while one was held left it whole.
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = leases
+            .iter()
+            .map(|lease| (lease.lane, lease.generation))
+            .collect();
+    }
+
+    /// A renewal sent at `asked_at` answered the lanes it still holds, with their generations.
+    pub(super) fn renewed(
+        &self,
+        asked_at: tokio::time::Instant,
+        lease: Duration,
+        held: &HashMap<u32, i64>,
+    ) {
+        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        if serving
+            .iter()
+            .all(|(lane, generation)| held.get(lane) == Some(generation))
+        {
+            *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked_at + lease);
+        }
     }
 
     /// `Ok` while the last renewal still holds; else a failure that passes with the next one.
@@ -245,7 +273,7 @@ impl LeaseClock {
     }
 
     fn holds_at(&self, now: tokio::time::Instant) -> bool {
-        let until = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let until = *self.until.lock().unwrap_or_else(|p| p.into_inner());
         until.is_some_and(|until| now < until)
     }
 }
@@ -295,17 +323,43 @@ mod tests {
         assert!(clock.check().is_err(), "never renewed");
         let asked = tokio::time::Instant::now();
         let lease = Duration::from_secs(5);
-        clock.renewed(asked, lease);
+        let none = HashMap::new();
+        clock.renewed(asked, lease, &none);
         assert!(clock.check().is_ok());
         // Counted from the request, however late its answer came.
         assert!(clock.holds_at(asked + Duration::from_millis(4_999)));
         assert!(!clock.holds_at(asked + lease));
-        clock.renewed(asked + Duration::from_secs(1), lease);
+        clock.renewed(asked + Duration::from_secs(1), lease, &none);
         assert!(clock.holds_at(asked + lease));
         let stale = LeaseClock::default();
-        stale.renewed(asked, Duration::ZERO);
+        stale.renewed(asked, Duration::ZERO, &none);
         let refused = stale.check().unwrap_err();
         assert!(refused.is_transient(), "{refused}");
+    }
+
+    #[test]
+    fn a_renewal_that_lost_a_lane_the_consumer_acts_for_does_not_extend_the_clock() {
+        let clock = LeaseClock::default();
+        let lease = |lane, generation| Lease {
+            lane,
+            generation,
+            checkpoint: Position::START,
+        };
+        clock.serving(&[lease(0, 1), lease(1, 1)]);
+        let asked = tokio::time::Instant::now();
+        let span = Duration::from_secs(5);
+        clock.renewed(asked, span, &HashMap::from([(0, 1), (1, 1), (2, 1)]));
+        assert!(clock.holds_at(asked + Duration::from_secs(4)));
+        // Lane 1 was taken over (a new generation, another owner): no extension.
+        let later = asked + Duration::from_secs(3);
+        clock.renewed(later, span, &HashMap::from([(0, 1)]));
+        assert!(!clock.holds_at(asked + span));
+        clock.renewed(later, span, &HashMap::from([(0, 1), (1, 2)]));
+        assert!(!clock.holds_at(asked + span));
+        // The consumer stopped; a new one acts for what is left.
+        clock.serving(&[lease(0, 1)]);
+        clock.renewed(later, span, &HashMap::from([(0, 1)]));
+        assert!(clock.holds_at(asked + span));
     }
 
     #[test]

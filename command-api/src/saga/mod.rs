@@ -510,8 +510,8 @@ impl SagaRunner {
     ) -> Result<(Vec<String>, HashMap<u32, i64>), CommandError> {
         let asked = tokio::time::Instant::now();
         let members = self.member.heartbeat(client).await?;
-        let renewed = self.member.renew(client).await?.into_iter().collect();
-        self.leases.renewed(asked, self.config.lease);
+        let renewed: HashMap<u32, i64> = self.member.renew(client).await?.into_iter().collect();
+        self.leases.renewed(asked, self.config.lease, &renewed);
         Ok((members, renewed))
     }
 
