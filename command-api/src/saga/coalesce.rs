@@ -64,42 +64,34 @@ impl Coalescer {
             command,
             answer,
         });
-        {
-            let _turn = queue.turn.lock().await;
-            // Empty when an earlier round took this command along.
-            let round = std::mem::take(&mut *lock(&queue.waiting)?);
-            for chunk in chunks(round) {
-                self.decide(stream, chunk).await;
+        // The round runs as a task of its own: it carries other lanes' commands, and this
+        // caller may be dropped half-way (its lane stops its batch when another order of the
+        // batch failed), which must not cancel theirs.
+        let round = tokio::spawn({
+            let (handler, stream, queue) = (self.handler.clone(), stream.clone(), queue.clone());
+            async move {
+                let _turn = queue.turn.lock().await;
+                // Empty when an earlier round took this command along.
+                let round = std::mem::take(&mut *lock(&queue.waiting)?);
+                for chunk in chunks(round) {
+                    decide(&handler, &stream, chunk).await;
+                }
+                Ok::<(), CommandError>(())
             }
-        }
+        });
+        let taken = round.await;
         self.forget_if_idle(stream, &queue);
-        // A round dropped half-way (its caller was cancelled) answers nothing: try again.
-        answered
-            .await
-            .unwrap_or_else(|_| Err(CommandError::Unavailable("product round cancelled".into())))
-    }
-
-    async fn decide(&self, stream: &StreamName, round: Vec<Waiting>) {
-        let (commands, answers): (Vec<_>, Vec<_>) = round
-            .into_iter()
-            .map(|waiting| ((waiting.envelope, waiting.command), waiting.answer))
-            .unzip();
-        match self
-            .handler
-            .execute_batch::<ProductAggregate>(stream, &commands)
-            .await
-        {
-            Ok(outcomes) => {
-                for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let _ = answer.send(outcome.map_err(CommandError::Rejected));
-                }
-            }
-            Err(error) => {
-                for answer in answers {
-                    let _ = answer.send(Err(copy(&error)));
-                }
-            }
-        }
+        taken.map_err(|e| match e.is_cancelled() {
+            true => CommandError::Unavailable("product round cancelled".into()),
+            false => CommandError::Internal(format!("product round failed: {e}")),
+        })??;
+        // Answered by the round that took this command along; a sender dropped unanswered
+        // (a panic in that round) leaves the outcome unknown: try again.
+        answered.await.unwrap_or_else(|_| {
+            Err(CommandError::Unavailable(
+                "product round ended unanswered".into(),
+            ))
+        })
     }
 
     fn queue(&self, stream: &StreamName) -> Result<Arc<Queue>, CommandError> {
@@ -118,6 +110,29 @@ impl Coalescer {
             && queue.waiting.lock().is_ok_and(|waiting| waiting.is_empty())
         {
             queues.remove(stream);
+        }
+    }
+}
+
+/// Decides `round` in one batch on `stream` and answers each caller.
+async fn decide(handler: &Handler, stream: &StreamName, round: Vec<Waiting>) {
+    let (commands, answers): (Vec<_>, Vec<_>) = round
+        .into_iter()
+        .map(|waiting| ((waiting.envelope, waiting.command), waiting.answer))
+        .unzip();
+    match handler
+        .execute_batch::<ProductAggregate>(stream, &commands)
+        .await
+    {
+        Ok(outcomes) => {
+            for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                let _ = answer.send(outcome.map_err(CommandError::Rejected));
+            }
+        }
+        Err(error) => {
+            for answer in answers {
+                let _ = answer.send(Err(copy(&error)));
+            }
         }
     }
 }
@@ -148,5 +163,122 @@ fn copy(error: &CommandError) -> CommandError {
         CommandError::Contended(attempts) => CommandError::Contended(*attempts),
         error if error.is_transient() => CommandError::Unavailable(error.to_string()),
         error => CommandError::Internal(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::Utc;
+    use orderly_domain::values::{Currency, Money, OrderId, ProductName, Quantity, Sku};
+    use orderly_event_store::memory::MemoryEventStore;
+    use orderly_event_store::{
+        AppendResult, EventStore, ExpectedVersion, NewEvent, StoreError, StoreLayer,
+    };
+    use tokio::sync::Semaphore;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// A store whose appends wait for a permit each; counts the appends that began.
+    struct Gated {
+        inner: MemoryEventStore,
+        permits: Semaphore,
+        began: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl StoreLayer for Gated {
+        fn inner(&self) -> &dyn EventStore {
+            &self.inner
+        }
+
+        async fn append(
+            &self,
+            stream: &StreamName,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+        ) -> Result<AppendResult, StoreError> {
+            self.began.fetch_add(1, Ordering::SeqCst);
+            if let Ok(permit) = self.permits.acquire().await {
+                permit.forget();
+            }
+            self.inner.append(stream, expected, events).await
+        }
+    }
+
+    fn reserve(n: u128) -> (Envelope, ProductCommand) {
+        let command = ProductCommand::ReserveStock {
+            order_id: OrderId(Uuid::from_u128(n)),
+            quantity: Quantity::new(1).unwrap(),
+            reserved_at: Utc::now(),
+            placed_at: None,
+        };
+        (Envelope::request(Uuid::new_v4(), "test"), command)
+    }
+
+    async fn began(store: &Gated, appends: usize) {
+        while store.began.load(Ordering::SeqCst) < appends {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A lane drops its batch (and so its product command) when another order of the batch
+    /// failed; the round that command was deciding carries other lanes' commands too, and
+    /// they must still be decided and answered.
+    #[tokio::test]
+    async fn a_dropped_caller_does_not_cancel_the_round_it_was_deciding() {
+        let store = Arc::new(Gated {
+            inner: MemoryEventStore::new(),
+            permits: Semaphore::new(1),
+            began: AtomicUsize::new(0),
+        });
+        let coalescer = Arc::new(Coalescer::new(Handler::new(store.clone())));
+        let stream = StreamName::parse("product-TEA").unwrap();
+        let register = ProductCommand::Register {
+            sku: Sku::parse("TEA".to_owned()).unwrap(),
+            name: ProductName::parse("Tea".to_owned()).unwrap(),
+            description: None,
+            price: Money::new(650, Currency::parse_listed("EUR").unwrap()).unwrap(),
+            initial_stock: 10,
+            registered_at: Utc::now(),
+        };
+        let envelope = Envelope::request(Uuid::new_v4(), "test");
+        coalescer.send(&stream, envelope, register).await.unwrap();
+
+        // X's round holds the product's turn in its append; A and B queue behind it.
+        let send = |(envelope, command): (Envelope, ProductCommand)| {
+            let (coalescer, stream) = (coalescer.clone(), stream.clone());
+            tokio::spawn(async move { coalescer.send(&stream, envelope, command).await })
+        };
+        let x = send(reserve(1));
+        began(&store, 2).await;
+        let a = send(reserve(2));
+        let b = send(reserve(3));
+        while lock(&coalescer.queue(&stream).unwrap().waiting)
+            .unwrap()
+            .len()
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // X's append goes through; the next round takes A and B along and waits in its append.
+        store.permits.add_permits(1);
+        x.await.unwrap().unwrap();
+        began(&store, 3).await;
+        a.abort();
+        let _ = a.await;
+        store.permits.add_permits(10);
+        let b = tokio::time::timeout(Duration::from_secs(5), b).await;
+        assert!(matches!(b, Ok(Ok(Ok(())))), "{b:?}");
+        let events = store
+            .inner
+            .read_stream(&stream, orderly_event_store::Direction::Forwards, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 4, "registered, then X, A and B reserved");
     }
 }
