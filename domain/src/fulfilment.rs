@@ -132,20 +132,38 @@ fn default_stock_deadline_ms() -> i64 {
     STOCK_DEADLINE.num_milliseconds()
 }
 
+/// `at` plus `wait`, or the end of the calendar when that is past it: times come from events
+/// and waits from settings, and a corrupt or extreme one must not panic a step. Such a
+/// deadline never comes; the order waits on its other inputs (and an operator, who sees it
+/// among the unsettled instances).
+fn after(at: DateTime<Utc>, wait: TimeDelta) -> DateTime<Utc> {
+    at.checked_add_signed(wait)
+        .unwrap_or(if wait < TimeDelta::zero() {
+            DateTime::<Utc>::MIN_UTC
+        } else {
+            DateTime::<Utc>::MAX_UTC
+        })
+}
+
+/// `ms` milliseconds, no fewer than none.
+fn millis(ms: i64) -> TimeDelta {
+    TimeDelta::try_milliseconds(ms.max(0)).unwrap_or(TimeDelta::MAX)
+}
+
 impl Timing {
     fn payment_deadline(self) -> TimeDelta {
-        TimeDelta::milliseconds(self.payment_deadline_ms)
+        millis(self.payment_deadline_ms)
     }
 
     fn stock_deadline(self) -> TimeDelta {
-        TimeDelta::milliseconds(self.stock_deadline_ms)
+        millis(self.stock_deadline_ms)
     }
 
     /// The wait before the settle check that follows `checks` earlier ones: the stock
     /// deadline, doubled per check up to [`MAX_SETTLE_DOUBLINGS`] times.
     fn settle_wait(self, checks: u32) -> TimeDelta {
         let factor = 1_i64 << checks.min(MAX_SETTLE_DOUBLINGS);
-        TimeDelta::milliseconds(self.stock_deadline_ms.max(0).saturating_mul(factor))
+        millis(self.stock_deadline_ms.max(0).saturating_mul(factor))
     }
 
     /// How long after attempt `attempt` failed the next one is requested: `retry_after`,
@@ -163,7 +181,7 @@ impl Timing {
         // nominal * offset / 1000 in i128: no overflow whatever the configured wait.
         let moved = i128::from(nominal) * i128::from(offset) / 1000;
         let delay = i128::from(nominal) + moved;
-        TimeDelta::milliseconds(i64::try_from(delay).unwrap_or(i64::MAX))
+        millis(i64::try_from(delay).unwrap_or(i64::MAX))
     }
 }
 
@@ -317,7 +335,8 @@ struct OrderFacts {
     shipped: bool,
     /// The order's `OrderConfirmed` was seen: only then is the customer told, since the
     /// saga's confirm may be refused (the customer cancelled while the charge was on its
-    /// way). Older stored states never sent a notification without it.
+    /// way). States stored before it was kept read `false`; they had told the customer with
+    /// the confirm already (`sent.notified`), so nothing is sent twice.
     #[serde(default)]
     confirmed: bool,
 }
@@ -760,7 +779,7 @@ pub fn parked(
             .clock
             .map_or(handled_at, |clock| clock.max(handled_at));
         observe(&mut state, input);
-        state.parked_due_at = Some(at + state.timing.retry_delay(order_id, 1));
+        state.parked_due_at = Some(after(at, state.timing.retry_delay(order_id, 1)));
     }
     state
 }
@@ -854,7 +873,7 @@ fn schedule_settle_check(state: &mut FulfilmentState, handled_at: Option<DateTim
                 state.settle_checks = state.settle_checks.saturating_add(1);
             }
             let from = handled_at.map_or(clock, |handled_at| clock.max(handled_at));
-            state.settle_due_at = Some(from + state.timing.settle_wait(state.settle_checks));
+            state.settle_due_at = Some(after(from, state.timing.settle_wait(state.settle_checks)));
         }
     }
 }
@@ -963,8 +982,10 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
             // request echoed back changes nothing (its deadline is the one set when sending).
             state.sent.charge_attempt = state.sent.charge_attempt.max(requested.attempt);
             if requested.attempt == 1 {
-                state.payment_due_at =
-                    Some(requested.requested_at + state.timing.payment_deadline());
+                state.payment_due_at = Some(after(
+                    requested.requested_at,
+                    state.timing.payment_deadline(),
+                ));
             }
             Some(requested.requested_at)
         }
@@ -980,7 +1001,7 @@ fn observe_payment(state: &mut FulfilmentState, event: &PaymentEvent) -> Option<
             if failed.attempt > payment.failed {
                 payment.failed = failed.attempt;
                 let wait = state.timing.retry_delay(failed.order_id, failed.attempt);
-                state.retry_due_at = Some(failed.failed_at + wait);
+                state.retry_due_at = Some(after(failed.failed_at, wait));
             }
             Some(failed.failed_at)
         }
@@ -1142,7 +1163,7 @@ impl Plan<'_> {
                 line.reserve_sent = true;
                 state
                     .stock_due_at
-                    .get_or_insert(self.at + state.timing.stock_deadline());
+                    .get_or_insert(after(self.at, state.timing.stock_deadline()));
                 commands.push(Command::Product {
                     sku: sku.clone(),
                     command: ProductCommand::ReserveStock {
@@ -1175,7 +1196,7 @@ impl Plan<'_> {
         }
         state.sent.charge_attempt += 1;
         if first_charge {
-            state.payment_due_at = Some(self.at + state.timing.payment_deadline());
+            state.payment_due_at = Some(after(self.at, state.timing.payment_deadline()));
         }
         commands.push(self.payment(PaymentCommand::RequestCharge {
             order_id: self.order_id,
@@ -2307,6 +2328,24 @@ mod tests {
             .fold(FulfilmentState::default(), |state, step| {
                 step.apply(state).0
             })
+    }
+
+    #[test]
+    fn times_at_the_end_of_the_calendar_do_not_panic_a_step() {
+        // A corrupt or extreme time: its deadline saturates instead of overflowing.
+        let end = DateTime::<Utc>::MAX_UTC;
+        let failed_at_the_end: Step = PaymentFailed {
+            order_id: order_id(ORDER),
+            reason: reason("gateway timed out"),
+            attempt: 1,
+            failed_at: end,
+        }
+        .into();
+        let state = folded(&awaiting_payment_and([failed_at_the_end]));
+        assert_eq!(state.retry_due_at, Some(end));
+        let placed_at_the_end = Step::Tick(end);
+        let state = folded(&[placed(), placed_at_the_end, reserved(tea(), 2)]);
+        assert!(state.next_due_at().is_some());
     }
 
     #[test]
