@@ -3,6 +3,8 @@
 //! (all but `projections run`), build their part of the service ([`App::build_part`]) and run
 //! it, in that order.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +40,7 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let app = App::build(settings).await?;
     // One reader of the log for the saga and the projections.
     let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?.following(app.log());
-    serve_with_saga(app, saga).await
+    serve_with_saga(app, saga, shutdown_signal()).await
 }
 
 /// `orderly command-api` (`Part::Commands`), `orderly read-api` (`Part::Reads`): `part` alone,
@@ -58,7 +60,7 @@ pub async fn run_saga(settings: &Settings) -> anyhow::Result<()> {
     // First: it installs the metrics recorder, which the gateway's breaker gauge needs.
     let probes = App::build_part(settings, Part::Probes).await?;
     let saga = app::saga_runner(settings, app::payment_gateway(settings)?)?;
-    serve_with_saga(probes, saga).await
+    serve_with_saga(probes, saga, shutdown_signal()).await
 }
 
 /// `orderly projections run`: runners for the projections `names` (all when empty) over
@@ -180,41 +182,59 @@ pub async fn tail_events(
     read_side::tail_events(store.as_ref(), stream, category, from, json, stop).await
 }
 
-/// Serves `app` and runs `saga` until SIGINT or SIGTERM. They stop in the order the data
-/// flows: the HTTP side first (no new commands), then the saga (no new events), then the
-/// projections once they have applied the log to its head. A saga runner that ends by itself
+/// Serves `app` and runs `saga` until `shutdown` completes (SIGINT or SIGTERM): see
+/// [`serve_beside`].
+async fn serve_with_saga(
+    app: App,
+    saga: SagaRunner,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    serve_beside(app, shutdown, |stop| saga.run_until_stopped(stop)).await
+}
+
+/// Serves `app` and runs `worker` (the saga runner; it gets the future that tells it to stop)
+/// until `shutdown` completes. They stop in the order the data flows: the HTTP side first (no
+/// new commands; the requests in flight are answered), then the worker (no new events), then
+/// the projections once they have applied the log to its head. A worker that ends by itself
 /// stops the whole process with an error, so an orchestrator restarts it instead of keeping a
 /// process that looks alive and settles nothing.
-async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
+pub async fn serve_beside<W, F>(
+    app: App,
+    shutdown: impl Future<Output = ()> + Send,
+    worker: W,
+) -> anyhow::Result<()>
+where
+    W: FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+    F: Future<Output = anyhow::Result<()>>,
+{
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let (saga_stopped, saga_done) = tokio::sync::oneshot::channel::<()>();
-    // The saga stops once the HTTP side has answered its last request: a placement still in
+    let (worker_stopped, worker_done) = tokio::sync::oneshot::channel::<()>();
+    // The worker stops once the HTTP side has answered its last request: a placement still in
     // flight at the signal is then settled now, not at the next start.
     let (http_stopped, http_done) = tokio::sync::oneshot::channel::<()>();
     let signal = {
         let stopped = stopped.clone();
         async {
             tokio::select! {
-                () = shutdown_signal() => {}
+                () = shutdown => {}
                 () = wait(stopped) => {}
             }
             let _ = stop.send(true);
         }
     };
-    let sagas = async {
-        let ran = saga
-            .run_until_stopped(async {
-                let _ = http_done.await;
-            })
-            .await;
+    let working = async {
+        let ran = worker(Box::pin(async {
+            let _ = http_done.await;
+        }))
+        .await;
         if !*stopped.borrow() {
             tracing::error!("saga runner ended unasked; stopping the process");
             let _ = stop.send(true);
         }
-        let _ = saga_stopped.send(());
+        let _ = worker_stopped.send(());
         ran.and_then(|()| {
             if *stopped.borrow() {
                 Ok(())
@@ -223,16 +243,16 @@ async fn serve_with_saga(app: App, saga: SagaRunner) -> anyhow::Result<()> {
             }
         })
     };
-    let (served, sagas, ()) = tokio::join!(
+    let (served, worked, ()) = tokio::join!(
         app.run_until_stopped_after(wait(stopped.clone()), || async {
             let _ = http_stopped.send(());
-            let _ = saga_done.await;
+            let _ = worker_done.await;
         }),
-        sagas,
+        working,
         signal
     );
     served?;
-    sagas
+    worked
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).

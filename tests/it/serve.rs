@@ -374,17 +374,19 @@ async fn a_stopping_app_answers_its_requests_before_it_stops_the_saga() {
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let upstream_stopped_at = Arc::new(Mutex::new(None));
-    let server = tokio::spawn({
-        let at = upstream_stopped_at.clone();
-        app.run_until_stopped_after(
-            async {
-                let _ = stopped.await;
-            },
-            move || async move {
-                *at.lock().unwrap() = Some(Instant::now());
-            },
-        )
-    });
+    // In the saga runner's place, a worker that notes when it is told to stop.
+    let at = upstream_stopped_at.clone();
+    let server = tokio::spawn(orderly_service::run::serve_beside(
+        app,
+        async {
+            let _ = stopped.await;
+        },
+        move |told_to_stop| async move {
+            told_to_stop.await;
+            *at.lock().unwrap() = Some(Instant::now());
+            Ok(())
+        },
+    ));
     // A read that waits for a position the log will not reach: in flight for its timeout.
     let waiting = tokio::spawn(async move {
         let query = "query($c: ConsistencyInput) { orders(consistency: $c) { nodes { id } } }";
@@ -404,6 +406,6 @@ async fn a_stopping_app_answers_its_requests_before_it_stops_the_saga() {
     let waited = upstream_stopped_at.map(|at| at - stop_asked_at);
     assert!(
         waited.is_some_and(|waited| waited >= Duration::from_secs(1)),
-        "upstream told to stop {waited:?} after the stop was asked, before the read was answered"
+        "the saga told to stop {waited:?} after the stop was asked, before the read was answered"
     );
 }
