@@ -3,11 +3,12 @@
 //! Many lanes reserve stock of the same product at the same time (a flash sale). Sent one by
 //! one, every reservation would load the product, decide and race the others for the next
 //! version: with `n` concurrent writers, each round lets one through and `n - 1` reload. Here
-//! the first caller for a product takes its turn and decides everything waiting for that
-//! product in one [`Handler::execute_batch`], each reservation against the stock the ones
-//! before it left (so stock never goes negative and every decision sees the ones before it);
-//! callers that arrive meanwhile queue up and go together in the next round. Conflicts remain
-//! only between processes.
+//! each caller starts a round (a task of its own) that waits for the product's turn and then
+//! decides everything waiting for that product in one [`Handler::execute_batch`], each
+//! reservation against the stock the ones before it left (so stock never goes negative and
+//! every decision sees the ones before it); callers that arrive meanwhile queue up and go
+//! together in the next round, and their own rounds find nothing left. Conflicts remain only
+//! between processes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use orderly_domain::product::{ProductAggregate, ProductCommand};
 use orderly_event_store::StreamName;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::CommandError;
 use crate::handling::{Envelope, Handler};
@@ -32,7 +34,7 @@ pub(super) struct Coalescer {
 #[derive(Default)]
 struct Queue {
     waiting: Mutex<Vec<Waiting>>,
-    /// Held by the caller deciding a round; one round per product at a time.
+    /// Held by the task deciding a round; one round per product at a time.
     turn: tokio::sync::Mutex<()>,
 }
 
@@ -58,7 +60,7 @@ impl Coalescer {
         command: ProductCommand,
     ) -> Result<(), CommandError> {
         let queue = self.queue(stream)?;
-        let (answer, answered) = oneshot::channel();
+        let (answer, mut answered) = oneshot::channel();
         lock(&queue.waiting)?.push(Waiting {
             envelope,
             command,
@@ -67,31 +69,38 @@ impl Coalescer {
         // The round runs as a task of its own: it carries other lanes' commands, and this
         // caller may be dropped half-way (its lane stops its batch when another order of the
         // batch failed), which must not cancel theirs.
-        let round = tokio::spawn({
-            let (handler, stream, queue) = (self.handler.clone(), stream.clone(), queue.clone());
-            async move {
-                let _turn = queue.turn.lock().await;
-                // Empty when an earlier round took this command along.
-                let round = std::mem::take(&mut *lock(&queue.waiting)?);
-                for chunk in chunks(round) {
-                    decide(&handler, &stream, chunk).await;
+        let round = tokio::spawn(
+            {
+                let (handler, stream, queue) =
+                    (self.handler.clone(), stream.clone(), queue.clone());
+                async move {
+                    let _turn = queue.turn.lock().await;
+                    // Empty when an earlier round took this command along.
+                    let round = std::mem::take(&mut *lock(&queue.waiting)?);
+                    for chunk in chunks(round) {
+                        decide(&handler, &stream, chunk).await;
+                    }
+                    Ok::<(), CommandError>(())
                 }
-                Ok::<(), CommandError>(())
             }
-        });
-        let taken = round.await;
+            .in_current_span(),
+        );
+        let ended = round.await;
         self.forget_if_idle(stream, &queue);
-        taken.map_err(|e| match e.is_cancelled() {
-            true => CommandError::Unavailable("product round cancelled".into()),
-            false => CommandError::Internal(format!("product round failed: {e}")),
-        })??;
-        // Answered by the round that took this command along; a sender dropped unanswered
-        // (a panic in that round) leaves the outcome unknown: try again.
-        answered.await.unwrap_or_else(|_| {
-            Err(CommandError::Unavailable(
+        // This command was decided by this round or an earlier one, which held the turn
+        // before it; whatever became of this round after, that answer stands.
+        if let Ok(outcome) = answered.try_recv() {
+            return outcome;
+        }
+        match ended {
+            // The queue's lock was poisoned before the round took anything: nor will any.
+            Ok(Err(error)) => Err(error),
+            // The round that took this command failed half-way (a panic): its outcome is
+            // unknown, and trying again is safe.
+            _ => Err(CommandError::Unavailable(
                 "product round ended unanswered".into(),
-            ))
-        })
+            )),
+        }
     }
 
     fn queue(&self, stream: &StreamName) -> Result<Arc<Queue>, CommandError> {
