@@ -430,6 +430,12 @@ impl SagaRunner {
             }
             kept
         });
+        // At once, before anything below can fail: while the consumer acts for a lane it
+        // lost, no renewal extends its sends' clock (see `LeaseClock`), so its other lanes
+        // would send nothing either.
+        if changed && let Some(running) = consumer.take() {
+            self.stop_renewing(running, &client).await;
+        }
         // Lanes to give back: held but another member's share, or ours in the table but not
         // in hand (a heartbeat that failed half-way).
         let surplus: Vec<u32> = renewed
