@@ -617,6 +617,7 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
     }
     first.abort();
     let _ = first.await;
+    let calls_before = simulator.calls();
     // The slow charges (2 s) were still being answered: some orders not charged in the log.
     let charged_before = count(
         &db,
@@ -635,6 +636,14 @@ async fn restarting_the_runner_mid_flight_never_charges_twice() {
         simulator.charges(),
         ids.len(),
         "one charge per order at the gateway"
+    );
+    // Same keys make repeats harmless at a provider, but a charge whose outcome the log held
+    // before the restart is not sent again at all.
+    let calls_after = simulator.calls() - calls_before;
+    let unanswered = ids.len() as u64 - charged_before as u64;
+    assert!(
+        calls_after <= unanswered,
+        "{calls_after} charge calls after the restart for {unanswered} unanswered charges"
     );
     // The restarted runner finished the attempts in flight instead of starting new ones.
     let requested = count(
