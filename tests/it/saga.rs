@@ -1157,6 +1157,42 @@ impl PaymentGateway for NeverAnswers {
     }
 }
 
+/// The saga's own outage does not count against a customer's payment deadline: a charge that
+/// waited in the outbox while no runner ran is tried when one comes back, before the lanes
+/// judge the deadline that ran out meanwhile. Here the first runner's provider never answers,
+/// and it stops (as a crash would) with the charge in flight; the next one starts past the
+/// deadline with a provider that charges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_that_waited_out_an_outage_is_tried_before_its_deadline_is_judged() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let timing = Timing {
+        payment_deadline_ms: 2_000,
+        ..fast_timing()
+    };
+    let first = start_saga_with(&settings, Arc::new(NeverAnswers), timing);
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    eventually(
+        &db,
+        "select count(*) from outbox where kind = 'charge' and claimed_by is not null",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    first.abort();
+    let _ = first.await;
+    // Past the deadline and the first runner's lease.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let simulator = Arc::new(Simulator::default());
+    let _second = start_saga_with(&settings, simulator.clone(), timing);
+    let order = Log::new(&settings)
+        .settled(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(order.status, OrderStatus::Confirmed, "{order:?}");
+    assert_eq!(simulator.charges(), 1);
+}
+
 /// The runner skips writing a state when a step moved only its clock; what it stored must
 /// still decide as a state folded from the order's events in the log would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -71,6 +71,40 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// lane's due states, which goes on from where a full page ended at the next tick.
 const DUE_BATCH: i64 = 100;
 
+/// Holds a lane's deadlines until the outbox worker has claimed every message due, in a
+/// claim made after the lane started, and so after the heartbeat that put the claims of a
+/// process that died back in line: after an outage, the charges that waited in line are
+/// tried (and a quick provider's outcomes recorded) before a payment deadline that ran out
+/// meanwhile is judged (a tick reads the payment's stream first). The saga's own downtime must
+/// not cancel an order whose charge was never tried. A claim under way when the lane started
+/// may have been made before those claims were freed, so the one after it counts. At most one
+/// outbox lease (longer than any delivery takes): an outbox that cannot claim, or never
+/// catches up with its line, must not hold every deadline.
+struct DeadlineGate {
+    passes_at_start: u64,
+    started: tokio::time::Instant,
+    patience: Duration,
+    open: bool,
+}
+
+impl DeadlineGate {
+    fn new(passes: &watch::Sender<u64>, patience: Duration) -> Self {
+        Self {
+            passes_at_start: *passes.borrow(),
+            started: tokio::time::Instant::now(),
+            patience,
+            open: false,
+        }
+    }
+
+    fn open(&mut self, passes: &watch::Sender<u64>) -> bool {
+        self.open = self.open
+            || *passes.borrow() >= self.passes_at_start + 2
+            || self.started.elapsed() >= self.patience;
+        self.open
+    }
+}
+
 /// How often a lane looks for parked events an operator asked to retry.
 const PARKED_EVERY: Duration = Duration::from_secs(5);
 
@@ -457,6 +491,7 @@ impl SagaRunner {
         let mut next_due = Some(DateTime::<Utc>::MIN_UTC);
         let mut due_after: DueCursor = None;
         let mut parked_checked: Option<tokio::time::Instant> = None;
+        let mut deadlines = DeadlineGate::new(&self.outbox_passes, self.config.outbox_lease);
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buffer = Vec::with_capacity(self.config.batch_size);
@@ -479,6 +514,7 @@ impl SagaRunner {
                         stored = seen;
                     }
                     if next_due.is_some_and(|due| due <= Utc::now())
+                        && deadlines.open(&self.outbox_passes)
                         && let Some((next, cursor)) = self
                             .once(|| self.tick_due(&lease, due_after))
                             .await

@@ -149,6 +149,10 @@ pub struct SagaRunner {
     notifier: Arc<dyn Notifier>,
     /// Wakes the outbox worker when a lane stored new messages.
     outbox_ready: Notify,
+    /// How often the outbox worker claimed every message due (a claim short of full, or one
+    /// that failed); lanes judge no deadline until it did so after they started (see
+    /// `consumer::DeadlineGate`).
+    outbox_passes: watch::Sender<u64>,
     /// This process among the saga's members.
     member: Member,
     lag: Lag,
@@ -189,6 +193,7 @@ impl SagaRunner {
             gateway,
             notifier: Arc::new(LogNotifier),
             outbox_ready: Notify::new(),
+            outbox_passes: watch::Sender::new(0),
             member,
             lag: Lag::default(),
             states: consumer::StoredStates::default(),

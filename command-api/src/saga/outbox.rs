@@ -390,16 +390,20 @@ impl SagaRunner {
     }
 
     /// Delivers due messages, a batch at a time, until `stop`: the batch in hand is finished
-    /// and recorded, no other is claimed.
+    /// and recorded, no other is claimed. The first pass starts at once: after an outage the
+    /// charges that waited in line are tried before the lanes judge their deadlines.
     pub(super) async fn deliver(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                _ = self.outbox_ready.notified() => {}
-                _ = tokio::time::sleep(self.config.tick) => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    _ = self.outbox_ready.notified() => {}
+                    _ = tokio::time::sleep(self.config.tick) => {}
+                }
             }
             while !*stop.borrow() {
                 match self.deliver_batch().await {
@@ -416,19 +420,29 @@ impl SagaRunner {
 
     /// Claims and delivers one batch, concurrently; the gateway's own limit bounds the calls.
     async fn deliver_batch(&self) -> Result<usize, CommandError> {
-        let claimed = {
+        let claimed = async {
             let client = self.pool.get().await?;
-            client
-                .query(
-                    CLAIM,
-                    &[
-                        &self.config.outbox_lease.as_secs_f64(),
-                        &BATCH,
-                        &self.member.id,
-                    ],
-                )
-                .await?
-        };
+            Ok::<_, CommandError>(
+                client
+                    .query(
+                        CLAIM,
+                        &[
+                            &self.config.outbox_lease.as_secs_f64(),
+                            &BATCH,
+                            &self.member.id,
+                        ],
+                    )
+                    .await?,
+            )
+        }
+        .await;
+        // A claim short of full took every message due before it: the line was drained once,
+        // for the lanes that wait for it (see `outbox_passes`). A failed one counts too: what
+        // fails it fails the lanes' deadlines alike.
+        if !matches!(&claimed, Ok(rows) if i64::try_from(rows.len()).is_ok_and(|n| n >= BATCH)) {
+            self.outbox_passes.send_modify(|passes| *passes += 1);
+        }
+        let claimed = claimed?;
         let count = claimed.len();
         // Notifications are recorded as soon as they are all sent, not after the slowest call
         // to the payment provider beside them (a timeout and its retries take seconds): a
