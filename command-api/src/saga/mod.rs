@@ -105,7 +105,8 @@ pub struct SagaConfig {
     /// it answers that it holds none.
     pub charge_settle: Duration,
     /// How long a claimed outbox message stays invisible to other workers; longer than any
-    /// delivery takes (gateway timeout times attempts).
+    /// delivery takes (gateway timeout times attempts). Also the longest a lane that starts
+    /// waits for the outbox to claim what is due before it judges deadlines.
     pub outbox_lease: Duration,
     /// Delivered or skipped outbox messages and settled sagas older than this are purged;
     /// `None` keeps them forever.
