@@ -1964,6 +1964,60 @@ async fn a_check_of_the_products_tried_again_after_a_failure_releases_what_is_le
     assert_eq!(log.product("TEA").await.reserved(), 0);
 }
 
+/// A customer's cancel whose step is parked (the release of its stock refused for good)
+/// still cancelled the order: the charge still waiting in line is withdrawn, never sent to
+/// the provider to be refunded later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_whose_step_was_parked_still_withdraws_the_charge_never_tried() {
+    let Shop { db, settings, api } = Shop::open().await;
+    register(&api, "TEA", 650, "EUR", 5).await;
+    let client = db.connect().await.unwrap();
+    // Nothing can be claimed from the outbox: the charge waits in line, untried.
+    refuse_for_good(
+        &client,
+        "no_claims",
+        "update on outbox",
+        "new.claimed_by is not null",
+    )
+    .await;
+    refuse_for_good(
+        &client,
+        "no_release",
+        "insert on events",
+        "new.event_type = 'StockReservationReleased'",
+    )
+    .await;
+    let (simulator, _saga) = simulated_saga(&settings);
+    let id = place(&api, "alice", "TEA", 1, "tok_ok").await.id;
+    let charge = format!("select count(*) from outbox where kind = 'charge' and order_id = '{id}'");
+    eventually(&db, &charge, 1, Duration::from_secs(10)).await;
+    cancel_as(&api, "alice", &id).await;
+    eventually(
+        &db,
+        "select count(*) from saga_parked where event_type = 'OrderCancelled'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    eventually(
+        &db,
+        &format!("{charge} and (payload->>'withdrawn')::boolean"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Once the outbox can claim again, the withdrawn charge is settled without a call.
+    accept_again(&client, "no_claims", "outbox").await;
+    eventually(
+        &db,
+        &format!("{charge} and delivered_at is not null"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(simulator.calls(), 0, "a charge sent for a cancelled order");
+}
+
 /// Registers a mug and tea, and makes the log refuse every reservation of tea for good (a
 /// trigger, `refuse_reservation`, stands in for a bug): the step of an order's `OrderPlaced`
 /// fails at its tea, after its mug (SKU order) was reserved. A connection to the shop's database.

@@ -832,6 +832,7 @@ impl SagaRunner {
             let (span, step) = step_of(&input, metadata);
             let mut rows = outbox::rows_for_event(event, metadata.correlation_id);
             let saga_input = SagaInput::Event(event);
+            let cancel = matches!(event, Event::Order(OrderEvent::OrderCancelled(_)));
             let decide = |state, at| {
                 if retrying {
                     fulfilment::step_retried(state, &saga_input, at)
@@ -849,11 +850,6 @@ impl SagaRunner {
                     if retrying {
                         handled.resolved.push(input.id);
                     }
-                    if matches!(event, Event::Order(OrderEvent::OrderCancelled(_))) {
-                        handled.withdraw = state
-                            .unanswered_charge()
-                            .map(|attempt| Row::charge_id(order_id, attempt));
-                    }
                 }
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
@@ -868,6 +864,13 @@ impl SagaRunner {
                         reason: ParkReason::StepFailed(error.to_string()),
                     });
                 }
+            }
+            // The order is cancelled, whether or not its step's own commands went (a parked
+            // cancel cancelled it all the same): a charge it never tried is withdrawn.
+            if cancel {
+                handled.withdraw = state
+                    .unanswered_charge()
+                    .map(|attempt| Row::charge_id(order_id, attempt));
             }
         }
         // A failed step leaves the state as it was, but for facts no deadline reads (a
