@@ -1255,7 +1255,8 @@ async fn the_stored_state_of_a_confirmed_order_decides_as_one_rebuilt_from_the_l
     // Stored beside the state for the census of open instances.
     assert_eq!(phase.as_deref(), Some("awaiting_shipment"));
     assert!(serde_json::from_value::<FulfilmentState>(stored.clone()).is_ok());
-    // Compared as stored, clocks aside: the echoes after the charge move only the clock.
+    // Compared as stored, clocks aside: the echoes of the saga's own commands after the charge
+    // move only the clock, but for `OrderConfirmed`, which the customer is told after.
     let mut rebuilt = serde_json::to_value(rebuilt).unwrap();
     for state in [&mut stored, &mut rebuilt] {
         state.as_object_mut().unwrap().remove("clock");
