@@ -397,6 +397,19 @@ async fn append_raw(
         .expect("append");
 }
 
+/// Appends an `OrderPaid` that does not decode, in a stream of its own: the poison event
+/// the orders projection parks.
+async fn append_undecodable(f: &Fixture) {
+    append_raw(
+        f,
+        "order-00000000-0000-0000-0000-000000000001",
+        ExpectedVersion::NoStream,
+        "OrderPaid",
+        json!({"garbage": true}),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runner_whose_last_batch_was_full_reports_running_once_at_the_head() {
     let f = fixture().await;
@@ -432,14 +445,7 @@ async fn a_poison_event_is_parked_while_the_rest_flows() {
     let running = start(&f, &hub, small_batches());
     let mut workload = Workload::new(WorkloadOptions::default());
     write_workload(f.store.as_ref(), &mut workload, 300).await;
-    append_raw(
-        &f,
-        "order-00000000-0000-0000-0000-000000000001",
-        ExpectedVersion::NoStream,
-        "OrderPaid",
-        json!({"garbage": true}),
-    )
-    .await;
+    append_undecodable(&f).await;
     write_workload(f.store.as_ref(), &mut workload, 300).await;
     caught_up(&f, &hub).await;
     let client = f.db.connect().await.expect("connect");
@@ -570,14 +576,7 @@ async fn a_retry_waits_for_a_rebuild_and_a_retried_event_that_fails_again_is_par
     let f = fixture().await;
     let mut workload = Workload::new(WorkloadOptions::default());
     write_workload(f.store.as_ref(), &mut workload, 300).await;
-    append_raw(
-        &f,
-        "order-00000000-0000-0000-0000-000000000001",
-        ExpectedVersion::NoStream,
-        "OrderPaid",
-        json!({"garbage": true}),
-    )
-    .await;
+    append_undecodable(&f).await;
     rebuild_all(&f).await;
     let client = f.db.connect().await.expect("connect");
     let letters = dlq::list(&client, None, false).await.expect("list");

@@ -22,6 +22,11 @@ const FOLLOW: &str = "subscription($id: UUID!, $after: Int) {
   orderUpdated(orderId: $id, afterVersion: $after) {
     id status version history { status } payment { status } } }";
 
+/// The order as the next `orderUpdated` message shows it.
+async fn next_view(socket: &mut Socket) -> Value {
+    next(socket).await["payload"]["data"]["orderUpdated"].clone()
+}
+
 #[tokio::test]
 async fn order_updated_pushes_every_status_change_of_an_order_in_order() {
     let Shop {
@@ -113,18 +118,18 @@ async fn order_updated_pushes_the_refund_that_follows_a_cancel() {
     start_saga(&settings);
     let mut order = Value::Null;
     while order["status"] != "CONFIRMED" {
-        order = next(&mut socket).await["payload"]["data"]["orderUpdated"].clone();
+        order = next_view(&mut socket).await;
     }
     assert_eq!(order["payment"]["status"], "CHARGED", "{order}");
 
     // The refund is an event of the payment's stream only: the order's version stays.
     // (A projection batch may apply the cancel and the refund together: one view then.)
     cancel_as(&api, "alice", &id).await;
-    let cancelled = next(&mut socket).await["payload"]["data"]["orderUpdated"].clone();
+    let cancelled = next_view(&mut socket).await;
     assert_eq!(cancelled["status"], "CANCELLED", "{cancelled}");
     let mut refunded = cancelled.clone();
     while refunded["payment"]["status"] != "REFUNDED" {
-        refunded = next(&mut socket).await["payload"]["data"]["orderUpdated"].clone();
+        refunded = next_view(&mut socket).await;
         assert_eq!(refunded["status"], "CANCELLED", "{refunded}");
         assert_eq!(refunded["version"], cancelled["version"]);
     }
@@ -140,7 +145,7 @@ async fn order_updated_pushes_the_refund_that_follows_a_cancel() {
         json!({ "id": id, "after": after }),
     )
     .await;
-    let current = next(&mut resumed).await["payload"]["data"]["orderUpdated"].clone();
+    let current = next_view(&mut resumed).await;
     assert_eq!(current["payment"]["status"], "REFUNDED", "{current}");
     assert_eq!(current["version"], after);
 }
